@@ -1,0 +1,24 @@
+//! labcore: what every labkit tool shares.
+//!
+//! Each module is one concern a tool would otherwise write for itself: loading a TOML config
+//! with errors that point at the culprit ([`config`]), keeping secrets out of logs
+//! ([`secret`]), logging setup ([`log`]), exit codes and the `main` wrapper ([`exit`]),
+//! shutdown and reload signals ([`signals`]), systemd readiness ([`notify`]), and the
+//! connection settings of the two backing services the lab runs: S3 ([`s3`]) and
+//! PostgreSQL ([`pg`]).
+//!
+//! Code lands here only when two tools need it today.
+
+pub mod config;
+pub mod env;
+pub mod exit;
+pub mod log;
+pub mod notify;
+pub mod pg;
+pub mod s3;
+pub mod secret;
+pub mod signals;
+
+pub use env::Env;
+pub use exit::{Exit, ExitStatus};
+pub use secret::Secret;
