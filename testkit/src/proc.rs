@@ -9,7 +9,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -236,12 +236,17 @@ impl ProcBuilder {
                 |c| c.stderr_closed = true,
             ));
         }
-        if let Some(socket) = notify {
+        // The notify socket is read by its own thread; when the process exits, the waiter takes
+        // the socket and drains what is still queued *before* it publishes the exit, so a last
+        // STOPPING=1 is never reported after the exit it preceded.
+        let notify = notify.map(|socket| Arc::new(Mutex::new(socket)));
+        if let Some(socket) = notify.clone() {
             let shared = shared.clone();
             let stop = stop.clone();
             threads.push(std::thread::spawn(move || {
                 let mut buf = vec![0u8; 4096];
                 while !stop.load(Ordering::Relaxed) {
+                    let Ok(socket) = socket.lock() else { return };
                     match socket.recv(&mut buf) {
                         Ok(n) => {
                             let note = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -259,12 +264,28 @@ impl ProcBuilder {
         }
         {
             let shared = shared.clone();
+            let stop = stop.clone();
             threads.push(std::thread::spawn(move || {
                 // Wait without reaping, then reap under the lock: `signal` holds the same lock,
                 // so it never sends to a PID that was already freed and reused.
                 let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
                 let _ = waitid(Id::Pid(Pid::from_raw(pid as i32)), flags);
+                let mut late = Vec::new();
+                if let Some(socket) = notify {
+                    stop.store(true, Ordering::Relaxed);
+                    if let Ok(socket) = socket.lock() {
+                        let mut buf = vec![0u8; 4096];
+                        while let Ok(n) = nix::sys::socket::recv(
+                            socket.as_raw_fd(),
+                            &mut buf,
+                            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                        ) {
+                            late.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                        }
+                    }
+                }
                 shared.update(|c| {
+                    c.notes.append(&mut late);
                     let status = child.wait();
                     c.status = Some(status.unwrap_or_else(|_| ExitStatus::from_raw(0xff00)));
                 });
