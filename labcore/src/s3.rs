@@ -10,12 +10,18 @@
 //!   1.69 sends streamed uploads as `aws-chunked` bodies with trailing CRC checksums, which some
 //!   S3-compatible stores reject ("Invalid payload signature"). The tools check integrity
 //!   themselves: object sizes after every transfer, and sha256 sums where they keep manifests.
+//! - Up to 5 attempts per request with the SDK's backoff; 10 s to connect, 300 s to answer.
 //! - Extra trusted roots from `ca_bundle` / `--ca-bundle` / `AWS_CA_BUNDLE`, beside the system's.
+
+pub mod upload;
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
@@ -294,7 +300,15 @@ impl S3Settings {
             .behavior_version(BehaviorVersion::latest())
             .force_path_style(self.path_style())
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            // Self-hosted stores restart and throttle; parts are worth retrying a few times.
+            .retry_config(RetryConfig::standard().with_max_attempts(5))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .read_timeout(Duration::from_secs(300))
+                    .build(),
+            );
         if let Some(endpoint) = &self.endpoint {
             builder = builder.endpoint_url(endpoint);
         }

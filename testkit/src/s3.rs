@@ -1,9 +1,15 @@
-//! A real S3 protocol server per test: `s3s-fs`, storing objects in a scratch folder.
+//! A real S3 protocol server per test.
 //!
-//! It binds `127.0.0.1:0` itself and prints the port it got, so there is no port race. Tests
-//! talk to it only through the S3 API (they must pass against any S3 store), with fixed test
-//! credentials, and get a fresh bucket each from [`S3Server::bucket`]. It can be stopped and
-//! restarted on the same port to test a store that goes away mid-transfer.
+//! Two implementations, so tests are not written against one store's quirks:
+//! - `s3s-fs` ([`S3Server::start`]), storing objects in a scratch folder and checking SigV4
+//!   signatures with fixed test credentials; it lacks `ListMultipartUploads`.
+//! - moto's server ([`S3Server::start_moto`], Python, in memory), which has the whole
+//!   multipart API, so tests can prove no upload was left open; it accepts any credentials.
+//!
+//! Both bind `127.0.0.1:0` themselves and print the port they got, so there is no port race.
+//! Tests talk to them only through the S3 API and get a fresh bucket each from
+//! [`S3Server::bucket`]. A server can be killed and restarted on the same port to test a store
+//! that goes away mid-transfer (moto forgets its objects when restarted).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -23,13 +29,21 @@ pub const SECRET_KEY: &str = "testkit-secret-key";
 /// The region tests use.
 pub const REGION: &str = "us-east-1";
 
-const READY_LINE: &str = "server is running at http://";
+/// Which S3 implementation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `s3s-fs` (Rust, objects on disk, signatures checked).
+    S3sFs,
+    /// moto's server (Python, objects in memory, full multipart API).
+    Moto,
+}
 
 static BUCKETS: AtomicUsize = AtomicUsize::new(0);
 
 /// A running S3 server, stopped and deleted on drop.
 #[derive(Debug)]
 pub struct S3Server {
+    backend: Backend,
     proc: Option<Proc>,
     port: u16,
     binary: PathBuf,
@@ -37,15 +51,30 @@ pub struct S3Server {
 }
 
 impl S3Server {
-    /// Starts a server with an empty store.
+    /// Starts an `s3s-fs` server with an empty store.
     pub fn start() -> Result<S3Server, Error> {
-        let binary = which("s3s-fs").ok_or_else(|| {
-            Error::Missing(
-                "s3s-fs not found: cargo install s3s-fs --version 0.14.1 --features binary".into(),
-            )
-        })?;
+        S3Server::start_backend(Backend::S3sFs)
+    }
+
+    /// Starts a moto server with an empty store.
+    pub fn start_moto() -> Result<S3Server, Error> {
+        S3Server::start_backend(Backend::Moto)
+    }
+
+    /// Starts a server of the given kind.
+    pub fn start_backend(backend: Backend) -> Result<S3Server, Error> {
+        let (name, install) = match backend {
+            Backend::S3sFs => (
+                "s3s-fs",
+                "cargo install s3s-fs --version 0.14.1 --features binary",
+            ),
+            Backend::Moto => ("moto_server", "pip install 'moto[server]==5.1.4'"),
+        };
+        let binary =
+            which(name).ok_or_else(|| Error::Missing(format!("{name} not found: {install}")))?;
         let root = Scratch::new("s3")?;
         let mut server = S3Server {
+            backend,
             proc: None,
             port: 0,
             binary,
@@ -56,22 +85,41 @@ impl S3Server {
     }
 
     fn launch(&mut self) -> Result<(), Error> {
-        let proc = ProcBuilder::new(&self.binary)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(self.root.path())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .spawn()?;
-        let line = proc.wait_output(READY_LINE, Duration::from_secs(30))?;
+        let port = self.port.to_string();
+        let (proc, ready) = match self.backend {
+            Backend::S3sFs => (
+                ProcBuilder::new(&self.binary)
+                    .args(["--host", "127.0.0.1", "--port", &port])
+                    .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                    .arg(self.root.path())
+                    .env("RUST_LOG", "info")
+                    .env("NO_COLOR", "1")
+                    .spawn()?,
+                "server is running at http://",
+            ),
+            Backend::Moto => (
+                ProcBuilder::new(&self.binary)
+                    .args(["-H", "127.0.0.1", "-p", &port])
+                    .env("HOME", self.root.path())
+                    .env("PYTHONUNBUFFERED", "1")
+                    .spawn()?,
+                "Running on http://",
+            ),
+        };
+        let line = proc.wait_output(ready, Duration::from_secs(60))?;
         let port = line
             .rsplit(':')
             .next()
-            .and_then(|p| p.trim().parse::<u16>().ok())
-            .ok_or_else(|| Error::Setup(format!("cannot read the port from s3s-fs: {line:?}")))?;
+            .and_then(|p| p.trim().trim_end_matches('/').parse::<u16>().ok())
+            .ok_or_else(|| Error::Setup(format!("cannot read the port from {line:?}")))?;
         self.port = port;
         self.proc = Some(proc);
         Ok(())
+    }
+
+    /// Which implementation this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The endpoint URL, `http://127.0.0.1:PORT`.
@@ -144,7 +192,41 @@ impl S3Server {
 
     /// The server's log so far.
     pub fn log(&self) -> String {
-        self.proc.as_ref().map(Proc::stdout).unwrap_or_default()
+        self.proc
+            .as_ref()
+            .map(|p| format!("{}{}", p.stdout(), p.stderr()))
+            .unwrap_or_default()
+    }
+
+    /// Multipart uploads still open in `bucket` as `(key, upload ID)` (moto only: s3s-fs does
+    /// not implement `ListMultipartUploads`).
+    pub async fn open_multipart_uploads(
+        &self,
+        bucket: &str,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let listed = self
+            .client()
+            .await
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| {
+                Error::Setup(format!(
+                    "listing multipart uploads: {}",
+                    labcore::exit::chain(&e)
+                ))
+            })?;
+        Ok(listed
+            .uploads()
+            .iter()
+            .map(|u| {
+                (
+                    u.key().unwrap_or_default().to_owned(),
+                    u.upload_id().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect())
     }
 
     /// Kills the server, as a crash or a pulled cable would; objects stay on disk.
