@@ -205,15 +205,100 @@ impl<R: Read> Read for Exact<R> {
     }
 }
 
+/// A folder whose owner, mode and time are applied after everything inside it was extracted.
+struct DeferredDir {
+    path: PathBuf,
+    mode: u32,
+    mtime: u64,
+    owner: Option<(u32, u32)>,
+}
+
 /// Extracts a tar stream into `dest` (which must exist), keeping modes, times and, as root,
-/// owners. Paths escaping `dest` are refused by the tar reader.
+/// owners. Folders get their mode and time last, deepest first, so files written into them
+/// (or a read-only mode) do not undo that. Paths escaping `dest` are refused.
 pub fn extract<R: Read>(input: R, dest: &Path) -> Result<(), ArchiveError> {
+    let as_root = nix::unistd::Uid::effective().is_root();
     let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
-    archive.set_preserve_ownerships(nix::unistd::Uid::effective().is_root());
+    archive.set_preserve_ownerships(as_root);
     archive.set_overwrite(true);
-    archive.unpack(dest).map_err(err("extracting into", dest))
+    let mut dirs: Vec<DeferredDir> = Vec::new();
+    for entry in archive
+        .entries()
+        .map_err(err("reading the archive for", dest))?
+    {
+        let mut entry = entry.map_err(err("reading the archive for", dest))?;
+        if entry.header().entry_type().is_dir() {
+            let relative = entry
+                .path()
+                .map_err(err("reading an entry path in", dest))?
+                .into_owned();
+            if relative.components().any(|c| {
+                !matches!(
+                    c,
+                    std::path::Component::Normal(_) | std::path::Component::CurDir
+                )
+            }) {
+                return Err(ArchiveError {
+                    what: "refusing an entry outside",
+                    path: dest.join(&relative),
+                    source: io::Error::new(io::ErrorKind::InvalidData, "path escapes the target"),
+                });
+            }
+            let path = dest.join(&relative);
+            fs::create_dir_all(&path).map_err(err("creating", &path))?;
+            let header = entry.header();
+            let owner = match (as_root, header.uid(), header.gid()) {
+                (true, Ok(uid), Ok(gid)) => Some((uid as u32, gid as u32)),
+                _ => None,
+            };
+            dirs.push(DeferredDir {
+                path,
+                mode: header.mode().unwrap_or(0o755),
+                mtime: header.mtime().unwrap_or(0),
+                owner,
+            });
+        } else {
+            entry
+                .unpack_in(dest)
+                .map_err(err("extracting into", dest))?;
+        }
+    }
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
+    for DeferredDir {
+        path,
+        mode,
+        mtime,
+        owner,
+    } in dirs
+    {
+        if let Some((uid, gid)) = owner {
+            nix::unistd::chown(&path, Some(uid.into()), Some(gid.into())).map_err(|e| {
+                ArchiveError {
+                    what: "setting the owner of",
+                    path: path.clone(),
+                    source: e.into(),
+                }
+            })?;
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(err("setting the mode of", &path))?;
+        let time = nix::sys::time::TimeSpec::new(mtime as i64, 0);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            &time,
+            &time,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| ArchiveError {
+            what: "setting the time of",
+            path: path.clone(),
+            source: e.into(),
+        })?;
+    }
+    Ok(())
 }
 
 /// Compares an extracted tree with the manifest's entries; returns the first differences.
