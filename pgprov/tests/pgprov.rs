@@ -148,6 +148,16 @@ fn stdout_line(stdout: &str) -> &str {
     lines[0]
 }
 
+/// Logs in with `config` (no TLS) and returns the one text value `sql` yields.
+async fn query_as(config: &tokio_postgres::Config, sql: &str) -> String {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let value: String = client.query_one(sql, &[]).await.unwrap().get(0);
+    drop(client);
+    driver.await.unwrap().unwrap();
+    value
+}
+
 /// The same URI with another database.
 fn in_db(uri: &str, db: &str) -> String {
     let slash = uri.rfind('/').unwrap();
@@ -216,17 +226,8 @@ async fn every_credentials_format_parses_back() {
 
     // uri: tokio-postgres parses it and logs in.
     let uri = lab.create("ci", &["--format", "uri"]);
-    let (client, connection) = tokio_postgres::connect(uri.trim(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let driver = tokio::spawn(connection);
-    let row = client
-        .query_one("select current_user::text", &[])
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "ci");
-    drop(client);
-    driver.await.unwrap().unwrap();
+    let config: tokio_postgres::Config = uri.trim().parse().unwrap();
+    assert_eq!(query_as(&config, "select current_user::text").await, "ci");
 
     // env: sh sources it; psql logs in with the PG* variables alone, and with DATABASE_URL.
     let env = lab.create("gitea", &["--format", "env"]);
@@ -263,21 +264,12 @@ async fn every_credentials_format_parses_back() {
         .user(value["user"].as_str().unwrap())
         .password(value["password"].as_str().unwrap())
         .dbname(value["database"].as_str().unwrap());
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
-    let driver = tokio::spawn(connection);
-    let row = client
-        .query_one("select current_database()::text", &[])
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "dw");
-    drop(client);
-    driver.await.unwrap().unwrap();
-    let (client, connection) =
-        tokio_postgres::connect(value["uri"].as_str().unwrap(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    drop(client);
-    drop(connection);
+    assert_eq!(
+        query_as(&config, "select current_database()::text").await,
+        "dw"
+    );
+    let config: tokio_postgres::Config = value["uri"].as_str().unwrap().parse().unwrap();
+    assert_eq!(query_as(&config, "select current_user::text").await, "dw");
 
     // pgpass: libpq finds the password through PGPASSFILE.
     let line = lab.create("metabase", &["--format", "pgpass"]);
