@@ -8,14 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// What `pgprov create NAME --format env` writes.
-const PGPROV_ENV: &[&str] = &[
-    "DATABASE_URL",
-    "PGHOST",
-    "PGPORT",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-];
+const PGPROV_ENV: [&str; 6] = pgprov::credentials::ENV_KEYS;
 
 fn compose_files() -> Vec<PathBuf> {
     let mut found = Vec::new();
