@@ -89,6 +89,16 @@ impl Endpoint {
     }
 }
 
+/// The variables `--format env` writes, in order: what a compose file or unit may read.
+pub const ENV_KEYS: [&str; 6] = [
+    "DATABASE_URL",
+    "PGHOST",
+    "PGPORT",
+    "PGUSER",
+    "PGPASSWORD",
+    "PGDATABASE",
+];
+
 /// One service's login: its role and database are both `name`.
 #[derive(Debug)]
 pub struct Credentials<'a> {
@@ -126,14 +136,15 @@ impl Credentials<'_> {
             }
             Format::Env => {
                 let uri = self.uri();
-                for (key, value) in [
-                    ("DATABASE_URL", uri.expose()),
-                    ("PGHOST", &self.endpoint.host),
-                    ("PGPORT", &port),
-                    ("PGUSER", name),
-                    ("PGPASSWORD", self.password.expose()),
-                    ("PGDATABASE", name),
-                ] {
+                let values: [&str; 6] = [
+                    uri.expose(),
+                    &self.endpoint.host,
+                    &port,
+                    name,
+                    self.password.expose(),
+                    name,
+                ];
+                for (key, value) in ENV_KEYS.iter().zip(values) {
                     let _ = writeln!(out, "{key}={}", shell_quote(value));
                 }
             }
