@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use clap::{Command, CommandFactory};
 use roff::{Roff, bold, roman};
 
+pub mod quickstart;
+
 /// A tool: its command line and the sections clap does not know.
 pub struct Tool {
     /// The clap definition.
