@@ -63,6 +63,7 @@ fn the_deb_installs_every_tool_into_usr_bin_and_purges_without_leftovers() {
         .args(["--profile", "dev", "--no-build", "--fast", "--out"])
         .arg(out.path())
         .env("CARGO_TARGET_DIR", &target)
+        .env("XTASK", env!("CARGO_BIN_EXE_xtask"))
         .status()
         .unwrap();
     assert!(status.success(), "scripts/package failed: {status}");
