@@ -870,3 +870,34 @@ async fn a_store_that_dies_mid_upload_leaves_no_backup() {
         listed.contents()
     );
 }
+
+#[test]
+fn an_empty_database_backs_up_verifies_and_restores() {
+    // A service's database right after `pgprov create`: no tables, no objects at all.
+    let (lab, config) = small_lab("");
+    lab.sql("postgres", "CREATE DATABASE fresh");
+    let text = fs::read_to_string(&config).unwrap().replace(
+        "databases = [\"shop\"]",
+        "databases = [\"shop\", \"fresh\"]",
+    );
+    fs::write(&config, text).unwrap();
+    let config = config.to_str().unwrap();
+    let (stdout, stderr) = lab.expect(0, &["run", "-c", config]);
+    let fresh: Vec<String> = ids(&stdout)
+        .into_iter()
+        .filter(|id| id.starts_with("shop.fresh@"))
+        .collect();
+    assert_eq!(fresh.len(), 1, "{stdout}\n{stderr}");
+    lab.expect(0, &["verify", "-c", config, &fresh[0]]);
+    lab.expect(
+        0,
+        &["restore", "-c", config, &fresh[0], "--to-db", "fresh_copy"],
+    );
+    assert_eq!(
+        lab.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'fresh_copy'"
+        ),
+        "1\n"
+    );
+}

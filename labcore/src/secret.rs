@@ -116,15 +116,28 @@ pub fn read_file(path: &Path) -> io::Result<Secret> {
     Ok(Secret::new(std::mem::take(&mut *text)))
 }
 
-/// The path of systemd credential `name`, when the process runs with `$CREDENTIALS_DIRECTORY`.
+/// The ID labkit's units load their credentials folder under: systemd names each file `F` of a
+/// folder loaded with `LoadCredential=labkit:/etc/labkit/credentials/UNIT` credential `labkit_F`.
+pub const UNIT_CREDENTIALS: &str = "labkit";
+
+/// The path of systemd credential `name` (or, when only that exists, of `labkit_NAME`: a file
+/// `NAME` in the folder a unit loads as [`UNIT_CREDENTIALS`]), when the process runs with
+/// `$CREDENTIALS_DIRECTORY`.
 pub fn credential_path(env: &Env, name: &str) -> Option<PathBuf> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return None;
     }
-    env.path("CREDENTIALS_DIRECTORY").map(|dir| dir.join(name))
+    let dir = env.path("CREDENTIALS_DIRECTORY")?;
+    let plain = dir.join(name);
+    let in_folder = dir.join(format!("{UNIT_CREDENTIALS}_{name}"));
+    Some(if !plain.exists() && in_folder.exists() {
+        in_folder
+    } else {
+        plain
+    })
 }
 
-/// Reads systemd credential `name` if the service was given one by that name.
+/// Reads systemd credential `name` (see [`credential_path`]) if the service was given it.
 pub fn credential(env: &Env, name: &str) -> io::Result<Option<Secret>> {
     match credential_path(env, name) {
         Some(path) if path.exists() => read_file(&path).map(Some),
@@ -175,5 +188,31 @@ mod tests {
         assert!(credential(&env, "absent").unwrap().is_none());
         assert!(credential(&env, "../etc/passwd").unwrap().is_none());
         assert!(credential(&Env::default(), "web.token").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_units_credentials_folder_is_found_under_the_labkit_prefix() {
+        // LoadCredential=labkit:/etc/labkit/credentials/tunnel-server with a file
+        // server.services.ssh.token in that folder gives labkit_server.services.ssh.token.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("labkit_server.services.ssh.token");
+        fs::write(&file, "from-a-folder").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        let env = Env::from_pairs([("CREDENTIALS_DIRECTORY", dir.path())]);
+        let found = credential(&env, "server.services.ssh.token")
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.expose(), "from-a-folder");
+        // A credential loaded by its own name wins over the folder's.
+        fs::write(dir.path().join("server.services.ssh.token"), "by-name").unwrap();
+        let found = credential(&env, "server.services.ssh.token")
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.expose(), "by-name");
+        assert!(
+            credential(&env, "server.services.web.token")
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use clap::{Command, CommandFactory};
 use roff::{Roff, bold, roman};
 
+pub mod quickstart;
+
 /// A tool: its command line and the sections clap does not know.
 pub struct Tool {
     /// The clap definition.
@@ -44,7 +46,7 @@ const SYSTEMD_ENV: &[(&str, &str)] = &[
     ),
     (
         "CREDENTIALS_DIRECTORY",
-        "systemd credentials: a secret not given inline or as *_file is read from the credential named by its dotted key.",
+        "systemd credentials: a secret not given inline or as *_file is read from the credential named by its dotted key, or labkit_KEY (a folder loaded with LoadCredential=labkit:DIR).",
     ),
 ];
 

@@ -4,11 +4,15 @@
 //!   (default `man/`, committed; a test fails when it is stale).
 //! - `cargo xtask completions [--out DIR]` writes bash, zsh and fish completions for every
 //!   tool (default `target/completions`; the install script and the Debian package use them).
+//! - `cargo xtask quickstart [--bin-dir DIR]` brings the reference lab up on this machine until
+//!   Ctrl-C (`scripts/quickstart` builds the release binaries and runs it).
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use xtask::quickstart;
 
 /// labkit's project automation.
 #[derive(Debug, Parser)]
@@ -32,14 +36,24 @@ enum Task {
         #[arg(long, default_value = "target/completions")]
         out: PathBuf,
     },
+    /// Bring the reference lab up on this machine, on loopback ports, until Ctrl-C.
+    Quickstart {
+        /// Folder with the tools' binaries
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let root = xtask::workspace_root();
+    if let Task::Quickstart { bin_dir } = cli.command {
+        return quickstart(&root, &root.join(bin_dir));
+    }
     let result = match cli.command {
         Task::Man { out } => xtask::write_man_pages(&root.join(out)),
         Task::Completions { out } => xtask::write_completions(&root.join(out)),
+        Task::Quickstart { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(written) => {
@@ -53,4 +67,29 @@ fn main() -> ExitCode {
             ExitCode::from(74)
         }
     }
+}
+
+fn quickstart(root: &Path, bin_dir: &Path) -> ExitCode {
+    let mut stop = match quickstart::StopSignals::install() {
+        Ok(stop) => stop,
+        Err(err) => {
+            eprintln!("quickstart: error: {err}");
+            return ExitCode::from(71);
+        }
+    };
+    let mut stderr = std::io::stderr();
+    let lab = match quickstart::start(root, bin_dir, &mut stderr) {
+        Ok(lab) => lab,
+        Err(err) => {
+            eprintln!("quickstart: error: {err}");
+            return ExitCode::from(70);
+        }
+    };
+    println!("{}", quickstart::summary(&lab));
+    let _ = std::io::stdout().flush();
+    let signal = stop.wait();
+    eprintln!("quickstart: {signal}: stopping the lab");
+    lab.stop();
+    eprintln!("quickstart: stopped; nothing is left running");
+    ExitCode::SUCCESS
 }

@@ -13,3 +13,15 @@ fn the_backupd_example_is_valid() {
     assert!(config.retention.prunes());
     assert!(Path::new(&path).exists());
 }
+
+#[test]
+fn the_pgprov_example_declares_the_labs_five_databases() {
+    let path = xtask::workspace_root().join("examples/pgprov/lab.toml");
+    let lab = pgprov::apply::load(&path).unwrap();
+    let names: Vec<&str> = lab.databases.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["ci", "dw", "gitea", "jupyterhub", "metabase"]);
+    let dw = &lab.databases[1];
+    let readers: Vec<&str> = dw.read.iter().map(|n| n.as_str()).collect();
+    assert_eq!(readers, ["metabase"]);
+    assert_eq!(lab.host.as_deref(), Some("172.17.0.1"));
+}

@@ -63,6 +63,7 @@ fn the_deb_installs_every_tool_into_usr_bin_and_purges_without_leftovers() {
         .args(["--profile", "dev", "--no-build", "--fast", "--out"])
         .arg(out.path())
         .env("CARGO_TARGET_DIR", &target)
+        .env("XTASK", env!("CARGO_BIN_EXE_xtask"))
         .status()
         .unwrap();
     assert!(status.success(), "scripts/package failed: {status}");
@@ -95,6 +96,7 @@ fn the_deb_installs_every_tool_into_usr_bin_and_purges_without_leftovers() {
         assert!(user_exists(user), "postinst did not create {user}");
     }
     assert!(Path::new("/lib/systemd/system/backupd.timer").exists());
+    assert!(Path::new("/etc/labkit/credentials/tunnel-server").is_dir());
     let mode = fs::metadata("/etc/labkit/credentials").unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
