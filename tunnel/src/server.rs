@@ -1,0 +1,705 @@
+//! The server: the public side. It listens on the control port for clients and on each
+//! service's port for visitors, and pairs every visitor with a data channel from the client
+//! that serves that service.
+//!
+//! Tasks and who owns them:
+//! - the control port's accept loop (one task) hands each new connection to a handshake task,
+//!   bounded by `handshake_timeout` and a semaphore; a control channel that authenticates, or a
+//!   data channel that names an open session, is sent to its service's task;
+//! - one task per service owns its listener, its control channel, its pool of idle data
+//!   channels and its queue of visitors waiting for one; it writes `CreateDataChannel` (eight
+//!   up front, then one per visitor, as rathole does) and `HeartBeat` on the control channel;
+//! - one task per visitor connection forwards bytes ([`crate::forward`]).
+//!
+//! Service listeners are bound at start, so the server is ready when every port is; a visitor
+//! who arrives while no client serves the service is closed at once. Each service has its own
+//! cancellation tokens, so removing or changing one on reload closes its port and its
+//! connections and nothing else. On shutdown the listeners close first and open connections
+//! get `grace_period` to finish.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Interval, MissedTickBehavior, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ServerService, ServerSettings};
+use crate::error::Error;
+use crate::forward;
+use crate::protocol::{self, Ack, ControlCmd, DataCmd, Digest, Hello, SessionKey};
+use crate::sockopt;
+use crate::transport::{Transport, TunnelStream};
+
+/// Data channels a client is asked for as soon as its control channel opens (rathole: 8).
+const POOL_SIZE: usize = 8;
+/// Idle data channels kept per service; more are closed.
+const MAX_IDLE: usize = 256;
+/// Visitors that may wait for a data channel per service; more are closed.
+const MAX_WAITING: usize = 4096;
+/// Connections on the control port that may be in their handshake at once.
+const MAX_HANDSHAKES: usize = 1024;
+/// Messages queued from the control port to one service's task.
+const EVENT_QUEUE: usize = 256;
+
+/// A connection for a service's task, after its handshake.
+enum Event<S> {
+    /// An authenticated control channel.
+    Control {
+        stream: S,
+        key: SessionKey,
+        peer: SocketAddr,
+    },
+    /// A data channel naming this service's session.
+    Data { stream: S, key: SessionKey },
+}
+
+/// What the control port's handshakes look services and sessions up in.
+struct Registry<S> {
+    services: RwLock<HashMap<Digest, Arc<Entry<S>>>>,
+    sessions: RwLock<HashMap<SessionKey, mpsc::Sender<Event<S>>>>,
+}
+
+struct Entry<S> {
+    service: Arc<ServerService>,
+    events: mpsc::Sender<Event<S>>,
+    session: Mutex<Option<SessionKey>>,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A panic while holding the lock leaves plain maps behind: still usable.
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<S> Registry<S> {
+    fn new() -> Registry<S> {
+        Registry {
+            services: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn service(&self, digest: &Digest) -> Option<Arc<Entry<S>>> {
+        read(&self.services).get(digest).cloned()
+    }
+
+    fn session(&self, key: &SessionKey) -> Option<mpsc::Sender<Event<S>>> {
+        read(&self.sessions).get(key).cloned()
+    }
+
+    /// Makes `key` the one session of `entry`'s service, forgetting the one before.
+    fn open_session(&self, entry: &Entry<S>, key: SessionKey) {
+        let mut current = entry.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sessions = write(&self.sessions);
+        if let Some(old) = current.replace(key) {
+            sessions.remove(&old);
+        }
+        sessions.insert(key, entry.events.clone());
+    }
+
+    fn insert(&self, entry: Arc<Entry<S>>) {
+        write(&self.services).insert(entry.service.digest, entry);
+    }
+
+    fn remove(&self, digest: &Digest) {
+        let Some(entry) = write(&self.services).remove(digest) else {
+            return;
+        };
+        let current = entry.session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(key) = current.as_ref() {
+            write(&self.sessions).remove(key);
+        }
+    }
+}
+
+/// A running service: its task and the tokens that stop it.
+struct ServiceHandle {
+    service: Arc<ServerService>,
+    /// Closes the listener and the control channel.
+    stop: CancellationToken,
+    /// Closes the service's open connections.
+    abort: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// A running server.
+pub struct Server<T: Transport> {
+    settings: ServerSettings,
+    registry: Arc<Registry<T::Stream>>,
+    services: BTreeMap<String, ServiceHandle>,
+    control_addr: SocketAddr,
+    control_stop: CancellationToken,
+    control_task: JoinHandle<()>,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl<T: Transport> Server<T> {
+    /// Binds the control port and every service's port and starts serving.
+    pub async fn start(settings: ServerSettings) -> Result<Server<T>, Error> {
+        let transport = Arc::new(T::new(&settings.transport)?);
+        let registry = Arc::new(Registry::new());
+        let tracker = TaskTracker::new();
+        let listener = transport.bind(&settings.bind_addr).await?;
+        let control_addr = T::local_addr(&listener)?;
+        tracing::info!(addr = %control_addr, "control port listening");
+        let control_stop = CancellationToken::new();
+        let control_task = tokio::spawn(accept_clients(
+            transport.clone(),
+            listener,
+            registry.clone(),
+            tracker.clone(),
+            control_stop.clone(),
+            settings.handshake_timeout,
+        ));
+        let mut server = Server {
+            settings: settings.clone(),
+            registry,
+            services: BTreeMap::new(),
+            control_addr,
+            control_stop,
+            control_task,
+            abort: CancellationToken::new(),
+            tracker,
+        };
+        for service in settings.services.values() {
+            if let Err(err) = server.start_service(service.clone()).await {
+                server.shutdown(Duration::ZERO).await;
+                return Err(err);
+            }
+        }
+        Ok(server)
+    }
+
+    /// The control port's address.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
+
+    async fn start_service(&mut self, service: ServerService) -> Result<(), Error> {
+        let listener = TcpListener::bind(&service.bind_addr)
+            .await
+            .map_err(|source| Error::Bind {
+                what: format!("service {}", service.name),
+                addr: service.bind_addr.clone(),
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading a service port's address", e))?;
+        tracing::info!(service = %service.name, %addr, "service listening");
+        let service = Arc::new(service);
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        self.registry.insert(Arc::new(Entry {
+            service: service.clone(),
+            events: events_tx,
+            session: Mutex::new(None),
+        }));
+        let stop = CancellationToken::new();
+        let abort = self.abort.child_token();
+        let task = ServiceTask {
+            service: service.clone(),
+            listener,
+            events,
+            heartbeat: self.settings.heartbeat_interval,
+            handshake_timeout: self.settings.handshake_timeout,
+            stop: stop.clone(),
+            abort: abort.clone(),
+            tracker: self.tracker.clone(),
+            session: None,
+            idle: VecDeque::new(),
+            waiting: VecDeque::new(),
+        };
+        let task = tokio::spawn(task.run());
+        self.services.insert(
+            service.name.clone(),
+            ServiceHandle {
+                service,
+                stop,
+                abort,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    async fn stop_service(&mut self, name: &str) {
+        let Some(handle) = self.services.remove(name) else {
+            return;
+        };
+        self.registry.remove(&handle.service.digest);
+        handle.stop.cancel();
+        handle.abort.cancel();
+        // The task ends at its next await; the listener is closed once it has.
+        let _ = handle.task.await;
+        tracing::info!(service = %name, "service stopped");
+    }
+
+    /// Applies a new config: services added, removed or changed start, stop or restart; the
+    /// others and their connections are left alone. Settings outside the services restart
+    /// everything.
+    pub async fn apply(&mut self, new: ServerSettings) -> Result<(), Error> {
+        let general_changed = self.settings.bind_addr != new.bind_addr
+            || self.settings.transport != new.transport
+            || self.settings.heartbeat_interval != new.heartbeat_interval
+            || self.settings.handshake_timeout != new.handshake_timeout;
+        if general_changed {
+            tracing::warn!("settings outside [server.services] changed: restarting everything");
+            self.stop_all().await;
+            *self = Server::start(new).await?;
+            return Ok(());
+        }
+        self.settings.grace_period = new.grace_period;
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            if new.services.get(&name) != Some(&*self.services[&name].service) {
+                self.stop_service(&name).await;
+            }
+        }
+        for (name, service) in &new.services {
+            if !self.services.contains_key(name)
+                && let Err(err) = self.start_service(service.clone()).await
+            {
+                tracing::error!(error = %labcore::exit::chain(&err), "service not started");
+            }
+        }
+        self.settings.services = new.services;
+        Ok(())
+    }
+
+    /// Closes every port and connection at once.
+    async fn stop_all(&mut self) {
+        self.control_stop.cancel();
+        let _ = (&mut self.control_task).await;
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            self.stop_service(&name).await;
+        }
+        self.abort.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.control_stop.cancel();
+        for handle in self.services.values() {
+            handle.stop.cancel();
+        }
+        let _ = (&mut self.control_task).await;
+        for (_, handle) in std::mem::take(&mut self.services) {
+            let _ = handle.task.await;
+        }
+        let open = self.tracker.len();
+        if open > 0 {
+            tracing::info!(
+                connections = open,
+                grace_secs = grace.as_secs(),
+                "waiting for open connections"
+            );
+        }
+        if !labcore::signals::drain(&self.tracker, grace).await {
+            tracing::warn!(
+                connections = self.tracker.len(),
+                "grace period over: closing open connections"
+            );
+            self.abort.cancel();
+            self.tracker.wait().await;
+        }
+    }
+
+    /// The grace period from the config.
+    pub fn grace_period(&self) -> Duration {
+        self.settings.grace_period
+    }
+}
+
+/// The control port: accepts clients and runs each connection's handshake.
+async fn accept_clients<T: Transport>(
+    transport: Arc<T>,
+    listener: T::Listener,
+    registry: Arc<Registry<T::Stream>>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    handshake_timeout: Duration,
+) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = transport.accept(&listener) => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Out of file descriptors or memory: wait a moment instead of spinning.
+                tracing::warn!(error = %err, "accepting on the control port failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many handshakes in progress: connection closed");
+            continue;
+        };
+        let transport = transport.clone();
+        let registry = registry.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let handshake = handshake(&*transport, tcp, peer, &registry);
+            match timeout(handshake_timeout, handshake).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(%peer, reason = %labcore::exit::chain(&err), "connection refused")
+                }
+                Err(_) => tracing::warn!(
+                    %peer,
+                    reason = %Error::Timeout { what: "the handshake", after: handshake_timeout },
+                    "connection refused"
+                ),
+            }
+        });
+    }
+}
+
+/// Reads a new connection's hello and hands it to its service.
+async fn handshake<T: Transport>(
+    transport: &T,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    registry: &Registry<T::Stream>,
+) -> Result<(), Error> {
+    let mut stream = transport.handshake(tcp).await?;
+    let mut hello = [0u8; protocol::HELLO_LEN];
+    protocol::read_exact(&mut stream, &mut hello, "hello").await?;
+    match Hello::decode(&hello)? {
+        Hello::Control(digest) => control_handshake(stream, digest, peer, registry).await,
+        Hello::Data(key) => {
+            let events = registry.session(&key).ok_or(Error::UnknownSession)?;
+            events
+                .send(Event::Data { stream, key })
+                .await
+                .map_err(|_| Error::UnknownSession)
+        }
+    }
+}
+
+/// The server's half of a control channel's handshake: nonce, service lookup, token proof.
+async fn control_handshake<S: TunnelStream>(
+    mut stream: S,
+    digest: Digest,
+    peer: SocketAddr,
+    registry: &Registry<S>,
+) -> Result<(), Error> {
+    let nonce = protocol::nonce()?;
+    protocol::write_all(&mut stream, &Hello::Control(nonce).encode(), "hello").await?;
+    let Some(entry) = registry.service(&digest) else {
+        protocol::write_all(&mut stream, &Ack::ServiceNotExist.encode(), "ack").await?;
+        return Err(Error::UnknownService {
+            digest_prefix: digest[..4].iter().map(|b| format!("{b:02x}")).collect(),
+        });
+    };
+    let mut auth = [0u8; protocol::AUTH_LEN];
+    protocol::read_exact(&mut stream, &mut auth, "auth").await?;
+    let key = SessionKey::prove(entry.service.token.as_bytes(), &nonce);
+    if key != SessionKey::from_bytes(auth) {
+        protocol::write_all(&mut stream, &Ack::AuthFailed.encode(), "ack").await?;
+        return Err(Error::AuthFailed {
+            service: entry.service.name.clone(),
+        });
+    }
+    protocol::write_all(&mut stream, &Ack::Ok.encode(), "ack").await?;
+    sockopt::nodelay(stream.tcp(), true);
+    registry.open_session(&entry, key);
+    entry
+        .events
+        .send(Event::Control { stream, key, peer })
+        .await
+        .map_err(|_| Error::UnknownService {
+            digest_prefix: "(service removed)".into(),
+        })
+}
+
+/// An open control channel.
+struct Session<S> {
+    key: SessionKey,
+    control: S,
+    peer: SocketAddr,
+    heartbeat: Option<Interval>,
+}
+
+/// One service: its port, its client's control channel and data channels, its visitors.
+struct ServiceTask<S> {
+    service: Arc<ServerService>,
+    listener: TcpListener,
+    events: mpsc::Receiver<Event<S>>,
+    heartbeat: Option<Duration>,
+    handshake_timeout: Duration,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    session: Option<Session<S>>,
+    idle: VecDeque<S>,
+    waiting: VecDeque<(TcpStream, SocketAddr, Instant)>,
+}
+
+impl<S: TunnelStream> ServiceTask<S> {
+    async fn run(mut self) {
+        loop {
+            let expiry = self
+                .waiting
+                .front()
+                .map(|(_, _, since)| *since + self.handshake_timeout);
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((visitor, peer)) => self.visitor(visitor, peer).await,
+                    Err(err) => {
+                        tracing::warn!(service = %self.service.name, error = %err, "accepting a visitor failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                event = self.events.recv() => match event {
+                    Some(event) => self.event(event).await,
+                    None => break,
+                },
+                event = session_event(&mut self.session) => match event {
+                    SessionEvent::Closed(reason) => self.end_session(&reason),
+                    SessionEvent::HeartbeatDue => {
+                        self.command(ControlCmd::HeartBeat, 1).await;
+                    }
+                },
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                    self.expire_waiting();
+                }
+            }
+        }
+        tracing::debug!(service = %self.service.name, "service task ended");
+    }
+
+    async fn visitor(&mut self, visitor: TcpStream, peer: SocketAddr) {
+        let name = &self.service.name;
+        if self.session.is_none() {
+            tracing::info!(service = %name, visitor = %peer, "no client serves this service: visitor closed");
+            return;
+        }
+        if self.waiting.len() >= MAX_WAITING {
+            tracing::warn!(service = %name, visitor = %peer, "too many visitors waiting: visitor closed");
+            return;
+        }
+        sockopt::nodelay(&visitor, self.service.nodelay);
+        tracing::debug!(service = %name, visitor = %peer, "visitor connected");
+        self.waiting.push_back((visitor, peer, Instant::now()));
+        // Ask for a data channel to replace the one this visitor takes.
+        if self.command(ControlCmd::CreateDataChannel, 1).await {
+            self.pair().await;
+        }
+    }
+
+    async fn event(&mut self, event: Event<S>) {
+        match event {
+            Event::Control { stream, key, peer } => {
+                if let Some(old) = self.session.take() {
+                    tracing::info!(service = %self.service.name, old_client = %old.peer, "control channel replaced by a new one");
+                }
+                self.idle.clear();
+                tracing::info!(service = %self.service.name, client = %peer, "control channel open");
+                let heartbeat = self.heartbeat.map(|period| {
+                    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+                    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    ticks
+                });
+                self.session = Some(Session {
+                    key,
+                    control: stream,
+                    peer,
+                    heartbeat,
+                });
+                let wanted = POOL_SIZE + self.waiting.len();
+                self.command(ControlCmd::CreateDataChannel, wanted).await;
+            }
+            Event::Data { stream, key } => {
+                if self.session.as_ref().is_none_or(|s| s.key != key) {
+                    tracing::debug!(service = %self.service.name, "data channel of an old session closed");
+                    return;
+                }
+                sockopt::nodelay(stream.tcp(), self.service.nodelay);
+                if self.idle.len() >= MAX_IDLE {
+                    self.idle.pop_front();
+                }
+                self.idle.push_back(stream);
+                self.pair().await;
+            }
+        }
+    }
+
+    /// Hands idle data channels to waiting visitors.
+    async fn pair(&mut self) {
+        while !self.waiting.is_empty() {
+            let Some(channel) = self.idle.pop_front() else {
+                return;
+            };
+            if sockopt::is_closed(channel.tcp()) {
+                // The client dropped it while it sat in the pool: ask for another.
+                if !self.command(ControlCmd::CreateDataChannel, 1).await {
+                    return;
+                }
+                continue;
+            }
+            let Some((visitor, peer, _)) = self.waiting.pop_front() else {
+                return;
+            };
+            let service = self.service.clone();
+            let abort = self.abort.clone();
+            let write_timeout = self.handshake_timeout;
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = abort.cancelled() => {}
+                    () = carry(channel, visitor, peer, &service, write_timeout) => {}
+                }
+            });
+        }
+    }
+
+    /// Writes `count` copies of `cmd` on the control channel; false (and the session ended)
+    /// if that failed.
+    async fn command(&mut self, cmd: ControlCmd, count: usize) -> bool {
+        let Some(session) = self.session.as_mut() else {
+            return false;
+        };
+        let bytes = cmd.encode();
+        let mut buf = [0u8; protocol::TAG_LEN * 16];
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(16);
+            for chunk in buf.chunks_exact_mut(protocol::TAG_LEN).take(n) {
+                chunk.copy_from_slice(&bytes);
+            }
+            let written = timeout(self.handshake_timeout, async {
+                session
+                    .control
+                    .write_all(&buf[..n * protocol::TAG_LEN])
+                    .await?;
+                session.control.flush().await
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => left -= n,
+                Ok(Err(err)) => {
+                    let reason = format!("writing to the control channel: {err}");
+                    self.end_session(&reason);
+                    return false;
+                }
+                Err(_) => {
+                    self.end_session("the client stopped reading the control channel");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn end_session(&mut self, reason: &str) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        tracing::warn!(service = %self.service.name, client = %session.peer, reason, "control channel closed");
+        self.idle.clear();
+        if !self.waiting.is_empty() {
+            tracing::info!(service = %self.service.name, visitors = self.waiting.len(), "waiting visitors closed");
+            self.waiting.clear();
+        }
+    }
+
+    fn expire_waiting(&mut self) {
+        let now = Instant::now();
+        while let Some((_, peer, since)) = self.waiting.front() {
+            if *since + self.handshake_timeout > now {
+                break;
+            }
+            tracing::warn!(service = %self.service.name, visitor = %peer, "no data channel from the client in time: visitor closed");
+            self.waiting.pop_front();
+        }
+    }
+}
+
+/// What an open control channel needs from its service's task.
+enum SessionEvent {
+    /// The channel closed or misbehaved.
+    Closed(String),
+    /// A heartbeat is due.
+    HeartbeatDue,
+}
+
+/// Resolves when the control channel closes or a heartbeat is due; never without a session.
+async fn session_event<S: TunnelStream>(session: &mut Option<Session<S>>) -> SessionEvent {
+    let Some(session) = session.as_mut() else {
+        return std::future::pending().await;
+    };
+    let heartbeat = async {
+        match session.heartbeat.as_mut() {
+            Some(ticks) => {
+                ticks.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut buf = [0u8; 16];
+    tokio::select! {
+        read = session.control.read(&mut buf) => SessionEvent::Closed(match read {
+            Ok(0) => "closed by the client".to_owned(),
+            Ok(_) => "the client sent bytes on the control channel".to_owned(),
+            Err(err) => format!("reading the control channel: {err}"),
+        }),
+        () = heartbeat => SessionEvent::HeartbeatDue,
+    }
+}
+
+/// Starts forwarding on a data channel and carries the visitor's bytes.
+async fn carry<S: TunnelStream>(
+    mut channel: S,
+    visitor: TcpStream,
+    peer: SocketAddr,
+    service: &ServerService,
+    write_timeout: Duration,
+) {
+    let start = async {
+        channel
+            .write_all(&DataCmd::StartForwardTcp.encode())
+            .await?;
+        channel.flush().await
+    };
+    match timeout(write_timeout, start).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(service = %service.name, visitor = %peer, error = %err, "data channel broke before forwarding");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(service = %service.name, visitor = %peer, "data channel stalled before forwarding");
+            return;
+        }
+    }
+    match forward::forward(channel, visitor).await {
+        Ok(carried) => tracing::debug!(
+            service = %service.name,
+            visitor = %peer,
+            to_visitor = carried.inbound,
+            from_visitor = carried.outbound,
+            "visitor connection finished"
+        ),
+        Err(err) => {
+            tracing::debug!(service = %service.name, visitor = %peer, error = %err, "visitor connection ended")
+        }
+    }
+}

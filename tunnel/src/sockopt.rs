@@ -1,0 +1,51 @@
+//! Socket options and probes the tunnel sets on TCP sockets: keepalive, TCP_NODELAY, and a
+//! non-blocking check that an idle connection is still open.
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, setsockopt, sockopt};
+use tokio::net::TcpStream;
+
+/// Turns on TCP keepalive with these timings; failures are logged, never fatal (the
+/// heartbeat still finds dead peers).
+pub fn keepalive(stream: &TcpStream, idle: Duration, interval: Duration) {
+    let idle = u32::try_from(idle.as_secs()).unwrap_or(u32::MAX);
+    let interval = u32::try_from(interval.as_secs()).unwrap_or(u32::MAX);
+    let result = setsockopt(stream, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepIdle, &idle))
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepInterval, &interval));
+    if let Err(err) = result {
+        tracing::debug!(error = %err, "could not set TCP keepalive");
+    }
+}
+
+/// Sets TCP_NODELAY; a failure is logged, never fatal.
+pub fn nodelay(stream: &TcpStream, on: bool) {
+    if let Err(err) = stream.set_nodelay(on) {
+        tracing::debug!(error = %err, "could not set TCP_NODELAY");
+    }
+}
+
+/// Whether an idle connection, on which the peer must not have sent anything yet, was closed
+/// (or broke the protocol by sending early). Never blocks.
+pub fn is_closed(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    match nix::sys::socket::recv(
+        stream.as_raw_fd(),
+        &mut probe,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Err(Errno::EAGAIN) => false,
+        Err(Errno::EINTR) => false,
+        // 0: the peer closed; 1: bytes before the command, which the protocol never sends.
+        Ok(_) | Err(_) => true,
+    }
+}
+
+/// Closes the sending half, telling the peer no more bytes come.
+pub fn shutdown_write(stream: &TcpStream) {
+    // The peer may already be gone; the read side reports that.
+    let _ = nix::sys::socket::shutdown(stream.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+}
