@@ -7,7 +7,9 @@
 //! `default_token` (with the same three sources).
 //!
 //! labkit additions (all optional): `token_file`, `default_token_file`, `handshake_timeout`
-//! and `grace_period` (seconds). Parsed now but refused until the transports release:
+//! and `grace_period` (seconds), and the server's `heartbeat_timeout` (seconds a heartbeat
+//! may go unacknowledged before the client counts as dead; rathole's server has no such
+//! check). Parsed now but refused until the transports release:
 //! transports other than `tcp`, `type = "udp"` services and the client's `proxy`.
 
 use std::collections::BTreeMap;
@@ -48,6 +50,7 @@ struct ServerToml {
     #[serde(default)]
     transport: TransportToml,
     heartbeat_interval: Option<u64>,
+    heartbeat_timeout: Option<u64>,
     handshake_timeout: Option<u64>,
     grace_period: Option<u64>,
 }
@@ -212,6 +215,9 @@ pub struct ServerSettings {
     pub bind_addr: String,
     /// Heartbeat period on control channels; `None` disables heartbeats.
     pub heartbeat_interval: Option<Duration>,
+    /// A client that leaves a heartbeat unacknowledged this long is dead (TCP_USER_TIMEOUT on
+    /// the control channel); `None` leaves it to TCP keepalive.
+    pub heartbeat_timeout: Option<Duration>,
     /// How long a new connection may take to say who it is.
     pub handshake_timeout: Duration,
     /// How long open connections may run on after SIGTERM.
@@ -379,6 +385,7 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
         heartbeat_interval: nonzero_secs(
             raw.heartbeat_interval.unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
         ),
+        heartbeat_timeout: nonzero_secs(raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT)),
         handshake_timeout: timeout_secs(file, "server.handshake_timeout", raw.handshake_timeout)?,
         grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
         transport,

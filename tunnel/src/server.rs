@@ -212,6 +212,7 @@ impl<T: Transport> Server<T> {
             listener,
             events,
             heartbeat: self.settings.heartbeat_interval,
+            dead_after: self.settings.heartbeat_timeout,
             handshake_timeout: self.settings.handshake_timeout,
             stop: stop.clone(),
             abort: abort.clone(),
@@ -252,6 +253,7 @@ impl<T: Transport> Server<T> {
         let general_changed = self.settings.bind_addr != new.bind_addr
             || self.settings.transport != new.transport
             || self.settings.heartbeat_interval != new.heartbeat_interval
+            || self.settings.heartbeat_timeout != new.heartbeat_timeout
             || self.settings.handshake_timeout != new.handshake_timeout;
         if general_changed {
             tracing::warn!("settings outside [server.services] changed: restarting everything");
@@ -418,7 +420,8 @@ async fn control_handshake<S: TunnelStream>(
             service: entry.service.name.clone(),
         });
     }
-    protocol::write_all(&mut stream, &Ack::Ok.encode(), "ack").await?;
+    // The service's task writes `Ack::Ok` once it holds the session, so a client that has
+    // seen the ack never finds its visitors turned away for want of a session.
     sockopt::nodelay(stream.tcp(), true);
     registry.open_session(&entry, key);
     entry
@@ -444,6 +447,7 @@ struct ServiceTask<S> {
     listener: TcpListener,
     events: mpsc::Receiver<Event<S>>,
     heartbeat: Option<Duration>,
+    dead_after: Option<Duration>,
     handshake_timeout: Duration,
     stop: CancellationToken,
     abort: CancellationToken,
@@ -508,11 +512,31 @@ impl<S: TunnelStream> ServiceTask<S> {
 
     async fn event(&mut self, event: Event<S>) {
         match event {
-            Event::Control { stream, key, peer } => {
+            Event::Control {
+                mut stream,
+                key,
+                peer,
+            } => {
+                let ok = Ack::Ok.encode();
+                let ack = protocol::write_all(&mut stream, &ok, "ack");
+                if let Err(err) =
+                    timeout(self.handshake_timeout, ack)
+                        .await
+                        .unwrap_or(Err(Error::Timeout {
+                            what: "the ack to be sent",
+                            after: self.handshake_timeout,
+                        }))
+                {
+                    tracing::warn!(service = %self.service.name, client = %peer, reason = %labcore::exit::chain(&err), "control channel failed");
+                    return;
+                }
                 if let Some(old) = self.session.take() {
                     tracing::info!(service = %self.service.name, old_client = %old.peer, "control channel replaced by a new one");
                 }
                 self.idle.clear();
+                if let (Some(limit), Some(_)) = (self.dead_after, self.heartbeat) {
+                    sockopt::user_timeout(stream.tcp(), limit);
+                }
                 tracing::info!(service = %self.service.name, client = %peer, "control channel open");
                 let heartbeat = self.heartbeat.map(|period| {
                     let mut ticks = tokio::time::interval_at(Instant::now() + period, period);

@@ -21,6 +21,15 @@ pub fn keepalive(stream: &TcpStream, idle: Duration, interval: Duration) {
     }
 }
 
+/// Closes the connection when sent data stays unacknowledged for `limit` (TCP_USER_TIMEOUT),
+/// which finds a peer that vanished without a FIN while heartbeats are being written.
+pub fn user_timeout(stream: &TcpStream, limit: Duration) {
+    let millis = u32::try_from(limit.as_millis()).unwrap_or(u32::MAX);
+    if let Err(err) = setsockopt(stream, sockopt::TcpUserTimeout, &millis) {
+        tracing::debug!(error = %err, "could not set TCP_USER_TIMEOUT");
+    }
+}
+
 /// Sets TCP_NODELAY; a failure is logged, never fatal.
 pub fn nodelay(stream: &TcpStream, on: bool) {
     if let Err(err) = stream.set_nodelay(on) {
