@@ -207,7 +207,7 @@ pub async fn serve<N: Node>(settings: N::Settings, cx: &mut Context<'_>) -> Resu
             },
         };
         cx.notifier.reloading();
-        tracing::info!(cause = reload, path = %cx.path.display(), "reloading");
+        tracing::info!(cause = %reload, path = %cx.path.display(), "reloading");
         let loaded = config::load(cx.path, cx.env, Some(N::MODE));
         let new = match loaded.map(N::settings) {
             Ok(Some(new)) => new,

@@ -187,7 +187,7 @@ impl<T: Transport> Server<T> {
     }
 
     async fn start_service(&mut self, service: ServerService) -> Result<(), Error> {
-        let listener = TcpListener::bind(&service.bind_addr)
+        let listener = sockopt::listen(&service.bind_addr)
             .await
             .map_err(|source| Error::Bind {
                 what: format!("service {}", service.name),

@@ -8,6 +8,34 @@ use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, setsockopt, sockopt};
 use tokio::net::TcpStream;
 
+/// Pending connections a listener queues before the kernel drops new ones (capped by
+/// `net.core.somaxconn`); tokio's default of 1,024 overflows when a thousand visitors arrive
+/// at once.
+const BACKLOG: u32 = 4096;
+
+/// Listens on `addr` (`HOST:PORT`; the first address the host resolves to) with a deep
+/// accept queue.
+pub async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for resolved in tokio::net::lookup_host(addr).await? {
+        let socket = match resolved {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(resolved).and_then(|()| socket.listen(BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the host resolves to no address",
+        )
+    }))
+}
+
 /// Turns on TCP keepalive with these timings; failures are logged, never fatal (the
 /// heartbeat still finds dead peers).
 pub fn keepalive(stream: &TcpStream, idle: Duration, interval: Duration) {

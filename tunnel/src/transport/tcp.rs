@@ -41,7 +41,7 @@ impl Transport for TcpTransport {
     }
 
     async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
-        TcpListener::bind(addr).await.map_err(|source| Error::Bind {
+        sockopt::listen(addr).await.map_err(|source| Error::Bind {
             what: "the control channel".into(),
             addr: addr.to_owned(),
             source,
