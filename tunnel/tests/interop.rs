@@ -1,0 +1,168 @@
+//! Interop with the real rathole 0.5.0 (installed by scripts/test): a labkit client works
+//! with a rathole server and a rathole client with a labkit server, refusals included.
+//!
+//! rathole binds the ports in its config itself, so its tests take free ports and retry on
+//! a clash; rathole logs (to stdout) when it listens and when a control channel opens.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use testkit::ports::{free_port, retry_on_port_clash};
+use testkit::{Proc, ProcBuilder, Scratch};
+
+/// A rathole server with one service `echo`; returns it with its control and service ports.
+fn rathole_server(dir: &Scratch, token: &str) -> (Proc, SocketAddr, SocketAddr) {
+    retry_on_port_clash(|_| {
+        let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let service = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = write(
+            dir,
+            "rathole-server.toml",
+            &format!(
+                "[server]\nbind_addr = \"{control}\"\nheartbeat_interval = 1\n\
+                 [server.services.echo]\ntoken = \"{token}\"\nbind_addr = \"{service}\"\n"
+            ),
+        );
+        let proc = ProcBuilder::new(rathole())
+            .arg("--server")
+            .arg(&config)
+            .spawn()?;
+        proc.wait_output(&format!("Listening at {control}"), WAIT)?;
+        Ok((proc, control, service))
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_labkit_client_works_with_a_rathole_server() {
+    let dir = Scratch::new("interop").unwrap();
+    let (rathole, control, service) = rathole_server(&dir, "shared-token");
+    let config = write(
+        &dir,
+        "client.toml",
+        &client_config(
+            control,
+            "heartbeat_timeout = 3",
+            &[("echo", "shared-token", echo_service())],
+        ),
+    );
+    let client = tunnel(&["client"], &config)
+        .env("LABKIT_LOG", "info,tunnel=trace")
+        .spawn()
+        .unwrap();
+    client.wait_ready(WAIT).unwrap();
+    // rathole binds a service's port once its control channel is open.
+    rathole
+        .wait_output(&format!("Listening at {service}"), WAIT)
+        .unwrap();
+    for _ in 0..20 {
+        echo_through(service, &payload(100_000));
+    }
+    echo_through(service, &payload(5_000_000));
+    // rathole sends a heartbeat every second; the client understands them.
+    client.wait_stderr("heartbeat service=echo", WAIT).unwrap();
+    assert!(
+        !client.stderr().contains("control channel lost"),
+        "{}",
+        client.stderr()
+    );
+    client.stop(WAIT).unwrap();
+}
+
+#[test]
+fn a_rathole_client_works_with_a_labkit_server() {
+    let dir = Scratch::new("interop").unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &server_config("heartbeat_interval = 1", &[("echo", "shared-token")]),
+    );
+    let server = server(&server_toml);
+    let service = service_addr(&server, "echo");
+    let client_toml = write(
+        &dir,
+        "rathole-client.toml",
+        &client_config(
+            control_addr(&server),
+            "heartbeat_timeout = 3",
+            &[("echo", "shared-token", echo_service())],
+        ),
+    );
+    let rathole = ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(&client_toml)
+        .env("RUST_LOG", "info,rathole::client=debug")
+        .spawn()
+        .unwrap();
+    rathole
+        .wait_output("Control channel established", WAIT)
+        .unwrap();
+    server
+        .wait_stderr("control channel open service=echo ", WAIT)
+        .unwrap();
+    for _ in 0..20 {
+        echo_through(service, &payload(100_000));
+    }
+    echo_through(service, &payload(5_000_000));
+    rathole.wait_output("Received HeartBeat", WAIT).unwrap();
+    assert!(
+        !rathole.stdout().contains("Heartbeat timed out"),
+        "{}",
+        rathole.stdout()
+    );
+    server.stop(WAIT).unwrap();
+}
+
+#[test]
+fn a_rathole_server_refuses_a_labkit_client_with_a_wrong_token() {
+    let dir = Scratch::new("interop").unwrap();
+    let (_rathole, control, _) = rathole_server(&dir, "right-token");
+    let config = write(
+        &dir,
+        "client.toml",
+        &client_config(control, "", &[("echo", "wrong-token", echo_service())]),
+    );
+    let client = tunnel(&["client"], &config).spawn().unwrap();
+    let line = client
+        .wait_stderr("could not open the control channel", WAIT)
+        .unwrap();
+    assert!(
+        line.contains("server refused service echo: wrong token"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_labkit_server_refuses_a_rathole_client_with_a_wrong_token() {
+    let dir = Scratch::new("interop").unwrap();
+    let server = server(&write(
+        &dir,
+        "server.toml",
+        &server_config("", &[("echo", "right-token")]),
+    ));
+    let client_toml = write(
+        &dir,
+        "rathole-client.toml",
+        &client_config(
+            control_addr(&server),
+            "",
+            &[("echo", "wrong-token", echo_service())],
+        ),
+    );
+    let rathole = ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(&client_toml)
+        .spawn()
+        .unwrap();
+    let line = server
+        .wait_stderr("wrong token for service echo", WAIT)
+        .unwrap();
+    assert!(
+        line.contains("connection refused peer=127.0.0.1:"),
+        "{line}"
+    );
+    rathole.wait_output("Incorrect token", WAIT).unwrap();
+    assert!(!server.stderr().contains("wrong-token"));
+}
