@@ -47,6 +47,9 @@ const MAX_WAITING: usize = 4096;
 const MAX_HANDSHAKES: usize = 1024;
 /// Messages queued from the control port to one service's task.
 const EVENT_QUEUE: usize = 256;
+/// How long writing `StartForwardTcp` on an idle data channel may take before the channel
+/// counts as broken; it is written from the service's task, which must not stall.
+const START_LIMIT: Duration = Duration::from_secs(1);
 
 /// A connection for a service's task, after its handshake.
 enum Event<S> {
@@ -504,10 +507,11 @@ impl<S: TunnelStream> ServiceTask<S> {
         sockopt::nodelay(&visitor, self.service.nodelay);
         tracing::debug!(service = %name, visitor = %peer, "visitor connected");
         self.waiting.push_back((visitor, peer, Instant::now()));
-        // Ask for a data channel to replace the one this visitor takes.
-        if self.command(ControlCmd::CreateDataChannel, 1).await {
-            self.pair().await;
-        }
+        // Start the visitor on an idle channel first, then ask for its replacement: the
+        // client sees `StartForwardTcp` before `CreateDataChannel`, so it connects the
+        // visitor's local connection before it dials the spare.
+        self.pair().await;
+        self.command(ControlCmd::CreateDataChannel, 1).await;
     }
 
     async fn event(&mut self, event: Event<S>) {
@@ -567,14 +571,19 @@ impl<S: TunnelStream> ServiceTask<S> {
         }
     }
 
-    /// Hands idle data channels to waiting visitors.
+    /// Hands idle data channels to waiting visitors: writes `StartForwardTcp` on the channel
+    /// (here, as rathole does: four bytes on a channel nothing was written to yet do not
+    /// wait for the peer) and leaves the forwarding to a task of its own.
     async fn pair(&mut self) {
         while !self.waiting.is_empty() {
-            let Some(channel) = self.idle.pop_front() else {
+            let Some(mut channel) = self.idle.pop_front() else {
                 return;
             };
-            if sockopt::is_closed(channel.tcp()) {
+            let started = !sockopt::is_closed(channel.tcp())
+                && start_forwarding(&mut channel, START_LIMIT.min(self.handshake_timeout)).await;
+            if !started {
                 // The client dropped it while it sat in the pool: ask for another.
+                tracing::debug!(service = %self.service.name, "stale data channel dropped");
                 if !self.command(ControlCmd::CreateDataChannel, 1).await {
                     return;
                 }
@@ -585,11 +594,10 @@ impl<S: TunnelStream> ServiceTask<S> {
             };
             let service = self.service.clone();
             let abort = self.abort.clone();
-            let write_timeout = self.handshake_timeout;
             self.tracker.spawn(async move {
                 tokio::select! {
                     _ = abort.cancelled() => {}
-                    () = carry(channel, visitor, peer, &service, write_timeout) => {}
+                    () = carry(channel, visitor, peer, &service) => {}
                 }
             });
         }
@@ -689,31 +697,24 @@ async fn session_event<S: TunnelStream>(session: &mut Option<Session<S>>) -> Ses
     }
 }
 
-/// Starts forwarding on a data channel and carries the visitor's bytes.
-async fn carry<S: TunnelStream>(
-    mut channel: S,
-    visitor: TcpStream,
-    peer: SocketAddr,
-    service: &ServerService,
-    write_timeout: Duration,
-) {
+/// Writes `StartForwardTcp` on an idle data channel; false if it broke or stalled.
+async fn start_forwarding<S: TunnelStream>(channel: &mut S, limit: Duration) -> bool {
     let start = async {
         channel
             .write_all(&DataCmd::StartForwardTcp.encode())
             .await?;
         channel.flush().await
     };
-    match timeout(write_timeout, start).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            tracing::warn!(service = %service.name, visitor = %peer, error = %err, "data channel broke before forwarding");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(service = %service.name, visitor = %peer, "data channel stalled before forwarding");
-            return;
-        }
-    }
+    matches!(timeout(limit, start).await, Ok(Ok(())))
+}
+
+/// Carries a visitor's bytes over a started data channel.
+async fn carry<S: TunnelStream>(
+    channel: S,
+    visitor: TcpStream,
+    peer: SocketAddr,
+    service: &ServerService,
+) {
     match forward::forward(channel, visitor).await {
         Ok(carried) => tracing::debug!(
             service = %service.name,
