@@ -28,6 +28,8 @@ A config is rathole 0.5's TOML: [server] with bind_addr and [server.services.NAM
 (bind_addr, token), or [client] with remote_addr and [client.services.NAME] tables
 (local_addr, token). Tokens may also come from token_file = \"PATH\", from default_token,
 or from the systemd credential named after the key (e.g. server.services.ssh.token).
+A server service with proxy_protocol = \"v1\" or \"v2\" sends its local service a PROXY
+protocol header with the visitor's address, through any client (rathole's too).
 Exit status: 0 ok, 64 usage, 66 config missing, 69 a port cannot be bound, 77 permission
 denied, 78 bad config.";
 

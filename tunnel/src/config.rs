@@ -7,9 +7,10 @@
 //! `default_token` (with the same three sources).
 //!
 //! labkit additions (all optional): `token_file`, `default_token_file`, `handshake_timeout`
-//! and `grace_period` (seconds), and the server's `heartbeat_timeout` (seconds a heartbeat
+//! and `grace_period` (seconds), the server's `heartbeat_timeout` (seconds a heartbeat
 //! may go unacknowledged before the client counts as dead; rathole's server has no such
-//! check). Parsed now but refused until the transports release:
+//! check), and a server service's `proxy_protocol = "v1" | "v2"` (rathole main's
+//! `enable_proxy_protocol = true` is read as v1). Parsed now but refused until the transports release:
 //! transports other than `tcp`, `type = "udp"` services and the client's `proxy`.
 
 use std::collections::BTreeMap;
@@ -22,6 +23,7 @@ use serde::Deserialize;
 
 use crate::error::Error;
 use crate::protocol::{self, Digest};
+use crate::proxy_protocol;
 
 const DEFAULT_HEARTBEAT_INTERVAL: u64 = 30;
 const DEFAULT_HEARTBEAT_TIMEOUT: u64 = 40;
@@ -64,6 +66,17 @@ struct ServerServiceToml {
     token: Option<Secret>,
     token_file: Option<PathBuf>,
     nodelay: Option<bool>,
+    proxy_protocol: Option<ProxyProtocolToml>,
+    /// rathole's unreleased main branch: `true` means v1.
+    enable_proxy_protocol: Option<bool>,
+}
+
+/// `proxy_protocol = "v1" | "v2"`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum ProxyProtocolToml {
+    V1,
+    V2,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,6 +219,8 @@ pub struct ServerService {
     pub token: Secret,
     /// TCP_NODELAY on this service's data channels and visitor connections.
     pub nodelay: bool,
+    /// The PROXY protocol header the local service gets first, if any.
+    pub proxy_protocol: Option<proxy_protocol::Version>,
 }
 
 /// A resolved `[server]` table.
@@ -377,6 +392,12 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
                 bind_addr: service.bind_addr,
                 token,
                 nodelay: service.nodelay.unwrap_or(transport.tcp.nodelay),
+                proxy_protocol: proxy_protocol_version(
+                    file,
+                    &key,
+                    service.proxy_protocol,
+                    service.enable_proxy_protocol,
+                )?,
             },
         );
     }
@@ -478,6 +499,26 @@ fn check_service_type(file: &ConfigFile, key: &str, kind: ServiceType) -> Result
         ServiceType::Udp => Err(file
             .invalid(format!("{key}.type"), format!("udp services {NOT_YET}"))
             .into()),
+    }
+}
+
+/// The header version from `proxy_protocol`, or from rathole main's `enable_proxy_protocol`.
+fn proxy_protocol_version(
+    file: &ConfigFile,
+    key: &str,
+    version: Option<ProxyProtocolToml>,
+    enable: Option<bool>,
+) -> Result<Option<proxy_protocol::Version>, ConfigError> {
+    match (version, enable) {
+        (Some(_), Some(_)) => Err(file.invalid(
+            format!("{key}.enable_proxy_protocol"),
+            "give proxy_protocol = \"v1\" or \"v2\", or enable_proxy_protocol, not both",
+        )),
+        (Some(ProxyProtocolToml::V1), None) | (None, Some(true)) => {
+            Ok(Some(proxy_protocol::Version::V1))
+        }
+        (Some(ProxyProtocolToml::V2), None) => Ok(Some(proxy_protocol::Version::V2)),
+        (None, Some(false) | None) => Ok(None),
     }
 }
 

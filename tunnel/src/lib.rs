@@ -1,7 +1,8 @@
 //! tunnel: NAT traversal, server and client, wire- and config-compatible with rathole 0.5.
 //!
 //! The public host runs a [`server::Server`], the home host a [`client::Client`]. Modules:
-//! [`config`] reads rathole's TOML, [`protocol`] its messages, [`transport`] makes the
+//! [`config`] reads rathole's TOML, [`protocol`] its messages, [`proxy_protocol`] the
+//! headers that tell local services a visitor's address, [`transport`] makes the
 //! tunnel's connections, [`forward`] carries visitor bytes, [`daemon`] runs either side with
 //! reloads and graceful shutdown, [`watch`] sees config saves, [`cli`] is the command line.
 
@@ -12,6 +13,7 @@ pub mod daemon;
 pub mod error;
 pub mod forward;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod server;
 pub mod sockopt;
 pub mod transport;

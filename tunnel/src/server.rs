@@ -34,6 +34,7 @@ use crate::config::{ServerService, ServerSettings};
 use crate::error::Error;
 use crate::forward;
 use crate::protocol::{self, Ack, ControlCmd, DataCmd, Digest, Hello, SessionKey};
+use crate::proxy_protocol;
 use crate::sockopt;
 use crate::transport::{Transport, TunnelStream};
 
@@ -571,16 +572,35 @@ impl<S: TunnelStream> ServiceTask<S> {
         }
     }
 
-    /// Hands idle data channels to waiting visitors: writes `StartForwardTcp` on the channel
-    /// (here, as rathole does: four bytes on a channel nothing was written to yet do not
-    /// wait for the peer) and leaves the forwarding to a task of its own.
+    /// Hands idle data channels to waiting visitors: writes `StartForwardTcp` on the channel,
+    /// followed by the PROXY protocol header if the service wants one (here, as rathole
+    /// does: a few bytes on a channel nothing was written to yet do not wait for the peer),
+    /// and leaves the forwarding to a task of its own.
     async fn pair(&mut self) {
-        while !self.waiting.is_empty() {
+        while let Some((visitor, peer, _)) = self.waiting.front() {
+            if self.idle.is_empty() {
+                return;
+            }
+            let header = match self.service.proxy_protocol {
+                None => None,
+                Some(version) => match visitor.local_addr() {
+                    Ok(local) => Some(proxy_protocol::encode(version, *peer, local)),
+                    Err(err) => {
+                        tracing::debug!(service = %self.service.name, visitor = %peer, error = %err, "visitor gone before forwarding");
+                        self.waiting.pop_front();
+                        continue;
+                    }
+                },
+            };
             let Some(mut channel) = self.idle.pop_front() else {
                 return;
             };
+            let header = header
+                .as_ref()
+                .map_or(&[][..], proxy_protocol::Header::as_bytes);
+            let limit = START_LIMIT.min(self.handshake_timeout);
             let started = !sockopt::is_closed(channel.tcp())
-                && start_forwarding(&mut channel, START_LIMIT.min(self.handshake_timeout)).await;
+                && start_forwarding(&mut channel, header, limit).await;
             if !started {
                 // The client dropped it while it sat in the pool: ask for another.
                 tracing::debug!(service = %self.service.name, "stale data channel dropped");
@@ -697,12 +717,19 @@ async fn session_event<S: TunnelStream>(session: &mut Option<Session<S>>) -> Ses
     }
 }
 
-/// Writes `StartForwardTcp` on an idle data channel; false if it broke or stalled.
-async fn start_forwarding<S: TunnelStream>(channel: &mut S, limit: Duration) -> bool {
+/// Writes `StartForwardTcp` and then `header` on an idle data channel, in one write; false if
+/// it broke or stalled.
+async fn start_forwarding<S: TunnelStream>(
+    channel: &mut S,
+    header: &[u8],
+    limit: Duration,
+) -> bool {
+    let mut start = [0u8; protocol::TAG_LEN + proxy_protocol::MAX_LEN];
+    start[..protocol::TAG_LEN].copy_from_slice(&DataCmd::StartForwardTcp.encode());
+    let len = protocol::TAG_LEN + header.len();
+    start[protocol::TAG_LEN..len].copy_from_slice(header);
     let start = async {
-        channel
-            .write_all(&DataCmd::StartForwardTcp.encode())
-            .await?;
+        channel.write_all(&start[..len]).await?;
         channel.flush().await
     };
     matches!(timeout(limit, start).await, Ok(Ok(())))
