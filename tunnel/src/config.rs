@@ -10,7 +10,7 @@
 //! and `grace_period` (seconds), the server's `heartbeat_timeout` (seconds a heartbeat
 //! may go unacknowledged before the client counts as dead; rathole's server has no such
 //! check), and a server service's `proxy_protocol = "v1" | "v2"` (rathole main's
-//! `enable_proxy_protocol = true` is read as v1). Parsed now but refused until the transports release:
+//! `enable_proxy_protocol = true` is read as v1) and `max_connections`. Parsed now but refused until the transports release:
 //! transports other than `tcp`, `type = "udp"` services and the client's `proxy`.
 
 use std::collections::BTreeMap;
@@ -69,6 +69,7 @@ struct ServerServiceToml {
     proxy_protocol: Option<ProxyProtocolToml>,
     /// rathole's unreleased main branch: `true` means v1.
     enable_proxy_protocol: Option<bool>,
+    max_connections: Option<usize>,
 }
 
 /// `proxy_protocol = "v1" | "v2"`.
@@ -221,6 +222,8 @@ pub struct ServerService {
     pub nodelay: bool,
     /// The PROXY protocol header the local service gets first, if any.
     pub proxy_protocol: Option<proxy_protocol::Version>,
+    /// Visitor connections open at once, at most; more are closed on arrival.
+    pub max_connections: Option<usize>,
 }
 
 /// A resolved `[server]` table.
@@ -398,6 +401,17 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
                     service.proxy_protocol,
                     service.enable_proxy_protocol,
                 )?,
+                max_connections: match service.max_connections {
+                    Some(0) => {
+                        return Err(file
+                            .invalid(
+                                format!("{key}.max_connections"),
+                                "must be at least 1 (leave it out for no limit)",
+                            )
+                            .into());
+                    }
+                    max => max,
+                },
             },
         );
     }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
@@ -224,6 +224,9 @@ impl<T: Transport> Server<T> {
             session: None,
             idle: VecDeque::new(),
             waiting: VecDeque::new(),
+            slots: service
+                .max_connections
+                .map(|max| Arc::new(Semaphore::new(max))),
         };
         let task = tokio::spawn(task.run());
         self.services.insert(
@@ -458,7 +461,18 @@ struct ServiceTask<S> {
     tracker: TaskTracker,
     session: Option<Session<S>>,
     idle: VecDeque<S>,
-    waiting: VecDeque<(TcpStream, SocketAddr, Instant)>,
+    waiting: VecDeque<Waiting>,
+    /// Visitor connections the service may still take (`max_connections`), if limited.
+    slots: Option<Arc<Semaphore>>,
+}
+
+/// A visitor waiting for a data channel.
+struct Waiting {
+    visitor: TcpStream,
+    peer: SocketAddr,
+    since: Instant,
+    /// Held until the connection ends.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<S: TunnelStream> ServiceTask<S> {
@@ -467,7 +481,7 @@ impl<S: TunnelStream> ServiceTask<S> {
             let expiry = self
                 .waiting
                 .front()
-                .map(|(_, _, since)| *since + self.handshake_timeout);
+                .map(|w| w.since + self.handshake_timeout);
             tokio::select! {
                 _ = self.stop.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
@@ -505,9 +519,24 @@ impl<S: TunnelStream> ServiceTask<S> {
             tracing::warn!(service = %name, visitor = %peer, "too many visitors waiting: visitor closed");
             return;
         }
+        let slot = match &self.slots {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    tracing::warn!(service = %name, visitor = %peer, max_connections = self.service.max_connections.unwrap_or_default(), "connection limit reached: visitor closed");
+                    return;
+                }
+            },
+        };
         sockopt::nodelay(&visitor, self.service.nodelay);
         tracing::debug!(service = %name, visitor = %peer, "visitor connected");
-        self.waiting.push_back((visitor, peer, Instant::now()));
+        self.waiting.push_back(Waiting {
+            visitor,
+            peer,
+            since: Instant::now(),
+            slot,
+        });
         // Start the visitor on an idle channel first, then ask for its replacement: the
         // client sees `StartForwardTcp` before `CreateDataChannel`, so it connects the
         // visitor's local connection before it dials the spare.
@@ -577,7 +606,7 @@ impl<S: TunnelStream> ServiceTask<S> {
     /// does: a few bytes on a channel nothing was written to yet do not wait for the peer),
     /// and leaves the forwarding to a task of its own.
     async fn pair(&mut self) {
-        while let Some((visitor, peer, _)) = self.waiting.front() {
+        while let Some(Waiting { visitor, peer, .. }) = self.waiting.front() {
             if self.idle.is_empty() {
                 return;
             }
@@ -609,12 +638,19 @@ impl<S: TunnelStream> ServiceTask<S> {
                 }
                 continue;
             }
-            let Some((visitor, peer, _)) = self.waiting.pop_front() else {
+            let Some(Waiting {
+                visitor,
+                peer,
+                slot,
+                ..
+            }) = self.waiting.pop_front()
+            else {
                 return;
             };
             let service = self.service.clone();
             let abort = self.abort.clone();
             self.tracker.spawn(async move {
+                let _slot = slot;
                 tokio::select! {
                     _ = abort.cancelled() => {}
                     () = carry(channel, visitor, peer, &service) => {}
@@ -675,7 +711,7 @@ impl<S: TunnelStream> ServiceTask<S> {
 
     fn expire_waiting(&mut self) {
         let now = Instant::now();
-        while let Some((_, peer, since)) = self.waiting.front() {
+        while let Some(Waiting { peer, since, .. }) = self.waiting.front() {
             if *since + self.handshake_timeout > now {
                 break;
             }

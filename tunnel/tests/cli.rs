@@ -67,6 +67,21 @@ fn bad_configs_and_arguments_exit_with_distinct_codes_naming_the_culprit() {
     let err = finished(&["server", "-c", noise.to_str().unwrap()], 78).stderr();
     assert!(err.contains("not supported"), "{err}");
 
+    // A limit of no connections: 78, naming the key.
+    let zero = write(
+        &dir,
+        "zero.toml",
+        &format!(
+            "{}max_connections = 0\n",
+            server_config("", &[("echo", "t")])
+        ),
+    );
+    let err = finished(&["check", "-c", zero.to_str().unwrap()], 78).stderr();
+    assert!(
+        err.contains("server.services.echo.max_connections"),
+        "{err}"
+    );
+
     // The wrong side for the file: 78.
     let client_only = write(
         &dir,

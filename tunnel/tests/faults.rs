@@ -259,3 +259,59 @@ fn a_refused_local_service_closes_the_visitor_and_the_tunnel_stays_up() {
     echo_through(service_addr(&server, "echo"), &payload(100_000));
     assert!(client.try_status().is_none() && server.try_status().is_none());
 }
+
+#[test]
+fn visitors_past_max_connections_are_closed_at_once_and_a_freed_slot_is_reused() {
+    let dir = Scratch::new("faults").unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &format!(
+            "{}max_connections = 2\n",
+            server_config("", &[("echo", TOKEN)])
+        ),
+    );
+    let server = server(&server_toml);
+    let client_toml = write(
+        &dir,
+        "client.toml",
+        &client_config(
+            control_addr(&server),
+            "",
+            &[("echo", TOKEN, echo_service())],
+        ),
+    );
+    let _client = client(&client_toml);
+    let echo = service_addr(&server, "echo");
+    let held = |message: &[u8]| {
+        let mut visitor = visit(echo);
+        visitor.write_all(message).unwrap();
+        let mut back = vec![0u8; message.len()];
+        visitor.read_exact(&mut back).unwrap();
+        assert_eq!(back, message);
+        visitor
+    };
+    let first = held(b"one");
+    let _second = held(b"two");
+    let mut third = visit(echo);
+    let start = Instant::now();
+    assert!(closed_by_peer(&mut third, Duration::from_secs(5)));
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    let line = server
+        .wait_stderr("connection limit reached", WAIT)
+        .unwrap();
+    let third_addr = third.local_addr().unwrap();
+    assert!(line.contains(&format!("visitor={third_addr}")), "{line}");
+    assert!(line.contains("max_connections=2"), "{line}");
+
+    // The first visitor leaves; once its connection is done, its slot takes a new one.
+    drop(first);
+    server
+        .wait_stderr("visitor connection finished service=echo", WAIT)
+        .unwrap();
+    let _fourth = held(b"four");
+}
