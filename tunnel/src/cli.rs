@@ -30,7 +30,8 @@ A config is rathole 0.5's TOML: [server] with bind_addr and [server.services.NAM
 or from the systemd credential named after the key (e.g. server.services.ssh.token).
 A server service with proxy_protocol = \"v1\" or \"v2\" sends its local service a PROXY
 protocol header with the visitor's address, through any client (rathole's too), and
-max_connections = N closes visitors past N open connections on arrival.
+max_connections = N closes visitors past N open connections on arrival. metrics_addr =
+\"127.0.0.1:9090\" in [server] or [client] serves Prometheus metrics at /metrics.
 Exit status: 0 ok, 64 usage, 66 config missing, 69 a port cannot be bound, 77 permission
 denied, 78 bad config.";
 

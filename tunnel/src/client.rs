@@ -13,6 +13,7 @@
 //! [`Readiness`] set tells the daemon when every control channel it waits for is open.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ClientService, ClientSettings};
 use crate::error::Error;
 use crate::forward;
+use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
 use crate::protocol::{self, Ack, ControlCmd, DataCmd, Hello, SessionKey};
 use crate::sockopt;
 use crate::transport::{Transport, TunnelStream};
@@ -93,6 +95,8 @@ struct ServiceContext<T> {
     abort: CancellationToken,
     tracker: TaskTracker,
     readiness: Arc<Readiness>,
+    metrics: Arc<ServiceMetrics>,
+    all_metrics: Arc<Metrics>,
 }
 
 struct ServiceHandle {
@@ -110,12 +114,19 @@ pub struct Client<T: Transport> {
     abort: CancellationToken,
     tracker: TaskTracker,
     readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    endpoint: Option<Endpoint>,
 }
 
 impl<T: Transport> Client<T> {
-    /// Starts a control channel per service.
-    pub fn start(settings: ClientSettings) -> Result<Client<T>, Error> {
+    /// Starts the metrics endpoint if configured, and a control channel per service.
+    pub async fn start(settings: ClientSettings) -> Result<Client<T>, Error> {
         let transport = Arc::new(T::new(&settings.transport)?);
+        let metrics = Arc::new(Metrics::default());
+        let endpoint = match &settings.metrics_addr {
+            Some(addr) => Some(Endpoint::start(addr, metrics.clone()).await?),
+            None => None,
+        };
         let mut client = Client {
             settings: settings.clone(),
             transport,
@@ -123,6 +134,8 @@ impl<T: Transport> Client<T> {
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
             readiness: Arc::new(Readiness::default()),
+            metrics,
+            endpoint,
         };
         for service in settings.services.into_values() {
             client.start_service(service);
@@ -150,6 +163,8 @@ impl<T: Transport> Client<T> {
             abort: abort.clone(),
             tracker: self.tracker.clone(),
             readiness: self.readiness.clone(),
+            metrics: self.metrics.service(&service.name),
+            all_metrics: self.metrics.clone(),
         });
         let task = tokio::spawn(run_service(context));
         self.services.insert(
@@ -180,15 +195,19 @@ impl<T: Transport> Client<T> {
         let general_changed = self.settings.remote_addr != new.remote_addr
             || self.settings.transport != new.transport
             || self.settings.heartbeat_timeout != new.heartbeat_timeout
-            || self.settings.handshake_timeout != new.handshake_timeout;
+            || self.settings.handshake_timeout != new.handshake_timeout
+            || self.settings.metrics_addr != new.metrics_addr;
         if general_changed {
             tracing::warn!("settings outside [client.services] changed: restarting everything");
             let names: Vec<String> = self.services.keys().cloned().collect();
             for name in names {
                 self.stop_service(&name).await;
             }
+            if let Some(endpoint) = self.endpoint.take() {
+                endpoint.stop().await;
+            }
             let readiness = self.readiness.clone();
-            *self = Client::start(new)?;
+            *self = Client::start(new).await?;
             // Whoever waits on the old readiness set learns about the new services too.
             readiness.expect(self.readiness.pending());
             self.readiness = readiness;
@@ -199,6 +218,9 @@ impl<T: Transport> Client<T> {
         for name in names {
             if new.services.get(&name) != Some(&*self.services[&name].service) {
                 self.stop_service(&name).await;
+                if !new.services.contains_key(&name) {
+                    self.metrics.forget(&name);
+                }
             }
         }
         for (name, service) in &new.services {
@@ -232,6 +254,9 @@ impl<T: Transport> Client<T> {
             self.abort.cancel();
             self.tracker.wait().await;
         }
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.stop().await;
+        }
     }
 }
 
@@ -264,6 +289,7 @@ impl Backoff {
 async fn run_service<T: Transport>(context: Arc<ServiceContext<T>>) {
     let service = &context.service;
     let mut backoff = Backoff::new(service.retry_interval);
+    let mut opened_before = false;
     loop {
         let opened = tokio::select! {
             _ = context.stop.cancelled() => return,
@@ -271,28 +297,44 @@ async fn run_service<T: Transport>(context: Arc<ServiceContext<T>>) {
         };
         match opened {
             Ok(Ok((control, key))) => {
-                tracing::info!(service = %service.name, server = %context.remote_addr, "control channel open");
                 context.readiness.up(&service.name);
                 backoff.reset();
-                match serve_control(&context, control, key).await {
+                if std::mem::replace(&mut opened_before, true) {
+                    context.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                context.metrics.control_open.store(1, Ordering::Relaxed);
+                tracing::info!(service = %service.name, server = %context.remote_addr, "control channel open");
+                let ended = serve_control(&context, control, key).await;
+                context.metrics.control_open.store(0, Ordering::Relaxed);
+                match ended {
                     None => return,
                     Some(reason) => {
                         tracing::warn!(service = %service.name, %reason, "control channel lost: reconnecting")
                     }
                 }
             }
-            Ok(Err(err)) => tracing::error!(
-                service = %service.name,
-                server = %context.remote_addr,
-                reason = %labcore::exit::chain(&err),
-                "could not open the control channel"
-            ),
-            Err(_) => tracing::error!(
-                service = %service.name,
-                server = %context.remote_addr,
-                reason = %Error::Timeout { what: "the handshake", after: context.handshake_timeout },
-                "could not open the control channel"
-            ),
+            Ok(Err(err)) => {
+                context.all_metrics.handshake_failed(&err);
+                tracing::error!(
+                    service = %service.name,
+                    server = %context.remote_addr,
+                    reason = %labcore::exit::chain(&err),
+                    "could not open the control channel"
+                )
+            }
+            Err(_) => {
+                let err = Error::Timeout {
+                    what: "the handshake",
+                    after: context.handshake_timeout,
+                };
+                context.all_metrics.handshake_failed(&err);
+                tracing::error!(
+                    service = %service.name,
+                    server = %context.remote_addr,
+                    reason = %err,
+                    "could not open the control channel"
+                )
+            }
         }
         let pause = backoff.next();
         tracing::debug!(service = %service.name, retry_in_ms = pause.as_millis() as u64, "reconnecting");
@@ -432,18 +474,26 @@ async fn data_channel<T: Transport>(
     {
         Ok(Ok(local)) => local,
         Ok(Err(err)) => {
+            context.metrics.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %service.name, local_addr = %service.local_addr, error = %err, "local service unreachable: visitor closed");
             return;
         }
         Err(_) => {
+            context.metrics.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %service.name, local_addr = %service.local_addr, "connecting to the local service timed out: visitor closed");
             return;
         }
     };
     sockopt::nodelay(&local, service.nodelay);
+    let _open = context.metrics.connection();
+    // The service is the local socket here.
+    let meter = forward::Meter {
+        inbound: &context.metrics.to_service,
+        outbound: &context.metrics.to_visitor,
+    };
     tokio::select! {
         _ = context.abort.cancelled() => {}
-        carried = forward::forward(channel, local) => match carried {
+        carried = forward::forward(channel, local, meter) => match carried {
             Ok(carried) => tracing::debug!(
                 service = %service.name,
                 to_local = carried.inbound,

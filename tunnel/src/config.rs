@@ -10,7 +10,8 @@
 //! and `grace_period` (seconds), the server's `heartbeat_timeout` (seconds a heartbeat
 //! may go unacknowledged before the client counts as dead; rathole's server has no such
 //! check), and a server service's `proxy_protocol = "v1" | "v2"` (rathole main's
-//! `enable_proxy_protocol = true` is read as v1) and `max_connections`. Parsed now but refused until the transports release:
+//! `enable_proxy_protocol = true` is read as v1) and `max_connections`, and either side's
+//! `metrics_addr` (a Prometheus endpoint). Parsed now but refused until the transports release:
 //! transports other than `tcp`, `type = "udp"` services and the client's `proxy`.
 
 use std::collections::BTreeMap;
@@ -55,6 +56,7 @@ struct ServerToml {
     heartbeat_timeout: Option<u64>,
     handshake_timeout: Option<u64>,
     grace_period: Option<u64>,
+    metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +96,7 @@ struct ClientToml {
     retry_interval: Option<u64>,
     handshake_timeout: Option<u64>,
     grace_period: Option<u64>,
+    metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,6 +247,8 @@ pub struct ServerSettings {
     pub transport: TransportSettings,
     /// Services by name.
     pub services: BTreeMap<String, ServerService>,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub metrics_addr: Option<String>,
 }
 
 /// One service the client forwards to.
@@ -276,6 +281,8 @@ pub struct ClientSettings {
     pub transport: TransportSettings,
     /// Services by name.
     pub services: BTreeMap<String, ClientService>,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub metrics_addr: Option<String>,
 }
 
 /// Which side a config is run as.
@@ -425,6 +432,7 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
         grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
         transport,
         services,
+        metrics_addr: metrics_addr(file, "server.metrics_addr", raw.metrics_addr)?,
     })
 }
 
@@ -472,7 +480,19 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
         grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
         transport,
         services,
+        metrics_addr: metrics_addr(file, "client.metrics_addr", raw.metrics_addr)?,
     })
+}
+
+fn metrics_addr(
+    file: &ConfigFile,
+    key: &str,
+    addr: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(addr) = &addr {
+        check_addr(file, key, addr)?;
+    }
+    Ok(addr)
 }
 
 fn resolve_transport(

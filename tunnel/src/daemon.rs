@@ -102,7 +102,7 @@ impl<T: Transport> Node for Client<T> {
     const MODE: Mode = Mode::Client;
 
     async fn start(settings: ClientSettings) -> Result<Self, Error> {
-        Client::start(settings)
+        Client::start(settings).await
     }
 
     async fn apply(&mut self, settings: ClientSettings) -> Result<(), Error> {

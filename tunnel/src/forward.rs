@@ -9,6 +9,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::Interest;
@@ -31,23 +32,44 @@ pub struct Carried {
     pub outbound: u64,
 }
 
+/// Counters the bytes of each direction are added to as they move (for metrics).
+#[derive(Clone, Copy)]
+pub struct Meter<'a> {
+    /// Bytes from the tunnel to the local socket.
+    pub inbound: &'a AtomicU64,
+    /// Bytes from the local socket to the tunnel.
+    pub outbound: &'a AtomicU64,
+}
+
 /// Carries bytes both ways until both sides have finished or one fails.
-pub async fn forward<S: TunnelStream>(mut tunnel: S, mut local: TcpStream) -> io::Result<Carried> {
+pub async fn forward<S: TunnelStream>(
+    mut tunnel: S,
+    mut local: TcpStream,
+    meter: Meter<'_>,
+) -> io::Result<Carried> {
     if let Some(tcp) = tunnel.plain_tcp() {
-        return splice_both(tcp, &local).await;
+        return splice_both(tcp, &local, meter).await;
     }
+    // Copied bytes are counted when the connection ends; encrypted transports that want live
+    // counts wrap their stream.
     let (inbound, outbound) =
         tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut local, COPY_BUFFER, COPY_BUFFER)
             .await?;
+    meter.inbound.fetch_add(inbound, Ordering::Relaxed);
+    meter.outbound.fetch_add(outbound, Ordering::Relaxed);
     Ok(Carried { inbound, outbound })
 }
 
-async fn splice_both(tunnel: &TcpStream, local: &TcpStream) -> io::Result<Carried> {
+async fn splice_both(
+    tunnel: &TcpStream,
+    local: &TcpStream,
+    meter: Meter<'_>,
+) -> io::Result<Carried> {
     let inbound_pipe = Pipe::new()?;
     let outbound_pipe = Pipe::new()?;
     let (inbound, outbound) = tokio::try_join!(
-        splice_one(tunnel, local, &inbound_pipe),
-        splice_one(local, tunnel, &outbound_pipe),
+        splice_one(tunnel, local, &inbound_pipe, meter.inbound),
+        splice_one(local, tunnel, &outbound_pipe, meter.outbound),
     )?;
     Ok(Carried { inbound, outbound })
 }
@@ -75,8 +97,14 @@ impl Pipe {
     }
 }
 
-/// Moves bytes `from` → pipe → `to` until `from` ends, then half-closes `to`.
-async fn splice_one(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<u64> {
+/// Moves bytes `from` → pipe → `to` until `from` ends, then half-closes `to`; adds each
+/// chunk to `counter` once it is written.
+async fn splice_one(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    counter: &AtomicU64,
+) -> io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
     loop {
@@ -106,6 +134,7 @@ async fn splice_one(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result
             }
         }
         total += filled as u64;
+        counter.fetch_add(filled as u64, Ordering::Relaxed);
     }
 }
 
@@ -127,7 +156,10 @@ mod tests {
     async fn splice_carries_bytes_both_ways_in_order_and_half_closes() {
         let (mut visitor, tunnel) = pair().await;
         let (local, mut service) = pair().await;
-        let task = tokio::spawn(forward(tunnel, local));
+        let inbound: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let outbound: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let meter = Meter { inbound, outbound };
+        let task = tokio::spawn(forward(tunnel, local, meter));
         let sent: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let writer = {
             let sent = sent.clone();
@@ -148,5 +180,7 @@ mod tests {
         let carried = task.await.unwrap().unwrap();
         assert_eq!(carried.inbound, sent.len() as u64);
         assert_eq!(carried.outbound, 5);
+        assert_eq!(inbound.load(Ordering::Relaxed), sent.len() as u64);
+        assert_eq!(outbound.load(Ordering::Relaxed), 5);
     }
 }

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ServerService, ServerSettings};
 use crate::error::Error;
 use crate::forward;
+use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
 use crate::protocol::{self, Ack, ControlCmd, DataCmd, Digest, Hello, SessionKey};
 use crate::proxy_protocol;
 use crate::sockopt;
@@ -146,6 +148,8 @@ pub struct Server<T: Transport> {
     control_task: JoinHandle<()>,
     abort: CancellationToken,
     tracker: TaskTracker,
+    metrics: Arc<Metrics>,
+    endpoint: Option<Endpoint>,
 }
 
 impl<T: Transport> Server<T> {
@@ -154,6 +158,11 @@ impl<T: Transport> Server<T> {
         let transport = Arc::new(T::new(&settings.transport)?);
         let registry = Arc::new(Registry::new());
         let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        let endpoint = match &settings.metrics_addr {
+            Some(addr) => Some(Endpoint::start(addr, metrics.clone()).await?),
+            None => None,
+        };
         let listener = transport.bind(&settings.bind_addr).await?;
         let control_addr = T::local_addr(&listener)?;
         tracing::info!(addr = %control_addr, "control port listening");
@@ -165,6 +174,7 @@ impl<T: Transport> Server<T> {
             tracker.clone(),
             control_stop.clone(),
             settings.handshake_timeout,
+            metrics.clone(),
         ));
         let mut server = Server {
             settings: settings.clone(),
@@ -175,6 +185,8 @@ impl<T: Transport> Server<T> {
             control_task,
             abort: CancellationToken::new(),
             tracker,
+            metrics,
+            endpoint,
         };
         for service in settings.services.values() {
             if let Err(err) = server.start_service(service.clone()).await {
@@ -221,6 +233,8 @@ impl<T: Transport> Server<T> {
             stop: stop.clone(),
             abort: abort.clone(),
             tracker: self.tracker.clone(),
+            metrics: self.metrics.service(&service.name),
+            reconnected: false,
             session: None,
             idle: VecDeque::new(),
             waiting: VecDeque::new(),
@@ -261,7 +275,8 @@ impl<T: Transport> Server<T> {
             || self.settings.transport != new.transport
             || self.settings.heartbeat_interval != new.heartbeat_interval
             || self.settings.heartbeat_timeout != new.heartbeat_timeout
-            || self.settings.handshake_timeout != new.handshake_timeout;
+            || self.settings.handshake_timeout != new.handshake_timeout
+            || self.settings.metrics_addr != new.metrics_addr;
         if general_changed {
             tracing::warn!("settings outside [server.services] changed: restarting everything");
             self.stop_all().await;
@@ -273,6 +288,9 @@ impl<T: Transport> Server<T> {
         for name in names {
             if new.services.get(&name) != Some(&*self.services[&name].service) {
                 self.stop_service(&name).await;
+                if !new.services.contains_key(&name) {
+                    self.metrics.forget(&name);
+                }
             }
         }
         for (name, service) in &new.services {
@@ -297,6 +315,9 @@ impl<T: Transport> Server<T> {
         self.abort.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.stop().await;
+        }
     }
 
     /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
@@ -325,6 +346,9 @@ impl<T: Transport> Server<T> {
             self.abort.cancel();
             self.tracker.wait().await;
         }
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.stop().await;
+        }
     }
 
     /// The grace period from the config.
@@ -341,6 +365,7 @@ async fn accept_clients<T: Transport>(
     tracker: TaskTracker,
     stop: CancellationToken,
     handshake_timeout: Duration,
+    metrics: Arc<Metrics>,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
@@ -363,20 +388,20 @@ async fn accept_clients<T: Transport>(
         };
         let transport = transport.clone();
         let registry = registry.clone();
+        let metrics = metrics.clone();
         tracker.spawn(async move {
             let _permit = permit;
             let handshake = handshake(&*transport, tcp, peer, &registry);
-            match timeout(handshake_timeout, handshake).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
-                    tracing::warn!(%peer, reason = %labcore::exit::chain(&err), "connection refused")
-                }
-                Err(_) => tracing::warn!(
-                    %peer,
-                    reason = %Error::Timeout { what: "the handshake", after: handshake_timeout },
-                    "connection refused"
-                ),
-            }
+            let failed = match timeout(handshake_timeout, handshake).await {
+                Ok(Ok(())) => return,
+                Ok(Err(err)) => err,
+                Err(_) => Error::Timeout {
+                    what: "the handshake",
+                    after: handshake_timeout,
+                },
+            };
+            metrics.handshake_failed(&failed);
+            tracing::warn!(%peer, reason = %labcore::exit::chain(&failed), "connection refused");
         });
     }
 }
@@ -459,6 +484,9 @@ struct ServiceTask<S> {
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
+    metrics: Arc<ServiceMetrics>,
+    /// Whether a control channel was open before (the next one is a reconnect).
+    reconnected: bool,
     session: Option<Session<S>>,
     idle: VecDeque<S>,
     waiting: VecDeque<Waiting>,
@@ -512,10 +540,12 @@ impl<S: TunnelStream> ServiceTask<S> {
     async fn visitor(&mut self, visitor: TcpStream, peer: SocketAddr) {
         let name = &self.service.name;
         if self.session.is_none() {
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(service = %name, visitor = %peer, "no client serves this service: visitor closed");
             return;
         }
         if self.waiting.len() >= MAX_WAITING {
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %name, visitor = %peer, "too many visitors waiting: visitor closed");
             return;
         }
@@ -524,6 +554,7 @@ impl<S: TunnelStream> ServiceTask<S> {
             Some(slots) => match slots.clone().try_acquire_owned() {
                 Ok(slot) => Some(slot),
                 Err(_) => {
+                    self.metrics.refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(service = %name, visitor = %peer, max_connections = self.service.max_connections.unwrap_or_default(), "connection limit reached: visitor closed");
                     return;
                 }
@@ -571,6 +602,10 @@ impl<S: TunnelStream> ServiceTask<S> {
                 if let (Some(limit), Some(_)) = (self.dead_after, self.heartbeat) {
                     sockopt::user_timeout(stream.tcp(), limit);
                 }
+                if std::mem::replace(&mut self.reconnected, true) {
+                    self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                self.metrics.control_open.store(1, Ordering::Relaxed);
                 tracing::info!(service = %self.service.name, client = %peer, "control channel open");
                 let heartbeat = self.heartbeat.map(|period| {
                     let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
@@ -649,11 +684,13 @@ impl<S: TunnelStream> ServiceTask<S> {
             };
             let service = self.service.clone();
             let abort = self.abort.clone();
+            let metrics = self.metrics.clone();
             self.tracker.spawn(async move {
                 let _slot = slot;
+                let _open = metrics.connection();
                 tokio::select! {
                     _ = abort.cancelled() => {}
-                    () = carry(channel, visitor, peer, &service) => {}
+                    () = carry(channel, visitor, peer, &service, &metrics) => {}
                 }
             });
         }
@@ -702,8 +739,11 @@ impl<S: TunnelStream> ServiceTask<S> {
             return;
         };
         tracing::warn!(service = %self.service.name, client = %session.peer, reason, "control channel closed");
+        self.metrics.control_open.store(0, Ordering::Relaxed);
         self.idle.clear();
         if !self.waiting.is_empty() {
+            let closed = self.waiting.len() as u64;
+            self.metrics.refused.fetch_add(closed, Ordering::Relaxed);
             tracing::info!(service = %self.service.name, visitors = self.waiting.len(), "waiting visitors closed");
             self.waiting.clear();
         }
@@ -717,6 +757,7 @@ impl<S: TunnelStream> ServiceTask<S> {
             }
             tracing::warn!(service = %self.service.name, visitor = %peer, "no data channel from the client in time: visitor closed");
             self.waiting.pop_front();
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -777,8 +818,14 @@ async fn carry<S: TunnelStream>(
     visitor: TcpStream,
     peer: SocketAddr,
     service: &ServerService,
+    metrics: &ServiceMetrics,
 ) {
-    match forward::forward(channel, visitor).await {
+    // The visitor is the local socket here.
+    let meter = forward::Meter {
+        inbound: &metrics.to_visitor,
+        outbound: &metrics.to_service,
+    };
+    match forward::forward(channel, visitor, meter).await {
         Ok(carried) => tracing::debug!(
             service = %service.name,
             visitor = %peer,

@@ -128,20 +128,6 @@ fn a_public_visitor_reaches_all_four_home_services_through_the_nat() {
     assert!(line.contains(&format!("client={router}:")), "{line}");
 }
 
-/// Waits until `needle` appears `count` times in the process's stderr.
-fn wait_count(proc: &Proc, needle: &str, count: usize) {
-    let deadline = Instant::now() + WAIT;
-    while proc.stderr().matches(needle).count() < count {
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not seen {count} times: {}",
-            proc.stderr()
-        );
-        // Polled: a count of log lines has no single event to wait on.
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_peer_cut_off_without_a_fin_is_found_dead_by_heartbeat_on_both_sides() {
     let nat = Nat::new().unwrap();

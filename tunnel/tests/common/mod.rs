@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use testkit::{Proc, ProcBuilder, Scratch};
 
@@ -202,4 +202,18 @@ pub fn client_config(
 /// rathole 0.5.0, installed by scripts/test.
 pub fn rathole() -> PathBuf {
     testkit::proc::which("rathole").expect("rathole not installed: run scripts/test")
+}
+
+/// Waits until `needle` appears `count` times in the process's stderr.
+pub fn wait_count(proc: &Proc, needle: &str, count: usize) {
+    let deadline = Instant::now() + WAIT;
+    while proc.stderr().matches(needle).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not seen {count} times: {}",
+            proc.stderr()
+        );
+        // Polled: a count of log lines has no single event to wait on.
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
