@@ -9,6 +9,7 @@ use labcore::log::LogArgs;
 
 use crate::config::{self, Mode, Settings};
 use crate::error::Error;
+use crate::keys::KeyPair;
 
 const EXAMPLES: &str = "\
 EXAMPLES:
@@ -20,6 +21,9 @@ EXAMPLES:
 
   Check a config (rathole's format runs unchanged) without starting anything:
     tunnel check -c server.toml
+
+  Make a Noise key pair (the server keeps the private key, clients get the public one):
+    tunnel genkey
 
   Reload after editing the config (saving the file reloads too):
     systemctl reload tunnel   # sends SIGHUP
@@ -66,11 +70,17 @@ pub enum Command {
     Client,
     /// Check the config, print what it sets up, and exit
     Check,
+    /// Print a new Noise key pair (x25519, base64), as rathole --genkey does
+    Genkey,
 }
 
 /// Runs the command line.
 pub fn run(cli: Cli) -> Result<(), Error> {
     labcore::log::init(&cli.log)?;
+    if let Some(Command::Genkey) = cli.command {
+        print!("{}", KeyPair::generate()?.render());
+        return Ok(());
+    }
     let env = Env::from_process();
     let Some(path) = cli.config.as_deref() else {
         return Err(Error::Usage(
@@ -79,6 +89,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     };
     let mode = match cli.command {
         Some(Command::Check) => return check(path, &env),
+        Some(Command::Genkey) => return Ok(()),
         Some(Command::Server) => Some(Mode::Server),
         Some(Command::Client) => Some(Mode::Client),
         None => None,

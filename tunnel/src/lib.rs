@@ -2,9 +2,10 @@
 //!
 //! The public host runs a [`server::Server`], the home host a [`client::Client`]. Modules:
 //! [`config`] reads rathole's TOML, [`protocol`] its messages, [`proxy_protocol`] the
-//! headers that tell local services a visitor's address, [`transport`] makes the
-//! tunnel's connections, [`forward`] carries visitor bytes, [`metrics`] counts them, [`daemon`] runs either side with
-//! reloads and graceful shutdown, [`watch`] sees config saves, [`cli`] is the command line.
+//! headers that tell local services a visitor's address, [`transport`] makes the tunnel's
+//! connections, [`forward`] carries visitor bytes, [`metrics`] counts them, [`daemon`] runs
+//! either side with reloads and graceful shutdown, [`watch`] sees config saves, [`keys`]
+//! makes Noise key pairs, [`cli`] is the command line.
 
 pub mod cli;
 pub mod client;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod forward;
+pub mod keys;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy_protocol;

@@ -12,8 +12,9 @@ use common::*;
 use testkit::ports::{free_port, retry_on_port_clash};
 use testkit::{Proc, ProcBuilder, Scratch};
 
-/// A rathole server with one service `echo`; returns it with its control and service ports.
-fn rathole_server(dir: &Scratch, token: &str) -> (Proc, SocketAddr, SocketAddr) {
+/// A rathole server with one service `echo` and `extra` config; returns it with its control
+/// and service ports.
+fn rathole_server(dir: &Scratch, token: &str, extra: &str) -> (Proc, SocketAddr, SocketAddr) {
     retry_on_port_clash(|_| {
         let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let service = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -22,7 +23,7 @@ fn rathole_server(dir: &Scratch, token: &str) -> (Proc, SocketAddr, SocketAddr) 
             "rathole-server.toml",
             &format!(
                 "[server]\nbind_addr = \"{control}\"\nheartbeat_interval = 1\n\
-                 [server.services.echo]\ntoken = \"{token}\"\nbind_addr = \"{service}\"\n"
+                 [server.services.echo]\ntoken = \"{token}\"\nbind_addr = \"{service}\"\n{extra}"
             ),
         );
         let proc = ProcBuilder::new(rathole())
@@ -38,7 +39,7 @@ fn rathole_server(dir: &Scratch, token: &str) -> (Proc, SocketAddr, SocketAddr) 
 #[test]
 fn a_labkit_client_works_with_a_rathole_server() {
     let dir = Scratch::new("interop").unwrap();
-    let (rathole, control, service) = rathole_server(&dir, "shared-token");
+    let (rathole, control, service) = rathole_server(&dir, "shared-token", "");
     let config = write(
         &dir,
         "client.toml",
@@ -118,7 +119,7 @@ fn a_rathole_client_works_with_a_labkit_server() {
 #[test]
 fn a_rathole_server_refuses_a_labkit_client_with_a_wrong_token() {
     let dir = Scratch::new("interop").unwrap();
-    let (_rathole, control, _) = rathole_server(&dir, "right-token");
+    let (_rathole, control, _) = rathole_server(&dir, "right-token", "");
     let config = write(
         &dir,
         "client.toml",
@@ -165,4 +166,50 @@ fn a_labkit_server_refuses_a_rathole_client_with_a_wrong_token() {
     );
     rathole.wait_output("Incorrect token", WAIT).unwrap();
     assert!(!server.stderr().contains("wrong-token"));
+}
+
+/// The private and public keys `tunnel genkey` prints.
+fn genkey() -> (String, String) {
+    let genkey = ProcBuilder::new(TUNNEL).arg("genkey").spawn().unwrap();
+    genkey.expect_exit(0, WAIT).unwrap();
+    let out = genkey.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    assert_eq!(
+        (lines[0], lines[2], lines[3]),
+        ("Private Key:", "", "Public Key:")
+    );
+    (lines[1].to_owned(), lines[4].to_owned())
+}
+
+#[test]
+fn rathole_runs_its_noise_transport_on_keys_from_tunnel_genkey() {
+    let dir = Scratch::new("interop").unwrap();
+    let (private, public) = genkey();
+    assert_eq!(
+        tunnel::keys::public_of(&private).as_deref(),
+        Some(public.as_str())
+    );
+    let (rathole_server, control, service) = rathole_server(
+        &dir,
+        "noise-token",
+        &format!(
+            "[server.transport]\ntype = \"noise\"\n\
+             [server.transport.noise]\nlocal_private_key = \"{private}\"\n"
+        ),
+    );
+    let mut client_toml = client_config(control, "", &[("echo", "noise-token", echo_service())]);
+    client_toml.push_str(&format!(
+        "[client.transport]\ntype = \"noise\"\n\
+         [client.transport.noise]\nremote_public_key = \"{public}\"\n"
+    ));
+    let _rathole_client = ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(write(&dir, "rathole-client.toml", &client_toml))
+        .spawn()
+        .unwrap();
+    rathole_server
+        .wait_output(&format!("Listening at {service}"), WAIT)
+        .unwrap();
+    echo_through(service, &payload(1_000_000));
 }
