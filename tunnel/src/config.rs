@@ -31,8 +31,8 @@ const DEFAULT_HEARTBEAT_TIMEOUT: u64 = 40;
 const DEFAULT_RETRY_INTERVAL: u64 = 1;
 const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 10;
 const DEFAULT_GRACE_PERIOD: u64 = 30;
-const NOT_YET: &str = "is not supported by this version of tunnel yet (it comes with the \
-                       encrypted transports release); use the tcp transport";
+const NOT_YET: &str = "is not supported by this version of tunnel yet (it comes with a \
+                       later release); use the tcp or noise transport";
 
 /// The whole file: a `[server]` table, a `[client]` table, or both.
 #[derive(Debug, Deserialize)]
@@ -147,7 +147,6 @@ struct TransportToml {
     // Read so rathole configs parse; used from the transports release on.
     #[allow(dead_code)]
     tls: Option<TlsToml>,
-    #[allow(dead_code)]
     noise: Option<NoiseToml>,
     #[allow(dead_code)]
     websocket: Option<WebsocketToml>,
@@ -162,8 +161,8 @@ struct TcpToml {
     proxy: Option<String>,
 }
 
-// The next three tables are read so that rathole configs parse; their use comes with the
-// transports release.
+// The TLS and WebSocket tables are read so that rathole configs parse; their use comes with
+// a later release.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
@@ -174,12 +173,12 @@ struct TlsToml {
     pkcs12_password: Option<Secret>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct NoiseToml {
     pattern: Option<String>,
     local_private_key: Option<Secret>,
+    local_private_key_file: Option<PathBuf>,
     remote_public_key: Option<String>,
 }
 
@@ -208,7 +207,23 @@ pub struct TransportSettings {
     pub kind: TransportType,
     /// TCP options.
     pub tcp: TcpSettings,
+    /// Noise options, for `type = "noise"`.
+    pub noise: Option<NoiseSettings>,
 }
+
+/// The Noise transport's settings, checked: the pattern parses and keys are 32 bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoiseSettings {
+    /// The handshake pattern, rathole's default `Noise_NK_25519_ChaChaPoly_BLAKE2s`.
+    pub pattern: String,
+    /// This side's static private key (base64), if given.
+    pub local_private_key: Option<Secret>,
+    /// The peer's static public key (base64), if given.
+    pub remote_public_key: Option<String>,
+}
+
+/// rathole's default Noise pattern.
+pub const DEFAULT_NOISE_PATTERN: &str = "Noise_NK_25519_ChaChaPoly_BLAKE2s";
 
 /// One service the server exposes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -374,7 +389,7 @@ pub fn resolve(
 
 fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<ServerSettings, Error> {
     check_addr(file, "server.bind_addr", &raw.bind_addr)?;
-    let transport = resolve_transport(raw.transport, file, "server")?;
+    let transport = resolve_transport(raw.transport, file, env, "server")?;
     let default_token = file.secret(
         env,
         "server.default_token",
@@ -438,7 +453,7 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
 
 fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<ClientSettings, Error> {
     check_addr(file, "client.remote_addr", &raw.remote_addr)?;
-    let transport = resolve_transport(raw.transport, file, "client")?;
+    let transport = resolve_transport(raw.transport, file, env, "client")?;
     let default_token = file.secret(
         env,
         "client.default_token",
@@ -498,9 +513,22 @@ fn metrics_addr(
 fn resolve_transport(
     raw: TransportToml,
     file: &ConfigFile,
+    env: &Env,
     side: &str,
 ) -> Result<TransportSettings, Error> {
-    if raw.transport_type != TransportType::Tcp {
+    let noise = match raw.transport_type {
+        TransportType::Noise => Some(resolve_noise(
+            raw.noise.unwrap_or_default(),
+            file,
+            env,
+            side,
+        )?),
+        _ => None,
+    };
+    if !matches!(
+        raw.transport_type,
+        TransportType::Tcp | TransportType::Noise
+    ) {
         let name = format!("{:?}", raw.transport_type).to_lowercase();
         return Err(file
             .invalid(
@@ -519,12 +547,49 @@ fn resolve_transport(
     }
     Ok(TransportSettings {
         kind: raw.transport_type,
+        noise,
         tcp: TcpSettings {
             nodelay: raw.tcp.nodelay.unwrap_or(true),
             keepalive_time: Duration::from_secs(raw.tcp.keepalive_secs.unwrap_or(20).max(1)),
             keepalive_interval: Duration::from_secs(raw.tcp.keepalive_interval.unwrap_or(8).max(1)),
         },
     })
+}
+
+fn resolve_noise(
+    raw: NoiseToml,
+    file: &ConfigFile,
+    env: &Env,
+    side: &str,
+) -> Result<NoiseSettings, Error> {
+    let key = |name: &str| format!("{side}.transport.noise.{name}");
+    let pattern = raw
+        .pattern
+        .unwrap_or_else(|| DEFAULT_NOISE_PATTERN.to_owned());
+    let local_private_key = file.secret(
+        env,
+        &key("local_private_key"),
+        raw.local_private_key,
+        raw.local_private_key_file.as_deref(),
+    )?;
+    let settings = NoiseSettings {
+        pattern,
+        local_private_key,
+        remote_public_key: raw.remote_public_key,
+    };
+    // Builds this side's handshake once, so a bad pattern, a malformed key or a key the
+    // pattern needs but the file lacks is a config error now rather than a failed
+    // connection later.
+    let initiator = side == "client";
+    crate::transport::noise::handshake_state(&settings, initiator).map_err(|err| {
+        let culprit = match err {
+            crate::transport::noise::KeyError::Pattern => "pattern",
+            crate::transport::noise::KeyError::LocalKey => "local_private_key",
+            crate::transport::noise::KeyError::RemoteKey => "remote_public_key",
+        };
+        Error::from(file.invalid(key(culprit), err.to_string()))
+    })?;
+    Ok(settings)
 }
 
 fn check_service_type(file: &ConfigFile, key: &str, kind: ServiceType) -> Result<(), Error> {
@@ -685,8 +750,12 @@ token = "own"
     fn later_transports_udp_and_proxy_are_clear_config_errors() {
         for (text, key) in [
             (
-                "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.transport]\ntype = \"noise\"\n",
+                "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.transport]\ntype = \"tls\"\n",
                 "server.transport.type",
+            ),
+            (
+                "[client]\nremote_addr = \"a:1\"\n[client.transport]\ntype = \"websocket\"\n",
+                "client.transport.type",
             ),
             (
                 "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"socks5://127.0.0.1:1080\"\n",
@@ -701,6 +770,31 @@ token = "own"
             let shown = err.to_string();
             assert!(shown.contains(key), "{shown}");
             assert!(shown.contains("not supported"), "{shown}");
+            assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
+        }
+    }
+
+    #[test]
+    fn noise_settings_that_cannot_make_a_handshake_name_their_key() {
+        for (text, key) in [
+            (
+                "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.transport]\ntype = \"noise\"\n\
+                 [server.transport.noise]\nlocal_private_key = \"c2hvcnQ=\"\n",
+                "server.transport.noise.local_private_key",
+            ),
+            (
+                "[client]\nremote_addr = \"a:1\"\n[client.transport]\ntype = \"noise\"\n",
+                "client.transport.noise.remote_public_key",
+            ),
+            (
+                "[client]\nremote_addr = \"a:1\"\n[client.transport]\ntype = \"noise\"\n\
+                 [client.transport.noise]\npattern = \"Noise_ZZ\"\n",
+                "client.transport.noise.pattern",
+            ),
+        ] {
+            let err = parse(text, None).unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.contains(key), "{shown}");
             assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
         }
     }

@@ -143,7 +143,7 @@ pub enum Outcome {
     /// Stopped by a signal.
     Stopped,
     /// The config now asks for another transport: start over with these settings.
-    Restart(Settings),
+    Restart(Box<Settings>),
 }
 
 /// What the loop needs from the process: its signals, notifier, environment, config path.
@@ -230,7 +230,7 @@ pub async fn serve<N: Node>(settings: N::Settings, cx: &mut Context<'_>) -> Resu
             tracing::warn!("the transport type changed: restarting everything");
             cx.notifier.stopping();
             node.shutdown().await;
-            return Ok(Outcome::Restart(N::wrap(new)));
+            return Ok(Outcome::Restart(Box::new(N::wrap(new))));
         }
         let wait = N::reload_wait(&new);
         node.apply(new).await?;

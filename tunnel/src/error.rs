@@ -114,6 +114,12 @@ pub enum Error {
         /// What was asked for.
         what: String,
     },
+    /// A Noise handshake or message failed.
+    #[error("Noise: {reason}")]
+    Noise {
+        /// What failed.
+        reason: String,
+    },
     /// The system's random number generator failed.
     #[error("the system random number generator failed")]
     Random,
@@ -149,6 +155,7 @@ impl ExitStatus for Error {
             }
             Error::Timeout { .. } | Error::Closed { .. } => Exit::Unavailable,
             Error::Io { source, .. } => Exit::from_io(source),
+            Error::Noise { .. } => Exit::NoPerm,
             Error::Random => Exit::Software,
         }
     }

@@ -34,7 +34,7 @@ use crate::client::Client;
 use crate::config::{Mode, Settings, TransportType};
 use crate::daemon::{Context, Outcome};
 use crate::server::Server;
-use crate::transport::TcpTransport;
+use crate::transport::{NoiseTransport, TcpTransport};
 use crate::watch::Watcher;
 
 /// Runs the side `mode` names (or the config's only one) until SIGTERM.
@@ -62,16 +62,18 @@ pub async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<(), Error
         let outcome = match settings {
             Settings::Server(s) => match s.transport.kind {
                 TransportType::Tcp => daemon::serve::<Server<TcpTransport>>(s, &mut cx).await?,
+                TransportType::Noise => daemon::serve::<Server<NoiseTransport>>(s, &mut cx).await?,
                 other => return Err(unsupported(other)),
             },
             Settings::Client(c) => match c.transport.kind {
                 TransportType::Tcp => daemon::serve::<Client<TcpTransport>>(c, &mut cx).await?,
+                TransportType::Noise => daemon::serve::<Client<NoiseTransport>>(c, &mut cx).await?,
                 other => return Err(unsupported(other)),
             },
         };
         match outcome {
             Outcome::Stopped => return Ok(()),
-            Outcome::Restart(new) => settings = new,
+            Outcome::Restart(new) => settings = *new,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! WebSocket) plug in as further implementations, selected by `transport.type` in one place
 //! (`crate::run_server`, `crate::run_client`).
 
+pub mod noise;
 mod tcp;
 
 use std::future::Future;
@@ -18,6 +19,7 @@ use tokio::net::TcpStream;
 use crate::config::TransportSettings;
 use crate::error::Error;
 
+pub use noise::NoiseTransport;
 pub use tcp::TcpTransport;
 
 /// A connection carrying tunnel traffic.

@@ -55,16 +55,16 @@ fn bad_configs_and_arguments_exit_with_distinct_codes_naming_the_culprit() {
     assert!(err.contains("typo.toml:3"), "{err}");
     assert!(err.contains("default_tokn"), "{err}");
 
-    // A transport of the next release: 78, saying so, before anything is bound.
-    let noise = write(
+    // A transport of a later release: 78, saying so, before anything is bound.
+    let tls = write(
         &dir,
-        "noise.toml",
+        "tls.toml",
         &format!(
-            "{}[server.transport]\ntype = \"noise\"\n",
+            "{}[server.transport]\ntype = \"tls\"\n",
             server_config("", &[("echo", "t")])
         ),
     );
-    let err = finished(&["server", "-c", noise.to_str().unwrap()], 78).stderr();
+    let err = finished(&["server", "-c", tls.to_str().unwrap()], 78).stderr();
     assert!(err.contains("not supported"), "{err}");
 
     // A limit of no connections: 78, naming the key.

@@ -182,34 +182,106 @@ fn genkey() -> (String, String) {
     (lines[1].to_owned(), lines[4].to_owned())
 }
 
+fn noise_server(private: &str) -> String {
+    format!(
+        "[server.transport]\ntype = \"noise\"\n\
+         [server.transport.noise]\nlocal_private_key = \"{private}\"\n"
+    )
+}
+
+fn noise_client(public: &str) -> String {
+    format!(
+        "[client.transport]\ntype = \"noise\"\n\
+         [client.transport.noise]\nremote_public_key = \"{public}\"\n"
+    )
+}
+
 #[test]
-fn rathole_runs_its_noise_transport_on_keys_from_tunnel_genkey() {
+fn a_labkit_noise_client_works_with_a_rathole_noise_server_on_genkey_keys() {
     let dir = Scratch::new("interop").unwrap();
     let (private, public) = genkey();
     assert_eq!(
         tunnel::keys::public_of(&private).as_deref(),
         Some(public.as_str())
     );
-    let (rathole_server, control, service) = rathole_server(
-        &dir,
-        "noise-token",
-        &format!(
-            "[server.transport]\ntype = \"noise\"\n\
-             [server.transport.noise]\nlocal_private_key = \"{private}\"\n"
-        ),
+    let (rathole, control, service) = rathole_server(&dir, "noise-token", &noise_server(&private));
+    let mut config = client_config(control, "", &[("echo", "noise-token", echo_service())]);
+    config.push_str(&noise_client(&public));
+    let client = tunnel(&["client"], &write(&dir, "client.toml", &config))
+        .spawn()
+        .unwrap();
+    client.wait_ready(WAIT).unwrap();
+    rathole
+        .wait_output(&format!("Listening at {service}"), WAIT)
+        .unwrap();
+    for _ in 0..5 {
+        echo_through(service, &payload(100_000));
+    }
+    echo_through(service, &payload(3_000_000));
+}
+
+#[test]
+fn a_rathole_noise_client_works_with_a_labkit_noise_server() {
+    let dir = Scratch::new("interop").unwrap();
+    let (private, public) = genkey();
+    let mut config = server_config("", &[("echo", "noise-token")]);
+    config.push_str(&noise_server(&private));
+    let server = server(&write(&dir, "server.toml", &config));
+    let mut client_toml = client_config(
+        control_addr(&server),
+        "",
+        &[("echo", "noise-token", echo_service())],
     );
-    let mut client_toml = client_config(control, "", &[("echo", "noise-token", echo_service())]);
-    client_toml.push_str(&format!(
-        "[client.transport]\ntype = \"noise\"\n\
-         [client.transport.noise]\nremote_public_key = \"{public}\"\n"
-    ));
-    let _rathole_client = ProcBuilder::new(rathole())
+    client_toml.push_str(&noise_client(&public));
+    let _rathole = ProcBuilder::new(rathole())
         .arg("--client")
         .arg(write(&dir, "rathole-client.toml", &client_toml))
         .spawn()
         .unwrap();
-    rathole_server
-        .wait_output(&format!("Listening at {service}"), WAIT)
+    server
+        .wait_stderr("control channel open service=echo ", WAIT)
         .unwrap();
-    echo_through(service, &payload(1_000_000));
+    let service = service_addr(&server, "echo");
+    for _ in 0..5 {
+        echo_through(service, &payload(100_000));
+    }
+    echo_through(service, &payload(3_000_000));
+}
+
+#[test]
+fn a_wrong_noise_key_is_refused_with_a_log_line_and_serves_nothing() {
+    let dir = Scratch::new("interop").unwrap();
+    let (private, _) = genkey();
+    let (_, wrong_public) = genkey();
+    let mut config = server_config("", &[("echo", "noise-token")]);
+    config.push_str(&noise_server(&private));
+    let server = server(&write(&dir, "server.toml", &config));
+    let mut client_toml = client_config(
+        control_addr(&server),
+        "",
+        &[("echo", "noise-token", echo_service())],
+    );
+    client_toml.push_str(&noise_client(&wrong_public));
+    // Both a rathole client and a labkit client holding the wrong server key.
+    let _rathole = ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(write(&dir, "rathole-client.toml", &client_toml))
+        .spawn()
+        .unwrap();
+    let line = server
+        .wait_stderr("connection refused peer=127.0.0.1:", WAIT)
+        .unwrap();
+    assert!(line.contains("key does not match"), "{line}");
+    let client = tunnel(&["client"], &write(&dir, "client.toml", &client_toml))
+        .spawn()
+        .unwrap();
+    let line = client
+        .wait_stderr("could not open the control channel", WAIT)
+        .unwrap();
+    assert!(line.contains("Noise"), "{line}");
+    // No control channel opened, so the service's visitors are turned away.
+    let mut visitor = visit(service_addr(&server, "echo"));
+    assert!(closed_by_peer(&mut visitor, WAIT));
+    assert!(!server.stderr().contains("control channel open"));
+    assert!(!server.stderr().contains(&private));
 }
