@@ -158,3 +158,47 @@ fn tokens_come_from_systemd_credentials_and_token_files_and_never_reach_the_log(
         assert!(!proc.stderr().contains(TOKEN), "the token reached the log");
     }
 }
+
+#[test]
+fn a_noise_private_key_comes_from_a_credential_and_labkit_talks_noise_to_itself() {
+    let dir = Scratch::new("cli").unwrap();
+    let genkey = finished(&["genkey"], 0).stdout();
+    let lines: Vec<&str> = genkey.lines().collect();
+    let (private, public) = (lines[1], lines[4]);
+    let creds = dir.join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(
+        creds.join("server.transport.noise.local_private_key"),
+        private,
+    )
+    .unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &format!(
+            "{}[server.transport]\ntype = \"noise\"\n",
+            server_config("", &[("echo", "t")])
+        ),
+    );
+    let server = tunnel(&["server"], &server_toml)
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .spawn()
+        .unwrap();
+    server.wait_ready(WAIT).unwrap();
+    let client_toml = write(
+        &dir,
+        "client.toml",
+        &format!(
+            "{}[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n",
+            client_config(control_addr(&server), "", &[("echo", "t", echo_service())])
+        ),
+    );
+    let client = client(&client_toml);
+    echo_through(service_addr(&server, "echo"), &payload(2_000_000));
+    for proc in [&server, &client] {
+        assert!(
+            !proc.stderr().contains(private),
+            "the private key reached the log"
+        );
+    }
+}
