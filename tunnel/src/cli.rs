@@ -1,0 +1,153 @@
+//! The command line: `tunnel server|client|check -c FILE`, or `tunnel -c FILE` choosing the
+//! side from the file, and what each command does.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use labcore::Env;
+use labcore::log::LogArgs;
+
+use crate::config::{self, Mode, Settings};
+use crate::error::Error;
+use crate::keys::KeyPair;
+
+const EXAMPLES: &str = "\
+EXAMPLES:
+  On the public server, expose the home services listed in server.toml:
+    tunnel server -c /etc/labkit/server.toml
+
+  At home, connect them (the side is chosen from the file's [client] table):
+    tunnel -c /etc/labkit/client.toml
+
+  Check a config (rathole's format runs unchanged) without starting anything:
+    tunnel check -c server.toml
+
+  Make a Noise key pair (the server keeps the private key, clients get the public one):
+    tunnel genkey
+
+  Reload after editing the config (saving the file reloads too):
+    systemctl reload tunnel   # sends SIGHUP
+
+A config is rathole 0.5's TOML: [server] with bind_addr and [server.services.NAME] tables
+(bind_addr, token), or [client] with remote_addr and [client.services.NAME] tables
+(local_addr, token). Tokens may also come from token_file = \"PATH\", from default_token,
+or from the systemd credential named after the key (e.g. server.services.ssh.token).
+A server service with proxy_protocol = \"v1\" or \"v2\" sends its local service a PROXY
+protocol header with the visitor's address, through any client (rathole's too), and
+max_connections = N closes visitors past N open connections on arrival. metrics_addr =
+\"127.0.0.1:9090\" in [server] or [client] serves Prometheus metrics at /metrics.
+Exit status: 0 ok, 64 usage, 66 config missing, 69 a port cannot be bound, 77 permission
+denied, 78 bad config.";
+
+/// Expose services behind NAT through a public server; rathole-compatible.
+///
+/// The server runs on a host visitors can reach and listens on one port per service; the
+/// client runs next to the services, dials out to the server and carries each visitor's
+/// connection to its service. Config and wire protocol are rathole 0.5's, so either side
+/// works with a rathole peer.
+#[derive(Debug, Parser)]
+#[command(name = "tunnel", version, after_long_help = EXAMPLES)]
+pub struct Cli {
+    /// What to do (default: run the side the config file's table names)
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The config file (rathole 0.5 format)
+    #[arg(short, long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Logging flags.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the public side from the file's [server] table
+    Server,
+    /// Run the home side from the file's [client] table
+    Client,
+    /// Check the config, print what it sets up, and exit
+    Check,
+    /// Print a new Noise key pair (x25519, base64), as rathole --genkey does
+    Genkey,
+}
+
+/// Runs the command line.
+pub fn run(cli: Cli) -> Result<(), Error> {
+    labcore::log::init(&cli.log)?;
+    if let Some(Command::Genkey) = cli.command {
+        print!("{}", KeyPair::generate()?.render());
+        return Ok(());
+    }
+    let env = Env::from_process();
+    let Some(path) = cli.config.as_deref() else {
+        return Err(Error::Usage(
+            "no config file: pass -c FILE (see tunnel --help)".into(),
+        ));
+    };
+    let mode = match cli.command {
+        Some(Command::Check) => return check(path, &env),
+        Some(Command::Genkey) => return Ok(()),
+        Some(Command::Server) => Some(Mode::Server),
+        Some(Command::Client) => Some(Mode::Client),
+        None => None,
+    };
+    // One thread: with splice(2) the kernel moves the bytes and the process only steers, so
+    // one core carries several GB/s, while a multi-threaded runtime wakes idle workers on
+    // every connection (measured: p50 connect+echo 291 µs here against 332 µs with two
+    // workers; scripts/bench/tunnel). Encrypted transports may want more workers.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the runtime", e))?;
+    runtime.block_on(crate::run(path, mode, &env))
+}
+
+fn check(path: &Path, env: &Env) -> Result<(), Error> {
+    for settings in config::load_all(path, env)? {
+        match settings {
+            Settings::Server(s) => {
+                println!(
+                    "{}: server, control port {}, {} services",
+                    path.display(),
+                    s.bind_addr,
+                    s.services.len()
+                );
+                for service in s.services.values() {
+                    println!("  {} on {}", service.name, service.bind_addr);
+                }
+            }
+            Settings::Client(c) => {
+                println!(
+                    "{}: client of {}, {} services",
+                    path.display(),
+                    c.remote_addr,
+                    c.services.len()
+                );
+                for service in c.services.values() {
+                    println!("  {} to {}", service.name, service.local_addr);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_flag_and_command_has_help() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["tunnel", "server", "-c", "s.toml"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Server)));
+        assert_eq!(cli.config.as_deref(), Some(Path::new("s.toml")));
+        let cli = Cli::try_parse_from(["tunnel", "-c", "c.toml"]).unwrap();
+        assert!(cli.command.is_none());
+    }
+}

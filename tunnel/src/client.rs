@@ -1,0 +1,538 @@
+//! The client: the home side. For each service it keeps a control channel open to the server,
+//! opens a data channel whenever the server asks, and connects each started data channel to
+//! the service's local address.
+//!
+//! Tasks and who owns them:
+//! - one task per service runs its control channel and reconnects with capped, jittered
+//!   exponential backoff when it fails (the cap is the service's `retry_interval`); a control
+//!   channel with no command for `heartbeat_timeout` is dead;
+//! - one task per data channel waits for the server's command (for as long as its control
+//!   channel lives) and then forwards bytes ([`crate::forward`]).
+//!
+//! Each service has its own cancellation tokens, so reloads touch only what changed. The
+//! [`Readiness`] set tells the daemon when every control channel it waits for is open.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ClientService, ClientSettings};
+use crate::error::Error;
+use crate::forward;
+use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
+use crate::protocol::{self, Ack, ControlCmd, DataCmd, Hello, SessionKey};
+use crate::sockopt;
+use crate::transport::{Transport, TunnelStream};
+
+/// The first pause before reconnecting (when the cap allows).
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+
+/// Services whose control channel the daemon still waits for.
+#[derive(Default)]
+pub struct Readiness {
+    pending: Mutex<HashSet<String>>,
+    changed: Notify,
+}
+
+impl Readiness {
+    fn expect(&self, names: impl IntoIterator<Item = String>) {
+        self.lock().extend(names);
+    }
+
+    fn up(&self, name: &str) {
+        let mut pending = self.lock();
+        if pending.remove(name) && pending.is_empty() {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn forget(&self, name: &str) {
+        self.up(name);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves once no service is pending.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The services still pending, sorted.
+    pub fn pending(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.lock().iter().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// What every task of one service shares.
+struct ServiceContext<T> {
+    service: Arc<ClientService>,
+    transport: Arc<T>,
+    remote_addr: String,
+    heartbeat_timeout: Option<Duration>,
+    handshake_timeout: Duration,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    readiness: Arc<Readiness>,
+    metrics: Arc<ServiceMetrics>,
+    all_metrics: Arc<Metrics>,
+}
+
+struct ServiceHandle {
+    service: Arc<ClientService>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// A running client.
+pub struct Client<T: Transport> {
+    settings: ClientSettings,
+    transport: Arc<T>,
+    services: BTreeMap<String, ServiceHandle>,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    endpoint: Option<Endpoint>,
+}
+
+impl<T: Transport> Client<T> {
+    /// Starts the metrics endpoint if configured, and a control channel per service.
+    pub async fn start(settings: ClientSettings) -> Result<Client<T>, Error> {
+        let transport = Arc::new(T::new(&settings.transport)?);
+        let metrics = Arc::new(Metrics::default());
+        let endpoint = match &settings.metrics_addr {
+            Some(addr) => Some(Endpoint::start(addr, metrics.clone()).await?),
+            None => None,
+        };
+        let mut client = Client {
+            settings: settings.clone(),
+            transport,
+            services: BTreeMap::new(),
+            abort: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            readiness: Arc::new(Readiness::default()),
+            metrics,
+            endpoint,
+        };
+        for service in settings.services.into_values() {
+            client.start_service(service);
+        }
+        Ok(client)
+    }
+
+    /// Which control channels are still awaited.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        self.readiness.clone()
+    }
+
+    fn start_service(&mut self, service: ClientService) {
+        let service = Arc::new(service);
+        self.readiness.expect([service.name.clone()]);
+        let stop = CancellationToken::new();
+        let abort = self.abort.child_token();
+        let context = Arc::new(ServiceContext {
+            service: service.clone(),
+            transport: self.transport.clone(),
+            remote_addr: self.settings.remote_addr.clone(),
+            heartbeat_timeout: self.settings.heartbeat_timeout,
+            handshake_timeout: self.settings.handshake_timeout,
+            stop: stop.clone(),
+            abort: abort.clone(),
+            tracker: self.tracker.clone(),
+            readiness: self.readiness.clone(),
+            metrics: self.metrics.service(&service.name),
+            all_metrics: self.metrics.clone(),
+        });
+        let task = tokio::spawn(run_service(context));
+        self.services.insert(
+            service.name.clone(),
+            ServiceHandle {
+                service,
+                stop,
+                abort,
+                task,
+            },
+        );
+    }
+
+    async fn stop_service(&mut self, name: &str) {
+        let Some(handle) = self.services.remove(name) else {
+            return;
+        };
+        handle.stop.cancel();
+        handle.abort.cancel();
+        let _ = handle.task.await;
+        self.readiness.forget(name);
+        tracing::info!(service = %name, "service stopped");
+    }
+
+    /// Applies a new config: only added, removed and changed services are touched; settings
+    /// outside the services restart everything.
+    pub async fn apply(&mut self, new: ClientSettings) -> Result<(), Error> {
+        let general_changed = self.settings.remote_addr != new.remote_addr
+            || self.settings.transport != new.transport
+            || self.settings.heartbeat_timeout != new.heartbeat_timeout
+            || self.settings.handshake_timeout != new.handshake_timeout
+            || self.settings.metrics_addr != new.metrics_addr;
+        if general_changed {
+            tracing::warn!("settings outside [client.services] changed: restarting everything");
+            let names: Vec<String> = self.services.keys().cloned().collect();
+            for name in names {
+                self.stop_service(&name).await;
+            }
+            if let Some(endpoint) = self.endpoint.take() {
+                endpoint.stop().await;
+            }
+            let readiness = self.readiness.clone();
+            *self = Client::start(new).await?;
+            // Whoever waits on the old readiness set learns about the new services too.
+            readiness.expect(self.readiness.pending());
+            self.readiness = readiness;
+            return Ok(());
+        }
+        self.settings.grace_period = new.grace_period;
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            if new.services.get(&name) != Some(&*self.services[&name].service) {
+                self.stop_service(&name).await;
+                if !new.services.contains_key(&name) {
+                    self.metrics.forget(&name);
+                }
+            }
+        }
+        for (name, service) in &new.services {
+            if !self.services.contains_key(name) {
+                self.start_service(service.clone());
+            }
+        }
+        self.settings.services = new.services;
+        Ok(())
+    }
+
+    /// The grace period from the config.
+    pub fn grace_period(&self) -> Duration {
+        self.settings.grace_period
+    }
+
+    /// Closes the control channels, lets open connections finish for up to `grace`, then
+    /// closes the rest.
+    pub async fn shutdown(mut self, grace: Duration) {
+        for handle in self.services.values() {
+            handle.stop.cancel();
+        }
+        for (_, handle) in std::mem::take(&mut self.services) {
+            let _ = handle.task.await;
+        }
+        if !labcore::signals::drain(&self.tracker, grace).await {
+            tracing::warn!(
+                connections = self.tracker.len(),
+                "grace period over: closing open connections"
+            );
+            self.abort.cancel();
+            self.tracker.wait().await;
+        }
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.stop().await;
+        }
+    }
+}
+
+/// Capped exponential backoff with ±20 % jitter.
+struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(cap: Duration) -> Backoff {
+        Backoff {
+            next: FIRST_RETRY.min(cap),
+            cap,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = FIRST_RETRY.min(self.cap);
+    }
+
+    fn next(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        base.mul_f64(rand::rng().random_range(0.8..=1.2))
+    }
+}
+
+/// A service's control channel, reopened until the service is stopped.
+async fn run_service<T: Transport>(context: Arc<ServiceContext<T>>) {
+    let service = &context.service;
+    let mut backoff = Backoff::new(service.retry_interval);
+    let mut opened_before = false;
+    loop {
+        let opened = tokio::select! {
+            _ = context.stop.cancelled() => return,
+            opened = timeout(context.handshake_timeout, open_control(&context)) => opened,
+        };
+        match opened {
+            Ok(Ok((control, key))) => {
+                context.readiness.up(&service.name);
+                backoff.reset();
+                if std::mem::replace(&mut opened_before, true) {
+                    context.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                context.metrics.control_open.store(1, Ordering::Relaxed);
+                tracing::info!(service = %service.name, server = %context.remote_addr, "control channel open");
+                let ended = serve_control(&context, control, key).await;
+                context.metrics.control_open.store(0, Ordering::Relaxed);
+                match ended {
+                    None => return,
+                    Some(reason) => {
+                        tracing::warn!(service = %service.name, %reason, "control channel lost: reconnecting")
+                    }
+                }
+            }
+            Ok(Err(err)) => {
+                context.all_metrics.handshake_failed(&err);
+                tracing::error!(
+                    service = %service.name,
+                    server = %context.remote_addr,
+                    reason = %labcore::exit::chain(&err),
+                    "could not open the control channel"
+                )
+            }
+            Err(_) => {
+                let err = Error::Timeout {
+                    what: "the handshake",
+                    after: context.handshake_timeout,
+                };
+                context.all_metrics.handshake_failed(&err);
+                tracing::error!(
+                    service = %service.name,
+                    server = %context.remote_addr,
+                    reason = %err,
+                    "could not open the control channel"
+                )
+            }
+        }
+        let pause = backoff.next();
+        tracing::debug!(service = %service.name, retry_in_ms = pause.as_millis() as u64, "reconnecting");
+        tokio::select! {
+            _ = context.stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// The client's half of a control channel's handshake.
+async fn open_control<T: Transport>(
+    context: &ServiceContext<T>,
+) -> Result<(T::Stream, SessionKey), Error> {
+    let service = &context.service;
+    let mut stream = context.transport.connect(&context.remote_addr).await?;
+    sockopt::nodelay(stream.tcp(), true);
+    let hello = Hello::Control(protocol::service_digest(&service.name));
+    protocol::write_all(&mut stream, &hello.encode(), "hello").await?;
+    let mut answer = [0u8; protocol::HELLO_LEN];
+    protocol::read_exact(&mut stream, &mut answer, "the server's hello").await?;
+    let Hello::Control(nonce) = Hello::decode(&answer)? else {
+        return Err(Error::Unexpected {
+            what: "data channel hello from the server",
+        });
+    };
+    let key = SessionKey::prove(service.token.as_bytes(), &nonce);
+    // A server that does not know the service answers before reading the proof and may
+    // already have closed: its answer explains better than the failed write.
+    let sent = protocol::write_all(&mut stream, key.bytes(), "auth").await;
+    let mut ack = [0u8; protocol::TAG_LEN];
+    let read = protocol::read_exact(&mut stream, &mut ack, "ack").await;
+    match (read, sent) {
+        (Ok(()), _) => match Ack::decode(&ack)? {
+            Ack::Ok => Ok((stream, key)),
+            reason => Err(Error::Refused {
+                service: service.name.clone(),
+                reason,
+            }),
+        },
+        (Err(_), Err(err)) | (Err(err), Ok(())) => Err(err),
+    }
+}
+
+/// Serves an open control channel; `None` when the service was stopped, else why it ended.
+async fn serve_control<T: Transport>(
+    context: &Arc<ServiceContext<T>>,
+    mut control: T::Stream,
+    key: SessionKey,
+) -> Option<String> {
+    // Data channels still waiting for a visitor end with their control channel.
+    let session = context.stop.child_token();
+    let _end_session = session.clone().drop_guard();
+    loop {
+        let mut cmd = [0u8; protocol::TAG_LEN];
+        let read = async {
+            let read = protocol::read_exact(&mut control, &mut cmd, "a command");
+            match context.heartbeat_timeout {
+                Some(limit) => timeout(limit, read).await.unwrap_or(Err(Error::Timeout {
+                    what: "a heartbeat",
+                    after: limit,
+                })),
+                None => read.await,
+            }
+        };
+        let read = tokio::select! {
+            _ = context.stop.cancelled() => return None,
+            read = read => read,
+        };
+        match read.and_then(|()| ControlCmd::decode(&cmd)) {
+            Ok(ControlCmd::CreateDataChannel) => {
+                let context = context.clone();
+                let session = session.clone();
+                context
+                    .tracker
+                    .clone()
+                    .spawn(async move { data_channel(&context, key, session).await });
+            }
+            Ok(ControlCmd::HeartBeat) => {
+                tracing::trace!(service = %context.service.name, "heartbeat");
+            }
+            Err(err) => return Some(labcore::exit::chain(&err)),
+        }
+    }
+}
+
+/// One data channel: open it, wait for the server's command, connect the local service and
+/// forward.
+async fn data_channel<T: Transport>(
+    context: &ServiceContext<T>,
+    key: SessionKey,
+    session: CancellationToken,
+) {
+    let service = &context.service;
+    let open = async {
+        let mut stream = context.transport.connect(&context.remote_addr).await?;
+        sockopt::nodelay(stream.tcp(), service.nodelay);
+        protocol::write_all(&mut stream, &Hello::Data(key).encode(), "hello").await?;
+        Ok::<_, Error>(stream)
+    };
+    let mut channel = match timeout(context.handshake_timeout, open).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            tracing::warn!(service = %service.name, reason = %labcore::exit::chain(&err), "could not open a data channel");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(service = %service.name, "opening a data channel timed out");
+            return;
+        }
+    };
+    let mut cmd = [0u8; protocol::TAG_LEN];
+    let read = tokio::select! {
+        _ = session.cancelled() => return,
+        read = protocol::read_exact(&mut channel, &mut cmd, "a data channel command") => read,
+    };
+    match read.and_then(|()| DataCmd::decode(&cmd)) {
+        Ok(DataCmd::StartForwardTcp) => {}
+        Ok(DataCmd::StartForwardUdp) => {
+            tracing::warn!(service = %service.name, "the server forwards UDP for this service, but it is a TCP service here");
+            return;
+        }
+        Err(Error::Closed { .. }) => {
+            tracing::debug!(service = %service.name, "idle data channel closed by the server");
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(service = %service.name, reason = %labcore::exit::chain(&err), "data channel failed");
+            return;
+        }
+    }
+    let local = match timeout(
+        context.handshake_timeout,
+        TcpStream::connect(&service.local_addr),
+    )
+    .await
+    {
+        Ok(Ok(local)) => local,
+        Ok(Err(err)) => {
+            context.metrics.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %service.name, local_addr = %service.local_addr, error = %err, "local service unreachable: visitor closed");
+            return;
+        }
+        Err(_) => {
+            context.metrics.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %service.name, local_addr = %service.local_addr, "connecting to the local service timed out: visitor closed");
+            return;
+        }
+    };
+    sockopt::nodelay(&local, service.nodelay);
+    let _open = context.metrics.connection();
+    // The service is the local socket here.
+    let meter = forward::Meter {
+        inbound: &context.metrics.to_service,
+        outbound: &context.metrics.to_visitor,
+    };
+    tokio::select! {
+        _ = context.abort.cancelled() => {}
+        carried = forward::forward(channel, local, meter) => match carried {
+            Ok(carried) => tracing::debug!(
+                service = %service.name,
+                to_local = carried.inbound,
+                from_local = carried.outbound,
+                "connection finished"
+            ),
+            Err(err) => tracing::debug!(service = %service.name, error = %err, "connection ended"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let pauses: Vec<Duration> = (0..6).map(|_| backoff.next()).collect();
+        assert!(pauses[0] >= Duration::from_millis(160) && pauses[0] <= Duration::from_millis(240));
+        assert!(pauses[1] >= Duration::from_millis(320) && pauses[1] <= Duration::from_millis(480));
+        for pause in &pauses[3..] {
+            assert!(*pause >= Duration::from_millis(800) && *pause <= Duration::from_millis(1200));
+        }
+        backoff.reset();
+        assert!(backoff.next() <= Duration::from_millis(240));
+    }
+
+    #[tokio::test]
+    async fn readiness_resolves_when_every_service_is_up() {
+        let readiness = Arc::new(Readiness::default());
+        readiness.expect(["a".to_owned(), "b".to_owned()]);
+        let waiter = tokio::spawn({
+            let readiness = readiness.clone();
+            async move { readiness.wait().await }
+        });
+        readiness.up("a");
+        assert_eq!(readiness.pending(), ["b"]);
+        readiness.up("b");
+        waiter.await.unwrap();
+    }
+}

@@ -1,0 +1,840 @@
+//! The tunnel's config: rathole 0.5's TOML format key for key, plus a few labkit keys.
+//!
+//! The serde types mirror the file (`deny_unknown_fields`, so a typo is an error naming file,
+//! line, column and key); [`load`] resolves them into [`ServerSettings`] or [`ClientSettings`],
+//! which hold durations, secrets and defaults already applied. Tokens come inline, from
+//! `token_file`, from a systemd credential named after the key, or from the table's
+//! `default_token` (with the same three sources).
+//!
+//! labkit additions (all optional): `token_file`, `default_token_file`, `handshake_timeout`
+//! and `grace_period` (seconds), the server's `heartbeat_timeout` (seconds a heartbeat
+//! may go unacknowledged before the client counts as dead; rathole's server has no such
+//! check), and a server service's `proxy_protocol = "v1" | "v2"` (rathole main's
+//! `enable_proxy_protocol = true` is read as v1) and `max_connections`, and either side's
+//! `metrics_addr` (a Prometheus endpoint). Parsed now but refused until the transports release:
+//! transports other than `tcp`, `type = "udp"` services and the client's `proxy`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use labcore::config::{self, ConfigError, ConfigFile};
+use labcore::{Env, Secret};
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::protocol::{self, Digest};
+use crate::proxy_protocol;
+
+const DEFAULT_HEARTBEAT_INTERVAL: u64 = 30;
+const DEFAULT_HEARTBEAT_TIMEOUT: u64 = 40;
+const DEFAULT_RETRY_INTERVAL: u64 = 1;
+const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 10;
+const DEFAULT_GRACE_PERIOD: u64 = 30;
+const NOT_YET: &str = "is not supported by this version of tunnel yet (it comes with a \
+                       later release); use the tcp or noise transport";
+
+/// The whole file: a `[server]` table, a `[client]` table, or both.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigToml {
+    server: Option<ServerToml>,
+    client: Option<ClientToml>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerToml {
+    bind_addr: String,
+    default_token: Option<Secret>,
+    default_token_file: Option<PathBuf>,
+    #[serde(default)]
+    services: BTreeMap<String, ServerServiceToml>,
+    #[serde(default)]
+    transport: TransportToml,
+    heartbeat_interval: Option<u64>,
+    heartbeat_timeout: Option<u64>,
+    handshake_timeout: Option<u64>,
+    grace_period: Option<u64>,
+    metrics_addr: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerServiceToml {
+    #[serde(rename = "type", default)]
+    service_type: ServiceType,
+    bind_addr: String,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
+    nodelay: Option<bool>,
+    proxy_protocol: Option<ProxyProtocolToml>,
+    /// rathole's unreleased main branch: `true` means v1.
+    enable_proxy_protocol: Option<bool>,
+    max_connections: Option<usize>,
+}
+
+/// `proxy_protocol = "v1" | "v2"`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum ProxyProtocolToml {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientToml {
+    remote_addr: String,
+    default_token: Option<Secret>,
+    default_token_file: Option<PathBuf>,
+    #[serde(default)]
+    services: BTreeMap<String, ClientServiceToml>,
+    #[serde(default)]
+    transport: TransportToml,
+    heartbeat_timeout: Option<u64>,
+    retry_interval: Option<u64>,
+    handshake_timeout: Option<u64>,
+    grace_period: Option<u64>,
+    metrics_addr: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientServiceToml {
+    #[serde(rename = "type", default)]
+    service_type: ServiceType,
+    local_addr: String,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
+    nodelay: Option<bool>,
+    retry_interval: Option<u64>,
+}
+
+/// A service's kind: rathole's `type` key.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceType {
+    /// TCP connections.
+    #[default]
+    Tcp,
+    /// UDP datagrams.
+    Udp,
+}
+
+/// The transport a tunnel's connections run on: rathole's `[*.transport] type`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportType {
+    /// Plain TCP.
+    #[default]
+    Tcp,
+    /// TLS.
+    Tls,
+    /// Noise protocol.
+    Noise,
+    /// WebSocket.
+    Websocket,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransportToml {
+    #[serde(rename = "type", default)]
+    transport_type: TransportType,
+    #[serde(default)]
+    tcp: TcpToml,
+    // Read so rathole configs parse; used from the transports release on.
+    #[allow(dead_code)]
+    tls: Option<TlsToml>,
+    noise: Option<NoiseToml>,
+    #[allow(dead_code)]
+    websocket: Option<WebsocketToml>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TcpToml {
+    nodelay: Option<bool>,
+    keepalive_secs: Option<u64>,
+    keepalive_interval: Option<u64>,
+    proxy: Option<String>,
+}
+
+// The TLS and WebSocket tables are read so that rathole configs parse; their use comes with
+// a later release.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct TlsToml {
+    hostname: Option<String>,
+    trusted_root: Option<PathBuf>,
+    pkcs12: Option<PathBuf>,
+    pkcs12_password: Option<Secret>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoiseToml {
+    pattern: Option<String>,
+    local_private_key: Option<Secret>,
+    local_private_key_file: Option<PathBuf>,
+    remote_public_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct WebsocketToml {
+    tls: bool,
+}
+
+/// TCP socket options for the tunnel's own connections (control and data channels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSettings {
+    /// TCP_NODELAY on the tunnel's connections.
+    pub nodelay: bool,
+    /// Idle time before TCP keepalive probes start.
+    pub keepalive_time: Duration,
+    /// Time between keepalive probes.
+    pub keepalive_interval: Duration,
+}
+
+/// The transport, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportSettings {
+    /// Which transport.
+    pub kind: TransportType,
+    /// TCP options.
+    pub tcp: TcpSettings,
+    /// Noise options, for `type = "noise"`.
+    pub noise: Option<NoiseSettings>,
+}
+
+/// The Noise transport's settings, checked: the pattern parses and keys are 32 bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoiseSettings {
+    /// The handshake pattern, rathole's default `Noise_NK_25519_ChaChaPoly_BLAKE2s`.
+    pub pattern: String,
+    /// This side's static private key (base64), if given.
+    pub local_private_key: Option<Secret>,
+    /// The peer's static public key (base64), if given.
+    pub remote_public_key: Option<String>,
+}
+
+/// rathole's default Noise pattern.
+pub const DEFAULT_NOISE_PATTERN: &str = "Noise_NK_25519_ChaChaPoly_BLAKE2s";
+
+/// One service the server exposes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerService {
+    /// The service's name (the key under `services`).
+    pub name: String,
+    /// sha256 of the name: how clients ask for it.
+    pub digest: Digest,
+    /// Where visitors connect.
+    pub bind_addr: String,
+    /// The shared token.
+    pub token: Secret,
+    /// TCP_NODELAY on this service's data channels and visitor connections.
+    pub nodelay: bool,
+    /// The PROXY protocol header the local service gets first, if any.
+    pub proxy_protocol: Option<proxy_protocol::Version>,
+    /// Visitor connections open at once, at most; more are closed on arrival.
+    pub max_connections: Option<usize>,
+}
+
+/// A resolved `[server]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// The control port.
+    pub bind_addr: String,
+    /// Heartbeat period on control channels; `None` disables heartbeats.
+    pub heartbeat_interval: Option<Duration>,
+    /// A client that leaves a heartbeat unacknowledged this long is dead (TCP_USER_TIMEOUT on
+    /// the control channel); `None` leaves it to TCP keepalive.
+    pub heartbeat_timeout: Option<Duration>,
+    /// How long a new connection may take to say who it is.
+    pub handshake_timeout: Duration,
+    /// How long open connections may run on after SIGTERM.
+    pub grace_period: Duration,
+    /// The transport.
+    pub transport: TransportSettings,
+    /// Services by name.
+    pub services: BTreeMap<String, ServerService>,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub metrics_addr: Option<String>,
+}
+
+/// One service the client forwards to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientService {
+    /// The service's name.
+    pub name: String,
+    /// The local address the service listens on.
+    pub local_addr: String,
+    /// The shared token.
+    pub token: Secret,
+    /// TCP_NODELAY on this service's data channels and local connections.
+    pub nodelay: bool,
+    /// The longest pause between reconnection attempts.
+    pub retry_interval: Duration,
+}
+
+/// A resolved `[client]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientSettings {
+    /// The server's control port.
+    pub remote_addr: String,
+    /// A control channel with no command for this long is dead; `None` never gives up.
+    pub heartbeat_timeout: Option<Duration>,
+    /// How long connecting and the handshake may take.
+    pub handshake_timeout: Duration,
+    /// How long open connections may run on after SIGTERM.
+    pub grace_period: Duration,
+    /// The transport.
+    pub transport: TransportSettings,
+    /// Services by name.
+    pub services: BTreeMap<String, ClientService>,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub metrics_addr: Option<String>,
+}
+
+/// Which side a config is run as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `[server]`.
+    Server,
+    /// `[client]`.
+    Client,
+}
+
+/// A config resolved for one mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settings {
+    /// A server.
+    Server(ServerSettings),
+    /// A client.
+    Client(ClientSettings),
+}
+
+/// Reads `path` and resolves the table for `mode`, or for the only table there when `mode` is
+/// `None`.
+pub fn load(path: &Path, env: &Env, mode: Option<Mode>) -> Result<Settings, Error> {
+    let (raw, file): (ConfigToml, _) = config::load(path)?;
+    resolve(raw, &file, env, mode)
+}
+
+/// Reads `path` and resolves every table in it (for `tunnel check`).
+pub fn load_all(path: &Path, env: &Env) -> Result<Vec<Settings>, Error> {
+    let (raw, file): (ConfigToml, _) = config::load(path)?;
+    let mut out = Vec::new();
+    if let Some(server) = raw.server {
+        out.push(Settings::Server(resolve_server(server, &file, env)?));
+    }
+    if let Some(client) = raw.client {
+        out.push(Settings::Client(resolve_client(client, &file, env)?));
+    }
+    if out.is_empty() {
+        return Err(no_table(path));
+    }
+    Ok(out)
+}
+
+fn no_table(path: &Path) -> Error {
+    Error::Mode {
+        path: path.to_owned(),
+        message: "neither a [server] nor a [client] table".into(),
+    }
+}
+
+/// Resolves parsed text (the part of [`load`] after reading the file).
+pub fn resolve(
+    raw: ConfigToml,
+    file: &ConfigFile,
+    env: &Env,
+    mode: Option<Mode>,
+) -> Result<Settings, Error> {
+    let path = file.path();
+    let mode = match (mode, &raw.server, &raw.client) {
+        (Some(mode), _, _) => mode,
+        (None, Some(_), None) => Mode::Server,
+        (None, None, Some(_)) => Mode::Client,
+        (None, Some(_), Some(_)) => {
+            return Err(Error::Mode {
+                path: path.to_owned(),
+                message: "has both [server] and [client]: run `tunnel server` or `tunnel client`"
+                    .into(),
+            });
+        }
+        (None, None, None) => return Err(no_table(path)),
+    };
+    match mode {
+        Mode::Server => match raw.server {
+            Some(server) => Ok(Settings::Server(resolve_server(server, file, env)?)),
+            None => Err(Error::Mode {
+                path: path.to_owned(),
+                message: "no [server] table".into(),
+            }),
+        },
+        Mode::Client => match raw.client {
+            Some(client) => Ok(Settings::Client(resolve_client(client, file, env)?)),
+            None => Err(Error::Mode {
+                path: path.to_owned(),
+                message: "no [client] table".into(),
+            }),
+        },
+    }
+}
+
+fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<ServerSettings, Error> {
+    check_addr(file, "server.bind_addr", &raw.bind_addr)?;
+    let transport = resolve_transport(raw.transport, file, env, "server")?;
+    let default_token = file.secret(
+        env,
+        "server.default_token",
+        raw.default_token,
+        raw.default_token_file.as_deref(),
+    )?;
+    let mut services = BTreeMap::new();
+    for (name, service) in raw.services {
+        let key = format!("server.services.{name}");
+        check_addr(file, &format!("{key}.bind_addr"), &service.bind_addr)?;
+        check_service_type(file, &key, service.service_type)?;
+        let token = token(
+            file,
+            env,
+            &key,
+            service.token,
+            service.token_file,
+            &default_token,
+        )?;
+        services.insert(
+            name.clone(),
+            ServerService {
+                digest: protocol::service_digest(&name),
+                name,
+                bind_addr: service.bind_addr,
+                token,
+                nodelay: service.nodelay.unwrap_or(transport.tcp.nodelay),
+                proxy_protocol: proxy_protocol_version(
+                    file,
+                    &key,
+                    service.proxy_protocol,
+                    service.enable_proxy_protocol,
+                )?,
+                max_connections: match service.max_connections {
+                    Some(0) => {
+                        return Err(file
+                            .invalid(
+                                format!("{key}.max_connections"),
+                                "must be at least 1 (leave it out for no limit)",
+                            )
+                            .into());
+                    }
+                    max => max,
+                },
+            },
+        );
+    }
+    Ok(ServerSettings {
+        bind_addr: raw.bind_addr,
+        heartbeat_interval: nonzero_secs(
+            raw.heartbeat_interval.unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
+        ),
+        heartbeat_timeout: nonzero_secs(raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT)),
+        handshake_timeout: timeout_secs(file, "server.handshake_timeout", raw.handshake_timeout)?,
+        grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
+        transport,
+        services,
+        metrics_addr: metrics_addr(file, "server.metrics_addr", raw.metrics_addr)?,
+    })
+}
+
+fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<ClientSettings, Error> {
+    check_addr(file, "client.remote_addr", &raw.remote_addr)?;
+    let transport = resolve_transport(raw.transport, file, env, "client")?;
+    let default_token = file.secret(
+        env,
+        "client.default_token",
+        raw.default_token,
+        raw.default_token_file.as_deref(),
+    )?;
+    let retry_default = raw.retry_interval.unwrap_or(DEFAULT_RETRY_INTERVAL);
+    let mut services = BTreeMap::new();
+    for (name, service) in raw.services {
+        let key = format!("client.services.{name}");
+        check_addr(file, &format!("{key}.local_addr"), &service.local_addr)?;
+        check_service_type(file, &key, service.service_type)?;
+        let token = token(
+            file,
+            env,
+            &key,
+            service.token,
+            service.token_file,
+            &default_token,
+        )?;
+        services.insert(
+            name.clone(),
+            ClientService {
+                name,
+                local_addr: service.local_addr,
+                token,
+                nodelay: service.nodelay.unwrap_or(transport.tcp.nodelay),
+                // A zero interval would retry in a busy loop.
+                retry_interval: Duration::from_secs(
+                    service.retry_interval.unwrap_or(retry_default).max(1),
+                ),
+            },
+        );
+    }
+    Ok(ClientSettings {
+        remote_addr: raw.remote_addr,
+        heartbeat_timeout: nonzero_secs(raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT)),
+        handshake_timeout: timeout_secs(file, "client.handshake_timeout", raw.handshake_timeout)?,
+        grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
+        transport,
+        services,
+        metrics_addr: metrics_addr(file, "client.metrics_addr", raw.metrics_addr)?,
+    })
+}
+
+fn metrics_addr(
+    file: &ConfigFile,
+    key: &str,
+    addr: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(addr) = &addr {
+        check_addr(file, key, addr)?;
+    }
+    Ok(addr)
+}
+
+fn resolve_transport(
+    raw: TransportToml,
+    file: &ConfigFile,
+    env: &Env,
+    side: &str,
+) -> Result<TransportSettings, Error> {
+    let noise = match raw.transport_type {
+        TransportType::Noise => Some(resolve_noise(
+            raw.noise.unwrap_or_default(),
+            file,
+            env,
+            side,
+        )?),
+        _ => None,
+    };
+    if !matches!(
+        raw.transport_type,
+        TransportType::Tcp | TransportType::Noise
+    ) {
+        let name = format!("{:?}", raw.transport_type).to_lowercase();
+        return Err(file
+            .invalid(
+                format!("{side}.transport.type"),
+                format!("transport \"{name}\" {NOT_YET}"),
+            )
+            .into());
+    }
+    if raw.tcp.proxy.is_some() {
+        return Err(file
+            .invalid(
+                format!("{side}.transport.tcp.proxy"),
+                format!("connecting through a proxy {NOT_YET}"),
+            )
+            .into());
+    }
+    Ok(TransportSettings {
+        kind: raw.transport_type,
+        noise,
+        tcp: TcpSettings {
+            nodelay: raw.tcp.nodelay.unwrap_or(true),
+            keepalive_time: Duration::from_secs(raw.tcp.keepalive_secs.unwrap_or(20).max(1)),
+            keepalive_interval: Duration::from_secs(raw.tcp.keepalive_interval.unwrap_or(8).max(1)),
+        },
+    })
+}
+
+fn resolve_noise(
+    raw: NoiseToml,
+    file: &ConfigFile,
+    env: &Env,
+    side: &str,
+) -> Result<NoiseSettings, Error> {
+    let key = |name: &str| format!("{side}.transport.noise.{name}");
+    let pattern = raw
+        .pattern
+        .unwrap_or_else(|| DEFAULT_NOISE_PATTERN.to_owned());
+    let local_private_key = file.secret(
+        env,
+        &key("local_private_key"),
+        raw.local_private_key,
+        raw.local_private_key_file.as_deref(),
+    )?;
+    let settings = NoiseSettings {
+        pattern,
+        local_private_key,
+        remote_public_key: raw.remote_public_key,
+    };
+    // Builds this side's handshake once, so a bad pattern, a malformed key or a key the
+    // pattern needs but the file lacks is a config error now rather than a failed
+    // connection later.
+    let initiator = side == "client";
+    crate::transport::noise::handshake_state(&settings, initiator).map_err(|err| {
+        let culprit = match err {
+            crate::transport::noise::KeyError::Pattern => "pattern",
+            crate::transport::noise::KeyError::LocalKey => "local_private_key",
+            crate::transport::noise::KeyError::RemoteKey => "remote_public_key",
+        };
+        Error::from(file.invalid(key(culprit), err.to_string()))
+    })?;
+    Ok(settings)
+}
+
+fn check_service_type(file: &ConfigFile, key: &str, kind: ServiceType) -> Result<(), Error> {
+    match kind {
+        ServiceType::Tcp => Ok(()),
+        ServiceType::Udp => Err(file
+            .invalid(format!("{key}.type"), format!("udp services {NOT_YET}"))
+            .into()),
+    }
+}
+
+/// The header version from `proxy_protocol`, or from rathole main's `enable_proxy_protocol`.
+fn proxy_protocol_version(
+    file: &ConfigFile,
+    key: &str,
+    version: Option<ProxyProtocolToml>,
+    enable: Option<bool>,
+) -> Result<Option<proxy_protocol::Version>, ConfigError> {
+    match (version, enable) {
+        (Some(_), Some(_)) => Err(file.invalid(
+            format!("{key}.enable_proxy_protocol"),
+            "give proxy_protocol = \"v1\" or \"v2\", or enable_proxy_protocol, not both",
+        )),
+        (Some(ProxyProtocolToml::V1), None) | (None, Some(true)) => {
+            Ok(Some(proxy_protocol::Version::V1))
+        }
+        (Some(ProxyProtocolToml::V2), None) => Ok(Some(proxy_protocol::Version::V2)),
+        (None, Some(false) | None) => Ok(None),
+    }
+}
+
+fn token(
+    file: &ConfigFile,
+    env: &Env,
+    key: &str,
+    inline: Option<Secret>,
+    token_file: Option<PathBuf>,
+    default: &Option<Secret>,
+) -> Result<Secret, Error> {
+    let token_key = format!("{key}.token");
+    file.secret(env, &token_key, inline, token_file.as_deref())?
+        .or_else(|| default.clone())
+        .ok_or_else(|| {
+            Error::from(file.invalid(
+                token_key,
+                "no token: give token, token_file, a systemd credential of that name, or \
+                 default_token",
+            ))
+        })
+}
+
+/// Checks that an address looks like `HOST:PORT` (the host is resolved when used).
+fn check_addr(file: &ConfigFile, key: &str, addr: &str) -> Result<(), ConfigError> {
+    let port = addr
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    match port {
+        Some((host, Ok(_))) if !host.is_empty() => Ok(()),
+        _ => Err(file.invalid(key, format!("{addr:?} is not HOST:PORT"))),
+    }
+}
+
+fn nonzero_secs(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+fn timeout_secs(file: &ConfigFile, key: &str, secs: Option<u64>) -> Result<Duration, ConfigError> {
+    match secs.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT) {
+        0 => Err(file.invalid(key, "must be at least 1 second")),
+        secs => Ok(Duration::from_secs(secs)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, mode: Option<Mode>) -> Result<Settings, Error> {
+        let path = Path::new("/etc/labkit/tunnel.toml");
+        let raw: ConfigToml = config::parse_str(path, text)?;
+        resolve(raw, &ConfigFile::new(path), &Env::default(), mode)
+    }
+
+    fn server(text: &str) -> ServerSettings {
+        match parse(text, None).unwrap() {
+            Settings::Server(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_reference_lab_configs_parse() {
+        let server = server(include_str!("../../../shared/lab/server.toml"));
+        assert_eq!(server.bind_addr, "0.0.0.0:7000");
+        assert_eq!(server.services.len(), 4);
+        assert_eq!(server.services["ssh"].bind_addr, "0.0.0.0:3389");
+        assert_eq!(server.services["ssh"].token.expose(), "change-me-ssh");
+        assert_eq!(server.heartbeat_interval, Some(Duration::from_secs(30)));
+        let Settings::Client(client) =
+            parse(include_str!("../../../shared/lab/client.toml"), None).unwrap()
+        else {
+            panic!("client expected")
+        };
+        assert_eq!(client.remote_addr, "lab.example.org:7000");
+        assert_eq!(client.services["gitssh"].local_addr, "127.0.0.1:222");
+        assert_eq!(client.heartbeat_timeout, Some(Duration::from_secs(40)));
+        assert_eq!(
+            client.services["web"].retry_interval,
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn every_rathole_key_parses() {
+        let text = r#"
+[server]
+bind_addr = "0.0.0.0:2333"
+default_token = "default"
+heartbeat_interval = 0
+[server.transport]
+type = "tcp"
+[server.transport.tcp]
+nodelay = false
+keepalive_secs = 30
+keepalive_interval = 10
+[server.transport.tls]
+pkcs12 = "identity.pfx"
+pkcs12_password = "1234"
+hostname = "x"
+trusted_root = "ca.pem"
+[server.transport.noise]
+pattern = "Noise_NK_25519_ChaChaPoly_BLAKE2s"
+local_private_key = "key"
+remote_public_key = "pub"
+[server.transport.websocket]
+tls = true
+[server.services.echo]
+type = "tcp"
+bind_addr = "0.0.0.0:2334"
+nodelay = true
+[server.services.web]
+bind_addr = "[::]:8080"
+token = "own"
+"#;
+        let s = server(text);
+        assert_eq!(s.heartbeat_interval, None);
+        assert_eq!(s.services["echo"].token.expose(), "default");
+        assert_eq!(s.services["web"].token.expose(), "own");
+        assert!(s.services["echo"].nodelay);
+        assert!(
+            !s.services["web"].nodelay,
+            "falls back to transport.tcp.nodelay"
+        );
+        assert_eq!(s.transport.tcp.keepalive_time, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn later_transports_udp_and_proxy_are_clear_config_errors() {
+        for (text, key) in [
+            (
+                "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.transport]\ntype = \"tls\"\n",
+                "server.transport.type",
+            ),
+            (
+                "[client]\nremote_addr = \"a:1\"\n[client.transport]\ntype = \"websocket\"\n",
+                "client.transport.type",
+            ),
+            (
+                "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"socks5://127.0.0.1:1080\"\n",
+                "client.transport.tcp.proxy",
+            ),
+            (
+                "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n[server.services.dns]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:53\"\n",
+                "server.services.dns.type",
+            ),
+        ] {
+            let err = parse(text, None).unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.contains(key), "{shown}");
+            assert!(shown.contains("not supported"), "{shown}");
+            assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
+        }
+    }
+
+    #[test]
+    fn noise_settings_that_cannot_make_a_handshake_name_their_key() {
+        for (text, key) in [
+            (
+                "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.transport]\ntype = \"noise\"\n\
+                 [server.transport.noise]\nlocal_private_key = \"c2hvcnQ=\"\n",
+                "server.transport.noise.local_private_key",
+            ),
+            (
+                "[client]\nremote_addr = \"a:1\"\n[client.transport]\ntype = \"noise\"\n",
+                "client.transport.noise.remote_public_key",
+            ),
+            (
+                "[client]\nremote_addr = \"a:1\"\n[client.transport]\ntype = \"noise\"\n\
+                 [client.transport.noise]\npattern = \"Noise_ZZ\"\n",
+                "client.transport.noise.pattern",
+            ),
+        ] {
+            let err = parse(text, None).unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.contains(key), "{shown}");
+            assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
+        }
+    }
+
+    #[test]
+    fn a_service_without_any_token_names_its_key() {
+        let err = parse(
+            "[client]\nremote_addr = \"a:1\"\n[client.services.web]\nlocal_addr = \"127.0.0.1:80\"\n",
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("key \"client.services.web.token\": no token"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mode_comes_from_the_table_or_the_command() {
+        let both = "[server]\nbind_addr = \"0.0.0.0:1\"\n[client]\nremote_addr = \"a:1\"\n";
+        let err = parse(both, None).unwrap_err();
+        assert!(
+            err.to_string().contains("both [server] and [client]"),
+            "{err}"
+        );
+        assert!(matches!(
+            parse(both, Some(Mode::Client)),
+            Ok(Settings::Client(_))
+        ));
+        let err = parse("[server]\nbind_addr = \"0.0.0.0:1\"\n", Some(Mode::Client)).unwrap_err();
+        assert!(err.to_string().contains("no [client] table"), "{err}");
+        let err = parse("", None).unwrap_err();
+        assert!(err.to_string().contains("neither"), "{err}");
+    }
+
+    #[test]
+    fn addresses_must_be_host_and_port() {
+        let err = parse("[server]\nbind_addr = \"7000\"\n", None).unwrap_err();
+        assert!(err.to_string().contains("server.bind_addr"), "{err}");
+        assert!(err.to_string().contains("not HOST:PORT"), "{err}");
+    }
+}

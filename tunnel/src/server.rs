@@ -1,0 +1,840 @@
+//! The server: the public side. It listens on the control port for clients and on each
+//! service's port for visitors, and pairs every visitor with a data channel from the client
+//! that serves that service.
+//!
+//! Tasks and who owns them:
+//! - the control port's accept loop (one task) hands each new connection to a handshake task,
+//!   bounded by `handshake_timeout` and a semaphore; a control channel that authenticates, or a
+//!   data channel that names an open session, is sent to its service's task;
+//! - one task per service owns its listener, its control channel, its pool of idle data
+//!   channels and its queue of visitors waiting for one; it writes `CreateDataChannel` (eight
+//!   up front, then one per visitor, as rathole does) and `HeartBeat` on the control channel;
+//! - one task per visitor connection forwards bytes ([`crate::forward`]).
+//!
+//! Service listeners are bound at start, so the server is ready when every port is; a visitor
+//! who arrives while no client serves the service is closed at once. Each service has its own
+//! cancellation tokens, so removing or changing one on reload closes its port and its
+//! connections and nothing else. On shutdown the listeners close first and open connections
+//! get `grace_period` to finish.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Interval, MissedTickBehavior, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ServerService, ServerSettings};
+use crate::error::Error;
+use crate::forward;
+use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
+use crate::protocol::{self, Ack, ControlCmd, DataCmd, Digest, Hello, SessionKey};
+use crate::proxy_protocol;
+use crate::sockopt;
+use crate::transport::{Transport, TunnelStream};
+
+/// Data channels a client is asked for as soon as its control channel opens (rathole: 8).
+const POOL_SIZE: usize = 8;
+/// Idle data channels kept per service; more are closed.
+const MAX_IDLE: usize = 256;
+/// Visitors that may wait for a data channel per service; more are closed.
+const MAX_WAITING: usize = 4096;
+/// Connections on the control port that may be in their handshake at once.
+const MAX_HANDSHAKES: usize = 1024;
+/// Messages queued from the control port to one service's task.
+const EVENT_QUEUE: usize = 256;
+/// How long writing `StartForwardTcp` on an idle data channel may take before the channel
+/// counts as broken; it is written from the service's task, which must not stall.
+const START_LIMIT: Duration = Duration::from_secs(1);
+
+/// A connection for a service's task, after its handshake.
+enum Event<S> {
+    /// An authenticated control channel.
+    Control {
+        stream: S,
+        key: SessionKey,
+        peer: SocketAddr,
+    },
+    /// A data channel naming this service's session.
+    Data { stream: S, key: SessionKey },
+}
+
+/// What the control port's handshakes look services and sessions up in.
+struct Registry<S> {
+    services: RwLock<HashMap<Digest, Arc<Entry<S>>>>,
+    sessions: RwLock<HashMap<SessionKey, mpsc::Sender<Event<S>>>>,
+}
+
+struct Entry<S> {
+    service: Arc<ServerService>,
+    events: mpsc::Sender<Event<S>>,
+    session: Mutex<Option<SessionKey>>,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A panic while holding the lock leaves plain maps behind: still usable.
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<S> Registry<S> {
+    fn new() -> Registry<S> {
+        Registry {
+            services: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn service(&self, digest: &Digest) -> Option<Arc<Entry<S>>> {
+        read(&self.services).get(digest).cloned()
+    }
+
+    fn session(&self, key: &SessionKey) -> Option<mpsc::Sender<Event<S>>> {
+        read(&self.sessions).get(key).cloned()
+    }
+
+    /// Makes `key` the one session of `entry`'s service, forgetting the one before.
+    fn open_session(&self, entry: &Entry<S>, key: SessionKey) {
+        let mut current = entry.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sessions = write(&self.sessions);
+        if let Some(old) = current.replace(key) {
+            sessions.remove(&old);
+        }
+        sessions.insert(key, entry.events.clone());
+    }
+
+    fn insert(&self, entry: Arc<Entry<S>>) {
+        write(&self.services).insert(entry.service.digest, entry);
+    }
+
+    fn remove(&self, digest: &Digest) {
+        let Some(entry) = write(&self.services).remove(digest) else {
+            return;
+        };
+        let current = entry.session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(key) = current.as_ref() {
+            write(&self.sessions).remove(key);
+        }
+    }
+}
+
+/// A running service: its task and the tokens that stop it.
+struct ServiceHandle {
+    service: Arc<ServerService>,
+    /// Closes the listener and the control channel.
+    stop: CancellationToken,
+    /// Closes the service's open connections.
+    abort: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// A running server.
+pub struct Server<T: Transport> {
+    settings: ServerSettings,
+    registry: Arc<Registry<T::Stream>>,
+    services: BTreeMap<String, ServiceHandle>,
+    control_addr: SocketAddr,
+    control_stop: CancellationToken,
+    control_task: JoinHandle<()>,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    metrics: Arc<Metrics>,
+    endpoint: Option<Endpoint>,
+}
+
+impl<T: Transport> Server<T> {
+    /// Binds the control port and every service's port and starts serving.
+    pub async fn start(settings: ServerSettings) -> Result<Server<T>, Error> {
+        let transport = Arc::new(T::new(&settings.transport)?);
+        let registry = Arc::new(Registry::new());
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        let endpoint = match &settings.metrics_addr {
+            Some(addr) => Some(Endpoint::start(addr, metrics.clone()).await?),
+            None => None,
+        };
+        let listener = transport.bind(&settings.bind_addr).await?;
+        let control_addr = T::local_addr(&listener)?;
+        tracing::info!(addr = %control_addr, "control port listening");
+        let control_stop = CancellationToken::new();
+        let control_task = tokio::spawn(accept_clients(
+            transport.clone(),
+            listener,
+            registry.clone(),
+            tracker.clone(),
+            control_stop.clone(),
+            settings.handshake_timeout,
+            metrics.clone(),
+        ));
+        let mut server = Server {
+            settings: settings.clone(),
+            registry,
+            services: BTreeMap::new(),
+            control_addr,
+            control_stop,
+            control_task,
+            abort: CancellationToken::new(),
+            tracker,
+            metrics,
+            endpoint,
+        };
+        for service in settings.services.values() {
+            if let Err(err) = server.start_service(service.clone()).await {
+                server.shutdown(Duration::ZERO).await;
+                return Err(err);
+            }
+        }
+        Ok(server)
+    }
+
+    /// The control port's address.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
+
+    async fn start_service(&mut self, service: ServerService) -> Result<(), Error> {
+        let listener = sockopt::listen(&service.bind_addr)
+            .await
+            .map_err(|source| Error::Bind {
+                what: format!("service {}", service.name),
+                addr: service.bind_addr.clone(),
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading a service port's address", e))?;
+        tracing::info!(service = %service.name, %addr, "service listening");
+        let service = Arc::new(service);
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        self.registry.insert(Arc::new(Entry {
+            service: service.clone(),
+            events: events_tx,
+            session: Mutex::new(None),
+        }));
+        let stop = CancellationToken::new();
+        let abort = self.abort.child_token();
+        let task = ServiceTask {
+            service: service.clone(),
+            listener,
+            events,
+            heartbeat: self.settings.heartbeat_interval,
+            dead_after: self.settings.heartbeat_timeout,
+            handshake_timeout: self.settings.handshake_timeout,
+            stop: stop.clone(),
+            abort: abort.clone(),
+            tracker: self.tracker.clone(),
+            metrics: self.metrics.service(&service.name),
+            reconnected: false,
+            session: None,
+            idle: VecDeque::new(),
+            waiting: VecDeque::new(),
+            slots: service
+                .max_connections
+                .map(|max| Arc::new(Semaphore::new(max))),
+        };
+        let task = tokio::spawn(task.run());
+        self.services.insert(
+            service.name.clone(),
+            ServiceHandle {
+                service,
+                stop,
+                abort,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    async fn stop_service(&mut self, name: &str) {
+        let Some(handle) = self.services.remove(name) else {
+            return;
+        };
+        self.registry.remove(&handle.service.digest);
+        handle.stop.cancel();
+        handle.abort.cancel();
+        // The task ends at its next await; the listener is closed once it has.
+        let _ = handle.task.await;
+        tracing::info!(service = %name, "service stopped");
+    }
+
+    /// Applies a new config: services added, removed or changed start, stop or restart; the
+    /// others and their connections are left alone. Settings outside the services restart
+    /// everything.
+    pub async fn apply(&mut self, new: ServerSettings) -> Result<(), Error> {
+        let general_changed = self.settings.bind_addr != new.bind_addr
+            || self.settings.transport != new.transport
+            || self.settings.heartbeat_interval != new.heartbeat_interval
+            || self.settings.heartbeat_timeout != new.heartbeat_timeout
+            || self.settings.handshake_timeout != new.handshake_timeout
+            || self.settings.metrics_addr != new.metrics_addr;
+        if general_changed {
+            tracing::warn!("settings outside [server.services] changed: restarting everything");
+            self.stop_all().await;
+            *self = Server::start(new).await?;
+            return Ok(());
+        }
+        self.settings.grace_period = new.grace_period;
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            if new.services.get(&name) != Some(&*self.services[&name].service) {
+                self.stop_service(&name).await;
+                if !new.services.contains_key(&name) {
+                    self.metrics.forget(&name);
+                }
+            }
+        }
+        for (name, service) in &new.services {
+            if !self.services.contains_key(name)
+                && let Err(err) = self.start_service(service.clone()).await
+            {
+                tracing::error!(error = %labcore::exit::chain(&err), "service not started");
+            }
+        }
+        self.settings.services = new.services;
+        Ok(())
+    }
+
+    /// Closes every port and connection at once.
+    async fn stop_all(&mut self) {
+        self.control_stop.cancel();
+        let _ = (&mut self.control_task).await;
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            self.stop_service(&name).await;
+        }
+        self.abort.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.stop().await;
+        }
+    }
+
+    /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.control_stop.cancel();
+        for handle in self.services.values() {
+            handle.stop.cancel();
+        }
+        let _ = (&mut self.control_task).await;
+        for (_, handle) in std::mem::take(&mut self.services) {
+            let _ = handle.task.await;
+        }
+        let open = self.tracker.len();
+        if open > 0 {
+            tracing::info!(
+                connections = open,
+                grace_secs = grace.as_secs(),
+                "waiting for open connections"
+            );
+        }
+        if !labcore::signals::drain(&self.tracker, grace).await {
+            tracing::warn!(
+                connections = self.tracker.len(),
+                "grace period over: closing open connections"
+            );
+            self.abort.cancel();
+            self.tracker.wait().await;
+        }
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.stop().await;
+        }
+    }
+
+    /// The grace period from the config.
+    pub fn grace_period(&self) -> Duration {
+        self.settings.grace_period
+    }
+}
+
+/// The control port: accepts clients and runs each connection's handshake.
+async fn accept_clients<T: Transport>(
+    transport: Arc<T>,
+    listener: T::Listener,
+    registry: Arc<Registry<T::Stream>>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    handshake_timeout: Duration,
+    metrics: Arc<Metrics>,
+) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = transport.accept(&listener) => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Out of file descriptors or memory: wait a moment instead of spinning.
+                tracing::warn!(error = %err, "accepting on the control port failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many handshakes in progress: connection closed");
+            continue;
+        };
+        let transport = transport.clone();
+        let registry = registry.clone();
+        let metrics = metrics.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let handshake = handshake(&*transport, tcp, peer, &registry);
+            let failed = match timeout(handshake_timeout, handshake).await {
+                Ok(Ok(())) => return,
+                Ok(Err(err)) => err,
+                Err(_) => Error::Timeout {
+                    what: "the handshake",
+                    after: handshake_timeout,
+                },
+            };
+            metrics.handshake_failed(&failed);
+            tracing::warn!(%peer, reason = %labcore::exit::chain(&failed), "connection refused");
+        });
+    }
+}
+
+/// Reads a new connection's hello and hands it to its service.
+async fn handshake<T: Transport>(
+    transport: &T,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    registry: &Registry<T::Stream>,
+) -> Result<(), Error> {
+    let mut stream = transport.handshake(tcp).await?;
+    let mut hello = [0u8; protocol::HELLO_LEN];
+    protocol::read_exact(&mut stream, &mut hello, "hello").await?;
+    match Hello::decode(&hello)? {
+        Hello::Control(digest) => control_handshake(stream, digest, peer, registry).await,
+        Hello::Data(key) => {
+            let events = registry.session(&key).ok_or(Error::UnknownSession)?;
+            events
+                .send(Event::Data { stream, key })
+                .await
+                .map_err(|_| Error::UnknownSession)
+        }
+    }
+}
+
+/// The server's half of a control channel's handshake: nonce, service lookup, token proof.
+async fn control_handshake<S: TunnelStream>(
+    mut stream: S,
+    digest: Digest,
+    peer: SocketAddr,
+    registry: &Registry<S>,
+) -> Result<(), Error> {
+    let nonce = protocol::nonce()?;
+    protocol::write_all(&mut stream, &Hello::Control(nonce).encode(), "hello").await?;
+    let Some(entry) = registry.service(&digest) else {
+        protocol::write_all(&mut stream, &Ack::ServiceNotExist.encode(), "ack").await?;
+        return Err(Error::UnknownService {
+            digest_prefix: digest[..4].iter().map(|b| format!("{b:02x}")).collect(),
+        });
+    };
+    let mut auth = [0u8; protocol::AUTH_LEN];
+    protocol::read_exact(&mut stream, &mut auth, "auth").await?;
+    let key = SessionKey::prove(entry.service.token.as_bytes(), &nonce);
+    if key != SessionKey::from_bytes(auth) {
+        protocol::write_all(&mut stream, &Ack::AuthFailed.encode(), "ack").await?;
+        return Err(Error::AuthFailed {
+            service: entry.service.name.clone(),
+        });
+    }
+    // The service's task writes `Ack::Ok` once it holds the session, so a client that has
+    // seen the ack never finds its visitors turned away for want of a session.
+    sockopt::nodelay(stream.tcp(), true);
+    registry.open_session(&entry, key);
+    entry
+        .events
+        .send(Event::Control { stream, key, peer })
+        .await
+        .map_err(|_| Error::UnknownService {
+            digest_prefix: "(service removed)".into(),
+        })
+}
+
+/// An open control channel.
+struct Session<S> {
+    key: SessionKey,
+    control: S,
+    peer: SocketAddr,
+    heartbeat: Option<Interval>,
+}
+
+/// One service: its port, its client's control channel and data channels, its visitors.
+struct ServiceTask<S> {
+    service: Arc<ServerService>,
+    listener: TcpListener,
+    events: mpsc::Receiver<Event<S>>,
+    heartbeat: Option<Duration>,
+    dead_after: Option<Duration>,
+    handshake_timeout: Duration,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    metrics: Arc<ServiceMetrics>,
+    /// Whether a control channel was open before (the next one is a reconnect).
+    reconnected: bool,
+    session: Option<Session<S>>,
+    idle: VecDeque<S>,
+    waiting: VecDeque<Waiting>,
+    /// Visitor connections the service may still take (`max_connections`), if limited.
+    slots: Option<Arc<Semaphore>>,
+}
+
+/// A visitor waiting for a data channel.
+struct Waiting {
+    visitor: TcpStream,
+    peer: SocketAddr,
+    since: Instant,
+    /// Held until the connection ends.
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl<S: TunnelStream> ServiceTask<S> {
+    async fn run(mut self) {
+        loop {
+            let expiry = self
+                .waiting
+                .front()
+                .map(|w| w.since + self.handshake_timeout);
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((visitor, peer)) => self.visitor(visitor, peer).await,
+                    Err(err) => {
+                        tracing::warn!(service = %self.service.name, error = %err, "accepting a visitor failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                event = self.events.recv() => match event {
+                    Some(event) => self.event(event).await,
+                    None => break,
+                },
+                event = session_event(&mut self.session) => match event {
+                    SessionEvent::Closed(reason) => self.end_session(&reason),
+                    SessionEvent::HeartbeatDue => {
+                        self.command(ControlCmd::HeartBeat, 1).await;
+                    }
+                },
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                    self.expire_waiting();
+                }
+            }
+        }
+        tracing::debug!(service = %self.service.name, "service task ended");
+    }
+
+    async fn visitor(&mut self, visitor: TcpStream, peer: SocketAddr) {
+        let name = &self.service.name;
+        if self.session.is_none() {
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(service = %name, visitor = %peer, "no client serves this service: visitor closed");
+            return;
+        }
+        if self.waiting.len() >= MAX_WAITING {
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %name, visitor = %peer, "too many visitors waiting: visitor closed");
+            return;
+        }
+        let slot = match &self.slots {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %name, visitor = %peer, max_connections = self.service.max_connections.unwrap_or_default(), "connection limit reached: visitor closed");
+                    return;
+                }
+            },
+        };
+        sockopt::nodelay(&visitor, self.service.nodelay);
+        tracing::debug!(service = %name, visitor = %peer, "visitor connected");
+        self.waiting.push_back(Waiting {
+            visitor,
+            peer,
+            since: Instant::now(),
+            slot,
+        });
+        // Start the visitor on an idle channel first, then ask for its replacement: the
+        // client sees `StartForwardTcp` before `CreateDataChannel`, so it connects the
+        // visitor's local connection before it dials the spare.
+        self.pair().await;
+        self.command(ControlCmd::CreateDataChannel, 1).await;
+    }
+
+    async fn event(&mut self, event: Event<S>) {
+        match event {
+            Event::Control {
+                mut stream,
+                key,
+                peer,
+            } => {
+                let ok = Ack::Ok.encode();
+                let ack = protocol::write_all(&mut stream, &ok, "ack");
+                if let Err(err) =
+                    timeout(self.handshake_timeout, ack)
+                        .await
+                        .unwrap_or(Err(Error::Timeout {
+                            what: "the ack to be sent",
+                            after: self.handshake_timeout,
+                        }))
+                {
+                    tracing::warn!(service = %self.service.name, client = %peer, reason = %labcore::exit::chain(&err), "control channel failed");
+                    return;
+                }
+                if let Some(old) = self.session.take() {
+                    tracing::info!(service = %self.service.name, old_client = %old.peer, "control channel replaced by a new one");
+                }
+                self.idle.clear();
+                if let (Some(limit), Some(_)) = (self.dead_after, self.heartbeat) {
+                    sockopt::user_timeout(stream.tcp(), limit);
+                }
+                if std::mem::replace(&mut self.reconnected, true) {
+                    self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                self.metrics.control_open.store(1, Ordering::Relaxed);
+                tracing::info!(service = %self.service.name, client = %peer, "control channel open");
+                let heartbeat = self.heartbeat.map(|period| {
+                    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+                    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    ticks
+                });
+                self.session = Some(Session {
+                    key,
+                    control: stream,
+                    peer,
+                    heartbeat,
+                });
+                let wanted = POOL_SIZE + self.waiting.len();
+                self.command(ControlCmd::CreateDataChannel, wanted).await;
+            }
+            Event::Data { stream, key } => {
+                if self.session.as_ref().is_none_or(|s| s.key != key) {
+                    tracing::debug!(service = %self.service.name, "data channel of an old session closed");
+                    return;
+                }
+                sockopt::nodelay(stream.tcp(), self.service.nodelay);
+                if self.idle.len() >= MAX_IDLE {
+                    self.idle.pop_front();
+                }
+                self.idle.push_back(stream);
+                self.pair().await;
+            }
+        }
+    }
+
+    /// Hands idle data channels to waiting visitors: writes `StartForwardTcp` on the channel,
+    /// followed by the PROXY protocol header if the service wants one (here, as rathole
+    /// does: a few bytes on a channel nothing was written to yet do not wait for the peer),
+    /// and leaves the forwarding to a task of its own.
+    async fn pair(&mut self) {
+        while let Some(Waiting { visitor, peer, .. }) = self.waiting.front() {
+            if self.idle.is_empty() {
+                return;
+            }
+            let header = match self.service.proxy_protocol {
+                None => None,
+                Some(version) => match visitor.local_addr() {
+                    Ok(local) => Some(proxy_protocol::encode(version, *peer, local)),
+                    Err(err) => {
+                        tracing::debug!(service = %self.service.name, visitor = %peer, error = %err, "visitor gone before forwarding");
+                        self.waiting.pop_front();
+                        continue;
+                    }
+                },
+            };
+            let Some(mut channel) = self.idle.pop_front() else {
+                return;
+            };
+            let header = header
+                .as_ref()
+                .map_or(&[][..], proxy_protocol::Header::as_bytes);
+            let limit = START_LIMIT.min(self.handshake_timeout);
+            let started = !sockopt::is_closed(channel.tcp())
+                && start_forwarding(&mut channel, header, limit).await;
+            if !started {
+                // The client dropped it while it sat in the pool: ask for another.
+                tracing::debug!(service = %self.service.name, "stale data channel dropped");
+                if !self.command(ControlCmd::CreateDataChannel, 1).await {
+                    return;
+                }
+                continue;
+            }
+            let Some(Waiting {
+                visitor,
+                peer,
+                slot,
+                ..
+            }) = self.waiting.pop_front()
+            else {
+                return;
+            };
+            let service = self.service.clone();
+            let abort = self.abort.clone();
+            let metrics = self.metrics.clone();
+            self.tracker.spawn(async move {
+                let _slot = slot;
+                let _open = metrics.connection();
+                tokio::select! {
+                    _ = abort.cancelled() => {}
+                    () = carry(channel, visitor, peer, &service, &metrics) => {}
+                }
+            });
+        }
+    }
+
+    /// Writes `count` copies of `cmd` on the control channel; false (and the session ended)
+    /// if that failed.
+    async fn command(&mut self, cmd: ControlCmd, count: usize) -> bool {
+        let Some(session) = self.session.as_mut() else {
+            return false;
+        };
+        let bytes = cmd.encode();
+        let mut buf = [0u8; protocol::TAG_LEN * 16];
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(16);
+            for chunk in buf.chunks_exact_mut(protocol::TAG_LEN).take(n) {
+                chunk.copy_from_slice(&bytes);
+            }
+            let written = timeout(self.handshake_timeout, async {
+                session
+                    .control
+                    .write_all(&buf[..n * protocol::TAG_LEN])
+                    .await?;
+                session.control.flush().await
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => left -= n,
+                Ok(Err(err)) => {
+                    let reason = format!("writing to the control channel: {err}");
+                    self.end_session(&reason);
+                    return false;
+                }
+                Err(_) => {
+                    self.end_session("the client stopped reading the control channel");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn end_session(&mut self, reason: &str) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        tracing::warn!(service = %self.service.name, client = %session.peer, reason, "control channel closed");
+        self.metrics.control_open.store(0, Ordering::Relaxed);
+        self.idle.clear();
+        if !self.waiting.is_empty() {
+            let closed = self.waiting.len() as u64;
+            self.metrics.refused.fetch_add(closed, Ordering::Relaxed);
+            tracing::info!(service = %self.service.name, visitors = self.waiting.len(), "waiting visitors closed");
+            self.waiting.clear();
+        }
+    }
+
+    fn expire_waiting(&mut self) {
+        let now = Instant::now();
+        while let Some(Waiting { peer, since, .. }) = self.waiting.front() {
+            if *since + self.handshake_timeout > now {
+                break;
+            }
+            tracing::warn!(service = %self.service.name, visitor = %peer, "no data channel from the client in time: visitor closed");
+            self.waiting.pop_front();
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What an open control channel needs from its service's task.
+enum SessionEvent {
+    /// The channel closed or misbehaved.
+    Closed(String),
+    /// A heartbeat is due.
+    HeartbeatDue,
+}
+
+/// Resolves when the control channel closes or a heartbeat is due; never without a session.
+async fn session_event<S: TunnelStream>(session: &mut Option<Session<S>>) -> SessionEvent {
+    let Some(session) = session.as_mut() else {
+        return std::future::pending().await;
+    };
+    let heartbeat = async {
+        match session.heartbeat.as_mut() {
+            Some(ticks) => {
+                ticks.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut buf = [0u8; 16];
+    tokio::select! {
+        read = session.control.read(&mut buf) => SessionEvent::Closed(match read {
+            Ok(0) => "closed by the client".to_owned(),
+            Ok(_) => "the client sent bytes on the control channel".to_owned(),
+            Err(err) => format!("reading the control channel: {err}"),
+        }),
+        () = heartbeat => SessionEvent::HeartbeatDue,
+    }
+}
+
+/// Writes `StartForwardTcp` and then `header` on an idle data channel, in one write; false if
+/// it broke or stalled.
+async fn start_forwarding<S: TunnelStream>(
+    channel: &mut S,
+    header: &[u8],
+    limit: Duration,
+) -> bool {
+    let mut start = [0u8; protocol::TAG_LEN + proxy_protocol::MAX_LEN];
+    start[..protocol::TAG_LEN].copy_from_slice(&DataCmd::StartForwardTcp.encode());
+    let len = protocol::TAG_LEN + header.len();
+    start[protocol::TAG_LEN..len].copy_from_slice(header);
+    let start = async {
+        channel.write_all(&start[..len]).await?;
+        channel.flush().await
+    };
+    matches!(timeout(limit, start).await, Ok(Ok(())))
+}
+
+/// Carries a visitor's bytes over a started data channel.
+async fn carry<S: TunnelStream>(
+    channel: S,
+    visitor: TcpStream,
+    peer: SocketAddr,
+    service: &ServerService,
+    metrics: &ServiceMetrics,
+) {
+    // The visitor is the local socket here.
+    let meter = forward::Meter {
+        inbound: &metrics.to_visitor,
+        outbound: &metrics.to_service,
+    };
+    match forward::forward(channel, visitor, meter).await {
+        Ok(carried) => tracing::debug!(
+            service = %service.name,
+            visitor = %peer,
+            to_visitor = carried.inbound,
+            from_visitor = carried.outbound,
+            "visitor connection finished"
+        ),
+        Err(err) => {
+            tracing::debug!(service = %service.name, visitor = %peer, error = %err, "visitor connection ended")
+        }
+    }
+}

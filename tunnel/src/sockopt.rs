@@ -1,0 +1,88 @@
+//! Socket options and probes the tunnel sets on TCP sockets: keepalive, TCP_NODELAY, and a
+//! non-blocking check that an idle connection is still open.
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, setsockopt, sockopt};
+use tokio::net::TcpStream;
+
+/// Pending connections a listener queues before the kernel drops new ones (capped by
+/// `net.core.somaxconn`); tokio's default of 1,024 overflows when a thousand visitors arrive
+/// at once.
+const BACKLOG: u32 = 4096;
+
+/// Listens on `addr` (`HOST:PORT`; the first address the host resolves to) with a deep
+/// accept queue.
+pub async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for resolved in tokio::net::lookup_host(addr).await? {
+        let socket = match resolved {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(resolved).and_then(|()| socket.listen(BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the host resolves to no address",
+        )
+    }))
+}
+
+/// Turns on TCP keepalive with these timings; failures are logged, never fatal (the
+/// heartbeat still finds dead peers).
+pub fn keepalive(stream: &TcpStream, idle: Duration, interval: Duration) {
+    let idle = u32::try_from(idle.as_secs()).unwrap_or(u32::MAX);
+    let interval = u32::try_from(interval.as_secs()).unwrap_or(u32::MAX);
+    let result = setsockopt(stream, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepIdle, &idle))
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepInterval, &interval));
+    if let Err(err) = result {
+        tracing::debug!(error = %err, "could not set TCP keepalive");
+    }
+}
+
+/// Closes the connection when sent data stays unacknowledged for `limit` (TCP_USER_TIMEOUT),
+/// which finds a peer that vanished without a FIN while heartbeats are being written.
+pub fn user_timeout(stream: &TcpStream, limit: Duration) {
+    let millis = u32::try_from(limit.as_millis()).unwrap_or(u32::MAX);
+    if let Err(err) = setsockopt(stream, sockopt::TcpUserTimeout, &millis) {
+        tracing::debug!(error = %err, "could not set TCP_USER_TIMEOUT");
+    }
+}
+
+/// Sets TCP_NODELAY; a failure is logged, never fatal.
+pub fn nodelay(stream: &TcpStream, on: bool) {
+    if let Err(err) = stream.set_nodelay(on) {
+        tracing::debug!(error = %err, "could not set TCP_NODELAY");
+    }
+}
+
+/// Whether an idle connection, on which the peer must not have sent anything yet, was closed
+/// (or broke the protocol by sending early). Never blocks.
+pub fn is_closed(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    match nix::sys::socket::recv(
+        stream.as_raw_fd(),
+        &mut probe,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Err(Errno::EAGAIN) => false,
+        Err(Errno::EINTR) => false,
+        // 0: the peer closed; 1: bytes before the command, which the protocol never sends.
+        Ok(_) | Err(_) => true,
+    }
+}
+
+/// Closes the sending half, telling the peer no more bytes come.
+pub fn shutdown_write(stream: &TcpStream) {
+    // The peer may already be gone; the read side reports that.
+    let _ = nix::sys::socket::shutdown(stream.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+}

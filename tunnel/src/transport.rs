@@ -1,0 +1,73 @@
+//! Transports: how the tunnel's own connections (control and data channels) are made.
+//!
+//! The server and client are generic over [`Transport`], which binds, accepts and connects and
+//! hands back a [`TunnelStream`]. Forwarding never looks inside a transport: it copies between
+//! any [`TunnelStream`] and a local TCP socket, and asks [`TunnelStream::plain_tcp`] whether
+//! the kernel may move the bytes itself (`splice(2)`). Encrypted transports (Noise, TLS,
+//! WebSocket) plug in as further implementations, selected by `transport.type` in one place
+//! (`crate::run_server`, `crate::run_client`).
+
+pub mod noise;
+mod tcp;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::config::TransportSettings;
+use crate::error::Error;
+
+pub use noise::NoiseTransport;
+pub use tcp::TcpTransport;
+
+/// A connection carrying tunnel traffic.
+pub trait TunnelStream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
+    /// The TCP socket underneath (every transport runs over TCP): for socket options and for
+    /// checking whether an idle connection was closed.
+    fn tcp(&self) -> &TcpStream;
+
+    /// The socket itself when the stream adds nothing on top of TCP, so bytes can be spliced.
+    fn plain_tcp(&self) -> Option<&TcpStream>;
+}
+
+impl TunnelStream for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+/// A way of making tunnel connections.
+pub trait Transport: Send + Sync + Sized + 'static {
+    /// The connections it makes.
+    type Stream: TunnelStream;
+    /// What it listens with.
+    type Listener: Send + Sync + 'static;
+
+    /// The transport `[*.transport]` describes.
+    fn new(settings: &TransportSettings) -> Result<Self, Error>;
+
+    /// Listens on `addr` (the server's control port).
+    fn bind(&self, addr: &str) -> impl Future<Output = Result<Self::Listener, Error>> + Send;
+
+    /// The address a listener is bound to.
+    fn local_addr(listener: &Self::Listener) -> Result<SocketAddr, Error>;
+
+    /// Accepts the next TCP connection; cancel-safe.
+    fn accept(
+        &self,
+        listener: &Self::Listener,
+    ) -> impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>> + Send;
+
+    /// Runs the server side of the transport's handshake on an accepted connection.
+    fn handshake(&self, tcp: TcpStream)
+    -> impl Future<Output = Result<Self::Stream, Error>> + Send;
+
+    /// Connects to the server at `addr` and runs the client side of the handshake.
+    fn connect(&self, addr: &str) -> impl Future<Output = Result<Self::Stream, Error>> + Send;
+}

@@ -1,0 +1,452 @@
+//! The Noise transport, rathole's `type = "noise"`: TCP, then a Noise handshake (rathole's
+//! default pattern `Noise_NK_25519_ChaChaPoly_BLAKE2s`: the client knows the server's static
+//! public key, the server proves it holds the private one), then every message encrypted.
+//!
+//! The framing is snowstorm 0.4's, which rathole 0.5 uses: each handshake and transport
+//! message is a little-endian `u16` length and that many bytes, at most 65,535. The Noise
+//! state machine is the `snow` crate's; the framing and the stream are written here because
+//! snowstorm pins an old snow and hands out a fresh payload buffer per handshake message.
+//!
+//! A stream holds one receive buffer (a whole frame plus what follows it), one buffer of
+//! decrypted bytes and one encrypted frame on its way out: three 64 KiB buffers made when
+//! the stream is, none per message.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use snow::params::NoiseParams;
+use snow::{Builder, HandshakeState, TransportState};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{TcpTransport, Transport, TunnelStream};
+use crate::config::{NoiseSettings, TransportSettings};
+use crate::error::Error;
+
+/// The longest Noise message.
+const MAX_MESSAGE: usize = 65_535;
+/// The authentication tag each transport message carries.
+const TAG: usize = 16;
+/// The most plaintext one message carries.
+const MAX_PAYLOAD: usize = MAX_MESSAGE - TAG;
+/// The length prefix.
+const LEN: usize = 2;
+
+/// Which setting a Noise handshake cannot be built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The pattern does not parse or is not supported.
+    #[error(
+        "not a Noise pattern this tunnel supports (rathole's default is Noise_NK_25519_ChaChaPoly_BLAKE2s)"
+    )]
+    Pattern,
+    /// The private key is not 32 bytes of base64, or the pattern needs one.
+    #[error("must be 32 bytes in base64 (tunnel genkey makes a pair), and this pattern needs it")]
+    LocalKey,
+    /// The public key is not 32 bytes of base64, or the pattern needs one.
+    #[error("must be 32 bytes in base64 (the server's public key), and this pattern needs it")]
+    RemoteKey,
+}
+
+fn key_bytes(base64: &str) -> Option<[u8; 32]> {
+    STANDARD.decode(base64.trim()).ok()?.try_into().ok()
+}
+
+/// This side's handshake from `settings`: the client initiates, the server responds.
+pub fn handshake_state(
+    settings: &NoiseSettings,
+    initiator: bool,
+) -> Result<HandshakeState, KeyError> {
+    let params: NoiseParams = settings.pattern.parse().map_err(|_| KeyError::Pattern)?;
+    let local = match &settings.local_private_key {
+        Some(key) => Some(key_bytes(key.expose()).ok_or(KeyError::LocalKey)?),
+        None => None,
+    };
+    let remote = match &settings.remote_public_key {
+        Some(key) => Some(key_bytes(key).ok_or(KeyError::RemoteKey)?),
+        None => None,
+    };
+    let mut builder = Builder::new(params.clone());
+    // As rathole does: a side without a private key gets a throwaway one.
+    let generated;
+    let local = match &local {
+        Some(key) => &key[..],
+        None => {
+            generated = Builder::new(params)
+                .generate_keypair()
+                .map_err(|_| KeyError::LocalKey)?;
+            &generated.private[..]
+        }
+    };
+    builder = builder
+        .local_private_key(local)
+        .map_err(|_| KeyError::LocalKey)?;
+    if let Some(remote) = &remote {
+        builder = builder
+            .remote_public_key(remote)
+            .map_err(|_| KeyError::RemoteKey)?;
+    }
+    let built = if initiator {
+        builder.build_initiator()
+    } else {
+        builder.build_responder()
+    };
+    built.map_err(|_| {
+        if initiator {
+            KeyError::RemoteKey
+        } else {
+            KeyError::LocalKey
+        }
+    })
+}
+
+/// The Noise transport.
+pub struct NoiseTransport {
+    tcp: TcpTransport,
+    settings: NoiseSettings,
+}
+
+impl Transport for NoiseTransport {
+    type Stream = NoiseStream;
+    type Listener = TcpListener;
+
+    fn new(settings: &TransportSettings) -> Result<NoiseTransport, Error> {
+        let noise = settings.noise.clone().ok_or(Error::Unsupported {
+            what: "type = \"noise\" without [transport.noise]".into(),
+        })?;
+        Ok(NoiseTransport {
+            tcp: TcpTransport::with(settings.tcp),
+            settings: noise,
+        })
+    }
+
+    async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
+        self.tcp.bind(addr).await
+    }
+
+    fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
+        TcpTransport::local_addr(listener)
+    }
+
+    async fn accept(&self, listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+        self.tcp.accept(listener).await
+    }
+
+    async fn handshake(&self, tcp: TcpStream) -> Result<NoiseStream, Error> {
+        let state = handshake_state(&self.settings, false).map_err(noise_error)?;
+        NoiseStream::handshake(tcp, state).await
+    }
+
+    async fn connect(&self, addr: &str) -> Result<NoiseStream, Error> {
+        let tcp = self.tcp.connect(addr).await?;
+        let state = handshake_state(&self.settings, true).map_err(noise_error)?;
+        NoiseStream::handshake(tcp, state).await
+    }
+}
+
+fn noise_error(err: impl std::fmt::Display) -> Error {
+    Error::Noise {
+        reason: err.to_string(),
+    }
+}
+
+/// A TCP connection after a Noise handshake.
+pub struct NoiseStream {
+    tcp: TcpStream,
+    state: TransportState,
+    /// Received bytes not yet decrypted: `received[..filled]`.
+    received: Box<[u8]>,
+    filled: usize,
+    /// Decrypted bytes not yet read: `plain[start..end]`.
+    plain: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// An encrypted frame on its way out: `outgoing[sent..queued]`.
+    outgoing: Box<[u8]>,
+    sent: usize,
+    queued: usize,
+}
+
+impl NoiseStream {
+    /// Runs the handshake on `tcp` in the role `state` was built for.
+    pub async fn handshake(
+        mut tcp: TcpStream,
+        mut state: HandshakeState,
+    ) -> Result<NoiseStream, Error> {
+        let mut message = vec![0u8; MAX_MESSAGE];
+        let mut payload = vec![0u8; MAX_MESSAGE];
+        while !state.is_handshake_finished() {
+            if state.is_my_turn() {
+                let len = state
+                    .write_message(&[], &mut message)
+                    .map_err(noise_error)?;
+                let mut frame = Vec::with_capacity(LEN + len);
+                frame.extend_from_slice(&(len as u16).to_le_bytes());
+                frame.extend_from_slice(&message[..len]);
+                tcp.write_all(&frame)
+                    .await
+                    .map_err(|e| Error::io("sending a Noise handshake message", e))?;
+            } else {
+                let len = usize::from(tcp.read_u16_le().await.map_err(handshake_read)?);
+                tcp.read_exact(&mut message[..len])
+                    .await
+                    .map_err(handshake_read)?;
+                state
+                    .read_message(&message[..len], &mut payload)
+                    .map_err(|err| Error::Noise {
+                        reason: format!(
+                            "handshake failed ({err}): the peer's key does not match this side's"
+                        ),
+                    })?;
+            }
+        }
+        let state = state.into_transport_mode().map_err(noise_error)?;
+        Ok(NoiseStream {
+            tcp,
+            state,
+            received: vec![0u8; LEN + MAX_MESSAGE].into_boxed_slice(),
+            filled: 0,
+            plain: message.into_boxed_slice(),
+            start: 0,
+            end: 0,
+            outgoing: vec![0u8; LEN + MAX_MESSAGE].into_boxed_slice(),
+            sent: 0,
+            queued: 0,
+        })
+    }
+
+    /// Decrypts the first whole frame in `received`, if there is one.
+    fn decrypt_frame(&mut self) -> io::Result<bool> {
+        let Some(&[lo, hi]) = self.received.get(..LEN).filter(|_| self.filled >= LEN) else {
+            return Ok(false);
+        };
+        let total = LEN + usize::from(u16::from_le_bytes([lo, hi]));
+        if self.filled < total {
+            return Ok(false);
+        }
+        let n = self
+            .state
+            .read_message(&self.received[LEN..total], &mut self.plain)
+            .map_err(|err| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("Noise message failed to decrypt: {err}"),
+                )
+            })?;
+        self.start = 0;
+        self.end = n;
+        self.received.copy_within(total..self.filled, 0);
+        self.filled -= total;
+        Ok(true)
+    }
+
+    /// Writes out the frame in flight, if any.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.queued {
+            let n = ready!(
+                Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.sent..self.queued])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.sent = 0;
+        self.queued = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn handshake_read(err: io::Error) -> Error {
+    if err.kind() == io::ErrorKind::UnexpectedEof {
+        Error::Closed {
+            what: "the Noise handshake",
+        }
+    } else {
+        Error::io("reading a Noise handshake message", err)
+    }
+}
+
+impl AsyncRead for NoiseStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.start < this.end {
+                let n = (this.end - this.start).min(buf.remaining());
+                buf.put_slice(&this.plain[this.start..this.start + n]);
+                this.start += n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.decrypt_frame()? {
+                continue;
+            }
+            let mut space = ReadBuf::new(&mut this.received[this.filled..]);
+            ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut space))?;
+            let n = space.filled().len();
+            if n == 0 {
+                return Poll::Ready(if this.filled == 0 {
+                    Ok(())
+                } else {
+                    Err(io::ErrorKind::UnexpectedEof.into())
+                });
+            }
+            this.filled += n;
+        }
+    }
+}
+
+impl AsyncWrite for NoiseStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let take = buf.len().min(MAX_PAYLOAD);
+        let n = this
+            .state
+            .write_message(&buf[..take], &mut this.outgoing[LEN..])
+            .map_err(|err| io::Error::other(format!("Noise encryption failed: {err}")))?;
+        this.outgoing[..LEN].copy_from_slice(&(n as u16).to_le_bytes());
+        this.queued = LEN + n;
+        // The bytes are ours now; start sending them, and finish on the next call.
+        if let Poll::Ready(Err(err)) = this.poll_send(cx) {
+            return Poll::Ready(Err(err));
+        }
+        Poll::Ready(Ok(take))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+impl TunnelStream for NoiseStream {
+    fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::keys::KeyPair;
+
+    fn settings(private: Option<&str>, public: Option<&str>) -> NoiseSettings {
+        NoiseSettings {
+            pattern: crate::config::DEFAULT_NOISE_PATTERN.to_owned(),
+            local_private_key: private.map(|k| labcore::Secret::new(k.to_owned())),
+            remote_public_key: public.map(str::to_owned),
+        }
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn large_writes_arrive_whole_in_order_and_half_close() {
+        let keys = KeyPair::generate().unwrap();
+        let server_side = settings(Some(keys.private.expose()), None);
+        let client_side = settings(None, Some(&keys.public));
+        let (client_tcp, server_tcp) = pair().await;
+        let (client, server) = tokio::join!(
+            NoiseStream::handshake(client_tcp, handshake_state(&client_side, true).unwrap()),
+            NoiseStream::handshake(server_tcp, handshake_state(&server_side, false).unwrap()),
+        );
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                client.write_all(&sent).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                client.read_to_end(&mut back).await.unwrap();
+                back
+            })
+        };
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == sent);
+        server.write_all(b"done").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"done");
+    }
+
+    #[tokio::test]
+    async fn a_client_with_the_wrong_public_key_is_refused() {
+        let keys = KeyPair::generate().unwrap();
+        let other = KeyPair::generate().unwrap();
+        let server_side = settings(Some(keys.private.expose()), None);
+        let client_side = settings(None, Some(&other.public));
+        let (client_tcp, server_tcp) = pair().await;
+        let (_, server) = tokio::join!(
+            NoiseStream::handshake(client_tcp, handshake_state(&client_side, true).unwrap()),
+            NoiseStream::handshake(server_tcp, handshake_state(&server_side, false).unwrap()),
+        );
+        let err = server.err().unwrap().to_string();
+        assert!(err.contains("key does not match"), "{err}");
+    }
+
+    #[test]
+    fn bad_patterns_and_keys_name_the_setting() {
+        let keys = KeyPair::generate().unwrap();
+        let mut s = settings(Some(keys.private.expose()), None);
+        s.pattern = "Noise_XX_448_Foo_Bar".into();
+        assert_eq!(handshake_state(&s, false).err(), Some(KeyError::Pattern));
+        let s = settings(Some("c2hvcnQ="), None);
+        assert_eq!(handshake_state(&s, false).err(), Some(KeyError::LocalKey));
+        // NK: the client must know the server's key.
+        let s = settings(None, None);
+        assert_eq!(handshake_state(&s, true).err(), Some(KeyError::RemoteKey));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn a_server_reading_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let keys = KeyPair::generate().unwrap();
+                let server_side = settings(Some(keys.private.expose()), None);
+                let (mut peer, server_tcp) = pair().await;
+                peer.write_all(&bytes).await.unwrap();
+                peer.shutdown().await.unwrap();
+                let result = NoiseStream::handshake(server_tcp, handshake_state(&server_side, false).unwrap()).await;
+                prop_assert!(result.is_err());
+                Ok(())
+            })?;
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Plain TCP, rathole's `type = "tcp"`: no handshake, keepalive and TCP_NODELAY from
+//! `[*.transport.tcp]`.
+
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Transport;
+use crate::config::{TcpSettings, TransportSettings};
+use crate::error::Error;
+use crate::sockopt;
+
+/// The plain TCP transport.
+#[derive(Clone, Debug)]
+pub struct TcpTransport {
+    settings: TcpSettings,
+}
+
+impl TcpTransport {
+    /// A transport applying `settings` to every connection it makes or accepts.
+    pub fn with(settings: TcpSettings) -> TcpTransport {
+        TcpTransport { settings }
+    }
+
+    fn tune(&self, stream: &TcpStream) {
+        sockopt::nodelay(stream, self.settings.nodelay);
+        sockopt::keepalive(
+            stream,
+            self.settings.keepalive_time,
+            self.settings.keepalive_interval,
+        );
+    }
+}
+
+impl Transport for TcpTransport {
+    type Stream = TcpStream;
+    type Listener = TcpListener;
+
+    fn new(settings: &TransportSettings) -> Result<TcpTransport, Error> {
+        Ok(TcpTransport::with(settings.tcp))
+    }
+
+    async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
+        sockopt::listen(addr).await.map_err(|source| Error::Bind {
+            what: "the control channel".into(),
+            addr: addr.to_owned(),
+            source,
+        })
+    }
+
+    fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
+        listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the control port's address", e))
+    }
+
+    async fn accept(&self, listener: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let (stream, peer) = listener.accept().await?;
+        self.tune(&stream);
+        Ok((stream, peer))
+    }
+
+    async fn handshake(&self, tcp: TcpStream) -> Result<TcpStream, Error> {
+        Ok(tcp)
+    }
+
+    async fn connect(&self, addr: &str) -> Result<TcpStream, Error> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| Error::io(format!("connecting to {addr}"), e))?;
+        self.tune(&stream);
+        Ok(stream)
+    }
+}

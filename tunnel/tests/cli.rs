@@ -1,0 +1,204 @@
+//! The command line as a user meets it: `tunnel check`, the side chosen from the file's table,
+//! a distinct exit code and a culprit for each kind of bad input, and tokens read from
+//! `token_file` and from systemd credentials rather than the config.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+
+use common::*;
+use testkit::{Proc, ProcBuilder, Scratch};
+
+const LAB_SERVER: &str = include_str!("../../../shared/lab/server.toml");
+const LAB_CLIENT: &str = include_str!("../../../shared/lab/client.toml");
+
+/// Runs `tunnel ARGS` to its end and returns it.
+fn finished(args: &[&str], code: i32) -> Proc {
+    let proc = ProcBuilder::new(TUNNEL).args(args).spawn().unwrap();
+    proc.expect_exit(code, WAIT).unwrap();
+    proc
+}
+
+#[test]
+fn check_prints_what_the_lab_configs_set_up_and_no_token() {
+    let dir = Scratch::new("cli").unwrap();
+    let server = write(&dir, "server.toml", LAB_SERVER);
+    let out = finished(&["check", "-c", server.to_str().unwrap()], 0).stdout();
+    assert!(
+        out.contains("server, control port 0.0.0.0:7000, 4 services"),
+        "{out}"
+    );
+    assert!(out.contains("  ssh on 0.0.0.0:3389"), "{out}");
+    assert!(out.contains("  web on 127.0.0.1:7001"), "{out}");
+    let client = write(&dir, "client.toml", LAB_CLIENT);
+    let out = finished(&["check", "-c", client.to_str().unwrap()], 0).stdout();
+    assert!(
+        out.contains("client of lab.example.org:7000, 4 services"),
+        "{out}"
+    );
+    assert!(out.contains("  gitssh to 127.0.0.1:222"), "{out}");
+    assert!(!out.contains("change-me"), "a token was printed: {out}");
+}
+
+#[test]
+fn bad_configs_and_arguments_exit_with_distinct_codes_naming_the_culprit() {
+    let dir = Scratch::new("cli").unwrap();
+
+    // A typo: 78, with the file, line and key.
+    let typo = write(
+        &dir,
+        "typo.toml",
+        "[server]\nbind_addr = \"127.0.0.1:0\"\ndefault_tokn = \"x\"\n",
+    );
+    let err = finished(&["server", "-c", typo.to_str().unwrap()], 78).stderr();
+    assert!(err.contains("typo.toml:3"), "{err}");
+    assert!(err.contains("default_tokn"), "{err}");
+
+    // A transport of a later release: 78, saying so, before anything is bound.
+    let tls = write(
+        &dir,
+        "tls.toml",
+        &format!(
+            "{}[server.transport]\ntype = \"tls\"\n",
+            server_config("", &[("echo", "t")])
+        ),
+    );
+    let err = finished(&["server", "-c", tls.to_str().unwrap()], 78).stderr();
+    assert!(err.contains("not supported"), "{err}");
+
+    // A limit of no connections: 78, naming the key.
+    let zero = write(
+        &dir,
+        "zero.toml",
+        &format!(
+            "{}max_connections = 0\n",
+            server_config("", &[("echo", "t")])
+        ),
+    );
+    let err = finished(&["check", "-c", zero.to_str().unwrap()], 78).stderr();
+    assert!(
+        err.contains("server.services.echo.max_connections"),
+        "{err}"
+    );
+
+    // The wrong side for the file: 78.
+    let client_only = write(
+        &dir,
+        "client.toml",
+        &client_config("127.0.0.1:7000".parse().unwrap(), "", &[]),
+    );
+    let err = finished(&["server", "-c", client_only.to_str().unwrap()], 78).stderr();
+    assert!(err.contains("no [server] table"), "{err}");
+
+    // No such file: 66, naming it.
+    let missing = dir.join("missing.toml");
+    let err = finished(&["server", "-c", missing.to_str().unwrap()], 66).stderr();
+    assert!(err.contains("missing.toml"), "{err}");
+
+    // No file at all, or an unknown flag: 64.
+    finished(&["server"], 64);
+    finished(&["server", "--frobnicate"], 64);
+
+    // A service port someone else holds: 69, naming the service and the address.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let busy = write(
+        &dir,
+        "busy.toml",
+        &format!(
+            "[server]\nbind_addr = \"127.0.0.1:0\"\ndefault_token = \"t\"\n\
+             [server.services.web]\nbind_addr = \"{addr}\"\n"
+        ),
+    );
+    let err = finished(&["server", "-c", busy.to_str().unwrap()], 69).stderr();
+    assert!(err.contains("service web"), "{err}");
+    assert!(err.contains(&addr.to_string()), "{err}");
+}
+
+#[test]
+fn tokens_come_from_systemd_credentials_and_token_files_and_never_reach_the_log() {
+    const TOKEN: &str = "Cr3dential-T0ken-9f1c";
+    let dir = Scratch::new("cli").unwrap();
+    // The server's token is a systemd credential named after its key.
+    let creds = dir.join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("server.services.echo.token"), TOKEN).unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        "[server]\nbind_addr = \"127.0.0.1:0\"\n\
+         [server.services.echo]\nbind_addr = \"127.0.0.1:0\"\n",
+    );
+    let server = tunnel(&["server"], &server_toml)
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .spawn()
+        .unwrap();
+    server.wait_ready(WAIT).unwrap();
+    // The client's is in a file (as an editor saves it, with a newline), and the side comes
+    // from the file's [client] table.
+    let token_file = dir.join("echo.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let client_toml = write(
+        &dir,
+        "client.toml",
+        &format!(
+            "[client]\nremote_addr = \"{}\"\n\
+             [client.services.echo]\nlocal_addr = \"{}\"\ntoken_file = \"{}\"\n",
+            control_addr(&server),
+            echo_service(),
+            token_file.display()
+        ),
+    );
+    let client = tunnel(&[], &client_toml).spawn().unwrap();
+    client.wait_ready(WAIT).unwrap();
+    echo_through(service_addr(&server, "echo"), &payload(100_000));
+    for proc in [&server, &client] {
+        assert!(!proc.stderr().contains(TOKEN), "the token reached the log");
+    }
+}
+
+#[test]
+fn a_noise_private_key_comes_from_a_credential_and_labkit_talks_noise_to_itself() {
+    let dir = Scratch::new("cli").unwrap();
+    let genkey = finished(&["genkey"], 0).stdout();
+    let lines: Vec<&str> = genkey.lines().collect();
+    let (private, public) = (lines[1], lines[4]);
+    let creds = dir.join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(
+        creds.join("server.transport.noise.local_private_key"),
+        private,
+    )
+    .unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &format!(
+            "{}[server.transport]\ntype = \"noise\"\n",
+            server_config("", &[("echo", "t")])
+        ),
+    );
+    let server = tunnel(&["server"], &server_toml)
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .spawn()
+        .unwrap();
+    server.wait_ready(WAIT).unwrap();
+    let client_toml = write(
+        &dir,
+        "client.toml",
+        &format!(
+            "{}[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n",
+            client_config(control_addr(&server), "", &[("echo", "t", echo_service())])
+        ),
+    );
+    let client = client(&client_toml);
+    echo_through(service_addr(&server, "echo"), &payload(2_000_000));
+    for proc in [&server, &client] {
+        assert!(
+            !proc.stderr().contains(private),
+            "the private key reached the log"
+        );
+    }
+}

@@ -1,0 +1,287 @@
+//! Interop with the real rathole 0.5.0 (installed by scripts/test): a labkit client works
+//! with a rathole server and a rathole client with a labkit server, refusals included.
+//!
+//! rathole binds the ports in its config itself, so its tests take free ports and retry on
+//! a clash; rathole logs (to stdout) when it listens and when a control channel opens.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use testkit::ports::{free_port, retry_on_port_clash};
+use testkit::{Proc, ProcBuilder, Scratch};
+
+/// A rathole server with one service `echo` and `extra` config; returns it with its control
+/// and service ports.
+fn rathole_server(dir: &Scratch, token: &str, extra: &str) -> (Proc, SocketAddr, SocketAddr) {
+    retry_on_port_clash(|_| {
+        let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let service = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = write(
+            dir,
+            "rathole-server.toml",
+            &format!(
+                "[server]\nbind_addr = \"{control}\"\nheartbeat_interval = 1\n\
+                 [server.services.echo]\ntoken = \"{token}\"\nbind_addr = \"{service}\"\n{extra}"
+            ),
+        );
+        let proc = ProcBuilder::new(rathole())
+            .arg("--server")
+            .arg(&config)
+            .spawn()?;
+        proc.wait_output(&format!("Listening at {control}"), WAIT)?;
+        Ok((proc, control, service))
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_labkit_client_works_with_a_rathole_server() {
+    let dir = Scratch::new("interop").unwrap();
+    let (rathole, control, service) = rathole_server(&dir, "shared-token", "");
+    let config = write(
+        &dir,
+        "client.toml",
+        &client_config(
+            control,
+            "heartbeat_timeout = 3",
+            &[("echo", "shared-token", echo_service())],
+        ),
+    );
+    let client = tunnel(&["client"], &config)
+        .env("LABKIT_LOG", "info,tunnel=trace")
+        .spawn()
+        .unwrap();
+    client.wait_ready(WAIT).unwrap();
+    // rathole binds a service's port once its control channel is open.
+    rathole
+        .wait_output(&format!("Listening at {service}"), WAIT)
+        .unwrap();
+    for _ in 0..20 {
+        echo_through(service, &payload(100_000));
+    }
+    echo_through(service, &payload(5_000_000));
+    // rathole sends a heartbeat every second; the client understands them.
+    client.wait_stderr("heartbeat service=echo", WAIT).unwrap();
+    assert!(
+        !client.stderr().contains("control channel lost"),
+        "{}",
+        client.stderr()
+    );
+    client.stop(WAIT).unwrap();
+}
+
+#[test]
+fn a_rathole_client_works_with_a_labkit_server() {
+    let dir = Scratch::new("interop").unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &server_config("heartbeat_interval = 1", &[("echo", "shared-token")]),
+    );
+    let server = server(&server_toml);
+    let service = service_addr(&server, "echo");
+    let client_toml = write(
+        &dir,
+        "rathole-client.toml",
+        &client_config(
+            control_addr(&server),
+            "heartbeat_timeout = 3",
+            &[("echo", "shared-token", echo_service())],
+        ),
+    );
+    let rathole = ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(&client_toml)
+        .env("RUST_LOG", "info,rathole::client=debug")
+        .spawn()
+        .unwrap();
+    rathole
+        .wait_output("Control channel established", WAIT)
+        .unwrap();
+    server
+        .wait_stderr("control channel open service=echo ", WAIT)
+        .unwrap();
+    for _ in 0..20 {
+        echo_through(service, &payload(100_000));
+    }
+    echo_through(service, &payload(5_000_000));
+    rathole.wait_output("Received HeartBeat", WAIT).unwrap();
+    assert!(
+        !rathole.stdout().contains("Heartbeat timed out"),
+        "{}",
+        rathole.stdout()
+    );
+    server.stop(WAIT).unwrap();
+}
+
+#[test]
+fn a_rathole_server_refuses_a_labkit_client_with_a_wrong_token() {
+    let dir = Scratch::new("interop").unwrap();
+    let (_rathole, control, _) = rathole_server(&dir, "right-token", "");
+    let config = write(
+        &dir,
+        "client.toml",
+        &client_config(control, "", &[("echo", "wrong-token", echo_service())]),
+    );
+    let client = tunnel(&["client"], &config).spawn().unwrap();
+    let line = client
+        .wait_stderr("could not open the control channel", WAIT)
+        .unwrap();
+    assert!(
+        line.contains("server refused service echo: wrong token"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_labkit_server_refuses_a_rathole_client_with_a_wrong_token() {
+    let dir = Scratch::new("interop").unwrap();
+    let server = server(&write(
+        &dir,
+        "server.toml",
+        &server_config("", &[("echo", "right-token")]),
+    ));
+    let client_toml = write(
+        &dir,
+        "rathole-client.toml",
+        &client_config(
+            control_addr(&server),
+            "",
+            &[("echo", "wrong-token", echo_service())],
+        ),
+    );
+    let rathole = ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(&client_toml)
+        .spawn()
+        .unwrap();
+    let line = server
+        .wait_stderr("wrong token for service echo", WAIT)
+        .unwrap();
+    assert!(
+        line.contains("connection refused peer=127.0.0.1:"),
+        "{line}"
+    );
+    rathole.wait_output("Incorrect token", WAIT).unwrap();
+    assert!(!server.stderr().contains("wrong-token"));
+}
+
+/// The private and public keys `tunnel genkey` prints.
+fn genkey() -> (String, String) {
+    let genkey = ProcBuilder::new(TUNNEL).arg("genkey").spawn().unwrap();
+    genkey.expect_exit(0, WAIT).unwrap();
+    let out = genkey.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    assert_eq!(
+        (lines[0], lines[2], lines[3]),
+        ("Private Key:", "", "Public Key:")
+    );
+    (lines[1].to_owned(), lines[4].to_owned())
+}
+
+fn noise_server(private: &str) -> String {
+    format!(
+        "[server.transport]\ntype = \"noise\"\n\
+         [server.transport.noise]\nlocal_private_key = \"{private}\"\n"
+    )
+}
+
+fn noise_client(public: &str) -> String {
+    format!(
+        "[client.transport]\ntype = \"noise\"\n\
+         [client.transport.noise]\nremote_public_key = \"{public}\"\n"
+    )
+}
+
+#[test]
+fn a_labkit_noise_client_works_with_a_rathole_noise_server_on_genkey_keys() {
+    let dir = Scratch::new("interop").unwrap();
+    let (private, public) = genkey();
+    assert_eq!(
+        tunnel::keys::public_of(&private).as_deref(),
+        Some(public.as_str())
+    );
+    let (rathole, control, service) = rathole_server(&dir, "noise-token", &noise_server(&private));
+    let mut config = client_config(control, "", &[("echo", "noise-token", echo_service())]);
+    config.push_str(&noise_client(&public));
+    let client = tunnel(&["client"], &write(&dir, "client.toml", &config))
+        .spawn()
+        .unwrap();
+    client.wait_ready(WAIT).unwrap();
+    rathole
+        .wait_output(&format!("Listening at {service}"), WAIT)
+        .unwrap();
+    for _ in 0..5 {
+        echo_through(service, &payload(100_000));
+    }
+    echo_through(service, &payload(3_000_000));
+}
+
+#[test]
+fn a_rathole_noise_client_works_with_a_labkit_noise_server() {
+    let dir = Scratch::new("interop").unwrap();
+    let (private, public) = genkey();
+    let mut config = server_config("", &[("echo", "noise-token")]);
+    config.push_str(&noise_server(&private));
+    let server = server(&write(&dir, "server.toml", &config));
+    let mut client_toml = client_config(
+        control_addr(&server),
+        "",
+        &[("echo", "noise-token", echo_service())],
+    );
+    client_toml.push_str(&noise_client(&public));
+    let _rathole = ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(write(&dir, "rathole-client.toml", &client_toml))
+        .spawn()
+        .unwrap();
+    server
+        .wait_stderr("control channel open service=echo ", WAIT)
+        .unwrap();
+    let service = service_addr(&server, "echo");
+    for _ in 0..5 {
+        echo_through(service, &payload(100_000));
+    }
+    echo_through(service, &payload(3_000_000));
+}
+
+#[test]
+fn a_wrong_noise_key_is_refused_with_a_log_line_and_serves_nothing() {
+    let dir = Scratch::new("interop").unwrap();
+    let (private, _) = genkey();
+    let (_, wrong_public) = genkey();
+    let mut config = server_config("", &[("echo", "noise-token")]);
+    config.push_str(&noise_server(&private));
+    let server = server(&write(&dir, "server.toml", &config));
+    let mut client_toml = client_config(
+        control_addr(&server),
+        "",
+        &[("echo", "noise-token", echo_service())],
+    );
+    client_toml.push_str(&noise_client(&wrong_public));
+    // Both a rathole client and a labkit client holding the wrong server key.
+    let _rathole = ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(write(&dir, "rathole-client.toml", &client_toml))
+        .spawn()
+        .unwrap();
+    let line = server
+        .wait_stderr("connection refused peer=127.0.0.1:", WAIT)
+        .unwrap();
+    assert!(line.contains("key does not match"), "{line}");
+    let client = tunnel(&["client"], &write(&dir, "client.toml", &client_toml))
+        .spawn()
+        .unwrap();
+    let line = client
+        .wait_stderr("could not open the control channel", WAIT)
+        .unwrap();
+    assert!(line.contains("Noise"), "{line}");
+    // No control channel opened, so the service's visitors are turned away.
+    let mut visitor = visit(service_addr(&server, "echo"));
+    assert!(closed_by_peer(&mut visitor, WAIT));
+    assert!(!server.stderr().contains("control channel open"));
+    assert!(!server.stderr().contains(&private));
+}

@@ -1,0 +1,152 @@
+//! The opt-in Prometheus endpoint (`metrics_addr`) on both sides: per-service connections,
+//! bytes each way, refused visitors and handshake failures by reason, as a scrape shows them.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use common::*;
+use testkit::{Proc, Scratch};
+
+/// `GET path` on the endpoint: the status line and the body.
+fn scrape(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = visit(addr);
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: metrics\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+fn metrics_addr(proc: &Proc) -> SocketAddr {
+    logged_addr(proc, "metrics listening")
+}
+
+fn assert_line(body: &str, line: &str) {
+    assert!(
+        body.lines().any(|l| l == line),
+        "no line {line:?} in:\n{body}"
+    );
+}
+
+#[test]
+fn both_sides_count_connections_bytes_refusals_and_handshake_failures() {
+    let dir = Scratch::new("metrics").unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &server_config(
+            "metrics_addr = \"127.0.0.1:0\"",
+            &[("echo", "m-token"), ("idle", "i-token")],
+        ),
+    );
+    let server = server(&server_toml);
+    let client_toml = write(
+        &dir,
+        "client.toml",
+        &client_config(
+            control_addr(&server),
+            "metrics_addr = \"127.0.0.1:0\"",
+            &[("echo", "m-token", echo_service())],
+        ),
+    );
+    let client = tunnel(&["client"], &client_toml).spawn().unwrap();
+    client
+        .wait_stderr("control channel open service=echo", WAIT)
+        .unwrap();
+    let echo = service_addr(&server, "echo");
+    for _ in 0..3 {
+        echo_through(echo, &payload(100_000));
+    }
+    wait_count(&server, "visitor connection finished service=echo", 3);
+    wait_count(&client, "connection finished service=echo", 3);
+    // No client serves `idle`: its visitor is refused.
+    let mut refused = visit(service_addr(&server, "idle"));
+    assert!(closed_by_peer(&mut refused, WAIT));
+    // Garbage on the control port: a handshake failure.
+    let mut garbage = TcpStream::connect(control_addr(&server)).unwrap();
+    garbage.write_all(&[0xff; 37]).unwrap();
+    server.wait_stderr("connection refused", WAIT).unwrap();
+
+    let (status, body) = scrape(metrics_addr(&server), "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        body.contains("# TYPE tunnel_connections_total counter"),
+        "{body}"
+    );
+    assert_line(&body, "tunnel_connections_total{service=\"echo\"} 3");
+    assert_line(&body, "tunnel_connections_open{service=\"echo\"} 0");
+    assert_line(
+        &body,
+        "tunnel_bytes_total{service=\"echo\",direction=\"to_service\"} 300000",
+    );
+    assert_line(
+        &body,
+        "tunnel_bytes_total{service=\"echo\",direction=\"to_visitor\"} 300000",
+    );
+    assert_line(&body, "tunnel_control_channel_open{service=\"echo\"} 1");
+    assert_line(&body, "tunnel_control_channel_open{service=\"idle\"} 0");
+    assert_line(
+        &body,
+        "tunnel_connections_refused_total{service=\"idle\"} 1",
+    );
+    assert_line(
+        &body,
+        "tunnel_handshake_failures_total{reason=\"malformed\"} 1",
+    );
+    assert!(!body.contains("m-token"), "a token in the metrics");
+
+    let (status, body) = scrape(metrics_addr(&client), "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_line(&body, "tunnel_connections_total{service=\"echo\"} 3");
+    assert_line(
+        &body,
+        "tunnel_bytes_total{service=\"echo\",direction=\"to_service\"} 300000",
+    );
+    assert_line(
+        &body,
+        "tunnel_bytes_total{service=\"echo\",direction=\"to_visitor\"} 300000",
+    );
+    assert_line(&body, "tunnel_reconnects_total{service=\"echo\"} 0");
+
+    let (status, _) = scrape(metrics_addr(&server), "/other");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}
+
+#[test]
+fn a_client_counts_its_reconnects_after_the_server_restarts() {
+    let dir = Scratch::new("metrics").unwrap();
+    let server_toml = write(&dir, "server.toml", &server_config("", &[("echo", "t")]));
+    let first = server(&server_toml);
+    let control = control_addr(&first);
+    let client_toml = write(
+        &dir,
+        "client.toml",
+        &client_config(
+            control,
+            "metrics_addr = \"127.0.0.1:0\"",
+            &[("echo", "t", echo_service())],
+        ),
+    );
+    let client = client(&client_toml);
+    first.stop(WAIT).unwrap();
+    client
+        .wait_stderr("control channel lost: reconnecting", WAIT)
+        .unwrap();
+    // The same control port again.
+    let again = write(
+        &dir,
+        "server2.toml",
+        &server_config("", &[("echo", "t")]).replacen("127.0.0.1:0", &control.to_string(), 1),
+    );
+    let _second = server(&again);
+    wait_count(&client, "control channel open service=echo", 2);
+    let (_, body) = scrape(metrics_addr(&client), "/metrics");
+    assert_line(&body, "tunnel_reconnects_total{service=\"echo\"} 1");
+    assert_line(&body, "tunnel_control_channel_open{service=\"echo\"} 1");
+}
