@@ -91,11 +91,24 @@ pub enum Command {
         format: Format,
     },
     /// Run passes at the times in [schedule], until SIGTERM (systemd Type=notify).
+    ///
+    /// SIGHUP reloads the config (a bad new config is logged and the old one kept); a pass in
+    /// progress finishes before a stop takes effect only if it ends within systemd's stop timeout.
+    #[command(
+        after_long_help = "EXAMPLES:\n    backupd daemon -c /etc/labkit/backupd.toml\n    systemctl reload backupd-daemon    # SIGHUP: re-read the config"
+    )]
     Daemon {
         #[command(flatten)]
         config: ConfigArg,
     },
     /// List the complete backups on the targets.
+    ///
+    /// Text output has one line per backup: ID, target, stored size in bytes and whether its
+    /// latest restore test passed. JSON output has one object per line with the whole manifest
+    /// and the latest verification record.
+    #[command(
+        after_long_help = "EXAMPLES:\n    backupd list -c backupd.toml\n    backupd list -c backupd.toml --target s3 --source lab --format json | jq .id"
+    )]
     List {
         #[command(flatten)]
         config: ConfigArg,
@@ -137,6 +150,9 @@ pub enum Command {
         no_owner: bool,
     },
     /// Restore-test a backup into scratch space and compare it with its manifest.
+    #[command(
+        after_long_help = "EXAMPLES:\n    backupd verify -c backupd.toml --latest\n    backupd verify -c backupd.toml lab.metabase@20261125T031500.123Z --identity /root/backup.key"
+    )]
     ///
     /// Databases are restored into a scratch database and every table's row count compared;
     /// folders are extracted into a scratch folder and every file's size, mode, mtime and
@@ -162,6 +178,12 @@ pub enum Command {
         target: Option<String>,
     },
     /// Delete backups the retention policy no longer keeps, and old incomplete leftovers.
+    ///
+    /// The newest verified backup of each subject is always kept; incomplete backups (no
+    /// manifest) are removed once a day old. Takes the same lock as `run`.
+    #[command(
+        after_long_help = "EXAMPLES:\n    backupd prune -c backupd.toml --dry-run\n    backupd prune -c backupd.toml"
+    )]
     Prune {
         #[command(flatten)]
         config: ConfigArg,
@@ -173,6 +195,7 @@ pub enum Command {
         format: Format,
     },
     /// Validate the config and print what it resolves to.
+    #[command(after_long_help = "EXAMPLES:\n    backupd check -c /etc/labkit/backupd.toml")]
     Check {
         #[command(flatten)]
         config: ConfigArg,
