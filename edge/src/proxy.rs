@@ -129,11 +129,21 @@ impl Proxy {
         } else {
             self.next.fetch_add(1, Ordering::Relaxed) % n
         };
+        // Health is read once, so an upstream failing during this request is not tried twice.
         let now = epoch_ms();
-        let rotated = move || (0..n).map(move |i| &self.upstreams[(start + i) % n]);
+        let down: u128 = self
+            .upstreams
+            .iter()
+            .take(128)
+            .enumerate()
+            .filter(|(_, u)| u.is_down(now))
+            .fold(0, |mask, (i, _)| mask | 1 << i);
+        let is_down = move |i: usize| i < 128 && down & (1 << i) != 0;
+        let rotated = move || (0..n).map(move |i| (start + i) % n);
         rotated()
-            .filter(move |u| !u.is_down(now))
-            .chain(rotated().filter(move |u| u.is_down(now)))
+            .filter(move |&i| !is_down(i))
+            .chain(rotated().filter(move |&i| is_down(i)))
+            .map(move |i| &self.upstreams[i])
     }
 }
 
