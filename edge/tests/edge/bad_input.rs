@@ -86,6 +86,9 @@ fn oversized_headers_get_431() {
         "a".repeat(8 * 1024)
     );
     assert!(raw(&edge, fits.as_bytes()).starts_with("HTTP/1.1 200"));
+    edge.proc
+        .wait_stderr("error=message head is too large", WAIT)
+        .unwrap();
     still_serves(&edge);
     edge.stop();
 }
@@ -303,6 +306,13 @@ fn request_smuggling_shapes_are_refused_or_reframed() {
     ] {
         let answer = raw(&edge, bad);
         assert!(answer.starts_with("HTTP/1.1 400"), "{} got {answer:?}", String::from_utf8_lossy(bad));
+    }
+    for logged in [
+        "error=invalid content-length parsed",
+        "error=unexpected transfer-encoding parsed",
+        "error=invalid transfer-encoding parsed",
+    ] {
+        edge.proc.wait_stderr(logged, WAIT).unwrap();
     }
     still_serves(&edge);
     edge.stop();
