@@ -193,4 +193,20 @@ mod tests {
         let shown = format!("{:?}", auth());
         assert!(shown.contains("alice") && !shown.contains("$2"), "{shown}");
     }
+
+    proptest::proptest! {
+        /// Authorization headers are untrusted bytes: anything is refused or parsed, never a panic.
+        #[test]
+        fn any_authorization_header_is_handled(bytes in proptest::collection::vec(0x20u8..0x7f, 0..80)) {
+            if let Ok(value) = HeaderValue::from_bytes(&bytes) {
+                let _ = parse_basic(&value);
+            }
+        }
+
+        /// A user (no colon) and any password come back as they were sent.
+        #[test]
+        fn user_and_password_round_trip(user in "[^:]{0,20}", password in ".{0,40}") {
+            proptest::prop_assert_eq!(parse_basic(&header(&user, &password)), Some((user, password)));
+        }
+    }
 }

@@ -203,4 +203,18 @@ mod tests {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
         assert!(!e.wants(StatusCode::OK, &h));
     }
+
+    proptest::proptest! {
+        /// Accept-Encoding is untrusted: any value is handled without a panic, and an encoding
+        /// the client did not name (nor `*`) is never chosen.
+        #[test]
+        fn any_accept_encoding_is_handled(text in "[ -~]{0,80}") {
+            if let Ok(value) = HeaderValue::from_str(&text) {
+                let chosen = encode().negotiate(Some(&value));
+                let lower = text.to_ascii_lowercase();
+                let named = |e: Encoding| lower.contains('*') || lower.contains(e.token());
+                proptest::prop_assert!(chosen.is_none_or(named), "{:?} for {:?}", chosen, text);
+            }
+        }
+    }
 }

@@ -574,4 +574,29 @@ mod tests {
         assert_eq!(split_host_port("a:x"), None);
         assert_eq!(host_of("Lab.Example.org.:443"), "lab.example.org");
     }
+
+    proptest::proptest! {
+        /// Host headers are untrusted bytes: any text is handled without a panic.
+        #[test]
+        fn any_host_header_is_handled(text in ".{0,64}") {
+            let _ = split_host_port(&text);
+            let _ = host_of(&text);
+        }
+
+        /// A name with a port always gives back the lowercase name and the port.
+        #[test]
+        fn a_name_and_port_split_back(name in "[a-zA-Z0-9][a-zA-Z0-9.-]{0,30}", port: u16) {
+            let authority = format!("{name}:{port}");
+            proptest::prop_assert_eq!(split_host_port(&authority), Some((name.as_str(), Some(port))));
+            proptest::prop_assert_eq!(host_of(&authority), name.trim_end_matches('.').to_ascii_lowercase());
+        }
+
+        /// A bracketed IPv6 address with a port splits at the bracket.
+        #[test]
+        fn a_bracketed_ipv6_address_and_port_split_back(ip: std::net::Ipv6Addr, port: u16) {
+            let authority = format!("[{ip}]:{port}");
+            let host = format!("[{ip}]");
+            proptest::prop_assert_eq!(split_host_port(&authority), Some((host.as_str(), Some(port))));
+        }
+    }
 }
