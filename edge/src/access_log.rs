@@ -22,6 +22,8 @@ use crate::config::AccessLog as Target;
 use crate::handler::{Body, BoxError};
 
 const QUEUE: usize = 4096;
+/// Most lines written with one write.
+const BATCH: usize = 512;
 
 /// One request's log record, filled as the request goes.
 #[derive(Debug, Serialize)]
@@ -120,31 +122,37 @@ async fn write_loop(
     dropped: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
-    let mut line = Vec::with_capacity(512);
+    // Everything queued is taken at once and written with one write: under load a write
+    // carries hundreds of lines, so the writer keeps up with the requests instead of dropping.
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut lines = Vec::with_capacity(BATCH * 256);
     let mut reported = 0;
     loop {
-        let record = tokio::select! {
-            record = rx.recv() => record,
-            _ = stop.cancelled() => { rx.close(); rx.recv().await }
+        let received = tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => n,
+            _ = stop.cancelled() => { rx.close(); rx.recv_many(&mut batch, BATCH).await }
         };
-        let Some(record) = record else { break };
-        line.clear();
-        if serde_json::to_writer(&mut line, &record).is_err() {
-            continue;
+        if received == 0 {
+            break;
         }
-        line.push(b'\n');
-        let write = async {
-            out.write_all(&line).await?;
-            // Flush when nothing else is waiting, so lines appear promptly but batch under load.
-            if rx.is_empty() {
-                out.flush().await?;
+        lines.clear();
+        for record in batch.drain(..) {
+            if serde_json::to_writer(&mut lines, &record).is_ok() {
+                lines.push(b'\n');
             }
-            Ok::<_, std::io::Error>(())
+        }
+        let write = async {
+            out.write_all(&lines).await?;
+            out.flush().await
         };
         match tokio::time::timeout(Duration::from_secs(10), write).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::warn!(error = %err, "writing the access log failed"),
             Err(_) => tracing::warn!("writing the access log timed out"),
+        }
+        if lines.capacity() > BATCH * 1024 {
+            // One burst of long lines does not pin a large buffer for good.
+            lines = Vec::with_capacity(BATCH * 256);
         }
         let now_dropped = dropped.load(Ordering::Relaxed);
         if now_dropped > reported {

@@ -144,6 +144,47 @@ fn a_client_sending_headers_one_byte_at_a_time_is_cut_off() {
 }
 
 #[test]
+fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let ups = Upstreams::new();
+    let edge = toml_edge(&ups, "idle_timeout = \"1s\"", "");
+    let mut stream = TcpStream::connect(("127.0.0.1", edge.port("http"))).unwrap();
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: plain.local\r\n\r\n")
+        .unwrap();
+    // The answer arrives and the connection stays open for more; then, left idle, the edge
+    // closes it (read returns 0) well before the 30 s read timeout.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("the idle connection was not closed: {e}"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&seen);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("web /first"),
+        "{answer}"
+    );
+    assert!(!answer.contains("connection: close"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    edge.proc
+        .wait_stderr("idle connection closed", WAIT)
+        .unwrap();
+    still_serves(&edge);
+    edge.stop();
+}
+
+#[test]
 fn tls_garbage_is_refused_and_logged() {
     let ups = Upstreams::new();
     let edge = toml_edge(&ups, "", "");

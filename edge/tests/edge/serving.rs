@@ -101,6 +101,28 @@ fn ups_addr_of(lines: &[serde_json::Value], i: usize) -> serde_json::Value {
 }
 
 #[test]
+fn tls_1_2_and_tls_1_3_are_both_served() {
+    let ups = Upstreams::new();
+    let edge = start_lab(&ups);
+    for (flags, version) in [
+        (["--tlsv1.2", "--tls-max", "1.2"], "TLSv1.2"),
+        (["--tlsv1.3", "--tls-max", "1.3"], "TLSv1.3"),
+    ] {
+        let mut args: Vec<&str> = flags.to_vec();
+        args.extend(["-v", "https://git.example.org:@HTTPS@/v"]);
+        let out = edge.curl(&args);
+        assert_eq!(out.stdout, "git /v", "{out:?}");
+        assert!(
+            out.stderr
+                .contains(&format!("SSL connection using {version}")),
+            "{}",
+            out.stderr
+        );
+    }
+    edge.stop();
+}
+
+#[test]
 fn plain_http_redirects_permanently_to_https_except_acme_challenges() {
     let ups = Upstreams::new();
     let edge = start_lab(&ups);
