@@ -27,12 +27,16 @@ fn toml_edge(ups: &Upstreams, limits: &str, extra_sites: &str) -> Edge {
     Edge::start(dir, config, "-c")
 }
 
+/// A TCP connection to the edge's listener `name` with a read timeout.
+fn connect(edge: &Edge, name: &str, read_timeout: Duration) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", edge.port(name))).unwrap();
+    stream.set_read_timeout(Some(read_timeout)).unwrap();
+    stream
+}
+
 /// Sends raw bytes to the plain HTTP port and reads until the edge closes (or 30 s).
 fn raw(edge: &Edge, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", edge.port("http"))).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let mut stream = connect(edge, "http", Duration::from_secs(30));
     stream.write_all(request).unwrap();
     let mut out = Vec::new();
     let _ = stream.read_to_end(&mut out);
@@ -97,10 +101,7 @@ fn oversized_headers_get_431() {
 fn a_client_sending_headers_one_byte_at_a_time_is_cut_off() {
     let ups = Upstreams::new();
     let edge = toml_edge(&ups, "header_read_timeout = \"1s\"", "");
-    let mut stream = TcpStream::connect(("127.0.0.1", edge.port("http"))).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(400)))
-        .unwrap();
+    let mut stream = connect(&edge, "http", Duration::from_millis(400));
     let started = Instant::now();
     let request = b"GET / HTTP/1.1\r\nHost: plain.local\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
     let mut closed = false;
@@ -147,15 +148,12 @@ fn a_client_sending_headers_one_byte_at_a_time_is_cut_off() {
 fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let ups = Upstreams::new();
     let edge = toml_edge(&ups, "idle_timeout = \"1s\"", "");
-    let mut stream = TcpStream::connect(("127.0.0.1", edge.port("http"))).unwrap();
+    let mut stream = connect(&edge, "http", Duration::from_secs(30));
     stream
         .write_all(b"GET /first HTTP/1.1\r\nHost: plain.local\r\n\r\n")
         .unwrap();
     // The answer arrives and the connection stays open for more; then, left idle, the edge
     // closes it (read returns 0) well before the 30 s read timeout.
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     let started = Instant::now();
@@ -188,20 +186,14 @@ fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 fn tls_garbage_is_refused_and_logged() {
     let ups = Upstreams::new();
     let edge = toml_edge(&ups, "", "");
-    let mut stream = TcpStream::connect(("127.0.0.1", edge.port("https"))).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let mut stream = connect(&edge, "https", Duration::from_secs(30));
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: app.local\r\n\r\n")
         .unwrap();
     let mut out = Vec::new();
     let _ = stream.read_to_end(&mut out);
     assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"));
-    let mut stream = TcpStream::connect(("127.0.0.1", edge.port("https"))).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let mut stream = connect(&edge, "https", Duration::from_secs(30));
     stream
         .write_all(&[0x16, 0x03, 0x01, 0x00, 0x10, 0xde, 0xad, 0xbe, 0xef])
         .unwrap();
@@ -264,8 +256,7 @@ fn presented(edge: &Edge, name: Option<&str>) -> Vec<CertificateDer<'static>> {
     config.enable_sni = name.is_some();
     let server = ServerName::try_from(name.unwrap_or("ignored.invalid").to_owned()).unwrap();
     let mut conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
-    let mut tcp = TcpStream::connect(("127.0.0.1", edge.port("https"))).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut tcp = connect(edge, "https", Duration::from_secs(30));
     while conn.is_handshaking() {
         if conn.complete_io(&mut tcp).is_err() {
             break;

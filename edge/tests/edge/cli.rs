@@ -2,33 +2,14 @@
 //! configs.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use testkit::Scratch;
 
-use crate::support::{EDGE, shared_lab};
+use crate::support::{EDGE, Ran, run, shared_lab};
 
-/// What `edge ARGS` did.
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs the edge binary to completion with only PATH in its environment.
+/// Runs the edge binary to completion.
 fn edge(args: &[&str]) -> Ran {
-    let output = Command::new(EDGE)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    Ran {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    run(EDGE, args)
 }
 
 /// Writes `text` as `name` in `dir` and returns its path as a string.

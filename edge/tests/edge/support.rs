@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use testkit::{Proc, ProcBuilder, Scratch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 pub const EDGE: &str = env!("CARGO_BIN_EXE_edge");
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -55,6 +55,25 @@ impl Upstreams {
         );
     }
 
+    /// Listens on a free loopback port and runs `serve` on each accepted connection.
+    fn serve<F, Fut>(&self, serve: F) -> SocketAddr
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = self
+            .runtime
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        self.runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream));
+            }
+        });
+        addr
+    }
+
     /// An HTTP/1.1 server named `name`:
     /// - `/echo`: reads the whole body (counting, not keeping it) and answers with JSON of
     ///   what it saw: method, path, Host, X-Forwarded-*, header names, body bytes;
@@ -63,89 +82,49 @@ impl Upstreams {
     /// - `/slow?ms=N`: answers after N ms;
     /// - anything else: "NAME PATH".
     pub fn http(&self, name: &'static str) -> SocketAddr {
-        let listener = self
-            .runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
         let slow = self.slow.clone();
-        self.runtime.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let slow = slow.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| respond(name, req, slow.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
-                });
+        self.serve(move |stream| {
+            let slow = slow.clone();
+            async move {
+                let service = service_fn(move |req| respond(name, req, slow.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
             }
-        });
-        addr
+        })
     }
 
     /// A WebSocket echo server.
     pub fn websocket(&self) -> SocketAddr {
-        let listener = self
-            .runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        self.runtime.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                        return;
-                    };
-                    while let Some(Ok(message)) = ws.next().await {
-                        if message.is_close() {
-                            break;
-                        }
-                        if ws.send(message).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+        self.serve(|stream| async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            while let Some(Ok(message)) = ws.next().await {
+                if message.is_close() || ws.send(message).await.is_err() {
+                    break;
+                }
             }
-        });
-        addr
+        })
     }
 
     /// A raw server that answers every request with `head` and `body`, then closes the
     /// connection (an upstream that dies mid-response).
     pub fn raw(&self, head: &'static str, body: &'static [u8]) -> SocketAddr {
-        let listener = self
-            .runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        self.runtime.spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 65536];
-                    let mut seen = Vec::new();
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let _ = stream.write_all(head.as_bytes()).await;
-                    let _ = stream.write_all(body).await;
-                    let _ = stream.shutdown().await;
-                });
+        self.serve(move |mut stream| async move {
+            let mut buf = vec![0u8; 65536];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
             }
-        });
-        addr
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body).await;
+            let _ = stream.shutdown().await;
+        })
     }
 }
 
@@ -293,7 +272,7 @@ impl Edge {
 
     /// curl against the edge: `--resolve` maps `host` on the edge's ports to 127.0.0.1 and the
     /// internal root is the only trusted CA.
-    pub fn curl(&self, args: &[&str]) -> Curl {
+    pub fn curl(&self, args: &[&str]) -> Ran {
         let mut all: Vec<String> = vec!["-sS".into(), "--max-time".into(), "120".into()];
         all.push("--cacert".into());
         all.push(self.root().display().to_string());
@@ -333,28 +312,33 @@ impl Edge {
     }
 }
 
-/// What curl did.
+/// What a finished command did.
 #[derive(Debug)]
-pub struct Curl {
+pub struct Ran {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
 }
 
-/// Runs curl with `args` and only PATH in its environment.
-pub fn curl(args: &[String]) -> Curl {
-    let output = Command::new("curl")
+/// Runs `program` with `args`, no stdin and only PATH in its environment.
+pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Ran {
+    let output = Command::new(program)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    Curl {
+    Ran {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// Runs curl with `args` and only PATH in its environment.
+pub fn curl(args: &[String]) -> Ran {
+    run("curl", args)
 }
 
 /// A rustls client config trusting only `root`.
