@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -60,6 +60,9 @@ pub struct Conn {
     pub scheme: Scheme,
     /// Requests whose response has not finished yet.
     pub in_flight: Arc<AtomicUsize>,
+    /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
+    /// keep-alive pings move bytes on an idle connection).
+    pub requests: AtomicU64,
 }
 
 /// A plain-text response with a short body.
@@ -96,6 +99,7 @@ pub async fn handle(
 ) -> Result<Response<Logged>, Infallible> {
     let start = Instant::now();
     conn.in_flight.fetch_add(1, Ordering::Relaxed);
+    conn.requests.fetch_add(1, Ordering::Relaxed);
     let mut record = state.log.enabled().then(|| Record {
         ts: SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -424,6 +424,7 @@ async fn serve_conn(
         port,
         scheme,
         in_flight: Arc::new(AtomicUsize::new(0)),
+        requests: AtomicU64::new(0),
     });
     match scheme {
         Scheme::Http => serve_http(io, false, conn, &shared, &limits, activity).await,
@@ -483,25 +484,25 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let in_flight = conn.in_flight.clone();
-    let peer = conn.peer;
     let state = shared.state.clone();
-    let service = service_fn(move |req| handler::handle(req, conn.clone(), state.clone()));
-    let io = TokioIo::new(io);
     let watch = Watch {
-        in_flight,
-        activity,
+        conn: conn.clone(),
+        // HTTP/2 keep-alive pings move bytes on an idle connection: there only requests count.
+        bytes: (!h2).then_some(activity),
         idle: limits.idle_timeout,
         drain: shared.drain.clone(),
-        peer,
     };
+    let service = service_fn(move |req| handler::handle(req, conn.clone(), state.clone()));
+    let io = TokioIo::new(io);
     if h2 {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-            .keep_alive_interval(Some(Duration::from_secs(60)))
+            // Pings find dead peers; more often than the idle timeout, so one is found before
+            // an idle close would have been due.
+            .keep_alive_interval(Some(limits.idle_timeout.min(Duration::from_secs(120)) / 2))
             .keep_alive_timeout(Duration::from_secs(20));
         watch.drive(builder.serve_connection(io, service)).await;
     } else {
@@ -550,14 +551,13 @@ where
     }
 }
 
-/// Watches a connection: closes it when idle (no request and no bytes for the idle timeout)
-/// or when the edge drains.
+/// Watches a connection: closes it when idle (no request and, for HTTP/1.1, no bytes for the
+/// idle timeout) or when the edge drains.
 struct Watch {
-    in_flight: Arc<AtomicUsize>,
-    activity: Arc<AtomicU64>,
+    conn: Arc<Conn>,
+    bytes: Option<Arc<AtomicU64>>,
     idle: Duration,
     drain: CancellationToken,
-    peer: SocketAddr,
 }
 
 impl Watch {
@@ -565,13 +565,18 @@ impl Watch {
         let mut conn = std::pin::pin!(conn);
         let mut ticks = tokio::time::interval(self.idle);
         ticks.tick().await;
-        let mut seen = self.activity.load(Ordering::Relaxed);
+        let peer = self.conn.peer;
+        let activity = || {
+            let bytes = self.bytes.as_ref().map_or(0, |b| b.load(Ordering::Relaxed));
+            bytes.wrapping_add(self.conn.requests.load(Ordering::Relaxed))
+        };
+        let mut seen = activity();
         let mut closing = false;
         loop {
             tokio::select! {
                 result = conn.as_mut() => {
                     if let Err(err) = result {
-                        tracing::info!(peer = %self.peer, error = %labcore::exit::chain(&err), "connection closed on error");
+                        tracing::info!(%peer, error = %labcore::exit::chain(&err), "connection closed on error");
                     }
                     return;
                 }
@@ -580,9 +585,9 @@ impl Watch {
                     conn.as_mut().shut();
                 }
                 _ = ticks.tick() => {
-                    let now = self.activity.load(Ordering::Relaxed);
-                    if !closing && now == seen && self.in_flight.load(Ordering::Relaxed) == 0 {
-                        tracing::debug!(peer = %self.peer, "idle connection closed");
+                    let now = activity();
+                    if !closing && now == seen && self.conn.in_flight.load(Ordering::Relaxed) == 0 {
+                        tracing::debug!(%peer, "idle connection closed");
                         closing = true;
                         conn.as_mut().shut();
                     }

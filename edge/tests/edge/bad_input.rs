@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::support::{Edge, Upstreams, WAIT};
+use crate::support::{Edge, Upstreams, WAIT, client_config};
 
 /// An edge with a plain-HTTP site and a TLS site on one upstream, limits from `limits`
 /// (TOML), plus `extra_sites` (TOML).
@@ -175,6 +175,48 @@ fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         "closed only after {:?}",
         started.elapsed()
     );
+    edge.proc
+        .wait_stderr("idle connection closed", WAIT)
+        .unwrap();
+    still_serves(&edge);
+    edge.stop();
+}
+
+#[test]
+fn an_idle_http2_connection_is_closed_despite_keep_alive_pings() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let ups = Upstreams::new();
+    // Pings go every half idle timeout; they must not count as use.
+    let edge = toml_edge(&ups, "idle_timeout = \"1s\"", "");
+    let port = edge.port("https");
+    let root = edge.root();
+    ups.runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(client_config(&root, &[b"h2"]))
+            .connect(ServerName::try_from("app.local").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        let driver = tokio::spawn(conn);
+        let request = hyper::Request::get(format!("https://app.local:{port}/first"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = send.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "web /first");
+        let ended = tokio::time::timeout(Duration::from_secs(30), driver).await;
+        assert!(
+            ended.is_ok(),
+            "the idle HTTP/2 connection is still open after 30 s"
+        );
+    });
     edge.proc
         .wait_stderr("idle connection closed", WAIT)
         .unwrap();
