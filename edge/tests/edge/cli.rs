@@ -64,16 +64,16 @@ fn check_lists_the_resolved_sites_of_the_lab_caddyfile() {
 }
 
 #[test]
-fn the_lab_caddyfile_as_it_is_needs_acme_and_is_refused_with_exit_78() {
-    let ran = edge(&[
-        "check",
-        "--caddyfile",
-        shared_lab("Caddyfile").to_str().unwrap(),
-    ]);
-    assert_eq!(ran.code, 78, "{}", ran.stderr);
-    assert!(ran.stderr.contains("lab.example.org"), "{}", ran.stderr);
-    assert!(ran.stderr.contains("ACME"), "{}", ran.stderr);
-    assert!(ran.stderr.contains("Caddyfile:1"), "{}", ran.stderr);
+fn the_lab_and_example_caddyfiles_as_they_are_need_acme_and_are_refused_with_exit_78() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/edge/Caddyfile");
+    for file in [shared_lab("Caddyfile"), example] {
+        let name = file.display().to_string();
+        let ran = edge(&["check", "--caddyfile", &name]);
+        assert_eq!(ran.code, 78, "{name}: {}", ran.stderr);
+        assert!(ran.stderr.contains("lab.example.org"), "{}", ran.stderr);
+        assert!(ran.stderr.contains("ACME"), "{}", ran.stderr);
+        assert!(ran.stderr.contains(&format!("{name}:")), "{}", ran.stderr);
+    }
 }
 
 #[test]
