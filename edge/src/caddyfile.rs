@@ -1,0 +1,897 @@
+//! The Caddyfile front end: the subset of Caddy's syntax a home lab uses, parsed into the
+//! same [`EdgeToml`] a TOML file gives (so `edge adapt` prints it as TOML).
+//!
+//! Supported: the global options block (`email`, `http_port`, `https_port`,
+//! `storage file_system PATH`, `default_bind`, `grace_period`, `admin off`), `{$ENV}` and
+//! `{$ENV:default}` substitution, and site blocks with one or more addresses holding
+//! `reverse_proxy`, `tls internal`, `tls EMAIL`, `redir`, `header`, `encode`, `basic_auth`
+//! and a bare `log`; directives take a path matcher (`/api/*`, `*.php`, `*`). Anything else is
+//! an error naming the file, the line and the directive, never silently ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use labcore::config::{ConfigError, ConfigFile};
+use labcore::{Env, Exit, ExitStatus};
+
+use crate::config::{
+    self, BasicAuthToml, Config, EdgeToml, HeaderOpsToml, HeaderToml, ProxyToml, RedirToml,
+    SiteToml,
+};
+
+/// A Caddyfile that cannot be used: where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum CaddyfileError {
+    /// The file could not be read.
+    #[error("reading Caddyfile {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Syntax or meaning is wrong at a line.
+    #[error("{}:{line}: {message}", path.display())]
+    At {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ExitStatus for CaddyfileError {
+    fn exit(&self) -> Exit {
+        match self {
+            CaddyfileError::Read { source, .. } => Exit::from_io(source),
+            CaddyfileError::At { .. } => Exit::Config,
+        }
+    }
+}
+
+/// Reads, parses and resolves a Caddyfile.
+pub fn load(path: &Path, env: &Env) -> Result<Config, CaddyfileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CaddyfileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let parsed = parse(path, &text, env)?;
+    config::resolve(parsed.toml.clone(), &ConfigFile::new(path), env)
+        .map_err(|err| parsed.locate(path, err))
+}
+
+/// A parsed Caddyfile: its TOML equivalent and the line each part came from.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The equivalent TOML config.
+    pub toml: EdgeToml,
+    /// Line of each TOML key prefix ("site[0]", "site[0].reverse_proxy[1]", "email").
+    lines: BTreeMap<String, usize>,
+}
+
+impl Parsed {
+    /// Turns an error about a TOML key into one about the Caddyfile line it came from.
+    fn locate(&self, path: &Path, err: ConfigError) -> CaddyfileError {
+        let (key, message) = match &err {
+            ConfigError::Invalid { key, message, .. } => (key.as_str(), message.clone()),
+            other => ("", labcore::exit::chain(other)),
+        };
+        let line = self
+            .lines
+            .iter()
+            .filter(|(prefix, _)| key.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(1, |(_, line)| *line);
+        CaddyfileError::At {
+            path: path.to_owned(),
+            line,
+            message,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Token {
+    text: String,
+    line: usize,
+    quoted: bool,
+}
+
+impl Token {
+    fn is(&self, s: &str) -> bool {
+        !self.quoted && self.text == s
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A line of tokens and the block it opens, if any.
+#[derive(Debug)]
+struct Node {
+    tokens: Vec<Token>,
+    line: usize,
+    block: Option<Vec<Node>>,
+}
+
+struct Parser<'a> {
+    path: &'a Path,
+}
+
+impl Parser<'_> {
+    fn err(&self, line: usize, message: impl Into<String>) -> CaddyfileError {
+        CaddyfileError::At {
+            path: self.path.to_owned(),
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses Caddyfile text that came from `path` (named in errors); `{$VAR}` reads `env`.
+pub fn parse(path: &Path, text: &str, env: &Env) -> Result<Parsed, CaddyfileError> {
+    let p = Parser { path };
+    let tokens = tokenize(&p, text, env)?;
+    let mut pos = 0;
+    let nodes = tree(&p, &tokens, &mut pos, None)?;
+    let mut toml = EdgeToml::default();
+    let mut lines = BTreeMap::new();
+    let mut nodes = nodes.into_iter().peekable();
+    if let Some(first) = nodes.peek()
+        && first.tokens.is_empty()
+    {
+        let global = nodes.next().expect("peeked");
+        globals(&p, global.block.unwrap_or_default(), &mut toml, &mut lines)?;
+    }
+    let rest: Vec<Node> = nodes.collect();
+    // A Caddyfile with a single site may leave out its braces.
+    if let Some(first) = rest.first()
+        && first.block.is_none()
+    {
+        let mut rest = rest.into_iter();
+        let head = rest.next().expect("checked non-empty");
+        let body: Vec<Node> = rest.collect();
+        if let Some(block) = body.iter().find(|n| n.block.is_some() && is_site_like(n)) {
+            return Err(p.err(
+                block.line,
+                "a Caddyfile whose first site has no braces can hold only that site",
+            ));
+        }
+        let site = site(&p, head.tokens, head.line, body, 0, &mut lines)?;
+        toml.sites.push(site);
+    } else {
+        for (i, node) in rest.into_iter().enumerate() {
+            if node.tokens.is_empty() {
+                return Err(p.err(
+                    node.line,
+                    "the global options block must come first and only once",
+                ));
+            }
+            let block = node.block.unwrap_or_default();
+            let site = site(&p, node.tokens, node.line, block, i, &mut lines)?;
+            toml.sites.push(site);
+        }
+    }
+    Ok(Parsed { toml, lines })
+}
+
+fn is_site_like(node: &Node) -> bool {
+    node.tokens
+        .first()
+        .is_some_and(|t| t.text.contains('.') || t.text.contains(':'))
+}
+
+/// Splits text into tokens, substituting `{$VAR}` first.
+fn tokenize(p: &Parser<'_>, text: &str, env: &Env) -> Result<Vec<Token>, CaddyfileError> {
+    let mut tokens = Vec::new();
+    let mut chars = text.chars().peekable();
+    let mut line = 1;
+    let mut at_token_start = true;
+    while let Some(&c) = chars.peek() {
+        if c == '\n' {
+            line += 1;
+            chars.next();
+            at_token_start = true;
+            continue;
+        }
+        if c.is_whitespace() {
+            chars.next();
+            at_token_start = true;
+            continue;
+        }
+        if c == '#' && at_token_start {
+            while let Some(&c) = chars.peek() {
+                if c == '\n' {
+                    break;
+                }
+                chars.next();
+            }
+            continue;
+        }
+        let start_line = line;
+        let mut word = String::new();
+        let mut quoted = false;
+        if c == '"' || c == '`' {
+            quoted = true;
+            let close = c;
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err(p.err(start_line, "unterminated quoted string")),
+                    Some('\\') if close == '"' => match chars.next() {
+                        Some('"') => word.push('"'),
+                        Some('\\') => word.push('\\'),
+                        Some(other) => {
+                            word.push('\\');
+                            word.push(other);
+                        }
+                        None => return Err(p.err(start_line, "unterminated quoted string")),
+                    },
+                    Some(c) if c == close => break,
+                    Some(c) => {
+                        if c == '\n' {
+                            line += 1;
+                        }
+                        word.push(c);
+                    }
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                word.push(c);
+                chars.next();
+            }
+        }
+        at_token_start = false;
+        let text = substitute(p, &word, start_line, env)?;
+        tokens.push(Token {
+            text,
+            line: start_line,
+            quoted,
+        });
+    }
+    Ok(tokens)
+}
+
+/// Replaces `{$VAR}` and `{$VAR:default}` with the environment's values.
+fn substitute(
+    p: &Parser<'_>,
+    word: &str,
+    line: usize,
+    env: &Env,
+) -> Result<String, CaddyfileError> {
+    let mut out = String::with_capacity(word.len());
+    let mut rest = word;
+    while let Some(start) = rest.find("{$") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| {
+            p.err(
+                line,
+                format!("unclosed environment placeholder in {word:?}"),
+            )
+        })?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(':') {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        match (env.get(name), default) {
+            (Some(value), _) => out.push_str(value),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(p.err(
+                    line,
+                    format!("environment variable {name} is not set (write {{${name}:default}})"),
+                ));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Groups tokens into lines and nested blocks.
+fn tree(
+    p: &Parser<'_>,
+    tokens: &[Token],
+    pos: &mut usize,
+    opened_at: Option<usize>,
+) -> Result<Vec<Node>, CaddyfileError> {
+    let mut nodes = Vec::new();
+    loop {
+        let Some(first) = tokens.get(*pos) else {
+            return match opened_at {
+                Some(line) => Err(p.err(line, "this { is never closed")),
+                None => Ok(nodes),
+            };
+        };
+        let line = first.line;
+        let end = tokens[*pos..]
+            .iter()
+            .position(|t| t.line != line)
+            .map_or(tokens.len(), |n| *pos + n);
+        let mut words: Vec<Token> = tokens[*pos..end].to_vec();
+        *pos = end;
+        if words[0].is("}") {
+            if words.len() > 1 {
+                return Err(p.err(line, "a closing } must be alone on its line"));
+            }
+            return match opened_at {
+                Some(_) => Ok(nodes),
+                None => Err(p.err(line, "unexpected }: no block is open")),
+            };
+        }
+        let opens = words.last().is_some_and(|t| t.is("{"));
+        if opens {
+            words.pop();
+        }
+        if let Some(brace) = words.iter().find(|t| t.is("{") || t.is("}")) {
+            return Err(p.err(
+                brace.line,
+                format!("unexpected {brace}: a block opens at the end of a line and closes on a line of its own"),
+            ));
+        }
+        if let Some(snippet) = words
+            .first()
+            .filter(|t| !t.quoted && t.text.starts_with('('))
+        {
+            return Err(p.err(line, format!("snippets ({snippet}) are not supported")));
+        }
+        if let Some(import) = words.first().filter(|t| t.is("import")) {
+            return Err(p.err(line, format!("{import} is not supported")));
+        }
+        let block = if opens {
+            Some(tree(p, tokens, pos, Some(line))?)
+        } else {
+            None
+        };
+        nodes.push(Node {
+            tokens: words,
+            line,
+            block,
+        });
+    }
+}
+
+fn globals(
+    p: &Parser<'_>,
+    nodes: Vec<Node>,
+    toml: &mut EdgeToml,
+    lines: &mut BTreeMap<String, usize>,
+) -> Result<(), CaddyfileError> {
+    for node in nodes {
+        let name = node.tokens[0].text.as_str();
+        let args = &node.tokens[1..];
+        let one = |what: &str| -> Result<String, CaddyfileError> {
+            match args {
+                [value] if node.block.is_none() => Ok(value.text.clone()),
+                _ => Err(p.err(node.line, format!("{name} takes one {what}"))),
+            }
+        };
+        let port = |what: &str| -> Result<u16, CaddyfileError> {
+            let text = one(what)?;
+            text.parse()
+                .map_err(|_| p.err(node.line, format!("{name}: {text:?} is not a port")))
+        };
+        lines.insert(name.to_owned(), node.line);
+        match name {
+            "email" => toml.email = Some(one("address")?),
+            "http_port" => toml.http_port = Some(port("port")?),
+            "https_port" => toml.https_port = Some(port("port")?),
+            "grace_period" => toml.grace_period = Some(one("duration")?),
+            "default_bind" => {
+                if args.is_empty() || node.block.is_some() {
+                    return Err(p.err(node.line, "default_bind takes one or more addresses"));
+                }
+                lines.insert("bind".into(), node.line);
+                toml.bind = args.iter().map(|t| t.text.clone()).collect();
+            }
+            "admin" => {
+                if !matches!(args, [off] if off.text == "off") || node.block.is_some() {
+                    return Err(p.err(
+                        node.line,
+                        "the edge has no admin API: only `admin off` is accepted",
+                    ));
+                }
+            }
+            "storage" => {
+                let root = match (args, &node.block) {
+                    ([kind, root], None) if kind.text == "file_system" => root.text.clone(),
+                    ([kind], Some(block)) if kind.text == "file_system" => match block.as_slice() {
+                        [n] if n.tokens.len() == 2 && n.tokens[0].text == "root" => {
+                            n.tokens[1].text.clone()
+                        }
+                        _ => return Err(p.err(node.line, "storage file_system { root PATH }")),
+                    },
+                    _ => {
+                        return Err(
+                            p.err(node.line, "only `storage file_system PATH` is supported")
+                        );
+                    }
+                };
+                toml.storage = Some(PathBuf::from(root));
+            }
+            other => {
+                return Err(p.err(
+                    node.line,
+                    format!("global option {other:?} is not supported"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes a leading path matcher off a directive's arguments.
+fn matcher<'t>(
+    p: &Parser<'_>,
+    args: &'t [Token],
+    line: usize,
+) -> Result<(Option<String>, &'t [Token]), CaddyfileError> {
+    match args.first() {
+        Some(t) if !t.quoted && t.text.starts_with('@') => Err(p.err(
+            line,
+            format!("named matchers ({t}) are not supported: use a path matcher such as /api/*"),
+        )),
+        Some(t) if !t.quoted && (t.text.starts_with('/') || t.text == "*") => {
+            Ok((Some(t.text.clone()), &args[1..]))
+        }
+        _ => Ok((None, args)),
+    }
+}
+
+fn site(
+    p: &Parser<'_>,
+    address_tokens: Vec<Token>,
+    line: usize,
+    body: Vec<Node>,
+    index: usize,
+    lines: &mut BTreeMap<String, usize>,
+) -> Result<SiteToml, CaddyfileError> {
+    let key = format!("site[{index}]");
+    lines.insert(key.clone(), line);
+    let mut site = SiteToml::default();
+    for token in &address_tokens {
+        for address in token.text.split(',').filter(|a| !a.is_empty()) {
+            site.addresses.push(address.to_owned());
+        }
+    }
+    let mut seen_tls = false;
+    for node in body {
+        let name = node.tokens[0].text.as_str();
+        let args = &node.tokens[1..];
+        let line = node.line;
+        match name {
+            "reverse_proxy" => {
+                let (path, upstreams) = matcher(p, args, line)?;
+                let mut proxy = ProxyToml {
+                    path,
+                    to: upstreams.iter().map(|t| t.text.clone()).collect(),
+                    ..ProxyToml::default()
+                };
+                for sub in node.block.unwrap_or_default() {
+                    proxy_option(p, &sub, &mut proxy)?;
+                }
+                lines.insert(
+                    format!("{key}.reverse_proxy[{}]", site.reverse_proxy.len()),
+                    line,
+                );
+                site.reverse_proxy.push(proxy);
+            }
+            "tls" => {
+                if seen_tls {
+                    return Err(p.err(line, "tls given twice in one site"));
+                }
+                seen_tls = true;
+                lines.insert(format!("{key}.tls"), line);
+                match (args, &node.block) {
+                    ([v], None) if v.text == "internal" => site.tls = Some("internal".into()),
+                    ([v], None) if v.text.contains('@') => {
+                        lines.insert(format!("{key}.tls_email"), line);
+                        site.tls_email = Some(v.text.clone());
+                    }
+                    ([], Some(block)) => match block.as_slice() {
+                        [n] if n.tokens.len() == 2
+                            && n.tokens[0].text == "issuer"
+                            && n.tokens[1].text == "internal" =>
+                        {
+                            site.tls = Some("internal".into())
+                        }
+                        _ => {
+                            return Err(p.err(
+                                line,
+                                "only `tls internal`, `tls EMAIL` and `tls { issuer internal }` are supported",
+                            ));
+                        }
+                    },
+                    ([_, _], None) => {
+                        return Err(p.err(
+                            line,
+                            "tls with certificate files is not supported: use `tls internal`",
+                        ));
+                    }
+                    _ => {
+                        return Err(p.err(
+                            line,
+                            "only `tls internal`, `tls EMAIL` and `tls { issuer internal }` are supported",
+                        ));
+                    }
+                }
+            }
+            "redir" => {
+                no_block(p, &node)?;
+                let looks_like_code = |t: &Token| {
+                    matches!(t.text.as_str(), "permanent" | "temporary" | "html")
+                        || t.text.parse::<u16>().is_ok()
+                };
+                let (path, rest) = match args {
+                    [_] => (None, args),
+                    [_, code] if looks_like_code(code) => (None, args),
+                    _ => matcher(p, args, line)?,
+                };
+                let (to, code) = match rest {
+                    [to] => (to.text.clone(), None),
+                    [to, code] => (to.text.clone(), Some(redirect_code(p, code, line)?)),
+                    _ => return Err(p.err(line, "redir [matcher] TO [code]")),
+                };
+                lines.insert(format!("{key}.redir[{}]", site.redir.len()), line);
+                site.redir.push(RedirToml { path, to, code });
+            }
+            "header" => {
+                let (path, rest) = matcher(p, args, line)?;
+                let mut ops = HeaderOpsToml::default();
+                if !rest.is_empty() {
+                    header_op(p, rest, line, &mut ops)?;
+                }
+                for sub in node.block.unwrap_or_default() {
+                    if sub.block.is_some() {
+                        return Err(p.err(sub.line, "nested blocks are not supported in header"));
+                    }
+                    header_op(p, &sub.tokens, sub.line, &mut ops)?;
+                }
+                if ops == HeaderOpsToml::default() {
+                    return Err(p.err(line, "header needs a field to change"));
+                }
+                lines.insert(format!("{key}.header[{}]", site.header.len()), line);
+                site.header.push(HeaderToml {
+                    path,
+                    set: ops.set,
+                    add: ops.add,
+                    default: ops.default,
+                    delete: ops.delete,
+                });
+            }
+            "encode" => {
+                let (path, formats) = matcher(p, args, line)?;
+                if path.is_some() {
+                    return Err(p.err(line, "encode with a matcher is not supported"));
+                }
+                lines.insert(format!("{key}.encode"), line);
+                site.encode.extend(formats.iter().map(|t| t.text.clone()));
+                for sub in node.block.unwrap_or_default() {
+                    match sub.tokens.as_slice() {
+                        [f] if f.text == "gzip" || f.text == "zstd" => {
+                            site.encode.push(f.text.clone())
+                        }
+                        [m, n] if m.text == "minimum_length" => {
+                            site.encode_minimum_length = Some(n.text.parse().map_err(|_| {
+                                p.err(sub.line, format!("minimum_length: {n:?} is not a number"))
+                            })?);
+                        }
+                        [first, ..] => {
+                            return Err(p.err(
+                                sub.line,
+                                format!("encode option {:?} is not supported", first.text),
+                            ));
+                        }
+                        [] => {}
+                    }
+                }
+                if site.encode.is_empty() {
+                    site.encode = vec!["zstd".into(), "gzip".into()];
+                }
+            }
+            "basic_auth" | "basicauth" => {
+                let (path, rest) = matcher(p, args, line)?;
+                let realm = match rest {
+                    [] => None,
+                    [alg] if alg.text == "bcrypt" => None,
+                    [alg, realm] if alg.text == "bcrypt" => Some(realm.text.clone()),
+                    [alg, ..] => {
+                        return Err(p.err(
+                            line,
+                            format!(
+                                "basic_auth hash {:?} is not supported (bcrypt only)",
+                                alg.text
+                            ),
+                        ));
+                    }
+                };
+                let mut users = BTreeMap::new();
+                for sub in node.block.unwrap_or_default() {
+                    match sub.tokens.as_slice() {
+                        [user, hash] if sub.block.is_none() => {
+                            users.insert(user.text.clone(), hash.text.clone());
+                        }
+                        _ => return Err(p.err(sub.line, "basic_auth lines are: USER HASH")),
+                    }
+                }
+                if users.is_empty() {
+                    return Err(p.err(line, "basic_auth needs a block of USER HASH lines"));
+                }
+                lines.insert(format!("{key}.basic_auth[{}]", site.basic_auth.len()), line);
+                site.basic_auth.push(BasicAuthToml { path, realm, users });
+            }
+            "log" => {
+                if !args.is_empty() || node.block.is_some() {
+                    return Err(p.err(
+                        line,
+                        "only a bare `log` is supported (access logs are JSON lines, set by access_log)",
+                    ));
+                }
+            }
+            other => {
+                return Err(p.err(line, format!("unsupported directive {other:?}")));
+            }
+        }
+    }
+    Ok(site)
+}
+
+fn no_block(p: &Parser<'_>, node: &Node) -> Result<(), CaddyfileError> {
+    match node.block {
+        Some(_) => Err(p.err(node.line, format!("{} takes no block", node.tokens[0].text))),
+        None => Ok(()),
+    }
+}
+
+fn redirect_code(p: &Parser<'_>, token: &Token, line: usize) -> Result<u16, CaddyfileError> {
+    match token.text.as_str() {
+        "permanent" => Ok(301),
+        "temporary" => Ok(302),
+        "html" => Err(p.err(line, "redir html is not supported")),
+        n => n
+            .parse()
+            .map_err(|_| p.err(line, format!("{n:?} is not a redirect code"))),
+    }
+}
+
+/// One header operation: `Name value`, `+Name value`, `?Name value`, `>Name value`, `-Name`.
+fn header_op(
+    p: &Parser<'_>,
+    tokens: &[Token],
+    line: usize,
+    ops: &mut HeaderOpsToml,
+) -> Result<(), CaddyfileError> {
+    let field = &tokens[0].text;
+    let value = || match tokens {
+        [_, v] => Ok(v.text.clone()),
+        [_] => Err(p.err(line, format!("header {field} needs a value"))),
+        _ => Err(p.err(
+            line,
+            format!("header {field}: find-and-replace is not supported"),
+        )),
+    };
+    if let Some(name) = field.strip_prefix('-') {
+        if tokens.len() != 1 {
+            return Err(p.err(line, format!("header {field} takes no value")));
+        }
+        ops.delete.push(name.to_owned());
+    } else if let Some(name) = field.strip_prefix('+') {
+        ops.add.insert(name.to_owned(), value()?);
+    } else if let Some(name) = field.strip_prefix('?') {
+        ops.default.insert(name.to_owned(), value()?);
+    } else if let Some(name) = field.strip_prefix('>') {
+        // Deferred: the edge applies response header changes after the handler anyway.
+        ops.set.insert(name.to_owned(), value()?);
+    } else {
+        ops.set.insert(field.clone(), value()?);
+    }
+    Ok(())
+}
+
+fn proxy_option(p: &Parser<'_>, node: &Node, proxy: &mut ProxyToml) -> Result<(), CaddyfileError> {
+    if node.block.is_some() {
+        return Err(p.err(
+            node.line,
+            format!(
+                "reverse_proxy option {:?} with a block is not supported",
+                node.tokens[0].text
+            ),
+        ));
+    }
+    let name = node.tokens[0].text.as_str();
+    let args = &node.tokens[1..];
+    let one = || match args {
+        [v] => Ok(v.text.clone()),
+        _ => Err(p.err(node.line, format!("{name} takes one value"))),
+    };
+    match name {
+        "to" if !args.is_empty() => proxy.to.extend(args.iter().map(|t| t.text.clone())),
+        "lb_policy" => proxy.lb_policy = Some(one()?),
+        "fail_duration" => proxy.fail_duration = Some(one()?),
+        "max_fails" => {
+            let text = one()?;
+            proxy.max_fails =
+                Some(text.parse().map_err(|_| {
+                    p.err(node.line, format!("max_fails: {text:?} is not a number"))
+                })?);
+        }
+        "header_up" if !args.is_empty() => header_op(p, args, node.line, &mut proxy.header_up)?,
+        "header_down" if !args.is_empty() => header_op(p, args, node.line, &mut proxy.header_down)?,
+        other => {
+            return Err(p.err(
+                node.line,
+                format!("reverse_proxy option {other:?} is not supported"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_text(text: &str) -> Result<EdgeToml, CaddyfileError> {
+        parse(Path::new("/etc/Caddyfile"), text, &Env::default()).map(|p| p.toml)
+    }
+
+    fn err_text(text: &str) -> String {
+        parse_text(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_reference_lab_caddyfile_parses() {
+        let toml = parse_text(
+            "lab.example.org {\n\treverse_proxy localhost:7001\n}\n\ngit.example.org {\n\treverse_proxy localhost:3000\n}\n",
+        )
+        .unwrap();
+        assert_eq!(toml.sites.len(), 2);
+        assert_eq!(toml.sites[0].addresses, ["lab.example.org"]);
+        assert_eq!(toml.sites[1].reverse_proxy[0].to, ["localhost:3000"]);
+    }
+
+    #[test]
+    fn global_options_use_caddys_spellings() {
+        let toml = parse_text(
+            "{\n email ops@example.org\n http_port 8080\n https_port 8443\n storage file_system /srv/edge\n admin off\n}\nlocalhost {\n reverse_proxy :9000\n}\n",
+        )
+        .unwrap();
+        assert_eq!(toml.email.as_deref(), Some("ops@example.org"));
+        assert_eq!((toml.http_port, toml.https_port), (Some(8080), Some(8443)));
+        assert_eq!(toml.storage, Some(PathBuf::from("/srv/edge")));
+    }
+
+    #[test]
+    fn directives_with_matchers_and_blocks_parse() {
+        let toml = parse_text(
+            r#"a.local, b.local {
+	tls internal
+	encode gzip zstd
+	header /static/* Cache-Control "max-age=3600"
+	header {
+		-Server
+		+X-Extra one
+		?X-Frame-Options DENY
+	}
+	redir /old /new permanent
+	redir https://elsewhere.local{uri}
+	basic_auth /admin/* bcrypt Admin {
+		alice $2a$04$abcdefghijklmnopqrstuuJ2/h8VXFHbGvd1mXvkykXq5WcWxm3ky
+	}
+	reverse_proxy /api/* 127.0.0.1:1 127.0.0.1:2 {
+		lb_policy first
+		fail_duration 5s
+		header_up X-Real-IP {remote_host}
+		header_down -X-Powered-By
+	}
+	reverse_proxy 127.0.0.1:3
+	log
+}
+"#,
+        )
+        .unwrap();
+        let s = &toml.sites[0];
+        assert_eq!(s.addresses, ["a.local", "b.local"]);
+        assert_eq!(s.tls.as_deref(), Some("internal"));
+        assert_eq!(s.encode, ["gzip", "zstd"]);
+        assert_eq!(s.header[0].path.as_deref(), Some("/static/*"));
+        assert_eq!(s.header[1].delete, ["Server"]);
+        assert_eq!(s.header[1].add["X-Extra"], "one");
+        assert_eq!(s.header[1].default["X-Frame-Options"], "DENY");
+        assert_eq!(s.redir[0].path.as_deref(), Some("/old"));
+        assert_eq!(
+            (s.redir[0].to.as_str(), s.redir[0].code),
+            ("/new", Some(301))
+        );
+        assert_eq!(s.redir[1].path, None);
+        assert_eq!(s.basic_auth[0].realm.as_deref(), Some("Admin"));
+        assert_eq!(s.reverse_proxy[0].to, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(s.reverse_proxy[0].lb_policy.as_deref(), Some("first"));
+        assert_eq!(s.reverse_proxy[0].header_down.delete, ["X-Powered-By"]);
+    }
+
+    #[test]
+    fn unsupported_directives_name_file_line_and_directive() {
+        let text = err_text("lab.example.org {\n\treverse_proxy :1\n\tfile_server\n}\n");
+        assert_eq!(
+            text,
+            "/etc/Caddyfile:3: unsupported directive \"file_server\""
+        );
+        let text = err_text("{\n\tdebug\n}\n");
+        assert!(
+            text.starts_with("/etc/Caddyfile:2: global option \"debug\""),
+            "{text}"
+        );
+        let text = err_text("x.local {\n\treverse_proxy @api :1\n}\n");
+        assert!(text.contains(":2: named matchers"), "{text}");
+        let text = err_text("x.local {\n\treverse_proxy :1 {\n\t\ttransport http\n\t}\n}\n");
+        assert!(
+            text.contains(":3: reverse_proxy option \"transport\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn braces_must_balance() {
+        assert!(err_text("x.local {\n reverse_proxy :1\n").contains(":1: this { is never closed"));
+        assert!(err_text("}\n").contains(":1: unexpected }"));
+    }
+
+    #[test]
+    fn a_single_site_may_omit_its_braces() {
+        let toml = parse_text("localhost\nreverse_proxy :8000\n").unwrap();
+        assert_eq!(toml.sites[0].addresses, ["localhost"]);
+        assert_eq!(toml.sites[0].reverse_proxy[0].to, [":8000"]);
+    }
+
+    #[test]
+    fn environment_placeholders_are_substituted() {
+        let env = Env::from_pairs([("UPSTREAM", "127.0.0.1:9")]);
+        let parsed = parse(
+            Path::new("C"),
+            "localhost {\n reverse_proxy {$UPSTREAM} {$OTHER:127.0.0.1:10}\n}\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.toml.sites[0].reverse_proxy[0].to,
+            ["127.0.0.1:9", "127.0.0.1:10"]
+        );
+        let err = parse(
+            Path::new("C"),
+            "localhost {\n reverse_proxy {$NOPE}\n}\n",
+            &env,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("NOPE is not set"), "{err}");
+    }
+
+    #[test]
+    fn resolve_errors_point_at_the_caddyfile_line() {
+        let path = Path::new("/etc/Caddyfile");
+        let parsed = parse(
+            path,
+            "a.local {\n\treverse_proxy :1\n}\nb.example.org {\n\treverse_proxy :2\n}\n",
+            &Env::default(),
+        )
+        .unwrap();
+        let err = config::resolve(parsed.toml.clone(), &ConfigFile::new(path), &Env::default())
+            .unwrap_err();
+        let located = parsed.locate(path, err).to_string();
+        assert!(located.starts_with("/etc/Caddyfile:4: "), "{located}");
+        assert!(located.contains("ACME"), "{located}");
+    }
+}

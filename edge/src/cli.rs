@@ -1,0 +1,298 @@
+//! The command line: subcommands, their help (which becomes the man page), and dispatch.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use labcore::Env;
+use labcore::log::LogArgs;
+use serde::Serialize;
+
+use crate::ca::Ca;
+use crate::config::Config;
+use crate::server::{self, Source};
+use crate::site::Site;
+use crate::storage::Storage;
+use crate::{Error, caddyfile, trust};
+
+const AFTER_HELP: &str = "\
+EXAMPLES:
+    edge run -c /etc/labkit/edge.toml              serve (systemd Type=notify; SIGHUP reloads)
+    edge run --caddyfile /etc/caddy/Caddyfile      serve a Caddyfile as it is
+    edge check --caddyfile Caddyfile               validate and list the resolved sites
+    edge adapt --caddyfile Caddyfile > edge.toml   the same config as TOML
+    edge ca root -c edge.toml > root.pem           the internal CA's root, for clients
+    curl --cacert root.pem https://app.local/      trust it for one client
+    sudo edge ca trust -c edge.toml                or for the whole system
+
+EXIT STATUS:
+    0 success; 64 usage; 65 a stored CA file is corrupt; 66 config file missing; 69 a port is in
+    use or the trust store tool failed; 70 internal error; 74 I/O error; 77 permission denied
+    (ports below 1024 need root or CAP_NET_BIND_SERVICE); 78 bad configuration.";
+
+/// edge: a TLS reverse proxy with an internal CA, configured by TOML or a Caddyfile.
+///
+/// Terminates HTTPS (TLS 1.2/1.3, HTTP/1.1 and HTTP/2) for each site and proxies to its
+/// upstreams, WebSockets included, streaming bodies both ways. Plain HTTP is redirected to
+/// HTTPS. Certificates for localhost, IP addresses, *.internal, *.local, *.home.arpa and sites
+/// with `tls internal` come from the edge's own CA, made on first start in the storage folder.
+/// Access logs are JSON lines on stdout; diagnostics go to stderr.
+#[derive(Debug, Parser)]
+#[command(name = "edge", version, after_long_help = AFTER_HELP)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Which config to read.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArgs {
+    /// The TOML config file [default: /etc/labkit/edge.toml]
+    #[arg(short, long, value_name = "FILE", conflicts_with = "caddyfile")]
+    pub config: Option<PathBuf>,
+    /// Read a Caddyfile instead of TOML
+    #[arg(long, value_name = "FILE")]
+    pub caddyfile: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    fn source(&self) -> Source {
+        match (&self.caddyfile, &self.config) {
+            (Some(file), _) => Source::Caddyfile(file.clone()),
+            (None, Some(file)) => Source::Toml(file.clone()),
+            (None, None) => Source::Toml(PathBuf::from("/etc/labkit/edge.toml")),
+        }
+    }
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One line per site address, for people.
+    #[default]
+    Text,
+    /// One JSON object per site address.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve until SIGTERM; SIGHUP reloads sites and certificates without dropping connections.
+    #[command(
+        after_long_help = "EXAMPLES:\n    edge run -c /etc/labkit/edge.toml\n    edge run --caddyfile /etc/caddy/Caddyfile --log-format json"
+    )]
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Validate the config and print the resolved sites.
+    #[command(
+        after_long_help = "EXAMPLES:\n    edge check -c edge.toml\n    edge check --caddyfile Caddyfile --format json"
+    )]
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Output format
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Print a Caddyfile as the equivalent TOML config.
+    #[command(after_long_help = "EXAMPLES:\n    edge adapt --caddyfile Caddyfile > edge.toml")]
+    Adapt {
+        /// The Caddyfile
+        #[arg(long, value_name = "FILE")]
+        caddyfile: PathBuf,
+    },
+    /// The internal certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// `edge ca ...`.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the internal root certificate (PEM) from the config's storage, making the CA if
+    /// it does not exist yet.
+    #[command(
+        after_long_help = "EXAMPLES:\n    edge ca root -c edge.toml > root.pem\n    curl --cacert root.pem https://app.local/"
+    )]
+    Root {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Install the internal root into the system trust store (needs root).
+    #[command(after_long_help = "EXAMPLES:\n    sudo edge ca trust -c /etc/labkit/edge.toml")]
+    Trust {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Remove the internal root from the system trust store.
+    #[command(after_long_help = "EXAMPLES:\n    sudo edge ca untrust -c /etc/labkit/edge.toml")]
+    Untrust {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Error> {
+    labcore::log::init(&cli.log)?;
+    let env = Env::from_process();
+    match cli.command {
+        Command::Run { config } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| Error::Io {
+                    what: "starting the runtime".into(),
+                    source,
+                })?;
+            runtime.block_on(server::run(config.source(), env))
+        }
+        Command::Check { config, format } => {
+            let resolved = config.source().load(&env)?;
+            print_sites(&resolved, format);
+            Ok(())
+        }
+        Command::Adapt { caddyfile } => {
+            // Resolve too, so adapt refuses what run would refuse.
+            caddyfile::load(&caddyfile, &env)?;
+            let text = std::fs::read_to_string(&caddyfile).map_err(|source| Error::Io {
+                what: format!("reading {}", caddyfile.display()),
+                source,
+            })?;
+            let parsed = caddyfile::parse(&caddyfile, &text, &env)?;
+            let toml = toml::to_string(&parsed.toml)
+                .map_err(|e| Error::Internal(format!("writing TOML: {e}")))?;
+            print!("{toml}");
+            Ok(())
+        }
+        Command::Ca(command) => ca(command, &env),
+    }
+}
+
+fn open_ca(config: &ConfigArgs, env: &Env) -> Result<Ca, Error> {
+    let resolved = config.source().load(env)?;
+    let storage = Storage::open(&resolved.storage).map_err(|source| Error::Io {
+        what: format!("opening storage {}", resolved.storage.display()),
+        source,
+    })?;
+    Ok(Ca::open(&storage)?)
+}
+
+fn ca(command: CaCommand, env: &Env) -> Result<(), Error> {
+    match command {
+        CaCommand::Root { config } => {
+            print!("{}", open_ca(&config, env)?.root_pem());
+            Ok(())
+        }
+        CaCommand::Trust { config } => {
+            let ca = open_ca(&config, env)?;
+            let path = trust::trust(ca.root_pem())?;
+            eprintln!("edge: installed the internal root as {}", path.display());
+            Ok(())
+        }
+        CaCommand::Untrust { config } => {
+            let ca = open_ca(&config, env)?;
+            match trust::untrust(ca.root_pem())? {
+                Some(path) => eprintln!("edge: removed {}", path.display()),
+                None => eprintln!("edge: the internal root was not installed"),
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct SiteLine<'a> {
+    address: String,
+    tls: Option<&'static str>,
+    redir: Vec<String>,
+    basic_auth: Vec<String>,
+    reverse_proxy: Vec<ProxyLine<'a>>,
+    encode: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ProxyLine<'a> {
+    path: Option<String>,
+    to: Vec<&'a str>,
+}
+
+fn lines(site: &Site) -> Vec<SiteLine<'_>> {
+    site.addresses
+        .iter()
+        .map(|address| SiteLine {
+            address: address.to_string(),
+            tls: (address.scheme == crate::site::Scheme::Https).then_some("internal"),
+            redir: site
+                .redirects
+                .iter()
+                .map(|r| match r.matcher.to_config() {
+                    Some(p) => format!("{p} -> {} ({})", r.to, r.code),
+                    None => format!("{} ({})", r.to, r.code),
+                })
+                .collect(),
+            basic_auth: site
+                .auths
+                .iter()
+                .map(|(m, _)| m.to_config().unwrap_or_else(|| "*".into()))
+                .collect(),
+            reverse_proxy: site
+                .proxies
+                .iter()
+                .map(|p| ProxyLine {
+                    path: p.matcher.to_config(),
+                    to: p.upstreams.iter().map(|u| u.text.as_str()).collect(),
+                })
+                .collect(),
+            encode: site
+                .encode
+                .iter()
+                .flat_map(|e| e.encodings.iter().map(|x| x.token()))
+                .collect(),
+        })
+        .collect()
+}
+
+fn print_sites(config: &Config, format: Format) {
+    for site in &config.sites {
+        for line in lines(site) {
+            match format {
+                Format::Json => {
+                    if let Ok(text) = serde_json::to_string(&line) {
+                        println!("{text}");
+                    }
+                }
+                Format::Text => {
+                    let mut out = line.address.clone();
+                    if let Some(tls) = line.tls {
+                        out.push_str(&format!("  tls {tls}"));
+                    }
+                    for r in &line.redir {
+                        out.push_str(&format!("  redir {r}"));
+                    }
+                    for a in &line.basic_auth {
+                        out.push_str(&format!("  basic_auth {a}"));
+                    }
+                    if !line.encode.is_empty() {
+                        out.push_str(&format!("  encode {}", line.encode.join(" ")));
+                    }
+                    for p in &line.reverse_proxy {
+                        let path = p
+                            .path
+                            .as_deref()
+                            .map(|p| format!("{p} "))
+                            .unwrap_or_default();
+                        out.push_str(&format!("  reverse_proxy {path}{}", p.to.join(" ")));
+                    }
+                    println!("{out}");
+                }
+            }
+        }
+    }
+}

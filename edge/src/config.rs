@@ -1,0 +1,732 @@
+//! The edge's configuration: the TOML file's serde types, and `resolve()` into a validated
+//! [`Config`] the server runs from.
+//!
+//! The TOML types ([`EdgeToml`] and the tables under it) mirror the file key for key and are
+//! also what `edge adapt` prints for a Caddyfile, so the two front ends meet here and share one
+//! resolution step. [`resolve`] turns strings into types that cannot hold invalid states:
+//! addresses into [`crate::site::Address`], durations into [`Duration`], bcrypt hashes checked,
+//! upstreams parsed, and every name given a certificate policy. A name that needs a public
+//! certificate is refused (exit 78) until ACME lands.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use labcore::Env;
+use labcore::config::{ConfigError, ConfigFile};
+use serde::{Deserialize, Serialize};
+
+use crate::site::{
+    Address, BasicAuth, Encode, Encoding, HeaderOps, PathMatcher, Proxy, Redirect, Scheme, Site,
+    TlsPolicy, Upstream,
+};
+
+/// The TOML config file, key for key.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeToml {
+    /// Contact email for ACME accounts (used once ACME lands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Port for plain HTTP (redirects to HTTPS, ACME HTTP-01). Default 80; 0 picks a free one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_port: Option<u16>,
+    /// Port for HTTPS. Default 443; 0 picks a free one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_port: Option<u16>,
+    /// Addresses to listen on. Default: every address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bind: Vec<String>,
+    /// Folder holding the internal CA, certificates and locks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<PathBuf>,
+    /// Where JSON access log lines go: "stdout" (default), "stderr", "off" or a file path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<String>,
+    /// How long a stop waits for open requests before closing them ("10s").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_period: Option<String>,
+    /// Limits and timeouts.
+    #[serde(default, skip_serializing_if = "LimitsToml::is_empty")]
+    pub limits: LimitsToml,
+    /// The sites.
+    #[serde(default, rename = "site", skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SiteToml>,
+}
+
+/// `[limits]`: every key optional, with sane defaults.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsToml {
+    /// Time a client has to send a request's headers (slowloris). Default "10s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout: Option<String>,
+    /// Largest request head in bytes (431 beyond). Default 65536.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<usize>,
+    /// A connection with no request and no traffic for this long is closed. Default "2m".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// Time a client has to finish the TLS handshake. Default "10s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_handshake_timeout: Option<String>,
+    /// Time to connect to an upstream (502 beyond). Default "5s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_connect_timeout: Option<String>,
+    /// Time an upstream has to send response headers (504 beyond). Default "60s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_response_timeout: Option<String>,
+    /// Concurrent HTTP/2 streams per connection. Default 250.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_max_concurrent_streams: Option<u32>,
+    /// Open client connections at once; more wait in the kernel's backlog. Default 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+}
+
+impl LimitsToml {
+    fn is_empty(&self) -> bool {
+        *self == LimitsToml::default()
+    }
+}
+
+/// `[[site]]`: one site, served on one or more addresses.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteToml {
+    /// Addresses as Caddy writes them: "example.org", "https://a.example.org:8443",
+    /// "http://intranet.local", "*.example.org", "localhost", "127.0.0.1".
+    pub addresses: Vec<String>,
+    /// Certificate source: "internal" (the edge's own CA) or "acme" (public; not yet available).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    /// ACME account email for this site (`tls EMAIL` in a Caddyfile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_email: Option<String>,
+    /// Response compressions offered, in preference order: "zstd", "gzip".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encode: Vec<String>,
+    /// Responses smaller than this are not compressed. Default 512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encode_minimum_length: Option<u64>,
+    /// Redirects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redir: Vec<RedirToml>,
+    /// Response header changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub header: Vec<HeaderToml>,
+    /// HTTP basic authentication.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub basic_auth: Vec<BasicAuthToml>,
+    /// Reverse proxies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reverse_proxy: Vec<ProxyToml>,
+}
+
+/// `[[site.redir]]`.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirToml {
+    /// Only requests whose path matches ("/old", "/old/*", "*.php").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Target; may use {uri}, {path}, {query}, {host}.
+    pub to: String,
+    /// Status code (300-308). Default 302.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+}
+
+/// Header operations: set, add, delete, set-if-missing.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOpsToml {
+    /// Replace these fields.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    /// Append these fields.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    /// Set these fields only when absent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub default: BTreeMap<String, String>,
+    /// Remove these fields.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delete: Vec<String>,
+}
+
+impl HeaderOpsToml {
+    fn is_empty(&self) -> bool {
+        *self == HeaderOpsToml::default()
+    }
+}
+
+/// `[[site.header]]`: response header operations, optionally for matching paths.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderToml {
+    /// Only requests whose path matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Replace these fields.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    /// Append these fields.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    /// Set these fields only when absent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub default: BTreeMap<String, String>,
+    /// Remove these fields.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delete: Vec<String>,
+}
+
+/// `[[site.basic_auth]]`.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthToml {
+    /// Only requests whose path matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Realm shown by browsers. Default "restricted".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realm: Option<String>,
+    /// User name to bcrypt hash (as `caddy hash-password` prints it, raw or base64).
+    pub users: BTreeMap<String, String>,
+}
+
+/// `[[site.reverse_proxy]]`.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyToml {
+    /// Only requests whose path matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Upstreams: "localhost:7001", "http://10.0.0.2:3000", ":8080".
+    pub to: Vec<String>,
+    /// "round_robin" (default) or "first".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb_policy: Option<String>,
+    /// How long a failed upstream is skipped. Default "30s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_duration: Option<String>,
+    /// Failures within fail_duration before an upstream is skipped. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_fails: Option<u32>,
+    /// Changes to request headers sent upstream.
+    #[serde(default, skip_serializing_if = "HeaderOpsToml::is_empty")]
+    pub header_up: HeaderOpsToml,
+    /// Changes to response headers from upstream.
+    #[serde(default, skip_serializing_if = "HeaderOpsToml::is_empty")]
+    pub header_down: HeaderOpsToml,
+}
+
+/// Limits and timeouts, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// See [`LimitsToml::header_read_timeout`].
+    pub header_read_timeout: Duration,
+    /// See [`LimitsToml::max_header_bytes`].
+    pub max_header_bytes: usize,
+    /// See [`LimitsToml::idle_timeout`].
+    pub idle_timeout: Duration,
+    /// See [`LimitsToml::tls_handshake_timeout`].
+    pub tls_handshake_timeout: Duration,
+    /// See [`LimitsToml::upstream_connect_timeout`].
+    pub upstream_connect_timeout: Duration,
+    /// See [`LimitsToml::upstream_response_timeout`].
+    pub upstream_response_timeout: Duration,
+    /// See [`LimitsToml::h2_max_concurrent_streams`].
+    pub h2_max_concurrent_streams: u32,
+    /// See [`LimitsToml::max_connections`].
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            idle_timeout: Duration::from_secs(120),
+            tls_handshake_timeout: Duration::from_secs(10),
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_response_timeout: Duration::from_secs(60),
+            h2_max_concurrent_streams: 250,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    /// Nowhere.
+    Off,
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages).
+    pub source: PathBuf,
+    /// ACME account email.
+    pub email: Option<String>,
+    /// Plain HTTP port.
+    pub http_port: u16,
+    /// HTTPS port.
+    pub https_port: u16,
+    /// Addresses to listen on.
+    pub bind: Vec<IpAddr>,
+    /// Storage folder.
+    pub storage: PathBuf,
+    /// Access log target.
+    pub access_log: AccessLog,
+    /// Drain time on stop.
+    pub grace_period: Duration,
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// The sites, in file order.
+    pub sites: Vec<Site>,
+}
+
+impl Config {
+    /// Every port a listener is needed on, with whether it speaks TLS.
+    pub fn listeners(&self) -> Vec<(u16, Scheme)> {
+        let mut ports: Vec<(u16, Scheme)> = vec![(self.http_port, Scheme::Http)];
+        for site in &self.sites {
+            for address in &site.addresses {
+                if !ports.contains(&(address.port, address.scheme)) {
+                    ports.push((address.port, address.scheme));
+                }
+            }
+        }
+        ports
+    }
+}
+
+/// Reads and resolves a TOML config file.
+pub fn load_toml(path: &Path, env: &Env) -> Result<Config, ConfigError> {
+    let (raw, file): (EdgeToml, ConfigFile) = labcore::config::load(path)?;
+    resolve(raw, &file, env)
+}
+
+/// Parses a duration written as "10s", "1m30s", "500ms" or "2h".
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let parsed: jiff::SignedDuration = text.trim().parse().ok()?;
+    Duration::try_from(parsed).ok()
+}
+
+/// Turns the file's types into a [`Config`], naming the key at fault on error.
+pub fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Config, ConfigError> {
+    let duration = |key: &str, value: &Option<String>, default: Duration| match value {
+        None => Ok(default),
+        Some(text) => parse_duration(text).ok_or_else(|| {
+            file.invalid(
+                key,
+                format!("{text:?} is not a duration (write \"10s\", \"2m\", \"500ms\")"),
+            )
+        }),
+    };
+    let defaults = Limits::default();
+    let l = &raw.limits;
+    let limits = Limits {
+        header_read_timeout: duration(
+            "limits.header_read_timeout",
+            &l.header_read_timeout,
+            defaults.header_read_timeout,
+        )?,
+        max_header_bytes: match l.max_header_bytes {
+            Some(n) if !(1024..=16 * 1024 * 1024).contains(&n) => {
+                return Err(file.invalid(
+                    "limits.max_header_bytes",
+                    "must be between 1024 and 16777216",
+                ));
+            }
+            Some(n) => n,
+            None => defaults.max_header_bytes,
+        },
+        idle_timeout: duration(
+            "limits.idle_timeout",
+            &l.idle_timeout,
+            defaults.idle_timeout,
+        )?,
+        tls_handshake_timeout: duration(
+            "limits.tls_handshake_timeout",
+            &l.tls_handshake_timeout,
+            defaults.tls_handshake_timeout,
+        )?,
+        upstream_connect_timeout: duration(
+            "limits.upstream_connect_timeout",
+            &l.upstream_connect_timeout,
+            defaults.upstream_connect_timeout,
+        )?,
+        upstream_response_timeout: duration(
+            "limits.upstream_response_timeout",
+            &l.upstream_response_timeout,
+            defaults.upstream_response_timeout,
+        )?,
+        h2_max_concurrent_streams: match l.h2_max_concurrent_streams {
+            Some(0) => {
+                return Err(file.invalid("limits.h2_max_concurrent_streams", "must be at least 1"));
+            }
+            Some(n) => n,
+            None => defaults.h2_max_concurrent_streams,
+        },
+        max_connections: match l.max_connections {
+            Some(0) => return Err(file.invalid("limits.max_connections", "must be at least 1")),
+            Some(n) => n,
+            None => defaults.max_connections,
+        },
+    };
+    for (key, value) in [
+        ("limits.header_read_timeout", limits.header_read_timeout),
+        ("limits.idle_timeout", limits.idle_timeout),
+        ("limits.tls_handshake_timeout", limits.tls_handshake_timeout),
+        (
+            "limits.upstream_connect_timeout",
+            limits.upstream_connect_timeout,
+        ),
+        (
+            "limits.upstream_response_timeout",
+            limits.upstream_response_timeout,
+        ),
+    ] {
+        if value.is_zero() {
+            return Err(file.invalid(key, "must be longer than zero"));
+        }
+    }
+
+    let http_port = raw.http_port.unwrap_or(80);
+    let https_port = raw.https_port.unwrap_or(443);
+    if http_port == https_port && http_port != 0 {
+        return Err(file.invalid("https_port", "must differ from http_port"));
+    }
+    let mut bind = Vec::new();
+    for (i, text) in raw.bind.iter().enumerate() {
+        let ip = text
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| {
+                file.invalid(
+                    format!("bind[{i}]"),
+                    format!("{text:?} is not an IP address"),
+                )
+            })?;
+        bind.push(ip);
+    }
+    if bind.is_empty() {
+        bind.push(IpAddr::from([0u8; 16]));
+    }
+    let storage = match raw.storage {
+        Some(path) => file.resolve_path(&path),
+        None => default_storage(env),
+    };
+    let access_log = match raw.access_log.as_deref() {
+        None | Some("stdout") => AccessLog::Stdout,
+        Some("stderr") => AccessLog::Stderr,
+        Some("off") => AccessLog::Off,
+        Some("") => return Err(file.invalid("access_log", "is empty")),
+        Some(path) => AccessLog::File(file.resolve_path(Path::new(path))),
+    };
+    let grace_period = duration("grace_period", &raw.grace_period, Duration::from_secs(10))?;
+    if let Some(email) = &raw.email {
+        check_email(email).map_err(|m| file.invalid("email", m))?;
+    }
+
+    let mut sites = Vec::new();
+    let mut seen: BTreeMap<(String, u16), usize> = BTreeMap::new();
+    for (i, site) in raw.sites.into_iter().enumerate() {
+        let site = resolve_site(site, i, file, http_port, https_port)?;
+        for address in &site.addresses {
+            let key = (address.host.to_string(), address.port);
+            if let Some(other) = seen.insert(key, i) {
+                return Err(file.invalid(
+                    format!("site[{i}].addresses"),
+                    format!("{address} is also served by site[{other}]"),
+                ));
+            }
+        }
+        sites.push(site);
+    }
+    Ok(Config {
+        source: file.path().to_owned(),
+        email: raw.email,
+        http_port,
+        https_port,
+        bind,
+        storage,
+        access_log,
+        grace_period,
+        limits,
+        sites,
+    })
+}
+
+/// The storage folder when the config names none: systemd's `StateDirectory`, else the XDG
+/// data folder, else `/var/lib/labkit/edge`.
+pub fn default_storage(env: &Env) -> PathBuf {
+    if let Some(dir) = env.path("STATE_DIRECTORY") {
+        // systemd may list several, colon-separated; the first is ours.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        return PathBuf::from(first);
+    }
+    if let Some(dir) = env.path("XDG_DATA_HOME") {
+        return dir.join("labkit/edge");
+    }
+    match env.home() {
+        Some(home) if home != Path::new("/") && home != Path::new("/root") => {
+            home.join(".local/share/labkit/edge")
+        }
+        _ => PathBuf::from("/var/lib/labkit/edge"),
+    }
+}
+
+fn check_email(email: &str) -> Result<(), &'static str> {
+    match email.split_once('@') {
+        Some((user, domain)) if !user.is_empty() && domain.contains('.') => Ok(()),
+        _ => Err("is not an email address"),
+    }
+}
+
+fn resolve_site(
+    raw: SiteToml,
+    i: usize,
+    file: &ConfigFile,
+    http_port: u16,
+    https_port: u16,
+) -> Result<Site, ConfigError> {
+    let key = |k: &str| format!("site[{i}].{k}");
+    if raw.addresses.is_empty() {
+        return Err(file.invalid(key("addresses"), "a site needs at least one address"));
+    }
+    let explicit_internal = match raw.tls.as_deref() {
+        None | Some("acme") => false,
+        Some("internal") => true,
+        Some(other) => {
+            return Err(file.invalid(
+                key("tls"),
+                format!("{other:?} is not a certificate source (\"internal\" or \"acme\")"),
+            ));
+        }
+    };
+    if let Some(email) = &raw.tls_email {
+        check_email(email).map_err(|m| file.invalid(key("tls_email"), m))?;
+    }
+    let mut addresses = Vec::new();
+    for (j, text) in raw.addresses.iter().enumerate() {
+        let address = Address::parse(text, http_port, https_port)
+            .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
+        if address.scheme == Scheme::Https {
+            let policy = TlsPolicy::for_host(&address.host, explicit_internal)
+                .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
+            debug_assert_eq!(policy, TlsPolicy::Internal);
+        }
+        addresses.push(address);
+    }
+
+    let mut encode = Vec::new();
+    for (j, name) in raw.encode.iter().enumerate() {
+        let encoding = match name.as_str() {
+            "gzip" => Encoding::Gzip,
+            "zstd" => Encoding::Zstd,
+            other => {
+                return Err(file.invalid(
+                    format!("site[{i}].encode[{j}]"),
+                    format!("{other:?} is not a supported encoding (\"zstd\" or \"gzip\")"),
+                ));
+            }
+        };
+        if !encode.contains(&encoding) {
+            encode.push(encoding);
+        }
+    }
+    let encode = (!encode.is_empty()).then(|| Encode {
+        encodings: encode,
+        minimum_length: raw.encode_minimum_length.unwrap_or(512),
+    });
+
+    let matcher = |k: String, path: &Option<String>| -> Result<PathMatcher, ConfigError> {
+        match path {
+            None => Ok(PathMatcher::Any),
+            Some(p) => PathMatcher::parse(p).map_err(|m| file.invalid(k, m)),
+        }
+    };
+
+    let mut redirects = Vec::new();
+    for (j, r) in raw.redir.iter().enumerate() {
+        let code = r.code.unwrap_or(302);
+        if !(300..=308).contains(&code) {
+            return Err(file.invalid(
+                format!("site[{i}].redir[{j}].code"),
+                format!("{code} is not a redirect status (300-308)"),
+            ));
+        }
+        if r.to.is_empty() {
+            return Err(file.invalid(format!("site[{i}].redir[{j}].to"), "is empty"));
+        }
+        redirects.push(Redirect {
+            matcher: matcher(format!("site[{i}].redir[{j}].path"), &r.path)?,
+            to: r.to.clone(),
+            code,
+        });
+    }
+
+    let mut headers = Vec::new();
+    for (j, h) in raw.header.iter().enumerate() {
+        let k = format!("site[{i}].header[{j}]");
+        let ops = HeaderOps::build(&h.set, &h.add, &h.default, &h.delete)
+            .map_err(|m| file.invalid(k.clone(), m))?;
+        headers.push((matcher(format!("{k}.path"), &h.path)?, ops));
+    }
+
+    let mut auths = Vec::new();
+    for (j, a) in raw.basic_auth.iter().enumerate() {
+        let k = format!("site[{i}].basic_auth[{j}]");
+        if a.users.is_empty() {
+            return Err(file.invalid(format!("{k}.users"), "names no user"));
+        }
+        let auth = BasicAuth::build(a.realm.clone(), &a.users)
+            .map_err(|m| file.invalid(format!("{k}.users"), m))?;
+        auths.push((matcher(format!("{k}.path"), &a.path)?, auth));
+    }
+
+    let mut proxies = Vec::new();
+    for (j, p) in raw.reverse_proxy.iter().enumerate() {
+        let k = format!("site[{i}].reverse_proxy[{j}]");
+        if p.to.is_empty() {
+            return Err(file.invalid(format!("{k}.to"), "names no upstream"));
+        }
+        let mut upstreams = Vec::new();
+        for (n, text) in p.to.iter().enumerate() {
+            upstreams
+                .push(Upstream::parse(text).map_err(|m| file.invalid(format!("{k}.to[{n}]"), m))?);
+        }
+        let first = match p.lb_policy.as_deref() {
+            None | Some("round_robin") => false,
+            Some("first") => true,
+            Some(other) => {
+                return Err(file.invalid(
+                    format!("{k}.lb_policy"),
+                    format!("{other:?} is not supported (\"round_robin\" or \"first\")"),
+                ));
+            }
+        };
+        let fail_duration = match &p.fail_duration {
+            None => Duration::from_secs(30),
+            Some(text) => parse_duration(text).ok_or_else(|| {
+                file.invalid(
+                    format!("{k}.fail_duration"),
+                    format!("{text:?} is not a duration"),
+                )
+            })?,
+        };
+        let up = &p.header_up;
+        let down = &p.header_down;
+        proxies.push(Proxy {
+            matcher: matcher(format!("{k}.path"), &p.path)?,
+            upstreams,
+            first,
+            fail_duration,
+            max_fails: p.max_fails.unwrap_or(1).max(1),
+            header_up: HeaderOps::build(&up.set, &up.add, &up.default, &up.delete)
+                .map_err(|m| file.invalid(format!("{k}.header_up"), m))?,
+            header_down: HeaderOps::build(&down.set, &down.add, &down.default, &down.delete)
+                .map_err(|m| file.invalid(format!("{k}.header_down"), m))?,
+            next: Default::default(),
+        });
+    }
+    if proxies.is_empty() && redirects.is_empty() {
+        return Err(file.invalid(
+            format!("site[{i}]"),
+            "has neither reverse_proxy nor redir: it would answer nothing",
+        ));
+    }
+    // Caddy sorts same-kind handlers by how specific their path matcher is.
+    redirects.sort_by_key(|r| std::cmp::Reverse(r.matcher.specificity()));
+    proxies.sort_by_key(|p| std::cmp::Reverse(p.matcher.specificity()));
+    Ok(Site {
+        addresses,
+        encode,
+        redirects,
+        headers,
+        auths,
+        proxies,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve_text(text: &str) -> Result<Config, ConfigError> {
+        let path = Path::new("/etc/labkit/edge.toml");
+        let raw: EdgeToml = labcore::config::parse_str(path, text)?;
+        resolve(raw, &ConfigFile::new(path), &Env::default())
+    }
+
+    #[test]
+    fn a_minimal_site_resolves_with_defaults() {
+        let config = resolve_text(
+            "[[site]]\naddresses = [\"localhost\"]\n[[site.reverse_proxy]]\nto = [\"127.0.0.1:8000\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.http_port, 80);
+        assert_eq!(config.https_port, 443);
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.sites[0].addresses[0].port, 443);
+        assert_eq!(config.storage, PathBuf::from("/var/lib/labkit/edge"));
+    }
+
+    #[test]
+    fn a_public_name_without_tls_internal_is_refused_until_acme_lands() {
+        let err = resolve_text(
+            "[[site]]\naddresses = [\"lab.example.org\"]\n[[site.reverse_proxy]]\nto = [\"localhost:7001\"]\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("site[0].addresses[0]"), "{text}");
+        assert!(text.contains("ACME"), "{text}");
+        assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
+    }
+
+    #[test]
+    fn bad_durations_and_codes_name_their_key() {
+        let err = resolve_text("[limits]\nidle_timeout = \"soon\"\n").unwrap_err();
+        assert!(err.to_string().contains("limits.idle_timeout"), "{err}");
+        let err = resolve_text(
+            "[[site]]\naddresses = [\"localhost\"]\n[[site.redir]]\nto = \"/x\"\ncode = 200\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("site[0].redir[0].code"), "{err}");
+    }
+
+    #[test]
+    fn two_sites_on_one_address_are_refused() {
+        let site = "[[site]]\naddresses = [\"localhost\"]\n[[site.reverse_proxy]]\nto = [\":1\"]\n";
+        let err = resolve_text(&format!("{site}{site}")).unwrap_err();
+        assert!(err.to_string().contains("also served by site[0]"), "{err}");
+    }
+
+    #[test]
+    fn durations_read_like_caddys() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+}

@@ -1,0 +1,324 @@
+//! One request's way through the edge: find the site by port and Host, then (in Caddy's
+//! directive order) redirect, authenticate, proxy, compress and set response headers; log it.
+//!
+//! On the plain HTTP port, a host served over HTTPS gets a permanent redirect there, except
+//! ACME HTTP-01 challenges (`/.well-known/acme-challenge/`), which go to the
+//! [`ChallengeResponder`] when one is registered.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access_log::{AccessLog, Logged, Record};
+use crate::certs::ChallengeResponder;
+use crate::encode;
+use crate::proxy::{Client, Forwarded};
+use crate::site::{Router, Scheme, Site, host_of};
+
+/// Errors a response body can end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every response body the edge sends.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
+/// What every request handler shares; the router and client are swapped on reload.
+pub struct State {
+    /// Sites by port and host.
+    pub router: ArcSwap<Router>,
+    /// The upstream client (rebuilt when timeouts change).
+    pub client: ArcSwap<Client>,
+    /// Access log.
+    pub log: AccessLog,
+    /// Owner of upgraded (WebSocket) connections.
+    pub upgraded: TaskTracker,
+    /// Cancelled when upgraded connections must end (after the stop grace period).
+    pub stop: CancellationToken,
+    /// ACME challenge answers, once ACME lands.
+    pub challenges: Option<Arc<dyn ChallengeResponder>>,
+}
+
+/// One client connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// The client.
+    pub peer: SocketAddr,
+    /// The port it connected to (as bound).
+    pub port: u16,
+    /// Plain or TLS.
+    pub scheme: Scheme,
+    /// Requests whose response has not finished yet.
+    pub in_flight: Arc<AtomicUsize>,
+    /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
+    /// keep-alive pings move bytes on an idle connection).
+    pub requests: AtomicU64,
+}
+
+/// A plain-text response with a short body.
+pub fn status_response(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn redirect(status: StatusCode, location: &str) -> Response<Body> {
+    let mut response = status_response(status, "");
+    match HeaderValue::from_str(location) {
+        Ok(value) => {
+            response.headers_mut().insert(header::LOCATION, value);
+            response
+        }
+        Err(_) => status_response(StatusCode::BAD_REQUEST, "bad request: unusable URI\n"),
+    }
+}
+
+/// Serves one request.
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<Conn>,
+    state: Arc<State>,
+) -> Result<Response<Logged>, Infallible> {
+    let start = Instant::now();
+    conn.in_flight.fetch_add(1, Ordering::Relaxed);
+    conn.requests.fetch_add(1, Ordering::Relaxed);
+    let mut record = state.log.enabled().then(|| Record {
+        ts: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        remote: conn.peer.ip().to_string(),
+        proto: match req.version() {
+            Version::HTTP_2 => "HTTP/2.0",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        method: req.method().to_string(),
+        host: String::new(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned(),
+        status: 0,
+        bytes: 0,
+        duration_ms: 0.0,
+        upstream: None,
+        user: None,
+    });
+    let routed = route(req, &conn, &state, record.as_mut()).await;
+    if let Some(record) = record.as_mut() {
+        record.status = routed.status().as_u16();
+    }
+    let (parts, body) = routed.into_parts();
+    let body = Logged::new(
+        body,
+        record,
+        start,
+        state.log.clone(),
+        conn.in_flight.clone(),
+    );
+    Ok(Response::from_parts(parts, body))
+}
+
+async fn route(
+    req: Request<Incoming>,
+    conn: &Conn,
+    state: &State,
+    record: Option<&mut Record>,
+) -> Response<Body> {
+    let host_value = match req.headers().get(header::HOST) {
+        Some(v) => v.clone(),
+        None => match req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            Some(v) => v,
+            None => return status_response(StatusCode::BAD_REQUEST, "bad request: no Host\n"),
+        },
+    };
+    let Ok(host_text) = host_value.to_str() else {
+        return status_response(StatusCode::BAD_REQUEST, "bad request: unreadable Host\n");
+    };
+    let host = host_of(host_text);
+    let router = state.router.load_full();
+    let mut record = record;
+    if let Some(r) = record.as_deref_mut() {
+        r.host = host.clone();
+    }
+    match conn.scheme {
+        Scheme::Http => {
+            if let Some(token) = req.uri().path().strip_prefix(ACME_CHALLENGE) {
+                return match state
+                    .challenges
+                    .as_ref()
+                    .and_then(|c| c.http01(&host, token))
+                {
+                    Some(answer) => {
+                        let mut response = status_response(StatusCode::OK, "");
+                        *response.body_mut() = Full::new(Bytes::from(answer))
+                            .map_err(|e| match e {})
+                            .boxed_unsync();
+                        response
+                    }
+                    None => status_response(StatusCode::NOT_FOUND, "no such ACME challenge\n"),
+                };
+            }
+            if let Some(site) = router.site(conn.port, &host) {
+                let site = site.clone();
+                return serve_site(&site, req, conn, state, &host_value, record).await;
+            }
+            if let Some(port) = router.https_port_for(&host) {
+                let authority = if port == 443 {
+                    host.clone()
+                } else {
+                    format!("{}:{port}", bracket(&host))
+                };
+                let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                return redirect(
+                    StatusCode::PERMANENT_REDIRECT,
+                    &format!("https://{authority}{path}"),
+                );
+            }
+            status_response(
+                StatusCode::NOT_FOUND,
+                "not found: no site serves this host\n",
+            )
+        }
+        Scheme::Https => match router.site(conn.port, &host) {
+            Some(site) => {
+                let site = site.clone();
+                serve_site(&site, req, conn, state, &host_value, record).await
+            }
+            None => status_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected request: no site serves this host here\n",
+            ),
+        },
+    }
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+/// Expands `{uri}`, `{path}`, `{query}`, `{host}` and `{scheme}` in a redirect target.
+fn expand(template: &str, req: &Request<Incoming>, host: &str, scheme: Scheme) -> String {
+    let uri = req.uri();
+    template
+        .replace("{uri}", uri.path_and_query().map_or("/", |p| p.as_str()))
+        .replace("{path}", uri.path())
+        .replace("{query}", uri.query().unwrap_or(""))
+        .replace("{host}", host)
+        .replace("{scheme}", scheme.as_str())
+}
+
+async fn serve_site(
+    site: &Arc<Site>,
+    req: Request<Incoming>,
+    conn: &Conn,
+    state: &State,
+    host_value: &HeaderValue,
+    record: Option<&mut Record>,
+) -> Response<Body> {
+    let path = req.uri().path();
+    let header_ops: Vec<usize> = site
+        .headers
+        .iter()
+        .enumerate()
+        .filter(|(_, (m, _))| m.matches(path))
+        .map(|(i, _)| i)
+        .collect();
+    let encoding = match &site.encode {
+        Some(enc) if req.method() != Method::HEAD => {
+            enc.negotiate(req.headers().get(header::ACCEPT_ENCODING))
+        }
+        _ => None,
+    };
+    let mut response = respond(site, req, conn, state, host_value, record).await;
+    if let (Some(enc), Some(encoding)) = (&site.encode, encoding)
+        && enc.wants(response.status(), response.headers())
+    {
+        response = encode::compress(response, encoding);
+    }
+    for i in header_ops {
+        site.headers[i].1.apply(response.headers_mut());
+    }
+    response
+}
+
+async fn respond(
+    site: &Arc<Site>,
+    req: Request<Incoming>,
+    conn: &Conn,
+    state: &State,
+    host_value: &HeaderValue,
+    record: Option<&mut Record>,
+) -> Response<Body> {
+    let path = req.uri().path();
+    if let Some(r) = site.redirects.iter().find(|r| r.matcher.matches(path)) {
+        let host = host_of(host_value.to_str().unwrap_or(""));
+        let status = StatusCode::from_u16(r.code).unwrap_or(StatusCode::FOUND);
+        return redirect(status, &expand(&r.to, &req, &host, conn.scheme));
+    }
+    let mut record = record;
+    if let Some((_, auth)) = site.auths.iter().find(|(m, _)| m.matches(path)) {
+        match auth.check(req.headers().get(header::AUTHORIZATION)).await {
+            Some(user) => {
+                if let Some(r) = record.as_deref_mut() {
+                    r.user = Some(user);
+                }
+            }
+            None => {
+                let mut response = status_response(StatusCode::UNAUTHORIZED, "unauthorized\n");
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, auth.challenge());
+                return response;
+            }
+        }
+    }
+    let Some(proxy) = site.proxies.iter().find(|p| p.matcher.matches(path)) else {
+        return status_response(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let client = state.client.load_full();
+    let outcome = client
+        .forward(
+            proxy,
+            req,
+            Forwarded {
+                client_ip: conn.peer.ip().to_canonical(),
+                proto: conn.scheme.as_str(),
+                host: host_value,
+            },
+            &state.upgraded,
+            &state.stop,
+        )
+        .await;
+    if let (Some(r), Some(upstream)) = (record, &outcome.upstream) {
+        r.upstream = Some(upstream.text.clone());
+    }
+    outcome.response
+}

@@ -1,0 +1,94 @@
+//! edge: a TLS-terminating reverse proxy with an internal CA, configured by TOML or a
+//! Caddyfile: the job Caddy does on the lab's public VM.
+//!
+//! The front ends ([`config`] for TOML, [`caddyfile`]) meet in one resolved [`config::Config`]
+//! of [`site`]s. [`server`] binds the listeners, does TLS with certificates from [`certs`]
+//! (filled by the internal CA in [`ca`], kept in [`storage`]), and hands each request to
+//! [`handler`], which redirects, authenticates ([`auth`]), proxies ([`proxy`]), compresses
+//! ([`encode`]) and logs ([`access_log`]). [`trust`] puts the internal root into the system
+//! trust store. [`cli`] is the command line.
+
+pub mod access_log;
+pub mod auth;
+pub mod ca;
+pub mod caddyfile;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod encode;
+pub mod handler;
+pub mod proxy;
+pub mod server;
+pub mod site;
+pub mod storage;
+pub mod trust;
+
+use std::io;
+use std::net::SocketAddr;
+
+use labcore::{Exit, ExitStatus};
+
+/// Everything that can go wrong, each with its exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The TOML config is wrong.
+    #[error(transparent)]
+    Config(#[from] labcore::config::ConfigError),
+    /// The Caddyfile is wrong.
+    #[error(transparent)]
+    Caddyfile(#[from] caddyfile::CaddyfileError),
+    /// The log filter is wrong.
+    #[error(transparent)]
+    Log(#[from] labcore::log::LogError),
+    /// The internal CA or its storage failed.
+    #[error("internal CA")]
+    Ca(#[from] ca::CaError),
+    /// TLS setup failed.
+    #[error("TLS setup")]
+    Tls(#[source] rustls::Error),
+    /// A listener could not be bound.
+    #[error("listening on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// Installing the root into the system store failed.
+    #[error("{0}")]
+    Trust(String),
+    /// An I/O operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ExitStatus for Error {
+    fn exit(&self) -> Exit {
+        match self {
+            Error::Config(e) => e.exit(),
+            Error::Caddyfile(e) => e.exit(),
+            Error::Log(e) => e.exit(),
+            Error::Ca(ca::CaError::Io { source, .. }) => Exit::from_io(source),
+            Error::Ca(ca::CaError::Corrupt { .. }) => Exit::DataErr,
+            Error::Ca(ca::CaError::Sign(_)) => Exit::Software,
+            Error::Tls(_) => Exit::Software,
+            Error::Bind { source, .. } => match source.kind() {
+                io::ErrorKind::AddrInUse => Exit::Unavailable,
+                io::ErrorKind::PermissionDenied => Exit::NoPerm,
+                io::ErrorKind::AddrNotAvailable => Exit::Config,
+                _ => Exit::from_io(source),
+            },
+            Error::Trust(_) => Exit::Unavailable,
+            Error::Io { source, .. } => Exit::from_io(source),
+            Error::Internal(_) => Exit::Software,
+        }
+    }
+}

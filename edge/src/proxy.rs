@@ -1,0 +1,519 @@
+//! Reverse proxying: choosing an upstream (round robin or first, skipping ones that failed
+//! recently), rewriting the request (hop-by-hop headers out, `X-Forwarded-*` in, the client's
+//! Host kept), streaming both bodies, and joining upgraded connections (WebSocket) end to end.
+//!
+//! Upstream connections come from hyper-util's pooled client (keep-alive, HTTP/1.1). A request
+//! without a body that fails to connect is retried on the next upstream; one with a body has
+//! already given its body away and gets a 502, while the failed upstream is skipped by the
+//! requests after it ("passive health", as Caddy's `fail_duration`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
+use hyper::http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
+};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handler::{Body, status_response};
+use crate::site::{HeaderOps, PathMatcher, split_host_port};
+
+/// One upstream server and its passive health.
+#[derive(Debug)]
+pub struct Upstream {
+    /// As written in the config.
+    pub text: String,
+    authority: Authority,
+    fails: AtomicU32,
+    /// Milliseconds since [`epoch`] until which the upstream is skipped.
+    down_until: AtomicU64,
+}
+
+impl Upstream {
+    /// Parses "host:port", "http://host:port", ":port" (localhost) or "host" (port 80).
+    pub fn parse(text: &str) -> Result<Arc<Upstream>, String> {
+        let rest = if let Some(rest) = text.strip_prefix("http://") {
+            rest
+        } else if text.starts_with("https://") {
+            return Err(format!("{text:?}: HTTPS upstreams are not supported yet"));
+        } else if text.contains("://") {
+            return Err(format!("{text:?}: only http:// upstreams are supported"));
+        } else {
+            text
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') {
+            return Err(format!("{text:?}: an upstream cannot hold a path"));
+        }
+        let (host, port) =
+            split_host_port(rest).ok_or_else(|| format!("{text:?} has a bad port"))?;
+        let host = if host.is_empty() { "localhost" } else { host };
+        let port = port.unwrap_or(80);
+        if port == 0 {
+            return Err(format!("{text:?}: port 0 is not a port to connect to"));
+        }
+        let authority: Authority = format!("{host}:{port}")
+            .parse()
+            .map_err(|_| format!("{text:?} is not a host:port"))?;
+        Ok(Arc::new(Upstream {
+            text: text.to_owned(),
+            authority,
+            fails: AtomicU32::new(0),
+            down_until: AtomicU64::new(0),
+        }))
+    }
+
+    fn is_down(&self, now_ms: u64) -> bool {
+        self.down_until.load(Ordering::Relaxed) > now_ms
+    }
+
+    fn failed(&self, proxy: &Proxy) {
+        let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails >= proxy.max_fails {
+            let until = epoch_ms() + proxy.fail_duration.as_millis() as u64;
+            self.down_until.store(until, Ordering::Relaxed);
+            self.fails.store(0, Ordering::Relaxed);
+            tracing::warn!(upstream = %self.text, skip_for = ?proxy.fail_duration, "upstream marked down");
+        }
+    }
+
+    fn succeeded(&self) {
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+fn epoch_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// One `reverse_proxy`: which paths, which upstreams, how to choose and what to rewrite.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    /// Which paths.
+    pub matcher: PathMatcher,
+    /// The upstreams.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Always prefer the first healthy upstream (`lb_policy first`).
+    pub first: bool,
+    /// How long a failed upstream is skipped.
+    pub fail_duration: Duration,
+    /// Failures before it is skipped.
+    pub max_fails: u32,
+    /// Request header changes.
+    pub header_up: HeaderOps,
+    /// Response header changes.
+    pub header_down: HeaderOps,
+    /// Round-robin position.
+    pub next: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    /// Upstreams in the order to try them: healthy ones first, in policy order, then the
+    /// rest (when all are down, trying beats refusing).
+    fn order(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        let n = self.upstreams.len();
+        let start = if self.first || n == 1 {
+            0
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed) % n
+        };
+        // Health is read once, so an upstream failing during this request is not tried twice.
+        let now = epoch_ms();
+        let down: u128 = self
+            .upstreams
+            .iter()
+            .take(128)
+            .enumerate()
+            .filter(|(_, u)| u.is_down(now))
+            .fold(0, |mask, (i, _)| mask | 1 << i);
+        let is_down = move |i: usize| i < 128 && down & (1 << i) != 0;
+        let rotated = move || (0..n).map(move |i| (start + i) % n);
+        rotated()
+            .filter(move |&i| !is_down(i))
+            .chain(rotated().filter(move |&i| is_down(i)))
+            .map(move |i| &self.upstreams[i])
+    }
+}
+
+/// A request body going upstream: the client's, or nothing (for retries).
+pub enum UpBody {
+    /// The client's body, streamed.
+    Client(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl HttpBody for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpBody::Client(body) => std::pin::Pin::new(body).poll_frame(cx),
+            UpBody::Empty => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Client(body) => body.is_end_stream(),
+            UpBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Client(body) => body.size_hint(),
+            UpBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// The pooled upstream client and its timeouts.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: HyperClient<HttpConnector, UpBody>,
+    response_timeout: Duration,
+}
+
+/// What the client connection looks like to the upstream.
+#[derive(Debug)]
+pub struct Forwarded<'a> {
+    /// The client's address.
+    pub client_ip: std::net::IpAddr,
+    /// "http" or "https".
+    pub proto: &'static str,
+    /// The Host the client asked for, as sent.
+    pub host: &'a HeaderValue,
+}
+
+/// The outcome of proxying: the response and the upstream that gave it.
+pub struct Outcome {
+    /// The response for the client.
+    pub response: Response<Body>,
+    /// The upstream that answered (or was tried last).
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The protocol a request asks to upgrade to (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
+fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+impl Client {
+    /// A client with these timeouts.
+    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Client {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let inner = HyperClient::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Client {
+            inner,
+            response_timeout,
+        }
+    }
+
+    /// Proxies `req` through `proxy`.
+    pub async fn forward(
+        &self,
+        proxy: &Proxy,
+        mut req: Request<Incoming>,
+        fwd: Forwarded<'_>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Outcome {
+        let upgrade = upgrade_of(&req);
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        if let Some(protocol) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocol.clone());
+        }
+        // The edge is the front door: forwarding headers from clients are not trusted.
+        headers.insert(
+            X_FORWARDED_FOR.clone(),
+            HeaderValue::from_str(&fwd.client_ip.to_string()).expect("an IP is a header value"),
+        );
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(fwd.proto),
+        );
+        headers.insert(X_FORWARDED_HOST.clone(), fwd.host.clone());
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, fwd.host.clone());
+        }
+        proxy.header_up.apply(&mut headers);
+        let path: PathAndQuery = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let method = parts.method;
+
+        let retryable = body.is_end_stream();
+        let mut body = Some(if retryable {
+            UpBody::Empty
+        } else {
+            UpBody::Client(body)
+        });
+        let mut last: Option<Arc<Upstream>> = None;
+        let mut failure = status_response(
+            StatusCode::BAD_GATEWAY,
+            "bad gateway: no upstream answered\n",
+        );
+        for upstream in proxy.order() {
+            let Some(this_body) = body.take() else { break };
+            last = Some(upstream.clone());
+            let uri = Uri::builder()
+                .scheme(UriScheme::HTTP)
+                .authority(upstream.authority.clone())
+                .path_and_query(path.clone())
+                .build()
+                .expect("scheme, authority and path were each valid");
+            let mut up = Request::new(this_body);
+            *up.method_mut() = method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = if retryable {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
+            match tokio::time::timeout(self.response_timeout, self.inner.request(up)).await {
+                Ok(Ok(response)) => {
+                    upstream.succeeded();
+                    let response = self.respond(proxy, response, client_upgrade, tasks, stop);
+                    return Outcome {
+                        response,
+                        upstream: last,
+                    };
+                }
+                Ok(Err(err)) if err.is_connect() => {
+                    tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream connect failed");
+                    upstream.failed(proxy);
+                    if retryable {
+                        body = Some(UpBody::Empty);
+                    }
+                    failure = status_response(
+                        StatusCode::BAD_GATEWAY,
+                        "bad gateway: upstream unreachable\n",
+                    );
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream request failed");
+                    failure =
+                        status_response(StatusCode::BAD_GATEWAY, "bad gateway: upstream failed\n");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(upstream = %upstream.text, timeout = ?self.response_timeout, "upstream response timed out");
+                    upstream.failed(proxy);
+                    failure = status_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "gateway timeout: upstream did not answer in time\n",
+                    );
+                    break;
+                }
+            }
+            if method == Method::CONNECT {
+                break;
+            }
+        }
+        Outcome {
+            response: failure,
+            upstream: last,
+        }
+    }
+
+    fn respond(
+        &self,
+        proxy: &Proxy,
+        mut response: Response<Incoming>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Response<Body> {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok(both) => both,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "upgrade did not complete");
+                        return;
+                    }
+                };
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                        if let Err(err) = result {
+                            tracing::debug!(error = %err, "upgraded connection ended");
+                        }
+                    }
+                }
+            });
+            let (mut parts, _) = response.into_parts();
+            proxy.header_down.apply(&mut parts.headers);
+            return Response::from_parts(
+                parts,
+                http_body_util::Empty::new()
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            );
+        }
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        proxy.header_down.apply(&mut parts.headers);
+        Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstreams_parse_like_caddys() {
+        assert_eq!(
+            Upstream::parse("localhost:7001").unwrap().authority,
+            "localhost:7001"
+        );
+        assert_eq!(
+            Upstream::parse(":8080").unwrap().authority,
+            "localhost:8080"
+        );
+        assert_eq!(
+            Upstream::parse("http://10.0.0.2").unwrap().authority,
+            "10.0.0.2:80"
+        );
+        assert_eq!(Upstream::parse("[::1]:9").unwrap().authority, "[::1]:9");
+        assert!(
+            Upstream::parse("https://x:1")
+                .unwrap_err()
+                .contains("HTTPS")
+        );
+        assert!(Upstream::parse("x:1/path").is_err());
+        assert!(Upstream::parse("x:port").is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn round_robin_skips_upstreams_that_are_down() {
+        let proxy = Proxy {
+            matcher: PathMatcher::Any,
+            upstreams: vec![
+                Upstream::parse(":1").unwrap(),
+                Upstream::parse(":2").unwrap(),
+            ],
+            first: false,
+            fail_duration: Duration::from_secs(60),
+            max_fails: 1,
+            header_up: HeaderOps::default(),
+            header_down: HeaderOps::default(),
+            next: Arc::new(AtomicUsize::new(0)),
+        };
+        let firsts: Vec<String> = (0..4)
+            .map(|_| proxy.order().next().unwrap().text.clone())
+            .collect();
+        assert_eq!(firsts, [":1", ":2", ":1", ":2"]);
+        proxy.upstreams[0].failed(&proxy);
+        let firsts: Vec<String> = (0..4)
+            .map(|_| proxy.order().next().unwrap().text.clone())
+            .collect();
+        assert_eq!(firsts, [":2", ":2", ":2", ":2"]);
+        assert_eq!(
+            proxy.order().count(),
+            2,
+            "a down upstream is still tried last"
+        );
+    }
+}

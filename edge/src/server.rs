@@ -1,0 +1,658 @@
+//! The running edge: listeners, TLS handshakes, HTTP/1.1 and HTTP/2 connections, reload on
+//! SIGHUP and the drain on SIGTERM.
+//!
+//! Ownership: every accept loop and connection task lives in a `TaskTracker`; upgraded
+//! (WebSocket) connections in another. A reload swaps the router, certificates and upstream
+//! client under the running connections, binds listeners for new ports and stops accepting on
+//! ports no longer used, so open connections, WebSockets included, carry on. A stop closes the
+//! listeners, asks every connection to finish its requests, waits up to the grace period, then
+//! ends what is left.
+//!
+//! Listeners may be configured on port 0 (tests): the bound addresses are logged and sent as
+//! the sd_notify `STATUS=` line (`listening http=ADDR https=ADDR`) before `READY=1`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::{HttpService, service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use labcore::Env;
+use labcore::notify::Notifier;
+use labcore::signals::Signals;
+use rustls::ServerConfig;
+use rustls::server::{Acceptor, ResolvesServerCert};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Error;
+use crate::access_log::AccessLog;
+use crate::ca::Ca;
+use crate::caddyfile;
+use crate::certs::{Certs, Fixed, Resolver};
+use crate::config::{self, Config, Limits};
+use crate::handler::{self, Conn, State};
+use crate::proxy::Client;
+use crate::site::{Host, Router, Scheme};
+use crate::storage::Storage;
+
+/// Where the config comes from (read again on reload).
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A TOML file.
+    Toml(PathBuf),
+    /// A Caddyfile.
+    Caddyfile(PathBuf),
+}
+
+impl Source {
+    /// Reads and resolves the config.
+    pub fn load(&self, env: &Env) -> Result<Config, Error> {
+        match self {
+            Source::Toml(path) => Ok(config::load_toml(path, env)?),
+            Source::Caddyfile(path) => Ok(caddyfile::load(path, env)?),
+        }
+    }
+}
+
+/// The hosts needing certificates.
+pub fn tls_hosts(config: &Config) -> Vec<Host> {
+    let mut hosts: Vec<Host> = config
+        .sites
+        .iter()
+        .flat_map(|s| s.tls_hosts().cloned())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// A bound listener and its accept loop.
+struct Listener {
+    addrs: Vec<SocketAddr>,
+    stop: CancellationToken,
+}
+
+/// What the accept loops and connections share, besides [`State`].
+struct Shared {
+    state: Arc<State>,
+    certs: Arc<Certs>,
+    tls: Arc<ServerConfig>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    limits: ArcSwap<Limits>,
+    permits: Arc<Semaphore>,
+    conns: TaskTracker,
+    drain: CancellationToken,
+}
+
+/// Runs the edge until SIGTERM/SIGINT.
+pub async fn run(source: Source, env: Env) -> Result<(), Error> {
+    let config = source.load(&env)?;
+    let notifier = Notifier::from_env(&env).map_err(|source| Error::Io {
+        what: "opening the sd_notify socket".into(),
+        source,
+    })?;
+    let mut signals = Signals::install().map_err(|source| Error::Io {
+        what: "installing signal handlers".into(),
+        source,
+    })?;
+    let shutdown = signals.shutdown();
+
+    let storage = Storage::open(&config.storage).map_err(|source| Error::Io {
+        what: format!("opening storage {}", config.storage.display()),
+        source,
+    })?;
+    let ca = Arc::new(Ca::open(&storage)?);
+    let certs = Arc::new(Certs::new(ca, storage).map_err(Error::Tls)?);
+    certs.ensure(&tls_hosts(&config))?;
+
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = server_config(
+        provider.clone(),
+        Arc::new(Resolver(certs.clone())),
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    )?;
+    let log_stop = CancellationToken::new();
+    let (log, log_task) = AccessLog::start(&config.access_log, log_stop.clone())
+        .await
+        .map_err(|source| Error::Io {
+            what: "opening the access log".into(),
+            source,
+        })?;
+    let upgraded = TaskTracker::new();
+    let hard_stop = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        state: Arc::new(State {
+            router: ArcSwap::from_pointee(Router::new(&[], &|p, _| p)),
+            client: ArcSwap::from_pointee(client_for(&config.limits)),
+            log,
+            upgraded: upgraded.clone(),
+            stop: hard_stop.clone(),
+            challenges: None,
+        }),
+        certs: certs.clone(),
+        tls,
+        provider,
+        limits: ArcSwap::from_pointee(config.limits.clone()),
+        permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        conns: TaskTracker::new(),
+        drain: CancellationToken::new(),
+    });
+
+    let mut listeners: HashMap<(u16, Scheme), Listener> = HashMap::new();
+    bind_missing(&config, &mut listeners, &shared).await?;
+    shared
+        .state
+        .router
+        .store(Arc::new(router_for(&config, &listeners)));
+
+    let renew_stop = CancellationToken::new();
+    let renewal = tokio::spawn(certs.clone().renew_loop(renew_stop.clone()));
+
+    let status = status_line(&config, &listeners);
+    tracing::info!(sites = config.sites.len(), "{status}");
+    notifier.status(&status);
+    notifier.ready();
+
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = signals.reload() => {
+                notifier.reloading();
+                match reload(&source, &env, &mut listeners, &shared).await {
+                    Ok(config) => {
+                        let status = status_line(&config, &listeners);
+                        tracing::info!(sites = config.sites.len(), "reloaded; {status}");
+                        notifier.status(&status);
+                        current = config;
+                    }
+                    Err(err) => tracing::error!(
+                        error = %labcore::exit::chain(&err),
+                        "new config rejected; still serving the old one"
+                    ),
+                }
+                notifier.ready();
+            }
+        }
+    }
+
+    notifier.stopping();
+    for listener in listeners.values() {
+        listener.stop.cancel();
+    }
+    shared.drain.cancel();
+    let grace = current.grace_period;
+    let drained = labcore::signals::drain(&shared.conns, grace).await;
+    if !drained {
+        tracing::warn!(grace = ?grace, "connections still open after the grace period; closing them");
+    }
+    hard_stop.cancel();
+    let _ = labcore::signals::drain(&upgraded, Duration::from_secs(2)).await;
+    renew_stop.cancel();
+    let _ = renewal.await;
+    log_stop.cancel();
+    if let Some(task) = log_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn client_for(limits: &Limits) -> Client {
+    Client::new(
+        limits.upstream_connect_timeout,
+        limits.upstream_response_timeout,
+    )
+}
+
+/// A TLS 1.2/1.3 server config over `resolver` offering `alpn`.
+fn server_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    resolver: Arc<dyn ResolvesServerCert>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<ServerConfig>, Error> {
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(Error::Tls)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = alpn;
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(Error::Tls)?;
+    Ok(Arc::new(config))
+}
+
+fn status_line(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) -> String {
+    let mut parts = vec!["listening".to_owned()];
+    let mut keys: Vec<&(u16, Scheme)> = listeners.keys().collect();
+    keys.sort_by_key(|(port, scheme)| {
+        (
+            *port != config.http_port,
+            *port != config.https_port,
+            *scheme,
+            *port,
+        )
+    });
+    for key in keys {
+        let listener = &listeners[key];
+        let name = match key {
+            (p, Scheme::Http) if *p == config.http_port => "http".to_owned(),
+            (p, Scheme::Https) if *p == config.https_port => "https".to_owned(),
+            (p, s) => format!("{}:{p}", s.as_str()),
+        };
+        for addr in &listener.addrs {
+            parts.push(format!("{name}={addr}"));
+        }
+    }
+    parts.join(" ")
+}
+
+fn router_for(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) -> Router {
+    Router::new(&config.sites, &|port, scheme| {
+        listeners
+            .get(&(port, scheme))
+            .and_then(|l| l.addrs.first())
+            .map_or(port, |a| a.port())
+    })
+}
+
+async fn reload(
+    source: &Source,
+    env: &Env,
+    listeners: &mut HashMap<(u16, Scheme), Listener>,
+    shared: &Arc<Shared>,
+) -> Result<Config, Error> {
+    let config = source.load(env)?;
+    let certs = shared.certs.clone();
+    let hosts = tls_hosts(&config);
+    tokio::task::spawn_blocking(move || certs.ensure(&hosts))
+        .await
+        .map_err(|e| Error::Internal(format!("certificate task: {e}")))??;
+    bind_missing(&config, listeners, shared).await?;
+    let wanted = config.listeners();
+    listeners.retain(|key, listener| {
+        let keep = wanted.contains(key);
+        if !keep {
+            tracing::info!(addrs = ?listener.addrs, "port no longer used; closing its listener");
+            listener.stop.cancel();
+        }
+        keep
+    });
+    if **shared.limits.load() != config.limits {
+        shared
+            .state
+            .client
+            .store(Arc::new(client_for(&config.limits)));
+        shared.limits.store(Arc::new(config.limits.clone()));
+    }
+    shared
+        .state
+        .router
+        .store(Arc::new(router_for(&config, listeners)));
+    Ok(config)
+}
+
+/// Binds the listeners `config` needs and `listeners` lacks, and starts their accept loops.
+async fn bind_missing(
+    config: &Config,
+    listeners: &mut HashMap<(u16, Scheme), Listener>,
+    shared: &Arc<Shared>,
+) -> Result<(), Error> {
+    for (port, scheme) in config.listeners() {
+        if listeners.contains_key(&(port, scheme)) {
+            continue;
+        }
+        let sockets = bind(&config.bind, port).await?;
+        let stop = CancellationToken::new();
+        let mut addrs = Vec::new();
+        for socket in sockets {
+            let addr = socket.local_addr().map_err(|source| Error::Io {
+                what: "reading a listener's address".into(),
+                source,
+            })?;
+            addrs.push(addr);
+            shared.conns.spawn(accept_loop(
+                socket,
+                addr.port(),
+                scheme,
+                shared.clone(),
+                stop.clone(),
+            ));
+        }
+        listeners.insert((port, scheme), Listener { addrs, stop });
+    }
+    Ok(())
+}
+
+async fn bind(ips: &[IpAddr], port: u16) -> Result<Vec<TcpListener>, Error> {
+    let mut sockets = Vec::new();
+    let mut port = port;
+    for ip in ips {
+        let addr = SocketAddr::new(*ip, port);
+        let socket = match TcpListener::bind(addr).await {
+            // No IPv6 on this host: the wildcard falls back to IPv4.
+            Err(err)
+                if ip.is_unspecified()
+                    && ip.is_ipv6()
+                    && err.kind() != io::ErrorKind::AddrInUse =>
+            {
+                TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).await
+            }
+            other => other,
+        }
+        .map_err(|source| Error::Bind { addr, source })?;
+        if port == 0 {
+            // Several addresses on "port 0" share the port the first one got.
+            port = socket.local_addr().map_or(0, |a| a.port());
+        }
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    port: u16,
+    scheme: Scheme,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = shared.permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                shared.conns.spawn(serve_conn(
+                    stream,
+                    peer,
+                    port,
+                    scheme,
+                    shared.clone(),
+                    permit,
+                ));
+            }
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    scheme: Scheme,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().ok();
+    let limits = shared.limits.load_full();
+    let activity = Arc::new(AtomicU64::new(0));
+    let io = Activity {
+        inner: stream,
+        count: activity.clone(),
+    };
+    let conn = Arc::new(Conn {
+        peer,
+        port,
+        scheme,
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        requests: AtomicU64::new(0),
+    });
+    match scheme {
+        Scheme::Http => serve_http(io, false, conn, &shared, &limits, activity).await,
+        Scheme::Https => {
+            let handshake = handshake(io, local.map(|a| a.ip()), peer, &shared);
+            match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                Ok(Err(err)) => tracing::info!(%peer, error = %err, "TLS handshake failed"),
+                Ok(Ok(tls)) => {
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_http(tls, h2, conn, &shared, &limits, activity).await;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the ClientHello, picks the certificate source and finishes the handshake.
+async fn handshake(
+    io: Activity<TcpStream>,
+    local_ip: Option<IpAddr>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> io::Result<tokio_rustls::server::TlsStream<Activity<TcpStream>>> {
+    let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
+    let hello = start.client_hello();
+    let config = match hello.server_name() {
+        Some(name) => {
+            if !shared.certs.serves(name) {
+                tracing::info!(%peer, sni = name, "no site serves this TLS name; refusing the handshake");
+            }
+            shared.tls.clone()
+        }
+        None => match local_ip.and_then(|ip| shared.certs.for_ip(ip)) {
+            Some(certified) => server_config(
+                shared.provider.clone(),
+                Arc::new(Fixed(certified)),
+                vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            )
+            .map_err(io::Error::other)?,
+            None => {
+                tracing::info!(%peer, "client sent no TLS name and no site serves this address; refusing the handshake");
+                shared.tls.clone()
+            }
+        },
+    };
+    start.into_stream(config).await
+}
+
+async fn serve_http<I>(
+    io: I,
+    h2: bool,
+    conn: Arc<Conn>,
+    shared: &Arc<Shared>,
+    limits: &Limits,
+    activity: Arc<AtomicU64>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = shared.state.clone();
+    let watch = Watch {
+        conn: conn.clone(),
+        // HTTP/2 keep-alive pings move bytes on an idle connection: there only requests count.
+        bytes: (!h2).then_some(activity),
+        idle: limits.idle_timeout,
+        drain: shared.drain.clone(),
+    };
+    let service = service_fn(move |req| handler::handle(req, conn.clone(), state.clone()));
+    let io = TokioIo::new(io);
+    if h2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            // Pings find dead peers; more often than the idle timeout, so one is found before
+            // an idle close would have been due.
+            .keep_alive_interval(Some(limits.idle_timeout.min(Duration::from_secs(120)) / 2))
+            .keep_alive_timeout(Duration::from_secs(20));
+        watch.drive(builder.serve_connection(io, service)).await;
+    } else {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_header_size(limits.max_header_bytes)
+            .keep_alive(true);
+        watch
+            .drive(builder.serve_connection(io, service).with_upgrades())
+            .await;
+    }
+}
+
+/// Connections that can be asked to finish their requests and close.
+trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn shut(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shut(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn shut(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Watches a connection: closes it when idle (no request and, for HTTP/1.1, no bytes for the
+/// idle timeout) or when the edge drains.
+struct Watch {
+    conn: Arc<Conn>,
+    bytes: Option<Arc<AtomicU64>>,
+    idle: Duration,
+    drain: CancellationToken,
+}
+
+impl Watch {
+    async fn drive<C: Graceful>(self, conn: C) {
+        let mut conn = std::pin::pin!(conn);
+        let mut ticks = tokio::time::interval(self.idle);
+        ticks.tick().await;
+        let peer = self.conn.peer;
+        let activity = || {
+            let bytes = self.bytes.as_ref().map_or(0, |b| b.load(Ordering::Relaxed));
+            bytes.wrapping_add(self.conn.requests.load(Ordering::Relaxed))
+        };
+        let mut seen = activity();
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(err) = result {
+                        tracing::info!(%peer, error = %labcore::exit::chain(&err), "connection closed on error");
+                    }
+                    return;
+                }
+                _ = self.drain.cancelled(), if !closing => {
+                    closing = true;
+                    conn.as_mut().shut();
+                }
+                _ = ticks.tick() => {
+                    let now = activity();
+                    if !closing && now == seen && self.conn.in_flight.load(Ordering::Relaxed) == 0 {
+                        tracing::debug!(%peer, "idle connection closed");
+                        closing = true;
+                        conn.as_mut().shut();
+                    }
+                    seen = now;
+                }
+            }
+        }
+    }
+}
+
+/// A stream that counts reads and writes, so the idle watch knows it is in use.
+struct Activity<T> {
+    inner: T,
+    count: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,602 @@
+//! What a site is once resolved: its addresses, the certificate policy of each name, path
+//! matchers, header operations, redirects and upstreams; and the [`Router`] that finds the
+//! site for a request's port and host.
+//!
+//! These types hold only valid values (a [`HeaderOps`] holds parsed header names, an
+//! [`Upstream`] a parsed authority), so the request path never re-validates configuration.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hyper::http::{HeaderMap, HeaderName, HeaderValue};
+
+pub use crate::auth::BasicAuth;
+pub use crate::encode::{Encode, Encoding};
+pub use crate::proxy::{Proxy, Upstream};
+
+/// Plain HTTP or HTTPS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// "http" or "https".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// The host part of a site address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Host {
+    /// One DNS name, lower case.
+    Name(String),
+    /// `*.example.org`: any single label before the suffix (kept with its leading dot).
+    Wildcard(String),
+    /// An IP address.
+    Ip(IpAddr),
+    /// Any host (`:8080`, `http://`).
+    Any,
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(name) => f.write_str(name),
+            Host::Wildcard(suffix) => write!(f, "*{suffix}"),
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+            Host::Any => Ok(()),
+        }
+    }
+}
+
+impl Host {
+    /// Parses a host as written in a site address.
+    pub fn parse(text: &str) -> Result<Host, String> {
+        if text.is_empty() {
+            return Ok(Host::Any);
+        }
+        if let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            return inner
+                .parse()
+                .map(Host::Ip)
+                .map_err(|_| format!("{text:?} is not an IPv6 address"));
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(Host::Ip(ip));
+        }
+        let lower = text.to_ascii_lowercase();
+        let (wild, rest) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower.as_str()),
+        };
+        let valid_label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if rest.is_empty() || rest.len() > 253 || !rest.split('.').all(valid_label) {
+            return Err(format!("{text:?} is not a host name"));
+        }
+        Ok(if wild {
+            Host::Wildcard(format!(".{rest}"))
+        } else {
+            Host::Name(lower)
+        })
+    }
+
+    /// Whether the internal CA serves this host unless told otherwise (as Caddy does):
+    /// `localhost`, IP addresses, and names under `.localhost`, `.internal`, `.local`,
+    /// `.home.arpa`.
+    pub fn internal_by_default(&self) -> bool {
+        let name = match self {
+            Host::Ip(_) => return true,
+            Host::Any => return false,
+            Host::Name(name) => name.as_str(),
+            Host::Wildcard(suffix) => suffix.as_str(),
+        };
+        name == "localhost"
+            || [".localhost", ".internal", ".local", ".home.arpa"]
+                .iter()
+                .any(|s| name.ends_with(s))
+    }
+
+    /// Whether `name` (lower case, no port) is this host.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Host::Name(own) => own == name,
+            Host::Wildcard(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+            Host::Ip(ip) => name.trim_start_matches('[').trim_end_matches(']').parse() == Ok(*ip),
+            Host::Any => true,
+        }
+    }
+}
+
+/// Where a site is served: scheme, host and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Address {
+    /// Plain or TLS.
+    pub scheme: Scheme,
+    /// Which host names.
+    pub host: Host,
+    /// The port.
+    pub port: u16,
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme.as_str(), self.host, self.port)
+    }
+}
+
+impl Address {
+    /// Parses `[scheme://]host[:port]` as Caddy does: without a scheme, a site is HTTPS
+    /// unless its port is the HTTP port.
+    pub fn parse(text: &str, http_port: u16, https_port: u16) -> Result<Address, String> {
+        let (scheme, rest) = if let Some(rest) = text.strip_prefix("https://") {
+            (Some(Scheme::Https), rest)
+        } else if let Some(rest) = text.strip_prefix("http://") {
+            (Some(Scheme::Http), rest)
+        } else if text.contains("://") {
+            return Err(format!(
+                "{text:?}: only http:// and https:// addresses are served"
+            ));
+        } else {
+            (None, text)
+        };
+        if rest.contains('/') {
+            return Err(format!(
+                "{text:?}: a site address cannot hold a path (use a path matcher)"
+            ));
+        }
+        let (host, port) =
+            split_host_port(rest).ok_or_else(|| format!("{text:?} has a bad port"))?;
+        let host = Host::parse(host)?;
+        let (scheme, port) = match (scheme, port) {
+            (Some(s), Some(p)) => (s, p),
+            (Some(Scheme::Http), None) => (Scheme::Http, http_port),
+            (Some(Scheme::Https), None) => (Scheme::Https, https_port),
+            (None, Some(p)) if p == http_port => (Scheme::Http, p),
+            (None, Some(p)) => (Scheme::Https, p),
+            (None, None) => (Scheme::Https, https_port),
+        };
+        if scheme == Scheme::Http && port == https_port && port != 0 {
+            return Err(format!("{text:?}: plain HTTP on the HTTPS port"));
+        }
+        if scheme == Scheme::Https && port == http_port && port != 0 {
+            return Err(format!("{text:?}: HTTPS on the HTTP port"));
+        }
+        if scheme == Scheme::Https && host == Host::Any {
+            return Err(format!(
+                "{text:?}: an HTTPS site needs a host name for its certificate"
+            ));
+        }
+        Ok(Address { scheme, host, port })
+    }
+}
+
+/// Splits `host:port`, `[v6]:port`, `host` or `:port`.
+pub fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
+    if text.starts_with('[') {
+        let end = text.find(']')?;
+        let (host, rest) = text.split_at(end + 1);
+        return match rest.strip_prefix(':') {
+            Some(port) => Some((host, Some(port.parse().ok()?))),
+            None if rest.is_empty() => Some((host, None)),
+            None => None,
+        };
+    }
+    match text.rsplit_once(':') {
+        // A bare IPv6 address has several colons and no port.
+        Some((host, _)) if host.contains(':') => Some((text, None)),
+        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
+        None => Some((text, None)),
+    }
+}
+
+/// Where a name's certificate comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// The edge's internal CA.
+    Internal,
+}
+
+impl TlsPolicy {
+    /// The policy for `host`: internal when asked for or by default for local names; public
+    /// names need ACME, which this edge does not have yet.
+    pub fn for_host(host: &Host, explicit_internal: bool) -> Result<TlsPolicy, String> {
+        if explicit_internal || host.internal_by_default() {
+            Ok(TlsPolicy::Internal)
+        } else {
+            Err(format!(
+                "{host} needs a public certificate from ACME, which this edge does not have \
+                 yet: add `tls internal` to the site (tls = \"internal\" in TOML) to serve it \
+                 from the edge's own CA"
+            ))
+        }
+    }
+}
+
+/// A path matcher as Caddy writes it: `/exact`, `/prefix/*`, `*.suffix` or `*`.
+/// Comparison ignores ASCII case, as Caddy's does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatcher {
+    /// Every path.
+    Any,
+    /// This path only.
+    Exact(String),
+    /// Paths starting with this.
+    Prefix(String),
+    /// Paths ending with this.
+    Suffix(String),
+}
+
+impl PathMatcher {
+    /// Parses a path matcher.
+    pub fn parse(text: &str) -> Result<PathMatcher, String> {
+        if text == "*" {
+            return Ok(PathMatcher::Any);
+        }
+        let stars = text.matches('*').count();
+        let matcher = if stars == 0 {
+            PathMatcher::Exact(text.to_owned())
+        } else if stars == 1 && text.ends_with('*') {
+            PathMatcher::Prefix(text.trim_end_matches('*').to_owned())
+        } else if stars == 1 && text.starts_with('*') {
+            return Ok(PathMatcher::Suffix(text[1..].to_owned()));
+        } else {
+            return Err(format!(
+                "path matcher {text:?}: only one * at the start or the end is supported"
+            ));
+        };
+        if !text.starts_with('/') {
+            return Err(format!("path matcher {text:?} must start with /"));
+        }
+        Ok(matcher)
+    }
+
+    /// Whether `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        let p = path.as_bytes();
+        match self {
+            PathMatcher::Any => true,
+            PathMatcher::Exact(m) => path.eq_ignore_ascii_case(m),
+            PathMatcher::Prefix(m) => {
+                p.len() >= m.len() && p[..m.len()].eq_ignore_ascii_case(m.as_bytes())
+            }
+            PathMatcher::Suffix(m) => {
+                p.len() >= m.len() && p[p.len() - m.len()..].eq_ignore_ascii_case(m.as_bytes())
+            }
+        }
+    }
+
+    /// How specific the matcher is: longer first, no matcher last.
+    pub fn specificity(&self) -> usize {
+        match self {
+            PathMatcher::Any => 0,
+            PathMatcher::Exact(m) => m.len() + 2,
+            PathMatcher::Prefix(m) | PathMatcher::Suffix(m) => m.len() + 1,
+        }
+    }
+
+    /// As written in a config.
+    pub fn to_config(&self) -> Option<String> {
+        match self {
+            PathMatcher::Any => None,
+            PathMatcher::Exact(m) => Some(m.clone()),
+            PathMatcher::Prefix(m) => Some(format!("{m}*")),
+            PathMatcher::Suffix(m) => Some(format!("*{m}")),
+        }
+    }
+}
+
+/// Header operations, parsed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeaderOps {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    default: Vec<(HeaderName, HeaderValue)>,
+    delete: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    /// Parses names and values; an invalid one is an error naming it.
+    pub fn build(
+        set: &BTreeMap<String, String>,
+        add: &BTreeMap<String, String>,
+        default: &BTreeMap<String, String>,
+        delete: &[String],
+    ) -> Result<HeaderOps, String> {
+        let name = |n: &str| {
+            HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("{n:?} is not a header name"))
+        };
+        let pairs = |map: &BTreeMap<String, String>| {
+            map.iter()
+                .map(|(n, v)| {
+                    Ok((
+                        name(n)?,
+                        HeaderValue::from_str(v)
+                            .map_err(|_| format!("header {n}: {v:?} is not a header value"))?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        };
+        Ok(HeaderOps {
+            set: pairs(set)?,
+            add: pairs(add)?,
+            default: pairs(default)?,
+            delete: delete.iter().map(|n| name(n)).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+            && self.add.is_empty()
+            && self.default.is_empty()
+            && self.delete.is_empty()
+    }
+
+    /// Applies the operations: delete, set, add, then defaults.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.delete {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+        for (name, value) in &self.default {
+            if !headers.contains_key(name) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// A redirect.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Redirect {
+    /// Which paths.
+    pub matcher: PathMatcher,
+    /// The target, with placeholders.
+    pub to: String,
+    /// 3xx status.
+    pub code: u16,
+}
+
+/// A resolved site.
+#[derive(Clone, Debug)]
+pub struct Site {
+    /// Where it is served.
+    pub addresses: Vec<Address>,
+    /// Response compression.
+    pub encode: Option<Encode>,
+    /// Redirects, most specific first.
+    pub redirects: Vec<Redirect>,
+    /// Response header operations, in file order.
+    pub headers: Vec<(PathMatcher, HeaderOps)>,
+    /// Basic authentication.
+    pub auths: Vec<(PathMatcher, BasicAuth)>,
+    /// Reverse proxies, most specific first.
+    pub proxies: Vec<Proxy>,
+}
+
+impl Site {
+    /// The names this site needs certificates for.
+    pub fn tls_hosts(&self) -> impl Iterator<Item = &Host> {
+        self.addresses
+            .iter()
+            .filter(|a| a.scheme == Scheme::Https)
+            .map(|a| &a.host)
+    }
+}
+
+/// Sites reachable on one port.
+#[derive(Debug, Default)]
+struct PortTable {
+    names: HashMap<String, usize>,
+    wildcards: Vec<(String, usize)>,
+    ips: HashMap<IpAddr, usize>,
+    any: Option<usize>,
+}
+
+/// Finds the site for a request by port and host.
+#[derive(Debug)]
+pub struct Router {
+    sites: Vec<Arc<Site>>,
+    ports: HashMap<u16, PortTable>,
+    /// HTTPS hosts by name, for the redirect from plain HTTP: (host, port).
+    https: Vec<(Host, u16)>,
+}
+
+impl Router {
+    /// Builds the tables for `sites`. Port 0 in an address stands for the bound port, which
+    /// `bound` maps.
+    pub fn new(sites: &[Site], bound: &dyn Fn(u16, Scheme) -> u16) -> Router {
+        let mut ports: HashMap<u16, PortTable> = HashMap::new();
+        let mut https = Vec::new();
+        for (i, site) in sites.iter().enumerate() {
+            for address in &site.addresses {
+                let port = bound(address.port, address.scheme);
+                let table = ports.entry(port).or_default();
+                match &address.host {
+                    Host::Name(n) => {
+                        table.names.insert(n.clone(), i);
+                    }
+                    Host::Wildcard(s) => table.wildcards.push((s.clone(), i)),
+                    Host::Ip(ip) => {
+                        table.ips.insert(*ip, i);
+                    }
+                    Host::Any => table.any = Some(i),
+                }
+                if address.scheme == Scheme::Https {
+                    https.push((address.host.clone(), port));
+                }
+            }
+        }
+        for table in ports.values_mut() {
+            table
+                .wildcards
+                .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        }
+        Router {
+            sites: sites.iter().cloned().map(Arc::new).collect(),
+            ports,
+            https,
+        }
+    }
+
+    /// The site serving `host` (lower case, no port) on `port`.
+    pub fn site(&self, port: u16, host: &str) -> Option<&Arc<Site>> {
+        let table = self.ports.get(&port)?;
+        let index = table
+            .names
+            .get(host)
+            .copied()
+            .or_else(|| {
+                table
+                    .wildcards
+                    .iter()
+                    .find(|(s, _)| Host::Wildcard(s.clone()).matches(host))
+                    .map(|(_, i)| *i)
+            })
+            .or_else(|| {
+                let ip = host.trim_start_matches('[').trim_end_matches(']');
+                ip.parse()
+                    .ok()
+                    .and_then(|ip: IpAddr| table.ips.get(&ip).copied())
+            })
+            .or(table.any)?;
+        self.sites.get(index)
+    }
+
+    /// The HTTPS port serving `host`, for redirecting plain HTTP there.
+    pub fn https_port_for(&self, host: &str) -> Option<u16> {
+        self.https
+            .iter()
+            .find(|(h, _)| h.matches(host))
+            .map(|(_, port)| *port)
+    }
+}
+
+/// Lower-cased host without port from a Host header or URI authority.
+pub fn host_of(authority: &str) -> String {
+    let host = match split_host_port(authority) {
+        Some((host, _)) => host,
+        None => authority,
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_like_caddys() {
+        let a = Address::parse("lab.example.org", 80, 443).unwrap();
+        assert_eq!((a.scheme, a.port), (Scheme::Https, 443));
+        let a = Address::parse("http://intranet.local", 80, 443).unwrap();
+        assert_eq!((a.scheme, a.port), (Scheme::Http, 80));
+        let a = Address::parse("localhost:8443", 80, 443).unwrap();
+        assert_eq!((a.scheme, a.port), (Scheme::Https, 8443));
+        let a = Address::parse("[::1]:8443", 80, 443).unwrap();
+        assert_eq!(a.host, Host::Ip("::1".parse().unwrap()));
+        let a = Address::parse("*.Example.org", 80, 443).unwrap();
+        assert_eq!(a.host, Host::Wildcard(".example.org".into()));
+        assert!(Address::parse("example.org/path", 80, 443).is_err());
+        assert!(Address::parse(":8443", 80, 443).is_err());
+        assert!(Address::parse("ftp://x", 80, 443).is_err());
+        assert!(Address::parse("bad host", 80, 443).is_err());
+    }
+
+    #[test]
+    fn local_names_default_to_the_internal_ca() {
+        for local in [
+            "localhost",
+            "127.0.0.1",
+            "nas.home.arpa",
+            "pi.local",
+            "db.internal",
+        ] {
+            assert!(Host::parse(local).unwrap().internal_by_default(), "{local}");
+        }
+        assert!(
+            !Host::parse("lab.example.org")
+                .unwrap()
+                .internal_by_default()
+        );
+    }
+
+    #[test]
+    fn wildcards_match_one_label() {
+        let w = Host::parse("*.example.org").unwrap();
+        assert!(w.matches("a.example.org"));
+        assert!(!w.matches("a.b.example.org"));
+        assert!(!w.matches("example.org"));
+    }
+
+    #[test]
+    fn path_matchers_match_exact_prefix_and_suffix() {
+        let p = PathMatcher::parse("/api/*").unwrap();
+        assert!(p.matches("/api/x") && p.matches("/API/x") && !p.matches("/api"));
+        let e = PathMatcher::parse("/health").unwrap();
+        assert!(e.matches("/health") && !e.matches("/health/x"));
+        let s = PathMatcher::parse("*.php").unwrap();
+        assert!(s.matches("/index.php") && !s.matches("/index.html"));
+        assert!(PathMatcher::parse("/a*b*").is_err());
+        assert!(PathMatcher::parse("api").is_err());
+    }
+
+    #[test]
+    fn host_port_splits_ipv6_and_names() {
+        assert_eq!(split_host_port("a:1"), Some(("a", Some(1))));
+        assert_eq!(split_host_port("[::1]:8"), Some(("[::1]", Some(8))));
+        assert_eq!(split_host_port("::1"), Some(("::1", None)));
+        assert_eq!(split_host_port("a:x"), None);
+        assert_eq!(host_of("Lab.Example.org.:443"), "lab.example.org");
+    }
+
+    proptest::proptest! {
+        /// Host headers are untrusted bytes: any text is handled without a panic.
+        #[test]
+        fn any_host_header_is_handled(text in ".{0,64}") {
+            let _ = split_host_port(&text);
+            let _ = host_of(&text);
+        }
+
+        /// A name with a port always gives back the lowercase name and the port.
+        #[test]
+        fn a_name_and_port_split_back(name in "[a-zA-Z0-9][a-zA-Z0-9.-]{0,30}", port: u16) {
+            let authority = format!("{name}:{port}");
+            proptest::prop_assert_eq!(split_host_port(&authority), Some((name.as_str(), Some(port))));
+            proptest::prop_assert_eq!(host_of(&authority), name.trim_end_matches('.').to_ascii_lowercase());
+        }
+
+        /// A bracketed IPv6 address with a port splits at the bracket.
+        #[test]
+        fn a_bracketed_ipv6_address_and_port_split_back(ip: std::net::Ipv6Addr, port: u16) {
+            let authority = format!("[{ip}]:{port}");
+            let host = format!("[{ip}]");
+            proptest::prop_assert_eq!(split_host_port(&authority), Some((host.as_str(), Some(port))));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The storage folder: where the internal CA, certificates and (with ACME) account keys live.
+//!
+//! Invariants: folders are created 0700 and key files 0600; every file is written to a
+//! temporary name in the same folder, synced, then renamed into place, so a reader (or a
+//! crash) never sees half a file; [`Storage::lock`] takes an exclusive `flock` on a lock file
+//! so two edges sharing the folder never create or issue the same thing at once.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// File mode for private keys.
+pub const KEY_MODE: u32 = 0o600;
+/// File mode for certificates (public).
+pub const CERT_MODE: u32 = 0o644;
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A storage folder.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    root: PathBuf,
+}
+
+/// An exclusive lock on a name in the storage; released on drop.
+#[derive(Debug)]
+pub struct StorageLock {
+    _lock: Flock<File>,
+}
+
+impl Storage {
+    /// Opens (creating, 0700) the storage folder.
+    pub fn open(root: &Path) -> io::Result<Storage> {
+        make_dirs(root)?;
+        let mode = fs::metadata(root)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %root.display(),
+                mode = format_args!("{:04o}", mode & 0o7777),
+                "storage folder is open to group or others; chmod 700 it"
+            );
+        }
+        Ok(Storage {
+            root: root.to_owned(),
+        })
+    }
+
+    /// The storage folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path of `rel` inside the storage.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// Reads `rel`, or `None` when it does not exist.
+    pub fn read(&self, rel: &str) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(self.path(rel)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `rel` atomically with `mode`: temporary file, fsync, rename, fsync the folder.
+    pub fn write(&self, rel: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+        let path = self.path(rel);
+        let dir = path.parent().unwrap_or(&self.root).to_owned();
+        make_dirs(&dir)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = dir.join(format!(
+            ".{name}.tmp-{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&temp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            fs::rename(&temp, &path)?;
+            File::open(&dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result
+    }
+
+    /// Takes the exclusive lock named `name`, waiting for another holder to let go.
+    pub fn lock(&self, name: &str) -> io::Result<StorageLock> {
+        let dir = self.path("locks");
+        make_dirs(&dir)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(KEY_MODE)
+            .open(dir.join(format!("{name}.lock")))?;
+        let lock =
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
+        Ok(StorageLock { _lock: lock })
+    }
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+fn make_dirs(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_written_whole_with_their_modes_in_private_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&dir.path().join("edge")).unwrap();
+        storage
+            .write("pki/a/root.key", b"secret", KEY_MODE)
+            .unwrap();
+        storage
+            .write("pki/a/root.key", b"secret2", KEY_MODE)
+            .unwrap();
+        assert_eq!(storage.read("pki/a/root.key").unwrap().unwrap(), b"secret2");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&storage.path("pki/a/root.key")), 0o600);
+        assert_eq!(mode(&storage.path("pki/a")), 0o700);
+        assert_eq!(mode(storage.root()), 0o700);
+        let leftovers: Vec<_> = fs::read_dir(storage.path("pki/a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+        assert!(storage.read("absent").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_lock_excludes_a_second_holder_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let held = storage.lock("ca").unwrap();
+        let file = File::open(storage.path("locks/ca.lock")).unwrap();
+        let second = Flock::lock(file, FlockArg::LockExclusiveNonblock);
+        assert!(second.is_err());
+        drop(held);
+        let file = File::open(storage.path("locks/ca.lock")).unwrap();
+        assert!(Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok());
+    }
+}
