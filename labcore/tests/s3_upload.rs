@@ -265,3 +265,26 @@ async fn a_store_that_dies_mid_upload_is_a_clear_unavailable_error() {
     assert_eq!(err.exit(), Exit::Unavailable, "{err}");
     assert!(err.to_string().contains("s3://"), "{err}");
 }
+
+#[tokio::test]
+async fn a_wrong_size_hint_still_stores_every_byte() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let client = server.client().await;
+    // Hints below and above the real size, across the single-put and multipart paths.
+    for (len, hint) in [(10_000, 100), (100, 10_000), (6 * MIB, 1_000)] {
+        let body = data(len);
+        let options = UploadOptions {
+            part_size: 5 * MIB,
+            size_hint: Some(hint),
+            ..UploadOptions::default()
+        };
+        let key = format!("hinted-{len}-{hint}");
+        let stored = upload(&client, &bucket, &key, &body[..], &options)
+            .await
+            .unwrap();
+        assert_eq!(stored.size, len as u64);
+        assert_eq!(stored.sha256, sha256(&body));
+        assert_eq!(get(&server, &bucket, &key).await, body, "{key}");
+    }
+}
