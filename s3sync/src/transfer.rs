@@ -347,7 +347,7 @@ impl Transfers {
         let info = self.head(src).await?;
         let out = Arc::new(tokio::sync::Mutex::new(out));
         let sink = out.clone();
-        let size = self
+        let fetched = self
             .get_ranges(src, &info, move |chunk: Bytes| {
                 let sink = sink.clone();
                 async move {
@@ -362,7 +362,15 @@ impl Transfers {
                         })
                 }
             })
-            .await?;
+            .await;
+        let size = match fetched {
+            // The reader has all it wants (`| head`, `pg_restore --list`): a normal end.
+            Err(Error::Stdio { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => {
+                tracing::debug!("standard output closed early by its reader");
+                return Ok(0);
+            }
+            other => other?,
+        };
         out.lock()
             .await
             .flush()

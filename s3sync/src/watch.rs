@@ -108,12 +108,17 @@ pub async fn run(
                 () = tokio::time::sleep(settings.debounce) => break,
             }
         }
-        if overflow.swap(false, Ordering::SeqCst) {
+        let synced = if overflow.swap(false, Ordering::SeqCst) {
             tracing::info!("too many events at once: running a full sync");
             while pending.try_recv().is_ok() {}
-            full_sync(t, report, &root, &url, &filter, &options, &mut known).await?;
+            full_sync(t, report, &root, &url, &filter, &options, &mut known).await
         } else {
-            incremental(t, report, &root, &url, &filter, &options, &mut known).await?;
+            incremental(t, report, &root, &url, &filter, &options, &mut known).await
+        };
+        match synced {
+            // A stop signal during a sync is the normal way out: finished uploads are kept.
+            Err(Error::Interrupted) => break,
+            other => other?,
         }
     }
     notifier.stopping();
