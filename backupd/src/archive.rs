@@ -1,0 +1,452 @@
+//! Folder sources: a tar stream of a folder, and checking an extracted copy against it.
+//!
+//! Entries are written in sorted order with their permission bits, owners and modification
+//! times, so a restore gives back the same tree; sockets, FIFOs and devices are skipped with a
+//! warning. Each file's SHA-256 is computed as it streams into the archive and recorded in the
+//! manifest, which is what `verify` compares an extracted copy with. A file that shrinks while
+//! it is read is padded to the size in its header (and reported), so the archive stays valid.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use globset::{GlobBuilder, GlobMatcher};
+
+use crate::catalog::FileEntry;
+use crate::pipeline::{Hashing, hex};
+
+/// Paths left out of a folder backup.
+pub struct Excludes {
+    /// Patterns matched against the path relative to the folder (they contain a `/`).
+    paths: Vec<(GlobMatcher, bool)>,
+    /// Patterns matched against the entry's name at any depth.
+    names: Vec<(GlobMatcher, bool)>,
+}
+
+impl Excludes {
+    /// Compiles patterns: `*.tmp` matches names at any depth, `cache/tmp` a relative path, and
+    /// a trailing `/` matches folders only.
+    pub fn new(patterns: &[String]) -> Result<Excludes, globset::Error> {
+        let mut excludes = Excludes {
+            paths: Vec::new(),
+            names: Vec::new(),
+        };
+        for pattern in patterns {
+            let dirs_only = pattern.ends_with('/');
+            let trimmed = pattern.trim_end_matches('/').trim_start_matches("./");
+            let glob = GlobBuilder::new(trimmed)
+                .literal_separator(true)
+                .build()?
+                .compile_matcher();
+            if trimmed.contains('/') {
+                excludes.paths.push((glob, dirs_only));
+            } else {
+                excludes.names.push((glob, dirs_only));
+            }
+        }
+        Ok(excludes)
+    }
+
+    fn excluded(&self, relative: &Path, is_dir: bool) -> bool {
+        let name = relative.file_name().map(Path::new).unwrap_or(relative);
+        let hit = |list: &[(GlobMatcher, bool)], path: &Path| {
+            list.iter()
+                .any(|(glob, dirs_only)| (!dirs_only || is_dir) && glob.is_match(path))
+        };
+        hit(&self.paths, relative) || hit(&self.names, name)
+    }
+}
+
+/// Why a folder could not be archived or checked.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}", path.display())]
+pub struct ArchiveError {
+    /// What was being done.
+    pub what: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// What the OS said.
+    pub source: io::Error,
+}
+
+fn err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + use<> {
+    let path = path.to_owned();
+    move |source| ArchiveError { what, path, source }
+}
+
+/// Writes `root` as a tar stream into `out`; returns the entries written.
+pub fn write_tar<W: Write>(
+    root: &Path,
+    excludes: &Excludes,
+    out: W,
+) -> Result<(Vec<FileEntry>, W), ArchiveError> {
+    let meta = fs::metadata(root).map_err(err("reading folder", root))?;
+    if !meta.is_dir() {
+        return Err(ArchiveError {
+            what: "backing up",
+            path: root.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a folder"),
+        });
+    }
+    let mut builder = tar::Builder::new(out);
+    builder.follow_symlinks(false);
+    let mut entries = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(dir) = pending.pop() {
+        let full_dir = root.join(&dir);
+        let mut children: Vec<_> = fs::read_dir(&full_dir)
+            .map_err(err("listing", &full_dir))?
+            .collect::<Result<_, _>>()
+            .map_err(err("listing", &full_dir))?;
+        children.sort_by_key(|e| e.file_name());
+        let mut subdirs = Vec::new();
+        for child in children {
+            let relative = dir.join(child.file_name());
+            let full = root.join(&relative);
+            let meta = fs::symlink_metadata(&full).map_err(err("reading", &full))?;
+            let kind = meta.file_type();
+            if excludes.excluded(&relative, kind.is_dir()) {
+                continue;
+            }
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            let mut entry = FileEntry {
+                path: relative.to_string_lossy().into_owned(),
+                kind: String::new(),
+                mode: meta.permissions().mode() & 0o7777,
+                mtime: meta.mtime(),
+                size: 0,
+                sha256: None,
+                link: None,
+            };
+            if kind.is_dir() {
+                entry.kind = "dir".into();
+                header.set_size(0);
+                builder
+                    .append_data(&mut header, &relative, io::empty())
+                    .map_err(err("archiving", &full))?;
+                subdirs.push(relative);
+            } else if kind.is_symlink() {
+                let target = fs::read_link(&full).map_err(err("reading link", &full))?;
+                entry.kind = "symlink".into();
+                entry.link = Some(target.to_string_lossy().into_owned());
+                builder
+                    .append_link(&mut header, &relative, &target)
+                    .map_err(err("archiving", &full))?;
+            } else if kind.is_file() {
+                let file = File::open(&full).map_err(err("opening", &full))?;
+                let size = meta.len();
+                let mut reader = Hashing::new(Exact::new(file, size, &full));
+                builder
+                    .append_data(&mut header, &relative, &mut reader)
+                    .map_err(err("archiving", &full))?;
+                let (_, sha256) = reader.finish();
+                entry.kind = "file".into();
+                entry.size = size;
+                entry.sha256 = Some(sha256);
+            } else {
+                tracing::warn!(path = %full.display(), "skipping a socket, FIFO or device file");
+                continue;
+            }
+            entries.push(entry);
+        }
+        // Depth first in sorted order: push in reverse so the first sorts pops first.
+        pending.extend(subdirs.into_iter().rev());
+    }
+    let out = builder
+        .into_inner()
+        .map_err(err("finishing the archive of", root))?;
+    Ok((entries, out))
+}
+
+/// Reads exactly `size` bytes: stops early at `size` and pads with zeros if the file shrank.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+    shrank: bool,
+    path: PathBuf,
+}
+
+impl<R> Exact<R> {
+    fn new(inner: R, size: u64, path: &Path) -> Exact<R> {
+        Exact {
+            inner,
+            left: size,
+            shrank: false,
+            path: path.to_owned(),
+        }
+    }
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.left as usize);
+        let n = if self.shrank {
+            0
+        } else {
+            self.inner.read(&mut buf[..want])?
+        };
+        let n = if n == 0 {
+            if !self.shrank {
+                tracing::warn!(path = %self.path.display(), "file shrank while it was archived; padded with zeros");
+                self.shrank = true;
+            }
+            buf[..want].fill(0);
+            want
+        } else {
+            n
+        };
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// A folder whose owner, mode and time are applied after everything inside it was extracted.
+struct DeferredDir {
+    path: PathBuf,
+    mode: u32,
+    mtime: u64,
+    owner: Option<(u32, u32)>,
+}
+
+/// Extracts a tar stream into `dest` (which must exist), keeping modes, times and, as root,
+/// owners. Folders get their mode and time last, deepest first, so files written into them
+/// (or a read-only mode) do not undo that. Paths escaping `dest` are refused.
+pub fn extract<R: Read>(input: R, dest: &Path) -> Result<(), ArchiveError> {
+    let as_root = nix::unistd::Uid::effective().is_root();
+    let mut archive = tar::Archive::new(input);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_preserve_ownerships(as_root);
+    archive.set_overwrite(true);
+    let mut dirs: Vec<DeferredDir> = Vec::new();
+    for entry in archive
+        .entries()
+        .map_err(err("reading the archive for", dest))?
+    {
+        let mut entry = entry.map_err(err("reading the archive for", dest))?;
+        if entry.header().entry_type().is_dir() {
+            let relative = entry
+                .path()
+                .map_err(err("reading an entry path in", dest))?
+                .into_owned();
+            if relative.components().any(|c| {
+                !matches!(
+                    c,
+                    std::path::Component::Normal(_) | std::path::Component::CurDir
+                )
+            }) {
+                return Err(ArchiveError {
+                    what: "refusing an entry outside",
+                    path: dest.join(&relative),
+                    source: io::Error::new(io::ErrorKind::InvalidData, "path escapes the target"),
+                });
+            }
+            let path = dest.join(&relative);
+            fs::create_dir_all(&path).map_err(err("creating", &path))?;
+            let header = entry.header();
+            let owner = match (as_root, header.uid(), header.gid()) {
+                (true, Ok(uid), Ok(gid)) => Some((uid as u32, gid as u32)),
+                _ => None,
+            };
+            dirs.push(DeferredDir {
+                path,
+                mode: header.mode().unwrap_or(0o755),
+                mtime: header.mtime().unwrap_or(0),
+                owner,
+            });
+        } else {
+            entry
+                .unpack_in(dest)
+                .map_err(err("extracting into", dest))?;
+        }
+    }
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
+    for DeferredDir {
+        path,
+        mode,
+        mtime,
+        owner,
+    } in dirs
+    {
+        if let Some((uid, gid)) = owner {
+            nix::unistd::chown(&path, Some(uid.into()), Some(gid.into())).map_err(|e| {
+                ArchiveError {
+                    what: "setting the owner of",
+                    path: path.clone(),
+                    source: e.into(),
+                }
+            })?;
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(err("setting the mode of", &path))?;
+        let time = nix::sys::time::TimeSpec::new(mtime as i64, 0);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            &time,
+            &time,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| ArchiveError {
+            what: "setting the time of",
+            path: path.clone(),
+            source: e.into(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Compares an extracted tree with the manifest's entries; returns the first differences.
+pub fn compare(root: &Path, entries: &[FileEntry]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for entry in entries {
+        if problems.len() >= 10 {
+            problems.push("...".into());
+            break;
+        }
+        let path = root.join(&entry.path);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) => {
+                problems.push(format!("{}: {e}", entry.path));
+                continue;
+            }
+        };
+        let kind = match meta.file_type() {
+            t if t.is_dir() => "dir",
+            t if t.is_symlink() => "symlink",
+            t if t.is_file() => "file",
+            _ => "other",
+        };
+        if kind != entry.kind {
+            problems.push(format!("{}: is a {kind}, was a {}", entry.path, entry.kind));
+            continue;
+        }
+        if kind != "symlink" && meta.permissions().mode() & 0o7777 != entry.mode {
+            problems.push(format!(
+                "{}: mode {:o}, was {:o}",
+                entry.path,
+                meta.permissions().mode() & 0o7777,
+                entry.mode
+            ));
+        }
+        if kind != "symlink" && meta.mtime() != entry.mtime {
+            problems.push(format!(
+                "{}: mtime {}, was {}",
+                entry.path,
+                meta.mtime(),
+                entry.mtime
+            ));
+        }
+        if kind == "file" {
+            match File::open(&path).map(Hashing::new) {
+                Ok(mut reader) => {
+                    let copied = io::copy(&mut reader, &mut io::sink());
+                    let (size, sha256) = reader.finish();
+                    if copied.is_err()
+                        || size != entry.size
+                        || Some(&sha256) != entry.sha256.as_ref()
+                    {
+                        problems.push(format!(
+                            "{}: content differs ({size} bytes, sha256 {sha256})",
+                            entry.path
+                        ));
+                    }
+                }
+                Err(e) => problems.push(format!("{}: {e}", entry.path)),
+            }
+        }
+        if kind == "symlink" {
+            let target = fs::read_link(&path)
+                .map(|t| t.to_string_lossy().into_owned())
+                .ok();
+            if target != entry.link {
+                problems.push(format!(
+                    "{}: links to {target:?}, was {:?}",
+                    entry.path, entry.link
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// SHA-256 of a byte slice, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[test]
+    fn a_folder_round_trips_with_modes_times_and_links() {
+        let src = tempfile::tempdir().unwrap();
+        let root = src.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/data.bin"), vec![9u8; 70_000]).unwrap();
+        fs::write(root.join("top.txt"), "hello").unwrap();
+        fs::write(root.join("skip.tmp"), "x").unwrap();
+        fs::create_dir(root.join("cache")).unwrap();
+        fs::write(root.join("cache/big"), "x").unwrap();
+        fs::set_permissions(root.join("top.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+        symlink("top.txt", root.join("link")).unwrap();
+        let old = filetime(1_600_000_000);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &root.join("a/b/data.bin"),
+            &old,
+            &old,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        let excludes = Excludes::new(&["*.tmp".into(), "cache/".into()]).unwrap();
+        let (entries, tar) = write_tar(root, &excludes, Vec::new()).unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a", "link", "top.txt", "a/b", "a/b/data.bin"]);
+
+        let dest = tempfile::tempdir().unwrap();
+        extract(&tar[..], dest.path()).unwrap();
+        assert!(
+            compare(dest.path(), &entries).is_empty(),
+            "{:?}",
+            compare(dest.path(), &entries)
+        );
+        let data = fs::metadata(dest.path().join("a/b/data.bin")).unwrap();
+        assert_eq!(data.mtime(), 1_600_000_000);
+
+        fs::write(dest.path().join("top.txt"), "changed").unwrap();
+        let problems = compare(dest.path(), &entries);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("top.txt: content differs")),
+            "{problems:?}"
+        );
+    }
+
+    fn filetime(secs: i64) -> nix::sys::time::TimeSpec {
+        nix::sys::time::TimeSpec::new(secs, 0)
+    }
+
+    #[test]
+    fn path_patterns_match_paths_and_name_patterns_match_anywhere() {
+        let excludes = Excludes::new(&["*.log".into(), "var/cache".into(), "tmp/".into()]).unwrap();
+        assert!(excludes.excluded(Path::new("deep/down/x.log"), false));
+        assert!(excludes.excluded(Path::new("var/cache"), true));
+        assert!(!excludes.excluded(Path::new("other/var/cache"), true));
+        assert!(excludes.excluded(Path::new("a/tmp"), true));
+        assert!(
+            !excludes.excluded(Path::new("a/tmp"), false),
+            "tmp/ matches folders only"
+        );
+    }
+}

@@ -1,0 +1,799 @@
+//! `backupd.toml`: what to back up, where to, how to compress, encrypt and keep it.
+//!
+//! The serde types mirror the file; [`Config::load`] resolves them into types that cannot hold
+//! an invalid state (a parsed target URL, age recipients, a schedule of times of day, secrets
+//! read from files or systemd credentials). Every error names the file, line, column and key.
+//!
+//! ```toml
+//! compression = 3                      # zstd level, 1..=19
+//!
+//! [[source]]
+//! name = "shop"
+//! type = "postgres"                    # or "globals", "folder"
+//! databases = ["shop"]                 # or "all"
+//!
+//! [[source]]
+//! name = "gitea-data"
+//! type = "folder"
+//! path = "/srv/gitea"
+//! exclude = ["*.tmp", "log/"]
+//!
+//! [[target]]
+//! name = "s3"
+//! url = "s3://backups/lab"             # or a local folder path
+//!
+//! [encryption]
+//! recipients = ["age1..."]             # identity_file is only needed to restore
+//!
+//! [retention]
+//! keep_last = 3
+//! keep_daily = 7
+//!
+//! [schedule]
+//! at = ["03:15"]                       # for `backupd daemon`
+//!
+//! [hooks]
+//! on_failure = "mail -s 'backup failed' root"
+//! healthcheck_url = "https://hc-ping.com/UUID"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use labcore::config::{self, ConfigError, ConfigFile};
+use labcore::s3::S3Config;
+use labcore::{Env, Secret};
+use serde::Deserialize;
+
+use crate::retention::Policy;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default, rename = "source")]
+    sources: Vec<RawSource>,
+    #[serde(default, rename = "target")]
+    targets: Vec<RawTarget>,
+    compression: Option<i32>,
+    compression_threads: Option<u32>,
+    encryption: Option<RawEncryption>,
+    #[serde(default)]
+    retention: Policy,
+    schedule: Option<RawSchedule>,
+    #[serde(default)]
+    hooks: RawHooks,
+    #[serde(default)]
+    verify: RawVerify,
+    postgres: Option<RawPostgres>,
+    s3: Option<S3Config>,
+    lock_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: String,
+    #[serde(rename = "type")]
+    kind: SourceKind,
+    databases: Option<Databases>,
+    path: Option<PathBuf>,
+    #[serde(default)]
+    exclude: Vec<String>,
+}
+
+/// What a source backs up.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// PostgreSQL databases, each with `pg_dump -Fc`.
+    Postgres,
+    /// Roles and tablespaces, with `pg_dumpall --globals-only`.
+    Globals,
+    /// A folder, as a tar stream.
+    Folder,
+}
+
+/// Which databases a postgres source dumps.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Databases {
+    /// Exactly these.
+    List(Vec<String>),
+    /// `"all"`: every database that accepts connections, except templates.
+    All(AllKeyword),
+}
+
+/// The word `all`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllKeyword;
+
+impl<'de> Deserialize<'de> for AllKeyword {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AllKeyword, D::Error> {
+        let word = String::deserialize(d)?;
+        if word == "all" {
+            Ok(AllKeyword)
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "expected a list of databases or \"all\", found {word:?}"
+            )))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEncryption {
+    #[serde(default)]
+    recipients: Vec<String>,
+    recipients_file: Option<PathBuf>,
+    identity: Option<Secret>,
+    identity_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    at: Vec<String>,
+    #[serde(default)]
+    randomized_delay_secs: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    on_success: Option<Command>,
+    on_failure: Option<Command>,
+    healthcheck_url: Option<String>,
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    #[serde(default)]
+    after_run: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    bin_dir: Option<PathBuf>,
+}
+
+/// A hook command: a string run by `/bin/sh -c`, or an argument list run directly.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Command {
+    /// `sh -c STRING`.
+    Shell(String),
+    /// `argv[0] argv[1..]`, no shell.
+    Argv(Vec<String>),
+}
+
+/// A resolved source.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// Its name, unique in the file.
+    pub name: String,
+    /// What it backs up.
+    pub kind: SourceSpec,
+}
+
+/// What a resolved source backs up.
+#[derive(Clone, Debug)]
+pub enum SourceSpec {
+    /// Databases.
+    Postgres(Databases),
+    /// Cluster-wide objects.
+    Globals,
+    /// A folder and the globs to leave out.
+    Folder {
+        /// The folder (absolute).
+        path: PathBuf,
+        /// Glob patterns matched against paths relative to the folder.
+        exclude: Vec<String>,
+    },
+}
+
+/// Where backups go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetUrl {
+    /// `s3://bucket/prefix`.
+    S3 {
+        /// Bucket.
+        bucket: String,
+        /// Key prefix without leading or trailing slash (may be empty).
+        prefix: String,
+    },
+    /// A local folder.
+    Dir(PathBuf),
+}
+
+impl FromStr for TargetUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<TargetUrl, String> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let bucket_ok = (3..=63).contains(&bucket.len())
+                && bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+            if !bucket_ok {
+                return Err(format!("{bucket:?} is not a valid S3 bucket name"));
+            }
+            let prefix = prefix.trim_matches('/').to_owned();
+            if prefix.split('/').any(|part| part == "." || part == "..") {
+                return Err("the prefix may not contain . or .. segments".into());
+            }
+            Ok(TargetUrl::S3 {
+                bucket: bucket.to_owned(),
+                prefix,
+            })
+        } else if let Some(path) = url.strip_prefix("file://") {
+            Ok(TargetUrl::Dir(PathBuf::from(path)))
+        } else if url.contains("://") {
+            Err("only s3:// URLs and local folders are supported".into())
+        } else if url.is_empty() {
+            Err("empty".into())
+        } else {
+            Ok(TargetUrl::Dir(PathBuf::from(url)))
+        }
+    }
+}
+
+/// A resolved target.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Its name, unique in the file.
+    pub name: String,
+    /// Where it stores.
+    pub url: TargetUrl,
+}
+
+/// Encryption settings.
+#[derive(Clone)]
+pub struct Encryption {
+    /// Recipients every backup is encrypted to.
+    pub recipients: Vec<age::x25519::Recipient>,
+    /// The identity that decrypts them (only for restore and verify).
+    pub identity: Option<Secret>,
+}
+
+impl std::fmt::Debug for Encryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encryption")
+            .field(
+                "recipients",
+                &self
+                    .recipients
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )
+            .field("identity", &self.identity)
+            .finish()
+    }
+}
+
+/// Times of day a daemon runs at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// (hour, minute) pairs, in the system's time zone.
+    pub at: Vec<(u8, u8)>,
+    /// Up to this much random delay after each time, to spread load.
+    pub randomized_delay: Duration,
+}
+
+/// Hooks run after each pass.
+#[derive(Clone, Debug, Default)]
+pub struct Hooks {
+    /// Run when every backup of the pass succeeded.
+    pub on_success: Option<Command>,
+    /// Run when any failed; gets the reason in `BACKUPD_REASON`.
+    pub on_failure: Option<Command>,
+    /// Pinged at start (`/start`), on success, and on failure (`/fail`).
+    pub healthcheck_url: Option<String>,
+    /// How long a hook may run.
+    pub timeout: Duration,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub file: ConfigFile,
+    /// Sources, in file order.
+    pub sources: Vec<Source>,
+    /// Targets, in file order (a local folder when the file names none).
+    pub targets: Vec<Target>,
+    /// zstd level.
+    pub compression_level: i32,
+    /// zstd worker threads (0: one per core, at most 4).
+    pub compression_threads: u32,
+    /// Encryption, if configured.
+    pub encryption: Option<Encryption>,
+    /// What to keep.
+    pub retention: Policy,
+    /// When the daemon runs.
+    pub schedule: Option<Schedule>,
+    /// Hooks.
+    pub hooks: Hooks,
+    /// Verify each new backup by restoring it, after the pass.
+    pub verify_after_run: bool,
+    /// Folder of the PostgreSQL client programs, if fixed.
+    pub pg_bin_dir: Option<PathBuf>,
+    /// The `[s3]` table.
+    pub s3: Option<S3Config>,
+    /// The lock that keeps runs of this config apart.
+    pub lock_file: PathBuf,
+}
+
+/// The default local target when the file names none.
+pub fn default_local_target(env: &Env) -> PathBuf {
+    env.path("STATE_DIRECTORY")
+        .map(|dir| dir.join("backups"))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/backupd/backups"))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.')
+}
+
+impl Config {
+    /// Reads and resolves the config at `path`.
+    pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
+        let (raw, file): (Raw, ConfigFile) = config::load(path)?;
+        Config::resolve(raw, file, env)
+    }
+
+    fn resolve(raw: Raw, file: ConfigFile, env: &Env) -> Result<Config, ConfigError> {
+        let mut sources: Vec<Source> = Vec::new();
+        for (i, source) in raw.sources.into_iter().enumerate() {
+            let key = |k: &str| format!("source[{i}].{k}");
+            if !valid_name(&source.name) {
+                return Err(file.invalid(
+                    key("name"),
+                    format!(
+                        "{:?}: use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'",
+                        source.name
+                    ),
+                ));
+            }
+            if sources.iter().any(|s| s.name == source.name) {
+                return Err(file.invalid(
+                    key("name"),
+                    format!("source {:?} is defined twice", source.name),
+                ));
+            }
+            let only = |field: &str, present: bool| -> Result<(), ConfigError> {
+                if present {
+                    Err(file.invalid(
+                        key(field),
+                        format!("not allowed for type {:?}", source.kind),
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
+            let kind = match source.kind {
+                SourceKind::Postgres => {
+                    only("path", source.path.is_some())?;
+                    only("exclude", !source.exclude.is_empty())?;
+                    let databases = source.databases.ok_or_else(|| {
+                        file.invalid(
+                            key("databases"),
+                            "a postgres source needs databases (a list, or \"all\")",
+                        )
+                    })?;
+                    if let Databases::List(list) = &databases {
+                        if list.is_empty() {
+                            return Err(file.invalid(key("databases"), "the list is empty"));
+                        }
+                        if let Some(bad) = list
+                            .iter()
+                            .find(|d| d.is_empty() || d.len() > 63 || d.contains('\0'))
+                        {
+                            return Err(file.invalid(
+                                key("databases"),
+                                format!("{bad:?} is not a database name"),
+                            ));
+                        }
+                    }
+                    SourceSpec::Postgres(databases)
+                }
+                SourceKind::Globals => {
+                    only("databases", source.databases.is_some())?;
+                    only("path", source.path.is_some())?;
+                    only("exclude", !source.exclude.is_empty())?;
+                    SourceSpec::Globals
+                }
+                SourceKind::Folder => {
+                    only("databases", source.databases.is_some())?;
+                    let path = source
+                        .path
+                        .ok_or_else(|| file.invalid(key("path"), "a folder source needs a path"))?;
+                    for pattern in &source.exclude {
+                        globset::Glob::new(pattern.trim_end_matches('/')).map_err(|e| {
+                            file.invalid(key("exclude"), format!("{pattern:?}: {e}"))
+                        })?;
+                    }
+                    SourceSpec::Folder {
+                        path: file.resolve_path(&path),
+                        exclude: source.exclude,
+                    }
+                }
+            };
+            sources.push(Source {
+                name: source.name,
+                kind,
+            });
+        }
+        if sources.is_empty() {
+            return Err(file.invalid("source", "no [[source]] is defined: nothing to back up"));
+        }
+
+        let mut targets: Vec<Target> = Vec::new();
+        for (i, target) in raw.targets.into_iter().enumerate() {
+            let key = |k: &str| format!("target[{i}].{k}");
+            if !valid_name(&target.name) {
+                return Err(file.invalid(
+                    key("name"),
+                    format!("{:?} is not a valid name", target.name),
+                ));
+            }
+            if targets.iter().any(|t| t.name == target.name) {
+                return Err(file.invalid(
+                    key("name"),
+                    format!("target {:?} is defined twice", target.name),
+                ));
+            }
+            let url = match target.url.parse::<TargetUrl>() {
+                Ok(TargetUrl::Dir(dir)) => TargetUrl::Dir(file.resolve_path(&dir)),
+                Ok(url) => url,
+                Err(why) => {
+                    return Err(file.invalid(key("url"), format!("{:?}: {why}", target.url)));
+                }
+            };
+            targets.push(Target {
+                name: target.name,
+                url,
+            });
+        }
+        if targets.is_empty() {
+            targets.push(Target {
+                name: "local".into(),
+                url: TargetUrl::Dir(default_local_target(env)),
+            });
+        }
+
+        let compression_level = raw.compression.unwrap_or(3);
+        if !(1..=19).contains(&compression_level) {
+            return Err(file.invalid(
+                "compression",
+                format!("zstd level {compression_level} is outside 1..=19"),
+            ));
+        }
+
+        let encryption = match raw.encryption {
+            None => None,
+            Some(enc) => Some(resolve_encryption(enc, &file, env)?),
+        };
+
+        let schedule = match raw.schedule {
+            None => None,
+            Some(schedule) => {
+                let mut at = Vec::new();
+                for time in &schedule.at {
+                    at.push(parse_time_of_day(time).ok_or_else(|| {
+                        file.invalid(
+                            "schedule.at",
+                            format!("{time:?} is not a time of day like \"03:15\""),
+                        )
+                    })?);
+                }
+                if at.is_empty() {
+                    return Err(file.invalid("schedule.at", "give at least one time of day"));
+                }
+                at.sort_unstable();
+                at.dedup();
+                Some(Schedule {
+                    at,
+                    randomized_delay: Duration::from_secs(schedule.randomized_delay_secs),
+                })
+            }
+        };
+
+        if let Some(url) = &raw.hooks.healthcheck_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(file.invalid(
+                "hooks.healthcheck_url",
+                format!("{url:?} is not an http(s) URL"),
+            ));
+        }
+        for (key, command) in [
+            ("hooks.on_success", &raw.hooks.on_success),
+            ("hooks.on_failure", &raw.hooks.on_failure),
+        ] {
+            if matches!(command, Some(Command::Argv(argv)) if argv.is_empty())
+                || matches!(command, Some(Command::Shell(s)) if s.trim().is_empty())
+            {
+                return Err(file.invalid(key, "the command is empty"));
+            }
+        }
+
+        let lock_file = raw
+            .lock_file
+            .map(|p| file.resolve_path(&p))
+            .unwrap_or_else(|| {
+                let dir = env
+                    .path("RUNTIME_DIRECTORY")
+                    .or_else(|| Some(PathBuf::from("/run/lock")).filter(|p| p.is_dir()))
+                    .unwrap_or_else(std::env::temp_dir);
+                let stem = file
+                    .path()
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "backupd".into());
+                dir.join(format!("backupd-{stem}.lock"))
+            });
+
+        Ok(Config {
+            sources,
+            targets,
+            compression_level,
+            compression_threads: raw.compression_threads.unwrap_or(0),
+            encryption,
+            retention: raw.retention,
+            schedule,
+            hooks: Hooks {
+                on_success: raw.hooks.on_success,
+                on_failure: raw.hooks.on_failure,
+                healthcheck_url: raw.hooks.healthcheck_url,
+                timeout: Duration::from_secs(raw.hooks.timeout_secs.unwrap_or(300)),
+            },
+            verify_after_run: raw.verify.after_run,
+            pg_bin_dir: raw
+                .postgres
+                .and_then(|p| p.bin_dir)
+                .map(|p| file.resolve_path(&p)),
+            s3: raw.s3,
+            lock_file,
+            file,
+        })
+    }
+
+    /// The source named `name`.
+    pub fn source(&self, name: &str) -> Option<&Source> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// The target named `name`.
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+fn resolve_encryption(
+    enc: RawEncryption,
+    file: &ConfigFile,
+    env: &Env,
+) -> Result<Encryption, ConfigError> {
+    let mut texts: Vec<(String, String)> = enc
+        .recipients
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("encryption.recipients[{i}]"), r.clone()))
+        .collect();
+    if let Some(path) = &enc.recipients_file {
+        let path = file.resolve_path(path);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+            path: file.path().to_owned(),
+            key: "encryption.recipients_file".into(),
+            file: path.clone(),
+            source,
+        })?;
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            texts.push(("encryption.recipients_file".into(), line.to_owned()));
+        }
+    }
+    let mut recipients = Vec::new();
+    for (key, text) in texts {
+        let recipient = text.parse::<age::x25519::Recipient>().map_err(|e| {
+            file.invalid(
+                &key,
+                format!("{text:?} is not an age X25519 recipient (age1...): {e}"),
+            )
+        })?;
+        recipients.push(recipient);
+    }
+    let identity = file.secret(
+        env,
+        "encryption.identity",
+        enc.identity,
+        enc.identity_file.as_deref(),
+    )?;
+    if recipients.is_empty() {
+        return Err(file.invalid(
+            "encryption.recipients",
+            "encryption needs at least one recipient",
+        ));
+    }
+    Ok(Encryption {
+        recipients,
+        identity,
+    })
+}
+
+/// `HH:MM` (24-hour clock).
+fn parse_time_of_day(text: &str) -> Option<(u8, u8)> {
+    let (h, m) = text.trim().split_once(':')?;
+    let (h, m) = (h.parse::<u8>().ok()?, m.parse::<u8>().ok()?);
+    (h < 24 && m < 60 && text.trim().len() == 5).then_some((h, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: Raw = config::parse_str(Path::new("/etc/labkit/backupd.toml"), text)?;
+        Config::resolve(
+            raw,
+            ConfigFile::new(Path::new("/etc/labkit/backupd.toml")),
+            &Env::default(),
+        )
+    }
+
+    const ISSUE_EXAMPLE: &str = r#"
+[[source]]
+name = "shop"
+type = "postgres"          # or "globals", "folder" (with path = ..., exclude = [...])
+databases = ["shop"]       # or "all"
+
+[[target]]
+name = "s3"
+url = "s3://bucket/backups" # or a local folder path
+
+[retention]
+keep_last = 3
+keep_daily = 7
+"#;
+
+    #[test]
+    fn the_issue_example_parses() {
+        let config = parse(ISSUE_EXAMPLE).unwrap();
+        assert_eq!(config.sources[0].name, "shop");
+        assert!(
+            matches!(&config.sources[0].kind, SourceSpec::Postgres(Databases::List(l)) if l == &["shop"])
+        );
+        assert_eq!(
+            config.targets[0].url,
+            TargetUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: "backups".into()
+            }
+        );
+        assert_eq!(config.retention.keep_last, 3);
+        assert_eq!(config.retention.keep_daily, 7);
+        assert_eq!(config.compression_level, 3);
+    }
+
+    #[test]
+    fn all_databases_and_folders_parse() {
+        let config = parse(
+            "[[source]]\nname = \"pg\"\ntype = \"postgres\"\ndatabases = \"all\"\n\
+             [[source]]\nname = \"files\"\ntype = \"folder\"\npath = \"data\"\nexclude = [\"*.tmp\"]\n\
+             [[target]]\nname = \"disk\"\nurl = \"backups\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            config.sources[0].kind,
+            SourceSpec::Postgres(Databases::All(_))
+        ));
+        assert!(
+            matches!(&config.sources[1].kind, SourceSpec::Folder { path, .. } if path == Path::new("/etc/labkit/data"))
+        );
+        assert_eq!(
+            config.targets[0].url,
+            TargetUrl::Dir("/etc/labkit/backups".into())
+        );
+    }
+
+    #[test]
+    fn mistakes_name_their_key() {
+        let cases = [
+            (
+                "[[source]]\nname = \"a\"\ntype = \"postgres\"\n",
+                "source[0].databases",
+            ),
+            (
+                "[[source]]\nname = \"a\"\ntype = \"postgres\"\ndatabases = \"some\"\n",
+                "source[0].databases",
+            ),
+            (
+                "[[source]]\nname = \"a b\"\ntype = \"globals\"\n",
+                "source[0].name",
+            ),
+            (
+                "[[source]]\nname = \"a\"\ntype = \"globals\"\npath = \"/x\"\n",
+                "source[0].path",
+            ),
+            (
+                "[[source]]\nname = \"a\"\ntype = \"globals\"\n[[target]]\nname = \"t\"\nurl = \"ftp://x\"\n",
+                "target[0].url",
+            ),
+            (
+                "[[source]]\nname = \"a\"\ntype = \"globals\"\n[[target]]\nname = \"t\"\nurl = \"s3://B\"\n",
+                "target[0].url",
+            ),
+            (
+                "compression = 25\n[[source]]\nname = \"a\"\ntype = \"globals\"\n",
+                "compression",
+            ),
+            (
+                "[[source]]\nname = \"a\"\ntype = \"globals\"\n[encryption]\nrecipients = [\"nope\"]\n",
+                "encryption.recipients[0]",
+            ),
+            (
+                "[[source]]\nname = \"a\"\ntype = \"globals\"\n[schedule]\nat = [\"25:00\"]\n",
+                "schedule.at",
+            ),
+            (
+                "[[source]]\nname = \"a\"\ntype = \"globals\"\n[[source]]\nname = \"a\"\ntype = \"globals\"\n",
+                "source[1].name",
+            ),
+            ("", "source"),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(&format!("\"{key}")), "{key}: {err}");
+        }
+        let err = parse("[[source]]\nname = \"a\"\ntype = \"tape\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/labkit/backupd.toml:3:8"), "{err}");
+    }
+
+    #[test]
+    fn without_targets_backups_go_to_the_state_directory() {
+        let raw: Raw = config::parse_str(
+            Path::new("b.toml"),
+            "[[source]]\nname = \"a\"\ntype = \"globals\"\n",
+        )
+        .unwrap();
+        let env = Env::from_pairs([("STATE_DIRECTORY", "/var/lib/backupd")]);
+        let config = Config::resolve(raw, ConfigFile::new(Path::new("b.toml")), &env).unwrap();
+        assert_eq!(
+            config.targets[0].url,
+            TargetUrl::Dir("/var/lib/backupd/backups".into())
+        );
+    }
+
+    #[test]
+    fn times_of_day_parse_strictly() {
+        assert_eq!(parse_time_of_day("03:15"), Some((3, 15)));
+        assert_eq!(parse_time_of_day("23:59"), Some((23, 59)));
+        assert_eq!(parse_time_of_day("3:15"), None);
+        assert_eq!(parse_time_of_day("24:00"), None);
+    }
+}

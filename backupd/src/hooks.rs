@@ -1,0 +1,138 @@
+//! What happens around a pass: hook commands and a healthcheck ping.
+//!
+//! `on_success` and `on_failure` run after the pass with `BACKUPD_STATUS` (`success` or
+//! `failure`), `BACKUPD_REASON` (the first failure) and `BACKUPD_BACKUPS` (IDs made, space
+//! separated) in their environment. A string runs through `/bin/sh -c`; a list runs directly.
+//! The healthcheck URL follows healthchecks.io's convention: `URL/start` when a pass starts,
+//! `URL` when it succeeds, `URL/fail` (with the reason as the body) when it fails. Hooks and
+//! pings that fail are logged; they never change the pass's outcome.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use labcore::Env;
+use tokio::process::Command as Process;
+
+use crate::config::{Command, Hooks};
+
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a pass ended, for hooks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether every backup succeeded.
+    pub success: bool,
+    /// The first failure's message.
+    pub reason: Option<String>,
+    /// IDs of the backups made.
+    pub backups: Vec<String>,
+}
+
+/// Which ping to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ping {
+    /// The pass started.
+    Start,
+    /// The pass succeeded.
+    Success,
+    /// The pass failed.
+    Fail,
+}
+
+/// Runs the hook for `outcome`, if one is configured.
+pub async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
+    let (name, command) = if outcome.success {
+        ("on_success", &hooks.on_success)
+    } else {
+        ("on_failure", &hooks.on_failure)
+    };
+    let Some(command) = command else {
+        return;
+    };
+    let mut process = match command {
+        Command::Shell(line) => {
+            let mut p = Process::new("/bin/sh");
+            p.arg("-c").arg(line);
+            p
+        }
+        Command::Argv(argv) => {
+            let mut p = Process::new(&argv[0]);
+            p.args(&argv[1..]);
+            p
+        }
+    };
+    process.env_clear();
+    for (key, value) in env.iter() {
+        if key != "NOTIFY_SOCKET" {
+            process.env(key, value);
+        }
+    }
+    process
+        .env(
+            "BACKUPD_STATUS",
+            if outcome.success {
+                "success"
+            } else {
+                "failure"
+            },
+        )
+        .env("BACKUPD_REASON", outcome.reason.as_deref().unwrap_or(""))
+        .env("BACKUPD_BACKUPS", outcome.backups.join(" "))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let result = tokio::time::timeout(hooks.timeout, process.output()).await;
+    match result {
+        Ok(Ok(output)) if output.status.success() => tracing::info!(hook = name, "hook ran"),
+        Ok(Ok(output)) => tracing::warn!(
+            hook = name,
+            status = %output.status,
+            stderr = %String::from_utf8_lossy(&output.stderr).trim(),
+            "hook failed"
+        ),
+        Ok(Err(err)) => tracing::warn!(hook = name, error = %err, "hook could not be started"),
+        Err(_) => {
+            tracing::warn!(hook = name, timeout = ?hooks.timeout, "hook timed out and was killed")
+        }
+    }
+}
+
+/// Sends a healthcheck ping, if a URL is configured.
+pub async fn ping(hooks: &Hooks, ping: Ping, body: &str) {
+    let Some(base) = &hooks.healthcheck_url else {
+        return;
+    };
+    let url = match ping {
+        Ping::Start => format!("{}/start", base.trim_end_matches('/')),
+        Ping::Success => base.clone(),
+        Ping::Fail => format!("{}/fail", base.trim_end_matches('/')),
+    };
+    match tokio::time::timeout(PING_TIMEOUT, post(&url, body)).await {
+        Ok(Ok(status)) if (200..300).contains(&status) => {
+            tracing::debug!(%url, status, "healthcheck pinged")
+        }
+        Ok(Ok(status)) => tracing::warn!(%url, status, "healthcheck ping refused"),
+        Ok(Err(err)) => tracing::warn!(%url, error = %err, "healthcheck ping failed"),
+        Err(_) => tracing::warn!(%url, "healthcheck ping timed out"),
+    }
+}
+
+async fn post(url: &str, body: &str) -> Result<u16, Box<dyn std::error::Error + Send + Sync>> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let request = hyper::Request::post(url)
+        .header("content-type", "text/plain; charset=utf-8")
+        .header("user-agent", concat!("backupd/", env!("CARGO_PKG_VERSION")))
+        .body(Full::new(Bytes::from(body.to_owned())))?;
+    let response = client.request(request).await?;
+    let status = response.status().as_u16();
+    // Drain the (small) body so the connection closes cleanly.
+    let _ = response.into_body().collect().await;
+    Ok(status)
+}

@@ -1,0 +1,255 @@
+//! One pass: every configured source (or those asked for) into every target, then restore
+//! tests if configured, retention only if everything succeeded, hooks and healthchecks.
+
+use jiff::Timestamp;
+use labcore::Env;
+use labcore::pg::PgSettings;
+use labcore::s3::{S3Args, S3Settings};
+
+use crate::backup::{self, Context, Item};
+use crate::catalog::Manifest;
+use crate::config::{Config, Databases, SourceSpec, TargetUrl};
+use crate::hooks::{self, Outcome, Ping};
+use crate::inventory::{self, Listed};
+use crate::lock::RunLock;
+use crate::restore::{self, Restorer};
+use crate::store::Store;
+use crate::{Error, postgres};
+
+/// What a pass did.
+#[derive(Debug, Default)]
+pub struct PassReport {
+    /// Backups made (one per item and target).
+    pub made: Vec<Manifest>,
+    /// Failures: what failed, and why.
+    pub failures: Vec<(String, Error)>,
+    /// Backups deleted by retention.
+    pub pruned: Vec<String>,
+}
+
+impl PassReport {
+    /// The pass's result as a process outcome: everything made (Ok), some failed (exit 1), or
+    /// nothing made (the first failure's own status).
+    pub fn into_result(mut self) -> Result<PassReport, Error> {
+        if self.failures.is_empty() {
+            return Ok(self);
+        }
+        if self.made.is_empty() {
+            return Err(self.failures.remove(0).1);
+        }
+        let (what, err) = &self.failures[0];
+        Err(Error::Partial {
+            failed: self.failures.len(),
+            total: self.failures.len() + self.made.len(),
+            first: format!("{what}: {}", labcore::exit::chain(err)),
+        })
+    }
+}
+
+/// Opens every target of the config.
+pub async fn open_stores(config: &Config, env: &Env) -> Result<Vec<(String, Store)>, Error> {
+    let needs_s3 = config
+        .targets
+        .iter()
+        .any(|t| matches!(t.url, TargetUrl::S3 { .. }));
+    let client = if needs_s3 {
+        let table = config.s3.as_ref().map(|t| (t, &config.file));
+        Some(
+            S3Settings::resolve(&S3Args::default(), table, env)?
+                .client()
+                .await?,
+        )
+    } else {
+        None
+    };
+    Ok(config
+        .targets
+        .iter()
+        .map(|t| (t.name.clone(), Store::open(&t.url, client.as_ref())))
+        .collect())
+}
+
+/// Runs one pass under the config's lock.
+pub async fn pass(config: &Config, env: &Env, only: &[String]) -> Result<PassReport, Error> {
+    for name in only {
+        if config.source(name).is_none() {
+            return Err(Error::Usage(format!(
+                "no source named {name:?} in {}",
+                config.file.path().display()
+            )));
+        }
+    }
+    let _lock = RunLock::acquire(&config.lock_file)?;
+    hooks::ping(&config.hooks, Ping::Start, "").await;
+    let report = Box::pin(pass_locked(config, env, only)).await;
+    let outcome = match &report {
+        Ok(report) => Outcome {
+            success: report.failures.is_empty(),
+            reason: report
+                .failures
+                .first()
+                .map(|(what, err)| format!("{what}: {}", labcore::exit::chain(err))),
+            backups: report.made.iter().map(|m| m.id.clone()).collect(),
+        },
+        Err(err) => Outcome {
+            success: false,
+            reason: Some(labcore::exit::chain(err)),
+            backups: Vec::new(),
+        },
+    };
+    if let Some(reason) = &outcome.reason {
+        tracing::error!(%reason, "backup pass failed");
+    }
+    hooks::run_hook(&config.hooks, &outcome, env).await;
+    let ping = if outcome.success {
+        Ping::Success
+    } else {
+        Ping::Fail
+    };
+    hooks::ping(&config.hooks, ping, outcome.reason.as_deref().unwrap_or("")).await;
+    report
+}
+
+async fn pass_locked(config: &Config, env: &Env, only: &[String]) -> Result<PassReport, Error> {
+    let stores = open_stores(config, env).await?;
+    let needs_pg = config
+        .sources
+        .iter()
+        .any(|s| matches!(s.kind, SourceSpec::Postgres(_) | SourceSpec::Globals));
+    let pg = if needs_pg {
+        Some(PgSettings::from_env(env)?)
+    } else {
+        None
+    };
+    let mut report = PassReport::default();
+
+    let mut items = Vec::new();
+    for source in config
+        .sources
+        .iter()
+        .filter(|s| only.is_empty() || only.contains(&s.name))
+    {
+        match &source.kind {
+            SourceSpec::Postgres(Databases::List(list)) => {
+                items.extend(list.iter().map(|db| Item::Database {
+                    source: source.name.clone(),
+                    database: db.clone(),
+                }))
+            }
+            SourceSpec::Postgres(Databases::All(_)) => {
+                let settings = pg
+                    .as_ref()
+                    .expect("settings are read when a postgres source exists");
+                match postgres::all_databases(settings).await {
+                    Ok(list) => items.extend(list.into_iter().map(|db| Item::Database {
+                        source: source.name.clone(),
+                        database: db,
+                    })),
+                    Err(err) => report
+                        .failures
+                        .push((format!("source {}", source.name), err)),
+                }
+            }
+            SourceSpec::Globals => items.push(Item::Globals {
+                source: source.name.clone(),
+            }),
+            SourceSpec::Folder { path, exclude } => items.push(Item::Folder {
+                source: source.name.clone(),
+                path: path.clone(),
+                exclude: exclude.clone(),
+            }),
+        }
+    }
+
+    let ctx = Context {
+        config,
+        env,
+        pg: pg.as_ref(),
+    };
+    let mut subjects: Vec<String> = Vec::new();
+    for item in &items {
+        subjects.push(item.subject());
+        for (target, store) in &stores {
+            match Box::pin(backup::back_up(item, &ctx, store)).await {
+                Ok(manifest) => report.made.push(manifest),
+                Err(err) => {
+                    tracing::error!(subject = %item.subject(), target, error = %labcore::exit::chain(&err), "backup failed");
+                    report
+                        .failures
+                        .push((format!("{} to {target}", item.subject()), err));
+                }
+            }
+        }
+    }
+
+    if config.verify_after_run {
+        let identity = config.encryption.as_ref().and_then(|e| e.identity.as_ref());
+        for (target, store) in &stores {
+            let restorer = Restorer {
+                store,
+                env,
+                pg: pg.as_ref(),
+                pg_bin_dir: config.pg_bin_dir.as_deref(),
+                identity,
+                no_owner: false,
+            };
+            for manifest in report.made.clone() {
+                let Ok(id) = manifest.id.parse() else {
+                    continue;
+                };
+                let listed = match inventory::find(store, &id, target).await {
+                    Ok(listed) => listed,
+                    Err(_) => continue, // made on another target
+                };
+                if let Err(err) = restore::verify(&restorer, &listed).await {
+                    report
+                        .failures
+                        .push((format!("verifying {} on {target}", listed.id), err));
+                }
+            }
+        }
+    }
+
+    if report.failures.is_empty() && config.retention.prunes() {
+        let now = Timestamp::now();
+        for (target, store) in &stores {
+            match inventory::prune(store, &config.retention, now, Some(&subjects), false).await {
+                Ok(pruned) => report.pruned.extend(pruned.deleted),
+                Err(err) => report.failures.push((format!("pruning {target}"), err)),
+            }
+        }
+    } else if !report.failures.is_empty() && config.retention.prunes() {
+        tracing::warn!("a backup failed: nothing is pruned in this pass");
+    }
+    Ok(report)
+}
+
+/// Finds a backup on the named target, or the first target holding it.
+pub async fn locate(
+    config: &Config,
+    env: &Env,
+    id: &crate::catalog::BackupId,
+    target: Option<&str>,
+) -> Result<(Listed, Store, String), Error> {
+    let stores = open_stores(config, env).await?;
+    if let Some(name) = target
+        && !stores.iter().any(|(n, _)| n == name)
+    {
+        return Err(Error::Usage(format!("no target named {name:?}")));
+    }
+    let mut last = None;
+    for (name, store) in stores {
+        if target.is_some_and(|t| t != name) {
+            continue;
+        }
+        match inventory::find(&store, id, &name).await {
+            Ok(listed) => return Ok((listed, store, name)),
+            Err(err @ Error::NotFound { .. }) => last = Some(err),
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::NotFound {
+        id: id.to_string(),
+        target: target.unwrap_or("any").to_owned(),
+    }))
+}

@@ -1,0 +1,872 @@
+//! backupd end to end: the real binary against a real PostgreSQL cluster, a real S3 server and
+//! local folders.
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use testkit::{PgCluster, Proc, ProcBuilder, S3Server, Scratch};
+
+const BACKUPD: &str = env!("CARGO_BIN_EXE_backupd");
+const WAIT: Duration = Duration::from_secs(300);
+
+/// A test's world: a cluster, a scratch folder, and the environment for the binary.
+struct Lab {
+    cluster: PgCluster,
+    dir: Scratch,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let cluster = PgCluster::start().unwrap();
+        let dir = Scratch::new("backupd").unwrap();
+        let mut env = cluster.env();
+        env.push(("HOME".into(), dir.path().into()));
+        Lab { cluster, dir, env }
+    }
+
+    fn with_s3(&mut self, server: &S3Server) {
+        self.env.extend(server.env());
+    }
+
+    fn write_config(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        let lock = self.dir.join(format!("{name}.lock"));
+        fs::write(
+            &path,
+            format!("lock_file = {:?}\n{text}", lock.display().to_string()),
+        )
+        .unwrap();
+        path
+    }
+
+    fn backupd(&self, args: &[&str]) -> Proc {
+        ProcBuilder::new(BACKUPD)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .spawn()
+            .unwrap()
+    }
+
+    /// Runs backupd and expects `code`; returns its stdout.
+    fn expect(&self, code: i32, args: &[&str]) -> (String, String) {
+        let proc = self.backupd(args);
+        proc.expect_exit(code, WAIT).unwrap();
+        (proc.stdout(), proc.stderr())
+    }
+
+    /// IDs of the backups on one target, from `backupd list`.
+    fn ids_on(&self, config: &str, target: &str) -> Vec<String> {
+        let (stdout, _) = self.expect(0, &["list", "-c", config, "--target", target]);
+        stdout
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn sql(&self, db: &str, sql: &str) -> String {
+        self.cluster.psql(db, sql).unwrap()
+    }
+
+    /// `pg_dump` of a database as plain SQL, for comparing schema and data.
+    fn dump(&self, db: &str) -> String {
+        let port = self.cluster.port().to_string();
+        testkit::proc::run(
+            self.cluster.bin("pg_dump"),
+            &[
+                "-h".as_ref(),
+                self.cluster.socket_dir().as_os_str(),
+                "-p".as_ref(),
+                port.as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "--no-comments".as_ref(),
+                db.as_ref(),
+            ],
+            &[],
+        )
+        .unwrap()
+    }
+}
+
+/// Asserts two plain dumps are equal, ignoring pg_dump's per-run `\restrict` key; on a
+/// difference, shows the first differing line rather than both dumps.
+fn assert_same_dump(original: &str, restored: &str, what: &str) {
+    let keep = |l: &&str| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict ");
+    let a: Vec<&str> = original.lines().filter(keep).collect();
+    let b: Vec<&str> = restored.lines().filter(keep).collect();
+    if let Some(i) = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)) {
+        panic!(
+            "{what}: dumps differ at line {}: {:?} vs {:?}",
+            i + 1,
+            a.get(i),
+            b.get(i)
+        );
+    }
+    assert!(a.len() > 20, "{what}: the dump is suspiciously short");
+}
+
+fn make_folder(root: &Path) {
+    fs::create_dir_all(root.join("repos/lab.git/objects")).unwrap();
+    fs::write(root.join("repos/lab.git/HEAD"), "ref: refs/heads/main\n").unwrap();
+    let blob: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    fs::write(root.join("repos/lab.git/objects/pack"), &blob).unwrap();
+    fs::write(root.join("app.ini"), "[database]\nDB_TYPE = postgres\n").unwrap();
+    fs::set_permissions(root.join("app.ini"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(root.join("scratch.tmp"), "excluded").unwrap();
+    fs::write(root.join("empty"), "").unwrap();
+    std::os::unix::fs::symlink("app.ini", root.join("config")).unwrap();
+    let when = nix::sys::time::TimeSpec::new(1_700_000_000, 0);
+    for path in ["app.ini", "repos/lab.git/objects/pack", "repos/lab.git"] {
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &root.join(path),
+            &when,
+            &when,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+    }
+}
+
+/// Every entry under `root` with its kind, mode, mtime and content (or link), sorted.
+fn tree(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            use std::os::unix::fs::MetadataExt;
+            let detail = if meta.is_dir() {
+                pending.push(path.clone());
+                format!("dir {:o} {}", meta.mode() & 0o7777, meta.mtime())
+            } else if meta.file_type().is_symlink() {
+                format!("link {}", fs::read_link(&path).unwrap().display())
+            } else {
+                let bytes = fs::read(&path).unwrap();
+                format!(
+                    "file {:o} {} {} {:x}",
+                    meta.mode() & 0o7777,
+                    meta.mtime(),
+                    bytes.len(),
+                    md5ish(&bytes)
+                )
+            };
+            out.push(format!("{rel}: {detail}"));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn md5ish(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn ids(stdout: &str) -> Vec<String> {
+    stdout.lines().map(str::to_owned).collect()
+}
+
+fn age_keys() -> (String, String) {
+    let identity = age::x25519::Identity::generate();
+    use age::secrecy::ExposeSecret;
+    (
+        identity.to_string().expose_secret().to_owned(),
+        identity.to_public().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lab_databases_and_a_folder_restore_identically_from_s3_and_a_local_folder() {
+    let mut lab = Lab::new();
+    let s3 = S3Server::start().unwrap();
+    let bucket = s3.bucket().await.unwrap();
+    lab.with_s3(&s3);
+    for db in ["ci", "dw", "gitea", "jupyterhub", "metabase"] {
+        lab.sql("postgres", &format!("CREATE DATABASE {db}"));
+        lab.sql(
+            db,
+            &format!(
+                "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL, digest text); \
+                 INSERT INTO items (name, digest) SELECT '{db}-' || g, md5(g::text) FROM generate_series(1, 500) g; \
+                 CREATE INDEX ON items (digest); CREATE VIEW recent AS SELECT * FROM items WHERE id > 400; \
+                 REVOKE ALL ON DATABASE {db} FROM PUBLIC"
+            ),
+        );
+    }
+    let port = lab.cluster.port().to_string();
+    testkit::proc::run(
+        lab.cluster.bin("pgbench"),
+        &["-i", "-s", "20", "-q", "-h"]
+            .map(OsString::from)
+            .iter()
+            .map(|s| s.as_os_str())
+            .chain([
+                lab.cluster.socket_dir().as_os_str(),
+                "-p".as_ref(),
+                port.as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "dw".as_ref(),
+            ])
+            .collect::<Vec<_>>(),
+        &[],
+    )
+    .unwrap();
+    let folder = lab.dir.join("gitea-data");
+    make_folder(&folder);
+    let (identity, recipient) = age_keys();
+    let identity_file = lab.dir.join("backup.key");
+    fs::write(&identity_file, &identity).unwrap();
+    fs::set_permissions(&identity_file, fs::Permissions::from_mode(0o600)).unwrap();
+    let config = lab.write_config(
+        "backupd.toml",
+        &format!(
+            r#"
+[[source]]
+name = "lab"
+type = "postgres"
+databases = ["ci", "dw", "gitea", "jupyterhub", "metabase"]
+
+[[source]]
+name = "gitea-data"
+type = "folder"
+path = "gitea-data"
+exclude = ["*.tmp"]
+
+[[target]]
+name = "s3"
+url = "s3://{bucket}/nightly"
+
+[[target]]
+name = "disk"
+url = "local-backups"
+
+[encryption]
+recipients = ["{recipient}"]
+identity_file = "backup.key"
+"#
+        ),
+    );
+    let config = config.to_str().unwrap();
+    let (stdout, _) = lab.expect(0, &["run", "-c", config]);
+    let made = ids(&stdout);
+    assert_eq!(made.len(), 12, "6 items to 2 targets: {made:?}");
+
+    let (listing, _) = lab.expect(0, &["list", "-c", config, "--format", "json"]);
+    assert_eq!(listing.lines().count(), 12, "{listing}");
+
+    // Every database restored from S3 (the first target) dumps identically.
+    for db in ["ci", "dw", "gitea", "jupyterhub", "metabase"] {
+        let id = made
+            .iter()
+            .find(|i| i.starts_with(&format!("lab.{db}@")))
+            .unwrap();
+        let copy = format!("{db}_restored");
+        lab.expect(
+            0,
+            &[
+                "restore", "-c", config, id, "--to-db", &copy, "--target", "s3",
+            ],
+        );
+        assert_same_dump(&lab.dump(db), &lab.dump(&copy), db);
+        let acl = lab.sql(
+            "postgres",
+            &format!("SELECT datacl::text FROM pg_database WHERE datname = '{copy}'"),
+        );
+        assert!(
+            !acl.contains("=Tc/"),
+            "PUBLIC's database privileges stay revoked: {acl}"
+        );
+    }
+    // And from the local folder too (each target holds its own backups, with their own IDs).
+    let on_disk = lab.ids_on(config, "disk");
+    assert_eq!(on_disk.len(), 6);
+    let id = on_disk.iter().find(|i| i.starts_with("lab.dw@")).unwrap();
+    lab.expect(
+        0,
+        &[
+            "restore",
+            "-c",
+            config,
+            id,
+            "--to-db",
+            "dw_from_disk",
+            "--target",
+            "disk",
+        ],
+    );
+    assert_same_dump(&lab.dump("dw"), &lab.dump("dw_from_disk"), "dw from disk");
+    assert_eq!(
+        lab.sql("dw_from_disk", "SELECT count(*) FROM pgbench_accounts")
+            .trim(),
+        "2000000"
+    );
+
+    // The folder comes back with contents, modes and mtimes.
+    for target in ["s3", "disk"] {
+        let on_target = lab.ids_on(config, target);
+        let id = on_target
+            .iter()
+            .find(|i| i.starts_with("gitea-data@"))
+            .unwrap();
+        let dest = lab.dir.join(format!("restored-{target}"));
+        lab.expect(
+            0,
+            &[
+                "restore",
+                "-c",
+                config,
+                id,
+                "--to-dir",
+                dest.to_str().unwrap(),
+                "--target",
+                target,
+            ],
+        );
+        let mut expected = tree(&folder);
+        expected.retain(|line| !line.starts_with("scratch.tmp"));
+        assert_eq!(tree(&dest), expected, "{target}");
+    }
+
+    // A restore onto a non-empty target is refused without --force.
+    let id = made.iter().find(|i| i.starts_with("gitea-data@")).unwrap();
+    let (_, stderr) = lab.expect(
+        73,
+        &[
+            "restore",
+            "-c",
+            config,
+            id,
+            "--to-dir",
+            folder.to_str().unwrap(),
+        ],
+    );
+    assert!(stderr.contains("--force"), "{stderr}");
+    let id = made.iter().find(|i| i.starts_with("lab.ci@")).unwrap();
+    lab.expect(73, &["restore", "-c", config, id, "--to-db", "ci"]);
+    lab.expect(
+        0,
+        &["restore", "-c", config, id, "--to-db", "ci", "--force"],
+    );
+}
+
+/// A one-database lab with a small table, and a config backing it up to a local folder.
+fn small_lab(extra: &str) -> (Lab, PathBuf) {
+    let lab = Lab::new();
+    lab.sql("postgres", "CREATE DATABASE shop");
+    lab.sql("shop", "CREATE TABLE orders AS SELECT g AS id, md5(g::text) AS note FROM generate_series(1, 20000) g");
+    let config = lab.write_config(
+        "backupd.toml",
+        &format!("[[source]]\nname = \"shop\"\ntype = \"postgres\"\ndatabases = [\"shop\"]\n\n[[target]]\nname = \"disk\"\nurl = \"backups\"\n{extra}"),
+    );
+    (lab, config)
+}
+
+/// Files under a folder (recursively), relative, sorted.
+fn files_under(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn encrypted_backups_are_unreadable_without_the_identity_and_restores_touch_nothing() {
+    let (identity, recipient) = age_keys();
+    let (lab, config) = small_lab(&format!("[encryption]\nrecipients = [\"{recipient}\"]\n"));
+    let config = config.to_str().unwrap();
+    let (stdout, _) = lab.expect(0, &["run", "-c", config]);
+    let id = stdout.trim().to_owned();
+    let data = files_under(&lab.dir.join("backups"))
+        .into_iter()
+        .find(|f| f.ends_with(".age"))
+        .expect("an encrypted data object");
+    let bytes = fs::read(lab.dir.join("backups").join(&data)).unwrap();
+    assert!(
+        bytes.starts_with(b"age-encryption.org/v1\n"),
+        "stored bytes start with the age header"
+    );
+    assert!(
+        !bytes.windows(5).any(|w| w == b"PGDMP"),
+        "no plaintext dump inside"
+    );
+
+    let (_, stderr) = lab.expect(64, &["restore", "-c", config, &id, "--to-db", "shop_copy"]);
+    assert!(stderr.contains("encrypted"), "{stderr}");
+    let (other, _) = age_keys();
+    let wrong = lab.dir.join("wrong.key");
+    fs::write(&wrong, other).unwrap();
+    let (_, stderr) = lab.expect(
+        77,
+        &[
+            "restore",
+            "-c",
+            config,
+            &id,
+            "--to-db",
+            "shop_copy",
+            "--identity",
+            wrong.to_str().unwrap(),
+        ],
+    );
+    assert!(stderr.contains("does not decrypt"), "{stderr}");
+    assert_eq!(
+        lab.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'shop_%'"
+        )
+        .trim(),
+        "0"
+    );
+    let dump_file = lab.dir.join("out.dump");
+    lab.expect(
+        77,
+        &[
+            "restore",
+            "-c",
+            config,
+            &id,
+            "--to-file",
+            dump_file.to_str().unwrap(),
+            "--identity",
+            wrong.to_str().unwrap(),
+        ],
+    );
+    assert!(!dump_file.exists());
+
+    let right = lab.dir.join("right.key");
+    fs::write(&right, identity).unwrap();
+    fs::set_permissions(&right, fs::Permissions::from_mode(0o600)).unwrap();
+    lab.expect(
+        0,
+        &[
+            "restore",
+            "-c",
+            config,
+            &id,
+            "--to-db",
+            "shop_copy",
+            "--identity",
+            right.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        lab.sql("shop_copy", "SELECT count(*) FROM orders").trim(),
+        "20000"
+    );
+}
+
+#[test]
+fn a_missing_database_fails_without_a_manifest_runs_on_failure_and_keeps_older_backups() {
+    let (lab, config) = small_lab("");
+    let config_text = fs::read_to_string(&config).unwrap();
+    let hook_out = lab.dir.join("hook.txt");
+    fs::write(
+        &config,
+        format!(
+            "{config_text}\n[[source]]\nname = \"ghost\"\ntype = \"postgres\"\ndatabases = [\"nope\"]\n\n[retention]\nkeep_last = 1\n\n\
+             [hooks]\non_failure = [\"/bin/sh\", \"-c\", \"echo \\\"$BACKUPD_STATUS: $BACKUPD_REASON\\\" > {}\"]\n",
+            hook_out.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (first, _) = lab.expect(0, &["run", "-c", config, "--source", "shop"]);
+    let (_, stderr) = lab.expect(1, &["run", "-c", config]);
+    assert!(stderr.contains("1 of 2 backups failed"), "{stderr}");
+    assert!(stderr.contains("\"nope\""), "{stderr}");
+    let hook = fs::read_to_string(&hook_out).unwrap();
+    assert!(hook.starts_with("failure: ghost.nope to disk"), "{hook}");
+    // Nothing was pruned despite keep_last = 1, and no trace of the failed backup exists.
+    let listed = lab.ids_on(config, "disk");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed.contains(&first.trim().to_owned()));
+    assert!(
+        !files_under(&lab.dir.join("backups"))
+            .iter()
+            .any(|f| f.starts_with("ghost"))
+    );
+}
+
+#[test]
+fn a_wrong_password_is_permission_denied() {
+    let (mut lab, config) = small_lab("");
+    lab.env.retain(|(k, _)| k != "PGHOST");
+    lab.env.push(("PGHOST".into(), "127.0.0.1".into()));
+    lab.env
+        .push(("PGPASSWORD".into(), "not-the-password".into()));
+    let (_, stderr) = lab.expect(77, &["run", "-c", config.to_str().unwrap()]);
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not-the-password"));
+    assert!(files_under(&lab.dir.join("backups")).is_empty());
+}
+
+/// A bin folder with the cluster's programs, where `pg_dump` is replaced by `script`.
+fn fake_bin(lab: &Lab, script: &str) -> PathBuf {
+    let bin = lab.dir.join("bin");
+    fs::create_dir(&bin).unwrap();
+    for entry in fs::read_dir(lab.cluster.bin_dir()).unwrap().flatten() {
+        if entry.file_name() != "pg_dump" {
+            std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
+        }
+    }
+    let real = lab.cluster.bin("pg_dump");
+    fs::write(
+        bin.join("pg_dump"),
+        format!("#!/bin/sh\nREAL={}\n{script}", real.display()),
+    )
+    .unwrap();
+    fs::set_permissions(bin.join("pg_dump"), fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+#[test]
+fn pg_dump_killed_mid_stream_leaves_no_backup() {
+    let (lab, config) = small_lab("");
+    // Passes --version through; otherwise dies by SIGKILL after 5,000 bytes of a real dump.
+    let bin = fake_bin(
+        &lab,
+        "case \"$1\" in --version) exec \"$REAL\" --version;; esac\n\"$REAL\" \"$@\" | head -c 5000\nkill -9 $$\n",
+    );
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        format!(
+            "{text}\n[postgres]\nbin_dir = {:?}\n",
+            bin.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (_, stderr) = lab.expect(69, &["run", "-c", config.to_str().unwrap()]);
+    assert!(stderr.contains("pg_dump failed"), "{stderr}");
+    assert!(
+        files_under(&lab.dir.join("backups")).is_empty(),
+        "{:?}",
+        files_under(&lab.dir.join("backups"))
+    );
+}
+
+#[test]
+fn a_second_run_exits_75_naming_the_lock_holder() {
+    let (lab, config) = small_lab("");
+    let lock_path = lab.dir.join("backupd.toml.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap();
+    let mut held =
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    use std::io::Write;
+    held.write_all(b"pid 4242 since 2026-11-25T03:15:00Z\n")
+        .unwrap();
+    let (_, stderr) = lab.expect(75, &["run", "-c", config.to_str().unwrap()]);
+    assert!(stderr.contains("pid 4242"), "{stderr}");
+    drop(held);
+    lab.expect(0, &["run", "-c", config.to_str().unwrap()]);
+}
+
+#[test]
+fn a_corrupted_object_fails_verify_naming_it() {
+    let (lab, config) = small_lab("");
+    let config = config.to_str().unwrap();
+    let (stdout, _) = lab.expect(0, &["run", "-c", config]);
+    let id = stdout.trim().to_owned();
+    let (out, _) = lab.expect(0, &["verify", "-c", config, &id]);
+    assert!(out.contains("20000 rows match"), "{out}");
+    let data = files_under(&lab.dir.join("backups"))
+        .into_iter()
+        .find(|f| f.contains("data.pgdump"))
+        .unwrap();
+    let path = lab.dir.join("backups").join(&data);
+    let mut bytes = fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    fs::write(&path, bytes).unwrap();
+    let (out, stderr) = lab.expect(65, &["verify", "-c", config, &id]);
+    assert!(
+        out.contains("FAILED") && stderr.contains(&id),
+        "{out}\n{stderr}"
+    );
+    let (listing, _) = lab.expect(0, &["list", "-c", config]);
+    assert!(
+        listing.contains("FAILED"),
+        "the failed check is recorded: {listing}"
+    );
+}
+
+#[test]
+fn retention_prunes_after_success_and_keeps_the_newest_verified() {
+    let (lab, config) = small_lab("[retention]\nkeep_last = 1\n");
+    let config = config.to_str().unwrap();
+    for _ in 0..3 {
+        lab.expect(0, &["run", "-c", config]);
+    }
+    let listed = lab.ids_on(config, "disk");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    lab.expect(0, &["verify", "-c", config, "--latest"]);
+    let verified = listed[0].clone();
+    lab.expect(0, &["run", "-c", config]);
+    lab.expect(0, &["run", "-c", config]);
+    let listed = lab.ids_on(config, "disk");
+    assert_eq!(
+        listed.len(),
+        2,
+        "the newest and the newest verified: {listed:?}"
+    );
+    assert!(listed.contains(&verified));
+    let (plan, _) = lab.expect(0, &["prune", "-c", config, "--dry-run"]);
+    assert!(plan.trim().is_empty(), "{plan}");
+}
+
+#[test]
+fn disk_full_on_a_local_target_leaves_no_partial_file() {
+    let lab = Lab::new();
+    let target = lab.dir.join("tiny");
+    fs::create_dir(&target).unwrap();
+    let mount = testkit::proc::run(
+        "mount",
+        &[
+            "-t".as_ref(),
+            "tmpfs".as_ref(),
+            "-o".as_ref(),
+            "size=256k".as_ref(),
+            "tmpfs".as_ref(),
+            target.as_os_str(),
+        ],
+        &[],
+    );
+    mount.unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = testkit::proc::run("umount", &[self.0.as_os_str()], &[]);
+        }
+    }
+    let _unmount = Unmount(target.clone());
+    let folder = lab.dir.join("data");
+    fs::create_dir(&folder).unwrap();
+    let mut noise = vec![0u8; 2_000_000];
+    use std::io::Read;
+    fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut noise)
+        .unwrap();
+    fs::write(folder.join("noise.bin"), noise).unwrap();
+    let config = lab.write_config(
+        "backupd.toml",
+        "compression = 1\n[[source]]\nname = \"data\"\ntype = \"folder\"\npath = \"data\"\n\n[[target]]\nname = \"tiny\"\nurl = \"tiny\"\n",
+    );
+    let (_, stderr) = lab.expect(73, &["run", "-c", config.to_str().unwrap()]);
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert!(
+        files_under(&target).is_empty(),
+        "{:?}",
+        files_under(&target)
+    );
+}
+
+#[test]
+fn globals_and_folders_verify_and_restore_to_a_file() {
+    let lab = Lab::new();
+    lab.sql("postgres", "CREATE ROLE metabase LOGIN");
+    let folder = lab.dir.join("files");
+    make_folder(&folder);
+    let config = lab.write_config(
+        "backupd.toml",
+        "[[source]]\nname = \"globals\"\ntype = \"globals\"\n\n[[source]]\nname = \"files\"\ntype = \"folder\"\npath = \"files\"\n\n[[target]]\nname = \"disk\"\nurl = \"backups\"\n\n[verify]\nafter_run = true\n",
+    );
+    let config = config.to_str().unwrap();
+    let (stdout, _) = lab.expect(0, &["run", "-c", config]);
+    let globals = stdout.lines().find(|l| l.starts_with("globals@")).unwrap();
+    let (listing, _) = lab.expect(0, &["list", "-c", config]);
+    assert_eq!(
+        listing.matches(" yes").count(),
+        2,
+        "both verified after the run: {listing}"
+    );
+    let sql = lab.dir.join("globals.sql");
+    lab.expect(
+        0,
+        &[
+            "restore",
+            "-c",
+            config,
+            globals,
+            "--to-file",
+            sql.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        fs::read_to_string(&sql)
+            .unwrap()
+            .contains("CREATE ROLE metabase")
+    );
+    let (_, stderr) = lab.expect(64, &["restore", "-c", config, globals, "--to-db", "x"]);
+    assert!(stderr.contains("--to-file"), "{stderr}");
+}
+
+#[tokio::test]
+async fn hooks_and_healthchecks_report_success() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (lab, config) = small_lab("");
+    let hook_out = lab.dir.join("hook.txt");
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        format!(
+            "{text}\n[hooks]\nhealthcheck_url = \"http://127.0.0.1:{port}/ping/abc\"\non_success = \"echo $BACKUPD_STATUS $BACKUPD_BACKUPS > {}\"\n",
+            hook_out.display()
+        ),
+    )
+    .unwrap();
+    let server = tokio::spawn(async move {
+        let mut requests = Vec::new();
+        for _ in 0..2 {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = socket.read(&mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nOK")
+                .await
+                .unwrap();
+            requests.push(head);
+        }
+        requests
+    });
+    let proc = lab.backupd(&["run", "-c", config.to_str().unwrap()]);
+    let status =
+        tokio::task::spawn_blocking(move || proc.expect_exit(0, WAIT).map(|_| proc.stdout()))
+            .await
+            .unwrap();
+    let id = status.unwrap();
+    let requests = server.await.unwrap();
+    assert_eq!(
+        requests,
+        ["POST /ping/abc/start HTTP/1.1", "POST /ping/abc HTTP/1.1"]
+    );
+    assert_eq!(
+        fs::read_to_string(&hook_out).unwrap().trim(),
+        format!("success {}", id.trim())
+    );
+}
+
+#[test]
+fn the_daemon_is_ready_reloads_and_stops_cleanly() {
+    let (lab, config) = small_lab("[schedule]\nat = [\"03:15\"]\n");
+    let daemon = ProcBuilder::new(BACKUPD)
+        .args(["daemon", "-c", config.to_str().unwrap()])
+        .envs(lab.env.iter().map(|(k, v)| (k, v)))
+        .notify()
+        .spawn()
+        .unwrap();
+    daemon.wait_ready(WAIT).unwrap();
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(&config, text.replace("03:15", "99:99")).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    daemon.wait_notification("RELOADING=1", WAIT).unwrap();
+    daemon.wait_ready(WAIT).unwrap();
+    daemon.wait_stderr("keeping the old one", WAIT).unwrap();
+    daemon.stop(WAIT).unwrap();
+    assert!(daemon.notifications().iter().any(|n| n == "STOPPING=1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_dies_mid_upload_leaves_no_backup() {
+    let mut lab = Lab::new();
+    let mut s3 = S3Server::start().unwrap();
+    let bucket = s3.bucket().await.unwrap();
+    lab.with_s3(&s3);
+    lab.sql("postgres", "CREATE DATABASE shop");
+    let started = lab.dir.join("started");
+    let go = lab.dir.join("go");
+    for fifo in [&started, &go] {
+        nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
+    // 12 MB of noise (more than one 8 MiB part), then wait for the test to kill the store.
+    let bin = fake_bin(
+        &lab,
+        &format!(
+            "case \"$1\" in --version) exec \"$REAL\" --version;; esac\n\
+             head -c 12000000 /dev/urandom\necho started > {}\ncat {} > /dev/null\nhead -c 1000 /dev/urandom\n",
+            started.display(),
+            go.display()
+        ),
+    );
+    let config = lab.write_config(
+        "backupd.toml",
+        &format!(
+            "[[source]]\nname = \"shop\"\ntype = \"postgres\"\ndatabases = [\"shop\"]\n\n[[target]]\nname = \"s3\"\nurl = \"s3://{bucket}/b\"\n\n[postgres]\nbin_dir = {:?}\n",
+            bin.display().to_string()
+        ),
+    );
+    let run = lab.backupd(&["run", "-c", config.to_str().unwrap()]);
+    let started_fifo = started.clone();
+    tokio::task::spawn_blocking(move || fs::read_to_string(started_fifo).unwrap())
+        .await
+        .unwrap();
+    s3.kill().unwrap();
+    let go_fifo = go.clone();
+    tokio::task::spawn_blocking(move || fs::write(go_fifo, "go\n").unwrap())
+        .await
+        .unwrap();
+    let run = tokio::task::spawn_blocking(move || run.expect_exit(69, WAIT).map(|_| run.stderr()))
+        .await
+        .unwrap();
+    let stderr = run.unwrap();
+    assert!(
+        stderr.contains(&format!("s3://{bucket}/b/shop.shop/")),
+        "{stderr}"
+    );
+    s3.restart().unwrap();
+    let listed = s3
+        .client()
+        .await
+        .list_objects_v2()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.key_count(),
+        Some(0),
+        "no data object and no manifest: {:?}",
+        listed.contents()
+    );
+}
