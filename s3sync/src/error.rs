@@ -114,7 +114,7 @@ pub enum Error {
         /// How to go ahead anyway.
         hint: &'static str,
     },
-    /// Listing a side was incomplete, so deletions were skipped.
+    /// Some transfers (or entries of a listing) failed; the others were done.
     #[error("{failed} of {total} transfers failed{}", skipped_deletes(*.deletes_skipped))]
     Partial {
         /// Failed transfers (and unreadable entries).

@@ -81,7 +81,11 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
     let part_concurrency = usize::from(cli.run.part_concurrency);
     let per_large = (part_concurrency as u64 + 1) * cli.run.part_size;
     let large = (cli.run.max_memory / per_large).max(1) as usize;
-    let mut report = Report::new(cli.run.format, !cli.run.no_progress);
+    let moves_data = matches!(
+        cli.command,
+        Command::Cp { .. } | Command::Sync { .. } | Command::Watch { .. }
+    );
+    let mut report = Report::new(cli.run.format, moves_data && !cli.run.no_progress);
     let transfers = Transfers {
         client,
         part_size,

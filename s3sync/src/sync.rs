@@ -13,6 +13,7 @@
 //! Deciding "unchanged" by default takes size, then mtime: an S3 object's mtime lives in its
 //! metadata, so it costs a `HeadObject`, which is skipped when the listing already proves a
 //! change (a local file newer than the object's upload). `--checksum` compares MD5s instead.
+//! Inside the store, equal ETags mean unchanged; otherwise both objects' metadata decide.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -480,7 +481,24 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
             ))
         }
         (Side::S3(_), Side::S3(_)) => {
-            Ok((job.src.etag.is_none() || job.src.etag != dst.etag, None))
+            if job.src.etag.is_some() && job.src.etag == dst.etag {
+                return Ok((false, None));
+            }
+            // ETags differ or were not listed (some stores list none; a multipart copy gets
+            // a new one): ask both objects what they hold.
+            let from = context.src.url(rel).expect("an S3 side has URLs");
+            let to = context.dst.url(rel).expect("an S3 side has URLs");
+            let (a, b) = tokio::try_join!(t.head(&from), t.head(&to))?;
+            let same = if a.etag.is_some() && a.etag == b.etag {
+                true
+            } else if context.options.checksum {
+                a.md5.is_some() && a.md5 == b.md5
+            } else {
+                a.mtime
+                    .zip(b.mtime)
+                    .is_some_and(|(x, y)| meta::same_mtime(x, y))
+            };
+            Ok((!same, None))
         }
         (Side::Local(_), Side::Local(_)) => {
             unreachable!("local-to-local runs are refused up front")

@@ -152,3 +152,37 @@ async fn excluded_files_are_neither_copied_nor_deleted() {
             .contains(&"p/other.log".to_owned())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_listing_that_failed_deletes_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let scratch = Scratch::new("listfail").unwrap();
+    let src = scratch.join("src");
+    let mut rng = Rng::new(6);
+    for name in ["a", "locked/x", "extra"] {
+        write_file(&src.join(name), name.as_bytes(), past(&mut rng));
+    }
+    let dst = format!("s3://{bucket}/p");
+    s3sync_run(&server, &["sync", src.to_str().unwrap(), &dst]).expect(0);
+    std::fs::remove_file(src.join("extra")).unwrap();
+    write_file(&src.join("new"), b"new", past(&mut rng));
+    // A folder nobody may read: its files are missing from the listing, not gone.
+    std::fs::set_permissions(src.join("locked"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    let out = common::run(common::s3sync(&server).user(65534, 65534).args([
+        "sync",
+        "--delete",
+        "--force",
+        src.to_str().unwrap(),
+        &dst,
+    ]));
+    out.expect(1);
+    assert!(out.stderr.contains("locked"), "{}", out.stderr);
+    assert!(out.stderr.contains("not deleting"), "{}", out.stderr);
+    // The new file went up; neither the unlisted folder's object nor the removed file's went.
+    assert_eq!(
+        keys(&server, &bucket).await,
+        ["p/a", "p/extra", "p/locked/x", "p/new"]
+    );
+}

@@ -212,3 +212,103 @@ async fn a_pg_dump_stream_larger_than_a_part_goes_up_and_restores_from_cat() {
         listed.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checksum_mode_catches_a_change_that_kept_size_and_mtime() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let scratch = Scratch::new("checksum").unwrap();
+    let src = scratch.join("src");
+    let mut rng = Rng::new(31);
+    let mtime = past(&mut rng);
+    write_file(&src.join("doc"), b"version one", mtime);
+    let dst = format!("s3://{bucket}/c");
+    let s = src.to_str().unwrap();
+    s3sync_run(&server, &["sync", "--checksum", s, &dst]).expect(0);
+    // Same size, same mtime, other bytes: only a content comparison sees it.
+    write_file(&src.join("doc"), b"version two", mtime);
+    let plain = s3sync_run(&server, &["sync", "--format", "json", s, &dst]);
+    plain.expect(0);
+    assert!(plain.lines().is_empty(), "{}", plain.stdout);
+    let checked = s3sync_run(
+        &server,
+        &["sync", "--checksum", "--format", "json", s, &dst],
+    );
+    checked.expect(0);
+    assert_eq!(checked.lines().len(), 1, "{}", checked.stdout);
+    let cat = s3sync_run(&server, &["cat", &format!("{dst}/doc")]);
+    assert_eq!(cat.stdout, "version two");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prefix_syncs_to_another_inside_the_store_without_downloading() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let other = server.bucket().await.unwrap();
+    let scratch = Scratch::new("s3s3").unwrap();
+    let mut rng = Rng::new(33);
+    for name in ["a", "b c/d", "ü/+%#"] {
+        write_file(
+            &scratch.join("src").join(name),
+            &rng.bytes(3000),
+            past(&mut rng),
+        );
+    }
+    s3sync_run(
+        &server,
+        &[
+            "cp",
+            "-r",
+            scratch.join("src").to_str().unwrap(),
+            &format!("s3://{bucket}/p"),
+        ],
+    )
+    .expect(0);
+    let from = format!("s3://{bucket}/p");
+    let to = format!("s3://{other}/q");
+    let first = s3sync_run(&server, &["sync", "--format", "json", &from, &to]);
+    first.expect(0);
+    assert!(first.lines().iter().all(|l| l["action"] == "copy"));
+    assert_eq!(first.lines().len(), 3);
+    let again = s3sync_run(&server, &["sync", "--format", "json", &from, &to]);
+    again.expect(0);
+    assert!(again.lines().is_empty(), "{}", again.stdout);
+    let back = scratch.join("back");
+    s3sync_run(&server, &["sync", &to, back.to_str().unwrap()]).expect(0);
+    assert_eq!(snapshot(&back), snapshot(&scratch.join("src")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_come_from_a_labkit_config_and_its_errors_point_at_the_line() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let scratch = Scratch::new("config").unwrap();
+    let secret = scratch.join("secret");
+    std::fs::write(&secret, testkit::s3::SECRET_KEY).unwrap();
+    let config = scratch.join("s3sync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"{}\"\nsecret_access_key_file = \"secret\"\n",
+            server.endpoint(),
+            testkit::s3::ACCESS_KEY
+        ),
+    )
+    .unwrap();
+    // No AWS_* variables at all: everything comes from the file.
+    let out = run(ProcBuilder::new(env!("CARGO_BIN_EXE_s3sync"))
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "ls",
+            &format!("s3://{bucket}/"),
+        ]));
+    out.expect(0);
+    std::fs::write(&config, "[s3]\nendpont = \"http://x\"\n").unwrap();
+    let bad = s3sync_run(&server, &["--config", config.to_str().unwrap(), "ls"]);
+    bad.expect(78);
+    assert!(bad.stderr.contains("s3sync.toml:2:1"), "{}", bad.stderr);
+}
