@@ -7,12 +7,14 @@
 //! where the object has one, its MD5 (a plain ETag or an `md5chksum` value) or its `x-amz-checksum`,
 //! get their mtime and mode back, and only then are renamed into place: an interrupted or
 //! failed download never leaves a file under the final name. Large objects download as
-//! parallel ranged GETs pinned to the ETag seen first (`If-Match`), reassembled in order.
+//! parallel ranged GETs pinned to the ETag seen first (`If-Match`): into a file, each range is
+//! written at its offset as it arrives (memory stays small whatever the size); to standard
+//! output, ranges are put back in order.
 
 use std::collections::BTreeMap;
 use std::fs::{File, FileTimes, OpenOptions, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,11 +22,14 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::types::{ChecksumMode, CompletedMultipartUpload, CompletedPart, MetadataDirective};
-use bytes::Bytes;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumMode, CompletedPart, MetadataDirective};
+use bytes::{Bytes, BytesMut};
 use indicatif::ProgressBar;
 use labcore::Exit;
-use labcore::s3::upload::{UploadOptions, Uploaded, upload};
+use labcore::s3::upload::{
+    AbortOutcome, UploadOptions, Uploaded, abort_multipart, complete_multipart, upload,
+};
 use md5::{Digest, Md5};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Semaphore;
@@ -34,6 +39,10 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Error;
 use crate::location::S3Url;
 use crate::meta;
+
+/// Objects up to this size (known from a listing) download with one GET held in memory and
+/// one blocking write; larger ones go through [`RangeWrite`] and take a `large` permit.
+const WHOLE_LIMIT: u64 = 1 << 20;
 
 /// The largest object one `CopyObject` may copy.
 const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
@@ -101,6 +110,15 @@ impl ObjectInfo {
     pub fn file_time(&self) -> Option<SystemTime> {
         self.mtime.or(self.uploaded)
     }
+}
+
+/// Whether an object's encryption makes its ETag something other than its MD5 (SSE-C and
+/// SSE-KMS).
+fn etag_is_not_md5(
+    customer_algorithm: Option<&str>,
+    sse: Option<&aws_sdk_s3::types::ServerSideEncryption>,
+) -> bool {
+    customer_algorithm.is_some() || sse.is_some_and(|s| s.as_str().starts_with("aws:kms"))
 }
 
 /// Counts bytes read for the progress bar and fails reads once a stop signal came, so an
@@ -247,10 +265,7 @@ impl Transfers {
             .send()
             .await
             .map_err(|e| Error::s3("HeadObject", url.to_string(), &e))?;
-        let kms = out.sse_customer_algorithm().is_some()
-            || out
-                .server_side_encryption()
-                .is_some_and(|s| s.as_str().starts_with("aws:kms"));
+        let kms = etag_is_not_md5(out.sse_customer_algorithm(), out.server_side_encryption());
         Ok(ObjectInfo::new(
             out.content_length(),
             out.e_tag(),
@@ -277,7 +292,7 @@ impl Transfers {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let temp = parent.join(format!(".{name}.{:08x}.s3sync-part", rand::random::<u32>()));
-        let ranged = known.is_none_or(|size| size > 2 * self.part_size as u64);
+        let ranged = known.is_none_or(|size| size > WHOLE_LIMIT);
         if !ranged {
             let (info, body) = self.get_whole(src).await?;
             let dest = dest.to_owned();
@@ -299,42 +314,87 @@ impl Transfers {
         }
         let info = self.head(src).await?;
         let _permit = self.large.acquire().await.map_err(|_| Error::Interrupted)?;
-        let (parent2, temp2) = (parent.clone(), temp.clone());
         let guard = blocking(move || {
-            std::fs::create_dir_all(&parent2)
-                .map_err(|e| Error::local("creating folder", &parent2, e))?;
-            TempFile::create(temp2)
+            std::fs::create_dir_all(&parent)
+                .map_err(|e| Error::local("creating folder", &parent, e))?;
+            TempFile::create(temp)
         })
         .await?;
-        let guard = Arc::new(std::sync::Mutex::new(Some(guard)));
-        let writer = guard.clone();
-        let written = self
-            .get_ranges(src, &info, move |chunk: Bytes| {
-                let writer = writer.clone();
-                async move {
-                    blocking(move || {
-                        let mut slot = writer.lock().unwrap_or_else(|e| e.into_inner());
-                        let temp = slot
-                            .as_mut()
-                            .expect("the temporary file lives until the download ends");
-                        temp.file
-                            .write_all(&chunk)
-                            .map_err(|e| Error::local("writing", &temp.path, e))
-                    })
-                    .await
-                }
-            })
-            .await;
-        let temp = guard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .expect("the temporary file is taken once");
-        let size = written?;
+        let file = Arc::new(
+            guard
+                .file
+                .try_clone()
+                .map_err(|e| Error::local("opening", &guard.path, e))?,
+        );
+        let path = Arc::new(guard.path.clone());
+        let size = self.get_ranges_into(src, &info, &file, &path).await?;
+        drop(file);
         let dest = dest.to_owned();
         let fsync = self.fsync;
-        blocking(move || temp.finish(&info, &dest, fsync)).await?;
+        blocking(move || {
+            // Ranges land out of order, so the MD5 (where the object has one) is taken from
+            // the finished file, still in the page cache.
+            if let Some(want) = info.md5
+                && md5_of_file(&guard.path)? != want
+            {
+                return Err(Error::Verify {
+                    target: guard.path.display().to_string(),
+                    reason: "the MD5 of the bytes received does not match the object's".into(),
+                });
+            }
+            guard.finish(&info, &dest, fsync)
+        })
+        .await?;
         Ok(size)
+    }
+
+    /// Fetches `info.size` bytes of `src` as ranged GETs, `part_concurrency` at a time, each
+    /// written at its offset in `file` as it arrives: memory stays at one write buffer per
+    /// range in flight, whatever the object's size. Returns the bytes written.
+    async fn get_ranges_into(
+        &self,
+        src: &S3Url,
+        info: &ObjectInfo,
+        file: &Arc<File>,
+        path: &Arc<PathBuf>,
+    ) -> Result<u64, Error> {
+        let chunk = self.part_size as u64;
+        let window = self.part_concurrency.max(1);
+        let mut in_flight: JoinSet<Result<u64, Error>> = JoinSet::new();
+        let mut next_fetch = 0u64;
+        let mut written = 0u64;
+        while next_fetch < info.size || !in_flight.is_empty() {
+            if self.cancel.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
+            while next_fetch < info.size && in_flight.len() < window {
+                let start = next_fetch;
+                let end = (start + chunk).min(info.size);
+                next_fetch = end;
+                let range = RangeWrite {
+                    client: self.client.clone(),
+                    src: src.clone(),
+                    etag: info.etag.clone(),
+                    file: file.clone(),
+                    path: path.clone(),
+                    progress: self.progress.clone(),
+                };
+                in_flight.spawn(async move { range.run(start, end).await });
+            }
+            if let Some(joined) = in_flight.join_next().await {
+                written += joined.map_err(|e| Error::Runtime {
+                    what: "a download task failed",
+                    source: io::Error::other(e),
+                })??;
+            }
+        }
+        if written != info.size {
+            return Err(Error::Verify {
+                target: src.to_string(),
+                reason: format!("the store announced {} bytes and sent {written}", info.size),
+            });
+        }
+        Ok(written)
     }
 
     /// Writes `src` to `out` (standard output), verified like a file download; a mismatch is
@@ -394,10 +454,7 @@ impl Transfers {
             .send()
             .await
             .map_err(|e| Error::s3("GetObject", src.to_string(), &e))?;
-        let kms = out.sse_customer_algorithm().is_some()
-            || out
-                .server_side_encryption()
-                .is_some_and(|s| s.as_str().starts_with("aws:kms"));
+        let kms = etag_is_not_md5(out.sse_customer_algorithm(), out.server_side_encryption());
         let info = ObjectInfo::new(
             out.content_length(),
             out.e_tag(),
@@ -530,18 +587,11 @@ impl Transfers {
                 exit: Exit::Unavailable,
             })?;
         let result = self.copy_parts(&source, src, dst, &upload_id, size).await;
-        if result.is_err() {
-            let aborted = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&dst.bucket)
-                .key(&dst.key)
-                .upload_id(&upload_id)
-                .send()
-                .await;
-            if let Err(err) = aborted {
-                tracing::warn!(%dst, %upload_id, error = %labcore::s3::upload::describe(&err), "aborting the multipart copy failed; it is still open");
-            }
+        if result.is_err()
+            && let AbortOutcome::Failed(id) =
+                abort_multipart(&self.client, &dst.bucket, &dst.key, &upload_id).await
+        {
+            tracing::warn!(%dst, upload_id = %id, "aborting the multipart copy failed; it is still open");
         }
         result
     }
@@ -599,31 +649,19 @@ impl Transfers {
                 })??);
             }
         }
-        parts.sort_by_key(|p| p.part_number());
-        self.client
-            .complete_multipart_upload()
-            .bucket(&dst.bucket)
-            .key(&dst.key)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| Error::s3("CompleteMultipartUpload", dst.to_string(), &e))?;
+        complete_multipart(&self.client, &dst.bucket, &dst.key, upload_id, parts).await?;
         Ok(size)
     }
 }
 
-async fn get_range(
+/// Sends a GET for bytes `start..end` of `src`, pinned to `etag`; returns the body.
+async fn get_range_body(
     client: &Client,
     src: &S3Url,
     etag: Option<&str>,
     start: u64,
     end: u64,
-) -> Result<Bytes, Error> {
+) -> Result<ByteStream, Error> {
     let mut request = client
         .get_object()
         .bucket(&src.bucket)
@@ -632,27 +670,105 @@ async fn get_range(
     if let Some(etag) = etag {
         request = request.if_match(etag);
     }
-    let out = request
+    Ok(request
         .send()
         .await
-        .map_err(|e| Error::s3("GetObject", src.to_string(), &e))?;
-    let body = out
-        .body
-        .collect()
-        .await
-        .map_err(|e| body_error(src, &e))?
-        .into_bytes();
-    if body.len() as u64 != end - start {
-        return Err(Error::Verify {
-            target: src.to_string(),
-            reason: format!(
-                "asked for bytes {start}-{} and got {} bytes",
-                end - 1,
-                body.len()
-            ),
-        });
+        .map_err(|e| Error::s3("GetObject", src.to_string(), &e))?
+        .body)
+}
+
+fn short_range(src: &S3Url, start: u64, end: u64, got: u64) -> Error {
+    Error::Verify {
+        target: src.to_string(),
+        reason: format!("asked for bytes {start}-{} and got {got} bytes", end - 1),
     }
-    Ok(body)
+}
+
+/// Bytes `start..end` of `src` in one buffer, filled as the body arrives (no second copy).
+async fn get_range(
+    client: &Client,
+    src: &S3Url,
+    etag: Option<&str>,
+    start: u64,
+    end: u64,
+) -> Result<Bytes, Error> {
+    let mut body = get_range_body(client, src, etag, start, end).await?;
+    let want = (end - start) as usize;
+    let mut buffer = BytesMut::with_capacity(want);
+    while let Some(chunk) = body.try_next().await.map_err(|e| body_error(src, &e))? {
+        if buffer.len() + chunk.len() > want {
+            return Err(short_range(
+                src,
+                start,
+                end,
+                (buffer.len() + chunk.len()) as u64,
+            ));
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    if buffer.len() != want {
+        return Err(short_range(src, start, end, buffer.len() as u64));
+    }
+    Ok(buffer.freeze())
+}
+
+/// Bytes gathered before one positional write of a ranged download.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// One ranged GET of a file download, written at its offset as the body arrives.
+struct RangeWrite {
+    client: Client,
+    src: S3Url,
+    etag: Option<String>,
+    file: Arc<File>,
+    path: Arc<PathBuf>,
+    progress: ProgressBar,
+}
+
+impl RangeWrite {
+    /// Fetches bytes `start..end` and writes them at `start`; returns the count written.
+    async fn run(self, start: u64, end: u64) -> Result<u64, Error> {
+        let mut body =
+            get_range_body(&self.client, &self.src, self.etag.as_deref(), start, end).await?;
+        let want = (end - start) as usize;
+        // One buffer per range, reused for every write: no allocation per chunk.
+        let mut buffer = Vec::with_capacity(want.min(WRITE_BUFFER) + 64 * 1024);
+        let mut offset = start;
+        loop {
+            let chunk = body
+                .try_next()
+                .await
+                .map_err(|e| body_error(&self.src, &e))?;
+            if let Some(chunk) = &chunk {
+                buffer.extend_from_slice(chunk);
+            }
+            let last = chunk.is_none();
+            if buffer.len() >= WRITE_BUFFER || (last && !buffer.is_empty()) {
+                let len = buffer.len() as u64;
+                if offset + len > end {
+                    break;
+                }
+                let (file, path) = (self.file.clone(), self.path.clone());
+                buffer = blocking(move || {
+                    file.write_all_at(&buffer, offset)
+                        .map_err(|e| Error::local("writing", &*path, e))?;
+                    buffer.clear();
+                    Ok(buffer)
+                })
+                .await?;
+                offset += len;
+                self.progress.inc(len);
+            }
+            if last {
+                break;
+            }
+        }
+        let got = offset - start + buffer.len() as u64;
+        if got != end - start {
+            return Err(short_range(&self.src, start, end, got));
+        }
+        Ok(got)
+    }
 }
 
 fn body_error(src: &S3Url, err: &dyn std::error::Error) -> Error {

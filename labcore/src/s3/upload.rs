@@ -224,11 +224,7 @@ pub async fn upload<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let target = Target {
-        client: client.clone(),
-        bucket: bucket.to_owned(),
-        key: key.to_owned(),
-    };
+    let target = Target::new(client, bucket, key);
     let base = base_part_size(options);
     let mut hasher = digest::Context::new(&digest::SHA256);
     let mut first = BytesMut::with_capacity(first_capacity(options, base));
@@ -391,6 +387,33 @@ fn finish(hasher: digest::Context) -> [u8; 32] {
     out
 }
 
+/// Completes multipart upload `upload_id` of `bucket/key` from its parts (in any order);
+/// returns the object's ETag. For callers that drive a multipart upload of their own, such as
+/// a server-side copy with `UploadPartCopy`; they abort with [`abort_multipart`] on failure.
+pub async fn complete_multipart(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+    mut parts: Vec<CompletedPart>,
+) -> Result<Option<String>, UploadError> {
+    parts.sort_by_key(|p| p.part_number());
+    Target::new(client, bucket, key)
+        .complete(upload_id, parts)
+        .await
+}
+
+/// Aborts multipart upload `upload_id` of `bucket/key`, trying three times; an upload the
+/// store no longer knows counts as aborted.
+pub async fn abort_multipart(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+) -> AbortOutcome {
+    Target::new(client, bucket, key).abort(upload_id).await
+}
+
 /// Where the object goes.
 #[derive(Clone)]
 struct Target {
@@ -400,6 +423,14 @@ struct Target {
 }
 
 impl Target {
+    fn new(client: &Client, bucket: &str, key: &str) -> Target {
+        Target {
+            client: client.clone(),
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+        }
+    }
+
     fn read_error(&self, source: std::io::Error) -> UploadError {
         UploadError::Read {
             bucket: self.bucket.clone(),
