@@ -44,6 +44,9 @@ use crate::meta;
 /// one blocking write; larger ones go through [`RangeWrite`] and take a `large` permit.
 const WHOLE_LIMIT: u64 = 1 << 20;
 
+/// The largest range one GET of a file download asks for.
+const MAX_RANGE: u64 = 64 << 20;
+
 /// The largest object one `CopyObject` may copy.
 const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
 
@@ -358,8 +361,10 @@ impl Transfers {
         file: &Arc<File>,
         path: &Arc<PathBuf>,
     ) -> Result<u64, Error> {
-        let chunk = self.part_size as u64;
         let window = self.part_concurrency.max(1);
+        // Ranges stream to disk, so their size costs no memory: large ones mean fewer
+        // requests, while every range in flight still gets two turns.
+        let chunk = (info.size / (2 * window as u64)).clamp(self.part_size as u64, MAX_RANGE);
         let mut in_flight: JoinSet<Result<u64, Error>> = JoinSet::new();
         let mut next_fetch = 0u64;
         let mut written = 0u64;
