@@ -7,7 +7,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use aws_lc_rs::digest;
-use labcore::s3::upload::{UploadError, UploadOptions, upload};
+use labcore::s3::upload::{
+    AbortOutcome, UploadError, UploadOptions, abort_multipart, complete_multipart, upload,
+};
 use labcore::{Exit, ExitStatus};
 use testkit::S3Server;
 use testkit::s3::Backend;
@@ -264,4 +266,94 @@ async fn a_store_that_dies_mid_upload_is_a_clear_unavailable_error() {
     let err = result.unwrap_err();
     assert_eq!(err.exit(), Exit::Unavailable, "{err}");
     assert!(err.to_string().contains("s3://"), "{err}");
+}
+
+#[tokio::test]
+async fn a_wrong_size_hint_still_stores_every_byte() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let client = server.client().await;
+    // Hints below and above the real size, across the single-put and multipart paths.
+    for (len, hint) in [(10_000, 100), (100, 10_000), (6 * MIB, 1_000)] {
+        let body = data(len);
+        let options = UploadOptions {
+            part_size: 5 * MIB,
+            size_hint: Some(hint),
+            ..UploadOptions::default()
+        };
+        let key = format!("hinted-{len}-{hint}");
+        let stored = upload(&client, &bucket, &key, &body[..], &options)
+            .await
+            .unwrap();
+        assert_eq!(stored.size, len as u64);
+        assert_eq!(stored.sha256, sha256(&body));
+        assert_eq!(get(&server, &bucket, &key).await, body, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_multipart_upload_driven_by_the_caller_completes_or_aborts_through_the_helpers() {
+    use aws_sdk_s3::primitives::ByteStream;
+    use aws_sdk_s3::types::CompletedPart;
+    let server = S3Server::start_moto().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let client = server.client().await;
+    let body = data(6 * MIB);
+    let start = |key: &'static str| {
+        let (client, bucket) = (client.clone(), bucket.clone());
+        async move {
+            let created = client
+                .create_multipart_upload()
+                .bucket(&bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            created.upload_id().unwrap().to_owned()
+        }
+    };
+    // Parts handed over out of order: the helper sorts them.
+    let id = start("whole").await;
+    let mut parts = Vec::new();
+    for (number, range) in [(2, 5 * MIB..6 * MIB), (1, 0..5 * MIB)] {
+        let out = client
+            .upload_part()
+            .bucket(&bucket)
+            .key("whole")
+            .upload_id(&id)
+            .part_number(number)
+            .body(ByteStream::from(body[range].to_vec()))
+            .send()
+            .await
+            .unwrap();
+        parts.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .e_tag(out.e_tag().unwrap())
+                .build(),
+        );
+    }
+    let etag = complete_multipart(&client, &bucket, "whole", &id, parts)
+        .await
+        .unwrap();
+    assert!(etag.unwrap().contains("-2"));
+    assert_eq!(get(&server, &bucket, "whole").await, body);
+
+    let id = start("dropped").await;
+    assert_eq!(
+        server.open_multipart_uploads(&bucket).await.unwrap().len(),
+        1
+    );
+    let outcome = abort_multipart(&client, &bucket, "dropped", &id).await;
+    assert_eq!(outcome, AbortOutcome::Clean);
+    assert!(
+        server
+            .open_multipart_uploads(&bucket)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Aborting what the store no longer knows is not a failure.
+    let again = abort_multipart(&client, &bucket, "dropped", &id).await;
+    assert_eq!(again, AbortOutcome::Clean);
 }

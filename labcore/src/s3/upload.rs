@@ -42,7 +42,8 @@ pub struct UploadOptions {
     pub part_size: usize,
     /// Parts uploading at once.
     pub concurrency: usize,
-    /// The expected size, if known: raises the part size so the object fits 10,000 parts.
+    /// The expected size, if known: raises the part size so the object fits 10,000 parts, and
+    /// sizes the first buffer to fit a small object. A wrong hint is harmless.
     pub size_hint: Option<u64>,
     /// `Content-Type` of the object.
     pub content_type: Option<String>,
@@ -203,6 +204,15 @@ fn base_part_size(options: &UploadOptions) -> usize {
     base
 }
 
+/// The first buffer's capacity: a whole part, or just the hinted size (and one byte to see the
+/// end) when that is smaller, so uploading many small files allocates per file only what it
+/// holds. A wrong hint costs a reallocation, never bytes.
+fn first_capacity(options: &UploadOptions, base: usize) -> usize {
+    options.size_hint.map_or(base, |hint| {
+        usize::try_from(hint).map_or(base, |hint| hint.saturating_add(1).min(base))
+    })
+}
+
 /// Uploads everything `reader` yields to `s3://bucket/key`.
 pub async fn upload<R>(
     client: &Client,
@@ -214,14 +224,10 @@ pub async fn upload<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let target = Target {
-        client: client.clone(),
-        bucket: bucket.to_owned(),
-        key: key.to_owned(),
-    };
+    let target = Target::new(client, bucket, key);
     let base = base_part_size(options);
     let mut hasher = digest::Context::new(&digest::SHA256);
-    let mut first = BytesMut::with_capacity(base);
+    let mut first = BytesMut::with_capacity(first_capacity(options, base));
     let more = fill(&mut reader, &mut first, base)
         .await
         .map_err(|e| target.read_error(e))?;
@@ -381,6 +387,33 @@ fn finish(hasher: digest::Context) -> [u8; 32] {
     out
 }
 
+/// Completes multipart upload `upload_id` of `bucket/key` from its parts (in any order);
+/// returns the object's ETag. For callers that drive a multipart upload of their own, such as
+/// a server-side copy with `UploadPartCopy`; they abort with [`abort_multipart`] on failure.
+pub async fn complete_multipart(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+    mut parts: Vec<CompletedPart>,
+) -> Result<Option<String>, UploadError> {
+    parts.sort_by_key(|p| p.part_number());
+    Target::new(client, bucket, key)
+        .complete(upload_id, parts)
+        .await
+}
+
+/// Aborts multipart upload `upload_id` of `bucket/key`, trying three times; an upload the
+/// store no longer knows counts as aborted.
+pub async fn abort_multipart(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+) -> AbortOutcome {
+    Target::new(client, bucket, key).abort(upload_id).await
+}
+
 /// Where the object goes.
 #[derive(Clone)]
 struct Target {
@@ -390,6 +423,14 @@ struct Target {
 }
 
 impl Target {
+    fn new(client: &Client, bucket: &str, key: &str) -> Target {
+        Target {
+            client: client.clone(),
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+        }
+    }
+
     fn read_error(&self, source: std::io::Error) -> UploadError {
         UploadError::Read {
             bucket: self.bucket.clone(),
@@ -586,6 +627,26 @@ mod tests {
         assert_eq!(part_size(1000, base), base);
         assert_eq!(part_size(1001, base), 2 * base);
         assert!(part_size(MAX_PARTS, base) <= MAX_PART_SIZE);
+    }
+
+    #[test]
+    fn a_small_size_hint_shrinks_only_the_first_buffer() {
+        let hinted = UploadOptions {
+            size_hint: Some(4096),
+            ..UploadOptions::default()
+        };
+        let base = base_part_size(&hinted);
+        assert_eq!(base, UploadOptions::default().part_size);
+        assert_eq!(first_capacity(&hinted, base), 4097);
+        assert_eq!(first_capacity(&UploadOptions::default(), base), base);
+        let large = UploadOptions {
+            size_hint: Some(1 << 40),
+            ..UploadOptions::default()
+        };
+        assert_eq!(
+            first_capacity(&large, base_part_size(&large)),
+            base_part_size(&large)
+        );
     }
 
     #[test]

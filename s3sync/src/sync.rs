@@ -1,0 +1,639 @@
+//! Copying and syncing whole trees: a local folder or an S3 prefix to the other kind, or one
+//! prefix to another inside the store.
+//!
+//! A run lists both sides (only the source for `cp -r`), decides per file whether it must be
+//! transferred, moves those with at most `--transfers` at once, and deletes extra destination
+//! entries last (`--delete`). It is careful in the order that loses nothing:
+//!
+//! - The deletion limit is checked right after listing, before anything changes.
+//! - Nothing is deleted when a listing was incomplete or any transfer failed.
+//! - A failure that every transfer would meet (store down, keys refused, bucket gone) stops the
+//!   run; one that concerns one file is reported and the rest goes on (exit 1).
+//!
+//! Deciding "unchanged" by default takes size, then mtime: an S3 object's mtime lives in its
+//! metadata, so it costs a `HeadObject`, which is skipped when the listing already proves a
+//! change (a local file newer than the object's upload). `--checksum` compares MD5s instead.
+//! Inside the store, equal ETags mean unchanged; otherwise both objects' metadata decide.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::error::Error;
+use crate::filter::Filter;
+use crate::location::{S3Url, key_to_path};
+use crate::meta;
+use crate::report::{Action, Report};
+use crate::transfer::{Transfers, blocking, md5_of_file};
+use crate::tree::{Entry, Listing, list_local, list_s3, local_path};
+
+/// One side of a tree transfer.
+#[derive(Clone, Debug)]
+pub enum Side {
+    /// A local folder.
+    Local(PathBuf),
+    /// An S3 prefix (empty or ending in `/`).
+    S3(S3Url),
+}
+
+impl Side {
+    /// Where entry `rel` lives on this side, for messages.
+    fn display(&self, rel: &str) -> String {
+        match self {
+            Side::Local(root) => local_path(root, rel).display().to_string(),
+            Side::S3(url) => url.with_key(format!("{}{rel}", url.key)).to_string(),
+        }
+    }
+
+    fn url(&self, rel: &str) -> Option<S3Url> {
+        match self {
+            Side::S3(url) => Some(url.with_key(format!("{}{rel}", url.key))),
+            Side::Local(_) => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Side::Local(root) => root.display().to_string(),
+            Side::S3(url) => url.to_string(),
+        }
+    }
+}
+
+/// How a tree transfer behaves.
+#[derive(Clone, Debug)]
+pub struct TreeOptions {
+    /// Compare with the destination and skip what is unchanged (`sync`), or copy all (`cp -r`).
+    pub sync: bool,
+    /// Delete destination entries missing from the source.
+    pub delete: bool,
+    /// Compare content (MD5) instead of size and mtime.
+    pub checksum: bool,
+    /// At most this many deletions.
+    pub max_delete: Option<usize>,
+    /// Lift the default share limit on deletions.
+    pub force: bool,
+    /// Print the plan, change nothing.
+    pub dry_run: bool,
+    /// Follow symbolic links in a local source.
+    pub follow_links: bool,
+    /// Files moving at once.
+    pub transfers: usize,
+}
+
+/// Share of the destination a sync may delete without `--force` or `--max-delete`.
+const DEFAULT_DELETE_SHARE: f64 = 0.5;
+
+/// Lists one side; a missing local destination is an empty one.
+async fn list(
+    t: &Transfers,
+    side: &Side,
+    filter: &Filter,
+    follow_links: bool,
+    is_source: bool,
+) -> Result<Listing, Error> {
+    match side {
+        Side::Local(root) => {
+            match tokio::fs::metadata(root).await {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::Usage(format!(
+                        "{} is a file, not a folder",
+                        root.display()
+                    )));
+                }
+                Err(err) if !is_source && err.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Listing::default());
+                }
+                Err(err) => return Err(Error::local("reading", root, err)),
+            }
+            let (root, filter) = (root.clone(), filter.clone());
+            blocking(move || Ok(list_local(&root, follow_links, &filter))).await
+        }
+        Side::S3(url) => list_s3(&t.client, url, &url.key, filter).await,
+    }
+}
+
+enum Outcome {
+    Copied(u64),
+    Unchanged,
+    Planned,
+    Failed(Error),
+}
+
+struct Job {
+    src: Entry,
+    dst: Option<Entry>,
+}
+
+struct Context {
+    t: Transfers,
+    src: Side,
+    dst: Side,
+    options: TreeOptions,
+}
+
+/// Runs a tree copy or sync; per-file failures make it end in [`Error::Partial`].
+pub async fn run(
+    t: &Transfers,
+    report: &mut Report,
+    src: Side,
+    dst: Side,
+    filter: &Filter,
+    options: TreeOptions,
+) -> Result<(), Error> {
+    run_tracked(t, report, src, dst, filter, options, &mut Vec::new()).await
+}
+
+/// [`run`], also collecting the source entries the destination now matches (copied or found
+/// unchanged), for callers that keep syncing incrementally.
+pub async fn run_tracked(
+    t: &Transfers,
+    report: &mut Report,
+    src: Side,
+    dst: Side,
+    filter: &Filter,
+    options: TreeOptions,
+    in_sync: &mut Vec<Entry>,
+) -> Result<(), Error> {
+    if matches!((&src, &dst), (Side::Local(_), Side::Local(_))) {
+        return Err(Error::Usage(
+            "both locations are local: s3sync moves data to, from or inside S3".into(),
+        ));
+    }
+    let source = list(t, &src, filter, options.follow_links, true);
+    let (source, destination) = if options.sync {
+        let destination = list(t, &dst, filter, false, false);
+        let (s, d) = tokio::join!(source, destination);
+        (s?, d?)
+    } else {
+        (source.await?, Listing::default())
+    };
+    if source.symlinks_skipped > 0 {
+        tracing::info!(
+            count = source.symlinks_skipped,
+            "symbolic links skipped (use -L to follow them)"
+        );
+    }
+    for err in &source.errors {
+        report.failed(None, None, "", err);
+    }
+    for err in &destination.errors {
+        report.failed(None, None, "", err);
+    }
+
+    let in_source: HashSet<&str> = source.entries.iter().map(|e| e.rel.as_str()).collect();
+    let deletes: Vec<&Entry> = if options.delete {
+        destination
+            .entries
+            .iter()
+            .filter(|e| !in_source.contains(e.rel.as_str()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let complete = source.complete() && destination.complete();
+    let refusal = check_deletes(&options, &dst, deletes.len(), destination.entries.len());
+    if let Some(err) = refusal
+        && !options.dry_run
+    {
+        return Err(err);
+    }
+
+    let index = destination.index();
+    let jobs: Vec<Job> = source
+        .entries
+        .iter()
+        .map(|e| Job {
+            src: e.clone(),
+            dst: index.get(e.rel.as_str()).map(|d| (*d).clone()),
+        })
+        .collect();
+    drop(index);
+    let context = Arc::new(Context {
+        t: t.clone(),
+        src: src.clone(),
+        dst: dst.clone(),
+        options: options.clone(),
+    });
+    let action = match (&src, &dst) {
+        (Side::Local(_), _) => Action::Upload,
+        (Side::S3(_), Side::Local(_)) => Action::Download,
+        (Side::S3(_), Side::S3(_)) => Action::Copy,
+    };
+    let fatal = transfer_all(&context, report, jobs, action, in_sync).await;
+    if let Some(err) = fatal {
+        return Err(err);
+    }
+
+    let mut deletes_skipped = 0;
+    if !deletes.is_empty() {
+        if !complete {
+            tracing::warn!(
+                count = deletes.len(),
+                "not deleting anything: a listing was incomplete"
+            );
+            deletes_skipped = deletes.len();
+        } else if report.failed > 0 {
+            tracing::warn!(
+                count = deletes.len(),
+                "not deleting anything: some transfers failed"
+            );
+            deletes_skipped = deletes.len();
+        } else if options.dry_run {
+            for entry in &deletes {
+                report.plan(Action::Delete, None, &dst.display(&entry.rel), None);
+            }
+        } else {
+            delete_all(t, report, &dst, &deletes).await?;
+        }
+    }
+    if let Some(err) = check_deletes(&options, &dst, deletes.len(), destination.entries.len()) {
+        // A dry run lists its plan first, then says the real run would be refused.
+        return Err(err);
+    }
+    if report.failed > 0 {
+        return Err(Error::Partial {
+            failed: report.failed,
+            total: report.copied + report.failed,
+            deletes_skipped,
+        });
+    }
+    Ok(())
+}
+
+fn check_deletes(options: &TreeOptions, dst: &Side, deletes: usize, total: usize) -> Option<Error> {
+    let (limit, hint) = match options.max_delete {
+        Some(n) => (n, "raise --max-delete to allow more"),
+        None if options.force => return None,
+        None => (
+            (total as f64 * DEFAULT_DELETE_SHARE).floor() as usize,
+            "more than half of the destination would go: check the source, then add --force or --max-delete N",
+        ),
+    };
+    (deletes > limit).then(|| Error::TooManyDeletes {
+        target: dst.describe(),
+        deletes,
+        total,
+        limit,
+        hint,
+    })
+}
+
+/// Uploads local files under `root` to the prefix `url` without comparing (they are known to
+/// have changed); returns the first run-stopping error. Entries uploaded join `in_sync`.
+pub async fn upload_entries(
+    t: &Transfers,
+    report: &mut Report,
+    root: &Path,
+    url: &S3Url,
+    entries: Vec<Entry>,
+    options: &TreeOptions,
+    in_sync: &mut Vec<Entry>,
+) -> Option<Error> {
+    let context = Arc::new(Context {
+        t: t.clone(),
+        src: Side::Local(root.to_owned()),
+        dst: Side::S3(url.clone()),
+        options: TreeOptions {
+            sync: false,
+            ..options.clone()
+        },
+    });
+    let jobs = entries
+        .into_iter()
+        .map(|src| Job { src, dst: None })
+        .collect();
+    transfer_all(&context, report, jobs, Action::Upload, in_sync).await
+}
+
+/// Runs every job, `--transfers` at a time; returns the first run-stopping error.
+async fn transfer_all(
+    context: &Arc<Context>,
+    report: &mut Report,
+    jobs: Vec<Job>,
+    action: Action,
+    in_sync: &mut Vec<Entry>,
+) -> Option<Error> {
+    let slots = Arc::new(Semaphore::new(context.options.transfers.max(1)));
+    let mut tasks: JoinSet<(Job, Outcome)> = JoinSet::new();
+    let mut fatal: Option<Error> = None;
+    let cancel = context.t.cancel.clone();
+    let mut handle = |joined: Result<(Job, Outcome), tokio::task::JoinError>,
+                      report: &mut Report,
+                      fatal: &mut Option<Error>| {
+        let (job, outcome) = match joined {
+            Ok(done) => done,
+            Err(err) => {
+                *fatal = fatal.take().or(Some(Error::Runtime {
+                    what: "a transfer task failed",
+                    source: std::io::Error::other(err),
+                }));
+                return;
+            }
+        };
+        let source = context.src.display(&job.src.rel);
+        let destination = context.dst.display(&job.src.rel);
+        match outcome {
+            Outcome::Copied(size) => {
+                report.done(action, Some(&source), &destination, Some(size));
+                in_sync.push(job.src);
+            }
+            Outcome::Unchanged => {
+                report.unchanged += 1;
+                in_sync.push(job.src);
+            }
+            Outcome::Planned => {
+                report.plan(action, Some(&source), &destination, Some(job.src.size))
+            }
+            Outcome::Failed(err) if fatal.is_some() => {
+                // The run is stopping already; its cause is reported once.
+                drop(err);
+                report.failed += 1;
+            }
+            Outcome::Failed(err) if err.fatal() => {
+                report.failed += 1;
+                *fatal = Some(err);
+            }
+            Outcome::Failed(err) => report.failed(Some(action), Some(&source), &destination, &err),
+        }
+    };
+    for job in jobs {
+        while let Some(joined) = tasks.try_join_next() {
+            handle(joined, report, &mut fatal);
+        }
+        if fatal.is_some() || cancel.is_cancelled() {
+            break;
+        }
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the transfer semaphore is never closed"),
+            () = cancel.cancelled() => break,
+        };
+        let context = context.clone();
+        tasks.spawn(async move {
+            let outcome = process(&context, &job).await;
+            drop(permit);
+            (job, outcome)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        handle(joined, report, &mut fatal);
+    }
+    if fatal.is_none() && cancel.is_cancelled() {
+        return Some(Error::Interrupted);
+    }
+    fatal
+}
+
+async fn process(context: &Context, job: &Job) -> Outcome {
+    let copy = match needs_copy(context, job).await {
+        Ok(copy) => copy,
+        Err(err) => return Outcome::Failed(err),
+    };
+    if !copy.0 {
+        return Outcome::Unchanged;
+    }
+    if context.options.dry_run {
+        return Outcome::Planned;
+    }
+    context.t.progress.inc_length(job.src.size);
+    match copy_one(context, job, copy.1).await {
+        Ok(size) => Outcome::Copied(size),
+        Err(err) => Outcome::Failed(err),
+    }
+}
+
+/// Whether the source entry must be transferred, and the local file's MD5 if it was computed.
+async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 16]>), Error> {
+    let t = &context.t;
+    let rel = job.src.rel.as_str();
+    let local_md5 = |root: &Path| {
+        let path = local_path(root, rel);
+        blocking(move || md5_of_file(&path))
+    };
+    let Some(dst) = &job.dst else {
+        // A new upload in --checksum mode records the MD5 of multipart objects.
+        return match &context.src {
+            Side::Local(root)
+                if context.options.checksum
+                    && !context.options.dry_run
+                    && job.src.size > t.part_size as u64 =>
+            {
+                Ok((true, Some(local_md5(root).await?)))
+            }
+            _ => Ok((true, None)),
+        };
+    };
+    if dst.size != job.src.size {
+        return Ok((true, None));
+    }
+    match (&context.src, &context.dst) {
+        (Side::Local(root), Side::S3(_)) => {
+            let url = context.dst.url(rel).expect("an S3 side has URLs");
+            if context.options.checksum {
+                let local = local_md5(root).await?;
+                let remote = match dst.etag.as_deref().and_then(meta::etag_md5) {
+                    Some(md5) => Some(md5),
+                    None => t.head(&url).await?.md5,
+                };
+                return Ok((remote != Some(local), Some(local)));
+            }
+            // A file changed after the object was uploaded needs no HeadObject to tell.
+            if let (Some(mtime), Some(uploaded)) = (job.src.mtime, dst.uploaded)
+                && mtime > uploaded + Duration::from_secs(2)
+            {
+                return Ok((true, None));
+            }
+            let info = t.head(&url).await?;
+            match (job.src.mtime, info.mtime) {
+                (Some(a), Some(b)) => Ok((!meta::same_mtime(a, b), None)),
+                // Uploaded by another tool without an mtime: compare content if we can.
+                _ => match info.md5 {
+                    Some(remote) => {
+                        let local = local_md5(root).await?;
+                        Ok((remote != local, Some(local)))
+                    }
+                    None => Ok((true, None)),
+                },
+            }
+        }
+        (Side::S3(_), Side::Local(root)) => {
+            let url = context.src.url(rel).expect("an S3 side has URLs");
+            if context.options.checksum {
+                let remote = match job.src.etag.as_deref().and_then(meta::etag_md5) {
+                    Some(md5) => Some(md5),
+                    None => t.head(&url).await?.md5,
+                };
+                let local = local_md5(root).await?;
+                return Ok((remote != Some(local), None));
+            }
+            let info = t.head(&url).await?;
+            Ok((
+                !dst.mtime
+                    .zip(info.file_time())
+                    .is_some_and(|(a, b)| meta::same_mtime(a, b)),
+                None,
+            ))
+        }
+        (Side::S3(_), Side::S3(_)) => {
+            if job.src.etag.is_some() && job.src.etag == dst.etag {
+                return Ok((false, None));
+            }
+            // ETags differ or were not listed (some stores list none; a multipart copy gets
+            // a new one): ask both objects what they hold.
+            let from = context.src.url(rel).expect("an S3 side has URLs");
+            let to = context.dst.url(rel).expect("an S3 side has URLs");
+            let (a, b) = tokio::try_join!(t.head(&from), t.head(&to))?;
+            let same = if a.etag.is_some() && a.etag == b.etag {
+                true
+            } else if context.options.checksum {
+                a.md5.is_some() && a.md5 == b.md5
+            } else {
+                a.mtime
+                    .zip(b.mtime)
+                    .is_some_and(|(x, y)| meta::same_mtime(x, y))
+            };
+            Ok((!same, None))
+        }
+        (Side::Local(_), Side::Local(_)) => {
+            unreachable!("local-to-local runs are refused up front")
+        }
+    }
+}
+
+async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result<u64, Error> {
+    let t = &context.t;
+    let rel = job.src.rel.as_str();
+    match (&context.src, &context.dst) {
+        (Side::Local(root), Side::S3(_)) => {
+            let url = context.dst.url(rel).expect("an S3 side has URLs");
+            t.upload_file(&local_path(root, rel), &url, md5).await
+        }
+        (Side::S3(_), Side::Local(root)) => {
+            let url = context.src.url(rel).expect("an S3 side has URLs");
+            let path = key_to_path(rel).map_err(|reason| Error::BadName {
+                name: url.to_string(),
+                reason,
+            })?;
+            t.download_file(&url, &root.join(path), Some(job.src.size))
+                .await
+        }
+        (Side::S3(_), Side::S3(_)) => {
+            let from = context.src.url(rel).expect("an S3 side has URLs");
+            let to = context.dst.url(rel).expect("an S3 side has URLs");
+            t.copy_object(&from, &to, job.src.size).await
+        }
+        (Side::Local(_), Side::Local(_)) => {
+            unreachable!("local-to-local runs are refused up front")
+        }
+    }
+}
+
+/// Deletes destination entries, 1,000 keys per `DeleteObjects` request.
+pub async fn delete_all(
+    t: &Transfers,
+    report: &mut Report,
+    dst: &Side,
+    entries: &[&Entry],
+) -> Result<(), Error> {
+    match dst {
+        Side::Local(root) => {
+            for entry in entries {
+                let path = local_path(root, &entry.rel);
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => {
+                        report.done(Action::Delete, None, &path.display().to_string(), None);
+                        remove_empty_parents(root, &path).await;
+                    }
+                    Err(err) => {
+                        let err = Error::local("deleting", &path, err);
+                        report.failed(
+                            Some(Action::Delete),
+                            None,
+                            &path.display().to_string(),
+                            &err,
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Side::S3(url) => {
+            let urls: Vec<S3Url> = entries
+                .iter()
+                .map(|e| url.with_key(format!("{}{}", url.key, e.rel)))
+                .collect();
+            delete_objects(t, report, &urls).await
+        }
+    }
+}
+
+/// Deletes objects (all in one bucket) in batches; per-key failures are reported.
+pub async fn delete_objects(
+    t: &Transfers,
+    report: &mut Report,
+    urls: &[S3Url],
+) -> Result<(), Error> {
+    let Some(first) = urls.first() else {
+        return Ok(());
+    };
+    for batch in urls.chunks(1000) {
+        let objects = batch
+            .iter()
+            .map(|u| ObjectIdentifier::builder().key(&u.key).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Usage(format!("building a delete request: {e}")))?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| Error::Usage(format!("building a delete request: {e}")))?;
+        let out = t
+            .client
+            .delete_objects()
+            .bucket(&first.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| Error::s3("DeleteObjects", first.with_key("").to_string(), &e))?;
+        let mut failed: HashSet<&str> = HashSet::new();
+        for error in out.errors() {
+            let key = error.key().unwrap_or_default();
+            failed.insert(key);
+            let url = first.with_key(key);
+            let err = Error::S3 {
+                operation: "DeleteObjects",
+                target: url.to_string(),
+                detail: format!(
+                    "{}: {}",
+                    error.code().unwrap_or("error"),
+                    error.message().unwrap_or("")
+                ),
+                exit: labcore::s3::exit_for_code(error.code()),
+            };
+            report.failed(Some(Action::Delete), None, &url.to_string(), &err);
+        }
+        for url in batch {
+            if !failed.contains(url.key.as_str()) {
+                report.done(Action::Delete, None, &url.to_string(), None);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes folders left empty by deletions, up to (not including) the root.
+async fn remove_empty_parents(root: &Path, file: &Path) {
+    let mut dir = file.parent();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) || tokio::fs::remove_dir(d).await.is_err() {
+            break;
+        }
+        dir = d.parent();
+    }
+}
