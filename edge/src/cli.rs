@@ -108,7 +108,10 @@ pub enum Command {
         caddyfile: PathBuf,
     },
     /// The internal certificate authority.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_long_help = "EXAMPLES:\n    edge ca root -c /etc/labkit/edge.toml > root.pem\n    sudo edge ca trust -c /etc/labkit/edge.toml"
+    )]
     Ca(CaCommand),
 }
 

@@ -142,6 +142,52 @@ pub fn tools() -> Vec<Tool> {
             ],
             environment: [LOGGING_ENV, PG_ENV].concat(),
         },
+        Tool {
+            command: edge::cli::Cli::command(),
+            files: &[
+                (
+                    "/etc/labkit/edge.toml",
+                    "The config edge.service runs (or a Caddyfile with --caddyfile).",
+                ),
+                (
+                    "/var/lib/labkit/edge",
+                    "Storage: the internal CA, certificates and keys (0700; $STATE_DIRECTORY under systemd).",
+                ),
+            ],
+            environment: [
+                LOGGING_ENV,
+                SYSTEMD_ENV,
+                &[(
+                    "STATE_DIRECTORY",
+                    "Set by systemd; the storage folder when the config names none.",
+                )],
+            ]
+            .concat(),
+        },
+        Tool {
+            command: s3sync::cli::Cli::command(),
+            files: &[
+                (
+                    "~/.aws/config, ~/.aws/credentials",
+                    "Profiles: region, endpoint and keys (AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE name others).",
+                ),
+            ],
+            environment: [LOGGING_ENV, S3_ENV].concat(),
+        },
+        Tool {
+            command: tunnel::cli::Cli::command(),
+            files: &[
+                (
+                    "/etc/labkit/tunnel-server.toml, /etc/labkit/tunnel-client.toml",
+                    "The configs tunnel-server.service and tunnel-client.service run (rathole's format).",
+                ),
+                (
+                    "/etc/labkit/credentials/tunnel-server/, /etc/labkit/credentials/tunnel-client/",
+                    "Tokens and Noise keys as files named after their config key, loaded as systemd credentials.",
+                ),
+            ],
+            environment: [LOGGING_ENV, SYSTEMD_ENV].concat(),
+        },
     ]
 }
 
@@ -173,16 +219,27 @@ pub fn man_pages() -> Vec<(String, String)> {
         command.build();
         let name = command.get_name().to_owned();
         pages.push((format!("{name}.1"), page(&command, &name, &tool)));
-        for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
-            let full = format!("{name}-{}", sub.get_name());
-            let sub = sub
-                .clone()
-                .name(full.clone())
-                .bin_name(format!("{name} {}", sub.get_name()));
-            pages.push((format!("{full}.1"), page(&sub, &name, &tool)));
-        }
+        sub_pages(&command, &name, &name, &tool, &mut pages);
     }
     pages
+}
+
+/// A page per subcommand, nested ones included (`edge ca root` is edge-ca-root(1)).
+fn sub_pages(
+    command: &Command,
+    page_name: &str,
+    bin_name: &str,
+    tool: &Tool,
+    pages: &mut Vec<(String, String)>,
+) {
+    let tool_name = tool.command.get_name();
+    for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+        let full = format!("{page_name}-{}", sub.get_name());
+        let bin = format!("{bin_name} {}", sub.get_name());
+        let renamed = sub.clone().name(full.clone()).bin_name(bin.clone());
+        pages.push((format!("{full}.1"), page(&renamed, tool_name, tool)));
+        sub_pages(sub, &full, &bin, tool, pages);
+    }
 }
 
 fn page(command: &Command, tool_name: &str, tool: &Tool) -> String {
