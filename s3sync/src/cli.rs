@@ -33,13 +33,7 @@ folder and are renamed into place only once verified.
 
 Settings come from flags, then the [s3] table of --config, then AWS_ENDPOINT_URL(_S3),
 AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE,
-AWS_CA_BUNDLE, then ~/.aws/config and ~/.aws/credentials. Secrets are never flags.
-
-Exit status: 0 when every transfer succeeded, 1 when some failed (each is reported on stderr,
-the others were done), 64 bad usage or location, 65 bad data (a download that does not match
-its object, an unusable key, a sync refused by the deletion limit), 66 missing bucket, object
-or file, 69 store unreachable, 73 cannot create, 74 I/O error, 75 interrupted or throttled,
-77 credentials or permissions refused, 78 bad config.";
+AWS_CA_BUNDLE, then ~/.aws/config and ~/.aws/credentials. Secrets are never flags.";
 
 const EXAMPLES: &str = "\
 EXAMPLES:
@@ -58,7 +52,14 @@ EXAMPLES:
     AWS_ENDPOINT_URL=http://127.0.0.1:9000 s3sync ls s3://media/
 
   Keep uploading a folder as it changes:
-    s3sync watch --delete /srv/www s3://site/www";
+    s3sync watch --delete /srv/www s3://site/www
+
+EXIT STATUS:
+    0 when every transfer succeeded, 1 when some failed (each is reported on stderr, the others
+    were done), 64 bad usage or location, 65 bad data (a download that does not match its
+    object, an unusable key, a sync refused by the deletion limit), 66 missing bucket, object or
+    file, 69 store unreachable, 73 cannot create, 74 I/O error, 75 interrupted or throttled, 77
+    credentials or permissions refused, 78 bad config.";
 
 /// s3sync: copy, sync and stream between local files and S3.
 #[derive(Debug, Parser)]

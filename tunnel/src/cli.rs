@@ -36,8 +36,10 @@ A server service with proxy_protocol = \"v1\" or \"v2\" sends its local service 
 protocol header with the visitor's address, through any client (rathole's too), and
 max_connections = N closes visitors past N open connections on arrival. metrics_addr =
 \"127.0.0.1:9090\" in [server] or [client] serves Prometheus metrics at /metrics.
-Exit status: 0 ok, 64 usage, 66 config missing, 69 a port cannot be bound, 77 permission
-denied, 78 bad config.";
+
+EXIT STATUS:
+    0 ok, 64 usage, 66 config missing, 69 a port cannot be bound, 77 permission denied, 78 bad
+    config.";
 
 /// Expose services behind NAT through a public server; rathole-compatible.
 ///
@@ -65,12 +67,24 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the public side from the file's [server] table
+    #[command(
+        after_long_help = "EXAMPLES:\n    tunnel server -c /etc/labkit/tunnel-server.toml\n    systemctl reload tunnel-server     # after editing: SIGHUP reloads, connections stay"
+    )]
     Server,
     /// Run the home side from the file's [client] table
+    #[command(
+        after_long_help = "EXAMPLES:\n    tunnel client -c /etc/labkit/tunnel-client.toml\n    tunnel client -c client.toml --log-level debug"
+    )]
     Client,
     /// Check the config, print what it sets up, and exit
+    #[command(
+        after_long_help = "EXAMPLES:\n    tunnel check -c /etc/labkit/tunnel-server.toml\n    tunnel check -c rathole-server.toml   # a rathole config runs unchanged"
+    )]
     Check,
     /// Print a new Noise key pair (x25519, base64), as rathole --genkey does
+    #[command(
+        after_long_help = "EXAMPLES:\n    tunnel genkey     # the private key goes in the server's config, the public one in the clients'"
+    )]
     Genkey,
 }
 

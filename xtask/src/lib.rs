@@ -166,12 +166,10 @@ pub fn tools() -> Vec<Tool> {
         },
         Tool {
             command: s3sync::cli::Cli::command(),
-            files: &[
-                (
-                    "~/.aws/config, ~/.aws/credentials",
-                    "Profiles: region, endpoint and keys (AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE name others).",
-                ),
-            ],
+            files: &[(
+                "~/.aws/config, ~/.aws/credentials",
+                "Profiles: region, endpoint and keys (AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE name others).",
+            )],
             environment: [LOGGING_ENV, S3_ENV].concat(),
         },
         Tool {
