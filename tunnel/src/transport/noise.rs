@@ -464,9 +464,10 @@ impl TunnelStream for NoiseStream {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     use super::*;
+    use crate::forward::tests::{pair, round_trip};
     use crate::keys::KeyPair;
 
     fn settings(private: Option<&str>, public: Option<&str>) -> NoiseSettings {
@@ -475,13 +476,6 @@ mod tests {
             local_private_key: private.map(|k| labcore::Secret::new(k.to_owned())),
             remote_public_key: public.map(str::to_owned),
         }
-    }
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.unwrap(), b.unwrap().0)
     }
 
     #[tokio::test]
@@ -494,24 +488,7 @@ mod tests {
             NoiseStream::handshake(client_tcp, handshake_state(&client_side, true).unwrap()),
             NoiseStream::handshake(server_tcp, handshake_state(&server_side, false).unwrap()),
         );
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
-        let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
-        let writer = {
-            let sent = sent.clone();
-            tokio::spawn(async move {
-                client.write_all(&sent).await.unwrap();
-                client.shutdown().await.unwrap();
-                let mut back = Vec::new();
-                client.read_to_end(&mut back).await.unwrap();
-                back
-            })
-        };
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert!(got == sent);
-        server.write_all(b"done").await.unwrap();
-        server.shutdown().await.unwrap();
-        assert_eq!(writer.await.unwrap(), b"done");
+        round_trip(client.unwrap(), server.unwrap(), 1_000_000).await;
     }
 
     #[tokio::test]
