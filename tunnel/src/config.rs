@@ -7,12 +7,13 @@
 //! `default_token` (with the same three sources).
 //!
 //! labkit additions (all optional): `token_file`, `default_token_file`, `handshake_timeout`
-//! and `grace_period` (seconds), the server's `heartbeat_timeout` (seconds a heartbeat
-//! may go unacknowledged before the client counts as dead; rathole's server has no such
-//! check), and a server service's `proxy_protocol = "v1" | "v2"` (rathole main's
-//! `enable_proxy_protocol = true` is read as v1) and `max_connections`, and either side's
-//! `metrics_addr` (a Prometheus endpoint). Parsed now but refused until the transports release:
-//! transports other than `tcp`, `type = "udp"` services and the client's `proxy`.
+//! and `grace_period` (seconds), the server's `heartbeat_timeout` (seconds a heartbeat may go
+//! unacknowledged before the client counts as dead; rathole's server has no such check), a
+//! server service's `proxy_protocol = "v1" | "v2"` (rathole main's `enable_proxy_protocol =
+//! true` is read as v1) and `max_connections`, either side's `metrics_addr` (a Prometheus
+//! endpoint), and `local_private_key_file` for Noise. Parsed now but refused until a later
+//! release: the `tls` and `websocket` transports, `type = "udp"` services and the client's
+//! `proxy`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -139,48 +139,59 @@ async fn splice_one(
 }
 
 #[cfg(test)]
-mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+pub(crate) mod tests {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
 
-    async fn pair() -> (TcpStream, TcpStream) {
+    /// Two ends of a loopback TCP connection.
+    pub(crate) async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (a.unwrap(), b.unwrap().0)
     }
 
-    #[tokio::test]
-    async fn splice_carries_bytes_both_ways_in_order_and_half_closes() {
-        let (mut visitor, tunnel) = pair().await;
-        let (local, mut service) = pair().await;
-        let inbound: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
-        let outbound: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
-        let meter = Meter { inbound, outbound };
-        let task = tokio::spawn(forward(tunnel, local, meter));
-        let sent: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    /// Writes `len` patterned bytes from `near` and half-closes it; checks `far` reads them
+    /// whole and in order to the end, then that its reply reaches `near` the same way.
+    pub(crate) async fn round_trip<A, B>(mut near: A, mut far: B, len: u32)
+    where
+        A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let writer = {
             let sent = sent.clone();
             tokio::spawn(async move {
-                visitor.write_all(&sent).await.unwrap();
-                visitor.shutdown().await.unwrap();
+                near.write_all(&sent).await.unwrap();
+                near.shutdown().await.unwrap();
                 let mut back = Vec::new();
-                visitor.read_to_end(&mut back).await.unwrap();
+                near.read_to_end(&mut back).await.unwrap();
                 back
             })
         };
         let mut got = Vec::new();
-        service.read_to_end(&mut got).await.unwrap();
+        far.read_to_end(&mut got).await.unwrap();
         assert!(got == sent, "bytes arrive whole and in order");
-        service.write_all(b"reply").await.unwrap();
-        service.shutdown().await.unwrap();
+        far.write_all(b"reply").await.unwrap();
+        far.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"reply");
+    }
+
+    #[tokio::test]
+    async fn splice_carries_bytes_both_ways_in_order_and_half_closes() {
+        let (visitor, tunnel) = pair().await;
+        let (local, service) = pair().await;
+        let inbound: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let outbound: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let meter = Meter { inbound, outbound };
+        let task = tokio::spawn(forward(tunnel, local, meter));
+        round_trip(visitor, service, 3_000_000).await;
         let carried = task.await.unwrap().unwrap();
-        assert_eq!(carried.inbound, sent.len() as u64);
+        assert_eq!(carried.inbound, 3_000_000);
         assert_eq!(carried.outbound, 5);
-        assert_eq!(inbound.load(Ordering::Relaxed), sent.len() as u64);
+        assert_eq!(inbound.load(Ordering::Relaxed), 3_000_000);
         assert_eq!(outbound.load(Ordering::Relaxed), 5);
     }
 }

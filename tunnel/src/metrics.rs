@@ -82,6 +82,7 @@ pub fn failure_reason(err: &Error) -> &'static str {
         Error::Refused { .. } => "refused_by_server",
         Error::Timeout { .. } => "timeout",
         Error::Closed { .. } => "closed",
+        Error::Noise { .. } => "noise",
         _ => "io",
     }
 }

@@ -18,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// The longest v1 header, `\r\n` included (the specification's bound).
 const V1_MAX: usize = 107;
-/// The longest header [`encode`] writes (v1 with two IPv6 addresses fits in [`V1_MAX`]).
+/// The longest header [`encode`] writes: 107 bytes, v1's bound (v2 needs at most 52).
 pub const MAX_LEN: usize = V1_MAX;
 
 /// A header version, from `proxy_protocol = "v1" | "v2"`.

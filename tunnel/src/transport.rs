@@ -3,9 +3,9 @@
 //! The server and client are generic over [`Transport`], which binds, accepts and connects and
 //! hands back a [`TunnelStream`]. Forwarding never looks inside a transport: it copies between
 //! any [`TunnelStream`] and a local TCP socket, and asks [`TunnelStream::plain_tcp`] whether
-//! the kernel may move the bytes itself (`splice(2)`). Encrypted transports (Noise, TLS,
-//! WebSocket) plug in as further implementations, selected by `transport.type` in one place
-//! (`crate::run_server`, `crate::run_client`).
+//! the kernel may move the bytes itself (`splice(2)`). [`TcpTransport`] and
+//! [`NoiseTransport`] are the implementations so far; TLS and WebSocket plug in the same way,
+//! selected by `transport.type` in one place ([`crate::run`]).
 
 pub mod noise;
 mod tcp;

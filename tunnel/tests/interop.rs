@@ -214,38 +214,51 @@ fn a_labkit_noise_client_works_with_a_rathole_noise_server_on_genkey_keys() {
     rathole
         .wait_output(&format!("Listening at {service}"), WAIT)
         .unwrap();
+    echo_some(service);
+}
+
+/// Echoes a few payloads through `service`, one of them a few megabytes.
+fn echo_some(service: SocketAddr) {
     for _ in 0..5 {
         echo_through(service, &payload(100_000));
     }
     echo_through(service, &payload(3_000_000));
 }
 
-#[test]
-fn a_rathole_noise_client_works_with_a_labkit_noise_server() {
-    let dir = Scratch::new("interop").unwrap();
-    let (private, public) = genkey();
+/// A labkit Noise server holding `private`, and a rathole client config that trusts
+/// `public`; returns the server, the client config and the rathole client.
+fn labkit_noise_server_and_rathole_client(
+    dir: &Scratch,
+    private: &str,
+    public: &str,
+) -> (Proc, std::path::PathBuf, Proc) {
     let mut config = server_config("", &[("echo", "noise-token")]);
-    config.push_str(&noise_server(&private));
-    let server = server(&write(&dir, "server.toml", &config));
+    config.push_str(&noise_server(private));
+    let server = server(&write(dir, "server.toml", &config));
     let mut client_toml = client_config(
         control_addr(&server),
         "",
         &[("echo", "noise-token", echo_service())],
     );
-    client_toml.push_str(&noise_client(&public));
-    let _rathole = ProcBuilder::new(rathole())
+    client_toml.push_str(&noise_client(public));
+    let client_toml = write(dir, "rathole-client.toml", &client_toml);
+    let rathole = ProcBuilder::new(rathole())
         .arg("--client")
-        .arg(write(&dir, "rathole-client.toml", &client_toml))
+        .arg(&client_toml)
         .spawn()
         .unwrap();
+    (server, client_toml, rathole)
+}
+
+#[test]
+fn a_rathole_noise_client_works_with_a_labkit_noise_server() {
+    let dir = Scratch::new("interop").unwrap();
+    let (private, public) = genkey();
+    let (server, _, _rathole) = labkit_noise_server_and_rathole_client(&dir, &private, &public);
     server
         .wait_stderr("control channel open service=echo ", WAIT)
         .unwrap();
-    let service = service_addr(&server, "echo");
-    for _ in 0..5 {
-        echo_through(service, &payload(100_000));
-    }
-    echo_through(service, &payload(3_000_000));
+    echo_some(service_addr(&server, "echo"));
 }
 
 #[test]
@@ -253,28 +266,14 @@ fn a_wrong_noise_key_is_refused_with_a_log_line_and_serves_nothing() {
     let dir = Scratch::new("interop").unwrap();
     let (private, _) = genkey();
     let (_, wrong_public) = genkey();
-    let mut config = server_config("", &[("echo", "noise-token")]);
-    config.push_str(&noise_server(&private));
-    let server = server(&write(&dir, "server.toml", &config));
-    let mut client_toml = client_config(
-        control_addr(&server),
-        "",
-        &[("echo", "noise-token", echo_service())],
-    );
-    client_toml.push_str(&noise_client(&wrong_public));
     // Both a rathole client and a labkit client holding the wrong server key.
-    let _rathole = ProcBuilder::new(rathole())
-        .arg("--client")
-        .arg(write(&dir, "rathole-client.toml", &client_toml))
-        .spawn()
-        .unwrap();
+    let (server, client_toml, _rathole) =
+        labkit_noise_server_and_rathole_client(&dir, &private, &wrong_public);
     let line = server
         .wait_stderr("connection refused peer=127.0.0.1:", WAIT)
         .unwrap();
     assert!(line.contains("key does not match"), "{line}");
-    let client = tunnel(&["client"], &write(&dir, "client.toml", &client_toml))
-        .spawn()
-        .unwrap();
+    let client = tunnel(&["client"], &client_toml).spawn().unwrap();
     let line = client
         .wait_stderr("could not open the control channel", WAIT)
         .unwrap();

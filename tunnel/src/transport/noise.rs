@@ -4,8 +4,8 @@
 //!
 //! The framing is snowstorm 0.4's, which rathole 0.5 uses: each handshake and transport
 //! message is a little-endian `u16` length and that many bytes, at most 65,535. The Noise
-//! state machine is the `snow` crate's; the framing and the stream are written here because
-//! snowstorm pins an old snow and hands out a fresh payload buffer per handshake message.
+//! state machine is the `snow` crate's, with aws-lc-rs's ciphers plugged in; the framing and
+//! the stream are written here because snowstorm pins an old snow.
 //!
 //! A stream holds one receive buffer (a whole frame plus what follows it), one buffer of
 //! decrypted bytes and one encrypted frame on its way out: three 64 KiB buffers made when
@@ -16,9 +16,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use aws_lc_rs::aead;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use snow::params::NoiseParams;
+use snow::params::{CipherChoice, DHChoice, HashChoice, NoiseParams};
+use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
+use snow::types::{Cipher, Dh, Hash, Random};
 use snow::{Builder, HandshakeState, TransportState};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,7 +73,7 @@ pub fn handshake_state(
         Some(key) => Some(key_bytes(key).ok_or(KeyError::RemoteKey)?),
         None => None,
     };
-    let mut builder = Builder::new(params.clone());
+    let mut builder = Builder::with_resolver(params.clone(), resolver());
     // As rathole does: a side without a private key gets a throwaway one.
     let generated;
     let local = match &local {
@@ -102,6 +105,113 @@ pub fn handshake_state(
             KeyError::LocalKey
         }
     })
+}
+
+/// snow's primitives, but with aws-lc-rs's assembly ChaCha20-Poly1305 and AES-256-GCM, which
+/// carry the data path (measured here: rathole's RustCrypto ciphers cost more CPU per GB).
+fn resolver() -> snow::resolvers::BoxedCryptoResolver {
+    Box::new(FallbackResolver::new(
+        Box::new(AwsLcCiphers),
+        Box::new(DefaultResolver),
+    ))
+}
+
+struct AwsLcCiphers;
+
+impl CryptoResolver for AwsLcCiphers {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        None
+    }
+
+    fn resolve_dh(&self, _: &DHChoice) -> Option<Box<dyn Dh>> {
+        None
+    }
+
+    fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
+        None
+    }
+
+    fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        let (algorithm, name, big_endian) = match choice {
+            CipherChoice::ChaChaPoly => (&aead::CHACHA20_POLY1305, "ChaChaPoly", false),
+            CipherChoice::AESGCM => (&aead::AES_256_GCM, "AESGCM", true),
+        };
+        Some(Box::new(AeadCipher {
+            algorithm,
+            name,
+            big_endian,
+            key: None,
+        }))
+    }
+}
+
+/// A Noise cipher over an aws-lc-rs AEAD. Nonces are the Noise spec's: four zero bytes and
+/// the 64-bit counter, little-endian for ChaChaPoly and big-endian for AESGCM.
+struct AeadCipher {
+    algorithm: &'static aead::Algorithm,
+    name: &'static str,
+    big_endian: bool,
+    key: Option<aead::LessSafeKey>,
+}
+
+impl AeadCipher {
+    fn nonce(&self, counter: u64) -> aead::Nonce {
+        let mut bytes = [0u8; 12];
+        bytes[4..].copy_from_slice(&if self.big_endian {
+            counter.to_be_bytes()
+        } else {
+            counter.to_le_bytes()
+        });
+        aead::Nonce::assume_unique_for_key(bytes)
+    }
+}
+
+impl Cipher for AeadCipher {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn set(&mut self, key: &[u8; 32]) {
+        self.key = aead::UnboundKey::new(self.algorithm, key)
+            .ok()
+            .map(aead::LessSafeKey::new);
+    }
+
+    fn encrypt(&self, nonce: u64, authtext: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
+        let len = plaintext.len();
+        let (Some(key), Some(body)) = (&self.key, out.get_mut(..len + TAG)) else {
+            return 0;
+        };
+        let (text, tag_out) = body.split_at_mut(len);
+        text.copy_from_slice(plaintext);
+        match key.seal_in_place_separate_tag(self.nonce(nonce), aead::Aad::from(authtext), text) {
+            Ok(tag) => {
+                tag_out.copy_from_slice(tag.as_ref());
+                len + TAG
+            }
+            // Only for a message longer than the AEAD allows, which Noise's 64 KiB never is.
+            Err(_) => 0,
+        }
+    }
+
+    fn decrypt(
+        &self,
+        nonce: u64,
+        authtext: &[u8],
+        ciphertext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, snow::Error> {
+        let key = self.key.as_ref().ok_or(snow::Error::Decrypt)?;
+        let len = ciphertext
+            .len()
+            .checked_sub(TAG)
+            .ok_or(snow::Error::Decrypt)?;
+        let (text, tag) = ciphertext.split_at(len);
+        let out = out.get_mut(..len).ok_or(snow::Error::Decrypt)?;
+        key.open_separate_gather(self.nonce(nonce), aead::Aad::from(authtext), text, tag, out)
+            .map_err(|_| snow::Error::Decrypt)?;
+        Ok(len)
+    }
 }
 
 /// The Noise transport.
@@ -354,9 +464,10 @@ impl TunnelStream for NoiseStream {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     use super::*;
+    use crate::forward::tests::{pair, round_trip};
     use crate::keys::KeyPair;
 
     fn settings(private: Option<&str>, public: Option<&str>) -> NoiseSettings {
@@ -365,13 +476,6 @@ mod tests {
             local_private_key: private.map(|k| labcore::Secret::new(k.to_owned())),
             remote_public_key: public.map(str::to_owned),
         }
-    }
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.unwrap(), b.unwrap().0)
     }
 
     #[tokio::test]
@@ -384,24 +488,7 @@ mod tests {
             NoiseStream::handshake(client_tcp, handshake_state(&client_side, true).unwrap()),
             NoiseStream::handshake(server_tcp, handshake_state(&server_side, false).unwrap()),
         );
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
-        let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
-        let writer = {
-            let sent = sent.clone();
-            tokio::spawn(async move {
-                client.write_all(&sent).await.unwrap();
-                client.shutdown().await.unwrap();
-                let mut back = Vec::new();
-                client.read_to_end(&mut back).await.unwrap();
-                back
-            })
-        };
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert!(got == sent);
-        server.write_all(b"done").await.unwrap();
-        server.shutdown().await.unwrap();
-        assert_eq!(writer.await.unwrap(), b"done");
+        round_trip(client.unwrap(), server.unwrap(), 1_000_000).await;
     }
 
     #[tokio::test]
@@ -417,6 +504,31 @@ mod tests {
         );
         let err = server.err().unwrap().to_string();
         assert!(err.contains("key does not match"), "{err}");
+    }
+
+    #[test]
+    fn aws_lc_ciphers_agree_with_snows_own_both_ways() {
+        for choice in [CipherChoice::ChaChaPoly, CipherChoice::AESGCM] {
+            let mut ours = AwsLcCiphers.resolve_cipher(&choice).unwrap();
+            let mut theirs = DefaultResolver.resolve_cipher(&choice).unwrap();
+            assert_eq!(ours.name(), theirs.name());
+            let key = [7u8; 32];
+            ours.set(&key);
+            theirs.set(&key);
+            let plain = b"the same bytes on the wire";
+            for nonce in [0u64, 1, 0x0102_0304_0506_0708] {
+                let mut a = [0u8; 64];
+                let mut b = [0u8; 64];
+                let n = ours.encrypt(nonce, b"ad", plain, &mut a);
+                assert_eq!(n, theirs.encrypt(nonce, b"ad", plain, &mut b));
+                assert_eq!(a[..n], b[..n], "{} nonce {nonce}", ours.name());
+                let mut back = [0u8; 64];
+                let m = ours.decrypt(nonce, b"ad", &b[..n], &mut back).unwrap();
+                assert_eq!(&back[..m], plain);
+                a[0] ^= 1;
+                assert!(ours.decrypt(nonce, b"ad", &a[..n], &mut back).is_err());
+            }
+        }
     }
 
     #[test]
