@@ -74,6 +74,27 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// A [`ConfigError::Parse`] about the bytes `span` of `text` (read from `path`), for errors
+    /// a tool finds after parsing in a value it kept as `toml::Spanned`.
+    pub fn at(
+        path: &Path,
+        text: &str,
+        span: Option<Range<usize>>,
+        key: Option<String>,
+        message: &str,
+    ) -> ConfigError {
+        let (line, column) = span.map_or((1, 1), |s| line_column(text, s.start));
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            key,
+            message: message.trim().to_owned(),
+        }
+    }
+}
+
 fn key_prefix(key: &Option<String>) -> String {
     match key {
         Some(key) if !key.is_empty() => format!("key \"{key}\": "),
@@ -111,14 +132,7 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<(T, ConfigFile), ConfigE
 /// Parses config text that came from `path` (used in error messages only).
 pub fn parse_str<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
     let parse_error = |span: Option<Range<usize>>, key: Option<String>, message: &str| {
-        let (line, column) = span.map_or((1, 1), |s| line_column(text, s.start));
-        ConfigError::Parse {
-            path: path.to_owned(),
-            line,
-            column,
-            key,
-            message: message.trim().to_owned(),
-        }
+        ConfigError::at(path, text, span, key, message)
     };
     let deserializer =
         toml::Deserializer::parse(text).map_err(|e| parse_error(e.span(), None, e.message()))?;
@@ -385,6 +399,23 @@ mod tests {
             "{missing}"
         );
         assert!(missing.to_string().contains("absent"));
+    }
+
+    #[test]
+    fn errors_found_after_parsing_point_at_their_span() {
+        let text = "[[database]]\nname = \"Bad\"\n";
+        let start = text.find("\"Bad").unwrap();
+        let err = ConfigError::at(
+            Path::new("lab.toml"),
+            text,
+            Some(start..start + 5),
+            Some("database[0].name".into()),
+            "invalid name",
+        );
+        assert_eq!(
+            err.to_string(),
+            "lab.toml:2:8: key \"database[0].name\": invalid name"
+        );
     }
 
     #[test]

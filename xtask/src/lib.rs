@@ -92,35 +92,55 @@ const S3_ENV: &[(&str, &str)] = &[
 
 /// Every tool, in the order man pages and completions are written.
 pub fn tools() -> Vec<Tool> {
-    vec![Tool {
-        command: backupd::cli::Cli::command(),
-        files: &[
-            ("/etc/labkit/backupd.toml", "The default config file."),
-            (
-                "/var/lib/backupd/backups",
-                "The default local target when the config names none ($STATE_DIRECTORY/backups under systemd).",
-            ),
-            (
-                "/run/lock/backupd-NAME.lock",
-                "The lock that keeps runs of one config apart ($RUNTIME_DIRECTORY under systemd).",
-            ),
-            (
-                "TARGET/SUBJECT/STAMP/manifest.json",
-                "A backup's manifest, written last: without it the backup does not exist.",
-            ),
-        ],
-        environment: [
-            LOGGING_ENV,
-            SYSTEMD_ENV,
-            PG_ENV,
-            S3_ENV,
-            &[(
-                "STATE_DIRECTORY, RUNTIME_DIRECTORY",
-                "Set by systemd; see FILES.",
-            )],
-        ]
-        .concat(),
-    }]
+    vec![
+        Tool {
+            command: backupd::cli::Cli::command(),
+            files: &[
+                ("/etc/labkit/backupd.toml", "The default config file."),
+                (
+                    "/var/lib/backupd/backups",
+                    "The default local target when the config names none ($STATE_DIRECTORY/backups under systemd).",
+                ),
+                (
+                    "/run/lock/backupd-NAME.lock",
+                    "The lock that keeps runs of one config apart ($RUNTIME_DIRECTORY under systemd).",
+                ),
+                (
+                    "TARGET/SUBJECT/STAMP/manifest.json",
+                    "A backup's manifest, written last: without it the backup does not exist.",
+                ),
+            ],
+            environment: [
+                LOGGING_ENV,
+                SYSTEMD_ENV,
+                PG_ENV,
+                S3_ENV,
+                &[(
+                    "STATE_DIRECTORY, RUNTIME_DIRECTORY",
+                    "Set by systemd; see FILES.",
+                )],
+            ]
+            .concat(),
+        },
+        Tool {
+            command: pgprov::cli::Cli::command(),
+            files: &[
+                (
+                    "~/.pgpass",
+                    "The admin password, looked up as libpq does (PGPASSFILE names another file).",
+                ),
+                (
+                    "~/.pg_service.conf, $PGSYSCONFDIR/pg_service.conf",
+                    "Connection services named by PGSERVICE.",
+                ),
+                (
+                    "DIR/NAME.uri, DIR/NAME.env, DIR/NAME.json, DIR/NAME.pgpass",
+                    "Credentials written by --out-dir, mode 0600; an existing file is never overwritten.",
+                ),
+            ],
+            environment: [LOGGING_ENV, PG_ENV].concat(),
+        },
+    ]
 }
 
 /// The workspace root (the folder above this crate).

@@ -8,8 +8,8 @@ use std::process::Command;
 
 /// Copies the units into a scratch folder with their binaries pointing at stubs there:
 /// `verify` checks that ExecStart names an executable, and the tools need not be installed.
-fn staged_units() -> (tempdir::Dir, Vec<PathBuf>) {
-    let dir = tempdir::Dir::new();
+fn staged_units() -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     fs::create_dir(&bin).unwrap();
     let mut units = Vec::new();
@@ -44,35 +44,6 @@ fn staged_units() -> (tempdir::Dir, Vec<PathBuf>) {
 }
 
 /// A scratch folder removed on drop (kept tiny to avoid a dependency for one test).
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new() -> Dir {
-            let path = std::env::temp_dir().join(format!(
-                "labkit-units-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).unwrap();
-            Dir(path)
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn exposure(unit: &Path) -> f64 {
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--no-pager"])
