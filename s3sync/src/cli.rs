@@ -55,11 +55,18 @@ EXAMPLES:
     s3sync watch --delete /srv/www s3://site/www
 
 EXIT STATUS:
-    0 when every transfer succeeded, 1 when some failed (each is reported on stderr, the others
-    were done), 64 bad usage or location, 65 bad data (a download that does not match its
-    object, an unusable key, a sync refused by the deletion limit), 66 missing bucket, object or
-    file, 69 store unreachable, 73 cannot create, 74 I/O error, 75 interrupted or throttled, 77
-    credentials or permissions refused, 78 bad config.";
+    0   every transfer succeeded
+    1   some transfers failed (each is reported on stderr); the others were done
+    64  bad usage or location
+    65  bad data: a download that does not match its object, an unusable key, a sync refused
+        by the deletion limit
+    66  a missing bucket, object or file
+    69  the store is unreachable
+    73  a file or folder cannot be created
+    74  an I/O error
+    75  interrupted by a signal, or throttled past the retries
+    77  credentials or permissions refused
+    78  a bad config";
 
 /// s3sync: copy, sync and stream between local files and S3.
 #[derive(Debug, Parser)]
@@ -144,19 +151,18 @@ pub enum Command {
         tree: TreeArgs,
     },
     /// Make DST hold what SRC holds (one way), transferring only what changed.
-    #[command(
-        after_long_help = "Unchanged means same size and same mtime (the mtime of an S3 object is its
-x-amz-meta-mtime, which costs one HeadObject per same-sized file), or same MD5 with
---checksum. Nothing is deleted unless --delete is given, and then only after every transfer
-succeeded and both listings were complete. Without --force or --max-delete, a sync that would
-delete more than half of the destination is refused before it changes anything.
+    #[command(after_long_help = "NOTES:
+    Unchanged means same size and same mtime (the mtime of an S3 object is its
+    x-amz-meta-mtime, which costs one HeadObject per same-sized file), or same MD5 with
+    --checksum. Nothing is deleted unless --delete is given, and then only after every transfer
+    succeeded and both listings were complete. Without --force or --max-delete, a sync that would
+    delete more than half of the destination is refused before it changes anything.
 
 EXAMPLES:
   s3sync sync ./photos s3://media/photos
   s3sync sync --delete --exclude '*.tmp' --exclude 'cache/' ./site s3://www/site
   s3sync sync --delete --dry-run s3://media/photos ./photos
-  s3sync sync --checksum s3://media/photos ./photos"
-    )]
+  s3sync sync --checksum s3://media/photos ./photos")]
     Sync {
         /// Source folder or s3://bucket/prefix
         src: String,
@@ -181,16 +187,15 @@ EXAMPLES:
         tree: TreeArgs,
     },
     /// List buckets, or the objects under a prefix.
-    #[command(
-        after_long_help = "Text lines are `DATE SIZE KEY` (folders as `PRE name/`); --format json prints
-{\"key\":..,\"size\":..,\"last_modified\":..,\"etag\":..} per object, {\"prefix\":..} per folder,
-{\"bucket\":..,\"created\":..} per bucket.
+    #[command(after_long_help = "NOTES:
+    Text lines are `DATE SIZE KEY` (folders as `PRE name/`); --format json prints
+    {\"key\":..,\"size\":..,\"last_modified\":..,\"etag\":..} per object, {\"prefix\":..} per folder,
+    {\"bucket\":..,\"created\":..} per bucket.
 
 EXAMPLES:
   s3sync ls
   s3sync ls s3://media/photos/
-  s3sync ls -r --format json s3://media"
-    )]
+  s3sync ls -r --format json s3://media")]
     Ls {
         /// s3://bucket/prefix; none lists the buckets
         url: Option<String>,
@@ -220,27 +225,25 @@ EXAMPLES:
         dry_run: bool,
     },
     /// Make a bucket.
-    #[command(
-        after_long_help = "A bucket that already exists and is yours is fine (exit 0).
+    #[command(after_long_help = "NOTES:
+    A bucket that already exists and is yours is fine (exit 0).
 
 EXAMPLES:
-  s3sync mb s3://backups"
-    )]
+  s3sync mb s3://backups")]
     Mb {
         /// s3://bucket
         url: String,
     },
     /// Sync a local folder to S3, then keep syncing it as files change (inotify).
-    #[command(
-        after_long_help = "A full sync runs first; then changed files are uploaded once they have been
-quiet for --debounce. When events come faster than they can be held (--max-pending, or the
-kernel's inotify queue overflows), a full sync runs instead. Runs until SIGTERM or SIGINT;
-tells systemd READY=1 after the first sync (Type=notify).
+    #[command(after_long_help = "NOTES:
+    A full sync runs first; then changed files are uploaded once they have been
+    quiet for --debounce. When events come faster than they can be held (--max-pending, or the
+    kernel's inotify queue overflows), a full sync runs instead. Runs until SIGTERM or SIGINT;
+    tells systemd READY=1 after the first sync (Type=notify).
 
 EXAMPLES:
   s3sync watch /srv/www s3://site/www
-  s3sync watch --delete --debounce 2s --exclude '*.swp' ~/notes s3://notes/"
-    )]
+  s3sync watch --delete --debounce 2s --exclude '*.swp' ~/notes s3://notes/")]
     Watch {
         /// Local folder
         src: String,

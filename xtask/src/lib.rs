@@ -166,11 +166,25 @@ pub fn tools() -> Vec<Tool> {
         },
         Tool {
             command: s3sync::cli::Cli::command(),
-            files: &[(
-                "~/.aws/config, ~/.aws/credentials",
-                "Profiles: region, endpoint and keys (AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE name others).",
-            )],
-            environment: [LOGGING_ENV, S3_ENV].concat(),
+            files: &[
+                (
+                    "DIR/.NAME.RANDOM.s3sync-part",
+                    "A download in progress, renamed to DIR/NAME once verified; removed if it fails.",
+                ),
+                (
+                    "~/.aws/config, ~/.aws/credentials",
+                    "Profiles with region, endpoint and credentials, read when flags, --config and AWS_* variables leave them open.",
+                ),
+            ],
+            environment: [
+                LOGGING_ENV,
+                S3_ENV,
+                &[(
+                    "AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE",
+                    "Other files in place of ~/.aws/config and ~/.aws/credentials.",
+                )],
+            ]
+            .concat(),
         },
         Tool {
             command: tunnel::cli::Cli::command(),
