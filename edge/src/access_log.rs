@@ -3,7 +3,13 @@
 //!
 //! Request handling never waits on the log: when the writer falls behind (a slow disk, a full
 //! pipe) lines are dropped and counted, and the count is reported as a warning.
+//!
+//! On the edge's worker threads ([`batch_on_this_thread`]) a line is serialized into a buffer
+//! of the thread's own, handed to the writer when the thread is about to sleep (or the buffer
+//! fills): waking the writer thread for every request cost about a context switch and 10 us of
+//! CPU per request. Elsewhere a line goes to the writer at once.
 
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,9 +27,56 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AccessLog as Target;
 use crate::handler::{Body, BoxError};
 
+/// Chunks (of one line or a worker's buffer) queued for the writer.
 const QUEUE: usize = 4096;
-/// Most lines written with one write.
+/// Most chunks written with one write.
 const BATCH: usize = 512;
+/// A worker hands its buffer over at this size even when busy.
+const FLUSH_AT: usize = 64 * 1024;
+
+thread_local! {
+    static BATCHING: Cell<bool> = const { Cell::new(false) };
+    static BUFFERED: RefCell<Buffered> = const {
+        RefCell::new(Buffered { lines: Vec::new(), count: 0, to: None })
+    };
+}
+
+/// Lines serialized on this thread and not yet handed to the writer of `to`.
+struct Buffered {
+    lines: Vec<u8>,
+    count: u64,
+    to: Option<AccessLog>,
+}
+
+impl Buffered {
+    fn flush(&mut self) {
+        if self.lines.is_empty() {
+            return;
+        }
+        if let Some(log) = &self.to {
+            let chunk = std::mem::replace(&mut self.lines, Vec::with_capacity(FLUSH_AT + 1024));
+            log.hand_over(chunk, self.count);
+        }
+        self.lines.clear();
+        self.count = 0;
+    }
+}
+
+/// Makes this thread buffer its lines until [`flush_this_thread`] (the edge's workers call it
+/// before they sleep and when they end).
+pub fn batch_on_this_thread() {
+    BATCHING.set(true);
+}
+
+/// Hands this thread's buffered lines to the writer.
+pub fn flush_this_thread() {
+    // try_with: a thread being torn down has no buffer left to flush.
+    let _ = BUFFERED.try_with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            b.flush();
+        }
+    });
+}
 
 /// One request's log record, filled as the request goes.
 #[derive(Debug, Serialize)]
@@ -57,7 +110,7 @@ pub struct Record {
 /// The sending side of the access log.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    tx: Option<mpsc::Sender<Record>>,
+    tx: Option<mpsc::Sender<Vec<u8>>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -99,11 +152,40 @@ impl AccessLog {
         ))
     }
 
-    fn send(&self, record: Record) {
+    fn send(&self, record: &Record) {
+        let Some(tx) = &self.tx else { return };
+        if !BATCHING.get() {
+            let mut line = Vec::with_capacity(256);
+            if serde_json::to_writer(&mut line, record).is_ok() {
+                line.push(b'\n');
+                self.hand_over(line, 1);
+            }
+            return;
+        }
+        BUFFERED.with_borrow_mut(|b| {
+            let same =
+                b.to.as_ref()
+                    .and_then(|to| to.tx.as_ref())
+                    .is_some_and(|to| to.same_channel(tx));
+            if !same {
+                b.flush();
+                b.to = Some(self.clone());
+            }
+            if serde_json::to_writer(&mut b.lines, record).is_ok() {
+                b.lines.push(b'\n');
+                b.count += 1;
+            }
+            if b.lines.len() >= FLUSH_AT {
+                b.flush();
+            }
+        });
+    }
+
+    fn hand_over(&self, chunk: Vec<u8>, lines: u64) {
         if let Some(tx) = &self.tx
-            && tx.try_send(record).is_err()
+            && tx.try_send(chunk).is_err()
         {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.fetch_add(lines, Ordering::Relaxed);
         }
     }
 }
@@ -118,7 +200,7 @@ async fn open_append(path: &PathBuf) -> std::io::Result<tokio::fs::File> {
 
 async fn write_loop(
     mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    mut rx: mpsc::Receiver<Record>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
     dropped: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
@@ -136,10 +218,8 @@ async fn write_loop(
             break;
         }
         lines.clear();
-        for record in batch.drain(..) {
-            if serde_json::to_writer(&mut lines, &record).is_ok() {
-                lines.push(b'\n');
-            }
+        for chunk in batch.drain(..) {
+            lines.extend_from_slice(&chunk);
         }
         let write = async {
             out.write_all(&lines).await?;
@@ -200,7 +280,7 @@ impl Logged {
         if let Some(mut record) = self.record.take() {
             record.bytes = self.bytes;
             record.duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
-            self.log.send(record);
+            self.log.send(&record);
         }
     }
 }

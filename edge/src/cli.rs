@@ -147,7 +147,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     let env = Env::from_process();
     match cli.command {
         Command::Run { config } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            // Signals, reload and the access log; connections get their own threads.
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|source| Error::Io {

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod encode;
 pub mod handler;
+pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod site;

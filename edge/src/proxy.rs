@@ -2,7 +2,8 @@
 //! recently), rewriting the request (hop-by-hop headers out, `X-Forwarded-*` in, the client's
 //! Host kept), streaming both bodies, and joining upgraded connections (WebSocket) end to end.
 //!
-//! Upstream connections come from hyper-util's pooled client (keep-alive, HTTP/1.1). A request
+//! Upstream connections come from [`crate::pool`] (keep-alive, HTTP/1.1, driven on the
+//! request's own task; an upgrade gets a connection and a task of its own). A request
 //! without a body that fails to connect is retried on the next upstream; one with a body has
 //! already given its body away and gets a 502, while the failed upstream is skipped by the
 //! requests after it ("passive health", as Caddy's `fail_duration`).
@@ -14,17 +15,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
+use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
 };
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::handler::{Body, status_response};
+use crate::pool::{self, Failure, LeasedBody, Pool};
 use crate::site::{HeaderOps, PathMatcher, split_host_port};
 
 /// One upstream server and its passive health.
@@ -187,7 +187,8 @@ impl HttpBody for UpBody {
 /// The pooled upstream client and its timeouts.
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: HyperClient<HttpConnector, UpBody>,
+    pool: Arc<Pool>,
+    connect_timeout: Duration,
     response_timeout: Duration,
 }
 
@@ -262,18 +263,9 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
 impl Client {
     /// A client with these timeouts.
     pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Client {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let inner = HyperClient::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         Client {
-            inner,
+            pool: Pool::new(Duration::from_secs(60), 256),
+            connect_timeout,
             response_timeout,
         }
     }
@@ -331,12 +323,8 @@ impl Client {
         for upstream in proxy.order() {
             let Some(this_body) = body.take() else { break };
             last = Some(upstream.clone());
-            let uri = Uri::builder()
-                .scheme(UriScheme::HTTP)
-                .authority(upstream.authority.clone())
-                .path_and_query(path.clone())
-                .build()
-                .expect("scheme, authority and path were each valid");
+            // Origin form: the connection is to the upstream already.
+            let uri = Uri::from(path.clone());
             let mut up = Request::new(this_body);
             *up.method_mut() = method.clone();
             *up.uri_mut() = uri;
@@ -346,16 +334,29 @@ impl Client {
             } else {
                 std::mem::take(&mut headers)
             };
-            match tokio::time::timeout(self.response_timeout, self.inner.request(up)).await {
-                Ok(Ok(response)) => {
+            let exchange = async {
+                if upgrade.is_some() {
+                    self.send_upgrade(&upstream.authority, up, tasks, stop)
+                        .await
+                        .map(|response| (response, None))
+                } else {
+                    self.pool
+                        .send(&upstream.authority, up, self.connect_timeout)
+                        .await
+                        .map(|(response, lease)| (response, Some(lease)))
+                }
+            };
+            match tokio::time::timeout(self.response_timeout, exchange).await {
+                Ok(Ok((response, lease))) => {
                     upstream.succeeded();
-                    let response = self.respond(proxy, response, client_upgrade, tasks, stop);
+                    let response =
+                        self.respond(proxy, response, lease, client_upgrade, tasks, stop);
                     return Outcome {
                         response,
                         upstream: last,
                     };
                 }
-                Ok(Err(err)) if err.is_connect() => {
+                Ok(Err(Failure::Connect(err))) => {
                     tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream connect failed");
                     upstream.failed(proxy);
                     if retryable {
@@ -366,7 +367,7 @@ impl Client {
                         "bad gateway: upstream unreachable\n",
                     );
                 }
-                Ok(Err(err)) => {
+                Ok(Err(Failure::Request(err))) => {
                     tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream request failed");
                     failure =
                         status_response(StatusCode::BAD_GATEWAY, "bad gateway: upstream failed\n");
@@ -392,10 +393,32 @@ impl Client {
         }
     }
 
+    /// Sends an upgrade request on a new connection driven by a task in `tasks`.
+    async fn send_upgrade(
+        &self,
+        authority: &Authority,
+        up: Request<UpBody>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<Response<Incoming>, Failure> {
+        let (mut sender, conn) = pool::connect_upgradeable(authority, self.connect_timeout)
+            .await
+            .map_err(Failure::Connect)?;
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = conn => {}
+            }
+        });
+        sender.send_request(up).await.map_err(Failure::Request)
+    }
+
     fn respond(
         &self,
         proxy: &Proxy,
         mut response: Response<Incoming>,
+        lease: Option<pool::Lease>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         tasks: &TaskTracker,
         stop: &CancellationToken,
@@ -436,7 +459,13 @@ impl Client {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         proxy.header_down.apply(&mut parts.headers);
-        Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+        let body = match lease {
+            Some(lease) => LeasedBody::new(body, lease)
+                .map_err(Into::into)
+                .boxed_unsync(),
+            None => body.map_err(Into::into).boxed_unsync(),
+        };
+        Response::from_parts(parts, body)
     }
 }
 

@@ -8,6 +8,12 @@
 //! listeners, asks every connection to finish its requests, waits up to the grace period, then
 //! ends what is left.
 //!
+//! Connections are served by one single-threaded runtime per core ([`Workers`]), each
+//! accepting on its own `SO_REUSEPORT` socket of every listener, so a connection's whole life
+//! (TLS, HTTP, the upstream exchange through [`crate::pool`]) stays on one thread and no
+//! request wakes another thread; the main runtime keeps signals, reload, certificate renewal
+//! and the access log writer. Router, certificates and limits are shared by all.
+//!
 //! Listeners may be configured on port 0 (tests): the bound addresses are logged and sent as
 //! the sd_notify `STATUS=` line (`listening http=ADDR https=ADDR`) before `READY=1`.
 
@@ -33,14 +39,15 @@ use labcore::signals::Signals;
 use rustls::ServerConfig;
 use rustls::server::{Acceptor, ResolvesServerCert};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Error;
-use crate::access_log::AccessLog;
+use crate::access_log::{self, AccessLog};
 use crate::ca::Ca;
 use crate::caddyfile;
 use crate::certs::{Certs, Fixed, Resolver};
@@ -97,6 +104,57 @@ struct Shared {
     permits: Arc<Semaphore>,
     conns: TaskTracker,
     drain: CancellationToken,
+    workers: Vec<Handle>,
+}
+
+/// The threads serving connections: one single-threaded runtime per core.
+struct Workers {
+    handles: Vec<Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    fn start() -> io::Result<Workers> {
+        let n = std::thread::available_parallelism().map_or(1, usize::from);
+        let stop = CancellationToken::new();
+        let mut workers = Workers {
+            handles: Vec::with_capacity(n),
+            threads: Vec::with_capacity(n),
+            stop: stop.clone(),
+        };
+        for i in 0..n {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(access_log::flush_this_thread)
+                .build()?;
+            workers.handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("edge-worker-{i}"))
+                .spawn(move || {
+                    access_log::batch_on_this_thread();
+                    runtime.block_on(stop.cancelled());
+                    // Connections cut at the end log their lines as they are dropped.
+                    drop(runtime);
+                    access_log::flush_this_thread();
+                })?;
+            workers.threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    /// Ends the runtimes (dropping what still runs on them) and joins their threads.
+    async fn stop(self) {
+        self.stop.cancel();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
 }
 
 /// Runs the edge until SIGTERM/SIGINT.
@@ -133,6 +191,10 @@ pub async fn run(source: Source, env: Env) -> Result<(), Error> {
             what: "opening the access log".into(),
             source,
         })?;
+    let workers = Workers::start().map_err(|source| Error::Io {
+        what: "starting the worker threads".into(),
+        source,
+    })?;
     let upgraded = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let shared = Arc::new(Shared {
@@ -151,6 +213,7 @@ pub async fn run(source: Source, env: Env) -> Result<(), Error> {
         permits: Arc::new(Semaphore::new(config.limits.max_connections)),
         conns: TaskTracker::new(),
         drain: CancellationToken::new(),
+        workers: workers.handles.clone(),
     });
 
     let mut listeners: HashMap<(u16, Scheme), Listener> = HashMap::new();
@@ -203,6 +266,7 @@ pub async fn run(source: Source, env: Env) -> Result<(), Error> {
     }
     hard_stop.cancel();
     let _ = labcore::signals::drain(&upgraded, Duration::from_secs(2)).await;
+    workers.stop().await;
     renew_stop.cancel();
     let _ = renewal.await;
     log_stop.cancel();
@@ -306,7 +370,8 @@ async fn reload(
     Ok(config)
 }
 
-/// Binds the listeners `config` needs and `listeners` lacks, and starts their accept loops.
+/// Binds the listeners `config` needs and `listeners` lacks, and starts their accept loops,
+/// one per worker.
 async fn bind_missing(
     config: &Config,
     listeners: &mut HashMap<(u16, Scheme), Listener>,
@@ -316,61 +381,95 @@ async fn bind_missing(
         if listeners.contains_key(&(port, scheme)) {
             continue;
         }
-        let sockets = bind(&config.bind, port).await?;
+        let sockets = bind(&config.bind, port, shared.workers.len())?;
         let stop = CancellationToken::new();
         let mut addrs = Vec::new();
-        for socket in sockets {
-            let addr = socket.local_addr().map_err(|source| Error::Io {
-                what: "reading a listener's address".into(),
-                source,
-            })?;
+        for (addr, group) in sockets {
             addrs.push(addr);
-            shared.conns.spawn(accept_loop(
-                socket,
-                addr.port(),
-                scheme,
-                shared.clone(),
-                stop.clone(),
-            ));
+            for (socket, worker) in group.into_iter().zip(&shared.workers) {
+                worker.spawn(shared.conns.track_future(accept_loop(
+                    socket,
+                    addr.port(),
+                    scheme,
+                    shared.clone(),
+                    stop.clone(),
+                )));
+            }
         }
         listeners.insert((port, scheme), Listener { addrs, stop });
     }
     Ok(())
 }
 
-async fn bind(ips: &[IpAddr], port: u16) -> Result<Vec<TcpListener>, Error> {
-    let mut sockets = Vec::new();
+/// Binds `ips` on `port`, `copies` sockets per address (`SO_REUSEPORT`: the kernel spreads
+/// new connections over them), and returns each bound address with its sockets.
+fn bind(
+    ips: &[IpAddr],
+    port: u16,
+    copies: usize,
+) -> Result<Vec<(SocketAddr, Vec<std::net::TcpListener>)>, Error> {
+    let mut bound = Vec::new();
     let mut port = port;
     for ip in ips {
         let addr = SocketAddr::new(*ip, port);
-        let socket = match TcpListener::bind(addr).await {
+        let first = match listen(addr) {
             // No IPv6 on this host: the wildcard falls back to IPv4.
             Err(err)
                 if ip.is_unspecified()
                     && ip.is_ipv6()
                     && err.kind() != io::ErrorKind::AddrInUse =>
             {
-                TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).await
+                listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
             }
             other => other,
         }
         .map_err(|source| Error::Bind { addr, source })?;
+        let local = first.local_addr().map_err(|source| Error::Io {
+            what: "reading a listener's address".into(),
+            source,
+        })?;
         if port == 0 {
             // Several addresses on "port 0" share the port the first one got.
-            port = socket.local_addr().map_or(0, |a| a.port());
+            port = local.port();
         }
-        sockets.push(socket);
+        let mut group = vec![first];
+        for _ in 1..copies {
+            group.push(listen(local).map_err(|source| Error::Bind { addr, source })?);
+        }
+        bound.push((local, group));
     }
-    Ok(sockets)
+    Ok(bound)
+}
+
+/// A listening socket with `SO_REUSEPORT`, not yet tied to a runtime.
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv6() {
+        TcpSocket::new_v6()?
+    } else {
+        TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(1024)?;
+    listener.into_std()
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     port: u16,
     scheme: Scheme,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    // Registered with the runtime of the worker running this loop.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(error = %err, port, "registering a listener failed");
+            return;
+        }
+    };
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => return,

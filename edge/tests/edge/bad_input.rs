@@ -419,6 +419,33 @@ fn an_upstream_closing_mid_response_truncates_it_visibly() {
 }
 
 #[test]
+fn an_upstream_closing_its_idle_keep_alive_connections_fails_no_request() {
+    let ups = Upstreams::new();
+    // Answers one request per connection as keep-alive, then closes: every pooled
+    // connection is dead by the time the next request wants it.
+    let once = ups.raw(
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\n",
+        b"hello",
+    );
+    let edge = toml_edge(
+        &ups,
+        "",
+        &format!(
+            "[[site]]\naddresses = [\"other.example.org\"]\ntls = \"internal\"\n[[site.reverse_proxy]]\nto = [\"{once}\"]\n"
+        ),
+    );
+    for _ in 0..5 {
+        let out = edge.curl(&[
+            "-w",
+            "\n%{http_code}",
+            "https://other.example.org:@HTTPS@/again",
+        ]);
+        assert_eq!(out.stdout, "hello\n200", "{out:?}");
+    }
+    edge.stop();
+}
+
+#[test]
 fn unreachable_and_slow_upstreams_get_502_and_504_with_short_bodies() {
     let ups = Upstreams::new();
     let dead = std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,0 +1,342 @@
+//! Keep-alive HTTP/1.1 connections to upstreams, driven on the task of the request using them.
+//!
+//! hyper-util's pooled client spawns a task per upstream connection: every proxied request then
+//! hands its bytes from the client connection's task to the upstream connection's task and back,
+//! and on a multi-threaded runtime those wake-ups cross threads (a profile showed 12-14% of the
+//! time in kernel thread switching). Here a request leases an idle connection, polls it itself
+//! while it waits for the response, and the response body keeps polling it while it streams;
+//! once the body has ended, the connection goes back to the pool. So a proxied request stays on
+//! one task from the client's bytes to the upstream's and back.
+//!
+//! Idle connections are kept per thread: a connection's socket is registered with the runtime
+//! of the thread that opened it, so on the edge's one-runtime-per-core workers a request only
+//! reuses connections of its own thread.
+//!
+//! Invariants: an idle connection in the pool has no request in flight and nobody polls it;
+//! it is checked (polled once) when leased, and dropped when it has closed, has been idle
+//! longer than the idle timeout, or the pool for its upstream is full. A lease dropped before
+//! its response has ended closes the connection (HTTP/1.1 cannot abandon a response).
+
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper::http::uri::Authority;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::proxy::UpBody;
+
+type Conn = http1::Connection<TokioIo<TcpStream>, UpBody>;
+
+/// Idle upstream connections, by thread and upstream.
+pub struct Pool {
+    idle: Mutex<HashMap<(ThreadId, Authority), Vec<Idle>>>,
+    idle_timeout: Duration,
+    max_idle_per_upstream: usize,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<UpBody>,
+    conn: Pin<Box<Conn>>,
+    since: Instant,
+}
+
+/// A connection in use by one request; it goes back to the pool when its response has ended.
+pub struct Lease {
+    sender: http1::SendRequest<UpBody>,
+    /// `None` once the connection has ended.
+    conn: Option<Pin<Box<Conn>>>,
+    authority: Authority,
+    pool: Arc<Pool>,
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub enum Failure {
+    /// No connection could be made.
+    Connect(io::Error),
+    /// The connection failed during the exchange.
+    Request(hyper::Error),
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(idle_timeout: Duration, max_idle_per_upstream: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            idle: Mutex::new(HashMap::new()),
+            idle_timeout,
+            max_idle_per_upstream,
+        })
+    }
+
+    /// Sends `req` (origin-form URI, Host set) to `authority` on an idle connection or a new
+    /// one, and returns the response with the lease its body must keep polling.
+    pub async fn send(
+        self: &Arc<Self>,
+        authority: &Authority,
+        mut req: Request<UpBody>,
+        connect_timeout: Duration,
+    ) -> Result<(Response<Incoming>, Lease), Failure> {
+        loop {
+            let (mut lease, reused) = match self.take(authority) {
+                Some(lease) => (lease, true),
+                None => (
+                    self.connect(authority, connect_timeout)
+                        .await
+                        .map_err(Failure::Connect)?,
+                    false,
+                ),
+            };
+            if reused {
+                // The previous response may have left the connection a step from ready.
+                if lease.ready().await.is_err() {
+                    continue;
+                }
+            }
+            let sent = lease.sender.try_send_request(req);
+            match lease.drive(sent).await {
+                Ok(response) => return Ok((response, lease)),
+                Err(mut err) => match err.take_message() {
+                    // An idle connection the upstream had closed: the request never left.
+                    Some(back) if reused => req = back,
+                    _ => return Err(Failure::Request(err.into_error())),
+                },
+            }
+        }
+    }
+
+    /// An idle connection to `authority` that is still open, if any.
+    fn take(self: &Arc<Self>, authority: &Authority) -> Option<Lease> {
+        loop {
+            let mut idle = {
+                let mut pool = self.idle.lock().expect("the pool lock is never poisoned");
+                pool.get_mut(&(std::thread::current().id(), authority.clone()))?
+                    .pop()?
+            };
+            if idle.since.elapsed() > self.idle_timeout || idle.sender.is_closed() {
+                continue;
+            }
+            // One poll reads a close (or anything else) the upstream sent while it sat idle.
+            let mut cx = Context::from_waker(Waker::noop());
+            if idle.conn.as_mut().poll(&mut cx).is_ready() {
+                continue;
+            }
+            return Some(Lease {
+                sender: idle.sender,
+                conn: Some(idle.conn),
+                authority: authority.clone(),
+                pool: self.clone(),
+            });
+        }
+    }
+
+    fn put(&self, authority: Authority, idle: Idle) {
+        let mut pool = self.idle.lock().expect("the pool lock is never poisoned");
+        let conns = pool
+            .entry((std::thread::current().id(), authority))
+            .or_default();
+        // Stale ones sit at the bottom: drop them while here.
+        conns.retain(|c| c.since.elapsed() <= self.idle_timeout);
+        if conns.len() < self.max_idle_per_upstream {
+            conns.push(idle);
+        }
+    }
+
+    async fn connect(
+        self: &Arc<Self>,
+        authority: &Authority,
+        timeout: Duration,
+    ) -> io::Result<Lease> {
+        let (sender, conn) = handshake(authority, timeout).await?;
+        Ok(Lease {
+            sender,
+            conn: Some(Box::pin(conn)),
+            authority: authority.clone(),
+            pool: self.clone(),
+        })
+    }
+}
+
+/// A new connection for an upgrade (WebSocket): the returned future drives it, on a task of
+/// its own, since the upgraded stream outlives the request.
+pub async fn connect_upgradeable(
+    authority: &Authority,
+    timeout: Duration,
+) -> io::Result<(
+    http1::SendRequest<UpBody>,
+    impl Future<Output = ()> + Send + use<>,
+)> {
+    let (sender, conn) = handshake(authority, timeout).await?;
+    Ok((sender, async move {
+        if let Err(err) = conn.with_upgrades().await {
+            tracing::debug!(error = %err, "upgraded upstream connection ended");
+        }
+    }))
+}
+
+async fn handshake(
+    authority: &Authority,
+    timeout: Duration,
+) -> io::Result<(http1::SendRequest<UpBody>, Conn)> {
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = tokio::time::timeout(timeout, async {
+        let mut last = None;
+        for addr in tokio::net::lookup_host((host, port)).await? {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))
+        }))
+    })
+    .await
+    .map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connecting to {authority} timed out"),
+        )
+    })??;
+    stream.set_nodelay(true)?;
+    http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)
+}
+
+impl Lease {
+    /// Polls `fut` to completion, driving the connection on this task meanwhile.
+    async fn drive<F: Future>(&mut self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        poll_fn(|cx| {
+            self.poll_conn(cx);
+            fut.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Waits until the connection can take a request, driving it meanwhile.
+    async fn ready(&mut self) -> hyper::Result<()> {
+        poll_fn(|cx| {
+            self.poll_conn(cx);
+            self.sender.poll_ready(cx)
+        })
+        .await
+    }
+
+    /// Lets the connection read and write what it can; drops it once it has ended (which
+    /// fails the request in flight, if any).
+    fn poll_conn(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = &mut self.conn
+            && conn.as_mut().poll(cx).is_ready()
+        {
+            self.conn = None;
+        }
+    }
+
+    /// The connection's response has ended: back to the pool if it can carry another.
+    fn release(self) {
+        if let Some(conn) = self.conn
+            && !self.sender.is_closed()
+        {
+            self.pool.put(
+                self.authority,
+                Idle {
+                    sender: self.sender,
+                    conn,
+                    since: Instant::now(),
+                },
+            );
+        }
+    }
+}
+
+/// An upstream response body that drives its connection while it streams and gives the
+/// connection back when it ends.
+pub struct LeasedBody {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl LeasedBody {
+    /// `body`, read over `lease`.
+    pub fn new(body: Incoming, lease: Lease) -> LeasedBody {
+        let mut this = LeasedBody {
+            body,
+            lease: Some(lease),
+        };
+        if this.body.is_end_stream() {
+            this.release();
+        }
+        this
+    }
+
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+    }
+}
+
+impl Drop for LeasedBody {
+    fn drop(&mut self) {
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+impl HttpBody for LeasedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(lease) = &mut this.lease {
+            lease.poll_conn(cx);
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
