@@ -250,3 +250,17 @@ async fn changed(watcher: &Option<Watcher>) -> std::io::Result<()> {
         None => std::future::pending().await,
     }
 }
+
+/// What a reload does to the running services: the names a new config changes or removes
+/// (to stop), each with whether it is removed (its metrics go too). Services the new config
+/// adds, or that were just stopped for a change, are the ones then not running.
+pub(crate) fn stale_services<'a, S: PartialEq + 'a>(
+    running: impl IntoIterator<Item = (&'a String, &'a S)>,
+    new: &std::collections::BTreeMap<String, S>,
+) -> Vec<(String, bool)> {
+    running
+        .into_iter()
+        .filter(|(name, service)| new.get(*name) != Some(*service))
+        .map(|(name, _)| (name.clone(), !new.contains_key(name)))
+        .collect()
+}

@@ -284,13 +284,11 @@ impl<T: Transport> Server<T> {
             return Ok(());
         }
         self.settings.grace_period = new.grace_period;
-        let names: Vec<String> = self.services.keys().cloned().collect();
-        for name in names {
-            if new.services.get(&name) != Some(&*self.services[&name].service) {
-                self.stop_service(&name).await;
-                if !new.services.contains_key(&name) {
-                    self.metrics.forget(&name);
-                }
+        let running = self.services.iter().map(|(n, h)| (n, &*h.service));
+        for (name, removed) in crate::daemon::stale_services(running, &new.services) {
+            self.stop_service(&name).await;
+            if removed {
+                self.metrics.forget(&name);
             }
         }
         for (name, service) in &new.services {
