@@ -188,10 +188,7 @@ fn run_tool(bin: &Path, args: &[&str], env: &[(String, String)]) -> Result<Strin
     let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
     let env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
         env.iter().map(|(k, v)| (k.into(), v.into())).collect();
-    testkit::proc::run(bin, &args, &env).map_err(|source| Error::Part {
-        what: "running a tool",
-        source,
-    })
+    part("running a tool", testkit::proc::run(bin, &args, &env))
 }
 
 fn os_env(env: Vec<(std::ffi::OsString, std::ffi::OsString)>) -> Vec<(String, String)> {
@@ -224,8 +221,6 @@ pub struct Lab {
     pub commands: Vec<(String, String)>,
     /// What runs where, a line each.
     pub running: Vec<String>,
-    /// Listening ports of the lab's own processes (not the demo services).
-    pub ports: Vec<u16>,
     procs: Vec<(String, Proc)>,
     pg: Option<PgCluster>,
     s3: Option<S3Server>,
@@ -269,7 +264,6 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
     let mut lab = Lab {
         commands: Vec::new(),
         running: Vec::new(),
-        ports: Vec::new(),
         procs: Vec::new(),
         pg: None,
         s3: None,
@@ -325,7 +319,6 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
             .args(["client", "-c"])
             .arg(&client_toml),
     )?;
-    lab.ports.push(control);
     for (name, visitor) in &public {
         let (request, expected): (&[u8], &str) = match SERVICES.iter().find(|s| s.0 == *name) {
             Some((_, Demo::Banner(line))) => (b"", line),
@@ -335,7 +328,6 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
         wait_until(&format!("the tunnel carrying {name}"), || {
             answers(*visitor, request, expected)
         })?;
-        lab.ports.push(*visitor);
         lab.running.push(format!(
             "tunnel service {name:<7} 127.0.0.1:{visitor} -> home 127.0.0.1:{}",
             home.iter().find(|h| h.0 == *name).map_or(0, |h| h.1)
@@ -365,7 +357,6 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
             .args(["run", "--caddyfile"])
             .arg(&caddyfile),
     )?;
-    lab.ports.extend([http, https]);
     let root_pem = path("root.pem");
     let pem = run_tool(
         &bin("edge"),
@@ -405,7 +396,6 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
         &pg_env,
     )?;
     let _ = write!(log, "{applied}");
-    lab.ports.push(pg.port());
     lab.running.push(format!(
         "postgresql             127.0.0.1:{} (socket in {}), credentials in {}",
         pg.port(),
@@ -440,7 +430,6 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
         &s3_env,
     )?;
     let _ = write!(log, "{pushed}");
-    lab.ports.push(s3.port());
     lab.running.push(format!(
         "s3                     {} (bucket lab; credentials in {})",
         s3.endpoint(),
