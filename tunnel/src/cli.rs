@@ -34,7 +34,9 @@ A config is rathole 0.5's TOML: [server] with bind_addr and [server.services.NAM
 or from the systemd credential named after the key (e.g. server.services.ssh.token).
 A server service with proxy_protocol = \"v1\" or \"v2\" sends its local service a PROXY
 protocol header with the visitor's address, through any client (rathole's too), and
-max_connections = N closes visitors past N open connections on arrival. metrics_addr =
+max_connections = N closes visitors past N open connections on arrival. A service with
+type = \"udp\" on both sides carries datagrams (up to 65,507 bytes), with a session per
+visitor address that closes after 60 s idle. metrics_addr =
 \"127.0.0.1:9090\" in [server] or [client] serves Prometheus metrics at /metrics.
 
 EXIT STATUS:
@@ -130,7 +132,12 @@ fn check(path: &Path, env: &Env) -> Result<(), Error> {
                     s.services.len()
                 );
                 for service in s.services.values() {
-                    println!("  {} on {}", service.name, service.bind_addr);
+                    println!(
+                        "  {} on {}{}",
+                        service.name,
+                        service.bind_addr,
+                        udp_mark(service.service_type)
+                    );
                 }
             }
             Settings::Client(c) => {
@@ -141,12 +148,25 @@ fn check(path: &Path, env: &Env) -> Result<(), Error> {
                     c.services.len()
                 );
                 for service in c.services.values() {
-                    println!("  {} to {}", service.name, service.local_addr);
+                    println!(
+                        "  {} to {}{}",
+                        service.name,
+                        service.local_addr,
+                        udp_mark(service.service_type)
+                    );
                 }
             }
         }
     }
     Ok(())
+}
+
+/// What `tunnel check` adds after a UDP service's address.
+fn udp_mark(kind: config::ServiceType) -> &'static str {
+    match kind {
+        config::ServiceType::Tcp => "",
+        config::ServiceType::Udp => " (udp)",
+    }
 }
 
 #[cfg(test)]

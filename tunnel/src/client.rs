@@ -7,7 +7,9 @@
 //!   exponential backoff when it fails (the cap is the service's `retry_interval`); a control
 //!   channel with no command for `heartbeat_timeout` is dead;
 //! - one task per data channel waits for the server's command (for as long as its control
-//!   channel lives) and then forwards bytes ([`crate::forward`]).
+//!   channel lives) and then forwards bytes ([`crate::forward`]), or for a UDP service
+//!   datagrams, with a session per visitor ([`crate::udp`]). A UDP data channel ends with
+//!   its service's stop (there is nothing to drain), a TCP one gets the grace period.
 //!
 //! Each service has its own cancellation tokens, so reloads touch only what changed. The
 //! [`Readiness`] set tells the daemon when every control channel it waits for is open.
@@ -25,13 +27,14 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ClientService, ClientSettings};
+use crate::config::{ClientService, ClientSettings, ServiceType};
 use crate::error::Error;
 use crate::forward;
 use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
 use crate::protocol::{self, Ack, ControlCmd, DataCmd, Hello, SessionKey};
 use crate::sockopt;
 use crate::transport::{Transport, TunnelStream};
+use crate::udp;
 
 /// The first pause before reconnecting (when the cap allows).
 const FIRST_RETRY: Duration = Duration::from_millis(200);
@@ -449,17 +452,27 @@ async fn data_channel<T: Transport>(
         _ = session.cancelled() => return,
         read = protocol::read_exact(&mut channel, &mut cmd, "a data channel command") => read,
     };
-    match read.and_then(|()| DataCmd::decode(&cmd)) {
-        Ok(DataCmd::StartForwardTcp) => {}
-        Ok(DataCmd::StartForwardUdp) => {
+    match (
+        read.and_then(|()| DataCmd::decode(&cmd)),
+        service.service_type,
+    ) {
+        (Ok(DataCmd::StartForwardTcp), ServiceType::Tcp) => {}
+        (Ok(DataCmd::StartForwardUdp), ServiceType::Udp) => {
+            return udp_channel(context, channel).await;
+        }
+        (Ok(DataCmd::StartForwardUdp), ServiceType::Tcp) => {
             tracing::warn!(service = %service.name, "the server forwards UDP for this service, but it is a TCP service here");
             return;
         }
-        Err(Error::Closed { .. }) => {
+        (Ok(DataCmd::StartForwardTcp), ServiceType::Udp) => {
+            tracing::warn!(service = %service.name, "the server forwards TCP for this service, but it is a UDP service here");
+            return;
+        }
+        (Err(Error::Closed { .. }), _) => {
             tracing::debug!(service = %service.name, "idle data channel closed by the server");
             return;
         }
-        Err(err) => {
+        (Err(err), _) => {
             tracing::warn!(service = %service.name, reason = %labcore::exit::chain(&err), "data channel failed");
             return;
         }
@@ -499,6 +512,32 @@ async fn data_channel<T: Transport>(
                 "connection finished"
             ),
             Err(err) => tracing::debug!(service = %service.name, error = %err, "connection ended"),
+        },
+    }
+}
+
+/// A started UDP data channel: datagrams to and from the local service, a session per
+/// visitor, until the channel ends or the service stops.
+async fn udp_channel<T: Transport>(context: &ServiceContext<T>, channel: T::Stream) {
+    let service = &context.service;
+    // Resolved once per channel: every session of it talks to the same address.
+    let local = match tokio::net::lookup_host(&service.local_addr).await {
+        Ok(mut addrs) => addrs.next(),
+        Err(err) => {
+            tracing::warn!(service = %service.name, local_addr = %service.local_addr, error = %err, "cannot resolve the local service");
+            None
+        }
+    };
+    let Some(local) = local else {
+        context.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    tracing::debug!(service = %service.name, %local, "udp data channel started");
+    tokio::select! {
+        _ = context.stop.cancelled() => {}
+        ended = udp::serve_local(channel, local, &context.metrics, udp::Limits::DEFAULT) => match ended {
+            Ok(()) => tracing::debug!(service = %service.name, "udp data channel closed by the server"),
+            Err(err) => tracing::warn!(service = %service.name, reason = %labcore::exit::chain(&err), "udp data channel failed"),
         },
     }
 }

@@ -12,8 +12,11 @@
 //! server service's `proxy_protocol = "v1" | "v2"` (rathole main's `enable_proxy_protocol =
 //! true` is read as v1) and `max_connections`, either side's `metrics_addr` (a Prometheus
 //! endpoint), and `local_private_key_file` for Noise. Parsed now but refused until a later
-//! release: the `tls` and `websocket` transports, `type = "udp"` services and the client's
-//! `proxy`.
+//! release: the `tls` and `websocket` transports and the client's `proxy`.
+//!
+//! `type = "udp"` services are rathole's; `proxy_protocol`, `enable_proxy_protocol = true` and
+//! `max_connections` are refused on them (a PROXY header would have to prefix every datagram,
+//! which local UDP services do not expect; and a UDP service has sessions, not connections).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -233,6 +236,8 @@ pub struct ServerService {
     pub name: String,
     /// sha256 of the name: how clients ask for it.
     pub digest: Digest,
+    /// TCP connections or UDP datagrams.
+    pub service_type: ServiceType,
     /// Where visitors connect.
     pub bind_addr: String,
     /// The shared token.
@@ -272,6 +277,8 @@ pub struct ServerSettings {
 pub struct ClientService {
     /// The service's name.
     pub name: String,
+    /// TCP connections or UDP datagrams.
+    pub service_type: ServiceType,
     /// The local address the service listens on.
     pub local_addr: String,
     /// The shared token.
@@ -401,7 +408,7 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
     for (name, service) in raw.services {
         let key = format!("server.services.{name}");
         check_addr(file, &format!("{key}.bind_addr"), &service.bind_addr)?;
-        check_service_type(file, &key, service.service_type)?;
+        check_udp_service(file, &key, &service)?;
         let token = token(
             file,
             env,
@@ -415,6 +422,7 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
             ServerService {
                 digest: protocol::service_digest(&name),
                 name,
+                service_type: service.service_type,
                 bind_addr: service.bind_addr,
                 token,
                 nodelay: service.nodelay.unwrap_or(transport.tcp.nodelay),
@@ -466,7 +474,6 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
     for (name, service) in raw.services {
         let key = format!("client.services.{name}");
         check_addr(file, &format!("{key}.local_addr"), &service.local_addr)?;
-        check_service_type(file, &key, service.service_type)?;
         let token = token(
             file,
             env,
@@ -479,6 +486,7 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
             name.clone(),
             ClientService {
                 name,
+                service_type: service.service_type,
                 local_addr: service.local_addr,
                 token,
                 nodelay: service.nodelay.unwrap_or(transport.tcp.nodelay),
@@ -593,13 +601,35 @@ fn resolve_noise(
     Ok(settings)
 }
 
-fn check_service_type(file: &ConfigFile, key: &str, kind: ServiceType) -> Result<(), Error> {
-    match kind {
-        ServiceType::Tcp => Ok(()),
-        ServiceType::Udp => Err(file
-            .invalid(format!("{key}.type"), format!("udp services {NOT_YET}"))
-            .into()),
+/// Refuses the TCP-only keys on a UDP service, naming the key.
+fn check_udp_service(
+    file: &ConfigFile,
+    key: &str,
+    service: &ServerServiceToml,
+) -> Result<(), ConfigError> {
+    if service.service_type != ServiceType::Udp {
+        return Ok(());
     }
+    let refuse = |name: &str, why: &str| {
+        Err(file.invalid(format!("{key}.{name}"), format!("a udp service {why}")))
+    };
+    if service.proxy_protocol.is_some() || service.enable_proxy_protocol == Some(true) {
+        let name = match service.proxy_protocol {
+            Some(_) => "proxy_protocol",
+            None => "enable_proxy_protocol",
+        };
+        return refuse(
+            name,
+            "cannot send a PROXY protocol header (it is for tcp services only)",
+        );
+    }
+    if service.max_connections.is_some() {
+        return refuse(
+            "max_connections",
+            "has no connections to limit (it is for tcp services only)",
+        );
+    }
+    Ok(())
 }
 
 /// The header version from `proxy_protocol`, or from rathole main's `enable_proxy_protocol`.
@@ -748,7 +778,7 @@ token = "own"
     }
 
     #[test]
-    fn later_transports_udp_and_proxy_are_clear_config_errors() {
+    fn later_transports_and_proxy_are_clear_config_errors() {
         for (text, key) in [
             (
                 "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.transport]\ntype = \"tls\"\n",
@@ -762,15 +792,59 @@ token = "own"
                 "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"socks5://127.0.0.1:1080\"\n",
                 "client.transport.tcp.proxy",
             ),
-            (
-                "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n[server.services.dns]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:53\"\n",
-                "server.services.dns.type",
-            ),
         ] {
             let err = parse(text, None).unwrap_err();
             let shown = err.to_string();
             assert!(shown.contains(key), "{shown}");
             assert!(shown.contains("not supported"), "{shown}");
+            assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
+        }
+    }
+
+    #[test]
+    fn udp_services_parse_on_both_sides() {
+        let s = server(
+            "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n\
+             [server.services.dns]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:53\"\n",
+        );
+        assert_eq!(s.services["dns"].service_type, ServiceType::Udp);
+        let Settings::Client(c) = parse(
+            "[client]\nremote_addr = \"a:1\"\ndefault_token = \"t\"\n\
+             [client.services.dns]\ntype = \"udp\"\nlocal_addr = \"127.0.0.1:53\"\n\
+             [client.services.ssh]\nlocal_addr = \"127.0.0.1:22\"\n",
+            None,
+        )
+        .unwrap() else {
+            panic!("client expected")
+        };
+        assert_eq!(c.services["dns"].service_type, ServiceType::Udp);
+        assert_eq!(c.services["ssh"].service_type, ServiceType::Tcp);
+    }
+
+    #[test]
+    fn tcp_only_keys_on_a_udp_service_name_their_key() {
+        for (extra, key) in [
+            (
+                "proxy_protocol = \"v2\"",
+                "server.services.dns.proxy_protocol",
+            ),
+            (
+                "enable_proxy_protocol = true",
+                "server.services.dns.enable_proxy_protocol",
+            ),
+            (
+                "max_connections = 10",
+                "server.services.dns.max_connections",
+            ),
+        ] {
+            let text = format!(
+                "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n\
+                 [server.services.dns]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:53\"\n{extra}\n"
+            );
+            let err = parse(&text, None).unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.contains(key), "{shown}");
+            assert!(shown.contains("for tcp services only"), "{shown}");
             assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
         }
     }

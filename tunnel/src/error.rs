@@ -51,6 +51,12 @@ pub enum Error {
         /// The tag found.
         tag: u32,
     },
+    /// A UDP frame's header is too short for the address it names.
+    #[error("malformed udp header: {len} bytes is too short")]
+    UdpHeader {
+        /// The header length the frame gave.
+        len: usize,
+    },
     /// The peer speaks another protocol version.
     #[error("protocol version {got} is not supported (this tunnel speaks version 1)")]
     Version {
@@ -147,6 +153,7 @@ impl ExitStatus for Error {
                 _ => Exit::Unavailable,
             },
             Error::Malformed { .. }
+            | Error::UdpHeader { .. }
             | Error::Version { .. }
             | Error::Unexpected { .. }
             | Error::UnknownSession => Exit::DataErr,

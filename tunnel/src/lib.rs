@@ -3,7 +3,8 @@
 //! The public host runs a [`server::Server`], the home host a [`client::Client`]. Modules:
 //! [`config`] reads rathole's TOML, [`protocol`] its messages, [`proxy_protocol`] the
 //! headers that tell local services a visitor's address, [`transport`] makes the tunnel's
-//! connections, [`forward`] carries visitor bytes, [`metrics`] counts them, [`daemon`] runs
+//! connections, [`forward`] carries visitor bytes, [`udp`] visitor datagrams, [`metrics`]
+//! counts them, [`daemon`] runs
 //! either side with reloads and graceful shutdown, [`watch`] sees config saves, [`keys`]
 //! makes Noise key pairs, [`cli`] is the command line.
 
@@ -20,6 +21,7 @@ pub mod proxy_protocol;
 pub mod server;
 pub mod sockopt;
 pub mod transport;
+pub mod udp;
 pub mod watch;
 
 use std::path::Path;

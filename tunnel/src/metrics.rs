@@ -8,6 +8,10 @@
 //!
 //! The text exposition format is written here (a dozen `writeln!`s) rather than through a
 //! metrics crate: there is one registry, fixed metric names and no histograms.
+//!
+//! UDP services count the same families: a visitor address with a live session is an open
+//! connection (the client's sessions; the server's visitors seen within the idle timeout),
+//! bytes are payload bytes, plus datagrams carried and dropped.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -51,6 +55,12 @@ pub struct ServiceMetrics {
     pub reconnects: AtomicU64,
     /// 1 while the service's control channel is open.
     pub control_open: AtomicU64,
+    /// UDP datagrams from visitors to the service.
+    pub datagrams_to_service: AtomicU64,
+    /// UDP datagrams from the service to visitors.
+    pub datagrams_to_visitor: AtomicU64,
+    /// UDP datagrams dropped: no client, too many visitors, or a socket refused them.
+    pub datagrams_dropped: AtomicU64,
 }
 
 impl ServiceMetrics {
@@ -124,7 +134,7 @@ impl Metrics {
         };
         let mut out = String::new();
         type Field = fn(&ServiceMetrics) -> &AtomicU64;
-        let families: [(&str, &str, &str, Field); 5] = [
+        let families: [(&str, &str, &str, Field); 6] = [
             (
                 "tunnel_connections_total",
                 "counter",
@@ -155,6 +165,12 @@ impl Metrics {
                 "1 while the service's control channel is open.",
                 |m| &m.control_open,
             ),
+            (
+                "tunnel_datagrams_dropped_total",
+                "counter",
+                "UDP datagrams dropped (no client, too many visitors, refused by a socket).",
+                |m| &m.datagrams_dropped,
+            ),
         ];
         for (name, kind, help, field) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -171,6 +187,24 @@ impl Metrics {
         for (service, m) in &services {
             for (direction, value) in [("to_service", &m.to_service), ("to_visitor", &m.to_visitor)]
             {
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{}\",direction=\"{direction}\"}} {}",
+                    escape(service),
+                    value.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let name = "tunnel_datagrams_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} UDP datagrams carried, by direction.\n# TYPE {name} counter"
+        );
+        for (service, m) in &services {
+            for (direction, value) in [
+                ("to_service", &m.datagrams_to_service),
+                ("to_visitor", &m.datagrams_to_visitor),
+            ] {
                 let _ = writeln!(
                     out,
                     "{name}{{service=\"{}\",direction=\"{direction}\"}} {}",
@@ -337,6 +371,14 @@ mod tests {
             text.contains("tunnel_bytes_total{service=\"web\",direction=\"to_visitor\"} 2000\n")
         );
         assert!(text.contains("tunnel_handshake_failures_total{reason=\"unknown_session\"} 2\n"));
+        web.datagrams_to_service.fetch_add(3, Ordering::Relaxed);
+        web.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+        let text = metrics.render();
+        assert!(
+            text.contains("tunnel_datagrams_total{service=\"web\",direction=\"to_service\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("tunnel_datagrams_dropped_total{service=\"web\"} 1\n"));
         metrics.forget("web");
         assert!(!metrics.render().contains("service=\"web\""));
     }

@@ -15,8 +15,25 @@
 //! A control channel opens with the client's `Hello::Control(sha256(service name))`; the server
 //! answers `Hello::Control(nonce)` and then, for a known service, reads `Auth` and answers an
 //! `Ack`. The auth digest is the session key: data channels open with `Hello::Data(key)`.
+//!
+//! After `StartForwardUdp` a data channel carries datagrams both ways, each as a frame:
+//!
+//! ```text
+//! head_len u8 | UdpHeader (head_len bytes) | payload (len bytes)
+//! UdpHeader = from SocketAddr | len u16
+//! SocketAddr = tag u32 (0 V4, 1 V6) | ip octets (4 or 16) | port u16
+//!   V4: head_len 12, 00000000 a b c d pppp llll
+//!   V6: head_len 24, 01000000 16 octets pppp llll
+//! ```
+//!
+//! `from` is the visitor's address both ways (the client answers with the address it was
+//! given). A V6 address loses its flow info and scope id, as in bincode. [`UdpHead::decode`]
+//! takes the `head_len` bytes, which a `u8` bounds, and ignores bytes past the header as
+//! rathole's decoder does; the payload's length is a `u16`, so a frame never needs more than
+//! [`UDP_FRAME_MAX`] bytes of buffer.
 
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,6 +48,12 @@ pub const HELLO_LEN: usize = 37;
 pub const AUTH_LEN: usize = 32;
 /// Length of an `Ack`, a `ControlChannelCmd` or a `DataChannelCmd` on the wire.
 pub const TAG_LEN: usize = 4;
+
+/// The longest `UdpHeader` labkit writes (a V6 address), with its length byte.
+pub const UDP_HEAD_MAX: usize = 1 + 24;
+/// The most bytes one UDP frame can take on the wire: a `u8` header length, at most 255
+/// header bytes, at most `u16::MAX` payload bytes.
+pub const UDP_FRAME_MAX: usize = 1 + u8::MAX as usize + u16::MAX as usize;
 
 /// A SHA-256 digest: of a service name, a nonce, or a session key.
 pub type Digest = [u8; 32];
@@ -217,6 +240,77 @@ impl fmt::Display for Ack {
     }
 }
 
+/// The header of one UDP frame: the visitor's address and the payload's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpHead {
+    /// The visitor the datagram came from or goes to.
+    pub from: SocketAddr,
+    /// The payload's length.
+    pub len: u16,
+}
+
+impl UdpHead {
+    /// Writes the length byte and the header at the start of `out`; returns how many bytes
+    /// that took (13 for V4, 25 for V6).
+    pub fn encode(&self, out: &mut [u8; UDP_HEAD_MAX]) -> usize {
+        let head_len = match self.from {
+            SocketAddr::V4(addr) => {
+                out[1..5].copy_from_slice(&0u32.to_le_bytes());
+                out[5..9].copy_from_slice(&addr.ip().octets());
+                9
+            }
+            SocketAddr::V6(addr) => {
+                out[1..5].copy_from_slice(&1u32.to_le_bytes());
+                out[5..21].copy_from_slice(&addr.ip().octets());
+                21
+            }
+        };
+        out[head_len..head_len + 2].copy_from_slice(&self.from.port().to_le_bytes());
+        out[head_len + 2..head_len + 4].copy_from_slice(&self.len.to_le_bytes());
+        let total = head_len + 4;
+        out[0] = (total - 1) as u8;
+        total
+    }
+
+    /// Reads the `head_len` bytes after the length byte; bytes past the header are ignored.
+    pub fn decode(bytes: &[u8]) -> Result<UdpHead, Error> {
+        let short = || Error::UdpHeader { len: bytes.len() };
+        let tag = bytes.get(..4).ok_or_else(short)?;
+        let tag = tag_of(tag);
+        let (ip, rest): (IpAddr, &[u8]) = match tag {
+            0 => {
+                let octets: [u8; 4] = bytes
+                    .get(4..8)
+                    .ok_or_else(short)?
+                    .try_into()
+                    .map_err(|_| short())?;
+                (IpAddr::from(octets), &bytes[8..])
+            }
+            1 => {
+                let octets: [u8; 16] = bytes
+                    .get(4..20)
+                    .ok_or_else(short)?
+                    .try_into()
+                    .map_err(|_| short())?;
+                (IpAddr::from(octets), &bytes[20..])
+            }
+            tag => {
+                return Err(Error::Malformed {
+                    what: "udp header address",
+                    tag,
+                });
+            }
+        };
+        let rest = rest.get(..4).ok_or_else(short)?;
+        let port = u16::from_le_bytes([rest[0], rest[1]]);
+        let len = u16::from_le_bytes([rest[2], rest[3]]);
+        Ok(UdpHead {
+            from: SocketAddr::new(ip, port),
+            len,
+        })
+    }
+}
+
 /// Reads exactly one message of `buf`'s length; `what` names it in errors.
 pub async fn read_exact<S: AsyncRead + Unpin>(
     stream: &mut S,
@@ -311,7 +405,81 @@ mod tests {
         assert!(err.to_string().contains("malformed hello"), "{err}");
     }
 
+    #[test]
+    fn udp_heads_are_bincode_socket_addrs_and_a_u16_length() {
+        let mut out = [0u8; UDP_HEAD_MAX];
+        let v4 = UdpHead {
+            from: "192.0.2.7:5353".parse().unwrap(),
+            len: 65_507,
+        };
+        let n = v4.encode(&mut out);
+        assert_eq!(
+            &out[..n],
+            &[12, 0, 0, 0, 0, 192, 0, 2, 7, 0xe9, 0x14, 0xe3, 0xff],
+            "length 12, tag 0, octets, port 5353 LE, len 65507 LE"
+        );
+        assert_eq!(UdpHead::decode(&out[1..n]).unwrap(), v4);
+        let v6 = UdpHead {
+            from: "[2001:db8::1]:53".parse().unwrap(),
+            len: 3,
+        };
+        let n = v6.encode(&mut out);
+        assert_eq!(n, UDP_HEAD_MAX);
+        assert_eq!(&out[..5], &[24, 1, 0, 0, 0]);
+        assert_eq!(&out[5..7], &[0x20, 0x01]);
+        assert_eq!(&out[21..25], &[53, 0, 3, 0]);
+        assert_eq!(UdpHead::decode(&out[1..n]).unwrap(), v6);
+    }
+
+    #[test]
+    fn udp_heads_that_are_short_or_of_an_unknown_family_are_refused() {
+        let err = UdpHead::decode(&[0, 0, 0, 0, 127, 0, 0, 1, 0]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "malformed udp header: 9 bytes is too short"
+        );
+        let err = UdpHead::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err();
+        assert!(err.to_string().contains("unknown tag 2"), "{err}");
+        assert!(UdpHead::decode(&[]).is_err());
+        // Trailing bytes are ignored, as bincode 1 does for rathole.
+        let head = UdpHead::decode(&[0, 0, 0, 0, 10, 0, 0, 1, 80, 0, 1, 0, 9, 9]).unwrap();
+        assert_eq!(head.from, "10.0.0.1:80".parse::<SocketAddr>().unwrap());
+        assert_eq!(head.len, 1);
+    }
+
     proptest! {
+        #[test]
+        fn udp_head_decoding_never_panics_and_round_trips(bytes in proptest::collection::vec(any::<u8>(), 0..=255)) {
+            if let Ok(head) = UdpHead::decode(&bytes) {
+                let mut out = [0u8; UDP_HEAD_MAX];
+                let n = head.encode(&mut out);
+                prop_assert_eq!(usize::from(out[0]), n - 1);
+                prop_assert_eq!(&out[1..n], &bytes[..n - 1]);
+                prop_assert_eq!(UdpHead::decode(&out[1..n]).unwrap(), head);
+            }
+        }
+
+        #[test]
+        fn udp_heads_round_trip_for_every_address(v6 in any::<bool>(), octets in proptest::array::uniform16(any::<u8>()), port in any::<u16>(), len in any::<u16>()) {
+            let ip = if v6 {
+                IpAddr::from(octets)
+            } else {
+                IpAddr::from([octets[0], octets[1], octets[2], octets[3]])
+            };
+            let head = UdpHead { from: SocketAddr::new(ip, port), len };
+            let mut out = [0u8; UDP_HEAD_MAX];
+            let n = head.encode(&mut out);
+            prop_assert_eq!(n, if v6 { 25 } else { 13 });
+            prop_assert_eq!(UdpHead::decode(&out[1..n]).unwrap(), head);
+        }
+
+        #[test]
+        fn auth_and_session_keys_round_trip(bytes in proptest::array::uniform32(any::<u8>())) {
+            let key = SessionKey::from_bytes(bytes);
+            prop_assert_eq!(key.bytes(), &bytes);
+            prop_assert_eq!(Hello::decode(&Hello::Data(key).encode()).unwrap(), Hello::Data(key));
+        }
+
         #[test]
         fn hello_decoding_never_panics_and_round_trips(bytes in proptest::array::uniform32(any::<u8>()), head in proptest::array::uniform5(any::<u8>())) {
             let mut wire = [0u8; HELLO_LEN];

@@ -9,7 +9,12 @@
 //! - one task per service owns its listener, its control channel, its pool of idle data
 //!   channels and its queue of visitors waiting for one; it writes `CreateDataChannel` (eight
 //!   up front, then one per visitor, as rathole does) and `HeartBeat` on the control channel;
-//! - one task per visitor connection forwards bytes ([`crate::forward`]).
+//! - one task per visitor connection forwards bytes ([`crate::forward`]);
+//! - a UDP service (`type = "udp"`) binds a UDP socket instead, asks for two data channels up
+//!   front (as rathole does) and none per visitor: one task carries every visitor's
+//!   datagrams over one started channel ([`crate::udp`]), the other waits as a spare, started
+//!   as soon as the first breaks (and a new spare is asked for). With no client, datagrams
+//!   are read and dropped (counted), so none wait stale in the kernel for the next client.
 //!
 //! Service listeners are bound at start, so the server is ready when every port is; a visitor
 //! who arrives while no client serves the service is closed at once. Each service has its own
@@ -24,14 +29,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ServerService, ServerSettings};
+use crate::config::{ServerService, ServerSettings, ServiceType};
 use crate::error::Error;
 use crate::forward;
 use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
@@ -39,9 +44,12 @@ use crate::protocol::{self, Ack, ControlCmd, DataCmd, Digest, Hello, SessionKey}
 use crate::proxy_protocol;
 use crate::sockopt;
 use crate::transport::{Transport, TunnelStream};
+use crate::udp;
 
 /// Data channels a client is asked for as soon as its control channel opens (rathole: 8).
 const POOL_SIZE: usize = 8;
+/// The same for a UDP service (rathole: 2): one carries the datagrams, one is the spare.
+const UDP_POOL_SIZE: usize = 2;
 /// Idle data channels kept per service; more are closed.
 const MAX_IDLE: usize = 256;
 /// Visitors that may wait for a data channel per service; more are closed.
@@ -203,17 +211,31 @@ impl<T: Transport> Server<T> {
     }
 
     async fn start_service(&mut self, service: ServerService) -> Result<(), Error> {
-        let listener = sockopt::listen(&service.bind_addr)
-            .await
-            .map_err(|source| Error::Bind {
-                what: format!("service {}", service.name),
-                addr: service.bind_addr.clone(),
-                source,
-            })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::io("reading a service port's address", e))?;
-        tracing::info!(service = %service.name, %addr, "service listening");
+        let bind_error = |source| Error::Bind {
+            what: format!("service {}", service.name),
+            addr: service.bind_addr.clone(),
+            source,
+        };
+        let (listener, addr) = match service.service_type {
+            ServiceType::Tcp => {
+                let listener = sockopt::listen(&service.bind_addr)
+                    .await
+                    .map_err(bind_error)?;
+                let addr = listener.local_addr();
+                (Listener::Tcp(listener), addr)
+            }
+            ServiceType::Udp => {
+                let socket = udp::bind(&service.bind_addr).await.map_err(bind_error)?;
+                let addr = socket.local_addr();
+                (Listener::Udp(Arc::new(socket)), addr)
+            }
+        };
+        let addr = addr.map_err(|e| Error::io("reading a service port's address", e))?;
+        let kind = match service.service_type {
+            ServiceType::Tcp => "tcp",
+            ServiceType::Udp => "udp",
+        };
+        tracing::info!(service = %service.name, %addr, protocol = kind, "service listening");
         let service = Arc::new(service);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         self.registry.insert(Arc::new(Entry {
@@ -238,6 +260,7 @@ impl<T: Transport> Server<T> {
             session: None,
             idle: VecDeque::new(),
             waiting: VecDeque::new(),
+            udp: None,
             slots: service
                 .max_connections
                 .map(|max| Arc::new(Semaphore::new(max))),
@@ -471,10 +494,25 @@ struct Session<S> {
     heartbeat: Option<Interval>,
 }
 
+/// A service's port.
+enum Listener {
+    /// A TCP service's listener.
+    Tcp(TcpListener),
+    /// A UDP service's socket, shared with the task carrying its datagrams.
+    Udp(Arc<UdpSocket>),
+}
+
+/// The task carrying a UDP service's datagrams over one data channel.
+struct UdpForwarding {
+    task: JoinHandle<Error>,
+    /// Ends the task when this goes (a new control channel, the service stopped).
+    _stop: tokio_util::sync::DropGuard,
+}
+
 /// One service: its port, its client's control channel and data channels, its visitors.
 struct ServiceTask<S> {
     service: Arc<ServerService>,
-    listener: TcpListener,
+    listener: Listener,
     events: mpsc::Receiver<Event<S>>,
     heartbeat: Option<Duration>,
     dead_after: Option<Duration>,
@@ -488,6 +526,8 @@ struct ServiceTask<S> {
     session: Option<Session<S>>,
     idle: VecDeque<S>,
     waiting: VecDeque<Waiting>,
+    /// A UDP service's forwarding, while a data channel carries it.
+    udp: Option<UdpForwarding>,
     /// Visitor connections the service may still take (`max_connections`), if limited.
     slots: Option<Arc<Semaphore>>,
 }
@@ -510,11 +550,25 @@ impl<S: TunnelStream> ServiceTask<S> {
                 .map(|w| w.since + self.handshake_timeout);
             tokio::select! {
                 _ = self.stop.cancelled() => break,
-                accepted = self.listener.accept() => match accepted {
+                accepted = accept(&self.listener) => match accepted {
                     Ok((visitor, peer)) => self.visitor(visitor, peer).await,
                     Err(err) => {
                         tracing::warn!(service = %self.service.name, error = %err, "accepting a visitor failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                () = unserved(&self.listener), if self.session.is_none() => {
+                    if let Listener::Udp(socket) = &self.listener {
+                        let dropped = udp::discard(socket, &mut [0u8; 1]);
+                        self.metrics.datagrams_dropped.fetch_add(dropped, Ordering::Relaxed);
+                        tracing::debug!(service = %self.service.name, datagrams = dropped, "no client serves this service: datagrams dropped");
+                    }
+                },
+                reason = forwarding_ended(&mut self.udp) => {
+                    self.udp = None;
+                    tracing::info!(service = %self.service.name, %reason, "udp data channel ended: starting the spare");
+                    if self.command(ControlCmd::CreateDataChannel, 1).await {
+                        self.start_udp().await;
                     }
                 },
                 event = self.events.recv() => match event {
@@ -531,6 +585,12 @@ impl<S: TunnelStream> ServiceTask<S> {
                     self.expire_waiting();
                 }
             }
+        }
+        if let Some(forwarding) = self.udp.take() {
+            // The socket must be closed when the task ends, so a restart can bind it again.
+            let UdpForwarding { task, _stop } = forwarding;
+            drop(_stop);
+            let _ = task.await;
         }
         tracing::debug!(service = %self.service.name, "service task ended");
     }
@@ -597,6 +657,7 @@ impl<S: TunnelStream> ServiceTask<S> {
                     tracing::info!(service = %self.service.name, old_client = %old.peer, "control channel replaced by a new one");
                 }
                 self.idle.clear();
+                self.stop_udp().await;
                 if let (Some(limit), Some(_)) = (self.dead_after, self.heartbeat) {
                     sockopt::user_timeout(stream.tcp(), limit);
                 }
@@ -616,7 +677,10 @@ impl<S: TunnelStream> ServiceTask<S> {
                     peer,
                     heartbeat,
                 });
-                let wanted = POOL_SIZE + self.waiting.len();
+                let wanted = match self.service.service_type {
+                    ServiceType::Tcp => POOL_SIZE + self.waiting.len(),
+                    ServiceType::Udp => UDP_POOL_SIZE,
+                };
                 self.command(ControlCmd::CreateDataChannel, wanted).await;
             }
             Event::Data { stream, key } => {
@@ -629,8 +693,57 @@ impl<S: TunnelStream> ServiceTask<S> {
                     self.idle.pop_front();
                 }
                 self.idle.push_back(stream);
-                self.pair().await;
+                match self.service.service_type {
+                    ServiceType::Tcp => self.pair().await,
+                    ServiceType::Udp => self.start_udp().await,
+                }
             }
+        }
+    }
+
+    /// Starts carrying a UDP service's datagrams on an idle data channel, if none does yet.
+    async fn start_udp(&mut self) {
+        let Listener::Udp(socket) = &self.listener else {
+            return;
+        };
+        let socket = socket.clone();
+        while self.udp.is_none() {
+            let Some(mut channel) = self.idle.pop_front() else {
+                return;
+            };
+            let limit = START_LIMIT.min(self.handshake_timeout);
+            let started = !sockopt::is_closed(channel.tcp())
+                && start_forwarding(&mut channel, DataCmd::StartForwardUdp, &[], limit).await;
+            if !started {
+                tracing::debug!(service = %self.service.name, "stale data channel dropped");
+                if !self.command(ControlCmd::CreateDataChannel, 1).await {
+                    return;
+                }
+                continue;
+            }
+            tracing::debug!(service = %self.service.name, "udp data channel started");
+            let stop = self.stop.child_token();
+            let abort = stop.clone();
+            let metrics = self.metrics.clone();
+            let socket = socket.clone();
+            let task = self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = abort.cancelled() => Error::Closed { what: "udp frames (stopped)" },
+                    reason = udp::serve_visitors(channel, &socket, &metrics, udp::Limits::DEFAULT) => reason,
+                }
+            });
+            self.udp = Some(UdpForwarding {
+                task,
+                _stop: stop.drop_guard(),
+            });
+        }
+    }
+
+    /// Ends a UDP service's forwarding (its channel belongs to a control channel now gone).
+    async fn stop_udp(&mut self) {
+        if let Some(UdpForwarding { task, _stop }) = self.udp.take() {
+            drop(_stop);
+            let _ = task.await;
         }
     }
 
@@ -662,7 +775,7 @@ impl<S: TunnelStream> ServiceTask<S> {
                 .map_or(&[][..], proxy_protocol::Header::as_bytes);
             let limit = START_LIMIT.min(self.handshake_timeout);
             let started = !sockopt::is_closed(channel.tcp())
-                && start_forwarding(&mut channel, header, limit).await;
+                && start_forwarding(&mut channel, DataCmd::StartForwardTcp, header, limit).await;
             if !started {
                 // The client dropped it while it sat in the pool: ask for another.
                 tracing::debug!(service = %self.service.name, "stale data channel dropped");
@@ -739,6 +852,11 @@ impl<S: TunnelStream> ServiceTask<S> {
         tracing::warn!(service = %self.service.name, client = %session.peer, reason, "control channel closed");
         self.metrics.control_open.store(0, Ordering::Relaxed);
         self.idle.clear();
+        // Dropping the guard ends the task; it is awaited when the service task ends.
+        if let Some(UdpForwarding { task, _stop }) = self.udp.take() {
+            drop(_stop);
+            task.abort();
+        }
         if !self.waiting.is_empty() {
             let closed = self.waiting.len() as u64;
             self.metrics.refused.fetch_add(closed, Ordering::Relaxed);
@@ -792,15 +910,48 @@ async fn session_event<S: TunnelStream>(session: &mut Option<Session<S>>) -> Ses
     }
 }
 
-/// Writes `StartForwardTcp` and then `header` on an idle data channel, in one write; false if
-/// it broke or stalled.
+/// Accepts a TCP service's next visitor; never resolves for a UDP service.
+async fn accept(listener: &Listener) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Listener::Tcp(listener) => listener.accept().await,
+        Listener::Udp(_) => std::future::pending().await,
+    }
+}
+
+/// Resolves when a UDP service's socket has datagrams (to drop while no client serves it);
+/// never for a TCP service, whose visitors are turned away as they are accepted.
+async fn unserved(listener: &Listener) {
+    match listener {
+        Listener::Udp(socket) => {
+            if socket.readable().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        Listener::Tcp(_) => std::future::pending().await,
+    }
+}
+
+/// Resolves with why a UDP service's forwarding ended; never while there is none.
+async fn forwarding_ended(udp: &mut Option<UdpForwarding>) -> String {
+    match udp {
+        Some(forwarding) => match (&mut forwarding.task).await {
+            Ok(reason) => labcore::exit::chain(&reason),
+            Err(err) => format!("the forwarding task failed: {err}"),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes `cmd` and then `header` on an idle data channel, in one write; false if it broke
+/// or stalled.
 async fn start_forwarding<S: TunnelStream>(
     channel: &mut S,
+    cmd: DataCmd,
     header: &[u8],
     limit: Duration,
 ) -> bool {
     let mut start = [0u8; protocol::TAG_LEN + proxy_protocol::MAX_LEN];
-    start[..protocol::TAG_LEN].copy_from_slice(&DataCmd::StartForwardTcp.encode());
+    start[..protocol::TAG_LEN].copy_from_slice(&cmd.encode());
     let len = protocol::TAG_LEN + header.len();
     start[protocol::TAG_LEN..len].copy_from_slice(header);
     let start = async {

@@ -42,6 +42,27 @@ fn check_prints_what_the_lab_configs_set_up_and_no_token() {
 }
 
 #[test]
+fn check_marks_udp_services_and_names_tcp_only_keys_on_them() {
+    let dir = Scratch::new("cli").unwrap();
+    let udp = write(
+        &dir,
+        "udp.toml",
+        "[server]\nbind_addr = \"0.0.0.0:7000\"\ndefault_token = \"t\"\n\
+         [server.services.wg]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:51820\"\n",
+    );
+    let out = finished(&["check", "-c", udp.to_str().unwrap()], 0).stdout();
+    assert!(out.contains("  wg on 0.0.0.0:51820 (udp)\n"), "{out}");
+    let limited = write(
+        &dir,
+        "limited.toml",
+        "[server]\nbind_addr = \"0.0.0.0:7000\"\ndefault_token = \"t\"\n\
+         [server.services.wg]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:51820\"\nmax_connections = 5\n",
+    );
+    let err = finished(&["check", "-c", limited.to_str().unwrap()], 78).stderr();
+    assert!(err.contains("server.services.wg.max_connections"), "{err}");
+}
+
+#[test]
 fn bad_configs_and_arguments_exit_with_distinct_codes_naming_the_culprit() {
     let dir = Scratch::new("cli").unwrap();
 

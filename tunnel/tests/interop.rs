@@ -1,5 +1,6 @@
 //! Interop with the real rathole 0.5.0 (installed by scripts/test): a labkit client works
-//! with a rathole server and a rathole client with a labkit server, refusals included.
+//! with a rathole server and a rathole client with a labkit server, refusals included, for
+//! TCP and for UDP services.
 //!
 //! rathole binds the ports in its config itself, so its tests take free ports and retry on
 //! a clash; rathole logs (to stdout) when it listens and when a control channel opens.
@@ -8,6 +9,7 @@ mod common;
 
 use std::net::SocketAddr;
 
+use common::udp::*;
 use common::*;
 use testkit::ports::{free_port, retry_on_port_clash};
 use testkit::{Proc, ProcBuilder, Scratch};
@@ -283,4 +285,81 @@ fn a_wrong_noise_key_is_refused_with_a_log_line_and_serves_nothing() {
     assert!(closed_by_peer(&mut visitor, WAIT));
     assert!(!server.stderr().contains("control channel open"));
     assert!(!server.stderr().contains(&private));
+}
+
+/// A few datagrams of sizes up to rathole's 2,048-byte buffer, from two visitors, through an
+/// echo service behind `public`.
+fn udp_echo_some(public: SocketAddr) {
+    let any: SocketAddr = match public {
+        SocketAddr::V4(_) => "127.0.0.1:0".parse().unwrap(),
+        SocketAddr::V6(_) => "[::1]:0".parse().unwrap(),
+    };
+    for _ in 0..2 {
+        let visitor = udp_visitor(std::net::UdpSocket::bind(any).unwrap());
+        for size in [1, 100, 512, 1_400, 2_048] {
+            udp_echo_through(&visitor, public, &payload(size));
+        }
+    }
+}
+
+#[test]
+fn a_labkit_client_carries_udp_for_a_rathole_server() {
+    let dir = Scratch::new("interop").unwrap();
+    let (rathole, control, service) = rathole_server(&dir, "udp-token", "type = \"udp\"\n");
+    let (local, seen) = udp_echo(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+    let mut config = client_config(control, "", &[("echo", "udp-token", local)]);
+    config.push_str("type = \"udp\"\n");
+    let client = tunnel(&["client"], &write(&dir, "client.toml", &config))
+        .spawn()
+        .unwrap();
+    client.wait_ready(WAIT).unwrap();
+    rathole
+        .wait_output(&format!("Listening at {service}"), WAIT)
+        .unwrap();
+    udp_echo_some(service);
+    // Two visitors, two sessions: the local service saw two source ports.
+    let sources: std::collections::HashSet<SocketAddr> =
+        seen.lock().unwrap().iter().map(|(f, _)| *f).collect();
+    assert_eq!(sources.len(), 2, "{sources:?}");
+    assert!(!client.stderr().contains("udp data channel failed"));
+}
+
+#[test]
+fn a_rathole_client_carries_udp_for_a_labkit_server_over_ipv4_and_ipv6() {
+    let dir = Scratch::new("interop").unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        "[server]\nbind_addr = \"127.0.0.1:0\"\ndefault_token = \"udp-token\"\n\
+         [server.services.echo]\ntype = \"udp\"\nbind_addr = \"127.0.0.1:0\"\n\
+         [server.services.echo6]\ntype = \"udp\"\nbind_addr = \"[::1]:0\"\n",
+    );
+    let server = server(&server_toml);
+    let local = udp_echo_service();
+    let client_toml = write(
+        &dir,
+        "rathole-client.toml",
+        &format!(
+            "[client]\nremote_addr = \"{}\"\ndefault_token = \"udp-token\"\n\
+             [client.services.echo]\ntype = \"udp\"\nlocal_addr = \"{local}\"\n\
+             [client.services.echo6]\ntype = \"udp\"\nlocal_addr = \"{local}\"\n",
+            control_addr(&server)
+        ),
+    );
+    let _rathole = ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(&client_toml)
+        .spawn()
+        .unwrap();
+    for name in ["echo", "echo6"] {
+        server
+            .wait_stderr(&format!("control channel open service={name} "), WAIT)
+            .unwrap();
+    }
+    // rathole reads our V4 and V6 frames and answers with its own: bincode's exact bytes.
+    udp_echo_some(service_addr(&server, "echo"));
+    let v6 = service_addr(&server, "echo6");
+    assert!(v6.is_ipv6());
+    udp_echo_some(v6);
+    assert!(!server.stderr().contains("udp data channel ended"));
 }
