@@ -11,8 +11,8 @@
 //! unacknowledged before the client counts as dead; rathole's server has no such check), a
 //! server service's `proxy_protocol = "v1" | "v2"` (rathole main's `enable_proxy_protocol =
 //! true` is read as v1) and `max_connections`, either side's `metrics_addr` (a Prometheus
-//! endpoint), and `local_private_key_file` for Noise. Parsed now but refused until a later
-//! release: the `tls` and `websocket` transports and the client's `proxy`.
+//! endpoint), `local_private_key_file` for Noise, and for TLS the server's PEM `cert` and
+//! `key` (instead of rathole's `pkcs12`) and `pkcs12_password_file`.
 //!
 //! `type = "udp"` services are rathole's; `proxy_protocol`, `enable_proxy_protocol = true` and
 //! `max_connections` are refused on them (a PROXY header would have to prefix every datagram,
@@ -35,8 +35,6 @@ const DEFAULT_HEARTBEAT_TIMEOUT: u64 = 40;
 const DEFAULT_RETRY_INTERVAL: u64 = 1;
 const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 10;
 const DEFAULT_GRACE_PERIOD: u64 = 30;
-const NOT_YET: &str = "is not supported by this version of tunnel yet (it comes with a \
-                       later release); use the tcp or noise transport";
 
 /// The whole file: a `[server]` table, a `[client]` table, or both.
 #[derive(Debug, Deserialize)]
@@ -148,11 +146,8 @@ struct TransportToml {
     transport_type: TransportType,
     #[serde(default)]
     tcp: TcpToml,
-    // Read so rathole configs parse; used from the transports release on.
-    #[allow(dead_code)]
     tls: Option<TlsToml>,
     noise: Option<NoiseToml>,
-    #[allow(dead_code)]
     websocket: Option<WebsocketToml>,
 }
 
@@ -162,19 +157,20 @@ struct TcpToml {
     nodelay: Option<bool>,
     keepalive_secs: Option<u64>,
     keepalive_interval: Option<u64>,
-    proxy: Option<String>,
+    /// A secret: the URL may carry the proxy's password.
+    proxy: Option<Secret>,
 }
 
-// The TLS and WebSocket tables are read so that rathole configs parse; their use comes with
-// a later release.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct TlsToml {
     hostname: Option<String>,
     trusted_root: Option<PathBuf>,
     pkcs12: Option<PathBuf>,
     pkcs12_password: Option<Secret>,
+    pkcs12_password_file: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,7 +184,6 @@ struct NoiseToml {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct WebsocketToml {
     tls: bool,
 }
@@ -213,6 +208,73 @@ pub struct TransportSettings {
     pub tcp: TcpSettings,
     /// Noise options, for `type = "noise"`.
     pub noise: Option<NoiseSettings>,
+    /// TLS options, for `type = "tls"` and WebSocket over TLS.
+    pub tls: Option<TlsSettings>,
+    /// WebSocket options, for `type = "websocket"`.
+    pub websocket: Option<WebsocketSettings>,
+    /// The proxy the client reaches the server through, if any.
+    pub proxy: Option<ProxySettings>,
+}
+
+/// The TLS transport's settings for one side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsSettings {
+    /// The server: the certificate chain and key it presents.
+    Server(TlsIdentity),
+    /// The client: whom it trusts and the name it expects.
+    Client {
+        /// PEM file of the certificates (CAs or the server's own) to trust; `None` trusts
+        /// the system's roots.
+        trusted_root: Option<PathBuf>,
+        /// The name the server's certificate must carry; `None` takes `remote_addr`'s host.
+        hostname: Option<String>,
+    },
+}
+
+/// Where a TLS server's certificate chain and private key come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsIdentity {
+    /// rathole's `pkcs12` and `pkcs12_password`.
+    Pkcs12 {
+        /// The PKCS#12 (`.p12`, `.pfx`) file.
+        path: PathBuf,
+        /// Its password.
+        password: Secret,
+    },
+    /// labkit's `cert` and `key`: PEM files.
+    Pem {
+        /// The certificate chain, leaf first.
+        cert: PathBuf,
+        /// The private key (PKCS#8, PKCS#1 or SEC1).
+        key: PathBuf,
+    },
+}
+
+/// The WebSocket transport's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WebsocketSettings {
+    /// WebSocket over TLS (`[transport.tls]`) rather than over plain TCP.
+    pub tls: bool,
+}
+
+/// A proxy to reach the server through: `[client.transport.tcp] proxy`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// HTTP CONNECT or SOCKS5.
+    pub kind: ProxyKind,
+    /// The proxy's `HOST:PORT`.
+    pub addr: String,
+    /// User name and password, if the URL has them.
+    pub auth: Option<(Secret, Secret)>,
+}
+
+/// Which proxy protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// `http://`: an HTTP `CONNECT` request.
+    Http,
+    /// `socks5://`: SOCKS5 `CONNECT` with the server's name resolved by the proxy.
+    Socks5,
 }
 
 /// The Noise transport's settings, checked: the pattern parses and keys are 32 bytes.
@@ -525,7 +587,8 @@ fn resolve_transport(
     env: &Env,
     side: &str,
 ) -> Result<TransportSettings, Error> {
-    let noise = match raw.transport_type {
+    let kind = raw.transport_type;
+    let noise = match kind {
         TransportType::Noise => Some(resolve_noise(
             raw.noise.unwrap_or_default(),
             file,
@@ -534,34 +597,152 @@ fn resolve_transport(
         )?),
         _ => None,
     };
-    if !matches!(
-        raw.transport_type,
-        TransportType::Tcp | TransportType::Noise
-    ) {
-        let name = format!("{:?}", raw.transport_type).to_lowercase();
-        return Err(file
-            .invalid(
-                format!("{side}.transport.type"),
-                format!("transport \"{name}\" {NOT_YET}"),
-            )
-            .into());
-    }
-    if raw.tcp.proxy.is_some() {
-        return Err(file
-            .invalid(
-                format!("{side}.transport.tcp.proxy"),
-                format!("connecting through a proxy {NOT_YET}"),
-            )
-            .into());
-    }
+    let websocket = match (kind, raw.websocket) {
+        (TransportType::Websocket, Some(ws)) => Some(WebsocketSettings { tls: ws.tls }),
+        (TransportType::Websocket, None) => {
+            return Err(file
+                .invalid(
+                    format!("{side}.transport.websocket"),
+                    "type = \"websocket\" needs a [transport.websocket] table with tls = true or false",
+                )
+                .into());
+        }
+        _ => None,
+    };
+    let tls = match kind {
+        TransportType::Tls => true,
+        TransportType::Websocket => websocket.is_some_and(|ws| ws.tls),
+        _ => false,
+    };
+    let tls = if tls {
+        Some(resolve_tls(raw.tls.unwrap_or_default(), file, env, side)?)
+    } else {
+        None
+    };
+    // Only the client connects out; a server's proxy key is ignored, as rathole does.
+    let proxy = match (side, raw.tcp.proxy) {
+        ("client", Some(url)) => Some(resolve_proxy(&url, file, side)?),
+        _ => None,
+    };
     Ok(TransportSettings {
-        kind: raw.transport_type,
+        kind,
         noise,
+        tls,
+        websocket,
+        proxy,
         tcp: TcpSettings {
             nodelay: raw.tcp.nodelay.unwrap_or(true),
             keepalive_time: Duration::from_secs(raw.tcp.keepalive_secs.unwrap_or(20).max(1)),
             keepalive_interval: Duration::from_secs(raw.tcp.keepalive_interval.unwrap_or(8).max(1)),
         },
+    })
+}
+
+fn resolve_tls(
+    raw: TlsToml,
+    file: &ConfigFile,
+    env: &Env,
+    side: &str,
+) -> Result<TlsSettings, Error> {
+    let key = |name: &str| format!("{side}.transport.tls.{name}");
+    let settings = if side == "server" {
+        let password = file.secret(
+            env,
+            &key("pkcs12_password"),
+            raw.pkcs12_password,
+            raw.pkcs12_password_file.as_deref(),
+        )?;
+        let identity = match (raw.pkcs12, raw.cert, raw.key) {
+            (Some(path), None, None) => TlsIdentity::Pkcs12 {
+                path: file.resolve_path(&path),
+                // rathole requires the key; an unprotected file has the empty password.
+                password: password.unwrap_or_else(|| Secret::new(String::new())),
+            },
+            (None, Some(cert), Some(pem_key)) => TlsIdentity::Pem {
+                cert: file.resolve_path(&cert),
+                key: file.resolve_path(&pem_key),
+            },
+            (None, Some(_), None) => {
+                return Err(file.invalid(key("key"), "cert is given without key").into());
+            }
+            (None, None, Some(_)) => {
+                return Err(file
+                    .invalid(key("cert"), "key is given without cert")
+                    .into());
+            }
+            (Some(_), _, _) => {
+                return Err(file
+                    .invalid(
+                        key("pkcs12"),
+                        "give either pkcs12 or cert and key, not both",
+                    )
+                    .into());
+            }
+            (None, None, None) => {
+                return Err(file
+                    .invalid(
+                        key("pkcs12"),
+                        "a TLS server needs its certificate: give pkcs12 (and pkcs12_password) \
+                         or cert and key (PEM files)",
+                    )
+                    .into());
+            }
+        };
+        TlsSettings::Server(identity)
+    } else {
+        TlsSettings::Client {
+            trusted_root: raw.trusted_root.map(|path| file.resolve_path(&path)),
+            hostname: raw.hostname,
+        }
+    };
+    // Loads the files once, so a missing file, a wrong password or a key that does not match
+    // is a config error naming its key now rather than a failed connection later.
+    crate::transport::tls::check(&settings)
+        .map_err(|err| Error::from(file.invalid(key(err.culprit()), labcore::exit::chain(&err))))?;
+    Ok(settings)
+}
+
+/// Parses `http://[user:pass@]host:port` or `socks5://…`. Errors never repeat the URL, which
+/// may hold a password.
+fn resolve_proxy(url: &Secret, file: &ConfigFile, side: &str) -> Result<ProxySettings, Error> {
+    let key = format!("{side}.transport.tcp.proxy");
+    let invalid = |message: &str| Error::from(file.invalid(key.clone(), message.to_owned()));
+    let url = url.expose();
+    let (kind, rest) = if let Some(rest) = url.strip_prefix("http://") {
+        (ProxyKind::Http, rest)
+    } else if let Some(rest) = url.strip_prefix("socks5://") {
+        (ProxyKind::Socks5, rest)
+    } else {
+        return Err(invalid(
+            "must start with http:// (HTTP CONNECT) or socks5:// (SOCKS5)",
+        ));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (auth, addr) = match rest.rsplit_once('@') {
+        Some((auth, addr)) => {
+            let (user, pass) = auth.split_once(':').unwrap_or((auth, ""));
+            let decode = |part: &str| {
+                percent_encoding::percent_decode_str(part)
+                    .decode_utf8()
+                    .map(|text| Secret::new(text.into_owned()))
+                    .map_err(|_| {
+                        invalid("the user name or password is not valid percent-encoded UTF-8")
+                    })
+            };
+            (Some((decode(user)?, decode(pass)?)), addr)
+        }
+        None => (None, rest),
+    };
+    if addr.contains('/') || addr.contains('?') {
+        return Err(invalid(
+            "must be scheme://[user:password@]host:port with nothing after the port",
+        ));
+    }
+    check_addr(file, &key, addr).map_err(|_| invalid("the proxy's address is not host:port"))?;
+    Ok(ProxySettings {
+        kind,
+        addr: addr.to_owned(),
+        auth,
     })
 }
 
@@ -777,26 +958,84 @@ token = "own"
         assert_eq!(s.transport.tcp.keepalive_time, Duration::from_secs(30));
     }
 
+    fn client(text: &str) -> ClientSettings {
+        match parse(text, None).unwrap() {
+            Settings::Client(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
-    fn later_transports_and_proxy_are_clear_config_errors() {
+    fn proxy_urls_parse_with_and_without_credentials() {
+        let c = client(
+            "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"socks5://127.0.0.1:1080\"\n",
+        );
+        let proxy = c.transport.proxy.unwrap();
+        assert_eq!(proxy.kind, ProxyKind::Socks5);
+        assert_eq!(proxy.addr, "127.0.0.1:1080");
+        assert!(proxy.auth.is_none());
+        let c = client(
+            "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"http://me:p%40ss@proxy.lan:3128/\"\n",
+        );
+        let proxy = c.transport.proxy.unwrap();
+        assert_eq!(proxy.kind, ProxyKind::Http);
+        assert_eq!(proxy.addr, "proxy.lan:3128");
+        let (user, password) = proxy.auth.clone().unwrap();
+        assert_eq!((user.expose(), password.expose()), ("me", "p@ss"));
+        assert!(!format!("{proxy:?}").contains("p@ss"), "Debug redacts");
+    }
+
+    #[test]
+    fn a_bad_proxy_url_names_its_key_and_never_shows_the_password() {
+        for url in [
+            "ftp://me:hunter2@proxy:21",
+            "http://me:hunter2@proxy",
+            "socks5://me:hunter2@proxy:1080/path",
+        ] {
+            let err = parse(
+                &format!(
+                    "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"{url}\"\n"
+                ),
+                None,
+            )
+            .unwrap_err();
+            let shown = labcore::exit::chain(&err);
+            assert!(shown.contains("client.transport.tcp.proxy"), "{shown}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
+        }
+    }
+
+    #[test]
+    fn tls_settings_without_what_a_side_needs_name_the_key() {
         for (text, key) in [
             (
                 "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.transport]\ntype = \"tls\"\n",
-                "server.transport.type",
+                "server.transport.tls.pkcs12",
+            ),
+            (
+                "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.transport]\ntype = \"tls\"\n\
+                 [server.transport.tls]\ncert = \"c.pem\"\n",
+                "server.transport.tls.key",
+            ),
+            (
+                "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.transport]\ntype = \"tls\"\n\
+                 [server.transport.tls]\npkcs12 = \"/nonexistent/id.p12\"\npkcs12_password = \"x\"\n",
+                "server.transport.tls.pkcs12",
+            ),
+            (
+                "[client]\nremote_addr = \"a:1\"\n[client.transport]\ntype = \"tls\"\n\
+                 [client.transport.tls]\ntrusted_root = \"/nonexistent/ca.pem\"\n",
+                "client.transport.tls.trusted_root",
             ),
             (
                 "[client]\nremote_addr = \"a:1\"\n[client.transport]\ntype = \"websocket\"\n",
-                "client.transport.type",
-            ),
-            (
-                "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"socks5://127.0.0.1:1080\"\n",
-                "client.transport.tcp.proxy",
+                "client.transport.websocket",
             ),
         ] {
             let err = parse(text, None).unwrap_err();
-            let shown = err.to_string();
+            let shown = labcore::exit::chain(&err);
             assert!(shown.contains(key), "{shown}");
-            assert!(shown.contains("not supported"), "{shown}");
             assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
         }
     }

@@ -126,6 +126,26 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// A TLS handshake failed, or the TLS settings cannot be used.
+    #[error("TLS: {reason}")]
+    Tls {
+        /// What failed.
+        reason: String,
+    },
+    /// A WebSocket handshake or message failed.
+    #[error("WebSocket: {reason}")]
+    Websocket {
+        /// What failed.
+        reason: String,
+    },
+    /// The proxy in `[client.transport.tcp] proxy` refused or failed.
+    #[error("proxy {addr}: {reason}")]
+    Proxy {
+        /// The proxy's address (never its credentials).
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The system's random number generator failed.
     #[error("the system random number generator failed")]
     Random,
@@ -162,7 +182,9 @@ impl ExitStatus for Error {
             }
             Error::Timeout { .. } | Error::Closed { .. } => Exit::Unavailable,
             Error::Io { source, .. } => Exit::from_io(source),
-            Error::Noise { .. } => Exit::NoPerm,
+            Error::Noise { .. } | Error::Tls { .. } => Exit::NoPerm,
+            Error::Websocket { .. } => Exit::DataErr,
+            Error::Proxy { .. } => Exit::Unavailable,
             Error::Random => Exit::Software,
         }
     }

@@ -36,7 +36,7 @@ use crate::client::Client;
 use crate::config::{Mode, Settings, TransportType};
 use crate::daemon::{Context, Outcome};
 use crate::server::Server;
-use crate::transport::{NoiseTransport, TcpTransport};
+use crate::transport::{NoiseTransport, TcpTransport, TlsTransport, WebsocketTransport};
 use crate::watch::Watcher;
 
 /// Runs the side `mode` names (or the config's only one) until SIGTERM.
@@ -65,24 +65,24 @@ pub async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<(), Error
             Settings::Server(s) => match s.transport.kind {
                 TransportType::Tcp => daemon::serve::<Server<TcpTransport>>(s, &mut cx).await?,
                 TransportType::Noise => daemon::serve::<Server<NoiseTransport>>(s, &mut cx).await?,
-                other => return Err(unsupported(other)),
+                TransportType::Tls => daemon::serve::<Server<TlsTransport>>(s, &mut cx).await?,
+                TransportType::Websocket => {
+                    daemon::serve::<Server<WebsocketTransport>>(s, &mut cx).await?
+                }
             },
             Settings::Client(c) => match c.transport.kind {
                 TransportType::Tcp => daemon::serve::<Client<TcpTransport>>(c, &mut cx).await?,
                 TransportType::Noise => daemon::serve::<Client<NoiseTransport>>(c, &mut cx).await?,
-                other => return Err(unsupported(other)),
+                TransportType::Tls => daemon::serve::<Client<TlsTransport>>(c, &mut cx).await?,
+                TransportType::Websocket => {
+                    daemon::serve::<Client<WebsocketTransport>>(c, &mut cx).await?
+                }
             },
         };
         match outcome {
             Outcome::Stopped => return Ok(()),
             Outcome::Restart(new) => settings = *new,
         }
-    }
-}
-
-fn unsupported(kind: TransportType) -> Error {
-    Error::Unsupported {
-        what: format!("transport {kind:?}"),
     }
 }
 

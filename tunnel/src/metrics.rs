@@ -93,6 +93,9 @@ pub fn failure_reason(err: &Error) -> &'static str {
         Error::Timeout { .. } => "timeout",
         Error::Closed { .. } => "closed",
         Error::Noise { .. } => "noise",
+        Error::Tls { .. } => "tls",
+        Error::Websocket { .. } => "websocket",
+        Error::Proxy { .. } => "proxy",
         _ => "io",
     }
 }

@@ -3,12 +3,16 @@
 //! The server and client are generic over [`Transport`], which binds, accepts and connects and
 //! hands back a [`TunnelStream`]. Forwarding never looks inside a transport: it copies between
 //! any [`TunnelStream`] and a local TCP socket, and asks [`TunnelStream::plain_tcp`] whether
-//! the kernel may move the bytes itself (`splice(2)`). [`TcpTransport`] and
-//! [`NoiseTransport`] are the implementations so far; TLS and WebSocket plug in the same way,
-//! selected by `transport.type` in one place ([`crate::run`]).
+//! the kernel may move the bytes itself (`splice(2)`). The implementations: [`TcpTransport`]
+//! (which also reaches the server through a client's `proxy`, [`proxy`]), [`NoiseTransport`],
+//! [`TlsTransport`] and [`WebsocketTransport`] (over TCP or TLS), each over TCP, selected by
+//! `transport.type` in one place ([`crate::run`]).
 
 pub mod noise;
+pub mod proxy;
 mod tcp;
+pub mod tls;
+pub mod websocket;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,6 +25,8 @@ use crate::error::Error;
 
 pub use noise::NoiseTransport;
 pub use tcp::TcpTransport;
+pub use tls::TlsTransport;
+pub use websocket::WebsocketTransport;
 
 /// A connection carrying tunnel traffic.
 pub trait TunnelStream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {

@@ -76,7 +76,7 @@ fn bad_configs_and_arguments_exit_with_distinct_codes_naming_the_culprit() {
     assert!(err.contains("typo.toml:3"), "{err}");
     assert!(err.contains("default_tokn"), "{err}");
 
-    // A transport of a later release: 78, saying so, before anything is bound.
+    // A TLS server without its certificate: 78, naming the key, before anything is bound.
     let tls = write(
         &dir,
         "tls.toml",
@@ -86,7 +86,7 @@ fn bad_configs_and_arguments_exit_with_distinct_codes_naming_the_culprit() {
         ),
     );
     let err = finished(&["server", "-c", tls.to_str().unwrap()], 78).stderr();
-    assert!(err.contains("not supported"), "{err}");
+    assert!(err.contains("server.transport.tls.pkcs12"), "{err}");
 
     // A limit of no connections: 78, naming the key.
     let zero = write(

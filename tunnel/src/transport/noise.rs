@@ -229,7 +229,7 @@ impl Transport for NoiseTransport {
             what: "type = \"noise\" without [transport.noise]".into(),
         })?;
         Ok(NoiseTransport {
-            tcp: TcpTransport::with(settings.tcp),
+            tcp: TcpTransport::new(settings)?,
             settings: noise,
         })
     }

@@ -1,12 +1,14 @@
 //! Plain TCP, rathole's `type = "tcp"`: no handshake, keepalive and TCP_NODELAY from
-//! `[*.transport.tcp]`.
+//! `[*.transport.tcp]`, and on the client the optional `proxy` ([`super::proxy`]). The other
+//! transports run over this one.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Transport;
-use crate::config::{TcpSettings, TransportSettings};
+use crate::config::{ProxySettings, TcpSettings, TransportSettings};
 use crate::error::Error;
 use crate::sockopt;
 
@@ -14,12 +16,16 @@ use crate::sockopt;
 #[derive(Clone, Debug)]
 pub struct TcpTransport {
     settings: TcpSettings,
+    proxy: Option<Arc<ProxySettings>>,
 }
 
 impl TcpTransport {
     /// A transport applying `settings` to every connection it makes or accepts.
     pub fn with(settings: TcpSettings) -> TcpTransport {
-        TcpTransport { settings }
+        TcpTransport {
+            settings,
+            proxy: None,
+        }
     }
 
     fn tune(&self, stream: &TcpStream) {
@@ -37,7 +43,10 @@ impl Transport for TcpTransport {
     type Listener = TcpListener;
 
     fn new(settings: &TransportSettings) -> Result<TcpTransport, Error> {
-        Ok(TcpTransport::with(settings.tcp))
+        Ok(TcpTransport {
+            settings: settings.tcp,
+            proxy: settings.proxy.clone().map(Arc::new),
+        })
     }
 
     async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
@@ -65,9 +74,12 @@ impl Transport for TcpTransport {
     }
 
     async fn connect(&self, addr: &str) -> Result<TcpStream, Error> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| Error::io(format!("connecting to {addr}"), e))?;
+        let stream = match &self.proxy {
+            Some(proxy) => super::proxy::connect(proxy, addr).await?,
+            None => TcpStream::connect(addr)
+                .await
+                .map_err(|e| Error::io(format!("connecting to {addr}"), e))?,
+        };
         self.tune(&stream);
         Ok(stream)
     }
