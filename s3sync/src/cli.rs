@@ -153,8 +153,25 @@ pub enum Command {
     /// Make DST hold what SRC holds (one way), transferring only what changed.
     #[command(after_long_help = "NOTES:
     Unchanged means same size and same mtime (the mtime of an S3 object is its
-    x-amz-meta-mtime, which costs one HeadObject per same-sized file), or same MD5 with
-    --checksum. Nothing is deleted unless --delete is given, and then only after every transfer
+    x-amz-meta-mtime, which a HeadObject reads), or same MD5 with --checksum.
+
+    The state cache saves those HeadObjects. cp -r and sync keep one per folder and prefix
+    (in $XDG_CACHE_HOME/labkit/s3sync, else ~/.cache/labkit/s3sync): for each file, the size
+    and mtime it had and the size, ETag and LastModified of the object that carried that mtime
+    when s3sync uploaded, downloaded or compared it. A file is unchanged without a HeadObject
+    only if its size and mtime (to the nanosecond) and the listed object's size, ETag (where
+    the store lists ETags) and LastModified all equal the record: the HeadObject would then
+    have found the same object, with the same mtime. Right after an upload LastModified is not
+    known yet; the next listing accepts one in the second of the store's answer or the one
+    before, and the record keeps it. Anything else (no record, a mismatch, a cold or unreadable
+    cache) falls back to the HeadObject. The one case only the cache misses: on a store whose
+    listings carry no ETags (AWS, MinIO, Garage and Ceph all list them), another writer
+    replacing an object with one of the same size within the same second as s3sync's upload.
+    --no-cache turns it off. LastModified alone (rclone's --update --use-server-modtime) would
+    skip a file restored with an older mtime; MinIO's listings can carry x-amz-meta-mtime, but
+    only MinIO's.
+
+    Nothing is deleted unless --delete is given, and then only after every transfer
     succeeded and both listings were complete. Without --force or --max-delete, a sync that would
     delete more than half of the destination is refused before it changes anything.
 
@@ -285,6 +302,9 @@ pub struct TreeArgs {
     /// Follow symbolic links in a local source (skipped otherwise)
     #[arg(short = 'L', long)]
     pub follow_links: bool,
+    /// Neither read nor write the state cache: every same-sized file costs a HeadObject
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// Parses `8M`, `8MiB`, `64k`, `1G` or a byte count; units are binary.

@@ -3,10 +3,12 @@
 //! The binary parses its command line ([`cli`]) and hands it to [`run`], which resolves the S3
 //! settings through labcore, builds one client and runs the command:
 //! single objects and streams in [`transfer`], whole trees in [`sync`] (listed by [`tree`],
-//! filtered by [`filter`]), bucket commands in [`bucket`], folder watching in [`watch`]. What
+//! filtered by [`filter`], compared with the help of the state [`cache`]), bucket commands in
+//! [`bucket`], folder watching in [`watch`]. What
 //! the user sees comes from [`report`]; every failure is an [`Error`] with its exit status.
 
 pub mod bucket;
+pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod filter;
@@ -95,6 +97,8 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
         cancel: signals.shutdown(),
         fsync: cli.run.fsync,
     };
+    let cache_folder = cache::Cache::folder(&env);
+    let endpoint = settings.endpoint_url().unwrap_or("aws").to_owned();
     let tree_options = |tree: &TreeArgs| TreeOptions {
         sync: false,
         delete: false,
@@ -104,6 +108,8 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
         dry_run: false,
         follow_links: tree.follow_links,
         transfers: usize::from(cli.run.transfers),
+        cache_folder: cache_folder.clone().filter(|_| !tree.no_cache),
+        endpoint: endpoint.clone(),
     };
     let result = match &cli.command {
         Command::Cp {
@@ -329,7 +335,7 @@ async fn cp(
             }
             bucket::check_bucket(&t.client, &url.bucket).await?;
             t.progress.inc_length(meta.len());
-            let size = t.upload_file(&path, &url, None).await?;
+            let size = t.upload_file(&path, &url, None).await?.size;
             report.done(Action::Upload, Some(&source), &destination, Some(size));
             Ok(())
         }
@@ -346,7 +352,7 @@ async fn cp(
                 );
                 return Ok(());
             }
-            let size = t.download_file(&url, &dest, None).await?;
+            let size = t.download_file(&url, &dest, None).await?.size;
             report.done(
                 Action::Download,
                 Some(&source),

@@ -11,8 +11,10 @@
 //!   run; one that concerns one file is reported and the rest goes on (exit 1).
 //!
 //! Deciding "unchanged" by default takes size, then mtime: an S3 object's mtime lives in its
-//! metadata, so it costs a `HeadObject`, which is skipped when the listing already proves a
-//! change (a local file newer than the object's upload). `--checksum` compares MD5s instead.
+//! metadata, so it costs a `HeadObject`, which is skipped when the state cache ([`cache`])
+//! proves the answer from the listing, or when the listing already proves a change (a local
+//! file newer than the object's upload). `--checksum` compares MD5s instead. Every transfer
+//! and every `HeadObject` that found the same mtime adds a record to the cache.
 //! Inside the store, equal ETags mean unchanged; otherwise both objects' metadata decide.
 
 use std::collections::HashSet;
@@ -24,12 +26,13 @@ use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::cache::{self, Cache, Record};
 use crate::error::Error;
 use crate::filter::Filter;
 use crate::location::{S3Url, key_to_path};
 use crate::meta;
 use crate::report::{Action, Report};
-use crate::transfer::{Transfers, blocking, md5_of_file};
+use crate::transfer::{ObjectInfo, Transfers, blocking, md5_of_file};
 use crate::tree::{Entry, Listing, list_local, list_s3, local_path};
 
 /// One side of a tree transfer.
@@ -84,6 +87,10 @@ pub struct TreeOptions {
     pub follow_links: bool,
     /// Files moving at once.
     pub transfers: usize,
+    /// Where state caches live; `None` turns the cache off ([`crate::cache`]).
+    pub cache_folder: Option<PathBuf>,
+    /// The endpoint the cache files are kept for.
+    pub endpoint: String,
 }
 
 /// Share of the destination a sync may delete without `--force` or `--max-delete`.
@@ -136,6 +143,9 @@ struct Context {
     src: Side,
     dst: Side,
     options: TreeOptions,
+    /// What earlier runs between this folder and prefix proved (`None` inside the store, with
+    /// `--no-cache`, or without a cache folder).
+    cache: Option<Cache>,
 }
 
 /// Runs a tree copy or sync; per-file failures make it end in [`Error::Partial`].
@@ -215,18 +225,34 @@ pub async fn run_tracked(
         })
         .collect();
     drop(index);
-    let context = Arc::new(Context {
+    let cache = open_cache(&options, &src, &dst);
+    let mut context = Arc::new(Context {
         t: t.clone(),
         src: src.clone(),
         dst: dst.clone(),
         options: options.clone(),
+        cache,
     });
     let action = match (&src, &dst) {
         (Side::Local(_), _) => Action::Upload,
         (Side::S3(_), Side::Local(_)) => Action::Download,
         (Side::S3(_), Side::S3(_)) => Action::Copy,
     };
-    let fatal = transfer_all(&context, report, jobs, action, in_sync).await;
+    let mut unsettled = HashSet::new();
+    let fatal = transfer_all(&context, report, jobs, action, in_sync, &mut unsettled).await;
+    if let Some(cache) = Arc::get_mut(&mut context).and_then(|c| c.cache.take())
+        && !options.dry_run
+    {
+        // Records of objects the listing no longer shows are dropped; without a listing
+        // (cp -r) or after a failed one, they are kept: they can only save a HeadObject.
+        let listed = destination.complete().then(|| destination.index());
+        let gone = |rel: &str| {
+            options.sync
+                && listed.as_ref().is_some_and(|l| !l.contains_key(rel))
+                && !in_source.contains(rel)
+        };
+        cache.save(&unsettled, gone);
+    }
     if let Some(err) = fatal {
         return Err(err);
     }
@@ -304,12 +330,21 @@ pub async fn upload_entries(
             sync: false,
             ..options.clone()
         },
+        cache: None,
     });
     let jobs = entries
         .into_iter()
         .map(|src| Job { src, dst: None })
         .collect();
-    transfer_all(&context, report, jobs, Action::Upload, in_sync).await
+    transfer_all(
+        &context,
+        report,
+        jobs,
+        Action::Upload,
+        in_sync,
+        &mut HashSet::new(),
+    )
+    .await
 }
 
 /// Runs every job, `--transfers` at a time; returns the first run-stopping error.
@@ -319,6 +354,7 @@ async fn transfer_all(
     jobs: Vec<Job>,
     action: Action,
     in_sync: &mut Vec<Entry>,
+    unsettled: &mut HashSet<String>,
 ) -> Option<Error> {
     let slots = Arc::new(Semaphore::new(context.options.transfers.max(1)));
     let mut tasks: JoinSet<(Job, Outcome)> = JoinSet::new();
@@ -326,7 +362,8 @@ async fn transfer_all(
     let cancel = context.t.cancel.clone();
     let mut handle = |joined: Result<(Job, Outcome), tokio::task::JoinError>,
                       report: &mut Report,
-                      fatal: &mut Option<Error>| {
+                      fatal: &mut Option<Error>,
+                      unsettled: &mut HashSet<String>| {
         let (job, outcome) = match joined {
             Ok(done) => done,
             Err(err) => {
@@ -339,6 +376,9 @@ async fn transfer_all(
         };
         let source = context.src.display(&job.src.rel);
         let destination = context.dst.display(&job.src.rel);
+        if matches!(outcome, Outcome::Failed(_)) {
+            unsettled.insert(job.src.rel.clone());
+        }
         match outcome {
             Outcome::Copied(size) => {
                 report.done(action, Some(&source), &destination, Some(size));
@@ -365,7 +405,7 @@ async fn transfer_all(
     };
     for job in jobs {
         while let Some(joined) = tasks.try_join_next() {
-            handle(joined, report, &mut fatal);
+            handle(joined, report, &mut fatal, unsettled);
         }
         if fatal.is_some() || cancel.is_cancelled() {
             break;
@@ -382,7 +422,7 @@ async fn transfer_all(
         });
     }
     while let Some(joined) = tasks.join_next().await {
-        handle(joined, report, &mut fatal);
+        handle(joined, report, &mut fatal, unsettled);
     }
     if fatal.is_none() && cancel.is_cancelled() {
         return Some(Error::Interrupted);
@@ -443,6 +483,11 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
                 };
                 return Ok((remote != Some(local), Some(local)));
             }
+            if let Some(cache) = &context.cache
+                && cache.proves_unchanged(rel, job.src.size, job.src.mtime, dst)
+            {
+                return Ok((false, None));
+            }
             // A file changed after the object was uploaded needs no HeadObject to tell.
             if let (Some(mtime), Some(uploaded)) = (job.src.mtime, dst.uploaded)
                 && mtime > uploaded + Duration::from_secs(2)
@@ -451,7 +496,13 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
             }
             let info = t.head(&url).await?;
             match (job.src.mtime, info.mtime) {
-                (Some(a), Some(b)) => Ok((!meta::same_mtime(a, b), None)),
+                (Some(a), Some(b)) => {
+                    let same = meta::same_mtime(a, b);
+                    if same && a == b {
+                        remember_head(context, rel, &job.src, dst, &info);
+                    }
+                    Ok((!same, None))
+                }
                 // Uploaded by another tool without an mtime: compare content if we can.
                 _ => match info.md5 {
                     Some(remote) => {
@@ -472,13 +523,20 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
                 let local = local_md5(root).await?;
                 return Ok((remote != Some(local), None));
             }
+            if let Some(cache) = &context.cache
+                && cache.proves_unchanged(rel, dst.size, dst.mtime, &job.src)
+            {
+                return Ok((false, None));
+            }
             let info = t.head(&url).await?;
-            Ok((
-                !dst.mtime
-                    .zip(info.file_time())
-                    .is_some_and(|(a, b)| meta::same_mtime(a, b)),
-                None,
-            ))
+            let same = dst
+                .mtime
+                .zip(info.file_time())
+                .is_some_and(|(a, b)| meta::same_mtime(a, b));
+            if same && info.mtime.is_some() && dst.mtime == info.mtime {
+                remember_head(context, rel, dst, &job.src, &info);
+            }
+            Ok((!same, None))
         }
         (Side::S3(_), Side::S3(_)) => {
             if job.src.etag.is_some() && job.src.etag == dst.etag {
@@ -512,7 +570,28 @@ async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result
     match (&context.src, &context.dst) {
         (Side::Local(root), Side::S3(_)) => {
             let url = context.dst.url(rel).expect("an S3 side has URLs");
-            t.upload_file(&local_path(root, rel), &url, md5).await
+            let stored = t.upload_file(&local_path(root, rel), &url, md5).await?;
+            if let Some(cache) = &context.cache
+                && let Some(mtime) = stored.mtime.and_then(cache::nanos)
+                && stored.date.is_some()
+            {
+                // The object now carries this mtime; its LastModified is pinned by the first
+                // listing that shows it ([`cache`]).
+                cache.record(
+                    rel,
+                    Record {
+                        size: stored.size,
+                        mtime,
+                        etag: stored
+                            .etag
+                            .as_deref()
+                            .map(|e| cache::bare_etag(e).to_owned()),
+                        listed: None,
+                        written: stored.date,
+                    },
+                );
+            }
+            Ok(stored.size)
         }
         (Side::S3(_), Side::Local(root)) => {
             let url = context.src.url(rel).expect("an S3 side has URLs");
@@ -520,8 +599,15 @@ async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result
                 name: url.to_string(),
                 reason,
             })?;
-            t.download_file(&url, &root.join(path), Some(job.src.size))
-                .await
+            let got = t
+                .download_file(&url, &root.join(path), Some(job.src.size))
+                .await?;
+            // Only an object whose mtime metadata the file now has stands for the HeadObject
+            // comparison; the listing's LastModified is kept if the answer was that version.
+            if got.info.mtime.is_some() && got.mtime == got.info.mtime {
+                remember_head(context, rel, &job.src, &job.src, &got.info);
+            }
+            Ok(got.size)
         }
         (Side::S3(_), Side::S3(_)) => {
             let from = context.src.url(rel).expect("an S3 side has URLs");
@@ -532,6 +618,49 @@ async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result
             unreachable!("local-to-local runs are refused up front")
         }
     }
+}
+
+/// Records that the object (as `listed`) carries the mtime of the local file (`local`), once
+/// an answer (`info`: a HeadObject or a GET) showed it: the listed version is the one answered
+/// when the sizes, the ETags (where listed) and the second of LastModified agree.
+fn remember_head(context: &Context, rel: &str, local: &Entry, listed: &Entry, info: &ObjectInfo) {
+    let Some(cache) = &context.cache else { return };
+    let (Some(mtime), Some(at), Some(answered)) = (
+        local.mtime.or(info.mtime).and_then(cache::nanos),
+        listed.uploaded.and_then(cache::nanos),
+        info.uploaded.and_then(cache::nanos),
+    ) else {
+        return;
+    };
+    let listed_etag = listed.etag.as_deref().map(cache::bare_etag);
+    let answered_etag = info.etag.as_deref().map(cache::bare_etag);
+    let same_version = listed.size == info.size
+        && at.div_euclid(1_000_000_000) == answered.div_euclid(1_000_000_000)
+        && (listed_etag.is_none() || listed_etag == answered_etag);
+    if same_version {
+        cache.record(
+            rel,
+            Record {
+                size: info.size,
+                mtime,
+                etag: answered_etag.map(str::to_owned),
+                listed: Some(at),
+                written: None,
+            },
+        );
+    }
+}
+
+/// The state cache of a folder and prefix pair, when the run moves data between them.
+fn open_cache(options: &TreeOptions, src: &Side, dst: &Side) -> Option<Cache> {
+    let folder = options.cache_folder.as_ref()?;
+    let (root, url) = match (src, dst) {
+        (Side::Local(root), Side::S3(url)) | (Side::S3(url), Side::Local(root)) => (root, url),
+        _ => return None,
+    };
+    let cache = Cache::load(folder, &options.endpoint, &url.bucket, &url.key, root);
+    tracing::debug!(path = %cache.path().display(), "state cache");
+    Some(cache)
 }
 
 /// Deletes destination entries, 1,000 keys per `DeleteObjects` request.

@@ -22,8 +22,12 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_s3::error::BoxError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumMode, CompletedPart, MetadataDirective};
+use aws_smithy_types::date_time::Format as DateTimeFormat;
 use bytes::{Bytes, BytesMut};
 use indicatif::ProgressBar;
 use labcore::Exit;
@@ -115,6 +119,84 @@ impl ObjectInfo {
     }
 }
 
+/// What an upload of a file stored.
+#[derive(Clone, Debug)]
+pub struct FileUpload {
+    /// Bytes stored.
+    pub size: u64,
+    /// The file's mtime, sent as metadata; `None` when the file changed while it was read.
+    pub mtime: Option<SystemTime>,
+    /// The object's ETag, as the store answered.
+    pub etag: Option<String>,
+    /// The second of the server's `Date` answering a single `PutObject`.
+    pub date: Option<i64>,
+}
+
+impl FileUpload {
+    fn new(
+        path: &Path,
+        stat_size: u64,
+        stored: u64,
+        mtime: Option<SystemTime>,
+        etag: Option<String>,
+        date: Option<i64>,
+    ) -> FileUpload {
+        if stored != stat_size {
+            tracing::warn!(path = %path.display(), "the file changed size while it was uploaded; the next sync uploads it again");
+        }
+        FileUpload {
+            size: stored,
+            mtime: mtime.filter(|_| stored == stat_size),
+            etag,
+            date,
+        }
+    }
+}
+
+/// What a download into a file wrote.
+#[derive(Clone, Debug)]
+pub struct FileDownload {
+    /// Bytes written.
+    pub size: u64,
+    /// The file's mtime once in place.
+    pub mtime: Option<SystemTime>,
+    /// The object, as the answers described it.
+    pub info: ObjectInfo,
+}
+
+/// Reads the server's `Date` off the answer to one request (the SDK's outputs do not carry it).
+#[derive(Clone, Debug, Default)]
+struct ServerDate(Arc<std::sync::Mutex<Option<i64>>>);
+
+impl ServerDate {
+    fn seconds(&self) -> Option<i64> {
+        *self.0.lock().expect("the date lock is never poisoned")
+    }
+}
+
+impl Intercept for ServerDate {
+    fn name(&self) -> &'static str {
+        "ServerDate"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _config: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let date = context
+            .response()
+            .headers()
+            .get("date")
+            .and_then(|d| aws_smithy_types::DateTime::from_str(d, DateTimeFormat::HttpDate).ok())
+            .map(|d| d.secs());
+        // Every attempt overwrites it: the one whose answer is used comes last.
+        *self.0.lock().expect("the date lock is never poisoned") = date;
+        Ok(())
+    }
+}
+
 /// Whether an object's encryption makes its ETag something other than its MD5 (SSE-C and
 /// SSE-KMS).
 fn etag_is_not_md5(
@@ -166,13 +248,13 @@ impl Transfers {
         }
     }
 
-    /// Uploads the local file at `path` to `dst`; returns the bytes stored.
+    /// Uploads the local file at `path` to `dst`; says what was stored.
     pub async fn upload_file(
         &self,
         path: &Path,
         dst: &S3Url,
         md5: Option<[u8; 16]>,
-    ) -> Result<u64, Error> {
+    ) -> Result<FileUpload, Error> {
         let limit = self.part_size as u64;
         let owned = path.to_owned();
         // Small files are read whole in one blocking call: one open, one fstat, one read.
@@ -204,33 +286,61 @@ impl Transfers {
         if let Some(md5) = md5 {
             metadata.push((meta::MD5.to_owned(), meta::encode_md5(&md5)));
         }
-        let options = self.upload_options(Some(size), metadata);
-        let stored = match file {
-            None => {
-                if self.cancel.is_cancelled() {
-                    return Err(Error::Interrupted);
-                }
-                let stored =
-                    upload(&self.client, &dst.bucket, &dst.key, &data[..], &options).await?;
-                self.progress.inc(stored.size);
-                stored
+        let Some(file) = file else {
+            if self.cancel.is_cancelled() {
+                return Err(Error::Interrupted);
             }
-            Some(file) => {
-                let _permit = self.large.acquire().await.map_err(|_| Error::Interrupted)?;
-                let reader = Metered {
-                    inner: tokio::fs::File::from_std(file),
-                    progress: self.progress.clone(),
-                    cancel: self.cancel.clone(),
-                };
-                upload(&self.client, &dst.bucket, &dst.key, reader, &options)
-                    .await
-                    .map_err(|e| self.interrupted_or(e.into()))?
-            }
+            let read = data.len() as u64;
+            let (etag, date) = self.put_small(dst, data, metadata).await?;
+            self.progress.inc(read);
+            return Ok(FileUpload::new(path, size, read, mtime, etag, date));
         };
-        if stored.size != size {
-            tracing::warn!(path = %path.display(), "the file changed size while it was uploaded; the next sync uploads it again");
+        let options = self.upload_options(Some(size), metadata);
+        let _permit = self.large.acquire().await.map_err(|_| Error::Interrupted)?;
+        let reader = Metered {
+            inner: tokio::fs::File::from_std(file),
+            progress: self.progress.clone(),
+            cancel: self.cancel.clone(),
+        };
+        let stored = upload(&self.client, &dst.bucket, &dst.key, reader, &options)
+            .await
+            .map_err(|e| self.interrupted_or(e.into()))?;
+        Ok(FileUpload::new(
+            path,
+            size,
+            stored.size,
+            mtime,
+            stored.etag,
+            None,
+        ))
+    }
+
+    /// One `PutObject` of a small file held in memory; returns the ETag and the second of the
+    /// server's `Date` on the answer (for the state cache: [`crate::cache`]).
+    async fn put_small(
+        &self,
+        dst: &S3Url,
+        data: Vec<u8>,
+        metadata: Vec<(String, String)>,
+    ) -> Result<(Option<String>, Option<i64>), Error> {
+        let date = ServerDate::default();
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&dst.bucket)
+            .key(&dst.key)
+            .content_length(data.len() as i64)
+            .body(ByteStream::from(data));
+        for (name, value) in metadata {
+            request = request.metadata(name, value);
         }
-        Ok(stored.size)
+        let out = request
+            .customize()
+            .interceptor(date.clone())
+            .send()
+            .await
+            .map_err(|e| self.interrupted_or(Error::s3("PutObject", dst.to_string(), &e)))?;
+        Ok((out.e_tag().map(str::to_owned), date.seconds()))
     }
 
     /// Uploads a stream of unknown length (standard input) to `dst`.
@@ -285,7 +395,7 @@ impl Transfers {
         src: &S3Url,
         dest: &Path,
         known: Option<u64>,
-    ) -> Result<u64, Error> {
+    ) -> Result<FileDownload, Error> {
         let parent = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
@@ -301,7 +411,7 @@ impl Transfers {
             let dest = dest.to_owned();
             let fsync = self.fsync;
             let size = body.len() as u64;
-            blocking(move || {
+            let (info, mtime) = blocking(move || {
                 std::fs::create_dir_all(&parent)
                     .map_err(|e| Error::local("creating folder", &parent, e))?;
                 let mut guard = TempFile::create(temp)?;
@@ -309,11 +419,12 @@ impl Transfers {
                     .file
                     .write_all(&body)
                     .map_err(|e| Error::local("writing", &guard.path, e))?;
-                guard.finish(&info, &dest, fsync)
+                let mtime = guard.finish(&info, &dest, fsync)?;
+                Ok((info, mtime))
             })
             .await?;
             self.progress.inc(size);
-            return Ok(size);
+            return Ok(FileDownload { size, mtime, info });
         }
         let info = self.head(src).await?;
         let _permit = self.large.acquire().await.map_err(|_| Error::Interrupted)?;
@@ -345,10 +456,10 @@ impl Transfers {
                     reason: "the MD5 of the bytes received does not match the object's".into(),
                 });
             }
-            guard.finish(&info, &dest, fsync)
+            let mtime = guard.finish(&info, &dest, fsync)?;
+            Ok(FileDownload { size, mtime, info })
         })
-        .await?;
-        Ok(size)
+        .await
     }
 
     /// Fetches `info.size` bytes of `src` as ranged GETs, `part_concurrency` at a time, each
@@ -861,8 +972,14 @@ impl TempFile {
         })
     }
 
-    /// Restores mtime and mode, optionally flushes, and renames to `dest`.
-    fn finish(mut self, info: &ObjectInfo, dest: &Path, fsync: bool) -> Result<(), Error> {
+    /// Restores mtime and mode, optionally flushes, and renames to `dest`; returns the mtime
+    /// the file ended up with.
+    fn finish(
+        mut self,
+        info: &ObjectInfo,
+        dest: &Path,
+        fsync: bool,
+    ) -> Result<Option<SystemTime>, Error> {
         if let Some(mtime) = info.file_time() {
             self.file
                 .set_times(FileTimes::new().set_modified(mtime))
@@ -878,10 +995,13 @@ impl TempFile {
                 .sync_all()
                 .map_err(|e| Error::local("flushing", &self.path, e))?;
         }
+        // What the filesystem kept (it may round), read before the rename while the
+        // file is surely this one.
+        let mtime = self.file.metadata().ok().and_then(|m| m.modified().ok());
         std::fs::rename(&self.path, dest)
             .map_err(|e| Error::local("renaming into place", dest, e))?;
         self.done = true;
-        Ok(())
+        Ok(mtime)
     }
 }
 

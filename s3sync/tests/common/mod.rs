@@ -236,3 +236,132 @@ async fn serve(
     }
     Ok(())
 }
+
+/// An HTTP/1.1 proxy in front of a store that notes every request line (method and target),
+/// so a test can count the requests a run sent: request bodies are skipped by their
+/// `Content-Length`, answers pass through untouched.
+pub struct CountingProxy {
+    pub port: u16,
+    requests: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl CountingProxy {
+    pub async fn start(upstream: u16) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let _ = relay_counting(conn, upstream, seen).await;
+                });
+            }
+        });
+        CountingProxy {
+            port,
+            requests,
+            task,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Forgets the requests seen so far.
+    pub fn reset(&self) {
+        self.requests.lock().unwrap().clear();
+    }
+
+    /// Requests with this method that name an object (a key below the bucket), not a bucket
+    /// or a listing.
+    pub fn object_requests(&self, method: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, target)| {
+                let path = target.split('?').next().unwrap_or("");
+                let mut parts = path.trim_start_matches('/').splitn(2, '/');
+                let _bucket = parts.next();
+                m == method && parts.next().is_some_and(|key| !key.is_empty())
+            })
+            .count()
+    }
+
+    /// Every request line seen, for failure messages.
+    pub fn lines(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, t)| format!("{m} {t}"))
+            .collect()
+    }
+}
+
+async fn relay_counting(
+    client: TcpStream,
+    upstream: u16,
+    seen: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) -> std::io::Result<()> {
+    let server = TcpStream::connect(("127.0.0.1", upstream)).await?;
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let back = tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    'requests: loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = cr.read(&mut chunk).await?;
+            if n == 0 {
+                break 'requests;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut words = head.split(' ');
+        let method = words.next().unwrap_or("").to_owned();
+        let target = words.next().unwrap_or("").to_owned();
+        let mut length = 0usize;
+        for line in head.lines() {
+            let lower = line.to_ascii_lowercase();
+            assert!(
+                !lower.starts_with("transfer-encoding:"),
+                "the counting proxy cannot follow chunked requests: {head}"
+            );
+            if let Some(value) = lower.strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        seen.lock().unwrap().push((method, target));
+        let total = head_end + length;
+        while buf.len() < total {
+            let n = cr.read(&mut chunk).await?;
+            if n == 0 {
+                break 'requests;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        sw.write_all(&buf[..total]).await?;
+        buf.drain(..total);
+    }
+    drop(sw);
+    let _ = back.await;
+    Ok(())
+}
