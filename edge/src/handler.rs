@@ -104,19 +104,15 @@ pub async fn handle(
         ts: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64()),
-        remote: conn.peer.ip().to_string(),
+        remote: conn.peer.ip(),
         proto: match req.version() {
             Version::HTTP_2 => "HTTP/2.0",
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         },
-        method: req.method().to_string(),
-        host: String::new(),
-        path: req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned(),
+        method: req.method().clone(),
+        host: None,
+        path: req.uri().path_and_query().cloned(),
         status: 0,
         bytes: 0,
         duration_ms: 0.0,
@@ -162,7 +158,7 @@ async fn route(
     let router = state.router.load_full();
     let mut record = record;
     if let Some(r) = record.as_deref_mut() {
-        r.host = host.clone();
+        r.host = Some(host_value.clone());
     }
     match conn.scheme {
         Scheme::Http => {
@@ -317,8 +313,8 @@ async fn respond(
             &state.stop,
         )
         .await;
-    if let (Some(r), Some(upstream)) = (record, &outcome.upstream) {
-        r.upstream = Some(upstream.text.clone());
+    if let Some(r) = record {
+        r.upstream = outcome.upstream;
     }
     outcome.response
 }
