@@ -480,9 +480,9 @@ mod tests {
             None,
             Some("127.0.0.1:7001"),
         );
-        let line = line(&r);
-        assert!(line.ends_with("}\n") && !line[..line.len() - 1].contains('\n'));
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let text = line(&r);
+        assert!(text.ends_with("}\n") && !text[..text.len() - 1].contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["remote"], "::ffff:10.1.2.3");
         assert_eq!(v["method"], "PROPFIND");
         assert_eq!(v["host"], "lab.example.org");
@@ -493,7 +493,7 @@ mod tests {
         assert_eq!(v["upstream"], "127.0.0.1:7001");
         assert!(
             v.get("user").is_none(),
-            "no user without basic_auth: {line}"
+            "no user without basic_auth: {text}"
         );
         let r = record(b"localhost", "-", Some("alice"), None);
         let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();

@@ -58,6 +58,9 @@ pub struct Conn {
     pub port: u16,
     /// Plain or TLS.
     pub scheme: Scheme,
+    /// The client's address as an `X-Forwarded-For` value (made once, sent with every
+    /// proxied request).
+    pub forwarded_for: HeaderValue,
     /// Requests whose response has not finished yet.
     pub in_flight: Arc<AtomicUsize>,
     /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
@@ -305,7 +308,7 @@ async fn respond(
             proxy,
             req,
             Forwarded {
-                client_ip: conn.peer.ip().to_canonical(),
+                client_ip: &conn.forwarded_for,
                 proto: conn.scheme.as_str(),
                 host: host_value,
             },
