@@ -10,6 +10,8 @@
 //! CPU per request. Elsewhere a line goes to the writer at once.
 
 use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,13 +21,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use serde::Serialize;
+use hyper::http::uri::PathAndQuery;
+use hyper::http::{HeaderValue, Method};
+use serde::{Serialize, Serializer};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AccessLog as Target;
 use crate::handler::{Body, BoxError};
+use crate::proxy::Upstream;
+use crate::site::split_host_port;
 
 /// Chunks (of one line or a worker's buffer) queued for the writer.
 const QUEUE: usize = 4096;
@@ -79,32 +85,86 @@ pub fn flush_this_thread() {
 }
 
 /// One request's log record, filled as the request goes.
+///
+/// It holds the request's own values (an address, the parsed method, shared slices of the
+/// request's bytes, the upstream's `Arc`) rather than strings made from them: the text is
+/// written once, straight into the line, when the response has ended.
 #[derive(Debug, Serialize)]
 pub struct Record {
     /// Unix time the request arrived, in seconds.
     pub ts: f64,
     /// Client address.
-    pub remote: String,
+    pub remote: IpAddr,
     /// "HTTP/1.1" or "HTTP/2.0".
     pub proto: &'static str,
     /// Method.
-    pub method: String,
-    /// Host asked for.
-    pub host: String,
-    /// Path and query.
-    pub path: String,
+    #[serde(serialize_with = "method")]
+    pub method: Method,
+    /// Host asked for, as sent; logged lower case without the port (as routed), or "" when
+    /// there was none usable.
+    #[serde(serialize_with = "host")]
+    pub host: Option<HeaderValue>,
+    /// Path and query; `None` is logged as "/".
+    #[serde(serialize_with = "path")]
+    pub path: Option<PathAndQuery>,
     /// Response status.
     pub status: u16,
     /// Response body bytes sent.
     pub bytes: u64,
     /// Time from request to the end of the response body.
     pub duration_ms: f64,
-    /// Upstream that answered, if proxied.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
+    /// Upstream that answered, if proxied; logged as written in the config.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "upstream")]
+    pub upstream: Option<Arc<Upstream>>,
     /// Authenticated user, if basic_auth passed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+}
+
+fn method<S: Serializer>(method: &Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(method.as_str())
+}
+
+fn host<S: Serializer>(host: &Option<HeaderValue>, s: S) -> Result<S::Ok, S::Error> {
+    match host.as_ref().and_then(|h| h.to_str().ok()) {
+        Some(text) => s.collect_str(&RoutedHost(text)),
+        None => s.serialize_str(""),
+    }
+}
+
+fn path<S: Serializer>(path: &Option<PathAndQuery>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(path.as_ref().map_or("/", PathAndQuery::as_str))
+}
+
+fn upstream<S: Serializer>(upstream: &Option<Arc<Upstream>>, s: S) -> Result<S::Ok, S::Error> {
+    match upstream {
+        Some(upstream) => s.serialize_str(&upstream.text),
+        None => s.serialize_none(),
+    }
+}
+
+/// A Host header's text shown as [`crate::site::host_of`] makes it (no port, no trailing dot,
+/// lower case), without making a `String`.
+struct RoutedHost<'a>(&'a str);
+
+impl fmt::Display for RoutedHost<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = split_host_port(self.0).map_or(self.0, |(host, _)| host);
+        let host = host.trim_end_matches('.');
+        if !host.bytes().any(|b| b.is_ascii_uppercase()) {
+            return f.write_str(host);
+        }
+        let mut buf = [0u8; 64];
+        for chunk in host.as_bytes().chunks(buf.len()) {
+            let lower = &mut buf[..chunk.len()];
+            lower.copy_from_slice(chunk);
+            lower.make_ascii_lowercase();
+            // Lower-casing ASCII letters keeps the bytes UTF-8, and chunks of an ASCII-only
+            // string (a HeaderValue's to_str) split no character.
+            f.write_str(std::str::from_utf8(lower).map_err(|_| fmt::Error)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The sending side of the access log.
@@ -156,8 +216,7 @@ impl AccessLog {
         let Some(tx) = &self.tx else { return };
         if !BATCHING.get() {
             let mut line = Vec::with_capacity(256);
-            if serde_json::to_writer(&mut line, record).is_ok() {
-                line.push(b'\n');
+            if write_line(record, &mut line) {
                 self.hand_over(line, 1);
             }
             return;
@@ -171,8 +230,7 @@ impl AccessLog {
                 b.flush();
                 b.to = Some(self.clone());
             }
-            if serde_json::to_writer(&mut b.lines, record).is_ok() {
-                b.lines.push(b'\n');
+            if write_line(record, &mut b.lines) {
                 b.count += 1;
             }
             if b.lines.len() >= FLUSH_AT {
@@ -186,6 +244,21 @@ impl AccessLog {
             && tx.try_send(chunk).is_err()
         {
             self.dropped.fetch_add(lines, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Appends `record` as one JSON line to `out`; on failure `out` is left as it was.
+fn write_line(record: &Record, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    match serde_json::to_writer(&mut *out, record) {
+        Ok(()) => {
+            out.push(b'\n');
+            true
+        }
+        Err(_) => {
+            out.truncate(start);
+            false
         }
     }
 }
@@ -324,5 +397,170 @@ impl HttpBody for Logged {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::site::host_of;
+
+    /// The record as the edge logged it when its fields were strings: the reference each
+    /// line must match byte for byte.
+    #[derive(Serialize)]
+    struct Strings {
+        ts: f64,
+        remote: String,
+        proto: &'static str,
+        method: String,
+        host: String,
+        path: String,
+        status: u16,
+        bytes: u64,
+        duration_ms: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        upstream: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    }
+
+    fn record(host: &[u8], path: &str, user: Option<&str>, upstream: Option<&str>) -> Record {
+        Record {
+            ts: 1_764_770_000.123_456,
+            remote: "::ffff:10.1.2.3".parse().unwrap(),
+            proto: "HTTP/1.1",
+            method: Method::from_bytes(b"PROPFIND").unwrap(),
+            host: HeaderValue::from_bytes(host).ok(),
+            path: (path != "-").then(|| path.parse().unwrap()),
+            status: 207,
+            bytes: 12_345,
+            duration_ms: 0.25,
+            upstream: upstream.map(|u| Upstream::parse(u).unwrap()),
+            user: user.map(str::to_owned),
+        }
+    }
+
+    fn strings(r: &Record) -> Strings {
+        Strings {
+            ts: r.ts,
+            remote: r.remote.to_string(),
+            proto: r.proto,
+            method: r.method.to_string(),
+            host: r
+                .host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .map(host_of)
+                .unwrap_or_default(),
+            path: r.path.as_ref().map_or("/", |p| p.as_str()).to_owned(),
+            status: r.status,
+            bytes: r.bytes,
+            duration_ms: r.duration_ms,
+            upstream: r.upstream.as_ref().map(|u| u.text.clone()),
+            user: r.user.clone(),
+        }
+    }
+
+    fn line(r: &Record) -> String {
+        let mut out = b"earlier line\n".to_vec();
+        assert!(write_line(r, &mut out));
+        let text = String::from_utf8(out).expect("a log line is UTF-8");
+        let line = text.strip_prefix("earlier line\n").expect("appended");
+        let mut expected = serde_json::to_string(&strings(r)).unwrap();
+        expected.push('\n');
+        assert_eq!(line, expected);
+        line.to_owned()
+    }
+
+    #[test]
+    fn a_line_holds_every_field_as_json() {
+        let r = record(
+            b"Lab.Example.ORG.:8443",
+            "/a/b?c=d",
+            None,
+            Some("127.0.0.1:7001"),
+        );
+        let text = line(&r);
+        assert!(text.ends_with("}\n") && !text[..text.len() - 1].contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["remote"], "::ffff:10.1.2.3");
+        assert_eq!(v["method"], "PROPFIND");
+        assert_eq!(v["host"], "lab.example.org");
+        assert_eq!(v["path"], "/a/b?c=d");
+        assert_eq!(v["status"], 207);
+        assert_eq!(v["bytes"], 12_345);
+        assert_eq!(v["duration_ms"], 0.25);
+        assert_eq!(v["upstream"], "127.0.0.1:7001");
+        assert!(
+            v.get("user").is_none(),
+            "no user without basic_auth: {text}"
+        );
+        let r = record(b"localhost", "-", Some("alice"), None);
+        let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
+        assert_eq!(v["path"], "/", "a request without a path logs /");
+        assert_eq!(v["user"], "alice");
+        assert!(v.get("upstream").is_none());
+    }
+
+    #[test]
+    fn quotes_backslashes_and_control_characters_are_escaped() {
+        let r = record(
+            br#"a"b\c:1"#,
+            r#"/q"uo{t}e\back/ünï?x=\y&z="#,
+            Some("ev\"il\\\u{1}\t\n\u{7f}\u{2028}ünï"),
+            None,
+        );
+        let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
+        assert_eq!(v["host"], r#"a"b\c"#);
+        assert_eq!(v["path"], r#"/q"uo{t}e\back/ünï?x=\y&z="#);
+        assert_eq!(v["user"], "ev\"il\\\u{1}\t\n\u{7f}\u{2028}ünï");
+    }
+
+    #[test]
+    fn a_host_that_is_not_text_is_logged_empty() {
+        // Bytes past ASCII are a valid header value but no host the edge routes (a 400).
+        let r = record(b"caf\xc3\xa9.example", "/", None, None);
+        let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
+        assert_eq!(v["host"], "");
+        let mut r = record(b"x", "/", None, None);
+        r.host = None;
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&line(&r)).unwrap()["host"],
+            ""
+        );
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_never_reaches_a_record() {
+        // The log relies on this: hyper's URI parsing refuses such a request line (400).
+        assert!(PathAndQuery::try_from(&b"/caf\xe9"[..]).is_err());
+        assert!(PathAndQuery::try_from(&b"/a?\xff"[..]).is_err());
+        assert!(PathAndQuery::try_from(&b"/\x01"[..]).is_err());
+    }
+
+    #[test]
+    fn times_that_are_not_numbers_are_logged_as_null() {
+        let mut r = record(b"x", "/", None, None);
+        r.duration_ms = f64::NAN;
+        r.ts = f64::INFINITY;
+        let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
+        assert!(v["duration_ms"].is_null() && v["ts"].is_null());
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends as Host and path, and whatever user name it authenticates
+        /// as, the line is the one the string fields made, and parses back to them.
+        #[test]
+        fn any_request_logs_the_same_line_as_string_fields(
+            host in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+            path in "/[!-~]{0,80}",
+            user in proptest::option::of(".{0,40}"),
+        ) {
+            let Ok(path) = path.parse::<PathAndQuery>() else { return Ok(()) };
+            let r = record(&host, path.as_str(), user.as_deref(), Some(":9"));
+            let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
+            proptest::prop_assert_eq!(v["path"].as_str(), Some(path.as_str()));
+            proptest::prop_assert_eq!(v["user"].as_str(), user.as_deref());
+        }
     }
 }

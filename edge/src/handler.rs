@@ -58,6 +58,9 @@ pub struct Conn {
     pub port: u16,
     /// Plain or TLS.
     pub scheme: Scheme,
+    /// The client's address as an `X-Forwarded-For` value (made once, sent with every
+    /// proxied request).
+    pub forwarded_for: HeaderValue,
     /// Requests whose response has not finished yet.
     pub in_flight: Arc<AtomicUsize>,
     /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
@@ -104,19 +107,15 @@ pub async fn handle(
         ts: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64()),
-        remote: conn.peer.ip().to_string(),
+        remote: conn.peer.ip(),
         proto: match req.version() {
             Version::HTTP_2 => "HTTP/2.0",
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         },
-        method: req.method().to_string(),
-        host: String::new(),
-        path: req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned(),
+        method: req.method().clone(),
+        host: None,
+        path: req.uri().path_and_query().cloned(),
         status: 0,
         bytes: 0,
         duration_ms: 0.0,
@@ -162,7 +161,7 @@ async fn route(
     let router = state.router.load_full();
     let mut record = record;
     if let Some(r) = record.as_deref_mut() {
-        r.host = host.clone();
+        r.host = Some(host_value.clone());
     }
     match conn.scheme {
         Scheme::Http => {
@@ -309,7 +308,7 @@ async fn respond(
             proxy,
             req,
             Forwarded {
-                client_ip: conn.peer.ip().to_canonical(),
+                client_ip: &conn.forwarded_for,
                 proto: conn.scheme.as_str(),
                 host: host_value,
             },
@@ -317,8 +316,8 @@ async fn respond(
             &state.stop,
         )
         .await;
-    if let (Some(r), Some(upstream)) = (record, &outcome.upstream) {
-        r.upstream = Some(upstream.text.clone());
+    if let Some(r) = record {
+        r.upstream = outcome.upstream;
     }
     outcome.response
 }

@@ -17,7 +17,6 @@
 //! longer than the idle timeout, or the pool for its upstream is full. A lease dropped before
 //! its response has ended closes the connection (HTTP/1.1 cannot abandon a response).
 
-use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
@@ -40,7 +39,10 @@ type Conn = http1::Connection<TokioIo<TcpStream>, UpBody>;
 
 /// Idle upstream connections, by thread and upstream.
 pub struct Pool {
-    idle: Mutex<HashMap<(ThreadId, Authority), Vec<Idle>>>,
+    /// A list, not a map: there are a handful of (thread, upstream) pairs, and finding one by
+    /// comparing a thread id and a short authority costs less than hashing the authority.
+    /// Each list is oldest first (connections are pushed and popped at the end).
+    idle: Mutex<Vec<(ThreadId, Authority, Vec<Idle>)>>,
     idle_timeout: Duration,
     max_idle_per_upstream: usize,
 }
@@ -81,7 +83,7 @@ impl Pool {
     /// An empty pool.
     pub fn new(idle_timeout: Duration, max_idle_per_upstream: usize) -> Arc<Pool> {
         Arc::new(Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Vec::new()),
             idle_timeout,
             max_idle_per_upstream,
         })
@@ -125,10 +127,13 @@ impl Pool {
 
     /// An idle connection to `authority` that is still open, if any.
     fn take(self: &Arc<Self>, authority: &Authority) -> Option<Lease> {
+        let thread = std::thread::current().id();
         loop {
             let mut idle = {
                 let mut pool = self.idle.lock().expect("the pool lock is never poisoned");
-                pool.get_mut(&(std::thread::current().id(), authority.clone()))?
+                pool.iter_mut()
+                    .find(|(t, a, _)| *t == thread && a == authority)?
+                    .2
                     .pop()?
             };
             if idle.since.elapsed() > self.idle_timeout || idle.sender.is_closed() {
@@ -149,12 +154,23 @@ impl Pool {
     }
 
     fn put(&self, authority: Authority, idle: Idle) {
+        let thread = std::thread::current().id();
+        let now = idle.since;
         let mut pool = self.idle.lock().expect("the pool lock is never poisoned");
-        let conns = pool
-            .entry((std::thread::current().id(), authority))
-            .or_default();
-        // Stale ones sit at the bottom: drop them while here.
-        conns.retain(|c| c.since.elapsed() <= self.idle_timeout);
+        let at = match pool
+            .iter()
+            .position(|(t, a, _)| *t == thread && *a == authority)
+        {
+            Some(at) => at,
+            None => {
+                pool.push((thread, authority, Vec::new()));
+                pool.len() - 1
+            }
+        };
+        let conns = &mut pool[at].2;
+        // Stale ones sit at the bottom (oldest first): drop them while here.
+        let stale = conns.partition_point(|c| now.duration_since(c.since) > self.idle_timeout);
+        conns.drain(..stale);
         if conns.len() < self.max_idle_per_upstream {
             conns.push(idle);
         }

@@ -195,8 +195,8 @@ pub struct Client {
 /// What the client connection looks like to the upstream.
 #[derive(Debug)]
 pub struct Forwarded<'a> {
-    /// The client's address.
-    pub client_ip: std::net::IpAddr,
+    /// The client's address, as the `X-Forwarded-For` value.
+    pub client_ip: &'a HeaderValue,
     /// "http" or "https".
     pub proto: &'static str,
     /// The Host the client asked for, as sent.
@@ -228,15 +228,25 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// Removes hop-by-hop headers, including those the Connection header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // Usually the options name no header the message has ("keep-alive", "close"): then
+    // nothing is collected (a HeaderName for "keep-alive" would be an allocation).
+    let names_one = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+        .any(|n| headers.contains_key(n.trim()));
+    if names_one {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -289,10 +299,7 @@ impl Client {
             headers.insert(header::UPGRADE, protocol.clone());
         }
         // The edge is the front door: forwarding headers from clients are not trusted.
-        headers.insert(
-            X_FORWARDED_FOR.clone(),
-            HeaderValue::from_str(&fwd.client_ip.to_string()).expect("an IP is a header value"),
-        );
+        headers.insert(X_FORWARDED_FOR.clone(), fwd.client_ip.clone());
         headers.insert(
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(fwd.proto),
@@ -316,11 +323,13 @@ impl Client {
             UpBody::Client(body)
         });
         let mut last: Option<Arc<Upstream>> = None;
-        let mut failure = status_response(
+        // Made only when no upstream answered.
+        let mut failure = (
             StatusCode::BAD_GATEWAY,
             "bad gateway: no upstream answered\n",
         );
-        for upstream in proxy.order() {
+        let mut order = proxy.order().peekable();
+        while let Some(upstream) = order.next() {
             let Some(this_body) = body.take() else { break };
             last = Some(upstream.clone());
             // Origin form: the connection is to the upstream already.
@@ -329,7 +338,8 @@ impl Client {
             *up.method_mut() = method.clone();
             *up.uri_mut() = uri;
             *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = if retryable {
+            // Only a retry needs the headers again.
+            *up.headers_mut() = if retryable && order.peek().is_some() {
                 headers.clone()
             } else {
                 std::mem::take(&mut headers)
@@ -362,21 +372,20 @@ impl Client {
                     if retryable {
                         body = Some(UpBody::Empty);
                     }
-                    failure = status_response(
+                    failure = (
                         StatusCode::BAD_GATEWAY,
                         "bad gateway: upstream unreachable\n",
                     );
                 }
                 Ok(Err(Failure::Request(err))) => {
                     tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream request failed");
-                    failure =
-                        status_response(StatusCode::BAD_GATEWAY, "bad gateway: upstream failed\n");
+                    failure = (StatusCode::BAD_GATEWAY, "bad gateway: upstream failed\n");
                     break;
                 }
                 Err(_) => {
                     tracing::warn!(upstream = %upstream.text, timeout = ?self.response_timeout, "upstream response timed out");
                     upstream.failed(proxy);
-                    failure = status_response(
+                    failure = (
                         StatusCode::GATEWAY_TIMEOUT,
                         "gateway timeout: upstream did not answer in time\n",
                     );
@@ -388,7 +397,7 @@ impl Client {
             }
         }
         Outcome {
-            response: failure,
+            response: status_response(failure.0, failure.1),
             upstream: last,
         }
     }

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::body::Incoming;
+use hyper::http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::{HttpService, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -522,6 +523,8 @@ async fn serve_conn(
         peer,
         port,
         scheme,
+        forwarded_for: HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+            .expect("an IP address is a header value"),
         in_flight: Arc::new(AtomicUsize::new(0)),
         requests: AtomicU64::new(0),
     });
