@@ -453,7 +453,7 @@ impl Acme {
                     continue;
                 }
                 let due = self.due_at(&current.acme, name, schedules.get(name));
-                if due > now_t {
+                if due > tokio::time::Instant::now() {
                     next_wake = next_wake.min(due);
                     continue;
                 }
