@@ -263,6 +263,8 @@ async fn get(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>)
         .header("host", "lab.example.org")
         .body(Empty::new())
         .unwrap();
+    // The previous exchange must finish before the connection takes the next request.
+    sender.ready().await.unwrap();
     let response = sender.send_request(req).await.unwrap();
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.unwrap().to_bytes();
