@@ -599,10 +599,13 @@ pub fn default_storage(env: &Env) -> PathBuf {
     }
 }
 
+/// Reads an optional duration key, with its default.
+type DurationKey<'a> = &'a dyn Fn(&str, &Option<String>, Duration) -> Result<Duration, ConfigError>;
+
 fn resolve_acme(
     raw: &EdgeToml,
     file: &ConfigFile,
-    duration: &dyn Fn(&str, &Option<String>, Duration) -> Result<Duration, ConfigError>,
+    duration: DurationKey<'_>,
 ) -> Result<AcmeConfig, ConfigError> {
     let defaults = AcmeConfig::default();
     let directory = match &raw.acme_ca {
