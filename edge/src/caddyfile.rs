@@ -2,7 +2,9 @@
 //! same [`EdgeToml`] a TOML file gives (so `edge adapt` prints it as TOML).
 //!
 //! Supported: the global options block (`email`, `http_port`, `https_port`,
-//! `storage file_system PATH`, `default_bind`, `grace_period`, `admin off`), `{$ENV}` and
+//! `storage file_system PATH`, `default_bind`, `grace_period`, `admin off`, `acme_ca`,
+//! `acme_ca_root`, `key_type`, `renewal_window_ratio`, and labkit's own `acme_challenges` and
+//! `acme_retry_base`), `{$ENV}` and
 //! `{$ENV:default}` substitution, and site blocks with one or more addresses holding
 //! `reverse_proxy`, `tls internal`, `tls EMAIL`, `redir`, `header`, `encode`, `basic_auth`
 //! and a bare `log`; directives take a path matcher (`/api/*`, `*.php`, `*`). Anything else is
@@ -390,6 +392,32 @@ fn globals(
             "http_port" => toml.http_port = Some(port("port")?),
             "https_port" => toml.https_port = Some(port("port")?),
             "grace_period" => toml.grace_period = Some(one("duration")?),
+            "acme_ca" => toml.acme_ca = Some(one("directory URL")?),
+            "acme_ca_root" => toml.acme_ca_root = Some(PathBuf::from(one("PEM file")?)),
+            "key_type" => toml.key_type = Some(one("key type")?),
+            "renewal_window_ratio" => {
+                let text = one("ratio")?;
+                lines.insert("acme.renewal_window_ratio".into(), node.line);
+                toml.acme.renewal_window_ratio =
+                    Some(text.parse().map_err(|_| {
+                        p.err(node.line, format!("{name}: {text:?} is not a number"))
+                    })?);
+            }
+            // labkit's own: which challenges to offer, and the first retry delay.
+            "acme_challenges" => {
+                if args.is_empty() || node.block.is_some() {
+                    return Err(p.err(
+                        node.line,
+                        "acme_challenges takes one or more of http-01, tls-alpn-01",
+                    ));
+                }
+                lines.insert("acme.challenges".into(), node.line);
+                toml.acme.challenges = args.iter().map(|t| t.text.clone()).collect();
+            }
+            "acme_retry_base" => {
+                lines.insert("acme.retry_base".into(), node.line);
+                toml.acme.retry_base = Some(one("duration")?);
+            }
             "default_bind" => {
                 if args.is_empty() || node.block.is_some() {
                     return Err(p.err(node.line, "default_bind takes one or more addresses"));
@@ -884,7 +912,7 @@ mod tests {
         let path = Path::new("/etc/Caddyfile");
         let parsed = parse(
             path,
-            "a.local {\n\treverse_proxy :1\n}\nb.example.org {\n\treverse_proxy :2\n}\n",
+            "a.local {\n\treverse_proxy :1\n}\n*.example.org {\n\treverse_proxy :2\n}\n",
             &Env::default(),
         )
         .unwrap();
@@ -892,6 +920,23 @@ mod tests {
             .unwrap_err();
         let located = parsed.locate(path, err).to_string();
         assert!(located.starts_with("/etc/Caddyfile:4: "), "{located}");
-        assert!(located.contains("ACME"), "{located}");
+        assert!(located.contains("DNS-01"), "{located}");
+    }
+
+    #[test]
+    fn acme_global_options_map_to_toml_keys() {
+        let toml = parse(
+            Path::new("/etc/Caddyfile"),
+            "{\n acme_ca https://ca.test/dir\n acme_ca_root /etc/ca.pem\n key_type rsa2048\n renewal_window_ratio 0.5\n acme_challenges tls-alpn-01\n acme_retry_base 2s\n}\nlab.example.org {\n reverse_proxy :9000\n}\n",
+            &Env::default(),
+        )
+        .unwrap()
+        .toml;
+        assert_eq!(toml.acme_ca.as_deref(), Some("https://ca.test/dir"));
+        assert_eq!(toml.acme_ca_root, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(toml.key_type.as_deref(), Some("rsa2048"));
+        assert_eq!(toml.acme.renewal_window_ratio, Some(0.5));
+        assert_eq!(toml.acme.challenges, vec!["tls-alpn-01".to_owned()]);
+        assert_eq!(toml.acme.retry_base.as_deref(), Some("2s"));
     }
 }

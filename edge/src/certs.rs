@@ -1,5 +1,5 @@
 //! Serving certificates: a per-name map swapped live under TLS handshakes, filled from the
-//! storage or the internal CA, and renewed in the background.
+//! storage, the internal CA or ACME ([`crate::acme`]), and renewed in the background.
 //!
 //! The map sits behind an `ArcSwap`, so a handshake reads it without a lock and a renewal or
 //! reload replaces it whole; connections already up keep the certificate they started with.
@@ -44,6 +44,8 @@ pub struct Entry {
     pub certified: Arc<CertifiedKey>,
     /// The leaf's validity.
     pub validity: Validity,
+    /// Ordered from an ACME CA (renewed by [`crate::acme`]), not made by the internal CA.
+    pub acme: bool,
 }
 
 /// Every certificate the edge serves, by name.
@@ -101,9 +103,11 @@ impl Certs {
         &self.ca
     }
 
-    /// Makes the served set exactly `hosts`: keeps what is served and fresh, loads what the
-    /// storage holds, issues the rest. Blocking (file I/O and signing).
-    pub fn ensure(&self, hosts: &[Host]) -> Result<(), CaError> {
+    /// Makes the served set exactly `hosts` from the internal CA plus the ACME names in
+    /// `acme` that are served already: keeps what is served and fresh, loads what the storage
+    /// holds, issues the rest. ACME names not served yet are [`crate::acme`]'s to add.
+    /// Blocking (file I/O and signing).
+    pub fn ensure(&self, hosts: &[Host], acme: &[String]) -> Result<(), CaError> {
         let current = self.map.load_full();
         let mut next = HashMap::new();
         for host in hosts {
@@ -112,14 +116,33 @@ impl Certs {
                 continue;
             }
             let entry = match current.get(&key) {
-                Some(e) if now() < e.validity.renew_at() => e.clone(),
+                Some(e) if !e.acme && now() < e.validity.renew_at() => e.clone(),
                 _ => self.load_or_issue(host, &key)?,
             };
             next.insert(key, entry);
         }
+        for name in acme {
+            if let Some(e) = current.get(name).filter(|e| e.acme) {
+                next.insert(name.clone(), e.clone());
+            }
+        }
         self.map.store(Arc::new(next));
         self.changed.notify_one();
         Ok(())
+    }
+
+    /// Serves `entry` for `key` from the next handshake on, replacing what was served.
+    pub fn install(&self, key: &str, entry: Arc<Entry>) {
+        self.map.rcu(|map| {
+            let mut next = HashMap::clone(map);
+            next.insert(key.to_owned(), entry.clone());
+            next
+        });
+    }
+
+    /// What is served for `key`.
+    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        self.map.load().get(key).cloned()
     }
 
     /// Renews the intermediate and every leaf that is due; returns how many leaves.
@@ -130,7 +153,7 @@ impl Certs {
         let current = self.map.load_full();
         let due: Vec<String> = current
             .iter()
-            .filter(|(_, e)| now() >= e.validity.renew_at())
+            .filter(|(_, e)| !e.acme && now() >= e.validity.renew_at())
             .map(|(k, _)| k.clone())
             .collect();
         if due.is_empty() {
@@ -155,6 +178,7 @@ impl Certs {
         self.map
             .load()
             .values()
+            .filter(|e| !e.acme)
             .map(|e| e.validity.renew_at())
             .chain([self.ca.intermediate_renew_at()])
             .min()
@@ -224,7 +248,7 @@ impl Certs {
         let (Some(chain_pem), Some(key_pem)) = (read(&crt)?, read(&key_file)?) else {
             return Ok(None);
         };
-        let entry = self.entry(&chain_pem, &key_pem)?;
+        let entry = self.entry(&chain_pem, &key_pem, false)?;
         if now() >= entry.validity.renew_at() {
             return Ok(None);
         }
@@ -240,7 +264,8 @@ impl Certs {
         Ok(Some(Arc::new(entry)))
     }
 
-    fn entry(&self, chain_pem: &[u8], key_pem: &[u8]) -> Result<Entry, String> {
+    /// Parses a PEM chain and key into a servable entry; the error says what is wrong.
+    pub fn entry(&self, chain_pem: &[u8], key_pem: &[u8], acme: bool) -> Result<Entry, String> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<_, _>>()
             .map_err(|e| format!("certificate chain: {e}"))?;
@@ -261,6 +286,7 @@ impl Certs {
         Ok(Entry {
             certified: Arc::new(certified),
             validity,
+            acme,
         })
     }
 
@@ -278,7 +304,7 @@ impl Certs {
         write(&key_file, leaf.key_pem.as_bytes(), KEY_MODE)?;
         write(&crt, leaf.chain_pem.as_bytes(), CERT_MODE)?;
         let entry = self
-            .entry(leaf.chain_pem.as_bytes(), leaf.key_pem.as_bytes())
+            .entry(leaf.chain_pem.as_bytes(), leaf.key_pem.as_bytes(), false)
             .map_err(|reason| CaError::Corrupt {
                 path: self.storage.path(&crt),
                 reason,
@@ -364,7 +390,7 @@ mod tests {
             Host::parse("*.lab.internal").unwrap(),
             Host::parse("127.0.0.1").unwrap(),
         ];
-        certs.ensure(&hosts).unwrap();
+        certs.ensure(&hosts, &[]).unwrap();
         assert!(certs.serves("app.local"));
         assert!(certs.serves("git.lab.internal"));
         assert!(!certs.serves("a.b.lab.internal"));
@@ -378,11 +404,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let host = [Host::parse("app.local").unwrap()];
         let first = certs(dir.path());
-        first.ensure(&host).unwrap();
+        first.ensure(&host, &[]).unwrap();
         let served = first.lookup("app.local").unwrap().cert[0].clone();
 
         let second = certs(dir.path());
-        second.ensure(&host).unwrap();
+        second.ensure(&host, &[]).unwrap();
         assert_eq!(second.lookup("app.local").unwrap().cert[0], served);
 
         std::fs::write(
@@ -392,7 +418,7 @@ mod tests {
         )
         .unwrap();
         let third = certs(dir.path());
-        third.ensure(&host).unwrap();
+        third.ensure(&host, &[]).unwrap();
         assert_ne!(third.lookup("app.local").unwrap().cert[0], served);
     }
 
@@ -401,12 +427,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let certs = certs(dir.path());
         certs
-            .ensure(&[
-                Host::parse("a.local").unwrap(),
-                Host::parse("b.local").unwrap(),
-            ])
+            .ensure(
+                &[
+                    Host::parse("a.local").unwrap(),
+                    Host::parse("b.local").unwrap(),
+                ],
+                &[],
+            )
             .unwrap();
-        certs.ensure(&[Host::parse("a.local").unwrap()]).unwrap();
+        certs
+            .ensure(&[Host::parse("a.local").unwrap()], &[])
+            .unwrap();
         assert!(certs.serves("a.local") && !certs.serves("b.local"));
     }
 }

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::server::{self, Source};
 use crate::site::Site;
 use crate::storage::Storage;
-use crate::{Error, caddyfile, trust};
+use crate::{Error, acme, caddyfile, trust};
 
 const AFTER_HELP: &str = "\
 EXAMPLES:
@@ -20,6 +20,7 @@ EXAMPLES:
     edge run --caddyfile /etc/caddy/Caddyfile      serve a Caddyfile as it is
     edge check --caddyfile Caddyfile               validate and list the resolved sites
     edge adapt --caddyfile Caddyfile > edge.toml   the same config as TOML
+    edge status -c edge.toml                       each name's certificate: issuer, expiry, renewal, errors
     edge ca root -c edge.toml > root.pem           the internal CA's root, for clients
     curl --cacert root.pem https://app.local/      trust it for one client
     sudo edge ca trust -c edge.toml                or for the whole system
@@ -34,7 +35,10 @@ EXIT STATUS:
 /// Terminates HTTPS (TLS 1.2/1.3, HTTP/1.1 and HTTP/2) for each site and proxies to its
 /// upstreams, WebSockets included, streaming bodies both ways. Plain HTTP is redirected to
 /// HTTPS. Certificates for localhost, IP addresses, *.internal, *.local, *.home.arpa and sites
-/// with `tls internal` come from the edge's own CA, made on first start in the storage folder.
+/// with `tls internal` come from the edge's own CA, made on first start in the storage folder;
+/// every other name gets a public certificate by ACME (Let's Encrypt unless `acme_ca` says
+/// otherwise), answered on the HTTP port (HTTP-01) or the HTTPS port (TLS-ALPN-01), stored,
+/// and renewed in the background when a third of its lifetime is left.
 /// Access logs are JSON lines on stdout; diagnostics go to stderr.
 #[derive(Debug, Parser)]
 #[command(name = "edge", version, after_long_help = AFTER_HELP)]
@@ -94,6 +98,22 @@ pub enum Command {
         after_long_help = "EXAMPLES:\n    edge check -c edge.toml\n    edge check --caddyfile Caddyfile --format json"
     )]
     Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Output format
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Print each name's certificate state from the storage: issuer, expiry, next renewal and
+    /// the last error. Reads only the storage, so it works with the edge running or not.
+    ///
+    /// Text: one line per name. JSON: one object per line with the keys name, issuer, expires,
+    /// next_renewal, last_attempt, next_attempt, failures, last_error (times RFC 3339, absent
+    /// values null).
+    #[command(
+        after_long_help = "EXAMPLES:\n    edge status -c /etc/labkit/edge.toml\n    edge status --caddyfile Caddyfile --format json | jq 'select(.last_error)'"
+    )]
+    Status {
         #[command(flatten)]
         config: ConfigArgs,
         /// Output format
@@ -175,8 +195,78 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             print!("{toml}");
             Ok(())
         }
+        Command::Status { config, format } => {
+            let resolved = config.source().load(&env)?;
+            print_status(&resolved, format)
+        }
         Command::Ca(command) => ca(command, &env),
     }
+}
+
+fn print_status(config: &Config, format: Format) -> Result<(), Error> {
+    let storage = Storage::open(&config.storage).map_err(|source| Error::Io {
+        what: format!("opening storage {}", config.storage.display()),
+        source,
+    })?;
+    let (internal, plan) = server::cert_plan(config);
+    let mut lines = Vec::new();
+    for host in &internal {
+        let name = crate::certs::key_of(host);
+        let file = name.replace('*', "wildcard_");
+        let crt = format!("certificates/local/{file}/{file}.crt");
+        let validity = storage
+            .read(&crt)
+            .ok()
+            .flatten()
+            .and_then(|pem| {
+                use rustls::pki_types::pem::PemObject;
+                rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                    .next()
+                    .and_then(Result::ok)
+            })
+            .and_then(|der| crate::ca::Validity::of(&der).ok());
+        lines.push(acme::StatusLine {
+            name,
+            issuer: "internal".into(),
+            expires: validity.map(|v| acme::rfc3339(v.not_after)),
+            next_renewal: validity.map(|v| acme::rfc3339(v.renew_at())),
+            last_error: None,
+            last_attempt: None,
+            next_attempt: None,
+            failures: 0,
+        });
+    }
+    for (name, _) in &plan.names {
+        lines.push(acme::status_of(&storage, &plan.acme, name));
+    }
+    for line in &lines {
+        match format {
+            Format::Json => {
+                let text = serde_json::to_string(line)
+                    .map_err(|e| Error::Internal(format!("writing JSON: {e}")))?;
+                println!("{text}");
+            }
+            Format::Text => {
+                let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                let mut out = format!(
+                    "{}  issuer {}  expires {}  renews {}",
+                    line.name,
+                    line.issuer,
+                    line.expires.as_deref().unwrap_or("(no certificate)"),
+                    or_none(&line.next_renewal),
+                );
+                if let Some(err) = &line.last_error {
+                    out.push_str(&format!(
+                        "  failures {}  next attempt {}  last error: {err}",
+                        line.failures,
+                        or_none(&line.next_attempt)
+                    ));
+                }
+                println!("{out}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn open_ca(config: &ConfigArgs, env: &Env) -> Result<Ca, Error> {
@@ -232,7 +322,12 @@ fn lines(site: &Site) -> Vec<SiteLine<'_>> {
         .iter()
         .map(|address| SiteLine {
             address: address.to_string(),
-            tls: (address.scheme == crate::site::Scheme::Https).then_some("internal"),
+            tls: (address.scheme == crate::site::Scheme::Https).then(|| {
+                match site.tls_policy(&address.host) {
+                    crate::site::TlsPolicy::Internal => "internal",
+                    crate::site::TlsPolicy::Acme => "acme",
+                }
+            }),
             redir: site
                 .redirects
                 .iter()

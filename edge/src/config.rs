@@ -5,8 +5,8 @@
 //! also what `edge adapt` prints for a Caddyfile, so the two front ends meet here and share one
 //! resolution step. [`resolve`] turns strings into types that cannot hold invalid states:
 //! addresses into [`crate::site::Address`], durations into [`Duration`], bcrypt hashes checked,
-//! upstreams parsed, and every name given a certificate policy. A name that needs a public
-//! certificate is refused (exit 78) until ACME lands.
+//! upstreams parsed, and every name given a certificate policy: the internal CA for local
+//! names and `tls internal` sites, ACME ([`AcmeConfig`]) for every other name.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -26,9 +26,22 @@ use crate::site::{
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeToml {
-    /// Contact email for ACME accounts (used once ACME lands).
+    /// Contact email for ACME accounts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// ACME directory URL (Caddy's `acme_ca`). Default: Let's Encrypt production.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_ca: Option<String>,
+    /// PEM file of the root that the ACME server's own HTTPS certificate chains to, for a
+    /// private ACME server (Caddy's `acme_ca_root`). Default: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_ca_root: Option<PathBuf>,
+    /// Key type of ACME certificates: "p256" (ECDSA P-256, default) or "rsa2048".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<String>,
+    /// ACME tuning.
+    #[serde(default, skip_serializing_if = "AcmeToml::is_empty")]
+    pub acme: AcmeToml,
     /// Port for plain HTTP (redirects to HTTPS, ACME HTTP-01). Default 80; 0 picks a free one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_port: Option<u16>,
@@ -53,6 +66,35 @@ pub struct EdgeToml {
     /// The sites.
     #[serde(default, rename = "site", skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteToml>,
+}
+
+/// `[acme]`: how certificates are ordered and renewed; every key optional.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeToml {
+    /// Challenge types offered to the CA: "http-01" (on the HTTP port) and "tls-alpn-01" (on
+    /// the HTTPS port). Default both; give only "tls-alpn-01" when port 80 is closed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub challenges: Vec<String>,
+    /// Renew when this fraction of a certificate's lifetime is left. Default 0.3333.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_window_ratio: Option<f64>,
+    /// First delay after a failed order; each further failure doubles it, up to a day, with
+    /// jitter. Default "1m".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_base: Option<String>,
+    /// Orders in flight at once. Default 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_orders: Option<usize>,
+    /// Time one order may take, from new order to downloaded chain. Default "2m".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_timeout: Option<String>,
+}
+
+impl AcmeToml {
+    fn is_empty(&self) -> bool {
+        *self == AcmeToml::default()
+    }
 }
 
 /// `[limits]`: every key optional, with sane defaults.
@@ -98,7 +140,8 @@ pub struct SiteToml {
     /// Addresses as Caddy writes them: "example.org", "https://a.example.org:8443",
     /// "http://intranet.local", "*.example.org", "localhost", "127.0.0.1".
     pub addresses: Vec<String>,
-    /// Certificate source: "internal" (the edge's own CA) or "acme" (public; not yet available).
+    /// Certificate source: "internal" (the edge's own CA) or "acme" (public, from the ACME CA;
+    /// the default for every name but localhost, IP addresses and local suffixes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
     /// ACME account email for this site (`tls EMAIL` in a Caddyfile).
@@ -259,6 +302,63 @@ impl Default for Limits {
     }
 }
 
+/// Let's Encrypt's production directory, the default ACME CA.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// The key of a certificate ordered by ACME.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    /// ECDSA P-256.
+    P256,
+    /// RSA 2048.
+    Rsa2048,
+}
+
+/// An ACME challenge type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// HTTP-01, answered on the HTTP port.
+    Http01,
+    /// TLS-ALPN-01, answered on the HTTPS port.
+    TlsAlpn01,
+}
+
+/// ACME settings, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcmeConfig {
+    /// Directory URL.
+    pub directory: String,
+    /// Root to trust for the directory's HTTPS.
+    pub root: Option<PathBuf>,
+    /// Certificate key type.
+    pub key_type: KeyType,
+    /// Challenge types offered, in preference order.
+    pub challenges: Vec<Challenge>,
+    /// Fraction of the lifetime left when renewal starts.
+    pub renewal_window_ratio: f64,
+    /// First retry delay.
+    pub retry_base: Duration,
+    /// Orders at once.
+    pub max_concurrent_orders: usize,
+    /// Time limit of one order.
+    pub order_timeout: Duration,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> AcmeConfig {
+        AcmeConfig {
+            directory: LETS_ENCRYPT.to_owned(),
+            root: None,
+            key_type: KeyType::P256,
+            challenges: vec![Challenge::Http01, Challenge::TlsAlpn01],
+            renewal_window_ratio: 1.0 / 3.0,
+            retry_base: Duration::from_secs(60),
+            max_concurrent_orders: 4,
+            order_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
 /// Where access log lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccessLog {
@@ -279,6 +379,8 @@ pub struct Config {
     pub source: PathBuf,
     /// ACME account email.
     pub email: Option<String>,
+    /// ACME settings.
+    pub acme: AcmeConfig,
     /// Plain HTTP port.
     pub http_port: u16,
     /// HTTPS port.
@@ -426,8 +528,8 @@ pub fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Config, Co
     if bind.is_empty() {
         bind.push(IpAddr::from([0u8; 16]));
     }
-    let storage = match raw.storage {
-        Some(path) => file.resolve_path(&path),
+    let storage = match &raw.storage {
+        Some(path) => file.resolve_path(path),
         None => default_storage(env),
     };
     let access_log = match raw.access_log.as_deref() {
@@ -441,6 +543,7 @@ pub fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Config, Co
     if let Some(email) = &raw.email {
         check_email(email).map_err(|m| file.invalid("email", m))?;
     }
+    let acme = resolve_acme(&raw, file, &duration)?;
 
     let mut sites = Vec::new();
     let mut seen: BTreeMap<(String, u16), usize> = BTreeMap::new();
@@ -460,6 +563,7 @@ pub fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Config, Co
     Ok(Config {
         source: file.path().to_owned(),
         email: raw.email,
+        acme,
         http_port,
         https_port,
         bind,
@@ -493,6 +597,95 @@ pub fn default_storage(env: &Env) -> PathBuf {
         }
         _ => PathBuf::from("/var/lib/labkit/edge"),
     }
+}
+
+/// Reads an optional duration key, with its default.
+type DurationKey<'a> = &'a dyn Fn(&str, &Option<String>, Duration) -> Result<Duration, ConfigError>;
+
+fn resolve_acme(
+    raw: &EdgeToml,
+    file: &ConfigFile,
+    duration: DurationKey<'_>,
+) -> Result<AcmeConfig, ConfigError> {
+    let defaults = AcmeConfig::default();
+    let directory = match &raw.acme_ca {
+        None => defaults.directory,
+        Some(url) if url.starts_with("https://") && url.len() > "https://".len() => url.clone(),
+        Some(url) => {
+            return Err(file.invalid(
+                "acme_ca",
+                format!("{url:?} is not an https:// ACME directory URL"),
+            ));
+        }
+    };
+    let root = raw.acme_ca_root.as_ref().map(|p| file.resolve_path(p));
+    let key_type = match raw.key_type.as_deref() {
+        None | Some("p256") => KeyType::P256,
+        Some("rsa2048") => KeyType::Rsa2048,
+        Some(other) => {
+            return Err(file.invalid(
+                "key_type",
+                format!("{other:?} is not supported (\"p256\" or \"rsa2048\")"),
+            ));
+        }
+    };
+    let a = &raw.acme;
+    let mut challenges = Vec::new();
+    for (i, name) in a.challenges.iter().enumerate() {
+        let challenge = match name.as_str() {
+            "http-01" => Challenge::Http01,
+            "tls-alpn-01" => Challenge::TlsAlpn01,
+            other => {
+                return Err(file.invalid(
+                    format!("acme.challenges[{i}]"),
+                    format!("{other:?} is not supported (\"http-01\" or \"tls-alpn-01\")"),
+                ));
+            }
+        };
+        if !challenges.contains(&challenge) {
+            challenges.push(challenge);
+        }
+    }
+    if challenges.is_empty() {
+        challenges = defaults.challenges;
+    }
+    let renewal_window_ratio = match a.renewal_window_ratio {
+        None => defaults.renewal_window_ratio,
+        Some(r) if r > 0.0 && r < 1.0 => r,
+        Some(r) => {
+            return Err(file.invalid(
+                "acme.renewal_window_ratio",
+                format!("{r} is not between 0 and 1 (exclusive)"),
+            ));
+        }
+    };
+    let retry_base = duration("acme.retry_base", &a.retry_base, defaults.retry_base)?;
+    if retry_base.is_zero() {
+        return Err(file.invalid("acme.retry_base", "must be longer than zero"));
+    }
+    let order_timeout = duration(
+        "acme.order_timeout",
+        &a.order_timeout,
+        defaults.order_timeout,
+    )?;
+    if order_timeout.is_zero() {
+        return Err(file.invalid("acme.order_timeout", "must be longer than zero"));
+    }
+    let max_concurrent_orders = match a.max_concurrent_orders {
+        Some(0) => return Err(file.invalid("acme.max_concurrent_orders", "must be at least 1")),
+        Some(n) => n,
+        None => defaults.max_concurrent_orders,
+    };
+    Ok(AcmeConfig {
+        directory,
+        root,
+        key_type,
+        challenges,
+        renewal_window_ratio,
+        retry_base,
+        max_concurrent_orders,
+        order_timeout,
+    })
 }
 
 fn check_email(email: &str) -> Result<(), &'static str> {
@@ -531,9 +724,8 @@ fn resolve_site(
         let address = Address::parse(text, http_port, https_port)
             .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
         if address.scheme == Scheme::Https {
-            let policy = TlsPolicy::for_host(&address.host, explicit_internal)
+            TlsPolicy::for_host(&address.host, explicit_internal)
                 .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
-            debug_assert_eq!(policy, TlsPolicy::Internal);
         }
         addresses.push(address);
     }
@@ -660,6 +852,8 @@ fn resolve_site(
     proxies.sort_by_key(|p| std::cmp::Reverse(p.matcher.specificity()));
     Ok(Site {
         addresses,
+        tls_internal: explicit_internal,
+        tls_email: raw.tls_email,
         encode,
         redirects,
         headers,
@@ -692,15 +886,48 @@ mod tests {
     }
 
     #[test]
-    fn a_public_name_without_tls_internal_is_refused_until_acme_lands() {
-        let err = resolve_text(
-            "[[site]]\naddresses = [\"lab.example.org\"]\n[[site.reverse_proxy]]\nto = [\"localhost:7001\"]\n",
-        )
-        .unwrap_err();
+    fn a_public_name_gets_acme_and_a_public_wildcard_is_refused() {
+        let site = |addr: &str| {
+            format!(
+                "[[site]]\naddresses = [\"{addr}\"]\n[[site.reverse_proxy]]\nto = [\"localhost:7001\"]\n"
+            )
+        };
+        let config = resolve_text(&site("lab.example.org")).unwrap();
+        let host = &config.sites[0].addresses[0].host;
+        assert_eq!(config.sites[0].tls_policy(host), TlsPolicy::Acme);
+        assert_eq!(config.acme.directory, LETS_ENCRYPT);
+        assert_eq!(config.acme.key_type, KeyType::P256);
+        let err = resolve_text(&site("*.example.org")).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("site[0].addresses[0]"), "{text}");
-        assert!(text.contains("ACME"), "{text}");
+        assert!(text.contains("DNS-01"), "{text}");
         assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
+    }
+
+    #[test]
+    fn acme_keys_resolve_and_bad_ones_name_their_key() {
+        let config = resolve_text(
+            "acme_ca = \"https://ca.test/dir\"\nkey_type = \"rsa2048\"\n[acme]\nchallenges = [\"tls-alpn-01\"]\nrenewal_window_ratio = 0.5\nretry_base = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.acme.directory, "https://ca.test/dir");
+        assert_eq!(config.acme.key_type, KeyType::Rsa2048);
+        assert_eq!(config.acme.challenges, vec![Challenge::TlsAlpn01]);
+        assert_eq!(config.acme.renewal_window_ratio, 0.5);
+        assert_eq!(config.acme.retry_base, Duration::from_secs(2));
+        for (text, key) in [
+            ("acme_ca = \"http://ca.test/dir\"\n", "acme_ca"),
+            ("key_type = \"ed25519\"\n", "key_type"),
+            ("[acme]\nchallenges = [\"dns-01\"]\n", "acme.challenges[0]"),
+            (
+                "[acme]\nrenewal_window_ratio = 1.5\n",
+                "acme.renewal_window_ratio",
+            ),
+            ("[acme]\nretry_base = \"0s\"\n", "acme.retry_base"),
+        ] {
+            let err = resolve_text(text).unwrap_err();
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

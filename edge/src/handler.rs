@@ -45,7 +45,7 @@ pub struct State {
     pub upgraded: TaskTracker,
     /// Cancelled when upgraded connections must end (after the stop grace period).
     pub stop: CancellationToken,
-    /// ACME challenge answers, once ACME lands.
+    /// ACME challenge answers.
     pub challenges: Option<Arc<dyn ChallengeResponder>>,
 }
 

@@ -3,12 +3,14 @@
 //!
 //! The front ends ([`config`] for TOML, [`caddyfile`]) meet in one resolved [`config::Config`]
 //! of [`site`]s. [`server`] binds the listeners, does TLS with certificates from [`certs`]
-//! (filled by the internal CA in [`ca`], kept in [`storage`]), and hands each request to
+//! (filled by the internal CA in [`ca`] and by ACME in [`acme`], kept in [`storage`]), and
+//! hands each request to
 //! [`handler`], which redirects, authenticates ([`auth`]), proxies ([`proxy`]), compresses
 //! ([`encode`]) and logs ([`access_log`]). [`trust`] puts the internal root into the system
 //! trust store. [`cli`] is the command line.
 
 pub mod access_log;
+pub mod acme;
 pub mod auth;
 pub mod ca;
 pub mod caddyfile;

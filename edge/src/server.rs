@@ -12,7 +12,9 @@
 //! accepting on its own `SO_REUSEPORT` socket of every listener, so a connection's whole life
 //! (TLS, HTTP, the upstream exchange through [`crate::pool`]) stays on one thread and no
 //! request wakes another thread; the main runtime keeps signals, reload, certificate renewal
-//! and the access log writer. Router, certificates and limits are shared by all.
+//! (the internal CA's and ACME's, [`crate::acme`]) and the access log writer. Router,
+//! certificates and limits are shared by all. A TLS handshake offering only `acme-tls/1` is a
+//! CA checking a TLS-ALPN-01 challenge: it gets the challenge certificate and nothing else.
 //!
 //! Listeners may be configured on port 0 (tests): the bound addresses are logged and sent as
 //! the sd_notify `STATUS=` line (`listening http=ADDR https=ADDR`) before `READY=1`.
@@ -49,14 +51,18 @@ use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::access_log::{self, AccessLog};
+use crate::acme::{Acme, Challenges, Plan};
 use crate::ca::Ca;
 use crate::caddyfile;
-use crate::certs::{Certs, Fixed, Resolver};
+use crate::certs::{Certs, ChallengeResponder, Fixed, Resolver, key_of};
 use crate::config::{self, Config, Limits};
 use crate::handler::{self, Conn, State};
 use crate::proxy::Client;
-use crate::site::{Host, Router, Scheme};
+use crate::site::{Host, Router, Scheme, TlsPolicy};
 use crate::storage::Storage;
+
+/// The ALPN protocol of TLS-ALPN-01 challenges (RFC 8737).
+const ACME_TLS: &[u8] = b"acme-tls/1";
 
 /// Where the config comes from (read again on reload).
 #[derive(Clone, Debug)]
@@ -77,16 +83,35 @@ impl Source {
     }
 }
 
-/// The hosts needing certificates.
-pub fn tls_hosts(config: &Config) -> Vec<Host> {
-    let mut hosts: Vec<Host> = config
-        .sites
-        .iter()
-        .flat_map(|s| s.tls_hosts().cloned())
-        .collect();
-    hosts.sort();
-    hosts.dedup();
-    hosts
+/// The hosts needing certificates from the internal CA, and the ACME plan for the others.
+pub fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
+    let mut internal = Vec::new();
+    let mut names: Vec<(String, Option<String>)> = Vec::new();
+    for site in &config.sites {
+        for host in site.tls_hosts() {
+            match site.tls_policy(host) {
+                TlsPolicy::Internal => internal.push(host.clone()),
+                TlsPolicy::Acme => {
+                    let name = key_of(host);
+                    if !names.iter().any(|(n, _)| *n == name) {
+                        let email = site.tls_email.clone().or_else(|| config.email.clone());
+                        names.push((name, email));
+                    }
+                }
+            }
+        }
+    }
+    internal.sort();
+    internal.dedup();
+    let plan = Plan {
+        acme: config.acme.clone(),
+        names,
+    };
+    (internal, plan)
+}
+
+fn acme_names(plan: &Plan) -> Vec<String> {
+    plan.names.iter().map(|(n, _)| n.clone()).collect()
 }
 
 /// A bound listener and its accept loop.
@@ -99,6 +124,7 @@ struct Listener {
 struct Shared {
     state: Arc<State>,
     certs: Arc<Certs>,
+    challenges: Arc<Challenges>,
     tls: Arc<ServerConfig>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     limits: ArcSwap<Limits>,
@@ -176,8 +202,12 @@ pub async fn run(source: Source, env: Env) -> Result<(), Error> {
         source,
     })?;
     let ca = Arc::new(Ca::open(&storage)?);
-    let certs = Arc::new(Certs::new(ca, storage).map_err(Error::Tls)?);
-    certs.ensure(&tls_hosts(&config))?;
+    let certs = Arc::new(Certs::new(ca, storage.clone()).map_err(Error::Tls)?);
+    let (internal, plan) = cert_plan(&config);
+    certs.ensure(&internal, &acme_names(&plan))?;
+    let acme = Arc::new(Acme::new(storage, certs.clone()));
+    acme.serve_stored(&plan);
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(plan);
 
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = server_config(
@@ -205,9 +235,10 @@ pub async fn run(source: Source, env: Env) -> Result<(), Error> {
             log,
             upgraded: upgraded.clone(),
             stop: hard_stop.clone(),
-            challenges: None,
+            challenges: Some(acme.challenges() as Arc<dyn ChallengeResponder>),
         }),
         certs: certs.clone(),
+        challenges: acme.challenges(),
         tls,
         provider,
         limits: ArcSwap::from_pointee(config.limits.clone()),
@@ -226,6 +257,7 @@ pub async fn run(source: Source, env: Env) -> Result<(), Error> {
 
     let renew_stop = CancellationToken::new();
     let renewal = tokio::spawn(certs.clone().renew_loop(renew_stop.clone()));
+    let acme_task = tokio::spawn(acme.clone().run(plan_rx, renew_stop.clone()));
 
     let status = status_line(&config, &listeners);
     tracing::info!(sites = config.sites.len(), "{status}");
@@ -238,7 +270,7 @@ pub async fn run(source: Source, env: Env) -> Result<(), Error> {
             _ = shutdown.cancelled() => break,
             _ = signals.reload() => {
                 notifier.reloading();
-                match reload(&source, &env, &mut listeners, &shared).await {
+                match reload(&source, &env, &mut listeners, &shared, &acme, &plan_tx).await {
                     Ok(config) => {
                         let status = status_line(&config, &listeners);
                         tracing::info!(sites = config.sites.len(), "reloaded; {status}");
@@ -270,6 +302,7 @@ pub async fn run(source: Source, env: Env) -> Result<(), Error> {
     workers.stop().await;
     renew_stop.cancel();
     let _ = renewal.await;
+    let _ = acme_task.await;
     log_stop.cancel();
     if let Some(task) = log_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -340,13 +373,22 @@ async fn reload(
     env: &Env,
     listeners: &mut HashMap<(u16, Scheme), Listener>,
     shared: &Arc<Shared>,
+    acme: &Arc<Acme>,
+    plan_tx: &tokio::sync::watch::Sender<Plan>,
 ) -> Result<Config, Error> {
     let config = source.load(env)?;
     let certs = shared.certs.clone();
-    let hosts = tls_hosts(&config);
-    tokio::task::spawn_blocking(move || certs.ensure(&hosts))
-        .await
-        .map_err(|e| Error::Internal(format!("certificate task: {e}")))??;
+    let (hosts, plan) = cert_plan(&config);
+    let names = acme_names(&plan);
+    let acme = acme.clone();
+    let plan = tokio::task::spawn_blocking(move || {
+        certs.ensure(&hosts, &names)?;
+        acme.serve_stored(&plan);
+        Ok::<_, crate::ca::CaError>(plan)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("certificate task: {e}")))??;
+    plan_tx.send_replace(plan);
     bind_missing(&config, listeners, shared).await?;
     let wanted = config.listeners();
     listeners.retain(|key, listener| {
@@ -535,7 +577,13 @@ async fn serve_conn(
             match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
                 Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                 Ok(Err(err)) => tracing::info!(%peer, error = %err, "TLS handshake failed"),
-                Ok(Ok(tls)) => {
+                Ok(Ok(mut tls)) => {
+                    if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS) {
+                        // A TLS-ALPN-01 check ends with the handshake.
+                        tracing::debug!(%peer, "answered an acme-tls/1 challenge");
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                        return;
+                    }
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     serve_http(tls, h2, conn, &shared, &limits, activity).await;
                 }
@@ -553,6 +601,28 @@ async fn handshake(
 ) -> io::Result<tokio_rustls::server::TlsStream<Activity<TcpStream>>> {
     let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
     let hello = start.client_hello();
+    let acme_only = hello
+        .alpn()
+        .map(|mut protocols| protocols.next() == Some(ACME_TLS) && protocols.next().is_none())
+        .unwrap_or(false);
+    if acme_only {
+        let name = hello.server_name().unwrap_or("").to_owned();
+        return match shared.challenges.tls_alpn01(&name) {
+            Some(cert) => {
+                let config = server_config(
+                    shared.provider.clone(),
+                    Arc::new(Fixed(cert)),
+                    vec![ACME_TLS.to_vec()],
+                )
+                .map_err(io::Error::other)?;
+                start.into_stream(config).await
+            }
+            None => {
+                tracing::info!(%peer, sni = name, "acme-tls/1 handshake with no pending challenge; refusing it");
+                Err(io::Error::other("no pending TLS-ALPN-01 challenge"))
+            }
+        };
+    }
     let config = match hello.server_name() {
         Some(name) => {
             if !shared.certs.serves(name) {

@@ -214,20 +214,24 @@ pub fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
 pub enum TlsPolicy {
     /// The edge's internal CA.
     Internal,
+    /// The configured ACME CA.
+    Acme,
 }
 
 impl TlsPolicy {
-    /// The policy for `host`: internal when asked for or by default for local names; public
-    /// names need ACME, which this edge does not have yet.
+    /// The policy for `host`: internal when asked for or by default for local names, ACME for
+    /// the rest. A public wildcard would need DNS-01, which the edge does not do.
     pub fn for_host(host: &Host, explicit_internal: bool) -> Result<TlsPolicy, String> {
         if explicit_internal || host.internal_by_default() {
             Ok(TlsPolicy::Internal)
-        } else {
+        } else if let Host::Wildcard(_) = host {
             Err(format!(
-                "{host} needs a public certificate from ACME, which this edge does not have \
-                 yet: add `tls internal` to the site (tls = \"internal\" in TOML) to serve it \
-                 from the edge's own CA"
+                "{host}: a public wildcard certificate needs the ACME DNS-01 challenge, which \
+                 this edge does not do: list the names, or add `tls internal` to the site \
+                 (tls = \"internal\" in TOML) to serve it from the edge's own CA"
             ))
+        } else {
+            Ok(TlsPolicy::Acme)
         }
     }
 }
@@ -387,6 +391,10 @@ pub struct Redirect {
 pub struct Site {
     /// Where it is served.
     pub addresses: Vec<Address>,
+    /// `tls internal`: every name from the internal CA.
+    pub tls_internal: bool,
+    /// The ACME account email for this site's names (`tls EMAIL`), over the global one.
+    pub tls_email: Option<String>,
     /// Response compression.
     pub encode: Option<Encode>,
     /// Redirects, most specific first.
@@ -406,6 +414,11 @@ impl Site {
             .iter()
             .filter(|a| a.scheme == Scheme::Https)
             .map(|a| &a.host)
+    }
+
+    /// Where the certificate of `host` (one of [`Site::tls_hosts`]) comes from.
+    pub fn tls_policy(&self, host: &Host) -> TlsPolicy {
+        TlsPolicy::for_host(host, self.tls_internal).unwrap_or(TlsPolicy::Internal)
     }
 }
 

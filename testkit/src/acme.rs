@@ -24,6 +24,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct PebbleBuilder {
     http_port: u16,
     tls_port: u16,
+    cert_validity: Option<Duration>,
 }
 
 impl Default for PebbleBuilder {
@@ -31,6 +32,7 @@ impl Default for PebbleBuilder {
         PebbleBuilder {
             http_port: 5002,
             tls_port: 5001,
+            cert_validity: None,
         }
     }
 }
@@ -45,6 +47,13 @@ impl PebbleBuilder {
     /// The port TLS-ALPN-01 challenges are checked on.
     pub fn tls_port(mut self, port: u16) -> PebbleBuilder {
         self.tls_port = port;
+        self
+    }
+
+    /// How long issued certificates are valid (Pebble's default is five years); short ones
+    /// let a test see renewals.
+    pub fn cert_validity(mut self, validity: Duration) -> PebbleBuilder {
+        self.cert_validity = Some(validity);
         self
     }
 
@@ -71,7 +80,7 @@ impl PebbleBuilder {
 
             let api_port = ports::free_port()?;
             let mgmt_port = ports::free_port()?;
-            let config = serde_json::json!({
+            let mut config = serde_json::json!({
                 "pebble": {
                     "listenAddress": format!("127.0.0.1:{api_port}"),
                     "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
@@ -83,6 +92,9 @@ impl PebbleBuilder {
                     "externalAccountBindingRequired": false
                 }
             });
+            if let Some(validity) = self.cert_validity {
+                config["pebble"]["certificateValidityPeriod"] = validity.as_secs().into();
+            }
             let config_path = scratch.join("pebble.json");
             fs::write(&config_path, config.to_string())?;
             let pebble = ProcBuilder::new(&pebble_bin)
@@ -99,6 +111,7 @@ impl PebbleBuilder {
                 challtestsrv,
                 api_port,
                 mgmt_port,
+                dns_mgmt_port,
                 api_ca_pem: api_ca_pem.clone(),
                 api_ca_path: scratch.join("api-ca.pem"),
                 pebble_bin: pebble_bin.clone(),
@@ -153,6 +166,7 @@ pub struct Pebble {
     challtestsrv: Proc,
     api_port: u16,
     mgmt_port: u16,
+    dns_mgmt_port: u16,
     api_ca_pem: String,
     api_ca_path: PathBuf,
     pebble_bin: PathBuf,
@@ -185,6 +199,17 @@ impl Pebble {
     /// The same CA as a file.
     pub fn api_ca_path(&self) -> &PathBuf {
         &self.api_ca_path
+    }
+
+    /// The DNS test server's management API (plain HTTP: `POST /add-a` with
+    /// `{"host": "name.", "addresses": ["127.0.0.2"]}` points a name elsewhere).
+    pub fn dns_management_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.dns_mgmt_port)
+    }
+
+    /// How many orders Pebble has taken so far (from its log).
+    pub fn orders(&self) -> usize {
+        self.log().matches("Added order").count()
     }
 
     /// The DNS server Pebble resolves names with.

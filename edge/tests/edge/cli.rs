@@ -64,16 +64,33 @@ fn check_lists_the_resolved_sites_of_the_lab_caddyfile() {
 }
 
 #[test]
-fn the_lab_and_example_caddyfiles_as_they_are_need_acme_and_are_refused_with_exit_78() {
+fn the_lab_and_example_caddyfiles_as_they_are_check_with_acme_for_both_sites() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/edge/Caddyfile");
     for file in [shared_lab("Caddyfile"), example] {
         let name = file.display().to_string();
         let ran = edge(&["check", "--caddyfile", &name]);
-        assert_eq!(ran.code, 78, "{name}: {}", ran.stderr);
-        assert!(ran.stderr.contains("lab.example.org"), "{}", ran.stderr);
-        assert!(ran.stderr.contains("ACME"), "{}", ran.stderr);
-        assert!(ran.stderr.contains(&format!("{name}:")), "{}", ran.stderr);
+        assert_eq!(ran.code, 0, "{name}: {}", ran.stderr);
+        let lines: Vec<&str> = ran.stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "{}", ran.stdout);
+        for (line, host) in lines.iter().zip(["lab.example.org", "git.example.org"]) {
+            assert!(line.starts_with(&format!("https://{host}")), "{line}");
+            assert!(line.contains("tls acme"), "{line}");
+        }
     }
+}
+
+#[test]
+fn a_public_wildcard_needs_dns01_and_is_refused_with_exit_78() {
+    let dir = Scratch::new("edge-cli").unwrap();
+    let file = write(
+        &dir,
+        "Caddyfile",
+        "*.example.org {\n\treverse_proxy :9000\n}\n",
+    );
+    let ran = edge(&["check", "--caddyfile", &file]);
+    assert_eq!(ran.code, 78, "{}", ran.stderr);
+    assert!(ran.stderr.contains(&format!("{file}:1")), "{}", ran.stderr);
+    assert!(ran.stderr.contains("DNS-01"), "{}", ran.stderr);
 }
 
 #[test]

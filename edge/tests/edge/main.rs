@@ -1,6 +1,7 @@
 //! The edge end to end: the real binary, real upstream servers on port 0, curl and a
 //! WebSocket client as the users' clients.
 
+mod acme;
 mod bad_input;
 mod cli;
 mod serving;

@@ -240,7 +240,10 @@ impl Edge {
     pub fn start(dir: Scratch, config: PathBuf, flag: &str) -> Edge {
         let proc = ProcBuilder::new(EDGE)
             .args([OsStr::new("run"), OsStr::new(flag), config.as_os_str()])
-            .env("LABKIT_LOG", "info,edge=debug")
+            .env(
+                "LABKIT_LOG",
+                std::env::var("EDGE_TEST_LOG").unwrap_or("info,edge=debug".into()),
+            )
             .notify()
             .spawn()
             .unwrap();
