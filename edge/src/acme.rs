@@ -832,6 +832,15 @@ pub fn rfc3339(secs: i64) -> String {
     jiff::Timestamp::from_second(secs).map_or_else(|_| secs.to_string(), |t| t.to_string())
 }
 
+/// The validity of the leaf in a stored certificate chain, if it is there and parses.
+pub fn stored_validity(storage: &Storage, path: &str) -> Option<crate::ca::Validity> {
+    let pem = storage.read(path).ok().flatten()?;
+    let der = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()?
+        .ok()?;
+    crate::ca::Validity::of(&der).ok()
+}
+
 /// The status of an ACME name from the storage alone.
 pub fn status_of(storage: &Storage, acme: &AcmeConfig, name: &str) -> StatusLine {
     let (crt, _, meta) = cert_paths(&acme.directory, name);
@@ -841,16 +850,7 @@ pub fn status_of(storage: &Storage, acme: &AcmeConfig, name: &str) -> StatusLine
         .flatten()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let validity = storage
-        .read(&crt)
-        .ok()
-        .flatten()
-        .and_then(|pem| {
-            rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
-                .next()
-                .and_then(Result::ok)
-        })
-        .and_then(|der| crate::ca::Validity::of(&der).ok());
+    let validity = stored_validity(storage, &crt);
     let (expires, next_renewal, stored_error) = match validity {
         Some(v) => (
             Some(rfc3339(v.not_after)),

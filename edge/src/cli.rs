@@ -214,17 +214,7 @@ fn print_status(config: &Config, format: Format) -> Result<(), Error> {
         let name = crate::certs::key_of(host);
         let file = name.replace('*', "wildcard_");
         let crt = format!("certificates/local/{file}/{file}.crt");
-        let validity = storage
-            .read(&crt)
-            .ok()
-            .flatten()
-            .and_then(|pem| {
-                use rustls::pki_types::pem::PemObject;
-                rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
-                    .next()
-                    .and_then(Result::ok)
-            })
-            .and_then(|der| crate::ca::Validity::of(&der).ok());
+        let validity = acme::stored_validity(&storage, &crt);
         lines.push(acme::StatusLine {
             name,
             issuer: "internal".into(),
