@@ -551,6 +551,8 @@ impl Acme {
                 state.last_error = None;
                 state.failures = 0;
                 state.next_attempt = None;
+                // The state first: whoever reads the log line and then `edge status` sees it.
+                self.write_state(&acme.directory, &state);
                 tracing::info!(name = %name, not_after = v.not_after, renew_at = renew,
                     "{}", if renewed { "certificate renewed" } else { "certificate obtained" });
             }
@@ -561,6 +563,10 @@ impl Acme {
                 schedule.retry_at = Some(tokio::time::Instant::now() + delay);
                 let text = labcore::exit::chain(&err).to_string();
                 let serving = self.certs.get(name).is_some();
+                state.last_error = Some(text.clone());
+                state.failures = schedule.failures;
+                state.next_attempt = Some(now() + delay.as_secs() as i64);
+                self.write_state(&acme.directory, &state);
                 tracing::warn!(
                     name = %name,
                     attempt = schedule.failures,
@@ -570,12 +576,8 @@ impl Acme {
                     "certificate order failed; {}",
                     if serving { "the current certificate keeps serving" } else { "the name is not served until it succeeds" }
                 );
-                state.last_error = Some(text);
-                state.failures = schedule.failures;
-                state.next_attempt = Some(now() + delay.as_secs() as i64);
             }
         }
-        self.write_state(&acme.directory, &state);
     }
 
     /// Gets a certificate for `name`: from the storage when another edge has just stored a
