@@ -625,4 +625,66 @@ mod tests {
             proptest::prop_assert_eq!(v["user"].as_str(), user.as_deref());
         }
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_line_handed_over_is_written_in_order_by_the_time_the_writer_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let stop = CancellationToken::new();
+        let (log, task) = AccessLog::start(&Target::File(path.clone()), stop.clone())
+            .await
+            .unwrap();
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        log.hand_over(format!("{t} {i}\n").as_bytes(), 1);
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.join().unwrap();
+        }
+        stop.cancel();
+        task.unwrap().await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 8000);
+        for t in 0..4 {
+            let prefix = format!("{t} ");
+            let mine: Vec<u32> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix(prefix.as_str()))
+                .map(|n| n.parse().unwrap())
+                .collect();
+            assert_eq!(
+                mine,
+                (0..2000).collect::<Vec<_>>(),
+                "thread {t}'s lines in order"
+            );
+        }
+        let shared = log.shared.as_ref().unwrap();
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn lines_beyond_what_the_writer_can_hold_are_dropped_and_counted_never_cut() {
+        // No writer thread: nothing is taken, as with a writer stuck on a full pipe.
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            dropped: AtomicU64::new(0),
+        });
+        let log = AccessLog {
+            shared: Some(shared.clone()),
+        };
+        let chunk = vec![b'x'; 1000];
+        let fits = MAX_PENDING / chunk.len();
+        for _ in 0..fits + 5 {
+            log.hand_over(&chunk, 10);
+        }
+        assert_eq!(shared.lock().lines.len(), fits * chunk.len());
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 50);
+    }
 }
