@@ -381,7 +381,7 @@ impl<T: Transport> Server<T> {
 /// The control port: accepts clients and runs each connection's handshake.
 async fn accept_clients<T: Transport>(
     transport: Arc<T>,
-    listener: T::Listener,
+    listener: TcpListener,
     registry: Arc<Registry<T::Stream>>,
     tracker: TaskTracker,
     stop: CancellationToken,

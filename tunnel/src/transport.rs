@@ -18,7 +18,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::TransportSettings;
 use crate::error::Error;
@@ -52,23 +52,31 @@ impl TunnelStream for TcpStream {
 pub trait Transport: Send + Sync + Sized + 'static {
     /// The connections it makes.
     type Stream: TunnelStream;
-    /// What it listens with.
-    type Listener: Send + Sync + 'static;
 
     /// The transport `[*.transport]` describes.
     fn new(settings: &TransportSettings) -> Result<Self, Error>;
 
+    /// The plain TCP transport underneath: every transport listens and accepts with it, and
+    /// adds its handshake on top.
+    fn tcp(&self) -> &TcpTransport;
+
     /// Listens on `addr` (the server's control port).
-    fn bind(&self, addr: &str) -> impl Future<Output = Result<Self::Listener, Error>> + Send;
+    fn bind(&self, addr: &str) -> impl Future<Output = Result<TcpListener, Error>> + Send {
+        self.tcp().bind(addr)
+    }
 
     /// The address a listener is bound to.
-    fn local_addr(listener: &Self::Listener) -> Result<SocketAddr, Error>;
+    fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
+        TcpTransport::local_addr(listener)
+    }
 
     /// Accepts the next TCP connection; cancel-safe.
     fn accept(
         &self,
-        listener: &Self::Listener,
-    ) -> impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>> + Send;
+        listener: &TcpListener,
+    ) -> impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>> + Send {
+        self.tcp().accept(listener)
+    }
 
     /// Runs the server side of the transport's handshake on an accepted connection.
     fn handshake(&self, tcp: TcpStream)

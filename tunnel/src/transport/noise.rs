@@ -12,7 +12,6 @@
 //! the stream is, none per message.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -24,7 +23,7 @@ use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
 use snow::{Builder, HandshakeState, TransportState};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::{TcpTransport, Transport, TunnelStream};
 use crate::config::{NoiseSettings, TransportSettings};
@@ -222,7 +221,6 @@ pub struct NoiseTransport {
 
 impl Transport for NoiseTransport {
     type Stream = NoiseStream;
-    type Listener = TcpListener;
 
     fn new(settings: &TransportSettings) -> Result<NoiseTransport, Error> {
         let noise = settings.noise.clone().ok_or(Error::Unsupported {
@@ -234,16 +232,8 @@ impl Transport for NoiseTransport {
         })
     }
 
-    async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
-        self.tcp.bind(addr).await
-    }
-
-    fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
-        TcpTransport::local_addr(listener)
-    }
-
-    async fn accept(&self, listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
-        self.tcp.accept(listener).await
+    fn tcp(&self) -> &TcpTransport {
+        &self.tcp
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<NoiseStream, Error> {

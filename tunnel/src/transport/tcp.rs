@@ -36,11 +36,33 @@ impl TcpTransport {
             self.settings.keepalive_interval,
         );
     }
+
+    /// Listens on `addr` (the server's control port).
+    pub async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
+        sockopt::listen(addr).await.map_err(|source| Error::Bind {
+            what: "the control channel".into(),
+            addr: addr.to_owned(),
+            source,
+        })
+    }
+
+    /// The address a listener is bound to.
+    pub fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
+        listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the control port's address", e))
+    }
+
+    /// Accepts the next connection and tunes it; cancel-safe.
+    pub async fn accept(&self, listener: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let (stream, peer) = listener.accept().await?;
+        self.tune(&stream);
+        Ok((stream, peer))
+    }
 }
 
 impl Transport for TcpTransport {
     type Stream = TcpStream;
-    type Listener = TcpListener;
 
     fn new(settings: &TransportSettings) -> Result<TcpTransport, Error> {
         Ok(TcpTransport {
@@ -49,24 +71,8 @@ impl Transport for TcpTransport {
         })
     }
 
-    async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
-        sockopt::listen(addr).await.map_err(|source| Error::Bind {
-            what: "the control channel".into(),
-            addr: addr.to_owned(),
-            source,
-        })
-    }
-
-    fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
-        listener
-            .local_addr()
-            .map_err(|e| Error::io("reading the control port's address", e))
-    }
-
-    async fn accept(&self, listener: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
-        let (stream, peer) = listener.accept().await?;
-        self.tune(&stream);
-        Ok((stream, peer))
+    fn tcp(&self) -> &TcpTransport {
+        self
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<TcpStream, Error> {

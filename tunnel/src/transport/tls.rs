@@ -12,7 +12,6 @@
 //! password and private keys are never logged or put in an error.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::BufReader;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{TcpTransport, Transport, TunnelStream};
@@ -321,7 +320,6 @@ fn tls_failed(err: io::Error) -> Error {
 
 impl Transport for TlsTransport {
     type Stream = TlsStream;
-    type Listener = TcpListener;
 
     fn new(settings: &TransportSettings) -> Result<TlsTransport, Error> {
         let tls = settings.tls.as_ref().ok_or(Error::Unsupported {
@@ -330,16 +328,8 @@ impl Transport for TlsTransport {
         TlsTransport::with(TcpTransport::new(settings)?, tls)
     }
 
-    async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
-        self.tcp.bind(addr).await
-    }
-
-    fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
-        TcpTransport::local_addr(listener)
-    }
-
-    async fn accept(&self, listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
-        self.tcp.accept(listener).await
+    fn tcp(&self) -> &TcpTransport {
+        &self.tcp
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<TlsStream, Error> {

@@ -14,14 +14,13 @@
 //! (as with rathole's).
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -223,7 +222,6 @@ fn handshake_failed(err: tungstenite::Error) -> Error {
 
 impl Transport for WebsocketTransport {
     type Stream = WebsocketStream;
-    type Listener = TcpListener;
 
     fn new(settings: &TransportSettings) -> Result<WebsocketTransport, Error> {
         let websocket = settings.websocket.ok_or(Error::Unsupported {
@@ -244,16 +242,8 @@ impl Transport for WebsocketTransport {
         })
     }
 
-    async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
-        self.tcp.bind(addr).await
-    }
-
-    fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
-        TcpTransport::local_addr(listener)
-    }
-
-    async fn accept(&self, listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
-        self.tcp.accept(listener).await
+    fn tcp(&self) -> &TcpTransport {
+        &self.tcp
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<WebsocketStream, Error> {
