@@ -11,32 +11,7 @@ use std::net::SocketAddr;
 
 use common::udp::*;
 use common::*;
-use testkit::ports::{free_port, retry_on_port_clash};
 use testkit::{Proc, ProcBuilder, Scratch};
-
-/// A rathole server with one service `echo` and `extra` config; returns it with its control
-/// and service ports.
-fn rathole_server(dir: &Scratch, token: &str, extra: &str) -> (Proc, SocketAddr, SocketAddr) {
-    retry_on_port_clash(|_| {
-        let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let service = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let config = write(
-            dir,
-            "rathole-server.toml",
-            &format!(
-                "[server]\nbind_addr = \"{control}\"\nheartbeat_interval = 1\n\
-                 [server.services.echo]\ntoken = \"{token}\"\nbind_addr = \"{service}\"\n{extra}"
-            ),
-        );
-        let proc = ProcBuilder::new(rathole())
-            .arg("--server")
-            .arg(&config)
-            .spawn()?;
-        proc.wait_output(&format!("Listening at {control}"), WAIT)?;
-        Ok((proc, control, service))
-    })
-    .unwrap()
-}
 
 #[test]
 fn a_labkit_client_works_with_a_rathole_server() {

@@ -85,30 +85,6 @@ fn tls_client(ca: &Path) -> String {
     )
 }
 
-/// A rathole server with one service `echo` and `extra` config; returns it with its control
-/// and service ports.
-fn rathole_server(dir: &Scratch, extra: &str) -> (Proc, SocketAddr, SocketAddr) {
-    retry_on_port_clash(|_| {
-        let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let service = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let config = write(
-            dir,
-            "rathole-server.toml",
-            &format!(
-                "[server]\nbind_addr = \"{control}\"\n\
-                 [server.services.echo]\ntoken = \"t\"\nbind_addr = \"{service}\"\n{extra}"
-            ),
-        );
-        let proc = ProcBuilder::new(rathole())
-            .arg("--server")
-            .arg(&config)
-            .spawn()?;
-        proc.wait_output(&format!("Listening at {control}"), WAIT)?;
-        Ok((proc, control, service))
-    })
-    .unwrap()
-}
-
 /// A labkit client of `control` with the service `echo`, ready once its control channel is.
 fn labkit_client(dir: &Scratch, control: SocketAddr, extra: &str) -> Proc {
     let config = client_config(control, extra, &[("echo", "t", echo_service())]);
@@ -160,7 +136,8 @@ fn echo_some(service: SocketAddr) {
 fn a_labkit_tls_client_works_with_a_rathole_tls_server_on_an_openssl_pkcs12_file() {
     let dir = Scratch::new("tls").unwrap();
     let pki = pki(&dir, "lab");
-    let (rathole, control, service) = rathole_server(&dir, &tls_server(&pkcs12_identity(&pki)));
+    let (rathole, control, service) =
+        rathole_server(&dir, "t", &tls_server(&pkcs12_identity(&pki)));
     let _client = labkit_client(&dir, control, &tls_client(&pki.ca));
     rathole
         .wait_output(&format!("Listening at {service}"), WAIT)
@@ -259,7 +236,7 @@ fn websocket(side: &str, tls: bool) -> String {
 #[test]
 fn a_labkit_websocket_client_works_with_a_rathole_websocket_server() {
     let dir = Scratch::new("ws").unwrap();
-    let (rathole, control, service) = rathole_server(&dir, &websocket("server", false));
+    let (rathole, control, service) = rathole_server(&dir, "t", &websocket("server", false));
     let _client = labkit_client(&dir, control, &websocket("client", false));
     rathole
         .wait_output(&format!("Listening at {service}"), WAIT)
@@ -298,7 +275,7 @@ fn a_labkit_websocket_client_over_tls_works_with_a_rathole_server_over_tls() {
         websocket("server", true),
         pkcs12_identity(&pki)
     );
-    let (rathole, control, service) = rathole_server(&dir, &server_extra);
+    let (rathole, control, service) = rathole_server(&dir, "t", &server_extra);
     let client_extra = format!(
         "{}[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"localhost\"\n",
         websocket("client", true),

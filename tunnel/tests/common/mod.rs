@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use testkit::ports::{free_port, retry_on_port_clash};
 use testkit::{Proc, ProcBuilder, Scratch};
 
 pub const TUNNEL: &str = env!("CARGO_BIN_EXE_tunnel");
@@ -218,4 +219,29 @@ pub fn wait_count(proc: &Proc, needle: &str, count: usize) {
         // Polled: a count of log lines has no single event to wait on.
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A rathole server with one service `echo` (token `token`) and `extra` config, heartbeats
+/// every second; returns it with its control
+/// and service ports.
+pub fn rathole_server(dir: &Scratch, token: &str, extra: &str) -> (Proc, SocketAddr, SocketAddr) {
+    retry_on_port_clash(|_| {
+        let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let service = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = write(
+            dir,
+            "rathole-server.toml",
+            &format!(
+                "[server]\nbind_addr = \"{control}\"\nheartbeat_interval = 1\n\
+                 [server.services.echo]\ntoken = \"{token}\"\nbind_addr = \"{service}\"\n{extra}"
+            ),
+        );
+        let proc = ProcBuilder::new(rathole())
+            .arg("--server")
+            .arg(&config)
+            .spawn()?;
+        proc.wait_output(&format!("Listening at {control}"), WAIT)?;
+        Ok((proc, control, service))
+    })
+    .unwrap()
 }
