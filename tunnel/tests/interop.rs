@@ -129,11 +129,7 @@ fn a_labkit_server_refuses_a_rathole_client_with_a_wrong_token() {
             &[("echo", "wrong-token", echo_service())],
         ),
     );
-    let rathole = ProcBuilder::new(rathole())
-        .arg("--client")
-        .arg(&client_toml)
-        .spawn()
-        .unwrap();
+    let rathole = rathole_client(&client_toml);
     let line = server
         .wait_stderr("wrong token for service echo", WAIT)
         .unwrap();
@@ -219,11 +215,7 @@ fn labkit_noise_server_and_rathole_client(
     );
     client_toml.push_str(&noise_client(public));
     let client_toml = write(dir, "rathole-client.toml", &client_toml);
-    let rathole = ProcBuilder::new(rathole())
-        .arg("--client")
-        .arg(&client_toml)
-        .spawn()
-        .unwrap();
+    let rathole = rathole_client(&client_toml);
     (server, client_toml, rathole)
 }
 
@@ -321,11 +313,7 @@ fn a_rathole_client_carries_udp_for_a_labkit_server_over_ipv4_and_ipv6() {
             control_addr(&server)
         ),
     );
-    let _rathole = ProcBuilder::new(rathole())
-        .arg("--client")
-        .arg(&client_toml)
-        .spawn()
-        .unwrap();
+    let _rathole = rathole_client(&client_toml);
     for name in ["echo", "echo6"] {
         server
             .wait_stderr(&format!("control channel open service={name} "), WAIT)

@@ -127,11 +127,7 @@ fn local_services_see_the_visitors_address_through_a_labkit_client() {
 fn local_services_see_the_visitors_address_through_a_rathole_client() {
     let dir = Scratch::new("proxy-protocol").unwrap();
     let server = start_server(&dir);
-    let _rathole = ProcBuilder::new(rathole())
-        .arg("--client")
-        .arg(client_toml(&dir, &server))
-        .spawn()
-        .unwrap();
+    let _rathole = rathole_client(&client_toml(&dir, &server));
     for (name, _, _) in SERVICES {
         server
             .wait_stderr(&format!("control channel open service={name} "), WAIT)

@@ -103,11 +103,7 @@ fn labkit_server(dir: &Scratch, extra: &str) -> Proc {
 /// A rathole client of `control` with the service `echo` and `extra` config.
 fn rathole_client(dir: &Scratch, control: SocketAddr, extra: &str) -> Proc {
     let config = client_config(control, extra, &[("echo", "t", echo_service())]);
-    ProcBuilder::new(rathole())
-        .arg("--client")
-        .arg(write(dir, "rathole-client.toml", &config))
-        .spawn()
-        .unwrap()
+    common::rathole_client(&write(dir, "rathole-client.toml", &config))
 }
 
 /// Sends `payload` to the echo service at `addr` and reads it all back before closing:

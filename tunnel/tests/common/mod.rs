@@ -207,6 +207,15 @@ pub fn rathole() -> PathBuf {
     testkit::proc::which("rathole").expect("rathole not installed: run scripts/test")
 }
 
+/// rathole 0.5 as a client on `config`.
+pub fn rathole_client(config: &Path) -> Proc {
+    ProcBuilder::new(rathole())
+        .arg("--client")
+        .arg(config)
+        .spawn()
+        .unwrap()
+}
+
 /// Waits until `needle` appears `count` times in the process's stderr.
 pub fn wait_count(proc: &Proc, needle: &str, count: usize) {
     let deadline = Instant::now() + WAIT;
