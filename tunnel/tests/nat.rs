@@ -37,16 +37,7 @@ fn lab(nat: &Nat, dir: &Scratch, server_extra: &str, client_extra: &str) -> (Pro
         "server.toml",
         &LAB_SERVER.replace("[server]\n", &format!("[server]\n{server_extra}\n")),
     );
-    let server = nat
-        .public()
-        .proc(TUNNEL)
-        .unwrap()
-        .args(["server", "-c"])
-        .arg(&server_toml)
-        .notify()
-        .spawn()
-        .unwrap();
-    server.wait_ready(WAIT).unwrap();
+    let server = tunnel_in(nat.public(), "server", &server_toml, &[]);
     let remote = format!("{}:7000", nat.public().addr());
     let client_toml = write(
         dir,
@@ -55,16 +46,7 @@ fn lab(nat: &Nat, dir: &Scratch, server_extra: &str, client_extra: &str) -> (Pro
             .replace("lab.example.org:7000", &remote)
             .replace("[client]\n", &format!("[client]\n{client_extra}\n")),
     );
-    let client = nat
-        .home()
-        .proc(TUNNEL)
-        .unwrap()
-        .args(["client", "-c"])
-        .arg(&client_toml)
-        .notify()
-        .spawn()
-        .unwrap();
-    client.wait_ready(WAIT).unwrap();
+    let client = tunnel_in(nat.home(), "client", &client_toml, &[]);
     (server, client)
 }
 

@@ -27,17 +27,12 @@ fn udp_lab(nat: &Nat, dir: &Scratch) -> (Proc, Proc) {
              [server.services.echo]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:7007\"\n"
         ),
     );
-    let server = nat
-        .public()
-        .proc(TUNNEL)
-        .unwrap()
-        .args(["server", "-c"])
-        .arg(&server_toml)
-        .env("LABKIT_LOG", "info,tunnel=debug")
-        .notify()
-        .spawn()
-        .unwrap();
-    server.wait_ready(WAIT).unwrap();
+    let server = tunnel_in(
+        nat.public(),
+        "server",
+        &server_toml,
+        &[("LABKIT_LOG", "info,tunnel=debug")],
+    );
     let client_toml = write(
         dir,
         "client.toml",
@@ -48,17 +43,12 @@ fn udp_lab(nat: &Nat, dir: &Scratch) -> (Proc, Proc) {
             nat.public().addr()
         ),
     );
-    let client = nat
-        .home()
-        .proc(TUNNEL)
-        .unwrap()
-        .args(["client", "-c"])
-        .arg(&client_toml)
-        .env("LABKIT_LOG", "info,tunnel=debug")
-        .notify()
-        .spawn()
-        .unwrap();
-    client.wait_ready(WAIT).unwrap();
+    let client = tunnel_in(
+        nat.home(),
+        "client",
+        &client_toml,
+        &[("LABKIT_LOG", "info,tunnel=debug")],
+    );
     (server, client)
 }
 

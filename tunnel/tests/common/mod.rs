@@ -207,6 +207,23 @@ pub fn rathole() -> PathBuf {
     testkit::proc::which("rathole").expect("rathole not installed: run scripts/test")
 }
 
+/// The tunnel as `mode` ("server" or "client") on `config` inside `host` of a testkit
+/// network, with `env` set; returned once it has told sd_notify it is ready.
+pub fn tunnel_in(
+    host: &testkit::Host,
+    mode: &str,
+    config: &Path,
+    env: &[(&str, &str)],
+) -> Proc {
+    let mut builder = host.proc(TUNNEL).unwrap().args([mode, "-c"]).arg(config);
+    for (key, value) in env {
+        builder = builder.env(key, value);
+    }
+    let proc = builder.notify().spawn().unwrap();
+    proc.wait_ready(WAIT).unwrap();
+    proc
+}
+
 /// rathole 0.5 as a client on `config`.
 pub fn rathole_client(config: &Path) -> Proc {
     ProcBuilder::new(rathole())
