@@ -180,10 +180,7 @@ fn a_labkit_noise_client_works_with_a_rathole_noise_server_on_genkey_keys() {
     let (rathole, control, service) = rathole_server(&dir, "noise-token", &noise_server(&private));
     let mut config = client_config(control, "", &[("echo", "noise-token", echo_service())]);
     config.push_str(&noise_client(&public));
-    let client = tunnel(&["client"], &write(&dir, "client.toml", &config))
-        .spawn()
-        .unwrap();
-    client.wait_ready(WAIT).unwrap();
+    let _client = client(&write(&dir, "client.toml", &config));
     rathole
         .wait_output(&format!("Listening at {service}"), WAIT)
         .unwrap();
@@ -276,10 +273,7 @@ fn a_labkit_client_carries_udp_for_a_rathole_server() {
     let (local, seen) = udp_echo(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
     let mut config = client_config(control, "", &[("echo", "udp-token", local)]);
     config.push_str("type = \"udp\"\n");
-    let client = tunnel(&["client"], &write(&dir, "client.toml", &config))
-        .spawn()
-        .unwrap();
-    client.wait_ready(WAIT).unwrap();
+    let labkit = client(&write(&dir, "client.toml", &config));
     rathole
         .wait_output(&format!("Listening at {service}"), WAIT)
         .unwrap();
@@ -288,7 +282,7 @@ fn a_labkit_client_carries_udp_for_a_rathole_server() {
     let sources: std::collections::HashSet<SocketAddr> =
         seen.lock().unwrap().iter().map(|(f, _)| *f).collect();
     assert_eq!(sources.len(), 2, "{sources:?}");
-    assert!(!client.stderr().contains("udp data channel failed"));
+    assert!(!labkit.stderr().contains("udp data channel failed"));
 }
 
 #[test]

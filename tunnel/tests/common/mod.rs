@@ -209,12 +209,7 @@ pub fn rathole() -> PathBuf {
 
 /// The tunnel as `mode` ("server" or "client") on `config` inside `host` of a testkit
 /// network, with `env` set; returned once it has told sd_notify it is ready.
-pub fn tunnel_in(
-    host: &testkit::Host,
-    mode: &str,
-    config: &Path,
-    env: &[(&str, &str)],
-) -> Proc {
+pub fn tunnel_in(host: &testkit::Host, mode: &str, config: &Path, env: &[(&str, &str)]) -> Proc {
     let mut builder = host.proc(TUNNEL).unwrap().args([mode, "-c"]).arg(config);
     for (key, value) in env {
         builder = builder.env(key, value);
