@@ -894,14 +894,14 @@ mod tests {
 
     #[test]
     fn the_reference_lab_configs_parse() {
-        let server = server(include_str!("../../../shared/lab/server.toml"));
+        let server = server(include_str!("../../examples/tunnel/server.toml"));
         assert_eq!(server.bind_addr, "0.0.0.0:7000");
         assert_eq!(server.services.len(), 4);
         assert_eq!(server.services["ssh"].bind_addr, "0.0.0.0:3389");
         assert_eq!(server.services["ssh"].token.expose(), "change-me-ssh");
         assert_eq!(server.heartbeat_interval, Some(Duration::from_secs(30)));
         let Settings::Client(client) =
-            parse(include_str!("../../../shared/lab/client.toml"), None).unwrap()
+            parse(include_str!("../../examples/tunnel/client.toml"), None).unwrap()
         else {
             panic!("client expected")
         };

@@ -10,8 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use common::*;
 use testkit::{Proc, ProcBuilder, Scratch};
 
-const LAB_SERVER: &str = include_str!("../../../shared/lab/server.toml");
-const LAB_CLIENT: &str = include_str!("../../../shared/lab/client.toml");
+const LAB_SERVER: &str = include_str!("../../examples/tunnel/server.toml");
+const LAB_CLIENT: &str = include_str!("../../examples/tunnel/client.toml");
 
 /// Runs `tunnel ARGS` to its end and returns it.
 fn finished(args: &[&str], code: i32) -> Proc {

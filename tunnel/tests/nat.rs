@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use testkit::{Nat, Proc, Scratch};
 
-const LAB_SERVER: &str = include_str!("../../../shared/lab/server.toml");
-const LAB_CLIENT: &str = include_str!("../../../shared/lab/client.toml");
+const LAB_SERVER: &str = include_str!("../../examples/tunnel/server.toml");
+const LAB_CLIENT: &str = include_str!("../../examples/tunnel/client.toml");
 
 fn http_get(mut stream: TcpStream, host: &str) -> String {
     stream.set_read_timeout(Some(WAIT)).unwrap();

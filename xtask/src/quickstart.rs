@@ -285,7 +285,7 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
     );
     let control = port()?;
     let mut server = format!(
-        "# The lab's tunnel server (../shared/lab/server.toml), on loopback ports.\n[server]\nbind_addr = \"127.0.0.1:{control}\"\n"
+        "# The lab's tunnel server (examples/tunnel/server.toml), on loopback ports.\n[server]\nbind_addr = \"127.0.0.1:{control}\"\n"
     );
     let mut client =
         format!("# The lab's tunnel client.\n[client]\nremote_addr = \"127.0.0.1:{control}\"\n");
@@ -347,7 +347,7 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
     write_private(
         &caddyfile,
         &format!(
-            "# The lab's Caddyfile (../shared/lab/Caddyfile) with `tls internal` and loopback ports.\n{{\n\thttp_port {http}\n\thttps_port {https}\n\tstorage file_system {}\n}}\n\nlab.example.org {{\n\ttls internal\n\treverse_proxy localhost:{web}\n}}\n\ngit.example.org {{\n\ttls internal\n\treverse_proxy localhost:{git}\n}}\n",
+            "# The lab's Caddyfile (examples/edge/Caddyfile) with `tls internal` and loopback ports.\n{{\n\thttp_port {http}\n\thttps_port {https}\n\tstorage file_system {}\n}}\n\nlab.example.org {{\n\ttls internal\n\treverse_proxy localhost:{web}\n}}\n\ngit.example.org {{\n\ttls internal\n\treverse_proxy localhost:{git}\n}}\n",
             storage.display()
         ),
     )?;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use testkit::Scratch;
 
-use crate::support::{EDGE, Ran, run, shared_lab};
+use crate::support::{EDGE, Ran, lab_caddyfile_path, lab_sites, run};
 
 /// Runs the edge binary to completion.
 fn edge(args: &[&str]) -> Ran {
@@ -21,7 +21,7 @@ fn write(dir: &Scratch, name: &str, text: &str) -> String {
 
 /// The lab's Caddyfile with `tls internal` in each site and storage in `dir`.
 fn lab_internal(dir: &Scratch) -> String {
-    let lab = std::fs::read_to_string(shared_lab("Caddyfile")).unwrap();
+    let lab = lab_sites();
     format!(
         "{{\n\thttp_port 0\n\thttps_port 0\n\tdefault_bind 127.0.0.1\n\tstorage file_system {}\n}}\n\n{}",
         dir.join("storage").display(),
@@ -64,18 +64,15 @@ fn check_lists_the_resolved_sites_of_the_lab_caddyfile() {
 }
 
 #[test]
-fn the_lab_and_example_caddyfiles_as_they_are_check_with_acme_for_both_sites() {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/edge/Caddyfile");
-    for file in [shared_lab("Caddyfile"), example] {
-        let name = file.display().to_string();
-        let ran = edge(&["check", "--caddyfile", &name]);
-        assert_eq!(ran.code, 0, "{name}: {}", ran.stderr);
-        let lines: Vec<&str> = ran.stdout.lines().collect();
-        assert_eq!(lines.len(), 2, "{}", ran.stdout);
-        for (line, host) in lines.iter().zip(["lab.example.org", "git.example.org"]) {
-            assert!(line.starts_with(&format!("https://{host}")), "{line}");
-            assert!(line.contains("tls acme"), "{line}");
-        }
+fn the_lab_caddyfile_as_it_is_checks_with_acme_for_both_sites() {
+    let name = lab_caddyfile_path().display().to_string();
+    let ran = edge(&["check", "--caddyfile", &name]);
+    assert_eq!(ran.code, 0, "{name}: {}", ran.stderr);
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", ran.stdout);
+    for (line, host) in lines.iter().zip(["lab.example.org", "git.example.org"]) {
+        assert!(line.starts_with(&format!("https://{host}")), "{line}");
+        assert!(line.contains("tls acme"), "{line}");
     }
 }
 

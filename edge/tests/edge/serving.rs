@@ -9,12 +9,12 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{Edge, Upstreams, WAIT, client_config, globals, shared_lab};
+use crate::support::{Edge, Upstreams, WAIT, client_config, globals, lab_sites};
 
 /// The reference lab's Caddyfile with `tls internal` added to each site and the upstreams
 /// pointed at `web` and `git`, under test global options.
 fn lab_caddyfile(dir_globals: &str, web: &str, git: &str) -> String {
-    let lab = std::fs::read_to_string(shared_lab("Caddyfile")).unwrap();
+    let lab = lab_sites();
     assert!(
         lab.contains("localhost:7001") && lab.contains("localhost:3000"),
         "{lab}"

@@ -362,9 +362,20 @@ pub fn client_config(root: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
-/// The workspace's shared folder (`../shared` from the repository root).
-pub fn shared_lab(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/lab")
-        .join(file)
+/// The reference lab's Caddyfile, `examples/edge/Caddyfile` in the repository.
+pub fn lab_caddyfile_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/edge/Caddyfile")
+}
+
+/// The reference lab's site blocks: its Caddyfile without the comments and the global options
+/// block, so a test can put its own global options in front.
+pub fn lab_sites() -> String {
+    let text = std::fs::read_to_string(lab_caddyfile_path()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let text = lines.join("\n");
+    let sites = match text.trim_start().strip_prefix("{\n") {
+        Some(rest) => &rest[rest.find("\n}").expect("the global block closes") + 2..],
+        None => text.as_str(),
+    };
+    format!("{}\n", sites.trim())
 }
