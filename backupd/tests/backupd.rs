@@ -901,3 +901,26 @@ fn an_empty_database_backs_up_verifies_and_restores() {
         "1\n"
     );
 }
+
+#[test]
+fn every_backupd_example_checks() {
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/backupd");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&folder).unwrap() {
+        let path = entry.unwrap().path();
+        let proc = ProcBuilder::new(BACKUPD)
+            .args(["check", "-c", path.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        proc.expect_exit(0, WAIT)
+            .unwrap_or_else(|e| panic!("{}: {e}: {}", path.display(), proc.stderr()));
+        if path.ends_with("backupd.toml") {
+            let out = proc.stdout();
+            for source in ["lab", "globals", "gitea-data"] {
+                assert!(out.contains(&format!("source {source}:")), "{out}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 1, "the lab's backupd.toml is there");
+}

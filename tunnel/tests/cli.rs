@@ -223,3 +223,20 @@ fn a_noise_private_key_comes_from_a_credential_and_labkit_talks_noise_to_itself(
         );
     }
 }
+
+#[test]
+fn every_tunnel_example_checks() {
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tunnel");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&folder).unwrap() {
+        let path = entry.unwrap().path();
+        let ran = ProcBuilder::new(TUNNEL)
+            .args(["check", "-c", path.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        ran.expect_exit(0, WAIT)
+            .unwrap_or_else(|e| panic!("{}: {e}: {}", path.display(), ran.stderr()));
+        checked += 1;
+    }
+    assert!(checked >= 2, "the server and client examples are there");
+}

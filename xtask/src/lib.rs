@@ -12,7 +12,13 @@ use std::path::{Path, PathBuf};
 use clap::{Command, CommandFactory};
 use roff::{Roff, bold, roman};
 
+pub mod layers;
 pub mod quickstart;
+
+/// Every crate of the workspace, by folder.
+pub const CRATES: &[&str] = &[
+    "labcore", "testkit", "tunnel", "edge", "s3sync", "backupd", "pgprov", "xtask",
+];
 
 /// A tool: its command line and the sections clap does not know.
 pub struct Tool {

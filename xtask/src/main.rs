@@ -6,6 +6,7 @@
 //!   tool (default `target/completions`; the install script and the Debian package use them).
 //! - `cargo xtask quickstart [--bin-dir DIR]` brings the reference lab up on this machine until
 //!   Ctrl-C (`scripts/quickstart` builds the release binaries and runs it).
+//! - `cargo xtask layers` prints each crate's module cycles and exits 1 if there is one.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ enum Task {
         #[arg(long, default_value = "target/release")]
         bin_dir: PathBuf,
     },
+    /// Find module cycles in every crate (modules must form layers).
+    Layers,
 }
 
 fn main() -> ExitCode {
@@ -50,10 +53,13 @@ fn main() -> ExitCode {
     if let Task::Quickstart { bin_dir } = cli.command {
         return quickstart(&root, &root.join(bin_dir));
     }
+    if let Task::Layers = cli.command {
+        return layers(&root);
+    }
     let result = match cli.command {
         Task::Man { out } => xtask::write_man_pages(&root.join(out)),
         Task::Completions { out } => xtask::write_completions(&root.join(out)),
-        Task::Quickstart { .. } => unreachable!("handled above"),
+        Task::Quickstart { .. } | Task::Layers => unreachable!("handled above"),
     };
     match result {
         Ok(written) => {
@@ -66,6 +72,30 @@ fn main() -> ExitCode {
             eprintln!("cargo xtask: error: {err}");
             ExitCode::from(74)
         }
+    }
+}
+
+fn layers(root: &Path) -> ExitCode {
+    let mut clean = true;
+    for krate in xtask::CRATES {
+        let graph = match xtask::layers::graph(&root.join(krate).join("src")) {
+            Ok(graph) => graph,
+            Err(err) => {
+                eprintln!("cargo xtask: error: reading {krate}/src: {err}");
+                return ExitCode::from(74);
+            }
+        };
+        for cycle in xtask::layers::cycles(&graph) {
+            clean = false;
+            println!("{krate}: cycle among {}", cycle.join(", "));
+            print!("{}", xtask::layers::describe(&graph, &cycle));
+        }
+    }
+    if clean {
+        println!("no module cycles");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -64,6 +64,33 @@ fn check_lists_the_resolved_sites_of_the_lab_caddyfile() {
 }
 
 #[test]
+fn every_edge_example_checks_and_adapts() {
+    let folder = lab_caddyfile_path().parent().unwrap().to_owned();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&folder).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.display().to_string();
+        let (check, adapt) = if path.extension().is_some_and(|e| e == "toml") {
+            (edge(&["check", "-c", &name]), None)
+        } else {
+            let adapt = edge(&["adapt", "--caddyfile", &name]);
+            (edge(&["check", "--caddyfile", &name]), Some(adapt))
+        };
+        assert_eq!(check.code, 0, "{name}: {}", check.stderr);
+        if let Some(adapt) = adapt {
+            assert_eq!(adapt.code, 0, "{name}: {}", adapt.stderr);
+            assert!(
+                adapt.stdout.contains("[[site]]"),
+                "{name}: {}",
+                adapt.stdout
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 1, "the lab's Caddyfile is there");
+}
+
+#[test]
 fn the_lab_caddyfile_as_it_is_checks_with_acme_for_both_sites() {
     let name = lab_caddyfile_path().display().to_string();
     let ran = edge(&["check", "--caddyfile", &name]);
