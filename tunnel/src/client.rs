@@ -41,7 +41,7 @@ const FIRST_RETRY: Duration = Duration::from_millis(200);
 
 /// Services whose control channel the daemon still waits for.
 #[derive(Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     pending: Mutex<HashSet<String>>,
     changed: Notify,
 }
@@ -67,7 +67,7 @@ impl Readiness {
     }
 
     /// Resolves once no service is pending.
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -80,7 +80,7 @@ impl Readiness {
     }
 
     /// The services still pending, sorted.
-    pub fn pending(&self) -> Vec<String> {
+    pub(crate) fn pending(&self) -> Vec<String> {
         let mut names: Vec<String> = self.lock().iter().cloned().collect();
         names.sort();
         names
@@ -110,7 +110,7 @@ struct ServiceHandle {
 }
 
 /// A running client.
-pub struct Client<T: Transport> {
+pub(crate) struct Client<T: Transport> {
     settings: ClientSettings,
     transport: Arc<T>,
     services: BTreeMap<String, ServiceHandle>,
@@ -123,7 +123,7 @@ pub struct Client<T: Transport> {
 
 impl<T: Transport> Client<T> {
     /// Starts the metrics endpoint if configured, and a control channel per service.
-    pub async fn start(settings: ClientSettings) -> Result<Client<T>, Error> {
+    pub(crate) async fn start(settings: ClientSettings) -> Result<Client<T>, Error> {
         let transport = Arc::new(T::new(&settings.transport)?);
         let metrics = Arc::new(Metrics::default());
         let endpoint = match &settings.metrics_addr {
@@ -147,7 +147,7 @@ impl<T: Transport> Client<T> {
     }
 
     /// Which control channels are still awaited.
-    pub fn readiness(&self) -> Arc<Readiness> {
+    pub(crate) fn readiness(&self) -> Arc<Readiness> {
         self.readiness.clone()
     }
 
@@ -194,7 +194,7 @@ impl<T: Transport> Client<T> {
 
     /// Applies a new config: only added, removed and changed services are touched; settings
     /// outside the services restart everything.
-    pub async fn apply(&mut self, new: ClientSettings) -> Result<(), Error> {
+    pub(crate) async fn apply(&mut self, new: ClientSettings) -> Result<(), Error> {
         let general_changed = self.settings.remote_addr != new.remote_addr
             || self.settings.transport != new.transport
             || self.settings.heartbeat_timeout != new.heartbeat_timeout
@@ -234,13 +234,13 @@ impl<T: Transport> Client<T> {
     }
 
     /// The grace period from the config.
-    pub fn grace_period(&self) -> Duration {
+    pub(crate) fn grace_period(&self) -> Duration {
         self.settings.grace_period
     }
 
     /// Closes the control channels, lets open connections finish for up to `grace`, then
     /// closes the rest.
-    pub async fn shutdown(mut self, grace: Duration) {
+    pub(crate) async fn shutdown(mut self, grace: Duration) {
         for handle in self.services.values() {
             handle.stop.cancel();
         }

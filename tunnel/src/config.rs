@@ -39,7 +39,7 @@ const DEFAULT_GRACE_PERIOD: u64 = 30;
 /// The whole file: a `[server]` table, a `[client]` table, or both.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigToml {
+pub(crate) struct ConfigToml {
     server: Option<ServerToml>,
     client: Option<ClientToml>,
 }
@@ -116,7 +116,7 @@ struct ClientServiceToml {
 /// A service's kind: rathole's `type` key.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum ServiceType {
+pub(crate) enum ServiceType {
     /// TCP connections.
     #[default]
     Tcp,
@@ -127,7 +127,7 @@ pub enum ServiceType {
 /// The transport a tunnel's connections run on: rathole's `[*.transport] type`.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum TransportType {
+pub(crate) enum TransportType {
     /// Plain TCP.
     #[default]
     Tcp,
@@ -190,35 +190,35 @@ struct WebsocketToml {
 
 /// TCP socket options for the tunnel's own connections (control and data channels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TcpSettings {
+pub(crate) struct TcpSettings {
     /// TCP_NODELAY on the tunnel's connections.
-    pub nodelay: bool,
+    pub(crate) nodelay: bool,
     /// Idle time before TCP keepalive probes start.
-    pub keepalive_time: Duration,
+    pub(crate) keepalive_time: Duration,
     /// Time between keepalive probes.
-    pub keepalive_interval: Duration,
+    pub(crate) keepalive_interval: Duration,
 }
 
 /// The transport, resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TransportSettings {
+pub(crate) struct TransportSettings {
     /// Which transport.
-    pub kind: TransportType,
+    pub(crate) kind: TransportType,
     /// TCP options.
-    pub tcp: TcpSettings,
+    pub(crate) tcp: TcpSettings,
     /// Noise options, for `type = "noise"`.
-    pub noise: Option<NoiseSettings>,
+    pub(crate) noise: Option<NoiseSettings>,
     /// TLS options, for `type = "tls"` and WebSocket over TLS.
-    pub tls: Option<TlsSettings>,
+    pub(crate) tls: Option<TlsSettings>,
     /// WebSocket options, for `type = "websocket"`.
-    pub websocket: Option<WebsocketSettings>,
+    pub(crate) websocket: Option<WebsocketSettings>,
     /// The proxy the client reaches the server through, if any.
-    pub proxy: Option<ProxySettings>,
+    pub(crate) proxy: Option<ProxySettings>,
 }
 
 /// The TLS transport's settings for one side.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TlsSettings {
+pub(crate) enum TlsSettings {
     /// The server: the certificate chain and key it presents.
     Server(TlsIdentity),
     /// The client: whom it trusts and the name it expects.
@@ -233,7 +233,7 @@ pub enum TlsSettings {
 
 /// Where a TLS server's certificate chain and private key come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TlsIdentity {
+pub(crate) enum TlsIdentity {
     /// rathole's `pkcs12` and `pkcs12_password`.
     Pkcs12 {
         /// The PKCS#12 (`.p12`, `.pfx`) file.
@@ -252,25 +252,25 @@ pub enum TlsIdentity {
 
 /// The WebSocket transport's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WebsocketSettings {
+pub(crate) struct WebsocketSettings {
     /// WebSocket over TLS (`[transport.tls]`) rather than over plain TCP.
-    pub tls: bool,
+    pub(crate) tls: bool,
 }
 
 /// A proxy to reach the server through: `[client.transport.tcp] proxy`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProxySettings {
+pub(crate) struct ProxySettings {
     /// HTTP CONNECT or SOCKS5.
-    pub kind: ProxyKind,
+    pub(crate) kind: ProxyKind,
     /// The proxy's `HOST:PORT`.
-    pub addr: String,
+    pub(crate) addr: String,
     /// User name and password, if the URL has them.
-    pub auth: Option<(Secret, Secret)>,
+    pub(crate) auth: Option<(Secret, Secret)>,
 }
 
 /// Which proxy protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProxyKind {
+pub(crate) enum ProxyKind {
     /// `http://`: an HTTP `CONNECT` request.
     Http,
     /// `socks5://`: SOCKS5 `CONNECT` with the server's name resolved by the proxy.
@@ -279,100 +279,100 @@ pub enum ProxyKind {
 
 /// The Noise transport's settings, checked: the pattern parses and keys are 32 bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NoiseSettings {
+pub(crate) struct NoiseSettings {
     /// The handshake pattern, rathole's default `Noise_NK_25519_ChaChaPoly_BLAKE2s`.
-    pub pattern: String,
+    pub(crate) pattern: String,
     /// This side's static private key (base64), if given.
-    pub local_private_key: Option<Secret>,
+    pub(crate) local_private_key: Option<Secret>,
     /// The peer's static public key (base64), if given.
-    pub remote_public_key: Option<String>,
+    pub(crate) remote_public_key: Option<String>,
 }
 
 /// rathole's default Noise pattern.
-pub const DEFAULT_NOISE_PATTERN: &str = "Noise_NK_25519_ChaChaPoly_BLAKE2s";
+pub(crate) const DEFAULT_NOISE_PATTERN: &str = "Noise_NK_25519_ChaChaPoly_BLAKE2s";
 
 /// One service the server exposes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerService {
+pub(crate) struct ServerService {
     /// The service's name (the key under `services`).
-    pub name: String,
+    pub(crate) name: String,
     /// sha256 of the name: how clients ask for it.
-    pub digest: Digest,
+    pub(crate) digest: Digest,
     /// TCP connections or UDP datagrams.
-    pub service_type: ServiceType,
+    pub(crate) service_type: ServiceType,
     /// Where visitors connect.
-    pub bind_addr: String,
+    pub(crate) bind_addr: String,
     /// The shared token.
-    pub token: Secret,
+    pub(crate) token: Secret,
     /// TCP_NODELAY on this service's data channels and visitor connections.
-    pub nodelay: bool,
+    pub(crate) nodelay: bool,
     /// The PROXY protocol header the local service gets first, if any.
-    pub proxy_protocol: Option<proxy_protocol::Version>,
+    pub(crate) proxy_protocol: Option<proxy_protocol::Version>,
     /// Visitor connections open at once, at most; more are closed on arrival.
-    pub max_connections: Option<usize>,
+    pub(crate) max_connections: Option<usize>,
 }
 
 /// A resolved `[server]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerSettings {
+pub(crate) struct ServerSettings {
     /// The control port.
-    pub bind_addr: String,
+    pub(crate) bind_addr: String,
     /// Heartbeat period on control channels; `None` disables heartbeats.
-    pub heartbeat_interval: Option<Duration>,
+    pub(crate) heartbeat_interval: Option<Duration>,
     /// A client that leaves a heartbeat unacknowledged this long is dead (TCP_USER_TIMEOUT on
     /// the control channel); `None` leaves it to TCP keepalive.
-    pub heartbeat_timeout: Option<Duration>,
+    pub(crate) heartbeat_timeout: Option<Duration>,
     /// How long a new connection may take to say who it is.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// How long open connections may run on after SIGTERM.
-    pub grace_period: Duration,
+    pub(crate) grace_period: Duration,
     /// The transport.
-    pub transport: TransportSettings,
+    pub(crate) transport: TransportSettings,
     /// Services by name.
-    pub services: BTreeMap<String, ServerService>,
+    pub(crate) services: BTreeMap<String, ServerService>,
     /// Where the Prometheus endpoint listens, if anywhere.
-    pub metrics_addr: Option<String>,
+    pub(crate) metrics_addr: Option<String>,
 }
 
 /// One service the client forwards to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientService {
+pub(crate) struct ClientService {
     /// The service's name.
-    pub name: String,
+    pub(crate) name: String,
     /// TCP connections or UDP datagrams.
-    pub service_type: ServiceType,
+    pub(crate) service_type: ServiceType,
     /// The local address the service listens on.
-    pub local_addr: String,
+    pub(crate) local_addr: String,
     /// The shared token.
-    pub token: Secret,
+    pub(crate) token: Secret,
     /// TCP_NODELAY on this service's data channels and local connections.
-    pub nodelay: bool,
+    pub(crate) nodelay: bool,
     /// The longest pause between reconnection attempts.
-    pub retry_interval: Duration,
+    pub(crate) retry_interval: Duration,
 }
 
 /// A resolved `[client]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientSettings {
+pub(crate) struct ClientSettings {
     /// The server's control port.
-    pub remote_addr: String,
+    pub(crate) remote_addr: String,
     /// A control channel with no command for this long is dead; `None` never gives up.
-    pub heartbeat_timeout: Option<Duration>,
+    pub(crate) heartbeat_timeout: Option<Duration>,
     /// How long connecting and the handshake may take.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// How long open connections may run on after SIGTERM.
-    pub grace_period: Duration,
+    pub(crate) grace_period: Duration,
     /// The transport.
-    pub transport: TransportSettings,
+    pub(crate) transport: TransportSettings,
     /// Services by name.
-    pub services: BTreeMap<String, ClientService>,
+    pub(crate) services: BTreeMap<String, ClientService>,
     /// Where the Prometheus endpoint listens, if anywhere.
-    pub metrics_addr: Option<String>,
+    pub(crate) metrics_addr: Option<String>,
 }
 
 /// Which side a config is run as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// `[server]`.
     Server,
     /// `[client]`.
@@ -381,7 +381,7 @@ pub enum Mode {
 
 /// A config resolved for one mode.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Settings {
+pub(crate) enum Settings {
     /// A server.
     Server(ServerSettings),
     /// A client.
@@ -390,13 +390,13 @@ pub enum Settings {
 
 /// Reads `path` and resolves the table for `mode`, or for the only table there when `mode` is
 /// `None`.
-pub fn load(path: &Path, env: &Env, mode: Option<Mode>) -> Result<Settings, Error> {
+pub(crate) fn load(path: &Path, env: &Env, mode: Option<Mode>) -> Result<Settings, Error> {
     let (raw, file): (ConfigToml, _) = config::load(path)?;
     resolve(raw, &file, env, mode)
 }
 
 /// Reads `path` and resolves every table in it (for `tunnel check`).
-pub fn load_all(path: &Path, env: &Env) -> Result<Vec<Settings>, Error> {
+pub(crate) fn load_all(path: &Path, env: &Env) -> Result<Vec<Settings>, Error> {
     let (raw, file): (ConfigToml, _) = config::load(path)?;
     let mut out = Vec::new();
     if let Some(server) = raw.server {
@@ -419,7 +419,7 @@ fn no_table(path: &Path) -> Error {
 }
 
 /// Resolves parsed text (the part of [`load`] after reading the file).
-pub fn resolve(
+pub(crate) fn resolve(
     raw: ConfigToml,
     file: &ConfigFile,
     env: &Env,

@@ -24,7 +24,7 @@ use crate::transport::Transport;
 use crate::watch::Watcher;
 
 /// A server or a client, as the daemon loop drives it.
-pub trait Node: Sized {
+pub(crate) trait Node: Sized {
     /// Its resolved config.
     type Settings: Clone;
 
@@ -139,7 +139,7 @@ impl<T: Transport> Node for Client<T> {
 }
 
 /// How a run of the loop ended.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Stopped by a signal.
     Stopped,
     /// The config now asks for another transport: start over with these settings.
@@ -147,21 +147,24 @@ pub enum Outcome {
 }
 
 /// What the loop needs from the process: its signals, notifier, environment, config path.
-pub struct Context<'a> {
+pub(crate) struct Context<'a> {
     /// The config file.
-    pub path: &'a Path,
+    pub(crate) path: &'a Path,
     /// The environment secrets and credentials come from.
-    pub env: &'a Env,
+    pub(crate) env: &'a Env,
     /// Signals.
-    pub signals: Signals,
+    pub(crate) signals: Signals,
     /// The service manager.
-    pub notifier: Notifier,
+    pub(crate) notifier: Notifier,
     /// Config file saves, when inotify works here.
-    pub watcher: Option<Watcher>,
+    pub(crate) watcher: Option<Watcher>,
 }
 
 /// Runs `N` until a stop signal, or until a reload asks for another transport.
-pub async fn serve<N: Node>(settings: N::Settings, cx: &mut Context<'_>) -> Result<Outcome, Error> {
+pub(crate) async fn serve<N: Node>(
+    settings: N::Settings,
+    cx: &mut Context<'_>,
+) -> Result<Outcome, Error> {
     let transport = N::transport_type(&settings);
     let mut node = N::start(settings).await?;
     let shutdown = cx.signals.shutdown();

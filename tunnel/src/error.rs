@@ -153,7 +153,7 @@ pub enum Error {
 
 impl Error {
     /// An I/O error with what was being done.
-    pub fn io(what: impl Into<String>, source: io::Error) -> Error {
+    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Error {
         Error::Io {
             what: what.into(),
             source,

@@ -36,24 +36,24 @@ thread_local! {
 
 /// Bytes carried each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Carried {
+pub(crate) struct Carried {
     /// From the tunnel to the local socket.
-    pub inbound: u64,
+    pub(crate) inbound: u64,
     /// From the local socket to the tunnel.
-    pub outbound: u64,
+    pub(crate) outbound: u64,
 }
 
 /// Counters the bytes of each direction are added to as they move (for metrics).
 #[derive(Clone, Copy)]
-pub struct Meter<'a> {
+pub(crate) struct Meter<'a> {
     /// Bytes from the tunnel to the local socket.
-    pub inbound: &'a AtomicU64,
+    pub(crate) inbound: &'a AtomicU64,
     /// Bytes from the local socket to the tunnel.
-    pub outbound: &'a AtomicU64,
+    pub(crate) outbound: &'a AtomicU64,
 }
 
 /// Carries bytes both ways until both sides have finished or one fails.
-pub async fn forward<S: TunnelStream>(
+pub(crate) async fn forward<S: TunnelStream>(
     mut tunnel: S,
     mut local: TcpStream,
     meter: Meter<'_>,

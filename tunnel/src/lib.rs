@@ -9,20 +9,20 @@
 //! makes Noise key pairs, [`cli`] is the command line.
 
 pub mod cli;
-pub mod client;
-pub mod config;
-pub mod daemon;
-pub mod error;
-pub mod forward;
+mod client;
+mod config;
+mod daemon;
+mod error;
+mod forward;
 pub mod keys;
-pub mod metrics;
+mod metrics;
 pub mod protocol;
 pub mod proxy_protocol;
-pub mod server;
-pub mod sockopt;
-pub mod transport;
-pub mod udp;
-pub mod watch;
+mod server;
+mod sockopt;
+mod transport;
+mod udp;
+mod watch;
 
 use std::path::Path;
 
@@ -40,7 +40,7 @@ use crate::transport::{NoiseTransport, TcpTransport, TlsTransport, WebsocketTran
 use crate::watch::Watcher;
 
 /// Runs the side `mode` names (or the config's only one) until SIGTERM.
-pub async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<(), Error> {
+pub(crate) async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<(), Error> {
     let mut settings = config::load(path, env, mode)?;
     raise_fd_limit();
     let signals = Signals::install().map_err(|e| Error::io("installing signal handlers", e))?;

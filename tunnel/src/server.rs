@@ -147,11 +147,10 @@ struct ServiceHandle {
 }
 
 /// A running server.
-pub struct Server<T: Transport> {
+pub(crate) struct Server<T: Transport> {
     settings: ServerSettings,
     registry: Arc<Registry<T::Stream>>,
     services: BTreeMap<String, ServiceHandle>,
-    control_addr: SocketAddr,
     control_stop: CancellationToken,
     control_task: JoinHandle<()>,
     abort: CancellationToken,
@@ -162,7 +161,7 @@ pub struct Server<T: Transport> {
 
 impl<T: Transport> Server<T> {
     /// Binds the control port and every service's port and starts serving.
-    pub async fn start(settings: ServerSettings) -> Result<Server<T>, Error> {
+    pub(crate) async fn start(settings: ServerSettings) -> Result<Server<T>, Error> {
         let transport = Arc::new(T::new(&settings.transport)?);
         let registry = Arc::new(Registry::new());
         let tracker = TaskTracker::new();
@@ -188,7 +187,6 @@ impl<T: Transport> Server<T> {
             settings: settings.clone(),
             registry,
             services: BTreeMap::new(),
-            control_addr,
             control_stop,
             control_task,
             abort: CancellationToken::new(),
@@ -203,11 +201,6 @@ impl<T: Transport> Server<T> {
             }
         }
         Ok(server)
-    }
-
-    /// The control port's address.
-    pub fn control_addr(&self) -> SocketAddr {
-        self.control_addr
     }
 
     async fn start_service(&mut self, service: ServerService) -> Result<(), Error> {
@@ -293,7 +286,7 @@ impl<T: Transport> Server<T> {
     /// Applies a new config: services added, removed or changed start, stop or restart; the
     /// others and their connections are left alone. Settings outside the services restart
     /// everything.
-    pub async fn apply(&mut self, new: ServerSettings) -> Result<(), Error> {
+    pub(crate) async fn apply(&mut self, new: ServerSettings) -> Result<(), Error> {
         let general_changed = self.settings.bind_addr != new.bind_addr
             || self.settings.transport != new.transport
             || self.settings.heartbeat_interval != new.heartbeat_interval
@@ -342,7 +335,7 @@ impl<T: Transport> Server<T> {
     }
 
     /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
-    pub async fn shutdown(mut self, grace: Duration) {
+    pub(crate) async fn shutdown(mut self, grace: Duration) {
         self.control_stop.cancel();
         for handle in self.services.values() {
             handle.stop.cancel();
@@ -373,7 +366,7 @@ impl<T: Transport> Server<T> {
     }
 
     /// The grace period from the config.
-    pub fn grace_period(&self) -> Duration {
+    pub(crate) fn grace_period(&self) -> Duration {
         self.settings.grace_period
     }
 }

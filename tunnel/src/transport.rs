@@ -8,11 +8,11 @@
 //! [`TlsTransport`] and [`WebsocketTransport`] (over TCP or TLS), each over TCP, selected by
 //! `transport.type` in one place ([`crate::run`]).
 
-pub mod noise;
-pub mod proxy;
+pub(crate) mod noise;
+pub(crate) mod proxy;
 mod tcp;
-pub mod tls;
-pub mod websocket;
+pub(crate) mod tls;
+pub(crate) mod websocket;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,13 +23,15 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::TransportSettings;
 use crate::error::Error;
 
-pub use noise::NoiseTransport;
-pub use tcp::TcpTransport;
-pub use tls::TlsTransport;
-pub use websocket::WebsocketTransport;
+pub(crate) use noise::NoiseTransport;
+pub(crate) use tcp::TcpTransport;
+pub(crate) use tls::TlsTransport;
+pub(crate) use websocket::WebsocketTransport;
 
 /// A connection carrying tunnel traffic.
-pub trait TunnelStream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
+pub(crate) trait TunnelStream:
+    AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static
+{
     /// The TCP socket underneath (every transport runs over TCP): for socket options and for
     /// checking whether an idle connection was closed.
     fn tcp(&self) -> &TcpStream;
@@ -49,7 +51,7 @@ impl TunnelStream for TcpStream {
 }
 
 /// A way of making tunnel connections.
-pub trait Transport: Send + Sync + Sized + 'static {
+pub(crate) trait Transport: Send + Sync + Sized + 'static {
     /// The connections it makes.
     type Stream: TunnelStream;
 

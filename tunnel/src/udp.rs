@@ -40,16 +40,16 @@ use crate::transport::TunnelStream;
 
 /// How long sessions last and how many there may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// A visitor's session ends after this long without a datagram either way.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// Sessions (client) or tracked visitors (server) per data channel, at most.
-    pub sessions: usize,
+    pub(crate) sessions: usize,
 }
 
 impl Limits {
     /// What services run with: rathole's 60 s idle timeout, and 4,096 sessions.
-    pub const DEFAULT: Limits = Limits {
+    pub(crate) const DEFAULT: Limits = Limits {
         idle: Duration::from_secs(60),
         sessions: 4096,
     };
@@ -67,7 +67,7 @@ const SOCKET_BUFFER: usize = 4 << 20;
 ///
 /// [`FrameReader::next`] is cancel-safe: its only await is one `read` into the buffer, so
 /// dropping it loses nothing and a `select!` may race it against timers.
-pub struct FrameReader {
+pub(crate) struct FrameReader {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -81,7 +81,7 @@ impl Default for FrameReader {
 
 impl FrameReader {
     /// A reader with room for two whole frames of the largest size.
-    pub fn new() -> FrameReader {
+    pub(crate) fn new() -> FrameReader {
         FrameReader {
             buf: vec![0u8; 2 * UDP_FRAME_MAX].into_boxed_slice(),
             start: 0,
@@ -91,7 +91,7 @@ impl FrameReader {
 
     /// The next frame's address and payload; `None` at a clean end of stream (between
     /// frames).
-    pub async fn next<R: AsyncRead + Unpin>(
+    pub(crate) async fn next<R: AsyncRead + Unpin>(
         &mut self,
         channel: &mut R,
     ) -> Result<Option<(SocketAddr, &[u8])>, Error> {
@@ -148,7 +148,7 @@ impl FrameReader {
 }
 
 /// Gathers frames in one buffer, allocated once, for one write to the channel.
-pub struct FrameWriter {
+pub(crate) struct FrameWriter {
     buf: Box<[u8]>,
     len: usize,
 }
@@ -161,7 +161,7 @@ impl Default for FrameWriter {
 
 impl FrameWriter {
     /// An empty writer.
-    pub fn new() -> FrameWriter {
+    pub(crate) fn new() -> FrameWriter {
         FrameWriter {
             buf: vec![0u8; WRITE_BUFFER].into_boxed_slice(),
             len: 0,
@@ -194,15 +194,16 @@ impl FrameWriter {
         self.len += head_len + n;
     }
 
-    /// Appends one frame (used by tests and for datagrams already in hand).
-    pub fn push(&mut self, from: SocketAddr, payload: &[u8]) {
+    /// Appends one frame.
+    #[cfg(test)]
+    fn push(&mut self, from: SocketAddr, payload: &[u8]) {
         let guessed = head_len_of(from);
         self.payload_room(guessed)[..payload.len()].copy_from_slice(payload);
         self.commit(from, payload.len(), guessed);
     }
 
     /// Writes what was gathered and empties the buffer.
-    pub async fn flush<W: AsyncWrite + Unpin>(&mut self, channel: &mut W) -> io::Result<()> {
+    pub(crate) async fn flush<W: AsyncWrite + Unpin>(&mut self, channel: &mut W) -> io::Result<()> {
         if self.len == 0 {
             return Ok(());
         }
@@ -234,7 +235,7 @@ fn size_buffers(socket: &UdpSocket) {
 }
 
 /// Binds a service's UDP port (the first address `addr` resolves to that binds).
-pub async fn bind(addr: &str) -> io::Result<UdpSocket> {
+pub(crate) async fn bind(addr: &str) -> io::Result<UdpSocket> {
     let mut last = None;
     for resolved in tokio::net::lookup_host(addr).await? {
         match UdpSocket::bind(resolved).await {
@@ -252,7 +253,7 @@ pub async fn bind(addr: &str) -> io::Result<UdpSocket> {
 
 /// Reads and drops whatever datagrams are queued on `socket` (a service with no client);
 /// returns how many.
-pub fn discard(socket: &UdpSocket, scratch: &mut [u8]) -> u64 {
+pub(crate) fn discard(socket: &UdpSocket, scratch: &mut [u8]) -> u64 {
     let mut dropped = 0;
     while socket.try_recv_from(scratch).is_ok() {
         dropped += 1;
@@ -308,7 +309,7 @@ fn sweep_period(idle: Duration) -> Duration {
 
 /// The server's half: carries datagrams between the service's socket and a started data
 /// channel until the channel ends or breaks (returned as the error).
-pub async fn serve_visitors<S: TunnelStream>(
+pub(crate) async fn serve_visitors<S: TunnelStream>(
     channel: S,
     socket: &UdpSocket,
     metrics: &Arc<ServiceMetrics>,
@@ -412,7 +413,7 @@ type Outbound<S> = Arc<tokio::sync::Mutex<(tokio::io::WriteHalf<S>, FrameWriter)
 
 /// The client's half: carries datagrams between a started data channel and a session per
 /// visitor on the local service at `local`, until the channel ends (`Ok`) or breaks.
-pub async fn serve_local<S: TunnelStream>(
+pub(crate) async fn serve_local<S: TunnelStream>(
     channel: S,
     local: SocketAddr,
     metrics: &Arc<ServiceMetrics>,

@@ -40,7 +40,7 @@ const LEN: usize = 2;
 
 /// Which setting a Noise handshake cannot be built from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     /// The pattern does not parse or is not supported.
     #[error(
         "not a Noise pattern this tunnel supports (rathole's default is Noise_NK_25519_ChaChaPoly_BLAKE2s)"
@@ -59,7 +59,7 @@ fn key_bytes(base64: &str) -> Option<[u8; 32]> {
 }
 
 /// This side's handshake from `settings`: the client initiates, the server responds.
-pub fn handshake_state(
+pub(crate) fn handshake_state(
     settings: &NoiseSettings,
     initiator: bool,
 ) -> Result<HandshakeState, KeyError> {
@@ -214,7 +214,7 @@ impl Cipher for AeadCipher {
 }
 
 /// The Noise transport.
-pub struct NoiseTransport {
+pub(crate) struct NoiseTransport {
     tcp: TcpTransport,
     settings: NoiseSettings,
 }
@@ -255,7 +255,7 @@ fn noise_error(err: impl std::fmt::Display) -> Error {
 }
 
 /// A TCP connection after a Noise handshake.
-pub struct NoiseStream {
+pub(crate) struct NoiseStream {
     tcp: TcpStream,
     state: TransportState,
     /// Received bytes not yet decrypted: `received[..filled]`.
@@ -273,7 +273,7 @@ pub struct NoiseStream {
 
 impl NoiseStream {
     /// Runs the handshake on `tcp` in the role `state` was built for.
-    pub async fn handshake(
+    pub(crate) async fn handshake(
         mut tcp: TcpStream,
         mut state: HandshakeState,
     ) -> Result<NoiseStream, Error> {

@@ -31,7 +31,7 @@ use crate::config::TransportSettings;
 use crate::error::Error;
 
 /// What a WebSocket runs over.
-pub enum Carrier {
+pub(crate) enum Carrier {
     /// `tls = false`.
     Plain(TcpStream),
     /// `tls = true`.
@@ -106,7 +106,7 @@ impl AsyncWrite for Carrier {
 }
 
 /// A tunnel connection carried in WebSocket messages.
-pub struct WebsocketStream {
+pub(crate) struct WebsocketStream {
     ws: WebSocketStream<Carrier>,
     /// The rest of the message being read.
     reading: Bytes,
@@ -203,7 +203,7 @@ impl TunnelStream for WebsocketStream {
 }
 
 /// The WebSocket transport.
-pub struct WebsocketTransport {
+pub(crate) struct WebsocketTransport {
     tcp: TcpTransport,
     tls: Option<TlsTransport>,
 }
