@@ -122,7 +122,11 @@ pub fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn check(path: &Path, env: &Env) -> Result<(), Error> {
-    for settings in config::load_all(path, env)? {
+    let all = config::load_all(path, env)?;
+    for settings in &all {
+        crate::transport::check(settings, path)?;
+    }
+    for settings in all {
         match settings {
             Settings::Server(s) => {
                 println!(

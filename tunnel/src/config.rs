@@ -312,6 +312,36 @@ pub(crate) struct ServerService {
     pub(crate) max_connections: Option<usize>,
 }
 
+/// The settings `[server]` and `[client]` have in common.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Common {
+    /// The server: a client that leaves a heartbeat unacknowledged this long is dead
+    /// (TCP_USER_TIMEOUT on the control channel). The client: a control channel with no
+    /// command for this long is dead. `None`: never (TCP keepalive still runs).
+    pub(crate) heartbeat_timeout: Option<Duration>,
+    /// How long connecting and a new connection's handshake may take.
+    pub(crate) handshake_timeout: Duration,
+    /// How long open connections may run on after SIGTERM.
+    pub(crate) grace_period: Duration,
+    /// The transport.
+    pub(crate) transport: TransportSettings,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub(crate) metrics_addr: Option<String>,
+}
+
+impl Common {
+    /// Whether going from `self` to `new` needs everything restarted: a change to any field
+    /// does, except the grace period, which applies from the next shutdown on. Compared as a
+    /// whole, so a field added later restarts everything unless it is exempted here.
+    fn needs_restart(&self, new: &Common) -> bool {
+        let exempt = Common {
+            grace_period: new.grace_period,
+            ..self.clone()
+        };
+        exempt != *new
+    }
+}
+
 /// A resolved `[server]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ServerSettings {
@@ -319,19 +349,27 @@ pub(crate) struct ServerSettings {
     pub(crate) bind_addr: String,
     /// Heartbeat period on control channels; `None` disables heartbeats.
     pub(crate) heartbeat_interval: Option<Duration>,
-    /// A client that leaves a heartbeat unacknowledged this long is dead (TCP_USER_TIMEOUT on
-    /// the control channel); `None` leaves it to TCP keepalive.
-    pub(crate) heartbeat_timeout: Option<Duration>,
-    /// How long a new connection may take to say who it is.
-    pub(crate) handshake_timeout: Duration,
-    /// How long open connections may run on after SIGTERM.
-    pub(crate) grace_period: Duration,
-    /// The transport.
-    pub(crate) transport: TransportSettings,
+    /// What both sides have.
+    pub(crate) common: Common,
     /// Services by name.
     pub(crate) services: BTreeMap<String, ServerService>,
-    /// Where the Prometheus endpoint listens, if anywhere.
-    pub(crate) metrics_addr: Option<String>,
+}
+
+impl ServerSettings {
+    /// Whether `new` changes settings outside the services, so that applying it means
+    /// restarting everything (the services alone are applied one by one).
+    pub(crate) fn needs_restart(&self, new: &ServerSettings) -> bool {
+        // Destructured so that a field added to one side must be placed here.
+        let ServerSettings {
+            bind_addr,
+            heartbeat_interval,
+            common,
+            services: _,
+        } = new;
+        self.bind_addr != *bind_addr
+            || self.heartbeat_interval != *heartbeat_interval
+            || self.common.needs_restart(common)
+    }
 }
 
 /// One service the client forwards to.
@@ -356,18 +394,37 @@ pub(crate) struct ClientService {
 pub(crate) struct ClientSettings {
     /// The server's control port.
     pub(crate) remote_addr: String,
-    /// A control channel with no command for this long is dead; `None` never gives up.
-    pub(crate) heartbeat_timeout: Option<Duration>,
-    /// How long connecting and the handshake may take.
-    pub(crate) handshake_timeout: Duration,
-    /// How long open connections may run on after SIGTERM.
-    pub(crate) grace_period: Duration,
-    /// The transport.
-    pub(crate) transport: TransportSettings,
+    /// What both sides have.
+    pub(crate) common: Common,
     /// Services by name.
     pub(crate) services: BTreeMap<String, ClientService>,
-    /// Where the Prometheus endpoint listens, if anywhere.
-    pub(crate) metrics_addr: Option<String>,
+}
+
+impl ClientSettings {
+    /// Whether `new` changes settings outside the services, so that applying it means
+    /// restarting everything.
+    pub(crate) fn needs_restart(&self, new: &ClientSettings) -> bool {
+        let ClientSettings {
+            remote_addr,
+            common,
+            services: _,
+        } = new;
+        self.remote_addr != *remote_addr || self.common.needs_restart(common)
+    }
+}
+
+/// What a reload does to the running services: the names a new config changes or removes
+/// (to stop), each with whether it is removed (its metrics go too). Services the new config
+/// adds, or that were just stopped for a change, are the ones then not running.
+pub(crate) fn stale_services<'a, S: PartialEq + 'a>(
+    running: impl IntoIterator<Item = (&'a String, &'a S)>,
+    new: &BTreeMap<String, S>,
+) -> Vec<(String, bool)> {
+    running
+        .into_iter()
+        .filter(|(name, service)| new.get(*name) != Some(*service))
+        .map(|(name, _)| (name.clone(), !new.contains_key(name)))
+        .collect()
 }
 
 /// Which side a config is run as.
@@ -513,12 +570,20 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
         heartbeat_interval: nonzero_secs(
             raw.heartbeat_interval.unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
         ),
-        heartbeat_timeout: nonzero_secs(raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT)),
-        handshake_timeout: timeout_secs(file, "server.handshake_timeout", raw.handshake_timeout)?,
-        grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
-        transport,
+        common: Common {
+            heartbeat_timeout: nonzero_secs(
+                raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT),
+            ),
+            handshake_timeout: timeout_secs(
+                file,
+                "server.handshake_timeout",
+                raw.handshake_timeout,
+            )?,
+            grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
+            transport,
+            metrics_addr: metrics_addr(file, "server.metrics_addr", raw.metrics_addr)?,
+        },
         services,
-        metrics_addr: metrics_addr(file, "server.metrics_addr", raw.metrics_addr)?,
     })
 }
 
@@ -561,12 +626,20 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
     }
     Ok(ClientSettings {
         remote_addr: raw.remote_addr,
-        heartbeat_timeout: nonzero_secs(raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT)),
-        handshake_timeout: timeout_secs(file, "client.handshake_timeout", raw.handshake_timeout)?,
-        grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
-        transport,
+        common: Common {
+            heartbeat_timeout: nonzero_secs(
+                raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT),
+            ),
+            handshake_timeout: timeout_secs(
+                file,
+                "client.handshake_timeout",
+                raw.handshake_timeout,
+            )?,
+            grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
+            transport,
+            metrics_addr: metrics_addr(file, "client.metrics_addr", raw.metrics_addr)?,
+        },
         services,
-        metrics_addr: metrics_addr(file, "client.metrics_addr", raw.metrics_addr)?,
     })
 }
 
@@ -695,10 +768,7 @@ fn resolve_tls(
             hostname: raw.hostname,
         }
     };
-    // Loads the files once, so a missing file, a wrong password or a key that does not match
-    // is a config error naming its key now rather than a failed connection later.
-    crate::transport::tls::check(&settings)
-        .map_err(|err| Error::from(file.invalid(key(err.culprit()), labcore::exit::chain(&err))))?;
+    // Whether the files load is checked by `transport::check`.
     Ok(settings)
 }
 
@@ -762,24 +832,12 @@ fn resolve_noise(
         raw.local_private_key,
         raw.local_private_key_file.as_deref(),
     )?;
-    let settings = NoiseSettings {
+    // Whether a handshake can be built from these is checked by `transport::check`.
+    Ok(NoiseSettings {
         pattern,
         local_private_key,
         remote_public_key: raw.remote_public_key,
-    };
-    // Builds this side's handshake once, so a bad pattern, a malformed key or a key the
-    // pattern needs but the file lacks is a config error now rather than a failed
-    // connection later.
-    let initiator = side == "client";
-    crate::transport::noise::handshake_state(&settings, initiator).map_err(|err| {
-        let culprit = match err {
-            crate::transport::noise::KeyError::Pattern => "pattern",
-            crate::transport::noise::KeyError::LocalKey => "local_private_key",
-            crate::transport::noise::KeyError::RemoteKey => "remote_public_key",
-        };
-        Error::from(file.invalid(key(culprit), err.to_string()))
-    })?;
-    Ok(settings)
+    })
 }
 
 /// Refuses the TCP-only keys on a UDP service, naming the key.
@@ -879,10 +937,42 @@ fn timeout_secs(file: &ConfigFile, key: &str, secs: Option<u64>) -> Result<Durat
 mod tests {
     use super::*;
 
+    /// Parses and resolves `text`, then checks its transport as loading does.
     fn parse(text: &str, mode: Option<Mode>) -> Result<Settings, Error> {
         let path = Path::new("/etc/labkit/tunnel.toml");
         let raw: ConfigToml = config::parse_str(path, text)?;
-        resolve(raw, &ConfigFile::new(path), &Env::default(), mode)
+        let settings = resolve(raw, &ConfigFile::new(path), &Env::default(), mode)?;
+        crate::transport::check(&settings, path)?;
+        Ok(settings)
+    }
+
+    #[test]
+    fn every_setting_outside_the_services_but_the_grace_period_needs_a_restart() {
+        let base = "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n";
+        let old = server(base);
+        let with = |line: &str| server(&format!("{base}{line}\n"));
+        assert!(!old.needs_restart(&with("grace_period = 5")));
+        assert!(!old.needs_restart(&with("[server.services.a]\nbind_addr = \"0.0.0.0:2\"")));
+        for line in [
+            "heartbeat_interval = 5",
+            "heartbeat_timeout = 5",
+            "handshake_timeout = 5",
+            "metrics_addr = \"127.0.0.1:9\"",
+            "[server.transport.tcp]\nkeepalive_secs = 5",
+        ] {
+            assert!(old.needs_restart(&with(line)), "{line}");
+        }
+        assert!(old.needs_restart(&server(
+            "[server]\nbind_addr = \"0.0.0.0:3\"\ndefault_token = \"t\"\n"
+        )));
+        let client = |line: &str| {
+            client(&format!(
+                "[client]\nremote_addr = \"a:1\"\ndefault_token = \"t\"\n{line}\n"
+            ))
+        };
+        assert!(!client("").needs_restart(&client("grace_period = 1")));
+        assert!(!client("").needs_restart(&client("retry_interval = 9")));
+        assert!(client("").needs_restart(&client("heartbeat_timeout = 1")));
     }
 
     fn server(text: &str) -> ServerSettings {
@@ -907,7 +997,10 @@ mod tests {
         };
         assert_eq!(client.remote_addr, "lab.example.org:7000");
         assert_eq!(client.services["gitssh"].local_addr, "127.0.0.1:222");
-        assert_eq!(client.heartbeat_timeout, Some(Duration::from_secs(40)));
+        assert_eq!(
+            client.common.heartbeat_timeout,
+            Some(Duration::from_secs(40))
+        );
         assert_eq!(
             client.services["web"].retry_interval,
             Duration::from_secs(1)
@@ -955,7 +1048,10 @@ token = "own"
             !s.services["web"].nodelay,
             "falls back to transport.tcp.nodelay"
         );
-        assert_eq!(s.transport.tcp.keepalive_time, Duration::from_secs(30));
+        assert_eq!(
+            s.common.transport.tcp.keepalive_time,
+            Duration::from_secs(30)
+        );
     }
 
     fn client(text: &str) -> ClientSettings {
@@ -970,14 +1066,14 @@ token = "own"
         let c = client(
             "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"socks5://127.0.0.1:1080\"\n",
         );
-        let proxy = c.transport.proxy.unwrap();
+        let proxy = c.common.transport.proxy.unwrap();
         assert_eq!(proxy.kind, ProxyKind::Socks5);
         assert_eq!(proxy.addr, "127.0.0.1:1080");
         assert!(proxy.auth.is_none());
         let c = client(
             "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"http://me:p%40ss@proxy.lan:3128/\"\n",
         );
-        let proxy = c.transport.proxy.unwrap();
+        let proxy = c.common.transport.proxy.unwrap();
         assert_eq!(proxy.kind, ProxyKind::Http);
         assert_eq!(proxy.addr, "proxy.lan:3128");
         let (user, password) = proxy.auth.clone().unwrap();

@@ -83,8 +83,8 @@ pub enum Error {
     Refused {
         /// The service.
         service: String,
-        /// The server's answer.
-        reason: crate::protocol::Ack,
+        /// The server's answer, in words.
+        reason: &'static str,
     },
     /// The peer sent a message that does not belong at this point.
     #[error("unexpected {what}")]

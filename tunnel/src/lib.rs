@@ -41,7 +41,7 @@ use crate::watch::Watcher;
 
 /// Runs the side `mode` names (or the config's only one) until SIGTERM.
 pub(crate) async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<(), Error> {
-    let mut settings = config::load(path, env, mode)?;
+    let mut settings = daemon::load(path, env, mode)?;
     raise_fd_limit();
     let signals = Signals::install().map_err(|e| Error::io("installing signal handlers", e))?;
     let notifier = Notifier::from_env(env).map_err(|e| Error::io("opening $NOTIFY_SOCKET", e))?;
@@ -62,7 +62,7 @@ pub(crate) async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<()
     // The one place a transport type becomes a Rust type.
     loop {
         let outcome = match settings {
-            Settings::Server(s) => match s.transport.kind {
+            Settings::Server(s) => match s.common.transport.kind {
                 TransportType::Tcp => daemon::serve::<Server<TcpTransport>>(s, &mut cx).await?,
                 TransportType::Noise => daemon::serve::<Server<NoiseTransport>>(s, &mut cx).await?,
                 TransportType::Tls => daemon::serve::<Server<TlsTransport>>(s, &mut cx).await?,
@@ -70,7 +70,7 @@ pub(crate) async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<()
                     daemon::serve::<Server<WebsocketTransport>>(s, &mut cx).await?
                 }
             },
-            Settings::Client(c) => match c.transport.kind {
+            Settings::Client(c) => match c.common.transport.kind {
                 TransportType::Tcp => daemon::serve::<Client<TcpTransport>>(c, &mut cx).await?,
                 TransportType::Noise => daemon::serve::<Client<NoiseTransport>>(c, &mut cx).await?,
                 TransportType::Tls => daemon::serve::<Client<TlsTransport>>(c, &mut cx).await?,

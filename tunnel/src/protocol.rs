@@ -230,13 +230,20 @@ tag_message!(
     }
 );
 
-impl fmt::Display for Ack {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Ack {
+    /// What the answer means, in words.
+    pub(crate) fn meaning(self) -> &'static str {
+        match self {
             Ack::Ok => "ok",
             Ack::ServiceNotExist => "no such service",
             Ack::AuthFailed => "wrong token",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Ack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.meaning())
     }
 }
 

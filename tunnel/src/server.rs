@@ -36,7 +36,10 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ServerService, ServerSettings, ServiceType};
+use crate::config::{
+    self, Mode, ServerService, ServerSettings, ServiceType, Settings, TransportType,
+};
+use crate::daemon::{Node, Readiness};
 use crate::error::Error;
 use crate::forward;
 use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
@@ -162,11 +165,11 @@ pub(crate) struct Server<T: Transport> {
 impl<T: Transport> Server<T> {
     /// Binds the control port and every service's port and starts serving.
     pub(crate) async fn start(settings: ServerSettings) -> Result<Server<T>, Error> {
-        let transport = Arc::new(T::new(&settings.transport)?);
+        let transport = Arc::new(T::new(&settings.common.transport)?);
         let registry = Arc::new(Registry::new());
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
-        let endpoint = match &settings.metrics_addr {
+        let endpoint = match &settings.common.metrics_addr {
             Some(addr) => Some(Endpoint::start(addr, metrics.clone()).await?),
             None => None,
         };
@@ -180,7 +183,7 @@ impl<T: Transport> Server<T> {
             registry.clone(),
             tracker.clone(),
             control_stop.clone(),
-            settings.handshake_timeout,
+            settings.common.handshake_timeout,
             metrics.clone(),
         ));
         let mut server = Server {
@@ -243,8 +246,8 @@ impl<T: Transport> Server<T> {
             listener,
             events,
             heartbeat: self.settings.heartbeat_interval,
-            dead_after: self.settings.heartbeat_timeout,
-            handshake_timeout: self.settings.handshake_timeout,
+            dead_after: self.settings.common.heartbeat_timeout,
+            handshake_timeout: self.settings.common.handshake_timeout,
             stop: stop.clone(),
             abort: abort.clone(),
             tracker: self.tracker.clone(),
@@ -287,21 +290,15 @@ impl<T: Transport> Server<T> {
     /// others and their connections are left alone. Settings outside the services restart
     /// everything.
     pub(crate) async fn apply(&mut self, new: ServerSettings) -> Result<(), Error> {
-        let general_changed = self.settings.bind_addr != new.bind_addr
-            || self.settings.transport != new.transport
-            || self.settings.heartbeat_interval != new.heartbeat_interval
-            || self.settings.heartbeat_timeout != new.heartbeat_timeout
-            || self.settings.handshake_timeout != new.handshake_timeout
-            || self.settings.metrics_addr != new.metrics_addr;
-        if general_changed {
+        if self.settings.needs_restart(&new) {
             tracing::warn!("settings outside [server.services] changed: restarting everything");
             self.stop_all().await;
             *self = Server::start(new).await?;
             return Ok(());
         }
-        self.settings.grace_period = new.grace_period;
+        self.settings.common.grace_period = new.common.grace_period;
         let running = self.services.iter().map(|(n, h)| (n, &*h.service));
-        for (name, removed) in crate::daemon::stale_services(running, &new.services) {
+        for (name, removed) in config::stale_services(running, &new.services) {
             self.stop_service(&name).await;
             if removed {
                 self.metrics.forget(&name);
@@ -367,7 +364,7 @@ impl<T: Transport> Server<T> {
 
     /// The grace period from the config.
     pub(crate) fn grace_period(&self) -> Duration {
-        self.settings.grace_period
+        self.settings.common.grace_period
     }
 }
 
@@ -978,5 +975,46 @@ async fn carry<S: TunnelStream>(
         Err(err) => {
             tracing::debug!(service = %service.name, visitor = %peer, error = %err, "visitor connection ended")
         }
+    }
+}
+
+impl<T: Transport> Node for Server<T> {
+    type Settings = ServerSettings;
+    const MODE: Mode = Mode::Server;
+
+    async fn start(settings: ServerSettings) -> Result<Self, Error> {
+        Server::start(settings).await
+    }
+
+    async fn apply(&mut self, settings: ServerSettings) -> Result<(), Error> {
+        Server::apply(self, settings).await
+    }
+
+    fn readiness(&self) -> Option<Arc<Readiness>> {
+        None
+    }
+
+    fn reload_wait(_: &ServerSettings) -> Duration {
+        Duration::ZERO
+    }
+
+    fn transport_type(settings: &ServerSettings) -> TransportType {
+        settings.common.transport.kind
+    }
+
+    fn settings(settings: Settings) -> Option<ServerSettings> {
+        match settings {
+            Settings::Server(s) => Some(s),
+            Settings::Client(_) => None,
+        }
+    }
+
+    fn wrap(settings: ServerSettings) -> Settings {
+        Settings::Server(settings)
+    }
+
+    async fn shutdown(self) {
+        let grace = self.grace_period();
+        Server::shutdown(self, grace).await
     }
 }

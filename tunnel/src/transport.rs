@@ -16,17 +16,51 @@ pub(crate) mod websocket;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::config::TransportSettings;
+use labcore::config::ConfigFile;
+
+use crate::config::{Settings, TransportSettings};
 use crate::error::Error;
 
 pub(crate) use noise::NoiseTransport;
 pub(crate) use tcp::TcpTransport;
 pub(crate) use tls::TlsTransport;
 pub(crate) use websocket::WebsocketTransport;
+
+/// Checks that each side's transport in a config loaded from `path` can be built: the Noise
+/// pattern parses and the keys it needs are there, the TLS files load and match. A config
+/// error naming the key at fault now, rather than a failed connection later.
+pub(crate) fn check(settings: &Settings, path: &Path) -> Result<(), Error> {
+    let (side, transport) = match settings {
+        Settings::Server(s) => ("server", &s.common.transport),
+        Settings::Client(c) => ("client", &c.common.transport),
+    };
+    let invalid =
+        |key: String, message: String| Error::from(ConfigFile::new(path).invalid(key, message));
+    if let Some(noise) = &transport.noise {
+        noise::handshake_state(noise, side == "client").map_err(|err| {
+            let culprit = match err {
+                noise::KeyError::Pattern => "pattern",
+                noise::KeyError::LocalKey => "local_private_key",
+                noise::KeyError::RemoteKey => "remote_public_key",
+            };
+            invalid(format!("{side}.transport.noise.{culprit}"), err.to_string())
+        })?;
+    }
+    if let Some(tls) = &transport.tls {
+        tls::check(tls).map_err(|err| {
+            invalid(
+                format!("{side}.transport.tls.{}", err.culprit()),
+                labcore::exit::chain(&err),
+            )
+        })?;
+    }
+    Ok(())
+}
 
 /// A connection carrying tunnel traffic.
 pub(crate) trait TunnelStream:
