@@ -31,7 +31,8 @@ EXAMPLES:
 A config is rathole 0.5's TOML: [server] with bind_addr and [server.services.NAME] tables
 (bind_addr, token), or [client] with remote_addr and [client.services.NAME] tables
 (local_addr, token). Tokens may also come from token_file = \"PATH\", from default_token,
-or from the systemd credential named after the key (e.g. server.services.ssh.token).
+or from the systemd credential named after the key (e.g. server.services.ssh.token);
+a token shorter than 8 bytes (an empty token_file too) is refused with exit status 78.
 A server service with proxy_protocol = \"v1\" or \"v2\" sends its local service a PROXY
 protocol header with the visitor's address, through any client (rathole's too), and
 max_connections = N closes visitors past N open connections on arrival. A service with

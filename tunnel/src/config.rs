@@ -4,7 +4,8 @@
 //! line, column and key); [`load`] resolves them into [`ServerSettings`] or [`ClientSettings`],
 //! which hold durations, secrets and defaults already applied. Tokens come inline, from
 //! `token_file`, from a systemd credential named after the key, or from the table's
-//! `default_token` (with the same three sources).
+//! `default_token` (with the same three sources). A token shorter than 8 bytes is refused,
+//! wherever it comes from ([`MIN_TOKEN_LEN`]).
 //!
 //! labkit additions (all optional): `token_file`, `default_token_file`, `handshake_timeout`
 //! and `grace_period` (seconds), the server's `heartbeat_timeout` (seconds a heartbeat may go
@@ -35,6 +36,12 @@ const DEFAULT_HEARTBEAT_TIMEOUT: u64 = 40;
 const DEFAULT_RETRY_INTERVAL: u64 = 1;
 const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 10;
 const DEFAULT_GRACE_PERIOD: u64 = 30;
+/// The shortest token accepted, in bytes. A control channel proves its token with
+/// sha256(token ‖ nonce), which crosses plain TCP in the clear, so a short token falls to
+/// guessing offline from one recorded handshake, and an empty one (an empty `token_file`)
+/// proves nothing. Eight bytes refuses the empty and the trivial without breaking the
+/// configs people run: rathole's examples and the lab's (`change-me-ssh`) are longer.
+const MIN_TOKEN_LEN: usize = 8;
 
 /// The whole file: a `[server]` table, a `[client]` table, or both.
 #[derive(Debug, Deserialize)]
@@ -517,11 +524,12 @@ pub(crate) fn resolve(
 fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<ServerSettings, Error> {
     check_addr(file, "server.bind_addr", &raw.bind_addr)?;
     let transport = resolve_transport(raw.transport, file, env, "server")?;
-    let default_token = file.secret(
+    let default_token = default_token(
+        file,
         env,
-        "server.default_token",
+        "server",
         raw.default_token,
-        raw.default_token_file.as_deref(),
+        raw.default_token_file,
     )?;
     let mut services = BTreeMap::new();
     for (name, service) in raw.services {
@@ -590,11 +598,12 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
 fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<ClientSettings, Error> {
     check_addr(file, "client.remote_addr", &raw.remote_addr)?;
     let transport = resolve_transport(raw.transport, file, env, "client")?;
-    let default_token = file.secret(
+    let default_token = default_token(
+        file,
         env,
-        "client.default_token",
+        "client",
         raw.default_token,
-        raw.default_token_file.as_deref(),
+        raw.default_token_file,
     )?;
     let retry_default = raw.retry_interval.unwrap_or(DEFAULT_RETRY_INTERVAL);
     let mut services = BTreeMap::new();
@@ -891,6 +900,8 @@ fn proxy_protocol_version(
     }
 }
 
+/// A service's token from `token`, `token_file`, the systemd credential named after the key,
+/// or else the table's default; refused if shorter than [`MIN_TOKEN_LEN`].
 fn token(
     file: &ConfigFile,
     env: &Env,
@@ -900,15 +911,67 @@ fn token(
     default: &Option<Secret>,
 ) -> Result<Secret, Error> {
     let token_key = format!("{key}.token");
-    file.secret(env, &token_key, inline, token_file.as_deref())?
-        .or_else(|| default.clone())
-        .ok_or_else(|| {
+    let from_file = token_file.is_some();
+    match file.secret(env, &token_key, inline, token_file.as_deref())? {
+        Some(token) => {
+            let culprit = if from_file {
+                format!("{token_key}_file")
+            } else {
+                token_key
+            };
+            check_token(file, culprit, &token)?;
+            Ok(token)
+        }
+        None => default.clone().ok_or_else(|| {
             Error::from(file.invalid(
                 token_key,
                 "no token: give token, token_file, a systemd credential of that name, or \
                  default_token",
             ))
-        })
+        }),
+    }
+}
+
+/// A table's `default_token` from its three sources, checked like a service's own.
+fn default_token(
+    file: &ConfigFile,
+    env: &Env,
+    side: &str,
+    inline: Option<Secret>,
+    token_file: Option<PathBuf>,
+) -> Result<Option<Secret>, Error> {
+    let key = format!("{side}.default_token");
+    let from_file = token_file.is_some();
+    let token = file.secret(env, &key, inline, token_file.as_deref())?;
+    if let Some(token) = &token {
+        let culprit = if from_file {
+            format!("{key}_file")
+        } else {
+            key
+        };
+        check_token(file, culprit, token)?;
+    }
+    Ok(token)
+}
+
+/// Refuses an empty or short token, naming the key it came from (never its value).
+fn check_token(file: &ConfigFile, key: String, token: &Secret) -> Result<(), ConfigError> {
+    let len = token.expose().len();
+    if len >= MIN_TOKEN_LEN {
+        return Ok(());
+    }
+    let what = if len == 0 {
+        "the token is empty".to_owned()
+    } else {
+        format!("the token is {len} bytes long")
+    };
+    Err(file.invalid(
+        key,
+        format!(
+            "{what}: a token needs at least {MIN_TOKEN_LEN} bytes, since a short one can be \
+             guessed from a single recorded handshake"
+        ),
+    ))
 }
 
 /// Checks that an address looks like `HOST:PORT` (the host is resolved when used).
@@ -948,7 +1011,7 @@ mod tests {
 
     #[test]
     fn every_setting_outside_the_services_but_the_grace_period_needs_a_restart() {
-        let base = "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n";
+        let base = "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t-long-enough\"\n";
         let old = server(base);
         let with = |line: &str| server(&format!("{base}{line}\n"));
         assert!(!old.needs_restart(&with("grace_period = 5")));
@@ -963,11 +1026,11 @@ mod tests {
             assert!(old.needs_restart(&with(line)), "{line}");
         }
         assert!(old.needs_restart(&server(
-            "[server]\nbind_addr = \"0.0.0.0:3\"\ndefault_token = \"t\"\n"
+            "[server]\nbind_addr = \"0.0.0.0:3\"\ndefault_token = \"t-long-enough\"\n"
         )));
         let client = |line: &str| {
             client(&format!(
-                "[client]\nremote_addr = \"a:1\"\ndefault_token = \"t\"\n{line}\n"
+                "[client]\nremote_addr = \"a:1\"\ndefault_token = \"t-long-enough\"\n{line}\n"
             ))
         };
         assert!(!client("").needs_restart(&client("grace_period = 1")));
@@ -1012,7 +1075,7 @@ mod tests {
         let text = r#"
 [server]
 bind_addr = "0.0.0.0:2333"
-default_token = "default"
+default_token = "default-token"
 heartbeat_interval = 0
 [server.transport]
 type = "tcp"
@@ -1037,12 +1100,12 @@ bind_addr = "0.0.0.0:2334"
 nodelay = true
 [server.services.web]
 bind_addr = "[::]:8080"
-token = "own"
+token = "own-token"
 "#;
         let s = server(text);
         assert_eq!(s.heartbeat_interval, None);
-        assert_eq!(s.services["echo"].token.expose(), "default");
-        assert_eq!(s.services["web"].token.expose(), "own");
+        assert_eq!(s.services["echo"].token.expose(), "default-token");
+        assert_eq!(s.services["web"].token.expose(), "own-token");
         assert!(s.services["echo"].nodelay);
         assert!(
             !s.services["web"].nodelay,
@@ -1139,12 +1202,12 @@ token = "own"
     #[test]
     fn udp_services_parse_on_both_sides() {
         let s = server(
-            "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n\
+            "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t-long-enough\"\n\
              [server.services.dns]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:53\"\n",
         );
         assert_eq!(s.services["dns"].service_type, ServiceType::Udp);
         let Settings::Client(c) = parse(
-            "[client]\nremote_addr = \"a:1\"\ndefault_token = \"t\"\n\
+            "[client]\nremote_addr = \"a:1\"\ndefault_token = \"t-long-enough\"\n\
              [client.services.dns]\ntype = \"udp\"\nlocal_addr = \"127.0.0.1:53\"\n\
              [client.services.ssh]\nlocal_addr = \"127.0.0.1:22\"\n",
             None,
@@ -1173,7 +1236,7 @@ token = "own"
             ),
         ] {
             let text = format!(
-                "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n\
+                "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t-long-enough\"\n\
                  [server.services.dns]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:53\"\n{extra}\n"
             );
             let err = parse(&text, None).unwrap_err();

@@ -42,7 +42,7 @@ fn both_sides_count_connections_bytes_refusals_and_handshake_failures() {
         "server.toml",
         &server_config(
             "metrics_addr = \"127.0.0.1:0\"",
-            &[("echo", "m-token"), ("idle", "i-token")],
+            &[("echo", "m-token-1"), ("idle", "i-token-1")],
         ),
     );
     let server = server(&server_toml);
@@ -52,7 +52,7 @@ fn both_sides_count_connections_bytes_refusals_and_handshake_failures() {
         &client_config(
             control_addr(&server),
             "metrics_addr = \"127.0.0.1:0\"",
-            &[("echo", "m-token", echo_service())],
+            &[("echo", "m-token-1", echo_service())],
         ),
     );
     let client = tunnel(&["client"], &client_toml).spawn().unwrap();
@@ -121,7 +121,11 @@ fn both_sides_count_connections_bytes_refusals_and_handshake_failures() {
 #[test]
 fn a_client_counts_its_reconnects_after_the_server_restarts() {
     let dir = Scratch::new("metrics").unwrap();
-    let server_toml = write(&dir, "server.toml", &server_config("", &[("echo", "t")]));
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &server_config("", &[("echo", "token-t1")]),
+    );
     let first = server(&server_toml);
     let control = control_addr(&first);
     let client_toml = write(
@@ -130,7 +134,7 @@ fn a_client_counts_its_reconnects_after_the_server_restarts() {
         &client_config(
             control,
             "metrics_addr = \"127.0.0.1:0\"",
-            &[("echo", "t", echo_service())],
+            &[("echo", "token-t1", echo_service())],
         ),
     );
     let client = client(&client_toml);
@@ -142,7 +146,11 @@ fn a_client_counts_its_reconnects_after_the_server_restarts() {
     let again = write(
         &dir,
         "server2.toml",
-        &server_config("", &[("echo", "t")]).replacen("127.0.0.1:0", &control.to_string(), 1),
+        &server_config("", &[("echo", "token-t1")]).replacen(
+            "127.0.0.1:0",
+            &control.to_string(),
+            1,
+        ),
     );
     let _second = server(&again);
     wait_count(&client, "control channel open service=echo", 2);
