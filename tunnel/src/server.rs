@@ -4,7 +4,9 @@
 //!
 //! Tasks and who owns them:
 //! - the control port's accept loop (one task) hands each new connection to a handshake task,
-//!   bounded by `handshake_timeout` and a semaphore; a control channel that authenticates, or a
+//!   bounded by `handshake_timeout` and by [`MAX_HANDSHAKES`] in progress at once, of which
+//!   one source address gets only its share once most are taken (so connections that never
+//!   speak cannot lock clients out); a control channel that authenticates, or a
 //!   data channel that names an open session, is sent to its service's task;
 //! - one task per service owns its listener, its control channel, its pool of idle data
 //!   channels and its queue of visitors waiting for one; it writes `CreateDataChannel` (eight
@@ -23,7 +25,7 @@
 //! get `grace_period` to finish.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -59,6 +61,16 @@ const MAX_IDLE: usize = 256;
 const MAX_WAITING: usize = 4096;
 /// Connections on the control port that may be in their handshake at once.
 const MAX_HANDSHAKES: usize = 1024;
+/// Handshakes any source may hold while fewer than this many are in progress. A client's
+/// burst of data channels (one per visitor arriving at once, each in its handshake for a
+/// round trip or two) may be hundreds from one address, so sources are not limited while
+/// there is room.
+const SHARED_HANDSHAKES: usize = MAX_HANDSHAKES * 3 / 4;
+/// Past [`SHARED_HANDSHAKES`], a source (an IPv4 address, or an IPv6 /64, which one host
+/// usually holds whole) that has this many handshakes in progress gets no more: silent
+/// connections from one host then take at most three quarters of the slots, and the rest
+/// stay for everyone else.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 128;
 /// Messages queued from the control port to one service's task.
 const EVENT_QUEUE: usize = 256;
 /// How long writing `StartForwardTcp` on an idle data channel may take before the channel
@@ -368,6 +380,79 @@ impl<T: Transport> Server<T> {
     }
 }
 
+/// Handshakes in progress, in all and per source address.
+#[derive(Default)]
+struct Sources(Mutex<SourceCounts>);
+
+#[derive(Default)]
+struct SourceCounts {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// One handshake in progress from `source`, counted until it drops.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    source: IpAddr,
+}
+
+impl Sources {
+    /// Counts a handshake from `peer`, unless every slot is taken, or most are and its
+    /// source already has its share.
+    fn enter(self: &Arc<Self>, peer: SocketAddr) -> Option<SourceSlot> {
+        let source = source_of(peer.ip());
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let own = counts.by_source.get(&source).copied().unwrap_or(0);
+        if counts.total >= MAX_HANDSHAKES
+            || (counts.total >= SHARED_HANDSHAKES && own >= MAX_HANDSHAKES_PER_SOURCE)
+        {
+            return None;
+        }
+        counts.total += 1;
+        *counts.by_source.entry(source).or_default() += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
+        counts.total -= 1;
+        if let Some(count) = counts.by_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                counts.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// What handshakes are counted by: the IPv4 address, or the IPv6 /64.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let segments = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(
+                    segments[0],
+                    segments[1],
+                    segments[2],
+                    segments[3],
+                    0,
+                    0,
+                    0,
+                    0,
+                ))
+            }
+        },
+    }
+}
+
 /// The control port: accepts clients and runs each connection's handshake.
 async fn accept_clients<T: Transport>(
     transport: Arc<T>,
@@ -378,7 +463,7 @@ async fn accept_clients<T: Transport>(
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
 ) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let sources = Arc::new(Sources::default());
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -393,15 +478,16 @@ async fn accept_clients<T: Transport>(
                 continue;
             }
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "too many handshakes in progress: connection closed");
+        // Closed at once, and logged at debug level only: a flood must not flood the log.
+        let Some(slot) = sources.enter(peer) else {
+            tracing::debug!(%peer, "too many handshakes in progress: connection closed");
             continue;
         };
         let transport = transport.clone();
         let registry = registry.clone();
         let metrics = metrics.clone();
         tracker.spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let handshake = handshake(&*transport, tcp, peer, &registry);
             let failed = match timeout(handshake_timeout, handshake).await {
                 Ok(Ok(())) => return,
@@ -431,6 +517,7 @@ async fn handshake<T: Transport>(
         Hello::Control(digest) => control_handshake(stream, digest, peer, registry).await,
         Hello::Data(key) => {
             let events = registry.session(&key).ok_or(Error::UnknownSession)?;
+            stream.authenticated();
             events
                 .send(Event::Data { stream, key })
                 .await
@@ -463,6 +550,7 @@ async fn control_handshake<S: TunnelStream>(
             service: entry.service.name.clone(),
         });
     }
+    stream.authenticated();
     // The service's task writes `Ack::Ok` once it holds the session, so a client that has
     // seen the ack never finds its visitors turned away for want of a session.
     sockopt::nodelay(stream.tcp(), true);

@@ -72,6 +72,10 @@ pub(crate) trait TunnelStream:
 
     /// The socket itself when the stream adds nothing on top of TCP, so bytes can be spliced.
     fn plain_tcp(&self) -> Option<&TcpStream>;
+
+    /// The server calls this once the peer has proved its token or named an open session:
+    /// limits that hold only before authentication are lifted.
+    fn authenticated(&mut self) {}
 }
 
 impl TunnelStream for TcpStream {
