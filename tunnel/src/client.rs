@@ -453,7 +453,7 @@ async fn data_channel<T: Transport>(
     };
     tokio::select! {
         _ = context.abort.cancelled() => {}
-        carried = forward::forward(channel, local, meter) => match carried {
+        carried = forward::forward(channel, local, meter, None) => match carried {
             Ok(carried) => tracing::debug!(
                 service = %service.name,
                 to_local = carried.inbound,

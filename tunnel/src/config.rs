@@ -11,7 +11,8 @@
 //! and `grace_period` (seconds), the server's `heartbeat_timeout` (seconds a heartbeat may go
 //! unacknowledged before the client counts as dead; rathole's server has no such check), a
 //! server service's `proxy_protocol = "v1" | "v2"` (rathole main's `enable_proxy_protocol =
-//! true` is read as v1) and `max_connections`, either side's `metrics_addr` (a Prometheus
+//! true` is read as v1), `max_connections` and `idle_timeout` (seconds a visitor connection
+//! may carry nothing before it is closed; default 3600, 0 for never), either side's `metrics_addr` (a Prometheus
 //! endpoint), `local_private_key_file` for Noise, and for TLS the server's PEM `cert` and
 //! `key` (instead of rathole's `pkcs12`) and `pkcs12_password_file`.
 //!
@@ -36,6 +37,11 @@ const DEFAULT_HEARTBEAT_TIMEOUT: u64 = 40;
 const DEFAULT_RETRY_INTERVAL: u64 = 1;
 const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 10;
 const DEFAULT_GRACE_PERIOD: u64 = 30;
+/// A visitor connection with no byte either way for this long is closed (a TCP service's
+/// `idle_timeout`; 0 turns it off). An hour: long enough for an interactive session left
+/// open over lunch, short enough that connections whose peer vanished without a FIN do not
+/// pile up for good.
+const DEFAULT_IDLE_TIMEOUT: u64 = 3600;
 /// The shortest token accepted, in bytes. A control channel proves its token with
 /// sha256(token ‖ nonce), which crosses plain TCP in the clear, so a short token falls to
 /// guessing offline from one recorded handshake, and an empty one (an empty `token_file`)
@@ -81,6 +87,7 @@ struct ServerServiceToml {
     /// rathole's unreleased main branch: `true` means v1.
     enable_proxy_protocol: Option<bool>,
     max_connections: Option<usize>,
+    idle_timeout: Option<u64>,
 }
 
 /// `proxy_protocol = "v1" | "v2"`.
@@ -315,8 +322,11 @@ pub(crate) struct ServerService {
     pub(crate) nodelay: bool,
     /// The PROXY protocol header the local service gets first, if any.
     pub(crate) proxy_protocol: Option<proxy_protocol::Version>,
-    /// Visitor connections open at once, at most; more are closed on arrival.
+    /// Visitor connections open at once, at most; more are closed on arrival. `None`: what
+    /// the process's file limit allows (the server works it out).
     pub(crate) max_connections: Option<usize>,
+    /// A visitor connection with no byte either way for this long is closed; `None`: never.
+    pub(crate) idle_timeout: Option<Duration>,
 }
 
 /// The settings `[server]` and `[client]` have in common.
@@ -570,6 +580,7 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
                     }
                     max => max,
                 },
+                idle_timeout: nonzero_secs(service.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT)),
             },
         );
     }
@@ -875,6 +886,12 @@ fn check_udp_service(
         return refuse(
             "max_connections",
             "has no connections to limit (it is for tcp services only)",
+        );
+    }
+    if service.idle_timeout.is_some() {
+        return refuse(
+            "idle_timeout",
+            "closes sessions idle for 60 s on its own (idle_timeout is for tcp services only)",
         );
     }
     Ok(())

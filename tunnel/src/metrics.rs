@@ -58,7 +58,7 @@ pub(crate) struct ServiceMetrics {
     pub(crate) datagrams_to_service: AtomicU64,
     /// UDP datagrams from the service to visitors.
     pub(crate) datagrams_to_visitor: AtomicU64,
-    /// UDP datagrams dropped: no client, too many visitors, or a socket refused them.
+    /// UDP datagrams dropped: no client, or a socket refused them.
     pub(crate) datagrams_dropped: AtomicU64,
 }
 
@@ -170,7 +170,7 @@ impl Metrics {
             (
                 "tunnel_datagrams_dropped_total",
                 "counter",
-                "UDP datagrams dropped (no client, too many visitors, refused by a socket).",
+                "UDP datagrams dropped (no client, refused by a socket).",
                 |m| &m.datagrams_dropped,
             ),
         ];

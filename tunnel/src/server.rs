@@ -269,9 +269,7 @@ impl<T: Transport> Server<T> {
             idle: VecDeque::new(),
             waiting: VecDeque::new(),
             udp: None,
-            slots: service
-                .max_connections
-                .map(|max| Arc::new(Semaphore::new(max))),
+            slots: Arc::new(Semaphore::new(max_connections(&service))),
         };
         let task = tokio::spawn(task.run());
         self.services.insert(
@@ -606,8 +604,9 @@ struct ServiceTask<S> {
     waiting: VecDeque<Waiting>,
     /// A UDP service's forwarding, while a data channel carries it.
     udp: Option<UdpForwarding>,
-    /// Visitor connections the service may still take (`max_connections`), if limited.
-    slots: Option<Arc<Semaphore>>,
+    /// Visitor connections the service may still take (`max_connections`, or by default
+    /// what the file limit allows).
+    slots: Arc<Semaphore>,
 }
 
 /// A visitor waiting for a data channel.
@@ -616,7 +615,7 @@ struct Waiting {
     peer: SocketAddr,
     since: Instant,
     /// Held until the connection ends.
-    slot: Option<OwnedSemaphorePermit>,
+    slot: OwnedSemaphorePermit,
 }
 
 impl<S: TunnelStream> ServiceTask<S> {
@@ -685,16 +684,13 @@ impl<S: TunnelStream> ServiceTask<S> {
             tracing::warn!(service = %name, visitor = %peer, "too many visitors waiting: visitor closed");
             return;
         }
-        let slot = match &self.slots {
-            None => None,
-            Some(slots) => match slots.clone().try_acquire_owned() {
-                Ok(slot) => Some(slot),
-                Err(_) => {
-                    self.metrics.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(service = %name, visitor = %peer, max_connections = self.service.max_connections.unwrap_or_default(), "connection limit reached: visitor closed");
-                    return;
-                }
-            },
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(service = %name, visitor = %peer, max_connections = max_connections(&self.service), "connection limit reached: visitor closed");
+                return;
+            }
         };
         sockopt::nodelay(&visitor, self.service.nodelay);
         tracing::debug!(service = %name, visitor = %peer, "visitor connected");
@@ -988,6 +984,25 @@ async fn session_event<S: TunnelStream>(session: &mut Option<Session<S>>) -> Ses
     }
 }
 
+/// Descriptors one visitor connection holds on the server: its socket, its data channel, and
+/// the two pipes splicing between them.
+const FDS_PER_CONNECTION: u64 = 6;
+
+/// A TCP service's limit on open visitor connections: `max_connections`, or else what three
+/// quarters of the process's open file limit holds at [`FDS_PER_CONNECTION`] each, the last
+/// quarter left for the control port, handshakes and idle data channels. (The limit is read
+/// after `run` raised the soft limit to the hard one.) Past it a visitor is closed on
+/// arrival instead of an `accept` failing for want of descriptors, which would stall every
+/// service.
+fn max_connections(service: &ServerService) -> usize {
+    service.max_connections.unwrap_or_else(|| {
+        use nix::sys::resource::{Resource, getrlimit};
+        let files = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+        let connections = files.saturating_mul(3) / 4 / FDS_PER_CONNECTION;
+        usize::try_from(connections).unwrap_or(usize::MAX).max(1)
+    })
+}
+
 /// Accepts a TCP service's next visitor; never resolves for a UDP service.
 async fn accept(listener: &Listener) -> std::io::Result<(TcpStream, SocketAddr)> {
     match listener {
@@ -1052,7 +1067,7 @@ async fn carry<S: TunnelStream>(
         inbound: &metrics.to_visitor,
         outbound: &metrics.to_service,
     };
-    match forward::forward(channel, visitor, meter).await {
+    match forward::forward(channel, visitor, meter, service.idle_timeout).await {
         Ok(carried) => tracing::debug!(
             service = %service.name,
             visitor = %peer,

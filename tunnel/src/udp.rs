@@ -10,8 +10,9 @@
 //!
 //! Invariants:
 //! - Memory is bounded: at most 4,096 sessions per data channel on the client (and
-//!   as many visitors tracked on the server); a datagram from a visitor past that is dropped
-//!   and counted. No queue sits between sockets and the channel: each side reads a socket only
+//!   as many visitors tracked on the server); a new visitor past that takes the place of the
+//!   least recently active one (whose session closes), so a burst of addresses (spoofed or
+//!   not) cannot lock out the visitors that arrive after it. No queue sits between sockets and the channel: each side reads a socket only
 //!   when it can write what it read, so a slow path pushes back into the kernel's socket
 //!   buffers, which drop past their size as UDP does.
 //! - Nothing is allocated per datagram: frames are read from the channel into one buffer
@@ -21,7 +22,7 @@
 //! - Forwarding on a channel stops when the channel breaks; the server then starts the next
 //!   idle data channel and asks the client for a replacement.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -262,34 +263,71 @@ pub(crate) fn discard(socket: &UdpSocket, scratch: &mut [u8]) -> u64 {
 }
 
 /// The visitors a server's UDP service has heard from lately: counted as open connections,
-/// capped at [`Limits::sessions`].
+/// capped at [`Limits::sessions`], the least recently seen making room for a new one.
 struct Visitors {
-    seen: HashMap<SocketAddr, Instant>,
+    /// When each visitor was last seen, and the stamp of its newest entry in `order`.
+    seen: HashMap<SocketAddr, (Instant, u64)>,
+    /// Visitors from least to most recently seen, with the stamp they were seen at; an entry
+    /// whose stamp is no longer the visitor's is stale and skipped. Compacted when it holds
+    /// twice as many entries as there are visitors, so it stays bounded and each datagram
+    /// costs amortised O(1).
+    order: VecDeque<(SocketAddr, u64)>,
+    stamp: u64,
     metrics: Arc<ServiceMetrics>,
     limits: Limits,
 }
 
 impl Visitors {
-    /// Whether a datagram from `from` may go on (a new visitor is let in while there is room).
-    fn admit(&mut self, from: SocketAddr, now: Instant) -> bool {
-        if let Some(last) = self.seen.get_mut(&from) {
-            *last = now;
-            return true;
+    fn new(metrics: Arc<ServiceMetrics>, limits: Limits) -> Visitors {
+        Visitors {
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+            stamp: 0,
+            metrics,
+            limits,
         }
-        if self.seen.len() >= self.limits.sessions {
-            return false;
+    }
+
+    /// Notes a datagram from `from`; a new visitor past the cap takes the place of the least
+    /// recently seen one.
+    fn admit(&mut self, from: SocketAddr, now: Instant) {
+        self.stamp += 1;
+        let stamp = self.stamp;
+        if let Some(entry) = self.seen.get_mut(&from) {
+            *entry = (now, stamp);
+        } else {
+            if self.seen.len() >= self.limits.sessions {
+                self.evict_oldest();
+            }
+            self.seen.insert(from, (now, stamp));
+            self.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            self.metrics.open.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(visitor = %from, "udp visitor seen");
         }
-        self.seen.insert(from, now);
-        self.metrics.connections.fetch_add(1, Ordering::Relaxed);
-        self.metrics.open.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(visitor = %from, "udp visitor seen");
-        true
+        self.order.push_back((from, stamp));
+        if self.order.len() > 2 * self.seen.len() + 64 {
+            let seen = &self.seen;
+            self.order
+                .retain(|(addr, stamp)| seen.get(addr).is_some_and(|(_, s)| s == stamp));
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        while let Some((addr, stamp)) = self.order.pop_front() {
+            if self.seen.get(&addr).is_some_and(|(_, s)| *s == stamp) {
+                self.seen.remove(&addr);
+                self.metrics.open.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!(visitor = %addr, "udp visitor table full: least recently seen visitor forgotten");
+                return;
+            }
+        }
     }
 
     fn expire(&mut self, now: Instant) {
         let before = self.seen.len();
         let idle = self.limits.idle;
-        self.seen.retain(|_, last| now.duration_since(*last) < idle);
+        self.seen
+            .retain(|_, (last, _)| now.duration_since(*last) < idle);
         let gone = (before - self.seen.len()) as u64;
         self.metrics.open.fetch_sub(gone, Ordering::Relaxed);
     }
@@ -320,11 +358,7 @@ pub(crate) async fn serve_visitors<S: TunnelStream>(
         _ => 13,
     };
     let (mut rd, mut wr) = tokio::io::split(channel);
-    let visitors = Mutex::new(Visitors {
-        seen: HashMap::new(),
-        metrics: metrics.clone(),
-        limits,
-    });
+    let visitors = Mutex::new(Visitors::new(metrics.clone(), limits));
     let lock = || visitors.lock().unwrap_or_else(|e| e.into_inner());
     let up = async {
         let mut frames = FrameWriter::new();
@@ -345,10 +379,7 @@ pub(crate) async fn serve_visitors<S: TunnelStream>(
                 while frames.has_room() {
                     match socket.try_recv_from(frames.payload_room(guessed)) {
                         Ok((n, from)) => {
-                            if !visitors.admit(from, now) {
-                                metrics.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
+                            visitors.admit(from, now);
                             frames.commit(from, n, guessed);
                             metrics.datagrams_to_service.fetch_add(1, Ordering::Relaxed);
                             metrics.to_service.fetch_add(n as u64, Ordering::Relaxed);
@@ -404,6 +435,9 @@ struct Session {
     socket: Arc<UdpSocket>,
     /// Milliseconds since forwarding started, at the last datagram either way.
     last: Arc<AtomicU64>,
+    /// The number of the last datagram from the visitor: orders sessions active in the
+    /// same millisecond.
+    sent: u64,
     task: AbortHandle,
     _open: OpenConnection,
 }
@@ -424,6 +458,7 @@ pub(crate) async fn serve_local<S: TunnelStream>(
     let started = Instant::now();
     let millis = move || started.elapsed().as_millis() as u64;
     let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
+    let mut datagrams = 0u64;
     let mut tasks = JoinSet::new();
     let mut reader = FrameReader::new();
     let mut sweep = tokio::time::interval(sweep_period(limits.idle));
@@ -452,9 +487,21 @@ pub(crate) async fn serve_local<S: TunnelStream>(
         if !sessions.contains_key(&from) {
             {
                 if sessions.len() >= limits.sessions {
-                    metrics.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(visitor = %from, "too many udp sessions: datagram dropped");
-                    continue;
+                    // The least recently active session makes room. A scan, but only when a
+                    // new visitor finds the table full (the server's table evicts in
+                    // step, so that is rare).
+                    let oldest = sessions
+                        .iter()
+                        .min_by_key(|(_, session)| {
+                            (session.last.load(Ordering::Relaxed), session.sent)
+                        })
+                        .map(|(addr, _)| *addr);
+                    if let Some(addr) = oldest
+                        && let Some(session) = sessions.remove(&addr)
+                    {
+                        session.task.abort();
+                        tracing::debug!(visitor = %addr, "too many udp sessions: least recently active one closed");
+                    }
                 }
                 let socket = match connect(local) {
                     Ok(socket) => Arc::new(socket),
@@ -480,15 +527,18 @@ pub(crate) async fn serve_local<S: TunnelStream>(
                     Session {
                         socket,
                         last,
+                        sent: 0,
                         task,
                         _open: metrics.connection(),
                     },
                 );
             }
         }
-        let Some(session) = sessions.get(&from) else {
+        let Some(session) = sessions.get_mut(&from) else {
             continue;
         };
+        datagrams += 1;
+        session.sent = datagrams;
         session.last.store(millis(), Ordering::Relaxed);
         match session.socket.send(payload).await {
             Ok(_) => {
@@ -715,26 +765,57 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn visitors_past_the_session_cap_are_dropped_and_counted() {
+    async fn a_new_visitor_past_the_session_cap_replaces_the_least_recently_active_one() {
         let limits = Limits {
             idle: Duration::from_secs(60),
             sessions: 2,
         };
-        let (mut near, metrics, _) = client_side(limits).await;
+        let (mut near, metrics, sources) = client_side(limits).await;
         let mut reader = FrameReader::new();
         let visitor = |i: u8| SocketAddr::from(([198, 51, 100, i], 53));
         ask(&mut near, &mut reader, visitor(1), b"a").await;
         ask(&mut near, &mut reader, visitor(2), b"b").await;
-        // The third visitor's datagram is dropped; the next answer is the first visitor's.
-        let mut writer = FrameWriter::new();
-        writer.push(visitor(3), b"dropped");
-        writer.flush(&mut near).await.unwrap();
+        ask(&mut near, &mut reader, visitor(1), b"c").await;
+        // A table full of earlier visitors does not lock the third out: visitor 2, the least
+        // recently active, makes room.
         assert_eq!(
-            ask(&mut near, &mut reader, visitor(1), b"c").await,
-            (visitor(1), b"c".to_vec())
+            ask(&mut near, &mut reader, visitor(3), b"d").await,
+            (visitor(3), b"d".to_vec())
         );
-        assert_eq!(metrics.datagrams_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            ask(&mut near, &mut reader, visitor(1), b"e").await,
+            (visitor(1), b"e".to_vec())
+        );
+        let sources = sources.lock().unwrap().clone();
+        assert_eq!(sources[4], sources[0], "visitor 1 kept its session");
+        assert_eq!(metrics.datagrams_dropped.load(Ordering::Relaxed), 0);
         assert_eq!(metrics.open.load(Ordering::Relaxed), 2);
+        assert_eq!(metrics.connections.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn the_servers_visitor_table_forgets_the_least_recently_seen_when_full() {
+        let metrics = Arc::new(ServiceMetrics::default());
+        let limits = Limits {
+            idle: Duration::from_secs(60),
+            sessions: 2,
+        };
+        let mut visitors = Visitors::new(metrics.clone(), limits);
+        let visitor = |i: u8| SocketAddr::from(([198, 51, 100, i], 53));
+        let now = Instant::now();
+        visitors.admit(visitor(1), now);
+        visitors.admit(visitor(2), now);
+        visitors.admit(visitor(1), now);
+        visitors.admit(visitor(3), now);
+        let mut seen: Vec<SocketAddr> = visitors.seen.keys().copied().collect();
+        seen.sort();
+        assert_eq!(seen, [visitor(1), visitor(3)]);
+        assert_eq!(metrics.open.load(Ordering::Relaxed), 2);
+        // Many datagrams from the same visitors leave the order queue bounded.
+        for _ in 0..10_000 {
+            visitors.admit(visitor(1), now);
+        }
+        assert!(visitors.order.len() <= 2 * visitors.seen.len() + 65);
     }
 
     proptest! {
