@@ -104,6 +104,8 @@ pub(crate) fn failure_reason(err: &Error) -> &'static str {
 pub(crate) struct Metrics {
     services: Mutex<BTreeMap<String, Arc<ServiceMetrics>>>,
     failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Reloads that could not be applied (whole or in part) and left the old setup running.
+    pub(crate) reload_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -181,6 +183,13 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{service=\"{}\"}} {value}", escape(service));
             }
         }
+        let name = "tunnel_reload_failures_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Reloads that left (part of) the old setup running because the new one \
+             could not start.\n# TYPE {name} counter\n{name} {}",
+            self.reload_failures.load(Ordering::Relaxed)
+        );
         let name = "tunnel_bytes_total";
         let _ = writeln!(
             out,

@@ -177,6 +177,14 @@ pub(crate) struct Server<T: Transport> {
 impl<T: Transport> Server<T> {
     /// Binds the control port and every service's port and starts serving.
     pub(crate) async fn start(settings: ServerSettings) -> Result<Server<T>, Error> {
+        Server::start_on(settings, None).await
+    }
+
+    /// [`Server::start`], on a control port already bound if one is given.
+    async fn start_on(
+        settings: ServerSettings,
+        control: Option<TcpListener>,
+    ) -> Result<Server<T>, Error> {
         let transport = Arc::new(T::new(&settings.common.transport)?);
         let registry = Arc::new(Registry::new());
         let tracker = TaskTracker::new();
@@ -185,7 +193,10 @@ impl<T: Transport> Server<T> {
             Some(addr) => Some(Endpoint::start(addr, metrics.clone()).await?),
             None => None,
         };
-        let listener = transport.bind(&settings.bind_addr).await?;
+        let listener = match control {
+            Some(listener) => listener,
+            None => transport.bind(&settings.bind_addr).await?,
+        };
         let control_addr = T::local_addr(&listener)?;
         tracing::info!(addr = %control_addr, "control port listening");
         let control_stop = CancellationToken::new();
@@ -219,24 +230,19 @@ impl<T: Transport> Server<T> {
     }
 
     async fn start_service(&mut self, service: ServerService) -> Result<(), Error> {
-        let bind_error = |source| Error::Bind {
-            what: format!("service {}", service.name),
-            addr: service.bind_addr.clone(),
-            source,
-        };
-        let (listener, addr) = match service.service_type {
-            ServiceType::Tcp => {
-                let listener = sockopt::listen(&service.bind_addr)
-                    .await
-                    .map_err(bind_error)?;
-                let addr = listener.local_addr();
-                (Listener::Tcp(listener), addr)
-            }
-            ServiceType::Udp => {
-                let socket = udp::bind(&service.bind_addr).await.map_err(bind_error)?;
-                let addr = socket.local_addr();
-                (Listener::Udp(Arc::new(socket)), addr)
-            }
+        let listener = bind_service(&service).await?;
+        self.start_service_on(service, listener)
+    }
+
+    /// Starts `service` on a port already bound.
+    fn start_service_on(
+        &mut self,
+        service: ServerService,
+        listener: Listener,
+    ) -> Result<(), Error> {
+        let addr = match &listener {
+            Listener::Tcp(listener) => listener.local_addr(),
+            Listener::Udp(socket) => socket.local_addr(),
         };
         let addr = addr.map_err(|e| Error::io("reading a service port's address", e))?;
         let kind = match service.service_type {
@@ -302,27 +308,83 @@ impl<T: Transport> Server<T> {
     pub(crate) async fn apply(&mut self, new: ServerSettings) -> Result<(), Error> {
         if self.settings.needs_restart(&new) {
             tracing::warn!("settings outside [server.services] changed: restarting everything");
+            // A new control port is bound before the old one is let go, so one that is taken
+            // leaves the running server as it is.
+            let control = if new.bind_addr == self.settings.bind_addr {
+                None
+            } else {
+                let bound = match T::new(&new.common.transport) {
+                    Ok(transport) => transport.bind(&new.bind_addr).await,
+                    Err(err) => Err(err),
+                };
+                match bound {
+                    Ok(listener) => Some(listener),
+                    Err(err) => {
+                        self.reload_failed(&err, "the running server is kept");
+                        return Ok(());
+                    }
+                }
+            };
+            let old = self.settings.clone();
             self.stop_all().await;
-            *self = Server::start(new).await?;
+            match Server::start_on(new, control).await {
+                Ok(server) => *self = server,
+                Err(err) => {
+                    // The old ports were freed just now: the old config starts again on them.
+                    *self = Server::start(old).await?;
+                    self.reload_failed(&err, "the old config is running again");
+                }
+            }
             return Ok(());
         }
         self.settings.common.grace_period = new.common.grace_period;
+        let mut new = new;
         let running = self.services.iter().map(|(n, h)| (n, &*h.service));
-        for (name, removed) in config::stale_services(running, &new.services) {
+        let stale = config::stale_services(running, &new.services);
+        let mut bound = BTreeMap::new();
+        for (name, removed) in stale {
+            if let Some(service) = new.services.get(&name)
+                && let Some(old) = self.services.get(&name).map(|h| h.service.clone())
+                && (old.bind_addr != service.bind_addr || old.service_type != service.service_type)
+            {
+                // A service moving to another port binds it before it lets go of the old one:
+                // if the new port is taken, the service runs on as it was.
+                match bind_service(service).await {
+                    Ok(listener) => {
+                        bound.insert(name.clone(), listener);
+                    }
+                    Err(err) => {
+                        self.reload_failed(&err, "the service runs on as it was");
+                        new.services.insert(name, (*old).clone());
+                        continue;
+                    }
+                }
+            }
             self.stop_service(&name).await;
             if removed {
                 self.metrics.forget(&name);
             }
         }
         for (name, service) in &new.services {
-            if !self.services.contains_key(name)
-                && let Err(err) = self.start_service(service.clone()).await
-            {
-                tracing::error!(error = %labcore::exit::chain(&err), "service not started");
+            if self.services.contains_key(name) {
+                continue;
+            }
+            let started = match bound.remove(name) {
+                Some(listener) => self.start_service_on(service.clone(), listener),
+                None => self.start_service(service.clone()).await,
+            };
+            if let Err(err) = started {
+                self.reload_failed(&err, "the service is not running");
             }
         }
         self.settings.services = new.services;
         Ok(())
+    }
+
+    /// Reports a reload that could not be applied: logged, and counted in the metrics.
+    fn reload_failed(&self, err: &Error, outcome: &str) {
+        self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(error = %labcore::exit::chain(err), "reload not applied: {outcome}");
     }
 
     /// Closes every port and connection at once.
@@ -982,6 +1044,25 @@ async fn session_event<S: TunnelStream>(session: &mut Option<Session<S>>) -> Ses
         }),
         () = heartbeat => SessionEvent::HeartbeatDue,
     }
+}
+
+/// Binds a service's port.
+async fn bind_service(service: &ServerService) -> Result<Listener, Error> {
+    let bind_error = |source| Error::Bind {
+        what: format!("service {}", service.name),
+        addr: service.bind_addr.clone(),
+        source,
+    };
+    Ok(match service.service_type {
+        ServiceType::Tcp => Listener::Tcp(
+            sockopt::listen(&service.bind_addr)
+                .await
+                .map_err(bind_error)?,
+        ),
+        ServiceType::Udp => Listener::Udp(Arc::new(
+            udp::bind(&service.bind_addr).await.map_err(bind_error)?,
+        )),
+    })
 }
 
 /// Descriptors one visitor connection holds on the server: its socket, its data channel, and
