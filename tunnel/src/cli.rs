@@ -31,12 +31,17 @@ EXAMPLES:
 A config is rathole 0.5's TOML: [server] with bind_addr and [server.services.NAME] tables
 (bind_addr, token), or [client] with remote_addr and [client.services.NAME] tables
 (local_addr, token). Tokens may also come from token_file = \"PATH\", from default_token,
-or from the systemd credential named after the key (e.g. server.services.ssh.token).
+or from the systemd credential named after the key (e.g. server.services.ssh.token);
+a token shorter than 8 bytes (an empty token_file too) is refused with exit status 78.
 A server service with proxy_protocol = \"v1\" or \"v2\" sends its local service a PROXY
 protocol header with the visitor's address, through any client (rathole's too), and
-max_connections = N closes visitors past N open connections on arrival. A service with
-type = \"udp\" on both sides carries datagrams (up to 65,507 bytes), with a session per
-visitor address that closes after 60 s idle. metrics_addr =
+max_connections = N closes visitors past N open connections on arrival (by default N is
+what three quarters of the open file limit hold, at six descriptors per connection).
+idle_timeout = SECS closes a visitor connection that carried nothing either way for that
+long: 3600 by default, 0 for never (for services that keep idle connections, such as SSH
+without keepalives). A service with type = \"udp\" on both sides carries datagrams (up to
+65,507 bytes), with a session per visitor address that closes after 60 s idle; when 4,096
+are open, a new visitor takes the place of the least recently active one. metrics_addr =
 \"127.0.0.1:9090\" in [server] or [client] serves Prometheus metrics at /metrics.
 
 EXIT STATUS:
@@ -122,7 +127,11 @@ pub fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn check(path: &Path, env: &Env) -> Result<(), Error> {
-    for settings in config::load_all(path, env)? {
+    let all = config::load_all(path, env)?;
+    for settings in &all {
+        crate::transport::check(settings, path)?;
+    }
+    for settings in all {
         match settings {
             Settings::Server(s) => {
                 println!(

@@ -14,20 +14,22 @@
 //! Each service has its own cancellation tokens, so reloads touch only what changed. The
 //! [`Readiness`] set tells the daemon when every control channel it waits for is open.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ClientService, ClientSettings, ServiceType};
+use crate::config::{
+    self, ClientService, ClientSettings, Mode, ServiceType, Settings, TransportType,
+};
+use crate::daemon::{Node, Readiness};
 use crate::error::Error;
 use crate::forward;
 use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
@@ -38,54 +40,6 @@ use crate::udp;
 
 /// The first pause before reconnecting (when the cap allows).
 const FIRST_RETRY: Duration = Duration::from_millis(200);
-
-/// Services whose control channel the daemon still waits for.
-#[derive(Default)]
-pub struct Readiness {
-    pending: Mutex<HashSet<String>>,
-    changed: Notify,
-}
-
-impl Readiness {
-    fn expect(&self, names: impl IntoIterator<Item = String>) {
-        self.lock().extend(names);
-    }
-
-    fn up(&self, name: &str) {
-        let mut pending = self.lock();
-        if pending.remove(name) && pending.is_empty() {
-            self.changed.notify_waiters();
-        }
-    }
-
-    fn forget(&self, name: &str) {
-        self.up(name);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Resolves once no service is pending.
-    pub async fn wait(&self) {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.lock().is_empty() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// The services still pending, sorted.
-    pub fn pending(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.lock().iter().cloned().collect();
-        names.sort();
-        names
-    }
-}
 
 /// What every task of one service shares.
 struct ServiceContext<T> {
@@ -110,7 +64,7 @@ struct ServiceHandle {
 }
 
 /// A running client.
-pub struct Client<T: Transport> {
+pub(crate) struct Client<T: Transport> {
     settings: ClientSettings,
     transport: Arc<T>,
     services: BTreeMap<String, ServiceHandle>,
@@ -123,10 +77,10 @@ pub struct Client<T: Transport> {
 
 impl<T: Transport> Client<T> {
     /// Starts the metrics endpoint if configured, and a control channel per service.
-    pub async fn start(settings: ClientSettings) -> Result<Client<T>, Error> {
-        let transport = Arc::new(T::new(&settings.transport)?);
+    pub(crate) async fn start(settings: ClientSettings) -> Result<Client<T>, Error> {
+        let transport = Arc::new(T::new(&settings.common.transport)?);
         let metrics = Arc::new(Metrics::default());
-        let endpoint = match &settings.metrics_addr {
+        let endpoint = match &settings.common.metrics_addr {
             Some(addr) => Some(Endpoint::start(addr, metrics.clone()).await?),
             None => None,
         };
@@ -147,7 +101,7 @@ impl<T: Transport> Client<T> {
     }
 
     /// Which control channels are still awaited.
-    pub fn readiness(&self) -> Arc<Readiness> {
+    pub(crate) fn readiness(&self) -> Arc<Readiness> {
         self.readiness.clone()
     }
 
@@ -160,8 +114,8 @@ impl<T: Transport> Client<T> {
             service: service.clone(),
             transport: self.transport.clone(),
             remote_addr: self.settings.remote_addr.clone(),
-            heartbeat_timeout: self.settings.heartbeat_timeout,
-            handshake_timeout: self.settings.handshake_timeout,
+            heartbeat_timeout: self.settings.common.heartbeat_timeout,
+            handshake_timeout: self.settings.common.handshake_timeout,
             stop: stop.clone(),
             abort: abort.clone(),
             tracker: self.tracker.clone(),
@@ -194,13 +148,8 @@ impl<T: Transport> Client<T> {
 
     /// Applies a new config: only added, removed and changed services are touched; settings
     /// outside the services restart everything.
-    pub async fn apply(&mut self, new: ClientSettings) -> Result<(), Error> {
-        let general_changed = self.settings.remote_addr != new.remote_addr
-            || self.settings.transport != new.transport
-            || self.settings.heartbeat_timeout != new.heartbeat_timeout
-            || self.settings.handshake_timeout != new.handshake_timeout
-            || self.settings.metrics_addr != new.metrics_addr;
-        if general_changed {
+    pub(crate) async fn apply(&mut self, new: ClientSettings) -> Result<(), Error> {
+        if self.settings.needs_restart(&new) {
             tracing::warn!("settings outside [client.services] changed: restarting everything");
             let names: Vec<String> = self.services.keys().cloned().collect();
             for name in names {
@@ -216,9 +165,9 @@ impl<T: Transport> Client<T> {
             self.readiness = readiness;
             return Ok(());
         }
-        self.settings.grace_period = new.grace_period;
+        self.settings.common.grace_period = new.common.grace_period;
         let running = self.services.iter().map(|(n, h)| (n, &*h.service));
-        for (name, removed) in crate::daemon::stale_services(running, &new.services) {
+        for (name, removed) in config::stale_services(running, &new.services) {
             self.stop_service(&name).await;
             if removed {
                 self.metrics.forget(&name);
@@ -234,13 +183,13 @@ impl<T: Transport> Client<T> {
     }
 
     /// The grace period from the config.
-    pub fn grace_period(&self) -> Duration {
-        self.settings.grace_period
+    pub(crate) fn grace_period(&self) -> Duration {
+        self.settings.common.grace_period
     }
 
     /// Closes the control channels, lets open connections finish for up to `grace`, then
     /// closes the rest.
-    pub async fn shutdown(mut self, grace: Duration) {
+    pub(crate) async fn shutdown(mut self, grace: Duration) {
         for handle in self.services.values() {
             handle.stop.cancel();
         }
@@ -373,7 +322,7 @@ async fn open_control<T: Transport>(
             Ack::Ok => Ok((stream, key)),
             reason => Err(Error::Refused {
                 service: service.name.clone(),
-                reason,
+                reason: reason.meaning(),
             }),
         },
         (Err(_), Err(err)) | (Err(err), Ok(())) => Err(err),
@@ -504,7 +453,7 @@ async fn data_channel<T: Transport>(
     };
     tokio::select! {
         _ = context.abort.cancelled() => {}
-        carried = forward::forward(channel, local, meter) => match carried {
+        carried = forward::forward(channel, local, meter, None) => match carried {
             Ok(carried) => tracing::debug!(
                 service = %service.name,
                 to_local = carried.inbound,
@@ -542,6 +491,47 @@ async fn udp_channel<T: Transport>(context: &ServiceContext<T>, channel: T::Stre
     }
 }
 
+impl<T: Transport> Node for Client<T> {
+    type Settings = ClientSettings;
+    const MODE: Mode = Mode::Client;
+
+    async fn start(settings: ClientSettings) -> Result<Self, Error> {
+        Client::start(settings).await
+    }
+
+    async fn apply(&mut self, settings: ClientSettings) -> Result<(), Error> {
+        Client::apply(self, settings).await
+    }
+
+    fn readiness(&self) -> Option<Arc<Readiness>> {
+        Some(Client::readiness(self))
+    }
+
+    fn reload_wait(settings: &ClientSettings) -> Duration {
+        settings.common.handshake_timeout
+    }
+
+    fn transport_type(settings: &ClientSettings) -> TransportType {
+        settings.common.transport.kind
+    }
+
+    fn settings(settings: Settings) -> Option<ClientSettings> {
+        match settings {
+            Settings::Client(s) => Some(s),
+            Settings::Server(_) => None,
+        }
+    }
+
+    fn wrap(settings: ClientSettings) -> Settings {
+        Settings::Client(settings)
+    }
+
+    async fn shutdown(self) {
+        let grace = self.grace_period();
+        Client::shutdown(self, grace).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,19 +547,5 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next() <= Duration::from_millis(240));
-    }
-
-    #[tokio::test]
-    async fn readiness_resolves_when_every_service_is_up() {
-        let readiness = Arc::new(Readiness::default());
-        readiness.expect(["a".to_owned(), "b".to_owned()]);
-        let waiter = tokio::spawn({
-            let readiness = readiness.clone();
-            async move { readiness.wait().await }
-        });
-        readiness.up("a");
-        assert_eq!(readiness.pending(), ["b"]);
-        readiness.up("b");
-        waiter.await.unwrap();
     }
 }

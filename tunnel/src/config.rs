@@ -4,13 +4,15 @@
 //! line, column and key); [`load`] resolves them into [`ServerSettings`] or [`ClientSettings`],
 //! which hold durations, secrets and defaults already applied. Tokens come inline, from
 //! `token_file`, from a systemd credential named after the key, or from the table's
-//! `default_token` (with the same three sources).
+//! `default_token` (with the same three sources). A token shorter than 8 bytes is refused,
+//! wherever it comes from ([`MIN_TOKEN_LEN`]).
 //!
 //! labkit additions (all optional): `token_file`, `default_token_file`, `handshake_timeout`
 //! and `grace_period` (seconds), the server's `heartbeat_timeout` (seconds a heartbeat may go
 //! unacknowledged before the client counts as dead; rathole's server has no such check), a
 //! server service's `proxy_protocol = "v1" | "v2"` (rathole main's `enable_proxy_protocol =
-//! true` is read as v1) and `max_connections`, either side's `metrics_addr` (a Prometheus
+//! true` is read as v1), `max_connections` and `idle_timeout` (seconds a visitor connection
+//! may carry nothing before it is closed; default 3600, 0 for never), either side's `metrics_addr` (a Prometheus
 //! endpoint), `local_private_key_file` for Noise, and for TLS the server's PEM `cert` and
 //! `key` (instead of rathole's `pkcs12`) and `pkcs12_password_file`.
 //!
@@ -35,11 +37,22 @@ const DEFAULT_HEARTBEAT_TIMEOUT: u64 = 40;
 const DEFAULT_RETRY_INTERVAL: u64 = 1;
 const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 10;
 const DEFAULT_GRACE_PERIOD: u64 = 30;
+/// A visitor connection with no byte either way for this long is closed (a TCP service's
+/// `idle_timeout`; 0 turns it off). An hour: long enough for an interactive session left
+/// open over lunch, short enough that connections whose peer vanished without a FIN do not
+/// pile up for good.
+const DEFAULT_IDLE_TIMEOUT: u64 = 3600;
+/// The shortest token accepted, in bytes. A control channel proves its token with
+/// sha256(token ‖ nonce), which crosses plain TCP in the clear, so a short token falls to
+/// guessing offline from one recorded handshake, and an empty one (an empty `token_file`)
+/// proves nothing. Eight bytes refuses the empty and the trivial without breaking the
+/// configs people run: rathole's examples and the lab's (`change-me-ssh`) are longer.
+const MIN_TOKEN_LEN: usize = 8;
 
 /// The whole file: a `[server]` table, a `[client]` table, or both.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigToml {
+pub(crate) struct ConfigToml {
     server: Option<ServerToml>,
     client: Option<ClientToml>,
 }
@@ -74,6 +87,7 @@ struct ServerServiceToml {
     /// rathole's unreleased main branch: `true` means v1.
     enable_proxy_protocol: Option<bool>,
     max_connections: Option<usize>,
+    idle_timeout: Option<u64>,
 }
 
 /// `proxy_protocol = "v1" | "v2"`.
@@ -116,7 +130,7 @@ struct ClientServiceToml {
 /// A service's kind: rathole's `type` key.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum ServiceType {
+pub(crate) enum ServiceType {
     /// TCP connections.
     #[default]
     Tcp,
@@ -127,7 +141,7 @@ pub enum ServiceType {
 /// The transport a tunnel's connections run on: rathole's `[*.transport] type`.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum TransportType {
+pub(crate) enum TransportType {
     /// Plain TCP.
     #[default]
     Tcp,
@@ -190,35 +204,35 @@ struct WebsocketToml {
 
 /// TCP socket options for the tunnel's own connections (control and data channels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TcpSettings {
+pub(crate) struct TcpSettings {
     /// TCP_NODELAY on the tunnel's connections.
-    pub nodelay: bool,
+    pub(crate) nodelay: bool,
     /// Idle time before TCP keepalive probes start.
-    pub keepalive_time: Duration,
+    pub(crate) keepalive_time: Duration,
     /// Time between keepalive probes.
-    pub keepalive_interval: Duration,
+    pub(crate) keepalive_interval: Duration,
 }
 
 /// The transport, resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TransportSettings {
+pub(crate) struct TransportSettings {
     /// Which transport.
-    pub kind: TransportType,
+    pub(crate) kind: TransportType,
     /// TCP options.
-    pub tcp: TcpSettings,
+    pub(crate) tcp: TcpSettings,
     /// Noise options, for `type = "noise"`.
-    pub noise: Option<NoiseSettings>,
+    pub(crate) noise: Option<NoiseSettings>,
     /// TLS options, for `type = "tls"` and WebSocket over TLS.
-    pub tls: Option<TlsSettings>,
+    pub(crate) tls: Option<TlsSettings>,
     /// WebSocket options, for `type = "websocket"`.
-    pub websocket: Option<WebsocketSettings>,
+    pub(crate) websocket: Option<WebsocketSettings>,
     /// The proxy the client reaches the server through, if any.
-    pub proxy: Option<ProxySettings>,
+    pub(crate) proxy: Option<ProxySettings>,
 }
 
 /// The TLS transport's settings for one side.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TlsSettings {
+pub(crate) enum TlsSettings {
     /// The server: the certificate chain and key it presents.
     Server(TlsIdentity),
     /// The client: whom it trusts and the name it expects.
@@ -233,7 +247,7 @@ pub enum TlsSettings {
 
 /// Where a TLS server's certificate chain and private key come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TlsIdentity {
+pub(crate) enum TlsIdentity {
     /// rathole's `pkcs12` and `pkcs12_password`.
     Pkcs12 {
         /// The PKCS#12 (`.p12`, `.pfx`) file.
@@ -252,25 +266,25 @@ pub enum TlsIdentity {
 
 /// The WebSocket transport's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WebsocketSettings {
+pub(crate) struct WebsocketSettings {
     /// WebSocket over TLS (`[transport.tls]`) rather than over plain TCP.
-    pub tls: bool,
+    pub(crate) tls: bool,
 }
 
 /// A proxy to reach the server through: `[client.transport.tcp] proxy`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProxySettings {
+pub(crate) struct ProxySettings {
     /// HTTP CONNECT or SOCKS5.
-    pub kind: ProxyKind,
+    pub(crate) kind: ProxyKind,
     /// The proxy's `HOST:PORT`.
-    pub addr: String,
+    pub(crate) addr: String,
     /// User name and password, if the URL has them.
-    pub auth: Option<(Secret, Secret)>,
+    pub(crate) auth: Option<(Secret, Secret)>,
 }
 
 /// Which proxy protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProxyKind {
+pub(crate) enum ProxyKind {
     /// `http://`: an HTTP `CONNECT` request.
     Http,
     /// `socks5://`: SOCKS5 `CONNECT` with the server's name resolved by the proxy.
@@ -279,100 +293,160 @@ pub enum ProxyKind {
 
 /// The Noise transport's settings, checked: the pattern parses and keys are 32 bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NoiseSettings {
+pub(crate) struct NoiseSettings {
     /// The handshake pattern, rathole's default `Noise_NK_25519_ChaChaPoly_BLAKE2s`.
-    pub pattern: String,
+    pub(crate) pattern: String,
     /// This side's static private key (base64), if given.
-    pub local_private_key: Option<Secret>,
+    pub(crate) local_private_key: Option<Secret>,
     /// The peer's static public key (base64), if given.
-    pub remote_public_key: Option<String>,
+    pub(crate) remote_public_key: Option<String>,
 }
 
 /// rathole's default Noise pattern.
-pub const DEFAULT_NOISE_PATTERN: &str = "Noise_NK_25519_ChaChaPoly_BLAKE2s";
+pub(crate) const DEFAULT_NOISE_PATTERN: &str = "Noise_NK_25519_ChaChaPoly_BLAKE2s";
 
 /// One service the server exposes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerService {
+pub(crate) struct ServerService {
     /// The service's name (the key under `services`).
-    pub name: String,
+    pub(crate) name: String,
     /// sha256 of the name: how clients ask for it.
-    pub digest: Digest,
+    pub(crate) digest: Digest,
     /// TCP connections or UDP datagrams.
-    pub service_type: ServiceType,
+    pub(crate) service_type: ServiceType,
     /// Where visitors connect.
-    pub bind_addr: String,
+    pub(crate) bind_addr: String,
     /// The shared token.
-    pub token: Secret,
+    pub(crate) token: Secret,
     /// TCP_NODELAY on this service's data channels and visitor connections.
-    pub nodelay: bool,
+    pub(crate) nodelay: bool,
     /// The PROXY protocol header the local service gets first, if any.
-    pub proxy_protocol: Option<proxy_protocol::Version>,
-    /// Visitor connections open at once, at most; more are closed on arrival.
-    pub max_connections: Option<usize>,
+    pub(crate) proxy_protocol: Option<proxy_protocol::Version>,
+    /// Visitor connections open at once, at most; more are closed on arrival. `None`: what
+    /// the process's file limit allows (the server works it out).
+    pub(crate) max_connections: Option<usize>,
+    /// A visitor connection with no byte either way for this long is closed; `None`: never.
+    pub(crate) idle_timeout: Option<Duration>,
+}
+
+/// The settings `[server]` and `[client]` have in common.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Common {
+    /// The server: a client that leaves a heartbeat unacknowledged this long is dead
+    /// (TCP_USER_TIMEOUT on the control channel). The client: a control channel with no
+    /// command for this long is dead. `None`: never (TCP keepalive still runs).
+    pub(crate) heartbeat_timeout: Option<Duration>,
+    /// How long connecting and a new connection's handshake may take.
+    pub(crate) handshake_timeout: Duration,
+    /// How long open connections may run on after SIGTERM.
+    pub(crate) grace_period: Duration,
+    /// The transport.
+    pub(crate) transport: TransportSettings,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub(crate) metrics_addr: Option<String>,
+}
+
+impl Common {
+    /// Whether going from `self` to `new` needs everything restarted: a change to any field
+    /// does, except the grace period, which applies from the next shutdown on. Compared as a
+    /// whole, so a field added later restarts everything unless it is exempted here.
+    fn needs_restart(&self, new: &Common) -> bool {
+        let exempt = Common {
+            grace_period: new.grace_period,
+            ..self.clone()
+        };
+        exempt != *new
+    }
 }
 
 /// A resolved `[server]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerSettings {
+pub(crate) struct ServerSettings {
     /// The control port.
-    pub bind_addr: String,
+    pub(crate) bind_addr: String,
     /// Heartbeat period on control channels; `None` disables heartbeats.
-    pub heartbeat_interval: Option<Duration>,
-    /// A client that leaves a heartbeat unacknowledged this long is dead (TCP_USER_TIMEOUT on
-    /// the control channel); `None` leaves it to TCP keepalive.
-    pub heartbeat_timeout: Option<Duration>,
-    /// How long a new connection may take to say who it is.
-    pub handshake_timeout: Duration,
-    /// How long open connections may run on after SIGTERM.
-    pub grace_period: Duration,
-    /// The transport.
-    pub transport: TransportSettings,
+    pub(crate) heartbeat_interval: Option<Duration>,
+    /// What both sides have.
+    pub(crate) common: Common,
     /// Services by name.
-    pub services: BTreeMap<String, ServerService>,
-    /// Where the Prometheus endpoint listens, if anywhere.
-    pub metrics_addr: Option<String>,
+    pub(crate) services: BTreeMap<String, ServerService>,
+}
+
+impl ServerSettings {
+    /// Whether `new` changes settings outside the services, so that applying it means
+    /// restarting everything (the services alone are applied one by one).
+    pub(crate) fn needs_restart(&self, new: &ServerSettings) -> bool {
+        // Destructured so that a field added to one side must be placed here.
+        let ServerSettings {
+            bind_addr,
+            heartbeat_interval,
+            common,
+            services: _,
+        } = new;
+        self.bind_addr != *bind_addr
+            || self.heartbeat_interval != *heartbeat_interval
+            || self.common.needs_restart(common)
+    }
 }
 
 /// One service the client forwards to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientService {
+pub(crate) struct ClientService {
     /// The service's name.
-    pub name: String,
+    pub(crate) name: String,
     /// TCP connections or UDP datagrams.
-    pub service_type: ServiceType,
+    pub(crate) service_type: ServiceType,
     /// The local address the service listens on.
-    pub local_addr: String,
+    pub(crate) local_addr: String,
     /// The shared token.
-    pub token: Secret,
+    pub(crate) token: Secret,
     /// TCP_NODELAY on this service's data channels and local connections.
-    pub nodelay: bool,
+    pub(crate) nodelay: bool,
     /// The longest pause between reconnection attempts.
-    pub retry_interval: Duration,
+    pub(crate) retry_interval: Duration,
 }
 
 /// A resolved `[client]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientSettings {
+pub(crate) struct ClientSettings {
     /// The server's control port.
-    pub remote_addr: String,
-    /// A control channel with no command for this long is dead; `None` never gives up.
-    pub heartbeat_timeout: Option<Duration>,
-    /// How long connecting and the handshake may take.
-    pub handshake_timeout: Duration,
-    /// How long open connections may run on after SIGTERM.
-    pub grace_period: Duration,
-    /// The transport.
-    pub transport: TransportSettings,
+    pub(crate) remote_addr: String,
+    /// What both sides have.
+    pub(crate) common: Common,
     /// Services by name.
-    pub services: BTreeMap<String, ClientService>,
-    /// Where the Prometheus endpoint listens, if anywhere.
-    pub metrics_addr: Option<String>,
+    pub(crate) services: BTreeMap<String, ClientService>,
+}
+
+impl ClientSettings {
+    /// Whether `new` changes settings outside the services, so that applying it means
+    /// restarting everything.
+    pub(crate) fn needs_restart(&self, new: &ClientSettings) -> bool {
+        let ClientSettings {
+            remote_addr,
+            common,
+            services: _,
+        } = new;
+        self.remote_addr != *remote_addr || self.common.needs_restart(common)
+    }
+}
+
+/// What a reload does to the running services: the names a new config changes or removes
+/// (to stop), each with whether it is removed (its metrics go too). Services the new config
+/// adds, or that were just stopped for a change, are the ones then not running.
+pub(crate) fn stale_services<'a, S: PartialEq + 'a>(
+    running: impl IntoIterator<Item = (&'a String, &'a S)>,
+    new: &BTreeMap<String, S>,
+) -> Vec<(String, bool)> {
+    running
+        .into_iter()
+        .filter(|(name, service)| new.get(*name) != Some(*service))
+        .map(|(name, _)| (name.clone(), !new.contains_key(name)))
+        .collect()
 }
 
 /// Which side a config is run as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// `[server]`.
     Server,
     /// `[client]`.
@@ -381,7 +455,7 @@ pub enum Mode {
 
 /// A config resolved for one mode.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Settings {
+pub(crate) enum Settings {
     /// A server.
     Server(ServerSettings),
     /// A client.
@@ -390,13 +464,13 @@ pub enum Settings {
 
 /// Reads `path` and resolves the table for `mode`, or for the only table there when `mode` is
 /// `None`.
-pub fn load(path: &Path, env: &Env, mode: Option<Mode>) -> Result<Settings, Error> {
+pub(crate) fn load(path: &Path, env: &Env, mode: Option<Mode>) -> Result<Settings, Error> {
     let (raw, file): (ConfigToml, _) = config::load(path)?;
     resolve(raw, &file, env, mode)
 }
 
 /// Reads `path` and resolves every table in it (for `tunnel check`).
-pub fn load_all(path: &Path, env: &Env) -> Result<Vec<Settings>, Error> {
+pub(crate) fn load_all(path: &Path, env: &Env) -> Result<Vec<Settings>, Error> {
     let (raw, file): (ConfigToml, _) = config::load(path)?;
     let mut out = Vec::new();
     if let Some(server) = raw.server {
@@ -419,7 +493,7 @@ fn no_table(path: &Path) -> Error {
 }
 
 /// Resolves parsed text (the part of [`load`] after reading the file).
-pub fn resolve(
+pub(crate) fn resolve(
     raw: ConfigToml,
     file: &ConfigFile,
     env: &Env,
@@ -460,11 +534,12 @@ pub fn resolve(
 fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<ServerSettings, Error> {
     check_addr(file, "server.bind_addr", &raw.bind_addr)?;
     let transport = resolve_transport(raw.transport, file, env, "server")?;
-    let default_token = file.secret(
+    let default_token = default_token(
+        file,
         env,
-        "server.default_token",
+        "server",
         raw.default_token,
-        raw.default_token_file.as_deref(),
+        raw.default_token_file,
     )?;
     let mut services = BTreeMap::new();
     for (name, service) in raw.services {
@@ -505,6 +580,7 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
                     }
                     max => max,
                 },
+                idle_timeout: nonzero_secs(service.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT)),
             },
         );
     }
@@ -513,23 +589,32 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
         heartbeat_interval: nonzero_secs(
             raw.heartbeat_interval.unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
         ),
-        heartbeat_timeout: nonzero_secs(raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT)),
-        handshake_timeout: timeout_secs(file, "server.handshake_timeout", raw.handshake_timeout)?,
-        grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
-        transport,
+        common: Common {
+            heartbeat_timeout: nonzero_secs(
+                raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT),
+            ),
+            handshake_timeout: timeout_secs(
+                file,
+                "server.handshake_timeout",
+                raw.handshake_timeout,
+            )?,
+            grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
+            transport,
+            metrics_addr: metrics_addr(file, "server.metrics_addr", raw.metrics_addr)?,
+        },
         services,
-        metrics_addr: metrics_addr(file, "server.metrics_addr", raw.metrics_addr)?,
     })
 }
 
 fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<ClientSettings, Error> {
     check_addr(file, "client.remote_addr", &raw.remote_addr)?;
     let transport = resolve_transport(raw.transport, file, env, "client")?;
-    let default_token = file.secret(
+    let default_token = default_token(
+        file,
         env,
-        "client.default_token",
+        "client",
         raw.default_token,
-        raw.default_token_file.as_deref(),
+        raw.default_token_file,
     )?;
     let retry_default = raw.retry_interval.unwrap_or(DEFAULT_RETRY_INTERVAL);
     let mut services = BTreeMap::new();
@@ -561,12 +646,20 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
     }
     Ok(ClientSettings {
         remote_addr: raw.remote_addr,
-        heartbeat_timeout: nonzero_secs(raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT)),
-        handshake_timeout: timeout_secs(file, "client.handshake_timeout", raw.handshake_timeout)?,
-        grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
-        transport,
+        common: Common {
+            heartbeat_timeout: nonzero_secs(
+                raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT),
+            ),
+            handshake_timeout: timeout_secs(
+                file,
+                "client.handshake_timeout",
+                raw.handshake_timeout,
+            )?,
+            grace_period: Duration::from_secs(raw.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD)),
+            transport,
+            metrics_addr: metrics_addr(file, "client.metrics_addr", raw.metrics_addr)?,
+        },
         services,
-        metrics_addr: metrics_addr(file, "client.metrics_addr", raw.metrics_addr)?,
     })
 }
 
@@ -695,10 +788,7 @@ fn resolve_tls(
             hostname: raw.hostname,
         }
     };
-    // Loads the files once, so a missing file, a wrong password or a key that does not match
-    // is a config error naming its key now rather than a failed connection later.
-    crate::transport::tls::check(&settings)
-        .map_err(|err| Error::from(file.invalid(key(err.culprit()), labcore::exit::chain(&err))))?;
+    // Whether the files load is checked by `transport::check`.
     Ok(settings)
 }
 
@@ -762,24 +852,12 @@ fn resolve_noise(
         raw.local_private_key,
         raw.local_private_key_file.as_deref(),
     )?;
-    let settings = NoiseSettings {
+    // Whether a handshake can be built from these is checked by `transport::check`.
+    Ok(NoiseSettings {
         pattern,
         local_private_key,
         remote_public_key: raw.remote_public_key,
-    };
-    // Builds this side's handshake once, so a bad pattern, a malformed key or a key the
-    // pattern needs but the file lacks is a config error now rather than a failed
-    // connection later.
-    let initiator = side == "client";
-    crate::transport::noise::handshake_state(&settings, initiator).map_err(|err| {
-        let culprit = match err {
-            crate::transport::noise::KeyError::Pattern => "pattern",
-            crate::transport::noise::KeyError::LocalKey => "local_private_key",
-            crate::transport::noise::KeyError::RemoteKey => "remote_public_key",
-        };
-        Error::from(file.invalid(key(culprit), err.to_string()))
-    })?;
-    Ok(settings)
+    })
 }
 
 /// Refuses the TCP-only keys on a UDP service, naming the key.
@@ -810,6 +888,12 @@ fn check_udp_service(
             "has no connections to limit (it is for tcp services only)",
         );
     }
+    if service.idle_timeout.is_some() {
+        return refuse(
+            "idle_timeout",
+            "closes sessions idle for 60 s on its own (idle_timeout is for tcp services only)",
+        );
+    }
     Ok(())
 }
 
@@ -833,6 +917,8 @@ fn proxy_protocol_version(
     }
 }
 
+/// A service's token from `token`, `token_file`, the systemd credential named after the key,
+/// or else the table's default; refused if shorter than [`MIN_TOKEN_LEN`].
 fn token(
     file: &ConfigFile,
     env: &Env,
@@ -842,15 +928,67 @@ fn token(
     default: &Option<Secret>,
 ) -> Result<Secret, Error> {
     let token_key = format!("{key}.token");
-    file.secret(env, &token_key, inline, token_file.as_deref())?
-        .or_else(|| default.clone())
-        .ok_or_else(|| {
+    let from_file = token_file.is_some();
+    match file.secret(env, &token_key, inline, token_file.as_deref())? {
+        Some(token) => {
+            let culprit = if from_file {
+                format!("{token_key}_file")
+            } else {
+                token_key
+            };
+            check_token(file, culprit, &token)?;
+            Ok(token)
+        }
+        None => default.clone().ok_or_else(|| {
             Error::from(file.invalid(
                 token_key,
                 "no token: give token, token_file, a systemd credential of that name, or \
                  default_token",
             ))
-        })
+        }),
+    }
+}
+
+/// A table's `default_token` from its three sources, checked like a service's own.
+fn default_token(
+    file: &ConfigFile,
+    env: &Env,
+    side: &str,
+    inline: Option<Secret>,
+    token_file: Option<PathBuf>,
+) -> Result<Option<Secret>, Error> {
+    let key = format!("{side}.default_token");
+    let from_file = token_file.is_some();
+    let token = file.secret(env, &key, inline, token_file.as_deref())?;
+    if let Some(token) = &token {
+        let culprit = if from_file {
+            format!("{key}_file")
+        } else {
+            key
+        };
+        check_token(file, culprit, token)?;
+    }
+    Ok(token)
+}
+
+/// Refuses an empty or short token, naming the key it came from (never its value).
+fn check_token(file: &ConfigFile, key: String, token: &Secret) -> Result<(), ConfigError> {
+    let len = token.expose().len();
+    if len >= MIN_TOKEN_LEN {
+        return Ok(());
+    }
+    let what = if len == 0 {
+        "the token is empty".to_owned()
+    } else {
+        format!("the token is {len} bytes long")
+    };
+    Err(file.invalid(
+        key,
+        format!(
+            "{what}: a token needs at least {MIN_TOKEN_LEN} bytes, since a short one can be \
+             guessed from a single recorded handshake"
+        ),
+    ))
 }
 
 /// Checks that an address looks like `HOST:PORT` (the host is resolved when used).
@@ -879,10 +1017,42 @@ fn timeout_secs(file: &ConfigFile, key: &str, secs: Option<u64>) -> Result<Durat
 mod tests {
     use super::*;
 
+    /// Parses and resolves `text`, then checks its transport as loading does.
     fn parse(text: &str, mode: Option<Mode>) -> Result<Settings, Error> {
         let path = Path::new("/etc/labkit/tunnel.toml");
         let raw: ConfigToml = config::parse_str(path, text)?;
-        resolve(raw, &ConfigFile::new(path), &Env::default(), mode)
+        let settings = resolve(raw, &ConfigFile::new(path), &Env::default(), mode)?;
+        crate::transport::check(&settings, path)?;
+        Ok(settings)
+    }
+
+    #[test]
+    fn every_setting_outside_the_services_but_the_grace_period_needs_a_restart() {
+        let base = "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t-long-enough\"\n";
+        let old = server(base);
+        let with = |line: &str| server(&format!("{base}{line}\n"));
+        assert!(!old.needs_restart(&with("grace_period = 5")));
+        assert!(!old.needs_restart(&with("[server.services.a]\nbind_addr = \"0.0.0.0:2\"")));
+        for line in [
+            "heartbeat_interval = 5",
+            "heartbeat_timeout = 5",
+            "handshake_timeout = 5",
+            "metrics_addr = \"127.0.0.1:9\"",
+            "[server.transport.tcp]\nkeepalive_secs = 5",
+        ] {
+            assert!(old.needs_restart(&with(line)), "{line}");
+        }
+        assert!(old.needs_restart(&server(
+            "[server]\nbind_addr = \"0.0.0.0:3\"\ndefault_token = \"t-long-enough\"\n"
+        )));
+        let client = |line: &str| {
+            client(&format!(
+                "[client]\nremote_addr = \"a:1\"\ndefault_token = \"t-long-enough\"\n{line}\n"
+            ))
+        };
+        assert!(!client("").needs_restart(&client("grace_period = 1")));
+        assert!(!client("").needs_restart(&client("retry_interval = 9")));
+        assert!(client("").needs_restart(&client("heartbeat_timeout = 1")));
     }
 
     fn server(text: &str) -> ServerSettings {
@@ -907,7 +1077,10 @@ mod tests {
         };
         assert_eq!(client.remote_addr, "lab.example.org:7000");
         assert_eq!(client.services["gitssh"].local_addr, "127.0.0.1:222");
-        assert_eq!(client.heartbeat_timeout, Some(Duration::from_secs(40)));
+        assert_eq!(
+            client.common.heartbeat_timeout,
+            Some(Duration::from_secs(40))
+        );
         assert_eq!(
             client.services["web"].retry_interval,
             Duration::from_secs(1)
@@ -919,7 +1092,7 @@ mod tests {
         let text = r#"
 [server]
 bind_addr = "0.0.0.0:2333"
-default_token = "default"
+default_token = "default-token"
 heartbeat_interval = 0
 [server.transport]
 type = "tcp"
@@ -944,18 +1117,21 @@ bind_addr = "0.0.0.0:2334"
 nodelay = true
 [server.services.web]
 bind_addr = "[::]:8080"
-token = "own"
+token = "own-token"
 "#;
         let s = server(text);
         assert_eq!(s.heartbeat_interval, None);
-        assert_eq!(s.services["echo"].token.expose(), "default");
-        assert_eq!(s.services["web"].token.expose(), "own");
+        assert_eq!(s.services["echo"].token.expose(), "default-token");
+        assert_eq!(s.services["web"].token.expose(), "own-token");
         assert!(s.services["echo"].nodelay);
         assert!(
             !s.services["web"].nodelay,
             "falls back to transport.tcp.nodelay"
         );
-        assert_eq!(s.transport.tcp.keepalive_time, Duration::from_secs(30));
+        assert_eq!(
+            s.common.transport.tcp.keepalive_time,
+            Duration::from_secs(30)
+        );
     }
 
     fn client(text: &str) -> ClientSettings {
@@ -970,14 +1146,14 @@ token = "own"
         let c = client(
             "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"socks5://127.0.0.1:1080\"\n",
         );
-        let proxy = c.transport.proxy.unwrap();
+        let proxy = c.common.transport.proxy.unwrap();
         assert_eq!(proxy.kind, ProxyKind::Socks5);
         assert_eq!(proxy.addr, "127.0.0.1:1080");
         assert!(proxy.auth.is_none());
         let c = client(
             "[client]\nremote_addr = \"a:1\"\n[client.transport.tcp]\nproxy = \"http://me:p%40ss@proxy.lan:3128/\"\n",
         );
-        let proxy = c.transport.proxy.unwrap();
+        let proxy = c.common.transport.proxy.unwrap();
         assert_eq!(proxy.kind, ProxyKind::Http);
         assert_eq!(proxy.addr, "proxy.lan:3128");
         let (user, password) = proxy.auth.clone().unwrap();
@@ -1043,12 +1219,12 @@ token = "own"
     #[test]
     fn udp_services_parse_on_both_sides() {
         let s = server(
-            "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n\
+            "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t-long-enough\"\n\
              [server.services.dns]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:53\"\n",
         );
         assert_eq!(s.services["dns"].service_type, ServiceType::Udp);
         let Settings::Client(c) = parse(
-            "[client]\nremote_addr = \"a:1\"\ndefault_token = \"t\"\n\
+            "[client]\nremote_addr = \"a:1\"\ndefault_token = \"t-long-enough\"\n\
              [client.services.dns]\ntype = \"udp\"\nlocal_addr = \"127.0.0.1:53\"\n\
              [client.services.ssh]\nlocal_addr = \"127.0.0.1:22\"\n",
             None,
@@ -1077,7 +1253,7 @@ token = "own"
             ),
         ] {
             let text = format!(
-                "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t\"\n\
+                "[server]\nbind_addr = \"0.0.0.0:1\"\ndefault_token = \"t-long-enough\"\n\
                  [server.services.dns]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:53\"\n{extra}\n"
             );
             let err = parse(&text, None).unwrap_err();

@@ -7,24 +7,24 @@
 //! the caller starts over with the new settings. SIGTERM stops accepting and gives open
 //! connections the grace period.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use labcore::Env;
 use labcore::notify::Notifier;
 use labcore::signals::Signals;
+use tokio::sync::Notify;
 
-use crate::client::{Client, Readiness};
-use crate::config::{self, ClientSettings, Mode, ServerSettings, Settings, TransportType};
+use crate::config::{self, Mode, Settings, TransportType};
 use crate::error::Error;
-use crate::server::Server;
-use crate::transport::Transport;
+use crate::transport;
 use crate::watch::Watcher;
 
 /// A server or a client, as the daemon loop drives it.
-pub trait Node: Sized {
+pub(crate) trait Node: Sized {
     /// Its resolved config.
     type Settings: Clone;
 
@@ -56,90 +56,56 @@ pub trait Node: Sized {
     fn shutdown(self) -> impl Future<Output = ()>;
 }
 
-impl<T: Transport> Node for Server<T> {
-    type Settings = ServerSettings;
-    const MODE: Mode = Mode::Server;
-
-    async fn start(settings: ServerSettings) -> Result<Self, Error> {
-        Server::start(settings).await
-    }
-
-    async fn apply(&mut self, settings: ServerSettings) -> Result<(), Error> {
-        Server::apply(self, settings).await
-    }
-
-    fn readiness(&self) -> Option<Arc<Readiness>> {
-        None
-    }
-
-    fn reload_wait(_: &ServerSettings) -> Duration {
-        Duration::ZERO
-    }
-
-    fn transport_type(settings: &ServerSettings) -> TransportType {
-        settings.transport.kind
-    }
-
-    fn settings(settings: Settings) -> Option<ServerSettings> {
-        match settings {
-            Settings::Server(s) => Some(s),
-            Settings::Client(_) => None,
-        }
-    }
-
-    fn wrap(settings: ServerSettings) -> Settings {
-        Settings::Server(settings)
-    }
-
-    async fn shutdown(self) {
-        let grace = self.grace_period();
-        Server::shutdown(self, grace).await
-    }
+/// Services whose control channel the daemon still waits for.
+#[derive(Default)]
+pub(crate) struct Readiness {
+    pending: Mutex<HashSet<String>>,
+    changed: Notify,
 }
 
-impl<T: Transport> Node for Client<T> {
-    type Settings = ClientSettings;
-    const MODE: Mode = Mode::Client;
-
-    async fn start(settings: ClientSettings) -> Result<Self, Error> {
-        Client::start(settings).await
+impl Readiness {
+    pub(crate) fn expect(&self, names: impl IntoIterator<Item = String>) {
+        self.lock().extend(names);
     }
 
-    async fn apply(&mut self, settings: ClientSettings) -> Result<(), Error> {
-        Client::apply(self, settings).await
-    }
-
-    fn readiness(&self) -> Option<Arc<Readiness>> {
-        Some(Client::readiness(self))
-    }
-
-    fn reload_wait(settings: &ClientSettings) -> Duration {
-        settings.handshake_timeout
-    }
-
-    fn transport_type(settings: &ClientSettings) -> TransportType {
-        settings.transport.kind
-    }
-
-    fn settings(settings: Settings) -> Option<ClientSettings> {
-        match settings {
-            Settings::Client(s) => Some(s),
-            Settings::Server(_) => None,
+    pub(crate) fn up(&self, name: &str) {
+        let mut pending = self.lock();
+        if pending.remove(name) && pending.is_empty() {
+            self.changed.notify_waiters();
         }
     }
 
-    fn wrap(settings: ClientSettings) -> Settings {
-        Settings::Client(settings)
+    pub(crate) fn forget(&self, name: &str) {
+        self.up(name);
     }
 
-    async fn shutdown(self) {
-        let grace = self.grace_period();
-        Client::shutdown(self, grace).await
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves once no service is pending.
+    pub(crate) async fn wait(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The services still pending, sorted.
+    pub(crate) fn pending(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.lock().iter().cloned().collect();
+        names.sort();
+        names
     }
 }
 
 /// How a run of the loop ended.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Stopped by a signal.
     Stopped,
     /// The config now asks for another transport: start over with these settings.
@@ -147,21 +113,24 @@ pub enum Outcome {
 }
 
 /// What the loop needs from the process: its signals, notifier, environment, config path.
-pub struct Context<'a> {
+pub(crate) struct Context<'a> {
     /// The config file.
-    pub path: &'a Path,
+    pub(crate) path: &'a Path,
     /// The environment secrets and credentials come from.
-    pub env: &'a Env,
+    pub(crate) env: &'a Env,
     /// Signals.
-    pub signals: Signals,
+    pub(crate) signals: Signals,
     /// The service manager.
-    pub notifier: Notifier,
+    pub(crate) notifier: Notifier,
     /// Config file saves, when inotify works here.
-    pub watcher: Option<Watcher>,
+    pub(crate) watcher: Option<Watcher>,
 }
 
 /// Runs `N` until a stop signal, or until a reload asks for another transport.
-pub async fn serve<N: Node>(settings: N::Settings, cx: &mut Context<'_>) -> Result<Outcome, Error> {
+pub(crate) async fn serve<N: Node>(
+    settings: N::Settings,
+    cx: &mut Context<'_>,
+) -> Result<Outcome, Error> {
     let transport = N::transport_type(&settings);
     let mut node = N::start(settings).await?;
     let shutdown = cx.signals.shutdown();
@@ -208,7 +177,7 @@ pub async fn serve<N: Node>(settings: N::Settings, cx: &mut Context<'_>) -> Resu
         };
         cx.notifier.reloading();
         tracing::info!(cause = %reload, path = %cx.path.display(), "reloading");
-        let loaded = config::load(cx.path, cx.env, Some(N::MODE));
+        let loaded = load(cx.path, cx.env, Some(N::MODE));
         let new = match loaded.map(N::settings) {
             Ok(Some(new)) => new,
             Ok(None) => {
@@ -244,6 +213,13 @@ pub async fn serve<N: Node>(settings: N::Settings, cx: &mut Context<'_>) -> Resu
     Ok(Outcome::Stopped)
 }
 
+/// Reads the config at `path` for `mode` and checks that its transport can be built.
+pub(crate) fn load(path: &Path, env: &Env, mode: Option<Mode>) -> Result<Settings, Error> {
+    let settings = config::load(path, env, mode)?;
+    transport::check(&settings, path)?;
+    Ok(settings)
+}
+
 async fn changed(watcher: &Option<Watcher>) -> std::io::Result<()> {
     match watcher {
         Some(watcher) => watcher.changed().await,
@@ -251,16 +227,21 @@ async fn changed(watcher: &Option<Watcher>) -> std::io::Result<()> {
     }
 }
 
-/// What a reload does to the running services: the names a new config changes or removes
-/// (to stop), each with whether it is removed (its metrics go too). Services the new config
-/// adds, or that were just stopped for a change, are the ones then not running.
-pub(crate) fn stale_services<'a, S: PartialEq + 'a>(
-    running: impl IntoIterator<Item = (&'a String, &'a S)>,
-    new: &std::collections::BTreeMap<String, S>,
-) -> Vec<(String, bool)> {
-    running
-        .into_iter()
-        .filter(|(name, service)| new.get(*name) != Some(*service))
-        .map(|(name, _)| (name.clone(), !new.contains_key(name)))
-        .collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_resolves_when_every_service_is_up() {
+        let readiness = Arc::new(Readiness::default());
+        readiness.expect(["a".to_owned(), "b".to_owned()]);
+        let waiter = tokio::spawn({
+            let readiness = readiness.clone();
+            async move { readiness.wait().await }
+        });
+        readiness.up("a");
+        assert_eq!(readiness.pending(), ["b"]);
+        readiness.up("b");
+        waiter.await.unwrap();
+    }
 }

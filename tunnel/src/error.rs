@@ -83,8 +83,8 @@ pub enum Error {
     Refused {
         /// The service.
         service: String,
-        /// The server's answer.
-        reason: crate::protocol::Ack,
+        /// The server's answer, in words.
+        reason: &'static str,
     },
     /// The peer sent a message that does not belong at this point.
     #[error("unexpected {what}")]
@@ -153,7 +153,7 @@ pub enum Error {
 
 impl Error {
     /// An I/O error with what was being done.
-    pub fn io(what: impl Into<String>, source: io::Error) -> Error {
+    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Error {
         Error::Io {
             what: what.into(),
             source,

@@ -7,6 +7,10 @@
 //! allocated per chunk and no lock is taken. A direction that reaches end of stream half-closes
 //! the other side, so protocols that shut down writing (HTTP/1.0, `ssh` exit) work.
 //!
+//! A connection may be given an idle limit: when no byte has moved either way for that long it
+//! is closed. Activity costs one relaxed store of a millisecond count per chunk, and the one timer
+//! wakes only at the earliest moment the limit could be reached.
+//!
 //! Pipes of connections that ended cleanly (and are empty) are kept, a few per thread, for the
 //! next connections: making, sizing and closing two pipes per connection was about 6% of the
 //! tunnel's CPU per short connection (perf).
@@ -16,9 +20,14 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::sockopt;
 use crate::transport::TunnelStream;
@@ -36,33 +45,92 @@ thread_local! {
 
 /// Bytes carried each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Carried {
+pub(crate) struct Carried {
     /// From the tunnel to the local socket.
-    pub inbound: u64,
+    pub(crate) inbound: u64,
     /// From the local socket to the tunnel.
-    pub outbound: u64,
+    pub(crate) outbound: u64,
 }
 
 /// Counters the bytes of each direction are added to as they move (for metrics).
 #[derive(Clone, Copy)]
-pub struct Meter<'a> {
+pub(crate) struct Meter<'a> {
     /// Bytes from the tunnel to the local socket.
-    pub inbound: &'a AtomicU64,
+    pub(crate) inbound: &'a AtomicU64,
     /// Bytes from the local socket to the tunnel.
-    pub outbound: &'a AtomicU64,
+    pub(crate) outbound: &'a AtomicU64,
 }
 
-/// Carries bytes both ways until both sides have finished or one fails.
-pub async fn forward<S: TunnelStream>(
-    mut tunnel: S,
-    mut local: TcpStream,
+/// When bytes last moved on a connection.
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start` to the last chunk either way.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let millis = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(millis, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Carries bytes both ways until both sides have finished or one fails, or, with an `idle`
+/// limit, until nothing has moved either way for that long (an error of kind `TimedOut`).
+pub(crate) async fn forward<S: TunnelStream>(
+    tunnel: S,
+    local: TcpStream,
     meter: Meter<'_>,
+    idle: Option<Duration>,
+) -> io::Result<Carried> {
+    let activity = Activity::new();
+    let carry = carry(tunnel, local, meter, &activity);
+    let Some(limit) = idle else {
+        return carry.await;
+    };
+    tokio::select! {
+        carried = carry => carried,
+        () = activity.idle_for(limit) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no bytes either way for {}s: closed", limit.as_secs()),
+        )),
+    }
+}
+
+async fn carry<S: TunnelStream>(
+    mut tunnel: S,
+    local: TcpStream,
+    meter: Meter<'_>,
+    activity: &Activity,
 ) -> io::Result<Carried> {
     if let Some(tcp) = tunnel.plain_tcp() {
-        return splice_both(tcp, &local, meter).await;
+        return splice_both(tcp, &local, meter, activity).await;
     }
     // Copied bytes are counted when the connection ends; encrypted transports that want live
     // counts wrap their stream.
+    let mut local = Touching {
+        inner: local,
+        activity,
+    };
     let (inbound, outbound) =
         tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut local, COPY_BUFFER, COPY_BUFFER)
             .await?;
@@ -71,16 +139,64 @@ pub async fn forward<S: TunnelStream>(
     Ok(Carried { inbound, outbound })
 }
 
+/// The local socket, noting when bytes move through it (both directions do).
+struct Touching<'a> {
+    inner: TcpStream,
+    activity: &'a Activity,
+}
+
+impl AsyncRead for Touching<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Touching<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled
+            && *n > 0
+        {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 async fn splice_both(
     tunnel: &TcpStream,
     local: &TcpStream,
     meter: Meter<'_>,
+    activity: &Activity,
 ) -> io::Result<Carried> {
     let inbound_pipe = Pipe::take()?;
     let outbound_pipe = Pipe::take()?;
     let (inbound, outbound) = tokio::try_join!(
-        splice_one(tunnel, local, &inbound_pipe, meter.inbound),
-        splice_one(local, tunnel, &outbound_pipe, meter.outbound),
+        splice_one(tunnel, local, &inbound_pipe, meter.inbound, activity),
+        splice_one(local, tunnel, &outbound_pipe, meter.outbound, activity),
     )?;
     // Both directions reached end of stream with every byte written: the pipes are empty.
     // (On an error, or if this future is dropped, they are closed instead.)
@@ -145,6 +261,7 @@ async fn splice_one(
     to: &TcpStream,
     pipe: &Pipe,
     counter: &AtomicU64,
+    activity: &Activity,
 ) -> io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
@@ -176,6 +293,7 @@ async fn splice_one(
         }
         total += filled as u64;
         counter.fetch_add(filled as u64, Ordering::Relaxed);
+        activity.touch();
     }
 }
 
@@ -233,7 +351,7 @@ pub(crate) mod tests {
         let (visitor, tunnel) = pair().await;
         let (local, service) = pair().await;
         let meter = counters();
-        let task = tokio::spawn(forward(tunnel, local, meter));
+        let task = tokio::spawn(forward(tunnel, local, meter, None));
         round_trip(visitor, service, 3_000_000).await;
         let carried = task.await.unwrap().unwrap();
         assert_eq!(carried.inbound, 3_000_000);
@@ -250,7 +368,7 @@ pub(crate) mod tests {
             let (visitor, tunnel) = pair().await;
             let (local, service) = pair().await;
             // The test runtime is single-threaded: the task runs on this thread's pool.
-            let task = tokio::spawn(forward(tunnel, local, meter));
+            let task = tokio::spawn(forward(tunnel, local, meter, None));
             round_trip(visitor, service, 1_000_000 + round).await;
             task.await.unwrap().unwrap();
             assert_eq!(

@@ -11,16 +11,16 @@ use labcore::Secret;
 use crate::error::Error;
 
 /// A fresh key pair, base64.
-pub struct KeyPair {
+pub(crate) struct KeyPair {
     /// The private key: a secret, never logged.
-    pub private: Secret,
+    pub(crate) private: Secret,
     /// The public key.
-    pub public: String,
+    pub(crate) public: String,
 }
 
 impl KeyPair {
     /// Makes a key pair from the system's random number generator.
-    pub fn generate() -> Result<KeyPair, Error> {
+    pub(crate) fn generate() -> Result<KeyPair, Error> {
         let private = PrivateKey::generate(&X25519).map_err(|_| Error::Random)?;
         let seed: Curve25519SeedBin<'static> = private.as_be_bytes().map_err(|_| Error::Random)?;
         let public = private.compute_public_key().map_err(|_| Error::Random)?;
@@ -31,7 +31,7 @@ impl KeyPair {
     }
 
     /// The text rathole's `--genkey` prints.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         format!(
             "Private Key:\n{}\n\nPublic Key:\n{}\n",
             self.private.expose(),

@@ -9,20 +9,20 @@
 //! makes Noise key pairs, [`cli`] is the command line.
 
 pub mod cli;
-pub mod client;
-pub mod config;
-pub mod daemon;
-pub mod error;
-pub mod forward;
+mod client;
+mod config;
+mod daemon;
+mod error;
+mod forward;
 pub mod keys;
-pub mod metrics;
+mod metrics;
 pub mod protocol;
 pub mod proxy_protocol;
-pub mod server;
-pub mod sockopt;
-pub mod transport;
-pub mod udp;
-pub mod watch;
+mod server;
+mod sockopt;
+mod transport;
+mod udp;
+mod watch;
 
 use std::path::Path;
 
@@ -40,8 +40,8 @@ use crate::transport::{NoiseTransport, TcpTransport, TlsTransport, WebsocketTran
 use crate::watch::Watcher;
 
 /// Runs the side `mode` names (or the config's only one) until SIGTERM.
-pub async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<(), Error> {
-    let mut settings = config::load(path, env, mode)?;
+pub(crate) async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<(), Error> {
+    let mut settings = daemon::load(path, env, mode)?;
     raise_fd_limit();
     let signals = Signals::install().map_err(|e| Error::io("installing signal handlers", e))?;
     let notifier = Notifier::from_env(env).map_err(|e| Error::io("opening $NOTIFY_SOCKET", e))?;
@@ -62,7 +62,7 @@ pub async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<(), Error
     // The one place a transport type becomes a Rust type.
     loop {
         let outcome = match settings {
-            Settings::Server(s) => match s.transport.kind {
+            Settings::Server(s) => match s.common.transport.kind {
                 TransportType::Tcp => daemon::serve::<Server<TcpTransport>>(s, &mut cx).await?,
                 TransportType::Noise => daemon::serve::<Server<NoiseTransport>>(s, &mut cx).await?,
                 TransportType::Tls => daemon::serve::<Server<TlsTransport>>(s, &mut cx).await?,
@@ -70,7 +70,7 @@ pub async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<(), Error
                     daemon::serve::<Server<WebsocketTransport>>(s, &mut cx).await?
                 }
             },
-            Settings::Client(c) => match c.transport.kind {
+            Settings::Client(c) => match c.common.transport.kind {
                 TransportType::Tcp => daemon::serve::<Client<TcpTransport>>(c, &mut cx).await?,
                 TransportType::Noise => daemon::serve::<Client<NoiseTransport>>(c, &mut cx).await?,
                 TransportType::Tls => daemon::serve::<Client<TlsTransport>>(c, &mut cx).await?,

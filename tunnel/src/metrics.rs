@@ -16,7 +16,6 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,33 +38,33 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One service's counters.
 #[derive(Debug, Default)]
-pub struct ServiceMetrics {
+pub(crate) struct ServiceMetrics {
     /// Visitor connections carried, ever.
-    pub connections: AtomicU64,
+    pub(crate) connections: AtomicU64,
     /// Visitor connections open now.
-    pub open: AtomicU64,
+    pub(crate) open: AtomicU64,
     /// Bytes from visitors to the service.
-    pub to_service: AtomicU64,
+    pub(crate) to_service: AtomicU64,
     /// Bytes from the service to visitors.
-    pub to_visitor: AtomicU64,
+    pub(crate) to_visitor: AtomicU64,
     /// Visitors closed without being carried (no client, limit reached, service unreachable).
-    pub refused: AtomicU64,
+    pub(crate) refused: AtomicU64,
     /// Control channels opened after the first (client: reconnects; server: a client
     /// replacing its channel).
-    pub reconnects: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
     /// 1 while the service's control channel is open.
-    pub control_open: AtomicU64,
+    pub(crate) control_open: AtomicU64,
     /// UDP datagrams from visitors to the service.
-    pub datagrams_to_service: AtomicU64,
+    pub(crate) datagrams_to_service: AtomicU64,
     /// UDP datagrams from the service to visitors.
-    pub datagrams_to_visitor: AtomicU64,
-    /// UDP datagrams dropped: no client, too many visitors, or a socket refused them.
-    pub datagrams_dropped: AtomicU64,
+    pub(crate) datagrams_to_visitor: AtomicU64,
+    /// UDP datagrams dropped: no client, or a socket refused them.
+    pub(crate) datagrams_dropped: AtomicU64,
 }
 
 impl ServiceMetrics {
     /// Counts a connection open until the guard drops.
-    pub fn connection(self: &Arc<Self>) -> OpenConnection {
+    pub(crate) fn connection(self: &Arc<Self>) -> OpenConnection {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         OpenConnection(self.clone())
@@ -73,7 +72,7 @@ impl ServiceMetrics {
 }
 
 /// An open connection, counted in [`ServiceMetrics::open`] while it lives.
-pub struct OpenConnection(Arc<ServiceMetrics>);
+pub(crate) struct OpenConnection(Arc<ServiceMetrics>);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
@@ -82,7 +81,7 @@ impl Drop for OpenConnection {
 }
 
 /// Why a handshake failed, as a metric label.
-pub fn failure_reason(err: &Error) -> &'static str {
+pub(crate) fn failure_reason(err: &Error) -> &'static str {
     match err {
         Error::AuthFailed { .. } => "wrong_token",
         Error::UnknownService { .. } => "unknown_service",
@@ -102,32 +101,34 @@ pub fn failure_reason(err: &Error) -> &'static str {
 
 /// Every counter of one side.
 #[derive(Debug, Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     services: Mutex<BTreeMap<String, Arc<ServiceMetrics>>>,
     failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Reloads that could not be applied (whole or in part) and left the old setup running.
+    pub(crate) reload_failures: AtomicU64,
 }
 
 impl Metrics {
     /// The counters of service `name`, made on first use.
-    pub fn service(&self, name: &str) -> Arc<ServiceMetrics> {
+    pub(crate) fn service(&self, name: &str) -> Arc<ServiceMetrics> {
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         services.entry(name.to_owned()).or_default().clone()
     }
 
     /// Drops a removed service's counters.
-    pub fn forget(&self, name: &str) {
+    pub(crate) fn forget(&self, name: &str) {
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         services.remove(name);
     }
 
     /// Counts a failed handshake (never on the data path).
-    pub fn handshake_failed(&self, err: &Error) {
+    pub(crate) fn handshake_failed(&self, err: &Error) {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         *failures.entry(failure_reason(err)).or_default() += 1;
     }
 
     /// The Prometheus text exposition of every counter.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let services: Vec<(String, Arc<ServiceMetrics>)> = {
             let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
             services
@@ -171,7 +172,7 @@ impl Metrics {
             (
                 "tunnel_datagrams_dropped_total",
                 "counter",
-                "UDP datagrams dropped (no client, too many visitors, refused by a socket).",
+                "UDP datagrams dropped (no client, refused by a socket).",
                 |m| &m.datagrams_dropped,
             ),
         ];
@@ -182,6 +183,13 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{service=\"{}\"}} {value}", escape(service));
             }
         }
+        let name = "tunnel_reload_failures_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Reloads that left (part of) the old setup running because the new one \
+             could not start.\n# TYPE {name} counter\n{name} {}",
+            self.reload_failures.load(Ordering::Relaxed)
+        );
         let name = "tunnel_bytes_total";
         let _ = writeln!(
             out,
@@ -238,15 +246,14 @@ fn escape(value: &str) -> String {
 }
 
 /// The running endpoint.
-pub struct Endpoint {
-    addr: SocketAddr,
+pub(crate) struct Endpoint {
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl Endpoint {
     /// Binds `addr` and serves `GET /metrics` from `metrics`.
-    pub async fn start(addr: &str, metrics: Arc<Metrics>) -> Result<Endpoint, Error> {
+    pub(crate) async fn start(addr: &str, metrics: Arc<Metrics>) -> Result<Endpoint, Error> {
         let listener = sockopt::listen(addr).await.map_err(|source| Error::Bind {
             what: "the metrics endpoint".into(),
             addr: addr.to_owned(),
@@ -258,20 +265,11 @@ impl Endpoint {
         tracing::info!(addr = %bound, "metrics listening");
         let stop = CancellationToken::new();
         let task = tokio::spawn(serve(listener, metrics, stop.clone()));
-        Ok(Endpoint {
-            addr: bound,
-            stop,
-            task,
-        })
-    }
-
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        Ok(Endpoint { stop, task })
     }
 
     /// Closes the port and every scrape in progress.
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
     }

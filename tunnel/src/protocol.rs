@@ -41,25 +41,25 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::error::Error;
 
 /// The protocol version rathole 0.5 speaks and accepts (and nothing else).
-pub const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 /// Length of a `Hello` on the wire.
 pub const HELLO_LEN: usize = 37;
 /// Length of an `Auth` on the wire.
-pub const AUTH_LEN: usize = 32;
+pub(crate) const AUTH_LEN: usize = 32;
 /// Length of an `Ack`, a `ControlChannelCmd` or a `DataChannelCmd` on the wire.
 pub const TAG_LEN: usize = 4;
 
 /// The longest `UdpHeader` labkit writes (a V6 address), with its length byte.
-pub const UDP_HEAD_MAX: usize = 1 + 24;
+pub(crate) const UDP_HEAD_MAX: usize = 1 + 24;
 /// The most bytes one UDP frame can take on the wire: a `u8` header length, at most 255
 /// header bytes, at most `u16::MAX` payload bytes.
-pub const UDP_FRAME_MAX: usize = 1 + u8::MAX as usize + u16::MAX as usize;
+pub(crate) const UDP_FRAME_MAX: usize = 1 + u8::MAX as usize + u16::MAX as usize;
 
 /// A SHA-256 digest: of a service name, a nonce, or a session key.
 pub type Digest = [u8; 32];
 
 /// SHA-256 of `parts` concatenated.
-pub fn digest(parts: &[&[u8]]) -> Digest {
+pub(crate) fn digest(parts: &[&[u8]]) -> Digest {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for part in parts {
         ctx.update(part);
@@ -75,7 +75,7 @@ pub fn service_digest(name: &str) -> Digest {
 }
 
 /// A random 32-byte nonce from the system's CSPRNG.
-pub fn nonce() -> Result<Digest, Error> {
+pub(crate) fn nonce() -> Result<Digest, Error> {
     let mut out = [0u8; 32];
     aws_lc_rs::rand::fill(&mut out).map_err(|_| Error::Random)?;
     Ok(out)
@@ -173,22 +173,22 @@ fn tag_of(bytes: &[u8]) -> u32 {
 
 /// Defines a fieldless message encoded as its `u32` tag.
 macro_rules! tag_message {
-    ($(#[$meta:meta])* $name:ident, $what:literal, { $($(#[$vmeta:meta])* $variant:ident = $tag:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $vis:vis $name:ident, $what:literal, { $($(#[$vmeta:meta])* $variant:ident = $tag:literal),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum $name {
+        $vis enum $name {
             $($(#[$vmeta])* $variant),+
         }
 
         impl $name {
             /// The message's bytes.
-            pub fn encode(self) -> [u8; TAG_LEN] {
+            $vis fn encode(self) -> [u8; TAG_LEN] {
                 let tag: u32 = match self { $($name::$variant => $tag),+ };
                 tag.to_le_bytes()
             }
 
             /// Reads the message; an unknown tag is an error.
-            pub fn decode(bytes: &[u8; TAG_LEN]) -> Result<$name, Error> {
+            $vis fn decode(bytes: &[u8; TAG_LEN]) -> Result<$name, Error> {
                 match tag_of(bytes) {
                     $($tag => Ok($name::$variant),)+
                     tag => Err(Error::Malformed { what: $what, tag }),
@@ -200,7 +200,7 @@ macro_rules! tag_message {
 
 tag_message!(
     /// The server's answer to a control channel's hello or auth.
-    Ack, "ack", {
+    pub Ack, "ack", {
         /// The token is right: the control channel is open.
         Ok = 0,
         /// No service has that name.
@@ -212,7 +212,7 @@ tag_message!(
 
 tag_message!(
     /// What the server asks of a client on an open control channel.
-    ControlCmd, "control channel command", {
+    pub(crate) ControlCmd, "control channel command", {
         /// Open one more data channel.
         CreateDataChannel = 0,
         /// Nothing: the server is alive.
@@ -222,7 +222,7 @@ tag_message!(
 
 tag_message!(
     /// What the server tells a data channel when a visitor is paired with it.
-    DataCmd, "data channel command", {
+    pub(crate) DataCmd, "data channel command", {
         /// Carry one TCP connection's bytes both ways from now on.
         StartForwardTcp = 0,
         /// Carry UDP datagrams in rathole's UDP framing from now on.
@@ -230,29 +230,36 @@ tag_message!(
     }
 );
 
-impl fmt::Display for Ack {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Ack {
+    /// What the answer means, in words.
+    pub(crate) fn meaning(self) -> &'static str {
+        match self {
             Ack::Ok => "ok",
             Ack::ServiceNotExist => "no such service",
             Ack::AuthFailed => "wrong token",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Ack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.meaning())
     }
 }
 
 /// The header of one UDP frame: the visitor's address and the payload's length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UdpHead {
+pub(crate) struct UdpHead {
     /// The visitor the datagram came from or goes to.
-    pub from: SocketAddr,
+    pub(crate) from: SocketAddr,
     /// The payload's length.
-    pub len: u16,
+    pub(crate) len: u16,
 }
 
 impl UdpHead {
     /// Writes the length byte and the header at the start of `out`; returns how many bytes
     /// that took (13 for V4, 25 for V6).
-    pub fn encode(&self, out: &mut [u8; UDP_HEAD_MAX]) -> usize {
+    pub(crate) fn encode(&self, out: &mut [u8; UDP_HEAD_MAX]) -> usize {
         let head_len = match self.from {
             SocketAddr::V4(addr) => {
                 out[1..5].copy_from_slice(&0u32.to_le_bytes());
@@ -273,7 +280,7 @@ impl UdpHead {
     }
 
     /// Reads the `head_len` bytes after the length byte; bytes past the header are ignored.
-    pub fn decode(bytes: &[u8]) -> Result<UdpHead, Error> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<UdpHead, Error> {
         let short = || Error::UdpHeader { len: bytes.len() };
         let tag = bytes.get(..4).ok_or_else(short)?;
         let tag = tag_of(tag);
@@ -312,7 +319,7 @@ impl UdpHead {
 }
 
 /// Reads exactly one message of `buf`'s length; `what` names it in errors.
-pub async fn read_exact<S: AsyncRead + Unpin>(
+pub(crate) async fn read_exact<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut [u8],
     what: &'static str,
@@ -325,7 +332,7 @@ pub async fn read_exact<S: AsyncRead + Unpin>(
 }
 
 /// Writes and flushes one message; `what` names it in errors.
-pub async fn write_all<S: AsyncWrite + Unpin>(
+pub(crate) async fn write_all<S: AsyncWrite + Unpin>(
     stream: &mut S,
     bytes: &[u8],
     what: &'static str,

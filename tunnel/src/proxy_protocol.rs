@@ -19,11 +19,11 @@ const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// The longest v1 header, `\r\n` included (the specification's bound).
 const V1_MAX: usize = 107;
 /// The longest header [`encode`] writes: 107 bytes, v1's bound (v2 needs at most 52).
-pub const MAX_LEN: usize = V1_MAX;
+pub(crate) const MAX_LEN: usize = V1_MAX;
 
 /// A header version, from `proxy_protocol = "v1" | "v2"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Version {
+pub(crate) enum Version {
     /// Text: `PROXY TCP4 src dst sport dport\r\n`.
     V1,
     /// Binary, with a fixed-size address block.
@@ -32,14 +32,14 @@ pub enum Version {
 
 /// An encoded header.
 #[derive(Clone, Copy)]
-pub struct Header {
+pub(crate) struct Header {
     bytes: [u8; MAX_LEN],
     len: usize,
 }
 
 impl Header {
     /// The header's bytes.
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
 }
@@ -82,7 +82,7 @@ pub enum HeaderError {
 }
 
 /// The header for a visitor at `source` who connected to `destination`.
-pub fn encode(version: Version, source: SocketAddr, destination: SocketAddr) -> Header {
+pub(crate) fn encode(version: Version, source: SocketAddr, destination: SocketAddr) -> Header {
     let (source, destination) = same_family(source, destination);
     let mut header = Header {
         bytes: [0; MAX_LEN],

@@ -4,7 +4,9 @@
 //!
 //! Tasks and who owns them:
 //! - the control port's accept loop (one task) hands each new connection to a handshake task,
-//!   bounded by `handshake_timeout` and a semaphore; a control channel that authenticates, or a
+//!   bounded by `handshake_timeout` and by [`MAX_HANDSHAKES`] in progress at once, of which
+//!   one source address gets only its share once most are taken (so connections that never
+//!   speak cannot lock clients out); a control channel that authenticates, or a
 //!   data channel that names an open session, is sent to its service's task;
 //! - one task per service owns its listener, its control channel, its pool of idle data
 //!   channels and its queue of visitors waiting for one; it writes `CreateDataChannel` (eight
@@ -23,7 +25,7 @@
 //! get `grace_period` to finish.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -36,7 +38,10 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ServerService, ServerSettings, ServiceType};
+use crate::config::{
+    self, Mode, ServerService, ServerSettings, ServiceType, Settings, TransportType,
+};
+use crate::daemon::{Node, Readiness};
 use crate::error::Error;
 use crate::forward;
 use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
@@ -56,6 +61,16 @@ const MAX_IDLE: usize = 256;
 const MAX_WAITING: usize = 4096;
 /// Connections on the control port that may be in their handshake at once.
 const MAX_HANDSHAKES: usize = 1024;
+/// Handshakes any source may hold while fewer than this many are in progress. A client's
+/// burst of data channels (one per visitor arriving at once, each in its handshake for a
+/// round trip or two) may be hundreds from one address, so sources are not limited while
+/// there is room.
+const SHARED_HANDSHAKES: usize = MAX_HANDSHAKES * 3 / 4;
+/// Past [`SHARED_HANDSHAKES`], a source (an IPv4 address, or an IPv6 /64, which one host
+/// usually holds whole) that has this many handshakes in progress gets no more: silent
+/// connections from one host then take at most three quarters of the slots, and the rest
+/// stay for everyone else.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 128;
 /// Messages queued from the control port to one service's task.
 const EVENT_QUEUE: usize = 256;
 /// How long writing `StartForwardTcp` on an idle data channel may take before the channel
@@ -147,11 +162,10 @@ struct ServiceHandle {
 }
 
 /// A running server.
-pub struct Server<T: Transport> {
+pub(crate) struct Server<T: Transport> {
     settings: ServerSettings,
     registry: Arc<Registry<T::Stream>>,
     services: BTreeMap<String, ServiceHandle>,
-    control_addr: SocketAddr,
     control_stop: CancellationToken,
     control_task: JoinHandle<()>,
     abort: CancellationToken,
@@ -162,16 +176,27 @@ pub struct Server<T: Transport> {
 
 impl<T: Transport> Server<T> {
     /// Binds the control port and every service's port and starts serving.
-    pub async fn start(settings: ServerSettings) -> Result<Server<T>, Error> {
-        let transport = Arc::new(T::new(&settings.transport)?);
+    pub(crate) async fn start(settings: ServerSettings) -> Result<Server<T>, Error> {
+        Server::start_on(settings, None).await
+    }
+
+    /// [`Server::start`], on a control port already bound if one is given.
+    async fn start_on(
+        settings: ServerSettings,
+        control: Option<TcpListener>,
+    ) -> Result<Server<T>, Error> {
+        let transport = Arc::new(T::new(&settings.common.transport)?);
         let registry = Arc::new(Registry::new());
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
-        let endpoint = match &settings.metrics_addr {
+        let endpoint = match &settings.common.metrics_addr {
             Some(addr) => Some(Endpoint::start(addr, metrics.clone()).await?),
             None => None,
         };
-        let listener = transport.bind(&settings.bind_addr).await?;
+        let listener = match control {
+            Some(listener) => listener,
+            None => transport.bind(&settings.bind_addr).await?,
+        };
         let control_addr = T::local_addr(&listener)?;
         tracing::info!(addr = %control_addr, "control port listening");
         let control_stop = CancellationToken::new();
@@ -181,14 +206,13 @@ impl<T: Transport> Server<T> {
             registry.clone(),
             tracker.clone(),
             control_stop.clone(),
-            settings.handshake_timeout,
+            settings.common.handshake_timeout,
             metrics.clone(),
         ));
         let mut server = Server {
             settings: settings.clone(),
             registry,
             services: BTreeMap::new(),
-            control_addr,
             control_stop,
             control_task,
             abort: CancellationToken::new(),
@@ -205,30 +229,20 @@ impl<T: Transport> Server<T> {
         Ok(server)
     }
 
-    /// The control port's address.
-    pub fn control_addr(&self) -> SocketAddr {
-        self.control_addr
+    async fn start_service(&mut self, service: ServerService) -> Result<(), Error> {
+        let listener = bind_service(&service).await?;
+        self.start_service_on(service, listener)
     }
 
-    async fn start_service(&mut self, service: ServerService) -> Result<(), Error> {
-        let bind_error = |source| Error::Bind {
-            what: format!("service {}", service.name),
-            addr: service.bind_addr.clone(),
-            source,
-        };
-        let (listener, addr) = match service.service_type {
-            ServiceType::Tcp => {
-                let listener = sockopt::listen(&service.bind_addr)
-                    .await
-                    .map_err(bind_error)?;
-                let addr = listener.local_addr();
-                (Listener::Tcp(listener), addr)
-            }
-            ServiceType::Udp => {
-                let socket = udp::bind(&service.bind_addr).await.map_err(bind_error)?;
-                let addr = socket.local_addr();
-                (Listener::Udp(Arc::new(socket)), addr)
-            }
+    /// Starts `service` on a port already bound.
+    fn start_service_on(
+        &mut self,
+        service: ServerService,
+        listener: Listener,
+    ) -> Result<(), Error> {
+        let addr = match &listener {
+            Listener::Tcp(listener) => listener.local_addr(),
+            Listener::Udp(socket) => socket.local_addr(),
         };
         let addr = addr.map_err(|e| Error::io("reading a service port's address", e))?;
         let kind = match service.service_type {
@@ -250,8 +264,8 @@ impl<T: Transport> Server<T> {
             listener,
             events,
             heartbeat: self.settings.heartbeat_interval,
-            dead_after: self.settings.heartbeat_timeout,
-            handshake_timeout: self.settings.handshake_timeout,
+            dead_after: self.settings.common.heartbeat_timeout,
+            handshake_timeout: self.settings.common.handshake_timeout,
             stop: stop.clone(),
             abort: abort.clone(),
             tracker: self.tracker.clone(),
@@ -261,9 +275,7 @@ impl<T: Transport> Server<T> {
             idle: VecDeque::new(),
             waiting: VecDeque::new(),
             udp: None,
-            slots: service
-                .max_connections
-                .map(|max| Arc::new(Semaphore::new(max))),
+            slots: Arc::new(Semaphore::new(max_connections(&service))),
         };
         let task = tokio::spawn(task.run());
         self.services.insert(
@@ -293,36 +305,86 @@ impl<T: Transport> Server<T> {
     /// Applies a new config: services added, removed or changed start, stop or restart; the
     /// others and their connections are left alone. Settings outside the services restart
     /// everything.
-    pub async fn apply(&mut self, new: ServerSettings) -> Result<(), Error> {
-        let general_changed = self.settings.bind_addr != new.bind_addr
-            || self.settings.transport != new.transport
-            || self.settings.heartbeat_interval != new.heartbeat_interval
-            || self.settings.heartbeat_timeout != new.heartbeat_timeout
-            || self.settings.handshake_timeout != new.handshake_timeout
-            || self.settings.metrics_addr != new.metrics_addr;
-        if general_changed {
+    pub(crate) async fn apply(&mut self, new: ServerSettings) -> Result<(), Error> {
+        if self.settings.needs_restart(&new) {
             tracing::warn!("settings outside [server.services] changed: restarting everything");
+            // A new control port is bound before the old one is let go, so one that is taken
+            // leaves the running server as it is.
+            let control = if new.bind_addr == self.settings.bind_addr {
+                None
+            } else {
+                let bound = match T::new(&new.common.transport) {
+                    Ok(transport) => transport.bind(&new.bind_addr).await,
+                    Err(err) => Err(err),
+                };
+                match bound {
+                    Ok(listener) => Some(listener),
+                    Err(err) => {
+                        self.reload_failed(&err, "the running server is kept");
+                        return Ok(());
+                    }
+                }
+            };
+            let old = self.settings.clone();
             self.stop_all().await;
-            *self = Server::start(new).await?;
+            match Server::start_on(new, control).await {
+                Ok(server) => *self = server,
+                Err(err) => {
+                    // The old ports were freed just now: the old config starts again on them.
+                    *self = Server::start(old).await?;
+                    self.reload_failed(&err, "the old config is running again");
+                }
+            }
             return Ok(());
         }
-        self.settings.grace_period = new.grace_period;
+        self.settings.common.grace_period = new.common.grace_period;
+        let mut new = new;
         let running = self.services.iter().map(|(n, h)| (n, &*h.service));
-        for (name, removed) in crate::daemon::stale_services(running, &new.services) {
+        let stale = config::stale_services(running, &new.services);
+        let mut bound = BTreeMap::new();
+        for (name, removed) in stale {
+            if let Some(service) = new.services.get(&name)
+                && let Some(old) = self.services.get(&name).map(|h| h.service.clone())
+                && (old.bind_addr != service.bind_addr || old.service_type != service.service_type)
+            {
+                // A service moving to another port binds it before it lets go of the old one:
+                // if the new port is taken, the service runs on as it was.
+                match bind_service(service).await {
+                    Ok(listener) => {
+                        bound.insert(name.clone(), listener);
+                    }
+                    Err(err) => {
+                        self.reload_failed(&err, "the service runs on as it was");
+                        new.services.insert(name, (*old).clone());
+                        continue;
+                    }
+                }
+            }
             self.stop_service(&name).await;
             if removed {
                 self.metrics.forget(&name);
             }
         }
         for (name, service) in &new.services {
-            if !self.services.contains_key(name)
-                && let Err(err) = self.start_service(service.clone()).await
-            {
-                tracing::error!(error = %labcore::exit::chain(&err), "service not started");
+            if self.services.contains_key(name) {
+                continue;
+            }
+            let started = match bound.remove(name) {
+                Some(listener) => self.start_service_on(service.clone(), listener),
+                None => self.start_service(service.clone()).await,
+            };
+            if let Err(err) = started {
+                self.reload_failed(&err, "the service is not running");
             }
         }
         self.settings.services = new.services;
         Ok(())
+    }
+
+    /// Reports a reload that could not be applied: logged, and counted in the metrics.
+    fn reload_failed(&self, err: &Error, outcome: &str) {
+        self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(error = %labcore::exit::chain(err), "reload not applied: {outcome}");
     }
 
     /// Closes every port and connection at once.
@@ -342,7 +404,7 @@ impl<T: Transport> Server<T> {
     }
 
     /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
-    pub async fn shutdown(mut self, grace: Duration) {
+    pub(crate) async fn shutdown(mut self, grace: Duration) {
         self.control_stop.cancel();
         for handle in self.services.values() {
             handle.stop.cancel();
@@ -373,8 +435,81 @@ impl<T: Transport> Server<T> {
     }
 
     /// The grace period from the config.
-    pub fn grace_period(&self) -> Duration {
-        self.settings.grace_period
+    pub(crate) fn grace_period(&self) -> Duration {
+        self.settings.common.grace_period
+    }
+}
+
+/// Handshakes in progress, in all and per source address.
+#[derive(Default)]
+struct Sources(Mutex<SourceCounts>);
+
+#[derive(Default)]
+struct SourceCounts {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// One handshake in progress from `source`, counted until it drops.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    source: IpAddr,
+}
+
+impl Sources {
+    /// Counts a handshake from `peer`, unless every slot is taken, or most are and its
+    /// source already has its share.
+    fn enter(self: &Arc<Self>, peer: SocketAddr) -> Option<SourceSlot> {
+        let source = source_of(peer.ip());
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let own = counts.by_source.get(&source).copied().unwrap_or(0);
+        if counts.total >= MAX_HANDSHAKES
+            || (counts.total >= SHARED_HANDSHAKES && own >= MAX_HANDSHAKES_PER_SOURCE)
+        {
+            return None;
+        }
+        counts.total += 1;
+        *counts.by_source.entry(source).or_default() += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
+        counts.total -= 1;
+        if let Some(count) = counts.by_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                counts.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// What handshakes are counted by: the IPv4 address, or the IPv6 /64.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let segments = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(
+                    segments[0],
+                    segments[1],
+                    segments[2],
+                    segments[3],
+                    0,
+                    0,
+                    0,
+                    0,
+                ))
+            }
+        },
     }
 }
 
@@ -388,7 +523,7 @@ async fn accept_clients<T: Transport>(
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
 ) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let sources = Arc::new(Sources::default());
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -403,15 +538,16 @@ async fn accept_clients<T: Transport>(
                 continue;
             }
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "too many handshakes in progress: connection closed");
+        // Closed at once, and logged at debug level only: a flood must not flood the log.
+        let Some(slot) = sources.enter(peer) else {
+            tracing::debug!(%peer, "too many handshakes in progress: connection closed");
             continue;
         };
         let transport = transport.clone();
         let registry = registry.clone();
         let metrics = metrics.clone();
         tracker.spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let handshake = handshake(&*transport, tcp, peer, &registry);
             let failed = match timeout(handshake_timeout, handshake).await {
                 Ok(Ok(())) => return,
@@ -441,6 +577,7 @@ async fn handshake<T: Transport>(
         Hello::Control(digest) => control_handshake(stream, digest, peer, registry).await,
         Hello::Data(key) => {
             let events = registry.session(&key).ok_or(Error::UnknownSession)?;
+            stream.authenticated();
             events
                 .send(Event::Data { stream, key })
                 .await
@@ -473,6 +610,7 @@ async fn control_handshake<S: TunnelStream>(
             service: entry.service.name.clone(),
         });
     }
+    stream.authenticated();
     // The service's task writes `Ack::Ok` once it holds the session, so a client that has
     // seen the ack never finds its visitors turned away for want of a session.
     sockopt::nodelay(stream.tcp(), true);
@@ -528,8 +666,9 @@ struct ServiceTask<S> {
     waiting: VecDeque<Waiting>,
     /// A UDP service's forwarding, while a data channel carries it.
     udp: Option<UdpForwarding>,
-    /// Visitor connections the service may still take (`max_connections`), if limited.
-    slots: Option<Arc<Semaphore>>,
+    /// Visitor connections the service may still take (`max_connections`, or by default
+    /// what the file limit allows).
+    slots: Arc<Semaphore>,
 }
 
 /// A visitor waiting for a data channel.
@@ -538,7 +677,7 @@ struct Waiting {
     peer: SocketAddr,
     since: Instant,
     /// Held until the connection ends.
-    slot: Option<OwnedSemaphorePermit>,
+    slot: OwnedSemaphorePermit,
 }
 
 impl<S: TunnelStream> ServiceTask<S> {
@@ -607,16 +746,13 @@ impl<S: TunnelStream> ServiceTask<S> {
             tracing::warn!(service = %name, visitor = %peer, "too many visitors waiting: visitor closed");
             return;
         }
-        let slot = match &self.slots {
-            None => None,
-            Some(slots) => match slots.clone().try_acquire_owned() {
-                Ok(slot) => Some(slot),
-                Err(_) => {
-                    self.metrics.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(service = %name, visitor = %peer, max_connections = self.service.max_connections.unwrap_or_default(), "connection limit reached: visitor closed");
-                    return;
-                }
-            },
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(service = %name, visitor = %peer, max_connections = max_connections(&self.service), "connection limit reached: visitor closed");
+                return;
+            }
         };
         sockopt::nodelay(&visitor, self.service.nodelay);
         tracing::debug!(service = %name, visitor = %peer, "visitor connected");
@@ -910,6 +1046,44 @@ async fn session_event<S: TunnelStream>(session: &mut Option<Session<S>>) -> Ses
     }
 }
 
+/// Binds a service's port.
+async fn bind_service(service: &ServerService) -> Result<Listener, Error> {
+    let bind_error = |source| Error::Bind {
+        what: format!("service {}", service.name),
+        addr: service.bind_addr.clone(),
+        source,
+    };
+    Ok(match service.service_type {
+        ServiceType::Tcp => Listener::Tcp(
+            sockopt::listen(&service.bind_addr)
+                .await
+                .map_err(bind_error)?,
+        ),
+        ServiceType::Udp => Listener::Udp(Arc::new(
+            udp::bind(&service.bind_addr).await.map_err(bind_error)?,
+        )),
+    })
+}
+
+/// Descriptors one visitor connection holds on the server: its socket, its data channel, and
+/// the two pipes splicing between them.
+const FDS_PER_CONNECTION: u64 = 6;
+
+/// A TCP service's limit on open visitor connections: `max_connections`, or else what three
+/// quarters of the process's open file limit holds at [`FDS_PER_CONNECTION`] each, the last
+/// quarter left for the control port, handshakes and idle data channels. (The limit is read
+/// after `run` raised the soft limit to the hard one.) Past it a visitor is closed on
+/// arrival instead of an `accept` failing for want of descriptors, which would stall every
+/// service.
+fn max_connections(service: &ServerService) -> usize {
+    service.max_connections.unwrap_or_else(|| {
+        use nix::sys::resource::{Resource, getrlimit};
+        let files = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+        let connections = files.saturating_mul(3) / 4 / FDS_PER_CONNECTION;
+        usize::try_from(connections).unwrap_or(usize::MAX).max(1)
+    })
+}
+
 /// Accepts a TCP service's next visitor; never resolves for a UDP service.
 async fn accept(listener: &Listener) -> std::io::Result<(TcpStream, SocketAddr)> {
     match listener {
@@ -974,7 +1148,7 @@ async fn carry<S: TunnelStream>(
         inbound: &metrics.to_visitor,
         outbound: &metrics.to_service,
     };
-    match forward::forward(channel, visitor, meter).await {
+    match forward::forward(channel, visitor, meter, service.idle_timeout).await {
         Ok(carried) => tracing::debug!(
             service = %service.name,
             visitor = %peer,
@@ -985,5 +1159,46 @@ async fn carry<S: TunnelStream>(
         Err(err) => {
             tracing::debug!(service = %service.name, visitor = %peer, error = %err, "visitor connection ended")
         }
+    }
+}
+
+impl<T: Transport> Node for Server<T> {
+    type Settings = ServerSettings;
+    const MODE: Mode = Mode::Server;
+
+    async fn start(settings: ServerSettings) -> Result<Self, Error> {
+        Server::start(settings).await
+    }
+
+    async fn apply(&mut self, settings: ServerSettings) -> Result<(), Error> {
+        Server::apply(self, settings).await
+    }
+
+    fn readiness(&self) -> Option<Arc<Readiness>> {
+        None
+    }
+
+    fn reload_wait(_: &ServerSettings) -> Duration {
+        Duration::ZERO
+    }
+
+    fn transport_type(settings: &ServerSettings) -> TransportType {
+        settings.common.transport.kind
+    }
+
+    fn settings(settings: Settings) -> Option<ServerSettings> {
+        match settings {
+            Settings::Server(s) => Some(s),
+            Settings::Client(_) => None,
+        }
+    }
+
+    fn wrap(settings: ServerSettings) -> Settings {
+        Settings::Server(settings)
+    }
+
+    async fn shutdown(self) {
+        let grace = self.grace_period();
+        Server::shutdown(self, grace).await
     }
 }

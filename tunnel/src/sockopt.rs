@@ -15,7 +15,7 @@ const BACKLOG: u32 = 4096;
 
 /// Listens on `addr` (`HOST:PORT`; the first address the host resolves to) with a deep
 /// accept queue.
-pub async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+pub(crate) async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
     let mut last = None;
     for resolved in tokio::net::lookup_host(addr).await? {
         let socket = match resolved {
@@ -38,7 +38,7 @@ pub async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
 
 /// Turns on TCP keepalive with these timings; failures are logged, never fatal (the
 /// heartbeat still finds dead peers).
-pub fn keepalive(stream: &TcpStream, idle: Duration, interval: Duration) {
+pub(crate) fn keepalive(stream: &TcpStream, idle: Duration, interval: Duration) {
     let idle = u32::try_from(idle.as_secs()).unwrap_or(u32::MAX);
     let interval = u32::try_from(interval.as_secs()).unwrap_or(u32::MAX);
     let result = setsockopt(stream, sockopt::KeepAlive, &true)
@@ -51,7 +51,7 @@ pub fn keepalive(stream: &TcpStream, idle: Duration, interval: Duration) {
 
 /// Closes the connection when sent data stays unacknowledged for `limit` (TCP_USER_TIMEOUT),
 /// which finds a peer that vanished without a FIN while heartbeats are being written.
-pub fn user_timeout(stream: &TcpStream, limit: Duration) {
+pub(crate) fn user_timeout(stream: &TcpStream, limit: Duration) {
     let millis = u32::try_from(limit.as_millis()).unwrap_or(u32::MAX);
     if let Err(err) = setsockopt(stream, sockopt::TcpUserTimeout, &millis) {
         tracing::debug!(error = %err, "could not set TCP_USER_TIMEOUT");
@@ -59,7 +59,7 @@ pub fn user_timeout(stream: &TcpStream, limit: Duration) {
 }
 
 /// Sets TCP_NODELAY; a failure is logged, never fatal.
-pub fn nodelay(stream: &TcpStream, on: bool) {
+pub(crate) fn nodelay(stream: &TcpStream, on: bool) {
     if let Err(err) = stream.set_nodelay(on) {
         tracing::debug!(error = %err, "could not set TCP_NODELAY");
     }
@@ -67,7 +67,7 @@ pub fn nodelay(stream: &TcpStream, on: bool) {
 
 /// Whether an idle connection, on which the peer must not have sent anything yet, was closed
 /// (or broke the protocol by sending early). Never blocks.
-pub fn is_closed(stream: &TcpStream) -> bool {
+pub(crate) fn is_closed(stream: &TcpStream) -> bool {
     let mut probe = [0u8; 1];
     match nix::sys::socket::recv(
         stream.as_raw_fd(),
@@ -82,7 +82,7 @@ pub fn is_closed(stream: &TcpStream) -> bool {
 }
 
 /// Closes the sending half, telling the peer no more bytes come.
-pub fn shutdown_write(stream: &TcpStream) {
+pub(crate) fn shutdown_write(stream: &TcpStream) {
     // The peer may already be gone; the read side reports that.
     let _ = nix::sys::socket::shutdown(stream.as_raw_fd(), nix::sys::socket::Shutdown::Write);
 }

@@ -8,34 +8,74 @@
 //! [`TlsTransport`] and [`WebsocketTransport`] (over TCP or TLS), each over TCP, selected by
 //! `transport.type` in one place ([`crate::run`]).
 
-pub mod noise;
-pub mod proxy;
+pub(crate) mod noise;
+pub(crate) mod proxy;
 mod tcp;
-pub mod tls;
-pub mod websocket;
+pub(crate) mod tls;
+pub(crate) mod websocket;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::config::TransportSettings;
+use labcore::config::ConfigFile;
+
+use crate::config::{Settings, TransportSettings};
 use crate::error::Error;
 
-pub use noise::NoiseTransport;
-pub use tcp::TcpTransport;
-pub use tls::TlsTransport;
-pub use websocket::WebsocketTransport;
+pub(crate) use noise::NoiseTransport;
+pub(crate) use tcp::TcpTransport;
+pub(crate) use tls::TlsTransport;
+pub(crate) use websocket::WebsocketTransport;
+
+/// Checks that each side's transport in a config loaded from `path` can be built: the Noise
+/// pattern parses and the keys it needs are there, the TLS files load and match. A config
+/// error naming the key at fault now, rather than a failed connection later.
+pub(crate) fn check(settings: &Settings, path: &Path) -> Result<(), Error> {
+    let (side, transport) = match settings {
+        Settings::Server(s) => ("server", &s.common.transport),
+        Settings::Client(c) => ("client", &c.common.transport),
+    };
+    let invalid =
+        |key: String, message: String| Error::from(ConfigFile::new(path).invalid(key, message));
+    if let Some(noise) = &transport.noise {
+        noise::handshake_state(noise, side == "client").map_err(|err| {
+            let culprit = match err {
+                noise::KeyError::Pattern => "pattern",
+                noise::KeyError::LocalKey => "local_private_key",
+                noise::KeyError::RemoteKey => "remote_public_key",
+            };
+            invalid(format!("{side}.transport.noise.{culprit}"), err.to_string())
+        })?;
+    }
+    if let Some(tls) = &transport.tls {
+        tls::check(tls).map_err(|err| {
+            invalid(
+                format!("{side}.transport.tls.{}", err.culprit()),
+                labcore::exit::chain(&err),
+            )
+        })?;
+    }
+    Ok(())
+}
 
 /// A connection carrying tunnel traffic.
-pub trait TunnelStream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
+pub(crate) trait TunnelStream:
+    AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static
+{
     /// The TCP socket underneath (every transport runs over TCP): for socket options and for
     /// checking whether an idle connection was closed.
     fn tcp(&self) -> &TcpStream;
 
     /// The socket itself when the stream adds nothing on top of TCP, so bytes can be spliced.
     fn plain_tcp(&self) -> Option<&TcpStream>;
+
+    /// The server calls this once the peer has proved its token or named an open session:
+    /// limits that hold only before authentication are lifted.
+    fn authenticated(&mut self) {}
 }
 
 impl TunnelStream for TcpStream {
@@ -49,7 +89,7 @@ impl TunnelStream for TcpStream {
 }
 
 /// A way of making tunnel connections.
-pub trait Transport: Send + Sync + Sized + 'static {
+pub(crate) trait Transport: Send + Sync + Sized + 'static {
     /// The connections it makes.
     type Stream: TunnelStream;
 

@@ -10,8 +10,9 @@
 //!
 //! Invariants:
 //! - Memory is bounded: at most 4,096 sessions per data channel on the client (and
-//!   as many visitors tracked on the server); a datagram from a visitor past that is dropped
-//!   and counted. No queue sits between sockets and the channel: each side reads a socket only
+//!   as many visitors tracked on the server); a new visitor past that takes the place of the
+//!   least recently active one (whose session closes), so a burst of addresses (spoofed or
+//!   not) cannot lock out the visitors that arrive after it. No queue sits between sockets and the channel: each side reads a socket only
 //!   when it can write what it read, so a slow path pushes back into the kernel's socket
 //!   buffers, which drop past their size as UDP does.
 //! - Nothing is allocated per datagram: frames are read from the channel into one buffer
@@ -21,7 +22,7 @@
 //! - Forwarding on a channel stops when the channel breaks; the server then starts the next
 //!   idle data channel and asks the client for a replacement.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,16 +41,16 @@ use crate::transport::TunnelStream;
 
 /// How long sessions last and how many there may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// A visitor's session ends after this long without a datagram either way.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// Sessions (client) or tracked visitors (server) per data channel, at most.
-    pub sessions: usize,
+    pub(crate) sessions: usize,
 }
 
 impl Limits {
     /// What services run with: rathole's 60 s idle timeout, and 4,096 sessions.
-    pub const DEFAULT: Limits = Limits {
+    pub(crate) const DEFAULT: Limits = Limits {
         idle: Duration::from_secs(60),
         sessions: 4096,
     };
@@ -67,7 +68,7 @@ const SOCKET_BUFFER: usize = 4 << 20;
 ///
 /// [`FrameReader::next`] is cancel-safe: its only await is one `read` into the buffer, so
 /// dropping it loses nothing and a `select!` may race it against timers.
-pub struct FrameReader {
+pub(crate) struct FrameReader {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -81,7 +82,7 @@ impl Default for FrameReader {
 
 impl FrameReader {
     /// A reader with room for two whole frames of the largest size.
-    pub fn new() -> FrameReader {
+    pub(crate) fn new() -> FrameReader {
         FrameReader {
             buf: vec![0u8; 2 * UDP_FRAME_MAX].into_boxed_slice(),
             start: 0,
@@ -91,7 +92,7 @@ impl FrameReader {
 
     /// The next frame's address and payload; `None` at a clean end of stream (between
     /// frames).
-    pub async fn next<R: AsyncRead + Unpin>(
+    pub(crate) async fn next<R: AsyncRead + Unpin>(
         &mut self,
         channel: &mut R,
     ) -> Result<Option<(SocketAddr, &[u8])>, Error> {
@@ -148,7 +149,7 @@ impl FrameReader {
 }
 
 /// Gathers frames in one buffer, allocated once, for one write to the channel.
-pub struct FrameWriter {
+pub(crate) struct FrameWriter {
     buf: Box<[u8]>,
     len: usize,
 }
@@ -161,7 +162,7 @@ impl Default for FrameWriter {
 
 impl FrameWriter {
     /// An empty writer.
-    pub fn new() -> FrameWriter {
+    pub(crate) fn new() -> FrameWriter {
         FrameWriter {
             buf: vec![0u8; WRITE_BUFFER].into_boxed_slice(),
             len: 0,
@@ -194,15 +195,16 @@ impl FrameWriter {
         self.len += head_len + n;
     }
 
-    /// Appends one frame (used by tests and for datagrams already in hand).
-    pub fn push(&mut self, from: SocketAddr, payload: &[u8]) {
+    /// Appends one frame.
+    #[cfg(test)]
+    fn push(&mut self, from: SocketAddr, payload: &[u8]) {
         let guessed = head_len_of(from);
         self.payload_room(guessed)[..payload.len()].copy_from_slice(payload);
         self.commit(from, payload.len(), guessed);
     }
 
     /// Writes what was gathered and empties the buffer.
-    pub async fn flush<W: AsyncWrite + Unpin>(&mut self, channel: &mut W) -> io::Result<()> {
+    pub(crate) async fn flush<W: AsyncWrite + Unpin>(&mut self, channel: &mut W) -> io::Result<()> {
         if self.len == 0 {
             return Ok(());
         }
@@ -234,7 +236,7 @@ fn size_buffers(socket: &UdpSocket) {
 }
 
 /// Binds a service's UDP port (the first address `addr` resolves to that binds).
-pub async fn bind(addr: &str) -> io::Result<UdpSocket> {
+pub(crate) async fn bind(addr: &str) -> io::Result<UdpSocket> {
     let mut last = None;
     for resolved in tokio::net::lookup_host(addr).await? {
         match UdpSocket::bind(resolved).await {
@@ -252,7 +254,7 @@ pub async fn bind(addr: &str) -> io::Result<UdpSocket> {
 
 /// Reads and drops whatever datagrams are queued on `socket` (a service with no client);
 /// returns how many.
-pub fn discard(socket: &UdpSocket, scratch: &mut [u8]) -> u64 {
+pub(crate) fn discard(socket: &UdpSocket, scratch: &mut [u8]) -> u64 {
     let mut dropped = 0;
     while socket.try_recv_from(scratch).is_ok() {
         dropped += 1;
@@ -261,34 +263,71 @@ pub fn discard(socket: &UdpSocket, scratch: &mut [u8]) -> u64 {
 }
 
 /// The visitors a server's UDP service has heard from lately: counted as open connections,
-/// capped at [`Limits::sessions`].
+/// capped at [`Limits::sessions`], the least recently seen making room for a new one.
 struct Visitors {
-    seen: HashMap<SocketAddr, Instant>,
+    /// When each visitor was last seen, and the stamp of its newest entry in `order`.
+    seen: HashMap<SocketAddr, (Instant, u64)>,
+    /// Visitors from least to most recently seen, with the stamp they were seen at; an entry
+    /// whose stamp is no longer the visitor's is stale and skipped. Compacted when it holds
+    /// twice as many entries as there are visitors, so it stays bounded and each datagram
+    /// costs amortised O(1).
+    order: VecDeque<(SocketAddr, u64)>,
+    stamp: u64,
     metrics: Arc<ServiceMetrics>,
     limits: Limits,
 }
 
 impl Visitors {
-    /// Whether a datagram from `from` may go on (a new visitor is let in while there is room).
-    fn admit(&mut self, from: SocketAddr, now: Instant) -> bool {
-        if let Some(last) = self.seen.get_mut(&from) {
-            *last = now;
-            return true;
+    fn new(metrics: Arc<ServiceMetrics>, limits: Limits) -> Visitors {
+        Visitors {
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+            stamp: 0,
+            metrics,
+            limits,
         }
-        if self.seen.len() >= self.limits.sessions {
-            return false;
+    }
+
+    /// Notes a datagram from `from`; a new visitor past the cap takes the place of the least
+    /// recently seen one.
+    fn admit(&mut self, from: SocketAddr, now: Instant) {
+        self.stamp += 1;
+        let stamp = self.stamp;
+        if let Some(entry) = self.seen.get_mut(&from) {
+            *entry = (now, stamp);
+        } else {
+            if self.seen.len() >= self.limits.sessions {
+                self.evict_oldest();
+            }
+            self.seen.insert(from, (now, stamp));
+            self.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            self.metrics.open.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(visitor = %from, "udp visitor seen");
         }
-        self.seen.insert(from, now);
-        self.metrics.connections.fetch_add(1, Ordering::Relaxed);
-        self.metrics.open.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(visitor = %from, "udp visitor seen");
-        true
+        self.order.push_back((from, stamp));
+        if self.order.len() > 2 * self.seen.len() + 64 {
+            let seen = &self.seen;
+            self.order
+                .retain(|(addr, stamp)| seen.get(addr).is_some_and(|(_, s)| s == stamp));
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        while let Some((addr, stamp)) = self.order.pop_front() {
+            if self.seen.get(&addr).is_some_and(|(_, s)| *s == stamp) {
+                self.seen.remove(&addr);
+                self.metrics.open.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!(visitor = %addr, "udp visitor table full: least recently seen visitor forgotten");
+                return;
+            }
+        }
     }
 
     fn expire(&mut self, now: Instant) {
         let before = self.seen.len();
         let idle = self.limits.idle;
-        self.seen.retain(|_, last| now.duration_since(*last) < idle);
+        self.seen
+            .retain(|_, (last, _)| now.duration_since(*last) < idle);
         let gone = (before - self.seen.len()) as u64;
         self.metrics.open.fetch_sub(gone, Ordering::Relaxed);
     }
@@ -308,7 +347,7 @@ fn sweep_period(idle: Duration) -> Duration {
 
 /// The server's half: carries datagrams between the service's socket and a started data
 /// channel until the channel ends or breaks (returned as the error).
-pub async fn serve_visitors<S: TunnelStream>(
+pub(crate) async fn serve_visitors<S: TunnelStream>(
     channel: S,
     socket: &UdpSocket,
     metrics: &Arc<ServiceMetrics>,
@@ -319,11 +358,7 @@ pub async fn serve_visitors<S: TunnelStream>(
         _ => 13,
     };
     let (mut rd, mut wr) = tokio::io::split(channel);
-    let visitors = Mutex::new(Visitors {
-        seen: HashMap::new(),
-        metrics: metrics.clone(),
-        limits,
-    });
+    let visitors = Mutex::new(Visitors::new(metrics.clone(), limits));
     let lock = || visitors.lock().unwrap_or_else(|e| e.into_inner());
     let up = async {
         let mut frames = FrameWriter::new();
@@ -344,10 +379,7 @@ pub async fn serve_visitors<S: TunnelStream>(
                 while frames.has_room() {
                     match socket.try_recv_from(frames.payload_room(guessed)) {
                         Ok((n, from)) => {
-                            if !visitors.admit(from, now) {
-                                metrics.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
+                            visitors.admit(from, now);
                             frames.commit(from, n, guessed);
                             metrics.datagrams_to_service.fetch_add(1, Ordering::Relaxed);
                             metrics.to_service.fetch_add(n as u64, Ordering::Relaxed);
@@ -403,6 +435,9 @@ struct Session {
     socket: Arc<UdpSocket>,
     /// Milliseconds since forwarding started, at the last datagram either way.
     last: Arc<AtomicU64>,
+    /// The number of the last datagram from the visitor: orders sessions active in the
+    /// same millisecond.
+    sent: u64,
     task: AbortHandle,
     _open: OpenConnection,
 }
@@ -412,7 +447,7 @@ type Outbound<S> = Arc<tokio::sync::Mutex<(tokio::io::WriteHalf<S>, FrameWriter)
 
 /// The client's half: carries datagrams between a started data channel and a session per
 /// visitor on the local service at `local`, until the channel ends (`Ok`) or breaks.
-pub async fn serve_local<S: TunnelStream>(
+pub(crate) async fn serve_local<S: TunnelStream>(
     channel: S,
     local: SocketAddr,
     metrics: &Arc<ServiceMetrics>,
@@ -423,6 +458,7 @@ pub async fn serve_local<S: TunnelStream>(
     let started = Instant::now();
     let millis = move || started.elapsed().as_millis() as u64;
     let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
+    let mut datagrams = 0u64;
     let mut tasks = JoinSet::new();
     let mut reader = FrameReader::new();
     let mut sweep = tokio::time::interval(sweep_period(limits.idle));
@@ -451,9 +487,21 @@ pub async fn serve_local<S: TunnelStream>(
         if !sessions.contains_key(&from) {
             {
                 if sessions.len() >= limits.sessions {
-                    metrics.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(visitor = %from, "too many udp sessions: datagram dropped");
-                    continue;
+                    // The least recently active session makes room. A scan, but only when a
+                    // new visitor finds the table full (the server's table evicts in
+                    // step, so that is rare).
+                    let oldest = sessions
+                        .iter()
+                        .min_by_key(|(_, session)| {
+                            (session.last.load(Ordering::Relaxed), session.sent)
+                        })
+                        .map(|(addr, _)| *addr);
+                    if let Some(addr) = oldest
+                        && let Some(session) = sessions.remove(&addr)
+                    {
+                        session.task.abort();
+                        tracing::debug!(visitor = %addr, "too many udp sessions: least recently active one closed");
+                    }
                 }
                 let socket = match connect(local) {
                     Ok(socket) => Arc::new(socket),
@@ -479,15 +527,18 @@ pub async fn serve_local<S: TunnelStream>(
                     Session {
                         socket,
                         last,
+                        sent: 0,
                         task,
                         _open: metrics.connection(),
                     },
                 );
             }
         }
-        let Some(session) = sessions.get(&from) else {
+        let Some(session) = sessions.get_mut(&from) else {
             continue;
         };
+        datagrams += 1;
+        session.sent = datagrams;
         session.last.store(millis(), Ordering::Relaxed);
         match session.socket.send(payload).await {
             Ok(_) => {
@@ -714,26 +765,57 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn visitors_past_the_session_cap_are_dropped_and_counted() {
+    async fn a_new_visitor_past_the_session_cap_replaces_the_least_recently_active_one() {
         let limits = Limits {
             idle: Duration::from_secs(60),
             sessions: 2,
         };
-        let (mut near, metrics, _) = client_side(limits).await;
+        let (mut near, metrics, sources) = client_side(limits).await;
         let mut reader = FrameReader::new();
         let visitor = |i: u8| SocketAddr::from(([198, 51, 100, i], 53));
         ask(&mut near, &mut reader, visitor(1), b"a").await;
         ask(&mut near, &mut reader, visitor(2), b"b").await;
-        // The third visitor's datagram is dropped; the next answer is the first visitor's.
-        let mut writer = FrameWriter::new();
-        writer.push(visitor(3), b"dropped");
-        writer.flush(&mut near).await.unwrap();
+        ask(&mut near, &mut reader, visitor(1), b"c").await;
+        // A table full of earlier visitors does not lock the third out: visitor 2, the least
+        // recently active, makes room.
         assert_eq!(
-            ask(&mut near, &mut reader, visitor(1), b"c").await,
-            (visitor(1), b"c".to_vec())
+            ask(&mut near, &mut reader, visitor(3), b"d").await,
+            (visitor(3), b"d".to_vec())
         );
-        assert_eq!(metrics.datagrams_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            ask(&mut near, &mut reader, visitor(1), b"e").await,
+            (visitor(1), b"e".to_vec())
+        );
+        let sources = sources.lock().unwrap().clone();
+        assert_eq!(sources[4], sources[0], "visitor 1 kept its session");
+        assert_eq!(metrics.datagrams_dropped.load(Ordering::Relaxed), 0);
         assert_eq!(metrics.open.load(Ordering::Relaxed), 2);
+        assert_eq!(metrics.connections.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn the_servers_visitor_table_forgets_the_least_recently_seen_when_full() {
+        let metrics = Arc::new(ServiceMetrics::default());
+        let limits = Limits {
+            idle: Duration::from_secs(60),
+            sessions: 2,
+        };
+        let mut visitors = Visitors::new(metrics.clone(), limits);
+        let visitor = |i: u8| SocketAddr::from(([198, 51, 100, i], 53));
+        let now = Instant::now();
+        visitors.admit(visitor(1), now);
+        visitors.admit(visitor(2), now);
+        visitors.admit(visitor(1), now);
+        visitors.admit(visitor(3), now);
+        let mut seen: Vec<SocketAddr> = visitors.seen.keys().copied().collect();
+        seen.sort();
+        assert_eq!(seen, [visitor(1), visitor(3)]);
+        assert_eq!(metrics.open.load(Ordering::Relaxed), 2);
+        // Many datagrams from the same visitors leave the order queue bounded.
+        for _ in 0..10_000 {
+            visitors.admit(visitor(1), now);
+        }
+        assert!(visitors.order.len() <= 2 * visitors.seen.len() + 65);
     }
 
     proptest! {

@@ -23,14 +23,14 @@ impl AsRawFd for InotifyFd {
 }
 
 /// Tells when a file was saved.
-pub struct Watcher {
+pub(crate) struct Watcher {
     inotify: AsyncFd<InotifyFd>,
     name: OsString,
 }
 
 impl Watcher {
     /// Watches `path`'s folder for saves of `path`.
-    pub fn new(path: &Path) -> io::Result<Watcher> {
+    pub(crate) fn new(path: &Path) -> io::Result<Watcher> {
         let name = path
             .file_name()
             .ok_or_else(|| io::Error::other("the config path names no file"))?
@@ -54,7 +54,7 @@ impl Watcher {
     }
 
     /// Resolves at the next save of the file.
-    pub async fn changed(&self) -> io::Result<()> {
+    pub(crate) async fn changed(&self) -> io::Result<()> {
         loop {
             let mut ready = self.inotify.readable().await?;
             match ready.try_io(|fd| fd.get_ref().0.read_events().map_err(io::Error::from)) {

@@ -47,7 +47,7 @@ fn check_marks_udp_services_and_names_tcp_only_keys_on_them() {
     let udp = write(
         &dir,
         "udp.toml",
-        "[server]\nbind_addr = \"0.0.0.0:7000\"\ndefault_token = \"t\"\n\
+        "[server]\nbind_addr = \"0.0.0.0:7000\"\ndefault_token = \"t-long-enough\"\n\
          [server.services.wg]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:51820\"\n",
     );
     let out = finished(&["check", "-c", udp.to_str().unwrap()], 0).stdout();
@@ -55,7 +55,7 @@ fn check_marks_udp_services_and_names_tcp_only_keys_on_them() {
     let limited = write(
         &dir,
         "limited.toml",
-        "[server]\nbind_addr = \"0.0.0.0:7000\"\ndefault_token = \"t\"\n\
+        "[server]\nbind_addr = \"0.0.0.0:7000\"\ndefault_token = \"t-long-enough\"\n\
          [server.services.wg]\ntype = \"udp\"\nbind_addr = \"0.0.0.0:51820\"\nmax_connections = 5\n",
     );
     let err = finished(&["check", "-c", limited.to_str().unwrap()], 78).stderr();
@@ -82,7 +82,7 @@ fn bad_configs_and_arguments_exit_with_distinct_codes_naming_the_culprit() {
         "tls.toml",
         &format!(
             "{}[server.transport]\ntype = \"tls\"\n",
-            server_config("", &[("echo", "t")])
+            server_config("", &[("echo", "token-t1")])
         ),
     );
     let err = finished(&["server", "-c", tls.to_str().unwrap()], 78).stderr();
@@ -94,7 +94,7 @@ fn bad_configs_and_arguments_exit_with_distinct_codes_naming_the_culprit() {
         "zero.toml",
         &format!(
             "{}max_connections = 0\n",
-            server_config("", &[("echo", "t")])
+            server_config("", &[("echo", "token-t1")])
         ),
     );
     let err = finished(&["check", "-c", zero.to_str().unwrap()], 78).stderr();
@@ -128,7 +128,7 @@ fn bad_configs_and_arguments_exit_with_distinct_codes_naming_the_culprit() {
         &dir,
         "busy.toml",
         &format!(
-            "[server]\nbind_addr = \"127.0.0.1:0\"\ndefault_token = \"t\"\n\
+            "[server]\nbind_addr = \"127.0.0.1:0\"\ndefault_token = \"t-long-enough\"\n\
              [server.services.web]\nbind_addr = \"{addr}\"\n"
         ),
     );
@@ -198,7 +198,7 @@ fn a_noise_private_key_comes_from_a_credential_and_labkit_talks_noise_to_itself(
         "server.toml",
         &format!(
             "{}[server.transport]\ntype = \"noise\"\n",
-            server_config("", &[("echo", "t")])
+            server_config("", &[("echo", "token-t1")])
         ),
     );
     let server = tunnel(&["server"], &server_toml)
@@ -211,7 +211,11 @@ fn a_noise_private_key_comes_from_a_credential_and_labkit_talks_noise_to_itself(
         "client.toml",
         &format!(
             "{}[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n",
-            client_config(control_addr(&server), "", &[("echo", "t", echo_service())])
+            client_config(
+                control_addr(&server),
+                "",
+                &[("echo", "token-t1", echo_service())]
+            )
         ),
     );
     let client = client(&client_toml);
@@ -222,6 +226,68 @@ fn a_noise_private_key_comes_from_a_credential_and_labkit_talks_noise_to_itself(
             "the private key reached the log"
         );
     }
+}
+
+#[test]
+fn empty_or_short_tokens_that_make_the_proof_guessable_are_refused_with_exit_78() {
+    let dir = Scratch::new("cli").unwrap();
+    let empty_file = dir.join("empty.token");
+    std::fs::write(&empty_file, "\n").unwrap();
+    std::fs::set_permissions(&empty_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let creds = dir.join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("server.services.ssh.token"), "").unwrap();
+    let service = "[server.services.ssh]\nbind_addr = \"127.0.0.1:0\"\n";
+    for (name, table, service_keys, key) in [
+        (
+            "file.toml",
+            String::new(),
+            format!("token_file = \"{}\"\n", empty_file.display()),
+            "server.services.ssh.token_file",
+        ),
+        (
+            "short.toml",
+            String::new(),
+            "token = \"hunter2\"\n".to_owned(),
+            "server.services.ssh.token",
+        ),
+        (
+            "default.toml",
+            "default_token = \"\"\n".to_owned(),
+            String::new(),
+            "server.default_token",
+        ),
+        (
+            "credential.toml",
+            String::new(),
+            String::new(),
+            "server.services.ssh.token",
+        ),
+    ] {
+        let config = write(
+            &dir,
+            name,
+            &format!("[server]\nbind_addr = \"127.0.0.1:0\"\n{table}{service}{service_keys}"),
+        );
+        for command in ["check", "server"] {
+            let proc = ProcBuilder::new(TUNNEL)
+                .args([command, "-c", config.to_str().unwrap()])
+                .env("CREDENTIALS_DIRECTORY", &creds)
+                .spawn()
+                .unwrap();
+            proc.expect_exit(78, WAIT).unwrap();
+            let err = proc.stderr();
+            assert!(err.contains(&format!("key \"{key}\"")), "{name}: {err}");
+            assert!(err.contains("at least 8 bytes"), "{name}: {err}");
+            assert!(
+                !err.contains("hunter2"),
+                "{name}: the token was shown: {err}"
+            );
+        }
+    }
+    // The lab's own tokens ("change-me-ssh") pass.
+    let lab = write(&dir, "lab.toml", LAB_SERVER);
+    finished(&["check", "-c", lab.to_str().unwrap()], 0);
 }
 
 #[test]

@@ -230,7 +230,7 @@ fn a_refused_local_service_closes_the_visitor_and_the_tunnel_stays_up() {
     let server_toml = write(
         &dir,
         "server.toml",
-        &server_config("", &[("dead", "t1"), ("echo", TOKEN)]),
+        &server_config("", &[("dead", "token-t1"), ("echo", TOKEN)]),
     );
     let server = server(&server_toml);
     // A port nothing listens on: bound, then released.
@@ -244,7 +244,10 @@ fn a_refused_local_service_closes_the_visitor_and_the_tunnel_stays_up() {
         &client_config(
             control_addr(&server),
             "",
-            &[("dead", "t1", refused), ("echo", TOKEN, echo_service())],
+            &[
+                ("dead", "token-t1", refused),
+                ("echo", TOKEN, echo_service()),
+            ],
         ),
     );
     let client = client(&client_toml);

@@ -113,7 +113,7 @@ fn reload_adds_and_removes_services_while_another_keeps_flowing() {
     let server_toml = write(
         &dir,
         "server.toml",
-        &server_config("", &[("a", "ta"), ("c", "tc")]),
+        &server_config("", &[("a", "token-ta"), ("c", "token-tc")]),
     );
     let server = server(&server_toml);
     let control = control_addr(&server);
@@ -121,7 +121,11 @@ fn reload_adds_and_removes_services_while_another_keeps_flowing() {
     let client_toml = write(
         &dir,
         "client.toml",
-        &client_config(control, "", &[("a", "ta", local), ("c", "tc", local)]),
+        &client_config(
+            control,
+            "",
+            &[("a", "token-ta", local), ("c", "token-tc", local)],
+        ),
     );
     let client = client(&client_toml);
     echo_through(c, b"c works before the reload");
@@ -132,7 +136,7 @@ fn reload_adds_and_removes_services_while_another_keeps_flowing() {
     // The server's file is replaced atomically, the client's rewritten in place.
     replace(
         &server_toml,
-        &server_config("", &[("a", "ta"), ("b", "tb")]),
+        &server_config("", &[("a", "token-ta"), ("b", "token-tb")]),
     );
     wait_reloaded(&server);
     server.wait_stderr("service stopped", WAIT).unwrap();
@@ -142,7 +146,11 @@ fn reload_adds_and_removes_services_while_another_keeps_flowing() {
 
     std::fs::write(
         &client_toml,
-        client_config(control, "", &[("a", "ta", local), ("b", "tb", local)]),
+        client_config(
+            control,
+            "",
+            &[("a", "token-ta", local), ("b", "token-tb", local)],
+        ),
     )
     .unwrap();
     wait_reloaded(&client);
@@ -171,13 +179,21 @@ fn reload_adds_and_removes_services_while_another_keeps_flowing() {
 #[test]
 fn an_invalid_new_config_is_rejected_and_the_old_one_keeps_running() {
     let dir = Scratch::new("reload").unwrap();
-    let server_toml = write(&dir, "server.toml", &server_config("", &[("a", "ta")]));
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &server_config("", &[("a", "token-ta")]),
+    );
     let server = server(&server_toml);
     let a = service_addr(&server, "a");
     let client_toml = write(
         &dir,
         "client.toml",
-        &client_config(control_addr(&server), "", &[("a", "ta", echo_service())]),
+        &client_config(
+            control_addr(&server),
+            "",
+            &[("a", "token-ta", echo_service())],
+        ),
     );
     let _client = client(&client_toml);
     let flow = Flow::start(a);
@@ -203,7 +219,7 @@ fn a_changed_service_restarts_and_sighup_reloads_too() {
     let server_toml = write(
         &dir,
         "server.toml",
-        &server_config("", &[("a", "ta"), ("d", "old")]),
+        &server_config("", &[("a", "token-ta"), ("d", "token-old")]),
     );
     let server = server(&server_toml);
     let control = control_addr(&server);
@@ -211,7 +227,11 @@ fn a_changed_service_restarts_and_sighup_reloads_too() {
     let client_toml = write(
         &dir,
         "client.toml",
-        &client_config(control, "", &[("a", "ta", local), ("d", "new", local)]),
+        &client_config(
+            control,
+            "",
+            &[("a", "token-ta", local), ("d", "token-new", local)],
+        ),
     );
     let client = tunnel(&["client"], &client_toml).spawn().unwrap();
     client
@@ -225,7 +245,7 @@ fn a_changed_service_restarts_and_sighup_reloads_too() {
     // d's token changes to the one the client has: saving the file reloads.
     std::fs::write(
         &server_toml,
-        server_config("", &[("a", "ta"), ("d", "new")]),
+        server_config("", &[("a", "token-ta"), ("d", "token-new")]),
     )
     .unwrap();
     wait_reloaded(&server);
@@ -261,14 +281,18 @@ fn service_addr_after_reload(server: &Proc, service: &str) -> SocketAddr {
 #[test]
 fn sigterm_stops_accepting_and_lets_open_connections_finish() {
     let dir = Scratch::new("stop").unwrap();
-    let server_toml = write(&dir, "server.toml", &server_config("", &[("a", "ta")]));
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &server_config("", &[("a", "token-ta")]),
+    );
     let server = server(&server_toml);
     let a = service_addr(&server, "a");
     let control = control_addr(&server);
     let client_toml = write(
         &dir,
         "client.toml",
-        &client_config(control, "", &[("a", "ta", echo_service())]),
+        &client_config(control, "", &[("a", "token-ta", echo_service())]),
     );
     let client = client(&client_toml);
     let mut open = visit(a);
@@ -301,14 +325,18 @@ fn sigterm_closes_connections_left_open_after_the_grace_period() {
     let server_toml = write(
         &dir,
         "server.toml",
-        &server_config("grace_period = 1", &[("a", "ta")]),
+        &server_config("grace_period = 1", &[("a", "token-ta")]),
     );
     let server = server(&server_toml);
     let a = service_addr(&server, "a");
     let client_toml = write(
         &dir,
         "client.toml",
-        &client_config(control_addr(&server), "", &[("a", "ta", echo_service())]),
+        &client_config(
+            control_addr(&server),
+            "",
+            &[("a", "token-ta", echo_service())],
+        ),
     );
     let _client = client(&client_toml);
     let mut open = visit(a);
@@ -328,14 +356,18 @@ fn clients_reconnect_by_themselves_after_the_server_restarts() {
     let first = server(&write(
         &dir,
         "server.toml",
-        &server_config("", &[("a", "ta"), ("b", "tb")]),
+        &server_config("", &[("a", "token-ta"), ("b", "token-tb")]),
     ));
     let control = control_addr(&first);
     let (a, b) = (service_addr(&first, "a"), service_addr(&first, "b"));
     let client_toml = write(
         &dir,
         "client.toml",
-        &client_config(control, "", &[("a", "ta", local), ("b", "tb", local)]),
+        &client_config(
+            control,
+            "",
+            &[("a", "token-ta", local), ("b", "token-tb", local)],
+        ),
     );
     let client = client(&client_toml);
     echo_through(a, b"first life");
@@ -346,8 +378,8 @@ fn clients_reconnect_by_themselves_after_the_server_restarts() {
 
     // The same ports again, as a restarted server would bind them.
     let again = format!(
-        "[server]\nbind_addr = \"{control}\"\n[server.services.a]\ntoken = \"ta\"\nbind_addr = \"{a}\"\n\
-         [server.services.b]\ntoken = \"tb\"\nbind_addr = \"{b}\"\n"
+        "[server]\nbind_addr = \"{control}\"\n[server.services.a]\ntoken = \"token-ta\"\nbind_addr = \"{a}\"\n\
+         [server.services.b]\ntoken = \"token-tb\"\nbind_addr = \"{b}\"\n"
     );
     let second = server(&write(&dir, "server2.toml", &again));
     second
@@ -366,7 +398,7 @@ fn a_thousand_concurrent_visitors_complete_and_leave_no_descriptors_behind() {
     let server = server(&write(
         &dir,
         "server.toml",
-        &server_config("", &[("a", "ta")]),
+        &server_config("", &[("a", "token-ta")]),
     ));
     let a = service_addr(&server, "a");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -390,7 +422,7 @@ fn a_thousand_concurrent_visitors_complete_and_leave_no_descriptors_behind() {
     let client = client(&write(
         &dir,
         "client.toml",
-        &client_config(control_addr(&server), "", &[("a", "ta", local_addr)]),
+        &client_config(control_addr(&server), "", &[("a", "token-ta", local_addr)]),
     ));
     echo_through(a, b"warm up");
     // Either count may catch the pool of idle data channels (8) refilling, and each process

@@ -42,7 +42,7 @@ fn both_sides_count_connections_bytes_refusals_and_handshake_failures() {
         "server.toml",
         &server_config(
             "metrics_addr = \"127.0.0.1:0\"",
-            &[("echo", "m-token"), ("idle", "i-token")],
+            &[("echo", "m-token-1"), ("idle", "i-token-1")],
         ),
     );
     let server = server(&server_toml);
@@ -52,7 +52,7 @@ fn both_sides_count_connections_bytes_refusals_and_handshake_failures() {
         &client_config(
             control_addr(&server),
             "metrics_addr = \"127.0.0.1:0\"",
-            &[("echo", "m-token", echo_service())],
+            &[("echo", "m-token-1", echo_service())],
         ),
     );
     let client = tunnel(&["client"], &client_toml).spawn().unwrap();
@@ -121,7 +121,11 @@ fn both_sides_count_connections_bytes_refusals_and_handshake_failures() {
 #[test]
 fn a_client_counts_its_reconnects_after_the_server_restarts() {
     let dir = Scratch::new("metrics").unwrap();
-    let server_toml = write(&dir, "server.toml", &server_config("", &[("echo", "t")]));
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &server_config("", &[("echo", "token-t1")]),
+    );
     let first = server(&server_toml);
     let control = control_addr(&first);
     let client_toml = write(
@@ -130,7 +134,7 @@ fn a_client_counts_its_reconnects_after_the_server_restarts() {
         &client_config(
             control,
             "metrics_addr = \"127.0.0.1:0\"",
-            &[("echo", "t", echo_service())],
+            &[("echo", "token-t1", echo_service())],
         ),
     );
     let client = client(&client_toml);
@@ -142,11 +146,71 @@ fn a_client_counts_its_reconnects_after_the_server_restarts() {
     let again = write(
         &dir,
         "server2.toml",
-        &server_config("", &[("echo", "t")]).replacen("127.0.0.1:0", &control.to_string(), 1),
+        &server_config("", &[("echo", "token-t1")]).replacen(
+            "127.0.0.1:0",
+            &control.to_string(),
+            1,
+        ),
     );
     let _second = server(&again);
     wait_count(&client, "control channel open service=echo", 2);
     let (_, body) = scrape(metrics_addr(&client), "/metrics");
     assert_line(&body, "tunnel_reconnects_total{service=\"echo\"} 1");
     assert_line(&body, "tunnel_control_channel_open{service=\"echo\"} 1");
+}
+
+#[test]
+fn a_reload_onto_a_taken_port_keeps_the_old_listener_and_counts_the_failure() {
+    let dir = Scratch::new("metrics").unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &server_config("metrics_addr = \"127.0.0.1:0\"", &[("echo", "echo-token")]),
+    );
+    let server = server(&server_toml);
+    let client_toml = write(
+        &dir,
+        "client.toml",
+        &client_config(
+            control_addr(&server),
+            "",
+            &[("echo", "echo-token", echo_service())],
+        ),
+    );
+    let _client = client(&client_toml);
+    let echo = service_addr(&server, "echo");
+    echo_through(echo, b"before");
+    // The service moves to a port something else holds.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let moved = server_config("metrics_addr = \"127.0.0.1:0\"", &[("echo", "echo-token")]).replace(
+        "[server.services.echo]\ntoken = \"echo-token\"\nbind_addr = \"127.0.0.1:0\"",
+        &format!(
+            "[server.services.echo]\ntoken = \"echo-token\"\nbind_addr = \"{}\"",
+            taken.local_addr().unwrap()
+        ),
+    );
+    replace(&server_toml, &moved);
+    server.wait_notification("RELOADING=1", WAIT).unwrap();
+    server.wait_ready(WAIT).unwrap();
+    let line = server
+        .wait_stderr("reload not applied: the service runs on as it was", WAIT)
+        .unwrap();
+    assert!(line.contains("service echo"), "{line}");
+    echo_through(echo, b"after: the old listener still serves");
+    let (_, body) = scrape(metrics_addr(&server), "/metrics");
+    assert_line(&body, "tunnel_reload_failures_total 1");
+    // The control port moving onto a taken port keeps the whole server as it was.
+    let control_moved = moved.replace(
+        "[server]\nbind_addr = \"127.0.0.1:0\"",
+        &format!("[server]\nbind_addr = \"{}\"", taken.local_addr().unwrap()),
+    );
+    assert_ne!(control_moved, moved);
+    replace(&server_toml, &control_moved);
+    server.wait_notification("RELOADING=1", WAIT).unwrap();
+    server
+        .wait_stderr("reload not applied: the running server is kept", WAIT)
+        .unwrap();
+    echo_through(echo, b"after the control port could not move");
+    let (_, body) = scrape(metrics_addr(&server), "/metrics");
+    assert_line(&body, "tunnel_reload_failures_total 2");
 }

@@ -145,7 +145,7 @@ fn both_proxy_protocol_keys_at_once_are_a_config_error() {
     let config = write(
         &dir,
         "server.toml",
-        "[server]\nbind_addr = \"127.0.0.1:0\"\ndefault_token = \"t\"\n\
+        "[server]\nbind_addr = \"127.0.0.1:0\"\ndefault_token = \"t-long-enough\"\n\
          [server.services.web]\nbind_addr = \"127.0.0.1:0\"\n\
          proxy_protocol = \"v2\"\nenable_proxy_protocol = true\n",
     );

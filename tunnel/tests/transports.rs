@@ -87,7 +87,7 @@ fn tls_client(ca: &Path) -> String {
 
 /// A labkit client of `control` with the service `echo`, ready once its control channel is.
 fn labkit_client(dir: &Scratch, control: SocketAddr, extra: &str) -> Proc {
-    let config = client_config(control, extra, &[("echo", "t", echo_service())]);
+    let config = client_config(control, extra, &[("echo", "token-t1", echo_service())]);
     client(&write(dir, "client.toml", &config))
 }
 
@@ -96,13 +96,13 @@ fn labkit_server(dir: &Scratch, extra: &str) -> Proc {
     server(&write(
         dir,
         "server.toml",
-        &server_config(extra, &[("echo", "t")]),
+        &server_config(extra, &[("echo", "token-t1")]),
     ))
 }
 
 /// A rathole client of `control` with the service `echo` and `extra` config.
 fn rathole_client(dir: &Scratch, control: SocketAddr, extra: &str) -> Proc {
-    let config = client_config(control, extra, &[("echo", "t", echo_service())]);
+    let config = client_config(control, extra, &[("echo", "token-t1", echo_service())]);
     common::rathole_client(&write(dir, "rathole-client.toml", &config))
 }
 
@@ -133,7 +133,7 @@ fn a_labkit_tls_client_works_with_a_rathole_tls_server_on_an_openssl_pkcs12_file
     let dir = Scratch::new("tls").unwrap();
     let pki = pki(&dir, "lab");
     let (rathole, control, service) =
-        rathole_server(&dir, "t", &tls_server(&pkcs12_identity(&pki)));
+        rathole_server(&dir, "token-t1", &tls_server(&pkcs12_identity(&pki)));
     let _client = labkit_client(&dir, control, &tls_client(&pki.ca));
     rathole
         .wait_output(&format!("Listening at {service}"), WAIT)
@@ -202,7 +202,7 @@ fn an_untrusted_tls_certificate_is_refused_with_a_log_line_and_serves_nothing() 
     let config = client_config(
         control,
         &tls_client(&other.ca),
-        &[("echo", "t", echo_service())],
+        &[("echo", "token-t1", echo_service())],
     );
     let client = tunnel(&["client"], &write(&dir, "client.toml", &config))
         .spawn()
@@ -232,7 +232,7 @@ fn websocket(side: &str, tls: bool) -> String {
 #[test]
 fn a_labkit_websocket_client_works_with_a_rathole_websocket_server() {
     let dir = Scratch::new("ws").unwrap();
-    let (rathole, control, service) = rathole_server(&dir, "t", &websocket("server", false));
+    let (rathole, control, service) = rathole_server(&dir, "token-t1", &websocket("server", false));
     let _client = labkit_client(&dir, control, &websocket("client", false));
     rathole
         .wait_output(&format!("Listening at {service}"), WAIT)
@@ -271,7 +271,7 @@ fn a_labkit_websocket_client_over_tls_works_with_a_rathole_server_over_tls() {
         websocket("server", true),
         pkcs12_identity(&pki)
     );
-    let (rathole, control, service) = rathole_server(&dir, "t", &server_extra);
+    let (rathole, control, service) = rathole_server(&dir, "token-t1", &server_extra);
     let client_extra = format!(
         "{}[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"localhost\"\n",
         websocket("client", true),
@@ -396,7 +396,7 @@ fn a_wrong_proxy_password_is_a_clear_log_line_without_the_password() {
     let config = client_config(
         control_addr(&server),
         &proxy(&format!("http://alice:wrong-secret@{}", tinyproxy.addr)),
-        &[("echo", "t", echo_service())],
+        &[("echo", "token-t1", echo_service())],
     );
     let client = tunnel(&["client"], &write(&dir, "client.toml", &config))
         .spawn()

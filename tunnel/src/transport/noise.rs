@@ -8,8 +8,11 @@
 //! the stream are written here because snowstorm pins an old snow.
 //!
 //! A stream holds one receive buffer (a whole frame plus what follows it), one buffer of
-//! decrypted bytes and one encrypted frame on its way out: three 64 KiB buffers made when
-//! the stream is, none per message.
+//! decrypted bytes and one encrypted frame on its way out: three 64 KiB buffers made once the
+//! handshake is done, none per message. The handshake itself runs in small buffers on the
+//! stack: a peer that announces a handshake message longer than [`MAX_HANDSHAKE_MESSAGE`] is
+//! refused before anything is read, so a connection that never completes a handshake costs
+//! a socket and a task, not 192 KiB.
 
 use std::io;
 use std::pin::Pin;
@@ -37,10 +40,13 @@ const TAG: usize = 16;
 const MAX_PAYLOAD: usize = MAX_MESSAGE - TAG;
 /// The length prefix.
 const LEN: usize = 2;
+/// The longest handshake message accepted. The patterns this tunnel runs send at most 96
+/// bytes (an ephemeral key, an encrypted static key, an empty payload's tag), as rathole does.
+const MAX_HANDSHAKE_MESSAGE: usize = 1024;
 
 /// Which setting a Noise handshake cannot be built from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     /// The pattern does not parse or is not supported.
     #[error(
         "not a Noise pattern this tunnel supports (rathole's default is Noise_NK_25519_ChaChaPoly_BLAKE2s)"
@@ -59,7 +65,7 @@ fn key_bytes(base64: &str) -> Option<[u8; 32]> {
 }
 
 /// This side's handshake from `settings`: the client initiates, the server responds.
-pub fn handshake_state(
+pub(crate) fn handshake_state(
     settings: &NoiseSettings,
     initiator: bool,
 ) -> Result<HandshakeState, KeyError> {
@@ -214,7 +220,7 @@ impl Cipher for AeadCipher {
 }
 
 /// The Noise transport.
-pub struct NoiseTransport {
+pub(crate) struct NoiseTransport {
     tcp: TcpTransport,
     settings: NoiseSettings,
 }
@@ -255,7 +261,7 @@ fn noise_error(err: impl std::fmt::Display) -> Error {
 }
 
 /// A TCP connection after a Noise handshake.
-pub struct NoiseStream {
+pub(crate) struct NoiseStream {
     tcp: TcpStream,
     state: TransportState,
     /// Received bytes not yet decrypted: `received[..filled]`.
@@ -273,25 +279,32 @@ pub struct NoiseStream {
 
 impl NoiseStream {
     /// Runs the handshake on `tcp` in the role `state` was built for.
-    pub async fn handshake(
+    pub(crate) async fn handshake(
         mut tcp: TcpStream,
         mut state: HandshakeState,
     ) -> Result<NoiseStream, Error> {
-        let mut message = vec![0u8; MAX_MESSAGE];
-        let mut payload = vec![0u8; MAX_MESSAGE];
+        let mut frame = [0u8; LEN + MAX_HANDSHAKE_MESSAGE];
+        let mut message = [0u8; MAX_HANDSHAKE_MESSAGE];
+        let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
         while !state.is_handshake_finished() {
             if state.is_my_turn() {
                 let len = state
-                    .write_message(&[], &mut message)
+                    .write_message(&[], &mut frame[LEN..])
                     .map_err(noise_error)?;
-                let mut frame = Vec::with_capacity(LEN + len);
-                frame.extend_from_slice(&(len as u16).to_le_bytes());
-                frame.extend_from_slice(&message[..len]);
-                tcp.write_all(&frame)
+                frame[..LEN].copy_from_slice(&(len as u16).to_le_bytes());
+                tcp.write_all(&frame[..LEN + len])
                     .await
                     .map_err(|e| Error::io("sending a Noise handshake message", e))?;
             } else {
                 let len = usize::from(tcp.read_u16_le().await.map_err(handshake_read)?);
+                if len > MAX_HANDSHAKE_MESSAGE {
+                    return Err(Error::Noise {
+                        reason: format!(
+                            "a handshake message of {len} bytes, longer than any this tunnel's \
+                             patterns send ({MAX_HANDSHAKE_MESSAGE})"
+                        ),
+                    });
+                }
                 tcp.read_exact(&mut message[..len])
                     .await
                     .map_err(handshake_read)?;
@@ -310,7 +323,7 @@ impl NoiseStream {
             state,
             received: vec![0u8; LEN + MAX_MESSAGE].into_boxed_slice(),
             filled: 0,
-            plain: message.into_boxed_slice(),
+            plain: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
             start: 0,
             end: 0,
             outgoing: vec![0u8; LEN + MAX_MESSAGE].into_boxed_slice(),
@@ -494,6 +507,25 @@ mod tests {
         );
         let err = server.err().unwrap().to_string();
         assert!(err.contains("key does not match"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_handshake_message_longer_than_any_pattern_sends_is_refused_before_it_is_read() {
+        let keys = KeyPair::generate().unwrap();
+        let server_side = settings(Some(keys.private.expose()), None);
+        let (mut peer, server_tcp) = pair().await;
+        // The peer announces 65,535 bytes and sends none: a server that waited for them would
+        // hold a 64 KiB buffer per connection until the handshake timeout.
+        peer.write_all(&u16::MAX.to_le_bytes()).await.unwrap();
+        let state = handshake_state(&server_side, false).unwrap();
+        let handshake = NoiseStream::handshake(server_tcp, state);
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), handshake).await;
+        let err = result
+            .expect("refused without waiting for the bytes")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("65535 bytes"), "{err}");
+        drop(peer);
     }
 
     #[test]

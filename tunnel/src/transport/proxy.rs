@@ -21,10 +21,10 @@ use crate::config::{ProxyKind, ProxySettings};
 use crate::error::Error;
 
 /// The longest `CONNECT` reply header read.
-pub const MAX_REPLY: usize = 8 * 1024;
+pub(crate) const MAX_REPLY: usize = 8 * 1024;
 
 /// A TCP connection to `target` (`HOST:PORT`) through `proxy`.
-pub async fn connect(proxy: &ProxySettings, target: &str) -> Result<TcpStream, Error> {
+pub(crate) async fn connect(proxy: &ProxySettings, target: &str) -> Result<TcpStream, Error> {
     let failed = |reason: String| Error::Proxy {
         addr: proxy.addr.clone(),
         reason,
@@ -136,7 +136,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, String> {
 }
 
 /// The length of the header at the start of `bytes` (through its `\r\n\r\n`), if complete.
-pub fn header_end(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn header_end(bytes: &[u8]) -> Option<usize> {
     bytes
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -145,7 +145,7 @@ pub fn header_end(bytes: &[u8]) -> Option<usize> {
 
 /// Why a proxy's reply to `CONNECT` is not a yes.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ReplyError {
+pub(crate) enum ReplyError {
     /// Not an HTTP status line.
     #[error("the reply is not HTTP")]
     NotHttp,
@@ -166,7 +166,7 @@ pub enum ReplyError {
 }
 
 /// Checks a complete reply header (`header_end` bytes): `HTTP/1.x 2xx` means connected.
-pub fn parse_reply(head: &[u8]) -> Result<(), ReplyError> {
+pub(crate) fn parse_reply(head: &[u8]) -> Result<(), ReplyError> {
     if head.len() > MAX_REPLY {
         return Err(ReplyError::TooLong);
     }

@@ -14,20 +14,12 @@ use crate::sockopt;
 
 /// The plain TCP transport.
 #[derive(Clone, Debug)]
-pub struct TcpTransport {
+pub(crate) struct TcpTransport {
     settings: TcpSettings,
     proxy: Option<Arc<ProxySettings>>,
 }
 
 impl TcpTransport {
-    /// A transport applying `settings` to every connection it makes or accepts.
-    pub fn with(settings: TcpSettings) -> TcpTransport {
-        TcpTransport {
-            settings,
-            proxy: None,
-        }
-    }
-
     fn tune(&self, stream: &TcpStream) {
         sockopt::nodelay(stream, self.settings.nodelay);
         sockopt::keepalive(
@@ -38,7 +30,7 @@ impl TcpTransport {
     }
 
     /// Listens on `addr` (the server's control port).
-    pub async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
+    pub(crate) async fn bind(&self, addr: &str) -> Result<TcpListener, Error> {
         sockopt::listen(addr).await.map_err(|source| Error::Bind {
             what: "the control channel".into(),
             addr: addr.to_owned(),
@@ -47,14 +39,17 @@ impl TcpTransport {
     }
 
     /// The address a listener is bound to.
-    pub fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
+    pub(crate) fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
         listener
             .local_addr()
             .map_err(|e| Error::io("reading the control port's address", e))
     }
 
     /// Accepts the next connection and tunes it; cancel-safe.
-    pub async fn accept(&self, listener: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
+    pub(crate) async fn accept(
+        &self,
+        listener: &TcpListener,
+    ) -> std::io::Result<(TcpStream, SocketAddr)> {
         let (stream, peer) = listener.accept().await?;
         self.tune(&stream);
         Ok((stream, peer))

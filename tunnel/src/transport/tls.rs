@@ -30,11 +30,11 @@ use crate::error::Error;
 const READ_BUFFER: usize = 64 * 1024;
 
 /// A TLS connection over TCP, either side.
-pub type TlsStream = tokio_rustls::TlsStream<BufReader<TcpStream>>;
+pub(crate) type TlsStream = tokio_rustls::TlsStream<BufReader<TcpStream>>;
 
 /// Why the TLS settings cannot be used, naming the config key at fault.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     /// A file could not be read.
     #[error("reading {}", path.display())]
     Read {
@@ -65,7 +65,7 @@ pub enum TlsError {
 
 impl TlsError {
     /// The leaf of the config key at fault (`pkcs12`, `trusted_root`, ...).
-    pub fn culprit(&self) -> &'static str {
+    pub(crate) fn culprit(&self) -> &'static str {
         match self {
             TlsError::Read { key, .. } | TlsError::Content { key, .. } => key,
             TlsError::Rustls(_) => "cert",
@@ -75,7 +75,7 @@ impl TlsError {
 }
 
 /// Loads everything `settings` name, as the transport will, and reports the first problem.
-pub fn check(settings: &TlsSettings) -> Result<(), TlsError> {
+pub(crate) fn check(settings: &TlsSettings) -> Result<(), TlsError> {
     match settings {
         TlsSettings::Server(identity) => server_config(identity).map(drop),
         TlsSettings::Client {
@@ -91,7 +91,7 @@ pub fn check(settings: &TlsSettings) -> Result<(), TlsError> {
 }
 
 /// The rustls server config presenting `identity`.
-pub fn server_config(identity: &TlsIdentity) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config(identity: &TlsIdentity) -> Result<Arc<ServerConfig>, TlsError> {
     let (certs, key) = match identity {
         TlsIdentity::Pem { cert, key } => (read_certs(cert, "cert")?, read_key(key)?),
         TlsIdentity::Pkcs12 { path, password } => read_pkcs12(path, password.expose())?,
@@ -104,7 +104,7 @@ pub fn server_config(identity: &TlsIdentity) -> Result<Arc<ServerConfig>, TlsErr
 }
 
 /// The rustls client config trusting the certificates in `trusted_root`, or the system's.
-pub fn client_config(trusted_root: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+pub(crate) fn client_config(trusted_root: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     match trusted_root {
         Some(path) => {
@@ -216,7 +216,7 @@ fn read_pkcs12(path: &Path, password: &str) -> Result<Identity, TlsError> {
 }
 
 /// The TLS transport.
-pub struct TlsTransport {
+pub(crate) struct TlsTransport {
     tcp: TcpTransport,
     side: Side,
 }
@@ -231,7 +231,7 @@ enum Side {
 
 impl TlsTransport {
     /// The transport for `settings`, with `tcp` underneath.
-    pub fn with(tcp: TcpTransport, settings: &TlsSettings) -> Result<TlsTransport, Error> {
+    pub(crate) fn with(tcp: TcpTransport, settings: &TlsSettings) -> Result<TlsTransport, Error> {
         let side = match settings {
             TlsSettings::Server(identity) => {
                 Side::Server(TlsAcceptor::from(server_config(identity).map_err(config)?))
@@ -253,7 +253,7 @@ impl TlsTransport {
     }
 
     /// The server side of the TLS handshake on an accepted connection.
-    pub async fn accept_tls(&self, tcp: TcpStream) -> Result<TlsStream, Error> {
+    pub(crate) async fn accept_tls(&self, tcp: TcpStream) -> Result<TlsStream, Error> {
         let Side::Server(acceptor) = &self.side else {
             return Err(Error::Unsupported {
                 what: "accepting TLS connections without a certificate".into(),
@@ -267,7 +267,7 @@ impl TlsTransport {
     }
 
     /// Connects to `addr` and runs the client side of the TLS handshake.
-    pub async fn connect_tls(&self, addr: &str) -> Result<TlsStream, Error> {
+    pub(crate) async fn connect_tls(&self, addr: &str) -> Result<TlsStream, Error> {
         let Side::Client {
             connector,
             hostname,

@@ -9,6 +9,11 @@
 //! still runs underneath). Ending a stream sends a Close frame. The WebSocket library is
 //! tungstenite (the one the edge uses too).
 //!
+//! Before the peer authenticates, the server reads at most [`PRE_AUTH_BYTES`] from it, the
+//! HTTP upgrade and the hello and auth messages included (they take a few hundred bytes):
+//! so no frame or message an unauthenticated peer announces, up to the library's 16 MiB
+//! frames, is ever buffered past that. After the handshake the limit is lifted.
+//!
 //! A WebSocket close ends both directions: after one side's Close, the other may not send
 //! more, so a visitor that half-closes its connection gets no reply through this transport
 //! (as with rathole's).
@@ -30,8 +35,20 @@ use super::{TcpTransport, Transport, TunnelStream};
 use crate::config::TransportSettings;
 use crate::error::Error;
 
-/// What a WebSocket runs over.
-pub enum Carrier {
+/// The most bytes the server reads from a peer before it authenticates: the HTTP upgrade
+/// request (a few hundred bytes, more through a proxy that adds headers), the hello and the
+/// auth in their frames (under a hundred).
+pub(crate) const PRE_AUTH_BYTES: usize = 8 * 1024;
+
+/// What a WebSocket runs over, and what may still be read from it before authentication.
+pub(crate) struct Carrier {
+    io: CarrierIo,
+    /// `Some(n)`: n more bytes may be read before the peer authenticates.
+    before_auth: Option<usize>,
+}
+
+/// The connection itself.
+enum CarrierIo {
     /// `tls = false`.
     Plain(TcpStream),
     /// `tls = true`.
@@ -40,9 +57,20 @@ pub enum Carrier {
 
 impl Carrier {
     fn tcp(&self) -> &TcpStream {
-        match self {
-            Carrier::Plain(tcp) => tcp,
-            Carrier::Tls(tls) => tls.tcp(),
+        match &self.io {
+            CarrierIo::Plain(tcp) => tcp,
+            CarrierIo::Tls(tls) => tls.tcp(),
+        }
+    }
+
+    fn poll_read_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            CarrierIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            CarrierIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -53,10 +81,26 @@ impl AsyncRead for Carrier {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Carrier::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Carrier::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        let this = self.get_mut();
+        let Some(left) = this.before_auth else {
+            return this.poll_read_io(cx, buf);
+        };
+        if left == 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("WebSocket: more than {PRE_AUTH_BYTES} bytes before authentication"),
+            )));
         }
+        // Read through a small buffer so no more than `left` bytes are taken; this is only
+        // the few hundred bytes of the handshake.
+        let mut small = [0u8; 1024];
+        let want = left.min(buf.remaining()).min(small.len());
+        let mut limited = ReadBuf::new(&mut small[..want]);
+        ready!(this.poll_read_io(cx, &mut limited))?;
+        let n = limited.filled().len();
+        buf.put_slice(limited.filled());
+        this.before_auth = Some(left - n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -66,9 +110,9 @@ impl AsyncWrite for Carrier {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Carrier::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Carrier::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            CarrierIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            CarrierIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
@@ -77,36 +121,36 @@ impl AsyncWrite for Carrier {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Carrier::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Carrier::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            CarrierIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            CarrierIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Carrier::Plain(s) => s.is_write_vectored(),
-            Carrier::Tls(s) => s.is_write_vectored(),
+        match &self.io {
+            CarrierIo::Plain(s) => s.is_write_vectored(),
+            CarrierIo::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Carrier::Plain(s) => Pin::new(s).poll_flush(cx),
-            Carrier::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        match &mut self.get_mut().io {
+            CarrierIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            CarrierIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Carrier::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Carrier::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            CarrierIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            CarrierIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }
 
 /// A tunnel connection carried in WebSocket messages.
-pub struct WebsocketStream {
+pub(crate) struct WebsocketStream {
     ws: WebSocketStream<Carrier>,
     /// The rest of the message being read.
     reading: Bytes,
@@ -200,10 +244,14 @@ impl TunnelStream for WebsocketStream {
     fn plain_tcp(&self) -> Option<&TcpStream> {
         None
     }
+
+    fn authenticated(&mut self) {
+        self.ws.get_mut().before_auth = None;
+    }
 }
 
 /// The WebSocket transport.
-pub struct WebsocketTransport {
+pub(crate) struct WebsocketTransport {
     tcp: TcpTransport,
     tls: Option<TlsTransport>,
 }
@@ -247,9 +295,13 @@ impl Transport for WebsocketTransport {
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<WebsocketStream, Error> {
-        let carrier = match &self.tls {
-            Some(tls) => Carrier::Tls(Box::new(tls.accept_tls(tcp).await?)),
-            None => Carrier::Plain(tcp),
+        let io = match &self.tls {
+            Some(tls) => CarrierIo::Tls(Box::new(tls.accept_tls(tcp).await?)),
+            None => CarrierIo::Plain(tcp),
+        };
+        let carrier = Carrier {
+            io,
+            before_auth: Some(PRE_AUTH_BYTES),
         };
         let ws = tokio_tungstenite::accept_async_with_config(carrier, Some(config()))
             .await
@@ -262,9 +314,14 @@ impl Transport for WebsocketTransport {
     }
 
     async fn connect(&self, addr: &str) -> Result<WebsocketStream, Error> {
-        let carrier = match &self.tls {
-            Some(tls) => Carrier::Tls(Box::new(tls.connect_tls(addr).await?)),
-            None => Carrier::Plain(self.tcp.connect(addr).await?),
+        let io = match &self.tls {
+            Some(tls) => CarrierIo::Tls(Box::new(tls.connect_tls(addr).await?)),
+            None => CarrierIo::Plain(self.tcp.connect(addr).await?),
+        };
+        // The client trusts the server it chose: no limit on what it reads.
+        let carrier = Carrier {
+            io,
+            before_auth: None,
         };
         let (ws, _) = tokio_tungstenite::client_async_with_config(
             format!("ws://{addr}/"),
