@@ -24,7 +24,7 @@ const DUMMY_HASH: &str = "$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL
 
 /// One `basic_auth` directive: realm and users.
 #[derive(Clone)]
-pub struct BasicAuth {
+pub(crate) struct BasicAuth {
     realm: String,
     users: Arc<Vec<(String, String)>>,
     good: Arc<Mutex<HashSet<[u8; 32]>>>,
@@ -45,7 +45,7 @@ impl fmt::Debug for BasicAuth {
 
 impl BasicAuth {
     /// Checks each hash is bcrypt (raw `$2a$...` or base64 of it, as older Caddy printed).
-    pub fn build(
+    pub(crate) fn build(
         realm: Option<String>,
         users: &BTreeMap<String, String>,
     ) -> Result<BasicAuth, String> {
@@ -80,14 +80,14 @@ impl BasicAuth {
     }
 
     /// The `WWW-Authenticate` value for a 401.
-    pub fn challenge(&self) -> HeaderValue {
+    pub(crate) fn challenge(&self) -> HeaderValue {
         HeaderValue::from_str(&format!("Basic realm=\"{}\"", self.realm))
             .expect("realm was checked to be a valid header value")
     }
 
     /// Whether the `Authorization` header holds a known user's right password; returns the
     /// user name when it does.
-    pub async fn check(&self, header: Option<&HeaderValue>) -> Option<String> {
+    pub(crate) async fn check(&self, header: Option<&HeaderValue>) -> Option<String> {
         let (user, password) = parse_basic(header?)?;
         let digest = {
             let mut ctx = digest::Context::new(&digest::SHA256);

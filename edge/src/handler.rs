@@ -27,49 +27,49 @@ use crate::proxy::{Client, Forwarded};
 use crate::site::{Router, Scheme, Site, host_of};
 
 /// Errors a response body can end with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every response body the edge sends.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
 /// What every request handler shares; the router and client are swapped on reload.
-pub struct State {
+pub(crate) struct State {
     /// Sites by port and host.
-    pub router: ArcSwap<Router>,
+    pub(crate) router: ArcSwap<Router>,
     /// The upstream client (rebuilt when timeouts change).
-    pub client: ArcSwap<Client>,
+    pub(crate) client: ArcSwap<Client>,
     /// Access log.
-    pub log: AccessLog,
+    pub(crate) log: AccessLog,
     /// Owner of upgraded (WebSocket) connections.
-    pub upgraded: TaskTracker,
+    pub(crate) upgraded: TaskTracker,
     /// Cancelled when upgraded connections must end (after the stop grace period).
-    pub stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
     /// ACME challenge answers.
-    pub challenges: Option<Arc<dyn ChallengeResponder>>,
+    pub(crate) challenges: Option<Arc<dyn ChallengeResponder>>,
 }
 
 /// One client connection.
 #[derive(Debug)]
-pub struct Conn {
+pub(crate) struct Conn {
     /// The client.
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// The port it connected to (as bound).
-    pub port: u16,
+    pub(crate) port: u16,
     /// Plain or TLS.
-    pub scheme: Scheme,
+    pub(crate) scheme: Scheme,
     /// The client's address as an `X-Forwarded-For` value (made once, sent with every
     /// proxied request).
-    pub forwarded_for: HeaderValue,
+    pub(crate) forwarded_for: HeaderValue,
     /// Requests whose response has not finished yet.
-    pub in_flight: Arc<AtomicUsize>,
+    pub(crate) in_flight: Arc<AtomicUsize>,
     /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
     /// keep-alive pings move bytes on an idle connection).
-    pub requests: AtomicU64,
+    pub(crate) requests: AtomicU64,
 }
 
 /// A plain-text response with a short body.
-pub fn status_response(status: StatusCode, text: &'static str) -> Response<Body> {
+pub(crate) fn status_response(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(
         Full::new(Bytes::from_static(text.as_bytes()))
             .map_err(|e| match e {})
@@ -95,7 +95,7 @@ fn redirect(status: StatusCode, location: &str) -> Response<Body> {
 }
 
 /// Serves one request.
-pub async fn handle(
+pub(crate) async fn handle(
     req: Request<Incoming>,
     conn: Arc<Conn>,
     state: Arc<State>,

@@ -9,22 +9,25 @@
 //! ([`encode`]) and logs ([`access_log`]). [`trust`] puts the internal root into the system
 //! trust store. [`cli`] is the command line.
 
-pub mod access_log;
+mod access_log;
 pub mod acme;
-pub mod auth;
-pub mod ca;
-pub mod caddyfile;
-pub mod certs;
+mod auth;
+mod ca;
+mod caddyfile;
+mod certs;
 pub mod cli;
-pub mod config;
-pub mod encode;
-pub mod handler;
-pub mod pool;
-pub mod proxy;
-pub mod server;
-pub mod site;
-pub mod storage;
-pub mod trust;
+mod config;
+mod encode;
+mod handler;
+mod pool;
+mod proxy;
+mod server;
+mod site;
+mod storage;
+mod trust;
+
+pub use ca::CaError;
+pub use caddyfile::CaddyfileError;
 
 use std::io;
 use std::net::SocketAddr;

@@ -29,9 +29,9 @@ use crate::site::{HeaderOps, PathMatcher, split_host_port};
 
 /// One upstream server and its passive health.
 #[derive(Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     /// As written in the config.
-    pub text: String,
+    pub(crate) text: String,
     authority: Authority,
     fails: AtomicU32,
     /// Milliseconds since [`epoch`] until which the upstream is skipped.
@@ -40,7 +40,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Parses "host:port", "http://host:port", ":port" (localhost) or "host" (port 80).
-    pub fn parse(text: &str) -> Result<Arc<Upstream>, String> {
+    pub(crate) fn parse(text: &str) -> Result<Arc<Upstream>, String> {
         let rest = if let Some(rest) = text.strip_prefix("http://") {
             rest
         } else if text.starts_with("https://") {
@@ -100,23 +100,23 @@ fn epoch_ms() -> u64 {
 
 /// One `reverse_proxy`: which paths, which upstreams, how to choose and what to rewrite.
 #[derive(Clone, Debug)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     /// Which paths.
-    pub matcher: PathMatcher,
+    pub(crate) matcher: PathMatcher,
     /// The upstreams.
-    pub upstreams: Vec<Arc<Upstream>>,
+    pub(crate) upstreams: Vec<Arc<Upstream>>,
     /// Always prefer the first healthy upstream (`lb_policy first`).
-    pub first: bool,
+    pub(crate) first: bool,
     /// How long a failed upstream is skipped.
-    pub fail_duration: Duration,
+    pub(crate) fail_duration: Duration,
     /// Failures before it is skipped.
-    pub max_fails: u32,
+    pub(crate) max_fails: u32,
     /// Request header changes.
-    pub header_up: HeaderOps,
+    pub(crate) header_up: HeaderOps,
     /// Response header changes.
-    pub header_down: HeaderOps,
+    pub(crate) header_down: HeaderOps,
     /// Round-robin position.
-    pub next: Arc<AtomicUsize>,
+    pub(crate) next: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -148,7 +148,7 @@ impl Proxy {
 }
 
 /// A request body going upstream: the client's, or nothing (for retries).
-pub enum UpBody {
+pub(crate) enum UpBody {
     /// The client's body, streamed.
     Client(Incoming),
     /// No body.
@@ -186,7 +186,7 @@ impl HttpBody for UpBody {
 
 /// The pooled upstream client and its timeouts.
 #[derive(Clone, Debug)]
-pub struct Client {
+pub(crate) struct Client {
     pool: Arc<Pool>,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -194,21 +194,21 @@ pub struct Client {
 
 /// What the client connection looks like to the upstream.
 #[derive(Debug)]
-pub struct Forwarded<'a> {
+pub(crate) struct Forwarded<'a> {
     /// The client's address, as the `X-Forwarded-For` value.
-    pub client_ip: &'a HeaderValue,
+    pub(crate) client_ip: &'a HeaderValue,
     /// "http" or "https".
-    pub proto: &'static str,
+    pub(crate) proto: &'static str,
     /// The Host the client asked for, as sent.
-    pub host: &'a HeaderValue,
+    pub(crate) host: &'a HeaderValue,
 }
 
 /// The outcome of proxying: the response and the upstream that gave it.
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// The response for the client.
-    pub response: Response<Body>,
+    pub(crate) response: Response<Body>,
     /// The upstream that answered (or was tried last).
-    pub upstream: Option<Arc<Upstream>>,
+    pub(crate) upstream: Option<Arc<Upstream>>,
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -272,7 +272,7 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
 
 impl Client {
     /// A client with these timeouts.
-    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Client {
+    pub(crate) fn new(connect_timeout: Duration, response_timeout: Duration) -> Client {
         Client {
             pool: Pool::new(Duration::from_secs(60), 256),
             connect_timeout,
@@ -281,7 +281,7 @@ impl Client {
     }
 
     /// Proxies `req` through `proxy`.
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         proxy: &Proxy,
         mut req: Request<Incoming>,

@@ -66,7 +66,7 @@ const ACME_TLS: &[u8] = b"acme-tls/1";
 
 /// Where the config comes from (read again on reload).
 #[derive(Clone, Debug)]
-pub enum Source {
+pub(crate) enum Source {
     /// A TOML file.
     Toml(PathBuf),
     /// A Caddyfile.
@@ -75,7 +75,7 @@ pub enum Source {
 
 impl Source {
     /// Reads and resolves the config.
-    pub fn load(&self, env: &Env) -> Result<Config, Error> {
+    pub(crate) fn load(&self, env: &Env) -> Result<Config, Error> {
         match self {
             Source::Toml(path) => Ok(config::load_toml(path, env)?),
             Source::Caddyfile(path) => Ok(caddyfile::load(path, env)?),
@@ -84,7 +84,7 @@ impl Source {
 }
 
 /// The hosts needing certificates from the internal CA, and the ACME plan for the others.
-pub fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
+pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let mut internal = Vec::new();
     let mut names: Vec<(String, Option<String>)> = Vec::new();
     for site in &config.sites {
@@ -185,7 +185,7 @@ impl Workers {
 }
 
 /// Runs the edge until SIGTERM/SIGINT.
-pub async fn run(source: Source, env: Env) -> Result<(), Error> {
+pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     let config = source.load(&env)?;
     let notifier = Notifier::from_env(&env).map_err(|source| Error::Io {
         what: "opening the sd_notify socket".into(),

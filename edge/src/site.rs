@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use hyper::http::{HeaderMap, HeaderName, HeaderValue};
 
-pub use crate::auth::BasicAuth;
-pub use crate::encode::{Encode, Encoding};
-pub use crate::proxy::{Proxy, Upstream};
+pub(crate) use crate::auth::BasicAuth;
+pub(crate) use crate::encode::{Encode, Encoding};
+pub(crate) use crate::proxy::{Proxy, Upstream};
 
 /// Plain HTTP or HTTPS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Scheme {
+pub(crate) enum Scheme {
     /// Plain HTTP.
     Http,
     /// HTTP over TLS.
@@ -27,7 +27,7 @@ pub enum Scheme {
 
 impl Scheme {
     /// "http" or "https".
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Scheme::Http => "http",
             Scheme::Https => "https",
@@ -37,7 +37,7 @@ impl Scheme {
 
 /// The host part of a site address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Host {
+pub(crate) enum Host {
     /// One DNS name, lower case.
     Name(String),
     /// `*.example.org`: any single label before the suffix (kept with its leading dot).
@@ -62,7 +62,7 @@ impl fmt::Display for Host {
 
 impl Host {
     /// Parses a host as written in a site address.
-    pub fn parse(text: &str) -> Result<Host, String> {
+    pub(crate) fn parse(text: &str) -> Result<Host, String> {
         if text.is_empty() {
             return Ok(Host::Any);
         }
@@ -101,7 +101,7 @@ impl Host {
     /// Whether the internal CA serves this host unless told otherwise (as Caddy does):
     /// `localhost`, IP addresses, and names under `.localhost`, `.internal`, `.local`,
     /// `.home.arpa`.
-    pub fn internal_by_default(&self) -> bool {
+    pub(crate) fn internal_by_default(&self) -> bool {
         let name = match self {
             Host::Ip(_) => return true,
             Host::Any => return false,
@@ -115,7 +115,7 @@ impl Host {
     }
 
     /// Whether `name` (lower case, no port) is this host.
-    pub fn matches(&self, name: &str) -> bool {
+    pub(crate) fn matches(&self, name: &str) -> bool {
         match self {
             Host::Name(own) => own == name,
             Host::Wildcard(suffix) => name
@@ -129,13 +129,13 @@ impl Host {
 
 /// Where a site is served: scheme, host and port.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Address {
+pub(crate) struct Address {
     /// Plain or TLS.
-    pub scheme: Scheme,
+    pub(crate) scheme: Scheme,
     /// Which host names.
-    pub host: Host,
+    pub(crate) host: Host,
     /// The port.
-    pub port: u16,
+    pub(crate) port: u16,
 }
 
 impl fmt::Display for Address {
@@ -147,7 +147,7 @@ impl fmt::Display for Address {
 impl Address {
     /// Parses `[scheme://]host[:port]` as Caddy does: without a scheme, a site is HTTPS
     /// unless its port is the HTTP port.
-    pub fn parse(text: &str, http_port: u16, https_port: u16) -> Result<Address, String> {
+    pub(crate) fn parse(text: &str, http_port: u16, https_port: u16) -> Result<Address, String> {
         let (scheme, rest) = if let Some(rest) = text.strip_prefix("https://") {
             (Some(Scheme::Https), rest)
         } else if let Some(rest) = text.strip_prefix("http://") {
@@ -191,7 +191,7 @@ impl Address {
 }
 
 /// Splits `host:port`, `[v6]:port`, `host` or `:port`.
-pub fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
+pub(crate) fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
     if text.starts_with('[') {
         let end = text.find(']')?;
         let (host, rest) = text.split_at(end + 1);
@@ -211,7 +211,7 @@ pub fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
 
 /// Where a name's certificate comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TlsPolicy {
+pub(crate) enum TlsPolicy {
     /// The edge's internal CA.
     Internal,
     /// The configured ACME CA.
@@ -221,7 +221,7 @@ pub enum TlsPolicy {
 impl TlsPolicy {
     /// The policy for `host`: internal when asked for or by default for local names, ACME for
     /// the rest. A public wildcard would need DNS-01, which the edge does not do.
-    pub fn for_host(host: &Host, explicit_internal: bool) -> Result<TlsPolicy, String> {
+    pub(crate) fn for_host(host: &Host, explicit_internal: bool) -> Result<TlsPolicy, String> {
         if explicit_internal || host.internal_by_default() {
             Ok(TlsPolicy::Internal)
         } else if let Host::Wildcard(_) = host {
@@ -239,7 +239,7 @@ impl TlsPolicy {
 /// A path matcher as Caddy writes it: `/exact`, `/prefix/*`, `*.suffix` or `*`.
 /// Comparison ignores ASCII case, as Caddy's does.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PathMatcher {
+pub(crate) enum PathMatcher {
     /// Every path.
     Any,
     /// This path only.
@@ -252,7 +252,7 @@ pub enum PathMatcher {
 
 impl PathMatcher {
     /// Parses a path matcher.
-    pub fn parse(text: &str) -> Result<PathMatcher, String> {
+    pub(crate) fn parse(text: &str) -> Result<PathMatcher, String> {
         if text == "*" {
             return Ok(PathMatcher::Any);
         }
@@ -275,7 +275,7 @@ impl PathMatcher {
     }
 
     /// Whether `path` matches.
-    pub fn matches(&self, path: &str) -> bool {
+    pub(crate) fn matches(&self, path: &str) -> bool {
         let p = path.as_bytes();
         match self {
             PathMatcher::Any => true,
@@ -290,7 +290,7 @@ impl PathMatcher {
     }
 
     /// How specific the matcher is: longer first, no matcher last.
-    pub fn specificity(&self) -> usize {
+    pub(crate) fn specificity(&self) -> usize {
         match self {
             PathMatcher::Any => 0,
             PathMatcher::Exact(m) => m.len() + 2,
@@ -299,7 +299,7 @@ impl PathMatcher {
     }
 
     /// As written in a config.
-    pub fn to_config(&self) -> Option<String> {
+    pub(crate) fn to_config(&self) -> Option<String> {
         match self {
             PathMatcher::Any => None,
             PathMatcher::Exact(m) => Some(m.clone()),
@@ -311,7 +311,7 @@ impl PathMatcher {
 
 /// Header operations, parsed.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct HeaderOps {
+pub(crate) struct HeaderOps {
     set: Vec<(HeaderName, HeaderValue)>,
     add: Vec<(HeaderName, HeaderValue)>,
     default: Vec<(HeaderName, HeaderValue)>,
@@ -320,7 +320,7 @@ pub struct HeaderOps {
 
 impl HeaderOps {
     /// Parses names and values; an invalid one is an error naming it.
-    pub fn build(
+    pub(crate) fn build(
         set: &BTreeMap<String, String>,
         add: &BTreeMap<String, String>,
         default: &BTreeMap<String, String>,
@@ -348,16 +348,8 @@ impl HeaderOps {
         })
     }
 
-    /// Whether there is nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
-            && self.add.is_empty()
-            && self.default.is_empty()
-            && self.delete.is_empty()
-    }
-
     /// Applies the operations: delete, set, add, then defaults.
-    pub fn apply(&self, headers: &mut HeaderMap) {
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
         for name in &self.delete {
             headers.remove(name);
         }
@@ -377,39 +369,39 @@ impl HeaderOps {
 
 /// A redirect.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Redirect {
+pub(crate) struct Redirect {
     /// Which paths.
-    pub matcher: PathMatcher,
+    pub(crate) matcher: PathMatcher,
     /// The target, with placeholders.
-    pub to: String,
+    pub(crate) to: String,
     /// 3xx status.
-    pub code: u16,
+    pub(crate) code: u16,
 }
 
 /// A resolved site.
 #[derive(Clone, Debug)]
-pub struct Site {
+pub(crate) struct Site {
     /// Where it is served.
-    pub addresses: Vec<Address>,
+    pub(crate) addresses: Vec<Address>,
     /// `tls internal`: every name from the internal CA.
-    pub tls_internal: bool,
+    pub(crate) tls_internal: bool,
     /// The ACME account email for this site's names (`tls EMAIL`), over the global one.
-    pub tls_email: Option<String>,
+    pub(crate) tls_email: Option<String>,
     /// Response compression.
-    pub encode: Option<Encode>,
+    pub(crate) encode: Option<Encode>,
     /// Redirects, most specific first.
-    pub redirects: Vec<Redirect>,
+    pub(crate) redirects: Vec<Redirect>,
     /// Response header operations, in file order.
-    pub headers: Vec<(PathMatcher, HeaderOps)>,
+    pub(crate) headers: Vec<(PathMatcher, HeaderOps)>,
     /// Basic authentication.
-    pub auths: Vec<(PathMatcher, BasicAuth)>,
+    pub(crate) auths: Vec<(PathMatcher, BasicAuth)>,
     /// Reverse proxies, most specific first.
-    pub proxies: Vec<Proxy>,
+    pub(crate) proxies: Vec<Proxy>,
 }
 
 impl Site {
     /// The names this site needs certificates for.
-    pub fn tls_hosts(&self) -> impl Iterator<Item = &Host> {
+    pub(crate) fn tls_hosts(&self) -> impl Iterator<Item = &Host> {
         self.addresses
             .iter()
             .filter(|a| a.scheme == Scheme::Https)
@@ -417,7 +409,7 @@ impl Site {
     }
 
     /// Where the certificate of `host` (one of [`Site::tls_hosts`]) comes from.
-    pub fn tls_policy(&self, host: &Host) -> TlsPolicy {
+    pub(crate) fn tls_policy(&self, host: &Host) -> TlsPolicy {
         TlsPolicy::for_host(host, self.tls_internal).unwrap_or(TlsPolicy::Internal)
     }
 }
@@ -433,7 +425,7 @@ struct PortTable {
 
 /// Finds the site for a request by port and host.
 #[derive(Debug)]
-pub struct Router {
+pub(crate) struct Router {
     sites: Vec<Arc<Site>>,
     ports: HashMap<u16, PortTable>,
     /// HTTPS hosts by name, for the redirect from plain HTTP: (host, port).
@@ -443,7 +435,7 @@ pub struct Router {
 impl Router {
     /// Builds the tables for `sites`. Port 0 in an address stands for the bound port, which
     /// `bound` maps.
-    pub fn new(sites: &[Site], bound: &dyn Fn(u16, Scheme) -> u16) -> Router {
+    pub(crate) fn new(sites: &[Site], bound: &dyn Fn(u16, Scheme) -> u16) -> Router {
         let mut ports: HashMap<u16, PortTable> = HashMap::new();
         let mut https = Vec::new();
         for (i, site) in sites.iter().enumerate() {
@@ -478,7 +470,7 @@ impl Router {
     }
 
     /// The site serving `host` (lower case, no port) on `port`.
-    pub fn site(&self, port: u16, host: &str) -> Option<&Arc<Site>> {
+    pub(crate) fn site(&self, port: u16, host: &str) -> Option<&Arc<Site>> {
         let table = self.ports.get(&port)?;
         let index = table
             .names
@@ -502,7 +494,7 @@ impl Router {
     }
 
     /// The HTTPS port serving `host`, for redirecting plain HTTP there.
-    pub fn https_port_for(&self, host: &str) -> Option<u16> {
+    pub(crate) fn https_port_for(&self, host: &str) -> Option<u16> {
         self.https
             .iter()
             .find(|(h, _)| h.matches(host))
@@ -511,7 +503,7 @@ impl Router {
 }
 
 /// Lower-cased host without port from a Host header or URI authority.
-pub fn host_of(authority: &str) -> String {
+pub(crate) fn host_of(authority: &str) -> String {
     let host = match split_host_port(authority) {
         Some((host, _)) => host,
         None => authority,
