@@ -33,10 +33,9 @@ use hyper::http::{HeaderValue, Method};
 use serde::{Serialize, Serializer};
 use tokio_util::sync::CancellationToken;
 
+use crate::body::{Body, BoxError};
 use crate::config::AccessLog as Target;
-use crate::handler::{Body, BoxError};
-use crate::proxy::Upstream;
-use crate::site::split_host_port;
+use crate::site::{Upstream, split_host_port};
 
 /// Most bytes waiting for the writer; lines beyond are dropped (and counted).
 const MAX_PENDING: usize = 8 << 20;

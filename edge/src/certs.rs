@@ -1,5 +1,5 @@
 //! Serving certificates: a per-name map swapped live under TLS handshakes, filled from the
-//! storage, the internal CA or ACME ([`crate::acme`]), and renewed in the background.
+//! storage, the internal CA or ACME (the `acme` module), and renewed in the background.
 //!
 //! The map sits behind an `ArcSwap`, so a handshake reads it without a lock and a renewal or
 //! reload replaces it whole; connections already up keep the certificate they started with.
@@ -44,7 +44,7 @@ pub(crate) struct Entry {
     pub(crate) certified: Arc<CertifiedKey>,
     /// The leaf's validity.
     pub(crate) validity: Validity,
-    /// Ordered from an ACME CA (renewed by [`crate::acme`]), not made by the internal CA.
+    /// Ordered from an ACME CA (renewed by the `acme` module), not made by the internal CA.
     pub(crate) acme: bool,
 }
 
@@ -100,7 +100,7 @@ impl Certs {
 
     /// Makes the served set exactly `hosts` from the internal CA plus the ACME names in
     /// `acme` that are served already: keeps what is served and fresh, loads what the storage
-    /// holds, issues the rest. ACME names not served yet are [`crate::acme`]'s to add.
+    /// holds, issues the rest. ACME names not served yet are the `acme` module's to add.
     /// Blocking (file I/O and signing).
     pub(crate) fn ensure(&self, hosts: &[Host], acme: &[String]) -> Result<(), CaError> {
         let current = self.map.load_full();

@@ -17,9 +17,10 @@ use labcore::Env;
 use labcore::config::{ConfigError, ConfigFile};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::BasicAuth;
+use crate::encode::{Encode, Encoding};
 use crate::site::{
-    Address, BasicAuth, Encode, Encoding, HeaderOps, PathMatcher, Proxy, Redirect, Scheme, Site,
-    TlsPolicy, Upstream,
+    Address, HeaderOps, PathMatcher, Proxy, Redirect, Scheme, Site, TlsPolicy, Upstream,
 };
 
 /// The TOML config file, key for key.
@@ -835,7 +836,6 @@ fn resolve_site(
                 .map_err(|m| file.invalid(format!("{k}.header_up"), m))?,
             header_down: HeaderOps::build(&down.set, &down.add, &down.default, &down.delete)
                 .map_err(|m| file.invalid(format!("{k}.header_down"), m))?,
-            next: Default::default(),
         });
     }
     if proxies.is_empty() && redirects.is_empty() {

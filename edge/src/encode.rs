@@ -10,7 +10,7 @@ use hyper::body::Frame;
 use hyper::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use crate::handler::{Body, BoxError};
+use crate::body::{Body, BoxError};
 
 /// An encoding the edge can produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

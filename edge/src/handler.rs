@@ -13,7 +13,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -21,15 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, Logged, Record};
+use crate::body::{Body, status_response};
 use crate::certs::ChallengeResponder;
 use crate::encode;
 use crate::proxy::{Client, Forwarded};
-use crate::site::{Router, Scheme, Site, host_of};
-
-/// Errors a response body can end with.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Every response body the edge sends.
-pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+use crate::router::{Router, Served};
+use crate::site::{Scheme, host_of};
 
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
@@ -66,21 +62,6 @@ pub(crate) struct Conn {
     /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
     /// keep-alive pings move bytes on an idle connection).
     pub(crate) requests: AtomicU64,
-}
-
-/// A plain-text response with a short body.
-pub(crate) fn status_response(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|e| match e {})
-            .boxed_unsync(),
-    );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 fn redirect(status: StatusCode, location: &str) -> Response<Body> {
@@ -235,13 +216,14 @@ fn expand(template: &str, req: &Request<Incoming>, host: &str, scheme: Scheme) -
 }
 
 async fn serve_site(
-    site: &Arc<Site>,
+    served: &Arc<Served>,
     req: Request<Incoming>,
     conn: &Conn,
     state: &State,
     host_value: &HeaderValue,
     record: Option<&mut Record>,
 ) -> Response<Body> {
+    let site = &served.site;
     let path = req.uri().path();
     let header_ops: Vec<usize> = site
         .headers
@@ -256,7 +238,7 @@ async fn serve_site(
         }
         _ => None,
     };
-    let mut response = respond(site, req, conn, state, host_value, record).await;
+    let mut response = respond(served, req, conn, state, host_value, record).await;
     if let (Some(enc), Some(encoding)) = (&site.encode, encoding)
         && enc.wants(response.status(), response.headers())
     {
@@ -269,13 +251,14 @@ async fn serve_site(
 }
 
 async fn respond(
-    site: &Arc<Site>,
+    served: &Served,
     req: Request<Incoming>,
     conn: &Conn,
     state: &State,
     host_value: &HeaderValue,
     record: Option<&mut Record>,
 ) -> Response<Body> {
+    let site = &served.site;
     let path = req.uri().path();
     if let Some(r) = site.redirects.iter().find(|r| r.matcher.matches(path)) {
         let host = host_of(host_value.to_str().unwrap_or(""));
@@ -299,13 +282,14 @@ async fn respond(
             }
         }
     }
-    let Some(proxy) = site.proxies.iter().find(|p| p.matcher.matches(path)) else {
+    let Some(at) = site.proxies.iter().position(|p| p.matcher.matches(path)) else {
         return status_response(StatusCode::NOT_FOUND, "not found\n");
     };
     let client = state.client.load_full();
     let outcome = client
         .forward(
-            proxy,
+            &site.proxies[at],
+            &served.balancers[at],
             req,
             Forwarded {
                 client_ip: &conn.forwarded_for,

@@ -12,6 +12,7 @@
 mod access_log;
 pub mod acme;
 mod auth;
+mod body;
 mod ca;
 mod caddyfile;
 mod certs;
@@ -21,6 +22,7 @@ mod encode;
 mod handler;
 mod pool;
 mod proxy;
+mod router;
 mod server;
 mod site;
 mod storage;

@@ -33,7 +33,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::proxy::UpBody;
+use crate::body::UpBody;
 
 type Conn = http1::Connection<TokioIo<TcpStream>, UpBody>;
 

@@ -58,7 +58,8 @@ use crate::certs::{Certs, ChallengeResponder, Fixed, Resolver, key_of};
 use crate::config::{self, Config, Limits};
 use crate::handler::{self, Conn, State};
 use crate::proxy::Client;
-use crate::site::{Host, Router, Scheme, TlsPolicy};
+use crate::router::Router;
+use crate::site::{Host, Scheme, TlsPolicy};
 use crate::storage::Storage;
 
 /// The ALPN protocol of TLS-ALPN-01 challenges (RFC 8737).

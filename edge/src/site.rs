@@ -1,20 +1,22 @@
 //! What a site is once resolved: its addresses, the certificate policy of each name, path
-//! matchers, header operations, redirects and upstreams; and the [`Router`] that finds the
-//! site for a request's port and host.
+//! matchers, header operations, redirects and upstreams.
 //!
+//! Configuration data only: what runs (routing, upstream health, connections) lives above,
+//! in `router`, `proxy` and `server`, and builds on these types.
 //! These types hold only valid values (a [`HeaderOps`] holds parsed header names, an
 //! [`Upstream`] a parsed authority), so the request path never re-validates configuration.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use hyper::http::uri::Authority;
 use hyper::http::{HeaderMap, HeaderName, HeaderValue};
 
-pub(crate) use crate::auth::BasicAuth;
-pub(crate) use crate::encode::{Encode, Encoding};
-pub(crate) use crate::proxy::{Proxy, Upstream};
+use crate::auth::BasicAuth;
+use crate::encode::Encode;
 
 /// Plain HTTP or HTTPS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -378,6 +380,68 @@ pub(crate) struct Redirect {
     pub(crate) code: u16,
 }
 
+/// One upstream server, as configured.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    /// As written in the config.
+    pub(crate) text: String,
+    /// Where to connect.
+    pub(crate) authority: Authority,
+}
+
+impl Upstream {
+    /// Parses "host:port", "http://host:port", ":port" (localhost) or "host" (port 80).
+    pub(crate) fn parse(text: &str) -> Result<Arc<Upstream>, String> {
+        let rest = if let Some(rest) = text.strip_prefix("http://") {
+            rest
+        } else if text.starts_with("https://") {
+            return Err(format!("{text:?}: HTTPS upstreams are not supported yet"));
+        } else if text.contains("://") {
+            return Err(format!("{text:?}: only http:// upstreams are supported"));
+        } else {
+            text
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') {
+            return Err(format!("{text:?}: an upstream cannot hold a path"));
+        }
+        let (host, port) =
+            split_host_port(rest).ok_or_else(|| format!("{text:?} has a bad port"))?;
+        let host = if host.is_empty() { "localhost" } else { host };
+        let port = port.unwrap_or(80);
+        if port == 0 {
+            return Err(format!("{text:?}: port 0 is not a port to connect to"));
+        }
+        let authority: Authority = format!("{host}:{port}")
+            .parse()
+            .map_err(|_| format!("{text:?} is not a host:port"))?;
+        Ok(Arc::new(Upstream {
+            text: text.to_owned(),
+            authority,
+        }))
+    }
+}
+
+/// One `reverse_proxy`: which paths, which upstreams, how to choose and what to rewrite.
+/// Its run-time state (round robin, health) is `proxy::Balancer`'s.
+#[derive(Clone, Debug)]
+pub(crate) struct Proxy {
+    /// Which paths.
+    pub(crate) matcher: PathMatcher,
+    /// The upstreams.
+    pub(crate) upstreams: Vec<Arc<Upstream>>,
+    /// Always prefer the first healthy upstream (`lb_policy first`).
+    pub(crate) first: bool,
+    /// How long a failed upstream is skipped.
+    pub(crate) fail_duration: Duration,
+    /// Failures before it is skipped.
+    pub(crate) max_fails: u32,
+    /// Request header changes.
+    pub(crate) header_up: HeaderOps,
+    /// Response header changes.
+    pub(crate) header_down: HeaderOps,
+}
+
 /// A resolved site.
 #[derive(Clone, Debug)]
 pub(crate) struct Site {
@@ -411,94 +475,6 @@ impl Site {
     /// Where the certificate of `host` (one of [`Site::tls_hosts`]) comes from.
     pub(crate) fn tls_policy(&self, host: &Host) -> TlsPolicy {
         TlsPolicy::for_host(host, self.tls_internal).unwrap_or(TlsPolicy::Internal)
-    }
-}
-
-/// Sites reachable on one port.
-#[derive(Debug, Default)]
-struct PortTable {
-    names: HashMap<String, usize>,
-    wildcards: Vec<(String, usize)>,
-    ips: HashMap<IpAddr, usize>,
-    any: Option<usize>,
-}
-
-/// Finds the site for a request by port and host.
-#[derive(Debug)]
-pub(crate) struct Router {
-    sites: Vec<Arc<Site>>,
-    ports: HashMap<u16, PortTable>,
-    /// HTTPS hosts by name, for the redirect from plain HTTP: (host, port).
-    https: Vec<(Host, u16)>,
-}
-
-impl Router {
-    /// Builds the tables for `sites`. Port 0 in an address stands for the bound port, which
-    /// `bound` maps.
-    pub(crate) fn new(sites: &[Site], bound: &dyn Fn(u16, Scheme) -> u16) -> Router {
-        let mut ports: HashMap<u16, PortTable> = HashMap::new();
-        let mut https = Vec::new();
-        for (i, site) in sites.iter().enumerate() {
-            for address in &site.addresses {
-                let port = bound(address.port, address.scheme);
-                let table = ports.entry(port).or_default();
-                match &address.host {
-                    Host::Name(n) => {
-                        table.names.insert(n.clone(), i);
-                    }
-                    Host::Wildcard(s) => table.wildcards.push((s.clone(), i)),
-                    Host::Ip(ip) => {
-                        table.ips.insert(*ip, i);
-                    }
-                    Host::Any => table.any = Some(i),
-                }
-                if address.scheme == Scheme::Https {
-                    https.push((address.host.clone(), port));
-                }
-            }
-        }
-        for table in ports.values_mut() {
-            table
-                .wildcards
-                .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-        }
-        Router {
-            sites: sites.iter().cloned().map(Arc::new).collect(),
-            ports,
-            https,
-        }
-    }
-
-    /// The site serving `host` (lower case, no port) on `port`.
-    pub(crate) fn site(&self, port: u16, host: &str) -> Option<&Arc<Site>> {
-        let table = self.ports.get(&port)?;
-        let index = table
-            .names
-            .get(host)
-            .copied()
-            .or_else(|| {
-                table
-                    .wildcards
-                    .iter()
-                    .find(|(s, _)| Host::Wildcard(s.clone()).matches(host))
-                    .map(|(_, i)| *i)
-            })
-            .or_else(|| {
-                let ip = host.trim_start_matches('[').trim_end_matches(']');
-                ip.parse()
-                    .ok()
-                    .and_then(|ip: IpAddr| table.ips.get(&ip).copied())
-            })
-            .or(table.any)?;
-        self.sites.get(index)
-    }
-
-    /// The HTTPS port serving `host`, for redirecting plain HTTP there.
-    pub(crate) fn https_port_for(&self, host: &str) -> Option<u16> {
-        self.https
-            .iter()
-            .find(|(h, _)| h.matches(host))
-            .map(|(_, port)| *port)
     }
 }
 
@@ -569,6 +545,30 @@ mod tests {
         assert!(s.matches("/index.php") && !s.matches("/index.html"));
         assert!(PathMatcher::parse("/a*b*").is_err());
         assert!(PathMatcher::parse("api").is_err());
+    }
+
+    #[test]
+    fn upstreams_parse_like_caddys() {
+        assert_eq!(
+            Upstream::parse("localhost:7001").unwrap().authority,
+            "localhost:7001"
+        );
+        assert_eq!(
+            Upstream::parse(":8080").unwrap().authority,
+            "localhost:8080"
+        );
+        assert_eq!(
+            Upstream::parse("http://10.0.0.2").unwrap().authority,
+            "10.0.0.2:80"
+        );
+        assert_eq!(Upstream::parse("[::1]:9").unwrap().authority, "[::1]:9");
+        assert!(
+            Upstream::parse("https://x:1")
+                .unwrap_err()
+                .contains("HTTPS")
+        );
+        assert!(Upstream::parse("x:1/path").is_err());
+        assert!(Upstream::parse("x:port").is_err());
     }
 
     #[test]
