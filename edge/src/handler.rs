@@ -25,7 +25,7 @@ use crate::certs::ChallengeResponder;
 use crate::encode;
 use crate::proxy::{Client, Forwarded};
 use crate::router::{Router, Served};
-use crate::site::{Scheme, host_of};
+use crate::site::{Scheme, host_of, match_path};
 
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
@@ -224,14 +224,20 @@ async fn serve_site(
     record: Option<&mut Record>,
 ) -> Response<Body> {
     let site = &served.site;
-    let path = req.uri().path();
+    let Some(path) = match_path(req.uri().path()) else {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "bad request: malformed percent-escape in the path\n",
+        );
+    };
     let header_ops: Vec<usize> = site
         .headers
         .iter()
         .enumerate()
-        .filter(|(_, (m, _))| m.matches(path))
+        .filter(|(_, (m, _))| m.matches(&path))
         .map(|(i, _)| i)
         .collect();
+    drop(path);
     let encoding = match &site.encode {
         Some(enc) if req.method() != Method::HEAD => {
             enc.negotiate(req.headers().get(header::ACCEPT_ENCODING))
@@ -259,14 +265,15 @@ async fn respond(
     record: Option<&mut Record>,
 ) -> Response<Body> {
     let site = &served.site;
-    let path = req.uri().path();
-    if let Some(r) = site.redirects.iter().find(|r| r.matcher.matches(path)) {
+    // serve_site checked the path decodes.
+    let path = match_path(req.uri().path()).unwrap_or_default();
+    if let Some(r) = site.redirects.iter().find(|r| r.matcher.matches(&path)) {
         let host = host_of(host_value.to_str().unwrap_or(""));
         let status = StatusCode::from_u16(r.code).unwrap_or(StatusCode::FOUND);
         return redirect(status, &expand(&r.to, &req, &host, conn.scheme));
     }
     let mut record = record;
-    if let Some((_, auth)) = site.auths.iter().find(|(m, _)| m.matches(path)) {
+    if let Some((_, auth)) = site.auths.iter().find(|(m, _)| m.matches(&path)) {
         match auth.check(req.headers().get(header::AUTHORIZATION)).await {
             Some(user) => {
                 if let Some(r) = record.as_deref_mut() {
@@ -282,9 +289,10 @@ async fn respond(
             }
         }
     }
-    let Some(at) = site.proxies.iter().position(|p| p.matcher.matches(path)) else {
+    let Some(at) = site.proxies.iter().position(|p| p.matcher.matches(&path)) else {
         return status_response(StatusCode::NOT_FOUND, "not found\n");
     };
+    drop(path);
     let client = state.client.load_full();
     let outcome = client
         .forward(

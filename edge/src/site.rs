@@ -6,6 +6,7 @@
 //! These types hold only valid values (a [`HeaderOps`] holds parsed header names, an
 //! [`Upstream`] a parsed authority), so the request path never re-validates configuration.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -239,7 +240,8 @@ impl TlsPolicy {
 }
 
 /// A path matcher as Caddy writes it: `/exact`, `/prefix/*`, `*.suffix` or `*`.
-/// Comparison ignores ASCII case, as Caddy's does.
+/// It is compared with [`match_path`]'s form of the request path, ignoring ASCII case, as
+/// Caddy 2.6 compares (it lowers both sides).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum PathMatcher {
     /// Every path.
@@ -273,15 +275,29 @@ impl PathMatcher {
         if !text.starts_with('/') {
             return Err(format!("path matcher {text:?} must start with /"));
         }
+        // Caddy compares such patterns in escaped space, or keeps doubled slashes for them;
+        // the edge matches decoded, merged paths only, so it refuses them rather than never
+        // matching.
+        if text.contains('%') {
+            return Err(format!(
+                "path matcher {text:?}: percent-escapes are not supported (write the decoded path)"
+            ));
+        }
+        if text.contains("//") {
+            return Err(format!(
+                "path matcher {text:?}: doubled slashes never match (paths are matched with \
+                 repeated slashes merged)"
+            ));
+        }
         Ok(matcher)
     }
 
-    /// Whether `path` matches.
-    pub(crate) fn matches(&self, path: &str) -> bool {
-        let p = path.as_bytes();
+    /// Whether `path` (as [`match_path`] gives it) matches.
+    pub(crate) fn matches(&self, path: &[u8]) -> bool {
+        let p = path;
         match self {
             PathMatcher::Any => true,
-            PathMatcher::Exact(m) => path.eq_ignore_ascii_case(m),
+            PathMatcher::Exact(m) => path.eq_ignore_ascii_case(m.as_bytes()),
             PathMatcher::Prefix(m) => {
                 p.len() >= m.len() && p[..m.len()].eq_ignore_ascii_case(m.as_bytes())
             }
@@ -309,6 +325,77 @@ impl PathMatcher {
             PathMatcher::Suffix(m) => Some(format!("*{m}")),
         }
     }
+}
+
+/// The request path as path matchers see it, the way Caddy 2.6 makes it: percent-decoded
+/// (`%2F` too), trailing dots and spaces dropped (Windows ignores them when opening a file),
+/// then `.` and `..` segments resolved and repeated slashes merged, keeping a trailing slash.
+/// So `/%61dmin`, `//admin`, `/./admin` and `/x/../admin` all match `/admin`, as the upstream
+/// that decodes and resolves the path would read them. What is forwarded stays as sent.
+///
+/// `None` when a percent-escape is malformed (Caddy answers 400). Borrows the path when it
+/// holds nothing to decode or resolve, which is nearly always.
+pub(crate) fn match_path(raw: &str) -> Option<Cow<'_, [u8]>> {
+    let bytes = raw.as_bytes();
+    let plain = !bytes.contains(&b'%')
+        && !raw.contains("//")
+        && !raw.contains("/.")
+        && !matches!(bytes.last(), Some(b'.' | b' '));
+    if plain {
+        return Some(Cow::Borrowed(bytes));
+    }
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = |b: u8| (b as char).to_digit(16);
+            let hi = bytes.get(i + 1).copied().and_then(hex)?;
+            let lo = bytes.get(i + 2).copied().and_then(hex)?;
+            decoded.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    while matches!(decoded.last(), Some(b'.' | b' ')) {
+        decoded.pop();
+    }
+    Some(Cow::Owned(clean_path(&decoded)))
+}
+
+/// Go's `path.Clean` (slashes merged, `.` dropped, `..` taking the segment before it, none
+/// above the root), keeping a trailing slash as Caddy does.
+fn clean_path(path: &[u8]) -> Vec<u8> {
+    let rooted = path.first() == Some(&b'/');
+    let mut segments: Vec<&[u8]> = Vec::new();
+    for segment in path.split(|&b| b == b'/') {
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                if segments.last().is_some_and(|s| *s != b"..") {
+                    segments.pop();
+                } else if !rooted {
+                    segments.push(segment);
+                }
+            }
+            _ => segments.push(segment),
+        }
+    }
+    let mut clean = Vec::with_capacity(path.len() + 1);
+    for (n, segment) in segments.iter().enumerate() {
+        if rooted || n > 0 {
+            clean.push(b'/');
+        }
+        clean.extend_from_slice(segment);
+    }
+    if clean.is_empty() {
+        clean.push(if rooted { b'/' } else { b'.' });
+    }
+    if clean != b"/" && path.ends_with(b"/") {
+        clean.push(b'/');
+    }
+    clean
 }
 
 /// Header operations, parsed.
@@ -538,13 +625,41 @@ mod tests {
     #[test]
     fn path_matchers_match_exact_prefix_and_suffix() {
         let p = PathMatcher::parse("/api/*").unwrap();
-        assert!(p.matches("/api/x") && p.matches("/API/x") && !p.matches("/api"));
+        assert!(p.matches(b"/api/x") && p.matches(b"/API/x") && !p.matches(b"/api"));
         let e = PathMatcher::parse("/health").unwrap();
-        assert!(e.matches("/health") && !e.matches("/health/x"));
+        assert!(e.matches(b"/health") && !e.matches(b"/health/x"));
         let s = PathMatcher::parse("*.php").unwrap();
-        assert!(s.matches("/index.php") && !s.matches("/index.html"));
+        assert!(s.matches(b"/index.php") && !s.matches(b"/index.html"));
         assert!(PathMatcher::parse("/a*b*").is_err());
         assert!(PathMatcher::parse("api").is_err());
+        assert!(PathMatcher::parse("/%61dmin*").is_err());
+        assert!(PathMatcher::parse("/a//b").is_err());
+    }
+
+    #[test]
+    fn matched_paths_are_decoded_resolved_and_merged_like_caddys() {
+        let seen = |raw: &str| match_path(raw).map(|p| String::from_utf8_lossy(&p).into_owned());
+        for (raw, clean) in [
+            ("/admin/secret", "/admin/secret"),
+            ("/%61dmin/secret", "/admin/secret"),
+            ("//admin//secret", "/admin/secret"),
+            ("/./admin/./secret", "/admin/secret"),
+            ("/x/../admin/secret", "/admin/secret"),
+            ("/../../admin", "/admin"),
+            ("/%2fadmin%2Fsecret", "/admin/secret"),
+            ("/x/%2e%2e/admin", "/admin"),
+            ("/admin/", "/admin/"),
+            ("/admin/secret/.", "/admin/secret/"),
+            ("/admin.. ", "/admin"),
+            ("/x/..", "/x/"),
+            ("/", "/"),
+            ("*", "*"),
+        ] {
+            assert_eq!(seen(raw).as_deref(), Some(clean), "{raw}");
+        }
+        assert_eq!(seen("/%zzadmin"), None);
+        assert_eq!(seen("/admin%"), None);
+        assert_eq!(seen("/admin%2"), None);
     }
 
     #[test]
@@ -582,6 +697,17 @@ mod tests {
 
     proptest::proptest! {
         /// Host headers are untrusted bytes: any text is handled without a panic.
+        /// Request paths are untrusted bytes: any is decoded or refused, never a panic, and
+        /// what comes out has no `.` or `..` segment and no doubled slash.
+        #[test]
+        fn any_request_path_is_handled(text in "/[a-z./%0-9A-F]{0,40}") {
+            if let Some(clean) = match_path(&text) {
+                let clean = String::from_utf8_lossy(&clean).into_owned();
+                proptest::prop_assert!(!clean.contains("//"), "{clean}");
+                proptest::prop_assert!(!clean.split('/').any(|s| s == "." || s == ".."), "{clean}");
+            }
+        }
+
         #[test]
         fn any_host_header_is_handled(text in ".{0,64}") {
             let _ = split_host_port(&text);

@@ -4,5 +4,6 @@
 mod acme;
 mod bad_input;
 mod cli;
+mod paths;
 mod serving;
 mod support;
