@@ -108,7 +108,8 @@ pub(crate) struct LimitsToml {
     /// Largest request head in bytes (431 beyond). Default 65536.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) max_header_bytes: Option<usize>,
-    /// A connection with no request and no traffic for this long is closed. Default "2m".
+    /// A connection with no request and no traffic for this long is closed; an upgraded
+    /// (WebSocket) one moving no bytes either way too. Default "2m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) idle_timeout: Option<String>,
     /// Time a client has to finish the TLS handshake. Default "10s".
@@ -123,7 +124,8 @@ pub(crate) struct LimitsToml {
     /// Concurrent HTTP/2 streams per connection. Default 250.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) h2_max_concurrent_streams: Option<u32>,
-    /// Open client connections at once; more wait in the kernel's backlog. Default 10000.
+    /// Open client connections at once, upgraded ones included until they close; more wait
+    /// in the kernel's backlog. A reload applies a new value. Default 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) max_connections: Option<usize>,
 }

@@ -23,7 +23,8 @@ use crate::access_log::{AccessLog, Logged, Record};
 use crate::body::{Body, status_response};
 use crate::certs::ChallengeResponder;
 use crate::encode;
-use crate::proxy::{Client, Forwarded};
+use crate::limit::ConnPermit;
+use crate::proxy::{Client, Forwarded, Upgrades};
 use crate::router::{Router, Served};
 use crate::site::{Scheme, host_of, match_path};
 
@@ -62,6 +63,9 @@ pub(crate) struct Conn {
     /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
     /// keep-alive pings move bytes on an idle connection).
     pub(crate) requests: AtomicU64,
+    /// Its place under `max_connections`: held by the connection and by its upgraded
+    /// (WebSocket) continuation, so the place is free only when both have ended.
+    pub(crate) _permit: ConnPermit,
 }
 
 fn redirect(status: StatusCode, location: &str) -> Response<Body> {
@@ -120,7 +124,7 @@ pub(crate) async fn handle(
 
 async fn route(
     req: Request<Incoming>,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     state: &State,
     record: Option<&mut Record>,
 ) -> Response<Body> {
@@ -218,7 +222,7 @@ fn expand(template: &str, req: &Request<Incoming>, host: &str, scheme: Scheme) -
 async fn serve_site(
     served: &Arc<Served>,
     req: Request<Incoming>,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     state: &State,
     host_value: &HeaderValue,
     record: Option<&mut Record>,
@@ -259,7 +263,7 @@ async fn serve_site(
 async fn respond(
     served: &Served,
     req: Request<Incoming>,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     state: &State,
     host_value: &HeaderValue,
     record: Option<&mut Record>,
@@ -304,8 +308,11 @@ async fn respond(
                 proto: conn.scheme.as_str(),
                 host: host_value,
             },
-            &state.upgraded,
-            &state.stop,
+            Upgrades {
+                tasks: &state.upgraded,
+                stop: &state.stop,
+                hold: conn.clone(),
+            },
         )
         .await;
     if let Some(r) = record {

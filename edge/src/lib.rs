@@ -11,6 +11,7 @@
 
 mod access_log;
 pub mod acme;
+mod activity;
 mod auth;
 mod body;
 mod ca;
@@ -20,6 +21,7 @@ pub mod cli;
 mod config;
 mod encode;
 mod handler;
+mod limit;
 mod pool;
 mod proxy;
 mod router;

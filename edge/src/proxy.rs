@@ -22,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::activity::Activity;
 use crate::body::{Body, UpBody, status_response};
 use crate::pool::{self, Failure, LeasedBody, Pool};
 use crate::site::{Proxy, Upstream};
@@ -107,12 +108,27 @@ impl Balancer {
     }
 }
 
+/// Where an upgraded (WebSocket) connection's task goes: the tracker that owns it, the
+/// signal that ends it, and what it keeps alive until it ends (the client connection's place
+/// under the connection limit).
+#[derive(Debug)]
+pub(crate) struct Upgrades<'a, H> {
+    /// Owner of the task.
+    pub(crate) tasks: &'a TaskTracker,
+    /// Cancelled when upgraded connections must end.
+    pub(crate) stop: &'a CancellationToken,
+    /// Dropped when the upgraded connection ends.
+    pub(crate) hold: H,
+}
+
 /// The pooled upstream client and its timeouts.
 #[derive(Clone, Debug)]
 pub(crate) struct Client {
     pool: Arc<Pool>,
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// An upgraded connection moving no bytes for this long is closed.
+    upgraded_idle: Duration,
 }
 
 /// What the client connection looks like to the upstream.
@@ -195,11 +211,16 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
 
 impl Client {
     /// A client with these timeouts.
-    pub(crate) fn new(connect_timeout: Duration, response_timeout: Duration) -> Client {
+    pub(crate) fn new(
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        upgraded_idle: Duration,
+    ) -> Client {
         Client {
             pool: Pool::new(Duration::from_secs(60), 256),
             connect_timeout,
             response_timeout,
+            upgraded_idle,
         }
     }
 
@@ -210,8 +231,7 @@ impl Client {
         balancer: &Balancer,
         mut req: Request<Incoming>,
         fwd: Forwarded<'_>,
-        tasks: &TaskTracker,
-        stop: &CancellationToken,
+        upgrades: Upgrades<'_, impl Send + 'static>,
     ) -> Outcome {
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -271,7 +291,7 @@ impl Client {
             };
             let exchange = async {
                 if upgrade.is_some() {
-                    self.send_upgrade(&upstream.authority, up, tasks, stop)
+                    self.send_upgrade(&upstream.authority, up, upgrades.tasks, upgrades.stop)
                         .await
                         .map(|response| (response, None))
                 } else {
@@ -284,8 +304,7 @@ impl Client {
             match tokio::time::timeout(self.response_timeout, exchange).await {
                 Ok(Ok((response, lease))) => {
                     balancer.succeeded(i);
-                    let response =
-                        self.respond(proxy, response, lease, client_upgrade, tasks, stop);
+                    let response = self.respond(proxy, response, lease, client_upgrade, upgrades);
                     return Outcome {
                         response,
                         upstream: last,
@@ -348,21 +367,25 @@ impl Client {
         sender.send_request(up).await.map_err(Failure::Request)
     }
 
+    /// The client's response; an upgrade (101) also starts the task joining both ends, which
+    /// keeps `upgrades.hold` until it ends.
     fn respond(
         &self,
         proxy: &Proxy,
         mut response: Response<Incoming>,
         lease: Option<pool::Lease>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        tasks: &TaskTracker,
-        stop: &CancellationToken,
+        upgrades: Upgrades<'_, impl Send + 'static>,
     ) -> Response<Body> {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let Upgrades { tasks, stop, hold } = upgrades;
             let stop = stop.clone();
+            let idle = self.upgraded_idle;
             tasks.spawn(async move {
+                let _hold = hold;
                 let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok(both) => both,
                     Err(err) => {
@@ -370,16 +393,7 @@ impl Client {
                         return;
                     }
                 };
-                let mut client = TokioIo::new(client);
-                let mut upstream = TokioIo::new(upstream);
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                        if let Err(err) = result {
-                            tracing::debug!(error = %err, "upgraded connection ended");
-                        }
-                    }
-                }
+                join_upgraded(client, upstream, idle, &stop).await;
             });
             let (mut parts, _) = response.into_parts();
             proxy.header_down.apply(&mut parts.headers);
@@ -400,6 +414,43 @@ impl Client {
             None => body.map_err(Into::into).boxed_unsync(),
         };
         Response::from_parts(parts, body)
+    }
+}
+
+/// Copies both ways until either end closes, the edge stops, or no byte has moved for
+/// `idle` (checked every `idle`, so an idle connection ends within twice that).
+async fn join_upgraded(
+    client: hyper::upgrade::Upgraded,
+    upstream: hyper::upgrade::Upgraded,
+    idle: Duration,
+    stop: &CancellationToken,
+) {
+    // Every byte either way passes the client's side, so counting there sees all traffic.
+    let moved = Arc::new(AtomicU64::new(0));
+    let mut client = Activity::new(TokioIo::new(client), moved.clone());
+    let mut upstream = TokioIo::new(upstream);
+    let mut copy = std::pin::pin!(tokio::io::copy_bidirectional(&mut client, &mut upstream));
+    let mut ticks = tokio::time::interval(idle);
+    ticks.tick().await;
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            result = &mut copy => {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "upgraded connection ended");
+                }
+                return;
+            }
+            _ = ticks.tick() => {
+                let now = moved.load(Ordering::Relaxed);
+                if now == seen {
+                    tracing::debug!(?idle, "idle upgraded connection closed");
+                    return;
+                }
+                seen = now;
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 mod acme;
 mod bad_input;
 mod cli;
+mod limits;
 mod paths;
 mod serving;
 mod support;
