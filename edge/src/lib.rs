@@ -1,13 +1,19 @@
 //! edge: a TLS-terminating reverse proxy with an internal CA, configured by TOML or a
 //! Caddyfile: the job Caddy does on the lab's public VM.
 //!
-//! The front ends ([`config`] for TOML, [`caddyfile`]) meet in one resolved [`config::Config`]
-//! of [`site`]s. [`server`] binds the listeners, does TLS with certificates from [`certs`]
-//! (filled by the internal CA in [`ca`] and by ACME in [`acme`], kept in [`storage`]), and
+//! The front ends (`config` for TOML, `caddyfile`) meet in one resolved `config::Config`
+//! of `site`s. `server` binds the listeners, does TLS with certificates from `certs`
+//! (filled by the internal CA in `ca` and by ACME in `acme`, kept in `storage`), and
 //! hands each request to
-//! [`handler`], which redirects, authenticates ([`auth`]), proxies ([`proxy`]), compresses
-//! ([`encode`]) and logs ([`access_log`]). [`trust`] puts the internal root into the system
-//! trust store. [`cli`] is the command line.
+//! `handler`, which finds the site (`router`), redirects, authenticates (`auth`),
+//! proxies (`proxy`, over connections from `pool`), compresses (`encode`) and logs
+//! (`access_log`). `limit` bounds open connections, `activity` counts their traffic for
+//! the idle watches, and `body` holds the body types all of them share. `trust` puts the
+//! internal root into the system trust store. [`cli`] is the command line.
+//!
+//! Modules form layers, never cycles: `body`, `activity`, `limit` and `storage` use no other
+//! module; `site` (configuration data) sits below `config` and the runtime (`router`,
+//! `proxy`, `handler`, `server`), and `cli` is on top.
 
 mod access_log;
 pub mod acme;
