@@ -117,6 +117,17 @@ fn every_spelling_of_a_protected_path_gets_the_same_status_from_edge_and_caddy()
         .unwrap();
     edge.wait_ready(WAIT).unwrap();
     let from_edge = statuses(http);
+    // Matching sees the cleaned path; the upstream gets the request line as sent.
+    let mut stream = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream
+        .write_all(
+            b"GET /x/..%2fpublic//a HTTP/1.1\r\nHost: plain.local\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut forwarded = String::new();
+    let _ = stream.read_to_string(&mut forwarded);
+    assert!(forwarded.ends_with("web /x/..%2fpublic//a"), "{forwarded}");
     edge.stop(WAIT).unwrap();
 
     let caddy = ProcBuilder::new(CADDY)
