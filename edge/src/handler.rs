@@ -1,5 +1,8 @@
 //! One request's way through the edge: find the site by port and Host, then (in Caddy's
 //! directive order) redirect, authenticate, proxy, compress and set response headers; log it.
+//! Every path matcher sees the path as `site::match_path` makes it (decoded, resolved, slashes
+//! merged, as Caddy does), never the raw one, so no spelling slips past `basic_auth`; the
+//! request goes upstream as sent.
 //!
 //! On the plain HTTP port, a host served over HTTPS gets a permanent redirect there, except
 //! ACME HTTP-01 challenges (`/.well-known/acme-challenge/`), which go to the
