@@ -33,10 +33,9 @@ use hyper::http::{HeaderValue, Method};
 use serde::{Serialize, Serializer};
 use tokio_util::sync::CancellationToken;
 
+use crate::body::{Body, BoxError};
 use crate::config::AccessLog as Target;
-use crate::handler::{Body, BoxError};
-use crate::proxy::Upstream;
-use crate::site::split_host_port;
+use crate::site::{Upstream, split_host_port};
 
 /// Most bytes waiting for the writer; lines beyond are dropped (and counted).
 const MAX_PENDING: usize = 8 << 20;
@@ -74,12 +73,12 @@ impl Buffered {
 
 /// Makes this thread buffer its lines until [`flush_this_thread`] (the edge's workers call it
 /// before they sleep and when they end).
-pub fn batch_on_this_thread() {
+pub(crate) fn batch_on_this_thread() {
     BATCHING.set(true);
 }
 
 /// Hands this thread's buffered lines to the writer.
-pub fn flush_this_thread() {
+pub(crate) fn flush_this_thread() {
     // try_with: a thread being torn down has no buffer left to flush.
     let _ = BUFFERED.try_with(|b| {
         if let Ok(mut b) = b.try_borrow_mut() {
@@ -94,35 +93,35 @@ pub fn flush_this_thread() {
 /// request's bytes, the upstream's `Arc`) rather than strings made from them: the text is
 /// written once, straight into the line, when the response has ended.
 #[derive(Debug, Serialize)]
-pub struct Record {
+pub(crate) struct Record {
     /// Unix time the request arrived, in seconds.
-    pub ts: f64,
+    pub(crate) ts: f64,
     /// Client address.
-    pub remote: IpAddr,
+    pub(crate) remote: IpAddr,
     /// "HTTP/1.1" or "HTTP/2.0".
-    pub proto: &'static str,
+    pub(crate) proto: &'static str,
     /// Method.
     #[serde(serialize_with = "method")]
-    pub method: Method,
+    pub(crate) method: Method,
     /// Host asked for, as sent; logged lower case without the port (as routed), or "" when
     /// there was none usable.
     #[serde(serialize_with = "host")]
-    pub host: Option<HeaderValue>,
+    pub(crate) host: Option<HeaderValue>,
     /// Path and query; `None` is logged as "/".
     #[serde(serialize_with = "path")]
-    pub path: Option<PathAndQuery>,
+    pub(crate) path: Option<PathAndQuery>,
     /// Response status.
-    pub status: u16,
+    pub(crate) status: u16,
     /// Response body bytes sent.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Time from request to the end of the response body.
-    pub duration_ms: f64,
+    pub(crate) duration_ms: f64,
     /// Upstream that answered, if proxied; logged as written in the config.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "upstream")]
-    pub upstream: Option<Arc<Upstream>>,
+    pub(crate) upstream: Option<Arc<Upstream>>,
     /// Authenticated user, if basic_auth passed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
 }
 
 fn method<S: Serializer>(method: &Method, s: S) -> Result<S::Ok, S::Error> {
@@ -173,7 +172,7 @@ impl fmt::Display for RoutedHost<'_> {
 
 /// The sending side of the access log.
 #[derive(Debug, Clone)]
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     shared: Option<Arc<Shared>>,
 }
 
@@ -212,18 +211,18 @@ impl Shared {
 
 impl AccessLog {
     /// A log that writes nothing.
-    pub fn off() -> AccessLog {
+    pub(crate) fn off() -> AccessLog {
         AccessLog { shared: None }
     }
 
     /// Whether lines are written.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.shared.is_some()
     }
 
     /// Starts the writer thread for `target`. Once `stop` fires it writes what is left and
     /// ends, and the task returned finishes.
-    pub async fn start(
+    pub(crate) async fn start(
         target: &Target,
         stop: CancellationToken,
     ) -> std::io::Result<(AccessLog, Option<tokio::task::JoinHandle<()>>)> {
@@ -378,7 +377,7 @@ fn write_loop(mut out: File, shared: &Shared) {
 
 /// A response body that counts bytes and, when finished or dropped, writes the log record and
 /// releases the connection's in-flight count.
-pub struct Logged {
+pub(crate) struct Logged {
     inner: Body,
     bytes: u64,
     record: Option<Record>,
@@ -389,7 +388,7 @@ pub struct Logged {
 
 impl Logged {
     /// Wraps `inner`; `record` is written when the body ends (if the log is on).
-    pub fn new(
+    pub(crate) fn new(
         inner: Body,
         record: Option<Record>,
         start: Instant,

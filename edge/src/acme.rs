@@ -42,11 +42,11 @@ use crate::config::{AcmeConfig, Challenge, KeyType};
 use crate::storage::{CERT_MODE, KEY_MODE, Storage};
 
 /// Longest delay between retries of a failing name.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 
 /// What went wrong getting a certificate.
 #[derive(Debug, thiserror::Error)]
-pub enum AcmeError {
+pub(crate) enum AcmeError {
     /// The CA answered with a problem document.
     #[error("the CA refused: {}", problem_text(.0))]
     Problem(Problem),
@@ -82,7 +82,7 @@ impl From<instant_acme::Error> for AcmeError {
 }
 
 /// A problem document as one line: type, detail, status and subproblems.
-pub fn problem_text(p: &Problem) -> String {
+pub(crate) fn problem_text(p: &Problem) -> String {
     let mut text = p.r#type.clone().unwrap_or_else(|| "(no type)".into());
     if let Some(detail) = &p.detail {
         text.push_str(&format!(": {detail}"));
@@ -114,7 +114,7 @@ pub fn ca_key(directory: &str) -> String {
 }
 
 /// Where a name's files live for a CA.
-pub fn cert_paths(directory: &str, name: &str) -> (String, String, String) {
+pub(crate) fn cert_paths(directory: &str, name: &str) -> (String, String, String) {
     let dir = format!("certificates/acme/{}/{name}", ca_key(directory));
     (
         format!("{dir}/{name}.crt"),
@@ -125,34 +125,34 @@ pub fn cert_paths(directory: &str, name: &str) -> (String, String, String) {
 
 /// A name's state as stored next to its certificate (`NAME.json`), for `edge status`.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NameState {
+pub(crate) struct NameState {
     /// The name.
-    pub name: String,
+    pub(crate) name: String,
     /// The ACME directory URL.
-    pub issuer: String,
+    pub(crate) issuer: String,
     /// The stored certificate's end (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_after: Option<i64>,
+    pub(crate) not_after: Option<i64>,
     /// When renewal is due (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renew_at: Option<i64>,
+    pub(crate) renew_at: Option<i64>,
     /// The last order attempt (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_attempt: Option<i64>,
+    pub(crate) last_attempt: Option<i64>,
     /// The last attempt's error; absent once an order succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// Failed attempts in a row.
     #[serde(default)]
-    pub failures: u32,
+    pub(crate) failures: u32,
     /// When the next attempt is planned after a failure (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_attempt: Option<i64>,
+    pub(crate) next_attempt: Option<i64>,
 }
 
 /// When a certificate valid from `not_before` to `not_after` is due: when `ratio` of its
 /// lifetime is left.
-pub fn renew_at(not_before: i64, not_after: i64, ratio: f64) -> i64 {
+pub(crate) fn renew_at(not_before: i64, not_after: i64, ratio: f64) -> i64 {
     let lifetime = (not_after - not_before).max(0) as f64;
     not_after - (lifetime * ratio) as i64
 }
@@ -160,7 +160,7 @@ pub fn renew_at(not_before: i64, not_after: i64, ratio: f64) -> i64 {
 /// The delay after the `failures`-th failure in a row: `base` doubled per failure, capped at
 /// [`MAX_BACKOFF`], times a jitter in [0.8, 1.0) so edges that failed together spread out.
 /// Below the cap each delay is longer than the one before (2 × 0.8 > 1).
-pub fn backoff(base: Duration, failures: u32, jitter: f64) -> Duration {
+pub(crate) fn backoff(base: Duration, failures: u32, jitter: f64) -> Duration {
     let exp = failures.saturating_sub(1).min(40);
     let raw = base.saturating_mul(1u32 << exp.min(31)).min(MAX_BACKOFF);
     raw.mul_f64(0.8 + 0.2 * jitter.clamp(0.0, 0.999))
@@ -168,7 +168,7 @@ pub fn backoff(base: Duration, failures: u32, jitter: f64) -> Duration {
 
 /// Pending challenges, answered by the HTTP handler and the TLS handshake.
 #[derive(Debug)]
-pub struct Challenges {
+pub(crate) struct Challenges {
     storage: Storage,
     provider: Arc<CryptoProvider>,
     /// (host, token) to key authorization.
@@ -187,7 +187,7 @@ struct SharedChallenge {
 
 impl Challenges {
     /// No challenges pending.
-    pub fn new(storage: Storage, provider: Arc<CryptoProvider>) -> Challenges {
+    pub(crate) fn new(storage: Storage, provider: Arc<CryptoProvider>) -> Challenges {
         Challenges {
             storage,
             provider,
@@ -311,15 +311,15 @@ impl Drop for ChallengeGuard<'_> {
 
 /// The names to keep certificates for, and how.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// ACME settings.
-    pub acme: AcmeConfig,
+    pub(crate) acme: AcmeConfig,
     /// Each name with its account email.
-    pub names: Vec<(String, Option<String>)>,
+    pub(crate) names: Vec<(String, Option<String>)>,
 }
 
 /// The ACME client of one edge.
-pub struct Acme {
+pub(crate) struct Acme {
     storage: Storage,
     certs: Arc<Certs>,
     challenges: Arc<Challenges>,
@@ -342,7 +342,7 @@ struct Schedule {
 
 impl Acme {
     /// A client storing into `storage` and serving through `certs`.
-    pub fn new(storage: Storage, certs: Arc<Certs>) -> Acme {
+    pub(crate) fn new(storage: Storage, certs: Arc<Certs>) -> Acme {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         Acme {
             challenges: Arc::new(Challenges::new(storage.clone(), provider)),
@@ -353,14 +353,14 @@ impl Acme {
     }
 
     /// What answers the CA's challenges.
-    pub fn challenges(&self) -> Arc<Challenges> {
+    pub(crate) fn challenges(&self) -> Arc<Challenges> {
         self.challenges.clone()
     }
 
     /// Serves every stored certificate of `plan` that is whole and unexpired, without
     /// contacting the CA; a corrupt one is reported by path and left for the loop to re-order.
     /// Blocking (file I/O).
-    pub fn serve_stored(&self, plan: &Plan) {
+    pub(crate) fn serve_stored(&self, plan: &Plan) {
         for (name, _) in &plan.names {
             if self.certs.get(name).is_some_and(|e| e.acme) {
                 continue;
@@ -438,7 +438,11 @@ impl Acme {
 
     /// Keeps a certificate for every name of the plan until `stop`: orders what is missing,
     /// renews what is due, retries failures with growing delays. `plan` changes on reload.
-    pub async fn run(self: Arc<Self>, mut plan: watch::Receiver<Plan>, stop: CancellationToken) {
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        mut plan: watch::Receiver<Plan>,
+        stop: CancellationToken,
+    ) {
         let mut schedules: HashMap<String, Schedule> = HashMap::new();
         let mut running: HashSet<String> = HashSet::new();
         let mut jobs: JoinSet<(String, Result<Arc<Entry>, AcmeError>)> = JoinSet::new();
@@ -810,32 +814,32 @@ fn names_host(der: &[u8], host: &str) -> bool {
 
 /// One line of `edge status`.
 #[derive(Debug, Clone, Serialize)]
-pub struct StatusLine {
+pub(crate) struct StatusLine {
     /// The name.
-    pub name: String,
+    pub(crate) name: String,
     /// "internal" or the ACME directory URL.
-    pub issuer: String,
+    pub(crate) issuer: String,
     /// Stored certificate's end (RFC 3339), if one is stored and readable.
-    pub expires: Option<String>,
+    pub(crate) expires: Option<String>,
     /// When renewal is due (RFC 3339).
-    pub next_renewal: Option<String>,
+    pub(crate) next_renewal: Option<String>,
     /// The last failed attempt's error, if the last attempt failed.
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// When the last attempt was (RFC 3339).
-    pub last_attempt: Option<String>,
+    pub(crate) last_attempt: Option<String>,
     /// When the next attempt is planned after failures (RFC 3339).
-    pub next_attempt: Option<String>,
+    pub(crate) next_attempt: Option<String>,
     /// Failures in a row.
-    pub failures: u32,
+    pub(crate) failures: u32,
 }
 
 /// Unix seconds as RFC 3339.
-pub fn rfc3339(secs: i64) -> String {
+pub(crate) fn rfc3339(secs: i64) -> String {
     jiff::Timestamp::from_second(secs).map_or_else(|_| secs.to_string(), |t| t.to_string())
 }
 
 /// The validity of the leaf in a stored certificate chain, if it is there and parses.
-pub fn stored_validity(storage: &Storage, path: &str) -> Option<crate::ca::Validity> {
+pub(crate) fn stored_validity(storage: &Storage, path: &str) -> Option<crate::ca::Validity> {
     let pem = storage.read(path).ok().flatten()?;
     let der = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
         .next()?
@@ -844,7 +848,7 @@ pub fn stored_validity(storage: &Storage, path: &str) -> Option<crate::ca::Valid
 }
 
 /// The status of an ACME name from the storage alone.
-pub fn status_of(storage: &Storage, acme: &AcmeConfig, name: &str) -> StatusLine {
+pub(crate) fn status_of(storage: &Storage, acme: &AcmeConfig, name: &str) -> StatusLine {
     let (crt, _, meta) = cert_paths(&acme.directory, name);
     let state: NameState = storage
         .read(&meta)

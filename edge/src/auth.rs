@@ -1,32 +1,42 @@
 //! HTTP basic authentication against bcrypt hashes, as Caddy's `basic_auth` does.
 //!
 //! bcrypt is slow on purpose (cost 14 takes about a second), so checks run on the blocking
-//! pool, never on the async workers, and a credential that verified is remembered by its
-//! SHA-256 (never the password itself) in a small bounded cache so a browser's every request
-//! does not pay the cost again. An unknown user is checked against a dummy hash so response
-//! time does not reveal which users exist.
+//! pool, never on the async workers, at most one per core at once in the whole process (a
+//! flood of wrong passwords on one site queues there instead of taking every core from the
+//! other sites), and a credential that verified is remembered by its SHA-256 (never the
+//! password itself) in a small bounded cache, so a browser's every request does not pay the
+//! cost again nor wait behind a flood. An unknown user is checked against one of the
+//! configured hashes (the costliest), so it costs what a known user costs and response time
+//! does not reveal which users exist.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use aws_lc_rs::digest;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hyper::http::HeaderValue;
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 
 /// Remembered good credentials per site directive; past this, the cache starts over.
 const CACHE_LIMIT: usize = 1024;
 
-/// A valid bcrypt hash of a random password, checked for unknown users.
-const DUMMY_HASH: &str = "$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy";
+/// The process-wide bound on bcrypt checks running at once: one per core.
+fn bcrypt_slots() -> &'static Semaphore {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    SLOTS
+        .get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(1, usize::from)))
+}
 
 /// One `basic_auth` directive: realm and users.
 #[derive(Clone)]
-pub struct BasicAuth {
+pub(crate) struct BasicAuth {
     realm: String,
     users: Arc<Vec<(String, String)>>,
+    /// The user whose hash unknown names are checked against: the costliest.
+    dummy: usize,
     good: Arc<Mutex<HashSet<[u8; 32]>>>,
 }
 
@@ -45,11 +55,12 @@ impl fmt::Debug for BasicAuth {
 
 impl BasicAuth {
     /// Checks each hash is bcrypt (raw `$2a$...` or base64 of it, as older Caddy printed).
-    pub fn build(
+    pub(crate) fn build(
         realm: Option<String>,
         users: &BTreeMap<String, String>,
     ) -> Result<BasicAuth, String> {
         let mut list = Vec::new();
+        let mut costs = Vec::new();
         for (user, hash) in users {
             if user.is_empty() || user.contains(':') {
                 return Err(format!("user name {user:?} is empty or holds a colon"));
@@ -63,11 +74,15 @@ impl BasicAuth {
                     .and_then(|b| String::from_utf8(b).ok())
                     .unwrap_or_default()
             };
-            if raw.parse::<bcrypt::HashParts>().is_err() {
+            let Ok(parts) = raw.parse::<bcrypt::HashParts>() else {
                 return Err(format!("the hash for user {user:?} is not a bcrypt hash"));
-            }
+            };
+            costs.push(parts.get_cost());
             list.push((user.clone(), raw));
         }
+        let Some(dummy) = (0..costs.len()).max_by_key(|&i| costs[i]) else {
+            return Err("basic_auth names no user".to_owned());
+        };
         let realm = realm.unwrap_or_else(|| "restricted".to_owned());
         if realm.contains('"') || HeaderValue::from_str(&realm).is_err() {
             return Err(format!("realm {realm:?} cannot go in a header"));
@@ -75,19 +90,33 @@ impl BasicAuth {
         Ok(BasicAuth {
             realm,
             users: Arc::new(list),
+            dummy,
             good: Arc::new(Mutex::new(HashSet::new())),
         })
     }
 
     /// The `WWW-Authenticate` value for a 401.
-    pub fn challenge(&self) -> HeaderValue {
+    pub(crate) fn challenge(&self) -> HeaderValue {
         HeaderValue::from_str(&format!("Basic realm=\"{}\"", self.realm))
             .expect("realm was checked to be a valid header value")
     }
 
+    /// The hash a password for `user` is checked against, and whether `user` is known: an
+    /// unknown user gets a configured hash too, so both take the same bcrypt work.
+    fn verifier(&self, user: &str) -> (&str, bool) {
+        let found = self
+            .users
+            .iter()
+            .find(|(u, _)| bool::from(u.as_bytes().ct_eq(user.as_bytes())));
+        match found {
+            Some((_, hash)) => (hash, true),
+            None => (&self.users[self.dummy].1, false),
+        }
+    }
+
     /// Whether the `Authorization` header holds a known user's right password; returns the
     /// user name when it does.
-    pub async fn check(&self, header: Option<&HeaderValue>) -> Option<String> {
+    pub(crate) async fn check(&self, header: Option<&HeaderValue>) -> Option<String> {
         let (user, password) = parse_basic(header?)?;
         let digest = {
             let mut ctx = digest::Context::new(&digest::SHA256);
@@ -99,15 +128,13 @@ impl BasicAuth {
             key.copy_from_slice(out.as_ref());
             key
         };
-        let found = self
-            .users
-            .iter()
-            .find(|(u, _)| bool::from(u.as_bytes().ct_eq(user.as_bytes())));
-        if found.is_some() && self.good.lock().is_ok_and(|g| g.contains(&digest)) {
+        let (hash, known) = self.verifier(&user);
+        if known && self.good.lock().is_ok_and(|g| g.contains(&digest)) {
             return Some(user);
         }
-        let hash = found.map_or(DUMMY_HASH, |(_, h)| h.as_str()).to_owned();
-        let known = found.is_some();
+        let hash = hash.to_owned();
+        // Never closed, so acquiring only waits.
+        let _slot = bcrypt_slots().acquire().await.ok()?;
         let ok = tokio::task::spawn_blocking(move || {
             let verified = bcrypt::verify(password.as_bytes(), &hash).unwrap_or(false);
             verified && known
@@ -176,6 +203,29 @@ mod tests {
         assert_eq!(auth.check(None).await, None);
         let garbage = HeaderValue::from_static("Basic !!!not-base64");
         assert_eq!(auth.check(Some(&garbage)).await, None);
+    }
+
+    #[test]
+    fn an_unknown_user_costs_the_same_bcrypt_work_as_a_known_one() {
+        let cost = |hash: &str| hash.parse::<bcrypt::HashParts>().unwrap().get_cost();
+        let cheap = bcrypt::hash("x", 4).unwrap();
+        let dear = bcrypt::hash("y", 5).unwrap();
+        let auth = BasicAuth::build(
+            None,
+            &BTreeMap::from([("alice".to_owned(), cheap), ("bob".to_owned(), dear)]),
+        )
+        .unwrap();
+        let (alice, known) = auth.verifier("alice");
+        assert!(known && cost(alice) == 4);
+        let (bob, known) = auth.verifier("bob");
+        assert!(known && cost(bob) == 5);
+        let (nobody, known) = auth.verifier("mallory");
+        assert!(!known);
+        assert_eq!(
+            cost(nobody),
+            5,
+            "unknown users cost what the dearest known one costs"
+        );
     }
 
     #[test]

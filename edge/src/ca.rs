@@ -24,11 +24,11 @@ use crate::site::Host;
 use crate::storage::{CERT_MODE, KEY_MODE, Storage};
 
 /// Root certificate lifetime.
-pub const ROOT_LIFETIME: Duration = Duration::from_secs(3650 * 24 * 3600);
+pub(crate) const ROOT_LIFETIME: Duration = Duration::from_secs(3650 * 24 * 3600);
 /// Intermediate certificate lifetime.
-pub const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Leaf certificate lifetime.
-pub const LEAF_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+pub(crate) const LEAF_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 /// Validity starts this much before issuance, for clients whose clocks run behind.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
@@ -63,21 +63,21 @@ pub enum CaError {
 
 /// When a certificate is valid, in Unix seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Validity {
+pub(crate) struct Validity {
     /// Start.
-    pub not_before: i64,
+    pub(crate) not_before: i64,
     /// End.
-    pub not_after: i64,
+    pub(crate) not_after: i64,
 }
 
 impl Validity {
     /// When to replace it: a third of its lifetime before the end.
-    pub fn renew_at(&self) -> i64 {
+    pub(crate) fn renew_at(&self) -> i64 {
         self.not_after - (self.not_after - self.not_before) / 3
     }
 
     /// Reads the validity of a DER certificate.
-    pub fn of(der: &[u8]) -> Result<Validity, String> {
+    pub(crate) fn of(der: &[u8]) -> Result<Validity, String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
         let v = cert.validity();
         Ok(Validity {
@@ -88,7 +88,7 @@ impl Validity {
 }
 
 /// Seconds since the Unix epoch, now.
-pub fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
 
@@ -101,17 +101,15 @@ struct Intermediate {
 
 /// A leaf certificate: the chain (leaf, intermediate) and key, as PEM.
 #[derive(Clone)]
-pub struct Leaf {
+pub(crate) struct Leaf {
     /// Leaf then intermediate.
-    pub chain_pem: String,
+    pub(crate) chain_pem: String,
     /// PKCS#8 private key.
-    pub key_pem: String,
-    /// The leaf's validity.
-    pub validity: Validity,
+    pub(crate) key_pem: String,
 }
 
 /// The internal CA.
-pub struct Ca {
+pub(crate) struct Ca {
     storage: Storage,
     root_pem: String,
     root_der: CertificateDer<'static>,
@@ -130,7 +128,7 @@ impl std::fmt::Debug for Ca {
 impl Ca {
     /// Loads the CA from storage, creating the root and intermediate on first start and
     /// replacing an intermediate that is due.
-    pub fn open(storage: &Storage) -> Result<Ca, CaError> {
+    pub(crate) fn open(storage: &Storage) -> Result<Ca, CaError> {
         let _lock = storage.lock("ca").map_err(|source| CaError::Io {
             path: storage.path("locks/ca.lock"),
             source,
@@ -156,29 +154,23 @@ impl Ca {
         Ok(ca)
     }
 
-    /// Reads the root certificate's PEM from storage without creating anything.
-    pub fn stored_root_pem(storage_root: &std::path::Path) -> Result<String, CaError> {
-        let path = storage_root.join(ROOT_CERT);
-        std::fs::read_to_string(&path).map_err(|source| CaError::Io { path, source })
-    }
-
     /// The root certificate as PEM (what clients trust).
-    pub fn root_pem(&self) -> &str {
+    pub(crate) fn root_pem(&self) -> &str {
         &self.root_pem
     }
 
     /// The root certificate as DER.
-    pub fn root_der(&self) -> &CertificateDer<'static> {
+    pub(crate) fn root_der(&self) -> &CertificateDer<'static> {
         &self.root_der
     }
 
     /// When the intermediate should be replaced.
-    pub fn intermediate_renew_at(&self) -> i64 {
+    pub(crate) fn intermediate_renew_at(&self) -> i64 {
         self.current().validity.renew_at()
     }
 
     /// Replaces the intermediate if a third of its life is left; returns whether it did.
-    pub fn renew_intermediate_if_due(&self) -> Result<bool, CaError> {
+    pub(crate) fn renew_intermediate_if_due(&self) -> Result<bool, CaError> {
         if now() < self.intermediate_renew_at() {
             return Ok(false);
         }
@@ -255,7 +247,7 @@ impl Ca {
     }
 
     /// Signs a fresh leaf certificate for `host` with a new P-256 key.
-    pub fn issue(&self, host: &Host) -> Result<Leaf, CaError> {
+    pub(crate) fn issue(&self, host: &Host) -> Result<Leaf, CaError> {
         let intermediate = self.current();
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
@@ -281,14 +273,9 @@ impl Ca {
         params.not_after = start + LEAF_LIFETIME;
         let issuer = Issuer::from_ca_cert_der(&intermediate.der, &intermediate.key)?;
         let cert = params.signed_by(&key, &issuer)?;
-        let validity = Validity::of(cert.der()).map_err(|reason| CaError::Corrupt {
-            path: PathBuf::from("(new leaf)"),
-            reason,
-        })?;
         Ok(Leaf {
             chain_pem: format!("{}{}", cert.pem(), intermediate.pem),
             key_pem: key.serialize_pem(),
-            validity,
         })
     }
 }
@@ -435,11 +422,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::open(&Storage::open(dir.path()).unwrap()).unwrap();
         let leaf = ca.issue(&Host::Name("app.local".into())).unwrap();
-        let lifetime = leaf.validity.not_after - leaf.validity.not_before;
-        assert_eq!(lifetime, LEAF_LIFETIME.as_secs() as i64);
         let chain: Vec<_> = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
             .collect::<Result<_, _>>()
             .unwrap();
+        let validity = Validity::of(&chain[0]).unwrap();
+        let lifetime = validity.not_after - validity.not_before;
+        assert_eq!(lifetime, LEAF_LIFETIME.as_secs() as i64);
         assert_eq!(chain.len(), 2);
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.root_der().clone()).unwrap();

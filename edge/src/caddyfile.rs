@@ -55,7 +55,7 @@ impl ExitStatus for CaddyfileError {
 }
 
 /// Reads, parses and resolves a Caddyfile.
-pub fn load(path: &Path, env: &Env) -> Result<Config, CaddyfileError> {
+pub(crate) fn load(path: &Path, env: &Env) -> Result<Config, CaddyfileError> {
     let text = std::fs::read_to_string(path).map_err(|source| CaddyfileError::Read {
         path: path.to_owned(),
         source,
@@ -67,9 +67,9 @@ pub fn load(path: &Path, env: &Env) -> Result<Config, CaddyfileError> {
 
 /// A parsed Caddyfile: its TOML equivalent and the line each part came from.
 #[derive(Debug)]
-pub struct Parsed {
+pub(crate) struct Parsed {
     /// The equivalent TOML config.
-    pub toml: EdgeToml,
+    pub(crate) toml: EdgeToml,
     /// Line of each TOML key prefix ("site[0]", "site[0].reverse_proxy[1]", "email").
     lines: BTreeMap<String, usize>,
 }
@@ -137,7 +137,7 @@ impl Parser<'_> {
 }
 
 /// Parses Caddyfile text that came from `path` (named in errors); `{$VAR}` reads `env`.
-pub fn parse(path: &Path, text: &str, env: &Env) -> Result<Parsed, CaddyfileError> {
+pub(crate) fn parse(path: &Path, text: &str, env: &Env) -> Result<Parsed, CaddyfileError> {
     let p = Parser { path };
     let tokens = tokenize(&p, text, env)?;
     let mut pos = 0;

@@ -1,5 +1,5 @@
 //! Serving certificates: a per-name map swapped live under TLS handshakes, filled from the
-//! storage, the internal CA or ACME ([`crate::acme`]), and renewed in the background.
+//! storage, the internal CA or ACME (the `acme` module), and renewed in the background.
 //!
 //! The map sits behind an `ArcSwap`, so a handshake reads it without a lock and a renewal or
 //! reload replaces it whole; connections already up keep the certificate they started with.
@@ -30,7 +30,7 @@ use crate::storage::{CERT_MODE, KEY_MODE, Storage};
 
 /// Answers ACME challenges; the ACME issuer registers one. Without it, challenge requests get
 /// 404 and `acme-tls/1` handshakes are refused.
-pub trait ChallengeResponder: Send + Sync + fmt::Debug {
+pub(crate) trait ChallengeResponder: Send + Sync + fmt::Debug {
     /// The key authorization for an HTTP-01 `token` on `host`, if one is pending.
     fn http01(&self, host: &str, token: &str) -> Option<String>;
     /// The TLS-ALPN-01 challenge certificate for `host`, if one is pending.
@@ -39,17 +39,17 @@ pub trait ChallengeResponder: Send + Sync + fmt::Debug {
 
 /// A certificate being served.
 #[derive(Debug)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Chain and signing key for rustls.
-    pub certified: Arc<CertifiedKey>,
+    pub(crate) certified: Arc<CertifiedKey>,
     /// The leaf's validity.
-    pub validity: Validity,
-    /// Ordered from an ACME CA (renewed by [`crate::acme`]), not made by the internal CA.
-    pub acme: bool,
+    pub(crate) validity: Validity,
+    /// Ordered from an ACME CA (renewed by the `acme` module), not made by the internal CA.
+    pub(crate) acme: bool,
 }
 
 /// Every certificate the edge serves, by name.
-pub struct Certs {
+pub(crate) struct Certs {
     ca: Arc<Ca>,
     storage: Storage,
     provider: Arc<CryptoProvider>,
@@ -67,7 +67,7 @@ impl fmt::Debug for Certs {
 }
 
 /// The map key of a host: its name, `*.suffix`, or its IP address without brackets.
-pub fn key_of(host: &Host) -> String {
+pub(crate) fn key_of(host: &Host) -> String {
     match host {
         Host::Name(n) => n.clone(),
         Host::Wildcard(s) => format!("*{s}"),
@@ -78,7 +78,7 @@ pub fn key_of(host: &Host) -> String {
 
 impl Certs {
     /// A store over `ca`, empty until [`Certs::ensure`].
-    pub fn new(ca: Arc<Ca>, storage: Storage) -> Result<Certs, rustls::Error> {
+    pub(crate) fn new(ca: Arc<Ca>, storage: Storage) -> Result<Certs, rustls::Error> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.root_der().clone())?;
@@ -98,16 +98,11 @@ impl Certs {
         })
     }
 
-    /// The internal CA.
-    pub fn ca(&self) -> &Ca {
-        &self.ca
-    }
-
     /// Makes the served set exactly `hosts` from the internal CA plus the ACME names in
     /// `acme` that are served already: keeps what is served and fresh, loads what the storage
-    /// holds, issues the rest. ACME names not served yet are [`crate::acme`]'s to add.
+    /// holds, issues the rest. ACME names not served yet are the `acme` module's to add.
     /// Blocking (file I/O and signing).
-    pub fn ensure(&self, hosts: &[Host], acme: &[String]) -> Result<(), CaError> {
+    pub(crate) fn ensure(&self, hosts: &[Host], acme: &[String]) -> Result<(), CaError> {
         let current = self.map.load_full();
         let mut next = HashMap::new();
         for host in hosts {
@@ -132,7 +127,7 @@ impl Certs {
     }
 
     /// Serves `entry` for `key` from the next handshake on, replacing what was served.
-    pub fn install(&self, key: &str, entry: Arc<Entry>) {
+    pub(crate) fn install(&self, key: &str, entry: Arc<Entry>) {
         self.map.rcu(|map| {
             let mut next = HashMap::clone(map);
             next.insert(key.to_owned(), entry.clone());
@@ -141,12 +136,12 @@ impl Certs {
     }
 
     /// What is served for `key`.
-    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<Entry>> {
         self.map.load().get(key).cloned()
     }
 
     /// Renews the intermediate and every leaf that is due; returns how many leaves.
-    pub fn renew_due(&self) -> Result<usize, CaError> {
+    pub(crate) fn renew_due(&self) -> Result<usize, CaError> {
         if self.ca.renew_intermediate_if_due()? {
             tracing::info!("internal CA intermediate renewed");
         }
@@ -174,7 +169,7 @@ impl Certs {
     }
 
     /// When the next renewal is due (Unix seconds).
-    pub fn next_renewal(&self) -> i64 {
+    pub(crate) fn next_renewal(&self) -> i64 {
         self.map
             .load()
             .values()
@@ -186,7 +181,7 @@ impl Certs {
     }
 
     /// The certificate for an SNI name: exact, then the wildcard one label up.
-    pub fn lookup(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+    pub(crate) fn lookup(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
         let map = self.map.load();
         if let Some(e) = map.get(sni) {
             return Some(e.certified.clone());
@@ -196,12 +191,12 @@ impl Certs {
     }
 
     /// Whether a name (as SNI) has a certificate.
-    pub fn serves(&self, sni: &str) -> bool {
+    pub(crate) fn serves(&self, sni: &str) -> bool {
         self.lookup(sni).is_some()
     }
 
     /// The certificate for a client that sent no SNI, by the address it connected to.
-    pub fn for_ip(&self, ip: IpAddr) -> Option<Arc<CertifiedKey>> {
+    pub(crate) fn for_ip(&self, ip: IpAddr) -> Option<Arc<CertifiedKey>> {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
@@ -265,7 +260,12 @@ impl Certs {
     }
 
     /// Parses a PEM chain and key into a servable entry; the error says what is wrong.
-    pub fn entry(&self, chain_pem: &[u8], key_pem: &[u8], acme: bool) -> Result<Entry, String> {
+    pub(crate) fn entry(
+        &self,
+        chain_pem: &[u8],
+        key_pem: &[u8],
+        acme: bool,
+    ) -> Result<Entry, String> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<_, _>>()
             .map_err(|e| format!("certificate chain: {e}"))?;
@@ -314,7 +314,7 @@ impl Certs {
     }
 
     /// Renews certificates when due until `stop`; failures retry with growing delays.
-    pub async fn renew_loop(self: Arc<Self>, stop: CancellationToken) {
+    pub(crate) async fn renew_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut backoff = Duration::from_secs(30);
         let mut failed = false;
         loop {
@@ -352,7 +352,7 @@ impl Certs {
 
 /// rustls's view of [`Certs`]: certificates by SNI, none for unknown names.
 #[derive(Debug)]
-pub struct Resolver(pub Arc<Certs>);
+pub(crate) struct Resolver(pub Arc<Certs>);
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
@@ -363,7 +363,7 @@ impl ResolvesServerCert for Resolver {
 /// Always the same certificate (a client without SNI reaching an IP address site, or an
 /// ACME TLS-ALPN-01 challenge).
 #[derive(Debug)]
-pub struct Fixed(pub Arc<CertifiedKey>);
+pub(crate) struct Fixed(pub Arc<CertifiedKey>);
 
 impl ResolvesServerCert for Fixed {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {

@@ -17,78 +17,79 @@ use labcore::Env;
 use labcore::config::{ConfigError, ConfigFile};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::BasicAuth;
+use crate::encode::{Encode, Encoding};
 use crate::site::{
-    Address, BasicAuth, Encode, Encoding, HeaderOps, PathMatcher, Proxy, Redirect, Scheme, Site,
-    TlsPolicy, Upstream,
+    Address, HeaderOps, PathMatcher, Proxy, Redirect, Scheme, Site, TlsPolicy, Upstream,
 };
 
 /// The TOML config file, key for key.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EdgeToml {
+pub(crate) struct EdgeToml {
     /// Contact email for ACME accounts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email: Option<String>,
+    pub(crate) email: Option<String>,
     /// ACME directory URL (Caddy's `acme_ca`). Default: Let's Encrypt production.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub acme_ca: Option<String>,
+    pub(crate) acme_ca: Option<String>,
     /// PEM file of the root that the ACME server's own HTTPS certificate chains to, for a
     /// private ACME server (Caddy's `acme_ca_root`). Default: the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub acme_ca_root: Option<PathBuf>,
+    pub(crate) acme_ca_root: Option<PathBuf>,
     /// Key type of ACME certificates: "p256" (ECDSA P-256, default) or "rsa2048".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_type: Option<String>,
+    pub(crate) key_type: Option<String>,
     /// ACME tuning.
     #[serde(default, skip_serializing_if = "AcmeToml::is_empty")]
-    pub acme: AcmeToml,
+    pub(crate) acme: AcmeToml,
     /// Port for plain HTTP (redirects to HTTPS, ACME HTTP-01). Default 80; 0 picks a free one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http_port: Option<u16>,
+    pub(crate) http_port: Option<u16>,
     /// Port for HTTPS. Default 443; 0 picks a free one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub https_port: Option<u16>,
+    pub(crate) https_port: Option<u16>,
     /// Addresses to listen on. Default: every address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub bind: Vec<String>,
+    pub(crate) bind: Vec<String>,
     /// Folder holding the internal CA, certificates and locks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub storage: Option<PathBuf>,
+    pub(crate) storage: Option<PathBuf>,
     /// Where JSON access log lines go: "stdout" (default), "stderr", "off" or a file path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub access_log: Option<String>,
+    pub(crate) access_log: Option<String>,
     /// How long a stop waits for open requests before closing them ("10s").
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grace_period: Option<String>,
+    pub(crate) grace_period: Option<String>,
     /// Limits and timeouts.
     #[serde(default, skip_serializing_if = "LimitsToml::is_empty")]
-    pub limits: LimitsToml,
+    pub(crate) limits: LimitsToml,
     /// The sites.
     #[serde(default, rename = "site", skip_serializing_if = "Vec::is_empty")]
-    pub sites: Vec<SiteToml>,
+    pub(crate) sites: Vec<SiteToml>,
 }
 
 /// `[acme]`: how certificates are ordered and renewed; every key optional.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AcmeToml {
+pub(crate) struct AcmeToml {
     /// Challenge types offered to the CA: "http-01" (on the HTTP port) and "tls-alpn-01" (on
     /// the HTTPS port). Default both; give only "tls-alpn-01" when port 80 is closed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub challenges: Vec<String>,
+    pub(crate) challenges: Vec<String>,
     /// Renew when this fraction of a certificate's lifetime is left. Default 0.3333.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renewal_window_ratio: Option<f64>,
+    pub(crate) renewal_window_ratio: Option<f64>,
     /// First delay after a failed order; each further failure doubles it, up to a day, with
     /// jitter. Default "1m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_base: Option<String>,
+    pub(crate) retry_base: Option<String>,
     /// Orders in flight at once. Default 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_concurrent_orders: Option<usize>,
+    pub(crate) max_concurrent_orders: Option<usize>,
     /// Time one order may take, from new order to downloaded chain. Default "2m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub order_timeout: Option<String>,
+    pub(crate) order_timeout: Option<String>,
 }
 
 impl AcmeToml {
@@ -100,31 +101,33 @@ impl AcmeToml {
 /// `[limits]`: every key optional, with sane defaults.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsToml {
+pub(crate) struct LimitsToml {
     /// Time a client has to send a request's headers (slowloris). Default "10s".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub header_read_timeout: Option<String>,
+    pub(crate) header_read_timeout: Option<String>,
     /// Largest request head in bytes (431 beyond). Default 65536.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_header_bytes: Option<usize>,
-    /// A connection with no request and no traffic for this long is closed. Default "2m".
+    pub(crate) max_header_bytes: Option<usize>,
+    /// A connection with no request and no traffic for this long is closed; an upgraded
+    /// (WebSocket) one moving no bytes either way too. Default "2m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_timeout: Option<String>,
+    pub(crate) idle_timeout: Option<String>,
     /// Time a client has to finish the TLS handshake. Default "10s".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_handshake_timeout: Option<String>,
+    pub(crate) tls_handshake_timeout: Option<String>,
     /// Time to connect to an upstream (502 beyond). Default "5s".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upstream_connect_timeout: Option<String>,
+    pub(crate) upstream_connect_timeout: Option<String>,
     /// Time an upstream has to send response headers (504 beyond). Default "60s".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upstream_response_timeout: Option<String>,
+    pub(crate) upstream_response_timeout: Option<String>,
     /// Concurrent HTTP/2 streams per connection. Default 250.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub h2_max_concurrent_streams: Option<u32>,
-    /// Open client connections at once; more wait in the kernel's backlog. Default 10000.
+    pub(crate) h2_max_concurrent_streams: Option<u32>,
+    /// Open client connections at once, upgraded ones included until they close; more wait
+    /// in the kernel's backlog. A reload applies a new value. Default 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<usize>,
+    pub(crate) max_connections: Option<usize>,
 }
 
 impl LimitsToml {
@@ -136,67 +139,67 @@ impl LimitsToml {
 /// `[[site]]`: one site, served on one or more addresses.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SiteToml {
+pub(crate) struct SiteToml {
     /// Addresses as Caddy writes them: "example.org", "https://a.example.org:8443",
     /// "http://intranet.local", "*.example.org", "localhost", "127.0.0.1".
-    pub addresses: Vec<String>,
+    pub(crate) addresses: Vec<String>,
     /// Certificate source: "internal" (the edge's own CA) or "acme" (public, from the ACME CA;
     /// the default for every name but localhost, IP addresses and local suffixes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<String>,
+    pub(crate) tls: Option<String>,
     /// ACME account email for this site (`tls EMAIL` in a Caddyfile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_email: Option<String>,
+    pub(crate) tls_email: Option<String>,
     /// Response compressions offered, in preference order: "zstd", "gzip".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub encode: Vec<String>,
+    pub(crate) encode: Vec<String>,
     /// Responses smaller than this are not compressed. Default 512.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encode_minimum_length: Option<u64>,
+    pub(crate) encode_minimum_length: Option<u64>,
     /// Redirects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub redir: Vec<RedirToml>,
+    pub(crate) redir: Vec<RedirToml>,
     /// Response header changes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub header: Vec<HeaderToml>,
+    pub(crate) header: Vec<HeaderToml>,
     /// HTTP basic authentication.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub basic_auth: Vec<BasicAuthToml>,
+    pub(crate) basic_auth: Vec<BasicAuthToml>,
     /// Reverse proxies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub reverse_proxy: Vec<ProxyToml>,
+    pub(crate) reverse_proxy: Vec<ProxyToml>,
 }
 
 /// `[[site.redir]]`.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RedirToml {
+pub(crate) struct RedirToml {
     /// Only requests whose path matches ("/old", "/old/*", "*.php").
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+    pub(crate) path: Option<String>,
     /// Target; may use {uri}, {path}, {query}, {host}.
-    pub to: String,
+    pub(crate) to: String,
     /// Status code (300-308). Default 302.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<u16>,
+    pub(crate) code: Option<u16>,
 }
 
 /// Header operations: set, add, delete, set-if-missing.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HeaderOpsToml {
+pub(crate) struct HeaderOpsToml {
     /// Replace these fields.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub set: BTreeMap<String, String>,
+    pub(crate) set: BTreeMap<String, String>,
     /// Append these fields.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub add: BTreeMap<String, String>,
+    pub(crate) add: BTreeMap<String, String>,
     /// Set these fields only when absent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub default: BTreeMap<String, String>,
+    pub(crate) default: BTreeMap<String, String>,
     /// Remove these fields.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub delete: Vec<String>,
+    pub(crate) delete: Vec<String>,
 }
 
 impl HeaderOpsToml {
@@ -208,83 +211,83 @@ impl HeaderOpsToml {
 /// `[[site.header]]`: response header operations, optionally for matching paths.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HeaderToml {
+pub(crate) struct HeaderToml {
     /// Only requests whose path matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+    pub(crate) path: Option<String>,
     /// Replace these fields.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub set: BTreeMap<String, String>,
+    pub(crate) set: BTreeMap<String, String>,
     /// Append these fields.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub add: BTreeMap<String, String>,
+    pub(crate) add: BTreeMap<String, String>,
     /// Set these fields only when absent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub default: BTreeMap<String, String>,
+    pub(crate) default: BTreeMap<String, String>,
     /// Remove these fields.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub delete: Vec<String>,
+    pub(crate) delete: Vec<String>,
 }
 
 /// `[[site.basic_auth]]`.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BasicAuthToml {
+pub(crate) struct BasicAuthToml {
     /// Only requests whose path matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+    pub(crate) path: Option<String>,
     /// Realm shown by browsers. Default "restricted".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub realm: Option<String>,
+    pub(crate) realm: Option<String>,
     /// User name to bcrypt hash (as `caddy hash-password` prints it, raw or base64).
-    pub users: BTreeMap<String, String>,
+    pub(crate) users: BTreeMap<String, String>,
 }
 
 /// `[[site.reverse_proxy]]`.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ProxyToml {
+pub(crate) struct ProxyToml {
     /// Only requests whose path matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+    pub(crate) path: Option<String>,
     /// Upstreams: "localhost:7001", "http://10.0.0.2:3000", ":8080".
-    pub to: Vec<String>,
+    pub(crate) to: Vec<String>,
     /// "round_robin" (default) or "first".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lb_policy: Option<String>,
+    pub(crate) lb_policy: Option<String>,
     /// How long a failed upstream is skipped. Default "30s".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fail_duration: Option<String>,
+    pub(crate) fail_duration: Option<String>,
     /// Failures within fail_duration before an upstream is skipped. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_fails: Option<u32>,
+    pub(crate) max_fails: Option<u32>,
     /// Changes to request headers sent upstream.
     #[serde(default, skip_serializing_if = "HeaderOpsToml::is_empty")]
-    pub header_up: HeaderOpsToml,
+    pub(crate) header_up: HeaderOpsToml,
     /// Changes to response headers from upstream.
     #[serde(default, skip_serializing_if = "HeaderOpsToml::is_empty")]
-    pub header_down: HeaderOpsToml,
+    pub(crate) header_down: HeaderOpsToml,
 }
 
 /// Limits and timeouts, resolved.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// See [`LimitsToml::header_read_timeout`].
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// See [`LimitsToml::max_header_bytes`].
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
     /// See [`LimitsToml::idle_timeout`].
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// See [`LimitsToml::tls_handshake_timeout`].
-    pub tls_handshake_timeout: Duration,
+    pub(crate) tls_handshake_timeout: Duration,
     /// See [`LimitsToml::upstream_connect_timeout`].
-    pub upstream_connect_timeout: Duration,
+    pub(crate) upstream_connect_timeout: Duration,
     /// See [`LimitsToml::upstream_response_timeout`].
-    pub upstream_response_timeout: Duration,
+    pub(crate) upstream_response_timeout: Duration,
     /// See [`LimitsToml::h2_max_concurrent_streams`].
-    pub h2_max_concurrent_streams: u32,
+    pub(crate) h2_max_concurrent_streams: u32,
     /// See [`LimitsToml::max_connections`].
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
 }
 
 impl Default for Limits {
@@ -303,11 +306,11 @@ impl Default for Limits {
 }
 
 /// Let's Encrypt's production directory, the default ACME CA.
-pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub(crate) const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// The key of a certificate ordered by ACME.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyType {
+pub(crate) enum KeyType {
     /// ECDSA P-256.
     P256,
     /// RSA 2048.
@@ -316,7 +319,7 @@ pub enum KeyType {
 
 /// An ACME challenge type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Challenge {
+pub(crate) enum Challenge {
     /// HTTP-01, answered on the HTTP port.
     Http01,
     /// TLS-ALPN-01, answered on the HTTPS port.
@@ -325,23 +328,23 @@ pub enum Challenge {
 
 /// ACME settings, resolved.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AcmeConfig {
+pub(crate) struct AcmeConfig {
     /// Directory URL.
-    pub directory: String,
+    pub(crate) directory: String,
     /// Root to trust for the directory's HTTPS.
-    pub root: Option<PathBuf>,
+    pub(crate) root: Option<PathBuf>,
     /// Certificate key type.
-    pub key_type: KeyType,
+    pub(crate) key_type: KeyType,
     /// Challenge types offered, in preference order.
-    pub challenges: Vec<Challenge>,
+    pub(crate) challenges: Vec<Challenge>,
     /// Fraction of the lifetime left when renewal starts.
-    pub renewal_window_ratio: f64,
+    pub(crate) renewal_window_ratio: f64,
     /// First retry delay.
-    pub retry_base: Duration,
+    pub(crate) retry_base: Duration,
     /// Orders at once.
-    pub max_concurrent_orders: usize,
+    pub(crate) max_concurrent_orders: usize,
     /// Time limit of one order.
-    pub order_timeout: Duration,
+    pub(crate) order_timeout: Duration,
 }
 
 impl Default for AcmeConfig {
@@ -361,7 +364,7 @@ impl Default for AcmeConfig {
 
 /// Where access log lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessLog {
+pub(crate) enum AccessLog {
     /// Nowhere.
     Off,
     /// Standard output.
@@ -374,34 +377,32 @@ pub enum AccessLog {
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
-pub struct Config {
-    /// The file it came from (for messages).
-    pub source: PathBuf,
+pub(crate) struct Config {
     /// ACME account email.
-    pub email: Option<String>,
+    pub(crate) email: Option<String>,
     /// ACME settings.
-    pub acme: AcmeConfig,
+    pub(crate) acme: AcmeConfig,
     /// Plain HTTP port.
-    pub http_port: u16,
+    pub(crate) http_port: u16,
     /// HTTPS port.
-    pub https_port: u16,
+    pub(crate) https_port: u16,
     /// Addresses to listen on.
-    pub bind: Vec<IpAddr>,
+    pub(crate) bind: Vec<IpAddr>,
     /// Storage folder.
-    pub storage: PathBuf,
+    pub(crate) storage: PathBuf,
     /// Access log target.
-    pub access_log: AccessLog,
+    pub(crate) access_log: AccessLog,
     /// Drain time on stop.
-    pub grace_period: Duration,
+    pub(crate) grace_period: Duration,
     /// Limits and timeouts.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// The sites, in file order.
-    pub sites: Vec<Site>,
+    pub(crate) sites: Vec<Site>,
 }
 
 impl Config {
     /// Every port a listener is needed on, with whether it speaks TLS.
-    pub fn listeners(&self) -> Vec<(u16, Scheme)> {
+    pub(crate) fn listeners(&self) -> Vec<(u16, Scheme)> {
         let mut ports: Vec<(u16, Scheme)> = vec![(self.http_port, Scheme::Http)];
         for site in &self.sites {
             for address in &site.addresses {
@@ -415,19 +416,19 @@ impl Config {
 }
 
 /// Reads and resolves a TOML config file.
-pub fn load_toml(path: &Path, env: &Env) -> Result<Config, ConfigError> {
+pub(crate) fn load_toml(path: &Path, env: &Env) -> Result<Config, ConfigError> {
     let (raw, file): (EdgeToml, ConfigFile) = labcore::config::load(path)?;
     resolve(raw, &file, env)
 }
 
 /// Parses a duration written as "10s", "1m30s", "500ms" or "2h".
-pub fn parse_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let parsed: jiff::SignedDuration = text.trim().parse().ok()?;
     Duration::try_from(parsed).ok()
 }
 
 /// Turns the file's types into a [`Config`], naming the key at fault on error.
-pub fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Config, ConfigError> {
+pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Config, ConfigError> {
     let duration = |key: &str, value: &Option<String>, default: Duration| match value {
         None => Ok(default),
         Some(text) => parse_duration(text).ok_or_else(|| {
@@ -561,7 +562,6 @@ pub fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Config, Co
         sites.push(site);
     }
     Ok(Config {
-        source: file.path().to_owned(),
         email: raw.email,
         acme,
         http_port,
@@ -577,7 +577,7 @@ pub fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Config, Co
 
 /// The storage folder when the config names none: systemd's `StateDirectory`, else the XDG
 /// data folder, else `/var/lib/labkit/edge`.
-pub fn default_storage(env: &Env) -> PathBuf {
+pub(crate) fn default_storage(env: &Env) -> PathBuf {
     if let Some(dir) = env.path("STATE_DIRECTORY") {
         // systemd may list several, colon-separated; the first is ours.
         let first = dir
@@ -838,7 +838,6 @@ fn resolve_site(
                 .map_err(|m| file.invalid(format!("{k}.header_up"), m))?,
             header_down: HeaderOps::build(&down.set, &down.add, &down.default, &down.delete)
                 .map_err(|m| file.invalid(format!("{k}.header_down"), m))?,
-            next: Default::default(),
         });
     }
     if proxies.is_empty() && redirects.is_empty() {

@@ -10,11 +10,11 @@ use hyper::body::Frame;
 use hyper::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use crate::handler::{Body, BoxError};
+use crate::body::{Body, BoxError};
 
 /// An encoding the edge can produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Encoding {
+pub(crate) enum Encoding {
     /// zstd (RFC 8878).
     Zstd,
     /// gzip.
@@ -23,7 +23,7 @@ pub enum Encoding {
 
 impl Encoding {
     /// The token in `Accept-Encoding` and `Content-Encoding`.
-    pub fn token(self) -> &'static str {
+    pub(crate) fn token(self) -> &'static str {
         match self {
             Encoding::Zstd => "zstd",
             Encoding::Gzip => "gzip",
@@ -33,17 +33,17 @@ impl Encoding {
 
 /// A site's `encode` settings.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Encode {
+pub(crate) struct Encode {
     /// Encodings in preference order.
-    pub encodings: Vec<Encoding>,
+    pub(crate) encodings: Vec<Encoding>,
     /// Smaller responses (by Content-Length) stay as they are.
-    pub minimum_length: u64,
+    pub(crate) minimum_length: u64,
 }
 
 impl Encode {
     /// The encoding to use for a client sending `accept`: ours in preference order, if the
     /// client accepts it with a non-zero q.
-    pub fn negotiate(&self, accept: Option<&HeaderValue>) -> Option<Encoding> {
+    pub(crate) fn negotiate(&self, accept: Option<&HeaderValue>) -> Option<Encoding> {
         let accept = accept?.to_str().ok()?;
         self.encodings.iter().copied().find(|enc| {
             accept.split(',').any(|item| {
@@ -60,7 +60,7 @@ impl Encode {
 
     /// Whether a response is worth compressing: a body-carrying status, not already encoded,
     /// a compressible type, and not known to be small.
-    pub fn wants(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+    pub(crate) fn wants(&self, status: StatusCode, headers: &HeaderMap) -> bool {
         if status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -107,7 +107,7 @@ impl Encode {
 }
 
 /// Compresses a response's body with `encoding`, fixing its headers.
-pub fn compress(response: Response<Body>, encoding: Encoding) -> Response<Body> {
+pub(crate) fn compress(response: Response<Body>, encoding: Encoding) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.remove(header::ACCEPT_RANGES);

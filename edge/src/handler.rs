@@ -1,5 +1,8 @@
 //! One request's way through the edge: find the site by port and Host, then (in Caddy's
 //! directive order) redirect, authenticate, proxy, compress and set response headers; log it.
+//! Every path matcher sees the path as `site::match_path` makes it (decoded, resolved, slashes
+//! merged, as Caddy does), never the raw one, so no spelling slips past `basic_auth`; the
+//! request goes upstream as sent.
 //!
 //! On the plain HTTP port, a host served over HTTPS gets a permanent redirect there, except
 //! ACME HTTP-01 challenges (`/.well-known/acme-challenge/`), which go to the
@@ -13,7 +16,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -21,66 +23,52 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, Logged, Record};
+use crate::body::{Body, status_response};
 use crate::certs::ChallengeResponder;
 use crate::encode;
-use crate::proxy::{Client, Forwarded};
-use crate::site::{Router, Scheme, Site, host_of};
-
-/// Errors a response body can end with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Every response body the edge sends.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+use crate::limit::ConnPermit;
+use crate::proxy::{Client, Forwarded, Upgrades};
+use crate::router::{Router, Served};
+use crate::site::{Scheme, host_of, match_path};
 
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
 /// What every request handler shares; the router and client are swapped on reload.
-pub struct State {
+pub(crate) struct State {
     /// Sites by port and host.
-    pub router: ArcSwap<Router>,
+    pub(crate) router: ArcSwap<Router>,
     /// The upstream client (rebuilt when timeouts change).
-    pub client: ArcSwap<Client>,
+    pub(crate) client: ArcSwap<Client>,
     /// Access log.
-    pub log: AccessLog,
+    pub(crate) log: AccessLog,
     /// Owner of upgraded (WebSocket) connections.
-    pub upgraded: TaskTracker,
+    pub(crate) upgraded: TaskTracker,
     /// Cancelled when upgraded connections must end (after the stop grace period).
-    pub stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
     /// ACME challenge answers.
-    pub challenges: Option<Arc<dyn ChallengeResponder>>,
+    pub(crate) challenges: Option<Arc<dyn ChallengeResponder>>,
 }
 
 /// One client connection.
 #[derive(Debug)]
-pub struct Conn {
+pub(crate) struct Conn {
     /// The client.
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// The port it connected to (as bound).
-    pub port: u16,
+    pub(crate) port: u16,
     /// Plain or TLS.
-    pub scheme: Scheme,
+    pub(crate) scheme: Scheme,
     /// The client's address as an `X-Forwarded-For` value (made once, sent with every
     /// proxied request).
-    pub forwarded_for: HeaderValue,
+    pub(crate) forwarded_for: HeaderValue,
     /// Requests whose response has not finished yet.
-    pub in_flight: Arc<AtomicUsize>,
+    pub(crate) in_flight: Arc<AtomicUsize>,
     /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
     /// keep-alive pings move bytes on an idle connection).
-    pub requests: AtomicU64,
-}
-
-/// A plain-text response with a short body.
-pub fn status_response(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|e| match e {})
-            .boxed_unsync(),
-    );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+    pub(crate) requests: AtomicU64,
+    /// Its place under `max_connections`: held by the connection and by its upgraded
+    /// (WebSocket) continuation, so the place is free only when both have ended.
+    pub(crate) _permit: ConnPermit,
 }
 
 fn redirect(status: StatusCode, location: &str) -> Response<Body> {
@@ -95,7 +83,7 @@ fn redirect(status: StatusCode, location: &str) -> Response<Body> {
 }
 
 /// Serves one request.
-pub async fn handle(
+pub(crate) async fn handle(
     req: Request<Incoming>,
     conn: Arc<Conn>,
     state: Arc<State>,
@@ -139,7 +127,7 @@ pub async fn handle(
 
 async fn route(
     req: Request<Incoming>,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     state: &State,
     record: Option<&mut Record>,
 ) -> Response<Body> {
@@ -235,28 +223,35 @@ fn expand(template: &str, req: &Request<Incoming>, host: &str, scheme: Scheme) -
 }
 
 async fn serve_site(
-    site: &Arc<Site>,
+    served: &Arc<Served>,
     req: Request<Incoming>,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     state: &State,
     host_value: &HeaderValue,
     record: Option<&mut Record>,
 ) -> Response<Body> {
-    let path = req.uri().path();
+    let site = &served.site;
+    let Some(path) = match_path(req.uri().path()) else {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "bad request: malformed percent-escape in the path\n",
+        );
+    };
     let header_ops: Vec<usize> = site
         .headers
         .iter()
         .enumerate()
-        .filter(|(_, (m, _))| m.matches(path))
+        .filter(|(_, (m, _))| m.matches(&path))
         .map(|(i, _)| i)
         .collect();
+    drop(path);
     let encoding = match &site.encode {
         Some(enc) if req.method() != Method::HEAD => {
             enc.negotiate(req.headers().get(header::ACCEPT_ENCODING))
         }
         _ => None,
     };
-    let mut response = respond(site, req, conn, state, host_value, record).await;
+    let mut response = respond(served, req, conn, state, host_value, record).await;
     if let (Some(enc), Some(encoding)) = (&site.encode, encoding)
         && enc.wants(response.status(), response.headers())
     {
@@ -269,21 +264,23 @@ async fn serve_site(
 }
 
 async fn respond(
-    site: &Arc<Site>,
+    served: &Served,
     req: Request<Incoming>,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     state: &State,
     host_value: &HeaderValue,
     record: Option<&mut Record>,
 ) -> Response<Body> {
-    let path = req.uri().path();
-    if let Some(r) = site.redirects.iter().find(|r| r.matcher.matches(path)) {
+    let site = &served.site;
+    // serve_site checked the path decodes.
+    let path = match_path(req.uri().path()).unwrap_or_default();
+    if let Some(r) = site.redirects.iter().find(|r| r.matcher.matches(&path)) {
         let host = host_of(host_value.to_str().unwrap_or(""));
         let status = StatusCode::from_u16(r.code).unwrap_or(StatusCode::FOUND);
         return redirect(status, &expand(&r.to, &req, &host, conn.scheme));
     }
     let mut record = record;
-    if let Some((_, auth)) = site.auths.iter().find(|(m, _)| m.matches(path)) {
+    if let Some((_, auth)) = site.auths.iter().find(|(m, _)| m.matches(&path)) {
         match auth.check(req.headers().get(header::AUTHORIZATION)).await {
             Some(user) => {
                 if let Some(r) = record.as_deref_mut() {
@@ -299,21 +296,26 @@ async fn respond(
             }
         }
     }
-    let Some(proxy) = site.proxies.iter().find(|p| p.matcher.matches(path)) else {
+    let Some(at) = site.proxies.iter().position(|p| p.matcher.matches(&path)) else {
         return status_response(StatusCode::NOT_FOUND, "not found\n");
     };
+    drop(path);
     let client = state.client.load_full();
     let outcome = client
         .forward(
-            proxy,
+            &site.proxies[at],
+            &served.balancers[at],
             req,
             Forwarded {
                 client_ip: &conn.forwarded_for,
                 proto: conn.scheme.as_str(),
                 host: host_value,
             },
-            &state.upgraded,
-            &state.stop,
+            Upgrades {
+                tasks: &state.upgraded,
+                stop: &state.stop,
+                hold: conn.clone(),
+            },
         )
         .await;
     if let Some(r) = record {

@@ -1,30 +1,43 @@
 //! edge: a TLS-terminating reverse proxy with an internal CA, configured by TOML or a
 //! Caddyfile: the job Caddy does on the lab's public VM.
 //!
-//! The front ends ([`config`] for TOML, [`caddyfile`]) meet in one resolved [`config::Config`]
-//! of [`site`]s. [`server`] binds the listeners, does TLS with certificates from [`certs`]
-//! (filled by the internal CA in [`ca`] and by ACME in [`acme`], kept in [`storage`]), and
+//! The front ends (`config` for TOML, `caddyfile`) meet in one resolved `config::Config`
+//! of `site`s. `server` binds the listeners, does TLS with certificates from `certs`
+//! (filled by the internal CA in `ca` and by ACME in `acme`, kept in `storage`), and
 //! hands each request to
-//! [`handler`], which redirects, authenticates ([`auth`]), proxies ([`proxy`]), compresses
-//! ([`encode`]) and logs ([`access_log`]). [`trust`] puts the internal root into the system
-//! trust store. [`cli`] is the command line.
+//! `handler`, which finds the site (`router`), redirects, authenticates (`auth`),
+//! proxies (`proxy`, over connections from `pool`), compresses (`encode`) and logs
+//! (`access_log`). `limit` bounds open connections, `activity` counts their traffic for
+//! the idle watches, and `body` holds the body types all of them share. `trust` puts the
+//! internal root into the system trust store. [`cli`] is the command line.
+//!
+//! Modules form layers, never cycles: `body`, `activity`, `limit` and `storage` use no other
+//! module; `site` (configuration data) sits below `config` and the runtime (`router`,
+//! `proxy`, `handler`, `server`), and `cli` is on top.
 
-pub mod access_log;
+mod access_log;
 pub mod acme;
-pub mod auth;
-pub mod ca;
-pub mod caddyfile;
-pub mod certs;
+mod activity;
+mod auth;
+mod body;
+mod ca;
+mod caddyfile;
+mod certs;
 pub mod cli;
-pub mod config;
-pub mod encode;
-pub mod handler;
-pub mod pool;
-pub mod proxy;
-pub mod server;
-pub mod site;
-pub mod storage;
-pub mod trust;
+mod config;
+mod encode;
+mod handler;
+mod limit;
+mod pool;
+mod proxy;
+mod router;
+mod server;
+mod site;
+mod storage;
+mod trust;
+
+pub use ca::CaError;
+pub use caddyfile::CaddyfileError;
 
 use std::io;
 use std::net::SocketAddr;

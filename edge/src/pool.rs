@@ -33,12 +33,12 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::proxy::UpBody;
+use crate::body::UpBody;
 
 type Conn = http1::Connection<TokioIo<TcpStream>, UpBody>;
 
 /// Idle upstream connections, by thread and upstream.
-pub struct Pool {
+pub(crate) struct Pool {
     /// A list, not a map: there are a handful of (thread, upstream) pairs, and finding one by
     /// comparing a thread id and a short authority costs less than hashing the authority.
     /// Each list is oldest first (connections are pushed and popped at the end).
@@ -62,7 +62,7 @@ struct Idle {
 }
 
 /// A connection in use by one request; it goes back to the pool when its response has ended.
-pub struct Lease {
+pub(crate) struct Lease {
     sender: http1::SendRequest<UpBody>,
     /// `None` once the connection has ended.
     conn: Option<Pin<Box<Conn>>>,
@@ -72,7 +72,7 @@ pub struct Lease {
 
 /// Why a request got no response.
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// No connection could be made.
     Connect(io::Error),
     /// The connection failed during the exchange.
@@ -81,7 +81,7 @@ pub enum Failure {
 
 impl Pool {
     /// An empty pool.
-    pub fn new(idle_timeout: Duration, max_idle_per_upstream: usize) -> Arc<Pool> {
+    pub(crate) fn new(idle_timeout: Duration, max_idle_per_upstream: usize) -> Arc<Pool> {
         Arc::new(Pool {
             idle: Mutex::new(Vec::new()),
             idle_timeout,
@@ -91,7 +91,7 @@ impl Pool {
 
     /// Sends `req` (origin-form URI, Host set) to `authority` on an idle connection or a new
     /// one, and returns the response with the lease its body must keep polling.
-    pub async fn send(
+    pub(crate) async fn send(
         self: &Arc<Self>,
         authority: &Authority,
         mut req: Request<UpBody>,
@@ -193,7 +193,7 @@ impl Pool {
 
 /// A new connection for an upgrade (WebSocket): the returned future drives it, on a task of
 /// its own, since the upgraded stream outlives the request.
-pub async fn connect_upgradeable(
+pub(crate) async fn connect_upgradeable(
     authority: &Authority,
     timeout: Duration,
 ) -> io::Result<(
@@ -293,14 +293,14 @@ impl Lease {
 
 /// An upstream response body that drives its connection while it streams and gives the
 /// connection back when it ends.
-pub struct LeasedBody {
+pub(crate) struct LeasedBody {
     body: Incoming,
     lease: Option<Lease>,
 }
 
 impl LeasedBody {
     /// `body`, read over `lease`.
-    pub fn new(body: Incoming, lease: Lease) -> LeasedBody {
+    pub(crate) fn new(body: Incoming, lease: Lease) -> LeasedBody {
         let mut this = LeasedBody {
             body,
             lease: Some(lease),

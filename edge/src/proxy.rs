@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Incoming};
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
@@ -23,73 +22,30 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::handler::{Body, status_response};
+use crate::activity::Activity;
+use crate::body::{Body, UpBody, status_response};
 use crate::pool::{self, Failure, LeasedBody, Pool};
-use crate::site::{HeaderOps, PathMatcher, split_host_port};
+use crate::site::{Proxy, Upstream};
 
-/// One upstream server and its passive health.
+/// A reverse proxy's run-time state: the round-robin position and each upstream's recent
+/// failures ("passive health"), indexed like the proxy's upstreams.
 #[derive(Debug)]
-pub struct Upstream {
-    /// As written in the config.
-    pub text: String,
-    authority: Authority,
+pub(crate) struct Balancer {
+    next: AtomicUsize,
+    health: Vec<Health>,
+}
+
+/// One upstream's recent failures.
+#[derive(Debug, Default)]
+struct Health {
     fails: AtomicU32,
-    /// Milliseconds since [`epoch`] until which the upstream is skipped.
+    /// Milliseconds since [`epoch_ms`]'s start until which the upstream is skipped.
     down_until: AtomicU64,
 }
 
-impl Upstream {
-    /// Parses "host:port", "http://host:port", ":port" (localhost) or "host" (port 80).
-    pub fn parse(text: &str) -> Result<Arc<Upstream>, String> {
-        let rest = if let Some(rest) = text.strip_prefix("http://") {
-            rest
-        } else if text.starts_with("https://") {
-            return Err(format!("{text:?}: HTTPS upstreams are not supported yet"));
-        } else if text.contains("://") {
-            return Err(format!("{text:?}: only http:// upstreams are supported"));
-        } else {
-            text
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') {
-            return Err(format!("{text:?}: an upstream cannot hold a path"));
-        }
-        let (host, port) =
-            split_host_port(rest).ok_or_else(|| format!("{text:?} has a bad port"))?;
-        let host = if host.is_empty() { "localhost" } else { host };
-        let port = port.unwrap_or(80);
-        if port == 0 {
-            return Err(format!("{text:?}: port 0 is not a port to connect to"));
-        }
-        let authority: Authority = format!("{host}:{port}")
-            .parse()
-            .map_err(|_| format!("{text:?} is not a host:port"))?;
-        Ok(Arc::new(Upstream {
-            text: text.to_owned(),
-            authority,
-            fails: AtomicU32::new(0),
-            down_until: AtomicU64::new(0),
-        }))
-    }
-
+impl Health {
     fn is_down(&self, now_ms: u64) -> bool {
         self.down_until.load(Ordering::Relaxed) > now_ms
-    }
-
-    fn failed(&self, proxy: &Proxy) {
-        let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
-        if fails >= proxy.max_fails {
-            let until = epoch_ms() + proxy.fail_duration.as_millis() as u64;
-            self.down_until.store(until, Ordering::Relaxed);
-            self.fails.store(0, Ordering::Relaxed);
-            tracing::warn!(upstream = %self.text, skip_for = ?proxy.fail_duration, "upstream marked down");
-        }
-    }
-
-    fn succeeded(&self) {
-        if self.fails.load(Ordering::Relaxed) != 0 {
-            self.fails.store(0, Ordering::Relaxed);
-        }
     }
 }
 
@@ -98,33 +54,20 @@ fn epoch_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
-/// One `reverse_proxy`: which paths, which upstreams, how to choose and what to rewrite.
-#[derive(Clone, Debug)]
-pub struct Proxy {
-    /// Which paths.
-    pub matcher: PathMatcher,
-    /// The upstreams.
-    pub upstreams: Vec<Arc<Upstream>>,
-    /// Always prefer the first healthy upstream (`lb_policy first`).
-    pub first: bool,
-    /// How long a failed upstream is skipped.
-    pub fail_duration: Duration,
-    /// Failures before it is skipped.
-    pub max_fails: u32,
-    /// Request header changes.
-    pub header_up: HeaderOps,
-    /// Response header changes.
-    pub header_down: HeaderOps,
-    /// Round-robin position.
-    pub next: Arc<AtomicUsize>,
-}
+impl Balancer {
+    /// Fresh state for `proxy`: all upstreams healthy, round robin from the first.
+    pub(crate) fn new(proxy: &Proxy) -> Balancer {
+        Balancer {
+            next: AtomicUsize::new(0),
+            health: proxy.upstreams.iter().map(|_| Health::default()).collect(),
+        }
+    }
 
-impl Proxy {
-    /// Upstreams in the order to try them: healthy ones first, in policy order, then the
-    /// rest (when all are down, trying beats refusing).
-    fn order(&self) -> impl Iterator<Item = &Arc<Upstream>> {
-        let n = self.upstreams.len();
-        let start = if self.first || n == 1 {
+    /// Indexes of `proxy`'s upstreams in the order to try them: healthy ones first, in
+    /// policy order, then the rest (when all are down, trying beats refusing).
+    fn order(&self, proxy: &Proxy) -> impl Iterator<Item = usize> + use<> {
+        let n = proxy.upstreams.len();
+        let start = if proxy.first || n == 1 {
             0
         } else {
             self.next.fetch_add(1, Ordering::Relaxed) % n
@@ -132,83 +75,79 @@ impl Proxy {
         // Health is read once, so an upstream failing during this request is not tried twice.
         let now = epoch_ms();
         let down: u128 = self
-            .upstreams
+            .health
             .iter()
             .take(128)
             .enumerate()
-            .filter(|(_, u)| u.is_down(now))
+            .filter(|(_, h)| h.is_down(now))
             .fold(0, |mask, (i, _)| mask | 1 << i);
         let is_down = move |i: usize| i < 128 && down & (1 << i) != 0;
         let rotated = move || (0..n).map(move |i| (start + i) % n);
         rotated()
             .filter(move |&i| !is_down(i))
             .chain(rotated().filter(move |&i| is_down(i)))
-            .map(move |i| &self.upstreams[i])
+    }
+
+    /// Counts a failure of upstream `i`; at `max_fails` it is skipped for `fail_duration`.
+    fn failed(&self, proxy: &Proxy, i: usize) {
+        let health = &self.health[i];
+        let fails = health.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails >= proxy.max_fails {
+            let until = epoch_ms() + proxy.fail_duration.as_millis() as u64;
+            health.down_until.store(until, Ordering::Relaxed);
+            health.fails.store(0, Ordering::Relaxed);
+            tracing::warn!(upstream = %proxy.upstreams[i].text, skip_for = ?proxy.fail_duration, "upstream marked down");
+        }
+    }
+
+    fn succeeded(&self, i: usize) {
+        let health = &self.health[i];
+        if health.fails.load(Ordering::Relaxed) != 0 {
+            health.fails.store(0, Ordering::Relaxed);
+        }
     }
 }
 
-/// A request body going upstream: the client's, or nothing (for retries).
-pub enum UpBody {
-    /// The client's body, streamed.
-    Client(Incoming),
-    /// No body.
-    Empty,
-}
-
-impl HttpBody for UpBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            UpBody::Client(body) => std::pin::Pin::new(body).poll_frame(cx),
-            UpBody::Empty => std::task::Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpBody::Client(body) => body.is_end_stream(),
-            UpBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpBody::Client(body) => body.size_hint(),
-            UpBody::Empty => SizeHint::with_exact(0),
-        }
-    }
+/// Where an upgraded (WebSocket) connection's task goes: the tracker that owns it, the
+/// signal that ends it, and what it keeps alive until it ends (the client connection's place
+/// under the connection limit).
+#[derive(Debug)]
+pub(crate) struct Upgrades<'a, H> {
+    /// Owner of the task.
+    pub(crate) tasks: &'a TaskTracker,
+    /// Cancelled when upgraded connections must end.
+    pub(crate) stop: &'a CancellationToken,
+    /// Dropped when the upgraded connection ends.
+    pub(crate) hold: H,
 }
 
 /// The pooled upstream client and its timeouts.
 #[derive(Clone, Debug)]
-pub struct Client {
+pub(crate) struct Client {
     pool: Arc<Pool>,
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// An upgraded connection moving no bytes for this long is closed.
+    upgraded_idle: Duration,
 }
 
 /// What the client connection looks like to the upstream.
 #[derive(Debug)]
-pub struct Forwarded<'a> {
+pub(crate) struct Forwarded<'a> {
     /// The client's address, as the `X-Forwarded-For` value.
-    pub client_ip: &'a HeaderValue,
+    pub(crate) client_ip: &'a HeaderValue,
     /// "http" or "https".
-    pub proto: &'static str,
+    pub(crate) proto: &'static str,
     /// The Host the client asked for, as sent.
-    pub host: &'a HeaderValue,
+    pub(crate) host: &'a HeaderValue,
 }
 
 /// The outcome of proxying: the response and the upstream that gave it.
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// The response for the client.
-    pub response: Response<Body>,
+    pub(crate) response: Response<Body>,
     /// The upstream that answered (or was tried last).
-    pub upstream: Option<Arc<Upstream>>,
+    pub(crate) upstream: Option<Arc<Upstream>>,
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -272,22 +211,27 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
 
 impl Client {
     /// A client with these timeouts.
-    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Client {
+    pub(crate) fn new(
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        upgraded_idle: Duration,
+    ) -> Client {
         Client {
             pool: Pool::new(Duration::from_secs(60), 256),
             connect_timeout,
             response_timeout,
+            upgraded_idle,
         }
     }
 
-    /// Proxies `req` through `proxy`.
-    pub async fn forward(
+    /// Proxies `req` through `proxy`, choosing upstreams by `balancer` (`proxy`'s own).
+    pub(crate) async fn forward(
         &self,
         proxy: &Proxy,
+        balancer: &Balancer,
         mut req: Request<Incoming>,
         fwd: Forwarded<'_>,
-        tasks: &TaskTracker,
-        stop: &CancellationToken,
+        upgrades: Upgrades<'_, impl Send + 'static>,
     ) -> Outcome {
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -328,8 +272,9 @@ impl Client {
             StatusCode::BAD_GATEWAY,
             "bad gateway: no upstream answered\n",
         );
-        let mut order = proxy.order().peekable();
-        while let Some(upstream) = order.next() {
+        let mut order = balancer.order(proxy).peekable();
+        while let Some(i) = order.next() {
+            let upstream = &proxy.upstreams[i];
             let Some(this_body) = body.take() else { break };
             last = Some(upstream.clone());
             // Origin form: the connection is to the upstream already.
@@ -346,7 +291,7 @@ impl Client {
             };
             let exchange = async {
                 if upgrade.is_some() {
-                    self.send_upgrade(&upstream.authority, up, tasks, stop)
+                    self.send_upgrade(&upstream.authority, up, upgrades.tasks, upgrades.stop)
                         .await
                         .map(|response| (response, None))
                 } else {
@@ -358,9 +303,8 @@ impl Client {
             };
             match tokio::time::timeout(self.response_timeout, exchange).await {
                 Ok(Ok((response, lease))) => {
-                    upstream.succeeded();
-                    let response =
-                        self.respond(proxy, response, lease, client_upgrade, tasks, stop);
+                    balancer.succeeded(i);
+                    let response = self.respond(proxy, response, lease, client_upgrade, upgrades);
                     return Outcome {
                         response,
                         upstream: last,
@@ -368,7 +312,7 @@ impl Client {
                 }
                 Ok(Err(Failure::Connect(err))) => {
                     tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream connect failed");
-                    upstream.failed(proxy);
+                    balancer.failed(proxy, i);
                     if retryable {
                         body = Some(UpBody::Empty);
                     }
@@ -384,7 +328,7 @@ impl Client {
                 }
                 Err(_) => {
                     tracing::warn!(upstream = %upstream.text, timeout = ?self.response_timeout, "upstream response timed out");
-                    upstream.failed(proxy);
+                    balancer.failed(proxy, i);
                     failure = (
                         StatusCode::GATEWAY_TIMEOUT,
                         "gateway timeout: upstream did not answer in time\n",
@@ -423,21 +367,25 @@ impl Client {
         sender.send_request(up).await.map_err(Failure::Request)
     }
 
+    /// The client's response; an upgrade (101) also starts the task joining both ends, which
+    /// keeps `upgrades.hold` until it ends.
     fn respond(
         &self,
         proxy: &Proxy,
         mut response: Response<Incoming>,
         lease: Option<pool::Lease>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        tasks: &TaskTracker,
-        stop: &CancellationToken,
+        upgrades: Upgrades<'_, impl Send + 'static>,
     ) -> Response<Body> {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let Upgrades { tasks, stop, hold } = upgrades;
             let stop = stop.clone();
+            let idle = self.upgraded_idle;
             tasks.spawn(async move {
+                let _hold = hold;
                 let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok(both) => both,
                     Err(err) => {
@@ -445,16 +393,7 @@ impl Client {
                         return;
                     }
                 };
-                let mut client = TokioIo::new(client);
-                let mut upstream = TokioIo::new(upstream);
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                        if let Err(err) = result {
-                            tracing::debug!(error = %err, "upgraded connection ended");
-                        }
-                    }
-                }
+                join_upgraded(client, upstream, idle, &stop).await;
             });
             let (mut parts, _) = response.into_parts();
             proxy.header_down.apply(&mut parts.headers);
@@ -478,33 +417,47 @@ impl Client {
     }
 }
 
+/// Copies both ways until either end closes, the edge stops, or no byte has moved for
+/// `idle` (checked every `idle`, so an idle connection ends within twice that).
+async fn join_upgraded(
+    client: hyper::upgrade::Upgraded,
+    upstream: hyper::upgrade::Upgraded,
+    idle: Duration,
+    stop: &CancellationToken,
+) {
+    // Every byte either way passes the client's side, so counting there sees all traffic.
+    let moved = Arc::new(AtomicU64::new(0));
+    let mut client = Activity::new(TokioIo::new(client), moved.clone());
+    let mut upstream = TokioIo::new(upstream);
+    let mut copy = std::pin::pin!(tokio::io::copy_bidirectional(&mut client, &mut upstream));
+    let mut ticks = tokio::time::interval(idle);
+    ticks.tick().await;
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            result = &mut copy => {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "upgraded connection ended");
+                }
+                return;
+            }
+            _ = ticks.tick() => {
+                let now = moved.load(Ordering::Relaxed);
+                if now == seen {
+                    tracing::debug!(?idle, "idle upgraded connection closed");
+                    return;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn upstreams_parse_like_caddys() {
-        assert_eq!(
-            Upstream::parse("localhost:7001").unwrap().authority,
-            "localhost:7001"
-        );
-        assert_eq!(
-            Upstream::parse(":8080").unwrap().authority,
-            "localhost:8080"
-        );
-        assert_eq!(
-            Upstream::parse("http://10.0.0.2").unwrap().authority,
-            "10.0.0.2:80"
-        );
-        assert_eq!(Upstream::parse("[::1]:9").unwrap().authority, "[::1]:9");
-        assert!(
-            Upstream::parse("https://x:1")
-                .unwrap_err()
-                .contains("HTTPS")
-        );
-        assert!(Upstream::parse("x:1/path").is_err());
-        assert!(Upstream::parse("x:port").is_err());
-    }
+    use crate::site::{HeaderOps, PathMatcher};
 
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
@@ -537,19 +490,19 @@ mod tests {
             max_fails: 1,
             header_up: HeaderOps::default(),
             header_down: HeaderOps::default(),
-            next: Arc::new(AtomicUsize::new(0)),
         };
-        let firsts: Vec<String> = (0..4)
-            .map(|_| proxy.order().next().unwrap().text.clone())
-            .collect();
+        let balancer = Balancer::new(&proxy);
+        let first = |balancer: &Balancer| {
+            let i = balancer.order(&proxy).next().unwrap();
+            proxy.upstreams[i].text.clone()
+        };
+        let firsts: Vec<String> = (0..4).map(|_| first(&balancer)).collect();
         assert_eq!(firsts, [":1", ":2", ":1", ":2"]);
-        proxy.upstreams[0].failed(&proxy);
-        let firsts: Vec<String> = (0..4)
-            .map(|_| proxy.order().next().unwrap().text.clone())
-            .collect();
+        balancer.failed(&proxy, 0);
+        let firsts: Vec<String> = (0..4).map(|_| first(&balancer)).collect();
         assert_eq!(firsts, [":2", ":2", ":2", ":2"]);
         assert_eq!(
-            proxy.order().count(),
+            balancer.order(&proxy).count(),
             2,
             "a down upstream is still tried last"
         );

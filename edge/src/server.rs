@@ -27,7 +27,6 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -41,10 +40,9 @@ use labcore::notify::Notifier;
 use labcore::signals::Signals;
 use rustls::ServerConfig;
 use rustls::server::{Acceptor, ResolvesServerCert};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,13 +50,16 @@ use tokio_util::task::TaskTracker;
 use crate::Error;
 use crate::access_log::{self, AccessLog};
 use crate::acme::{Acme, Challenges, Plan};
+use crate::activity::Activity;
 use crate::ca::Ca;
 use crate::caddyfile;
 use crate::certs::{Certs, ChallengeResponder, Fixed, Resolver, key_of};
 use crate::config::{self, Config, Limits};
 use crate::handler::{self, Conn, State};
+use crate::limit::{ConnLimit, ConnPermit};
 use crate::proxy::Client;
-use crate::site::{Host, Router, Scheme, TlsPolicy};
+use crate::router::Router;
+use crate::site::{Host, Scheme, TlsPolicy};
 use crate::storage::Storage;
 
 /// The ALPN protocol of TLS-ALPN-01 challenges (RFC 8737).
@@ -66,7 +67,7 @@ const ACME_TLS: &[u8] = b"acme-tls/1";
 
 /// Where the config comes from (read again on reload).
 #[derive(Clone, Debug)]
-pub enum Source {
+pub(crate) enum Source {
     /// A TOML file.
     Toml(PathBuf),
     /// A Caddyfile.
@@ -75,7 +76,7 @@ pub enum Source {
 
 impl Source {
     /// Reads and resolves the config.
-    pub fn load(&self, env: &Env) -> Result<Config, Error> {
+    pub(crate) fn load(&self, env: &Env) -> Result<Config, Error> {
         match self {
             Source::Toml(path) => Ok(config::load_toml(path, env)?),
             Source::Caddyfile(path) => Ok(caddyfile::load(path, env)?),
@@ -84,7 +85,7 @@ impl Source {
 }
 
 /// The hosts needing certificates from the internal CA, and the ACME plan for the others.
-pub fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
+pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let mut internal = Vec::new();
     let mut names: Vec<(String, Option<String>)> = Vec::new();
     for site in &config.sites {
@@ -128,7 +129,7 @@ struct Shared {
     tls: Arc<ServerConfig>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     limits: ArcSwap<Limits>,
-    permits: Arc<Semaphore>,
+    limit: ConnLimit,
     conns: TaskTracker,
     drain: CancellationToken,
     workers: Vec<Handle>,
@@ -185,7 +186,7 @@ impl Workers {
 }
 
 /// Runs the edge until SIGTERM/SIGINT.
-pub async fn run(source: Source, env: Env) -> Result<(), Error> {
+pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     let config = source.load(&env)?;
     let notifier = Notifier::from_env(&env).map_err(|source| Error::Io {
         what: "opening the sd_notify socket".into(),
@@ -242,7 +243,7 @@ pub async fn run(source: Source, env: Env) -> Result<(), Error> {
         tls,
         provider,
         limits: ArcSwap::from_pointee(config.limits.clone()),
-        permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        limit: ConnLimit::new(config.limits.max_connections),
         conns: TaskTracker::new(),
         drain: CancellationToken::new(),
         workers: workers.handles.clone(),
@@ -315,6 +316,7 @@ fn client_for(limits: &Limits) -> Client {
     Client::new(
         limits.upstream_connect_timeout,
         limits.upstream_response_timeout,
+        limits.idle_timeout,
     )
 }
 
@@ -404,6 +406,7 @@ async fn reload(
             .state
             .client
             .store(Arc::new(client_for(&config.limits)));
+        shared.limit.resize(config.limits.max_connections);
         shared.limits.store(Arc::new(config.limits.clone()));
     }
     shared
@@ -514,19 +517,22 @@ async fn accept_loop(
         }
     };
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            permit = shared.permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Over the limit, this connection waits here for a place and the ones after it
+                // wait in the kernel's backlog. Taking the place only once a connection is in
+                // hand keeps idle accept loops from holding places their sockets cannot use.
+                let permit = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    permit = shared.limit.acquire() => match permit {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
                 shared.conns.spawn(serve_conn(
                     stream,
                     peer,
@@ -551,16 +557,13 @@ async fn serve_conn(
     port: u16,
     scheme: Scheme,
     shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
+    permit: ConnPermit,
 ) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().ok();
     let limits = shared.limits.load_full();
     let activity = Arc::new(AtomicU64::new(0));
-    let io = Activity {
-        inner: stream,
-        count: activity.clone(),
-    };
+    let io = Activity::new(stream, activity.clone());
     let conn = Arc::new(Conn {
         peer,
         port,
@@ -569,6 +572,7 @@ async fn serve_conn(
             .expect("an IP address is a header value"),
         in_flight: Arc::new(AtomicUsize::new(0)),
         requests: AtomicU64::new(0),
+        _permit: permit,
     });
     match scheme {
         Scheme::Http => serve_http(io, false, conn, &shared, &limits, activity).await,
@@ -767,64 +771,5 @@ impl Watch {
                 }
             }
         }
-    }
-}
-
-/// A stream that counts reads and writes, so the idle watch knows it is in use.
-struct Activity<T> {
-    inner: T,
-    count: Arc<AtomicU64>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.count.fetch_add(1, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.count.fetch_add(1, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.count.fetch_add(1, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

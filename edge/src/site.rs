@@ -1,24 +1,27 @@
 //! What a site is once resolved: its addresses, the certificate policy of each name, path
-//! matchers, header operations, redirects and upstreams; and the [`Router`] that finds the
-//! site for a request's port and host.
+//! matchers, header operations, redirects and upstreams.
 //!
+//! Configuration data only: what runs (routing, upstream health, connections) lives above,
+//! in `router`, `proxy` and `server`, and builds on these types.
 //! These types hold only valid values (a [`HeaderOps`] holds parsed header names, an
 //! [`Upstream`] a parsed authority), so the request path never re-validates configuration.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use hyper::http::uri::Authority;
 use hyper::http::{HeaderMap, HeaderName, HeaderValue};
 
-pub use crate::auth::BasicAuth;
-pub use crate::encode::{Encode, Encoding};
-pub use crate::proxy::{Proxy, Upstream};
+use crate::auth::BasicAuth;
+use crate::encode::Encode;
 
 /// Plain HTTP or HTTPS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Scheme {
+pub(crate) enum Scheme {
     /// Plain HTTP.
     Http,
     /// HTTP over TLS.
@@ -27,7 +30,7 @@ pub enum Scheme {
 
 impl Scheme {
     /// "http" or "https".
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Scheme::Http => "http",
             Scheme::Https => "https",
@@ -37,7 +40,7 @@ impl Scheme {
 
 /// The host part of a site address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Host {
+pub(crate) enum Host {
     /// One DNS name, lower case.
     Name(String),
     /// `*.example.org`: any single label before the suffix (kept with its leading dot).
@@ -62,7 +65,7 @@ impl fmt::Display for Host {
 
 impl Host {
     /// Parses a host as written in a site address.
-    pub fn parse(text: &str) -> Result<Host, String> {
+    pub(crate) fn parse(text: &str) -> Result<Host, String> {
         if text.is_empty() {
             return Ok(Host::Any);
         }
@@ -101,7 +104,7 @@ impl Host {
     /// Whether the internal CA serves this host unless told otherwise (as Caddy does):
     /// `localhost`, IP addresses, and names under `.localhost`, `.internal`, `.local`,
     /// `.home.arpa`.
-    pub fn internal_by_default(&self) -> bool {
+    pub(crate) fn internal_by_default(&self) -> bool {
         let name = match self {
             Host::Ip(_) => return true,
             Host::Any => return false,
@@ -115,7 +118,7 @@ impl Host {
     }
 
     /// Whether `name` (lower case, no port) is this host.
-    pub fn matches(&self, name: &str) -> bool {
+    pub(crate) fn matches(&self, name: &str) -> bool {
         match self {
             Host::Name(own) => own == name,
             Host::Wildcard(suffix) => name
@@ -129,13 +132,13 @@ impl Host {
 
 /// Where a site is served: scheme, host and port.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Address {
+pub(crate) struct Address {
     /// Plain or TLS.
-    pub scheme: Scheme,
+    pub(crate) scheme: Scheme,
     /// Which host names.
-    pub host: Host,
+    pub(crate) host: Host,
     /// The port.
-    pub port: u16,
+    pub(crate) port: u16,
 }
 
 impl fmt::Display for Address {
@@ -147,7 +150,7 @@ impl fmt::Display for Address {
 impl Address {
     /// Parses `[scheme://]host[:port]` as Caddy does: without a scheme, a site is HTTPS
     /// unless its port is the HTTP port.
-    pub fn parse(text: &str, http_port: u16, https_port: u16) -> Result<Address, String> {
+    pub(crate) fn parse(text: &str, http_port: u16, https_port: u16) -> Result<Address, String> {
         let (scheme, rest) = if let Some(rest) = text.strip_prefix("https://") {
             (Some(Scheme::Https), rest)
         } else if let Some(rest) = text.strip_prefix("http://") {
@@ -191,7 +194,7 @@ impl Address {
 }
 
 /// Splits `host:port`, `[v6]:port`, `host` or `:port`.
-pub fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
+pub(crate) fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
     if text.starts_with('[') {
         let end = text.find(']')?;
         let (host, rest) = text.split_at(end + 1);
@@ -211,7 +214,7 @@ pub fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
 
 /// Where a name's certificate comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TlsPolicy {
+pub(crate) enum TlsPolicy {
     /// The edge's internal CA.
     Internal,
     /// The configured ACME CA.
@@ -221,7 +224,7 @@ pub enum TlsPolicy {
 impl TlsPolicy {
     /// The policy for `host`: internal when asked for or by default for local names, ACME for
     /// the rest. A public wildcard would need DNS-01, which the edge does not do.
-    pub fn for_host(host: &Host, explicit_internal: bool) -> Result<TlsPolicy, String> {
+    pub(crate) fn for_host(host: &Host, explicit_internal: bool) -> Result<TlsPolicy, String> {
         if explicit_internal || host.internal_by_default() {
             Ok(TlsPolicy::Internal)
         } else if let Host::Wildcard(_) = host {
@@ -237,9 +240,10 @@ impl TlsPolicy {
 }
 
 /// A path matcher as Caddy writes it: `/exact`, `/prefix/*`, `*.suffix` or `*`.
-/// Comparison ignores ASCII case, as Caddy's does.
+/// It is compared with [`match_path`]'s form of the request path, ignoring ASCII case, as
+/// Caddy 2.6 compares (it lowers both sides).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PathMatcher {
+pub(crate) enum PathMatcher {
     /// Every path.
     Any,
     /// This path only.
@@ -252,7 +256,7 @@ pub enum PathMatcher {
 
 impl PathMatcher {
     /// Parses a path matcher.
-    pub fn parse(text: &str) -> Result<PathMatcher, String> {
+    pub(crate) fn parse(text: &str) -> Result<PathMatcher, String> {
         if text == "*" {
             return Ok(PathMatcher::Any);
         }
@@ -271,15 +275,29 @@ impl PathMatcher {
         if !text.starts_with('/') {
             return Err(format!("path matcher {text:?} must start with /"));
         }
+        // Caddy compares such patterns in escaped space, or keeps doubled slashes for them;
+        // the edge matches decoded, merged paths only, so it refuses them rather than never
+        // matching.
+        if text.contains('%') {
+            return Err(format!(
+                "path matcher {text:?}: percent-escapes are not supported (write the decoded path)"
+            ));
+        }
+        if text.contains("//") {
+            return Err(format!(
+                "path matcher {text:?}: doubled slashes never match (paths are matched with \
+                 repeated slashes merged)"
+            ));
+        }
         Ok(matcher)
     }
 
-    /// Whether `path` matches.
-    pub fn matches(&self, path: &str) -> bool {
-        let p = path.as_bytes();
+    /// Whether `path` (as [`match_path`] gives it) matches.
+    pub(crate) fn matches(&self, path: &[u8]) -> bool {
+        let p = path;
         match self {
             PathMatcher::Any => true,
-            PathMatcher::Exact(m) => path.eq_ignore_ascii_case(m),
+            PathMatcher::Exact(m) => path.eq_ignore_ascii_case(m.as_bytes()),
             PathMatcher::Prefix(m) => {
                 p.len() >= m.len() && p[..m.len()].eq_ignore_ascii_case(m.as_bytes())
             }
@@ -290,7 +308,7 @@ impl PathMatcher {
     }
 
     /// How specific the matcher is: longer first, no matcher last.
-    pub fn specificity(&self) -> usize {
+    pub(crate) fn specificity(&self) -> usize {
         match self {
             PathMatcher::Any => 0,
             PathMatcher::Exact(m) => m.len() + 2,
@@ -299,7 +317,7 @@ impl PathMatcher {
     }
 
     /// As written in a config.
-    pub fn to_config(&self) -> Option<String> {
+    pub(crate) fn to_config(&self) -> Option<String> {
         match self {
             PathMatcher::Any => None,
             PathMatcher::Exact(m) => Some(m.clone()),
@@ -309,9 +327,80 @@ impl PathMatcher {
     }
 }
 
+/// The request path as path matchers see it, the way Caddy 2.6 makes it: percent-decoded
+/// (`%2F` too), trailing dots and spaces dropped (Windows ignores them when opening a file),
+/// then `.` and `..` segments resolved and repeated slashes merged, keeping a trailing slash.
+/// So `/%61dmin`, `//admin`, `/./admin` and `/x/../admin` all match `/admin`, as the upstream
+/// that decodes and resolves the path would read them. What is forwarded stays as sent.
+///
+/// `None` when a percent-escape is malformed (Caddy answers 400). Borrows the path when it
+/// holds nothing to decode or resolve, which is nearly always.
+pub(crate) fn match_path(raw: &str) -> Option<Cow<'_, [u8]>> {
+    let bytes = raw.as_bytes();
+    let plain = !bytes.contains(&b'%')
+        && !raw.contains("//")
+        && !raw.contains("/.")
+        && !matches!(bytes.last(), Some(b'.' | b' '));
+    if plain {
+        return Some(Cow::Borrowed(bytes));
+    }
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = |b: u8| (b as char).to_digit(16);
+            let hi = bytes.get(i + 1).copied().and_then(hex)?;
+            let lo = bytes.get(i + 2).copied().and_then(hex)?;
+            decoded.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    while matches!(decoded.last(), Some(b'.' | b' ')) {
+        decoded.pop();
+    }
+    Some(Cow::Owned(clean_path(&decoded)))
+}
+
+/// Go's `path.Clean` (slashes merged, `.` dropped, `..` taking the segment before it, none
+/// above the root), keeping a trailing slash as Caddy does.
+fn clean_path(path: &[u8]) -> Vec<u8> {
+    let rooted = path.first() == Some(&b'/');
+    let mut segments: Vec<&[u8]> = Vec::new();
+    for segment in path.split(|&b| b == b'/') {
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                if segments.last().is_some_and(|s| *s != b"..") {
+                    segments.pop();
+                } else if !rooted {
+                    segments.push(segment);
+                }
+            }
+            _ => segments.push(segment),
+        }
+    }
+    let mut clean = Vec::with_capacity(path.len() + 1);
+    for (n, segment) in segments.iter().enumerate() {
+        if rooted || n > 0 {
+            clean.push(b'/');
+        }
+        clean.extend_from_slice(segment);
+    }
+    if clean.is_empty() {
+        clean.push(if rooted { b'/' } else { b'.' });
+    }
+    if clean != b"/" && path.ends_with(b"/") {
+        clean.push(b'/');
+    }
+    clean
+}
+
 /// Header operations, parsed.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct HeaderOps {
+pub(crate) struct HeaderOps {
     set: Vec<(HeaderName, HeaderValue)>,
     add: Vec<(HeaderName, HeaderValue)>,
     default: Vec<(HeaderName, HeaderValue)>,
@@ -320,7 +409,7 @@ pub struct HeaderOps {
 
 impl HeaderOps {
     /// Parses names and values; an invalid one is an error naming it.
-    pub fn build(
+    pub(crate) fn build(
         set: &BTreeMap<String, String>,
         add: &BTreeMap<String, String>,
         default: &BTreeMap<String, String>,
@@ -348,16 +437,8 @@ impl HeaderOps {
         })
     }
 
-    /// Whether there is nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
-            && self.add.is_empty()
-            && self.default.is_empty()
-            && self.delete.is_empty()
-    }
-
     /// Applies the operations: delete, set, add, then defaults.
-    pub fn apply(&self, headers: &mut HeaderMap) {
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
         for name in &self.delete {
             headers.remove(name);
         }
@@ -377,39 +458,101 @@ impl HeaderOps {
 
 /// A redirect.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Redirect {
+pub(crate) struct Redirect {
     /// Which paths.
-    pub matcher: PathMatcher,
+    pub(crate) matcher: PathMatcher,
     /// The target, with placeholders.
-    pub to: String,
+    pub(crate) to: String,
     /// 3xx status.
-    pub code: u16,
+    pub(crate) code: u16,
+}
+
+/// One upstream server, as configured.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    /// As written in the config.
+    pub(crate) text: String,
+    /// Where to connect.
+    pub(crate) authority: Authority,
+}
+
+impl Upstream {
+    /// Parses "host:port", "http://host:port", ":port" (localhost) or "host" (port 80).
+    pub(crate) fn parse(text: &str) -> Result<Arc<Upstream>, String> {
+        let rest = if let Some(rest) = text.strip_prefix("http://") {
+            rest
+        } else if text.starts_with("https://") {
+            return Err(format!("{text:?}: HTTPS upstreams are not supported yet"));
+        } else if text.contains("://") {
+            return Err(format!("{text:?}: only http:// upstreams are supported"));
+        } else {
+            text
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') {
+            return Err(format!("{text:?}: an upstream cannot hold a path"));
+        }
+        let (host, port) =
+            split_host_port(rest).ok_or_else(|| format!("{text:?} has a bad port"))?;
+        let host = if host.is_empty() { "localhost" } else { host };
+        let port = port.unwrap_or(80);
+        if port == 0 {
+            return Err(format!("{text:?}: port 0 is not a port to connect to"));
+        }
+        let authority: Authority = format!("{host}:{port}")
+            .parse()
+            .map_err(|_| format!("{text:?} is not a host:port"))?;
+        Ok(Arc::new(Upstream {
+            text: text.to_owned(),
+            authority,
+        }))
+    }
+}
+
+/// One `reverse_proxy`: which paths, which upstreams, how to choose and what to rewrite.
+/// Its run-time state (round robin, health) is `proxy::Balancer`'s.
+#[derive(Clone, Debug)]
+pub(crate) struct Proxy {
+    /// Which paths.
+    pub(crate) matcher: PathMatcher,
+    /// The upstreams.
+    pub(crate) upstreams: Vec<Arc<Upstream>>,
+    /// Always prefer the first healthy upstream (`lb_policy first`).
+    pub(crate) first: bool,
+    /// How long a failed upstream is skipped.
+    pub(crate) fail_duration: Duration,
+    /// Failures before it is skipped.
+    pub(crate) max_fails: u32,
+    /// Request header changes.
+    pub(crate) header_up: HeaderOps,
+    /// Response header changes.
+    pub(crate) header_down: HeaderOps,
 }
 
 /// A resolved site.
 #[derive(Clone, Debug)]
-pub struct Site {
+pub(crate) struct Site {
     /// Where it is served.
-    pub addresses: Vec<Address>,
+    pub(crate) addresses: Vec<Address>,
     /// `tls internal`: every name from the internal CA.
-    pub tls_internal: bool,
+    pub(crate) tls_internal: bool,
     /// The ACME account email for this site's names (`tls EMAIL`), over the global one.
-    pub tls_email: Option<String>,
+    pub(crate) tls_email: Option<String>,
     /// Response compression.
-    pub encode: Option<Encode>,
+    pub(crate) encode: Option<Encode>,
     /// Redirects, most specific first.
-    pub redirects: Vec<Redirect>,
+    pub(crate) redirects: Vec<Redirect>,
     /// Response header operations, in file order.
-    pub headers: Vec<(PathMatcher, HeaderOps)>,
+    pub(crate) headers: Vec<(PathMatcher, HeaderOps)>,
     /// Basic authentication.
-    pub auths: Vec<(PathMatcher, BasicAuth)>,
+    pub(crate) auths: Vec<(PathMatcher, BasicAuth)>,
     /// Reverse proxies, most specific first.
-    pub proxies: Vec<Proxy>,
+    pub(crate) proxies: Vec<Proxy>,
 }
 
 impl Site {
     /// The names this site needs certificates for.
-    pub fn tls_hosts(&self) -> impl Iterator<Item = &Host> {
+    pub(crate) fn tls_hosts(&self) -> impl Iterator<Item = &Host> {
         self.addresses
             .iter()
             .filter(|a| a.scheme == Scheme::Https)
@@ -417,101 +560,13 @@ impl Site {
     }
 
     /// Where the certificate of `host` (one of [`Site::tls_hosts`]) comes from.
-    pub fn tls_policy(&self, host: &Host) -> TlsPolicy {
+    pub(crate) fn tls_policy(&self, host: &Host) -> TlsPolicy {
         TlsPolicy::for_host(host, self.tls_internal).unwrap_or(TlsPolicy::Internal)
     }
 }
 
-/// Sites reachable on one port.
-#[derive(Debug, Default)]
-struct PortTable {
-    names: HashMap<String, usize>,
-    wildcards: Vec<(String, usize)>,
-    ips: HashMap<IpAddr, usize>,
-    any: Option<usize>,
-}
-
-/// Finds the site for a request by port and host.
-#[derive(Debug)]
-pub struct Router {
-    sites: Vec<Arc<Site>>,
-    ports: HashMap<u16, PortTable>,
-    /// HTTPS hosts by name, for the redirect from plain HTTP: (host, port).
-    https: Vec<(Host, u16)>,
-}
-
-impl Router {
-    /// Builds the tables for `sites`. Port 0 in an address stands for the bound port, which
-    /// `bound` maps.
-    pub fn new(sites: &[Site], bound: &dyn Fn(u16, Scheme) -> u16) -> Router {
-        let mut ports: HashMap<u16, PortTable> = HashMap::new();
-        let mut https = Vec::new();
-        for (i, site) in sites.iter().enumerate() {
-            for address in &site.addresses {
-                let port = bound(address.port, address.scheme);
-                let table = ports.entry(port).or_default();
-                match &address.host {
-                    Host::Name(n) => {
-                        table.names.insert(n.clone(), i);
-                    }
-                    Host::Wildcard(s) => table.wildcards.push((s.clone(), i)),
-                    Host::Ip(ip) => {
-                        table.ips.insert(*ip, i);
-                    }
-                    Host::Any => table.any = Some(i),
-                }
-                if address.scheme == Scheme::Https {
-                    https.push((address.host.clone(), port));
-                }
-            }
-        }
-        for table in ports.values_mut() {
-            table
-                .wildcards
-                .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-        }
-        Router {
-            sites: sites.iter().cloned().map(Arc::new).collect(),
-            ports,
-            https,
-        }
-    }
-
-    /// The site serving `host` (lower case, no port) on `port`.
-    pub fn site(&self, port: u16, host: &str) -> Option<&Arc<Site>> {
-        let table = self.ports.get(&port)?;
-        let index = table
-            .names
-            .get(host)
-            .copied()
-            .or_else(|| {
-                table
-                    .wildcards
-                    .iter()
-                    .find(|(s, _)| Host::Wildcard(s.clone()).matches(host))
-                    .map(|(_, i)| *i)
-            })
-            .or_else(|| {
-                let ip = host.trim_start_matches('[').trim_end_matches(']');
-                ip.parse()
-                    .ok()
-                    .and_then(|ip: IpAddr| table.ips.get(&ip).copied())
-            })
-            .or(table.any)?;
-        self.sites.get(index)
-    }
-
-    /// The HTTPS port serving `host`, for redirecting plain HTTP there.
-    pub fn https_port_for(&self, host: &str) -> Option<u16> {
-        self.https
-            .iter()
-            .find(|(h, _)| h.matches(host))
-            .map(|(_, port)| *port)
-    }
-}
-
 /// Lower-cased host without port from a Host header or URI authority.
-pub fn host_of(authority: &str) -> String {
+pub(crate) fn host_of(authority: &str) -> String {
     let host = match split_host_port(authority) {
         Some((host, _)) => host,
         None => authority,
@@ -570,13 +625,65 @@ mod tests {
     #[test]
     fn path_matchers_match_exact_prefix_and_suffix() {
         let p = PathMatcher::parse("/api/*").unwrap();
-        assert!(p.matches("/api/x") && p.matches("/API/x") && !p.matches("/api"));
+        assert!(p.matches(b"/api/x") && p.matches(b"/API/x") && !p.matches(b"/api"));
         let e = PathMatcher::parse("/health").unwrap();
-        assert!(e.matches("/health") && !e.matches("/health/x"));
+        assert!(e.matches(b"/health") && !e.matches(b"/health/x"));
         let s = PathMatcher::parse("*.php").unwrap();
-        assert!(s.matches("/index.php") && !s.matches("/index.html"));
+        assert!(s.matches(b"/index.php") && !s.matches(b"/index.html"));
         assert!(PathMatcher::parse("/a*b*").is_err());
         assert!(PathMatcher::parse("api").is_err());
+        assert!(PathMatcher::parse("/%61dmin*").is_err());
+        assert!(PathMatcher::parse("/a//b").is_err());
+    }
+
+    #[test]
+    fn matched_paths_are_decoded_resolved_and_merged_like_caddys() {
+        let seen = |raw: &str| match_path(raw).map(|p| String::from_utf8_lossy(&p).into_owned());
+        for (raw, clean) in [
+            ("/admin/secret", "/admin/secret"),
+            ("/%61dmin/secret", "/admin/secret"),
+            ("//admin//secret", "/admin/secret"),
+            ("/./admin/./secret", "/admin/secret"),
+            ("/x/../admin/secret", "/admin/secret"),
+            ("/../../admin", "/admin"),
+            ("/%2fadmin%2Fsecret", "/admin/secret"),
+            ("/x/%2e%2e/admin", "/admin"),
+            ("/admin/", "/admin/"),
+            ("/admin/secret/.", "/admin/secret/"),
+            ("/admin.. ", "/admin"),
+            ("/x/..", "/x/"),
+            ("/", "/"),
+            ("*", "*"),
+        ] {
+            assert_eq!(seen(raw).as_deref(), Some(clean), "{raw}");
+        }
+        assert_eq!(seen("/%zzadmin"), None);
+        assert_eq!(seen("/admin%"), None);
+        assert_eq!(seen("/admin%2"), None);
+    }
+
+    #[test]
+    fn upstreams_parse_like_caddys() {
+        assert_eq!(
+            Upstream::parse("localhost:7001").unwrap().authority,
+            "localhost:7001"
+        );
+        assert_eq!(
+            Upstream::parse(":8080").unwrap().authority,
+            "localhost:8080"
+        );
+        assert_eq!(
+            Upstream::parse("http://10.0.0.2").unwrap().authority,
+            "10.0.0.2:80"
+        );
+        assert_eq!(Upstream::parse("[::1]:9").unwrap().authority, "[::1]:9");
+        assert!(
+            Upstream::parse("https://x:1")
+                .unwrap_err()
+                .contains("HTTPS")
+        );
+        assert!(Upstream::parse("x:1/path").is_err());
+        assert!(Upstream::parse("x:port").is_err());
     }
 
     #[test]
@@ -590,6 +697,17 @@ mod tests {
 
     proptest::proptest! {
         /// Host headers are untrusted bytes: any text is handled without a panic.
+        /// Request paths are untrusted bytes: any is decoded or refused, never a panic, and
+        /// what comes out has no `.` or `..` segment and no doubled slash.
+        #[test]
+        fn any_request_path_is_handled(text in "/[a-z./%0-9A-F]{0,40}") {
+            if let Some(clean) = match_path(&text) {
+                let clean = String::from_utf8_lossy(&clean).into_owned();
+                proptest::prop_assert!(!clean.contains("//"), "{clean}");
+                proptest::prop_assert!(!clean.split('/').any(|s| s == "." || s == ".."), "{clean}");
+            }
+        }
+
         #[test]
         fn any_host_header_is_handled(text in ".{0,64}") {
             let _ = split_host_port(&text);

@@ -14,27 +14,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nix::fcntl::{Flock, FlockArg};
 
 /// File mode for private keys.
-pub const KEY_MODE: u32 = 0o600;
+pub(crate) const KEY_MODE: u32 = 0o600;
 /// File mode for certificates (public).
-pub const CERT_MODE: u32 = 0o644;
+pub(crate) const CERT_MODE: u32 = 0o644;
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A storage folder.
 #[derive(Clone, Debug)]
-pub struct Storage {
+pub(crate) struct Storage {
     root: PathBuf,
 }
 
 /// An exclusive lock on a name in the storage; released on drop.
 #[derive(Debug)]
-pub struct StorageLock {
+pub(crate) struct StorageLock {
     _lock: Flock<File>,
 }
 
 impl Storage {
     /// Opens (creating, 0700) the storage folder.
-    pub fn open(root: &Path) -> io::Result<Storage> {
+    pub(crate) fn open(root: &Path) -> io::Result<Storage> {
         make_dirs(root)?;
         let mode = fs::metadata(root)?.permissions().mode();
         if mode & 0o077 != 0 {
@@ -50,17 +50,17 @@ impl Storage {
     }
 
     /// The storage folder.
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
     /// The path of `rel` inside the storage.
-    pub fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
 
     /// Reads `rel`, or `None` when it does not exist.
-    pub fn read(&self, rel: &str) -> io::Result<Option<Vec<u8>>> {
+    pub(crate) fn read(&self, rel: &str) -> io::Result<Option<Vec<u8>>> {
         match fs::read(self.path(rel)) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -69,7 +69,7 @@ impl Storage {
     }
 
     /// Writes `rel` atomically with `mode`: temporary file, fsync, rename, fsync the folder.
-    pub fn write(&self, rel: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+    pub(crate) fn write(&self, rel: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
         let path = self.path(rel);
         let dir = path.parent().unwrap_or(&self.root).to_owned();
         make_dirs(&dir)?;
@@ -100,7 +100,7 @@ impl Storage {
     }
 
     /// Takes the exclusive lock named `name`, waiting for another holder to let go.
-    pub fn lock(&self, name: &str) -> io::Result<StorageLock> {
+    pub(crate) fn lock(&self, name: &str) -> io::Result<StorageLock> {
         let dir = self.path("locks");
         make_dirs(&dir)?;
         let file = OpenOptions::new()

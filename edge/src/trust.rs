@@ -90,7 +90,7 @@ fn update(store: &SystemStore) -> Result<(), Error> {
 }
 
 /// Installs `root_pem` into the system store; returns the file written.
-pub fn trust(root_pem: &str) -> Result<PathBuf, Error> {
+pub(crate) fn trust(root_pem: &str) -> Result<PathBuf, Error> {
     let store = store()?;
     let path = Path::new(store.dir).join(file_name(root_pem)?);
     let temp = path.with_extension("crt.tmp");
@@ -105,7 +105,7 @@ pub fn trust(root_pem: &str) -> Result<PathBuf, Error> {
 }
 
 /// Removes `root_pem` from the system store; returns the file removed, if it was there.
-pub fn untrust(root_pem: &str) -> Result<Option<PathBuf>, Error> {
+pub(crate) fn untrust(root_pem: &str) -> Result<Option<PathBuf>, Error> {
     let store = store()?;
     let path = Path::new(store.dir).join(file_name(root_pem)?);
     match std::fs::remove_file(&path) {

@@ -3,6 +3,9 @@
 
 mod acme;
 mod bad_input;
+mod basic_auth;
 mod cli;
+mod limits;
+mod paths;
 mod serving;
 mod support;

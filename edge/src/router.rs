@@ -1,0 +1,119 @@
+//! The [`Router`]: finds the site for a request's port and host, and holds what each site
+//! needs at run time besides its configuration (each reverse proxy's [`Balancer`]: the
+//! round-robin position and the upstreams' recent failures).
+//!
+//! A router is built from the resolved sites on start and on every reload and swapped in
+//! whole, so requests see one config or the other, never a mix; runtime state starts fresh
+//! with each config, as the sites it belongs to are new.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::proxy::Balancer;
+use crate::site::{Host, Scheme, Site};
+
+/// A site being served: its configuration and its run-time state.
+#[derive(Debug)]
+pub(crate) struct Served {
+    /// The resolved site.
+    pub(crate) site: Site,
+    /// One per `site.proxies`, in the same order.
+    pub(crate) balancers: Vec<Balancer>,
+}
+
+/// Sites reachable on one port.
+#[derive(Debug, Default)]
+struct PortTable {
+    names: HashMap<String, usize>,
+    wildcards: Vec<(String, usize)>,
+    ips: HashMap<IpAddr, usize>,
+    any: Option<usize>,
+}
+
+/// Finds the site for a request by port and host.
+#[derive(Debug)]
+pub(crate) struct Router {
+    sites: Vec<Arc<Served>>,
+    ports: HashMap<u16, PortTable>,
+    /// HTTPS hosts by name, for the redirect from plain HTTP: (host, port).
+    https: Vec<(Host, u16)>,
+}
+
+impl Router {
+    /// Builds the tables for `sites`. Port 0 in an address stands for the bound port, which
+    /// `bound` maps.
+    pub(crate) fn new(sites: &[Site], bound: &dyn Fn(u16, Scheme) -> u16) -> Router {
+        let mut ports: HashMap<u16, PortTable> = HashMap::new();
+        let mut https = Vec::new();
+        for (i, site) in sites.iter().enumerate() {
+            for address in &site.addresses {
+                let port = bound(address.port, address.scheme);
+                let table = ports.entry(port).or_default();
+                match &address.host {
+                    Host::Name(n) => {
+                        table.names.insert(n.clone(), i);
+                    }
+                    Host::Wildcard(s) => table.wildcards.push((s.clone(), i)),
+                    Host::Ip(ip) => {
+                        table.ips.insert(*ip, i);
+                    }
+                    Host::Any => table.any = Some(i),
+                }
+                if address.scheme == Scheme::Https {
+                    https.push((address.host.clone(), port));
+                }
+            }
+        }
+        for table in ports.values_mut() {
+            table
+                .wildcards
+                .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        }
+        Router {
+            sites: sites
+                .iter()
+                .map(|site| {
+                    Arc::new(Served {
+                        balancers: site.proxies.iter().map(Balancer::new).collect(),
+                        site: site.clone(),
+                    })
+                })
+                .collect(),
+            ports,
+            https,
+        }
+    }
+
+    /// The site serving `host` (lower case, no port) on `port`.
+    pub(crate) fn site(&self, port: u16, host: &str) -> Option<&Arc<Served>> {
+        let table = self.ports.get(&port)?;
+        let index = table
+            .names
+            .get(host)
+            .copied()
+            .or_else(|| {
+                table
+                    .wildcards
+                    .iter()
+                    .find(|(s, _)| Host::Wildcard(s.clone()).matches(host))
+                    .map(|(_, i)| *i)
+            })
+            .or_else(|| {
+                let ip = host.trim_start_matches('[').trim_end_matches(']');
+                ip.parse()
+                    .ok()
+                    .and_then(|ip: IpAddr| table.ips.get(&ip).copied())
+            })
+            .or(table.any)?;
+        self.sites.get(index)
+    }
+
+    /// The HTTPS port serving `host`, for redirecting plain HTTP there.
+    pub(crate) fn https_port_for(&self, host: &str) -> Option<u16> {
+        self.https
+            .iter()
+            .find(|(h, _)| h.matches(host))
+            .map(|(_, port)| *port)
+    }
+}
