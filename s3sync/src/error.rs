@@ -165,7 +165,7 @@ fn skipped_deletes(n: usize) -> String {
 
 impl Error {
     /// An S3 request error, with its exit status.
-    pub fn s3<E, R>(
+    pub(crate) fn s3<E, R>(
         operation: &'static str,
         target: impl Into<String>,
         err: &SdkError<E, R>,
@@ -183,7 +183,11 @@ impl Error {
     }
 
     /// A local I/O error on `path`.
-    pub fn local(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+    pub(crate) fn local(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: io::Error,
+    ) -> Error {
         Error::Local {
             action,
             path: path.into(),
@@ -194,7 +198,7 @@ impl Error {
     /// Whether this error, met by one transfer, must stop the whole run: every other transfer
     /// would fail the same way (store unreachable, credentials refused, bucket missing, disk
     /// full), so going on only repeats it.
-    pub fn fatal(&self) -> bool {
+    pub(crate) fn fatal(&self) -> bool {
         match self {
             Error::S3 { exit, detail, .. } => is_global(*exit, detail),
             Error::Upload(upload) => match upload.as_ref() {

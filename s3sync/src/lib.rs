@@ -2,23 +2,27 @@
 //!
 //! The binary parses its command line ([`cli`]) and hands it to [`run`], which resolves the S3
 //! settings through labcore, builds one client and runs the command:
-//! single objects and streams in [`transfer`], whole trees in [`sync`] (listed by [`tree`],
-//! filtered by [`filter`], compared with the help of the state [`cache`]), bucket commands in
-//! [`bucket`], folder watching in [`watch`]. What
-//! the user sees comes from [`report`]; every failure is an [`Error`] with its exit status.
+//! single objects and streams in `transfer`, whole trees in `sync` (listed by `tree`,
+//! filtered by `filter`, compared with the help of the state `cache`), bucket commands in
+//! `bucket`, folder watching in `watch`. What the user sees comes from `report`; every
+//! failure is an [`Error`] with its exit status.
+//!
+//! Only `cli` (xtask builds the man page from it), [`run`] and [`Error`] are public: the
+//! integration tests drive the binary, so everything else stays inside the crate, where rustc
+//! reports what is unused.
 
-pub mod bucket;
-pub mod cache;
+mod bucket;
+mod cache;
 pub mod cli;
-pub mod error;
-pub mod filter;
-pub mod location;
-pub mod meta;
-pub mod report;
-pub mod sync;
-pub mod transfer;
-pub mod tree;
-pub mod watch;
+mod error;
+mod filter;
+mod location;
+mod meta;
+mod report;
+mod sync;
+mod transfer;
+mod tree;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -37,7 +37,7 @@ use crate::tree::{Entry, Listing, list_local, list_s3, local_path};
 
 /// One side of a tree transfer.
 #[derive(Clone, Debug)]
-pub enum Side {
+pub(crate) enum Side {
     /// A local folder.
     Local(PathBuf),
     /// An S3 prefix (empty or ending in `/`).
@@ -70,27 +70,27 @@ impl Side {
 
 /// How a tree transfer behaves.
 #[derive(Clone, Debug)]
-pub struct TreeOptions {
+pub(crate) struct TreeOptions {
     /// Compare with the destination and skip what is unchanged (`sync`), or copy all (`cp -r`).
-    pub sync: bool,
+    pub(crate) sync: bool,
     /// Delete destination entries missing from the source.
-    pub delete: bool,
+    pub(crate) delete: bool,
     /// Compare content (MD5) instead of size and mtime.
-    pub checksum: bool,
+    pub(crate) checksum: bool,
     /// At most this many deletions.
-    pub max_delete: Option<usize>,
+    pub(crate) max_delete: Option<usize>,
     /// Lift the default share limit on deletions.
-    pub force: bool,
+    pub(crate) force: bool,
     /// Print the plan, change nothing.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Follow symbolic links in a local source.
-    pub follow_links: bool,
+    pub(crate) follow_links: bool,
     /// Files moving at once.
-    pub transfers: usize,
+    pub(crate) transfers: usize,
     /// Where state caches live; `None` turns the cache off ([`crate::cache`]).
-    pub cache_folder: Option<PathBuf>,
+    pub(crate) cache_folder: Option<PathBuf>,
     /// The endpoint the cache files are kept for.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 /// Share of the destination a sync may delete without `--force` or `--max-delete`.
@@ -149,7 +149,7 @@ struct Context {
 }
 
 /// Runs a tree copy or sync; per-file failures make it end in [`Error::Partial`].
-pub async fn run(
+pub(crate) async fn run(
     t: &Transfers,
     report: &mut Report,
     src: Side,
@@ -162,7 +162,7 @@ pub async fn run(
 
 /// [`run`], also collecting the source entries the destination now matches (copied or found
 /// unchanged), for callers that keep syncing incrementally.
-pub async fn run_tracked(
+pub(crate) async fn run_tracked(
     t: &Transfers,
     report: &mut Report,
     src: Side,
@@ -313,7 +313,7 @@ fn check_deletes(options: &TreeOptions, dst: &Side, deletes: usize, total: usize
 
 /// Uploads local files under `root` to the prefix `url` without comparing (they are known to
 /// have changed); returns the first run-stopping error. Entries uploaded join `in_sync`.
-pub async fn upload_entries(
+pub(crate) async fn upload_entries(
     t: &Transfers,
     report: &mut Report,
     root: &Path,
@@ -664,7 +664,7 @@ fn open_cache(options: &TreeOptions, src: &Side, dst: &Side) -> Option<Cache> {
 }
 
 /// Deletes destination entries, 1,000 keys per `DeleteObjects` request.
-pub async fn delete_all(
+pub(crate) async fn delete_all(
     t: &Transfers,
     report: &mut Report,
     dst: &Side,
@@ -703,7 +703,7 @@ pub async fn delete_all(
 }
 
 /// Deletes objects (all in one bucket) in batches; per-key failures are reported.
-pub async fn delete_objects(
+pub(crate) async fn delete_objects(
     t: &Transfers,
     report: &mut Report,
     urls: &[S3Url],

@@ -30,11 +30,11 @@ use crate::tree::{Entry, list_local};
 
 /// How `watch` batches events.
 #[derive(Clone, Copy, Debug)]
-pub struct WatchSettings {
+pub(crate) struct WatchSettings {
     /// Quiet time before a batch is synced.
-    pub debounce: Duration,
+    pub(crate) debounce: Duration,
     /// Events held before falling back to a full sync.
-    pub max_pending: usize,
+    pub(crate) max_pending: usize,
 }
 
 /// What the destination is known to hold: path to (size, mtime).
@@ -48,7 +48,7 @@ fn remember(known: &mut Known, entries: Vec<Entry>) {
 
 /// Runs until a stop signal.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+pub(crate) async fn run(
     t: &Transfers,
     report: &mut Report,
     root: PathBuf,
@@ -217,7 +217,6 @@ async fn incremental(
                 mtime: None,
                 uploaded: None,
                 etag: None,
-                mode: None,
             })
             .collect();
         if !gone.is_empty() {
