@@ -41,7 +41,7 @@ use cli::{Cli, Command, TreeArgs};
 use filter::Filter;
 use location::{Location, S3Url};
 use report::{Action, Report};
-use sync::{Side, TreeOptions};
+use sync::{Direction, Side, TreeOptions};
 use transfer::Transfers;
 
 /// The labkit config s3sync reads with `--config`: only the `[s3]` table.
@@ -150,14 +150,14 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
                 dry_run: *dry_run,
                 ..tree_options(tree)
             };
-            let (src, dst) = tree_sides(src, dst)?;
+            let direction = tree_direction(src, dst)?;
             let filter = make_filter(tree)?;
-            if let Side::S3(url) = &dst
+            if let Some(url) = direction.destination_url()
                 && !options.dry_run
             {
                 bucket::check_bucket(&transfers.client, &url.bucket).await?;
             }
-            let result = sync::run(&transfers, &mut report, src, dst, &filter, options).await;
+            let result = sync::run(&transfers, &mut report, direction, &filter, options).await;
             report.summary();
             result
         }
@@ -200,7 +200,7 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
                 force: *force,
                 ..tree_options(tree)
             };
-            let (Side::Local(root), Side::S3(url)) = tree_sides(src, dst)? else {
+            let Direction::Upload { root, to: url } = tree_direction(src, dst)? else {
                 return Err(Error::Usage(
                     "watch takes a local folder and an s3:// destination".into(),
                 ));
@@ -253,8 +253,8 @@ fn make_filter(tree: &TreeArgs) -> Result<Filter, Error> {
     Filter::new(&tree.include, &tree.exclude, &tree.exclude_from)
 }
 
-/// The two sides of a tree command: local folders and S3 prefixes, never stdin/stdout.
-fn tree_sides(src: &str, dst: &str) -> Result<(Side, Side), Error> {
+/// Which way a tree command goes between local folders and S3 prefixes (never stdin/stdout).
+fn tree_direction(src: &str, dst: &str) -> Result<Direction, Error> {
     let side = |arg: &str| match Location::parse(arg)? {
         Location::Stdio => Err(Error::Usage(
             "- (a stream) cannot be a folder: use cp for streams".into(),
@@ -263,12 +263,7 @@ fn tree_sides(src: &str, dst: &str) -> Result<(Side, Side), Error> {
         Location::S3(url) => Ok(Side::S3(url.with_key(url.as_prefix()))),
     };
     let (src, dst) = (side(src)?, side(dst)?);
-    if let (Side::Local(_), Side::Local(_)) = (&src, &dst) {
-        return Err(Error::Usage(
-            "both locations are local: s3sync moves data to, from or inside S3".into(),
-        ));
-    }
-    Ok((src, dst))
+    Direction::new(src, dst)
 }
 
 async fn cp(
@@ -283,14 +278,14 @@ async fn cp(
     let src = Location::parse(src_arg)?;
     let dst = Location::parse(dst_arg)?;
     if recursive {
-        let (src, dst) = tree_sides(src_arg, dst_arg)?;
-        if let Side::S3(url) = &dst
+        let direction = tree_direction(src_arg, dst_arg)?;
+        if let Some(url) = direction.destination_url()
             && !options.dry_run
         {
             bucket::check_bucket(&t.client, &url.bucket).await?;
         }
         let filter = make_filter(tree)?;
-        return sync::run(t, report, src, dst, &filter, options).await;
+        return sync::run(t, report, direction, &filter, options).await;
     }
     match (src, dst) {
         (Location::Stdio, Location::S3(url)) => {

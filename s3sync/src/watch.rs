@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::filter::Filter;
 use crate::location::S3Url;
 use crate::report::Report;
-use crate::sync::{self, Side, TreeOptions};
+use crate::sync::{self, Direction, Side, TreeOptions};
 use crate::transfer::{Transfers, blocking};
 use crate::tree::{Entry, list_local};
 
@@ -147,16 +147,12 @@ async fn full_sync(
     known: &mut Known,
 ) -> Result<(), Error> {
     let mut in_sync = Vec::new();
-    let result = sync::run_tracked(
-        t,
-        report,
-        Side::Local(root.to_owned()),
-        Side::S3(url.clone()),
-        filter,
-        options.clone(),
-        &mut in_sync,
-    )
-    .await;
+    let direction = Direction::Upload {
+        root: root.to_owned(),
+        to: url.clone(),
+    };
+    let result =
+        sync::run_tracked(t, report, direction, filter, options.clone(), &mut in_sync).await;
     known.clear();
     remember(known, in_sync);
     keep_going(result)
