@@ -114,6 +114,18 @@ pub enum Error {
         /// How to go ahead anyway.
         hint: &'static str,
     },
+    /// The watched folder is gone, replaced or suddenly empty: syncing it would delete what
+    /// the destination holds, so the watch stops instead.
+    #[error(
+        "the watched folder {root} {reason}: stopping the watch rather than deleting what the \
+         destination holds"
+    )]
+    SourceGone {
+        /// The watched folder.
+        root: String,
+        /// What happened to it.
+        reason: String,
+    },
     /// Some transfers (or entries of a listing) failed; the others were done.
     #[error("{failed} of {total} transfers failed{}", skipped_deletes(*.deletes_skipped))]
     Partial {
@@ -242,6 +254,7 @@ impl ExitStatus for Error {
             Error::Local { source, .. } | Error::Stdio { source, .. } => Exit::from_io(source),
             Error::BadName { .. } | Error::Verify { .. } => Exit::DataErr,
             Error::TooManyDeletes { .. } => Exit::DataErr,
+            Error::SourceGone { .. } => Exit::NoInput,
             Error::Partial { .. } => Exit::Partial,
             Error::Interrupted => Exit::TempFail,
             Error::Runtime { .. } => Exit::Software,

@@ -110,6 +110,7 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
         max_delete: None,
         force: false,
         dry_run: false,
+        refuse_empty_source: false,
         follow_links: tree.follow_links,
         transfers: usize::from(cli.run.transfers),
         cache_folder: cache_folder.clone().filter(|_| !tree.no_cache),

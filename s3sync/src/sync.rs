@@ -168,6 +168,9 @@ pub(crate) struct TreeOptions {
     pub(crate) force: bool,
     /// Print the plan, change nothing.
     pub(crate) dry_run: bool,
+    /// With `delete`, stop instead of deleting when the source lists nothing while the
+    /// destination holds entries (`watch`: an unmounted disk looks like an empty folder).
+    pub(crate) refuse_empty_source: bool,
     /// Follow symbolic links in a local source.
     pub(crate) follow_links: bool,
     /// Files moving at once.
@@ -286,6 +289,21 @@ pub(crate) async fn run_tracked(
         Vec::new()
     };
     let complete = source.complete() && destination.complete();
+    if options.refuse_empty_source
+        && options.delete
+        && complete
+        && source.entries.is_empty()
+        && !destination.entries.is_empty()
+    {
+        return Err(Error::SourceGone {
+            root: src.describe(),
+            reason: format!(
+                "lists nothing while {} holds {} entries",
+                dst.describe(),
+                destination.entries.len()
+            ),
+        });
+    }
     let refusal = check_deletes(&options, &dst, deletes.len(), destination.entries.len());
     if let Some(err) = refusal
         && !options.dry_run
@@ -365,7 +383,13 @@ pub(crate) async fn run_tracked(
     Ok(())
 }
 
-fn check_deletes(options: &TreeOptions, dst: &Side, deletes: usize, total: usize) -> Option<Error> {
+/// The refusal a run deleting `deletes` of the destination's `total` entries meets, if any.
+pub(crate) fn check_deletes(
+    options: &TreeOptions,
+    dst: &Side,
+    deletes: usize,
+    total: usize,
+) -> Option<Error> {
     let (limit, hint) = match options.max_delete {
         Some(n) => (n, "raise --max-delete to allow more"),
         None if options.force => return None,
