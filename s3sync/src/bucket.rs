@@ -17,7 +17,7 @@ use crate::transfer::Transfers;
 
 /// Fails early, with the right exit status, when a bucket is missing or refused: before a
 /// single byte of standard input is read or a file is opened.
-pub async fn check_bucket(client: &Client, bucket: &str) -> Result<(), Error> {
+pub(crate) async fn check_bucket(client: &Client, bucket: &str) -> Result<(), Error> {
     client
         .head_bucket()
         .bucket(bucket)
@@ -65,7 +65,7 @@ fn print(line: &str) -> Result<(), Error> {
 }
 
 /// `s3sync ls`: buckets, or one level (or all levels) of objects under a prefix.
-pub async fn ls(
+pub(crate) async fn ls(
     client: &Client,
     url: Option<&S3Url>,
     recursive: bool,
@@ -129,7 +129,7 @@ pub async fn ls(
 }
 
 /// `s3sync rm`: one object (which must exist), or everything under a prefix.
-pub async fn rm(
+pub(crate) async fn rm(
     t: &Transfers,
     report: &mut Report,
     url: &S3Url,
@@ -192,7 +192,7 @@ pub async fn rm(
 }
 
 /// `s3sync mb`: makes a bucket in the client's region; one already ours is fine.
-pub async fn mb(client: &Client, url: &S3Url) -> Result<(), Error> {
+pub(crate) async fn mb(client: &Client, url: &S3Url) -> Result<(), Error> {
     if !url.key.is_empty() {
         return Err(Error::Usage(format!(
             "{url}: mb takes a bucket, s3://BUCKET"

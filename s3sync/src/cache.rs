@@ -69,27 +69,27 @@ struct CacheFile {
 
 /// What s3sync knew about one file and its object at once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub(crate) struct Record {
     /// Size of the file and of the object.
     #[serde(rename = "s")]
-    pub size: u64,
+    pub(crate) size: u64,
     /// The local file's mtime, nanoseconds since the epoch.
     #[serde(rename = "m")]
-    pub mtime: i64,
+    pub(crate) mtime: i64,
     /// The object's ETag, without quotes.
     #[serde(rename = "e", default, skip_serializing_if = "Option::is_none")]
-    pub etag: Option<String>,
+    pub(crate) etag: Option<String>,
     /// The object's `LastModified` as listings show it, nanoseconds since the epoch.
     #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
-    pub listed: Option<i64>,
+    pub(crate) listed: Option<i64>,
     /// Seconds since the epoch of the server's `Date` answering s3sync's own upload, while
     /// `listed` is not known yet.
     #[serde(rename = "w", default, skip_serializing_if = "Option::is_none")]
-    pub written: Option<i64>,
+    pub(crate) written: Option<i64>,
 }
 
 /// Nanoseconds since the epoch, if they fit an `i64` (years 1678 to 2262).
-pub fn nanos(time: SystemTime) -> Option<i64> {
+pub(crate) fn nanos(time: SystemTime) -> Option<i64> {
     match time.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_nanos()).ok(),
         Err(e) => i64::try_from(e.duration().as_nanos()).ok().map(|n| -n),
@@ -97,14 +97,14 @@ pub fn nanos(time: SystemTime) -> Option<i64> {
 }
 
 /// An ETag without its quotes, the way records keep it.
-pub fn bare_etag(etag: &str) -> &str {
+pub(crate) fn bare_etag(etag: &str) -> &str {
     etag.trim().trim_matches('"')
 }
 
 /// The state of one local folder and S3 prefix pair: the records read at the start of a run,
 /// and those made during it.
 #[derive(Debug)]
-pub struct Cache {
+pub(crate) struct Cache {
     path: PathBuf,
     pair: Pair,
     old: HashMap<String, Record>,
@@ -115,7 +115,7 @@ pub struct Cache {
 
 impl Cache {
     /// The cache folder: `$XDG_CACHE_HOME/labkit/s3sync`, else `~/.cache/labkit/s3sync`.
-    pub fn folder(env: &Env) -> Option<PathBuf> {
+    pub(crate) fn folder(env: &Env) -> Option<PathBuf> {
         let base = env
             .path("XDG_CACHE_HOME")
             .filter(|p| p.is_absolute())
@@ -125,7 +125,13 @@ impl Cache {
 
     /// Loads the cache of `root` and `s3://bucket/prefix` on `endpoint` from `folder`; a
     /// missing file is an empty cache, an unusable one is ignored with a warning.
-    pub fn load(folder: &Path, endpoint: &str, bucket: &str, prefix: &str, root: &Path) -> Cache {
+    pub(crate) fn load(
+        folder: &Path,
+        endpoint: &str,
+        bucket: &str,
+        prefix: &str,
+        root: &Path,
+    ) -> Cache {
         // A download's folder may not exist yet: then its parent names it.
         let root = std::fs::canonicalize(root)
             .ok()
@@ -170,13 +176,13 @@ impl Cache {
     }
 
     /// The file this cache is kept in.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Whether the records prove that `object` (from a listing) still holds what the local
     /// file (`size`, `mtime`) holds, without asking the store. A proof is kept for the next run.
-    pub fn proves_unchanged(
+    pub(crate) fn proves_unchanged(
         &self,
         rel: &str,
         size: u64,
@@ -220,7 +226,7 @@ impl Cache {
     }
 
     /// Keeps a record made during this run.
-    pub fn record(&self, rel: &str, record: Record) {
+    pub(crate) fn record(&self, rel: &str, record: Record) {
         self.fresh
             .lock()
             .expect("the cache lock is never poisoned: nothing panics holding it")
@@ -230,7 +236,7 @@ impl Cache {
     /// Writes the records of this run, and the earlier ones of entries it did not settle
     /// unless `gone` says they no longer exist or `unsettled` says they were tried and
     /// failed; replaces the file atomically. A failure is a warning: the cache only saves time.
-    pub fn save(self, unsettled: &HashSet<String>, gone: impl Fn(&str) -> bool) {
+    pub(crate) fn save(self, unsettled: &HashSet<String>, gone: impl Fn(&str) -> bool) {
         let mut records = self
             .fresh
             .into_inner()
@@ -314,7 +320,6 @@ mod tests {
             mtime: None,
             uploaded: Some(listed),
             etag: etag.map(str::to_owned),
-            mode: None,
         }
     }
 

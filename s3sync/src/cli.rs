@@ -60,7 +60,8 @@ EXIT STATUS:
     64  bad usage or location
     65  bad data: a download that does not match its object, an unusable key, a sync refused
         by the deletion limit
-    66  a missing bucket, object or file
+    66  a missing bucket, object or file; a watched folder that was removed, replaced,
+        unmounted or emptied
     69  the store is unreachable
     73  a file or folder cannot be created
     74  an I/O error
@@ -258,6 +259,13 @@ EXAMPLES:
     kernel's inotify queue overflows), a full sync runs instead. Runs until SIGTERM or SIGINT;
     tells systemd READY=1 after the first sync (Type=notify).
 
+    With --delete, every pass (the first sync, each batch of changes, each full sync after an
+    overflow) keeps to --max-delete, or without it and --force to half of the destination,
+    and stops the watch (exit 65) rather than delete more. The watch also stops (exit 66)
+    instead of deleting when the folder is removed or replaced, a file system is mounted or
+    unmounted on it, or it lists nothing while the destination holds files: an unmounted disk
+    looks like an empty folder.
+
 EXAMPLES:
   s3sync watch /srv/www s3://site/www
   s3sync watch --delete --debounce 2s --exclude '*.swp' ~/notes s3://notes/")]
@@ -269,10 +277,10 @@ EXAMPLES:
         /// Delete objects whose files were deleted
         #[arg(long)]
         delete: bool,
-        /// Refuse the first sync if more than N deletions are needed
+        /// Stop rather than delete more than N objects in one pass
         #[arg(long, value_name = "N", requires = "delete")]
         max_delete: Option<usize>,
-        /// Allow the first sync to delete more than half of the destination
+        /// Allow a pass to delete more than half of the destination
         #[arg(long, requires = "delete")]
         force: bool,
         /// Quiet time after the last change before uploading, e.g. 500ms, 2s

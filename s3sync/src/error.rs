@@ -114,6 +114,18 @@ pub enum Error {
         /// How to go ahead anyway.
         hint: &'static str,
     },
+    /// The watched folder is gone, replaced or suddenly empty: syncing it would delete what
+    /// the destination holds, so the watch stops instead.
+    #[error(
+        "the watched folder {root} {reason}: stopping the watch rather than deleting what the \
+         destination holds"
+    )]
+    SourceGone {
+        /// The watched folder.
+        root: String,
+        /// What happened to it.
+        reason: String,
+    },
     /// Some transfers (or entries of a listing) failed; the others were done.
     #[error("{failed} of {total} transfers failed{}", skipped_deletes(*.deletes_skipped))]
     Partial {
@@ -165,7 +177,7 @@ fn skipped_deletes(n: usize) -> String {
 
 impl Error {
     /// An S3 request error, with its exit status.
-    pub fn s3<E, R>(
+    pub(crate) fn s3<E, R>(
         operation: &'static str,
         target: impl Into<String>,
         err: &SdkError<E, R>,
@@ -183,7 +195,11 @@ impl Error {
     }
 
     /// A local I/O error on `path`.
-    pub fn local(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+    pub(crate) fn local(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: io::Error,
+    ) -> Error {
         Error::Local {
             action,
             path: path.into(),
@@ -194,7 +210,7 @@ impl Error {
     /// Whether this error, met by one transfer, must stop the whole run: every other transfer
     /// would fail the same way (store unreachable, credentials refused, bucket missing, disk
     /// full), so going on only repeats it.
-    pub fn fatal(&self) -> bool {
+    pub(crate) fn fatal(&self) -> bool {
         match self {
             Error::S3 { exit, detail, .. } => is_global(*exit, detail),
             Error::Upload(upload) => match upload.as_ref() {
@@ -238,6 +254,7 @@ impl ExitStatus for Error {
             Error::Local { source, .. } | Error::Stdio { source, .. } => Exit::from_io(source),
             Error::BadName { .. } | Error::Verify { .. } => Exit::DataErr,
             Error::TooManyDeletes { .. } => Exit::DataErr,
+            Error::SourceGone { .. } => Exit::NoInput,
             Error::Partial { .. } => Exit::Partial,
             Error::Interrupted => Exit::TempFail,
             Error::Runtime { .. } => Exit::Software,

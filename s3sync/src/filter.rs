@@ -16,7 +16,7 @@ use crate::error::Error;
 
 /// Which paths take part.
 #[derive(Debug, Clone)]
-pub struct Filter {
+pub(crate) struct Filter {
     include: GlobSet,
     exclude: GlobSet,
     exclude_dirs: GlobSet,
@@ -36,7 +36,7 @@ impl Default for Filter {
 
 impl Filter {
     /// Builds the rules; patterns from `exclude_from` files join the `exclude` ones.
-    pub fn new(
+    pub(crate) fn new(
         include: &[String],
         exclude: &[String],
         exclude_from: &[impl AsRef<Path>],
@@ -88,7 +88,7 @@ impl Filter {
     }
 
     /// Whether the file at relative path `rel` takes part.
-    pub fn includes(&self, rel: &str) -> bool {
+    pub(crate) fn includes(&self, rel: &str) -> bool {
         // Every folder above the file must be allowed too.
         let mut at = 0;
         while let Some(slash) = rel[at..].find('/') {
@@ -107,7 +107,7 @@ impl Filter {
     }
 
     /// Whether the folder at relative path `rel` may hold files that take part.
-    pub fn includes_dir(&self, rel: &str) -> bool {
+    pub(crate) fn includes_dir(&self, rel: &str) -> bool {
         !self.exclude_dirs.is_match(rel)
     }
 }

@@ -2,23 +2,27 @@
 //!
 //! The binary parses its command line ([`cli`]) and hands it to [`run`], which resolves the S3
 //! settings through labcore, builds one client and runs the command:
-//! single objects and streams in [`transfer`], whole trees in [`sync`] (listed by [`tree`],
-//! filtered by [`filter`], compared with the help of the state [`cache`]), bucket commands in
-//! [`bucket`], folder watching in [`watch`]. What
-//! the user sees comes from [`report`]; every failure is an [`Error`] with its exit status.
+//! single objects and streams in `transfer`, whole trees in `sync` (listed by `tree`,
+//! filtered by `filter`, compared with the help of the state `cache`), bucket commands in
+//! `bucket`, folder watching in `watch`. What the user sees comes from `report`; every
+//! failure is an [`Error`] with its exit status.
+//!
+//! Only `cli` (xtask builds the man page from it), [`run`] and [`Error`] are public: the
+//! integration tests drive the binary, so everything else stays inside the crate, where rustc
+//! reports what is unused.
 
-pub mod bucket;
-pub mod cache;
+mod bucket;
+mod cache;
 pub mod cli;
-pub mod error;
-pub mod filter;
-pub mod location;
-pub mod meta;
-pub mod report;
-pub mod sync;
-pub mod transfer;
-pub mod tree;
-pub mod watch;
+mod error;
+mod filter;
+mod location;
+mod meta;
+mod report;
+mod sync;
+mod transfer;
+mod tree;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,7 +41,7 @@ use cli::{Cli, Command, TreeArgs};
 use filter::Filter;
 use location::{Location, S3Url};
 use report::{Action, Report};
-use sync::{Side, TreeOptions};
+use sync::{Direction, Side, TreeOptions};
 use transfer::Transfers;
 
 /// The labkit config s3sync reads with `--config`: only the `[s3]` table.
@@ -106,6 +110,7 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
         max_delete: None,
         force: false,
         dry_run: false,
+        refuse_empty_source: false,
         follow_links: tree.follow_links,
         transfers: usize::from(cli.run.transfers),
         cache_folder: cache_folder.clone().filter(|_| !tree.no_cache),
@@ -146,14 +151,14 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
                 dry_run: *dry_run,
                 ..tree_options(tree)
             };
-            let (src, dst) = tree_sides(src, dst)?;
+            let direction = tree_direction(src, dst)?;
             let filter = make_filter(tree)?;
-            if let Side::S3(url) = &dst
+            if let Some(url) = direction.destination_url()
                 && !options.dry_run
             {
                 bucket::check_bucket(&transfers.client, &url.bucket).await?;
             }
-            let result = sync::run(&transfers, &mut report, src, dst, &filter, options).await;
+            let result = sync::run(&transfers, &mut report, direction, &filter, options).await;
             report.summary();
             result
         }
@@ -196,7 +201,7 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
                 force: *force,
                 ..tree_options(tree)
             };
-            let (Side::Local(root), Side::S3(url)) = tree_sides(src, dst)? else {
+            let Direction::Upload { root, to: url } = tree_direction(src, dst)? else {
                 return Err(Error::Usage(
                     "watch takes a local folder and an s3:// destination".into(),
                 ));
@@ -249,8 +254,8 @@ fn make_filter(tree: &TreeArgs) -> Result<Filter, Error> {
     Filter::new(&tree.include, &tree.exclude, &tree.exclude_from)
 }
 
-/// The two sides of a tree command: local folders and S3 prefixes, never stdin/stdout.
-fn tree_sides(src: &str, dst: &str) -> Result<(Side, Side), Error> {
+/// Which way a tree command goes between local folders and S3 prefixes (never stdin/stdout).
+fn tree_direction(src: &str, dst: &str) -> Result<Direction, Error> {
     let side = |arg: &str| match Location::parse(arg)? {
         Location::Stdio => Err(Error::Usage(
             "- (a stream) cannot be a folder: use cp for streams".into(),
@@ -259,12 +264,7 @@ fn tree_sides(src: &str, dst: &str) -> Result<(Side, Side), Error> {
         Location::S3(url) => Ok(Side::S3(url.with_key(url.as_prefix()))),
     };
     let (src, dst) = (side(src)?, side(dst)?);
-    if let (Side::Local(_), Side::Local(_)) = (&src, &dst) {
-        return Err(Error::Usage(
-            "both locations are local: s3sync moves data to, from or inside S3".into(),
-        ));
-    }
-    Ok((src, dst))
+    Direction::new(src, dst)
 }
 
 async fn cp(
@@ -279,14 +279,14 @@ async fn cp(
     let src = Location::parse(src_arg)?;
     let dst = Location::parse(dst_arg)?;
     if recursive {
-        let (src, dst) = tree_sides(src_arg, dst_arg)?;
-        if let Side::S3(url) = &dst
+        let direction = tree_direction(src_arg, dst_arg)?;
+        if let Some(url) = direction.destination_url()
             && !options.dry_run
         {
             bucket::check_bucket(&t.client, &url.bucket).await?;
         }
         let filter = make_filter(tree)?;
-        return sync::run(t, report, src, dst, &filter, options).await;
+        return sync::run(t, report, direction, &filter, options).await;
     }
     match (src, dst) {
         (Location::Stdio, Location::S3(url)) => {

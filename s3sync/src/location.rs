@@ -11,11 +11,11 @@ use std::path::{Component, Path, PathBuf};
 use crate::error::Error;
 
 /// The longest key S3 accepts, in bytes.
-pub const MAX_KEY_LEN: usize = 1024;
+pub(crate) const MAX_KEY_LEN: usize = 1024;
 
 /// A source or destination as given on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Location {
+pub(crate) enum Location {
     /// `-`: standard input or output.
     Stdio,
     /// A local file or folder.
@@ -26,11 +26,11 @@ pub enum Location {
 
 /// `s3://bucket/key`; the key may be empty (the whole bucket) or end in `/` (a folder).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct S3Url {
+pub(crate) struct S3Url {
     /// The bucket.
-    pub bucket: String,
+    pub(crate) bucket: String,
     /// The key or prefix, exactly as given after the bucket's `/`.
-    pub key: String,
+    pub(crate) key: String,
 }
 
 impl fmt::Display for S3Url {
@@ -41,7 +41,7 @@ impl fmt::Display for S3Url {
 
 impl S3Url {
     /// The URL of `key` in the same bucket.
-    pub fn with_key(&self, key: impl Into<String>) -> S3Url {
+    pub(crate) fn with_key(&self, key: impl Into<String>) -> S3Url {
         S3Url {
             bucket: self.bucket.clone(),
             key: key.into(),
@@ -49,7 +49,7 @@ impl S3Url {
     }
 
     /// The key as a folder prefix: empty, or ending in `/`.
-    pub fn as_prefix(&self) -> String {
+    pub(crate) fn as_prefix(&self) -> String {
         if self.key.is_empty() || self.key.ends_with('/') {
             self.key.clone()
         } else {
@@ -58,19 +58,19 @@ impl S3Url {
     }
 
     /// Whether the key names a folder rather than one object.
-    pub fn is_folder(&self) -> bool {
+    pub(crate) fn is_folder(&self) -> bool {
         self.key.is_empty() || self.key.ends_with('/')
     }
 
     /// The last path segment of the key (what a downloaded file is named).
-    pub fn file_name(&self) -> Option<&str> {
+    pub(crate) fn file_name(&self) -> Option<&str> {
         self.key.rsplit('/').next().filter(|n| !n.is_empty())
     }
 }
 
 impl Location {
     /// Parses a command-line argument.
-    pub fn parse(arg: &str) -> Result<Location, Error> {
+    pub(crate) fn parse(arg: &str) -> Result<Location, Error> {
         let bad = |reason: &str| Error::Location {
             arg: arg.to_owned(),
             reason: reason.to_owned(),
@@ -106,14 +106,6 @@ impl Location {
         }
         Ok(Location::Local(PathBuf::from(arg)))
     }
-
-    /// The S3 URL, if this is one.
-    pub fn s3(&self) -> Option<&S3Url> {
-        match self {
-            Location::S3(url) => Some(url),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Display for Location {
@@ -134,7 +126,7 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 
 /// S3's naming rules for buckets: 3 to 63 lower-case letters, digits, `-` and `.`, starting
 /// and ending with a letter or digit, no `..`, and not shaped like an IP address.
-pub fn check_bucket(bucket: &str) -> Result<(), &'static str> {
+pub(crate) fn check_bucket(bucket: &str) -> Result<(), &'static str> {
     if bucket.is_empty() {
         return Err("no bucket named (write s3://bucket/key)");
     }
@@ -162,7 +154,7 @@ pub fn check_bucket(bucket: &str) -> Result<(), &'static str> {
 
 /// What S3 accepts as a key: at most 1,024 bytes of UTF-8, without control characters that
 /// the XML of listings cannot carry.
-pub fn check_key(key: &str) -> Result<(), &'static str> {
+pub(crate) fn check_key(key: &str) -> Result<(), &'static str> {
     if key.len() > MAX_KEY_LEN {
         return Err("a key is at most 1024 bytes long");
     }
@@ -177,7 +169,7 @@ pub fn check_key(key: &str) -> Result<(), &'static str> {
 
 /// Turns a key's path below a prefix into a relative local path, refusing anything that
 /// would land outside the destination folder or cannot be a file name.
-pub fn key_to_path(rel: &str) -> Result<PathBuf, &'static str> {
+pub(crate) fn key_to_path(rel: &str) -> Result<PathBuf, &'static str> {
     if rel.is_empty() {
         return Err("the key names the folder itself");
     }
@@ -199,7 +191,7 @@ pub fn key_to_path(rel: &str) -> Result<PathBuf, &'static str> {
 }
 
 /// Turns a relative local path into the `/`-separated form keys use.
-pub fn path_to_rel(path: &Path) -> Result<String, &'static str> {
+pub(crate) fn path_to_rel(path: &Path) -> Result<String, &'static str> {
     let mut out = String::new();
     for component in path.components() {
         let Component::Normal(part) = component else {

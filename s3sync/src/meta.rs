@@ -9,17 +9,17 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Metadata key of the modification time.
-pub const MTIME: &str = "mtime";
+pub(crate) const MTIME: &str = "mtime";
 /// Metadata key of the file mode.
-pub const MODE: &str = "mode";
+pub(crate) const MODE: &str = "mode";
 /// Metadata key of the content's MD5 (base64), for objects whose ETag is not an MD5.
-pub const MD5: &str = "md5chksum";
+pub(crate) const MD5: &str = "md5chksum";
 
 /// Seconds beyond which a timestamp is taken for garbage (year 33,658).
 const MAX_SECS: u64 = 1 << 40;
 
 /// Formats a time as rclone does: seconds and nine decimals, negative before 1970.
-pub fn format_mtime(time: SystemTime) -> String {
+pub(crate) fn format_mtime(time: SystemTime) -> String {
     match time.duration_since(UNIX_EPOCH) {
         Ok(d) => format!("{}.{:09}", d.as_secs(), d.subsec_nanos()),
         Err(before) => {
@@ -30,7 +30,7 @@ pub fn format_mtime(time: SystemTime) -> String {
 }
 
 /// Parses `[-]SECONDS[.FRACTION]`; digits past nanoseconds are dropped.
-pub fn parse_mtime(text: &str) -> Option<SystemTime> {
+pub(crate) fn parse_mtime(text: &str) -> Option<SystemTime> {
     let text = text.trim();
     let (negative, text) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
@@ -60,12 +60,12 @@ pub fn parse_mtime(text: &str) -> Option<SystemTime> {
 }
 
 /// Formats a mode as octal, as `stat` shows it.
-pub fn format_mode(mode: u32) -> String {
+pub(crate) fn format_mode(mode: u32) -> String {
     format!("{mode:o}")
 }
 
 /// Parses an octal mode; only the permission bits are kept (never set-id bits from a store).
-pub fn parse_mode(text: &str) -> Option<u32> {
+pub(crate) fn parse_mode(text: &str) -> Option<u32> {
     let text = text.trim();
     if text.is_empty() || text.len() > 7 {
         return None;
@@ -74,7 +74,7 @@ pub fn parse_mode(text: &str) -> Option<u32> {
 }
 
 /// The MD5 an ETag stands for, if it is a plain one (a single-part upload without KMS).
-pub fn etag_md5(etag: &str) -> Option<[u8; 16]> {
+pub(crate) fn etag_md5(etag: &str) -> Option<[u8; 16]> {
     let hex = etag.trim().trim_matches('"');
     if hex.len() != 32 {
         return None;
@@ -87,19 +87,19 @@ pub fn etag_md5(etag: &str) -> Option<[u8; 16]> {
 }
 
 /// The MD5 in an `md5chksum` metadata value (base64).
-pub fn meta_md5(value: &str) -> Option<[u8; 16]> {
+pub(crate) fn meta_md5(value: &str) -> Option<[u8; 16]> {
     let bytes = aws_smithy_types::base64::decode(value.trim()).ok()?;
     bytes.try_into().ok()
 }
 
 /// Base64 of an MD5, for the `md5chksum` metadata value.
-pub fn encode_md5(md5: &[u8; 16]) -> String {
+pub(crate) fn encode_md5(md5: &[u8; 16]) -> String {
     aws_smithy_types::base64::encode(md5)
 }
 
 /// Whether two modification times are the same file version: equal to the nanosecond, or
 /// to the second when either side keeps only whole seconds.
-pub fn same_mtime(a: SystemTime, b: SystemTime) -> bool {
+pub(crate) fn same_mtime(a: SystemTime, b: SystemTime) -> bool {
     if a == b {
         return true;
     }

@@ -27,7 +27,7 @@ pub enum Format {
 /// What was done to one file or object.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum Action {
+pub(crate) enum Action {
     /// Local to S3.
     Upload,
     /// S3 to local.
@@ -52,27 +52,27 @@ struct Line<'a> {
 }
 
 /// Counts and prints the outcome of every transfer of one run.
-pub struct Report {
+pub(crate) struct Report {
     format: Format,
     progress: ProgressBar,
     started: Instant,
     /// Transfers that succeeded.
-    pub copied: usize,
+    pub(crate) copied: usize,
     /// Bytes they moved.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Entries left alone because they were already up to date.
-    pub unchanged: usize,
+    pub(crate) unchanged: usize,
     /// Objects or files deleted.
-    pub deleted: usize,
+    pub(crate) deleted: usize,
     /// Transfers or deletions planned by a dry run.
-    pub planned: usize,
+    pub(crate) planned: usize,
     /// Failures (transfers, deletions and unreadable entries).
-    pub failed: usize,
+    pub(crate) failed: usize,
 }
 
 impl Report {
     /// A report; the progress bar shows only on a terminal and in text format.
-    pub fn new(format: Format, show_progress: bool) -> Report {
+    pub(crate) fn new(format: Format, show_progress: bool) -> Report {
         let progress = if show_progress && format == Format::Text && std::io::stderr().is_terminal()
         {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
@@ -101,17 +101,12 @@ impl Report {
     }
 
     /// The progress bar, for transfers to advance.
-    pub fn progress(&self) -> ProgressBar {
+    pub(crate) fn progress(&self) -> ProgressBar {
         self.progress.clone()
     }
 
-    /// Adds bytes the run expects to move.
-    pub fn expect_bytes(&self, bytes: u64) {
-        self.progress.inc_length(bytes);
-    }
-
     /// Records a finished transfer or deletion.
-    pub fn done(
+    pub(crate) fn done(
         &mut self,
         action: Action,
         source: Option<&str>,
@@ -130,7 +125,7 @@ impl Report {
     }
 
     /// Records a transfer or deletion a dry run would do; printed in every format.
-    pub fn plan(
+    pub(crate) fn plan(
         &mut self,
         action: Action,
         source: Option<&str>,
@@ -159,7 +154,7 @@ impl Report {
     }
 
     /// Records a failure, printing it on stderr.
-    pub fn failed(
+    pub(crate) fn failed(
         &mut self,
         action: Option<Action>,
         source: Option<&str>,
@@ -202,7 +197,7 @@ impl Report {
     }
 
     /// Prints the summary on stderr.
-    pub fn summary(&self) {
+    pub(crate) fn summary(&self) {
         self.progress.finish_and_clear();
         let elapsed = self.started.elapsed();
         let rate = self.bytes as f64 / elapsed.as_secs_f64().max(1e-3);
@@ -224,7 +219,7 @@ impl Report {
 }
 
 /// `1.5 MiB` and the like.
-pub fn human_bytes(bytes: f64) -> String {
+pub(crate) fn human_bytes(bytes: f64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = bytes;
     let mut unit = 0;

@@ -37,7 +37,7 @@ use crate::tree::{Entry, Listing, list_local, list_s3, local_path};
 
 /// One side of a tree transfer.
 #[derive(Clone, Debug)]
-pub enum Side {
+pub(crate) enum Side {
     /// A local folder.
     Local(PathBuf),
     /// An S3 prefix (empty or ending in `/`).
@@ -49,14 +49,7 @@ impl Side {
     fn display(&self, rel: &str) -> String {
         match self {
             Side::Local(root) => local_path(root, rel).display().to_string(),
-            Side::S3(url) => url.with_key(format!("{}{rel}", url.key)).to_string(),
-        }
-    }
-
-    fn url(&self, rel: &str) -> Option<S3Url> {
-        match self {
-            Side::S3(url) => Some(url.with_key(format!("{}{rel}", url.key))),
-            Side::Local(_) => None,
+            Side::S3(url) => object(url, rel).to_string(),
         }
     }
 
@@ -68,29 +61,124 @@ impl Side {
     }
 }
 
+/// The object of entry `rel` under the prefix `url`.
+fn object(url: &S3Url, rel: &str) -> S3Url {
+    url.with_key(format!("{}{rel}", url.key))
+}
+
+/// Which way a tree transfer goes, decided once from its two sides (local to local is refused
+/// there): each step matches on it, so none has to ask again which side is in the store.
+#[derive(Clone, Debug)]
+pub(crate) enum Direction {
+    /// A local folder up to an S3 prefix.
+    Upload {
+        /// The local folder.
+        root: PathBuf,
+        /// The prefix (empty or ending in `/`).
+        to: S3Url,
+    },
+    /// An S3 prefix down to a local folder.
+    Download {
+        /// The prefix (empty or ending in `/`).
+        from: S3Url,
+        /// The local folder.
+        root: PathBuf,
+    },
+    /// One S3 prefix to another, inside the store.
+    Copy {
+        /// The source prefix.
+        from: S3Url,
+        /// The destination prefix.
+        to: S3Url,
+    },
+}
+
+impl Direction {
+    /// The direction from `src` to `dst`; two local folders are refused.
+    pub(crate) fn new(src: Side, dst: Side) -> Result<Direction, Error> {
+        match (src, dst) {
+            (Side::Local(root), Side::S3(to)) => Ok(Direction::Upload { root, to }),
+            (Side::S3(from), Side::Local(root)) => Ok(Direction::Download { from, root }),
+            (Side::S3(from), Side::S3(to)) => Ok(Direction::Copy { from, to }),
+            (Side::Local(_), Side::Local(_)) => Err(Error::Usage(
+                "both locations are local: s3sync moves data to, from or inside S3".into(),
+            )),
+        }
+    }
+
+    /// The side entries come from.
+    pub(crate) fn source(&self) -> Side {
+        match self {
+            Direction::Upload { root, .. } => Side::Local(root.clone()),
+            Direction::Download { from, .. } | Direction::Copy { from, .. } => {
+                Side::S3(from.clone())
+            }
+        }
+    }
+
+    /// The side entries go to.
+    pub(crate) fn destination(&self) -> Side {
+        match self {
+            Direction::Upload { to, .. } | Direction::Copy { to, .. } => Side::S3(to.clone()),
+            Direction::Download { root, .. } => Side::Local(root.clone()),
+        }
+    }
+
+    /// The prefix written to, when the destination is in the store.
+    pub(crate) fn destination_url(&self) -> Option<&S3Url> {
+        match self {
+            Direction::Upload { to, .. } | Direction::Copy { to, .. } => Some(to),
+            Direction::Download { .. } => None,
+        }
+    }
+
+    fn action(&self) -> Action {
+        match self {
+            Direction::Upload { .. } => Action::Upload,
+            Direction::Download { .. } => Action::Download,
+            Direction::Copy { .. } => Action::Copy,
+        }
+    }
+
+    /// Where entry `rel` comes from and goes to, for messages.
+    fn display(&self, rel: &str) -> (String, String) {
+        let local = |root: &Path| local_path(root, rel).display().to_string();
+        match self {
+            Direction::Upload { root, to } => (local(root), object(to, rel).to_string()),
+            Direction::Download { from, root } => (object(from, rel).to_string(), local(root)),
+            Direction::Copy { from, to } => {
+                (object(from, rel).to_string(), object(to, rel).to_string())
+            }
+        }
+    }
+}
+
 /// How a tree transfer behaves.
 #[derive(Clone, Debug)]
-pub struct TreeOptions {
+pub(crate) struct TreeOptions {
     /// Compare with the destination and skip what is unchanged (`sync`), or copy all (`cp -r`).
-    pub sync: bool,
+    pub(crate) sync: bool,
     /// Delete destination entries missing from the source.
-    pub delete: bool,
+    pub(crate) delete: bool,
     /// Compare content (MD5) instead of size and mtime.
-    pub checksum: bool,
+    pub(crate) checksum: bool,
     /// At most this many deletions.
-    pub max_delete: Option<usize>,
+    pub(crate) max_delete: Option<usize>,
     /// Lift the default share limit on deletions.
-    pub force: bool,
+    pub(crate) force: bool,
     /// Print the plan, change nothing.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
+    /// With `delete`, stop instead of deleting when the source lists nothing while the
+    /// destination holds entries (`watch`: an unmounted disk looks like an empty folder).
+    pub(crate) refuse_empty_source: bool,
     /// Follow symbolic links in a local source.
-    pub follow_links: bool,
+    pub(crate) follow_links: bool,
     /// Files moving at once.
-    pub transfers: usize,
+    pub(crate) transfers: usize,
     /// Where state caches live; `None` turns the cache off ([`crate::cache`]).
-    pub cache_folder: Option<PathBuf>,
+    pub(crate) cache_folder: Option<PathBuf>,
     /// The endpoint the cache files are kept for.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 /// Share of the destination a sync may delete without `--force` or `--max-delete`.
@@ -140,8 +228,7 @@ struct Job {
 
 struct Context {
     t: Transfers,
-    src: Side,
-    dst: Side,
+    direction: Direction,
     options: TreeOptions,
     /// What earlier runs between this folder and prefix proved (`None` inside the store, with
     /// `--no-cache`, or without a cache folder).
@@ -149,33 +236,27 @@ struct Context {
 }
 
 /// Runs a tree copy or sync; per-file failures make it end in [`Error::Partial`].
-pub async fn run(
+pub(crate) async fn run(
     t: &Transfers,
     report: &mut Report,
-    src: Side,
-    dst: Side,
+    direction: Direction,
     filter: &Filter,
     options: TreeOptions,
 ) -> Result<(), Error> {
-    run_tracked(t, report, src, dst, filter, options, &mut Vec::new()).await
+    run_tracked(t, report, direction, filter, options, &mut Vec::new()).await
 }
 
 /// [`run`], also collecting the source entries the destination now matches (copied or found
 /// unchanged), for callers that keep syncing incrementally.
-pub async fn run_tracked(
+pub(crate) async fn run_tracked(
     t: &Transfers,
     report: &mut Report,
-    src: Side,
-    dst: Side,
+    direction: Direction,
     filter: &Filter,
     options: TreeOptions,
     in_sync: &mut Vec<Entry>,
 ) -> Result<(), Error> {
-    if matches!((&src, &dst), (Side::Local(_), Side::Local(_))) {
-        return Err(Error::Usage(
-            "both locations are local: s3sync moves data to, from or inside S3".into(),
-        ));
-    }
+    let (src, dst) = (direction.source(), direction.destination());
     let source = list(t, &src, filter, options.follow_links, true);
     let (source, destination) = if options.sync {
         let destination = list(t, &dst, filter, false, false);
@@ -208,6 +289,21 @@ pub async fn run_tracked(
         Vec::new()
     };
     let complete = source.complete() && destination.complete();
+    if options.refuse_empty_source
+        && options.delete
+        && complete
+        && source.entries.is_empty()
+        && !destination.entries.is_empty()
+    {
+        return Err(Error::SourceGone {
+            root: src.describe(),
+            reason: format!(
+                "lists nothing while {} holds {} entries",
+                dst.describe(),
+                destination.entries.len()
+            ),
+        });
+    }
     let refusal = check_deletes(&options, &dst, deletes.len(), destination.entries.len());
     if let Some(err) = refusal
         && !options.dry_run
@@ -225,21 +321,15 @@ pub async fn run_tracked(
         })
         .collect();
     drop(index);
-    let cache = open_cache(&options, &src, &dst);
+    let cache = open_cache(&options, &direction);
     let mut context = Arc::new(Context {
         t: t.clone(),
-        src: src.clone(),
-        dst: dst.clone(),
+        direction,
         options: options.clone(),
         cache,
     });
-    let action = match (&src, &dst) {
-        (Side::Local(_), _) => Action::Upload,
-        (Side::S3(_), Side::Local(_)) => Action::Download,
-        (Side::S3(_), Side::S3(_)) => Action::Copy,
-    };
     let mut unsettled = HashSet::new();
-    let fatal = transfer_all(&context, report, jobs, action, in_sync, &mut unsettled).await;
+    let fatal = transfer_all(&context, report, jobs, in_sync, &mut unsettled).await;
     if let Some(cache) = Arc::get_mut(&mut context).and_then(|c| c.cache.take())
         && !options.dry_run
     {
@@ -293,7 +383,13 @@ pub async fn run_tracked(
     Ok(())
 }
 
-fn check_deletes(options: &TreeOptions, dst: &Side, deletes: usize, total: usize) -> Option<Error> {
+/// The refusal a run deleting `deletes` of the destination's `total` entries meets, if any.
+pub(crate) fn check_deletes(
+    options: &TreeOptions,
+    dst: &Side,
+    deletes: usize,
+    total: usize,
+) -> Option<Error> {
     let (limit, hint) = match options.max_delete {
         Some(n) => (n, "raise --max-delete to allow more"),
         None if options.force => return None,
@@ -313,7 +409,7 @@ fn check_deletes(options: &TreeOptions, dst: &Side, deletes: usize, total: usize
 
 /// Uploads local files under `root` to the prefix `url` without comparing (they are known to
 /// have changed); returns the first run-stopping error. Entries uploaded join `in_sync`.
-pub async fn upload_entries(
+pub(crate) async fn upload_entries(
     t: &Transfers,
     report: &mut Report,
     root: &Path,
@@ -324,8 +420,10 @@ pub async fn upload_entries(
 ) -> Option<Error> {
     let context = Arc::new(Context {
         t: t.clone(),
-        src: Side::Local(root.to_owned()),
-        dst: Side::S3(url.clone()),
+        direction: Direction::Upload {
+            root: root.to_owned(),
+            to: url.clone(),
+        },
         options: TreeOptions {
             sync: false,
             ..options.clone()
@@ -336,15 +434,7 @@ pub async fn upload_entries(
         .into_iter()
         .map(|src| Job { src, dst: None })
         .collect();
-    transfer_all(
-        &context,
-        report,
-        jobs,
-        Action::Upload,
-        in_sync,
-        &mut HashSet::new(),
-    )
-    .await
+    transfer_all(&context, report, jobs, in_sync, &mut HashSet::new()).await
 }
 
 /// Runs every job, `--transfers` at a time; returns the first run-stopping error.
@@ -352,7 +442,6 @@ async fn transfer_all(
     context: &Arc<Context>,
     report: &mut Report,
     jobs: Vec<Job>,
-    action: Action,
     in_sync: &mut Vec<Entry>,
     unsettled: &mut HashSet<String>,
 ) -> Option<Error> {
@@ -360,6 +449,7 @@ async fn transfer_all(
     let mut tasks: JoinSet<(Job, Outcome)> = JoinSet::new();
     let mut fatal: Option<Error> = None;
     let cancel = context.t.cancel.clone();
+    let action = context.direction.action();
     let mut handle = |joined: Result<(Job, Outcome), tokio::task::JoinError>,
                       report: &mut Report,
                       fatal: &mut Option<Error>,
@@ -374,8 +464,7 @@ async fn transfer_all(
                 return;
             }
         };
-        let source = context.src.display(&job.src.rel);
-        let destination = context.dst.display(&job.src.rel);
+        let (source, destination) = context.direction.display(&job.src.rel);
         if matches!(outcome, Outcome::Failed(_)) {
             unsettled.insert(job.src.rel.clone());
         }
@@ -458,8 +547,8 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
     };
     let Some(dst) = &job.dst else {
         // A new upload in --checksum mode records the MD5 of multipart objects.
-        return match &context.src {
-            Side::Local(root)
+        return match &context.direction {
+            Direction::Upload { root, .. }
                 if context.options.checksum
                     && !context.options.dry_run
                     && job.src.size > t.part_size as u64 =>
@@ -472,9 +561,9 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
     if dst.size != job.src.size {
         return Ok((true, None));
     }
-    match (&context.src, &context.dst) {
-        (Side::Local(root), Side::S3(_)) => {
-            let url = context.dst.url(rel).expect("an S3 side has URLs");
+    match &context.direction {
+        Direction::Upload { root, to } => {
+            let url = object(to, rel);
             if context.options.checksum {
                 let local = local_md5(root).await?;
                 let remote = match dst.etag.as_deref().and_then(meta::etag_md5) {
@@ -513,8 +602,8 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
                 },
             }
         }
-        (Side::S3(_), Side::Local(root)) => {
-            let url = context.src.url(rel).expect("an S3 side has URLs");
+        Direction::Download { from, root } => {
+            let url = object(from, rel);
             if context.options.checksum {
                 let remote = match job.src.etag.as_deref().and_then(meta::etag_md5) {
                     Some(md5) => Some(md5),
@@ -538,14 +627,13 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
             }
             Ok((!same, None))
         }
-        (Side::S3(_), Side::S3(_)) => {
+        Direction::Copy { from, to } => {
             if job.src.etag.is_some() && job.src.etag == dst.etag {
                 return Ok((false, None));
             }
             // ETags differ or were not listed (some stores list none; a multipart copy gets
             // a new one): ask both objects what they hold.
-            let from = context.src.url(rel).expect("an S3 side has URLs");
-            let to = context.dst.url(rel).expect("an S3 side has URLs");
+            let (from, to) = (object(from, rel), object(to, rel));
             let (a, b) = tokio::try_join!(t.head(&from), t.head(&to))?;
             let same = if a.etag.is_some() && a.etag == b.etag {
                 true
@@ -558,18 +646,15 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
             };
             Ok((!same, None))
         }
-        (Side::Local(_), Side::Local(_)) => {
-            unreachable!("local-to-local runs are refused up front")
-        }
     }
 }
 
 async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result<u64, Error> {
     let t = &context.t;
     let rel = job.src.rel.as_str();
-    match (&context.src, &context.dst) {
-        (Side::Local(root), Side::S3(_)) => {
-            let url = context.dst.url(rel).expect("an S3 side has URLs");
+    match &context.direction {
+        Direction::Upload { root, to } => {
+            let url = object(to, rel);
             let stored = t.upload_file(&local_path(root, rel), &url, md5).await?;
             if let Some(cache) = &context.cache
                 && let Some(mtime) = stored.mtime.and_then(cache::nanos)
@@ -593,8 +678,8 @@ async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result
             }
             Ok(stored.size)
         }
-        (Side::S3(_), Side::Local(root)) => {
-            let url = context.src.url(rel).expect("an S3 side has URLs");
+        Direction::Download { from, root } => {
+            let url = object(from, rel);
             let path = key_to_path(rel).map_err(|reason| Error::BadName {
                 name: url.to_string(),
                 reason,
@@ -609,13 +694,9 @@ async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result
             }
             Ok(got.size)
         }
-        (Side::S3(_), Side::S3(_)) => {
-            let from = context.src.url(rel).expect("an S3 side has URLs");
-            let to = context.dst.url(rel).expect("an S3 side has URLs");
-            t.copy_object(&from, &to, job.src.size).await
-        }
-        (Side::Local(_), Side::Local(_)) => {
-            unreachable!("local-to-local runs are refused up front")
+        Direction::Copy { from, to } => {
+            t.copy_object(&object(from, rel), &object(to, rel), job.src.size)
+                .await
         }
     }
 }
@@ -652,11 +733,13 @@ fn remember_head(context: &Context, rel: &str, local: &Entry, listed: &Entry, in
 }
 
 /// The state cache of a folder and prefix pair, when the run moves data between them.
-fn open_cache(options: &TreeOptions, src: &Side, dst: &Side) -> Option<Cache> {
+fn open_cache(options: &TreeOptions, direction: &Direction) -> Option<Cache> {
     let folder = options.cache_folder.as_ref()?;
-    let (root, url) = match (src, dst) {
-        (Side::Local(root), Side::S3(url)) | (Side::S3(url), Side::Local(root)) => (root, url),
-        _ => return None,
+    let (root, url) = match direction {
+        Direction::Upload { root, to: url } | Direction::Download { from: url, root } => {
+            (root, url)
+        }
+        Direction::Copy { .. } => return None,
     };
     let cache = Cache::load(folder, &options.endpoint, &url.bucket, &url.key, root);
     tracing::debug!(path = %cache.path().display(), "state cache");
@@ -664,7 +747,7 @@ fn open_cache(options: &TreeOptions, src: &Side, dst: &Side) -> Option<Cache> {
 }
 
 /// Deletes destination entries, 1,000 keys per `DeleteObjects` request.
-pub async fn delete_all(
+pub(crate) async fn delete_all(
     t: &Transfers,
     report: &mut Report,
     dst: &Side,
@@ -693,17 +776,14 @@ pub async fn delete_all(
             Ok(())
         }
         Side::S3(url) => {
-            let urls: Vec<S3Url> = entries
-                .iter()
-                .map(|e| url.with_key(format!("{}{}", url.key, e.rel)))
-                .collect();
+            let urls: Vec<S3Url> = entries.iter().map(|e| object(url, &e.rel)).collect();
             delete_objects(t, report, &urls).await
         }
     }
 }
 
 /// Deletes objects (all in one bucket) in batches; per-key failures are reported.
-pub async fn delete_objects(
+pub(crate) async fn delete_objects(
     t: &Transfers,
     report: &mut Report,
     urls: &[S3Url],

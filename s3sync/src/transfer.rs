@@ -56,38 +56,38 @@ const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
 
 /// How transfers run, shared by every transfer of a command.
 #[derive(Clone)]
-pub struct Transfers {
+pub(crate) struct Transfers {
     /// The S3 client.
-    pub client: Client,
+    pub(crate) client: Client,
     /// First part size of uploads and range size of downloads.
-    pub part_size: usize,
+    pub(crate) part_size: usize,
     /// Parts or ranges in flight per object.
-    pub part_concurrency: usize,
+    pub(crate) part_concurrency: usize,
     /// Large objects moving at once: each holds `part_concurrency + 1` part buffers.
-    pub large: Arc<Semaphore>,
+    pub(crate) large: Arc<Semaphore>,
     /// Bytes moved, for the progress bar.
-    pub progress: ProgressBar,
+    pub(crate) progress: ProgressBar,
     /// Cancelled by a stop signal.
-    pub cancel: CancellationToken,
+    pub(crate) cancel: CancellationToken,
     /// Flush downloaded files to disk before renaming them into place.
-    pub fsync: bool,
+    pub(crate) fsync: bool,
 }
 
 /// What an object holds, from `HeadObject` or `GetObject`.
 #[derive(Clone, Debug, Default)]
-pub struct ObjectInfo {
+pub(crate) struct ObjectInfo {
     /// Size in bytes.
-    pub size: u64,
+    pub(crate) size: u64,
     /// ETag.
-    pub etag: Option<String>,
+    pub(crate) etag: Option<String>,
     /// The file's mtime from metadata.
-    pub mtime: Option<SystemTime>,
+    pub(crate) mtime: Option<SystemTime>,
     /// Upload time.
-    pub uploaded: Option<SystemTime>,
+    pub(crate) uploaded: Option<SystemTime>,
     /// The file's mode from metadata.
-    pub mode: Option<u32>,
+    pub(crate) mode: Option<u32>,
     /// MD5 of the content, where the store or metadata tells it.
-    pub md5: Option<[u8; 16]>,
+    pub(crate) md5: Option<[u8; 16]>,
 }
 
 impl ObjectInfo {
@@ -114,22 +114,22 @@ impl ObjectInfo {
     }
 
     /// The time a downloaded file gets: the original mtime, else the upload time.
-    pub fn file_time(&self) -> Option<SystemTime> {
+    pub(crate) fn file_time(&self) -> Option<SystemTime> {
         self.mtime.or(self.uploaded)
     }
 }
 
 /// What an upload of a file stored.
 #[derive(Clone, Debug)]
-pub struct FileUpload {
+pub(crate) struct FileUpload {
     /// Bytes stored.
-    pub size: u64,
+    pub(crate) size: u64,
     /// The file's mtime, sent as metadata; `None` when the file changed while it was read.
-    pub mtime: Option<SystemTime>,
+    pub(crate) mtime: Option<SystemTime>,
     /// The object's ETag, as the store answered.
-    pub etag: Option<String>,
+    pub(crate) etag: Option<String>,
     /// The second of the server's `Date` answering a single `PutObject`.
-    pub date: Option<i64>,
+    pub(crate) date: Option<i64>,
 }
 
 impl FileUpload {
@@ -155,13 +155,13 @@ impl FileUpload {
 
 /// What a download into a file wrote.
 #[derive(Clone, Debug)]
-pub struct FileDownload {
+pub(crate) struct FileDownload {
     /// Bytes written.
-    pub size: u64,
+    pub(crate) size: u64,
     /// The file's mtime once in place.
-    pub mtime: Option<SystemTime>,
+    pub(crate) mtime: Option<SystemTime>,
     /// The object, as the answers described it.
-    pub info: ObjectInfo,
+    pub(crate) info: ObjectInfo,
 }
 
 /// Reads the server's `Date` off the answer to one request (the SDK's outputs do not carry it).
@@ -249,7 +249,7 @@ impl Transfers {
     }
 
     /// Uploads the local file at `path` to `dst`; says what was stored.
-    pub async fn upload_file(
+    pub(crate) async fn upload_file(
         &self,
         path: &Path,
         dst: &S3Url,
@@ -344,7 +344,7 @@ impl Transfers {
     }
 
     /// Uploads a stream of unknown length (standard input) to `dst`.
-    pub async fn upload_stream<R: AsyncRead + Unpin>(
+    pub(crate) async fn upload_stream<R: AsyncRead + Unpin>(
         &self,
         reader: R,
         dst: &S3Url,
@@ -369,7 +369,7 @@ impl Transfers {
     }
 
     /// Reads an object's size and metadata.
-    pub async fn head(&self, url: &S3Url) -> Result<ObjectInfo, Error> {
+    pub(crate) async fn head(&self, url: &S3Url) -> Result<ObjectInfo, Error> {
         let out = self
             .client
             .head_object()
@@ -390,7 +390,7 @@ impl Transfers {
 
     /// Downloads `src` into the file `dest`, through a temporary file in its folder. `known`
     /// is what a listing said about the object, saving a `HeadObject` for large ones.
-    pub async fn download_file(
+    pub(crate) async fn download_file(
         &self,
         src: &S3Url,
         dest: &Path,
@@ -515,7 +515,7 @@ impl Transfers {
 
     /// Writes `src` to `out` (standard output), verified like a file download; a mismatch is
     /// found only after the bytes went out, and then fails the command.
-    pub async fn download_stream<W: AsyncWrite + Unpin + Send + 'static>(
+    pub(crate) async fn download_stream<W: AsyncWrite + Unpin + Send + 'static>(
         &self,
         src: &S3Url,
         out: W,
@@ -663,7 +663,12 @@ impl Transfers {
     }
 
     /// Copies `src` to `dst` inside the store, keeping metadata; multipart above 5 GiB.
-    pub async fn copy_object(&self, src: &S3Url, dst: &S3Url, size: u64) -> Result<u64, Error> {
+    pub(crate) async fn copy_object(
+        &self,
+        src: &S3Url,
+        dst: &S3Url,
+        size: u64,
+    ) -> Result<u64, Error> {
         let source = copy_source(src);
         if size <= MAX_COPY {
             self.client
@@ -915,12 +920,12 @@ fn verify(src: &S3Url, info: &ObjectInfo, got: u64, md5: Option<[u8; 16]>) -> Re
 }
 
 /// MD5 of a buffer.
-pub fn md5_of(bytes: &[u8]) -> [u8; 16] {
+pub(crate) fn md5_of(bytes: &[u8]) -> [u8; 16] {
     Md5::digest(bytes).into()
 }
 
 /// MD5 of a local file (blocking).
-pub fn md5_of_file(path: &Path) -> Result<[u8; 16], Error> {
+pub(crate) fn md5_of_file(path: &Path) -> Result<[u8; 16], Error> {
     let mut file = File::open(path).map_err(|e| Error::local("opening", path, e))?;
     let mut hasher = Md5::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -936,7 +941,7 @@ pub fn md5_of_file(path: &Path) -> Result<[u8; 16], Error> {
 }
 
 /// `bucket/key` for `x-amz-copy-source`, percent-encoded except `/` and unreserved bytes.
-pub fn copy_source(url: &S3Url) -> String {
+pub(crate) fn copy_source(url: &S3Url) -> String {
     let mut out = String::with_capacity(url.bucket.len() + url.key.len() + 1);
     out.push_str(&url.bucket);
     out.push('/');
@@ -1014,7 +1019,7 @@ impl Drop for TempFile {
 }
 
 /// Runs blocking file work off the async threads.
-pub async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
     tokio::task::spawn_blocking(work)

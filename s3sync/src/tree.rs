@@ -7,7 +7,6 @@
 //! when asked (`-L`); otherwise they are skipped and counted.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -21,46 +20,44 @@ use crate::location::{S3Url, path_to_rel};
 
 /// One file or object.
 #[derive(Clone, Debug)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Path below the root, `/`-separated.
-    pub rel: String,
+    pub(crate) rel: String,
     /// Size in bytes.
-    pub size: u64,
+    pub(crate) size: u64,
     /// A local file's modification time.
-    pub mtime: Option<SystemTime>,
+    pub(crate) mtime: Option<SystemTime>,
     /// An object's upload time (`LastModified`).
-    pub uploaded: Option<SystemTime>,
+    pub(crate) uploaded: Option<SystemTime>,
     /// An object's ETag.
-    pub etag: Option<String>,
-    /// A local file's mode.
-    pub mode: Option<u32>,
+    pub(crate) etag: Option<String>,
 }
 
 /// Everything found under a root.
 #[derive(Debug, Default)]
-pub struct Listing {
+pub(crate) struct Listing {
     /// Entries, sorted by `rel`.
-    pub entries: Vec<Entry>,
+    pub(crate) entries: Vec<Entry>,
     /// What could not be listed: each is one failure of the run.
-    pub errors: Vec<Error>,
+    pub(crate) errors: Vec<Error>,
     /// Symbolic links skipped (no `-L`).
-    pub symlinks_skipped: usize,
+    pub(crate) symlinks_skipped: usize,
 }
 
 impl Listing {
     /// Whether every entry under the root was read.
-    pub fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.errors.is_empty()
     }
 
     /// The entries by path.
-    pub fn index(&self) -> HashMap<&str, &Entry> {
+    pub(crate) fn index(&self) -> HashMap<&str, &Entry> {
         self.entries.iter().map(|e| (e.rel.as_str(), e)).collect()
     }
 }
 
 /// Lists the files under a local folder (blocking: run it on a blocking thread).
-pub fn list_local(root: &Path, follow_links: bool, filter: &Filter) -> Listing {
+pub(crate) fn list_local(root: &Path, follow_links: bool, filter: &Filter) -> Listing {
     let mut listing = Listing::default();
     let walker = walkdir::WalkDir::new(root)
         .min_depth(1)
@@ -130,7 +127,6 @@ pub fn list_local(root: &Path, follow_links: bool, filter: &Filter) -> Listing {
                 mtime: meta.modified().ok(),
                 uploaded: None,
                 etag: None,
-                mode: Some(meta.permissions().mode() | (meta.mode() & 0o170000)),
             }),
             Err(err) => {
                 let source = err
@@ -156,7 +152,7 @@ const LIST_CONCURRENCY: usize = 16;
 /// instead of one flat listing whose pages must be fetched one after another: on a large
 /// tree the requests overlap, folders the filter excludes are never listed, and stores that
 /// walk their whole tree for every flat page (s3s-fs does) answer far less work.
-pub async fn list_s3(
+pub(crate) async fn list_s3(
     client: &Client,
     url: &S3Url,
     prefix: &str,
@@ -253,7 +249,6 @@ impl FolderListing {
                         .last_modified()
                         .and_then(|t| SystemTime::try_from(*t).ok()),
                     etag: object.e_tag().map(str::to_owned),
-                    mode: None,
                 });
             }
         }
@@ -262,7 +257,7 @@ impl FolderListing {
 }
 
 /// A local root's file for relative path `rel`.
-pub fn local_path(root: &Path, rel: &str) -> PathBuf {
+pub(crate) fn local_path(root: &Path, rel: &str) -> PathBuf {
     rel.split('/')
         .fold(root.to_owned(), |path, part| path.join(part))
 }

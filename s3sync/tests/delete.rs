@@ -170,7 +170,7 @@ async fn a_source_listing_that_failed_deletes_nothing() {
     write_file(&src.join("new"), b"new", past(&mut rng));
     // A folder nobody may read: its files are missing from the listing, not gone.
     std::fs::set_permissions(src.join("locked"), std::fs::Permissions::from_mode(0o000)).unwrap();
-    let out = common::run(common::s3sync(&server).user(65534, 65534).args([
+    let out = common::run(common::s3sync_as_nobody(&server).args([
         "sync",
         "--delete",
         "--force",

@@ -5,7 +5,9 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::{FaultProxy, Rng, objects, past, run, s3sync, s3sync_run, snapshot, write_file};
+use common::{
+    FaultProxy, Rng, objects, past, run, s3sync, s3sync_as_nobody, s3sync_run, snapshot, write_file,
+};
 use testkit::s3::Backend;
 use testkit::{S3Server, Scratch};
 
@@ -103,7 +105,7 @@ async fn an_unreadable_file_is_reported_and_the_rest_goes_up_with_exit_1() {
     }
     std::fs::set_permissions(src.join("secret"), std::fs::Permissions::from_mode(0o000)).unwrap();
     // Root reads anything; run as nobody so the file is really unreadable.
-    let out = run(s3sync(&server).user(65534, 65534).args([
+    let out = run(s3sync_as_nobody(&server).args([
         "sync",
         "--delete",
         src.to_str().unwrap(),

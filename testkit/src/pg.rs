@@ -16,7 +16,7 @@ use std::time::Duration;
 use labcore::pg::{PgClient, PgError, PgHost, PgSettings, SslMode};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
-use nix::unistd::{Gid, Uid, User, chown};
+use nix::unistd::{Gid, Uid, chown};
 
 use crate::proc::{Proc, ProcBuilder};
 use crate::scratch::{self, Scratch};
@@ -295,10 +295,7 @@ fn server_user() -> Result<(Uid, Gid), Error> {
     if !Uid::effective().is_root() {
         return Ok((Uid::effective(), Gid::effective()));
     }
-    let nobody = User::from_name("nobody")
-        .map_err(std::io::Error::from)?
-        .ok_or_else(|| Error::Missing("no user \"nobody\" to run PostgreSQL as".into()))?;
-    Ok((nobody.uid, nobody.gid))
+    crate::proc::nobody()
 }
 
 /// The initdb'd template for this server version and owner, made once under a file lock.

@@ -5,11 +5,17 @@
 //! ambient (`AWS_*`, `PG*`, proxies) leaks in. Its stdout and stderr are captured in memory by
 //! reader threads; its `NOTIFY_SOCKET` messages likewise. Every wait is on an event (a line
 //! appears, a notification arrives, the process exits) with a deadline, never a sleep.
+//!
+//! A program built in the checkout runs as another user only through
+//! [`ProcBuilder::as_nobody`], which starts it from a copy outside the checkout: the checkout may
+//! sit in a folder only its owner can enter (a clone under `mktemp -d`, or in `/root`).
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -21,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid, User};
 
 use crate::scratch::Scratch;
 use crate::{Error, child};
@@ -84,6 +90,8 @@ pub struct ProcBuilder {
     death_signal: Signal,
     netns: Option<OwnedFd>,
     stdin: Option<Vec<u8>>,
+    /// The folder holding the copy of the program [`ProcBuilder::as_nobody`] runs.
+    program_copy: Option<Scratch>,
 }
 
 impl ProcBuilder {
@@ -106,7 +114,46 @@ impl ProcBuilder {
             death_signal: Signal::SIGKILL,
             netns: None,
             stdin: None,
+            program_copy: None,
         }
+    }
+
+    /// A process running `program` (typically a binary built in the checkout) as the
+    /// unprivileged user `nobody`, for tests of what a tool does without root's rights.
+    ///
+    /// `nobody` may not be able to reach the checkout at all (a clone under a 0700 folder), so
+    /// the program is linked, or copied when it is not executable by others or lives on another
+    /// file system, into a scratch folder open to every user; the process runs there, and the
+    /// folder lives as long as the process.
+    pub fn as_nobody(program: impl AsRef<Path>) -> Result<ProcBuilder, Error> {
+        let (uid, gid) = nobody()?;
+        let program = program.as_ref();
+        let name = program
+            .file_name()
+            .ok_or_else(|| Error::Setup(format!("{} names no file", program.display())))?;
+        let folder = Scratch::new(&format!("bin-{}", sanitize(&name.to_string_lossy())))?;
+        fs::set_permissions(folder.path(), fs::Permissions::from_mode(0o755))?;
+        if let Some(closed) = folder
+            .path()
+            .ancestors()
+            .find(|dir| fs::metadata(dir).is_ok_and(|meta| meta.permissions().mode() & 0o001 == 0))
+        {
+            return Err(Error::Setup(format!(
+                "{} is closed to other users, so nobody could start a program below it: \
+                 point TMPDIR at a folder every user may enter",
+                closed.display()
+            )));
+        }
+        let copy = folder.join(name);
+        let open_to_all = fs::metadata(program)?.permissions().mode() & 0o005 == 0o005;
+        if !open_to_all || fs::hard_link(program, &copy).is_err() {
+            fs::copy(program, &copy)?;
+            fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))?;
+        }
+        let mut builder = ProcBuilder::new(&copy).current_dir(folder.path());
+        builder.command.uid(uid.as_raw()).gid(gid.as_raw());
+        builder.program_copy = Some(folder);
+        Ok(builder)
     }
 
     /// Adds an argument.
@@ -154,8 +201,9 @@ impl ProcBuilder {
         self
     }
 
-    /// Runs as another user (PostgreSQL refuses to run as root).
-    pub fn user(mut self, uid: u32, gid: u32) -> ProcBuilder {
+    /// Runs as another user (PostgreSQL refuses to run as root). Only for programs installed
+    /// on the system: one built in the checkout goes through [`ProcBuilder::as_nobody`].
+    pub(crate) fn user(mut self, uid: u32, gid: u32) -> ProcBuilder {
         self.command.uid(uid).gid(gid);
         self
     }
@@ -298,8 +346,17 @@ impl ProcBuilder {
             stop,
             threads,
             _scratch: scratch,
+            _program_copy: self.program_copy,
         })
     }
+}
+
+/// The unprivileged user `nobody`.
+pub(crate) fn nobody() -> Result<(Uid, Gid), Error> {
+    let nobody = User::from_name("nobody")
+        .map_err(io::Error::from)?
+        .ok_or_else(|| Error::Missing("no user \"nobody\" to run a program as".into()))?;
+    Ok((nobody.uid, nobody.gid))
 }
 
 fn sanitize(name: &str) -> String {
@@ -335,6 +392,7 @@ pub struct Proc {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     _scratch: Scratch,
+    _program_copy: Option<Scratch>,
 }
 
 impl fmt::Debug for Proc {

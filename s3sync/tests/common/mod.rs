@@ -43,6 +43,14 @@ pub fn s3sync(server: &S3Server) -> ProcBuilder {
     ProcBuilder::new(env!("CARGO_BIN_EXE_s3sync")).envs(server.env())
 }
 
+/// The s3sync binary run as `nobody`, for what it does without root's rights; started from a
+/// copy `nobody` can reach wherever the checkout is (testkit's `as_nobody`).
+pub fn s3sync_as_nobody(server: &S3Server) -> ProcBuilder {
+    ProcBuilder::as_nobody(env!("CARGO_BIN_EXE_s3sync"))
+        .unwrap()
+        .envs(server.env())
+}
+
 /// Runs a built command to its end.
 pub fn run(builder: ProcBuilder) -> Run {
     let proc = builder.spawn().unwrap();
