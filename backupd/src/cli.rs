@@ -366,12 +366,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
         } => {
             let config = Config::load(&config.config, env)?;
             let identity = identity(flag, &config)?;
-            let needs_pg = true;
-            let pg = if needs_pg {
-                PgSettings::from_env(env).ok()
-            } else {
-                None
-            };
+            let pg = PgSettings::from_env(env).ok();
             let mut chosen = Vec::new();
             if let Some(id) = id {
                 chosen.push(run::locate(&config, env, &parse_id(&id)?, target.as_deref()).await?);

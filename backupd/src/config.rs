@@ -86,7 +86,7 @@ struct RawSource {
 /// What a source backs up.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum SourceKind {
+pub(crate) enum SourceKind {
     /// PostgreSQL databases, each with `pg_dump -Fc`.
     Postgres,
     /// Roles and tablespaces, with `pg_dumpall --globals-only`.
@@ -98,7 +98,7 @@ pub enum SourceKind {
 /// Which databases a postgres source dumps.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
-pub enum Databases {
+pub(crate) enum Databases {
     /// Exactly these.
     List(Vec<String>),
     /// `"all"`: every database that accepts connections, except templates.
@@ -107,7 +107,7 @@ pub enum Databases {
 
 /// The word `all`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AllKeyword;
+pub(crate) struct AllKeyword;
 
 impl<'de> Deserialize<'de> for AllKeyword {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AllKeyword, D::Error> {
@@ -172,7 +172,7 @@ struct RawPostgres {
 /// A hook command: a string run by `/bin/sh -c`, or an argument list run directly.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
-pub enum Command {
+pub(crate) enum Command {
     /// `sh -c STRING`.
     Shell(String),
     /// `argv[0] argv[1..]`, no shell.
@@ -181,16 +181,16 @@ pub enum Command {
 
 /// A resolved source.
 #[derive(Clone, Debug)]
-pub struct Source {
+pub(crate) struct Source {
     /// Its name, unique in the file.
-    pub name: String,
+    pub(crate) name: String,
     /// What it backs up.
-    pub kind: SourceSpec,
+    pub(crate) kind: SourceSpec,
 }
 
 /// What a resolved source backs up.
 #[derive(Clone, Debug)]
-pub enum SourceSpec {
+pub(crate) enum SourceSpec {
     /// Databases.
     Postgres(Databases),
     /// Cluster-wide objects.
@@ -206,7 +206,7 @@ pub enum SourceSpec {
 
 /// Where backups go.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TargetUrl {
+pub(crate) enum TargetUrl {
     /// `s3://bucket/prefix`.
     S3 {
         /// Bucket.
@@ -253,20 +253,20 @@ impl FromStr for TargetUrl {
 
 /// A resolved target.
 #[derive(Clone, Debug)]
-pub struct Target {
+pub(crate) struct Target {
     /// Its name, unique in the file.
-    pub name: String,
+    pub(crate) name: String,
     /// Where it stores.
-    pub url: TargetUrl,
+    pub(crate) url: TargetUrl,
 }
 
 /// Encryption settings.
 #[derive(Clone)]
-pub struct Encryption {
+pub(crate) struct Encryption {
     /// Recipients every backup is encrypted to.
-    pub recipients: Vec<age::x25519::Recipient>,
+    pub(crate) recipients: Vec<age::x25519::Recipient>,
     /// The identity that decrypts them (only for restore and verify).
-    pub identity: Option<Secret>,
+    pub(crate) identity: Option<Secret>,
 }
 
 impl std::fmt::Debug for Encryption {
@@ -287,59 +287,59 @@ impl std::fmt::Debug for Encryption {
 
 /// Times of day a daemon runs at.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     /// (hour, minute) pairs, in the system's time zone.
-    pub at: Vec<(u8, u8)>,
+    pub(crate) at: Vec<(u8, u8)>,
     /// Up to this much random delay after each time, to spread load.
-    pub randomized_delay: Duration,
+    pub(crate) randomized_delay: Duration,
 }
 
 /// Hooks run after each pass.
 #[derive(Clone, Debug, Default)]
-pub struct Hooks {
+pub(crate) struct Hooks {
     /// Run when every backup of the pass succeeded.
-    pub on_success: Option<Command>,
+    pub(crate) on_success: Option<Command>,
     /// Run when any failed; gets the reason in `BACKUPD_REASON`.
-    pub on_failure: Option<Command>,
+    pub(crate) on_failure: Option<Command>,
     /// Pinged at start (`/start`), on success, and on failure (`/fail`).
-    pub healthcheck_url: Option<String>,
+    pub(crate) healthcheck_url: Option<String>,
     /// How long a hook may run.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// The resolved configuration.
 #[derive(Clone, Debug)]
-pub struct Config {
+pub(crate) struct Config {
     /// The file it came from.
-    pub file: ConfigFile,
+    pub(crate) file: ConfigFile,
     /// Sources, in file order.
-    pub sources: Vec<Source>,
+    pub(crate) sources: Vec<Source>,
     /// Targets, in file order (a local folder when the file names none).
-    pub targets: Vec<Target>,
+    pub(crate) targets: Vec<Target>,
     /// zstd level.
-    pub compression_level: i32,
+    pub(crate) compression_level: i32,
     /// zstd worker threads (0: one per core, at most 4).
-    pub compression_threads: u32,
+    pub(crate) compression_threads: u32,
     /// Encryption, if configured.
-    pub encryption: Option<Encryption>,
+    pub(crate) encryption: Option<Encryption>,
     /// What to keep.
-    pub retention: Policy,
+    pub(crate) retention: Policy,
     /// When the daemon runs.
-    pub schedule: Option<Schedule>,
+    pub(crate) schedule: Option<Schedule>,
     /// Hooks.
-    pub hooks: Hooks,
+    pub(crate) hooks: Hooks,
     /// Verify each new backup by restoring it, after the pass.
-    pub verify_after_run: bool,
+    pub(crate) verify_after_run: bool,
     /// Folder of the PostgreSQL client programs, if fixed.
-    pub pg_bin_dir: Option<PathBuf>,
+    pub(crate) pg_bin_dir: Option<PathBuf>,
     /// The `[s3]` table.
-    pub s3: Option<S3Config>,
+    pub(crate) s3: Option<S3Config>,
     /// The lock that keeps runs of this config apart.
-    pub lock_file: PathBuf,
+    pub(crate) lock_file: PathBuf,
 }
 
 /// The default local target when the file names none.
-pub fn default_local_target(env: &Env) -> PathBuf {
+pub(crate) fn default_local_target(env: &Env) -> PathBuf {
     env.path("STATE_DIRECTORY")
         .map(|dir| dir.join("backups"))
         .unwrap_or_else(|| PathBuf::from("/var/lib/backupd/backups"))
@@ -356,7 +356,7 @@ fn valid_name(name: &str) -> bool {
 
 impl Config {
     /// Reads and resolves the config at `path`.
-    pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
+    pub(crate) fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
         let (raw, file): (Raw, ConfigFile) = config::load(path)?;
         Config::resolve(raw, file, env)
     }
@@ -579,12 +579,12 @@ impl Config {
     }
 
     /// The source named `name`.
-    pub fn source(&self, name: &str) -> Option<&Source> {
+    pub(crate) fn source(&self, name: &str) -> Option<&Source> {
         self.sources.iter().find(|s| s.name == name)
     }
 
     /// The target named `name`.
-    pub fn target(&self, name: &str) -> Option<&Target> {
+    pub(crate) fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
     }
 }

@@ -22,18 +22,18 @@ const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a pass ended, for hooks.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Whether every backup succeeded.
-    pub success: bool,
+    pub(crate) success: bool,
     /// The first failure's message.
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// IDs of the backups made.
-    pub backups: Vec<String>,
+    pub(crate) backups: Vec<String>,
 }
 
 /// Which ping to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ping {
+pub(crate) enum Ping {
     /// The pass started.
     Start,
     /// The pass succeeded.
@@ -43,7 +43,7 @@ pub enum Ping {
 }
 
 /// Runs the hook for `outcome`, if one is configured.
-pub async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
+pub(crate) async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
     let (name, command) = if outcome.success {
         ("on_success", &hooks.on_success)
     } else {
@@ -100,7 +100,7 @@ pub async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
 }
 
 /// Sends a healthcheck ping, if a URL is configured.
-pub async fn ping(hooks: &Hooks, ping: Ping, body: &str) {
+pub(crate) async fn ping(hooks: &Hooks, ping: Ping, body: &str) {
     let Some(base) = &hooks.healthcheck_url else {
         return;
     };

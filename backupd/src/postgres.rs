@@ -18,18 +18,20 @@ use crate::catalog::{DatabaseInfo, TableRows};
 
 /// The PostgreSQL client programs of one version.
 #[derive(Clone, Debug)]
-pub struct PgTools {
+pub(crate) struct PgTools {
     bin_dir: Option<PathBuf>,
     /// `pg_dump --version` output, trimmed.
-    pub version: String,
-    /// Its major version.
-    pub major: u32,
+    pub(crate) version: String,
 }
 
 impl PgTools {
     /// The programs to use against a server of `server_major`: those in `configured` if set,
     /// else the newest `/usr/lib/postgresql/N/bin` with N >= the server's, else `PATH`'s.
-    pub fn find(configured: Option<&Path>, server_major: u32, env: &Env) -> Result<PgTools, Error> {
+    pub(crate) fn find(
+        configured: Option<&Path>,
+        server_major: u32,
+        env: &Env,
+    ) -> Result<PgTools, Error> {
         let candidates: Vec<Option<PathBuf>> = match configured {
             Some(dir) => vec![Some(dir.to_owned())],
             None => {
@@ -59,17 +61,12 @@ impl PgTools {
             let tools = PgTools {
                 bin_dir,
                 version: String::new(),
-                major: 0,
             };
             let Ok((version, major)) = tools.probe_version(env) else {
                 continue;
             };
             if major >= server_major {
-                return Ok(PgTools {
-                    version,
-                    major,
-                    ..tools
-                });
+                return Ok(PgTools { version, ..tools });
             }
             newest_seen = Some(version);
         }
@@ -105,7 +102,7 @@ impl PgTools {
     }
 
     /// The path of one of the programs.
-    pub fn program(&self, name: &str) -> PathBuf {
+    pub(crate) fn program(&self, name: &str) -> PathBuf {
         match &self.bin_dir {
             Some(dir) => dir.join(name),
             None => PathBuf::from(name),
@@ -114,7 +111,7 @@ impl PgTools {
 
     /// A command for `name` with backupd's environment (the libpq variables reach it; the
     /// service manager's notification socket does not).
-    pub fn command(&self, name: &str, env: &Env) -> Command {
+    pub(crate) fn command(&self, name: &str, env: &Env) -> Command {
         let mut command = Command::new(self.program(name));
         command.env_clear();
         for (key, value) in env.iter() {
@@ -136,7 +133,10 @@ impl PgTools {
 }
 
 /// The server's version number (`server_version_num`, e.g. 150018).
-pub async fn server_version(client: &tokio_postgres::Client, database: &str) -> Result<u32, Error> {
+pub(crate) async fn server_version(
+    client: &tokio_postgres::Client,
+    database: &str,
+) -> Result<u32, Error> {
     let row = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -150,7 +150,7 @@ pub async fn server_version(client: &tokio_postgres::Client, database: &str) -> 
 
 /// Every database a `databases = "all"` source dumps: those accepting connections, except
 /// templates.
-pub async fn all_databases(settings: &PgSettings) -> Result<Vec<String>, Error> {
+pub(crate) async fn all_databases(settings: &PgSettings) -> Result<Vec<String>, Error> {
     let client = settings.clone().with_dbname("postgres").connect().await?;
     let rows = client
         .query(
@@ -167,18 +167,18 @@ pub async fn all_databases(settings: &PgSettings) -> Result<Vec<String>, Error> 
 }
 
 /// A transaction holding the snapshot a dump is taken from.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     client: labcore::pg::PgClient,
     /// The exported snapshot's name, for `pg_dump --snapshot`.
-    pub name: String,
+    pub(crate) name: String,
     /// The server's version number.
-    pub server_version: u32,
+    pub(crate) server_version: u32,
     database: String,
 }
 
 impl Snapshot {
     /// Opens a `REPEATABLE READ` transaction in `database` and exports its snapshot.
-    pub async fn open(settings: &PgSettings, database: &str) -> Result<Snapshot, Error> {
+    pub(crate) async fn open(settings: &PgSettings, database: &str) -> Result<Snapshot, Error> {
         let client = settings
             .clone()
             .with_dbname(database)
@@ -223,7 +223,7 @@ impl Snapshot {
     }
 
     /// The database's owner, encoding, locale and privileges.
-    pub async fn database_info(&self) -> Result<DatabaseInfo, Error> {
+    pub(crate) async fn database_info(&self) -> Result<DatabaseInfo, Error> {
         let row = self
             .client
             .query_one(
@@ -244,12 +244,12 @@ impl Snapshot {
     }
 
     /// Rows of every ordinary table, counted in the snapshot.
-    pub async fn table_rows(&self) -> Result<Vec<TableRows>, Error> {
+    pub(crate) async fn table_rows(&self) -> Result<Vec<TableRows>, Error> {
         count_rows(&self.client, &self.database).await
     }
 
     /// Ends the transaction.
-    pub async fn close(self) -> Result<(), Error> {
+    pub(crate) async fn close(self) -> Result<(), Error> {
         self.client
             .batch_execute("COMMIT")
             .await
@@ -258,7 +258,7 @@ impl Snapshot {
 }
 
 /// Rows of every ordinary table of the database `client` is connected to.
-pub async fn count_rows(
+pub(crate) async fn count_rows(
     client: &tokio_postgres::Client,
     database: &str,
 ) -> Result<Vec<TableRows>, Error> {
@@ -298,7 +298,7 @@ pub async fn count_rows(
 
 /// SQL that gives a restored database its recorded owner and privileges (run as an admin in
 /// another database). Roles that no longer exist are skipped with a warning by the caller.
-pub fn database_acl_sql(database: &str, info: &DatabaseInfo) -> Vec<String> {
+pub(crate) fn database_acl_sql(database: &str, info: &DatabaseInfo) -> Vec<String> {
     let db = quote_ident(database);
     let mut statements = vec![format!(
         "ALTER DATABASE {db} OWNER TO {}",

@@ -76,18 +76,18 @@ pub struct Cli {
 pub struct Output {
     /// Credentials format
     #[arg(long, value_enum, default_value_t)]
-    pub format: Format,
+    format: Format,
     /// Write credentials to DIR/NAME.uri (.env, .json, .pgpass) with mode 0600 instead of
     /// stdout; an existing file is never overwritten
     #[arg(long, value_name = "DIR")]
-    pub out_dir: Option<PathBuf>,
+    out_dir: Option<PathBuf>,
     /// Host services connect to, printed in the credentials [default: the admin connection's
     /// TCP host, or localhost when it uses a Unix socket]
     #[arg(long, value_name = "HOST")]
-    pub host: Option<String>,
+    host: Option<String>,
     /// Port services connect to, printed in the credentials [default: the admin connection's]
     #[arg(long, value_name = "PORT")]
-    pub port: Option<u16>,
+    port: Option<u16>,
 }
 
 impl Output {
