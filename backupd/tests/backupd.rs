@@ -901,3 +901,47 @@ fn an_empty_database_backs_up_verifies_and_restores() {
         "1\n"
     );
 }
+
+/// A folder source backed up to a local folder: no PostgreSQL, no S3.
+fn folder_only(dir: &Scratch, extra: &str) -> PathBuf {
+    make_folder(&dir.join("data"));
+    let path = dir.join("backupd.toml");
+    fs::write(
+        &path,
+        format!(
+            "lock_file = \"backupd.lock\"\n\n[[source]]\nname = \"files\"\ntype = \"folder\"\n\
+             path = \"data\"\n\n[[target]]\nname = \"disk\"\nurl = \"backups\"\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn backupd_alone(args: &[&str]) -> Proc {
+    ProcBuilder::new(BACKUPD).args(args).spawn().unwrap()
+}
+
+#[test]
+fn list_into_a_closed_pipe_exits_quietly() {
+    let dir = Scratch::new("backupd-pipe").unwrap();
+    let config = folder_only(&dir, "");
+    let config = config.to_str().unwrap();
+    for _ in 0..2 {
+        backupd_alone(&["run", "-c", config])
+            .expect_exit(0, WAIT)
+            .unwrap();
+    }
+    for format in ["text", "json"] {
+        // `backupd list | head -0`: the reader is gone before the first line is written.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = std::process::Command::new(BACKUPD)
+            .args(["list", "-c", config, "--format", format])
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{format}: {stderr}");
+        assert!(!stderr.contains("error"), "{format}: {stderr}");
+    }
+}

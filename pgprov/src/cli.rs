@@ -365,6 +365,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
                 ListFormat::Json => list::write_json(&mut stdout, &listed),
             }
             .and_then(|()| stdout.flush())
+            .or_else(reader_gone)
             .map_err(|source| Error::Io {
                 what: "writing the list to stdout".to_owned(),
                 source,
@@ -445,6 +446,17 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             eprintln!("pgprov: {made} change(s) made");
             Ok(())
         }
+    }
+}
+
+/// A reader that closes stdout early (`pgprov list | head`) has all it wants: not an error.
+/// Only for output that can be asked for again; credentials are never dropped this way.
+fn reader_gone(err: io::Error) -> io::Result<()> {
+    if err.kind() == io::ErrorKind::BrokenPipe {
+        tracing::debug!("standard output closed early by its reader");
+        Ok(())
+    } else {
+        Err(err)
     }
 }
 

@@ -1011,3 +1011,24 @@ fn every_subcommand_has_a_man_page_quality_help_with_examples() {
     let (create, _) = lab.expect(0, &["create", "--help"]);
     assert!(create.contains("FORMATS:"), "{create}");
 }
+
+#[test]
+fn list_into_a_closed_pipe_exits_quietly() {
+    let lab = Lab::new();
+    lab.create("metabase", &[]);
+    for format in ["text", "json"] {
+        // `pgprov list | head -0`: the reader is gone before the first line is written.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = std::process::Command::new(PGPROV)
+            .args(["list", "--format", format])
+            .env_clear()
+            .envs(lab.env.iter().map(|(k, v)| (k, v)))
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{format}: {stderr}");
+        assert!(!stderr.contains("error"), "{format}: {stderr}");
+    }
+}
