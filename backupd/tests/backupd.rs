@@ -945,3 +945,15 @@ fn list_into_a_closed_pipe_exits_quietly() {
         assert!(!stderr.contains("error"), "{format}: {stderr}");
     }
 }
+
+#[test]
+fn the_example_config_checks_without_postgres_or_s3() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/backupd/backupd.toml");
+    // No libpq or S3 variables at all, and nothing listening: check reads only files.
+    let check = ProcBuilder::new(BACKUPD)
+        .args(["check", "-c", example.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    check.expect_exit(0, WAIT).unwrap();
+    assert!(check.stdout().contains(": ok"), "{}", check.stdout());
+}
