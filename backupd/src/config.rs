@@ -46,6 +46,7 @@ use labcore::s3::S3Config;
 use labcore::{Env, Secret};
 use serde::Deserialize;
 
+use crate::catalog;
 use crate::retention::Policy;
 
 /// The file as written.
@@ -302,9 +303,63 @@ pub(crate) struct Hooks {
     /// Run when any failed; gets the reason in `BACKUPD_REASON`.
     pub(crate) on_failure: Option<Command>,
     /// Pinged at start (`/start`), on success, and on failure (`/fail`).
-    pub(crate) healthcheck_url: Option<String>,
+    pub(crate) healthcheck_url: Option<HealthcheckUrl>,
     /// How long a hook may run.
     pub(crate) timeout: Duration,
+}
+
+/// A healthcheck URL. Whoever knows its path can ping the check (healthchecks.io's is a UUID,
+/// others carry a token), so it is a secret: `Display` and `Debug` show only the scheme and
+/// host, and only [`HealthcheckUrl::ping_url`] hands out the whole URL, to send a request.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct HealthcheckUrl {
+    url: String,
+    /// `scheme://host[:port]`, without any `user:password@`.
+    origin: String,
+}
+
+impl HealthcheckUrl {
+    /// Parses an `http://` or `https://` URL with a host. Errors never repeat the text.
+    pub(crate) fn parse(text: &str) -> Result<HealthcheckUrl, &'static str> {
+        let (scheme, rest) = text
+            .split_once("://")
+            .filter(|(scheme, _)| matches!(*scheme, "http" | "https"))
+            .ok_or("not an http:// or https:// URL")?;
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host);
+        if host.is_empty() || host.starts_with(':') {
+            return Err("the URL has no host");
+        }
+        Ok(HealthcheckUrl {
+            url: text.to_owned(),
+            origin: format!("{scheme}://{host}"),
+        })
+    }
+
+    /// The whole URL with `suffix` (`/start`, `/fail`) appended to its path, before any
+    /// query or fragment.
+    pub(crate) fn ping_url(&self, suffix: &str) -> String {
+        if suffix.is_empty() {
+            return self.url.clone();
+        }
+        let end = self.url.find(['?', '#']).unwrap_or(self.url.len());
+        let (path, rest) = self.url.split_at(end);
+        format!("{}{suffix}{rest}", path.trim_end_matches('/'))
+    }
+}
+
+impl std::fmt::Display for HealthcheckUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/…", self.origin)
+    }
+}
+
+impl std::fmt::Debug for HealthcheckUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HealthcheckUrl({self})")
+    }
 }
 
 /// The resolved configuration.
@@ -446,6 +501,7 @@ impl Config {
         if sources.is_empty() {
             return Err(file.invalid("source", "no [[source]] is defined: nothing to back up"));
         }
+        check_subjects(&sources, &file)?;
 
         let mut targets: Vec<Target> = Vec::new();
         for (i, target) in raw.targets.into_iter().enumerate() {
@@ -518,14 +574,14 @@ impl Config {
             }
         };
 
-        if let Some(url) = &raw.hooks.healthcheck_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return Err(file.invalid(
-                "hooks.healthcheck_url",
-                format!("{url:?} is not an http(s) URL"),
-            ));
-        }
+        let healthcheck_url = match &raw.hooks.healthcheck_url {
+            None => None,
+            // The URL is a secret: the message says what is wrong, never what was written.
+            Some(text) => Some(
+                HealthcheckUrl::parse(text)
+                    .map_err(|why| file.invalid("hooks.healthcheck_url", why))?,
+            ),
+        };
         for (key, command) in [
             ("hooks.on_success", &raw.hooks.on_success),
             ("hooks.on_failure", &raw.hooks.on_failure),
@@ -564,7 +620,7 @@ impl Config {
             hooks: Hooks {
                 on_success: raw.hooks.on_success,
                 on_failure: raw.hooks.on_failure,
-                healthcheck_url: raw.hooks.healthcheck_url,
+                healthcheck_url,
                 timeout: Duration::from_secs(raw.hooks.timeout_secs.unwrap_or(300)),
             },
             verify_after_run: raw.verify.after_run,
@@ -642,6 +698,80 @@ fn resolve_encryption(
         recipients,
         identity,
     })
+}
+
+/// Refuses sources whose backups would be filed under the same subject: a postgres source
+/// `pg` with database `app` and a folder source `pg.app` would both write `pg.app/STAMP/`, so
+/// listing, restore and retention would mix them up and one could prune the other's backups.
+/// A `databases = "all"` source `pg` claims every subject `pg.*`, since any database may
+/// appear later.
+fn check_subjects(sources: &[Source], file: &ConfigFile) -> Result<(), ConfigError> {
+    struct Claim {
+        /// The source's index in the file.
+        index: usize,
+        /// Who claims it, for the message.
+        who: String,
+        /// The subject, or with `all` the prefix every subject of the source starts with.
+        subject: String,
+        all: bool,
+    }
+    let mut claims: Vec<Claim> = Vec::new();
+    for (index, source) in sources.iter().enumerate() {
+        let name = &source.name;
+        match &source.kind {
+            SourceSpec::Postgres(Databases::List(list)) => {
+                claims.extend(list.iter().map(|db| Claim {
+                    index,
+                    who: format!("source {name:?} (database {db:?})"),
+                    subject: catalog::subject(name, Some(db)),
+                    all: false,
+                }));
+            }
+            SourceSpec::Postgres(Databases::All(_)) => claims.push(Claim {
+                index,
+                who: format!("source {name:?} (every database)"),
+                subject: format!("{name}."),
+                all: true,
+            }),
+            SourceSpec::Globals | SourceSpec::Folder { .. } => claims.push(Claim {
+                index,
+                who: format!("source {name:?}"),
+                subject: name.clone(),
+                all: false,
+            }),
+        }
+    }
+    for (i, later) in claims.iter().enumerate() {
+        for earlier in &claims[..i] {
+            let clash = match (earlier.all, later.all) {
+                (false, false) => earlier.subject == later.subject,
+                (true, false) => later.subject.starts_with(&earlier.subject),
+                (false, true) => earlier.subject.starts_with(&later.subject),
+                (true, true) => {
+                    earlier.subject.starts_with(&later.subject)
+                        || later.subject.starts_with(&earlier.subject)
+                }
+            };
+            if clash {
+                let shown = if earlier.all {
+                    &later.subject
+                } else {
+                    &earlier.subject
+                };
+                return Err(file.invalid(
+                    format!("source[{}].name", later.index),
+                    format!(
+                        "{} and {} would file their backups under the same subject {:?}: \
+                         rename one of the sources",
+                        earlier.who,
+                        later.who,
+                        shown.trim_end_matches('.')
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `HH:MM` (24-hour clock).
@@ -787,6 +917,40 @@ keep_daily = 7
             config.targets[0].url,
             TargetUrl::Dir("/var/lib/backupd/backups".into())
         );
+    }
+
+    #[test]
+    fn a_healthcheck_url_shows_only_its_scheme_and_host() {
+        let text = "https://user:pw@hc.example:8443/ping/SECRET/?rid=1";
+        let url = HealthcheckUrl::parse(text).unwrap();
+        assert_eq!(url.to_string(), "https://hc.example:8443/…");
+        assert_eq!(
+            format!("{url:?}"),
+            "HealthcheckUrl(https://hc.example:8443/…)"
+        );
+        assert_eq!(url.ping_url(""), text);
+        assert_eq!(
+            url.ping_url("/fail"),
+            "https://user:pw@hc.example:8443/ping/SECRET/fail?rid=1"
+        );
+        for bad in [
+            "ftp://x/SECRET",
+            "https:///SECRET",
+            "hc.example/SECRET",
+            "http://:80/",
+        ] {
+            assert!(HealthcheckUrl::parse(bad).is_err(), "{bad}");
+        }
+        let config = parse(&format!(
+            "[[source]]\nname = \"a\"\ntype = \"globals\"\n[hooks]\nhealthcheck_url = \"{text}\"\n"
+        ))
+        .unwrap();
+        assert!(!format!("{config:?}").contains("SECRET"));
+        let err = parse(
+            "[[source]]\nname = \"a\"\ntype = \"globals\"\n[hooks]\nhealthcheck_url = \"ftp://h/SECRET\"\n",
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("SECRET"), "{err}");
     }
 
     #[test]

@@ -99,23 +99,27 @@ pub(crate) async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
     }
 }
 
-/// Sends a healthcheck ping, if a URL is configured.
+/// Sends a healthcheck ping, if a URL is configured. Logs name the check by its scheme and
+/// host only: the rest of the URL is a secret.
 pub(crate) async fn ping(hooks: &Hooks, ping: Ping, body: &str) {
-    let Some(base) = &hooks.healthcheck_url else {
+    let Some(check) = &hooks.healthcheck_url else {
         return;
     };
-    let url = match ping {
-        Ping::Start => format!("{}/start", base.trim_end_matches('/')),
-        Ping::Success => base.clone(),
-        Ping::Fail => format!("{}/fail", base.trim_end_matches('/')),
+    let (name, suffix) = match ping {
+        Ping::Start => ("start", "/start"),
+        Ping::Success => ("success", ""),
+        Ping::Fail => ("fail", "/fail"),
     };
+    let url = check.ping_url(suffix);
     match tokio::time::timeout(PING_TIMEOUT, post(&url, body)).await {
         Ok(Ok(status)) if (200..300).contains(&status) => {
-            tracing::debug!(%url, status, "healthcheck pinged")
+            tracing::debug!(%check, ping = name, status, "healthcheck pinged")
         }
-        Ok(Ok(status)) => tracing::warn!(%url, status, "healthcheck ping refused"),
-        Ok(Err(err)) => tracing::warn!(%url, error = %err, "healthcheck ping failed"),
-        Err(_) => tracing::warn!(%url, "healthcheck ping timed out"),
+        Ok(Ok(status)) => tracing::warn!(%check, ping = name, status, "healthcheck ping refused"),
+        Ok(Err(err)) => {
+            tracing::warn!(%check, ping = name, error = %err, "healthcheck ping failed")
+        }
+        Err(_) => tracing::warn!(%check, ping = name, "healthcheck ping timed out"),
     }
 }
 

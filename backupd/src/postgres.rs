@@ -308,31 +308,93 @@ pub(crate) fn database_acl_sql(database: &str, info: &DatabaseInfo) -> Vec<Strin
         return statements;
     };
     statements.push(format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"));
-    for item in acl {
-        // grantee=privileges/grantor; an empty grantee is PUBLIC.
-        let Some((grantee, rest)) = item.split_once('=') else {
+    for text in acl {
+        let Some(item) = AclItem::parse(text) else {
+            tracing::warn!(item = %text, "skipping a database privilege that does not parse");
             continue;
         };
-        let privileges = rest.split('/').next().unwrap_or("");
-        let grantee = if grantee.is_empty() {
-            "PUBLIC".to_owned()
-        } else {
-            quote_ident(grantee.trim_matches('"'))
+        let grantee = match &item.grantee {
+            None => "PUBLIC".to_owned(),
+            Some(role) => quote_ident(role),
         };
-        let mut names = Vec::new();
-        for (letter, name) in [('C', "CREATE"), ('c', "CONNECT"), ('T', "TEMPORARY")] {
-            if privileges.contains(letter) {
-                names.push(name);
+        for with_grant_option in [false, true] {
+            let names: Vec<&str> = [('C', "CREATE"), ('c', "CONNECT"), ('T', "TEMPORARY")]
+                .into_iter()
+                .filter(|(letter, _)| item.privileges.contains(&(*letter, with_grant_option)))
+                .map(|(_, name)| name)
+                .collect();
+            if !names.is_empty() {
+                let option = if with_grant_option {
+                    " WITH GRANT OPTION"
+                } else {
+                    ""
+                };
+                statements.push(format!(
+                    "GRANT {} ON DATABASE {db} TO {grantee}{option}",
+                    names.join(", ")
+                ));
             }
-        }
-        if !names.is_empty() {
-            statements.push(format!(
-                "GRANT {} ON DATABASE {db} TO {grantee}",
-                names.join(", ")
-            ));
         }
     }
     statements
+}
+
+/// One `aclitem` as PostgreSQL prints it: `grantee=privileges/grantor`. A role name holding
+/// anything but letters, digits and `_` is double-quoted with inner quotes doubled, so a name
+/// may itself contain `=`, `/` or `"`: the text is read name by name, never split on them.
+#[derive(Debug, PartialEq, Eq)]
+struct AclItem {
+    /// The role granted to; `None` is PUBLIC (an empty grantee).
+    grantee: Option<String>,
+    /// Privilege letters, each with whether it carries the grant option (`*`).
+    privileges: Vec<(char, bool)>,
+}
+
+impl AclItem {
+    fn parse(text: &str) -> Option<AclItem> {
+        let (grantee, rest) = acl_role(text)?;
+        let rest = rest.strip_prefix('=')?;
+        let (letters, rest) = rest.split_once('/')?;
+        let mut privileges: Vec<(char, bool)> = Vec::new();
+        let mut letters = letters.chars().peekable();
+        while let Some(letter) = letters.next() {
+            if !letter.is_ascii_alphabetic() {
+                return None;
+            }
+            let grant_option = letters.next_if_eq(&'*').is_some();
+            privileges.push((letter, grant_option));
+        }
+        let (grantor, rest) = acl_role(rest)?;
+        if !rest.is_empty() || grantor.is_empty() {
+            return None;
+        }
+        // The grantor is read only to check the item: a restore grants as its own admin.
+        Some(AclItem {
+            grantee: Some(grantee).filter(|g| !g.is_empty()),
+            privileges,
+        })
+    }
+}
+
+/// A role name at the start of `text`, quoted or bare, and the text after it.
+fn acl_role(text: &str) -> Option<(String, &str)> {
+    let Some(quoted) = text.strip_prefix('"') else {
+        let end = text.find(['=', '/']).unwrap_or(text.len());
+        return Some((text[..end].to_owned(), &text[end..]));
+    };
+    let mut name = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c != '"' {
+            name.push(c);
+        } else if quoted[i + 1..].starts_with('"') {
+            name.push('"');
+            chars.next();
+        } else {
+            return Some((name, &quoted[i + 1..]));
+        }
+    }
+    None
 }
 
 /// `"identifier"` with inner quotes doubled.
@@ -368,8 +430,55 @@ mod tests {
                 "GRANT CONNECT ON DATABASE \"metabase\" TO \"reader\"",
             ]
         );
-        let default = DatabaseInfo { acl: None, ..info };
+        let default = DatabaseInfo {
+            acl: None,
+            ..info.clone()
+        };
         assert_eq!(database_acl_sql("x", &default).len(), 1);
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn acl_items_with_equals_slashes_and_quotes_in_role_names_parse() {
+        let item = |grantee: Option<&str>, privileges: &[(char, bool)], _grantor: &str| AclItem {
+            grantee: grantee.map(str::to_owned),
+            privileges: privileges.to_vec(),
+        };
+        let cases = [
+            ("a=c/b", item(Some("a"), &[('c', false)], "b")),
+            (
+                "=Tc/postgres",
+                item(None, &[('T', false), ('c', false)], "postgres"),
+            ),
+            (
+                "\"we=ird\"=C*c/\"own/er\"",
+                item(Some("we=ird"), &[('C', true), ('c', false)], "own/er"),
+            ),
+            (
+                "\"quo\"\"te\"=T/\"x\"\"=y\"",
+                item(Some("quo\"te"), &[('T', false)], "x\"=y"),
+            ),
+            ("\"\"\"\"=c/p", item(Some("\""), &[('c', false)], "p")),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(AclItem::parse(text), Some(expected), "{text}");
+        }
+        for bad in ["", "a", "a=c", "\"a=c/b", "a=c/", "a=c/b/c", "a=1/b"] {
+            assert_eq!(AclItem::parse(bad), None, "{bad}");
+        }
+        let info = DatabaseInfo {
+            owner: "o".into(),
+            encoding: "UTF8".into(),
+            collate: "C".into(),
+            ctype: "C".into(),
+            acl: Some(vec!["\"we=ird\"=C*c/o".into()]),
+        };
+        assert_eq!(
+            database_acl_sql("d", &info)[2..],
+            [
+                "GRANT CONNECT ON DATABASE \"d\" TO \"we=ird\"",
+                "GRANT CREATE ON DATABASE \"d\" TO \"we=ird\" WITH GRANT OPTION",
+            ]
+        );
     }
 }
