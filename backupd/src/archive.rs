@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use globset::{GlobBuilder, GlobMatcher};
 
 use crate::catalog::FileEntry;
-use crate::pipeline::{Hashing, hex};
+use crate::pipeline::Hashing;
 
 /// Paths left out of a folder backup.
 pub struct Excludes {
@@ -374,11 +374,6 @@ pub fn compare(root: &Path, entries: &[FileEntry]) -> Vec<String> {
         }
     }
     problems
-}
-
-/// SHA-256 of a byte slice, hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
 }
 
 #[cfg(test)]

@@ -1,16 +1,20 @@
 //! The command line: subcommands, their help (which becomes the man page), and dispatch.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use labcore::log::LogArgs;
 use labcore::pg::PgSettings;
 use labcore::{Env, Secret};
 
-use crate::catalog::BackupId;
+use crate::catalog::{self, BackupId, Content};
 use crate::config::Config;
-use crate::inventory;
+use crate::inventory::{self, Listed};
+use crate::lock::RunLock;
 use crate::restore::{self, Destination, Restorer};
+use crate::store::Store;
 use crate::{Error, daemon, run};
 
 const AFTER_HELP: &str = "\
@@ -133,7 +137,7 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// The backup's ID, as `backupd list` prints it
-        id: String,
+        id: BackupId,
         #[command(flatten)]
         to: RestoreTo,
         /// Replace a non-empty target
@@ -163,7 +167,7 @@ pub enum Command {
         config: ConfigArg,
         /// The backup's ID
         #[arg(required_unless_present = "latest", conflicts_with = "latest")]
-        id: Option<String>,
+        id: Option<BackupId>,
         /// Verify the newest backup of every subject (or of --source)
         #[arg(long)]
         latest: bool,
@@ -232,6 +236,126 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     runtime.block_on(dispatch(cli.command, &env))
 }
 
+async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
+    let mut out = Stdout::default();
+    match command {
+        Command::Run {
+            config,
+            sources,
+            format,
+        } => run_pass(&config.config, &sources, format, env, &mut out).await,
+        Command::Daemon { config } => Box::pin(daemon::daemon(&config.config, env)).await,
+        Command::List {
+            config,
+            target,
+            source,
+            format,
+        } => {
+            let filter = Filter { target, source };
+            list(&config.config, &filter, format, env, &mut out).await
+        }
+        Command::Restore {
+            config,
+            id,
+            to,
+            force,
+            identity,
+            target,
+            no_owner,
+        } => {
+            let restore = RestoreArgs {
+                id,
+                to,
+                force,
+                identity,
+                target,
+                no_owner,
+            };
+            restore_backup(&config.config, restore, env).await
+        }
+        Command::Verify {
+            config,
+            id,
+            latest: _,
+            source,
+            identity,
+            target,
+        } => {
+            let filter = Filter { target, source };
+            verify(&config.config, id, &filter, identity, env, &mut out).await
+        }
+        Command::Prune {
+            config,
+            dry_run,
+            format,
+        } => prune(&config.config, dry_run, format, env, &mut out).await,
+        Command::Check { config } => check(&config.config, env, &mut out),
+    }
+}
+
+/// Standard output for the lines a command prints. A reader that closes the pipe early
+/// (`backupd list | head`) has all it wants: that is not an error, so the rest of the output is
+/// dropped and the command exits as its work went. Other write errors are errors.
+#[derive(Default)]
+struct Stdout {
+    closed: bool,
+}
+
+impl Stdout {
+    fn line(&mut self, line: impl std::fmt::Display) -> Result<(), Error> {
+        if self.closed {
+            return Ok(());
+        }
+        match writeln!(io::stdout().lock(), "{line}") {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
+                tracing::debug!("standard output closed early by its reader");
+                self.closed = true;
+                Ok(())
+            }
+            Err(source) => Err(Error::Io {
+                what: "writing to standard output".into(),
+                source,
+            }),
+        }
+    }
+
+    /// Whether the reader is gone, so read-only commands can stop early.
+    fn closed(&self) -> bool {
+        self.closed
+    }
+}
+
+/// `--target` and `--source` restrictions.
+struct Filter {
+    target: Option<String>,
+    source: Option<String>,
+}
+
+impl Filter {
+    fn target(&self, name: &str) -> bool {
+        self.target.as_ref().is_none_or(|t| t == name)
+    }
+
+    fn source(&self, listed: &Listed) -> bool {
+        self.source
+            .as_ref()
+            .is_none_or(|s| *s == listed.manifest.source.name)
+    }
+
+    /// The stores to read, refusing a `--target` the config does not define.
+    async fn stores(&self, config: &Config, env: &Env) -> Result<Vec<(String, Store)>, Error> {
+        if let Some(name) = &self.target
+            && config.target(name).is_none()
+        {
+            return Err(Error::Usage(format!("no target named {name:?}")));
+        }
+        let mut stores = run::open_stores(config, env).await?;
+        stores.retain(|(name, _)| self.target(name));
+        Ok(stores)
+    }
+}
+
 fn identity(flag: Option<PathBuf>, config: &Config) -> Result<Option<Secret>, Error> {
     match flag {
         Some(path) => labcore::secret::read_file(&path)
@@ -244,241 +368,249 @@ fn identity(flag: Option<PathBuf>, config: &Config) -> Result<Option<Secret>, Er
     }
 }
 
-fn parse_id(text: &str) -> Result<BackupId, Error> {
-    text.parse().map_err(Error::Usage)
-}
-
-async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
-    match command {
-        Command::Run {
-            config,
-            sources,
-            format,
-        } => {
-            let config = Config::load(&config.config, env)?;
-            let report = Box::pin(run::pass(&config, env, &sources)).await?;
-            for manifest in &report.made {
-                match format {
-                    Format::Text => println!("{}", manifest.id),
-                    Format::Json => println!(
-                        "{}",
-                        serde_json::json!({"id": manifest.id, "size": manifest.data.size, "sha256": manifest.data.sha256})
-                    ),
-                }
-            }
-            report.into_result().map(drop)
-        }
-        Command::Daemon { config } => Box::pin(daemon::daemon(&config.config, env)).await,
-        Command::List {
-            config,
-            target,
-            source,
-            format,
-        } => {
-            let config = Config::load(&config.config, env)?;
-            if let Some(name) = &target
-                && config.target(name).is_none()
-            {
-                return Err(Error::Usage(format!("no target named {name:?}")));
-            }
-            if format == Format::Text {
-                println!(
-                    "{:<52} {:<10} {:>12} {:<8}",
-                    "ID", "TARGET", "SIZE", "VERIFIED"
-                );
-            }
-            for (name, store) in run::open_stores(&config, env).await? {
-                if target.as_ref().is_some_and(|t| *t != name) {
-                    continue;
-                }
-                for listed in inventory::inventory(&store).await?.complete {
-                    if source
-                        .as_ref()
-                        .is_some_and(|s| *s != listed.manifest.source.name)
-                    {
-                        continue;
-                    }
-                    match format {
-                        Format::Text => println!(
-                            "{:<52} {:<10} {:>12} {:<8}",
-                            listed.id,
-                            name,
-                            listed.manifest.data.size,
-                            match &listed.verify {
-                                Some(v) if v.ok => "yes",
-                                Some(_) => "FAILED",
-                                None => "-",
-                            }
-                        ),
-                        Format::Json => println!(
-                            "{}",
-                            serde_json::json!({"target": name, "id": listed.id, "manifest": listed.manifest, "verify": listed.verify})
-                        ),
-                    }
-                }
-            }
-            Ok(())
-        }
-        Command::Restore {
-            config,
-            id,
-            to,
-            force,
-            identity: flag,
-            target,
-            no_owner,
-        } => {
-            let config = Config::load(&config.config, env)?;
-            let id = parse_id(&id)?;
-            let destination = match (to.to_db, to.to_dir, to.to_file) {
-                (Some(db), None, None) => Destination::Database(db),
-                (None, Some(dir), None) => Destination::Dir(dir),
-                (None, None, Some(file)) => Destination::File(file),
-                _ => {
-                    return Err(Error::Usage(
-                        "give one of --to-db, --to-dir or --to-file".into(),
-                    ));
-                }
-            };
-            let identity = identity(flag, &config)?;
-            let (listed, store, _) = run::locate(&config, env, &id, target.as_deref()).await?;
-            let pg = match destination {
-                Destination::Database(_) => Some(PgSettings::from_env(env)?),
-                _ => None,
-            };
-            let restorer = Restorer {
-                store: &store,
-                env,
-                pg: pg.as_ref(),
-                pg_bin_dir: config.pg_bin_dir.as_deref(),
-                identity: identity.as_ref(),
-                no_owner,
-            };
-            restorer.restore(&listed, &destination, force).await
-        }
-        Command::Verify {
-            config,
-            id,
-            latest,
-            source,
-            identity: flag,
-            target,
-        } => {
-            let config = Config::load(&config.config, env)?;
-            let identity = identity(flag, &config)?;
-            let needs_pg = true;
-            let pg = if needs_pg {
-                PgSettings::from_env(env).ok()
-            } else {
-                None
-            };
-            let mut chosen = Vec::new();
-            if let Some(id) = id {
-                chosen.push(run::locate(&config, env, &parse_id(&id)?, target.as_deref()).await?);
-            } else if latest {
-                for (name, store) in run::open_stores(&config, env).await? {
-                    if target.as_ref().is_some_and(|t| *t != name) {
-                        continue;
-                    }
-                    let mut newest: std::collections::BTreeMap<String, inventory::Listed> =
-                        Default::default();
-                    for listed in inventory::inventory(&store).await?.complete {
-                        if source
-                            .as_ref()
-                            .is_some_and(|s| *s != listed.manifest.source.name)
-                        {
-                            continue;
-                        }
-                        let subject = listed
-                            .id
-                            .rsplit_once('@')
-                            .map(|(s, _)| s.to_owned())
-                            .unwrap_or_default();
-                        newest.insert(subject, listed);
-                    }
-                    chosen.extend(
-                        newest
-                            .into_values()
-                            .map(|l| (l, store.clone(), name.clone())),
-                    );
-                }
-                if chosen.is_empty() {
-                    return Err(Error::NotFound {
-                        id: "any backup".into(),
-                        target: target.unwrap_or_else(|| "any".into()),
-                    });
-                }
-            }
-            let mut failures = Vec::new();
-            for (listed, store, name) in &chosen {
-                let restorer = Restorer {
-                    store,
-                    env,
-                    pg: pg.as_ref(),
-                    pg_bin_dir: config.pg_bin_dir.as_deref(),
-                    identity: identity.as_ref(),
-                    no_owner: false,
-                };
-                match restore::verify(&restorer, listed).await {
-                    Ok(record) => println!("{} on {name}: ok: {}", listed.id, record.detail),
-                    Err(err) => {
-                        println!(
-                            "{} on {name}: FAILED: {}",
-                            listed.id,
-                            labcore::exit::chain(&err)
-                        );
-                        failures.push(err);
-                    }
-                }
-            }
-            match failures.len() {
-                0 => Ok(()),
-                _ => Err(failures.remove(0)),
-            }
-        }
-        Command::Prune {
-            config,
-            dry_run,
-            format,
-        } => {
-            let config = Config::load(&config.config, env)?;
-            if !config.retention.prunes() {
-                tracing::warn!("no [retention] counts are set: prune keeps everything");
-            }
-            let _lock = crate::lock::RunLock::acquire(&config.lock_file)?;
-            let now = jiff::Timestamp::now();
-            for (name, store) in run::open_stores(&config, env).await? {
-                let report =
-                    inventory::prune(&store, &config.retention, now, None, dry_run).await?;
-                let verb = if dry_run { "would delete" } else { "deleted" };
-                match format {
-                    Format::Text => {
-                        for id in &report.deleted {
-                            println!("{verb} {id} on {name}");
-                        }
-                        for id in &report.leftovers {
-                            println!("{verb} incomplete {id} on {name}");
-                        }
-                    }
-                    Format::Json => println!(
-                        "{}",
-                        serde_json::json!({"target": name, "dry_run": dry_run, "deleted": report.deleted, "incomplete": report.leftovers, "kept": report.kept})
-                    ),
-                }
-            }
-            Ok(())
-        }
-        Command::Check { config } => {
-            let config = Config::load(&config.config, env)?;
-            println!("{}: ok", config.file.path().display());
-            for source in &config.sources {
-                println!("source {}: {:?}", source.name, source.kind);
-            }
-            for target in &config.targets {
-                println!("target {}: {:?}", target.name, target.url);
-            }
-            println!("retention: {:?}", config.retention);
-            Ok(())
+async fn run_pass(
+    path: &Path,
+    sources: &[String],
+    format: Format,
+    env: &Env,
+    out: &mut Stdout,
+) -> Result<(), Error> {
+    let config = Config::load(path, env)?;
+    let report = Box::pin(run::pass(&config, env, sources)).await?;
+    for manifest in &report.made {
+        match format {
+            Format::Text => out.line(&manifest.id)?,
+            Format::Json => out.line(serde_json::json!({
+                "id": manifest.id,
+                "size": manifest.data.size,
+                "sha256": manifest.data.sha256,
+            }))?,
         }
     }
+    report.into_result().map(drop)
+}
+
+async fn list(
+    path: &Path,
+    filter: &Filter,
+    format: Format,
+    env: &Env,
+    out: &mut Stdout,
+) -> Result<(), Error> {
+    let config = Config::load(path, env)?;
+    let stores = filter.stores(&config, env).await?;
+    if format == Format::Text {
+        out.line(format_args!(
+            "{:<52} {:<10} {:>12} {:<8}",
+            "ID", "TARGET", "SIZE", "VERIFIED"
+        ))?;
+    }
+    for (name, store) in stores {
+        for listed in inventory::inventory(&store).await?.complete {
+            if out.closed() {
+                return Ok(());
+            }
+            if !filter.source(&listed) {
+                continue;
+            }
+            match format {
+                Format::Text => out.line(format_args!(
+                    "{:<52} {:<10} {:>12} {:<8}",
+                    listed.id,
+                    name,
+                    listed.manifest.data.size,
+                    match &listed.verify {
+                        Some(v) if v.ok => "yes",
+                        Some(_) => "FAILED",
+                        None => "-",
+                    }
+                ))?,
+                Format::Json => out.line(serde_json::json!({
+                    "target": name,
+                    "id": listed.id,
+                    "manifest": listed.manifest,
+                    "verify": listed.verify,
+                }))?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `restore` was asked for.
+struct RestoreArgs {
+    id: BackupId,
+    to: RestoreTo,
+    force: bool,
+    identity: Option<PathBuf>,
+    target: Option<String>,
+    no_owner: bool,
+}
+
+async fn restore_backup(path: &Path, args: RestoreArgs, env: &Env) -> Result<(), Error> {
+    let config = Config::load(path, env)?;
+    let destination = match (args.to.to_db, args.to.to_dir, args.to.to_file) {
+        (Some(db), None, None) => Destination::Database(db),
+        (None, Some(dir), None) => Destination::Dir(dir),
+        (None, None, Some(file)) => Destination::File(file),
+        _ => {
+            return Err(Error::Usage(
+                "give one of --to-db, --to-dir or --to-file".into(),
+            ));
+        }
+    };
+    let identity = identity(args.identity, &config)?;
+    let (listed, store, _) = run::locate(&config, env, &args.id, args.target.as_deref()).await?;
+    let pg = match destination {
+        Destination::Database(_) => Some(PgSettings::from_env(env)?),
+        _ => None,
+    };
+    let restorer = Restorer {
+        store: &store,
+        env,
+        pg: pg.as_ref(),
+        pg_bin_dir: config.pg_bin_dir.as_deref(),
+        identity: identity.as_ref(),
+        no_owner: args.no_owner,
+    };
+    restorer.restore(&listed, &destination, args.force).await
+}
+
+async fn verify(
+    path: &Path,
+    id: Option<BackupId>,
+    filter: &Filter,
+    identity_flag: Option<PathBuf>,
+    env: &Env,
+    out: &mut Stdout,
+) -> Result<(), Error> {
+    let config = Config::load(path, env)?;
+    let identity = identity(identity_flag, &config)?;
+    let chosen = match id {
+        Some(id) => vec![run::locate(&config, env, &id, filter.target.as_deref()).await?],
+        None => newest_of_each_subject(&config, filter, env).await?,
+    };
+    // Only database backups need a server; a folder's restore test must not fail because
+    // the libpq environment is unset.
+    let pg = if chosen
+        .iter()
+        .any(|(listed, _, _)| matches!(listed.manifest.content, Content::Postgres { .. }))
+    {
+        Some(PgSettings::from_env(env)?)
+    } else {
+        None
+    };
+    let mut failures = Vec::new();
+    for (listed, store, name) in &chosen {
+        let restorer = Restorer {
+            store,
+            env,
+            pg: pg.as_ref(),
+            pg_bin_dir: config.pg_bin_dir.as_deref(),
+            identity: identity.as_ref(),
+            no_owner: false,
+        };
+        match restore::verify(&restorer, listed).await {
+            Ok(record) => out.line(format_args!(
+                "{} on {name}: ok: {}",
+                listed.id, record.detail
+            ))?,
+            Err(err) => {
+                out.line(format_args!(
+                    "{} on {name}: FAILED: {}",
+                    listed.id,
+                    labcore::exit::chain(&err)
+                ))?;
+                failures.push(err);
+            }
+        }
+    }
+    match failures.len() {
+        0 => Ok(()),
+        _ => Err(failures.remove(0)),
+    }
+}
+
+/// `verify --latest`: the newest complete backup of each subject on each target.
+async fn newest_of_each_subject(
+    config: &Config,
+    filter: &Filter,
+    env: &Env,
+) -> Result<Vec<(Listed, Store, String)>, Error> {
+    let mut chosen = Vec::new();
+    for (name, store) in filter.stores(config, env).await? {
+        // Oldest first, so the last one kept for a subject is its newest.
+        let mut newest: BTreeMap<String, Listed> = BTreeMap::new();
+        for listed in inventory::inventory(&store).await?.complete {
+            if filter.source(&listed) {
+                let source = &listed.manifest.source;
+                let subject = catalog::subject(&source.name, source.database.as_deref());
+                newest.insert(subject, listed);
+            }
+        }
+        chosen.extend(
+            newest
+                .into_values()
+                .map(|listed| (listed, store.clone(), name.clone())),
+        );
+    }
+    if chosen.is_empty() {
+        return Err(Error::NotFound {
+            id: "any backup".into(),
+            target: filter.target.clone().unwrap_or_else(|| "any".into()),
+        });
+    }
+    Ok(chosen)
+}
+
+async fn prune(
+    path: &Path,
+    dry_run: bool,
+    format: Format,
+    env: &Env,
+    out: &mut Stdout,
+) -> Result<(), Error> {
+    let config = Config::load(path, env)?;
+    if !config.retention.prunes() {
+        tracing::warn!("no [retention] counts are set: prune keeps everything");
+    }
+    let _lock = RunLock::acquire(&config.lock_file)?;
+    let now = jiff::Timestamp::now();
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    // Every target is pruned even when the reader of the output has gone.
+    for (name, store) in run::open_stores(&config, env).await? {
+        let report = inventory::prune(&store, &config.retention, now, None, dry_run).await?;
+        match format {
+            Format::Text => {
+                for id in &report.deleted {
+                    out.line(format_args!("{verb} {id} on {name}"))?;
+                }
+                for id in &report.leftovers {
+                    out.line(format_args!("{verb} incomplete {id} on {name}"))?;
+                }
+            }
+            Format::Json => out.line(serde_json::json!({
+                "target": name,
+                "dry_run": dry_run,
+                "deleted": report.deleted,
+                "incomplete": report.leftovers,
+                "kept": report.kept,
+            }))?,
+        }
+    }
+    Ok(())
+}
+
+/// Loads the config (reading the secret and recipient files it names, nothing else: no
+/// PostgreSQL, no S3) and prints what it resolves to.
+fn check(path: &Path, env: &Env, out: &mut Stdout) -> Result<(), Error> {
+    let config = Config::load(path, env)?;
+    out.line(format_args!("{}: ok", config.file.path().display()))?;
+    for source in &config.sources {
+        out.line(format_args!("source {}: {:?}", source.name, source.kind))?;
+    }
+    for target in &config.targets {
+        out.line(format_args!("target {}: {:?}", target.name, target.url))?;
+    }
+    out.line(format_args!("retention: {:?}", config.retention))
 }

@@ -46,6 +46,7 @@ use labcore::s3::S3Config;
 use labcore::{Env, Secret};
 use serde::Deserialize;
 
+use crate::catalog;
 use crate::retention::Policy;
 
 /// The file as written.
@@ -86,7 +87,7 @@ struct RawSource {
 /// What a source backs up.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum SourceKind {
+pub(crate) enum SourceKind {
     /// PostgreSQL databases, each with `pg_dump -Fc`.
     Postgres,
     /// Roles and tablespaces, with `pg_dumpall --globals-only`.
@@ -98,7 +99,7 @@ pub enum SourceKind {
 /// Which databases a postgres source dumps.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
-pub enum Databases {
+pub(crate) enum Databases {
     /// Exactly these.
     List(Vec<String>),
     /// `"all"`: every database that accepts connections, except templates.
@@ -107,7 +108,7 @@ pub enum Databases {
 
 /// The word `all`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AllKeyword;
+pub(crate) struct AllKeyword;
 
 impl<'de> Deserialize<'de> for AllKeyword {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AllKeyword, D::Error> {
@@ -172,7 +173,7 @@ struct RawPostgres {
 /// A hook command: a string run by `/bin/sh -c`, or an argument list run directly.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
-pub enum Command {
+pub(crate) enum Command {
     /// `sh -c STRING`.
     Shell(String),
     /// `argv[0] argv[1..]`, no shell.
@@ -181,16 +182,16 @@ pub enum Command {
 
 /// A resolved source.
 #[derive(Clone, Debug)]
-pub struct Source {
+pub(crate) struct Source {
     /// Its name, unique in the file.
-    pub name: String,
+    pub(crate) name: String,
     /// What it backs up.
-    pub kind: SourceSpec,
+    pub(crate) kind: SourceSpec,
 }
 
 /// What a resolved source backs up.
 #[derive(Clone, Debug)]
-pub enum SourceSpec {
+pub(crate) enum SourceSpec {
     /// Databases.
     Postgres(Databases),
     /// Cluster-wide objects.
@@ -206,7 +207,7 @@ pub enum SourceSpec {
 
 /// Where backups go.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TargetUrl {
+pub(crate) enum TargetUrl {
     /// `s3://bucket/prefix`.
     S3 {
         /// Bucket.
@@ -253,20 +254,20 @@ impl FromStr for TargetUrl {
 
 /// A resolved target.
 #[derive(Clone, Debug)]
-pub struct Target {
+pub(crate) struct Target {
     /// Its name, unique in the file.
-    pub name: String,
+    pub(crate) name: String,
     /// Where it stores.
-    pub url: TargetUrl,
+    pub(crate) url: TargetUrl,
 }
 
 /// Encryption settings.
 #[derive(Clone)]
-pub struct Encryption {
+pub(crate) struct Encryption {
     /// Recipients every backup is encrypted to.
-    pub recipients: Vec<age::x25519::Recipient>,
+    pub(crate) recipients: Vec<age::x25519::Recipient>,
     /// The identity that decrypts them (only for restore and verify).
-    pub identity: Option<Secret>,
+    pub(crate) identity: Option<Secret>,
 }
 
 impl std::fmt::Debug for Encryption {
@@ -287,59 +288,113 @@ impl std::fmt::Debug for Encryption {
 
 /// Times of day a daemon runs at.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     /// (hour, minute) pairs, in the system's time zone.
-    pub at: Vec<(u8, u8)>,
+    pub(crate) at: Vec<(u8, u8)>,
     /// Up to this much random delay after each time, to spread load.
-    pub randomized_delay: Duration,
+    pub(crate) randomized_delay: Duration,
 }
 
 /// Hooks run after each pass.
 #[derive(Clone, Debug, Default)]
-pub struct Hooks {
+pub(crate) struct Hooks {
     /// Run when every backup of the pass succeeded.
-    pub on_success: Option<Command>,
+    pub(crate) on_success: Option<Command>,
     /// Run when any failed; gets the reason in `BACKUPD_REASON`.
-    pub on_failure: Option<Command>,
+    pub(crate) on_failure: Option<Command>,
     /// Pinged at start (`/start`), on success, and on failure (`/fail`).
-    pub healthcheck_url: Option<String>,
+    pub(crate) healthcheck_url: Option<HealthcheckUrl>,
     /// How long a hook may run.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
+}
+
+/// A healthcheck URL. Whoever knows its path can ping the check (healthchecks.io's is a UUID,
+/// others carry a token), so it is a secret: `Display` and `Debug` show only the scheme and
+/// host, and only [`HealthcheckUrl::ping_url`] hands out the whole URL, to send a request.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct HealthcheckUrl {
+    url: String,
+    /// `scheme://host[:port]`, without any `user:password@`.
+    origin: String,
+}
+
+impl HealthcheckUrl {
+    /// Parses an `http://` or `https://` URL with a host. Errors never repeat the text.
+    pub(crate) fn parse(text: &str) -> Result<HealthcheckUrl, &'static str> {
+        let (scheme, rest) = text
+            .split_once("://")
+            .filter(|(scheme, _)| matches!(*scheme, "http" | "https"))
+            .ok_or("not an http:// or https:// URL")?;
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host);
+        if host.is_empty() || host.starts_with(':') {
+            return Err("the URL has no host");
+        }
+        Ok(HealthcheckUrl {
+            url: text.to_owned(),
+            origin: format!("{scheme}://{host}"),
+        })
+    }
+
+    /// The whole URL with `suffix` (`/start`, `/fail`) appended to its path, before any
+    /// query or fragment.
+    pub(crate) fn ping_url(&self, suffix: &str) -> String {
+        if suffix.is_empty() {
+            return self.url.clone();
+        }
+        let end = self.url.find(['?', '#']).unwrap_or(self.url.len());
+        let (path, rest) = self.url.split_at(end);
+        format!("{}{suffix}{rest}", path.trim_end_matches('/'))
+    }
+}
+
+impl std::fmt::Display for HealthcheckUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/…", self.origin)
+    }
+}
+
+impl std::fmt::Debug for HealthcheckUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HealthcheckUrl({self})")
+    }
 }
 
 /// The resolved configuration.
 #[derive(Clone, Debug)]
-pub struct Config {
+pub(crate) struct Config {
     /// The file it came from.
-    pub file: ConfigFile,
+    pub(crate) file: ConfigFile,
     /// Sources, in file order.
-    pub sources: Vec<Source>,
+    pub(crate) sources: Vec<Source>,
     /// Targets, in file order (a local folder when the file names none).
-    pub targets: Vec<Target>,
+    pub(crate) targets: Vec<Target>,
     /// zstd level.
-    pub compression_level: i32,
+    pub(crate) compression_level: i32,
     /// zstd worker threads (0: one per core, at most 4).
-    pub compression_threads: u32,
+    pub(crate) compression_threads: u32,
     /// Encryption, if configured.
-    pub encryption: Option<Encryption>,
+    pub(crate) encryption: Option<Encryption>,
     /// What to keep.
-    pub retention: Policy,
+    pub(crate) retention: Policy,
     /// When the daemon runs.
-    pub schedule: Option<Schedule>,
+    pub(crate) schedule: Option<Schedule>,
     /// Hooks.
-    pub hooks: Hooks,
+    pub(crate) hooks: Hooks,
     /// Verify each new backup by restoring it, after the pass.
-    pub verify_after_run: bool,
+    pub(crate) verify_after_run: bool,
     /// Folder of the PostgreSQL client programs, if fixed.
-    pub pg_bin_dir: Option<PathBuf>,
+    pub(crate) pg_bin_dir: Option<PathBuf>,
     /// The `[s3]` table.
-    pub s3: Option<S3Config>,
+    pub(crate) s3: Option<S3Config>,
     /// The lock that keeps runs of this config apart.
-    pub lock_file: PathBuf,
+    pub(crate) lock_file: PathBuf,
 }
 
 /// The default local target when the file names none.
-pub fn default_local_target(env: &Env) -> PathBuf {
+pub(crate) fn default_local_target(env: &Env) -> PathBuf {
     env.path("STATE_DIRECTORY")
         .map(|dir| dir.join("backups"))
         .unwrap_or_else(|| PathBuf::from("/var/lib/backupd/backups"))
@@ -356,7 +411,7 @@ fn valid_name(name: &str) -> bool {
 
 impl Config {
     /// Reads and resolves the config at `path`.
-    pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
+    pub(crate) fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
         let (raw, file): (Raw, ConfigFile) = config::load(path)?;
         Config::resolve(raw, file, env)
     }
@@ -446,6 +501,7 @@ impl Config {
         if sources.is_empty() {
             return Err(file.invalid("source", "no [[source]] is defined: nothing to back up"));
         }
+        check_subjects(&sources, &file)?;
 
         let mut targets: Vec<Target> = Vec::new();
         for (i, target) in raw.targets.into_iter().enumerate() {
@@ -518,14 +574,14 @@ impl Config {
             }
         };
 
-        if let Some(url) = &raw.hooks.healthcheck_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return Err(file.invalid(
-                "hooks.healthcheck_url",
-                format!("{url:?} is not an http(s) URL"),
-            ));
-        }
+        let healthcheck_url = match &raw.hooks.healthcheck_url {
+            None => None,
+            // The URL is a secret: the message says what is wrong, never what was written.
+            Some(text) => Some(
+                HealthcheckUrl::parse(text)
+                    .map_err(|why| file.invalid("hooks.healthcheck_url", why))?,
+            ),
+        };
         for (key, command) in [
             ("hooks.on_success", &raw.hooks.on_success),
             ("hooks.on_failure", &raw.hooks.on_failure),
@@ -564,7 +620,7 @@ impl Config {
             hooks: Hooks {
                 on_success: raw.hooks.on_success,
                 on_failure: raw.hooks.on_failure,
-                healthcheck_url: raw.hooks.healthcheck_url,
+                healthcheck_url,
                 timeout: Duration::from_secs(raw.hooks.timeout_secs.unwrap_or(300)),
             },
             verify_after_run: raw.verify.after_run,
@@ -579,12 +635,12 @@ impl Config {
     }
 
     /// The source named `name`.
-    pub fn source(&self, name: &str) -> Option<&Source> {
+    pub(crate) fn source(&self, name: &str) -> Option<&Source> {
         self.sources.iter().find(|s| s.name == name)
     }
 
     /// The target named `name`.
-    pub fn target(&self, name: &str) -> Option<&Target> {
+    pub(crate) fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
     }
 }
@@ -642,6 +698,80 @@ fn resolve_encryption(
         recipients,
         identity,
     })
+}
+
+/// Refuses sources whose backups would be filed under the same subject: a postgres source
+/// `pg` with database `app` and a folder source `pg.app` would both write `pg.app/STAMP/`, so
+/// listing, restore and retention would mix them up and one could prune the other's backups.
+/// A `databases = "all"` source `pg` claims every subject `pg.*`, since any database may
+/// appear later.
+fn check_subjects(sources: &[Source], file: &ConfigFile) -> Result<(), ConfigError> {
+    struct Claim {
+        /// The source's index in the file.
+        index: usize,
+        /// Who claims it, for the message.
+        who: String,
+        /// The subject, or with `all` the prefix every subject of the source starts with.
+        subject: String,
+        all: bool,
+    }
+    let mut claims: Vec<Claim> = Vec::new();
+    for (index, source) in sources.iter().enumerate() {
+        let name = &source.name;
+        match &source.kind {
+            SourceSpec::Postgres(Databases::List(list)) => {
+                claims.extend(list.iter().map(|db| Claim {
+                    index,
+                    who: format!("source {name:?} (database {db:?})"),
+                    subject: catalog::subject(name, Some(db)),
+                    all: false,
+                }));
+            }
+            SourceSpec::Postgres(Databases::All(_)) => claims.push(Claim {
+                index,
+                who: format!("source {name:?} (every database)"),
+                subject: format!("{name}."),
+                all: true,
+            }),
+            SourceSpec::Globals | SourceSpec::Folder { .. } => claims.push(Claim {
+                index,
+                who: format!("source {name:?}"),
+                subject: name.clone(),
+                all: false,
+            }),
+        }
+    }
+    for (i, later) in claims.iter().enumerate() {
+        for earlier in &claims[..i] {
+            let clash = match (earlier.all, later.all) {
+                (false, false) => earlier.subject == later.subject,
+                (true, false) => later.subject.starts_with(&earlier.subject),
+                (false, true) => earlier.subject.starts_with(&later.subject),
+                (true, true) => {
+                    earlier.subject.starts_with(&later.subject)
+                        || later.subject.starts_with(&earlier.subject)
+                }
+            };
+            if clash {
+                let shown = if earlier.all {
+                    &later.subject
+                } else {
+                    &earlier.subject
+                };
+                return Err(file.invalid(
+                    format!("source[{}].name", later.index),
+                    format!(
+                        "{} and {} would file their backups under the same subject {:?}: \
+                         rename one of the sources",
+                        earlier.who,
+                        later.who,
+                        shown.trim_end_matches('.')
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `HH:MM` (24-hour clock).
@@ -787,6 +917,40 @@ keep_daily = 7
             config.targets[0].url,
             TargetUrl::Dir("/var/lib/backupd/backups".into())
         );
+    }
+
+    #[test]
+    fn a_healthcheck_url_shows_only_its_scheme_and_host() {
+        let text = "https://user:pw@hc.example:8443/ping/SECRET/?rid=1";
+        let url = HealthcheckUrl::parse(text).unwrap();
+        assert_eq!(url.to_string(), "https://hc.example:8443/…");
+        assert_eq!(
+            format!("{url:?}"),
+            "HealthcheckUrl(https://hc.example:8443/…)"
+        );
+        assert_eq!(url.ping_url(""), text);
+        assert_eq!(
+            url.ping_url("/fail"),
+            "https://user:pw@hc.example:8443/ping/SECRET/fail?rid=1"
+        );
+        for bad in [
+            "ftp://x/SECRET",
+            "https:///SECRET",
+            "hc.example/SECRET",
+            "http://:80/",
+        ] {
+            assert!(HealthcheckUrl::parse(bad).is_err(), "{bad}");
+        }
+        let config = parse(&format!(
+            "[[source]]\nname = \"a\"\ntype = \"globals\"\n[hooks]\nhealthcheck_url = \"{text}\"\n"
+        ))
+        .unwrap();
+        assert!(!format!("{config:?}").contains("SECRET"));
+        let err = parse(
+            "[[source]]\nname = \"a\"\ntype = \"globals\"\n[hooks]\nhealthcheck_url = \"ftp://h/SECRET\"\n",
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("SECRET"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::config::{Config, Schedule};
 use crate::{Error, run};
 
 /// The first scheduled time strictly after `now`, in `tz`.
-pub fn next_run(schedule: &Schedule, now: &Zoned) -> Zoned {
+pub(crate) fn next_run(schedule: &Schedule, now: &Zoned) -> Zoned {
     let mut best: Option<Zoned> = None;
     for days in 0..=1 {
         let Ok(date) = now.date().checked_add(jiff::Span::new().days(days)) else {
@@ -41,7 +41,7 @@ pub fn next_run(schedule: &Schedule, now: &Zoned) -> Zoned {
 }
 
 /// Runs until SIGTERM.
-pub async fn daemon(path: &Path, env: &Env) -> Result<(), Error> {
+pub(crate) async fn daemon(path: &Path, env: &Env) -> Result<(), Error> {
     let mut config = Config::load(path, env)?;
     let mut signals = Signals::install().map_err(|source| Error::Io {
         what: "installing signal handlers".into(),

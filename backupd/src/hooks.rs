@@ -22,18 +22,18 @@ const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a pass ended, for hooks.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Whether every backup succeeded.
-    pub success: bool,
+    pub(crate) success: bool,
     /// The first failure's message.
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// IDs of the backups made.
-    pub backups: Vec<String>,
+    pub(crate) backups: Vec<String>,
 }
 
 /// Which ping to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ping {
+pub(crate) enum Ping {
     /// The pass started.
     Start,
     /// The pass succeeded.
@@ -43,7 +43,7 @@ pub enum Ping {
 }
 
 /// Runs the hook for `outcome`, if one is configured.
-pub async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
+pub(crate) async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
     let (name, command) = if outcome.success {
         ("on_success", &hooks.on_success)
     } else {
@@ -99,23 +99,27 @@ pub async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
     }
 }
 
-/// Sends a healthcheck ping, if a URL is configured.
-pub async fn ping(hooks: &Hooks, ping: Ping, body: &str) {
-    let Some(base) = &hooks.healthcheck_url else {
+/// Sends a healthcheck ping, if a URL is configured. Logs name the check by its scheme and
+/// host only: the rest of the URL is a secret.
+pub(crate) async fn ping(hooks: &Hooks, ping: Ping, body: &str) {
+    let Some(check) = &hooks.healthcheck_url else {
         return;
     };
-    let url = match ping {
-        Ping::Start => format!("{}/start", base.trim_end_matches('/')),
-        Ping::Success => base.clone(),
-        Ping::Fail => format!("{}/fail", base.trim_end_matches('/')),
+    let (name, suffix) = match ping {
+        Ping::Start => ("start", "/start"),
+        Ping::Success => ("success", ""),
+        Ping::Fail => ("fail", "/fail"),
     };
+    let url = check.ping_url(suffix);
     match tokio::time::timeout(PING_TIMEOUT, post(&url, body)).await {
         Ok(Ok(status)) if (200..300).contains(&status) => {
-            tracing::debug!(%url, status, "healthcheck pinged")
+            tracing::debug!(%check, ping = name, status, "healthcheck pinged")
         }
-        Ok(Ok(status)) => tracing::warn!(%url, status, "healthcheck ping refused"),
-        Ok(Err(err)) => tracing::warn!(%url, error = %err, "healthcheck ping failed"),
-        Err(_) => tracing::warn!(%url, "healthcheck ping timed out"),
+        Ok(Ok(status)) => tracing::warn!(%check, ping = name, status, "healthcheck ping refused"),
+        Ok(Err(err)) => {
+            tracing::warn!(%check, ping = name, error = %err, "healthcheck ping failed")
+        }
+        Err(_) => tracing::warn!(%check, ping = name, "healthcheck ping timed out"),
     }
 }
 

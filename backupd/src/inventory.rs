@@ -20,29 +20,29 @@ const INCOMPLETE_GRACE: SignedDuration = SignedDuration::from_hours(24);
 
 /// A complete backup on a target.
 #[derive(Clone, Debug, Serialize)]
-pub struct Listed {
+pub(crate) struct Listed {
     /// Its ID.
-    pub id: String,
+    pub(crate) id: String,
     /// Its manifest.
-    pub manifest: Manifest,
+    pub(crate) manifest: Manifest,
     /// Its latest restore test, if any.
-    pub verify: Option<VerifyRecord>,
+    pub(crate) verify: Option<VerifyRecord>,
 }
 
 impl Listed {
     /// Whether its latest restore test passed.
-    pub fn verified(&self) -> bool {
+    pub(crate) fn verified(&self) -> bool {
         self.verify.as_ref().is_some_and(|v| v.ok)
     }
 }
 
 /// Everything on a target.
 #[derive(Debug, Default)]
-pub struct Inventory {
+pub(crate) struct Inventory {
     /// Complete backups, oldest first.
-    pub complete: Vec<Listed>,
+    pub(crate) complete: Vec<Listed>,
     /// Backups without a manifest: their IDs and object keys.
-    pub incomplete: Vec<(BackupId, Vec<String>)>,
+    pub(crate) incomplete: Vec<(BackupId, Vec<String>)>,
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(
@@ -61,7 +61,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 /// Reads one backup's manifest and record.
-pub async fn find(store: &Store, id: &BackupId, target: &str) -> Result<Listed, Error> {
+pub(crate) async fn find(store: &Store, id: &BackupId, target: &str) -> Result<Listed, Error> {
     let manifest: Manifest = read_json(store, &format!("{}/{}", id.dir(), catalog::MANIFEST))
         .await?
         .ok_or_else(|| Error::NotFound {
@@ -77,7 +77,7 @@ pub async fn find(store: &Store, id: &BackupId, target: &str) -> Result<Listed, 
 }
 
 /// Lists a target.
-pub async fn inventory(store: &Store) -> Result<Inventory, Error> {
+pub(crate) async fn inventory(store: &Store) -> Result<Inventory, Error> {
     let mut folders: BTreeMap<BackupId, Vec<String>> = BTreeMap::new();
     for key in store.list().await? {
         let mut parts = key.splitn(3, '/');
@@ -112,17 +112,17 @@ pub async fn inventory(store: &Store) -> Result<Inventory, Error> {
 
 /// What a prune did (or would do).
 #[derive(Debug, Default, Serialize)]
-pub struct PruneReport {
+pub(crate) struct PruneReport {
     /// Backups kept, with why.
-    pub kept: Vec<(String, Vec<Reason>)>,
+    pub(crate) kept: Vec<(String, Vec<Reason>)>,
     /// Backups deleted.
-    pub deleted: Vec<String>,
+    pub(crate) deleted: Vec<String>,
     /// Incomplete leftovers deleted.
-    pub leftovers: Vec<String>,
+    pub(crate) leftovers: Vec<String>,
 }
 
 /// Applies `policy` to every subject on the target (or only `subjects`).
-pub async fn prune(
+pub(crate) async fn prune(
     store: &Store,
     policy: &Policy,
     now: Timestamp,

@@ -6,21 +6,21 @@
 //! [`retention`] only if every backup of the pass succeeded. [`restore`] and its restore test
 //! ([`restore::verify`]) read them back. [`daemon`] runs passes on a schedule.
 
-pub mod archive;
-pub mod backup;
-pub mod catalog;
+mod archive;
+mod backup;
+mod catalog;
 pub mod cli;
-pub mod config;
-pub mod daemon;
-pub mod hooks;
-pub mod inventory;
-pub mod lock;
-pub mod pipeline;
-pub mod postgres;
-pub mod restore;
-pub mod retention;
-pub mod run;
-pub mod store;
+mod config;
+mod daemon;
+mod hooks;
+mod inventory;
+mod lock;
+mod pipeline;
+mod postgres;
+mod restore;
+mod retention;
+mod run;
+mod store;
 
 use std::io;
 
@@ -161,7 +161,7 @@ pub enum Error {
 
 impl Error {
     /// An I/O error inside the byte pipeline.
-    pub fn pipeline(err: io::Error) -> Error {
+    pub(crate) fn pipeline(err: io::Error) -> Error {
         Error::Pipeline(err)
     }
 }

@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -15,7 +15,6 @@ use crate::Error;
 #[derive(Debug)]
 pub struct RunLock {
     _lock: Flock<File>,
-    path: PathBuf,
 }
 
 impl RunLock {
@@ -59,15 +58,7 @@ impl RunLock {
         lock.set_len(0).map_err(io("writing the lock file"))?;
         lock.write_all(note.as_bytes())
             .map_err(io("writing the lock file"))?;
-        Ok(RunLock {
-            _lock: lock,
-            path: path.to_owned(),
-        })
-    }
-
-    /// The lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(RunLock { _lock: lock })
     }
 }
 

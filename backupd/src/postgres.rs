@@ -18,18 +18,20 @@ use crate::catalog::{DatabaseInfo, TableRows};
 
 /// The PostgreSQL client programs of one version.
 #[derive(Clone, Debug)]
-pub struct PgTools {
+pub(crate) struct PgTools {
     bin_dir: Option<PathBuf>,
     /// `pg_dump --version` output, trimmed.
-    pub version: String,
-    /// Its major version.
-    pub major: u32,
+    pub(crate) version: String,
 }
 
 impl PgTools {
     /// The programs to use against a server of `server_major`: those in `configured` if set,
     /// else the newest `/usr/lib/postgresql/N/bin` with N >= the server's, else `PATH`'s.
-    pub fn find(configured: Option<&Path>, server_major: u32, env: &Env) -> Result<PgTools, Error> {
+    pub(crate) fn find(
+        configured: Option<&Path>,
+        server_major: u32,
+        env: &Env,
+    ) -> Result<PgTools, Error> {
         let candidates: Vec<Option<PathBuf>> = match configured {
             Some(dir) => vec![Some(dir.to_owned())],
             None => {
@@ -59,17 +61,12 @@ impl PgTools {
             let tools = PgTools {
                 bin_dir,
                 version: String::new(),
-                major: 0,
             };
             let Ok((version, major)) = tools.probe_version(env) else {
                 continue;
             };
             if major >= server_major {
-                return Ok(PgTools {
-                    version,
-                    major,
-                    ..tools
-                });
+                return Ok(PgTools { version, ..tools });
             }
             newest_seen = Some(version);
         }
@@ -105,7 +102,7 @@ impl PgTools {
     }
 
     /// The path of one of the programs.
-    pub fn program(&self, name: &str) -> PathBuf {
+    pub(crate) fn program(&self, name: &str) -> PathBuf {
         match &self.bin_dir {
             Some(dir) => dir.join(name),
             None => PathBuf::from(name),
@@ -114,7 +111,7 @@ impl PgTools {
 
     /// A command for `name` with backupd's environment (the libpq variables reach it; the
     /// service manager's notification socket does not).
-    pub fn command(&self, name: &str, env: &Env) -> Command {
+    pub(crate) fn command(&self, name: &str, env: &Env) -> Command {
         let mut command = Command::new(self.program(name));
         command.env_clear();
         for (key, value) in env.iter() {
@@ -136,7 +133,10 @@ impl PgTools {
 }
 
 /// The server's version number (`server_version_num`, e.g. 150018).
-pub async fn server_version(client: &tokio_postgres::Client, database: &str) -> Result<u32, Error> {
+pub(crate) async fn server_version(
+    client: &tokio_postgres::Client,
+    database: &str,
+) -> Result<u32, Error> {
     let row = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -150,7 +150,7 @@ pub async fn server_version(client: &tokio_postgres::Client, database: &str) -> 
 
 /// Every database a `databases = "all"` source dumps: those accepting connections, except
 /// templates.
-pub async fn all_databases(settings: &PgSettings) -> Result<Vec<String>, Error> {
+pub(crate) async fn all_databases(settings: &PgSettings) -> Result<Vec<String>, Error> {
     let client = settings.clone().with_dbname("postgres").connect().await?;
     let rows = client
         .query(
@@ -167,18 +167,18 @@ pub async fn all_databases(settings: &PgSettings) -> Result<Vec<String>, Error> 
 }
 
 /// A transaction holding the snapshot a dump is taken from.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     client: labcore::pg::PgClient,
     /// The exported snapshot's name, for `pg_dump --snapshot`.
-    pub name: String,
+    pub(crate) name: String,
     /// The server's version number.
-    pub server_version: u32,
+    pub(crate) server_version: u32,
     database: String,
 }
 
 impl Snapshot {
     /// Opens a `REPEATABLE READ` transaction in `database` and exports its snapshot.
-    pub async fn open(settings: &PgSettings, database: &str) -> Result<Snapshot, Error> {
+    pub(crate) async fn open(settings: &PgSettings, database: &str) -> Result<Snapshot, Error> {
         let client = settings
             .clone()
             .with_dbname(database)
@@ -223,7 +223,7 @@ impl Snapshot {
     }
 
     /// The database's owner, encoding, locale and privileges.
-    pub async fn database_info(&self) -> Result<DatabaseInfo, Error> {
+    pub(crate) async fn database_info(&self) -> Result<DatabaseInfo, Error> {
         let row = self
             .client
             .query_one(
@@ -244,12 +244,12 @@ impl Snapshot {
     }
 
     /// Rows of every ordinary table, counted in the snapshot.
-    pub async fn table_rows(&self) -> Result<Vec<TableRows>, Error> {
+    pub(crate) async fn table_rows(&self) -> Result<Vec<TableRows>, Error> {
         count_rows(&self.client, &self.database).await
     }
 
     /// Ends the transaction.
-    pub async fn close(self) -> Result<(), Error> {
+    pub(crate) async fn close(self) -> Result<(), Error> {
         self.client
             .batch_execute("COMMIT")
             .await
@@ -258,7 +258,7 @@ impl Snapshot {
 }
 
 /// Rows of every ordinary table of the database `client` is connected to.
-pub async fn count_rows(
+pub(crate) async fn count_rows(
     client: &tokio_postgres::Client,
     database: &str,
 ) -> Result<Vec<TableRows>, Error> {
@@ -298,7 +298,7 @@ pub async fn count_rows(
 
 /// SQL that gives a restored database its recorded owner and privileges (run as an admin in
 /// another database). Roles that no longer exist are skipped with a warning by the caller.
-pub fn database_acl_sql(database: &str, info: &DatabaseInfo) -> Vec<String> {
+pub(crate) fn database_acl_sql(database: &str, info: &DatabaseInfo) -> Vec<String> {
     let db = quote_ident(database);
     let mut statements = vec![format!(
         "ALTER DATABASE {db} OWNER TO {}",
@@ -308,31 +308,93 @@ pub fn database_acl_sql(database: &str, info: &DatabaseInfo) -> Vec<String> {
         return statements;
     };
     statements.push(format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"));
-    for item in acl {
-        // grantee=privileges/grantor; an empty grantee is PUBLIC.
-        let Some((grantee, rest)) = item.split_once('=') else {
+    for text in acl {
+        let Some(item) = AclItem::parse(text) else {
+            tracing::warn!(item = %text, "skipping a database privilege that does not parse");
             continue;
         };
-        let privileges = rest.split('/').next().unwrap_or("");
-        let grantee = if grantee.is_empty() {
-            "PUBLIC".to_owned()
-        } else {
-            quote_ident(grantee.trim_matches('"'))
+        let grantee = match &item.grantee {
+            None => "PUBLIC".to_owned(),
+            Some(role) => quote_ident(role),
         };
-        let mut names = Vec::new();
-        for (letter, name) in [('C', "CREATE"), ('c', "CONNECT"), ('T', "TEMPORARY")] {
-            if privileges.contains(letter) {
-                names.push(name);
+        for with_grant_option in [false, true] {
+            let names: Vec<&str> = [('C', "CREATE"), ('c', "CONNECT"), ('T', "TEMPORARY")]
+                .into_iter()
+                .filter(|(letter, _)| item.privileges.contains(&(*letter, with_grant_option)))
+                .map(|(_, name)| name)
+                .collect();
+            if !names.is_empty() {
+                let option = if with_grant_option {
+                    " WITH GRANT OPTION"
+                } else {
+                    ""
+                };
+                statements.push(format!(
+                    "GRANT {} ON DATABASE {db} TO {grantee}{option}",
+                    names.join(", ")
+                ));
             }
-        }
-        if !names.is_empty() {
-            statements.push(format!(
-                "GRANT {} ON DATABASE {db} TO {grantee}",
-                names.join(", ")
-            ));
         }
     }
     statements
+}
+
+/// One `aclitem` as PostgreSQL prints it: `grantee=privileges/grantor`. A role name holding
+/// anything but letters, digits and `_` is double-quoted with inner quotes doubled, so a name
+/// may itself contain `=`, `/` or `"`: the text is read name by name, never split on them.
+#[derive(Debug, PartialEq, Eq)]
+struct AclItem {
+    /// The role granted to; `None` is PUBLIC (an empty grantee).
+    grantee: Option<String>,
+    /// Privilege letters, each with whether it carries the grant option (`*`).
+    privileges: Vec<(char, bool)>,
+}
+
+impl AclItem {
+    fn parse(text: &str) -> Option<AclItem> {
+        let (grantee, rest) = acl_role(text)?;
+        let rest = rest.strip_prefix('=')?;
+        let (letters, rest) = rest.split_once('/')?;
+        let mut privileges: Vec<(char, bool)> = Vec::new();
+        let mut letters = letters.chars().peekable();
+        while let Some(letter) = letters.next() {
+            if !letter.is_ascii_alphabetic() {
+                return None;
+            }
+            let grant_option = letters.next_if_eq(&'*').is_some();
+            privileges.push((letter, grant_option));
+        }
+        let (grantor, rest) = acl_role(rest)?;
+        if !rest.is_empty() || grantor.is_empty() {
+            return None;
+        }
+        // The grantor is read only to check the item: a restore grants as its own admin.
+        Some(AclItem {
+            grantee: Some(grantee).filter(|g| !g.is_empty()),
+            privileges,
+        })
+    }
+}
+
+/// A role name at the start of `text`, quoted or bare, and the text after it.
+fn acl_role(text: &str) -> Option<(String, &str)> {
+    let Some(quoted) = text.strip_prefix('"') else {
+        let end = text.find(['=', '/']).unwrap_or(text.len());
+        return Some((text[..end].to_owned(), &text[end..]));
+    };
+    let mut name = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c != '"' {
+            name.push(c);
+        } else if quoted[i + 1..].starts_with('"') {
+            name.push('"');
+            chars.next();
+        } else {
+            return Some((name, &quoted[i + 1..]));
+        }
+    }
+    None
 }
 
 /// `"identifier"` with inner quotes doubled.
@@ -368,8 +430,55 @@ mod tests {
                 "GRANT CONNECT ON DATABASE \"metabase\" TO \"reader\"",
             ]
         );
-        let default = DatabaseInfo { acl: None, ..info };
+        let default = DatabaseInfo {
+            acl: None,
+            ..info.clone()
+        };
         assert_eq!(database_acl_sql("x", &default).len(), 1);
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn acl_items_with_equals_slashes_and_quotes_in_role_names_parse() {
+        let item = |grantee: Option<&str>, privileges: &[(char, bool)], _grantor: &str| AclItem {
+            grantee: grantee.map(str::to_owned),
+            privileges: privileges.to_vec(),
+        };
+        let cases = [
+            ("a=c/b", item(Some("a"), &[('c', false)], "b")),
+            (
+                "=Tc/postgres",
+                item(None, &[('T', false), ('c', false)], "postgres"),
+            ),
+            (
+                "\"we=ird\"=C*c/\"own/er\"",
+                item(Some("we=ird"), &[('C', true), ('c', false)], "own/er"),
+            ),
+            (
+                "\"quo\"\"te\"=T/\"x\"\"=y\"",
+                item(Some("quo\"te"), &[('T', false)], "x\"=y"),
+            ),
+            ("\"\"\"\"=c/p", item(Some("\""), &[('c', false)], "p")),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(AclItem::parse(text), Some(expected), "{text}");
+        }
+        for bad in ["", "a", "a=c", "\"a=c/b", "a=c/", "a=c/b/c", "a=1/b"] {
+            assert_eq!(AclItem::parse(bad), None, "{bad}");
+        }
+        let info = DatabaseInfo {
+            owner: "o".into(),
+            encoding: "UTF8".into(),
+            collate: "C".into(),
+            ctype: "C".into(),
+            acl: Some(vec!["\"we=ird\"=C*c/o".into()]),
+        };
+        assert_eq!(
+            database_acl_sql("d", &info)[2..],
+            [
+                "GRANT CONNECT ON DATABASE \"d\" TO \"we=ird\"",
+                "GRANT CREATE ON DATABASE \"d\" TO \"we=ird\" WITH GRANT OPTION",
+            ]
+        );
     }
 }

@@ -17,43 +17,43 @@ use serde::{Deserialize, Serialize};
 /// The `[retention]` table.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Keep this many newest backups.
     #[serde(default)]
-    pub keep_last: u32,
+    pub(crate) keep_last: u32,
     /// Keep the newest backup of each of this many most recent days that have one.
     #[serde(default)]
-    pub keep_daily: u32,
+    pub(crate) keep_daily: u32,
     /// Likewise for ISO weeks.
     #[serde(default)]
-    pub keep_weekly: u32,
+    pub(crate) keep_weekly: u32,
     /// Likewise for months.
     #[serde(default)]
-    pub keep_monthly: u32,
+    pub(crate) keep_monthly: u32,
 }
 
 impl Policy {
     /// Whether this policy ever deletes anything.
-    pub fn prunes(&self) -> bool {
+    pub(crate) fn prunes(&self) -> bool {
         self.keep_last + self.keep_daily + self.keep_weekly + self.keep_monthly > 0
     }
 }
 
 /// One complete backup of one subject.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// Its ID.
-    pub id: String,
+    pub(crate) id: String,
     /// When it was taken.
-    pub time: Timestamp,
+    pub(crate) time: Timestamp,
     /// Whether a restore test of it succeeded.
-    pub verified: bool,
+    pub(crate) verified: bool,
 }
 
 /// Why a backup is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Reason {
+pub(crate) enum Reason {
     /// Among the newest `keep_last`.
     Last,
     /// Newest of its day.
@@ -72,18 +72,18 @@ pub enum Reason {
 
 /// The decision for a subject's backups.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Kept, with why, newest first.
-    pub keep: Vec<(String, BTreeSet<Reason>)>,
+    pub(crate) keep: Vec<(String, BTreeSet<Reason>)>,
     /// To delete, newest first.
-    pub delete: Vec<String>,
+    pub(crate) delete: Vec<String>,
 }
 
 /// The calendar bucket (day, ISO week or month) a time falls in.
 type BucketOf = fn(Timestamp) -> (i32, i32, i32);
 
 /// Decides what to keep among one subject's backups.
-pub fn plan(backups: &[Candidate], policy: &Policy, now: Timestamp) -> Plan {
+pub(crate) fn plan(backups: &[Candidate], policy: &Policy, now: Timestamp) -> Plan {
     let mut sorted: Vec<&Candidate> = backups.iter().collect();
     sorted.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id)));
     let mut reasons: BTreeMap<usize, BTreeSet<Reason>> = BTreeMap::new();

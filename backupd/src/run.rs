@@ -18,19 +18,19 @@ use crate::{Error, postgres};
 
 /// What a pass did.
 #[derive(Debug, Default)]
-pub struct PassReport {
+pub(crate) struct PassReport {
     /// Backups made (one per item and target).
-    pub made: Vec<Manifest>,
+    pub(crate) made: Vec<Manifest>,
     /// Failures: what failed, and why.
-    pub failures: Vec<(String, Error)>,
+    pub(crate) failures: Vec<(String, Error)>,
     /// Backups deleted by retention.
-    pub pruned: Vec<String>,
+    pub(crate) pruned: Vec<String>,
 }
 
 impl PassReport {
     /// The pass's result as a process outcome: everything made (Ok), some failed (exit 1), or
     /// nothing made (the first failure's own status).
-    pub fn into_result(mut self) -> Result<PassReport, Error> {
+    pub(crate) fn into_result(mut self) -> Result<PassReport, Error> {
         if self.failures.is_empty() {
             return Ok(self);
         }
@@ -47,7 +47,7 @@ impl PassReport {
 }
 
 /// Opens every target of the config.
-pub async fn open_stores(config: &Config, env: &Env) -> Result<Vec<(String, Store)>, Error> {
+pub(crate) async fn open_stores(config: &Config, env: &Env) -> Result<Vec<(String, Store)>, Error> {
     let needs_s3 = config
         .targets
         .iter()
@@ -70,7 +70,7 @@ pub async fn open_stores(config: &Config, env: &Env) -> Result<Vec<(String, Stor
 }
 
 /// Runs one pass under the config's lock.
-pub async fn pass(config: &Config, env: &Env, only: &[String]) -> Result<PassReport, Error> {
+pub(crate) async fn pass(config: &Config, env: &Env, only: &[String]) -> Result<PassReport, Error> {
     for name in only {
         if config.source(name).is_none() {
             return Err(Error::Usage(format!(
@@ -225,7 +225,7 @@ async fn pass_locked(config: &Config, env: &Env, only: &[String]) -> Result<Pass
 }
 
 /// Finds a backup on the named target, or the first target holding it.
-pub async fn locate(
+pub(crate) async fn locate(
     config: &Config,
     env: &Env,
     id: &crate::catalog::BackupId,

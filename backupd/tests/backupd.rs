@@ -904,6 +904,7 @@ fn an_empty_database_backs_up_verifies_and_restores() {
 
 #[test]
 fn every_backupd_example_checks() {
+    // No libpq or S3 variables at all, and nothing listening: check reads only files.
     let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/backupd");
     let mut checked = 0;
     for entry in std::fs::read_dir(&folder).unwrap() {
@@ -923,4 +924,192 @@ fn every_backupd_example_checks() {
         }
     }
     assert_eq!(checked, 1, "the lab's backupd.toml is there");
+}
+
+/// A folder source backed up to a local folder: no PostgreSQL, no S3.
+fn folder_only(dir: &Scratch, extra: &str) -> PathBuf {
+    make_folder(&dir.join("data"));
+    let path = dir.join("backupd.toml");
+    fs::write(
+        &path,
+        format!(
+            "lock_file = \"backupd.lock\"\n\n[[source]]\nname = \"files\"\ntype = \"folder\"\n\
+             path = \"data\"\n\n[[target]]\nname = \"disk\"\nurl = \"backups\"\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn backupd_alone(args: &[&str]) -> Proc {
+    ProcBuilder::new(BACKUPD).args(args).spawn().unwrap()
+}
+
+#[test]
+fn list_into_a_closed_pipe_exits_quietly() {
+    let dir = Scratch::new("backupd-pipe").unwrap();
+    let config = folder_only(&dir, "");
+    let config = config.to_str().unwrap();
+    for _ in 0..2 {
+        backupd_alone(&["run", "-c", config])
+            .expect_exit(0, WAIT)
+            .unwrap();
+    }
+    for format in ["text", "json"] {
+        // `backupd list | head -0`: the reader is gone before the first line is written.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = std::process::Command::new(BACKUPD)
+            .args(["list", "-c", config, "--format", format])
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{format}: {stderr}");
+        assert!(!stderr.contains("error"), "{format}: {stderr}");
+    }
+}
+
+#[test]
+fn the_healthcheck_url_is_never_logged_whole() {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    // Refuse both pings (start, success), so backupd logs them as warnings.
+    let refuser = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        for _ in 0..2 {
+            let (mut socket, _) = server.accept().unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = std::io::Read::read(&mut socket, &mut buf).unwrap();
+            heads.push(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned(),
+            );
+            std::io::Write::write_all(
+                &mut socket,
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .unwrap();
+        }
+        heads
+    });
+    let dir = Scratch::new("backupd-hc").unwrap();
+    let secret = "0b5e7d4c-secret-check-token";
+    let config = folder_only(
+        &dir,
+        &format!("\n[hooks]\nhealthcheck_url = \"http://127.0.0.1:{port}/ping/{secret}\"\n"),
+    );
+    let run = backupd_alone(&[
+        "run",
+        "-c",
+        config.to_str().unwrap(),
+        "--log-level",
+        "debug",
+    ]);
+    run.expect_exit(0, WAIT).unwrap();
+    let heads = refuser.join().unwrap();
+    assert_eq!(heads[0], format!("POST /ping/{secret}/start HTTP/1.1"));
+    let stderr = run.stderr();
+    assert!(stderr.contains("healthcheck ping refused"), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(!stderr.contains(secret), "{stderr}");
+    assert!(!stderr.contains("/ping"), "{stderr}");
+
+    let check = backupd_alone(&["check", "-c", config.to_str().unwrap()]);
+    check.expect_exit(0, WAIT).unwrap();
+    assert!(!check.stdout().contains(secret), "{}", check.stdout());
+    let bad = dir.join("bad.toml");
+    fs::write(
+        &bad,
+        format!(
+            "{}\n[hooks]\nhealthcheck_url = \"ftp://hc.example/{secret}\"\n",
+            "[[source]]\nname = \"a\"\ntype = \"globals\"\n"
+        ),
+    )
+    .unwrap();
+    let check = backupd_alone(&["check", "-c", bad.to_str().unwrap()]);
+    check.expect_exit(78, WAIT).unwrap();
+    assert!(
+        check.stderr().contains("hooks.healthcheck_url"),
+        "{}",
+        check.stderr()
+    );
+    assert!(!check.stderr().contains(secret), "{}", check.stderr());
+}
+
+#[test]
+fn sources_whose_backups_would_share_a_subject_are_refused_naming_both() {
+    let dir = Scratch::new("backupd-subjects").unwrap();
+    let cases = [
+        (
+            "[[source]]\nname = \"pg\"\ntype = \"postgres\"\ndatabases = [\"app\"]\n\
+             [[source]]\nname = \"pg.app\"\ntype = \"folder\"\npath = \"/srv\"\n",
+            ["source \"pg\"", "source \"pg.app\""],
+        ),
+        (
+            "[[source]]\nname = \"pg.app\"\ntype = \"globals\"\n\
+             [[source]]\nname = \"pg\"\ntype = \"postgres\"\ndatabases = [\"app\"]\n",
+            ["source \"pg.app\"", "source \"pg\""],
+        ),
+        (
+            "[[source]]\nname = \"a\"\ntype = \"postgres\"\ndatabases = [\"b.c\"]\n\
+             [[source]]\nname = \"a.b\"\ntype = \"postgres\"\ndatabases = [\"c\"]\n",
+            ["source \"a\"", "source \"a.b\""],
+        ),
+        (
+            "[[source]]\nname = \"pg\"\ntype = \"postgres\"\ndatabases = \"all\"\n\
+             [[source]]\nname = \"pg.files\"\ntype = \"folder\"\npath = \"/srv\"\n",
+            ["source \"pg\"", "source \"pg.files\""],
+        ),
+        (
+            "[[source]]\nname = \"pg\"\ntype = \"postgres\"\ndatabases = [\"app\", \"app\"]\n",
+            ["source \"pg\"", "\"app\""],
+        ),
+    ];
+    for (i, (text, names)) in cases.iter().enumerate() {
+        let path = dir.join(format!("case{i}.toml"));
+        fs::write(&path, text).unwrap();
+        let check = backupd_alone(&["check", "-c", path.to_str().unwrap()]);
+        check.expect_exit(78, WAIT).unwrap();
+        let stderr = check.stderr();
+        for name in names {
+            assert!(stderr.contains(name), "case {i}: {stderr}");
+        }
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "case {i}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn database_privileges_of_roles_named_with_equals_or_quotes_survive_a_restore() {
+    let (lab, config) = small_lab("");
+    lab.sql(
+        "postgres",
+        r#"CREATE ROLE "we=ird"; CREATE ROLE "quo""te"; CREATE ROLE "a/b=c";
+           GRANT CONNECT ON DATABASE shop TO "we=ird";
+           GRANT TEMPORARY ON DATABASE shop TO "quo""te" WITH GRANT OPTION;
+           GRANT CREATE, CONNECT ON DATABASE shop TO "a/b=c""#,
+    );
+    let config = config.to_str().unwrap();
+    let (stdout, _) = lab.expect(0, &["run", "-c", config]);
+    let id = stdout.trim();
+    lab.expect(0, &["restore", "-c", config, id, "--to-db", "shop_copy"]);
+    let acl = |db: &str| {
+        lab.sql(
+            "postgres",
+            &format!(
+                "SELECT string_agg(a::text, ' ' ORDER BY a::text) FROM pg_database d, \
+                 unnest(d.datacl) a WHERE d.datname = '{db}'"
+            ),
+        )
+    };
+    let original = acl("shop");
+    assert!(original.contains(r#""we=ird"=c/"#), "{original}");
+    assert!(original.contains(r#""quo""te"=T*/"#), "{original}");
+    assert_eq!(acl("shop_copy"), original);
 }

@@ -15,24 +15,24 @@ use crate::Error;
 
 /// How long one statement (or connecting) may take before pgprov gives up. Generous:
 /// `CREATE DATABASE` copies a template and `DROP DATABASE` removes files.
-pub const TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the admin role may do.
 #[derive(Clone, Debug)]
-pub struct AdminRole {
+pub(crate) struct AdminRole {
     /// The role's name (`current_user`).
-    pub name: String,
+    pub(crate) name: String,
     /// Superuser: may do everything.
-    pub superuser: bool,
+    pub(crate) superuser: bool,
     /// May create, alter and drop roles.
-    pub createrole: bool,
+    pub(crate) createrole: bool,
     /// May create databases.
-    pub createdb: bool,
+    pub(crate) createdb: bool,
 }
 
 /// A connection as the admin role to one database.
 #[derive(Debug)]
-pub struct Admin {
+pub(crate) struct Admin {
     settings: PgSettings,
     client: PgClient,
     role: AdminRole,
@@ -41,7 +41,7 @@ pub struct Admin {
 
 impl Admin {
     /// Connects with the admin settings and learns the admin role's privileges.
-    pub async fn connect(settings: &PgSettings) -> Result<Admin, Error> {
+    pub(crate) async fn connect(settings: &PgSettings) -> Result<Admin, Error> {
         let what = format!("connecting to PostgreSQL at {}", settings.target());
         let client = match tokio::time::timeout(TIMEOUT, settings.connect()).await {
             Ok(client) => client?,
@@ -76,28 +76,23 @@ impl Admin {
     }
 
     /// The same admin, connected to database `name`.
-    pub async fn database(&self, name: &str) -> Result<Admin, Error> {
+    pub(crate) async fn database(&self, name: &str) -> Result<Admin, Error> {
         Admin::connect(&self.settings.clone().with_dbname(name)).await
     }
 
     /// The admin role.
-    pub fn role(&self) -> &AdminRole {
+    pub(crate) fn role(&self) -> &AdminRole {
         &self.role
     }
 
     /// The database this connection is in.
-    pub fn current_database(&self) -> &str {
+    pub(crate) fn current_database(&self) -> &str {
         &self.database
-    }
-
-    /// The admin settings, for messages and for reaching other databases.
-    pub fn settings(&self) -> &PgSettings {
-        &self.settings
     }
 
     /// Fails with exit 77 unless the admin role is a superuser or holds the privileges asked
     /// for.
-    pub fn require(&self, createrole: bool, createdb: bool) -> Result<(), Error> {
+    pub(crate) fn require(&self, createrole: bool, createdb: bool) -> Result<(), Error> {
         if self.role.superuser {
             return Ok(());
         }
@@ -119,7 +114,7 @@ impl Admin {
     }
 
     /// Runs a query with bind parameters; `what` names the work for the error message.
-    pub async fn query(
+    pub(crate) async fn query(
         &self,
         what: &str,
         sql: &str,
@@ -129,7 +124,7 @@ impl Admin {
     }
 
     /// Runs a query that returns exactly one row.
-    pub async fn query_one(
+    pub(crate) async fn query_one(
         &self,
         what: &str,
         sql: &str,
@@ -139,7 +134,7 @@ impl Admin {
     }
 
     /// Runs a query that returns at most one row.
-    pub async fn query_opt(
+    pub(crate) async fn query_opt(
         &self,
         what: &str,
         sql: &str,
@@ -150,7 +145,7 @@ impl Admin {
 
     /// Runs statements over the simple query protocol. Several statements in one call run as
     /// one transaction; `CREATE DATABASE` and `DROP DATABASE` must be sent alone.
-    pub async fn batch(&self, what: &str, sql: &str) -> Result<(), Error> {
+    pub(crate) async fn batch(&self, what: &str, sql: &str) -> Result<(), Error> {
         timed(what, self.client.batch_execute(sql)).await
     }
 }

@@ -27,7 +27,7 @@ use crate::name::{ExtensionName, Name};
 use crate::provision;
 
 /// The long help of `pgprov apply`: the file format, examples and exit codes.
-pub const HELP: &str = "\
+pub(crate) const HELP: &str = "\
 FILE FORMAT:
     A TOML file. Unknown keys are errors; every error names the file, line, column and key.
 
@@ -100,32 +100,32 @@ struct DatabaseToml {
 
 /// The checked contents of an apply file.
 #[derive(Debug, PartialEq, Eq)]
-pub struct LabFile {
+pub(crate) struct LabFile {
     /// The file, for messages.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The host services connect to, if the file says.
-    pub host: Option<String>,
+    pub(crate) host: Option<String>,
     /// The port services connect to, if the file says.
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// The databases, in file order.
-    pub databases: Vec<Declared>,
+    pub(crate) databases: Vec<Declared>,
 }
 
 /// One declared database.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Declared {
+pub(crate) struct Declared {
     /// Its name, and its role's.
-    pub name: Name,
+    pub(crate) name: Name,
     /// Roles with read access.
-    pub read: Vec<Name>,
+    pub(crate) read: Vec<Name>,
     /// Extensions it has.
-    pub extensions: Vec<ExtensionName>,
+    pub(crate) extensions: Vec<ExtensionName>,
     /// The role's connection limit at creation.
-    pub connection_limit: Option<i32>,
+    pub(crate) connection_limit: Option<i32>,
 }
 
 /// Reads and checks an apply file.
-pub fn load(path: &Path) -> Result<LabFile, Error> {
+pub(crate) fn load(path: &Path) -> Result<LabFile, Error> {
     let text = fs::read_to_string(path).map_err(|source| {
         Error::ApplyFile(ConfigError::Read {
             path: path.to_owned(),
@@ -207,7 +207,7 @@ fn resolve(path: &Path, text: &str, raw: ApplyToml) -> Result<LabFile, Error> {
 
 /// A change `apply` makes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Make role and database `name`.
     Create {
         /// The name.
@@ -238,7 +238,7 @@ pub enum Action {
 
 impl Action {
     /// What the action does, as a sentence fragment (`create database and role ci`).
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Action::Create { name, .. } => format!("create database and role {name}"),
             Action::GrantRead { role, database } => {
@@ -255,17 +255,17 @@ impl Action {
 
 /// What `apply` would change, and what differs but is left alone.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Changes, in the order they run.
-    pub actions: Vec<Action>,
+    pub(crate) actions: Vec<Action>,
     /// Differences reported but not changed.
-    pub drift: Vec<String>,
+    pub(crate) drift: Vec<String>,
     /// Declared databases that need nothing and show no drift.
-    pub up_to_date: usize,
+    pub(crate) up_to_date: usize,
 }
 
 /// Compares the file with the server.
-pub async fn plan(admin: &Admin, lab: &LabFile, prune: bool) -> Result<Plan, Error> {
+pub(crate) async fn plan(admin: &Admin, lab: &LabFile, prune: bool) -> Result<Plan, Error> {
     let mut creates = Vec::new();
     let mut grants = Vec::new();
     let mut extensions = Vec::new();
@@ -460,7 +460,7 @@ async fn check_available(
 /// Runs the plan's actions, reporting each on stderr; returns how many ran. Once `stop` is
 /// cancelled (SIGINT, SIGTERM), the action under way finishes or is undone, and no other
 /// starts.
-pub async fn execute(
+pub(crate) async fn execute(
     admin: &Admin,
     plan: &Plan,
     endpoint: &Endpoint,

@@ -12,33 +12,33 @@ use crate::name::Name;
 
 /// A role as the catalogs show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RoleInfo {
+pub(crate) struct RoleInfo {
     /// Superuser.
-    pub superuser: bool,
+    pub(crate) superuser: bool,
     /// May log in.
-    pub can_login: bool,
+    pub(crate) can_login: bool,
     /// `CONNECTION LIMIT` (-1: none).
-    pub connection_limit: i32,
+    pub(crate) connection_limit: i32,
 }
 
 /// A database as the catalogs show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DatabaseInfo {
+pub(crate) struct DatabaseInfo {
     /// The owning role's name.
-    pub owner: String,
+    pub(crate) owner: String,
     /// Whether it accepts connections.
-    pub allow_connections: bool,
+    pub(crate) allow_connections: bool,
 }
 
 impl DatabaseInfo {
     /// Whether `pgprov create NAME` would have made this database.
-    pub fn owned_by(&self, name: &Name) -> bool {
+    pub(crate) fn owned_by(&self, name: &Name) -> bool {
         self.owner == name.as_str()
     }
 }
 
 /// The role called `name`, if there is one.
-pub async fn role(admin: &Admin, name: &str) -> Result<Option<RoleInfo>, Error> {
+pub(crate) async fn role(admin: &Admin, name: &str) -> Result<Option<RoleInfo>, Error> {
     let row = admin
         .query_opt(
             &format!("looking up role {name}"),
@@ -54,7 +54,7 @@ pub async fn role(admin: &Admin, name: &str) -> Result<Option<RoleInfo>, Error> 
 }
 
 /// The database called `name`, if there is one.
-pub async fn database(admin: &Admin, name: &str) -> Result<Option<DatabaseInfo>, Error> {
+pub(crate) async fn database(admin: &Admin, name: &str) -> Result<Option<DatabaseInfo>, Error> {
     let row = admin
         .query_opt(
             &format!("looking up database {name}"),
@@ -69,7 +69,7 @@ pub async fn database(admin: &Admin, name: &str) -> Result<Option<DatabaseInfo>,
 }
 
 /// Sessions other than pgprov's own in database `name` or logged in as role `name`.
-pub async fn sessions(admin: &Admin, name: &Name) -> Result<i64, Error> {
+pub(crate) async fn sessions(admin: &Admin, name: &Name) -> Result<i64, Error> {
     let row = admin
         .query_one(
             &format!("counting sessions of {name}"),
@@ -83,7 +83,11 @@ pub async fn sessions(admin: &Admin, name: &Name) -> Result<i64, Error> {
 
 /// [`sessions`], given up to `grace` to drop to zero: a client that just disconnected leaves
 /// its server process behind for a moment, and `DROP DATABASE` itself waits 5 s for such.
-pub async fn sessions_after(admin: &Admin, name: &Name, grace: Duration) -> Result<i64, Error> {
+pub(crate) async fn sessions_after(
+    admin: &Admin,
+    name: &Name,
+    grace: Duration,
+) -> Result<i64, Error> {
     let deadline = Instant::now() + grace;
     loop {
         let count = sessions(admin, name).await?;
@@ -96,7 +100,7 @@ pub async fn sessions_after(admin: &Admin, name: &Name, grace: Duration) -> Resu
 
 /// The encoding of `template1`: `CREATE DATABASE ... ENCODING 'UTF8'` must copy `template0`
 /// instead when it is not UTF8.
-pub async fn template1_is_utf8(admin: &Admin) -> Result<bool, Error> {
+pub(crate) async fn template1_is_utf8(admin: &Admin) -> Result<bool, Error> {
     let row = admin
         .query_one(
             "reading template1's encoding",
@@ -110,7 +114,7 @@ pub async fn template1_is_utf8(admin: &Admin) -> Result<bool, Error> {
 
 /// The names of the provisioned databases, leaving out the admin role's own, for
 /// `apply --prune`.
-pub async fn provisioned(admin: &Admin) -> Result<Vec<String>, Error> {
+pub(crate) async fn provisioned(admin: &Admin) -> Result<Vec<String>, Error> {
     let rows = admin
         .query(
             "listing provisioned databases",

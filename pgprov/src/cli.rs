@@ -28,6 +28,7 @@ EXAMPLES:
     pgprov list
     pgprov rotate metabase --format env          new password; the old one stops working
     pgprov grant metabase --on dw --read         let Metabase read the data warehouse
+    pgprov check /etc/labkit/lab.toml            is the file valid? (no server needed)
     pgprov apply /etc/labkit/lab.toml --dry-run  what apply would change
     pgprov drop jupyterhub --force --yes
 
@@ -76,18 +77,18 @@ pub struct Cli {
 pub struct Output {
     /// Credentials format
     #[arg(long, value_enum, default_value_t)]
-    pub format: Format,
+    format: Format,
     /// Write credentials to DIR/NAME.uri (.env, .json, .pgpass) with mode 0600 instead of
     /// stdout; an existing file is never overwritten
     #[arg(long, value_name = "DIR")]
-    pub out_dir: Option<PathBuf>,
+    out_dir: Option<PathBuf>,
     /// Host services connect to, printed in the credentials [default: the admin connection's
     /// TCP host, or localhost when it uses a Unix socket]
     #[arg(long, value_name = "HOST")]
-    pub host: Option<String>,
+    host: Option<String>,
     /// Port services connect to, printed in the credentials [default: the admin connection's]
     #[arg(long, value_name = "PORT")]
-    pub port: Option<u16>,
+    port: Option<u16>,
 }
 
 impl Output {
@@ -299,6 +300,24 @@ EXIT STATUS:
         #[command(flatten)]
         output: Output,
     },
+    /// Check an apply file without connecting to PostgreSQL.
+    ///
+    /// Reads FILE and checks it as apply does before it asks the server anything: the TOML
+    /// syntax, unknown keys, names, duplicates and values. Prints `FILE: ok` and the number of
+    /// databases; an error names the file, line, column and key. Nothing is read from the
+    /// libpq environment, so it runs anywhere, such as in CI before a deploy.
+    #[command(after_long_help = "\
+EXAMPLES:
+    pgprov check /etc/labkit/lab.toml
+    pgprov check examples/pgprov/lab.toml && pgprov apply examples/pgprov/lab.toml --dry-run
+
+EXIT STATUS:
+    0 the file is valid; 65 a bad name or value in it; 66 no such file; 78 malformed (TOML
+    syntax, an unknown key, a value of the wrong type).")]
+    Check {
+        /// The file listing the databases
+        file: PathBuf,
+    },
 }
 
 /// Runs a parsed command line.
@@ -365,6 +384,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
                 ListFormat::Json => list::write_json(&mut stdout, &listed),
             }
             .and_then(|()| stdout.flush())
+            .or_else(reader_gone)
             .map_err(|source| Error::Io {
                 what: "writing the list to stdout".to_owned(),
                 source,
@@ -445,6 +465,31 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             eprintln!("pgprov: {made} change(s) made");
             Ok(())
         }
+        Command::Check { file } => {
+            let lab = apply::load(&file)?;
+            writeln!(
+                io::stdout().lock(),
+                "{}: ok: {} database(s)",
+                lab.path.display(),
+                lab.databases.len()
+            )
+            .or_else(reader_gone)
+            .map_err(|source| Error::Io {
+                what: "writing to stdout".to_owned(),
+                source,
+            })
+        }
+    }
+}
+
+/// A reader that closes stdout early (`pgprov list | head`) has all it wants: not an error.
+/// Only for output that can be asked for again; credentials are never dropped this way.
+fn reader_gone(err: io::Error) -> io::Result<()> {
+    if err.kind() == io::ErrorKind::BrokenPipe {
+        tracing::debug!("standard output closed early by its reader");
+        Ok(())
+    } else {
+        Err(err)
     }
 }
 

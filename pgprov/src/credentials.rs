@@ -32,7 +32,7 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
 
 /// How credentials are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// postgresql://NAME:PASSWORD@HOST:PORT/NAME
     #[default]
     Uri,
@@ -46,7 +46,7 @@ pub enum Format {
 
 impl Format {
     /// The file name extension for credentials files.
-    pub fn extension(self) -> &'static str {
+    pub(crate) fn extension(self) -> &'static str {
         match self {
             Format::Uri => "uri",
             Format::Env => "env",
@@ -58,17 +58,21 @@ impl Format {
 
 /// Where services reach the server: the host and port printed in credentials.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// Host name or address.
-    pub host: String,
+    pub(crate) host: String,
     /// TCP port.
-    pub port: u16,
+    pub(crate) port: u16,
 }
 
 impl Endpoint {
     /// The given host and port, defaulting to the admin connection's TCP host and port, or
     /// `localhost` when the admin connects over a Unix socket (services connect over TCP).
-    pub fn for_services(admin: &PgSettings, host: Option<String>, port: Option<u16>) -> Endpoint {
+    pub(crate) fn for_services(
+        admin: &PgSettings,
+        host: Option<String>,
+        port: Option<u16>,
+    ) -> Endpoint {
         let host = host.unwrap_or_else(|| match admin.hosts().first() {
             Some(PgHost::Tcp(name)) => name.clone(),
             _ => "localhost".to_owned(),
@@ -101,18 +105,18 @@ pub const ENV_KEYS: [&str; 6] = [
 
 /// One service's login: its role and database are both `name`.
 #[derive(Debug)]
-pub struct Credentials<'a> {
+pub(crate) struct Credentials<'a> {
     /// Where to connect.
-    pub endpoint: &'a Endpoint,
+    pub(crate) endpoint: &'a Endpoint,
     /// Role and database.
-    pub name: &'a Name,
+    pub(crate) name: &'a Name,
     /// The password.
-    pub password: &'a Secret,
+    pub(crate) password: &'a Secret,
 }
 
 impl Credentials<'_> {
     /// The connection URI.
-    pub fn uri(&self) -> Secret {
+    pub(crate) fn uri(&self) -> Secret {
         let encode = |text: &str| utf8_percent_encode(text, COMPONENT).to_string();
         Secret::new(format!(
             "postgresql://{}:{}@{}:{}/{}",
@@ -125,7 +129,7 @@ impl Credentials<'_> {
     }
 
     /// The credentials in `format`, ending in a newline.
-    pub fn render(&self, format: Format) -> Secret {
+    pub(crate) fn render(&self, format: Format) -> Secret {
         let name = self.name.as_str();
         let port = self.endpoint.port.to_string();
         let mut out = String::new();
@@ -181,7 +185,7 @@ impl Credentials<'_> {
 /// `value` as one shell word: bare when it holds only characters no shell treats specially
 /// (so Docker's `--env-file`, which does not unquote, reads it the same), else in single
 /// quotes.
-pub fn shell_quote(value: &str) -> String {
+pub(crate) fn shell_quote(value: &str) -> String {
     let plain = !value.is_empty()
         && value
             .bytes()
@@ -194,13 +198,13 @@ pub fn shell_quote(value: &str) -> String {
 }
 
 /// A `.pgpass` field: `\` and `:` escaped with a backslash.
-pub fn pgpass_escape(field: &str) -> String {
+pub(crate) fn pgpass_escape(field: &str) -> String {
     field.replace('\\', "\\\\").replace(':', "\\:")
 }
 
 /// Where credentials go.
 #[derive(Clone, Debug)]
-pub enum Sink {
+pub(crate) enum Sink {
     /// Standard output, in one format.
     Stdout(Format),
     /// One file per service, `DIR/NAME.EXT`, mode 0600.
@@ -214,14 +218,14 @@ pub enum Sink {
 
 /// Credentials ready to be published once the role and database exist.
 #[derive(Debug)]
-pub struct Pending {
+pub(crate) struct Pending {
     text: Secret,
     file: Option<(PathBuf, PathBuf)>,
 }
 
 impl Sink {
     /// The file credentials for `name` would be written to, if they go to a file.
-    pub fn path(&self, name: &Name) -> Option<PathBuf> {
+    pub(crate) fn path(&self, name: &Name) -> Option<PathBuf> {
         match self {
             Sink::Stdout(_) => None,
             Sink::Dir { dir, format } => Some(dir.join(format!("{name}.{}", format.extension()))),
@@ -229,7 +233,7 @@ impl Sink {
     }
 
     /// Fails (exit 73) if credentials for `name` would overwrite a file.
-    pub fn check(&self, name: &Name) -> Result<(), Error> {
+    pub(crate) fn check(&self, name: &Name) -> Result<(), Error> {
         match self.path(name) {
             Some(path) if path.exists() => Err(Error::Exists(format!(
                 "credentials file {} already exists; move it away first",
@@ -240,7 +244,7 @@ impl Sink {
     }
 
     /// Renders the credentials and, for a file, writes them beside its final name.
-    pub fn prepare(&self, credentials: &Credentials<'_>) -> Result<Pending, Error> {
+    pub(crate) fn prepare(&self, credentials: &Credentials<'_>) -> Result<Pending, Error> {
         match self {
             Sink::Stdout(format) => Ok(Pending {
                 text: credentials.render(*format),
@@ -286,7 +290,7 @@ impl Sink {
 impl Pending {
     /// Writes the credentials to stdout, or moves the file to its final name (never over an
     /// existing file); returns the file's path.
-    pub fn publish(mut self) -> Result<Option<PathBuf>, Error> {
+    pub(crate) fn publish(mut self) -> Result<Option<PathBuf>, Error> {
         let Some((temp, path)) = self.file.take() else {
             let mut stdout = io::stdout().lock();
             stdout

@@ -13,7 +13,7 @@ use crate::name::Name;
 
 /// Read-only or read-write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
+pub(crate) enum Access {
     /// `SELECT` on tables, views and sequences.
     Read,
     /// Read, plus `INSERT`, `UPDATE`, `DELETE` on tables and `USAGE`, `UPDATE` on sequences.
@@ -36,7 +36,7 @@ impl Access {
     }
 
     /// `read` or `write`, for messages.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Access::Read => "read",
             Access::Write => "write",
@@ -48,7 +48,7 @@ impl Access {
 const USER_SCHEMAS: &str = "SELECT nspname::text FROM pg_namespace WHERE nspname !~ '^pg_' AND nspname <> 'information_schema' ORDER BY 1";
 
 /// Grants `role` `access` to database `database`.
-pub async fn grant(
+pub(crate) async fn grant(
     admin: &Admin,
     role: &Name,
     database: &Name,
@@ -111,7 +111,7 @@ pub async fn grant(
 
 /// Whether `role` already has read access to the database `inside` is connected to: it may
 /// connect, use every schema, read every table, and the owner's future tables.
-pub async fn has_read(inside: &Admin, role: &Name) -> Result<bool, Error> {
+pub(crate) async fn has_read(inside: &Admin, role: &Name) -> Result<bool, Error> {
     let row = inside
         .query_one(
             &format!(

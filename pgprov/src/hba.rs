@@ -12,7 +12,7 @@ use crate::name::Name;
 
 /// What `pg_hba.conf` says about a role logging in over TCP.
 #[derive(Debug, PartialEq, Eq)]
-pub enum HbaCheck {
+pub(crate) enum HbaCheck {
     /// A `host*` line admits the role with a password.
     Allowed,
     /// No line does.
@@ -22,7 +22,7 @@ pub enum HbaCheck {
 }
 
 /// Whether a `host*` line lets `name` log in to database `name` with SCRAM.
-pub async fn check(admin: &Admin, name: &Name) -> HbaCheck {
+pub(crate) async fn check(admin: &Admin, name: &Name) -> HbaCheck {
     let found = admin
         .query_one(
             "reading pg_hba_file_rules",
@@ -46,12 +46,12 @@ pub async fn check(admin: &Admin, name: &Name) -> HbaCheck {
 }
 
 /// The `pg_hba.conf` line that admits `name` from the Docker bridge networks.
-pub fn suggested_line(name: &Name) -> String {
+pub(crate) fn suggested_line(name: &Name) -> String {
     format!("host    {name}    {name}    172.16.0.0/12    scram-sha-256")
 }
 
 /// Prints the warning for `check`'s answer on stderr, if it needs one.
-pub fn warn(name: &Name, check: &HbaCheck) {
+pub(crate) fn warn(name: &Name, check: &HbaCheck) {
     match check {
         HbaCheck::Allowed => {}
         HbaCheck::NoRule => eprintln!(

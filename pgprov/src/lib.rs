@@ -9,17 +9,17 @@
 //!
 //! Every failure is one [`Error`], mapped onto an exit status in one place.
 
-pub mod admin;
-pub mod apply;
-pub mod catalog;
+mod admin;
+mod apply;
+mod catalog;
 pub mod cli;
 pub mod credentials;
-pub mod grant;
-pub mod hba;
-pub mod list;
-pub mod name;
-pub mod password;
-pub mod provision;
+mod grant;
+mod hba;
+mod list;
+mod name;
+mod password;
+mod provision;
 
 use std::io;
 

@@ -9,25 +9,25 @@ use crate::admin::Admin;
 
 /// One database in the listing.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct Listed {
+pub(crate) struct Listed {
     /// The database.
-    pub name: String,
+    pub(crate) name: String,
     /// Its owner.
-    pub owner: String,
+    pub(crate) owner: String,
     /// Its size in bytes (absent when the admin may not connect to it).
-    pub size_bytes: Option<i64>,
+    pub(crate) size_bytes: Option<i64>,
     /// Its size for people (`7633 kB`).
     #[serde(skip)]
-    pub size: Option<String>,
+    pub(crate) size: Option<String>,
     /// Sessions connected to it now.
-    pub connections: i64,
+    pub(crate) connections: i64,
     /// The owner role's `CONNECTION LIMIT` (-1: none).
-    pub connection_limit: i32,
+    pub(crate) connection_limit: i32,
 }
 
 /// The provisioned databases (a role of the same name owns them), or with `all` every
 /// database but the templates.
-pub async fn list(admin: &Admin, all: bool) -> Result<Vec<Listed>, Error> {
+pub(crate) async fn list(admin: &Admin, all: bool) -> Result<Vec<Listed>, Error> {
     let rows = admin
         .query(
             "listing databases",
@@ -56,7 +56,7 @@ pub async fn list(admin: &Admin, all: bool) -> Result<Vec<Listed>, Error> {
 }
 
 /// Aligned columns with a header line.
-pub fn write_text(out: &mut impl Write, listed: &[Listed]) -> io::Result<()> {
+pub(crate) fn write_text(out: &mut impl Write, listed: &[Listed]) -> io::Result<()> {
     let width = |f: fn(&Listed) -> usize, header: &str| {
         listed
             .iter()
@@ -91,7 +91,7 @@ pub fn write_text(out: &mut impl Write, listed: &[Listed]) -> io::Result<()> {
 }
 
 /// One JSON object per line.
-pub fn write_json(out: &mut impl Write, listed: &[Listed]) -> io::Result<()> {
+pub(crate) fn write_json(out: &mut impl Write, listed: &[Listed]) -> io::Result<()> {
     for l in listed {
         serde_json::to_writer(&mut *out, l)?;
         out.write_all(b"\n")?;

@@ -8,7 +8,7 @@
 use std::fmt;
 
 /// The longest identifier PostgreSQL keeps (`NAMEDATALEN - 1` bytes).
-pub const MAX_LEN: usize = 63;
+pub(crate) const MAX_LEN: usize = 63;
 
 /// Names PostgreSQL itself uses or reserves, besides everything starting with `pg_`.
 const RESERVED: &[&str] = &[
@@ -24,25 +24,25 @@ const RESERVED: &[&str] = &[
 
 /// A valid, unreserved role and database name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Name(String);
+pub(crate) struct Name(String);
 
 /// A valid extension name (`uuid-ossp` has a hyphen, so extensions get their own rule).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ExtensionName(String);
+pub(crate) struct ExtensionName(String);
 
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid name {name:?}: {reason}")]
 pub struct NameError {
     /// The name as given.
-    pub name: String,
+    pub(crate) name: String,
     /// What is wrong with it.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 impl Name {
     /// Checks `text` against pgprov's naming rule.
-    pub fn parse(text: &str) -> Result<Name, NameError> {
+    pub(crate) fn parse(text: &str) -> Result<Name, NameError> {
         check(text, |c| {
             c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
         })?;
@@ -53,19 +53,19 @@ impl Name {
     }
 
     /// The name.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// The name as a quoted SQL identifier.
-    pub fn ident(&self) -> String {
+    pub(crate) fn ident(&self) -> String {
         quote_ident(&self.0)
     }
 }
 
 impl ExtensionName {
     /// Checks `text` as an extension name: lower-case letters, digits, `_` and `-`.
-    pub fn parse(text: &str) -> Result<ExtensionName, NameError> {
+    pub(crate) fn parse(text: &str) -> Result<ExtensionName, NameError> {
         check(text, |c| {
             c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-'
         })?;
@@ -73,12 +73,12 @@ impl ExtensionName {
     }
 
     /// The name.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// The name as a quoted SQL identifier.
-    pub fn ident(&self) -> String {
+    pub(crate) fn ident(&self) -> String {
         quote_ident(&self.0)
     }
 }
@@ -145,7 +145,7 @@ pub fn quote_ident(text: &str) -> String {
 /// `text` as an SQL string literal: in single quotes, inner single quotes doubled; an
 /// escape-string literal when it holds a backslash, so `standard_conforming_strings` does not
 /// matter.
-pub fn quote_literal(text: &str) -> String {
+pub(crate) fn quote_literal(text: &str) -> String {
     let quoted = text.replace('\'', "''");
     if quoted.contains('\\') {
         format!("E'{}'", quoted.replace('\\', "\\\\"))

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 const BYTES: usize = 32;
 
 /// Makes a new random password.
-pub fn generate() -> Result<Secret, aws_lc_rs::error::Unspecified> {
+pub(crate) fn generate() -> Result<Secret, aws_lc_rs::error::Unspecified> {
     let mut raw = Zeroizing::new([0u8; BYTES]);
     aws_lc_rs::rand::fill(raw.as_mut())?;
     let mut text = String::with_capacity(BYTES * 2);
@@ -27,7 +27,7 @@ pub fn generate() -> Result<Secret, aws_lc_rs::error::Unspecified> {
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (a fresh salt each call).
-pub fn verifier(password: &Secret) -> String {
+pub(crate) fn verifier(password: &Secret) -> String {
     postgres_protocol::password::scram_sha_256(password.as_bytes())
 }
 

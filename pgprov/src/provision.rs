@@ -24,16 +24,16 @@ use crate::{Error, hba, password};
 
 /// How `create` behaves.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CreateOptions {
+pub(crate) struct CreateOptions {
     /// Succeed without doing anything when the role or database exists.
-    pub if_not_exists: bool,
+    pub(crate) if_not_exists: bool,
     /// The role's `CONNECTION LIMIT`.
-    pub connection_limit: Option<i32>,
+    pub(crate) connection_limit: Option<i32>,
 }
 
 /// What `create` or `rotate` did.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Made; the credentials went to stdout (`None`) or this file.
     Done(Option<PathBuf>),
     /// The role or database was already there (`--if-not-exists`); the message says what.
@@ -41,7 +41,7 @@ pub enum Outcome {
 }
 
 /// Makes role and database `name` and publishes its credentials.
-pub async fn create(
+pub(crate) async fn create(
     admin: &Admin,
     name: &Name,
     options: CreateOptions,
@@ -62,7 +62,7 @@ pub async fn create(
 
 /// Makes role and database `name` with a new password and publishes its credentials; undoes
 /// the work if they cannot be published. Warns when `pg_hba.conf` keeps the role out.
-pub async fn make_and_publish(
+pub(crate) async fn make_and_publish(
     admin: &Admin,
     name: &Name,
     connection_limit: Option<i32>,
@@ -86,7 +86,7 @@ pub async fn make_and_publish(
 }
 
 /// What of `name` exists already, as a message; `None` when neither role nor database does.
-pub async fn existing(admin: &Admin, name: &Name) -> Result<Option<String>, Error> {
+pub(crate) async fn existing(admin: &Admin, name: &Name) -> Result<Option<String>, Error> {
     let role = catalog::role(admin, name.as_str()).await?;
     let database = catalog::database(admin, name.as_str()).await?;
     Ok(match (role, database) {
@@ -200,20 +200,20 @@ const SESSION_GRACE: Duration = Duration::from_secs(5);
 
 /// What `drop` is about to remove, for the confirmation prompt.
 #[derive(Debug)]
-pub struct DropPlan {
+pub(crate) struct DropPlan {
     /// The name.
-    pub name: Name,
+    pub(crate) name: Name,
     /// Whether the role exists.
-    pub role: bool,
+    pub(crate) role: bool,
     /// The database's size (`pg_size_pretty`), if it exists.
-    pub database_size: Option<String>,
+    pub(crate) database_size: Option<String>,
     /// Sessions in the database or as the role.
-    pub sessions: i64,
+    pub(crate) sessions: i64,
 }
 
 /// Drops database `name` and role `name`. `confirm` sees what will go and may refuse.
 /// Returns `false` when neither existed.
-pub async fn drop(
+pub(crate) async fn drop(
     admin: &Admin,
     name: &Name,
     force: bool,
@@ -290,7 +290,7 @@ pub async fn drop(
 }
 
 /// Refuses to touch a database that a role of its own name does not own.
-pub fn refuse_foreign(name: &Name, db: &DatabaseInfo) -> Result<(), Error> {
+pub(crate) fn refuse_foreign(name: &Name, db: &DatabaseInfo) -> Result<(), Error> {
     if db.owned_by(name) {
         Ok(())
     } else {
@@ -338,7 +338,7 @@ async fn drop_role(admin: &Admin, name: &Name) -> Result<(), Error> {
 }
 
 /// Gives role `name` a new password; the old one stops working at once.
-pub async fn rotate(
+pub(crate) async fn rotate(
     admin: &Admin,
     name: &Name,
     endpoint: &Endpoint,

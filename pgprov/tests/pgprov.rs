@@ -991,7 +991,9 @@ fn every_subcommand_has_a_man_page_quality_help_with_examples() {
     ] {
         assert!(top.contains(section), "pgprov --help lacks {section}");
     }
-    for command in ["create", "drop", "list", "rotate", "grant", "apply"] {
+    for command in [
+        "create", "drop", "list", "rotate", "grant", "apply", "check",
+    ] {
         let (help, _) = lab.expect(0, &[command, "--help"]);
         assert!(
             help.contains("EXAMPLES:"),
@@ -1010,4 +1012,71 @@ fn every_subcommand_has_a_man_page_quality_help_with_examples() {
     assert!(apply.contains("FILE FORMAT:"), "{apply}");
     let (create, _) = lab.expect(0, &["create", "--help"]);
     assert!(create.contains("FORMATS:"), "{create}");
+}
+
+#[test]
+fn list_into_a_closed_pipe_exits_quietly() {
+    let lab = Lab::new();
+    lab.create("metabase", &[]);
+    for format in ["text", "json"] {
+        // `pgprov list | head -0`: the reader is gone before the first line is written.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = std::process::Command::new(PGPROV)
+            .args(["list", "--format", format])
+            .env_clear()
+            .envs(lab.env.iter().map(|(k, v)| (k, v)))
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{format}: {stderr}");
+        assert!(!stderr.contains("error"), "{format}: {stderr}");
+    }
+}
+
+#[test]
+fn check_validates_an_apply_file_without_a_server() {
+    let dir = Scratch::new("pgprov-check").unwrap();
+    // No libpq variables and nothing listening: check must not try to connect.
+    let check = |file: &std::path::Path, code: i32| {
+        let proc = ProcBuilder::new(PGPROV)
+            .args([OsStr::new("check"), file.as_os_str()])
+            .env("PGHOST", dir.path())
+            .env("PGPORT", "1")
+            .spawn()
+            .unwrap();
+        proc.expect_exit(code, WAIT).unwrap();
+        (proc.stdout(), proc.stderr())
+    };
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/pgprov/lab.toml");
+    let (stdout, _) = check(&example, 0);
+    assert!(stdout.contains("ok: 5 database(s)"), "{stdout}");
+
+    let malformed = dir.join("malformed.toml");
+    fs::write(
+        &malformed,
+        "[[database]]\nname = \"dw\"\nreed = [\"metabase\"]\n",
+    )
+    .unwrap();
+    let (_, stderr) = check(&malformed, 78);
+    assert!(
+        stderr.contains(&format!("{}:3", malformed.display())),
+        "{stderr}"
+    );
+
+    let bad_name = dir.join("bad-name.toml");
+    fs::write(
+        &bad_name,
+        "[[database]]\nname = \"dw\"\n\n[[database]]\nname = \"Bad-Name\"\n",
+    )
+    .unwrap();
+    let (_, stderr) = check(&bad_name, 65);
+    assert!(
+        stderr.contains(&format!("{}:5", bad_name.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("database[1].name"), "{stderr}");
+
+    check(&dir.join("missing.toml"), 66);
 }
