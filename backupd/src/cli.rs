@@ -21,13 +21,24 @@ EXAMPLES:
     backupd restore -c backupd.toml metabase.metabase@20261125T031500.123Z --to-db metabase_copy
     backupd restore -c backupd.toml files@20261125T031500.123Z --to-dir /srv/restored
     backupd prune -c backupd.toml --dry-run           what retention would delete
+    backupd keygen -o /etc/labkit/backupd.sign        make the manifest signing key
 
 EXIT STATUS:
     0 success; 1 some backups of a pass failed (others were made); 64 usage; 65 a backup failed
     its verification or a manifest is corrupt; 66 backup or input not found; 69 PostgreSQL or the
     store unavailable, or pg_dump failed; 73 restore target not empty (use --force) or disk full;
-    74 I/O error; 75 another run holds the lock; 77 permission denied (credentials, identity);
-    78 bad configuration.";
+    74 I/O error; 75 another run holds the lock; 77 permission denied (credentials, identity),
+    or a backup's manifest is unsigned or not signed by a trusted key; 78 bad configuration
+    (also: no signing key to back up with, or no key to check a signed backup with).
+
+SIGNATURES:
+    Anyone who can write the store can write a backup that age decrypts, so `run` signs each
+    manifest (which holds the data's SHA-256) with an ed25519 key only the backup host has:
+    [signing] key_file, or the systemd credential signing.key; `backupd keygen` makes one.
+    restore and verify accept a backup only when its signature is by that key or by one of
+    [signing] public_keys, and only then read its data, which must match the manifest before
+    any of it is decoded. Backups made before signing existed have no signature and are
+    refused unless --allow-unsigned is given.";
 
 /// backupd: encrypted, streamed, verified backups of PostgreSQL databases and folders.
 ///
@@ -124,8 +135,14 @@ pub enum Command {
     },
     /// Restore a backup into a new (or, with --force, replaced) database, folder or file.
     ///
+    /// The manifest's signature is checked first (see SIGNATURES in `backupd --help`). The
+    /// stored object is then copied into an unnamed private file (beside the target for
+    /// --to-dir and --to-file, else in $TMPDIR or /var/tmp: it needs free space for the stored,
+    /// compressed size) and checked against the manifest's SHA-256 before any of it is decoded.
     /// The target is written only when the whole restore succeeded: a database is restored
-    /// into a scratch database and renamed, a folder extracted beside the target and renamed.
+    /// into a scratch database and renamed, a folder extracted into a private staging folder
+    /// beside the target and renamed. A folder archive is extracted without following any
+    /// symlink; entries with absolute paths, `..`, or a way through a symlink are refused.
     #[command(
         after_long_help = "EXAMPLES:\n    backupd restore -c backupd.toml shop.shop@20261125T031500.123Z --to-db shop_copy\n    backupd restore -c backupd.toml files@20261125T031500.123Z --to-dir /srv/files --force\n    backupd restore -c backupd.toml globals@20261125T031500.123Z --to-file globals.sql"
     )]
@@ -148,6 +165,10 @@ pub enum Command {
         /// Do not restore object ownership (when the roles do not exist here)
         #[arg(long)]
         no_owner: bool,
+        /// Accept a backup without a signature (made before backups were signed); a wrong or
+        /// untrusted signature is refused all the same
+        #[arg(long)]
+        allow_unsigned: bool,
     },
     /// Restore-test a backup into scratch space and compare it with its manifest.
     #[command(
@@ -157,7 +178,8 @@ pub enum Command {
     /// Databases are restored into a scratch database and every table's row count compared;
     /// folders are extracted into a scratch folder and every file's size, mode, mtime and
     /// SHA-256 compared. The result is recorded next to the backup; retention always keeps the
-    /// newest verified backup of each source.
+    /// newest verified backup of each source. A backup whose signature is missing (without
+    /// --allow-unsigned) or not by a trusted key is refused with exit status 77 and no record.
     Verify {
         #[command(flatten)]
         config: ConfigArg,
@@ -176,6 +198,9 @@ pub enum Command {
         /// Only this target
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
+        /// Accept backups without a signature (made before backups were signed)
+        #[arg(long)]
+        allow_unsigned: bool,
     },
     /// Delete backups the retention policy no longer keeps, and old incomplete leftovers.
     ///
@@ -193,6 +218,21 @@ pub enum Command {
         /// Output format
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+    },
+    /// Make a manifest signing key: the secret key goes to FILE (mode 0600, never replacing a
+    /// file) or stdout, the public key to stdout.
+    ///
+    /// Put the file on the backup host and name it in [signing] key_file (or pass it as the
+    /// systemd credential signing.key); give the public key to every other host that restores
+    /// or verifies, in [signing] public_keys. Keep a copy off the host with the age identity:
+    /// restoring elsewhere needs the public key, which the file's comment also holds.
+    #[command(
+        after_long_help = "EXAMPLES:\n    backupd keygen -o /etc/labkit/backupd.sign\n    backupd keygen > key.txt    # and print the public key from its comment"
+    )]
+    Keygen {
+        /// Write the key file here instead of to stdout
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// Validate the config and print what it resolves to.
     #[command(after_long_help = "EXAMPLES:\n    backupd check -c /etc/labkit/backupd.toml")]
@@ -327,6 +367,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             identity: flag,
             target,
             no_owner,
+            allow_unsigned,
         } => {
             let config = Config::load(&config.config, env)?;
             let id = parse_id(&id)?;
@@ -346,6 +387,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
                 Destination::Database(_) => Some(PgSettings::from_env(env)?),
                 _ => None,
             };
+            let trust = config.signing.trust(allow_unsigned);
             let restorer = Restorer {
                 store: &store,
                 env,
@@ -353,6 +395,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
                 pg_bin_dir: config.pg_bin_dir.as_deref(),
                 identity: identity.as_ref(),
                 no_owner,
+                trust: &trust,
             };
             restorer.restore(&listed, &destination, force).await
         }
@@ -363,9 +406,11 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             source,
             identity: flag,
             target,
+            allow_unsigned,
         } => {
             let config = Config::load(&config.config, env)?;
             let identity = identity(flag, &config)?;
+            let trust = config.signing.trust(allow_unsigned);
             let needs_pg = true;
             let pg = if needs_pg {
                 PgSettings::from_env(env).ok()
@@ -418,6 +463,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
                     pg_bin_dir: config.pg_bin_dir.as_deref(),
                     identity: identity.as_ref(),
                     no_owner: false,
+                    trust: &trust,
                 };
                 match restore::verify(&restorer, listed).await {
                     Ok(record) => println!("{} on {name}: ok: {}", listed.id, record.detail),
@@ -478,6 +524,20 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
                 println!("target {}: {:?}", target.name, target.url);
             }
             println!("retention: {:?}", config.retention);
+            match &config.signing.key {
+                Some(key) => println!("signing key: {}", key.public()),
+                None => println!("signing key: none (run refuses to back up)"),
+            }
+            for key in &config.signing.public_keys {
+                println!("trusted key: {key}");
+            }
+            Ok(())
+        }
+        Command::Keygen { output } => {
+            let public = crate::signing::keygen(output.as_deref())?;
+            if output.is_some() {
+                println!("{public}");
+            }
             Ok(())
         }
     }

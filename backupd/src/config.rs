@@ -25,6 +25,10 @@
 //! [encryption]
 //! recipients = ["age1..."]             # identity_file is only needed to restore
 //!
+//! [signing]                            # `backupd keygen -o /etc/labkit/backupd.sign`
+//! key_file = "backupd.sign"            # or the systemd credential signing.key
+//! public_keys = ["backupd-ed25519:..."] # hosts that only restore or verify
+//!
 //! [retention]
 //! keep_last = 3
 //! keep_daily = 7
@@ -47,6 +51,7 @@ use labcore::{Env, Secret};
 use serde::Deserialize;
 
 use crate::retention::Policy;
+use crate::signing::{Signing, SigningKey};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -59,6 +64,8 @@ struct Raw {
     compression: Option<i32>,
     compression_threads: Option<u32>,
     encryption: Option<RawEncryption>,
+    #[serde(default)]
+    signing: RawSigning,
     #[serde(default)]
     retention: Policy,
     schedule: Option<RawSchedule>,
@@ -137,6 +144,15 @@ struct RawEncryption {
     recipients_file: Option<PathBuf>,
     identity: Option<Secret>,
     identity_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigning {
+    key: Option<Secret>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    public_keys: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -322,6 +338,8 @@ pub struct Config {
     pub compression_threads: u32,
     /// Encryption, if configured.
     pub encryption: Option<Encryption>,
+    /// The key manifests are signed with, and the keys restore and verify trust.
+    pub signing: Signing,
     /// What to keep.
     pub retention: Policy,
     /// When the daemon runs.
@@ -494,6 +512,8 @@ impl Config {
             Some(enc) => Some(resolve_encryption(enc, &file, env)?),
         };
 
+        let signing = resolve_signing(raw.signing, &file, env)?;
+
         let schedule = match raw.schedule {
             None => None,
             Some(schedule) => {
@@ -559,6 +579,7 @@ impl Config {
             compression_level,
             compression_threads: raw.compression_threads.unwrap_or(0),
             encryption,
+            signing,
             retention: raw.retention,
             schedule,
             hooks: Hooks {
@@ -642,6 +663,28 @@ fn resolve_encryption(
         recipients,
         identity,
     })
+}
+
+fn resolve_signing(raw: RawSigning, file: &ConfigFile, env: &Env) -> Result<Signing, ConfigError> {
+    let text = file.secret(env, "signing.key", raw.key, raw.key_file.as_deref())?;
+    let key = text
+        .map(|text| {
+            let key = if raw.key_file.is_some() {
+                "signing.key_file"
+            } else {
+                "signing.key"
+            };
+            SigningKey::parse(text.expose()).map_err(|why| file.invalid(key, why))
+        })
+        .transpose()?;
+    let mut public_keys = Vec::new();
+    for (i, text) in raw.public_keys.iter().enumerate() {
+        public_keys.push(
+            text.parse()
+                .map_err(|why| file.invalid(format!("signing.public_keys[{i}]"), why))?,
+        );
+    }
+    Ok(Signing { key, public_keys })
 }
 
 /// `HH:MM` (24-hour clock).
