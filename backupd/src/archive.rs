@@ -594,6 +594,127 @@ mod tests {
         );
     }
 
+    /// A tar written header by header, paths and link targets raw (the tar crate's setters
+    /// refuse `..` and absolute paths, which are what these tests send).
+    fn raw_tar(entries: &[(String, tar::EntryType, String)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, kind, link) in entries {
+            let mut header = tar::Header::new_gnu();
+            let name = &mut header.as_old_mut().name;
+            let n = path.len().min(name.len());
+            name[..n].copy_from_slice(&path.as_bytes()[..n]);
+            header.set_entry_type(*kind);
+            header.set_mode(0o777);
+            header.set_mtime(1_700_000_000);
+            let data: &[u8] = if kind.is_file() { b"owned" } else { b"" };
+            header.set_size(data.len() as u64);
+            header.set_link_name_literal(link).unwrap();
+            header.set_cksum();
+            builder.append(&header, data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    /// Everything under `root` with its mode and content, for before/after comparisons.
+    fn snapshot(root: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut pending = vec![root.to_owned()];
+        while let Some(path) = pending.pop() {
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let content = if meta.is_dir() {
+                let mut children: Vec<_> = fs::read_dir(&path)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect();
+                children.sort();
+                pending.extend(children);
+                Vec::new()
+            } else if meta.is_file() {
+                fs::read(&path).unwrap()
+            } else {
+                Vec::new()
+            };
+            out.push((path, meta.mode(), content));
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Whatever the entries (`..`, absolute paths, symlinks out and paths through them),
+        /// nothing outside the target changes.
+        #[test]
+        fn no_archive_changes_anything_outside_the_target(
+            entries in proptest::collection::vec(
+                (
+                    proptest::collection::vec(
+                        proptest::sample::select(vec!["a", "b", "..", ".", "x", "OUT"]),
+                        1..4,
+                    ),
+                    proptest::sample::select(vec![
+                        tar::EntryType::Directory,
+                        tar::EntryType::Regular,
+                        tar::EntryType::Symlink,
+                    ]),
+                    proptest::sample::select(vec!["OUT", "..", "a", "../outside"]),
+                ),
+                1..8,
+            )
+        ) {
+            let scratch = tempfile::tempdir().unwrap();
+            let outside = scratch.path().join("outside");
+            fs::create_dir(&outside).unwrap();
+            fs::set_permissions(&outside, fs::Permissions::from_mode(0o750)).unwrap();
+            fs::write(outside.join("keep"), "kept").unwrap();
+            let dest = scratch.path().join("dest");
+            fs::create_dir(&dest).unwrap();
+            let out = outside.to_str().unwrap();
+            let entries: Vec<(String, tar::EntryType, String)> = entries
+                .into_iter()
+                .map(|(parts, kind, link)| {
+                    let path = parts.join("/").replace("OUT", out);
+                    let link = if kind.is_symlink() { link.replace("OUT", out) } else { String::new() };
+                    (path, kind, link)
+                })
+                .collect();
+            let before = snapshot(scratch.path());
+            let _ = extract(&raw_tar(&entries)[..], &dest);
+            let after: Vec<_> = snapshot(scratch.path())
+                .into_iter()
+                .filter(|(p, _, _)| p == &dest || !p.starts_with(&dest))
+                .collect();
+            let before: Vec<_> = before
+                .into_iter()
+                .filter(|(p, _, _)| p == &dest || !p.starts_with(&dest))
+                .collect();
+            proptest::prop_assert_eq!(after, before, "{:?}", entries);
+        }
+    }
+
+    #[test]
+    fn a_symlink_in_the_archive_is_restored_but_never_followed() {
+        let scratch = tempfile::tempdir().unwrap();
+        let outside = scratch.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let dest = scratch.path().join("dest");
+        fs::create_dir(&dest).unwrap();
+        let out = outside.to_str().unwrap().to_owned();
+        let link = [("x".to_owned(), tar::EntryType::Symlink, out.clone())];
+        extract(&raw_tar(&link)[..], &dest).unwrap();
+        assert_eq!(fs::read_link(dest.join("x")).unwrap(), outside);
+        for through in [
+            ("x/".to_owned(), tar::EntryType::Directory),
+            ("x/planted".to_owned(), tar::EntryType::Regular),
+        ] {
+            let dest = scratch.path().join(format!("dest-{}", through.0.len()));
+            fs::create_dir(&dest).unwrap();
+            let entries = [link[0].clone(), (through.0, through.1, String::new())];
+            let err = extract(&raw_tar(&entries)[..], &dest).unwrap_err();
+            assert_eq!(err.exit(), Exit::DataErr, "{err}");
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
     fn filetime(secs: i64) -> nix::sys::time::TimeSpec {
         nix::sys::time::TimeSpec::new(secs, 0)
     }
