@@ -219,15 +219,16 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
-    /// Make a manifest signing key: the secret key goes to FILE (mode 0600, never replacing a
-    /// file) or stdout, the public key to stdout.
+    /// Make a manifest signing key.
     ///
-    /// Put the file on the backup host and name it in [signing] key_file (or pass it as the
-    /// systemd credential signing.key); give the public key to every other host that restores
-    /// or verifies, in [signing] public_keys. Keep a copy off the host with the age identity:
-    /// restoring elsewhere needs the public key, which the file's comment also holds.
+    /// With -o, the key file is created with mode 0600 (an existing file is never replaced) and
+    /// the public key printed on stdout; without it, the key file's text goes to stdout (its
+    /// comment holds the public key). Put the file on the backup host and name it in [signing]
+    /// key_file, or install it as the systemd credential signing.key; list the public key in
+    /// [signing] public_keys on every other host that restores or verifies. Keep the public key
+    /// off the host too, beside the age identity: a restore elsewhere needs both.
     #[command(
-        after_long_help = "EXAMPLES:\n    backupd keygen -o /etc/labkit/backupd.sign\n    backupd keygen > key.txt    # and print the public key from its comment"
+        after_long_help = "EXAMPLES:\n    backupd keygen -o /etc/labkit/backupd.sign\n    backupd keygen -o /etc/labkit/credentials/backupd/signing.key    # for backupd.service"
     )]
     Keygen {
         /// Write the key file here instead of to stdout
