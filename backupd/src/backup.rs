@@ -4,6 +4,10 @@
 //! If anything fails (the source program's exit status, the archive check, the store), the
 //! data object is removed again and no manifest is written, so the failed attempt does not
 //! exist for any other command.
+//!
+//! Every manifest is signed with the config's signing key ([`crate::signing`]); the signature
+//! is stored before the manifest, which stays the last object written. Without a signing key
+//! nothing is backed up: an unsigned backup would be refused by every restore.
 
 use std::io::{Read, Write};
 use std::process::{Child, Stdio};
@@ -19,7 +23,7 @@ use crate::config::Config;
 use crate::pipeline::{self, Counting, Encoder, Encoding};
 use crate::postgres::{PgTools, Snapshot, server_version};
 use crate::store::{Store, Stored};
-use crate::{Error, VERSION};
+use crate::{Error, VERSION, signing};
 
 /// One thing to back up.
 #[derive(Clone, Debug)]
@@ -95,6 +99,18 @@ impl Context<'_> {
 
 /// Backs `item` up into `store`; returns the manifest written.
 pub async fn back_up(item: &Item, ctx: &Context<'_>, store: &Store) -> Result<Manifest, Error> {
+    let Some(key) = ctx.config.signing.key.as_ref() else {
+        return Err(ctx
+            .config
+            .file
+            .invalid(
+                "signing.key_file",
+                "backups are signed, and no signing key is configured: make one with \
+                 `backupd keygen -o /etc/labkit/backupd.sign`, then set key_file in [signing] \
+                 (or pass it as the systemd credential signing.key)",
+            )
+            .into());
+    };
     let started_at = Timestamp::now();
     let id = BackupId::new(item.subject(), started_at);
     let encoding = ctx.encoding();
@@ -162,11 +178,15 @@ pub async fn back_up(item: &Item, ctx: &Context<'_>, store: &Store) -> Result<Ma
     };
     let text = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::Internal(format!("serialising a manifest: {e}")))?;
-    if let Err(err) = store
-        .put_bytes(&format!("{}/{}", id.dir(), catalog::MANIFEST), text)
-        .await
-    {
-        let _ = store.delete(&[data_key]).await;
+    let signature_key = format!("{}/{}", id.dir(), signing::SIGNATURE);
+    let stored = async {
+        store.put_bytes(&signature_key, key.sign(&text)).await?;
+        store
+            .put_bytes(&format!("{}/{}", id.dir(), catalog::MANIFEST), text)
+            .await
+    };
+    if let Err(err) = stored.await {
+        let _ = store.delete(&[data_key, signature_key]).await;
         return Err(err.into());
     }
     tracing::info!(

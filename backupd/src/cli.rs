@@ -25,13 +25,24 @@ EXAMPLES:
     backupd restore -c backupd.toml metabase.metabase@20261125T031500.123Z --to-db metabase_copy
     backupd restore -c backupd.toml files@20261125T031500.123Z --to-dir /srv/restored
     backupd prune -c backupd.toml --dry-run           what retention would delete
+    backupd keygen -o /etc/labkit/backupd.sign        make the manifest signing key
 
 EXIT STATUS:
     0 success; 1 some backups of a pass failed (others were made); 64 usage; 65 a backup failed
     its verification or a manifest is corrupt; 66 backup or input not found; 69 PostgreSQL or the
     store unavailable, or pg_dump failed; 73 restore target not empty (use --force) or disk full;
-    74 I/O error; 75 another run holds the lock; 77 permission denied (credentials, identity);
-    78 bad configuration.";
+    74 I/O error; 75 another run holds the lock; 77 permission denied (credentials, identity),
+    or a backup's manifest is unsigned or not signed by a trusted key; 78 bad configuration
+    (also: no signing key to back up with, or no key to check a signed backup with).
+
+SIGNATURES:
+    Anyone who can write the store can write a backup that age decrypts, so `run` signs each
+    manifest (which holds the data's SHA-256) with an ed25519 key only the backup host has:
+    [signing] key_file, or the systemd credential signing.key; `backupd keygen` makes one.
+    restore and verify accept a backup only when its signature is by that key or by one of
+    [signing] public_keys, and only then read its data, which must match the manifest before
+    any of it is decoded. Backups made before signing existed have no signature and are
+    refused unless --allow-unsigned is given.";
 
 /// backupd: encrypted, streamed, verified backups of PostgreSQL databases and folders.
 ///
@@ -128,8 +139,14 @@ pub enum Command {
     },
     /// Restore a backup into a new (or, with --force, replaced) database, folder or file.
     ///
+    /// The manifest's signature is checked first (see SIGNATURES in `backupd --help`). The
+    /// stored object is then copied into an unnamed private file (beside the target for
+    /// --to-dir and --to-file, else in $TMPDIR or /var/tmp: it needs free space for the stored,
+    /// compressed size) and checked against the manifest's SHA-256 before any of it is decoded.
     /// The target is written only when the whole restore succeeded: a database is restored
-    /// into a scratch database and renamed, a folder extracted beside the target and renamed.
+    /// into a scratch database and renamed, a folder extracted into a private staging folder
+    /// beside the target and renamed. A folder archive is extracted without following any
+    /// symlink; entries with absolute paths, `..`, or a way through a symlink are refused.
     #[command(
         after_long_help = "EXAMPLES:\n    backupd restore -c backupd.toml shop.shop@20261125T031500.123Z --to-db shop_copy\n    backupd restore -c backupd.toml files@20261125T031500.123Z --to-dir /srv/files --force\n    backupd restore -c backupd.toml globals@20261125T031500.123Z --to-file globals.sql"
     )]
@@ -152,6 +169,10 @@ pub enum Command {
         /// Do not restore object ownership (when the roles do not exist here)
         #[arg(long)]
         no_owner: bool,
+        /// Accept a backup without a signature (made before backups were signed); a wrong or
+        /// untrusted signature is refused all the same
+        #[arg(long)]
+        allow_unsigned: bool,
     },
     /// Restore-test a backup into scratch space and compare it with its manifest.
     #[command(
@@ -161,7 +182,8 @@ pub enum Command {
     /// Databases are restored into a scratch database and every table's row count compared;
     /// folders are extracted into a scratch folder and every file's size, mode, mtime and
     /// SHA-256 compared. The result is recorded next to the backup; retention always keeps the
-    /// newest verified backup of each source.
+    /// newest verified backup of each source. A backup whose signature is missing (without
+    /// --allow-unsigned) or not by a trusted key is refused with exit status 77 and no record.
     Verify {
         #[command(flatten)]
         config: ConfigArg,
@@ -180,6 +202,9 @@ pub enum Command {
         /// Only this target
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
+        /// Accept backups without a signature (made before backups were signed)
+        #[arg(long)]
+        allow_unsigned: bool,
     },
     /// Delete backups the retention policy no longer keeps, and old incomplete leftovers.
     ///
@@ -197,6 +222,22 @@ pub enum Command {
         /// Output format
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+    },
+    /// Make a manifest signing key.
+    ///
+    /// With -o, the key file is created with mode 0600 (an existing file is never replaced) and
+    /// the public key printed on stdout; without it, the key file's text goes to stdout (its
+    /// comment holds the public key). Put the file on the backup host and name it in [signing]
+    /// key_file, or install it as the systemd credential signing.key; list the public key in
+    /// [signing] public_keys on every other host that restores or verifies. Keep the public key
+    /// off the host too, beside the age identity: a restore elsewhere needs both.
+    #[command(
+        after_long_help = "EXAMPLES:\n    backupd keygen -o /etc/labkit/backupd.sign\n    backupd keygen -o /etc/labkit/credentials/backupd/signing.key    # for backupd.service"
+    )]
+    Keygen {
+        /// Write the key file here instead of to stdout
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// Validate the config and print what it resolves to.
     #[command(after_long_help = "EXAMPLES:\n    backupd check -c /etc/labkit/backupd.toml")]
@@ -262,6 +303,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             identity,
             target,
             no_owner,
+            allow_unsigned,
         } => {
             let restore = RestoreArgs {
                 id,
@@ -270,6 +312,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
                 identity,
                 target,
                 no_owner,
+                allow_unsigned,
             };
             restore_backup(&config.config, restore, env).await
         }
@@ -280,9 +323,15 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             source,
             identity,
             target,
+            allow_unsigned,
         } => {
             let filter = Filter { target, source };
-            verify(&config.config, id, &filter, identity, env, &mut out).await
+            let args = VerifyArgs {
+                id,
+                identity,
+                allow_unsigned,
+            };
+            verify(&config.config, args, &filter, env, &mut out).await
         }
         Command::Prune {
             config,
@@ -290,6 +339,13 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             format,
         } => prune(&config.config, dry_run, format, env, &mut out).await,
         Command::Check { config } => check(&config.config, env, &mut out),
+        Command::Keygen { output } => {
+            let public = crate::signing::keygen(output.as_deref())?;
+            if output.is_some() {
+                out.line(public)?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -445,6 +501,14 @@ struct RestoreArgs {
     identity: Option<PathBuf>,
     target: Option<String>,
     no_owner: bool,
+    allow_unsigned: bool,
+}
+
+/// What `verify` was asked for, besides the filter.
+struct VerifyArgs {
+    id: Option<BackupId>,
+    identity: Option<PathBuf>,
+    allow_unsigned: bool,
 }
 
 async fn restore_backup(path: &Path, args: RestoreArgs, env: &Env) -> Result<(), Error> {
@@ -465,6 +529,7 @@ async fn restore_backup(path: &Path, args: RestoreArgs, env: &Env) -> Result<(),
         Destination::Database(_) => Some(PgSettings::from_env(env)?),
         _ => None,
     };
+    let trust = config.signing.trust(args.allow_unsigned);
     let restorer = Restorer {
         store: &store,
         env,
@@ -472,21 +537,22 @@ async fn restore_backup(path: &Path, args: RestoreArgs, env: &Env) -> Result<(),
         pg_bin_dir: config.pg_bin_dir.as_deref(),
         identity: identity.as_ref(),
         no_owner: args.no_owner,
+        trust: &trust,
     };
     restorer.restore(&listed, &destination, args.force).await
 }
 
 async fn verify(
     path: &Path,
-    id: Option<BackupId>,
+    args: VerifyArgs,
     filter: &Filter,
-    identity_flag: Option<PathBuf>,
     env: &Env,
     out: &mut Stdout,
 ) -> Result<(), Error> {
     let config = Config::load(path, env)?;
-    let identity = identity(identity_flag, &config)?;
-    let chosen = match id {
+    let identity = identity(args.identity, &config)?;
+    let trust = config.signing.trust(args.allow_unsigned);
+    let chosen = match args.id {
         Some(id) => vec![run::locate(&config, env, &id, filter.target.as_deref()).await?],
         None => newest_of_each_subject(&config, filter, env).await?,
     };
@@ -509,6 +575,7 @@ async fn verify(
             pg_bin_dir: config.pg_bin_dir.as_deref(),
             identity: identity.as_ref(),
             no_owner: false,
+            trust: &trust,
         };
         match restore::verify(&restorer, listed).await {
             Ok(record) => out.line(format_args!(
@@ -612,5 +679,13 @@ fn check(path: &Path, env: &Env, out: &mut Stdout) -> Result<(), Error> {
     for target in &config.targets {
         out.line(format_args!("target {}: {:?}", target.name, target.url))?;
     }
-    out.line(format_args!("retention: {:?}", config.retention))
+    out.line(format_args!("retention: {:?}", config.retention))?;
+    match &config.signing.key {
+        Some(key) => out.line(format_args!("signing key: {}", key.public()))?,
+        None => out.line("signing key: none (run refuses to back up)")?,
+    }
+    for key in &config.signing.public_keys {
+        out.line(format_args!("trusted key: {key}"))?;
+    }
+    Ok(())
 }

@@ -25,6 +25,10 @@
 //! [encryption]
 //! recipients = ["age1..."]             # identity_file is only needed to restore
 //!
+//! [signing]                            # `backupd keygen -o /etc/labkit/backupd.sign`
+//! key_file = "backupd.sign"            # or the systemd credential signing.key
+//! public_keys = ["backupd-ed25519:..."] # hosts that only restore or verify
+//!
 //! [retention]
 //! keep_last = 3
 //! keep_daily = 7
@@ -48,6 +52,7 @@ use serde::Deserialize;
 
 use crate::catalog;
 use crate::retention::Policy;
+use crate::signing::{Signing, SigningKey};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -60,6 +65,8 @@ struct Raw {
     compression: Option<i32>,
     compression_threads: Option<u32>,
     encryption: Option<RawEncryption>,
+    #[serde(default)]
+    signing: RawSigning,
     #[serde(default)]
     retention: Policy,
     schedule: Option<RawSchedule>,
@@ -138,6 +145,15 @@ struct RawEncryption {
     recipients_file: Option<PathBuf>,
     identity: Option<Secret>,
     identity_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigning {
+    key: Option<Secret>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    public_keys: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -377,6 +393,8 @@ pub(crate) struct Config {
     pub(crate) compression_threads: u32,
     /// Encryption, if configured.
     pub(crate) encryption: Option<Encryption>,
+    /// The key manifests are signed with, and the keys restore and verify trust.
+    pub(crate) signing: Signing,
     /// What to keep.
     pub(crate) retention: Policy,
     /// When the daemon runs.
@@ -550,6 +568,8 @@ impl Config {
             Some(enc) => Some(resolve_encryption(enc, &file, env)?),
         };
 
+        let signing = resolve_signing(raw.signing, &file, env)?;
+
         let schedule = match raw.schedule {
             None => None,
             Some(schedule) => {
@@ -615,6 +635,7 @@ impl Config {
             compression_level,
             compression_threads: raw.compression_threads.unwrap_or(0),
             encryption,
+            signing,
             retention: raw.retention,
             schedule,
             hooks: Hooks {
@@ -772,6 +793,28 @@ fn check_subjects(sources: &[Source], file: &ConfigFile) -> Result<(), ConfigErr
         }
     }
     Ok(())
+}
+
+fn resolve_signing(raw: RawSigning, file: &ConfigFile, env: &Env) -> Result<Signing, ConfigError> {
+    let text = file.secret(env, "signing.key", raw.key, raw.key_file.as_deref())?;
+    let key = text
+        .map(|text| {
+            let key = if raw.key_file.is_some() {
+                "signing.key_file"
+            } else {
+                "signing.key"
+            };
+            SigningKey::parse(text.expose()).map_err(|why| file.invalid(key, why))
+        })
+        .transpose()?;
+    let mut public_keys = Vec::new();
+    for (i, text) in raw.public_keys.iter().enumerate() {
+        public_keys.push(
+            text.parse()
+                .map_err(|why| file.invalid(format!("signing.public_keys[{i}]"), why))?,
+        );
+    }
+    Ok(Signing { key, public_keys })
 }
 
 /// `HH:MM` (24-hour clock).

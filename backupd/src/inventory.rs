@@ -167,6 +167,7 @@ pub(crate) async fn prune(
                     .await?;
                 store
                     .delete(&[
+                        format!("{dir}/{}", crate::signing::SIGNATURE),
                         format!("{dir}/{}", catalog::VERIFY),
                         format!("{dir}/{}", listed.manifest.data.object),
                     ])

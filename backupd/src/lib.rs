@@ -20,6 +20,8 @@ mod postgres;
 mod restore;
 mod retention;
 mod run;
+// Public for the tests that play a forger holding (or lacking) the trusted key.
+pub mod signing;
 mod store;
 
 use std::io;
@@ -66,6 +68,9 @@ pub enum Error {
     /// Archiving or extracting a folder failed.
     #[error(transparent)]
     Archive(#[from] archive::ArchiveError),
+    /// A manifest is unsigned or not signed by a trusted key.
+    #[error(transparent)]
+    Signature(#[from] signing::SignatureError),
     /// A program backupd ran failed.
     #[error("{program} failed ({status}){}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
     Child {
@@ -182,7 +187,8 @@ impl ExitStatus for Error {
                 pipeline::DecodeError::WrongIdentity | pipeline::DecodeError::BadIdentity(_),
             ) => Exit::NoPerm,
             Error::Decode(pipeline::DecodeError::Header(_)) => Exit::DataErr,
-            Error::Archive(e) => Exit::from_io(&e.source),
+            Error::Archive(e) => e.exit(),
+            Error::Signature(e) => e.exit(),
             Error::Child { .. } => Exit::Unavailable,
             Error::Spawn { source, .. } => match source.kind() {
                 io::ErrorKind::NotFound => Exit::Unavailable,

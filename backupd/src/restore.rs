@@ -1,16 +1,35 @@
 //! Restores and restore tests.
 //!
+//! The store is not trusted: whoever can write the bucket can write a manifest and a data
+//! object that age decrypts (the recipient is public). So before anything is decoded:
+//! 1. the manifest's signature is checked against the trusted keys ([`Restorer::authenticate`],
+//!    [`crate::signing`]), and only the manifest read from the bytes that were checked is used;
+//! 2. the data object is copied into an unnamed private file (`O_TMPFILE`, beside the target
+//!    for folders and files, else in `$TMPDIR` or `/var/tmp`) while it is hashed, and compared
+//!    with the manifest's size and SHA-256 ([`Restorer::spool`]); the copy stops at the size
+//!    the manifest gives, so a store cannot fill the disk.
+//!
+//! Only then are age, zstd, tar or `pg_restore` given the bytes, from that local copy, which
+//! no one else can change. Reading the object twice from the store instead (hash, then
+//! restore) would let the store serve different bytes the second time; extracting into
+//! staging and checking afterwards would still run `pg_restore` (which executes the archive's
+//! SQL as the admin role) and tar on forged data. The price is local disk for the stored
+//! (compressed) size, and a restore that starts once the download ended; memory stays a few
+//! buffers.
+//!
 //! A restore never half-writes its target. A database is restored into a fresh scratch
-//! database, which is renamed to the target name only once `pg_restore` succeeded and the
-//! stored bytes matched the manifest's SHA-256; a folder is extracted beside the target and
-//! renamed into place. The age identity is checked against the backup before anything is
-//! created, so a missing or wrong identity leaves the target untouched.
+//! database, which is renamed to the target name only once `pg_restore` succeeded; a folder
+//! is extracted into a private (0700) staging folder beside the target and renamed into place.
+//! The age identity is checked against the backup before anything is created, so a missing or
+//! wrong identity leaves the target untouched.
 //!
 //! [`verify`] is a restore into a scratch database or folder that is then compared with the
 //! manifest (row counts of every table, or every file's size, mode, mtime and SHA-256), and
-//! removed; the outcome is recorded next to the backup as `verify.json`.
+//! removed; the outcome is recorded next to the backup as `verify.json`. A backup whose
+//! signature is missing or untrusted is refused before that and gets no record.
 
-use std::io::Read;
+use std::io::{Read, Seek};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
@@ -18,15 +37,17 @@ use std::time::Instant;
 use jiff::Timestamp;
 use labcore::pg::PgSettings;
 use labcore::{Env, Secret};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::io::SyncIoBridge;
 
 use crate::Error;
 use crate::archive;
 use crate::catalog::{self, BackupId, Content, Manifest, VerifyRecord};
 use crate::inventory::Listed;
-use crate::pipeline::{self, Hashing};
+use crate::pipeline::{self, Hashing, hex};
 use crate::postgres::{self, PgTools, quote_ident};
-use crate::store::Store;
+use crate::signing::{self, SignatureError, Trust};
+use crate::store::{Store, StoreError};
 
 /// Where a restore goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +74,8 @@ pub struct Restorer<'a> {
     pub identity: Option<&'a Secret>,
     /// Pass `--no-owner` to `pg_restore`.
     pub no_owner: bool,
+    /// Which manifest signatures are accepted.
+    pub trust: &'a Trust,
 }
 
 impl Restorer<'_> {
@@ -94,39 +117,143 @@ impl Restorer<'_> {
         .map_err(|e| Error::Internal(format!("identity check: {e}")))?
     }
 
-    /// Streams the decoded data into `consume` on a blocking thread, then checks the stored
-    /// bytes' SHA-256 against the manifest.
+    /// Reads the backup's manifest again with its signature and checks it against the trusted
+    /// keys; returns the backup with the manifest parsed from exactly the bytes that were
+    /// checked, which is the only one a restore may use.
+    pub async fn authenticate(&self, listed: &Listed) -> Result<Listed, Error> {
+        let id: BackupId = listed.id.parse().map_err(Error::Internal)?;
+        let manifest_key = format!("{}/{}", id.dir(), catalog::MANIFEST);
+        let bytes = self
+            .store
+            .get_bytes(&manifest_key)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                id: listed.id.clone(),
+                target: self.store.location(""),
+            })?;
+        let signature = self
+            .store
+            .get_bytes(&format!("{}/{}", id.dir(), signing::SIGNATURE))
+            .await?;
+        self.trust.check(&listed.id, &bytes, signature.as_deref())?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|source| Error::Manifest {
+                location: self.store.location(&manifest_key),
+                source,
+            })?;
+        let mismatch = |detail: String| {
+            Error::from(SignatureError::Mismatch {
+                id: listed.id.clone(),
+                detail,
+            })
+        };
+        // A signed manifest copied under another ID would restore other data than asked for.
+        if manifest.id != listed.id {
+            return Err(mismatch(format!("is for backup {}", manifest.id)));
+        }
+        let object = &manifest.data.object;
+        if object.is_empty()
+            || object.starts_with('.')
+            || object.contains('/')
+            || object == catalog::MANIFEST
+            || object == catalog::VERIFY
+            || object == signing::SIGNATURE
+        {
+            return Err(mismatch(format!("names the data object {object:?}")));
+        }
+        Ok(Listed {
+            id: listed.id.clone(),
+            manifest,
+            verify: listed.verify.clone(),
+        })
+    }
+
+    /// Where database restores and restore tests keep their copy of the stored object:
+    /// `$TMPDIR`, else `/var/tmp` (on disk; `/tmp` is often memory).
+    fn spool_dir(&self) -> PathBuf {
+        self.env
+            .path("TMPDIR")
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+    }
+
+    /// Copies the stored object into an unnamed private file in `dir`, hashing it on the way,
+    /// and checks it against the manifest; returns the file, rewound. Nothing is decoded here.
+    async fn spool(&self, listed: &Listed, dir: &Path) -> Result<std::fs::File, Error> {
+        let key = Self::data_key(listed)?;
+        let location = self.store.location(&key);
+        let data = &listed.manifest.data;
+        let file = tempfile::tempfile_in(dir).map_err(|source| Error::Io {
+            what: format!("creating a private spool file in {}", dir.display()),
+            source,
+        })?;
+        let spool_err = |source| Error::Io {
+            what: format!("writing the spool file in {}", dir.display()),
+            source,
+        };
+        let mut stream = self.store.get_stream(&key).await?;
+        let mut out = tokio::fs::File::from_std(file);
+        let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let mut size = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = stream
+                .read(&mut buf)
+                .await
+                .map_err(|source| StoreError::Read {
+                    location: location.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if size > data.size {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).await.map_err(spool_err)?;
+        }
+        let sha256 = hex(hasher.finish().as_ref());
+        if size != data.size || sha256 != data.sha256 {
+            let size = if size > data.size {
+                format!("more than {} bytes", data.size)
+            } else {
+                format!("{size} bytes, sha256 {sha256}")
+            };
+            return Err(Error::VerifyFailed {
+                id: location,
+                detail: format!(
+                    "the stored object has {size}; the manifest says {} bytes, sha256 {}: it \
+                     was changed or corrupted, and nothing was restored from it",
+                    data.size, data.sha256
+                ),
+            });
+        }
+        out.flush().await.map_err(spool_err)?;
+        let mut file = out.into_std().await;
+        file.rewind().map_err(spool_err)?;
+        Ok(file)
+    }
+
+    /// Spools the stored object into `dir` and checks it ([`Restorer::spool`]), then streams
+    /// the decoded data into `consume` on a blocking thread.
     async fn stream_plain<T: Send + 'static>(
         &self,
         listed: &Listed,
+        dir: &Path,
         consume: impl FnOnce(&mut dyn Read) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        let key = Self::data_key(listed)?;
         let identity = self.identity_for(&listed.manifest)?;
         let encrypted = listed.manifest.data.encrypted();
-        let expected = listed.manifest.data.sha256.clone();
-        let location = self.store.location(&key);
-        let stream = self.store.get_stream(&key).await?;
-        let bridge = SyncIoBridge::new(stream);
+        let file = self.spool(listed, dir).await?;
         tokio::task::spawn_blocking(move || {
             let identities = parse_identities(identity.as_ref())?;
-            let mut hashing = Hashing::new(bridge);
-            let result = {
-                let mut plain = pipeline::decoder(&mut hashing, encrypted, identities.as_deref())?;
-                let result = consume(&mut plain)?;
-                // Read to the end so the hash covers every stored byte (zstd stops at its frame's end).
-                std::io::copy(&mut plain, &mut std::io::sink()).map_err(Error::pipeline)?;
-                result
-            };
-            std::io::copy(&mut hashing, &mut std::io::sink()).map_err(Error::pipeline)?;
-            let (_, sha256) = hashing.finish();
-            if sha256 != expected {
-                return Err(Error::VerifyFailed {
-                    id: location,
-                    detail: format!("stored data has sha256 {sha256}, the manifest says {expected}: the object is corrupted"),
-                });
-            }
-            Ok(result)
+            let mut plain = pipeline::decoder(
+                std::io::BufReader::new(file),
+                encrypted,
+                identities.as_deref(),
+            )?;
+            consume(&mut plain)
         })
         .await
         .map_err(|e| Error::Internal(format!("restore task: {e}")))?
@@ -139,6 +266,7 @@ impl Restorer<'_> {
         destination: &Destination,
         force: bool,
     ) -> Result<(), Error> {
+        let listed = &self.authenticate(listed).await?;
         match (&listed.manifest.content, destination) {
             (_, Destination::File(path)) => self.restore_file(listed, path, force).await,
             (Content::Postgres { .. }, Destination::Database(name)) => {
@@ -174,7 +302,7 @@ impl Restorer<'_> {
             source,
         })?;
         let temp = self
-            .stream_plain(listed, move |plain| {
+            .stream_plain(listed, dir, move |plain| {
                 let mut file = temp;
                 std::io::copy(plain, &mut file).map_err(Error::pipeline)?;
                 file.as_file().sync_all().map_err(Error::pipeline)?;
@@ -201,15 +329,24 @@ impl Restorer<'_> {
             return Err(Error::TargetNotEmpty(path.display().to_string()));
         }
         self.check_identity(listed).await?;
-        let scratch = sibling(path, "restore")?;
-        let dest = scratch.clone();
-        let extracted = self
-            .stream_plain(listed, move |plain| {
+        // Private staging: the spool file and the tree being extracted are reachable by no one
+        // else until the tree is renamed into place.
+        let staging = sibling(path, "restore")?;
+        let tree = staging.join("tree");
+        let extracted = async {
+            std::fs::create_dir(&tree).map_err(|source| Error::Io {
+                what: format!("creating {}", tree.display()),
+                source,
+            })?;
+            let dest = tree.clone();
+            self.stream_plain(listed, &staging, move |plain| {
                 archive::extract(plain, &dest).map_err(Error::from)
             })
-            .await;
+            .await
+        }
+        .await;
         if let Err(err) = extracted {
-            let _ = std::fs::remove_dir_all(&scratch);
+            let _ = std::fs::remove_dir_all(&staging);
             return Err(err);
         }
         let io = |what: String| move |source| Error::Io { what, source };
@@ -218,14 +355,18 @@ impl Restorer<'_> {
             std::fs::remove_dir(&old)
                 .map_err(io(format!("preparing to replace {}", path.display())))?;
             std::fs::rename(path, &old).map_err(io(format!("moving {} aside", path.display())))?;
-            std::fs::rename(&scratch, path)
+            std::fs::rename(&tree, path)
                 .map_err(io(format!("renaming into {}", path.display())))?;
             std::fs::remove_dir_all(&old)
                 .map_err(io(format!("removing the old {}", old.display())))?;
         } else {
-            std::fs::rename(&scratch, path)
+            std::fs::rename(&tree, path)
                 .map_err(io(format!("renaming into {}", path.display())))?;
         }
+        std::fs::remove_dir(&staging).map_err(io(format!(
+            "removing the staging folder {}",
+            staging.display()
+        )))?;
         Ok(())
     }
 
@@ -344,7 +485,7 @@ impl Restorer<'_> {
                 text
             });
             let fed = self
-                .stream_plain(listed, move |plain| {
+                .stream_plain(listed, &self.spool_dir(), move |plain| {
                     // pg_restore may stop reading early on an error; its status says why.
                     let copied = std::io::copy(plain, &mut stdin);
                     drop(stdin);
@@ -389,6 +530,9 @@ impl Restorer<'_> {
 /// Restores `listed` into scratch space, compares it with the manifest, removes the scratch
 /// copy and records the outcome next to the backup.
 pub async fn verify(restorer: &Restorer<'_>, listed: &Listed) -> Result<VerifyRecord, Error> {
+    // Refused before anything is recorded: a record is for backups this host made, and one
+    // in a store written by someone else proves nothing either way.
+    let listed = &restorer.authenticate(listed).await?;
     let started = Instant::now();
     let (ok, detail) = match check(restorer, listed).await {
         Ok(detail) => (true, detail),
@@ -490,13 +634,18 @@ async fn check(restorer: &Restorer<'_>, listed: &Listed) -> Result<String, Error
                 what: "creating a scratch folder".into(),
                 source,
             })?;
-            let dest = scratch.path().to_owned();
+            let tree = scratch.path().join("tree");
+            std::fs::create_dir(&tree).map_err(|source| Error::Io {
+                what: format!("creating {}", tree.display()),
+                source,
+            })?;
+            let dest = tree.clone();
             restorer
-                .stream_plain(listed, move |plain| {
+                .stream_plain(listed, scratch.path(), move |plain| {
                     archive::extract(plain, &dest).map_err(Error::from)
                 })
                 .await?;
-            let problems = archive::compare(scratch.path(), entries);
+            let problems = archive::compare(&tree, entries);
             if !problems.is_empty() {
                 return Err(mismatch(problems.join("; ")));
             }
@@ -509,7 +658,7 @@ async fn check(restorer: &Restorer<'_>, listed: &Listed) -> Result<String, Error
         Content::Globals { .. } => {
             restorer.check_identity(listed).await?;
             let (size, sha256) = restorer
-                .stream_plain(listed, |plain| {
+                .stream_plain(listed, &restorer.spool_dir(), |plain| {
                     let mut hashing = Hashing::new(plain);
                     std::io::copy(&mut hashing, &mut std::io::sink()).map_err(Error::pipeline)?;
                     Ok(hashing.finish())
@@ -589,7 +738,8 @@ fn conninfo_quote(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// An empty hidden folder beside `path` (same filesystem, so a rename moves it in place).
+/// An empty private (0700) hidden folder beside `path` (same filesystem, so a rename moves
+/// what is in it into place).
 fn sibling(path: &Path, what: &str) -> Result<PathBuf, Error> {
     let parent = path
         .parent()
@@ -607,10 +757,13 @@ fn sibling(path: &Path, what: &str) -> Result<PathBuf, Error> {
         ".{name}.backupd-{what}-{:08x}",
         rand::random::<u32>()
     ));
-    std::fs::create_dir(&sibling).map_err(|source| Error::Io {
-        what: format!("creating {}", sibling.display()),
-        source,
-    })?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&sibling)
+        .map_err(|source| Error::Io {
+            what: format!("creating {}", sibling.display()),
+            source,
+        })?;
     Ok(sibling)
 }
 

@@ -184,6 +184,7 @@ async fn pass_locked(config: &Config, env: &Env, only: &[String]) -> Result<Pass
 
     if config.verify_after_run {
         let identity = config.encryption.as_ref().and_then(|e| e.identity.as_ref());
+        let trust = config.signing.trust(false);
         for (target, store) in &stores {
             let restorer = Restorer {
                 store,
@@ -192,6 +193,7 @@ async fn pass_locked(config: &Config, env: &Env, only: &[String]) -> Result<Pass
                 pg_bin_dir: config.pg_bin_dir.as_deref(),
                 identity,
                 no_owner: false,
+                trust: &trust,
             };
             for manifest in report.made.clone() {
                 let Ok(id) = manifest.id.parse() else {

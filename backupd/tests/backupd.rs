@@ -12,9 +12,10 @@ use testkit::{PgCluster, Proc, ProcBuilder, S3Server, Scratch};
 const BACKUPD: &str = env!("CARGO_BIN_EXE_backupd");
 const WAIT: Duration = Duration::from_secs(300);
 
-/// A test's world: a cluster, a scratch folder, and the environment for the binary.
+/// A test's world: a cluster (unless only folders are backed up), a scratch folder, and the
+/// environment for the binary.
 struct Lab {
-    cluster: PgCluster,
+    cluster: Option<PgCluster>,
     dir: Scratch,
     env: Vec<(OsString, OsString)>,
 }
@@ -25,22 +26,58 @@ impl Lab {
         let dir = Scratch::new("backupd").unwrap();
         let mut env = cluster.env();
         env.push(("HOME".into(), dir.path().into()));
-        Lab { cluster, dir, env }
+        Lab {
+            cluster: Some(cluster),
+            dir,
+            env,
+        }
+    }
+
+    /// A lab for folder backups only: no PostgreSQL.
+    fn without_postgres() -> Lab {
+        let dir = Scratch::new("backupd").unwrap();
+        let env = vec![("HOME".into(), dir.path().into())];
+        Lab {
+            cluster: None,
+            dir,
+            env,
+        }
+    }
+
+    fn pg(&self) -> &PgCluster {
+        self.cluster.as_ref().expect("this lab runs PostgreSQL")
     }
 
     fn with_s3(&mut self, server: &S3Server) {
         self.env.extend(server.env());
     }
 
+    /// Writes a config with its own lock file and this lab's signing key (made by `backupd
+    /// keygen` on first use).
     fn write_config(&self, name: &str, text: &str) -> PathBuf {
         let path = self.dir.join(name);
         let lock = self.dir.join(format!("{name}.lock"));
+        let key = self.signing_key();
         fs::write(
             &path,
-            format!("lock_file = {:?}\n{text}", lock.display().to_string()),
+            format!(
+                "lock_file = {:?}\n{text}\n[signing]\nkey_file = {:?}\n",
+                lock.display().to_string(),
+                key.display().to_string()
+            ),
         )
         .unwrap();
         path
+    }
+
+    /// The lab's signing key file, made with `backupd keygen` if it does not exist yet.
+    fn signing_key(&self) -> PathBuf {
+        let key = self.dir.join("backupd.sign");
+        if !key.exists() {
+            let (stdout, _) = self.expect(0, &["keygen", "-o", key.to_str().unwrap()]);
+            assert!(stdout.starts_with("backupd-ed25519:"), "{stdout}");
+        }
+        key
     }
 
     fn backupd(&self, args: &[&str]) -> Proc {
@@ -70,17 +107,17 @@ impl Lab {
     }
 
     fn sql(&self, db: &str, sql: &str) -> String {
-        self.cluster.psql(db, sql).unwrap()
+        self.pg().psql(db, sql).unwrap()
     }
 
     /// `pg_dump` of a database as plain SQL, for comparing schema and data.
     fn dump(&self, db: &str) -> String {
-        let port = self.cluster.port().to_string();
+        let port = self.pg().port().to_string();
         testkit::proc::run(
-            self.cluster.bin("pg_dump"),
+            self.pg().bin("pg_dump"),
             &[
                 "-h".as_ref(),
-                self.cluster.socket_dir().as_os_str(),
+                self.pg().socket_dir().as_os_str(),
                 "-p".as_ref(),
                 port.as_ref(),
                 "-U".as_ref(),
@@ -205,15 +242,15 @@ async fn lab_databases_and_a_folder_restore_identically_from_s3_and_a_local_fold
             ),
         );
     }
-    let port = lab.cluster.port().to_string();
+    let port = lab.pg().port().to_string();
     testkit::proc::run(
-        lab.cluster.bin("pgbench"),
+        lab.pg().bin("pgbench"),
         &["-i", "-s", "20", "-q", "-h"]
             .map(OsString::from)
             .iter()
             .map(|s| s.as_os_str())
             .chain([
-                lab.cluster.socket_dir().as_os_str(),
+                lab.pg().socket_dir().as_os_str(),
                 "-p".as_ref(),
                 port.as_ref(),
                 "-U".as_ref(),
@@ -533,12 +570,12 @@ fn a_wrong_password_is_permission_denied() {
 fn fake_bin(lab: &Lab, script: &str) -> PathBuf {
     let bin = lab.dir.join("bin");
     fs::create_dir(&bin).unwrap();
-    for entry in fs::read_dir(lab.cluster.bin_dir()).unwrap().flatten() {
+    for entry in fs::read_dir(lab.pg().bin_dir()).unwrap().flatten() {
         if entry.file_name() != "pg_dump" {
             std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
         }
     }
-    let real = lab.cluster.bin("pg_dump");
+    let real = lab.pg().bin("pg_dump");
     fs::write(
         bin.join("pg_dump"),
         format!("#!/bin/sh\nREAL={}\n{script}", real.display()),
@@ -1085,6 +1122,349 @@ fn sources_whose_backups_would_share_a_subject_are_refused_naming_both() {
     }
 }
 
+// Attacks on restore: a bucket (or folder target) written by someone else.
+
+/// A folder backup on a local folder target, encrypted, with what a forger would read.
+struct FolderBackup {
+    lab: Lab,
+    config: String,
+    id: String,
+    /// The backup's folder on the target.
+    dir: PathBuf,
+    /// The age recipient printed in the manifest.
+    recipient: age::x25519::Recipient,
+}
+
+fn folder_backup() -> FolderBackup {
+    let lab = Lab::without_postgres();
+    make_folder(&lab.dir.join("files"));
+    let (identity, recipient) = age_keys();
+    let key = lab.dir.join("backup.key");
+    fs::write(&key, identity).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let config = lab.write_config(
+        "backupd.toml",
+        &format!(
+            "[[source]]\nname = \"files\"\ntype = \"folder\"\npath = \"files\"\n\n\
+             [[target]]\nname = \"disk\"\nurl = \"backups\"\n\n\
+             [encryption]\nrecipients = [\"{recipient}\"]\nidentity_file = \"backup.key\"\n"
+        ),
+    );
+    let config = config.to_str().unwrap().to_owned();
+    let (stdout, _) = lab.expect(0, &["run", "-c", &config]);
+    let id = stdout.trim().to_owned();
+    let (subject, stamp) = id.rsplit_once('@').unwrap();
+    let dir = lab.dir.join("backups").join(subject).join(stamp);
+    FolderBackup {
+        recipient: recipient.parse().unwrap(),
+        lab,
+        config,
+        id,
+        dir,
+    }
+}
+
+impl FolderBackup {
+    /// Runs backupd; returns its exit code, stdout and stderr.
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let proc = self.lab.backupd(args);
+        let status = proc.wait_exit(WAIT).unwrap();
+        (status.code().unwrap_or(-1), proc.stdout(), proc.stderr())
+    }
+
+    fn manifest(&self) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(self.dir.join("manifest.json")).unwrap()).unwrap()
+    }
+
+    fn data_path(&self) -> PathBuf {
+        self.dir
+            .join(self.manifest()["data"]["object"].as_str().unwrap())
+    }
+
+    /// Signs the manifest as it is now with the key in `key_file`, as `run` does.
+    fn sign_with(&self, key_file: &Path) {
+        let key =
+            backupd::signing::SigningKey::parse(&fs::read_to_string(key_file).unwrap()).unwrap();
+        let manifest = fs::read(self.dir.join("manifest.json")).unwrap();
+        fs::write(self.dir.join("manifest.sig"), key.sign(&manifest)).unwrap();
+    }
+
+    /// Replaces the data object with `tar`, compressed and encrypted as backupd does; with
+    /// `update_manifest`, also rewrites the manifest's sizes and hashes to match, as a forger
+    /// who can write the bucket would.
+    fn forge(&self, tar: &[u8], update_manifest: bool) {
+        let compressed = zstd::encode_all(tar, 3).unwrap();
+        let recipients = [&self.recipient as &dyn age::Recipient];
+        let encryptor = age::Encryptor::with_recipients(recipients.into_iter()).unwrap();
+        let mut stored = Vec::new();
+        let mut writer = encryptor.wrap_output(&mut stored).unwrap();
+        std::io::Write::write_all(&mut writer, &compressed).unwrap();
+        writer.finish().unwrap();
+        fs::write(self.data_path(), &stored).unwrap();
+        if update_manifest {
+            let mut manifest = self.manifest();
+            manifest["data"]["size"] = stored.len().into();
+            manifest["data"]["sha256"] = sha256_hex(&stored).into();
+            manifest["data"]["raw_size"] = tar.len().into();
+            manifest["data"]["raw_sha256"] = sha256_hex(tar).into();
+            manifest["content"]["entries"] = serde_json::json!([]);
+            fs::write(
+                self.dir.join("manifest.json"),
+                serde_json::to_vec_pretty(&manifest).unwrap(),
+            )
+            .unwrap();
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A tar built header by header with the paths written raw (the tar crate's own setters
+/// refuse `..` and absolute paths, which is what these tests need to send): (path, type,
+/// link target, contents). Every entry claims mode 0777 and owner 4242:4242.
+fn raw_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, kind, link, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        header.set_entry_type(*kind);
+        header.set_mode(0o777);
+        header.set_uid(4242);
+        header.set_gid(4242);
+        header.set_mtime(1_700_000_000);
+        header.set_size(data.len() as u64);
+        header.set_link_name_literal(link).unwrap();
+        header.set_cksum();
+        builder.append(&header, *data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// The issue's archive: a symlink `x -> outside`, then folders `x/` and `x/planted/`.
+fn planting_tar(outside: &Path) -> Vec<u8> {
+    use tar::EntryType;
+    raw_tar(&[
+        ("x", EntryType::Symlink, outside.to_str().unwrap(), b""),
+        ("x/", EntryType::Directory, "", b""),
+        ("x/planted/", EntryType::Directory, "", b""),
+    ])
+}
+
+/// A folder outside every restore target, root's with mode 0750, that the archives aim at.
+fn outside_folder(lab: &Lab) -> PathBuf {
+    let outside = lab.dir.join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o750)).unwrap();
+    outside
+}
+
+fn assert_untouched(outside: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(outside).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o750, "mode of {}", outside.display());
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw()
+        ),
+        "owner of {}",
+        outside.display()
+    );
+    let inside: Vec<_> = fs::read_dir(outside).unwrap().flatten().collect();
+    assert!(
+        inside.is_empty(),
+        "planted in {}: {inside:?}",
+        outside.display()
+    );
+}
+
+/// Nothing was left beside a restore target: no target, no staging folder, no spool file.
+fn assert_nothing_beside(target: &Path) {
+    let parent = target.parent().unwrap();
+    let name = target.file_name().unwrap().to_str().unwrap();
+    let left: Vec<String> = fs::read_dir(parent)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(name))
+        .collect();
+    assert!(left.is_empty(), "left beside the target: {left:?}");
+}
+
+#[test]
+fn restore_to_dir_refuses_a_forged_archive_that_plants_through_its_own_symlink() {
+    let backup = folder_backup();
+    let outside = outside_folder(&backup.lab);
+    backup.forge(&planting_tar(&outside), true);
+    let target = backup.lab.dir.join("restored");
+    let (code, _, stderr) = backup.run(&[
+        "restore",
+        "-c",
+        &backup.config,
+        &backup.id,
+        "--to-dir",
+        target.to_str().unwrap(),
+    ]);
+    assert_untouched(&outside);
+    assert_nothing_beside(&target);
+    assert_eq!(code, 77, "{stderr}");
+}
+
+#[test]
+fn verify_refuses_a_forged_archive_that_plants_through_its_own_symlink() {
+    let backup = folder_backup();
+    let outside = outside_folder(&backup.lab);
+    backup.forge(&planting_tar(&outside), true);
+    let (code, stdout, stderr) = backup.run(&["verify", "-c", &backup.config, &backup.id]);
+    assert_untouched(&outside);
+    assert_eq!(code, 77, "{stdout}\n{stderr}");
+    let (listing, _) = backup.lab.expect(0, &["list", "-c", &backup.config]);
+    assert!(!listing.contains(" yes"), "marked verified: {listing}");
+}
+
+#[test]
+fn a_data_object_swapped_under_an_intact_manifest_writes_nothing() {
+    let backup = folder_backup();
+    let outside = outside_folder(&backup.lab);
+    backup.forge(&planting_tar(&outside), false);
+    let target = backup.lab.dir.join("restored");
+    let (code, _, stderr) = backup.run(&[
+        "restore",
+        "-c",
+        &backup.config,
+        &backup.id,
+        "--to-dir",
+        target.to_str().unwrap(),
+    ]);
+    assert_untouched(&outside);
+    assert_nothing_beside(&target);
+    assert_eq!(code, 65, "{stderr}");
+    assert!(stderr.contains("sha256"), "{stderr}");
+    let (code, _, stderr) = backup.run(&["verify", "-c", &backup.config, &backup.id]);
+    assert_untouched(&outside);
+    assert_eq!(code, 65, "{stderr}");
+}
+
+#[test]
+fn a_manifest_resigned_with_another_key_is_refused_and_not_marked_verified() {
+    let backup = folder_backup();
+    let outside = outside_folder(&backup.lab);
+    backup.forge(&planting_tar(&outside), true);
+    let other = backup.lab.dir.join("other.sign");
+    backup
+        .lab
+        .expect(0, &["keygen", "-o", other.to_str().unwrap()]);
+    backup.sign_with(&other);
+    let target = backup.lab.dir.join("restored");
+    for allow in [&[][..], &["--allow-unsigned"][..]] {
+        let mut args = vec![
+            "restore",
+            "-c",
+            &backup.config,
+            &backup.id,
+            "--to-dir",
+            target.to_str().unwrap(),
+        ];
+        args.extend_from_slice(allow);
+        let (code, _, stderr) = backup.run(&args);
+        assert_eq!(code, 77, "{stderr}");
+        assert!(stderr.contains("not a trusted key"), "{stderr}");
+        assert_untouched(&outside);
+        assert_nothing_beside(&target);
+    }
+    let (code, stdout, stderr) = backup.run(&["verify", "-c", &backup.config, &backup.id]);
+    assert_eq!(code, 77, "{stdout}\n{stderr}");
+    assert_untouched(&outside);
+    let (listing, _) = backup.lab.expect(0, &["list", "-c", &backup.config]);
+    assert!(!listing.contains(" yes"), "marked verified: {listing}");
+    assert!(
+        !backup.dir.join("verify.json").exists(),
+        "a refused backup gets no record"
+    );
+}
+
+#[test]
+fn an_unsigned_manifest_is_refused_unless_allow_unsigned_is_given() {
+    let backup = folder_backup();
+    // What a backup made before signing existed looks like.
+    fs::remove_file(backup.dir.join("manifest.sig")).unwrap();
+    let target = backup.lab.dir.join("restored");
+    let restore = [
+        "restore",
+        "-c",
+        &backup.config,
+        &backup.id,
+        "--to-dir",
+        target.to_str().unwrap(),
+    ];
+    let (code, _, stderr) = backup.run(&restore);
+    assert_eq!(code, 77, "{stderr}");
+    assert!(stderr.contains("--allow-unsigned"), "{stderr}");
+    assert_nothing_beside(&target);
+    let (code, _, stderr) = backup.run(&["verify", "-c", &backup.config, &backup.id]);
+    assert_eq!(code, 77, "{stderr}");
+    let (listing, _) = backup.lab.expect(0, &["list", "-c", &backup.config]);
+    assert!(!listing.contains(" yes"), "marked verified: {listing}");
+
+    let mut allowed = restore.to_vec();
+    allowed.push("--allow-unsigned");
+    backup.lab.expect(0, &allowed);
+    assert_eq!(tree(&target), tree(&backup.lab.dir.join("files")));
+}
+
+#[test]
+fn a_signed_archive_whose_entries_escape_or_pass_through_a_symlink_is_refused() {
+    use tar::EntryType;
+    let backup = folder_backup();
+    let outside = outside_folder(&backup.lab);
+    let abs = backup.lab.dir.join("absolute-escape");
+    let archives = [
+        ("x", planting_tar(&outside)),
+        (
+            "../../dotdot-escape",
+            raw_tar(&[("../../dotdot-escape", EntryType::Regular, "", b"owned")]),
+        ),
+        (
+            abs.to_str().unwrap(),
+            raw_tar(&[(abs.to_str().unwrap(), EntryType::Regular, "", b"owned")]),
+        ),
+        (
+            "link/through",
+            raw_tar(&[
+                ("link", EntryType::Symlink, outside.to_str().unwrap(), b""),
+                ("link/through", EntryType::Regular, "", b"owned"),
+            ]),
+        ),
+    ];
+    let target = backup.lab.dir.join("restored");
+    for (culprit, tar) in archives {
+        // Signed with the trusted key: extraction alone must stop it.
+        backup.forge(&tar, true);
+        backup.sign_with(&backup.lab.signing_key());
+        let (code, _, stderr) = backup.run(&[
+            "restore",
+            "-c",
+            &backup.config,
+            &backup.id,
+            "--to-dir",
+            target.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 65, "{culprit}: {stderr}");
+        assert!(stderr.contains(culprit), "{culprit}: {stderr}");
+        assert_untouched(&outside);
+        assert_nothing_beside(&target);
+        assert!(!backup.lab.dir.join("dotdot-escape").exists());
+        assert!(!abs.exists());
+    }
+}
+
 #[test]
 fn database_privileges_of_roles_named_with_equals_or_quotes_survive_a_restore() {
     let (lab, config) = small_lab("");
@@ -1112,4 +1492,65 @@ fn database_privileges_of_roles_named_with_equals_or_quotes_survive_a_restore() 
     assert!(original.contains(r#""we=ird"=c/"#), "{original}");
     assert!(original.contains(r#""quo""te"=T*/"#), "{original}");
     assert_eq!(acl("shop_copy"), original);
+}
+
+#[test]
+fn a_dump_swapped_under_an_intact_manifest_never_reaches_pg_restore() {
+    let (lab, config) = small_lab("");
+    // A database whose dump, when restored, writes a file on the server: pg_restore refreshes
+    // the materialized view, which calls plant().
+    let out = lab.dir.join("pg-out");
+    fs::create_dir(&out).unwrap();
+    fs::set_permissions(&out, fs::Permissions::from_mode(0o777)).unwrap();
+    let planted = out.join("planted");
+    lab.sql("postgres", "CREATE DATABASE evil");
+    lab.sql(
+        "evil",
+        &format!(
+            "CREATE FUNCTION plant() RETURNS int LANGUAGE plpgsql AS $$ BEGIN \
+             EXECUTE format('COPY (SELECT 1) TO %L', '{}'); RETURN 1; END $$; \
+             CREATE MATERIALIZED VIEW m AS SELECT plant() AS x",
+            planted.display()
+        ),
+    );
+    assert!(planted.exists(), "the trap works when it runs");
+    fs::remove_file(&planted).unwrap();
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("databases = [\"shop\"]", "databases = [\"shop\", \"evil\"]");
+    fs::write(&config, text).unwrap();
+    let config = config.to_str().unwrap();
+    let (stdout, _) = lab.expect(0, &["run", "-c", config]);
+    let made = ids(&stdout);
+    let object = |prefix: &str| {
+        let id = made.iter().find(|i| i.starts_with(prefix)).unwrap();
+        let (subject, stamp) = id.rsplit_once('@').unwrap();
+        (
+            id.clone(),
+            lab.dir
+                .join("backups")
+                .join(subject)
+                .join(stamp)
+                .join("data.pgdump.zst"),
+        )
+    };
+    let (shop, shop_data) = object("shop.shop@");
+    let (_, evil_data) = object("shop.evil@");
+    fs::copy(&evil_data, &shop_data).unwrap();
+    let restore = lab.backupd(&["restore", "-c", config, &shop, "--to-db", "copy"]);
+    let status = restore.wait_exit(WAIT).unwrap();
+    assert!(!planted.exists(), "pg_restore ran on the swapped dump");
+    assert_eq!(status.code(), Some(65), "{}", restore.stderr());
+    assert!(restore.stderr().contains("sha256"), "{}", restore.stderr());
+    let (out_text, _) = lab.expect(65, &["verify", "-c", config, &shop]);
+    assert!(out_text.contains("FAILED"), "{out_text}");
+    assert!(!planted.exists(), "pg_restore ran on the swapped dump");
+    assert_eq!(
+        lab.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'copy%' OR datname LIKE 'backupd_verify%'"
+        )
+        .trim(),
+        "0"
+    );
 }

@@ -447,6 +447,13 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
         use age::secrecy::ExposeSecret;
         write_private(&key, &format!("{}\n", identity.to_string().expose_secret()))?;
     }
+    // backupd signs every manifest; restore and verify trust this key.
+    let signing_key = path("backupd.sign");
+    run_tool(
+        &bin("backupd"),
+        &["keygen", "-o", &signing_key.to_string_lossy()],
+        &[],
+    )?;
     let backupd_toml = path("backupd.toml");
     write_private(
         &backupd_toml,
@@ -456,6 +463,7 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
              [[source]]\nname = \"examples\"\ntype = \"folder\"\npath = {:?}\n\n\
              [[target]]\nname = \"s3\"\nurl = \"s3://lab/backups\"\n\n\
              [encryption]\nrecipients = [\"{recipient}\"]\nidentity_file = \"backup.key\"\n\n\
+             [signing]\nkey_file = \"backupd.sign\"\n\n\
              [postgres]\nbin_dir = {:?}\n\n\
              [retention]\nkeep_last = 3\n",
             root.join("examples").display().to_string(),

@@ -56,7 +56,7 @@ fn a_flood_of_wrong_passwords_is_bounded_and_other_sites_stay_served() {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     // bcrypt runs on the blocking pools of the edge's per-core runtimes, at most `cores` at once.
     let bound = cores * cores + 2;
-    let flood = (bound + 40).max(50);
+    let flood = (2 * bound + 40).max(50);
     let before = threads(pid);
 
     let answered = Arc::new(AtomicUsize::new(0));
@@ -76,7 +76,9 @@ fn a_flood_of_wrong_passwords_is_bounded_and_other_sites_stay_served() {
         assert_eq!(attacker.join().unwrap(), "401");
     }
     // Idle blocking threads live on for seconds, so the count after the flood shows how many
-    // ran bcrypt at once.
+    // ran bcrypt at once: about one per wrong password unbounded, at most `bound` bounded. The
+    // edge makes a few threads of its own besides (the access log's writer, blocking file
+    // reads), so the test allows half the flood rather than the exact bound.
     let after = threads(pid);
 
     assert_eq!(
@@ -88,8 +90,8 @@ fn a_flood_of_wrong_passwords_is_bounded_and_other_sites_stay_served() {
         "the other site was answered only after all {flood} wrong passwords"
     );
     assert!(
-        after <= before + bound,
-        "{before} threads before the flood, {after} after: bcrypt ran unbounded"
+        after < before + flood / 2,
+        "{before} threads before the flood of {flood}, {after} after: bcrypt ran unbounded"
     );
     edge.stop();
 }
