@@ -1080,3 +1080,26 @@ fn check_validates_an_apply_file_without_a_server() {
 
     check(&dir.join("missing.toml"), 66);
 }
+
+#[test]
+fn every_pgprov_example_checks() {
+    let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/pgprov");
+    let mut checked = 0;
+    for entry in fs::read_dir(&folder).unwrap() {
+        let path = entry.unwrap().path();
+        // No libpq variables and nothing listening: check reads only the file.
+        let proc = ProcBuilder::new(PGPROV)
+            .args([OsStr::new("check"), path.as_os_str()])
+            .env("PGPORT", "1")
+            .spawn()
+            .unwrap();
+        proc.expect_exit(0, WAIT)
+            .unwrap_or_else(|e| panic!("{}: {e}: {}", path.display(), proc.stderr()));
+        if path.ends_with("lab.toml") {
+            // The lab's five databases.
+            assert!(proc.stdout().contains("ok: 5 database(s)"), "{}", proc.stdout());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 1, "the lab's lab.toml is there");
+}
