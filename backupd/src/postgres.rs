@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use labcore::Env;
-use labcore::pg::PgSettings;
+use labcore::pg::{PgSettings, quote_ident};
 
 use crate::Error;
 use crate::catalog::{DatabaseInfo, TableRows};
@@ -335,11 +335,6 @@ pub fn database_acl_sql(database: &str, info: &DatabaseInfo) -> Vec<String> {
     statements
 }
 
-/// `"identifier"` with inner quotes doubled.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +365,5 @@ mod tests {
         );
         let default = DatabaseInfo { acl: None, ..info };
         assert_eq!(database_acl_sql("x", &default).len(), 1);
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }

@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::Instant;
 
 use jiff::Timestamp;
-use labcore::pg::PgSettings;
+use labcore::pg::{PgSettings, quote_ident};
 use labcore::{Env, Secret};
 use tokio_util::io::SyncIoBridge;
 
@@ -25,7 +25,7 @@ use crate::archive;
 use crate::catalog::{self, BackupId, Content, Manifest, VerifyRecord};
 use crate::inventory::Listed;
 use crate::pipeline::{self, Hashing};
-use crate::postgres::{self, PgTools, quote_ident};
+use crate::postgres::{self, PgTools};
 use crate::store::Store;
 
 /// Where a restore goes.

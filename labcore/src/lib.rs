@@ -2,16 +2,17 @@
 //!
 //! Each module is one concern a tool would otherwise write for itself: loading a TOML config
 //! with errors that point at the culprit ([`config`]), keeping secrets out of logs
-//! ([`secret`]), logging setup ([`log`]), exit codes and the `main` wrapper ([`exit`]),
-//! shutdown and reload signals ([`signals`]), systemd readiness ([`notify`]), and the
-//! connection settings of the two backing services the lab runs: S3 ([`s3`]) and
-//! PostgreSQL ([`pg`]).
+//! ([`secret`]), logging setup ([`log`]), exit codes and the `main` wrapper ([`exit`]), the
+//! `--format` choice ([`format`]), shutdown and reload signals ([`signals`]), systemd
+//! readiness ([`notify`]), and the connection settings of the two backing services the lab
+//! runs: S3 ([`s3`]) and PostgreSQL ([`pg`]).
 //!
 //! Code lands here only when two tools need it today.
 
 pub mod config;
 pub mod env;
 pub mod exit;
+pub mod format;
 pub mod log;
 pub mod notify;
 pub mod pg;
@@ -21,4 +22,5 @@ pub mod signals;
 
 pub use env::Env;
 pub use exit::{Exit, ExitStatus};
+pub use format::Format;
 pub use secret::Secret;

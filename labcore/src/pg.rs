@@ -14,6 +14,7 @@
 //! name checked).
 
 mod pgpass;
+mod quote;
 mod service;
 mod tls;
 
@@ -28,7 +29,7 @@ use crate::env::Env;
 use crate::exit::{Exit, ExitStatus};
 use crate::secret::Secret;
 
-pub use pgpass::lookup as pgpass_lookup;
+pub use quote::quote_ident;
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
