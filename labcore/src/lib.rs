@@ -5,7 +5,9 @@
 //! ([`secret`]), logging setup ([`log`]), exit codes and the `main` wrapper ([`exit`]), the
 //! `--format` choice ([`format`]), shutdown and reload signals ([`signals`]), systemd
 //! readiness ([`notify`]), and the connection settings of the two backing services the lab
-//! runs: S3 ([`s3`]) and PostgreSQL ([`pg`]).
+//! runs: S3 (`s3`, behind the cargo feature `s3`) and PostgreSQL (`pg`, behind the feature
+//! `pg`). The features are off by default, so a tool that talks to neither (edge, tunnel)
+//! links neither the S3 SDK nor the PostgreSQL driver.
 //!
 //! Code lands here only when two tools need it today.
 
@@ -15,7 +17,9 @@ pub mod exit;
 pub mod format;
 pub mod log;
 pub mod notify;
+#[cfg(feature = "pg")]
 pub mod pg;
+#[cfg(feature = "s3")]
 pub mod s3;
 pub mod secret;
 pub mod signals;
