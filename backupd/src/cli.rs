@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use labcore::log::LogArgs;
 use labcore::pg::PgSettings;
-use labcore::{Env, Secret};
+use labcore::{Env, Format, Secret};
 
 use crate::catalog::{self, BackupId, Content};
 use crate::config::Config;
@@ -74,16 +74,6 @@ pub struct ConfigArg {
         default_value = "/etc/labkit/backupd.toml"
     )]
     pub config: PathBuf,
-}
-
-/// Output formats.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Aligned columns for people.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The subcommands.

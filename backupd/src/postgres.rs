@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use labcore::Env;
-use labcore::pg::PgSettings;
+use labcore::pg::{PgSettings, quote_ident};
 
 use crate::Error;
 use crate::catalog::{DatabaseInfo, TableRows};
@@ -397,11 +397,6 @@ fn acl_role(text: &str) -> Option<(String, &str)> {
     None
 }
 
-/// `"identifier"` with inner quotes doubled.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,7 +430,6 @@ mod tests {
             ..info.clone()
         };
         assert_eq!(database_acl_sql("x", &default).len(), 1);
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::process::Stdio;
 use std::time::Instant;
 
 use jiff::Timestamp;
-use labcore::pg::PgSettings;
+use labcore::pg::{PgSettings, quote_ident};
 use labcore::{Env, Secret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::io::SyncIoBridge;
@@ -45,7 +45,7 @@ use crate::archive;
 use crate::catalog::{self, BackupId, Content, Manifest, VerifyRecord};
 use crate::inventory::Listed;
 use crate::pipeline::{self, Hashing, hex};
-use crate::postgres::{self, PgTools, quote_ident};
+use crate::postgres::{self, PgTools};
 use crate::signing::{self, SignatureError, Trust};
 use crate::store::{Store, StoreError};
 

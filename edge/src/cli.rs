@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use labcore::Env;
+use clap::{Args, Parser, Subcommand};
 use labcore::log::LogArgs;
+use labcore::{Env, Format};
 use serde::Serialize;
 
 use crate::ca::Ca;
@@ -70,16 +70,6 @@ impl ConfigArgs {
             (None, None) => Source::Toml(PathBuf::from("/etc/labkit/edge.toml")),
         }
     }
-}
-
-/// Output formats.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// One line per site address, for people.
-    #[default]
-    Text,
-    /// One JSON object per site address.
-    Json,
 }
 
 /// The subcommands.

@@ -11,6 +11,7 @@ use tracing_subscriber::fmt::format::FmtSpan;
 
 use crate::env::Env;
 use crate::exit::{Exit, ExitStatus};
+use crate::format::Format;
 
 /// The logging flags every labkit binary takes.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -21,18 +22,8 @@ pub struct LogArgs {
     pub log_level: Option<String>,
 
     /// Log line format on stderr
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-}
-
-/// How log lines are written.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    pub log_format: Format,
 }
 
 /// The log filter given could not be parsed.
@@ -59,7 +50,7 @@ pub fn init(args: &LogArgs) -> Result<(), LogError> {
 pub fn init_with(args: &LogArgs, env: &Env) -> Result<(), LogError> {
     let filter = filter(args, env)?;
     let journald = env.get("JOURNAL_STREAM").is_some();
-    let ansi = args.log_format == LogFormat::Text && !journald && std::io::stderr().is_terminal();
+    let ansi = args.log_format == Format::Text && !journald && std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -68,10 +59,10 @@ pub fn init_with(args: &LogArgs, env: &Env) -> Result<(), LogError> {
         .with_target(true);
     // try_init fails only when a subscriber is already set (tests): keep that one.
     let _ = match (args.log_format, journald) {
-        (LogFormat::Text, false) => builder.try_init(),
-        (LogFormat::Text, true) => builder.without_time().try_init(),
-        (LogFormat::Json, false) => builder.json().flatten_event(true).try_init(),
-        (LogFormat::Json, true) => builder.json().flatten_event(true).without_time().try_init(),
+        (Format::Text, false) => builder.try_init(),
+        (Format::Text, true) => builder.without_time().try_init(),
+        (Format::Json, false) => builder.json().flatten_event(true).try_init(),
+        (Format::Json, true) => builder.json().flatten_event(true).without_time().try_init(),
     };
     Ok(())
 }

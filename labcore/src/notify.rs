@@ -47,14 +47,6 @@ impl Notifier {
         Ok(Notifier { target, watchdog })
     }
 
-    /// A notifier that sends nothing.
-    pub fn disabled() -> Notifier {
-        Notifier {
-            target: None,
-            watchdog: None,
-        }
-    }
-
     /// Whether a service manager listens.
     pub fn is_enabled(&self) -> bool {
         self.target.is_some()

@@ -3,7 +3,8 @@
 //! [`PgSettings::from_env`] reads what `psql` reads, with libpq's precedence: values the tool
 //! sets explicitly, then the service named by `PGSERVICE` (`~/.pg_service.conf`,
 //! `$PGSYSCONFDIR/pg_service.conf`), then `PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
-//! `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGCONNECT_TIMEOUT`, `PGAPPNAME`, then
+//! `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGREQUIREAUTH`, `PGCONNECT_TIMEOUT`,
+//! `PGAPPNAME`, then
 //! defaults: the Unix socket in `/var/run/postgresql` (or `/tmp`), port 5432, the OS user.
 //! A missing password is looked up in `~/.pgpass` (`PGPASSFILE`) as libpq does, so an admin
 //! password never needs to be on a command line.
@@ -11,24 +12,38 @@
 //! TLS uses rustls with libpq's `sslmode` meanings: `disable`, `allow`/`prefer` (TLS if the
 //! server offers it, unverified), `require` (TLS, unverified unless a root certificate file
 //! exists, then as `verify-ca`), `verify-ca` (chain checked), `verify-full` (chain and host
-//! name checked).
+//! name checked). The verifying modes need a root certificate: the `sslrootcert` file
+//! (default `~/.postgresql/root.crt`), or the system's roots with `sslrootcert=system`, which
+//! as in libpq implies `verify-full` and refuses weaker modes; a missing file is an error,
+//! never a quiet fallback. Over Unix sockets `sslmode` is ignored, as libpq does.
+//!
+//! The server's authentication requests are checked against `require_auth` (libpq's
+//! meaning) before the driver answers them; unset, it refuses to send the password in
+//! cleartext (see [`auth`]).
 
+mod auth;
 mod pgpass;
+mod quote;
 mod service;
 mod tls;
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
+use self::auth::AuthGuard;
+use self::tls::{MakeRustls, Roots};
 use crate::env::Env;
 use crate::exit::{Exit, ExitStatus};
 use crate::secret::Secret;
 
-pub use pgpass::lookup as pgpass_lookup;
+pub use auth::{AuthMethod, RequireAuth};
+pub use quote::quote_ident;
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,9 +109,13 @@ pub struct PgSettings {
     dbname: Option<String>,
     sslmode: SslMode,
     sslrootcert: Option<PathBuf>,
+    require_auth: RequireAuth,
     connect_timeout: Option<Duration>,
     application_name: Option<String>,
 }
+
+/// The `sslrootcert` value that names the system's roots.
+const SYSTEM_ROOTS: &str = "system";
 
 /// The libpq environment or a service file holds something unusable.
 #[derive(Debug, thiserror::Error)]
@@ -141,17 +160,49 @@ pub enum PgError {
         /// What the driver said.
         source: tokio_postgres::Error,
     },
+    /// The server could not be reached.
+    #[error("connecting to PostgreSQL at {target}")]
+    Socket {
+        /// The server, as `host:port` or a socket path.
+        target: String,
+        /// What the OS said.
+        source: io::Error,
+    },
     /// The TLS settings could not be used.
     #[error("setting up TLS for PostgreSQL")]
     Tls(#[source] io::Error),
+    /// A verifying `sslmode` has no root certificate to verify with.
+    #[error(
+        "sslmode {mode} needs a root certificate: {} (set sslrootcert to the CA's file, or \
+         sslrootcert=system for the system's roots)",
+        missing_roots(path.as_deref())
+    )]
+    NoRootCert {
+        /// The mode that needs it.
+        mode: &'static str,
+        /// The file looked for.
+        path: Option<PathBuf>,
+    },
 }
 
 impl ExitStatus for PgError {
     fn exit(&self) -> Exit {
         match self {
             PgError::Connect { source, .. } => exit_for(source),
+            PgError::Socket { source, .. } => match Exit::from_io(source) {
+                Exit::NoInput => Exit::Unavailable, // no socket file: the server is not running
+                other => other,
+            },
             PgError::Tls(err) => Exit::from_io(err),
+            PgError::NoRootCert { .. } => Exit::Config,
         }
+    }
+}
+
+fn missing_roots(path: Option<&Path>) -> String {
+    match path {
+        Some(path) => format!("{} does not exist", path.display()),
+        None => "none is set, and without HOME there is no ~/.postgresql/root.crt".to_owned(),
     }
 }
 
@@ -258,13 +309,38 @@ impl PgSettings {
             Some((user, _)) => user,
             None => os_user_name(env),
         };
+        let sslrootcert = param("sslrootcert", "PGSSLROOTCERT").map(|(p, _)| PathBuf::from(p));
+        let system_roots = sslrootcert.as_deref() == Some(Path::new(SYSTEM_ROOTS));
         let sslmode = match param("sslmode", "PGSSLMODE") {
-            Some((text, origin)) => SslMode::parse(&text).ok_or(PgSettingsError::Invalid {
-                param: "sslmode",
-                value: text.clone(),
-                origin,
-            })?,
+            Some((text, origin)) => {
+                let mode = SslMode::parse(&text).ok_or(PgSettingsError::Invalid {
+                    param: "sslmode",
+                    value: text.clone(),
+                    origin: origin.clone(),
+                })?;
+                if system_roots && mode != SslMode::VerifyFull {
+                    // libpq: public roots vouch for any name, so only verify-full is safe.
+                    return Err(PgSettingsError::Invalid {
+                        param: "sslmode",
+                        value: text,
+                        origin: format!("{origin}; sslrootcert=system needs verify-full"),
+                    });
+                }
+                mode
+            }
+            None if system_roots => SslMode::VerifyFull,
             None => SslMode::Prefer,
+        };
+        let require_auth = match param("require_auth", "PGREQUIREAUTH") {
+            Some((text, _)) if text.trim().is_empty() => RequireAuth::default(),
+            Some((text, origin)) => {
+                RequireAuth::parse(&text).map_err(|reason| PgSettingsError::Invalid {
+                    param: "require_auth",
+                    value: text.clone(),
+                    origin: format!("{origin}: {reason}"),
+                })?
+            }
+            None => RequireAuth::default(),
         };
         let connect_timeout = match param("connect_timeout", "PGCONNECT_TIMEOUT") {
             Some((text, origin)) => match text.trim().parse::<i64>() {
@@ -290,9 +366,8 @@ impl PgSettings {
                 .or_else(|| env.home().map(|h| h.join(".pgpass"))),
             dbname: param("dbname", "PGDATABASE").map(|(d, _)| d),
             sslmode,
-            sslrootcert: param("sslrootcert", "PGSSLROOTCERT")
-                .map(|(p, _)| PathBuf::from(p))
-                .or_else(|| env.home().map(|h| h.join(".postgresql/root.crt"))),
+            sslrootcert: sslrootcert.or_else(|| env.home().map(|h| h.join(".postgresql/root.crt"))),
+            require_auth,
             connect_timeout,
             application_name: param("application_name", "PGAPPNAME").map(|(a, _)| a),
         })
@@ -309,6 +384,7 @@ impl PgSettings {
             dbname: None,
             sslmode: SslMode::Prefer,
             sslrootcert: None,
+            require_auth: RequireAuth::default(),
             connect_timeout: None,
             application_name: None,
         }
@@ -330,6 +406,18 @@ impl PgSettings {
     /// Sets the TLS mode.
     pub fn with_sslmode(mut self, sslmode: SslMode) -> PgSettings {
         self.sslmode = sslmode;
+        self
+    }
+
+    /// Sets the file of root certificates the verifying modes trust (`system`: the system's).
+    pub fn with_sslrootcert(mut self, path: impl Into<PathBuf>) -> PgSettings {
+        self.sslrootcert = Some(path.into());
+        self
+    }
+
+    /// Sets the authentication methods the server may ask for.
+    pub fn with_require_auth(mut self, require_auth: RequireAuth) -> PgSettings {
+        self.require_auth = require_auth;
         self
     }
 
@@ -426,26 +514,173 @@ impl PgSettings {
         config
     }
 
-    /// Connects, with TLS as `sslmode` asks.
+    /// Connects to the first host that answers, with TLS as `sslmode` asks and only the
+    /// authentication `require_auth` allows.
+    ///
+    /// The sockets are opened here rather than by the driver so that every byte the server
+    /// sends before authentication passes through an [`AuthGuard`].
     pub async fn connect(&self) -> Result<PgClient, PgError> {
         let config = self.to_config();
-        let connect_error = |source| PgError::Connect {
+        let mut last = None;
+        for host in &self.hosts {
+            let attempt = match host {
+                PgHost::Unix(dir) => self.connect_unix(&config, dir).await,
+                PgHost::Tcp(name) => self.connect_tcp(&config, name).await,
+            };
+            match attempt {
+                Ok(client) => return Ok(client),
+                Err(err @ (PgError::NoRootCert { .. } | PgError::Tls(_))) => return Err(err),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| PgError::Socket {
             target: self.target(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "no host to connect to"),
+        }))
+    }
+
+    async fn connect_unix(
+        &self,
+        config: &tokio_postgres::Config,
+        dir: &Path,
+    ) -> Result<PgClient, PgError> {
+        let path = dir.join(format!(".s.PGSQL.{}", self.port));
+        let socket = self
+            .with_timeout(tokio::net::UnixStream::connect(&path))
+            .await
+            .map_err(|source| PgError::Socket {
+                target: path.display().to_string(),
+                source,
+            })?;
+        // PostgreSQL has no TLS on Unix sockets; libpq ignores sslmode there.
+        let mut config = config.clone();
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        let guard = AuthGuard::on_socket(socket, self.require_auth);
+        let (client, connection) = config
+            .connect_raw(guard, tokio_postgres::NoTls)
+            .await
+            .map_err(|source| PgError::Connect {
+                target: path.display().to_string(),
+                source,
+            })?;
+        Ok(PgClient::new(client, connection))
+    }
+
+    async fn connect_tcp(
+        &self,
+        config: &tokio_postgres::Config,
+        name: &str,
+    ) -> Result<PgClient, PgError> {
+        let target = if name.contains(':') {
+            format!("[{name}]:{}", self.port)
+        } else {
+            format!("{name}:{}", self.port)
+        };
+        let socket_error = |source| PgError::Socket {
+            target: target.clone(),
             source,
         };
-        let (client, connection) = if self.sslmode == SslMode::Disable {
-            let (client, conn) = config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(connect_error)?;
-            (client, tokio::spawn(drive(conn)))
-        } else {
-            let roots = self.sslrootcert.as_deref().filter(|p| p.exists());
-            let tls = tls::MakeRustls::new(self.sslmode, roots).map_err(PgError::Tls)?;
-            let (client, conn) = config.connect(tls).await.map_err(connect_error)?;
-            (client, tokio::spawn(drive(conn)))
+        // Checked before dialling: a verifying mode without roots is a config error.
+        let tls = match self.sslmode {
+            SslMode::Disable => None,
+            mode => Some(
+                MakeRustls::new(mode, self.roots()?.as_ref(), self.require_auth)
+                    .map_err(PgError::Tls)?,
+            ),
         };
-        Ok(PgClient { client, connection })
+        let addrs: Vec<_> = self
+            .with_timeout(tokio::net::lookup_host((name, self.port)))
+            .await
+            .map_err(socket_error)?
+            .collect();
+        let mut socket = None;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the name has no address");
+        for addr in addrs {
+            match self
+                .with_timeout(tokio::net::TcpStream::connect(addr))
+                .await
+            {
+                Ok(stream) => {
+                    socket = Some(stream);
+                    break;
+                }
+                Err(err) => last = err,
+            }
+        }
+        let socket = socket.ok_or_else(|| socket_error(last))?;
+        socket.set_nodelay(true).map_err(socket_error)?;
+        let guard = AuthGuard::on_socket(socket, self.require_auth);
+        let connect_error = |source| PgError::Connect {
+            target: target.clone(),
+            source,
+        };
+        match tls {
+            None => {
+                let (client, connection) = config
+                    .connect_raw(guard, tokio_postgres::NoTls)
+                    .await
+                    .map_err(connect_error)?;
+                Ok(PgClient::new(client, connection))
+            }
+            Some(tls) => {
+                let connector = tls.connector(name).map_err(PgError::Tls)?;
+                let (client, connection) = config
+                    .connect_raw(guard, connector)
+                    .await
+                    .map_err(connect_error)?;
+                Ok(PgClient::new(client, connection))
+            }
+        }
+    }
+
+    /// The roots the chain is checked against, or `None` when `sslmode` checks nothing.
+    fn roots(&self) -> Result<Option<Roots>, PgError> {
+        let file = self.sslrootcert.as_deref();
+        let existing = match file {
+            Some(path) if path == Path::new(SYSTEM_ROOTS) => Some(Roots::System),
+            Some(path) if path.exists() => Some(Roots::File(path.to_owned())),
+            _ => None,
+        };
+        match self.sslmode {
+            SslMode::Disable | SslMode::Allow | SslMode::Prefer => Ok(None),
+            // libpq: a root certificate file makes `require` verify the chain.
+            SslMode::Require => Ok(existing),
+            SslMode::VerifyCa | SslMode::VerifyFull => match existing {
+                Some(roots) => Ok(Some(roots)),
+                None => Err(PgError::NoRootCert {
+                    mode: self.sslmode.as_str(),
+                    path: file.map(Path::to_owned),
+                }),
+            },
+        }
+    }
+
+    async fn with_timeout<T>(&self, work: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+        match self.connect_timeout {
+            None => work.await,
+            Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection timed out",
+                ))
+            }),
+        }
+    }
+}
+
+impl PgClient {
+    fn new<S, T>(
+        client: tokio_postgres::Client,
+        connection: tokio_postgres::Connection<S, T>,
+    ) -> PgClient
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        PgClient {
+            client,
+            connection: tokio::spawn(drive(connection)),
+        }
     }
 }
 
@@ -554,6 +789,30 @@ mod tests {
         let err = PgSettings::from_env(&Env::from_pairs([("PGSSLMODE", "on")])).unwrap_err();
         assert!(err.to_string().contains("sslmode"), "{err}");
         assert_eq!(err.exit(), Exit::Config);
+    }
+
+    #[test]
+    fn system_roots_imply_verify_full_and_refuse_weaker_modes_as_libpq_does() {
+        let s = PgSettings::from_env(&Env::from_pairs([("PGSSLROOTCERT", "system")])).unwrap();
+        assert_eq!(s.sslmode(), SslMode::VerifyFull);
+        let err = PgSettings::from_env(&Env::from_pairs([
+            ("PGSSLROOTCERT", "system"),
+            ("PGSSLMODE", "verify-ca"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("needs verify-full"), "{err}");
+    }
+
+    #[test]
+    fn require_auth_comes_from_pgrequireauth_and_bad_lists_name_it() {
+        let s = PgSettings::from_env(&Env::from_pairs([("PGREQUIREAUTH", "password")])).unwrap();
+        assert!(s.require_auth.allows(AuthMethod::Password));
+        let s = PgSettings::from_env(&Env::default()).unwrap();
+        assert!(!s.require_auth.allows(AuthMethod::Password));
+        let err =
+            PgSettings::from_env(&Env::from_pairs([("PGREQUIREAUTH", "md5,!none")])).unwrap_err();
+        assert!(err.to_string().contains("require_auth"), "{err}");
+        assert!(err.to_string().contains("PGREQUIREAUTH"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! database's owner creates later get the same grants. Everything inside the database is
 //! granted in one transaction. Granting twice changes nothing.
 
+use labcore::pg::quote_ident;
+
 use crate::Error;
 use crate::admin::Admin;
 use crate::catalog;
@@ -82,10 +84,10 @@ pub(crate) async fn grant(
         .await?;
     let tables = access.table_privileges();
     let sequences = access.sequence_privileges();
-    let owner = crate::name::quote_ident(&db.owner);
+    let owner = quote_ident(&db.owner);
     let mut sql = String::from("BEGIN");
     for row in schemas {
-        let schema = crate::name::quote_ident(row.get::<_, &str>(0));
+        let schema = quote_ident(row.get::<_, &str>(0));
         sql.push_str(&format!(
             "; GRANT USAGE ON SCHEMA {schema} TO {grantee}\
              ; GRANT {tables} ON ALL TABLES IN SCHEMA {schema} TO {grantee}\

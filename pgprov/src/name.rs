@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use labcore::pg::quote_ident;
+
 /// The longest identifier PostgreSQL keeps (`NAMEDATALEN - 1` bytes).
 pub(crate) const MAX_LEN: usize = 63;
 
@@ -137,11 +139,6 @@ impl fmt::Display for ExtensionName {
     }
 }
 
-/// `text` as a quoted SQL identifier: in double quotes, inner double quotes doubled.
-pub fn quote_ident(text: &str) -> String {
-    format!("\"{}\"", text.replace('"', "\"\""))
-}
-
 /// `text` as an SQL string literal: in single quotes, inner single quotes doubled; an
 /// escape-string literal when it holds a backslash, so `standard_conforming_strings` does not
 /// matter.
@@ -200,26 +197,8 @@ mod tests {
 
     #[test]
     fn quoting_doubles_quotes() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal("a\\b'"), "E'a\\\\b'''");
-    }
-
-    /// Undoes [`quote_ident`] the way PostgreSQL's lexer reads a quoted identifier.
-    fn unquote_ident(quoted: &str) -> Option<String> {
-        let inner = quoted.strip_prefix('"')?.strip_suffix('"')?;
-        let mut out = String::new();
-        let mut chars = inner.chars();
-        while let Some(c) = chars.next() {
-            if c == '"' {
-                // A lone quote would end the identifier early.
-                if chars.next()? != '"' {
-                    return None;
-                }
-            }
-            out.push(c);
-        }
-        Some(out)
     }
 
     proptest! {
@@ -231,11 +210,6 @@ mod tests {
                 && !text.starts_with("pg_")
                 && !RESERVED.contains(&text.as_str());
             prop_assert_eq!(Name::parse(&text).is_ok(), rule);
-        }
-
-        #[test]
-        fn quoted_identifiers_read_back_as_the_original(text in "\\PC{0,40}") {
-            prop_assert_eq!(unquote_ident(&quote_ident(&text)), Some(text));
         }
     }
 }

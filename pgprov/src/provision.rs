@@ -15,11 +15,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use labcore::Secret;
+use labcore::pg::quote_ident;
 
 use crate::admin::Admin;
 use crate::catalog::{self, DatabaseInfo};
 use crate::credentials::{Credentials, Endpoint, Sink};
-use crate::name::{Name, quote_ident, quote_literal};
+use crate::name::{Name, quote_literal};
 use crate::{Error, hba, password};
 
 /// How `create` behaves.

@@ -1097,7 +1097,11 @@ fn every_pgprov_example_checks() {
             .unwrap_or_else(|e| panic!("{}: {e}: {}", path.display(), proc.stderr()));
         if path.ends_with("lab.toml") {
             // The lab's five databases.
-            assert!(proc.stdout().contains("ok: 5 database(s)"), "{}", proc.stdout());
+            assert!(
+                proc.stdout().contains("ok: 5 database(s)"),
+                "{}",
+                proc.stdout()
+            );
             checked += 1;
         }
     }

@@ -6,12 +6,12 @@ use std::io::Write;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use aws_smithy_types::date_time::Format as DateFormat;
-use labcore::Exit;
+use labcore::{Exit, Format};
 use serde_json::json;
 
 use crate::error::Error;
 use crate::location::S3Url;
-use crate::report::{Action, Format, Report};
+use crate::report::{Action, Report};
 use crate::sync::delete_objects;
 use crate::transfer::Transfers;
 

@@ -4,10 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use labcore::Format;
 use labcore::log::LogArgs;
 use labcore::s3::S3Args;
-
-use crate::report::Format;
 
 const ABOUT_LONG: &str = "\
 Copy, sync and stream between local files and S3 buckets (MinIO, Garage, Ceph RGW, AWS).

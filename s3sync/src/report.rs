@@ -10,19 +10,10 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use labcore::Format;
 use serde::Serialize;
 
 use crate::error::Error;
-
-/// Output format of per-transfer lines.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Format {
-    /// Nothing per transfer (plans with --dry-run), a summary on stderr.
-    #[default]
-    Text,
-    /// One JSON object per transfer on stdout.
-    Json,
-}
 
 /// What was done to one file or object.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]

@@ -5,7 +5,9 @@
 //! and a Unix socket in its scratch folder, with `fsync=off`. PostgreSQL refuses to run as
 //! root, so under root it runs as `nobody`. Local socket connections are trusted; TCP logins
 //! need a SCRAM password, so tests can check authentication for real. The superuser is
-//! `postgres` with the password [`PgCluster::superuser_password`].
+//! `postgres` with the password [`PgCluster::superuser_password`]. A cluster built with
+//! [`PgClusterBuilder::tls`] also serves TLS, with a certificate for `localhost` from a CA of
+//! its own; [`PgClusterBuilder::hba`] replaces `pg_hba.conf`.
 
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -17,6 +19,7 @@ use labcore::pg::{PgClient, PgError, PgHost, PgSettings, SslMode};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Uid, chown};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 use crate::proc::{Proc, ProcBuilder};
 use crate::scratch::{self, Scratch};
@@ -31,6 +34,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct PgClusterBuilder {
     settings: Vec<(String, String)>,
+    tls: bool,
+    hba: Option<String>,
 }
 
 impl PgClusterBuilder {
@@ -40,8 +45,21 @@ impl PgClusterBuilder {
         self
     }
 
+    /// Serves TLS (`ssl=on`) with a certificate for `localhost`; the CA's certificate is
+    /// [`PgCluster::ca_file`].
+    pub fn tls(mut self) -> PgClusterBuilder {
+        self.tls = true;
+        self
+    }
+
+    /// Replaces `pg_hba.conf` with `lines`, such as `host all all 127.0.0.1/32 password`.
+    pub fn hba(mut self, lines: &str) -> PgClusterBuilder {
+        self.hba = Some(lines.to_owned());
+        self
+    }
+
     /// Starts the cluster.
-    pub fn start(self) -> Result<PgCluster, Error> {
+    pub fn start(mut self) -> Result<PgCluster, Error> {
         let bin = bin_dir()?;
         let owner = server_user()?;
         let template = template(&bin, owner)?;
@@ -55,6 +73,17 @@ impl PgClusterBuilder {
         )?;
         fs::create_dir(&socket_dir)?;
         chown(&socket_dir, Some(owner.0), Some(owner.1)).map_err(std::io::Error::from)?;
+        if let Some(lines) = &self.hba {
+            fs::write(data.join("pg_hba.conf"), lines)?;
+        }
+        let ca_file = if self.tls {
+            let ca_file = scratch.join("ca.crt");
+            write_tls_files(&data, &ca_file, owner)?;
+            self.settings.push(("ssl".into(), "on".into()));
+            Some(ca_file)
+        } else {
+            None
+        };
         let mut cluster = PgCluster {
             proc: None,
             port: 0,
@@ -63,6 +92,7 @@ impl PgClusterBuilder {
             settings: self.settings,
             data,
             socket_dir,
+            ca_file,
             scratch,
         };
         ports::retry_on_port_clash(|_| {
@@ -83,7 +113,41 @@ pub struct PgCluster {
     settings: Vec<(String, String)>,
     data: PathBuf,
     socket_dir: PathBuf,
+    ca_file: Option<PathBuf>,
     scratch: Scratch,
+}
+
+/// Writes a CA (its certificate to `ca_file`) and the server's certificate and key for
+/// `localhost` where PostgreSQL looks for them by default (`server.crt`, `server.key` in the
+/// data folder), owned by the server's user: it refuses a key others can read.
+fn write_tls_files(data: &Path, ca_file: &Path, owner: (Uid, Gid)) -> Result<(), Error> {
+    let setup = |e: rcgen::Error| Error::Setup(format!("making PostgreSQL's certificate: {e}"));
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(setup)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "testkit PostgreSQL CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().map_err(setup)?)
+        .map_err(setup)?;
+    let key = KeyPair::generate().map_err(setup)?;
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .map_err(setup)?
+        .signed_by(&key, &ca)
+        .map_err(setup)?;
+    fs::write(ca_file, ca.pem())?;
+    let cert_file = data.join("server.crt");
+    let key_file = data.join("server.key");
+    fs::write(&cert_file, cert.pem())?;
+    let mut options = fs::OpenOptions::new();
+    std::os::unix::fs::OpenOptionsExt::mode(options.write(true).create_new(true), 0o600);
+    std::io::Write::write_all(
+        &mut options.open(&key_file)?,
+        key.serialize_pem().as_bytes(),
+    )?;
+    for file in [&cert_file, &key_file] {
+        chown(file, Some(owner.0), Some(owner.1)).map_err(std::io::Error::from)?;
+    }
+    Ok(())
 }
 
 impl PgCluster {
@@ -122,6 +186,11 @@ impl PgCluster {
         proc.wait_stderr(READY_LINE, START_TIMEOUT)?;
         self.proc = Some(proc);
         Ok(())
+    }
+
+    /// The CA certificate (PEM) the server's certificate chains to, if it serves TLS.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
     }
 
     /// The TCP port (the server listens on 127.0.0.1).

@@ -5,7 +5,8 @@
 //! - `cargo xtask completions [--out DIR]` writes bash, zsh and fish completions for every
 //!   tool (default `target/completions`; the install script and the Debian package use them).
 //! - `cargo xtask quickstart [--bin-dir DIR]` brings the reference lab up on this machine until
-//!   Ctrl-C (`scripts/quickstart` builds the release binaries and runs it).
+//!   Ctrl-C (`scripts/quickstart` builds the tools and xtask in release, once, and runs
+//!   `target/release/xtask quickstart`).
 //! - `cargo xtask layers` prints each crate's module cycles and exits 1 if there is one.
 
 use std::io::Write;

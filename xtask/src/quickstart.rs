@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -144,14 +144,20 @@ fn token() -> String {
     })
 }
 
-/// Writes a file readable only by its owner.
+/// Writes a new file readable only by its owner. The file is created with that mode, so its
+/// secret is never readable by others, not even between a write and a chmod; a file already at
+/// the path is refused, since whoever put it there may hold it open.
 fn write_private(path: &Path, text: &str) -> Result<(), Error> {
     let what = format!("writing {}", path.display());
-    io(&what, fs::write(path, text))?;
-    io(
+    let mut file = io(
         &what,
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600)),
-    )
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path),
+    )?;
+    io(&what, file.write_all(text.as_bytes()))
 }
 
 /// Waits until `check` passes; the lab's parts report readiness, but a tunnel service is only
@@ -615,5 +621,37 @@ impl StopSignals {
                 _ = terminate.recv() => "SIGTERM",
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn private_files_are_created_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        write_private(&path, "secret").unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "secret");
+    }
+
+    #[test]
+    fn a_secret_never_lands_in_a_file_someone_else_holds_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        // Someone made the file first, readable by all, and keeps it open.
+        fs::write(&path, "").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut planted = fs::File::open(&path).unwrap();
+
+        assert!(write_private(&path, "secret").is_err());
+        let mut seen = String::new();
+        planted.read_to_string(&mut seen).unwrap();
+        assert_eq!(seen, "");
     }
 }

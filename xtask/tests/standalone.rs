@@ -71,8 +71,14 @@ const EXAMPLE_FOLDERS: &[(&str, &str)] = &[
         "backupd",
         "backupd/tests/backupd.rs: every_backupd_example_checks",
     ),
-    ("pgprov", "pgprov/tests/pgprov.rs: every_pgprov_example_checks"),
-    ("compose", "xtask/tests/compose.rs: every_compose_file_reads_only_what_pgprov_writes"),
+    (
+        "pgprov",
+        "pgprov/tests/pgprov.rs: every_pgprov_example_checks",
+    ),
+    (
+        "compose",
+        "xtask/tests/compose.rs: every_compose_file_reads_only_what_pgprov_writes",
+    ),
 ];
 
 #[test]

@@ -2,14 +2,18 @@
 //!
 //! `verify-full` checks the chain and the host name, `verify-ca` the chain only, `prefer` and
 //! `require` encrypt without checking (as libpq does, unless `require` finds a root
-//! certificate file, which makes it `verify-ca`). Handshake signatures are always checked.
+//! certificate file, which makes it `verify-ca`). The roots are the `sslrootcert` file, or
+//! the system's with `sslrootcert=system`; a verifying mode never falls back to the system's
+//! roots on its own, since any public CA would then vouch for the database server. Handshake
+//! signatures are always checked. Inside TLS the driver reads through an [`AuthGuard`], so
+//! `require_auth` holds there too.
 //! Channel binding (`SCRAM-SHA-256-PLUS`) is not offered: where it matters, `verify-full`
 //! already rules out a man in the middle.
 
 use std::fs;
 use std::future::Future;
 use std::io;
-use std::path::Path;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,26 +24,36 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 
 use super::SslMode;
+use super::auth::{AuthGuard, RequireAuth};
 
-/// Makes a rustls connector per connection attempt.
+/// The certificates a verifying mode trusts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Roots {
+    /// A PEM file (`sslrootcert=FILE`).
+    File(PathBuf),
+    /// The system's roots (`sslrootcert=system`).
+    System,
+}
+
+/// The TLS settings of one connection attempt.
 #[derive(Clone)]
 pub struct MakeRustls {
     config: Arc<ClientConfig>,
+    policy: RequireAuth,
 }
 
 impl MakeRustls {
-    /// A connector for `mode`, trusting `roots` (a PEM file) or else the system's roots.
-    pub fn new(mode: SslMode, roots: Option<&Path>) -> io::Result<MakeRustls> {
+    /// TLS for `mode`: the chain checked against `roots` when given, else nothing checked.
+    pub fn new(
+        mode: SslMode,
+        roots: Option<&Roots>,
+        policy: RequireAuth,
+    ) -> io::Result<MakeRustls> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let verify_chain = match mode {
-            SslMode::VerifyCa | SslMode::VerifyFull => true,
-            SslMode::Require => roots.is_some(),
-            _ => false,
-        };
-        let verifier: Arc<dyn ServerCertVerifier> = if verify_chain {
+        let verifier: Arc<dyn ServerCertVerifier> = if let Some(roots) = roots {
             let store = root_store(roots)?;
             let webpki =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
@@ -61,15 +75,30 @@ impl MakeRustls {
             .with_no_client_auth();
         Ok(MakeRustls {
             config: Arc::new(config),
+            policy,
+        })
+    }
+
+    /// The handshake for a server dialled as `host`, whose certificate must name it under
+    /// `verify-full`.
+    pub fn connector(&self, host: &str) -> io::Result<RustlsConnect> {
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(RustlsConnect {
+            config: self.config.clone(),
+            name,
+            policy: self.policy,
         })
     }
 }
 
-fn root_store(roots: Option<&Path>) -> io::Result<RootCertStore> {
+fn root_store(roots: &Roots) -> io::Result<RootCertStore> {
     let mut store = RootCertStore::empty();
     match roots {
-        Some(path) => {
-            let pem = fs::read(path)?;
+        Roots::File(path) => {
+            let pem = fs::read(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("reading {}: {e}", path.display()))
+            })?;
             for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
                 let cert: CertificateDer<'static> = cert.map_err(|e| {
                     io::Error::new(
@@ -80,7 +109,7 @@ fn root_store(roots: Option<&Path>) -> io::Result<RootCertStore> {
                 store.add(cert).map_err(io::Error::other)?;
             }
         }
-        None => {
+        Roots::System => {
             for cert in rustls_native_certs::load_native_certs().certs {
                 // A broken system root must not stop the others from working.
                 let _ = store.add(cert);
@@ -185,34 +214,11 @@ impl ServerCertVerifier for Unverified {
     }
 }
 
-impl<S> MakeTlsConnect<S> for MakeRustls
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type TlsConnect = RustlsConnect;
-    type Error = io::Error;
-
-    fn make_tls_connect(&mut self, domain: &str) -> io::Result<RustlsConnect> {
-        // tokio-postgres asks for a connector for Unix socket hosts too, though it never
-        // negotiates TLS over them; their "domain" is empty.
-        let name = if domain.is_empty() {
-            ServerName::try_from("localhost").expect("localhost is a valid DNS name")
-        } else {
-            ServerName::try_from(domain.to_owned())
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
-        };
-        Ok(RustlsConnect {
-            config: self.config.clone(),
-            name,
-        })
-    }
-}
-
 /// One TLS handshake to come.
 pub struct RustlsConnect {
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
+    policy: RequireAuth,
 }
 
 impl<S> TlsConnect<S> for RustlsConnect
@@ -225,15 +231,16 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         let connector = tokio_rustls::TlsConnector::from(self.config);
+        let policy = self.policy;
         Box::pin(async move {
             let stream = connector.connect(self.name, stream).await?;
-            Ok(RustlsStream(stream))
+            Ok(RustlsStream(AuthGuard::on_messages(stream, policy)))
         })
     }
 }
 
 /// A TLS connection to the server.
-pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
+pub struct RustlsStream<S>(AuthGuard<tokio_rustls::client::TlsStream<S>>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for RustlsStream<S> {
     fn channel_binding(&self) -> ChannelBinding {
