@@ -12,6 +12,9 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hooks;
 pub mod inventory;
 pub mod lock;

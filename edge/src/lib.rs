@@ -18,6 +18,9 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod encode;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod handler;
 pub mod pool;
 pub mod proxy;

@@ -14,6 +14,9 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod forward;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod keys;
 pub mod metrics;
 pub mod protocol;
