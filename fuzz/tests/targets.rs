@@ -32,10 +32,11 @@ fn survives(target: &str) {
     )
     .expect("the target's corpus")
     .count();
-    let executions: usize = stdout
-        .split_once(": ")
-        .and_then(|(_, rest)| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    let executions: usize = words
+        .windows(2)
+        .find(|w| w[1] == "executions")
+        .and_then(|w| w[0].parse().ok())
         .unwrap_or_else(|| panic!("no execution count in {stdout:?}"));
     assert!(
         executions > corpus,
