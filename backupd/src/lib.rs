@@ -12,6 +12,9 @@ mod catalog;
 pub mod cli;
 mod config;
 mod daemon;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 mod hooks;
 mod inventory;
 mod lock;

@@ -159,6 +159,12 @@ pub(crate) fn parse(path: &Path, text: &str, env: &Env) -> Result<Parsed, Caddyf
         let mut rest = rest.into_iter();
         let head = rest.next().expect("checked non-empty");
         let body: Vec<Node> = rest.collect();
+        if let Some(bare) = body.iter().find(|n| n.tokens.is_empty()) {
+            return Err(p.err(
+                bare.line,
+                "the global options block must come first and only once",
+            ));
+        }
         if let Some(block) = body.iter().find(|n| n.block.is_some() && is_site_like(n)) {
             return Err(p.err(
                 block.line,
@@ -352,6 +358,11 @@ fn tree(
         }
         if let Some(import) = words.first().filter(|t| t.is("import")) {
             return Err(p.err(line, format!("{import} is not supported")));
+        }
+        // A bare `{` line is the global options block at the top level and nothing anywhere
+        // else: every directive below reads its name from its first word.
+        if words.is_empty() && opened_at.is_some() {
+            return Err(p.err(line, "a block must open at the end of a directive's line"));
         }
         let block = if opens {
             Some(tree(p, tokens, pos, Some(line))?)
@@ -778,6 +789,23 @@ mod tests {
 
     fn err_text(text: &str) -> String {
         parse_text(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_block_without_a_directive_is_an_error_not_a_panic() {
+        // Found by fuzzing (the caddyfile target): each panicked indexing the empty line.
+        for text in [
+            "example.org\n{\n}\n",
+            "example.org {\n\t{\n\t}\n}\n",
+            "{\n\t{\n\t}\n}\nexample.org {\n}\n",
+            "example.org {\n\theader {\n\t\t{\n\t\t}\n\t}\n}\n",
+        ] {
+            let err = err_text(text);
+            assert!(
+                err.contains("global options block") || err.contains("block must open"),
+                "{text:?}: {err}"
+            );
+        }
     }
 
     #[test]

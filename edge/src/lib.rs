@@ -26,6 +26,9 @@ mod certs;
 pub mod cli;
 mod config;
 mod encode;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 mod handler;
 mod limit;
 mod pool;

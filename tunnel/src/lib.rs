@@ -14,6 +14,9 @@ mod config;
 mod daemon;
 mod error;
 mod forward;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod keys;
 mod metrics;
 pub mod protocol;

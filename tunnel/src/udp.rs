@@ -196,8 +196,8 @@ impl FrameWriter {
     }
 
     /// Appends one frame.
-    #[cfg(test)]
-    fn push(&mut self, from: SocketAddr, payload: &[u8]) {
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn push(&mut self, from: SocketAddr, payload: &[u8]) {
         let guessed = head_len_of(from);
         self.payload_room(guessed)[..payload.len()].copy_from_slice(payload);
         self.commit(from, payload.len(), guessed);

@@ -17,7 +17,7 @@ pub mod quickstart;
 
 /// Every crate of the workspace, by folder.
 pub const CRATES: &[&str] = &[
-    "labcore", "testkit", "tunnel", "edge", "s3sync", "backupd", "pgprov", "xtask",
+    "labcore", "testkit", "tunnel", "edge", "s3sync", "backupd", "pgprov", "xtask", "fuzz",
 ];
 
 /// A tool: its command line and the sections clap does not know.
