@@ -964,14 +964,21 @@ fn every_backupd_example_checks() {
 }
 
 /// A folder source backed up to a local folder: no PostgreSQL, no S3.
+/// `extra` is appended as tables; the config signs with a key of its own, made by `backupd
+/// keygen` in `dir`.
 fn folder_only(dir: &Scratch, extra: &str) -> PathBuf {
     make_folder(&dir.join("data"));
+    let key = dir.join("signing.key");
+    backupd_alone(&["keygen", "-o", key.to_str().unwrap()])
+        .expect_exit(0, WAIT)
+        .unwrap();
     let path = dir.join("backupd.toml");
     fs::write(
         &path,
         format!(
             "lock_file = \"backupd.lock\"\n\n[[source]]\nname = \"files\"\ntype = \"folder\"\n\
-             path = \"data\"\n\n[[target]]\nname = \"disk\"\nurl = \"backups\"\n{extra}"
+             path = \"data\"\n\n[[target]]\nname = \"disk\"\nurl = \"backups\"\n{extra}\n\
+             [signing]\nkey_file = \"signing.key\"\n"
         ),
     )
     .unwrap();
