@@ -347,22 +347,35 @@ pub fn start(root: &Path, bin_dir: &Path, log: &mut dyn Write) -> Result<Lab, Er
         log,
         "starting edge with its internal CA in front of web and git",
     );
-    let (http, https) = (port()?, port()?);
+    // Loopback only, where the free ports were found; a port taken between the check and the
+    // bind (another program's, rarely) is retried with new ones.
     let storage = path("edge");
     let caddyfile = path("Caddyfile");
-    write_private(
-        &caddyfile,
-        &format!(
-            "# The lab's Caddyfile (examples/edge/Caddyfile) with `tls internal` and loopback ports.\n{{\n\thttp_port {http}\n\thttps_port {https}\n\tstorage file_system {}\n}}\n\nlab.example.org {{\n\ttls internal\n\treverse_proxy localhost:{web}\n}}\n\ngit.example.org {{\n\ttls internal\n\treverse_proxy localhost:{git}\n}}\n",
-            storage.display()
-        ),
-    )?;
-    lab.spawn(
-        "edge",
-        ProcBuilder::new(bin("edge"))
-            .args(["run", "--caddyfile"])
-            .arg(&caddyfile),
-    )?;
+    let mut attempt = 0;
+    let (http, https) = loop {
+        let (http, https) = (port()?, port()?);
+        write_private(
+            &caddyfile,
+            &format!(
+                "# The lab's Caddyfile (examples/edge/Caddyfile) with `tls internal` and loopback ports.\n{{\n\thttp_port {http}\n\thttps_port {https}\n\tdefault_bind 127.0.0.1\n\tstorage file_system {}\n}}\n\nlab.example.org {{\n\ttls internal\n\treverse_proxy localhost:{web}\n}}\n\ngit.example.org {{\n\ttls internal\n\treverse_proxy localhost:{git}\n}}\n",
+                storage.display()
+            ),
+        )?;
+        let started = lab.spawn(
+            "edge",
+            ProcBuilder::new(bin("edge"))
+                .args(["run", "--caddyfile"])
+                .arg(&caddyfile),
+        );
+        match started {
+            Ok(()) => break (http, https),
+            Err(err) if attempt < 4 && err.to_string().contains("ddress already in use") => {
+                attempt += 1;
+                io("removing the Caddyfile", fs::remove_file(&caddyfile))?;
+            }
+            Err(err) => return Err(err),
+        }
+    };
     let root_pem = path("root.pem");
     let pem = run_tool(
         &bin("edge"),
