@@ -210,7 +210,7 @@ struct Produced {
 }
 
 /// Reads a child's stderr in the background, keeping the last 16 KiB.
-fn capture(stream: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
+pub(crate) fn capture(stream: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
     std::thread::spawn(move || {
         let mut kept = Vec::new();
         if let Some(mut stream) = stream {
@@ -229,14 +229,18 @@ fn capture(stream: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
     })
 }
 
-fn spawn(mut command: std::process::Command, name: &str) -> Result<Child, Error> {
+pub(crate) fn spawn(mut command: std::process::Command, name: &str) -> Result<Child, Error> {
     command.spawn().map_err(|source| Error::Spawn {
         program: name.to_owned(),
         source,
     })
 }
 
-fn child_failed(program: &str, status: std::process::ExitStatus, stderr: String) -> Error {
+pub(crate) fn child_failed(
+    program: &str,
+    status: std::process::ExitStatus,
+    stderr: String,
+) -> Error {
     Error::Child {
         program: program.to_owned(),
         status: status.to_string(),
@@ -247,7 +251,7 @@ fn child_failed(program: &str, status: std::process::ExitStatus, stderr: String)
 /// Of a producer's and the store's results, the error that caused the failure: a source that
 /// failed makes the store fail too (its stream ended early), and a store that failed makes the
 /// producer fail (its pipe broke). The source program's stderr joins its error.
-fn first_cause<T>(
+pub(crate) fn first_cause<T>(
     produced: Result<T, Error>,
     stored: Result<Stored, crate::store::StoreError>,
     source_stderr: &str,
@@ -274,7 +278,7 @@ fn first_cause<T>(
 }
 
 /// Kills and reaps a child that is no longer wanted.
-fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -144,9 +144,12 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// The backup's ID, as `backupd list` prints it
-        id: BackupId,
+        #[arg(required_unless_present = "cluster")]
+        id: Option<BackupId>,
         #[command(flatten)]
         to: RestoreTo,
+        #[command(flatten)]
+        pitr: PitrArgs,
         /// Replace a non-empty target
         #[arg(long)]
         force: bool,
@@ -178,8 +181,12 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// The backup's ID
-        #[arg(required_unless_present = "latest", conflicts_with = "latest")]
+        #[arg(required_unless_present_any = ["latest", "cluster"], conflicts_with = "latest")]
         id: Option<BackupId>,
+        /// Replay the newest base backup of this [[cluster]] with its WAL in a scratch server
+        /// (run as the PostgreSQL user); a hole in the WAL chain is reported by segment name
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["id", "latest"])]
+        cluster: Option<String>,
         /// Verify the newest backup of every subject (or of --source)
         #[arg(long)]
         latest: bool,
@@ -229,6 +236,60 @@ pub enum Command {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Archive one WAL file (PostgreSQL's archive_command), or drain the spool.
+    ///
+    /// Exits 0 only once the file is stored on the cluster's target, or (when the target is
+    /// unreachable) durably queued in the bounded spool, from which the next wal-push or
+    /// `wal-push --drain` uploads it. A file already stored with the same bytes succeeds; one
+    /// whose name is stored with other bytes is refused (65) and never overwritten. A full
+    /// spool fails (75), so PostgreSQL keeps the file and retries: WAL is never dropped.
+    #[command(
+        after_long_help = "EXAMPLES:\n    archive_command = 'backupd wal-push -c /etc/labkit/backupd-wal.toml %p'\n    backupd wal-push -c /etc/labkit/backupd-wal.toml --drain    # from a timer"
+    )]
+    WalPush {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The [[cluster]] (default: the only one)
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        /// The WAL file (%p)
+        #[arg(required_unless_present = "drain", conflicts_with = "drain")]
+        path: Option<PathBuf>,
+        /// Upload what the spool holds, archive nothing new
+        #[arg(long)]
+        drain: bool,
+    },
+    /// Fetch one WAL file (PostgreSQL's restore_command).
+    ///
+    /// The file is decoded beside PATH, checked against the SHA-256 recorded at push time, and
+    /// renamed to PATH. A file the archive lacks exits 66, which PostgreSQL takes as the end of
+    /// the archive.
+    #[command(
+        after_long_help = "EXAMPLES:\n    restore_command = 'backupd wal-fetch -c /etc/labkit/backupd-wal.toml %f %p'"
+    )]
+    WalFetch {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The [[cluster]] (default: the only one)
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        /// The WAL file's name (%f)
+        name: String,
+        /// Where to write it (%p)
+        path: PathBuf,
+    },
+    /// Take a physical base backup of a [[cluster]] (pg_basebackup through zstd and age).
+    ///
+    /// The manifest (start and stop LSN, timeline, WAL range) is signed and written only once
+    /// the WAL the backup needs is archived (up to archive_timeout_secs).
+    #[command(after_long_help = "EXAMPLES:\n    backupd basebackup -c /etc/labkit/backupd.toml")]
+    Basebackup {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The [[cluster]] (default: the only one)
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+    },
     /// Validate the config and print what it resolves to.
     #[command(after_long_help = "EXAMPLES:\n    backupd check -c /etc/labkit/backupd.toml")]
     Check {
@@ -250,6 +311,32 @@ pub struct RestoreTo {
     /// Write the decoded data (a pg_dump archive, SQL or tar) to this file
     #[arg(long, value_name = "FILE")]
     pub to_file: Option<PathBuf>,
+}
+
+/// Point-in-time restore of a [[cluster]] (with `restore --cluster`).
+#[derive(Debug, Args)]
+pub struct PitrArgs {
+    /// Restore this [[cluster]]'s base backup and WAL (needs --to-dir and one target)
+    #[arg(long, value_name = "NAME", conflicts_with = "id", requires = "to_dir")]
+    pub cluster: Option<String>,
+    /// Recover to this moment (RFC 3339, e.g. 2026-12-06T14:03:00Z)
+    #[arg(long, value_name = "TS", requires = "cluster", conflicts_with_all = ["to_lsn", "latest"])]
+    pub to_time: Option<jiff::Timestamp>,
+    /// Recover to this WAL position (e.g. 0/3000148)
+    #[arg(
+        long,
+        value_name = "LSN",
+        requires = "cluster",
+        conflicts_with = "latest"
+    )]
+    pub to_lsn: Option<String>,
+    /// Recover to the end of the archive
+    #[arg(long, requires = "cluster")]
+    pub latest: bool,
+    /// Run a scratch server to the target, check it got there, and stop it (run as the
+    /// PostgreSQL user)
+    #[arg(long, requires = "cluster")]
+    pub start: bool,
 }
 
 /// Runs a parsed command line.
@@ -287,8 +374,22 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
         }
         Command::Restore {
             config,
-            id,
+            id: None,
             to,
+            pitr,
+            identity,
+            allow_unsigned,
+            ..
+        } => {
+            let line =
+                restore_cluster(&config.config, pitr, to, identity, allow_unsigned, env).await?;
+            out.line(line)
+        }
+        Command::Restore {
+            config,
+            id: Some(id),
+            to,
+            pitr: _,
             force,
             identity,
             target,
@@ -308,7 +409,28 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
         }
         Command::Verify {
             config,
+            cluster: Some(cluster),
+            identity,
+            allow_unsigned,
+            ..
+        } => {
+            let line =
+                verify_cluster(&config.config, &cluster, identity, allow_unsigned, env).await;
+            match line {
+                Ok(line) => out.line(line),
+                Err(err) => {
+                    out.line(format_args!(
+                        "cluster {cluster}: FAILED: {}",
+                        labcore::exit::chain(&err)
+                    ))?;
+                    Err(err)
+                }
+            }
+        }
+        Command::Verify {
+            config,
             id,
+            cluster: None,
             latest: _,
             source,
             identity,
@@ -329,6 +451,48 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             format,
         } => prune(&config.config, dry_run, format, env, &mut out).await,
         Command::Check { config } => check(&config.config, env, &mut out),
+        Command::WalPush {
+            config,
+            cluster,
+            path,
+            drain,
+        } => {
+            let config = Config::load(&config.config, env)?;
+            let cluster = crate::cluster::pick(&config.clusters, cluster.as_deref())?;
+            let store = cluster_store(&config, cluster, env).await?;
+            match (path, drain) {
+                (Some(path), false) => {
+                    crate::archiving::push(&config, cluster, &store, &path).await?;
+                }
+                _ => {
+                    let (stored, queued) = crate::archiving::drain(cluster, &store).await?;
+                    out.line(format_args!("stored {stored}, still queued {queued}"))?;
+                }
+            }
+            Ok(())
+        }
+        Command::WalFetch {
+            config,
+            cluster,
+            name,
+            path,
+        } => {
+            let config = Config::load(&config.config, env)?;
+            let cluster = crate::cluster::pick(&config.clusters, cluster.as_deref())?;
+            let name: crate::wal::WalName = name.parse().map_err(Error::Usage)?;
+            let store = cluster_store(&config, cluster, env).await?;
+            crate::archiving::fetch(&config, cluster, &store, &name, &path).await
+        }
+        Command::Basebackup { config, cluster } => {
+            let config = Config::load(&config.config, env)?;
+            let cluster = crate::cluster::pick(&config.clusters, cluster.as_deref())?;
+            let store = cluster_store(&config, cluster, env).await?;
+            let manifest = crate::basebackup::take(&config, cluster, &store, env).await?;
+            out.line(format_args!(
+                "{} {}..{}",
+                manifest.id, manifest.wal_start, manifest.wal_stop
+            ))
+        }
         Command::Keygen { output } => {
             let public = crate::signing::keygen(output.as_deref())?;
             if output.is_some() {
@@ -478,6 +642,13 @@ async fn list(
                     "verify": listed.verify,
                 }))?,
             }
+        }
+    }
+    for cluster in &config.clusters {
+        if filter.target(&cluster.target) && format == Format::Text {
+            let store = cluster_store(&config, cluster, env).await?;
+            let line = crate::pitr::window(&store, &cluster.name).await?;
+            out.line(format_args!("{line} (target {})", cluster.target))?;
         }
     }
     Ok(())
@@ -655,6 +826,27 @@ async fn prune(
             }))?,
         }
     }
+    for cluster in &config.clusters {
+        let store = cluster_store(&config, cluster, env).await?;
+        let planned =
+            crate::pitr::prune(&store, &cluster.name, &config.retention, now, dry_run).await?;
+        for id in &planned.bases {
+            out.line(format_args!(
+                "{verb} base backup {id} on {}",
+                cluster.target
+            ))?;
+        }
+        if !planned.wal.is_empty() {
+            out.line(format_args!(
+                "{verb} {} WAL files of cluster {} on {} ({}..{})",
+                planned.wal.len(),
+                cluster.name,
+                cluster.target,
+                planned.wal[0],
+                planned.wal[planned.wal.len() - 1]
+            ))?;
+        }
+    }
     Ok(())
 }
 
@@ -678,4 +870,77 @@ fn check(path: &Path, env: &Env, out: &mut Stdout) -> Result<(), Error> {
         out.line(format_args!("trusted key: {key}"))?;
     }
     Ok(())
+}
+
+/// The store a cluster's WAL and base backups live on.
+async fn cluster_store(
+    config: &Config,
+    cluster: &crate::cluster::Cluster,
+    env: &Env,
+) -> Result<Store, Error> {
+    run::open_stores(config, env)
+        .await?
+        .into_iter()
+        .find(|(name, _)| *name == cluster.target)
+        .map(|(_, store)| store)
+        .ok_or_else(|| Error::Usage(format!("no target named {:?}", cluster.target)))
+}
+
+async fn restore_cluster(
+    path: &Path,
+    pitr: PitrArgs,
+    to: RestoreTo,
+    identity_flag: Option<PathBuf>,
+    allow_unsigned: bool,
+    env: &Env,
+) -> Result<String, Error> {
+    let config = Config::load(path, env)?;
+    let cluster = crate::cluster::pick(&config.clusters, pitr.cluster.as_deref())?;
+    let to_dir = to
+        .to_dir
+        .ok_or_else(|| Error::Usage("restore --cluster needs --to-dir PGDATA".into()))?;
+    let target = match (pitr.to_time, pitr.to_lsn, pitr.latest) {
+        (Some(time), None, false) => crate::pitr::RecoveryTarget::Time(time),
+        (None, Some(lsn), false) => {
+            crate::pitr::RecoveryTarget::Lsn(lsn.parse().map_err(Error::Usage)?)
+        }
+        (None, None, true) => crate::pitr::RecoveryTarget::Latest,
+        _ => {
+            return Err(Error::Usage(
+                "restore --cluster needs one of --to-time, --to-lsn or --latest".into(),
+            ));
+        }
+    };
+    let identity = identity(identity_flag, &config)?;
+    let trust = config.signing.trust(allow_unsigned);
+    let store = cluster_store(&config, cluster, env).await?;
+    let args = crate::pitr::RestoreArgs {
+        config: &config,
+        trust: &trust,
+        env,
+        identity: identity.as_ref(),
+    };
+    crate::pitr::restore(&args, cluster, &store, &target, &to_dir, pitr.start).await
+}
+
+async fn verify_cluster(
+    path: &Path,
+    name: &str,
+    identity_flag: Option<PathBuf>,
+    allow_unsigned: bool,
+    env: &Env,
+) -> Result<String, Error> {
+    let config = Config::load(path, env)?;
+    let cluster = crate::cluster::pick(&config.clusters, Some(name))?;
+    let identity = identity(identity_flag, &config)?;
+    let trust = config.signing.trust(allow_unsigned);
+    let store = cluster_store(&config, cluster, env).await?;
+    let args = crate::pitr::RestoreArgs {
+        config: &config,
+        trust: &trust,
+        env,
+        identity: identity.as_ref(),
+    };
+    let done = crate::pitr::verify(&args, cluster, &store).await?;
+    Ok(format!("cluster {name}: ok: {done}"))
 }

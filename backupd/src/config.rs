@@ -77,6 +77,8 @@ struct Raw {
     postgres: Option<RawPostgres>,
     s3: Option<S3Config>,
     lock_file: Option<PathBuf>,
+    #[serde(default, rename = "cluster")]
+    clusters: Vec<crate::cluster::RawCluster>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -409,6 +411,8 @@ pub(crate) struct Config {
     pub(crate) s3: Option<S3Config>,
     /// The lock that keeps runs of this config apart.
     pub(crate) lock_file: PathBuf,
+    /// Clusters archived for point-in-time recovery.
+    pub(crate) clusters: Vec<crate::cluster::Cluster>,
 }
 
 /// The default local target when the file names none.
@@ -516,7 +520,7 @@ impl Config {
                 kind,
             });
         }
-        if sources.is_empty() {
+        if sources.is_empty() && raw.clusters.is_empty() {
             return Err(file.invalid("source", "no [[source]] is defined: nothing to back up"));
         }
         check_subjects(&sources, &file)?;
@@ -629,7 +633,11 @@ impl Config {
                 dir.join(format!("backupd-{stem}.lock"))
             });
 
+        let target_names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+        let clusters = crate::cluster::resolve(raw.clusters, &target_names, &file, env)?;
+
         Ok(Config {
+            clusters,
             sources,
             targets,
             compression_level,

@@ -7,9 +7,12 @@
 //! ([`restore::verify`]) read them back. [`daemon`] runs passes on a schedule.
 
 mod archive;
+mod archiving;
 mod backup;
+mod basebackup;
 mod catalog;
 pub mod cli;
+mod cluster;
 mod config;
 mod daemon;
 #[cfg(feature = "fuzzing")]
@@ -19,13 +22,16 @@ mod hooks;
 mod inventory;
 mod lock;
 mod pipeline;
+mod pitr;
 mod postgres;
 mod restore;
 mod retention;
 mod run;
 // Public for the tests that play a forger holding (or lacking) the trusted key.
 pub mod signing;
+mod spool;
 mod store;
+mod wal;
 
 use std::io;
 
@@ -165,6 +171,37 @@ pub enum Error {
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A WAL file's name is taken by other bytes, or its bytes do not match their record.
+    #[error("WAL file {name}: {detail}")]
+    WalConflict {
+        /// The WAL file.
+        name: String,
+        /// What does not match.
+        detail: String,
+    },
+    /// The store is unavailable and the spool is full: PostgreSQL keeps the file and retries.
+    #[error(
+        "WAL file {name} could not be stored ({cause}) and the spool is full ({used} of {max} \
+         bytes): PostgreSQL keeps it and retries"
+    )]
+    SpoolFull {
+        /// The WAL file.
+        name: String,
+        /// Bytes spooled.
+        used: u64,
+        /// The bound.
+        max: u64,
+        /// Why the store refused.
+        cause: String,
+    },
+    /// The WAL a restore needs has a hole.
+    #[error("the WAL chain of cluster {cluster} is broken: missing {missing}")]
+    WalGap {
+        /// The cluster.
+        cluster: String,
+        /// The missing segment names (a range as FIRST..LAST).
+        missing: String,
+    },
 }
 
 impl Error {
@@ -208,6 +245,8 @@ impl ExitStatus for Error {
             Error::Usage(_) => Exit::Usage,
             Error::Io { source, .. } => Exit::from_io(source),
             Error::Internal(_) => Exit::Software,
+            Error::WalConflict { .. } | Error::WalGap { .. } => Exit::DataErr,
+            Error::SpoolFull { .. } => Exit::TempFail,
         }
     }
 }

@@ -1,0 +1,259 @@
+//! `wal-push` (PostgreSQL's `archive_command`) and `wal-fetch` (its `restore_command`).
+//!
+//! `wal-push %p` reports success only when the file is stored on the target or durably queued
+//! in the bounded spool (see [`crate::spool`] for why that is safe and when it stops being
+//! allowed). A retry of a file already stored with the same bytes succeeds; a file whose name
+//! the target holds with other bytes is refused (exit 65) and never overwritten.
+//!
+//! `wal-fetch %f %p` writes the decoded file to a temporary name beside `%p`, checks its size
+//! and SHA-256 against the object's header, and only then renames it to `%p`. A file the target
+//! lacks (PostgreSQL asks for the next segment and for history files that may not exist) is an
+//! ordinary "not found" (exit 66), which ends recovery the way PostgreSQL expects.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use tokio_util::io::SyncIoBridge;
+
+use crate::Error;
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::pipeline::{self, Encoding, Hashing};
+use crate::spool::{self, Spool, Upload};
+use crate::store::{Store, StoreError};
+use crate::wal::{self, Header, WalName};
+
+/// How a push ended well.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// The file is on the target.
+    Stored,
+    /// The target is unreachable; the file waits in the spool.
+    Spooled,
+}
+
+/// WAL is compressed with the config's level on one thread per file: files go up in parallel.
+pub(crate) fn encoding(config: &Config) -> Encoding {
+    Encoding {
+        level: config.compression_level,
+        threads: 0,
+        recipients: config
+            .encryption
+            .as_ref()
+            .map(|e| e.recipients.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// `wal-push PATH`.
+pub(crate) async fn push(
+    config: &Config,
+    cluster: &Cluster,
+    store: &Store,
+    path: &Path,
+) -> Result<Pushed, Error> {
+    let name = WalName::of_path(path)?;
+    let encoding = encoding(config);
+    let hashed = path.to_owned();
+    let (size, sha256) = tokio::task::spawn_blocking(move || wal::hash_file(&hashed))
+        .await
+        .map_err(|e| Error::Internal(format!("hashing task: {e}")))??;
+    let header = Header {
+        name: name.clone(),
+        size,
+        sha256,
+        encrypted: !encoding.recipients.is_empty(),
+    };
+    let spool = Spool::open(&cluster.spool_dir, cluster.spool_max)?;
+    if let Some(first) = spool.rejected().first() {
+        return Err(Error::WalConflict {
+            name: first.clone(),
+            detail: format!(
+                "it was set aside in {}/rejected because the target holds other bytes under \
+                 its name; archiving stays stopped until an operator resolves it",
+                cluster.spool_dir.display()
+            ),
+        });
+    }
+    match spool.header(&name) {
+        Some(queued) if queued.sha256 == header.sha256 && queued.size == header.size => {}
+        Some(queued) => {
+            return Err(Error::WalConflict {
+                name: name.to_string(),
+                detail: format!(
+                    "the spool already holds this name with other bytes (sha256 {}, now {})",
+                    queued.sha256, header.sha256
+                ),
+            });
+        }
+        None => {
+            let (source, header_copy, encoding_copy) =
+                (path.to_owned(), header.clone(), encoding.clone());
+            // The spool is locked by this process; the write is blocking file work.
+            let spool_ref = &spool;
+            tokio::task::block_in_place(|| spool_ref.write(&header_copy, &source, &encoding_copy))?;
+        }
+    }
+
+    // Our own file first and alone: if the store is down, the queue is not worth trying.
+    let own = spool::drain_one(&spool, store, &cluster.name, &name).await?;
+    match own {
+        Upload::Stored | Upload::AlreadyStored => {
+            let others = spool::drain(&spool, store, &cluster.name, cluster.parallel, None).await?;
+            let left = others
+                .iter()
+                .filter(|(_, o)| matches!(o, Upload::Failed(_)))
+                .count();
+            if left > 0 {
+                tracing::warn!(left, "some spooled WAL files are still not stored");
+            }
+            Ok(Pushed::Stored)
+        }
+        Upload::Conflict { stored_sha256 } => Err(Error::WalConflict {
+            name: name.to_string(),
+            detail: format!(
+                "the target holds other bytes under this name (sha256 {stored_sha256}, \
+                 this file {}): refusing to overwrite",
+                header.sha256
+            ),
+        }),
+        Upload::Failed(cause) => {
+            let used = spool.used()?;
+            if used <= spool.max() {
+                tracing::warn!(
+                    wal = %name,
+                    spool_bytes = used,
+                    error = %labcore::exit::chain(&cause),
+                    "the target is unavailable: the WAL file is kept in the spool and will be \
+                     uploaded by the next wal-push"
+                );
+                Ok(Pushed::Spooled)
+            } else {
+                spool.remove(&name)?;
+                Err(Error::SpoolFull {
+                    name: name.to_string(),
+                    used,
+                    max: spool.max(),
+                    cause: labcore::exit::chain(&cause),
+                })
+            }
+        }
+    }
+}
+
+/// `wal-push --drain`: uploads whatever the spool holds. Returns (stored, still queued).
+pub(crate) async fn drain(cluster: &Cluster, store: &Store) -> Result<(usize, usize), Error> {
+    let spool = Spool::open(&cluster.spool_dir, cluster.spool_max)?;
+    let results = spool::drain(&spool, store, &cluster.name, cluster.parallel, None).await?;
+    let stored = results
+        .iter()
+        .filter(|(_, o)| matches!(o, Upload::Stored | Upload::AlreadyStored))
+        .count();
+    let queued = spool.entries()?.len();
+    if let Some(first) = spool.rejected().first() {
+        return Err(Error::WalConflict {
+            name: first.clone(),
+            detail: "set aside: the target holds other bytes under its name".into(),
+        });
+    }
+    Ok((stored, queued))
+}
+
+/// `wal-fetch NAME PATH`.
+pub(crate) async fn fetch(
+    config: &Config,
+    cluster: &Cluster,
+    store: &Store,
+    name: &WalName,
+    dest: &Path,
+) -> Result<(), Error> {
+    let key = wal::object_key(&cluster.name, name);
+    let reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match store.get_stream(&key).await {
+        Ok(reader) => reader,
+        Err(StoreError::NotFound(location)) => {
+            // On the database host, a file the store has not received yet is in the spool.
+            let queued = cluster.spool_dir.join(name.as_str());
+            match tokio::fs::File::open(&queued).await {
+                Ok(file) => {
+                    tracing::info!(wal = %name, "taking the WAL file from the local spool");
+                    Box::new(file)
+                }
+                Err(_) => {
+                    return Err(Error::NotFound {
+                        id: format!("WAL file {name}"),
+                        target: location,
+                    });
+                }
+            }
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let identity = config.encryption.as_ref().and_then(|e| e.identity.clone());
+    let name = name.clone();
+    let dest = dest.to_owned();
+    let location = store.location(&key);
+    tokio::task::spawn_blocking(move || {
+        let mut input = SyncIoBridge::new(reader);
+        let header = Header::read_from(&mut input).map_err(|source| Error::Io {
+            what: format!("reading the header of {location}"),
+            source,
+        })?;
+        if header.name != name {
+            return Err(Error::WalConflict {
+                name: name.to_string(),
+                detail: format!("the object {location} holds {}", header.name),
+            });
+        }
+        let identities = match &identity {
+            Some(text) => Some(pipeline::identities(text.expose())?),
+            None => None,
+        };
+        let plain = pipeline::decoder(input, header.encrypted, identities.as_deref())?;
+        write_checked(plain, &header, &dest)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("fetch task: {e}")))?
+}
+
+/// Writes `plain` beside `dest`, checks it against `header`, then renames it to `dest`.
+fn write_checked(plain: impl io::Read, header: &Header, dest: &Path) -> Result<(), Error> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut temp = tempfile::Builder::new()
+        .prefix(".backupd-wal-")
+        .tempfile_in(&dir)
+        .map_err(|source| Error::Io {
+            what: format!("creating a temporary file in {}", dir.display()),
+            source,
+        })?;
+    let mut hashing = Hashing::new(plain);
+    io::copy(&mut hashing, temp.as_file_mut()).map_err(|source| Error::Io {
+        what: format!("decoding WAL file {}", header.name),
+        source,
+    })?;
+    let (size, sha256) = hashing.finish();
+    if size != header.size || sha256 != header.sha256 {
+        return Err(Error::WalConflict {
+            name: header.name.to_string(),
+            detail: format!(
+                "the decoded file does not match its header ({size} bytes, sha256 {sha256}; \
+                 expected {} bytes, sha256 {})",
+                header.size, header.sha256
+            ),
+        });
+    }
+    temp.as_file_mut()
+        .flush()
+        .and_then(|()| temp.as_file().sync_all())
+        .map_err(|source| Error::Io {
+            what: format!("syncing WAL file {}", header.name),
+            source,
+        })?;
+    temp.persist(dest).map_err(|e| Error::Io {
+        what: format!("renaming WAL file {} to {}", header.name, dest.display()),
+        source: e.error,
+    })?;
+    Ok(())
+}

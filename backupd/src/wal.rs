@@ -1,0 +1,337 @@
+//! WAL files as names and as stored objects: what `wal-push` and `wal-fetch` accept, where a
+//! file lives on a target, and the object format.
+//!
+//! Names come from PostgreSQL (`%f`, `%p`) and from bucket listings, so neither is trusted:
+//! [`WalName`] holds only the four shapes PostgreSQL writes (a segment `TTTTTTTTXXXXXXXXYYYYYYYY`,
+//! `TTTTTTTT.history`, `SEGMENT.partial`, `SEGMENT.XXXXXXXX.backup`), upper-case hex, so a name
+//! can never hold a `/`, `..` or anything else that would leave the archive's folder.
+//!
+//! A stored WAL file is one object, `cluster/NAME/wal/FILE`: a short text header, then the
+//! file through zstd and (when recipients are configured) age, as dumps are. The header names
+//! the file, its size and the SHA-256 of its plain bytes, so
+//! - a retried push can tell "already stored, same bytes" (success) from "another file under
+//!   this name" (refused, never overwritten) by reading only the header, without the identity;
+//! - `wal-fetch` checks the decoded bytes against the header, and the header's name against the
+//!   name asked for, before the file gets its real name in `pg_wal`.
+//!
+//! The header is not signed (the archiver runs as the PostgreSQL user, which should not hold
+//! the backup host's signing key): someone who can write the bucket can plant WAL, as they
+//! could with pgBackRest or WAL-G. Base backups' manifests are signed.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::str::FromStr;
+
+use crate::Error;
+
+/// The first line of every stored WAL object.
+const MAGIC: &str = "backupd-wal 1";
+/// Headers are short; a longer one is not ours.
+const HEADER_MAX: usize = 512;
+/// Bytes in a WAL segment at PostgreSQL's default `--wal-segsize`.
+pub(crate) const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
+
+/// What kind of WAL file a name is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum WalKind {
+    /// A whole segment.
+    Segment,
+    /// A timeline history file.
+    History,
+    /// The last, incomplete segment of a timeline (written at promotion).
+    Partial,
+    /// A backup history file.
+    Backup,
+}
+
+/// A valid WAL file name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct WalName(String);
+
+fn upper_hex(text: &str, len: usize) -> bool {
+    text.len() == len
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+impl WalName {
+    /// What kind of file this is.
+    pub(crate) fn kind(&self) -> WalKind {
+        let name = self.0.as_str();
+        if name.ends_with(".history") {
+            WalKind::History
+        } else if name.ends_with(".partial") {
+            WalKind::Partial
+        } else if name.ends_with(".backup") {
+            WalKind::Backup
+        } else {
+            WalKind::Segment
+        }
+    }
+
+    /// The name as text.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The timeline.
+    pub(crate) fn timeline(&self) -> u32 {
+        u32::from_str_radix(&self.0[..8], 16).expect("validated hex")
+    }
+
+    /// For segments (whole, partial or backup history): the segment number on its timeline,
+    /// with 16 MB segments (`log * 0x100 + seg`).
+    pub(crate) fn segment_number(&self) -> Option<u64> {
+        if self.kind() == WalKind::History {
+            return None;
+        }
+        let log = u64::from_str_radix(&self.0[8..16], 16).ok()?;
+        let seg = u64::from_str_radix(&self.0[16..24], 16).ok()?;
+        Some(log * 0x100 + seg)
+    }
+
+    /// The segment `number` of `timeline` (16 MB segments).
+    pub(crate) fn segment(timeline: u32, number: u64) -> WalName {
+        WalName(format!(
+            "{timeline:08X}{:08X}{:08X}",
+            number / 0x100,
+            number % 0x100
+        ))
+    }
+
+    /// The name of the file at `path` (`%p`), which must be a valid WAL file name.
+    pub(crate) fn of_path(path: &Path) -> Result<WalName, Error> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::Usage(format!("{} names no WAL file", path.display())))?;
+        name.parse().map_err(Error::Usage)
+    }
+}
+
+impl FromStr for WalName {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<WalName, String> {
+        let valid = match name.len() {
+            24 => upper_hex(name, 24),
+            16 => name
+                .strip_suffix(".history")
+                .is_some_and(|t| upper_hex(t, 8)),
+            32 => name
+                .strip_suffix(".partial")
+                .is_some_and(|s| upper_hex(s, 24)),
+            40 => name.strip_suffix(".backup").is_some_and(|rest| {
+                rest.split_once('.')
+                    .is_some_and(|(seg, off)| upper_hex(seg, 24) && upper_hex(off, 8))
+            }),
+            _ => false,
+        };
+        if valid {
+            Ok(WalName(name.to_owned()))
+        } else {
+            Err(format!(
+                "{:?} is not a WAL file name (a segment like 000000010000000000000001, \
+                 00000002.history, SEGMENT.partial or SEGMENT.XXXXXXXX.backup)",
+                name.chars().take(80).collect::<String>()
+            ))
+        }
+    }
+}
+
+impl fmt::Display for WalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The folder of a cluster's WAL on a target.
+pub(crate) fn wal_prefix(cluster: &str) -> String {
+    format!("cluster/{cluster}/wal/")
+}
+
+/// The object key of a WAL file.
+pub(crate) fn object_key(cluster: &str, name: &WalName) -> String {
+    format!("{}{name}", wal_prefix(cluster))
+}
+
+/// A stored WAL object's header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    /// The WAL file's name.
+    pub(crate) name: WalName,
+    /// Its size.
+    pub(crate) size: u64,
+    /// SHA-256 of its bytes (hex).
+    pub(crate) sha256: String,
+    /// Whether the body is age-encrypted (always zstd-compressed).
+    pub(crate) encrypted: bool,
+}
+
+impl Header {
+    /// The header's bytes, ending with the blank line.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        format!(
+            "{MAGIC}\nname {}\nsize {}\nsha256 {}\nencoding {}\n\n",
+            self.name,
+            self.size,
+            self.sha256,
+            if self.encrypted { "zstd+age" } else { "zstd" }
+        )
+        .into_bytes()
+    }
+
+    /// Reads a header from the start of an object, leaving `reader` at the body.
+    pub(crate) fn read_from<R: Read>(reader: &mut R) -> Result<Header, io::Error> {
+        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_owned());
+        let mut bytes = Vec::with_capacity(160);
+        let mut byte = [0u8; 1];
+        while !bytes.ends_with(b"\n\n") {
+            if bytes.len() >= HEADER_MAX {
+                return Err(bad("the WAL object's header is too long"));
+            }
+            if reader.read(&mut byte)? == 0 {
+                return Err(bad("the WAL object ends inside its header"));
+            }
+            bytes.push(byte[0]);
+        }
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| bad("the WAL object's header is not text"))?;
+        let mut lines = text.lines();
+        if lines.next() != Some(MAGIC) {
+            return Err(bad("not a backupd WAL object"));
+        }
+        let mut field = |key: &str| {
+            lines
+                .next()
+                .and_then(|l| l.strip_prefix(key))
+                .and_then(|l| l.strip_prefix(' '))
+                .map(str::to_owned)
+                .ok_or_else(|| bad(&format!("the WAL object's header lacks {key}")))
+        };
+        let name = field("name")?
+            .parse::<WalName>()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let size = field("size")?
+            .parse::<u64>()
+            .map_err(|_| bad("the WAL object's size is not a number"))?;
+        let sha256 = field("sha256")?;
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad("the WAL object's sha256 is not 64 hex digits"));
+        }
+        let encrypted = match field("encoding")?.as_str() {
+            "zstd" => false,
+            "zstd+age" => true,
+            _ => return Err(bad("the WAL object's encoding is unknown")),
+        };
+        Ok(Header {
+            name,
+            size,
+            sha256,
+            encrypted,
+        })
+    }
+}
+
+/// Reads a whole file through SHA-256: its size and hash.
+pub(crate) fn hash_file(path: &Path) -> Result<(u64, String), Error> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        what: format!("opening the WAL file {}", path.display()),
+        source,
+    })?;
+    let mut hashing = crate::pipeline::Hashing::new(file);
+    io::copy(&mut hashing, &mut io::sink()).map_err(|source| Error::Io {
+        what: format!("reading the WAL file {}", path.display()),
+        source,
+    })?;
+    Ok(hashing.finish())
+}
+
+/// Writes `header` then the encoded bytes of `input` to `out`.
+pub(crate) fn encode<R: Read, W: Write>(
+    header: &Header,
+    mut input: R,
+    mut out: W,
+    encoding: &crate::pipeline::Encoding,
+) -> io::Result<W> {
+    out.write_all(&header.to_bytes())?;
+    let mut encoder = crate::pipeline::Encoder::new(out, encoding)?;
+    io::copy(&mut input, &mut encoder)?;
+    encoder.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn the_four_shapes_of_wal_names_are_accepted_and_classified() {
+        let cases = [
+            ("000000010000000000000003", WalKind::Segment),
+            ("00000002.history", WalKind::History),
+            ("000000010000000A000000FF.partial", WalKind::Partial),
+            ("000000010000000000000002.00000028.backup", WalKind::Backup),
+        ];
+        for (name, kind) in cases {
+            let parsed: WalName = name.parse().unwrap();
+            assert_eq!(parsed.kind(), kind, "{name}");
+        }
+        let seg: WalName = "000000010000000A000000FF".parse().unwrap();
+        assert_eq!(seg.segment_number(), Some(0xA * 0x100 + 0xFF));
+        assert_eq!(WalName::segment(1, 0xA * 0x100 + 0xFF), seg);
+        assert_eq!(seg.timeline(), 1);
+    }
+
+    #[test]
+    fn names_that_could_leave_the_archive_folder_are_refused() {
+        for bad in [
+            "",
+            "../../etc/passwd",
+            "000000010000000000000003/..",
+            "00000001000000000000000g",
+            "000000010000000000000003.history",
+            "0000000100000000000000031",
+            "00000002.HISTORY",
+            "000000010000000000000003.partial/x",
+            "000000010000000000000002.0000002.backup",
+            "RECOVERYXLOG",
+        ] {
+            assert!(bad.parse::<WalName>().is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_accepted_name_is_a_plain_file_name(name in "[0-9A-Fa-f./]{0,42}") {
+            if let Ok(parsed) = name.parse::<WalName>() {
+                prop_assert!(!parsed.as_str().contains('/'));
+                prop_assert!(!parsed.as_str().starts_with('.'));
+                prop_assert_eq!(parsed.to_string().parse::<WalName>().unwrap(), parsed);
+            }
+        }
+
+        #[test]
+        fn header_parsing_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Header::read_from(&mut &bytes[..]);
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_and_leave_the_reader_at_the_body() {
+        let header = Header {
+            name: "00000002.history".parse().unwrap(),
+            size: 42,
+            sha256: "ab".repeat(32),
+            encrypted: true,
+        };
+        let mut bytes = header.to_bytes();
+        bytes.extend_from_slice(b"BODY");
+        let mut reader = &bytes[..];
+        assert_eq!(Header::read_from(&mut reader).unwrap(), header);
+        assert_eq!(reader, b"BODY");
+    }
+}

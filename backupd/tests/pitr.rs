@@ -1,0 +1,441 @@
+//! Point-in-time recovery end to end: a real PostgreSQL whose archive_command is the built
+//! backupd, a real S3 server, base backups, restores to a moment, outages and retention.
+//!
+//! PostgreSQL runs as `nobody` under root, and so do its archive_command and restores: the
+//! binary, config and keys live in a folder every user can read.
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use testkit::{PgCluster, Proc, ProcBuilder, S3Server, Scratch};
+
+const BACKUPD: &str = env!("CARGO_BIN_EXE_backupd");
+const WAIT: Duration = Duration::from_secs(300);
+
+fn nobody() -> (u32, u32) {
+    let user = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    (user.uid.as_raw(), user.gid.as_raw())
+}
+
+/// A folder open to `nobody` holding backupd, its config and keys.
+struct World {
+    dir: Scratch,
+    bin: PathBuf,
+    config: PathBuf,
+    spool: PathBuf,
+}
+
+impl World {
+    fn new(target: &str, extra: &str) -> World {
+        let dir = Scratch::new("pitr").unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("backupd");
+        if fs::hard_link(BACKUPD, &bin).is_err() {
+            fs::copy(BACKUPD, &bin).unwrap();
+        }
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+        let (uid, gid) = nobody();
+        let spool = dir.join("spool");
+        fs::create_dir(&spool).unwrap();
+        nix::unistd::chown(&spool, Some(uid.into()), Some(gid.into())).unwrap();
+        let restores = dir.join("restores");
+        fs::create_dir(&restores).unwrap();
+        nix::unistd::chown(&restores, Some(uid.into()), Some(gid.into())).unwrap();
+
+        let key = dir.join("backupd.sign");
+        run(
+            &[bin.to_str().unwrap(), "keygen", "-o", key.to_str().unwrap()],
+            &[],
+        );
+        let identity = age::x25519::Identity::generate();
+        let identity_file = dir.join("age.key");
+        {
+            use age::secrecy::ExposeSecret;
+            fs::write(&identity_file, identity.to_string().expose_secret()).unwrap();
+        }
+        // Test keys readable by nobody, which archives and restores.
+        for file in [&key, &identity_file] {
+            fs::set_permissions(file, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let config = dir.join("backupd.toml");
+        fs::write(
+            &config,
+            format!(
+                "lock_file = {lock:?}\n{target}\n\
+                 [encryption]\nrecipients = [{recipient:?}]\nidentity_file = {identity:?}\n\
+                 [signing]\nkey_file = {key:?}\n\
+                 [[cluster]]\nname = \"main\"\nspool_dir = {spool:?}\nparallel = 4\n\
+                 archive_timeout_secs = 60\n{extra}\n",
+                lock = dir.join("lock").display().to_string(),
+                recipient = identity.to_public().to_string(),
+                identity = identity_file.display().to_string(),
+                key = key.display().to_string(),
+                spool = spool.display().to_string(),
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
+        World {
+            dir,
+            bin,
+            config,
+            spool,
+        }
+    }
+
+    fn archive_command(&self) -> String {
+        format!(
+            "{} wal-push -c {} %p",
+            self.bin.display(),
+            self.config.display()
+        )
+    }
+
+    /// Runs backupd as root with `env`; expects `code`; returns stdout and stderr.
+    fn backupd(&self, code: i32, args: &[&str], env: &[(OsString, OsString)]) -> (String, String) {
+        let proc = ProcBuilder::new(&self.bin)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .spawn()
+            .unwrap();
+        proc.expect_exit(code, WAIT).unwrap();
+        (proc.stdout(), proc.stderr())
+    }
+
+    /// Runs backupd as nobody (through setpriv), as the PostgreSQL user would.
+    fn backupd_as_nobody(&self, code: i32, args: &[&str]) -> (String, String) {
+        let (uid, gid) = nobody();
+        let proc = ProcBuilder::new("setpriv")
+            .args([
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".into(),
+            ])
+            .arg(&self.bin)
+            .args(args)
+            .env("PGUSER", "postgres")
+            .current_dir(self.dir.path())
+            .spawn()
+            .unwrap();
+        let status = proc.wait_exit(WAIT).unwrap();
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "stdout: {}\nstderr: {}",
+            proc.stdout(),
+            proc.stderr()
+        );
+        (proc.stdout(), proc.stderr())
+    }
+
+    fn restore_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("restores").join(name)
+    }
+}
+
+fn run(argv: &[&str], env: &[(OsString, OsString)]) -> String {
+    let proc = ProcBuilder::new(argv[0])
+        .args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .spawn()
+        .unwrap();
+    proc.expect_exit(0, WAIT).unwrap();
+    proc.stdout()
+}
+
+fn s3_target(server: &S3Server, bucket: &str) -> String {
+    format!(
+        "[[target]]\nname = \"s3\"\nurl = \"s3://{bucket}/lab\"\n\
+         [s3]\nendpoint = {:?}\nregion = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\n",
+        server.endpoint(),
+        testkit::s3::REGION,
+        testkit::s3::ACCESS_KEY,
+        testkit::s3::SECRET_KEY
+    )
+}
+
+fn archiving_cluster(world: &World) -> PgCluster {
+    PgCluster::builder()
+        .setting("archive_mode", "on")
+        .setting("archive_command", &world.archive_command())
+        .setting("wal_level", "replica")
+        .start()
+        .unwrap()
+}
+
+/// Switches to a new segment and waits until PostgreSQL reports it archived.
+fn switch_and_wait_archived(pg: &PgCluster) -> String {
+    let segment = pg
+        .psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")
+        .unwrap()
+        .trim()
+        .to_owned();
+    wait_archived(pg, &segment);
+    segment
+}
+
+/// Polls pg_stat_archiver (PostgreSQL's own record, the only signal there is) for `segment`.
+fn wait_archived(pg: &PgCluster, segment: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let last = pg
+            .psql(
+                "postgres",
+                "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+            )
+            .unwrap();
+        if last.trim() >= segment {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{segment} was not archived: last {last}; log:\n{}",
+            pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts a server as nobody on a restored data folder; returns it and its socket folder.
+fn start_restored(pg: &PgCluster, data: &Path) -> (Proc, Scratch) {
+    let sockets = Scratch::new("pitr-sock").unwrap();
+    fs::set_permissions(sockets.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let (uid, gid) = nobody();
+    let proc = ProcBuilder::new("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+        ])
+        .arg(pg.bin("postgres"))
+        .arg("-D")
+        .arg(data)
+        .arg("-k")
+        .arg(sockets.path())
+        .args(["-c", "listen_addresses=", "-c", "port=5432"])
+        .spawn()
+        .unwrap();
+    proc.wait_stderr("ready to accept connections", WAIT)
+        .unwrap();
+    (proc, sockets)
+}
+
+fn query(pg: &PgCluster, sockets: &Path, sql: &str) -> String {
+    testkit::proc::run(
+        pg.bin("psql"),
+        &[
+            "-X".as_ref(),
+            "-A".as_ref(),
+            "-t".as_ref(),
+            "-h".as_ref(),
+            sockets.as_os_str(),
+            "-p".as_ref(),
+            "5432".as_ref(),
+            "-U".as_ref(),
+            "postgres".as_ref(),
+            "-d".as_ref(),
+            "postgres".as_ref(),
+            "-c".as_ref(),
+            sql.as_ref(),
+        ],
+        &[],
+    )
+    .unwrap()
+    .trim()
+    .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_to_a_moment_shows_exactly_the_rows_committed_before_it() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let world = World::new(&s3_target(&server, &bucket), "");
+    let pg = archiving_cluster(&world);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())",
+    )
+    .unwrap();
+    let env = pg.env();
+    let (stdout, _) = world.backupd(
+        0,
+        &["basebackup", "-c", world.config.to_str().unwrap()],
+        &env,
+    );
+    assert!(stdout.starts_with("main@"), "{stdout}");
+
+    for id in 1..=3 {
+        pg.psql("postgres", &format!("INSERT INTO t (id) VALUES ({id})"))
+            .unwrap();
+    }
+    // A moment after commit 3 and before commit 4, from the server's own clock.
+    let moment = pg
+        .psql(
+            "postgres",
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+        )
+        .unwrap()
+        .trim()
+        .to_owned();
+    switch_and_wait_archived(&pg);
+    for id in 4..=6 {
+        pg.psql("postgres", &format!("INSERT INTO t (id) VALUES ({id})"))
+            .unwrap();
+    }
+    switch_and_wait_archived(&pg);
+
+    let (list, _) = world.backupd(0, &["list", "-c", world.config.to_str().unwrap()], &env);
+    assert!(list.contains("cluster main: 1 base backups"), "{list}");
+    assert!(!list.contains("MISSING"), "{list}");
+
+    let middle = world.restore_dir("middle");
+    let (stdout, _) = world.backupd_as_nobody(
+        0,
+        &[
+            "restore",
+            "-c",
+            world.config.to_str().unwrap(),
+            "--cluster",
+            "main",
+            "--to-time",
+            &moment,
+            "--to-dir",
+            middle.to_str().unwrap(),
+            "--start",
+        ],
+    );
+    assert!(stdout.contains("replayed to"), "{stdout}");
+    let (restored, sockets) = start_restored(&pg, &middle);
+    assert_eq!(
+        query(
+            &pg,
+            sockets.path(),
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM t"
+        ),
+        "1,2,3"
+    );
+    restored.stop(WAIT).unwrap();
+
+    let latest = world.restore_dir("latest");
+    world.backupd_as_nobody(
+        0,
+        &[
+            "restore",
+            "-c",
+            world.config.to_str().unwrap(),
+            "--cluster",
+            "main",
+            "--latest",
+            "--to-dir",
+            latest.to_str().unwrap(),
+            "--start",
+        ],
+    );
+    let (restored, sockets) = start_restored(&pg, &latest);
+    assert_eq!(
+        query(
+            &pg,
+            sockets.path(),
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM t"
+        ),
+        "1,2,3,4,5,6"
+    );
+    restored.stop(WAIT).unwrap();
+}
+
+#[test]
+fn wal_push_is_idempotent_refuses_other_bytes_and_wal_fetch_checks_them() {
+    let store = Scratch::new("pitr-store").unwrap();
+    let world = World::new(
+        &format!(
+            "[[target]]\nname = \"local\"\nurl = {:?}\n",
+            store.path().display().to_string()
+        ),
+        "",
+    );
+    let config = world.config.to_str().unwrap();
+    let wal_dir = world.dir.join("pg_wal");
+    fs::create_dir(&wal_dir).unwrap();
+    let segment = wal_dir.join("000000010000000000000007");
+    let bytes: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(&segment, &bytes).unwrap();
+    let seg = segment.to_str().unwrap();
+
+    world.backupd(0, &["wal-push", "-c", config, seg], &[]);
+    let object = store.join("cluster/main/wal/000000010000000000000007");
+    let stored = fs::read(&object).unwrap();
+    assert!(stored.starts_with(b"backupd-wal 1\n"));
+    // A retry of the same file succeeds and changes nothing.
+    world.backupd(0, &["wal-push", "-c", config, seg], &[]);
+    assert_eq!(fs::read(&object).unwrap(), stored);
+
+    // Other bytes under the same name: refused loudly, never overwritten.
+    fs::write(&segment, b"not the same segment").unwrap();
+    let (_, stderr) = world.backupd(65, &["wal-push", "-c", config, seg], &[]);
+    assert!(stderr.contains("000000010000000000000007"), "{stderr}");
+    assert!(stderr.contains("refusing to overwrite"), "{stderr}");
+    assert_eq!(fs::read(&object).unwrap(), stored);
+
+    let fetched = wal_dir.join("RECOVERYXLOG");
+    world.backupd(
+        0,
+        &[
+            "wal-fetch",
+            "-c",
+            config,
+            "000000010000000000000007",
+            fetched.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(fs::read(&fetched).unwrap(), bytes);
+
+    // A segment the archive lacks ends recovery with "not found", not a crash.
+    world.backupd(
+        66,
+        &[
+            "wal-fetch",
+            "-c",
+            config,
+            "000000010000000000000008",
+            fetched.to_str().unwrap(),
+        ],
+        &[],
+    );
+    // Names that are not WAL file names never reach the store.
+    let (_, stderr) = world.backupd(
+        64,
+        &[
+            "wal-fetch",
+            "-c",
+            config,
+            "../../etc/passwd",
+            fetched.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(stderr.contains("is not a WAL file name"), "{stderr}");
+    fs::write(wal_dir.join("notwal"), b"x").unwrap();
+    world.backupd(
+        64,
+        &[
+            "wal-push",
+            "-c",
+            config,
+            wal_dir.join("notwal").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(
+        fs::read_dir(&world.spool)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.')
+                && e.file_name() != "rejected")
+            .count(),
+        0
+    );
+}
