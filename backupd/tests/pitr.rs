@@ -439,3 +439,150 @@ fn wal_push_is_idempotent_refuses_other_bytes_and_wal_fetch_checks_them() {
         0
     );
 }
+
+/// WAL object names in the bucket, sorted.
+async fn stored_wal(server: &S3Server, bucket: &str) -> Vec<String> {
+    let listed = server
+        .client()
+        .await
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix("lab/cluster/main/wal/")
+        .send()
+        .await
+        .unwrap();
+    let mut names: Vec<String> = listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key())
+        .map(|k| k.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn spooled(world: &World) -> usize {
+    fs::read_dir(&world.spool)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().len() == 24)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_outage_is_absorbed_by_the_spool_and_no_segment_is_lost() {
+    let mut server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let world = World::new(&s3_target(&server, &bucket), "");
+    let pg = archiving_cluster(&world);
+    let config = world.config.to_str().unwrap().to_owned();
+    pg.psql("postgres", "CREATE TABLE load (n int, pad text)")
+        .unwrap();
+    world.backupd(0, &["basebackup", "-c", &config], &pg.env());
+
+    // The store goes away while PostgreSQL keeps writing and archiving.
+    server.kill().unwrap();
+    let outage = Instant::now();
+    let mut during = Vec::new();
+    for round in 0..2 {
+        pg.psql(
+            "postgres",
+            &format!("INSERT INTO load SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g; -- {round}"),
+        )
+        .unwrap();
+        during.push(switch_and_wait_archived(&pg));
+    }
+    assert!(
+        spooled(&world) >= 2,
+        "the spool holds the segments archived during the outage"
+    );
+    let failed = pg
+        .psql("postgres", "SELECT failed_count FROM pg_stat_archiver")
+        .unwrap();
+    assert_eq!(failed.trim(), "0", "the archiver never saw a failure");
+    server.restart().unwrap();
+    eprintln!("store outage lasted {:?}", outage.elapsed());
+
+    // The next segment's push drains the spool.
+    pg.psql("postgres", "INSERT INTO load VALUES (0, 'after')")
+        .unwrap();
+    let after = switch_and_wait_archived(&pg);
+    assert_eq!(spooled(&world), 0, "the spool drained; log:\n{}", pg.log());
+    let stored = stored_wal(&server, &bucket).await;
+    for segment in during.iter().chain([&after]) {
+        assert!(
+            stored.contains(segment),
+            "{segment} missing from {stored:?}"
+        );
+    }
+    let (list, _) = world.backupd(0, &["list", "-c", &config], &pg.env());
+    assert!(!list.contains("MISSING"), "{list}");
+    let failed = pg
+        .psql("postgres", "SELECT failed_count FROM pg_stat_archiver")
+        .unwrap();
+    assert_eq!(failed.trim(), "0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_drops_wal_older_than_the_kept_base_backup_and_verify_names_a_deleted_segment() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let world = World::new(&s3_target(&server, &bucket), "[retention]\nkeep_last = 1\n");
+    let pg = archiving_cluster(&world);
+    let config = world.config.to_str().unwrap().to_owned();
+    let env = pg.env();
+    pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    world.backupd(0, &["basebackup", "-c", &config], &env);
+    pg.psql("postgres", "INSERT INTO t VALUES (1)").unwrap();
+    switch_and_wait_archived(&pg);
+    let (second, _) = world.backupd(0, &["basebackup", "-c", &config], &env);
+    let wal_start = second
+        .split_whitespace()
+        .nth(1)
+        .and_then(|range| range.split("..").next())
+        .unwrap()
+        .to_owned();
+    for id in 2..=4 {
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({id})"))
+            .unwrap();
+        switch_and_wait_archived(&pg);
+    }
+    let before = stored_wal(&server, &bucket).await;
+    assert!(
+        before.iter().any(|n| *n < wal_start),
+        "{before:?} {wal_start}"
+    );
+
+    let (pruned, _) = world.backupd(0, &["prune", "-c", &config], &env);
+    assert!(pruned.contains("deleted base backup main@"), "{pruned}");
+    let after = stored_wal(&server, &bucket).await;
+    let expected: Vec<String> = before
+        .iter()
+        .filter(|n| **n >= wal_start)
+        .cloned()
+        .collect();
+    assert_eq!(
+        after, expected,
+        "exactly the WAL before the kept base backup went"
+    );
+
+    let (stdout, _) = world.backupd_as_nobody(0, &["verify", "-c", &config, "--cluster", "main"]);
+    assert!(stdout.contains("cluster main: ok"), "{stdout}");
+
+    // A segment lost in the middle of the chain is named.
+    let lost = after[after.len() / 2 + 1].clone();
+    assert!(lost > wal_start && lost < after[after.len() - 1]);
+    server
+        .client()
+        .await
+        .delete_object()
+        .bucket(&bucket)
+        .key(format!("lab/cluster/main/wal/{lost}"))
+        .send()
+        .await
+        .unwrap();
+    let (stdout, _) = world.backupd_as_nobody(65, &["verify", "-c", &config, "--cluster", "main"]);
+    assert!(stdout.contains(&lost), "{stdout}");
+    let (list, _) = world.backupd(0, &["list", "-c", &config], &env);
+    assert!(list.contains(&format!("MISSING {lost}")), "{list}");
+}
