@@ -45,6 +45,33 @@ pub(crate) fn encoding(config: &Config) -> Encoding {
     }
 }
 
+/// The store with one attempt per request: PostgreSQL retries a failed push, and the spool
+/// absorbs an outage, so the SDK's own retries (seconds of backoff each) only hold the
+/// archiver up. Measured: a push against a stopped store took 7 to 10 s with them.
+pub(crate) fn fail_fast(store: Store) -> Store {
+    match store {
+        Store::S3 {
+            client,
+            bucket,
+            prefix,
+        } => {
+            let config = client
+                .config()
+                .to_builder()
+                .retry_config(
+                    aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(1),
+                )
+                .build();
+            Store::S3 {
+                client: aws_sdk_s3::Client::from_conf(config),
+                bucket,
+                prefix,
+            }
+        }
+        other => other,
+    }
+}
+
 /// `wal-push PATH`.
 pub(crate) async fn push(
     config: &Config,

@@ -459,7 +459,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
         } => {
             let config = Config::load(&config.config, env)?;
             let cluster = crate::cluster::pick(&config.clusters, cluster.as_deref())?;
-            let store = cluster_store(&config, cluster, env).await?;
+            let store = crate::archiving::fail_fast(cluster_store(&config, cluster, env).await?);
             match (path, drain) {
                 (Some(path), false) => {
                     crate::archiving::push(&config, cluster, &store, &path).await?;
