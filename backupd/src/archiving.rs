@@ -92,6 +92,13 @@ pub(crate) async fn push(
         encrypted: !encoding.recipients.is_empty(),
     };
     let spool = Spool::open(&cluster.spool_dir, cluster.spool_max)?;
+    if let Some((size, sha256)) = spool.take_done(&name)
+        && size == header.size
+        && sha256 == header.sha256
+    {
+        // Pushed ahead by an earlier call, and these are the same bytes.
+        return Ok(Pushed::Stored);
+    }
     if let Some(first) = spool.rejected().first() {
         return Err(Error::WalConflict {
             name: first.clone(),
@@ -126,7 +133,15 @@ pub(crate) async fn push(
     let own = spool::drain_one(&spool, store, &cluster.name, &name).await?;
     match own {
         Upload::Stored | Upload::AlreadyStored => {
+            let ahead = spool_ahead(&spool, path, &name, cluster.parallel - 1, &encoding);
             let others = spool::drain(&spool, store, &cluster.name, cluster.parallel, None).await?;
+            for (done, outcome) in &others {
+                if matches!(outcome, Upload::Stored | Upload::AlreadyStored)
+                    && let Some(header) = ahead.iter().find(|h| &h.name == done)
+                {
+                    spool.mark_done(header)?;
+                }
+            }
             let left = others
                 .iter()
                 .filter(|(_, o)| matches!(o, Upload::Failed(_)))
@@ -166,6 +181,59 @@ pub(crate) async fn push(
             }
         }
     }
+}
+
+/// Spools up to `n` segments PostgreSQL has marked ready after `own` (its
+/// `archive_status/*.ready` beside `path`), so they go up in parallel with the queue, as
+/// pgBackRest's asynchronous push does; PostgreSQL's later call for each then only checks its
+/// bytes against the record left by [`Spool::mark_done`]. Anything unreadable is left to that
+/// later call.
+fn spool_ahead(
+    spool: &Spool,
+    path: &Path,
+    own: &WalName,
+    n: usize,
+    encoding: &Encoding,
+) -> Vec<Header> {
+    let Some(dir) = path.parent() else {
+        return Vec::new();
+    };
+    let mut ready: Vec<WalName> = std::fs::read_dir(dir.join("archive_status"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e
+                .file_name()
+                .to_str()?
+                .strip_suffix(".ready")?
+                .parse::<WalName>()
+                .ok()?;
+            (name.kind() == crate::wal::WalKind::Segment && name > *own).then_some(name)
+        })
+        .collect();
+    ready.sort();
+    ready.truncate(n);
+    let mut spooled = Vec::new();
+    for name in ready {
+        let file = dir.join(name.as_str());
+        let Ok((size, sha256)) = wal::hash_file(&file) else {
+            continue;
+        };
+        let header = Header {
+            name,
+            size,
+            sha256,
+            encrypted: !encoding.recipients.is_empty(),
+        };
+        if spool.header(&header.name).is_none()
+            && tokio::task::block_in_place(|| spool.write(&header, &file, encoding)).is_err()
+        {
+            continue;
+        }
+        spooled.push(header);
+    }
+    spooled
 }
 
 /// `wal-push --drain`: uploads whatever the spool holds. Returns (stored, still queued).

@@ -68,14 +68,13 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 impl Spool {
     /// Opens (creating, mode 0700) and locks the spool at `dir`; waits for another holder.
     pub(crate) fn open(dir: &Path, max: u64) -> Result<Spool, Error> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir.join("rejected"))
-            .map_err(io_err(format!(
-                "creating the spool folder {}",
-                dir.display()
-            )))?;
+        for folder in [dir.join("rejected"), dir.join("done")] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&folder)
+                .map_err(io_err(format!("creating {}", folder.display())))?;
+        }
         let lock = File::options()
             .create(true)
             .truncate(false)
@@ -205,6 +204,34 @@ impl Spool {
             self.dir.display()
         )))?;
         sync_dir(&self.dir)
+    }
+
+    /// Records that `header`'s file, pushed ahead of PostgreSQL's call for it, is stored.
+    pub(crate) fn mark_done(&self, header: &Header) -> Result<(), Error> {
+        let path = self.dir.join("done").join(header.name.as_str());
+        fs::write(&path, format!("{} {}\n", header.size, header.sha256))
+            .map_err(io_err(format!("writing {}", path.display())))
+    }
+
+    /// Takes the record of a file pushed ahead: its size and SHA-256, if there is one. Records
+    /// of files older than `name` are dropped too: PostgreSQL archives in order, so nobody
+    /// will ask for them.
+    pub(crate) fn take_done(&self, name: &WalName) -> Option<(u64, String)> {
+        let done = self.dir.join("done");
+        for entry in fs::read_dir(&done).into_iter().flatten().flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n < name.as_str())
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let path = done.join(name.as_str());
+        let text = fs::read_to_string(&path).ok()?;
+        let _ = fs::remove_file(&path);
+        let (size, sha256) = text.trim().split_once(' ')?;
+        Some((size.parse().ok()?, sha256.to_owned()))
     }
 
     /// Bytes queued.
