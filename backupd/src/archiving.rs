@@ -121,6 +121,25 @@ pub(crate) async fn push(
             });
         }
         None => {
+            // The usual case: straight to the store, no local copy.
+            match upload_direct(store, &cluster.name, &header, path, &encoding).await {
+                Ok(Upload::Stored | Upload::AlreadyStored) => {
+                    let ahead = spool_ahead(&spool, path, &name, cluster.parallel - 1, &encoding);
+                    drain_after(&spool, store, cluster, &ahead).await?;
+                    return Ok(Pushed::Stored);
+                }
+                Ok(Upload::Conflict { stored_sha256 }) => {
+                    return Err(Error::WalConflict {
+                        name: name.to_string(),
+                        detail: format!(
+                            "the target holds other bytes under this name (sha256 \
+                             {stored_sha256}, this file {}): refusing to overwrite",
+                            header.sha256
+                        ),
+                    });
+                }
+                Ok(Upload::Failed(_)) | Err(_) => {}
+            }
             let (source, header_copy, encoding_copy) =
                 (path.to_owned(), header.clone(), encoding.clone());
             // The spool is locked by this process; the write is blocking file work.
@@ -134,21 +153,7 @@ pub(crate) async fn push(
     match own {
         Upload::Stored | Upload::AlreadyStored => {
             let ahead = spool_ahead(&spool, path, &name, cluster.parallel - 1, &encoding);
-            let others = spool::drain(&spool, store, &cluster.name, cluster.parallel, None).await?;
-            for (done, outcome) in &others {
-                if matches!(outcome, Upload::Stored | Upload::AlreadyStored)
-                    && let Some(header) = ahead.iter().find(|h| &h.name == done)
-                {
-                    spool.mark_done(header)?;
-                }
-            }
-            let left = others
-                .iter()
-                .filter(|(_, o)| matches!(o, Upload::Failed(_)))
-                .count();
-            if left > 0 {
-                tracing::warn!(left, "some spooled WAL files are still not stored");
-            }
+            drain_after(&spool, store, cluster, &ahead).await?;
             Ok(Pushed::Stored)
         }
         Upload::Conflict { stored_sha256 } => Err(Error::WalConflict {
@@ -159,27 +164,55 @@ pub(crate) async fn push(
                 header.sha256
             ),
         }),
-        Upload::Failed(cause) => {
-            let used = spool.used()?;
-            if used <= spool.max() {
-                tracing::warn!(
-                    wal = %name,
-                    spool_bytes = used,
-                    error = %labcore::exit::chain(&cause),
-                    "the target is unavailable: the WAL file is kept in the spool and will be \
-                     uploaded by the next wal-push"
-                );
-                Ok(Pushed::Spooled)
-            } else {
-                spool.remove(&name)?;
-                Err(Error::SpoolFull {
-                    name: name.to_string(),
-                    used,
-                    max: spool.max(),
-                    cause: labcore::exit::chain(&cause),
-                })
-            }
+        Upload::Failed(cause) => spooled_or_full(&spool, &name, &cause),
+    }
+}
+
+/// After a stored push: uploads the queue (and what was spooled ahead) in parallel.
+async fn drain_after(
+    spool: &Spool,
+    store: &Store,
+    cluster: &Cluster,
+    ahead: &[Header],
+) -> Result<(), Error> {
+    let others = spool::drain(spool, store, &cluster.name, cluster.parallel, None).await?;
+    for (done, outcome) in &others {
+        if matches!(outcome, Upload::Stored | Upload::AlreadyStored)
+            && let Some(header) = ahead.iter().find(|h| &h.name == done)
+        {
+            spool.mark_done(header)?;
         }
+    }
+    let left = others
+        .iter()
+        .filter(|(_, o)| matches!(o, Upload::Failed(_)))
+        .count();
+    if left > 0 {
+        tracing::warn!(left, "some spooled WAL files are still not stored");
+    }
+    Ok(())
+}
+
+/// The store failed: the file stays spooled if the spool has room, else PostgreSQL retries.
+fn spooled_or_full(spool: &Spool, name: &WalName, cause: &Error) -> Result<Pushed, Error> {
+    let used = spool.used()?;
+    if used <= spool.max() {
+        tracing::warn!(
+            wal = %name,
+            spool_bytes = used,
+            error = %labcore::exit::chain(cause),
+            "the target is unavailable: the WAL file is kept in the spool and will be \
+             uploaded by the next wal-push"
+        );
+        Ok(Pushed::Spooled)
+    } else {
+        spool.remove(name)?;
+        Err(Error::SpoolFull {
+            name: name.to_string(),
+            used,
+            max: spool.max(),
+            cause: labcore::exit::chain(cause),
+        })
     }
 }
 
@@ -234,6 +267,40 @@ fn spool_ahead(
         spooled.push(header);
     }
     spooled
+}
+
+/// Encodes the file straight into the store (after checking the name is free).
+async fn upload_direct(
+    store: &Store,
+    cluster: &str,
+    header: &Header,
+    path: &Path,
+    encoding: &Encoding,
+) -> Result<Upload, Error> {
+    let key = wal::object_key(cluster, &header.name);
+    if let Some(stored) = spool::stored_header(store, &key).await? {
+        if stored.sha256 == header.sha256 && stored.size == header.size {
+            return Ok(Upload::AlreadyStored);
+        }
+        return Ok(Upload::Conflict {
+            stored_sha256: stored.sha256,
+        });
+    }
+    let (writer, reader) = pipeline::channel();
+    let (source, header, encoding) = (path.to_owned(), header.clone(), encoding.clone());
+    let pump = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let input = std::fs::File::open(&source)?;
+        wal::encode(&header, input, writer, &encoding)?.close()
+    });
+    let stored = store.put_stream(&key, reader).await;
+    let pumped = pump
+        .await
+        .map_err(|e| Error::Internal(format!("encoding task: {e}")))?;
+    match (pumped, stored) {
+        (Ok(()), Ok(_)) => Ok(Upload::Stored),
+        (Err(err), _) => Err(Error::pipeline(err)),
+        (_, Err(err)) => Ok(Upload::Failed(err.into())),
+    }
 }
 
 /// `wal-push --drain`: uploads whatever the spool holds. Returns (stored, still queued).
