@@ -5,6 +5,7 @@ mod acme;
 mod bad_input;
 mod basic_auth;
 mod cli;
+mod corpus;
 mod differential;
 mod limits;
 mod paths;
