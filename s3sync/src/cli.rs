@@ -89,9 +89,25 @@ pub struct Cli {
 /// Flags every command takes.
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
-    /// A labkit TOML config whose [s3] table gives endpoint, region and credentials
+    /// The s3sync config: its [s3] table is the default store, each [store.NAME] table a store
+    /// that URLs name as s3://NAME/bucket/key [default: $XDG_CONFIG_HOME/labkit/s3sync.toml,
+    /// else ~/.config/labkit/s3sync.toml, when it exists]
     #[arg(long, short = 'c', value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
+
+    /// Bandwidth limit in bytes/s: RATE (512k, 8M, off), UP:DOWN (8M:off), or a timetable
+    /// "08:00,512k 23:00,off" (local time; rclone's syntax without weekdays)
+    #[arg(long, value_name = "RATE", global = true, value_parser = parse_bwlimit)]
+    pub bwlimit: Option<String>,
+
+    /// Requests per second to the stores at most (0: no limit)
+    #[arg(long, value_name = "N", default_value_t = 0.0, global = true)]
+    pub tpslimit: f64,
+
+    /// Live progress on stderr: auto (a display when stderr is a terminal), json (a line a
+    /// second, for scripts), none
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = ProgressMode::Auto, global = true)]
+    pub progress: ProgressMode,
 
     /// Per-transfer output on stdout: text (nothing but dry-run plans) or json (a line each)
     #[arg(long, value_enum, default_value_t = Format::Text, global = true)]
@@ -118,9 +134,25 @@ pub struct RunArgs {
     #[arg(long, global = true)]
     pub fsync: bool,
 
-    /// Never show a progress bar (it shows only when stderr is a terminal)
+    /// Never show a progress bar (the same as --progress none)
     #[arg(long, global = true)]
     pub no_progress: bool,
+}
+
+/// How a run shows its progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// A live display on stderr when it is a terminal, nothing otherwise.
+    Auto,
+    /// A JSON line a second on stderr.
+    Json,
+    /// Nothing but the final summary.
+    None,
+}
+
+/// Checks a `--bwlimit` value (it is parsed again where the limits are made).
+fn parse_bwlimit(text: &str) -> Result<String, String> {
+    crate::limit::Timetable::parse(text).map(|_| text.to_owned())
 }
 
 /// The commands.

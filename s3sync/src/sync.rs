@@ -84,7 +84,8 @@ pub(crate) enum Direction {
         /// The local folder.
         root: PathBuf,
     },
-    /// One S3 prefix to another, inside the store.
+    /// One S3 prefix to another: a server-side copy inside one store, streamed through this
+    /// process between two.
     Copy {
         /// The source prefix.
         from: S3Url,
@@ -177,8 +178,6 @@ pub(crate) struct TreeOptions {
     pub(crate) transfers: usize,
     /// Where state caches live; `None` turns the cache off ([`crate::cache`]).
     pub(crate) cache_folder: Option<PathBuf>,
-    /// The endpoint the cache files are kept for.
-    pub(crate) endpoint: String,
 }
 
 /// Share of the destination a sync may delete without `--force` or `--max-delete`.
@@ -210,7 +209,7 @@ async fn list(
             let (root, filter) = (root.clone(), filter.clone());
             blocking(move || Ok(list_local(&root, follow_links, &filter))).await
         }
-        Side::S3(url) => list_s3(&t.client, url, &url.key, filter).await,
+        Side::S3(url) => list_s3(t.client(url), url, &url.key, filter).await,
     }
 }
 
@@ -321,7 +320,7 @@ pub(crate) async fn run_tracked(
         })
         .collect();
     drop(index);
-    let cache = open_cache(&options, &direction);
+    let cache = open_cache(t, &options, &direction);
     let mut context = Arc::new(Context {
         t: t.clone(),
         direction,
@@ -530,7 +529,7 @@ async fn process(context: &Context, job: &Job) -> Outcome {
     if context.options.dry_run {
         return Outcome::Planned;
     }
-    context.t.progress.inc_length(job.src.size);
+    context.t.queue(job.src.size);
     match copy_one(context, job, copy.1).await {
         Ok(size) => Outcome::Copied(size),
         Err(err) => Outcome::Failed(err),
@@ -694,8 +693,12 @@ async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result
             }
             Ok(got.size)
         }
-        Direction::Copy { from, to } => {
+        Direction::Copy { from, to } if from.same_store(to) => {
             t.copy_object(&object(from, rel), &object(to, rel), job.src.size)
+                .await
+        }
+        Direction::Copy { from, to } => {
+            t.relay(&object(from, rel), &object(to, rel), job.src.size)
                 .await
         }
     }
@@ -733,7 +736,7 @@ fn remember_head(context: &Context, rel: &str, local: &Entry, listed: &Entry, in
 }
 
 /// The state cache of a folder and prefix pair, when the run moves data between them.
-fn open_cache(options: &TreeOptions, direction: &Direction) -> Option<Cache> {
+fn open_cache(t: &Transfers, options: &TreeOptions, direction: &Direction) -> Option<Cache> {
     let folder = options.cache_folder.as_ref()?;
     let (root, url) = match direction {
         Direction::Upload { root, to: url } | Direction::Download { from: url, root } => {
@@ -741,7 +744,7 @@ fn open_cache(options: &TreeOptions, direction: &Direction) -> Option<Cache> {
         }
         Direction::Copy { .. } => return None,
     };
-    let cache = Cache::load(folder, &options.endpoint, &url.bucket, &url.key, root);
+    let cache = Cache::load(folder, t.stores.endpoint(url), &url.bucket, &url.key, root);
     tracing::debug!(path = %cache.path().display(), "state cache");
     Some(cache)
 }
@@ -803,7 +806,7 @@ pub(crate) async fn delete_objects(
             .build()
             .map_err(|e| Error::Usage(format!("building a delete request: {e}")))?;
         let out = t
-            .client
+            .client(first)
             .delete_objects()
             .bucket(&first.bucket)
             .delete(delete)
