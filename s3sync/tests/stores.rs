@@ -1,0 +1,154 @@
+//! Acceptance: named stores from the config, two S3 servers in one run: trees and large objects
+//! go from one store to the other and back byte-identical, a second sync moves nothing, and
+//! `check` finds what differs.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Rng, Run, past, run, snapshot, write_file};
+use testkit::{ProcBuilder, S3Server, Scratch};
+
+/// A config naming `servers` as stores `a`, `b`, ... with the test credentials, the secret
+/// of the second one from a file.
+fn config(scratch: &Scratch, servers: &[&S3Server]) -> std::path::PathBuf {
+    let mut text = String::new();
+    for (i, server) in servers.iter().enumerate() {
+        let name = (b'a' + i as u8) as char;
+        text.push_str(&format!(
+            "[store.{name}]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\n",
+            server.endpoint(),
+            testkit::s3::REGION,
+            testkit::s3::ACCESS_KEY
+        ));
+        if i == 1 {
+            let secret = scratch.join("b.secret");
+            std::fs::write(&secret, format!("{}\n", testkit::s3::SECRET_KEY)).unwrap();
+            text.push_str("secret_access_key_file = \"b.secret\"\n\n");
+        } else {
+            text.push_str(&format!(
+                "secret_access_key = \"{}\"\n\n",
+                testkit::s3::SECRET_KEY
+            ));
+        }
+    }
+    let path = scratch.join("s3sync.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// s3sync with only the config: no `AWS_*` store in the environment.
+fn s3sync_with(config: &Path, args: &[&str]) -> Run {
+    run(ProcBuilder::new(env!("CARGO_BIN_EXE_s3sync"))
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .arg("-c")
+        .arg(config)
+        .args(args))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tree_and_a_large_file_go_store_to_store_and_back_identical_and_resync_nothing() {
+    let (one, two) = (S3Server::start().unwrap(), S3Server::start().unwrap());
+    let (b1, b2, b3) = (
+        one.bucket().await.unwrap(),
+        two.bucket().await.unwrap(),
+        one.bucket().await.unwrap(),
+    );
+    let scratch = Scratch::new("stores").unwrap();
+    let config = config(&scratch, &[&one, &two]);
+    let src = scratch.join("src");
+    let mut rng = Rng::new(24);
+    for i in 0..2000 {
+        let path = src.join(format!("d{}", i % 37)).join(format!("f {i}"));
+        let len = rng.below(4_000) as usize;
+        let body = rng.bytes(len);
+        write_file(&path, &body, past(&mut rng));
+    }
+    // The 600 MB file, scaled to 64 MiB so a debug build moves it in seconds: with
+    // 5 MiB parts it still takes 13 parts, streamed through ranged GETs into a multipart upload.
+    let large = rng.bytes(64 << 20);
+    write_file(&src.join("large.bin"), &large, past(&mut rng));
+
+    let a1 = format!("s3://a/{b1}/tree");
+    let b2 = format!("s3://b/{b2}/tree");
+    let a3 = format!("s3://a/{b3}/tree");
+    let part = ["--part-size", "5M"];
+    let up = s3sync_with(
+        &config,
+        &[&["sync", src.to_str().unwrap(), &a1], &part[..]].concat(),
+    );
+    up.expect(0);
+    assert!(up.stderr.contains("2001 transferred"), "{}", up.stderr);
+
+    let across = s3sync_with(
+        &config,
+        &[&["sync", &a1, &b2, "--format", "json"], &part[..]].concat(),
+    );
+    across.expect(0);
+    assert_eq!(across.lines().len(), 2001, "{}", across.stderr);
+    assert!(
+        across
+            .lines()
+            .iter()
+            .all(|l| l["action"] == "copy" && l["status"] == "ok")
+    );
+    let back = s3sync_with(&config, &[&["sync", &b2, &a3], &part[..]].concat());
+    back.expect(0);
+    assert!(back.stderr.contains("2001 transferred"), "{}", back.stderr);
+
+    let local = scratch.join("back");
+    s3sync_with(&config, &["sync", &a3, local.to_str().unwrap()]).expect(0);
+    let (want, got) = (snapshot(&src), snapshot(&local));
+    assert_eq!(want.len(), 2001);
+    assert!(want == got, "the tree changed on its way a -> b -> a");
+
+    let again = s3sync_with(&config, &["sync", &a1, &b2, "--format", "json"]);
+    again.expect(0);
+    assert!(again.lines().is_empty(), "{}", again.stdout);
+    assert!(again.stderr.contains("0 transferred"), "{}", again.stderr);
+    assert!(again.stderr.contains("2001 unchanged"), "{}", again.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cp_ls_cat_and_rm_work_on_named_stores_and_a_bad_config_names_its_line() {
+    let (one, two) = (S3Server::start().unwrap(), S3Server::start().unwrap());
+    let (b1, b2) = (one.bucket().await.unwrap(), two.bucket().await.unwrap());
+    let scratch = Scratch::new("stores-cp").unwrap();
+    let config = config(&scratch, &[&one, &two]);
+    let file = scratch.join("notes.txt");
+    std::fs::write(&file, b"hello from a").unwrap();
+    let a = format!("s3://a/{b1}/notes.txt");
+    let b = format!("s3://b/{b2}/copy.txt");
+    s3sync_with(&config, &["cp", file.to_str().unwrap(), &a]).expect(0);
+    s3sync_with(&config, &["cp", &a, &b]).expect(0);
+    let cat = s3sync_with(&config, &["cat", &b]);
+    cat.expect(0);
+    assert_eq!(cat.stdout, "hello from a");
+    let ls = s3sync_with(&config, &["ls", &format!("s3://b/{b2}/")]);
+    ls.expect(0);
+    assert!(ls.stdout.contains("copy.txt"), "{}", ls.stdout);
+    let buckets = s3sync_with(&config, &["ls", "s3://b"]);
+    buckets.expect(0);
+    assert!(buckets.stdout.contains(&b2), "{}", buckets.stdout);
+    assert!(!buckets.stdout.contains(&b1), "{}", buckets.stdout);
+    s3sync_with(&config, &["rm", &b]).expect(0);
+    s3sync_with(&config, &["cat", &b]).expect(66);
+
+    let bad = scratch.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[store.a]\nendpoint = \"http://127.0.0.1:1\"\nsecret_access_key = \"do-not-print-me\"\nacess_key_id = \"K\"\n",
+    )
+    .unwrap();
+    let out = s3sync_with(&bad, &["ls", "s3://a/x-bucket/"]);
+    out.expect(78);
+    assert!(
+        out.stderr.contains(&format!("{}:4:", bad.display())),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("acess_key_id"), "{}", out.stderr);
+    assert!(!out.stderr.contains("do-not-print-me"), "{}", out.stderr);
+}
