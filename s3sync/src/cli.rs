@@ -283,6 +283,48 @@ EXAMPLES:
         /// s3://bucket
         url: String,
     },
+    /// Compare two trees (folders, prefixes, stores) and list every difference; exit 1 if any.
+    #[command(after_long_help = "NOTES:
+    Entries are compared by size, and with --checksum also by MD5: a local file's, an
+    object's plain ETag, or its md5chksum metadata (which s3sync writes on multipart objects).
+    An object with none of these cannot be proven equal and counts as a difference
+    (unverifiable). Each difference is a line on stdout:
+    `missing-in-destination REL`, `missing-in-source REL`, `size-differs REL`,
+    `content-differs REL`, `unverifiable REL` (--format json: {\"difference\":..,\"path\":..}).
+
+EXAMPLES:
+  s3sync check ./photos s3://media/photos
+  s3sync check --checksum s3://home/media/photos s3://offsite/media/photos")]
+    Check {
+        /// Source folder or s3://[STORE/]bucket/prefix
+        src: String,
+        /// Destination folder or s3://[STORE/]bucket/prefix
+        dst: String,
+        /// Also compare content (MD5)
+        #[arg(long)]
+        checksum: bool,
+        #[command(flatten)]
+        tree: TreeArgs,
+    },
+    /// Abort multipart uploads left behind (interrupted uploads nobody resumed).
+    #[command(after_long_help = "NOTES:
+    An interrupted upload of a large file keeps its parts so the next run of the same upload
+    resumes it; cleanup aborts those begun more than --older-than ago, and any other tool's
+    left-over uploads under the prefix, freeing the space their parts take.
+
+EXAMPLES:
+  s3sync cleanup s3://media
+  s3sync cleanup --older-than 1h --dry-run s3://offsite/backups/")]
+    Cleanup {
+        /// s3://[STORE/]bucket[/prefix]
+        url: String,
+        /// Only uploads begun longer ago than this, e.g. 30m, 12h, 7d
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+        older_than: Duration,
+        /// List what would be aborted, abort nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Sync a local folder to S3, then keep syncing it as files change (inotify).
     #[command(after_long_help = "NOTES:
     A full sync runs first; then changed files are uploaded once they have been
@@ -382,7 +424,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(number)),
         "" | "s" => Ok(Duration::from_secs(number)),
         "m" => Ok(Duration::from_secs(number * 60)),
-        _ => Err(format!("{text:?}: unknown unit (use ms, s or m)")),
+        "h" => Ok(Duration::from_secs(number * 3600)),
+        "d" => Ok(Duration::from_secs(number * 86_400)),
+        _ => Err(format!("{text:?}: unknown unit (use ms, s, m, h or d)")),
     }
 }
 
@@ -406,6 +450,7 @@ mod tests {
         assert!(parse_size("M").is_err());
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("2h").is_err());
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("2w").is_err());
     }
 }

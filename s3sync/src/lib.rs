@@ -13,6 +13,7 @@
 
 mod bucket;
 mod cache;
+mod check;
 pub mod cli;
 mod error;
 mod filter;
@@ -20,6 +21,7 @@ mod limit;
 mod location;
 mod meta;
 mod report;
+mod resume;
 mod store;
 mod sync;
 mod transfer;
@@ -117,6 +119,7 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
         files: report.files(),
         cancel: signals.shutdown(),
         fsync: cli.run.fsync,
+        resume_folder: resume::folder(&env),
     };
     let cache_folder = cache::Cache::folder(&env);
     let names = &names;
@@ -228,6 +231,41 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
             report.summary();
             result
         }
+        Command::Cleanup {
+            url,
+            older_than,
+            dry_run,
+        } => {
+            let url = s3_url(url, names)?;
+            let found = resume::cleanup(
+                &transfers,
+                &url,
+                *older_than,
+                *dry_run,
+                cli.run.format == labcore::Format::Json,
+            )
+            .await?;
+            eprintln!(
+                "s3sync: {found} multipart uploads older than {}s {}",
+                older_than.as_secs(),
+                if *dry_run {
+                    "found (dry run)"
+                } else {
+                    "aborted"
+                }
+            );
+            Ok(())
+        }
+        Command::Check {
+            src,
+            dst,
+            checksum,
+            tree,
+        } => {
+            let direction = tree_direction(src, dst, names)?;
+            let filter = make_filter(tree)?;
+            check::run(&transfers, direction, &filter, *checksum, cli.run.format).await
+        }
         Command::Mb { url } => {
             let url = s3_url(url, names)?;
             bucket::mb(transfers.client(&url), &url).await
@@ -284,7 +322,11 @@ fn command_urls(command: &Command) -> Vec<&str> {
         | Command::Sync { src, dst, .. }
         | Command::Watch { src, dst, .. } => vec![src, dst],
         Command::Ls { url, .. } => url.iter().map(String::as_str).collect(),
-        Command::Cat { url } | Command::Rm { url, .. } | Command::Mb { url } => vec![url],
+        Command::Cat { url }
+        | Command::Rm { url, .. }
+        | Command::Mb { url }
+        | Command::Cleanup { url, .. } => vec![url],
+        Command::Check { src, dst, .. } => vec![src, dst],
     }
 }
 

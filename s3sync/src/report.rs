@@ -31,6 +31,8 @@ pub(crate) struct Files {
     pub(crate) total: AtomicU64,
     /// Files whose transfer finished.
     pub(crate) done: AtomicU64,
+    /// Parts of interrupted uploads found on the store and not sent again.
+    pub(crate) resumed_parts: AtomicU64,
 }
 
 /// What was done to one file or object.
@@ -267,6 +269,12 @@ impl Report {
         );
         if self.planned > 0 {
             text.push_str(&format!(", {} planned (dry run)", self.planned));
+        }
+        let resumed = self.files.resumed_parts.load(Ordering::Relaxed);
+        if resumed > 0 {
+            text.push_str(&format!(
+                ", {resumed} parts already stored were kept (resumed uploads)"
+            ));
         }
         text.push_str(&format!(" in {:.2}s", elapsed.as_secs_f64()));
         eprintln!("{text}");

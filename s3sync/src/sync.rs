@@ -46,7 +46,7 @@ pub(crate) enum Side {
 
 impl Side {
     /// Where entry `rel` lives on this side, for messages.
-    fn display(&self, rel: &str) -> String {
+    pub(crate) fn display(&self, rel: &str) -> String {
         match self {
             Side::Local(root) => local_path(root, rel).display().to_string(),
             Side::S3(url) => object(url, rel).to_string(),
@@ -62,7 +62,7 @@ impl Side {
 }
 
 /// The object of entry `rel` under the prefix `url`.
-fn object(url: &S3Url, rel: &str) -> S3Url {
+pub(crate) fn object(url: &S3Url, rel: &str) -> S3Url {
     url.with_key(format!("{}{rel}", url.key))
 }
 
@@ -184,7 +184,7 @@ pub(crate) struct TreeOptions {
 const DEFAULT_DELETE_SHARE: f64 = 0.5;
 
 /// Lists one side; a missing local destination is an empty one.
-async fn list(
+pub(crate) async fn list(
     t: &Transfers,
     side: &Side,
     filter: &Filter,

@@ -45,6 +45,7 @@ use crate::limit::{CHUNK, Limits};
 use crate::location::S3Url;
 use crate::meta;
 use crate::report::Files;
+use crate::resume;
 use crate::store::Stores;
 
 /// Objects up to this size (known from a listing) download with one GET held in memory and
@@ -78,6 +79,8 @@ pub(crate) struct Transfers {
     pub(crate) cancel: CancellationToken,
     /// Flush downloaded files to disk before renaming them into place.
     pub(crate) fsync: bool,
+    /// Where the state of resumable uploads is kept (`None`: uploads cannot resume).
+    pub(crate) resume_folder: Option<PathBuf>,
 }
 
 /// What an object holds, from `HeadObject` or `GetObject`.
@@ -365,12 +368,10 @@ impl Transfers {
             self.progress.inc(read);
             return Ok(FileUpload::new(path, size, read, mtime, etag, date));
         };
-        let options = self.upload_options(Some(size), metadata);
         let _permit = self.large.acquire().await.map_err(|_| Error::Interrupted)?;
-        let reader = Metered::new(tokio::fs::File::from_std(file), self);
-        let stored = upload(self.client(dst), &dst.bucket, &dst.key, reader, &options)
+        let stored = resume::upload_file(self, path, file, dst, size, mtime, metadata)
             .await
-            .map_err(|e| self.interrupted_or(e.into()))?;
+            .map_err(|e| self.interrupted_or(e))?;
         Ok(FileUpload::new(
             path,
             size,
