@@ -7,10 +7,11 @@
 //! the last one of the day also holds from midnight until the first (weekday entries are not
 //! supported). Rates are bytes per second with binary units.
 //!
-//! Each limit is a virtual-time token bucket: a caller asking for `n` bytes gets the next free
-//! slot and moves the slot on by `n / rate`, so the bytes of all transfers together never run
-//! ahead of the rate, and the error over any stretch is at most one request (64 KiB, or a small
-//! object), not a burst. Idle time is not saved up. The rate is looked up in the timetable at
+//! Each limit is a virtual-time token bucket: a caller asking for `n` bytes takes the next
+//! `n / rate` seconds of the limit's time line and waits until they have passed, so the bytes
+//! of all transfers together never run ahead of the rate, not even the first ones (no burst),
+//! and a transfer takes what its size allows to within the last request's latency. Idle time
+//! is not saved up. The rate is looked up in the timetable at
 //! every request, through a [`Clock`] that tests replace, so a switch at a boundary applies
 //! from the first request after it.
 
@@ -171,13 +172,15 @@ struct Bucket {
 }
 
 impl Bucket {
-    /// Reserves `amount` units at `now`; returns when the caller may go, `None` for at once.
+    /// Reserves `amount` units at `now`; returns when the caller may go (the end of its
+    /// slot), `None` for at once.
     fn reserve(&self, amount: u64, now: Instant, minute: u32) -> Option<Instant> {
         let rate = (self.pick)(&self.timetable.at(minute))?;
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
         let start = next.map_or(now, |n| n.max(now));
-        *next = Some(start + Duration::from_secs_f64(amount as f64 / rate as f64));
-        (start > now).then_some(start)
+        let end = start + Duration::from_secs_f64(amount as f64 / rate as f64);
+        *next = Some(end);
+        (end > now).then_some(end)
     }
 }
 
@@ -350,14 +353,13 @@ mod tests {
         // 08:00: 1 MiB/s from the first request after the boundary.
         clock.state.lock().unwrap().1 = 8 * 60;
         let (now, minute) = at(&clock);
-        assert_eq!(up.reserve(MIB, now, minute), None);
         assert_eq!(
             up.reserve(MIB, now, minute),
             Some(now + Duration::from_secs(1))
         );
         assert_eq!(
             up.reserve(MIB / 2, now, minute),
-            Some(now + Duration::from_secs(2))
+            Some(now + Duration::from_millis(1500))
         );
         // 23:00: off again, at once.
         clock.state.lock().unwrap().1 = 23 * 60;
@@ -380,26 +382,28 @@ mod tests {
         for _ in 0..(60 * MIB / CHUNK as u64) {
             last = down.reserve(CHUNK as u64, now, 0);
         }
-        // 60 MiB at 1 MiB/s: the last chunk starts one chunk short of 60 s.
-        let want = Duration::from_secs(60) - Duration::from_secs_f64(CHUNK as f64 / MIB as f64);
+        // 60 MiB at 1 MiB/s: the last chunk may go at 60 s.
+        let want = Duration::from_secs(60);
         let got = last.unwrap() - now;
         assert!(
             (got.as_secs_f64() - want.as_secs_f64()).abs() < 1e-6,
             "{got:?}"
         );
-        // After a long idle stretch the first request goes at once, the second waits.
+        // After a long idle stretch nothing was saved up: 1 MiB still takes a second.
         let later = now + Duration::from_secs(3600);
-        assert_eq!(down.reserve(MIB, later, 0), None);
         assert_eq!(
-            down.reserve(1, later, 0),
+            down.reserve(MIB, later, 0),
             Some(later + Duration::from_secs(1))
         );
         // Two requests per second.
         let requests = inner.requests.as_ref().unwrap();
-        assert_eq!(requests.reserve(1_000_000, now, 0), None);
         assert_eq!(
             requests.reserve(1_000_000, now, 0),
             Some(now + Duration::from_millis(500))
+        );
+        assert_eq!(
+            requests.reserve(1_000_000, now, 0),
+            Some(now + Duration::from_millis(1000))
         );
     }
 }

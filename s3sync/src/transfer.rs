@@ -365,7 +365,6 @@ impl Transfers {
             }
             let read = data.len() as u64;
             let (etag, date) = self.put_small(dst, Bytes::from(data), metadata).await?;
-            self.progress.inc(read);
             return Ok(FileUpload::new(path, size, read, mtime, etag, date));
         };
         let _permit = self.large.acquire().await.map_err(|_| Error::Interrupted)?;
@@ -390,7 +389,14 @@ impl Transfers {
         data: Bytes,
         metadata: Vec<(String, String)>,
     ) -> Result<(Option<String>, Option<i64>), Error> {
-        self.limits.up(data.len()).await;
+        // Paced chunk by chunk, so the progress display moves while a limit holds it back.
+        let mut left = data.len();
+        while left > 0 {
+            let step = left.min(CHUNK);
+            self.limits.up(step).await;
+            self.progress.inc(step as u64);
+            left -= step;
+        }
         self.limits.request().await;
         let date = ServerDate::default();
         let mut request = self
@@ -759,7 +765,6 @@ impl Transfers {
             if body.len() <= self.part_size {
                 let len = body.len() as u64;
                 self.put_small(dst, body, metadata(&info, false)).await?;
-                self.progress.inc(len);
                 return Ok(len);
             }
             // It grew since the listing: stream it below.

@@ -152,3 +152,63 @@ async fn cp_ls_cat_and_rm_work_on_named_stores_and_a_bad_config_names_its_line()
     assert!(out.stderr.contains("acess_key_id"), "{}", out.stderr);
     assert!(!out.stderr.contains("do-not-print-me"), "{}", out.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_lists_a_changed_and_a_missing_object_and_exits_1() {
+    let (one, two) = (S3Server::start().unwrap(), S3Server::start().unwrap());
+    let (b1, b2) = (one.bucket().await.unwrap(), two.bucket().await.unwrap());
+    let scratch = Scratch::new("stores-check").unwrap();
+    let config = config(&scratch, &[&one, &two]);
+    let src = scratch.join("src");
+    for (name, body) in [
+        ("same.txt", "same"),
+        ("changed.txt", "before"),
+        ("gone.txt", "x"),
+    ] {
+        write_file(&src.join(name), body.as_bytes(), past(&mut Rng::new(3)));
+    }
+    let (a, b) = (format!("s3://a/{b1}/t"), format!("s3://b/{b2}/t"));
+    s3sync_with(&config, &["sync", src.to_str().unwrap(), &a]).expect(0);
+    s3sync_with(&config, &["sync", &a, &b]).expect(0);
+    s3sync_with(&config, &["check", &a, &b]).expect(0);
+    s3sync_with(&config, &["check", "--checksum", &a, &b]).expect(0);
+
+    // Same size, other bytes; and one object gone.
+    let client = two.client().await;
+    client
+        .put_object()
+        .bucket(&b2)
+        .key("t/changed.txt")
+        .body(b"BEFORE".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    client
+        .delete_object()
+        .bucket(&b2)
+        .key("t/gone.txt")
+        .send()
+        .await
+        .unwrap();
+    let sizes = s3sync_with(&config, &["check", &a, &b]);
+    sizes.expect(1);
+    assert_eq!(sizes.stdout, "missing-in-destination gone.txt\n");
+    let content = s3sync_with(&config, &["check", "--checksum", &a, &b]);
+    content.expect(1);
+    assert_eq!(
+        content.stdout,
+        "content-differs changed.txt\nmissing-in-destination gone.txt\n"
+    );
+    assert!(
+        content.stderr.contains("2 differences"),
+        "{}",
+        content.stderr
+    );
+    // A local folder against a store, the other way round.
+    let local = s3sync_with(&config, &["check", "--checksum", &b, src.to_str().unwrap()]);
+    local.expect(1);
+    assert_eq!(
+        local.stdout,
+        "content-differs changed.txt\nmissing-in-source gone.txt\n"
+    );
+}
