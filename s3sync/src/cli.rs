@@ -11,8 +11,24 @@ use labcore::s3::S3Args;
 const ABOUT_LONG: &str = "\
 Copy, sync and stream between local files and S3 buckets (MinIO, Garage, Ceph RGW, AWS).
 
-Locations are local paths, - for standard input or output, or s3://BUCKET/KEY. Keys are taken
-literally: spaces, +, %, # and unicode need no escaping beyond the shell's.
+Locations are local paths, - for standard input or output, s3://BUCKET/KEY on the default
+store, or s3://STORE/BUCKET/KEY on a store named in the config. Keys are taken literally:
+spaces, +, %, # and unicode need no escaping beyond the shell's.
+
+Named stores are [store.NAME] tables of the config (-c FILE, else
+$XDG_CONFIG_HOME/labkit/s3sync.toml or ~/.config/labkit/s3sync.toml when it exists) with
+endpoint, region, path_style, profile, access_key_id, secret_access_key or
+secret_access_key_file (else the systemd credential store.NAME.secret_access_key, else the
+AWS_* variables and profiles), ca_bundle and storage_class. A first URL segment that names a
+configured store means that store; any other is a bucket of the default store, as before. A
+bucket of the default store named like a store is reached as s3://_/BUCKET/KEY. Between two
+objects of one store, copies are server-side; between two stores they stream through s3sync
+(ranged GETs into a multipart upload, in bounded memory).
+
+An upload of a file larger than one part that is cut short (a store gone, a signal, kill -9)
+keeps its parts; the next upload of the same file to the same key resumes it after checking
+the stored parts against the file (state in $XDG_STATE_HOME/labkit/s3sync/uploads, else
+~/.local/state/...). s3sync cleanup aborts uploads nobody resumed.
 
 Request settings, chosen so every S3 store accepts them:
   - path-style addressing (ENDPOINT/BUCKET/KEY) for every endpoint outside amazonaws.com,
@@ -53,9 +69,14 @@ EXAMPLES:
   Keep uploading a folder as it changes:
     s3sync watch --delete /srv/www s3://site/www
 
+  From MinIO at home to an off-site store, at most 2 MiB/s by day, then compare:
+    s3sync sync --bwlimit '08:00,2M 23:00,off' s3://home/media s3://offsite/media
+    s3sync check --checksum s3://home/media s3://offsite/media
+
 EXIT STATUS:
     0   every transfer succeeded
-    1   some transfers failed (each is reported on stderr); the others were done
+    1   some transfers failed (each is reported on stderr); the others were done; check
+        found differences
     64  bad usage or location
     65  bad data: a download that does not match its object, an unusable key, a sync refused
         by the deletion limit

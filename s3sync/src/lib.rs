@@ -238,7 +238,8 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
         } => {
             let url = s3_url(url, names)?;
             let found = resume::cleanup(
-                &transfers,
+                transfers.client(&url),
+                &transfers.limits,
                 &url,
                 *older_than,
                 *dry_run,

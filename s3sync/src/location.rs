@@ -1,5 +1,5 @@
 //! Where data comes from and goes to: a local path, `-` for stdin/stdout, or `s3://bucket/key`,
-//! or `s3://STORE/bucket/key` on a named store of the config ([`crate::store`]).
+//! or `s3://STORE/bucket/key` on a named store of the config (see the `store` module).
 //!
 //! A URL's first segment names a store when a store of that name is configured; otherwise it
 //! is a bucket of the default store (flags, `[s3]`, `AWS_*`), so invocations written before

@@ -32,7 +32,14 @@ pub(crate) struct Files {
     /// Files whose transfer finished.
     pub(crate) done: AtomicU64,
     /// Parts of interrupted uploads found on the store and not sent again.
-    pub(crate) resumed_parts: AtomicU64,
+    resumed_parts: Arc<AtomicU64>,
+}
+
+impl Files {
+    /// The count of resumed parts, for the uploads to add to.
+    pub(crate) fn clone_resumed(&self) -> Arc<AtomicU64> {
+        self.resumed_parts.clone()
+    }
 }
 
 /// What was done to one file or object.

@@ -27,12 +27,14 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::CompletedPart;
 use bytes::Bytes;
+use indicatif::ProgressBar;
 use labcore::Env;
 use labcore::Exit;
 use labcore::s3::upload::{
@@ -41,12 +43,48 @@ use labcore::s3::upload::{
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::limit::CHUNK;
+use crate::limit::{CHUNK, Limits};
 use crate::location::S3Url;
 use crate::meta;
-use crate::transfer::{Transfers, blocking};
+
+/// What a resumable upload needs from the run (the transfer layer builds it: this module sits
+/// below it).
+#[derive(Clone)]
+pub(crate) struct Uploader {
+    /// The client of the destination's store.
+    pub(crate) client: Client,
+    /// The destination store's endpoint, naming the state file.
+    pub(crate) endpoint: String,
+    /// Where state files live (`None`: uploads cannot resume).
+    pub(crate) state_folder: Option<PathBuf>,
+    /// First part size.
+    pub(crate) part_size: usize,
+    /// Parts in flight.
+    pub(crate) part_concurrency: usize,
+    /// Bandwidth and request limits.
+    pub(crate) limits: Limits,
+    /// Bytes moved.
+    pub(crate) progress: ProgressBar,
+    /// Cancelled by a stop signal.
+    pub(crate) cancel: CancellationToken,
+    /// Parts found stored and kept, for the run's summary.
+    pub(crate) resumed_parts: Arc<AtomicU64>,
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Runtime {
+            what: "a file task failed",
+            source: io::Error::other(e),
+        })?
+}
 
 /// What a state file records about one upload in progress.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +208,7 @@ pub(crate) struct Resumed {
 /// upload that a later run can resume; see the module's comment.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn upload_file(
-    t: &Transfers,
+    t: &Uploader,
     path: &Path,
     file: File,
     dst: &S3Url,
@@ -178,13 +216,13 @@ pub(crate) async fn upload_file(
     mtime: Option<SystemTime>,
     metadata: Vec<(String, String)>,
 ) -> Result<Resumed, Error> {
-    let client = t.client(dst).clone();
+    let client = t.client.clone();
     let base = base_part_size(size, t.part_size);
     let parts = plan(size, base);
     let file = Arc::new(file);
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
     let record = Record {
-        endpoint: t.stores.endpoint(dst).to_owned(),
+        endpoint: t.endpoint.clone(),
         bucket: dst.bucket.clone(),
         key: dst.key.clone(),
         upload_id: String::new(),
@@ -194,7 +232,7 @@ pub(crate) async fn upload_file(
         part_size: base as u64,
     };
     let state = t
-        .resume_folder
+        .state_folder
         .as_deref()
         .map(|f| state_path(f, &record.endpoint, dst));
 
@@ -222,9 +260,8 @@ pub(crate) async fn upload_file(
                     parts = parts.len(),
                     "resuming an interrupted upload"
                 );
-                t.files
-                    .resumed_parts
-                    .fetch_add(kept.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                t.resumed_parts
+                    .fetch_add(kept.len() as u64, Ordering::Relaxed);
                 stored = kept;
                 upload_id = Some(old.upload_id);
             }
@@ -318,7 +355,7 @@ pub(crate) async fn upload_file(
 /// The stored parts of `upload_id` that hold exactly the planned bytes of the file; `None`
 /// when the upload is gone or holds a part that does not match.
 async fn matching_parts(
-    t: &Transfers,
+    t: &Uploader,
     client: &Client,
     dst: &S3Url,
     upload_id: &str,
@@ -361,7 +398,7 @@ async fn matching_parts(
 }
 
 async fn create(
-    t: &Transfers,
+    t: &Uploader,
     client: &Client,
     dst: &S3Url,
     metadata: Vec<(String, String)>,
@@ -390,7 +427,7 @@ async fn create(
 
 /// One part: read at its offset, paced by `--bwlimit`, sent.
 struct PartUpload {
-    t: Transfers,
+    t: Uploader,
     client: Client,
     dst: S3Url,
     upload_id: String,
@@ -481,20 +518,20 @@ fn remove_state(path: &Path) {
 /// `s3sync cleanup`: aborts the multipart uploads under `url` begun more than `older_than`
 /// ago; returns how many were found.
 pub(crate) async fn cleanup(
-    t: &Transfers,
+    client: &Client,
+    limits: &Limits,
     url: &S3Url,
     older_than: Duration,
     dry_run: bool,
     json: bool,
 ) -> Result<usize, Error> {
-    let client = t.client(url);
     let cutoff = SystemTime::now()
         .checked_sub(older_than)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut found = 0;
     let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
     loop {
-        t.limits.request().await;
+        limits.request().await;
         let out = client
             .list_multipart_uploads()
             .bucket(&url.bucket)

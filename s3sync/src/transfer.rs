@@ -368,7 +368,18 @@ impl Transfers {
             return Ok(FileUpload::new(path, size, read, mtime, etag, date));
         };
         let _permit = self.large.acquire().await.map_err(|_| Error::Interrupted)?;
-        let stored = resume::upload_file(self, path, file, dst, size, mtime, metadata)
+        let uploader = resume::Uploader {
+            client: self.client(dst).clone(),
+            endpoint: self.stores.endpoint(dst).to_owned(),
+            state_folder: self.resume_folder.clone(),
+            part_size: self.part_size,
+            part_concurrency: self.part_concurrency,
+            limits: self.limits.clone(),
+            progress: self.progress.clone(),
+            cancel: self.cancel.clone(),
+            resumed_parts: self.files.clone_resumed(),
+        };
+        let stored = resume::upload_file(&uploader, path, file, dst, size, mtime, metadata)
             .await
             .map_err(|e| self.interrupted_or(e))?;
         Ok(FileUpload::new(
