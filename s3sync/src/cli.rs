@@ -121,7 +121,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "RATE", global = true, value_parser = parse_bwlimit)]
     pub bwlimit: Option<String>,
 
-    /// Requests per second to the stores at most (0: no limit)
+    /// Requests per second to the stores at most (0: no limit); counts listings, HEAD, GET,
+    /// PUT, the parts of file uploads, copies and deletions, not the parts of streamed uploads
     #[arg(long, value_name = "N", default_value_t = 0.0, global = true)]
     pub tpslimit: f64,
 

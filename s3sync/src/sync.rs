@@ -209,7 +209,7 @@ pub(crate) async fn list(
             let (root, filter) = (root.clone(), filter.clone());
             blocking(move || Ok(list_local(&root, follow_links, &filter))).await
         }
-        Side::S3(url) => list_s3(t.client(url), url, &url.key, filter).await,
+        Side::S3(url) => list_s3(t.client(url), &t.limits, url, &url.key, filter).await,
     }
 }
 
@@ -805,6 +805,7 @@ pub(crate) async fn delete_objects(
             .quiet(true)
             .build()
             .map_err(|e| Error::Usage(format!("building a delete request: {e}")))?;
+        t.limits.request().await;
         let out = t
             .client(first)
             .delete_objects()

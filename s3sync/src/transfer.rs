@@ -848,6 +848,7 @@ impl Transfers {
     ) -> Result<u64, Error> {
         let source = copy_source(src);
         if size <= MAX_COPY {
+            self.limits.request().await;
             self.client(dst)
                 .copy_object()
                 .copy_source(&source)

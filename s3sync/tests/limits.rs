@@ -127,3 +127,26 @@ async fn a_terminal_sees_the_live_progress_and_a_pipe_sees_only_the_summary() {
     assert_eq!(last["bytes_done"], 4 << 20);
     assert!(json.stderr.contains("1 transferred"), "{}", json.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tpslimit_spaces_the_requests_of_a_run() {
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let scratch = Scratch::new("tpslimit").unwrap();
+    for i in 0..20 {
+        std::fs::write(scratch.join(format!("src/f{i}")), b"x").unwrap_or_else(|_| {
+            std::fs::create_dir_all(scratch.join("src")).unwrap();
+            std::fs::write(scratch.join(format!("src/f{i}")), b"x").unwrap();
+        });
+    }
+    let src = scratch.join("src");
+    // 20 PUTs and 2 listings at 10 a second: at least 2.1 s; unlimited it takes a fraction.
+    let took = timed(
+        s3sync(&server)
+            .args(["--tpslimit", "10", "sync"])
+            .arg(&src)
+            .arg(format!("s3://{bucket}/t")),
+    );
+    assert!(took >= Duration::from_millis(2100), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}

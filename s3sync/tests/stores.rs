@@ -212,3 +212,50 @@ async fn check_lists_a_changed_and_a_missing_object_and_exits_1() {
         "content-differs changed.txt\nmissing-in-source gone.txt\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stores_storage_class_goes_with_every_object_it_writes() {
+    let (one, two) = (S3Server::start().unwrap(), S3Server::start_moto().unwrap());
+    let (b1, b2) = (one.bucket().await.unwrap(), two.bucket().await.unwrap());
+    let scratch = Scratch::new("stores-class").unwrap();
+    let config = config(&scratch, &[&one, &two]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("storage_class = \"STANDARD_IA\"\n");
+    std::fs::write(&config, text).unwrap();
+    let (small, large) = (scratch.join("small.txt"), scratch.join("large.bin"));
+    std::fs::write(&small, b"small").unwrap();
+    std::fs::write(&large, Rng::new(9).bytes(11 << 20)).unwrap();
+    let part = ["--part-size", "5M"];
+    for file in [&small, &large] {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let (a, b) = (format!("s3://a/{b1}/{name}"), format!("s3://b/{b2}/{name}"));
+        let up = format!("s3://b/{b2}/up-{name}");
+        s3sync_with(
+            &config,
+            &[&["cp", file.to_str().unwrap(), &a], &part[..]].concat(),
+        )
+        .expect(0);
+        // Streamed from store a, and uploaded from the file (multipart above 5 MiB).
+        s3sync_with(&config, &[&["cp", &a, &b], &part[..]].concat()).expect(0);
+        s3sync_with(
+            &config,
+            &[&["cp", file.to_str().unwrap(), &up], &part[..]].concat(),
+        )
+        .expect(0);
+    }
+    let client = two.client().await;
+    for key in ["small.txt", "large.bin", "up-small.txt", "up-large.bin"] {
+        let head = client
+            .head_object()
+            .bucket(&b2)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            head.storage_class().map(|c| c.as_str()),
+            Some("STANDARD_IA"),
+            "{key}"
+        );
+    }
+}
