@@ -19,8 +19,10 @@
 //! aborted and started over; one the store no longer knows is started over. The state file goes
 //! once the upload completes or is aborted.
 //!
-//! Failures keep the upload and its state file: the next run resumes it. Streams (standard
-//! input, store-to-store copies) cannot be read twice and keep labcore's abort-on-failure.
+//! Failures keep the upload and its state file: the next run resumes it. Without a state file
+//! (no `$HOME` or `$XDG_STATE_HOME`, or it could not be written) nothing could resume it, so a
+//! failure aborts it. Streams (standard input, store-to-store copies) cannot be read twice and
+//! keep labcore's abort-on-failure.
 
 use std::fs::File;
 use std::io;
@@ -275,23 +277,55 @@ pub(crate) async fn upload_file(
             }
         }
     }
-    let upload_id = match upload_id {
-        Some(id) => id,
+    // Whether a failure may leave the upload for the next run: only when a state file names it.
+    let (upload_id, resumable) = match upload_id {
+        Some(id) => (id, true),
         None => {
             let id = create(t, &client, dst, metadata).await?;
-            if let Some(state) = &state {
+            let saved = state.as_deref().is_some_and(|state| {
                 write_state(
                     state,
                     &Record {
                         upload_id: id.clone(),
                         ..record.clone()
                     },
-                );
-            }
-            id
+                )
+            });
+            (id, saved)
         }
     };
+    let result = send_parts(t, &client, dst, &upload_id, &parts, stored, &file, path).await;
+    match &result {
+        Ok(_) => {
+            if let Some(state) = &state {
+                remove_state(state);
+            }
+        }
+        Err(_) if !resumable => {
+            // Nothing could resume it: leave no parts behind.
+            if let AbortOutcome::Failed(id) =
+                abort_multipart(&client, &dst.bucket, &dst.key, &upload_id).await
+            {
+                tracing::warn!(%dst, upload_id = %id, "aborting the multipart upload failed; it is still open");
+            }
+        }
+        Err(_) => {}
+    }
+    result.map(|etag| Resumed { size, etag })
+}
 
+/// Uploads the parts not in `stored`, then completes the upload; returns its ETag.
+#[allow(clippy::too_many_arguments)]
+async fn send_parts(
+    t: &Uploader,
+    client: &Client,
+    dst: &S3Url,
+    upload_id: &str,
+    parts: &[(i32, u64, u64)],
+    stored: Vec<CompletedPart>,
+    file: &Arc<File>,
+    path: &Path,
+) -> Result<Option<String>, Error> {
     let have: std::collections::HashSet<i32> =
         stored.iter().filter_map(|p| p.part_number()).collect();
     let skipped: u64 = parts
@@ -315,7 +349,7 @@ pub(crate) async fn upload_file(
                 t: t.clone(),
                 client: client.clone(),
                 dst: dst.clone(),
-                upload_id: upload_id.clone(),
+                upload_id: upload_id.to_owned(),
                 file: file.clone(),
                 path: path.to_owned(),
             };
@@ -345,11 +379,7 @@ pub(crate) async fn upload_file(
         return Err(Error::Interrupted);
     }
     t.limits.request().await;
-    let etag = complete_multipart(&client, &dst.bucket, &dst.key, &upload_id, completed).await?;
-    if let Some(state) = &state {
-        remove_state(state);
-    }
-    Ok(Resumed { size, etag })
+    Ok(complete_multipart(client, &dst.bucket, &dst.key, upload_id, completed).await?)
 }
 
 /// The stored parts of `upload_id` that hold exactly the planned bytes of the file; `None`
@@ -492,8 +522,9 @@ fn read_state(path: &Path) -> Option<Record> {
         .ok()
 }
 
-/// Writes the state file through a temporary one, so a kill never leaves half a file.
-fn write_state(path: &Path, record: &Record) {
+/// Writes the state file through a temporary one, so a kill never leaves half a file; says
+/// whether it was saved.
+fn write_state(path: &Path, record: &Record) -> bool {
     let written = (|| {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -502,9 +533,10 @@ fn write_state(path: &Path, record: &Record) {
         std::fs::write(&temp, serde_json::to_vec(record).map_err(io::Error::other)?)?;
         std::fs::rename(&temp, path)
     })();
-    if let Err(err) = written {
+    if let Err(err) = &written {
         tracing::warn!(path = %path.display(), "cannot save the upload state ({err}): an interrupted upload will start over");
     }
+    written.is_ok()
 }
 
 fn remove_state(path: &Path) {
