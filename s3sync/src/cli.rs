@@ -209,7 +209,9 @@ pub enum Command {
     Unchanged means same size and same mtime (the mtime of an S3 object is its
     x-amz-meta-mtime, which a HeadObject reads), or same MD5 with --checksum.
 
-    The state cache saves those HeadObjects. cp -r and sync keep one per folder and prefix
+    The state cache saves those HeadObjects. cp -r and sync keep one per folder and prefix,
+    and one per pair of prefixes on two stores, where the source object's listed size and
+    LastModified stand for the file's size and mtime
     (in $XDG_CACHE_HOME/labkit/s3sync, else ~/.cache/labkit/s3sync): for each file, the size
     and mtime it had and the size, ETag and LastModified of the object that carried that mtime
     when s3sync uploaded, downloaded or compared it. A file is unchanged without a HeadObject

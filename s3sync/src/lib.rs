@@ -481,7 +481,7 @@ async fn cp(
                 t.copy_object(&from, &to, info.size).await?
             } else {
                 t.queue(info.size);
-                t.relay(&from, &to, info.size).await?
+                t.relay(&from, &to, info.size).await?.size
             };
             report.done(
                 Action::Copy,

@@ -630,6 +630,14 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
             if job.src.etag.is_some() && job.src.etag == dst.etag {
                 return Ok((false, None));
             }
+            // Between stores, a record of an earlier copy or comparison proves it from both
+            // listings (the source's LastModified stands for a file's mtime).
+            if let Some(cache) = &context.cache
+                && !context.options.checksum
+                && cache.proves_unchanged(rel, job.src.size, job.src.uploaded, dst)
+            {
+                return Ok((false, None));
+            }
             // ETags differ or were not listed (some stores list none; a multipart copy gets
             // a new one): ask both objects what they hold.
             let (from, to) = (object(from, rel), object(to, rel));
@@ -643,6 +651,9 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
                     .zip(b.mtime)
                     .is_some_and(|(x, y)| meta::same_mtime(x, y))
             };
+            if same && !context.options.checksum {
+                remember_copy(context, rel, &job.src, dst, &a, &b);
+            }
             Ok((!same, None))
         }
     }
@@ -698,8 +709,29 @@ async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result
                 .await
         }
         Direction::Copy { from, to } => {
-            t.relay(&object(from, rel), &object(to, rel), job.src.size)
-                .await
+            let relayed = t
+                .relay(&object(from, rel), &object(to, rel), job.src.size)
+                .await?;
+            if let Some(cache) = &context.cache
+                && let Some(mtime) = job.src.uploaded.and_then(cache::nanos)
+                && relayed.date.is_some()
+            {
+                // As after an upload: the first listing pins the copy's LastModified.
+                cache.record(
+                    rel,
+                    Record {
+                        size: relayed.size,
+                        mtime,
+                        etag: relayed
+                            .etag
+                            .as_deref()
+                            .map(|e| cache::bare_etag(e).to_owned()),
+                        listed: None,
+                        written: relayed.date,
+                    },
+                );
+            }
+            Ok(relayed.size)
         }
     }
 }
@@ -735,12 +767,58 @@ fn remember_head(context: &Context, rel: &str, local: &Entry, listed: &Entry, in
     }
 }
 
+/// Records that the copy `dst` of `src` (on another store) carries the same mtime, once both
+/// `HeadObject`s answered the versions the listings showed.
+fn remember_copy(
+    context: &Context,
+    rel: &str,
+    src: &Entry,
+    dst: &Entry,
+    a: &ObjectInfo,
+    b: &ObjectInfo,
+) {
+    let Some(cache) = &context.cache else { return };
+    let second = |t: Option<std::time::SystemTime>| {
+        t.and_then(cache::nanos)
+            .map(|n| n.div_euclid(1_000_000_000))
+    };
+    let (Some(mtime), Some(listed)) = (
+        src.uploaded.and_then(cache::nanos),
+        dst.uploaded.and_then(cache::nanos),
+    ) else {
+        return;
+    };
+    let same_versions = a.size == src.size
+        && b.size == dst.size
+        && second(src.uploaded) == second(a.uploaded)
+        && second(dst.uploaded) == second(b.uploaded);
+    if same_versions {
+        cache.record(
+            rel,
+            Record {
+                size: dst.size,
+                mtime,
+                etag: b.etag.as_deref().map(|e| cache::bare_etag(e).to_owned()),
+                listed: Some(listed),
+                written: None,
+            },
+        );
+    }
+}
+
 /// The state cache of a folder and prefix pair, when the run moves data between them.
 fn open_cache(t: &Transfers, options: &TreeOptions, direction: &Direction) -> Option<Cache> {
     let folder = options.cache_folder.as_ref()?;
     let (root, url) = match direction {
         Direction::Upload { root, to: url } | Direction::Download { from: url, root } => {
             (root, url)
+        }
+        Direction::Copy { from, to } if !from.same_store(to) => {
+            let source = format!("{} {from}", t.stores.endpoint(from));
+            let cache =
+                Cache::load_for_copy(folder, t.stores.endpoint(to), &to.bucket, &to.key, &source);
+            tracing::debug!(path = %cache.path().display(), "state cache");
+            return Some(cache);
         }
         Direction::Copy { .. } => return None,
     };

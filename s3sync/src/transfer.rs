@@ -163,6 +163,17 @@ impl FileUpload {
     }
 }
 
+/// What a copy between two stores wrote.
+#[derive(Clone, Debug)]
+pub(crate) struct Relayed {
+    /// Bytes stored.
+    pub(crate) size: u64,
+    /// The copy's ETag, as the store answered.
+    pub(crate) etag: Option<String>,
+    /// The second of the server's `Date` answering a single `PutObject`.
+    pub(crate) date: Option<i64>,
+}
+
 /// What a download into a file wrote.
 #[derive(Clone, Debug)]
 pub(crate) struct FileDownload {
@@ -753,7 +764,12 @@ impl Transfers {
     /// and mode metadata: a small object (up to one part) in one GET and one PUT, a larger one
     /// as ranged GETs streamed in order into a multipart upload, so memory stays at the
     /// download window plus the upload's part buffers whatever the size.
-    pub(crate) async fn relay(&self, src: &S3Url, dst: &S3Url, size: u64) -> Result<u64, Error> {
+    pub(crate) async fn relay(
+        &self,
+        src: &S3Url,
+        dst: &S3Url,
+        size: u64,
+    ) -> Result<Relayed, Error> {
         let metadata = |info: &ObjectInfo, multipart: bool| {
             let mut metadata = Vec::new();
             if let Some(mtime) = info.mtime {
@@ -775,8 +791,12 @@ impl Transfers {
             let (info, body) = self.get_whole(src).await?;
             if body.len() <= self.part_size {
                 let len = body.len() as u64;
-                self.put_small(dst, body, metadata(&info, false)).await?;
-                return Ok(len);
+                let (etag, date) = self.put_small(dst, body, metadata(&info, false)).await?;
+                return Ok(Relayed {
+                    size: len,
+                    etag,
+                    date,
+                });
             }
             // It grew since the listing: stream it below.
         }
@@ -836,7 +856,11 @@ impl Transfers {
                 ),
             });
         }
-        Ok(stored.size)
+        Ok(Relayed {
+            size: stored.size,
+            etag: stored.etag,
+            date: None,
+        })
     }
 
     /// Copies `src` to `dst` inside the store, keeping metadata; multipart above 5 GiB.

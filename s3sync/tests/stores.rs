@@ -6,18 +6,24 @@ mod common;
 
 use std::path::Path;
 
-use common::{Rng, Run, past, run, snapshot, write_file};
+use common::{CountingProxy, Rng, Run, past, run, snapshot, write_file};
 use testkit::{ProcBuilder, S3Server, Scratch};
 
 /// A config naming `servers` as stores `a`, `b`, ... with the test credentials, the secret
 /// of the second one from a file.
 fn config(scratch: &Scratch, servers: &[&S3Server]) -> std::path::PathBuf {
+    let endpoints: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
+    config_at(scratch, &endpoints)
+}
+
+/// [`config`] with the stores at these endpoints (proxies in front of the servers).
+fn config_at(scratch: &Scratch, endpoints: &[String]) -> std::path::PathBuf {
     let mut text = String::new();
-    for (i, server) in servers.iter().enumerate() {
+    for (i, endpoint) in endpoints.iter().enumerate() {
         let name = (b'a' + i as u8) as char;
         text.push_str(&format!(
             "[store.{name}]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\n",
-            server.endpoint(),
+            endpoint,
             testkit::s3::REGION,
             testkit::s3::ACCESS_KEY
         ));
@@ -43,6 +49,8 @@ fn s3sync_with(config: &Path, args: &[&str]) -> Run {
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        // The state cache lives beside the config, one per test.
+        .env("XDG_CACHE_HOME", config.with_file_name("cache"))
         .arg("-c")
         .arg(config)
         .args(args))
@@ -57,7 +65,12 @@ async fn a_tree_and_a_large_file_go_store_to_store_and_back_identical_and_resync
         one.bucket().await.unwrap(),
     );
     let scratch = Scratch::new("stores").unwrap();
-    let config = config(&scratch, &[&one, &two]);
+    // Through request logs, to count what the re-syncs ask.
+    let (log1, log2) = (
+        CountingProxy::start(one.port()).await,
+        CountingProxy::start(two.port()).await,
+    );
+    let config = config_at(&scratch, &[log1.endpoint(), log2.endpoint()]);
     let src = scratch.join("src");
     let mut rng = Rng::new(24);
     for i in 0..2000 {
@@ -104,11 +117,27 @@ async fn a_tree_and_a_large_file_go_store_to_store_and_back_identical_and_resync
     assert_eq!(want.len(), 2001);
     assert!(want == got, "the tree changed on its way a -> b -> a");
 
-    let again = s3sync_with(&config, &["sync", &a1, &b2, "--format", "json"]);
-    again.expect(0);
-    assert!(again.lines().is_empty(), "{}", again.stdout);
-    assert!(again.stderr.contains("0 transferred"), "{}", again.stderr);
-    assert!(again.stderr.contains("2001 unchanged"), "{}", again.stderr);
+    // No-change re-syncs: the state cache proves the small objects from the two listings
+    // (their copies were dated by the PutObject answers; one whose LastModified a loaded
+    // store set more than a second before that date costs its two HeadObjects once), and the
+    // large one, copied by a multipart upload, costs its two HeadObjects once; from then on,
+    // the listings alone prove every object.
+    for first in [true, false] {
+        log1.reset();
+        log2.reset();
+        let again = s3sync_with(&config, &["sync", &a1, &b2, "--format", "json"]);
+        again.expect(0);
+        assert!(again.lines().is_empty(), "{}", again.stdout);
+        assert!(again.stderr.contains("0 transferred"), "{}", again.stderr);
+        assert!(again.stderr.contains("2001 unchanged"), "{}", again.stderr);
+        let sent = log1.object_requests("HEAD") + log2.object_requests("HEAD");
+        if first {
+            assert!((2..2 * 2001).contains(&sent), "{sent} HeadObjects");
+        } else {
+            assert_eq!(sent, 0, "HeadObjects sent by a second no-change re-sync");
+        }
+        assert_eq!(log2.object_requests("PUT"), 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
