@@ -762,8 +762,8 @@ impl Transfers {
 
     /// Copies `src` on one store to `dst` on another through this process, keeping the mtime
     /// and mode metadata: a small object (up to one part) in one GET and one PUT, a larger one
-    /// as ranged GETs streamed in order into a multipart upload, so memory stays at the
-    /// download window plus the upload's part buffers whatever the size.
+    /// as one GET (pinned to the ETag seen first) streamed into a multipart upload, so memory
+    /// stays at the upload's part buffers whatever the size.
     pub(crate) async fn relay(
         &self,
         src: &S3Url,
@@ -810,29 +810,46 @@ impl Transfers {
         let failed = self.cancel.child_token();
         reader.cancel = failed.clone();
         let options = self.upload_options(Some(info.size), metadata(&info, true));
-        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        let mut writer = writer;
+        // One GET pinned to the ETag, its body handed on as it arrives: no range buffers, so
+        // memory is the upload's parts and the pipe.
         let download = async {
-            let fetched = self
-                .get_ranges(src, &info, |chunk: Bytes| {
-                    let writer = writer.clone();
-                    async move {
-                        writer
-                            .lock()
-                            .await
-                            .write_all(&chunk)
-                            .await
-                            .map_err(|e| Error::Verify {
-                                target: src.to_string(),
-                                reason: format!("the upload stopped taking bytes: {e}"),
-                            })
+            let fetched = async {
+                let mut body = get_range_body(
+                    self.client(src),
+                    &self.limits,
+                    src,
+                    info.etag.as_deref(),
+                    0,
+                    info.size,
+                )
+                .await?;
+                let mut hasher = info.md5.map(|_| Md5::new());
+                let mut got = 0u64;
+                while let Some(chunk) = body.try_next().await.map_err(|e| body_error(src, &e))? {
+                    self.limits.down(chunk.len()).await;
+                    if let Some(hasher) = hasher.as_mut() {
+                        hasher.update(&chunk);
                     }
-                })
-                .await;
+                    got += chunk.len() as u64;
+                    if got > info.size {
+                        break;
+                    }
+                    self.progress.inc(chunk.len() as u64);
+                    writer.write_all(&chunk).await.map_err(|e| Error::Verify {
+                        target: src.to_string(),
+                        reason: format!("the upload stopped taking bytes: {e}"),
+                    })?;
+                }
+                verify(src, &info, got, hasher.map(|h| h.finalize().into()))?;
+                Ok(got)
+            }
+            .await;
             if fetched.is_err() {
                 failed.cancel();
             }
             // The end of the stream tells the upload the object is complete.
-            let _ = writer.lock().await.shutdown().await;
+            let _ = writer.shutdown().await;
             fetched
         };
         let upload = async {
