@@ -55,6 +55,9 @@ const WHOLE_LIMIT: u64 = 1 << 20;
 /// The largest range one GET of a file download asks for.
 const MAX_RANGE: u64 = 64 << 20;
 
+/// The range size of a copy between two stores: `part_concurrency` of them are buffered.
+const RELAY_RANGE: u64 = 2 << 20;
+
 /// The largest object one `CopyObject` may copy.
 const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
 
@@ -619,7 +622,7 @@ impl Transfers {
         let out = Arc::new(tokio::sync::Mutex::new(out));
         let sink = out.clone();
         let fetched = self
-            .get_ranges(src, &info, move |chunk: Bytes| {
+            .get_ranges(src, &info, self.part_size as u64, move |chunk: Bytes| {
                 let sink = sink.clone();
                 async move {
                     sink.lock()
@@ -696,13 +699,13 @@ impl Transfers {
         &self,
         src: &S3Url,
         info: &ObjectInfo,
+        chunk: u64,
         mut sink: F,
     ) -> Result<u64, Error>
     where
         F: FnMut(Bytes) -> Fut,
         Fut: Future<Output = Result<(), Error>>,
     {
-        let chunk = self.part_size as u64;
         let window = self.part_concurrency.max(1) as u64;
         let mut in_flight: JoinSet<Result<(u64, Bytes), Error>> = JoinSet::new();
         let mut ready: BTreeMap<u64, Bytes> = BTreeMap::new();
@@ -762,8 +765,9 @@ impl Transfers {
 
     /// Copies `src` on one store to `dst` on another through this process, keeping the mtime
     /// and mode metadata: a small object (up to one part) in one GET and one PUT, a larger one
-    /// as one GET (pinned to the ETag seen first) streamed into a multipart upload, so memory
-    /// stays at the upload's part buffers whatever the size.
+    /// as parallel 2 MiB ranged GETs (pinned to the ETag seen first) put back in order into a
+    /// multipart upload, so memory stays at the upload's part buffers and a few ranges
+    /// whatever the size.
     pub(crate) async fn relay(
         &self,
         src: &S3Url,
@@ -810,46 +814,32 @@ impl Transfers {
         let failed = self.cancel.child_token();
         reader.cancel = failed.clone();
         let options = self.upload_options(Some(info.size), metadata(&info, true));
-        let mut writer = writer;
-        // One GET pinned to the ETag, its body handed on as it arrives: no range buffers, so
-        // memory is the upload's parts and the pipe.
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        // Small ranges, so the few in flight (and those waiting for their turn) cost little
+        // memory beside the upload's parts, while parallel GETs keep a single stream's pace
+        // from limiting the copy.
         let download = async {
-            let fetched = async {
-                let mut body = get_range_body(
-                    self.client(src),
-                    &self.limits,
-                    src,
-                    info.etag.as_deref(),
-                    0,
-                    info.size,
-                )
-                .await?;
-                let mut hasher = info.md5.map(|_| Md5::new());
-                let mut got = 0u64;
-                while let Some(chunk) = body.try_next().await.map_err(|e| body_error(src, &e))? {
-                    self.limits.down(chunk.len()).await;
-                    if let Some(hasher) = hasher.as_mut() {
-                        hasher.update(&chunk);
+            let fetched = self
+                .get_ranges(src, &info, RELAY_RANGE, |chunk: Bytes| {
+                    let writer = writer.clone();
+                    async move {
+                        writer
+                            .lock()
+                            .await
+                            .write_all(&chunk)
+                            .await
+                            .map_err(|e| Error::Verify {
+                                target: src.to_string(),
+                                reason: format!("the upload stopped taking bytes: {e}"),
+                            })
                     }
-                    got += chunk.len() as u64;
-                    if got > info.size {
-                        break;
-                    }
-                    self.progress.inc(chunk.len() as u64);
-                    writer.write_all(&chunk).await.map_err(|e| Error::Verify {
-                        target: src.to_string(),
-                        reason: format!("the upload stopped taking bytes: {e}"),
-                    })?;
-                }
-                verify(src, &info, got, hasher.map(|h| h.finalize().into()))?;
-                Ok(got)
-            }
-            .await;
+                })
+                .await;
             if fetched.is_err() {
                 failed.cancel();
             }
             // The end of the stream tells the upload the object is complete.
-            let _ = writer.shutdown().await;
+            let _ = writer.lock().await.shutdown().await;
             fetched
         };
         let upload = async {
