@@ -81,7 +81,9 @@ pub(crate) async fn daemon(path: &Path, env: &Env) -> Result<(), Error> {
                     what: format!("listening for metrics on {addr}"),
                     source,
                 })?;
-            tracing::info!(%addr, "serving metrics");
+            // The bound address, so a configured port 0 shows which one it got.
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!(addr = %bound, "serving metrics");
             crate::metrics::publish(&config, env, &crate::metrics::Snapshot::default()).await;
             Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(listener))))
         }

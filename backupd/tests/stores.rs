@@ -475,3 +475,110 @@ keep_last = 1
     assert!(text.contains("backupd_pass_success 0\n"), "{text}");
     assert!(text.contains("backupd_pass_failures 1\n"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_of_its_own_stores_with_its_storage_class() {
+    let lab = Lab::new();
+    // moto records the storage class of each object and reports it back.
+    let store = S3Server::start_moto().unwrap();
+    let bucket = store.bucket().await.unwrap();
+    fs::create_dir_all(lab.dir.join("data")).unwrap();
+    fs::write(lab.dir.join("data/big"), vec![7u8; 64 * 1024]).unwrap();
+    let secret = lab.dir.join("offsite.secret");
+    fs::write(&secret, testkit::s3::SECRET_KEY).unwrap();
+    let config = lab.write_config(&format!(
+        r#"
+[[source]]
+name = "files"
+type = "folder"
+path = "data"
+
+[[target]]
+name = "cold"
+url = "s3://{bucket}/lab"
+endpoint = "{endpoint}"
+region = "{region}"
+access_key_id = "{access}"
+secret_access_key_file = "offsite.secret"
+storage_class = "STANDARD_IA"
+"#,
+        endpoint = store.endpoint(),
+        region = testkit::s3::REGION,
+        access = testkit::s3::ACCESS_KEY,
+    ));
+    let (made, _) = lab.expect(0, &["run", "-c", &config]);
+    let id = made.trim();
+    let (subject, stamp) = id.split_once('@').unwrap();
+    let client = store.client().await;
+    let listed = client
+        .list_objects_v2()
+        .bucket(&bucket)
+        .prefix(format!("lab/{subject}/{stamp}/"))
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
+    assert!(keys.len() >= 3, "data, signature and manifest: {keys:?}");
+    for key in keys {
+        let head = client
+            .head_object()
+            .bucket(&bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            head.storage_class().map(|c| c.as_str()),
+            Some("STANDARD_IA"),
+            "{key}"
+        );
+    }
+    lab.expect(0, &["verify", "-c", &config, id]);
+}
+
+#[test]
+fn the_daemon_serves_the_metrics_of_every_target() {
+    let lab = Lab::new();
+    fs::create_dir_all(lab.dir.join("data")).unwrap();
+    fs::write(lab.dir.join("data/file"), "x").unwrap();
+    let config = lab.write_config(
+        "metrics_addr = \"127.0.0.1:0\"\n\
+         [[source]]\nname = \"files\"\ntype = \"folder\"\npath = \"data\"\n\
+         [[target]]\nname = \"disk\"\nurl = \"backups\"\n\
+         [schedule]\nat = [\"03:15\"]\n",
+    );
+    lab.expect(0, &["run", "-c", &config]);
+    let daemon = ProcBuilder::new(BACKUPD)
+        .args(["daemon", "-c", &config])
+        .envs(lab.env.iter().map(|(k, v)| (k, v)))
+        .notify()
+        .spawn()
+        .unwrap();
+    daemon.wait_ready(WAIT).unwrap();
+    let line = daemon.wait_output("serving metrics", WAIT).unwrap();
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    let response = get("/metrics");
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(
+        response.contains("backupd_last_success_timestamp_seconds{source=\"files\",subject=\"files\",target=\"disk\"}"),
+        "{response}"
+    );
+    assert!(
+        response.contains("backupd_target_up{target=\"disk\"} 1"),
+        "{response}"
+    );
+    assert!(get("/").starts_with("HTTP/1.1 404"));
+    daemon.stop(WAIT).unwrap();
+}
