@@ -765,6 +765,19 @@ fn check(path: &Path, env: &Env, out: &mut Stdout) -> Result<(), Error> {
     }
     for target in &config.targets {
         out.line(format_args!("target {}: {:?}", target.name, target.url))?;
+        if !target.copy_to.is_empty() {
+            out.line(format_args!(
+                "target {}: copies to {}",
+                target.name,
+                target.copy_to.join(", ")
+            ))?;
+        }
+        if let Some(retention) = &target.retention {
+            out.line(format_args!(
+                "target {}: retention {retention:?}",
+                target.name
+            ))?;
+        }
     }
     out.line(format_args!("retention: {:?}", config.retention))?;
     match &config.signing.key {

@@ -10,6 +10,9 @@
 //!   is signed by a trusted key, its restore test (if any) did not fail, and the data stored
 //!   on the destination has the size and SHA-256 the manifest gives; that check is the copy's
 //!   verification. A folder without a manifest (an unfinished backup) is not copied.
+//! - A backup older than the newest one of its subject on the destination is not copied:
+//!   the destination's retention pruned it, and copying it again would undo that. Backups
+//!   are swept oldest first, so a sweep cut short leaves no gap behind what it copied.
 //! - Nothing is ever deleted on the destination by a sweep, and the source is only read.
 //!   Retention prunes each side with its own policy, the destination only after a sweep that
 //!   left nothing pending ([`CopyReport::complete`]).
@@ -140,9 +143,23 @@ async fn sweep_into(
             None => loose.push((key.clone(), *size)),
         }
     }
+    // The newest complete backup of each subject already on the destination: older ones it
+    // lacks were pruned by its own retention (or predate it) and are not copied again.
+    let mut newest_there: BTreeMap<String, jiff::Timestamp> = BTreeMap::new();
+    for key in destination.keys() {
+        if let Some(id) = backup_of(key)
+            && key.ends_with(&format!("/{}", catalog::MANIFEST))
+        {
+            let newest = newest_there.entry(id.subject).or_insert(id.time);
+            *newest = (*newest).max(id.time);
+        }
+    }
     // Count up front, so a sweep stopped by an error reports what is left.
     let mut plan: Vec<Step> = Vec::new();
     for (id, folder) in folders {
+        if newest_there.get(&id.subject).is_some_and(|t| *t > id.time) {
+            continue;
+        }
         let manifest_key = format!("{}/{}", id.dir(), catalog::MANIFEST);
         let Some(manifest_size) = folder
             .keys

@@ -582,3 +582,109 @@ fn the_daemon_serves_the_metrics_of_every_target() {
     assert!(get("/").starts_with("HTTP/1.1 404"));
     daemon.stop(WAIT).unwrap();
 }
+
+/// Files under a folder target, relative to it, sorted.
+fn files_under(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_copy_takes_loose_objects_leaves_unfinished_backups_and_refuses_forged_data() {
+    let lab = Lab::new();
+    fs::create_dir_all(lab.dir.join("data")).unwrap();
+    fs::write(lab.dir.join("data/file"), "x".repeat(1000)).unwrap();
+    let config = lab.write_config(
+        "[[source]]\nname = \"files\"\ntype = \"folder\"\npath = \"data\"\n\
+         [[target]]\nname = \"home\"\nurl = \"home\"\ncopy_to = [\"away\"]\n\
+         [[target]]\nname = \"away\"\nurl = \"away\"\n\
+         [target.retention]\nkeep_last = 1\n",
+    );
+    let (home, away) = (lab.dir.join("home"), lab.dir.join("away"));
+    // What another writer left under the source target: a WAL segment (copied as it is) and
+    // a backup that never got its manifest (not copied).
+    fs::create_dir_all(home.join("wal/main")).unwrap();
+    fs::write(home.join("wal/main/000000010000000000000001"), "segment").unwrap();
+    fs::create_dir_all(home.join("files/20200101T000000.000Z")).unwrap();
+    fs::write(home.join("files/20200101T000000.000Z/data.tar.zst"), "half").unwrap();
+    let (first, _) = lab.expect(0, &["run", "-c", &config]);
+    let first = first.trim().to_owned();
+    let on_away = files_under(&away);
+    assert!(
+        on_away.contains(&"wal/main/000000010000000000000001".to_owned()),
+        "{on_away:?}"
+    );
+    assert!(
+        !on_away.iter().any(|f| f.starts_with("files/20200101")),
+        "{on_away:?}"
+    );
+    assert_eq!(lab.ids_on(&config, "away"), [first]);
+
+    let (second, stderr) = lab.expect(0, &["run", "-c", &config]);
+    let second = second.trim().to_owned();
+    assert_eq!(
+        lab.ids_on(&config, "away"),
+        std::slice::from_ref(&second),
+        "keep_last = 1 off-site: {stderr}"
+    );
+
+    // A backup made to the source alone (by a config without the destination) has its data swapped
+    // there (same size): the next copy refuses it, writes no manifest for it, and prunes
+    // nothing off-site.
+    let home_only = lab.dir.join("home-only.toml");
+    fs::write(
+        &home_only,
+        fs::read_to_string(&config)
+            .unwrap()
+            .replace("copy_to = [\"away\"]\n", "")
+            .replace(
+                "[[target]]\nname = \"away\"\nurl = \"away\"\n[target.retention]\nkeep_last = 1\n",
+                "",
+            ),
+    )
+    .unwrap();
+    let home_only = home_only.to_str().unwrap();
+    let (forged_id, _) = lab.expect(0, &["run", "-c", home_only]);
+    let (subject, stamp) = forged_id.trim().split_once('@').unwrap();
+    let folder = format!("{subject}/{stamp}");
+    let data = files_under(&home.join(&folder))
+        .into_iter()
+        .find(|f| f.starts_with("data."))
+        .unwrap();
+    let mut forged = fs::read(home.join(&folder).join(&data)).unwrap();
+    let middle = forged.len() / 2;
+    forged[middle] ^= 0xff;
+    fs::write(home.join(&folder).join(&data), &forged).unwrap();
+    let (third, stderr) = lab.expect(75, &["run", "-c", &config]);
+    let third = third.trim().to_owned();
+    assert!(stderr.contains("does not match its manifest"), "{stderr}");
+    assert!(
+        !away.join(&folder).exists(),
+        "neither the refused data nor a manifest for it: {:?}",
+        files_under(&away)
+    );
+    assert_eq!(
+        lab.ids_on(&config, "away"),
+        sorted(vec![second.clone(), third.clone()]),
+        "nothing pruned off-site while the copy is incomplete"
+    );
+    // Older than what the destination holds now, the refused backup is not retried; the
+    // next pass completes and retention resumes.
+    let (fourth, _) = lab.expect(0, &["run", "-c", &config]);
+    assert_eq!(lab.ids_on(&config, "away"), [fourth.trim().to_owned()]);
+}
