@@ -153,7 +153,7 @@ fn check(path: &Path, env: &Env) -> Result<(), Error> {
                 println!(
                     "{}: client of {}, {} services",
                     path.display(),
-                    c.remote_addr,
+                    c.remote_addr.join(", "),
                     c.services.len()
                 );
                 for service in c.services.values() {
