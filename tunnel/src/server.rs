@@ -1071,6 +1071,7 @@ impl<S: TunnelStream> ServiceTask<S> {
                 return;
             };
             let session = &self.sessions[index];
+            tracing::debug!(service = %self.service.name, visitor = %waiting.peer, client = %session.peer, "visitor paired");
             let gone = session.gone.clone();
             let open = session.open.clone();
             let service = self.service.clone();
@@ -1344,11 +1345,12 @@ async fn first_byte<S: TunnelStream>(
     visitor: &TcpStream,
     gone: &CancellationToken,
 ) -> Start {
-    let mut byte = [0u8; 1];
+    let (mut byte, mut own) = ([0u8; 1], [0u8; 1]);
     tokio::select! {
         biased;
         _ = gone.cancelled() => Start::Retry,
-        _ = visitor.readable() => Start::Commit,
+        // Peeked, not read: the byte stays for the forwarding (readiness alone may be stale).
+        _ = visitor.peek(&mut own) => Start::Commit,
         // An end of stream or an error before any byte: the client dropped the channel
         // without connecting the visitor, so nothing reached the service.
         peeked = channel.tcp().peek(&mut byte) => match peeked {
@@ -1371,6 +1373,7 @@ async fn carry<S: TunnelStream>(
     if let Some(retry) = retry
         && let Start::Retry = first_byte(&channel, &waiting.visitor, &gone).await
     {
+        tracing::debug!(service = %service.name, visitor = %waiting.peer, "client gone before the first byte");
         drop(channel);
         let again = Waiting {
             since: Instant::now(),
