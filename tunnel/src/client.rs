@@ -319,19 +319,27 @@ async fn run_service<T: Transport>(context: Arc<ServiceContext<T>>) {
                 }
                 context.metrics.control_open.fetch_add(1, Ordering::Relaxed);
                 context.servers.set(context.server, true);
+                context.metrics.peer_up(&context.remote_addr);
                 tracing::info!(service = %service.name, server = %context.remote_addr, "control channel open");
                 let ended = serve_control(&context, control, key).await;
                 context.servers.set(context.server, false);
                 context.metrics.control_open.fetch_sub(1, Ordering::Relaxed);
                 match ended {
-                    None => return,
+                    None => {
+                        context.metrics.peer_left(&context.remote_addr);
+                        return;
+                    }
                     Some(reason) => {
+                        context.metrics.peer_down(&context.remote_addr, &reason);
                         tracing::warn!(service = %service.name, server = %context.remote_addr, %reason, "control channel lost: reconnecting")
                     }
                 }
             }
             Ok(Err(err)) => {
                 context.all_metrics.handshake_failed(&err);
+                context
+                    .metrics
+                    .failed(&context.remote_addr, &labcore::exit::chain(&err));
                 tracing::error!(
                     service = %service.name,
                     server = %context.remote_addr,
@@ -345,6 +353,9 @@ async fn run_service<T: Transport>(context: Arc<ServiceContext<T>>) {
                     after: context.handshake_timeout,
                 };
                 context.all_metrics.handshake_failed(&err);
+                context
+                    .metrics
+                    .failed(&context.remote_addr, &err.to_string());
                 tracing::error!(
                     service = %service.name,
                     server = %context.remote_addr,

@@ -16,9 +16,17 @@
 //! endpoint), `local_private_key_file` for Noise, and for TLS the server's PEM `cert` and
 //! `key` (instead of rathole's `pkcs12`) and `pkcs12_password_file`.
 //!
-//! `type = "udp"` services are rathole's; `proxy_protocol`, `enable_proxy_protocol = true` and
-//! `max_connections` are refused on them (a PROXY header would have to prefix every datagram,
-//! which local UDP services do not expect; and a UDP service has sessions, not connections).
+//! For high availability (labkit only): the client's `remote_addr` may be a list of servers,
+//! each given a control channel, and `mode = "active"` (the default: every server carries
+//! visitors) or `"failover"` (only the first one up does); a server service's
+//! `clients = "many"` lets several clients serve it at once, spread by `balance =
+//! "round_robin"` (the default) or `"least_connections"`. Neither changes the wire: a rathole
+//! peer sees an ordinary client or server.
+//!
+//! `type = "udp"` services are rathole's; `proxy_protocol`, `enable_proxy_protocol = true`,
+//! `max_connections`, `clients = "many"` and `balance` are refused on them (a PROXY header
+//! would have to prefix every datagram, which local UDP services do not expect; a UDP service
+//! has sessions, not connections; and one data channel carries all its datagrams).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,11 +8,23 @@
 //!   one source address gets only its share once most are taken (so connections that never
 //!   speak cannot lock clients out); a control channel that authenticates, or a
 //!   data channel that names an open session, is sent to its service's task;
-//! - one task per service owns its listener, its control channel, its pool of idle data
-//!   channels and its queue of visitors waiting for one; it writes `CreateDataChannel` (eight
-//!   up front, then one per visitor, as rathole does) and `HeartBeat` on the control channel;
-//! - one task per visitor connection forwards bytes ([`crate::forward`]);
-//! - a UDP service (`type = "udp"`) binds a UDP socket instead, asks for two data channels up
+//! - one task per service owns its listener, its clients' sessions (each with its pool of
+//!   idle data channels) and its queue of visitors waiting for one; it asks for data channels
+//!   (eight per client up front, then one per visitor, as rathole does);
+//! - one task per control channel writes those `CreateDataChannel`s and the `HeartBeat`s, and
+//!   reports the channel's end to the service's task, so a client slow to read stalls only
+//!   its own channel;
+//! - one task per visitor connection forwards bytes ([`crate::forward`]).
+//!
+//! A service takes one client (rathole's rule: a new control channel replaces the old one)
+//! or, with `clients = "many"`, several, and spreads visitors over those with an idle data
+//! channel by round robin or least connections. A client found dead (its control channel
+//! ends: closed, or a heartbeat unacknowledged past `heartbeat_timeout`) is out at once, and
+//! each of its visitors that has not yet sent or received a byte goes back to the queue for
+//! another client: nothing of the visitor is read before its first byte is there, so a
+//! retry replays nothing (the buffer for retries is zero bytes). Past the first byte, a
+//! visitor stays with its client;
+//! - a UDP service (`type = "udp"`, one client only) binds a UDP socket instead, asks for two data channels up
 //!   front (as rathole does) and none per visitor: one task carries every visitor's
 //!   datagrams over one started channel ([`crate::udp`]), the other waits as a spare, started
 //!   as soon as the first breaks (and a new spare is asked for). With no client, datagrams
@@ -777,6 +789,7 @@ impl<S: TunnelStream> ServiceTask<S> {
             }
         }
         for session in self.sessions.drain(..) {
+            self.metrics.peer_left(&session.peer.to_string());
             session.gone.cancel();
         }
         if let Some(forwarding) = self.udp.take() {
@@ -888,14 +901,22 @@ impl<S: TunnelStream> ServiceTask<S> {
                             after: self.handshake_timeout,
                         }))
                 {
-                    tracing::warn!(service = %self.service.name, client = %peer, reason = %labcore::exit::chain(&err), "control channel failed");
+                    let reason = labcore::exit::chain(&err);
+                    tracing::warn!(service = %self.service.name, client = %peer, %reason, "control channel failed");
+                    self.metrics.failed(&peer.to_string(), &reason);
                     self.registry.close_session(&self.service.digest, &key);
                     return;
                 }
                 if !self.service.many_clients {
                     for old in std::mem::take(&mut self.sessions) {
                         tracing::info!(service = %self.service.name, old_client = %old.peer, "control channel replaced by a new one");
+                        self.metrics
+                            .peer_down(&old.peer.to_string(), "replaced by a new control channel");
                         old.gone.cancel();
+                    }
+                    // What was asked of the old client will never come.
+                    for waiting in &mut self.waiting {
+                        waiting.asked = false;
                     }
                     self.stop_udp().await;
                 }
@@ -906,6 +927,7 @@ impl<S: TunnelStream> ServiceTask<S> {
                     self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::info!(service = %self.service.name, client = %peer, "control channel open");
+                self.metrics.peer_up(&peer.to_string());
                 let id = self.next_id;
                 self.next_id += 1;
                 let gone = self.stop.child_token();
@@ -1101,6 +1123,7 @@ impl<S: TunnelStream> ServiceTask<S> {
         self.registry
             .close_session(&self.service.digest, &session.key);
         tracing::warn!(service = %self.service.name, client = %session.peer, reason, "control channel closed");
+        self.metrics.peer_down(&session.peer.to_string(), reason);
         self.metrics
             .control_open
             .store(self.sessions.len() as u64, Ordering::Relaxed);
