@@ -444,25 +444,45 @@ pub(crate) enum TryFiles {
     None,
 }
 
-/// Caddy's `file` matcher with the `first_exist` policy: the first of `candidates` (their
-/// placeholders already expanded by the caller, with glob characters in the request's values
-/// escaped as `\*`, `\?`, `\[`) that exists under `root`. A candidate ending in `/` must be a
-/// directory, any other must not be. Each candidate is cut after the first of `split_path`
-/// (`.php`) that ends a path segment, the rest becoming the remainder. Globs in candidates are
-/// expanded against the file system, as Caddy does.
-pub(crate) fn try_files(root: &Path, candidates: &[String], split_path: &[String]) -> TryFiles {
+/// Caddy's `file` matcher with the `first_exist` policy: the first of `patterns` that exists
+/// under `root`, for the request path `path` (decoded and cleaned). In a pattern, `{path}`
+/// (`{http.request.uri.path}`), `{dir}` and `{file}` stand for the request's path, its folder
+/// (with a trailing slash) and its last segment, with glob characters escaped; any other
+/// placeholder must be expanded by the caller. A pattern written with a trailing `/` matches only
+/// a directory, any other only a file (whatever the request path ends with). Each is cut after the
+/// first of `split_path` (`.php`) that ends a path segment, the rest becoming the remainder. Globs
+/// in patterns are expanded against the file system, as Caddy does; `=CODE` answers with a status.
+pub(crate) fn try_files(
+    root: &Path,
+    patterns: &[String],
+    path: &str,
+    split_path: &[String],
+) -> TryFiles {
     let root = absolute(root);
-    for candidate in candidates {
-        if let Some(code) = candidate.strip_prefix('=')
+    let (dir, file) = match path.rfind('/') {
+        Some(i) => (&path[..=i], &path[i + 1..]),
+        None => ("", path),
+    };
+    for pattern in patterns {
+        if let Some(code) = pattern.strip_prefix('=')
             && let Ok(code) = code.parse::<u16>()
             && (100..=999).contains(&code)
             && let Ok(status) = StatusCode::from_u16(code)
         {
             return TryFiles::Status(status);
         }
+        let candidate = pattern
+            .replace("{http.request.uri.path}", "{path}")
+            .replace("{http.request.uri.path.dir}", "{dir}")
+            .replace("{http.request.uri.path.file}", "{file}")
+            .replace("{path}", &glob_escape(path))
+            .replace("{dir}", &glob_escape(dir))
+            .replace("{file}", &glob_escape(file));
+        let candidate = candidate.as_str();
         let cleaned = clean(candidate);
         let (mut before, remainder) = first_split(&cleaned, split_path);
-        if candidate.ends_with('/') && !before.ends_with('/') {
+        // The pattern as written decides, not what `{path}` brought (Caddy checks the same).
+        if pattern.ends_with('/') && !before.ends_with('/') {
             before.push('/');
         }
         let full = join(&root, &before);
@@ -489,6 +509,18 @@ pub(crate) fn try_files(root: &Path, candidates: &[String], split_path: &[String
         }
     }
     TryFiles::None
+}
+
+/// Escapes glob characters in a request's value before it goes into a pattern, as Caddy does.
+fn glob_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '*' | '?' | '[') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Caddy's `firstSplit`: the path up to and including the first split extension that ends a
@@ -1939,48 +1971,86 @@ mod tests {
             relative: relative.into(),
             remainder: remainder.into(),
         };
-        let cases: Vec<(Vec<&str>, &[String], TryFiles)> = vec![
+        let php_patterns = ["{path}", "{path}/index.php", "index.php"];
+        let cases: Vec<(Vec<&str>, &str, &[String], TryFiles)> = vec![
             (
                 vec!["/notes.txt", "/index.html"],
+                "/",
                 &[],
                 found("/notes.txt", ""),
             ),
-            (vec!["/nope", "/index.html"], &[], found("/index.html", "")),
-            // A directory only matches a candidate ending in a slash, a file only one without.
-            (vec!["/docs", "/docs/"], &[], found("/docs/", "")),
-            (vec!["/notes.txt/", "/app.js"], &[], found("/app.js", "")),
+            (
+                vec!["/nope", "/index.html"],
+                "/",
+                &[],
+                found("/index.html", ""),
+            ),
+            (
+                vec!["{path}", "/index.html"],
+                "/notes.txt",
+                &[],
+                found("/notes.txt", ""),
+            ),
+            (vec!["{path}.txt"], "/notes", &[], found("/notes.txt", "")),
+            (
+                vec!["{dir}index.html"],
+                "/docs/guide.md",
+                &[],
+                found("/docs/index.html", ""),
+            ),
+            (vec!["/x/{file}"], "/y/notes.txt", &[], TryFiles::None),
+            // A directory only matches a pattern written with a trailing slash, a file only one
+            // without, whatever the request path ends with.
+            (vec!["{path}", "{path}/"], "/docs", &[], found("/docs/", "")),
+            (vec!["{path}"], "/docs/", &[], TryFiles::None),
+            (
+                vec!["{path}/", "/app.js"],
+                "/notes.txt",
+                &[],
+                found("/app.js", ""),
+            ),
             (
                 vec!["/nope", "=404", "/index.html"],
+                "/",
                 &[],
                 TryFiles::Status(StatusCode::NOT_FOUND),
             ),
-            (vec!["/nope"], &[], TryFiles::None),
-            // php_fastcgi's candidates: {path} {path}/index.php index.php, split at .php.
+            (vec!["/nope"], "/", &[], TryFiles::None),
+            // php_fastcgi's patterns, split at .php.
             (
-                vec![
-                    "/docs/remote.php/dav/files",
-                    "/docs/remote.php/dav/files/index.php",
-                    "index.php",
-                ],
+                php_patterns.to_vec(),
+                "/docs/remote.php/dav/files",
                 &php,
                 found("/docs/remote.php", "/dav/files"),
             ),
             (
-                vec!["/wp-admin/", "/wp-admin//index.php", "index.php"],
+                php_patterns.to_vec(),
+                "/wp-admin/",
                 &php,
                 found("/index.php", ""),
             ),
-            (vec!["/docs/REMOTE.PHP"], &php, TryFiles::None),
-            // Globs expand against the folder; an escaped one is literal.
-            (vec!["/docs/*.md"], &[], found("/docs/guide.md", "")),
-            (vec!["/docs/\\*.md"], &[], TryFiles::None),
+            (
+                php_patterns.to_vec(),
+                "/docs/",
+                &php,
+                found("/index.php", ""),
+            ),
+            (vec!["{path}"], "/docs/REMOTE.PHP", &php, TryFiles::None),
+            // Globs expand against the folder; glob characters from the request are literal.
+            (vec!["/docs/*.md"], "/", &[], found("/docs/guide.md", "")),
+            (vec!["{path}"], "/docs/*.md", &[], TryFiles::None),
+            (vec!["/docs/\\*.md"], "/", &[], TryFiles::None),
             // The candidate is cleaned: it cannot climb out of the root.
-            (vec!["/../../etc/passwd"], &[], TryFiles::None),
-            (vec!["/../notes.txt"], &[], found("/notes.txt", "")),
+            (vec!["/../../etc/passwd"], "/", &[], TryFiles::None),
+            (vec!["/../notes.txt"], "/", &[], found("/notes.txt", "")),
         ];
-        for (candidates, split, want) in cases {
-            let candidates: Vec<String> = candidates.into_iter().map(String::from).collect();
-            assert_eq!(try_files(&root, &candidates, split), want, "{candidates:?}");
+        for (patterns, path, split, want) in cases {
+            let patterns: Vec<String> = patterns.into_iter().map(String::from).collect();
+            assert_eq!(
+                try_files(&root, &patterns, path, split),
+                want,
+                "{patterns:?} for {path}"
+            );
         }
     }
 
