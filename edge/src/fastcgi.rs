@@ -642,6 +642,10 @@ impl FastCgi {
                 headers.insert(HeaderName::from_static(name), value);
             }
         }
+        // Go's proxy sends an empty User-Agent rather than none, and PHP apps see it so.
+        if !headers.contains_key(header::USER_AGENT) {
+            headers.insert(header::USER_AGENT, HeaderValue::from_static(""));
+        }
         for name in headers.keys() {
             // `Proxy` would become HTTP_PROXY, which CGI programs take as their outgoing proxy
             // (httpoxy); a name with `_` could pose as another header once `-` becomes `_`.
@@ -1146,6 +1150,14 @@ mod tests {
         fcgi.serve(req, &ctx).await
     }
 
+    /// A request: method, path, headers, body.
+    type Exchange = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static [u8],
+    );
+
     struct Answer {
         status: u16,
         headers: HeaderMap,
@@ -1272,6 +1284,12 @@ mod tests {
         );
         assert!(server.get("PATH_TRANSLATED").is_none());
 
+        // A deliberate difference from Caddy: a header whose `_` would let it pose as another
+        // once `-` becomes `_` (an X-Auth-User a front proxy strips) is not passed on.
+        let (answer, _) = get(edge, "/index.php", &[("x_auth_user", "admin")]).await;
+        let server = answer.server();
+        assert!(server.get("HTTP_X_AUTH_USER").is_none(), "{server:#}");
+
         // A pretty permalink goes to the front controller; REQUEST_URI stays what was asked.
         let (answer, _) = get(edge, "/2026/12/hello-world/?p=3", &[]).await;
         assert_eq!(answer.status, 200);
@@ -1371,6 +1389,114 @@ mod tests {
         String::from_utf8(out.stdout).unwrap()[..32].to_owned()
     }
 
+    /// Caddy serving `caddyfile` (with `PORT` replaced) on a free port, and that port.
+    fn start_caddy(dir: &Scratch, caddyfile: &str) -> (Proc, u16) {
+        testkit::ports::retry_on_port_clash(|_| {
+            let port = testkit::ports::free_port().map_err(testkit::Error::Io)?;
+            let path = dir.join("Caddyfile");
+            std::fs::write(&path, caddyfile.replace("PORT", &port.to_string()))
+                .map_err(testkit::Error::Io)?;
+            let caddy = ProcBuilder::new("/usr/bin/caddy")
+                .args(["run", "--adapter", "caddyfile", "--config"])
+                .arg(&path)
+                .env("HOME", dir.path())
+                .env("XDG_DATA_HOME", dir.join("data"))
+                .env("XDG_CONFIG_HOME", dir.join("config"))
+                .spawn()?;
+            caddy.wait_stderr("serving initial configuration", Duration::from_secs(20))?;
+            Ok((caddy, port))
+        })
+        .expect("caddy starts")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn php_sees_the_same_server_variables_through_edge_as_through_caddy() {
+        let dir = Scratch::new("edge-fastcgi-caddy").unwrap();
+        let root = site(&dir);
+        let fpm = start_fpm(&dir);
+        let caddyfile = format!(
+            "{{\n\tadmin off\n}}\nhttp://127.0.0.1:PORT {{\n\troot * {}\n\t\
+             php_fastcgi 127.0.0.1:{} {{\n\t\tenv APP_ENV test\n\t}}\n\tfile_server\n}}\n",
+            root.display(),
+            fpm.port
+        );
+        let (_caddy, caddy_port) = start_caddy(&dir, &caddyfile);
+        let caddy: SocketAddr = ([127, 0, 0, 1], caddy_port).into();
+        let tcp = FastCgiAddress::parse(&format!("127.0.0.1:{}", fpm.port)).unwrap();
+        let edge = start_edge(FastCgi::new(FastCgiConfig {
+            env: vec![("APP_ENV".into(), "test".into())],
+            ..FastCgiConfig::new(tcp, &root)
+        }))
+        .await;
+
+        // What differs by nature: ports, times, the server's name.
+        let differ_by_nature = [
+            "REMOTE_PORT",
+            "SERVER_PORT",
+            "HTTP_HOST",
+            "HTTP_X_FORWARDED_HOST",
+            "SERVER_SOFTWARE",
+            "REQUEST_TIME",
+            "REQUEST_TIME_FLOAT",
+        ];
+        let requests: [Exchange; 7] = [
+            (
+                "GET",
+                "/index.php?x=1&y=%20",
+                &[("x-custom", "hi"), ("cookie", "a=1")],
+                b"",
+            ),
+            ("GET", "/2026/12/hello-world/?p=3", &[], b""),
+            ("GET", "/sub/", &[], b""),
+            ("GET", "/info.php/extra/path", &[], b""),
+            (
+                "GET",
+                "/wp-admin/",
+                &[("connection", "keep-alive, x-hop"), ("x-hop", "1")],
+                b"",
+            ),
+            (
+                "POST",
+                "/index.php",
+                &[("content-type", "application/x-www-form-urlencoded")],
+                b"a=1&b=2",
+            ),
+            ("DELETE", "/index.php?id=4", &[], b""),
+        ];
+        let mut differences = Vec::new();
+        for (method, path, headers, body) in requests {
+            let body = || Full::new(Bytes::from_static(body));
+            let (want, _) = fetch(caddy, method, path, headers, body()).await;
+            let (got, _) = fetch(edge, method, path, headers, body()).await;
+            let case = format!("{method} {path}");
+            assert_eq!(got.status, want.status, "{case}");
+            let (want, got) = (want.server(), got.server());
+            let (want, got) = (want.as_object().unwrap(), got.as_object().unwrap());
+            for key in want.keys().chain(got.keys()) {
+                if differ_by_nature.contains(&key.as_str()) {
+                    continue;
+                }
+                if want.get(key) != got.get(key) {
+                    differences.push(format!(
+                        "{case}: {key} is {:?} through caddy, {:?} through edge",
+                        want.get(key),
+                        got.get(key)
+                    ));
+                }
+            }
+        }
+        differences.dedup();
+        assert!(differences.is_empty(), "{}", differences.join("\n"));
+        for (method, path) in [("GET", "/sub"), ("HEAD", "/sub")] {
+            let (want, _) = fetch(caddy, method, path, &[], Empty::<Bytes>::new()).await;
+            let (got, _) = fetch(edge, method, path, &[], Empty::<Bytes>::new()).await;
+            assert_eq!(
+                (got.status, got.headers.get("location")),
+                (want.status, want.headers.get("location"))
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn php_fpm_on_a_unix_socket_serves_and_a_slow_script_times_out_with_504() {
         let dir = Scratch::new("edge-fastcgi-unix").unwrap();
@@ -1448,6 +1574,50 @@ mod tests {
         assert_eq!(header_end(b"A: 1\n\nbody"), Some((4, 6)));
         assert_eq!(header_end(b"\r\nbody"), Some((0, 2)));
         assert_eq!(header_end(b"A: 1\r\nB: 2"), None);
+    }
+
+    #[test]
+    fn no_http_proxy_parameter_comes_from_a_proxy_header() {
+        // httpoxy: CGI programs take HTTP_PROXY as their outgoing proxy. php-fpm drops it
+        // itself, other FastCGI servers may not.
+        let fcgi = FastCgi::new(FastCgiConfig::new(
+            FastCgiAddress::Tcp("127.0.0.1:9".into()),
+            "/srv",
+        ));
+        let (parts, ()) = Request::get("/index.php")
+            .header("proxy", "http://evil:3128")
+            .header("x-real", "1")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let ctx = FastCgiContext {
+            remote_addr: ([127, 0, 0, 1], 1234).into(),
+            https: false,
+            ssl_protocol: None,
+            ssl_cipher: None,
+            remote_user: None,
+            file_remainder: None,
+        };
+        let params = fcgi.params(&parts, "/index.php", &ctx, 0);
+        let mut names = Vec::new();
+        let mut rest = &params[..];
+        while !rest.is_empty() {
+            let mut lengths = [0usize; 2];
+            for length in &mut lengths {
+                if rest[0] < 128 {
+                    *length = usize::from(rest[0]);
+                    rest = &rest[1..];
+                } else {
+                    *length =
+                        (u32::from_be_bytes(rest[..4].try_into().unwrap()) & 0x7fff_ffff) as usize;
+                    rest = &rest[4..];
+                }
+            }
+            names.push(String::from_utf8(rest[..lengths[0]].to_vec()).unwrap());
+            rest = &rest[lengths[0] + lengths[1]..];
+        }
+        assert!(names.contains(&"HTTP_X_REAL".to_owned()), "{names:?}");
+        assert!(!names.contains(&"HTTP_PROXY".to_owned()), "{names:?}");
     }
 
     #[test]
