@@ -1,6 +1,6 @@
 //! Static files (`root`, `file_server`, `try_files` and the `file` matcher), with Caddy 2.6's
 //! semantics: index files, canonical-slash redirects, `hide`, `browse` listings (HTML, or JSON
-//! when asked), precompressed sidecars, ETag/Last-Modified, conditional and range requests.
+//! when asked), precompressed sidecars, ETag/Last-Modified, conditional and range requests (several ranges as multipart/byteranges).
 //!
 //! Invariants:
 //! - The request path reaching [`FileServer::serve`] is already decoded and cleaned (no `.`/`..`
@@ -21,7 +21,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
@@ -899,8 +899,7 @@ async fn serve_content(
         Err(RangeError::Invalid) => return range_error(headers, "invalid range\n"),
         Ok(ranges) => {
             let total: u64 = ranges.iter().map(|r| r.1).sum();
-            // One range is served as 206; several (rare outside download managers) get the
-            // whole file, which RFC 9110 allows, instead of Go's multipart/byteranges.
+            // Ranges adding up to more than the file are ignored, as Go does.
             if ranges.len() == 1 && total <= size {
                 let (s, l) = ranges[0];
                 start = s;
@@ -911,6 +910,8 @@ async fn serve_content(
                     header::CONTENT_RANGE,
                     HeaderValue::from_str(&format!("bytes {s}-{last}/{size}")).expect("digits"),
                 );
+            } else if ranges.len() > 1 && total <= size {
+                return multipart_ranges(parts, headers, &ranges, size, file);
             }
         }
     }
@@ -934,6 +935,109 @@ async fn serve_content(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// A piece of a multipart/byteranges body: text of its own, or a range of the file.
+enum Segment {
+    Text(Bytes),
+    Range(u64, u64),
+}
+
+/// Several ranges as one `multipart/byteranges` 206, laid out as Go's `ServeContent` does
+/// (each part with its Content-Range and Content-Type), the file sections streamed.
+fn multipart_ranges(
+    parts: &Parts,
+    mut headers: HeaderMap,
+    ranges: &[(u64, u64)],
+    size: u64,
+    file: tokio::fs::File,
+) -> Response<Body> {
+    let boundary: String = (0..30)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let part_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let mut segments = Vec::with_capacity(ranges.len() * 2 + 1);
+    let mut length = 0u64;
+    for (i, &(start, len)) in ranges.iter().enumerate() {
+        let last = (start + len).saturating_sub(1);
+        let lead = if i == 0 { "" } else { "\r\n" };
+        let head = format!(
+            "{lead}--{boundary}\r\nContent-Range: bytes {start}-{last}/{size}\r\n\
+             Content-Type: {part_type}\r\n\r\n"
+        );
+        length += head.len() as u64 + len;
+        segments.push(Segment::Text(Bytes::from(head)));
+        segments.push(Segment::Range(start, len));
+    }
+    let tail = format!("\r\n--{boundary}--\r\n");
+    length += tail.len() as u64;
+    segments.push(Segment::Text(Bytes::from(tail)));
+
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&format!("multipart/byteranges; boundary={boundary}"))
+            .expect("a hex boundary"),
+    );
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    let body = if parts.method == Method::HEAD {
+        Empty::new().map_err(|e| match e {}).boxed_unsync()
+    } else {
+        segments_body(file, segments)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// Streams `segments`, reading file ranges a chunk at a time.
+fn segments_body(file: tokio::fs::File, segments: Vec<Segment>) -> Body {
+    struct State {
+        file: tokio::fs::File,
+        segments: std::vec::IntoIter<Segment>,
+        /// The file range being sent: next offset and bytes left.
+        current: Option<(u64, u64)>,
+        failed: bool,
+    }
+    let state = State {
+        file,
+        segments: segments.into_iter(),
+        current: None,
+        failed: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut state| async move {
+        if state.failed {
+            return None;
+        }
+        loop {
+            match state.current {
+                Some((_, 0)) => state.current = None,
+                Some((offset, left)) => {
+                    let want = left.min(CHUNK as u64) as usize;
+                    let mut buf = BytesMut::zeroed(want);
+                    let read = async {
+                        state.file.seek(io::SeekFrom::Start(offset)).await?;
+                        state.file.read_exact(&mut buf).await
+                    };
+                    if let Err(err) = read.await {
+                        state.failed = true;
+                        return Some((Err(err.into()), state));
+                    }
+                    state.current = Some((offset + want as u64, left - want as u64));
+                    return Some((Ok(Frame::data(buf.freeze())), state));
+                }
+                None => match state.segments.next()? {
+                    Segment::Text(text) => return Some((Ok(Frame::data(text)), state)),
+                    Segment::Range(start, len) => state.current = Some((start, len)),
+                },
+            }
+        }
+    });
+    BodyExt::boxed_unsync(StreamBody::new(stream))
 }
 
 fn with_headers(mut response: Response<Body>, headers: HeaderMap) -> Response<Body> {
@@ -1933,6 +2037,29 @@ mod tests {
             differences.join("\n")
         );
 
+        // Several ranges: multipart/byteranges, alike but for the random boundary.
+        for ranges in ["bytes=0-4,10-14", "bytes=-3,0-0,100-", "bytes=0-1999,5-9"] {
+            let headers = [("range", ranges)];
+            let want = fetch(caddy, "GET", "/notes.txt", &headers).await;
+            let got = fetch(edge, "GET", "/notes.txt", &headers).await;
+            let same_shape = |answer: &Answer| {
+                let content_type = answer.headers["content-type"].to_str().unwrap().to_owned();
+                let body = String::from_utf8_lossy(&answer.body).into_owned();
+                match content_type.split_once("boundary=") {
+                    Some((kind, boundary)) => {
+                        (answer.status, kind.to_owned(), body.replace(boundary, "B"))
+                    }
+                    None => (answer.status, content_type, body),
+                }
+            };
+            assert_eq!(same_shape(&got), same_shape(&want), "{ranges}");
+            assert_eq!(got.body.len(), want.body.len(), "{ranges}");
+            let length = |a: &Answer| a.headers.get("content-length").cloned();
+            if let Some(want_length) = length(&want) {
+                assert_eq!(length(&got), Some(want_length), "{ranges}");
+            }
+        }
+
         // Listings: the HTML is edge's own, the JSON is Caddy's format.
         for query in [
             "",
@@ -2052,6 +2179,36 @@ mod tests {
                 "{patterns:?} for {path}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn pass_thru_hands_on_a_missing_file_and_status_marks_an_error_page() {
+        let dir = Scratch::new("edge-files-pass").unwrap();
+        let root = site(&dir);
+        let parts = |path: &str| Request::get(path).body(()).unwrap().into_parts().0;
+
+        let mut config = FileServerConfig::new(&root);
+        config.pass_thru = true;
+        let server = FileServer::new(config);
+        assert!(
+            server
+                .serve_or_next(&parts("/missing"), "/missing")
+                .await
+                .is_none()
+        );
+        let found = server
+            .serve_or_next(&parts("/notes.txt"), "/notes.txt")
+            .await;
+        assert_eq!(found.map(|r| r.status()), Some(StatusCode::OK));
+
+        // `status 404` with a rewrite to the page, as `handle_errors` setups serve one.
+        let mut config = FileServerConfig::new(&root);
+        config.status = Some(StatusCode::NOT_FOUND);
+        let server = FileServer::new(config);
+        let response = server.serve(&parts("/index.html"), "/index.html").await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"<h1>home</h1>\n");
     }
 
     #[test]
