@@ -1,6 +1,7 @@
 //! Static files (`root`, `file_server`, `try_files` and the `file` matcher), with Caddy 2.6's
 //! semantics: index files, canonical-slash redirects, `hide`, `browse` listings (HTML, or JSON
-//! when asked), precompressed sidecars, ETag/Last-Modified, conditional and range requests (several ranges as multipart/byteranges).
+//! when asked), precompressed sidecars, ETag/Last-Modified, conditional and range requests
+//! (several ranges as multipart/byteranges).
 //!
 //! Invariants:
 //! - The request path reaching [`FileServer::serve`] is already decoded and cleaned (no `.`/`..`
