@@ -26,6 +26,8 @@ mod certs;
 pub mod cli;
 mod config;
 mod encode;
+mod fastcgi;
+mod files;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
