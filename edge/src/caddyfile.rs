@@ -17,10 +17,8 @@ use std::path::{Path, PathBuf};
 use labcore::config::{ConfigError, ConfigFile};
 use labcore::{Env, Exit, ExitStatus};
 
-use crate::config::{
-    self, BasicAuthToml, Config, EdgeToml, HeaderOpsToml, HeaderToml, ProxyToml, RedirToml,
-    SiteToml,
-};
+use crate::config::{self, Config, EdgeToml, SiteToml};
+use crate::directives::{self, Line, Scope};
 
 /// A Caddyfile that cannot be used: where and why.
 #[derive(Debug, thiserror::Error)]
@@ -472,22 +470,15 @@ fn globals(
     Ok(())
 }
 
-/// Takes a leading path matcher off a directive's arguments.
-fn matcher<'t>(
-    p: &Parser<'_>,
-    args: &'t [Token],
-    line: usize,
-) -> Result<(Option<String>, &'t [Token]), CaddyfileError> {
-    match args.first() {
-        Some(t) if !t.quoted && t.text.starts_with('@') => Err(p.err(
-            line,
-            format!("named matchers ({t}) are not supported: use a path matcher such as /api/*"),
-        )),
-        Some(t) if !t.quoted && (t.text.starts_with('/') || t.text == "*") => {
-            Ok((Some(t.text.clone()), &args[1..]))
-        }
-        _ => Ok((None, args)),
-    }
+fn lines_of(nodes: Vec<Node>) -> Vec<Line> {
+    nodes
+        .into_iter()
+        .map(|n| Line {
+            words: n.tokens.into_iter().map(|t| t.text).collect(),
+            line: n.line,
+            block: n.block.map(lines_of),
+        })
+        .collect()
 }
 
 fn site(
@@ -507,27 +498,13 @@ fn site(
         }
     }
     let mut seen_tls = false;
+    let mut rest = Vec::new();
+    let mut errors = None;
     for node in body {
         let name = node.tokens[0].text.as_str();
         let args = &node.tokens[1..];
         let line = node.line;
         match name {
-            "reverse_proxy" => {
-                let (path, upstreams) = matcher(p, args, line)?;
-                let mut proxy = ProxyToml {
-                    path,
-                    to: upstreams.iter().map(|t| t.text.clone()).collect(),
-                    ..ProxyToml::default()
-                };
-                for sub in node.block.unwrap_or_default() {
-                    proxy_option(p, &sub, &mut proxy)?;
-                }
-                lines.insert(
-                    format!("{key}.reverse_proxy[{}]", site.reverse_proxy.len()),
-                    line,
-                );
-                site.reverse_proxy.push(proxy);
-            }
             "tls" => {
                 if seen_tls {
                     return Err(p.err(line, "tls given twice in one site"));
@@ -568,110 +545,6 @@ fn site(
                     }
                 }
             }
-            "redir" => {
-                no_block(p, &node)?;
-                let looks_like_code = |t: &Token| {
-                    matches!(t.text.as_str(), "permanent" | "temporary" | "html")
-                        || t.text.parse::<u16>().is_ok()
-                };
-                let (path, rest) = match args {
-                    [_] => (None, args),
-                    [_, code] if looks_like_code(code) => (None, args),
-                    _ => matcher(p, args, line)?,
-                };
-                let (to, code) = match rest {
-                    [to] => (to.text.clone(), None),
-                    [to, code] => (to.text.clone(), Some(redirect_code(p, code, line)?)),
-                    _ => return Err(p.err(line, "redir [matcher] TO [code]")),
-                };
-                lines.insert(format!("{key}.redir[{}]", site.redir.len()), line);
-                site.redir.push(RedirToml { path, to, code });
-            }
-            "header" => {
-                let (path, rest) = matcher(p, args, line)?;
-                let mut ops = HeaderOpsToml::default();
-                if !rest.is_empty() {
-                    header_op(p, rest, line, &mut ops)?;
-                }
-                for sub in node.block.unwrap_or_default() {
-                    if sub.block.is_some() {
-                        return Err(p.err(sub.line, "nested blocks are not supported in header"));
-                    }
-                    header_op(p, &sub.tokens, sub.line, &mut ops)?;
-                }
-                if ops == HeaderOpsToml::default() {
-                    return Err(p.err(line, "header needs a field to change"));
-                }
-                lines.insert(format!("{key}.header[{}]", site.header.len()), line);
-                site.header.push(HeaderToml {
-                    path,
-                    set: ops.set,
-                    add: ops.add,
-                    default: ops.default,
-                    delete: ops.delete,
-                });
-            }
-            "encode" => {
-                let (path, formats) = matcher(p, args, line)?;
-                if path.is_some() {
-                    return Err(p.err(line, "encode with a matcher is not supported"));
-                }
-                lines.insert(format!("{key}.encode"), line);
-                site.encode.extend(formats.iter().map(|t| t.text.clone()));
-                for sub in node.block.unwrap_or_default() {
-                    match sub.tokens.as_slice() {
-                        [f] if f.text == "gzip" || f.text == "zstd" => {
-                            site.encode.push(f.text.clone())
-                        }
-                        [m, n] if m.text == "minimum_length" => {
-                            site.encode_minimum_length = Some(n.text.parse().map_err(|_| {
-                                p.err(sub.line, format!("minimum_length: {n:?} is not a number"))
-                            })?);
-                        }
-                        [first, ..] => {
-                            return Err(p.err(
-                                sub.line,
-                                format!("encode option {:?} is not supported", first.text),
-                            ));
-                        }
-                        [] => {}
-                    }
-                }
-                if site.encode.is_empty() {
-                    site.encode = vec!["zstd".into(), "gzip".into()];
-                }
-            }
-            "basic_auth" | "basicauth" => {
-                let (path, rest) = matcher(p, args, line)?;
-                let realm = match rest {
-                    [] => None,
-                    [alg] if alg.text == "bcrypt" => None,
-                    [alg, realm] if alg.text == "bcrypt" => Some(realm.text.clone()),
-                    [alg, ..] => {
-                        return Err(p.err(
-                            line,
-                            format!(
-                                "basic_auth hash {:?} is not supported (bcrypt only)",
-                                alg.text
-                            ),
-                        ));
-                    }
-                };
-                let mut users = BTreeMap::new();
-                for sub in node.block.unwrap_or_default() {
-                    match sub.tokens.as_slice() {
-                        [user, hash] if sub.block.is_none() => {
-                            users.insert(user.text.clone(), hash.text.clone());
-                        }
-                        _ => return Err(p.err(sub.line, "basic_auth lines are: USER HASH")),
-                    }
-                }
-                if users.is_empty() {
-                    return Err(p.err(line, "basic_auth needs a block of USER HASH lines"));
-                }
-                lines.insert(format!("{key}.basic_auth[{}]", site.basic_auth.len()), line);
-                site.basic_auth.push(BasicAuthToml { path, realm, users });
-            }
             "log" => {
                 if !args.is_empty() || node.block.is_some() {
                     return Err(p.err(
@@ -680,108 +553,53 @@ fn site(
                     ));
                 }
             }
-            other => {
-                return Err(p.err(line, format!("unsupported directive {other:?}")));
+            "handle_errors" => {
+                if errors.is_some() {
+                    return Err(p.err(line, "handle_errors given twice in one site"));
+                }
+                if !args.is_empty() {
+                    return Err(p.err(line, "handle_errors takes a block only"));
+                }
+                errors = Some((line, node.block.unwrap_or_default()));
             }
+            _ => rest.push(node),
         }
     }
+    let mut scope = Scope::default();
+    let at = |e: directives::At| p.err(e.line, e.message);
+    site.route = directives::parse_routes(&lines_of(rest), &mut scope, &format!("{key}.route"))
+        .map_err(at)?;
+    if let Some((line, block)) = errors {
+        lines.insert(format!("{key}.handle_errors"), line);
+        site.handle_errors = directives::parse_routes(
+            &lines_of(block),
+            &mut scope,
+            &format!("{key}.handle_errors"),
+        )
+        .map_err(at)?;
+    }
+    site.matchers = scope.matchers;
+    lines.extend(scope.lines);
     Ok(site)
-}
-
-fn no_block(p: &Parser<'_>, node: &Node) -> Result<(), CaddyfileError> {
-    match node.block {
-        Some(_) => Err(p.err(node.line, format!("{} takes no block", node.tokens[0].text))),
-        None => Ok(()),
-    }
-}
-
-fn redirect_code(p: &Parser<'_>, token: &Token, line: usize) -> Result<u16, CaddyfileError> {
-    match token.text.as_str() {
-        "permanent" => Ok(301),
-        "temporary" => Ok(302),
-        "html" => Err(p.err(line, "redir html is not supported")),
-        n => n
-            .parse()
-            .map_err(|_| p.err(line, format!("{n:?} is not a redirect code"))),
-    }
-}
-
-/// One header operation: `Name value`, `+Name value`, `?Name value`, `>Name value`, `-Name`.
-fn header_op(
-    p: &Parser<'_>,
-    tokens: &[Token],
-    line: usize,
-    ops: &mut HeaderOpsToml,
-) -> Result<(), CaddyfileError> {
-    let field = &tokens[0].text;
-    let value = || match tokens {
-        [_, v] => Ok(v.text.clone()),
-        [_] => Err(p.err(line, format!("header {field} needs a value"))),
-        _ => Err(p.err(
-            line,
-            format!("header {field}: find-and-replace is not supported"),
-        )),
-    };
-    if let Some(name) = field.strip_prefix('-') {
-        if tokens.len() != 1 {
-            return Err(p.err(line, format!("header {field} takes no value")));
-        }
-        ops.delete.push(name.to_owned());
-    } else if let Some(name) = field.strip_prefix('+') {
-        ops.add.insert(name.to_owned(), value()?);
-    } else if let Some(name) = field.strip_prefix('?') {
-        ops.default.insert(name.to_owned(), value()?);
-    } else if let Some(name) = field.strip_prefix('>') {
-        // Deferred: the edge applies response header changes after the handler anyway.
-        ops.set.insert(name.to_owned(), value()?);
-    } else {
-        ops.set.insert(field.clone(), value()?);
-    }
-    Ok(())
-}
-
-fn proxy_option(p: &Parser<'_>, node: &Node, proxy: &mut ProxyToml) -> Result<(), CaddyfileError> {
-    if node.block.is_some() {
-        return Err(p.err(
-            node.line,
-            format!(
-                "reverse_proxy option {:?} with a block is not supported",
-                node.tokens[0].text
-            ),
-        ));
-    }
-    let name = node.tokens[0].text.as_str();
-    let args = &node.tokens[1..];
-    let one = || match args {
-        [v] => Ok(v.text.clone()),
-        _ => Err(p.err(node.line, format!("{name} takes one value"))),
-    };
-    match name {
-        "to" if !args.is_empty() => proxy.to.extend(args.iter().map(|t| t.text.clone())),
-        "lb_policy" => proxy.lb_policy = Some(one()?),
-        "fail_duration" => proxy.fail_duration = Some(one()?),
-        "max_fails" => {
-            let text = one()?;
-            proxy.max_fails =
-                Some(text.parse().map_err(|_| {
-                    p.err(node.line, format!("max_fails: {text:?} is not a number"))
-                })?);
-        }
-        "header_up" if !args.is_empty() => header_op(p, args, node.line, &mut proxy.header_up)?,
-        "header_down" if !args.is_empty() => header_op(p, args, node.line, &mut proxy.header_down)?,
-        other => {
-            return Err(p.err(
-                node.line,
-                format!("reverse_proxy option {other:?} is not supported"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::directives::DirectiveToml;
+
+    /// The upstreams of the site's `n`th reverse_proxy.
+    fn proxy_to(site: &SiteToml, n: usize) -> Vec<String> {
+        site.route
+            .iter()
+            .filter_map(|r| match &r.directive {
+                DirectiveToml::ReverseProxy(p) => Some(p.to.clone()),
+                _ => None,
+            })
+            .nth(n)
+            .unwrap_or_default()
+    }
 
     fn parse_text(text: &str) -> Result<EdgeToml, CaddyfileError> {
         parse(Path::new("/etc/Caddyfile"), text, &Env::default()).map(|p| p.toml)
@@ -816,7 +634,7 @@ mod tests {
         .unwrap();
         assert_eq!(toml.sites.len(), 2);
         assert_eq!(toml.sites[0].addresses, ["lab.example.org"]);
-        assert_eq!(toml.sites[1].reverse_proxy[0].to, ["localhost:3000"]);
+        assert_eq!(proxy_to(&toml.sites[1], 0), ["localhost:3000"]);
     }
 
     #[test]
@@ -862,21 +680,44 @@ mod tests {
         let s = &toml.sites[0];
         assert_eq!(s.addresses, ["a.local", "b.local"]);
         assert_eq!(s.tls.as_deref(), Some("internal"));
-        assert_eq!(s.encode, ["gzip", "zstd"]);
-        assert_eq!(s.header[0].path.as_deref(), Some("/static/*"));
-        assert_eq!(s.header[1].delete, ["Server"]);
-        assert_eq!(s.header[1].add["X-Extra"], "one");
-        assert_eq!(s.header[1].default["X-Frame-Options"], "DENY");
-        assert_eq!(s.redir[0].path.as_deref(), Some("/old"));
+        let names: Vec<(&str, Option<&str>)> = s
+            .route
+            .iter()
+            .map(|r| (r.directive.name(), r.matcher.as_deref()))
+            .collect();
         assert_eq!(
-            (s.redir[0].to.as_str(), s.redir[0].code),
-            ("/new", Some(301))
+            names,
+            [
+                ("encode", None),
+                ("header", Some("/static/*")),
+                ("header", None),
+                ("redir", Some("/old")),
+                ("redir", None),
+                ("basic_auth", Some("/admin/*")),
+                ("reverse_proxy", Some("/api/*")),
+                ("reverse_proxy", None),
+            ]
         );
-        assert_eq!(s.redir[1].path, None);
-        assert_eq!(s.basic_auth[0].realm.as_deref(), Some("Admin"));
-        assert_eq!(s.reverse_proxy[0].to, ["127.0.0.1:1", "127.0.0.1:2"]);
-        assert_eq!(s.reverse_proxy[0].lb_policy.as_deref(), Some("first"));
-        assert_eq!(s.reverse_proxy[0].header_down.delete, ["X-Powered-By"]);
+        let DirectiveToml::Header(h) = &s.route[2].directive else {
+            panic!("{:?}", s.route[2]);
+        };
+        assert_eq!(h.ops.delete, ["Server"]);
+        assert_eq!(h.ops.add["X-Extra"], "one");
+        assert_eq!(h.ops.default["X-Frame-Options"], "DENY");
+        let DirectiveToml::Redir(r) = &s.route[3].directive else {
+            panic!("{:?}", s.route[3]);
+        };
+        assert_eq!((r.to.as_str(), r.code), ("/new", Some(301)));
+        let DirectiveToml::BasicAuth(a) = &s.route[5].directive else {
+            panic!("{:?}", s.route[5]);
+        };
+        assert_eq!(a.realm.as_deref(), Some("Admin"));
+        assert_eq!(proxy_to(s, 0), ["127.0.0.1:1", "127.0.0.1:2"]);
+        let DirectiveToml::ReverseProxy(p) = &s.route[6].directive else {
+            panic!("{:?}", s.route[6]);
+        };
+        assert_eq!(p.lb_policy.as_deref(), Some("first"));
+        assert_eq!(p.header_down.delete, ["X-Powered-By"]);
     }
 
     #[test]
@@ -884,15 +725,16 @@ mod tests {
         let text = err_text("lab.example.org {\n\treverse_proxy :1\n\tfile_server\n}\n");
         assert_eq!(
             text,
-            "/etc/Caddyfile:3: unsupported directive \"file_server\""
+            "/etc/Caddyfile:3: unsupported directive \"file_server\" (see man edge-caddyfile)"
         );
         let text = err_text("{\n\tdebug\n}\n");
         assert!(
             text.starts_with("/etc/Caddyfile:2: global option \"debug\""),
             "{text}"
         );
-        let text = err_text("x.local {\n\treverse_proxy @api :1\n}\n");
-        assert!(text.contains(":2: named matchers"), "{text}");
+        let text = err_text("x.local {\n\t@api expression `{path} == '/'`\n}\n");
+        assert!(text.contains(":2: matcher @api: "), "{text}");
+        assert!(text.contains("expression"), "{text}");
         let text = err_text("x.local {\n\treverse_proxy :1 {\n\t\ttransport http\n\t}\n}\n");
         assert!(
             text.contains(":3: reverse_proxy option \"transport\""),
@@ -910,7 +752,7 @@ mod tests {
     fn a_single_site_may_omit_its_braces() {
         let toml = parse_text("localhost\nreverse_proxy :8000\n").unwrap();
         assert_eq!(toml.sites[0].addresses, ["localhost"]);
-        assert_eq!(toml.sites[0].reverse_proxy[0].to, [":8000"]);
+        assert_eq!(proxy_to(&toml.sites[0], 0), [":8000"]);
     }
 
     #[test]
@@ -923,7 +765,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            parsed.toml.sites[0].reverse_proxy[0].to,
+            proxy_to(&parsed.toml.sites[0], 0),
             ["127.0.0.1:9", "127.0.0.1:10"]
         );
         let err = parse(
