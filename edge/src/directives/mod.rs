@@ -466,24 +466,20 @@ impl Chain {
             Ended::Fell => empty(StatusCode::OK),
             Ended::Abort => return aborted(),
             Ended::Error(status, message) => {
-                // Deferred changes belong to the routes that failed, as in Caddy.
-                leaves.clear();
                 cx.error = Some((status.as_u16(), message));
-                let Some(errors) = &self.errors else {
-                    return empty(status);
-                };
-                let mut error_leaves = Vec::new();
-                let response = match walk(errors, &mut req, cx, io, &mut error_leaves).await {
-                    Ended::Response(r) => r,
-                    Ended::Serve(handler) => handler.serve(req, cx, io).await,
-                    Ended::Abort => return aborted(),
-                    Ended::Fell | Ended::Error(..) => empty(status),
-                };
-                let mut response = response;
-                for (handler, carry) in error_leaves.into_iter().rev() {
-                    handler.leave(carry, cx, &mut response);
+                match &self.errors {
+                    None => empty(status),
+                    Some(errors) => {
+                        // Error routes answer through what the failed routes set up, as
+                        // Caddy's keep the header changes made before the error.
+                        match walk(errors, &mut req, cx, io, &mut leaves).await {
+                            Ended::Response(r) => r,
+                            Ended::Serve(handler) => handler.serve(req, cx, io).await,
+                            Ended::Abort => return aborted(),
+                            Ended::Fell | Ended::Error(..) => empty(status),
+                        }
+                    }
                 }
-                return response;
             }
         };
         for (handler, carry) in leaves.into_iter().rev() {

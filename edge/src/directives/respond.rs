@@ -60,8 +60,12 @@ pub(crate) fn build(
     b: &mut Build<'_>,
     _key: &str,
 ) -> Result<Box<dyn Handler>, BuildFail> {
-    let status = StatusCode::from_u16(t.status.unwrap_or(200))
-        .map_err(|_| format!("{:?} is not a status code", t.status))?;
+    let status = match t.status {
+        Some(code) => {
+            Some(StatusCode::from_u16(code).map_err(|_| format!("{code} is not a status code"))?)
+        }
+        None => None,
+    };
     let body = match &t.body {
         Some(text) => Some(Template::parse(text, b.env)?),
         None => None,
@@ -75,7 +79,8 @@ pub(crate) fn build(
 
 #[derive(Debug)]
 struct Respond {
-    status: StatusCode,
+    /// None: 200, or the status of the error being handled (as Caddy's).
+    status: Option<StatusCode>,
     body: Option<Template>,
     close: bool,
 }
@@ -110,10 +115,16 @@ impl Handler for Respond {
             .as_ref()
             .map(|t| t.render(Req::of(req), cx))
             .unwrap_or_default();
-        Step::Respond(text(self.status, body, self.close.then_some(())))
+        let status = self.status.unwrap_or_else(|| {
+            cx.error
+                .as_ref()
+                .and_then(|(code, _)| StatusCode::from_u16(*code).ok())
+                .unwrap_or(StatusCode::OK)
+        });
+        Step::Respond(text(status, body, self.close.then_some(())))
     }
 
     fn describe(&self) -> String {
-        format!("respond {}", self.status.as_u16())
+        format!("respond {}", self.status.unwrap_or(StatusCode::OK).as_u16())
     }
 }
