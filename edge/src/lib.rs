@@ -28,6 +28,7 @@ mod config;
 mod context;
 mod directives;
 mod encode;
+mod files;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
