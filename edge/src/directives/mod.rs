@@ -21,13 +21,16 @@ mod abort;
 mod basic_auth;
 mod encode;
 mod error;
+mod file_server;
 mod handle;
 mod header;
 mod redir;
 mod respond;
 mod reverse_proxy;
 mod rewrite;
+mod root;
 mod route;
+mod try_files;
 mod uri;
 mod vars;
 
@@ -574,10 +577,12 @@ macro_rules! registry {
 
 registry! {
     "vars" => Vars(vars),
+    "root" => Root(root),
     "header" => Header(header),
     "redir" => Redir(redir),
     "rewrite" => Rewrite(rewrite),
     "uri" => Uri(uri),
+    "try_files" => TryFiles(try_files),
     "basic_auth" => BasicAuth(basic_auth),
     "encode" => Encode(encode),
     "handle" => Handle(handle) exclusive true,
@@ -587,6 +592,7 @@ registry! {
     "error" => Error(error),
     "respond" => Respond(respond),
     "reverse_proxy" => ReverseProxy(reverse_proxy),
+    "file_server" => FileServer(file_server),
 }
 
 /// Caddy's other names for directives.

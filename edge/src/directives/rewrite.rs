@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{At, Build, BuildFail, Dir, Handler, Scope, Step};
 use crate::context::{Cx, Req};
+use crate::files::OriginalUri;
 use crate::placeholders::Template;
 
 /// `rewrite` as TOML.
@@ -82,6 +83,9 @@ pub(crate) fn set_target(
         return false;
     };
     let old = std::mem::replace(req.uri_mut(), new);
+    if req.extensions().get::<OriginalUri>().is_none() {
+        req.extensions_mut().insert(OriginalUri(old.clone()));
+    }
     cx.rewritten(&old, req.uri())
 }
 

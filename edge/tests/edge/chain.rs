@@ -111,3 +111,45 @@ fn placeholders_in_header_up_reach_the_upstream_as_values_not_text() {
     );
     both.stop();
 }
+
+#[test]
+fn root_try_files_and_file_server_serve_a_static_site_as_caddy_does() {
+    let site = testkit::Scratch::new("edge-chain-site").unwrap();
+    for (name, text) in [
+        ("index.html", "<h1>home</h1>\n"),
+        ("about.html", "<p>about</p>\n"),
+        ("docs/index.html", "<p>docs</p>\n"),
+        ("docs/guide.txt", "read me\n"),
+        ("app.css", "body { color: red }\n"),
+    ] {
+        let path = site.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let both = Both::start_with(
+        crate::support::Upstreams::new(),
+        "http://plain.local {\n\troot * @SITE@\n\thandle_path /assets/* {\n\t\tfile_server\n\t}\n\thandle {\n\t\ttry_files {path} {path}/ /index.html\n\t\tfile_server\n\t}\n}\n",
+        &[("@SITE@", site.path().display().to_string())],
+    );
+    let headers = [
+        "content-type",
+        "location",
+        "etag",
+        "last-modified",
+        "content-length",
+    ];
+    for (target, status) in [
+        ("/", 200),
+        ("/about.html", 200),
+        ("/about.html?x=1", 200),
+        ("/docs", 308),
+        ("/docs/", 200),
+        ("/docs/guide.txt", 200),
+        ("/nope", 200),
+        ("/assets/app.css", 200),
+        ("/assets/missing.css", 404),
+    ] {
+        both.get(target).caddy_status(status).assert_same(&headers);
+    }
+    both.stop();
+}
