@@ -6,6 +6,7 @@ mod bad_input;
 mod basic_auth;
 mod chain;
 mod cli;
+mod corpus;
 mod differential;
 mod limits;
 mod paths;
