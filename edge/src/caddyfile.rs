@@ -68,8 +68,10 @@ pub(crate) fn load(path: &Path, env: &Env) -> Result<Config, CaddyfileError> {
 pub(crate) struct Parsed {
     /// The equivalent TOML config.
     pub(crate) toml: EdgeToml,
-    /// Line of each TOML key prefix ("site[0]", "site[0].reverse_proxy[1]", "email").
+    /// Location of each TOML key prefix ("site[0]", "site[0].route[1]", "email").
     lines: BTreeMap<String, usize>,
+    /// File and line of each location.
+    locs: Vec<(PathBuf, usize)>,
 }
 
 impl Parsed {
@@ -79,14 +81,19 @@ impl Parsed {
             ConfigError::Invalid { key, message, .. } => (key.as_str(), message.clone()),
             other => ("", labcore::exit::chain(other)),
         };
-        let line = self
+        let loc = self
             .lines
             .iter()
             .filter(|(prefix, _)| key.starts_with(prefix.as_str()))
             .max_by_key(|(prefix, _)| prefix.len())
             .map_or(1, |(_, line)| *line);
+        let (path, line) = self
+            .locs
+            .get(loc)
+            .cloned()
+            .unwrap_or_else(|| (path.to_owned(), loc));
         CaddyfileError::At {
-            path: path.to_owned(),
+            path,
             line,
             message,
         }
@@ -120,24 +127,248 @@ struct Node {
     block: Option<Vec<Node>>,
 }
 
+/// Where each token came from: `Token::line` is an index into `locs`, which maps it to a
+/// file and line. The main file's line N is index N; imported files and each use of a
+/// snippet get indexes of their own, so the lines of two imports never run together.
 struct Parser<'a> {
     path: &'a Path,
+    locs: std::cell::RefCell<Vec<(PathBuf, usize)>>,
 }
 
 impl Parser<'_> {
     fn err(&self, line: usize, message: impl Into<String>) -> CaddyfileError {
+        let (path, line) = self.place(line);
         CaddyfileError::At {
-            path: self.path.to_owned(),
+            path,
             line,
             message: message.into(),
         }
+    }
+
+    /// The file and line of a location.
+    fn place(&self, loc: usize) -> (PathBuf, usize) {
+        self.locs
+            .borrow()
+            .get(loc)
+            .cloned()
+            .unwrap_or_else(|| (self.path.to_owned(), loc))
+    }
+
+    /// A new location, a copy of `loc`'s place.
+    fn copy(&self, loc: usize) -> usize {
+        let place = self.place(loc);
+        let mut locs = self.locs.borrow_mut();
+        locs.push(place);
+        locs.len() - 1
+    }
+}
+
+/// How deep imports may nest (a file importing itself stops here).
+const MAX_IMPORT_DEPTH: usize = 10;
+
+/// Removes snippet definitions `(name) { ... }` and replaces `import` lines with the
+/// snippet's or files' tokens, arguments substituted.
+fn expand(
+    p: &Parser<'_>,
+    tokens: Vec<Token>,
+    env: &Env,
+    depth: usize,
+    snippets: &mut BTreeMap<String, Vec<Token>>,
+) -> Result<Vec<Token>, CaddyfileError> {
+    let mut out = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    let mut level = 0usize;
+    while i < tokens.len() {
+        let t = &tokens[i];
+        let line_start = i == 0 || tokens[i - 1].line != t.line;
+        let line_end = tokens[i..]
+            .iter()
+            .position(|x| x.line != t.line)
+            .map_or(tokens.len(), |n| i + n);
+        if line_start
+            && level == 0
+            && !t.quoted
+            && t.text.len() > 2
+            && t.text.starts_with('(')
+            && t.text.ends_with(')')
+        {
+            let name = t.text[1..t.text.len() - 1].to_owned();
+            if line_end - i != 2 || !tokens[i + 1].is("{") {
+                return Err(p.err(
+                    t.line,
+                    format!("snippet ({name}) needs a block: ({name}) {{"),
+                ));
+            }
+            let mut open = 1;
+            let mut k = line_end;
+            while k < tokens.len() {
+                if tokens[k].is("{") {
+                    open += 1;
+                } else if tokens[k].is("}") {
+                    open -= 1;
+                    if open == 0 {
+                        break;
+                    }
+                }
+                k += 1;
+            }
+            if k == tokens.len() {
+                return Err(p.err(t.line, "this { is never closed"));
+            }
+            snippets.insert(name, tokens[line_end..k].to_vec());
+            i = k + 1;
+            continue;
+        }
+        if line_start && t.is("import") {
+            if depth >= MAX_IMPORT_DEPTH {
+                return Err(p.err(t.line, "imports nest too deep (does a file import itself?)"));
+            }
+            let args: Vec<String> = tokens[i + 1..line_end]
+                .iter()
+                .map(|a| a.text.clone())
+                .collect();
+            let Some((what, args)) = args.split_first() else {
+                return Err(p.err(t.line, "import needs a snippet name or a file"));
+            };
+            let imported = match snippets.get(what) {
+                Some(body) => instantiate(p, body, args),
+                None => import_files(p, t.line, what, args, env)?,
+            };
+            out.extend(expand(p, imported, env, depth + 1, snippets)?);
+            i = line_end;
+            continue;
+        }
+        if t.is("{") {
+            level += 1;
+        } else if t.is("}") {
+            level = level.saturating_sub(1);
+        }
+        out.push(t.clone());
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// A copy of `body` with locations of its own and `{args[N]}`/`{args.N}` replaced.
+fn instantiate(p: &Parser<'_>, body: &[Token], args: &[String]) -> Vec<Token> {
+    let mut fresh: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut out = Vec::with_capacity(body.len());
+    for t in body {
+        let line = *fresh.entry(t.line).or_insert_with(|| p.copy(t.line));
+        if !t.quoted && (t.text == "{args[:]}" || t.text == "{args.*}") {
+            for a in args {
+                out.push(Token {
+                    text: a.clone(),
+                    line,
+                    quoted: true,
+                });
+            }
+            continue;
+        }
+        let mut text = t.text.clone();
+        if text.contains("{args") {
+            for (n, a) in args.iter().enumerate() {
+                text = text
+                    .replace(&format!("{{args[{n}]}}"), a)
+                    .replace(&format!("{{args.{n}}}"), a);
+            }
+        }
+        out.push(Token {
+            text,
+            line,
+            quoted: t.quoted,
+        });
+    }
+    out
+}
+
+/// The tokens of the files `pattern` names (relative to the importing file; `*` globs the
+/// file name), in name order.
+fn import_files(
+    p: &Parser<'_>,
+    loc: usize,
+    pattern: &str,
+    args: &[String],
+    env: &Env,
+) -> Result<Vec<Token>, CaddyfileError> {
+    let (from, _) = p.place(loc);
+    let base = from.parent().unwrap_or(Path::new("."));
+    let full = base.join(pattern);
+    let files = if pattern.contains('*') {
+        let dir = full.parent().unwrap_or(base).to_owned();
+        let name = full
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if dir.to_string_lossy().contains('*') {
+            return Err(p.err(
+                loc,
+                format!("import {pattern}: only the file name may hold *"),
+            ));
+        }
+        let mut found: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|f| {
+                    f.file_name()
+                        .is_some_and(|n| glob_name(name.as_bytes(), n.as_encoded_bytes()))
+                })
+                .filter(|f| f.is_file())
+                .collect(),
+            // Caddy takes a glob matching nothing as nothing to import.
+            Err(_) => Vec::new(),
+        };
+        found.sort();
+        found
+    } else {
+        vec![full]
+    };
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| p.err(loc, format!("import {}: {e}", file.display())))?;
+        let tokens = tokenize(p, &text, env).map_err(|e| match e {
+            CaddyfileError::At { line, message, .. } => CaddyfileError::At {
+                path: file.clone(),
+                line,
+                message,
+            },
+            other => other,
+        })?;
+        let mut fresh: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut local = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            let line = *fresh.entry(t.line).or_insert_with(|| {
+                let mut locs = p.locs.borrow_mut();
+                locs.push((file.clone(), t.line));
+                locs.len() - 1
+            });
+            local.push(Token { line, ..t });
+        }
+        out.extend(instantiate(p, &local, args));
+    }
+    Ok(out)
+}
+
+/// A file name glob: `*` matches any run of bytes.
+fn glob_name(pattern: &[u8], name: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => name.is_empty(),
+        Some((b'*', rest)) => (0..=name.len()).any(|i| glob_name(rest, &name[i..])),
+        Some((c, rest)) => name.first() == Some(c) && glob_name(rest, &name[1..]),
     }
 }
 
 /// Parses Caddyfile text that came from `path` (named in errors); `{$VAR}` reads `env`.
 pub(crate) fn parse(path: &Path, text: &str, env: &Env) -> Result<Parsed, CaddyfileError> {
-    let p = Parser { path };
+    let lines_in_file = text.lines().count() + 2;
+    let p = Parser {
+        path,
+        locs: std::cell::RefCell::new((0..lines_in_file).map(|n| (path.to_owned(), n)).collect()),
+    };
     let tokens = tokenize(&p, text, env)?;
+    let tokens = expand(&p, tokens, env, 0, &mut BTreeMap::new())?;
     let mut pos = 0;
     let nodes = tree(&p, &tokens, &mut pos, None)?;
     let mut toml = EdgeToml::default();
@@ -184,7 +415,11 @@ pub(crate) fn parse(path: &Path, text: &str, env: &Env) -> Result<Parsed, Caddyf
             toml.sites.push(site);
         }
     }
-    Ok(Parsed { toml, lines })
+    Ok(Parsed {
+        toml,
+        lines,
+        locs: p.locs.into_inner(),
+    })
 }
 
 fn is_site_like(node: &Node) -> bool {
@@ -347,15 +582,6 @@ fn tree(
                 brace.line,
                 format!("unexpected {brace}: a block opens at the end of a line and closes on a line of its own"),
             ));
-        }
-        if let Some(snippet) = words
-            .first()
-            .filter(|t| !t.quoted && t.text.starts_with('('))
-        {
-            return Err(p.err(line, format!("snippets ({snippet}) are not supported")));
-        }
-        if let Some(import) = words.first().filter(|t| t.is("import")) {
-            return Err(p.err(line, format!("{import} is not supported")));
         }
         // A bare `{` line is the global options block at the top level and nothing anywhere
         // else: every directive below reads its name from its first word.
@@ -722,10 +948,10 @@ mod tests {
 
     #[test]
     fn unsupported_directives_name_file_line_and_directive() {
-        let text = err_text("lab.example.org {\n\treverse_proxy :1\n\tfile_server\n}\n");
+        let text = err_text("lab.example.org {\n\treverse_proxy :1\n\tphp_fastcgi :9000\n}\n");
         assert_eq!(
             text,
-            "/etc/Caddyfile:3: unsupported directive \"file_server\" (see man edge-caddyfile)"
+            "/etc/Caddyfile:3: unsupported directive \"php_fastcgi\" (see man edge-caddyfile)"
         );
         let text = err_text("{\n\tdebug\n}\n");
         assert!(
@@ -740,6 +966,42 @@ mod tests {
             text.contains(":3: reverse_proxy option \"transport\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn snippets_and_imported_files_expand_with_their_arguments_and_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/a.caddy"),
+            "a.local {\n\treverse_proxy {args[0]}\n}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/b.caddy"),
+            "b.local {\n\timport headers\n\tbogus_directive\n}\n",
+        )
+        .unwrap();
+        let main = dir.path().join("Caddyfile");
+        let text = "(headers) {\n\theader X-Site {args.0}\n}\n(proxy) {\n\treverse_proxy {args[0]} {\n\t\theader_up X-Who {args[1]}\n\t}\n}\nc.local {\n\timport headers one\n\timport headers two\n\timport proxy 127.0.0.1:9 me\n}\n";
+        let parsed = parse(&main, text, &Env::default()).unwrap();
+        let c = &parsed.toml.sites[0];
+        let names: Vec<&str> = c.route.iter().map(|r| r.directive.name()).collect();
+        assert_eq!(names, ["header", "header", "reverse_proxy"]);
+        let DirectiveToml::Header(h) = &c.route[1].directive else {
+            panic!("{:?}", c.route[1]);
+        };
+        assert_eq!(h.ops.set["X-Site"], "two");
+        assert_eq!(proxy_to(c, 0), ["127.0.0.1:9"]);
+        // A file import with a glob, where a refusal names the imported file and its line.
+        let text = "(headers) {\n\theader X 1\n}\nimport conf.d/*.caddy 127.0.0.1:7\n";
+        let err = parse(&main, text, &Env::default()).unwrap_err().to_string();
+        let b = dir.path().join("conf.d/b.caddy");
+        assert!(err.starts_with(&format!("{}:3: ", b.display())), "{err}");
+        assert!(err.contains("bogus_directive"), "{err}");
+        let text = "import conf.d/a.caddy 127.0.0.1:7\n";
+        let parsed = parse(&main, text, &Env::default()).unwrap();
+        assert_eq!(proxy_to(&parsed.toml.sites[0], 0), ["127.0.0.1:7"]);
     }
 
     #[test]

@@ -166,6 +166,8 @@ impl Address {
             (Some(Scheme::Http), None) => (Scheme::Http, http_port),
             (Some(Scheme::Https), None) => (Scheme::Https, https_port),
             (None, Some(p)) if p == http_port => (Scheme::Http, p),
+            // No host to hold a certificate: Caddy serves `:8080` as plain HTTP.
+            (None, Some(p)) if host == Host::Any => (Scheme::Http, p),
             (None, Some(p)) => (Scheme::Https, p),
             (None, None) => (Scheme::Https, https_port),
         };
@@ -423,7 +425,9 @@ mod tests {
         let a = Address::parse("*.Example.org", 80, 443).unwrap();
         assert_eq!(a.host, Host::Wildcard(".example.org".into()));
         assert!(Address::parse("example.org/path", 80, 443).is_err());
-        assert!(Address::parse(":8443", 80, 443).is_err());
+        // A port alone has no name for a certificate: plain HTTP, as Caddy serves it.
+        let a = Address::parse(":8443", 80, 443).unwrap();
+        assert_eq!((a.scheme, a.port, a.host), (Scheme::Http, 8443, Host::Any));
         assert!(Address::parse("ftp://x", 80, 443).is_err());
         assert!(Address::parse("bad host", 80, 443).is_err());
     }
