@@ -52,6 +52,10 @@ pub struct Cli {
     pub log: LogArgs,
 }
 
+/// The text of the edge-caddyfile(5) manual page, in the `TITLE:` sections `cargo xtask man`
+/// renders.
+pub const CADDYFILE_MANUAL: &str = include_str!("caddyfile.txt");
+
 /// Which config to read.
 #[derive(Debug, Args, Clone)]
 pub struct ConfigArgs {

@@ -24,6 +24,7 @@ use crate::directives::{
     RouteToml, Routes,
 };
 use crate::matchers::MatcherToml;
+pub(crate) use crate::site::parse_duration;
 use crate::site::{Address, Scheme, Site, TlsPolicy};
 
 /// The TOML config file, key for key.
@@ -335,12 +336,6 @@ impl Config {
 pub(crate) fn load_toml(path: &Path, env: &Env) -> Result<Config, ConfigError> {
     let (raw, file): (EdgeToml, ConfigFile) = labcore::config::load(path)?;
     resolve(raw, &file, env)
-}
-
-/// Parses a duration written as "10s", "1m30s", "500ms" or "2h".
-pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
-    let parsed: jiff::SignedDuration = text.trim().parse().ok()?;
-    Duration::try_from(parsed).ok()
 }
 
 /// Turns the file's types into a [`Config`], naming the key at fault on error.

@@ -234,7 +234,13 @@ async fn serve_site(
         stop: &state.stop,
         hold: conn.clone(),
         forwarded_for: &conn.forwarded_for,
-        record,
+        user: None,
+        upstream: None,
     };
-    served.chain.run(req, &mut cx, &mut io).await
+    let response = served.chain.run(req, &mut cx, &mut io).await;
+    if let Some(r) = record {
+        r.user = io.user;
+        r.upstream = io.upstream;
+    }
+    response
 }

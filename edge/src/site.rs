@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
+use std::time::Duration;
 
 /// Plain HTTP or HTTPS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -396,6 +397,12 @@ impl Site {
     pub(crate) fn tls_policy(&self, host: &Host) -> TlsPolicy {
         TlsPolicy::for_host(host, self.tls_internal).unwrap_or(TlsPolicy::Internal)
     }
+}
+
+/// Parses a duration written as "10s", "1m30s", "500ms" or "2h".
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
+    let parsed: jiff::SignedDuration = text.trim().parse().ok()?;
+    Duration::try_from(parsed).ok()
 }
 
 /// Lower-cased host without port from a Host header or URI authority.

@@ -89,9 +89,7 @@ impl Handler for Auth {
                 .await
             {
                 Some(user) => {
-                    if let Some(r) = io.record.as_deref_mut() {
-                        r.user = Some(user);
-                    }
+                    io.user = Some(user);
                     None
                 }
                 None => {

@@ -49,7 +49,6 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access_log::Record;
 use crate::body::Body;
 use crate::context::{Cx, Req};
 use crate::encode::Encoding;
@@ -184,8 +183,10 @@ pub(crate) struct Io<'a> {
     pub(crate) hold: Arc<dyn Send + Sync>,
     /// The client address as an X-Forwarded-For value.
     pub(crate) forwarded_for: &'a HeaderValue,
-    /// The access log record.
-    pub(crate) record: Option<&'a mut Record>,
+    /// Set by `basic_auth`: the user let in, for the access log.
+    pub(crate) user: Option<String>,
+    /// Set by `reverse_proxy`: the upstream that answered, for the access log.
+    pub(crate) upstream: Option<Arc<crate::proxy::Upstream>>,
 }
 
 /// A boxed future of a response.

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::header::HeaderOpsToml;
 use super::{At, Build, BuildFail, Dir, Handler, Io, Scope, Serving, Step, at};
-use crate::config::parse_duration;
 use crate::context::Cx;
 use crate::proxy::{Balancer, Forwarded, Proxy, Upgrades, Upstream};
+use crate::site::parse_duration;
 
 /// `reverse_proxy` as TOML.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,9 +172,7 @@ impl Handler for ReverseProxy {
                     },
                 )
                 .await;
-            if let Some(r) = io.record.as_deref_mut() {
-                r.upstream = outcome.upstream;
-            }
+            io.upstream = outcome.upstream;
             outcome.response
         })
     }
