@@ -13,8 +13,8 @@
 //! - ETag, Last-Modified, the preconditions and ranges follow Go's `http.ServeContent`, which
 //!   Caddy uses, so a cache or download manager sees the same answers from edge as from Caddy.
 
-// The handler chain (the `file_server`, `root` and `try_files` directives) is what calls this
-// module; until it does, only the tests below reach it.
+// The chain calls what the `file_server` and `try_files` directives need; the rest serves
+// the `file` matcher, not wired yet.
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::cmp::Ordering;

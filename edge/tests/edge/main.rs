@@ -4,6 +4,7 @@
 mod acme;
 mod bad_input;
 mod basic_auth;
+mod chain;
 mod cli;
 mod corpus;
 mod differential;
