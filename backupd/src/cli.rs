@@ -13,7 +13,7 @@ use crate::catalog::{self, BackupId, Content};
 use crate::config::Config;
 use crate::inventory::{self, Listed};
 use crate::lock::RunLock;
-use crate::restore::{self, Destination, Restorer};
+use crate::restore::{self, Destination, Restorer, TableDestination, TableName};
 use crate::store::Store;
 use crate::{Error, daemon, run};
 
@@ -24,6 +24,8 @@ EXAMPLES:
     backupd verify -c backupd.toml --latest           restore-test the newest backup of each source
     backupd restore -c backupd.toml metabase.metabase@20261125T031500.123Z --to-db metabase_copy
     backupd restore -c backupd.toml files@20261125T031500.123Z --to-dir /srv/restored
+    backupd restore -c backupd.toml lab.gitea@20261125T031500.123Z --table public.issue --to-db scratch
+    backupd restore -c backupd.toml lab.gitea@20261125T031500.123Z --table public.issue --to-table issue_old
     backupd prune -c backupd.toml --dry-run           what retention would delete
     backupd keygen -o /etc/labkit/backupd.sign        make the manifest signing key
 
@@ -31,7 +33,9 @@ EXIT STATUS:
     0 success; 1 some backups of a pass failed (others were made); 64 usage; 65 a backup failed
     its verification or a manifest is corrupt; 66 backup or input not found; 69 PostgreSQL or the
     store unavailable, or pg_dump failed; 73 restore target not empty (use --force) or disk full;
-    74 I/O error; 75 another run holds the lock; 77 permission denied (credentials, identity),
+    74 I/O error; 75 another run holds the lock, or every backup was made but a copy_to target
+    could not be brought up to date (the next run copies what it missed); 77 permission denied
+    (credentials, identity),
     or a backup's manifest is unsigned or not signed by a trusted key; 78 bad configuration
     (also: no signing key to back up with, or no key to check a signed backup with).
 
@@ -42,7 +46,39 @@ SIGNATURES:
     restore and verify accept a backup only when its signature is by that key or by one of
     [signing] public_keys, and only then read its data, which must match the manifest before
     any of it is decoded. Backups made before signing existed have no signature and are
-    refused unless --allow-unsigned is given.";
+    refused unless --allow-unsigned is given.
+
+SEVERAL STORES:
+    Each [[target]] may name its own S3 store with endpoint, region, path_style, profile,
+    ca_bundle, access_key_id and secret_access_key_file (or the systemd credential
+    target.NAME.secret_access_key), and storage_class; keys it leaves out come from [s3], then
+    AWS_*. copy_to = [\"offsite\"] on a target makes the other target a copy destination: passes
+    back up into the first only, then (after the restore tests of verify.after_run) copy every
+    object the destination lacks or holds with another size, WAL segments included, manifests
+    last. A backup is copied only if its manifest is signed by a trusted key, its restore test
+    did not fail, and the copied data matches the manifest's size and SHA-256. A destination
+    that is down delays only the copy: the pass exits 75, the healthcheck and on_failure hook
+    report it, and the next pass catches up. A [target.retention] table gives a target its own
+    retention (keep more off-site); a destination is pruned only after a pass that left
+    nothing to copy, so its newest copies are in place before older ones go.
+
+RETENTION:
+    keep_last, keep_daily, keep_weekly, keep_monthly and keep_yearly keep the newest N backups,
+    and the newest of each of the last N days, ISO weeks, months and years (UTC) that have one.
+    keep_within = \"1y6m\" (y, m, w, d, h) keeps every backup taken within that span of the
+    newest one, as restic's --keep-within does. The newest verified backup is always kept, and
+    a pass in which a backup or a pre_hook failed prunes nothing.
+
+HOOKS AND METRICS:
+    A source's pre_hook runs before its backups (a string through /bin/sh -c, or an argument
+    list), with BACKUPD_SOURCE set; if it fails or outlives [hooks] timeout_secs the source is
+    skipped and the pass fails. Its post_hook runs after its backups, whatever they did. Logs
+    name the hook and the source, never the command. metrics_file is a Prometheus textfile
+    written after each run: per subject and target, backupd_last_success_timestamp_seconds,
+    backupd_last_duration_seconds, backupd_last_size_bytes and backupd_last_verified of the
+    newest complete backup; backupd_target_up; backupd_pass_* of the last pass;
+    backupd_copy_pending and backupd_copy_pending_objects per copy; backupd_wal_lag_seconds per
+    cluster. metrics_addr = \"127.0.0.1:9442\" has backupd daemon serve the same on /metrics.";
 
 /// backupd: encrypted, streamed, verified backups of PostgreSQL databases and folders.
 ///
@@ -81,7 +117,9 @@ pub struct ConfigArg {
 pub enum Command {
     /// Back up every source (or those named) to every target, once, then apply retention.
     ///
-    /// Prints the ID of each backup made. Retention runs only if every backup succeeded.
+    /// Prints the ID of each backup made. Targets named in another target's copy_to get
+    /// copies after the backups instead (see SEVERAL STORES in `backupd --help`). Retention
+    /// runs only if every backup succeeded.
     #[command(
         after_long_help = "EXAMPLES:\n    backupd run -c /etc/labkit/backupd.toml\n    backupd run -c backupd.toml --source shop"
     )]
@@ -150,6 +188,10 @@ pub enum Command {
         to: RestoreTo,
         #[command(flatten)]
         pitr: PitrArgs,
+        /// Restore only this table of a database backup (SCHEMA.NAME, quoted as in SQL), with
+        /// --to-db (under its own name) or --to-table
+        #[arg(long, value_name = "SCHEMA.NAME", conflicts_with_all = ["to_dir", "to_file"])]
+        table: Option<String>,
         /// Replace a non-empty target
         #[arg(long)]
         force: bool,
@@ -311,6 +353,10 @@ pub struct RestoreTo {
     /// Write the decoded data (a pg_dump archive, SQL or tar) to this file
     #[arg(long, value_name = "FILE")]
     pub to_file: Option<PathBuf>,
+    /// With --table: restore it beside the original, in the backup's own database, under this
+    /// name ([SCHEMA.]NAME; the table's schema when none is given)
+    #[arg(long, value_name = "NAME", requires = "table")]
+    pub to_table: Option<String>,
 }
 
 /// Point-in-time restore of a [[cluster]] (with `restore --cluster`).
@@ -390,6 +436,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             id: Some(id),
             to,
             pitr: _,
+            table,
             force,
             identity,
             target,
@@ -399,6 +446,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             let restore = RestoreArgs {
                 id,
                 to,
+                table,
                 force,
                 identity,
                 target,
@@ -586,7 +634,11 @@ async fn run_pass(
     out: &mut Stdout,
 ) -> Result<(), Error> {
     let config = Config::load(path, env)?;
-    let report = Box::pin(run::pass(&config, env, sources)).await?;
+    let started = std::time::Instant::now();
+    let report = Box::pin(run::pass(&config, env, sources)).await;
+    let snapshot = crate::metrics::Snapshot::of(&report, started.elapsed());
+    crate::metrics::publish(&config, env, &snapshot).await;
+    let report = report?;
     for manifest in &report.made {
         match format {
             Format::Text => out.line(&manifest.id)?,
@@ -658,6 +710,7 @@ async fn list(
 struct RestoreArgs {
     id: BackupId,
     to: RestoreTo,
+    table: Option<String>,
     force: bool,
     identity: Option<PathBuf>,
     target: Option<String>,
@@ -674,6 +727,9 @@ struct VerifyArgs {
 
 async fn restore_backup(path: &Path, args: RestoreArgs, env: &Env) -> Result<(), Error> {
     let config = Config::load(path, env)?;
+    if let Some(table) = args.table.clone() {
+        return restore_table(&config, &table, args, env).await;
+    }
     let destination = match (args.to.to_db, args.to.to_dir, args.to.to_file) {
         (Some(db), None, None) => Destination::Database(db),
         (None, Some(dir), None) => Destination::Dir(dir),
@@ -701,6 +757,46 @@ async fn restore_backup(path: &Path, args: RestoreArgs, env: &Env) -> Result<(),
         trust: &trust,
     };
     restorer.restore(&listed, &destination, args.force).await
+}
+
+/// `restore ID --table SCHEMA.NAME --to-db X | --to-table NEW`.
+async fn restore_table(
+    config: &Config,
+    table: &str,
+    args: RestoreArgs,
+    env: &Env,
+) -> Result<(), Error> {
+    let table: TableName = table
+        .parse()
+        .map_err(|why: String| Error::Usage(format!("--table: {why}")))?;
+    let destination = match (args.to.to_db, args.to.to_table) {
+        (Some(db), None) => TableDestination::Database(db),
+        (None, Some(new)) => TableDestination::Table(
+            TableName::parse_in(&new, &table.schema)
+                .map_err(|why| Error::Usage(format!("--to-table: {why}")))?,
+        ),
+        _ => {
+            return Err(Error::Usage(
+                "--table restores into --to-db DATABASE or --to-table NEW".into(),
+            ));
+        }
+    };
+    let identity = identity(args.identity, config)?;
+    let (listed, store, _) = run::locate(config, env, &args.id, args.target.as_deref()).await?;
+    let pg = PgSettings::from_env(env)?;
+    let trust = config.signing.trust(args.allow_unsigned);
+    let restorer = Restorer {
+        store: &store,
+        env,
+        pg: Some(&pg),
+        pg_bin_dir: config.pg_bin_dir.as_deref(),
+        identity: identity.as_ref(),
+        no_owner: args.no_owner,
+        trust: &trust,
+    };
+    restorer
+        .restore_table(&listed, &table, &destination, args.force)
+        .await
 }
 
 async fn verify(
@@ -799,7 +895,7 @@ async fn prune(
     out: &mut Stdout,
 ) -> Result<(), Error> {
     let config = Config::load(path, env)?;
-    if !config.retention.prunes() {
+    if !config.retention.prunes() && config.targets.iter().all(|t| t.retention.is_none()) {
         tracing::warn!("no [retention] counts are set: prune keeps everything");
     }
     let _lock = RunLock::acquire(&config.lock_file)?;
@@ -807,7 +903,8 @@ async fn prune(
     let verb = if dry_run { "would delete" } else { "deleted" };
     // Every target is pruned even when the reader of the output has gone.
     for (name, store) in run::open_stores(&config, env).await? {
-        let report = inventory::prune(&store, &config.retention, now, None, dry_run).await?;
+        let policy = config.retention_for(&name);
+        let report = inventory::prune(&store, policy, now, None, dry_run).await?;
         match format {
             Format::Text => {
                 for id in &report.deleted {
@@ -860,6 +957,19 @@ fn check(path: &Path, env: &Env, out: &mut Stdout) -> Result<(), Error> {
     }
     for target in &config.targets {
         out.line(format_args!("target {}: {:?}", target.name, target.url))?;
+        if !target.copy_to.is_empty() {
+            out.line(format_args!(
+                "target {}: copies to {}",
+                target.name,
+                target.copy_to.join(", ")
+            ))?;
+        }
+        if let Some(retention) = &target.retention {
+            out.line(format_args!(
+                "target {}: retention {retention:?}",
+                target.name
+            ))?;
+        }
     }
     out.line(format_args!("retention: {:?}", config.retention))?;
     match &config.signing.key {

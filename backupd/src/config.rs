@@ -6,6 +6,8 @@
 //!
 //! ```toml
 //! compression = 3                      # zstd level, 1..=19
+//! metrics_file = "/var/lib/node_exporter/backupd.prom" # Prometheus textfile, after each pass
+//! metrics_addr = "127.0.0.1:9442"      # `backupd daemon` serves /metrics there
 //!
 //! [[source]]
 //! name = "shop"
@@ -17,10 +19,23 @@
 //! type = "folder"
 //! path = "/srv/gitea"
 //! exclude = ["*.tmp", "log/"]
+//! pre_hook = "gitea manager flush-queues" # fails: the source is skipped
+//! post_hook = ["/usr/local/bin/gitea-resume"] # after its backups, when pre_hook ran
 //!
 //! [[target]]
 //! name = "s3"
 //! url = "s3://backups/lab"             # or a local folder path
+//! copy_to = ["offsite"]                # after each pass, copy what offsite lacks
+//!
+//! [[target]]                           # S3 keys of its own, over [s3]'s
+//! name = "offsite"
+//! url = "s3://lab-offsite/backups"
+//! endpoint = "https://s3.example.net"  # also region, path_style, profile, ca_bundle
+//! access_key_id = "..."
+//! secret_access_key_file = "offsite.key" # or the systemd credential target.offsite.secret_access_key
+//! storage_class = "STANDARD_IA"
+//! [target.retention]                   # instead of [retention]
+//! keep_monthly = 24
 //!
 //! [encryption]
 //! recipients = ["age1..."]             # identity_file is only needed to restore
@@ -31,7 +46,8 @@
 //!
 //! [retention]
 //! keep_last = 3
-//! keep_daily = 7
+//! keep_daily = 7                       # also keep_weekly, keep_monthly, keep_yearly
+//! keep_within = "14d"                  # every backup within 14 days of the newest
 //!
 //! [schedule]
 //! at = ["03:15"]                       # for `backupd daemon`
@@ -79,6 +95,8 @@ struct Raw {
     lock_file: Option<PathBuf>,
     #[serde(default, rename = "cluster")]
     clusters: Vec<crate::cluster::RawCluster>,
+    metrics_file: Option<PathBuf>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +109,8 @@ struct RawSource {
     path: Option<PathBuf>,
     #[serde(default)]
     exclude: Vec<String>,
+    pre_hook: Option<Command>,
+    post_hook: Option<Command>,
 }
 
 /// What a source backs up.
@@ -137,6 +157,19 @@ impl<'de> Deserialize<'de> for AllKeyword {
 struct RawTarget {
     name: String,
     url: String,
+    // S3 settings of this target, each over the same key of [s3].
+    endpoint: Option<String>,
+    region: Option<String>,
+    path_style: Option<bool>,
+    profile: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<Secret>,
+    secret_access_key_file: Option<PathBuf>,
+    ca_bundle: Option<PathBuf>,
+    storage_class: Option<String>,
+    #[serde(default)]
+    copy_to: Vec<String>,
+    retention: Option<Policy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +238,10 @@ pub(crate) struct Source {
     pub(crate) name: String,
     /// What it backs up.
     pub(crate) kind: SourceSpec,
+    /// Run before the source is backed up; when it fails the source is skipped.
+    pub(crate) pre_hook: Option<Command>,
+    /// Run after the source's backups (whatever their outcome) when `pre_hook` succeeded.
+    pub(crate) post_hook: Option<Command>,
 }
 
 /// What a resolved source backs up.
@@ -277,6 +314,24 @@ pub(crate) struct Target {
     pub(crate) name: String,
     /// Where it stores.
     pub(crate) url: TargetUrl,
+    /// S3 settings of its own, over the `[s3]` table's (empty for folder targets).
+    pub(crate) s3: TargetS3,
+    /// Targets every object of this one is copied to after each pass (the `copy` module).
+    pub(crate) copy_to: Vec<String>,
+    /// Its own retention, instead of `[retention]`.
+    pub(crate) retention: Option<Policy>,
+}
+
+/// A target's own S3 settings: each given key wins over `[s3]`, which wins over `AWS_*`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TargetS3 {
+    /// Endpoint, region, profile, addressing and CA bundle, as if given as flags.
+    pub(crate) args: labcore::s3::S3Args,
+    /// An access key of its own (the secret from the file, the config or the systemd
+    /// credential `target.NAME.secret_access_key`).
+    pub(crate) credentials: Option<(String, Secret)>,
+    /// `x-amz-storage-class` of every object it stores.
+    pub(crate) storage_class: Option<String>,
 }
 
 /// Encryption settings.
@@ -413,6 +468,10 @@ pub(crate) struct Config {
     pub(crate) lock_file: PathBuf,
     /// Clusters archived for point-in-time recovery.
     pub(crate) clusters: Vec<crate::cluster::Cluster>,
+    /// The Prometheus textfile written after each pass.
+    pub(crate) metrics_file: Option<PathBuf>,
+    /// Where `backupd daemon` serves the same metrics over HTTP.
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The default local target when the file names none.
@@ -515,9 +574,25 @@ impl Config {
                     }
                 }
             };
+            for (field, command) in [
+                ("pre_hook", &source.pre_hook),
+                ("post_hook", &source.post_hook),
+            ] {
+                if command_is_empty(command.as_ref()) {
+                    return Err(file.invalid(key(field), "the command is empty"));
+                }
+            }
+            if source.post_hook.is_some() && source.pre_hook.is_none() {
+                return Err(file.invalid(
+                    key("post_hook"),
+                    "post_hook undoes what pre_hook did: give a pre_hook too",
+                ));
+            }
             sources.push(Source {
                 name: source.name,
                 kind,
+                pre_hook: source.pre_hook,
+                post_hook: source.post_hook,
             });
         }
         if sources.is_empty() && raw.clusters.is_empty() {
@@ -547,15 +622,23 @@ impl Config {
                     return Err(file.invalid(key("url"), format!("{:?}: {why}", target.url)));
                 }
             };
+            let s3 = resolve_target_s3(&target, &url, i, &file, env)?;
             targets.push(Target {
                 name: target.name,
                 url,
+                s3,
+                copy_to: target.copy_to,
+                retention: target.retention,
             });
         }
+        check_copies(&targets, &file)?;
         if targets.is_empty() {
             targets.push(Target {
                 name: "local".into(),
                 url: TargetUrl::Dir(default_local_target(env)),
+                s3: TargetS3::default(),
+                copy_to: Vec::new(),
+                retention: None,
             });
         }
 
@@ -610,9 +693,7 @@ impl Config {
             ("hooks.on_success", &raw.hooks.on_success),
             ("hooks.on_failure", &raw.hooks.on_failure),
         ] {
-            if matches!(command, Some(Command::Argv(argv)) if argv.is_empty())
-                || matches!(command, Some(Command::Shell(s)) if s.trim().is_empty())
-            {
+            if command_is_empty(command.as_ref()) {
                 return Err(file.invalid(key, "the command is empty"));
             }
         }
@@ -659,6 +740,8 @@ impl Config {
                 .map(|p| file.resolve_path(&p)),
             s3: raw.s3,
             lock_file,
+            metrics_file: raw.metrics_file.map(|p| file.resolve_path(&p)),
+            metrics_addr: raw.metrics_addr,
             file,
         })
     }
@@ -672,6 +755,149 @@ impl Config {
     pub(crate) fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
     }
+
+    /// The retention of `target`: its own, else `[retention]`.
+    pub(crate) fn retention_for(&self, target: &str) -> &Policy {
+        self.target(target)
+            .and_then(|t| t.retention.as_ref())
+            .unwrap_or(&self.retention)
+    }
+
+    /// Whether `target` only receives copies (another target's `copy_to` names it): passes
+    /// back nothing up into it directly.
+    pub(crate) fn is_copy_destination(&self, target: &str) -> bool {
+        self.targets
+            .iter()
+            .any(|t| t.copy_to.iter().any(|c| c == target))
+    }
+}
+
+fn command_is_empty(command: Option<&Command>) -> bool {
+    matches!(command, Some(Command::Argv(argv)) if argv.is_empty())
+        || matches!(command, Some(Command::Shell(s)) if s.trim().is_empty())
+}
+
+/// Storage classes whose objects cannot be read back without a restore request first: the
+/// manifests in them could not be listed, verified or copied.
+const ARCHIVE_CLASSES: [&str; 2] = ["GLACIER", "DEEP_ARCHIVE"];
+
+fn resolve_target_s3(
+    target: &RawTarget,
+    url: &TargetUrl,
+    index: usize,
+    file: &ConfigFile,
+    env: &Env,
+) -> Result<TargetS3, ConfigError> {
+    let key = |k: &str| format!("target[{index}].{k}");
+    let given = [
+        ("endpoint", target.endpoint.is_some()),
+        ("region", target.region.is_some()),
+        ("path_style", target.path_style.is_some()),
+        ("profile", target.profile.is_some()),
+        ("access_key_id", target.access_key_id.is_some()),
+        ("secret_access_key", target.secret_access_key.is_some()),
+        (
+            "secret_access_key_file",
+            target.secret_access_key_file.is_some(),
+        ),
+        ("ca_bundle", target.ca_bundle.is_some()),
+        ("storage_class", target.storage_class.is_some()),
+    ];
+    if let TargetUrl::Dir(_) = url {
+        if let Some((field, _)) = given.iter().find(|(_, present)| *present) {
+            return Err(file.invalid(key(field), "only for s3:// targets"));
+        }
+        return Ok(TargetS3::default());
+    }
+    // The systemd credential is named after the target, so two stores can have two keys.
+    let secret = file.secret(
+        env,
+        &format!("target.{}.secret_access_key", target.name),
+        target.secret_access_key.clone(),
+        target.secret_access_key_file.as_deref(),
+    )?;
+    let credentials = match (&target.access_key_id, secret) {
+        (Some(id), Some(secret)) => Some((id.clone(), secret)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(file.invalid(
+                key("access_key_id"),
+                "give secret_access_key_file (or the systemd credential \
+                 target.NAME.secret_access_key) with it",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(file.invalid(key("secret_access_key"), "give access_key_id with it"));
+        }
+    };
+    if let Some(endpoint) = &target.endpoint
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        return Err(file.invalid(
+            key("endpoint"),
+            format!("{endpoint:?} is not an http:// or https:// URL"),
+        ));
+    }
+    if let Some(class) = &target.storage_class {
+        if class.is_empty() || !class.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+            return Err(file.invalid(
+                key("storage_class"),
+                format!("{class:?} is not an S3 storage class such as \"STANDARD_IA\""),
+            ));
+        }
+        if ARCHIVE_CLASSES.contains(&class.as_str()) {
+            return Err(file.invalid(
+                key("storage_class"),
+                format!(
+                    "{class} objects cannot be read without a restore request, so backupd \
+                     could not list, verify or copy them; use a lifecycle rule on the bucket \
+                     to move old objects there instead"
+                ),
+            ));
+        }
+    }
+    Ok(TargetS3 {
+        args: labcore::s3::S3Args {
+            endpoint: target.endpoint.clone(),
+            region: target.region.clone(),
+            profile: target.profile.clone(),
+            path_style: target.path_style == Some(true),
+            virtual_hosted: target.path_style == Some(false),
+            ca_bundle: target.ca_bundle.as_ref().map(|p| file.resolve_path(p)),
+        },
+        credentials,
+        storage_class: target.storage_class.clone(),
+    })
+}
+
+/// Checks every `copy_to`: it names another defined target, and a copy destination does not
+/// copy on (one hop, so a pass knows every destination is complete after its sweep).
+fn check_copies(targets: &[Target], file: &ConfigFile) -> Result<(), ConfigError> {
+    for (i, target) in targets.iter().enumerate() {
+        let key = format!("target[{i}].copy_to");
+        for (j, name) in target.copy_to.iter().enumerate() {
+            if name == &target.name {
+                return Err(file.invalid(&key, format!("target {name:?} cannot copy to itself")));
+            }
+            let Some(destination) = targets.iter().find(|t| &t.name == name) else {
+                return Err(file.invalid(&key, format!("no target named {name:?}")));
+            };
+            if !destination.copy_to.is_empty() {
+                return Err(file.invalid(
+                    &key,
+                    format!(
+                        "target {name:?} is a copy destination and copies on itself: copy to \
+                         every destination from {:?} instead",
+                        target.name
+                    ),
+                ));
+            }
+            if target.copy_to[..j].contains(name) {
+                return Err(file.invalid(&key, format!("{name:?} is named twice")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn resolve_encryption(
@@ -877,6 +1103,77 @@ keep_daily = 7
         assert_eq!(config.retention.keep_last, 3);
         assert_eq!(config.retention.keep_daily, 7);
         assert_eq!(config.compression_level, 3);
+    }
+
+    #[test]
+    fn targets_carry_their_own_store_copies_and_retention() {
+        let config = parse(
+            "[[source]]\nname = \"a\"\ntype = \"globals\"\n\
+             [[target]]\nname = \"home\"\nurl = \"s3://lab/nightly\"\ncopy_to = [\"offsite\"]\n\
+             [[target]]\nname = \"offsite\"\nurl = \"s3://far/lab\"\n\
+             endpoint = \"https://s3.example.net\"\nregion = \"eu-central-1\"\n\
+             path_style = false\naccess_key_id = \"AKIA\"\nsecret_access_key = \"SECRET\"\n\
+             storage_class = \"STANDARD_IA\"\n\
+             [target.retention]\nkeep_monthly = 24\nkeep_yearly = 5\nkeep_within = \"30d\"\n\
+             [retention]\nkeep_daily = 7\n",
+        )
+        .unwrap();
+        let offsite = config.target("offsite").unwrap();
+        assert_eq!(
+            offsite.s3.args.endpoint.as_deref(),
+            Some("https://s3.example.net")
+        );
+        assert!(offsite.s3.args.virtual_hosted && !offsite.s3.args.path_style);
+        assert_eq!(offsite.s3.storage_class.as_deref(), Some("STANDARD_IA"));
+        assert!(!format!("{config:?}").contains("SECRET"));
+        assert_eq!(config.retention_for("offsite").keep_yearly, 5);
+        assert_eq!(config.retention_for("home").keep_daily, 7);
+        assert!(config.is_copy_destination("offsite"));
+        assert!(!config.is_copy_destination("home"));
+        let base = "[[source]]\nname = \"a\"\ntype = \"globals\"\n";
+        let cases = [
+            (
+                "[[target]]\nname = \"t\"\nurl = \"s3://lab/x\"\ncopy_to = [\"nowhere\"]\n",
+                "target[0].copy_to",
+                "nowhere",
+            ),
+            (
+                "[[target]]\nname = \"t\"\nurl = \"s3://lab/x\"\ncopy_to = [\"t\"]\n",
+                "target[0].copy_to",
+                "itself",
+            ),
+            (
+                "[[target]]\nname = \"t\"\nurl = \"backups\"\nendpoint = \"http://x\"\n",
+                "target[0].endpoint",
+                "only for s3://",
+            ),
+            (
+                "[[target]]\nname = \"t\"\nurl = \"s3://lab/x\"\nstorage_class = \"GLACIER\"\n",
+                "target[0].storage_class",
+                "restore request",
+            ),
+            (
+                "[[target]]\nname = \"t\"\nurl = \"s3://lab/x\"\naccess_key_id = \"A\"\n",
+                "target[0].access_key_id",
+                "secret_access_key_file",
+            ),
+            (
+                "[[target]]\nname = \"t\"\nurl = \"s3://lab/x\"\ncopy_to = [\"u\"]\n\
+                 [[target]]\nname = \"u\"\nurl = \"s3://lab/y\"\ncopy_to = [\"t\"]\n",
+                "target[0].copy_to",
+                "copies on itself",
+            ),
+            (
+                "[retention]\nkeep_within = \"2 weeks\"\n",
+                "retention.keep_within",
+                "not a span",
+            ),
+        ];
+        for (text, key, says) in cases {
+            let err = parse(&format!("{base}{text}")).unwrap_err().to_string();
+            assert!(err.contains(&format!("\"{key}")), "{key}: {err}");
+            assert!(err.contains(says), "{key}: {err}");
+        }
     }
 
     #[test]

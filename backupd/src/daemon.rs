@@ -40,6 +40,15 @@ pub(crate) fn next_run(schedule: &Schedule, now: &Zoned) -> Zoned {
     })
 }
 
+/// Stops the metrics server with the daemon.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs until SIGTERM.
 pub(crate) async fn daemon(path: &Path, env: &Env) -> Result<(), Error> {
     let mut config = Config::load(path, env)?;
@@ -63,6 +72,23 @@ pub(crate) async fn daemon(path: &Path, env: &Env) -> Result<(), Error> {
         })
     };
     let mut plan = schedule(&config)?;
+    // Bound before readiness, so a taken port fails the start; a reload keeps the address.
+    let _metrics = match config.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Io {
+                    what: format!("listening for metrics on {addr}"),
+                    source,
+                })?;
+            // The bound address, so a configured port 0 shows which one it got.
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!(addr = %bound, "serving metrics");
+            crate::metrics::publish(&config, env, &crate::metrics::Snapshot::default()).await;
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(listener))))
+        }
+        None => None,
+    };
     notifier.ready();
     loop {
         let now = Timestamp::now().to_zoned(tz.clone());
@@ -94,10 +120,16 @@ pub(crate) async fn daemon(path: &Path, env: &Env) -> Result<(), Error> {
             }
             _ = tokio::time::sleep(wait) => {
                 notifier.status("backup pass running");
+                let started = std::time::Instant::now();
                 let pass = tokio::select! {
-                    result = Box::pin(run::pass(&config, env, &[])) => Some(result.and_then(run::PassReport::into_result)),
+                    result = Box::pin(run::pass(&config, env, &[])) => Some(result),
                     _ = shutdown.cancelled() => None,
                 };
+                if let Some(result) = &pass {
+                    let snapshot = crate::metrics::Snapshot::of(result, started.elapsed());
+                    crate::metrics::publish(&config, env, &snapshot).await;
+                }
+                let pass = pass.map(|result| result.and_then(run::PassReport::into_result));
                 match pass {
                     None => break,
                     Some(Ok(report)) => tracing::info!(made = report.made.len(), pruned = report.pruned.len(), "backup pass done"),

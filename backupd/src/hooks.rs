@@ -6,6 +6,11 @@
 //! The healthcheck URL follows healthchecks.io's convention: `URL/start` when a pass starts,
 //! `URL` when it succeeds, `URL/fail` (with the reason as the body) when it fails. Hooks and
 //! pings that fail are logged; they never change the pass's outcome.
+//!
+//! A source's `pre_hook` and `post_hook` ([`source_hook`]) run the same way, with
+//! `BACKUPD_SOURCE` in their environment; unlike the pass hooks, their failure is the source's
+//! failure. Logs and errors name the hook and the source, never the command line, which may
+//! hold a token.
 
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use labcore::Env;
 use tokio::process::Command as Process;
 
+use crate::Error;
 use crate::config::{Command, Hooks};
 
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,24 +58,7 @@ pub(crate) async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
     let Some(command) = command else {
         return;
     };
-    let mut process = match command {
-        Command::Shell(line) => {
-            let mut p = Process::new("/bin/sh");
-            p.arg("-c").arg(line);
-            p
-        }
-        Command::Argv(argv) => {
-            let mut p = Process::new(&argv[0]);
-            p.args(&argv[1..]);
-            p
-        }
-    };
-    process.env_clear();
-    for (key, value) in env.iter() {
-        if key != "NOTIFY_SOCKET" {
-            process.env(key, value);
-        }
-    }
+    let mut process = process(command, env);
     process
         .env(
             "BACKUPD_STATUS",
@@ -96,6 +85,67 @@ pub(crate) async fn run_hook(hooks: &Hooks, outcome: &Outcome, env: &Env) {
         Err(_) => {
             tracing::warn!(hook = name, timeout = ?hooks.timeout, "hook timed out and was killed")
         }
+    }
+}
+
+/// The process for a hook command, with the tool's environment minus the systemd socket.
+fn process(command: &Command, env: &Env) -> Process {
+    let mut process = match command {
+        Command::Shell(line) => {
+            let mut p = Process::new("/bin/sh");
+            p.arg("-c").arg(line);
+            p
+        }
+        Command::Argv(argv) => {
+            let mut p = Process::new(&argv[0]);
+            p.args(&argv[1..]);
+            p
+        }
+    };
+    process.env_clear();
+    for (key, value) in env.iter() {
+        if key != "NOTIFY_SOCKET" {
+            process.env(key, value);
+        }
+    }
+    process
+}
+
+/// Runs a source's `pre_hook` or `post_hook` (`which`) within the hooks' timeout.
+pub(crate) async fn source_hook(
+    which: &str,
+    source: &str,
+    command: &Command,
+    hooks: &Hooks,
+    env: &Env,
+) -> Result<(), Error> {
+    let program = format!("the {which} of source {source}");
+    let mut process = process(command, env);
+    process
+        .env("BACKUPD_SOURCE", source)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(hooks.timeout, process.output()).await {
+        Ok(Ok(output)) if output.status.success() => {
+            tracing::info!(hook = which, source, "hook ran");
+            Ok(())
+        }
+        Ok(Ok(output)) => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            // The end of its stderr is what says why; a chatty hook must not flood the log.
+            let tail: String = stderr.trim().chars().rev().take(2000).collect();
+            Err(Error::Child {
+                program,
+                status: output.status.to_string(),
+                stderr: tail.chars().rev().collect(),
+            })
+        }
+        Ok(Err(source)) => Err(Error::Spawn { program, source }),
+        Err(_) => Err(Error::Child {
+            program,
+            status: format!("killed after the timeout of {:?}", hooks.timeout),
+            stderr: String::new(),
+        }),
     }
 }
 

@@ -14,6 +14,7 @@ mod catalog;
 pub mod cli;
 mod cluster;
 mod config;
+mod copy;
 mod daemon;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -21,12 +22,14 @@ pub mod fuzz;
 mod hooks;
 mod inventory;
 mod lock;
+mod metrics;
 mod pipeline;
 mod pitr;
 mod postgres;
 mod restore;
 mod retention;
 mod run;
+mod s3client;
 // Public for the tests that play a forger holding (or lacking) the trusted key.
 pub mod signing;
 mod spool;
@@ -157,6 +160,16 @@ pub enum Error {
         /// The first failure's message.
         first: String,
     },
+    /// Backups were made, but their copy to another target is not finished.
+    #[error("the copy from target {from} to {to} is pending: {detail}")]
+    CopyPending {
+        /// The target copied from.
+        from: String,
+        /// The target copied to.
+        to: String,
+        /// Why, and how much is left.
+        detail: String,
+    },
     /// The command line asks for something impossible.
     #[error("{0}")]
     Usage(String),
@@ -242,6 +255,7 @@ impl ExitStatus for Error {
             Error::TargetNotEmpty(_) => Exit::CantCreate,
             Error::VerifyFailed { .. } => Exit::DataErr,
             Error::Partial { .. } => Exit::Partial,
+            Error::CopyPending { .. } => Exit::TempFail,
             Error::Usage(_) => Exit::Usage,
             Error::Io { source, .. } => Exit::from_io(source),
             Error::Internal(_) => Exit::Software,

@@ -49,6 +49,9 @@ use crate::postgres::{self, PgTools};
 use crate::signing::{self, SignatureError, Trust};
 use crate::store::{Store, StoreError};
 
+mod table;
+pub(crate) use table::{TableDestination, TableName};
+
 /// Where a restore goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destination {

@@ -1,5 +1,7 @@
-//! Which backups to keep: the newest N, the newest of each of the last N days, ISO weeks and
-//! months that have backups, and always the newest verified one.
+//! Which backups to keep: the newest N, the newest of each of the last N days, ISO weeks,
+//! months and years that have backups, every backup within a span of the newest one
+//! (`keep_within`, restic's meaning: measured from the newest backup, not from now, so backups
+//! that stopped coming are not all aged out), and always the newest verified one.
 //! The counts apply to backups dated up to "now"; a backup dated in the future (a clock that
 //! jumped back) is kept and takes no one's place.
 //!
@@ -30,12 +32,132 @@ pub(crate) struct Policy {
     /// Likewise for months.
     #[serde(default)]
     pub(crate) keep_monthly: u32,
+    /// Likewise for years.
+    #[serde(default)]
+    pub(crate) keep_yearly: u32,
+    /// Keep every backup taken within this span before the newest one, such as `"14d"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) keep_within: Option<Within>,
 }
 
 impl Policy {
     /// Whether this policy ever deletes anything.
     pub(crate) fn prunes(&self) -> bool {
-        self.keep_last + self.keep_daily + self.keep_weekly + self.keep_monthly > 0
+        self.keep_last + self.keep_daily + self.keep_weekly + self.keep_monthly + self.keep_yearly
+            > 0
+            || self.keep_within.is_some()
+    }
+}
+
+/// A calendar span such as `1y6m`, `14d` or `36h`: years (`y`), months (`m`), weeks (`w`),
+/// days (`d`) and hours (`h`), each at most once, in that order. Years and months are
+/// calendar ones (UTC), as restic counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Within {
+    years: u16,
+    months: u16,
+    weeks: u16,
+    days: u16,
+    hours: u32,
+}
+
+impl Within {
+    /// The earliest time kept when the newest backup is at `newest`.
+    fn cutoff(&self, newest: Timestamp) -> Option<Timestamp> {
+        let span = jiff::Span::new()
+            .try_years(i64::from(self.years))
+            .ok()?
+            .try_months(i64::from(self.months))
+            .ok()?
+            .try_weeks(i64::from(self.weeks))
+            .ok()?
+            .try_days(i64::from(self.days))
+            .ok()?
+            .try_hours(i64::from(self.hours))
+            .ok()?;
+        newest
+            .to_zoned(TimeZone::UTC)
+            .checked_sub(span)
+            .ok()
+            .map(|z| z.timestamp())
+    }
+}
+
+impl std::str::FromStr for Within {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Within, String> {
+        let bad =
+            || format!("{text:?} is not a span like \"14d\", \"6m\" or \"1y6m\" (y, m, w, d, h)");
+        let mut within = Within::default();
+        let mut rest = text.trim();
+        let mut order = 0;
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            let unit = rest[digits..].chars().next().ok_or_else(bad)?;
+            let number: u32 = rest[..digits].parse().map_err(|_| bad())?;
+            let rank = match unit {
+                'y' => 1,
+                'm' => 2,
+                'w' => 3,
+                'd' => 4,
+                'h' => 5,
+                _ => return Err(bad()),
+            };
+            // Each unit once, largest first, so "1d2d" or "3h1d" are mistakes, not sums.
+            if rank <= order {
+                return Err(bad());
+            }
+            let small = || u16::try_from(number).map_err(|_| bad());
+            match unit {
+                'y' => within.years = small()?,
+                'm' => within.months = small()?,
+                'w' => within.weeks = small()?,
+                'd' => within.days = small()?,
+                _ => within.hours = number,
+            }
+            order = rank;
+            rest = &rest[digits + 1..];
+        }
+        Ok(within)
+    }
+}
+
+impl std::fmt::Display for Within {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = [
+            (u32::from(self.years), 'y'),
+            (u32::from(self.months), 'm'),
+            (u32::from(self.weeks), 'w'),
+            (u32::from(self.days), 'd'),
+            (self.hours, 'h'),
+        ];
+        let mut any = false;
+        for (n, unit) in parts.into_iter().filter(|(n, _)| *n > 0) {
+            write!(f, "{n}{unit}")?;
+            any = true;
+        }
+        if !any {
+            write!(f, "0h")?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for Within {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Within, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Within {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -62,6 +184,10 @@ pub(crate) enum Reason {
     Weekly,
     /// Newest of its month.
     Monthly,
+    /// Newest of its year.
+    Yearly,
+    /// Within `keep_within` of the newest backup.
+    Within,
     /// The newest verified backup.
     NewestVerified,
     /// Dated after "now".
@@ -104,7 +230,18 @@ pub(crate) fn plan(backups: &[Candidate], policy: &Policy, now: Timestamp) -> Pl
     for i in future..sorted.len().min(future + policy.keep_last as usize) {
         mark(i, Reason::Last);
     }
-    let buckets: [(u32, Reason, BucketOf); 3] = [
+    if let Some(within) = policy.keep_within
+        && let Some(newest) = sorted.get(future)
+        && let Some(cutoff) = within.cutoff(newest.time)
+    {
+        for (i, backup) in sorted.iter().enumerate().skip(future) {
+            if backup.time < cutoff {
+                break;
+            }
+            mark(i, Reason::Within);
+        }
+    }
+    let buckets: [(u32, Reason, BucketOf); 4] = [
         (policy.keep_daily, Reason::Daily, |t| {
             let d = t.to_zoned(TimeZone::UTC).date();
             (
@@ -120,6 +257,9 @@ pub(crate) fn plan(backups: &[Candidate], policy: &Policy, now: Timestamp) -> Pl
         (policy.keep_monthly, Reason::Monthly, |t| {
             let d = t.to_zoned(TimeZone::UTC).date();
             (i32::from(d.year()), i32::from(d.month()), 0)
+        }),
+        (policy.keep_yearly, Reason::Yearly, |t| {
+            (i32::from(t.to_zoned(TimeZone::UTC).date().year()), 0, 0)
         }),
     ];
     for (count, reason, bucket_of) in buckets {
@@ -165,6 +305,7 @@ mod tests {
             keep_daily: 7,
             keep_weekly: 4,
             keep_monthly: 6,
+            ..Policy::default()
         };
         // Two backups a day (03:00 and 15:00) for 400 days, pruned after every run, as a
         // daemon would; every 10th day's morning backup is verified.
@@ -210,6 +351,84 @@ mod tests {
         assert_eq!(kept, expected, "kept {} backups", kept.len());
         let final_plan = plan(&stored, &policy, now);
         assert!(final_plan.delete.is_empty(), "a settled set stays settled");
+    }
+
+    #[test]
+    fn keep_yearly_keeps_the_newest_of_each_recent_year() {
+        // One backup on the 1st of every month, 2021-01 to 2025-12.
+        let backups: Vec<Candidate> = (2021..=2025)
+            .flat_map(|year| (1..=12).map(move |month| (year, month)))
+            .map(|(year, month)| {
+                let time: Timestamp = format!("{year}-{month:02}-01T03:00:00Z").parse().unwrap();
+                Candidate {
+                    id: format!("{year}-{month:02}"),
+                    time,
+                    verified: false,
+                }
+            })
+            .collect();
+        let policy = Policy {
+            keep_monthly: 2,
+            keep_yearly: 3,
+            ..Policy::default()
+        };
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let decision = plan(&backups, &policy, now);
+        let kept: Vec<&str> = decision.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, ["2025-12", "2025-11", "2024-12", "2023-12"]);
+        assert_eq!(decision.delete.len(), 60 - 4);
+        assert_eq!(
+            decision.keep[0].1,
+            BTreeSet::from([Reason::Monthly, Reason::Yearly])
+        );
+    }
+
+    #[test]
+    fn keep_within_counts_from_the_newest_backup_not_from_now() {
+        // Daily backups for 30 days, then none for a month (the source went away).
+        let backups: Vec<Candidate> = (0..30)
+            .map(|n| Candidate {
+                id: format!("d{n:02}"),
+                time: day(n, 3),
+                verified: false,
+            })
+            .collect();
+        let policy = Policy {
+            keep_within: Some("1w".parse().unwrap()),
+            ..Policy::default()
+        };
+        assert!(policy.prunes());
+        let decision = plan(&backups, &policy, day(60, 0));
+        let kept: Vec<&str> = decision.keep.iter().map(|(id, _)| id.as_str()).collect();
+        // d29 minus a week is d22 03:00, which is kept too.
+        assert_eq!(
+            kept,
+            ["d29", "d28", "d27", "d26", "d25", "d24", "d23", "d22"]
+        );
+        let months = Policy {
+            keep_within: Some("1m".parse().unwrap()),
+            ..Policy::default()
+        };
+        // From 2025-01-30 03:00 a calendar month back is 2024-12-30 03:00: all 30 stay.
+        assert!(plan(&backups, &months, day(60, 0)).delete.is_empty());
+    }
+
+    #[test]
+    fn keep_within_spans_parse_strictly_and_print_back() {
+        for (text, shown) in [
+            ("14d", "14d"),
+            ("1y6m", "1y6m"),
+            ("2w3d12h", "2w3d12h"),
+            ("36h", "36h"),
+        ] {
+            let within: Within = text.parse().unwrap();
+            assert_eq!(within.to_string(), shown);
+        }
+        for bad in [
+            "", "14", "d", "6m1y", "1d2d", "2 weeks", "3x", "-1d", "70000d",
+        ] {
+            assert!(bad.parse::<Within>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,11 +4,11 @@
 use jiff::Timestamp;
 use labcore::Env;
 use labcore::pg::PgSettings;
-use labcore::s3::{S3Args, S3Settings};
 
 use crate::backup::{self, Context, Item};
 use crate::catalog::Manifest;
 use crate::config::{Config, Databases, SourceSpec, TargetUrl};
+use crate::copy::{self, Copied};
 use crate::hooks::{self, Outcome, Ping};
 use crate::inventory::{self, Listed};
 use crate::lock::RunLock;
@@ -25,14 +25,25 @@ pub(crate) struct PassReport {
     pub(crate) failures: Vec<(String, Error)>,
     /// Backups deleted by retention.
     pub(crate) pruned: Vec<String>,
+    /// Copies to other targets (`copy_to`).
+    pub(crate) copies: Vec<Copied>,
 }
 
 impl PassReport {
     /// The pass's result as a process outcome: everything made (Ok), some failed (exit 1), or
     /// nothing made (the first failure's own status).
+    /// A copy left pending after every backup succeeded is exit status 75: the next pass
+    /// continues it.
     pub(crate) fn into_result(mut self) -> Result<PassReport, Error> {
         if self.failures.is_empty() {
-            return Ok(self);
+            return match self.copies.iter().find(|c| !c.report.complete()) {
+                None => Ok(self),
+                Some(copy) => Err(Error::CopyPending {
+                    from: copy.from.clone(),
+                    to: copy.to.clone(),
+                    detail: copy.report.why(),
+                }),
+            };
         }
         if self.made.is_empty() {
             return Err(self.failures.remove(0).1);
@@ -46,27 +57,20 @@ impl PassReport {
     }
 }
 
-/// Opens every target of the config.
+/// Opens every target of the config, each S3 one with its own client ([`crate::s3client`]).
 pub(crate) async fn open_stores(config: &Config, env: &Env) -> Result<Vec<(String, Store)>, Error> {
-    let needs_s3 = config
-        .targets
-        .iter()
-        .any(|t| matches!(t.url, TargetUrl::S3 { .. }));
-    let client = if needs_s3 {
-        let table = config.s3.as_ref().map(|t| (t, &config.file));
-        Some(
-            S3Settings::resolve(&S3Args::default(), table, env)?
-                .client()
-                .await?,
-        )
-    } else {
-        None
-    };
-    Ok(config
-        .targets
-        .iter()
-        .map(|t| (t.name.clone(), Store::open(&t.url, client.as_ref())))
-        .collect())
+    let mut stores = Vec::with_capacity(config.targets.len());
+    for target in &config.targets {
+        let client = match target.url {
+            TargetUrl::S3 { .. } => Some(crate::s3client::client(config, target, env).await?),
+            TargetUrl::Dir(_) => None,
+        };
+        stores.push((
+            target.name.clone(),
+            Store::open(&target.url, client.as_ref()),
+        ));
+    }
+    Ok(stores)
 }
 
 /// Runs one pass under the config's lock.
@@ -84,11 +88,26 @@ pub(crate) async fn pass(config: &Config, env: &Env, only: &[String]) -> Result<
     let report = Box::pin(pass_locked(config, env, only)).await;
     let outcome = match &report {
         Ok(report) => Outcome {
-            success: report.failures.is_empty(),
+            success: report.failures.is_empty()
+                && report.copies.iter().all(|c| c.report.complete()),
             reason: report
                 .failures
                 .first()
-                .map(|(what, err)| format!("{what}: {}", labcore::exit::chain(err))),
+                .map(|(what, err)| format!("{what}: {}", labcore::exit::chain(err)))
+                .or_else(|| {
+                    report
+                        .copies
+                        .iter()
+                        .find(|c| !c.report.complete())
+                        .map(|c| {
+                            format!(
+                                "copy from {} to {} pending: {}",
+                                c.from,
+                                c.to,
+                                c.report.why()
+                            )
+                        })
+                }),
             backups: report.made.iter().map(|m| m.id.clone()).collect(),
         },
         Err(err) => Outcome {
@@ -167,18 +186,41 @@ async fn pass_locked(config: &Config, env: &Env, only: &[String]) -> Result<Pass
         pg: pg.as_ref(),
     };
     let mut subjects: Vec<String> = Vec::new();
-    for item in &items {
-        subjects.push(item.subject());
-        for (target, store) in &stores {
-            match Box::pin(backup::back_up(item, &ctx, store)).await {
-                Ok(manifest) => report.made.push(manifest),
-                Err(err) => {
-                    tracing::error!(subject = %item.subject(), target, error = %labcore::exit::chain(&err), "backup failed");
-                    report
-                        .failures
-                        .push((format!("{} to {target}", item.subject()), err));
-                }
+    // A source's pre_hook runs right before its first backup; when it fails, the source is
+    // skipped (and the failure keeps this pass from pruning anything). Its post_hook runs
+    // after its last backup, whatever their outcome.
+    let mut current: Option<&str> = None;
+    let mut skipping = false;
+    for (i, item) in items.iter().enumerate() {
+        let name = item_source(item);
+        let source = config.source(name);
+        if current != Some(name) {
+            current = Some(name);
+            skipping = false;
+            if let Some(command) = source.and_then(|s| s.pre_hook.as_ref())
+                && let Err(err) =
+                    hooks::source_hook("pre_hook", name, command, &config.hooks, env).await
+            {
+                tracing::error!(source = name, error = %labcore::exit::chain(&err), "pre_hook failed: the source is skipped");
+                report.failures.push((format!("source {name}"), err));
+                skipping = true;
             }
+        }
+        if skipping {
+            continue;
+        }
+        subjects.push(item.subject());
+        backup_item(item, &ctx, &stores, &mut report).await;
+        let last_of_source = items
+            .get(i + 1)
+            .is_none_or(|next| item_source(next) != item_source(item));
+        if last_of_source
+            && let Some(command) = source.and_then(|s| s.post_hook.as_ref())
+            && let Err(err) =
+                hooks::source_hook("post_hook", name, command, &config.hooks, env).await
+        {
+            tracing::error!(source = name, error = %labcore::exit::chain(&err), "post_hook failed");
+            report.failures.push((format!("source {name}"), err));
         }
     }
 
@@ -186,6 +228,9 @@ async fn pass_locked(config: &Config, env: &Env, only: &[String]) -> Result<Pass
         let identity = config.encryption.as_ref().and_then(|e| e.identity.as_ref());
         let trust = config.signing.trust(false);
         for (target, store) in &stores {
+            if config.is_copy_destination(target) {
+                continue;
+            }
             let restorer = Restorer {
                 store,
                 env,
@@ -212,16 +257,33 @@ async fn pass_locked(config: &Config, env: &Env, only: &[String]) -> Result<Pass
         }
     }
 
-    if report.failures.is_empty() && config.retention.prunes() {
-        let now = Timestamp::now();
-        for (target, store) in &stores {
-            match inventory::prune(store, &config.retention, now, Some(&subjects), false).await {
-                Ok(pruned) => report.pruned.extend(pruned.deleted),
-                Err(err) => report.failures.push((format!("pruning {target}"), err)),
-            }
+    // After the restore tests, so a backup that failed its test is not copied.
+    report.copies = copy::copy_all(config, &stores).await;
+
+    let now = Timestamp::now();
+    for (target, store) in &stores {
+        let policy = config.retention_for(target);
+        if !policy.prunes() {
+            continue;
         }
-    } else if !report.failures.is_empty() && config.retention.prunes() {
-        tracing::warn!("a backup failed: nothing is pruned in this pass");
+        if !report.failures.is_empty() {
+            tracing::warn!(target, "a backup failed: nothing is pruned in this pass");
+            continue;
+        }
+        // A destination is pruned only once it holds everything: its newest copies are
+        // then verified, so retention never deletes an older one in their favour too early.
+        if let Some(copy) = report
+            .copies
+            .iter()
+            .find(|c| c.to == *target && !c.report.complete())
+        {
+            tracing::warn!(target, from = %copy.from, "the copy is pending: nothing is pruned on this target");
+            continue;
+        }
+        match inventory::prune(store, policy, now, Some(&subjects), false).await {
+            Ok(pruned) => report.pruned.extend(pruned.deleted),
+            Err(err) => report.failures.push((format!("pruning {target}"), err)),
+        }
     }
     Ok(report)
 }
@@ -254,4 +316,37 @@ pub(crate) async fn locate(
         id: id.to_string(),
         target: target.unwrap_or("any").to_owned(),
     }))
+}
+
+/// The source an item belongs to.
+fn item_source(item: &Item) -> &str {
+    match item {
+        Item::Database { source, .. } | Item::Globals { source } | Item::Folder { source, .. } => {
+            source
+        }
+    }
+}
+
+/// Backs one item up into every target that is not only a copy destination.
+async fn backup_item(
+    item: &Item,
+    ctx: &Context<'_>,
+    stores: &[(String, Store)],
+    report: &mut PassReport,
+) {
+    let config = ctx.config;
+    for (target, store) in stores {
+        if config.is_copy_destination(target) {
+            continue; // filled by copies, after the pass
+        }
+        match Box::pin(backup::back_up(item, ctx, store)).await {
+            Ok(manifest) => report.made.push(manifest),
+            Err(err) => {
+                tracing::error!(subject = %item.subject(), target, error = %labcore::exit::chain(&err), "backup failed");
+                report
+                    .failures
+                    .push((format!("{} to {target}", item.subject()), err));
+            }
+        }
+    }
 }

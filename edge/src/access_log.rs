@@ -35,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{Body, BoxError};
 use crate::config::AccessLog as Target;
-use crate::site::{Upstream, split_host_port};
+use crate::proxy::Upstream;
+use crate::site::split_host_port;
 
 /// Most bytes waiting for the writer; lines beyond are dropped (and counted).
 const MAX_PENDING: usize = 8 << 20;

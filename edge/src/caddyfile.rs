@@ -17,10 +17,8 @@ use std::path::{Path, PathBuf};
 use labcore::config::{ConfigError, ConfigFile};
 use labcore::{Env, Exit, ExitStatus};
 
-use crate::config::{
-    self, BasicAuthToml, Config, EdgeToml, HeaderOpsToml, HeaderToml, ProxyToml, RedirToml,
-    SiteToml,
-};
+use crate::config::{self, Config, EdgeToml, SiteToml};
+use crate::directives::{self, Line, Scope};
 
 /// A Caddyfile that cannot be used: where and why.
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +68,10 @@ pub(crate) fn load(path: &Path, env: &Env) -> Result<Config, CaddyfileError> {
 pub(crate) struct Parsed {
     /// The equivalent TOML config.
     pub(crate) toml: EdgeToml,
-    /// Line of each TOML key prefix ("site[0]", "site[0].reverse_proxy[1]", "email").
+    /// Location of each TOML key prefix ("site[0]", "site[0].route[1]", "email").
     lines: BTreeMap<String, usize>,
+    /// File and line of each location.
+    locs: Vec<(PathBuf, usize)>,
 }
 
 impl Parsed {
@@ -81,14 +81,19 @@ impl Parsed {
             ConfigError::Invalid { key, message, .. } => (key.as_str(), message.clone()),
             other => ("", labcore::exit::chain(other)),
         };
-        let line = self
+        let loc = self
             .lines
             .iter()
             .filter(|(prefix, _)| key.starts_with(prefix.as_str()))
             .max_by_key(|(prefix, _)| prefix.len())
             .map_or(1, |(_, line)| *line);
+        let (path, line) = self
+            .locs
+            .get(loc)
+            .cloned()
+            .unwrap_or_else(|| (path.to_owned(), loc));
         CaddyfileError::At {
-            path: path.to_owned(),
+            path,
             line,
             message,
         }
@@ -122,24 +127,248 @@ struct Node {
     block: Option<Vec<Node>>,
 }
 
+/// Where each token came from: `Token::line` is an index into `locs`, which maps it to a
+/// file and line. The main file's line N is index N; imported files and each use of a
+/// snippet get indexes of their own, so the lines of two imports never run together.
 struct Parser<'a> {
     path: &'a Path,
+    locs: std::cell::RefCell<Vec<(PathBuf, usize)>>,
 }
 
 impl Parser<'_> {
     fn err(&self, line: usize, message: impl Into<String>) -> CaddyfileError {
+        let (path, line) = self.place(line);
         CaddyfileError::At {
-            path: self.path.to_owned(),
+            path,
             line,
             message: message.into(),
         }
+    }
+
+    /// The file and line of a location.
+    fn place(&self, loc: usize) -> (PathBuf, usize) {
+        self.locs
+            .borrow()
+            .get(loc)
+            .cloned()
+            .unwrap_or_else(|| (self.path.to_owned(), loc))
+    }
+
+    /// A new location, a copy of `loc`'s place.
+    fn copy(&self, loc: usize) -> usize {
+        let place = self.place(loc);
+        let mut locs = self.locs.borrow_mut();
+        locs.push(place);
+        locs.len() - 1
+    }
+}
+
+/// How deep imports may nest (a file importing itself stops here).
+const MAX_IMPORT_DEPTH: usize = 10;
+
+/// Removes snippet definitions `(name) { ... }` and replaces `import` lines with the
+/// snippet's or files' tokens, arguments substituted.
+fn expand(
+    p: &Parser<'_>,
+    tokens: Vec<Token>,
+    env: &Env,
+    depth: usize,
+    snippets: &mut BTreeMap<String, Vec<Token>>,
+) -> Result<Vec<Token>, CaddyfileError> {
+    let mut out = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    let mut level = 0usize;
+    while i < tokens.len() {
+        let t = &tokens[i];
+        let line_start = i == 0 || tokens[i - 1].line != t.line;
+        let line_end = tokens[i..]
+            .iter()
+            .position(|x| x.line != t.line)
+            .map_or(tokens.len(), |n| i + n);
+        if line_start
+            && level == 0
+            && !t.quoted
+            && t.text.len() > 2
+            && t.text.starts_with('(')
+            && t.text.ends_with(')')
+        {
+            let name = t.text[1..t.text.len() - 1].to_owned();
+            if line_end - i != 2 || !tokens[i + 1].is("{") {
+                return Err(p.err(
+                    t.line,
+                    format!("snippet ({name}) needs a block: ({name}) {{"),
+                ));
+            }
+            let mut open = 1;
+            let mut k = line_end;
+            while k < tokens.len() {
+                if tokens[k].is("{") {
+                    open += 1;
+                } else if tokens[k].is("}") {
+                    open -= 1;
+                    if open == 0 {
+                        break;
+                    }
+                }
+                k += 1;
+            }
+            if k == tokens.len() {
+                return Err(p.err(t.line, "this { is never closed"));
+            }
+            snippets.insert(name, tokens[line_end..k].to_vec());
+            i = k + 1;
+            continue;
+        }
+        if line_start && t.is("import") {
+            if depth >= MAX_IMPORT_DEPTH {
+                return Err(p.err(t.line, "imports nest too deep (does a file import itself?)"));
+            }
+            let args: Vec<String> = tokens[i + 1..line_end]
+                .iter()
+                .map(|a| a.text.clone())
+                .collect();
+            let Some((what, args)) = args.split_first() else {
+                return Err(p.err(t.line, "import needs a snippet name or a file"));
+            };
+            let imported = match snippets.get(what) {
+                Some(body) => instantiate(p, body, args),
+                None => import_files(p, t.line, what, args, env)?,
+            };
+            out.extend(expand(p, imported, env, depth + 1, snippets)?);
+            i = line_end;
+            continue;
+        }
+        if t.is("{") {
+            level += 1;
+        } else if t.is("}") {
+            level = level.saturating_sub(1);
+        }
+        out.push(t.clone());
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// A copy of `body` with locations of its own and `{args[N]}`/`{args.N}` replaced.
+fn instantiate(p: &Parser<'_>, body: &[Token], args: &[String]) -> Vec<Token> {
+    let mut fresh: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut out = Vec::with_capacity(body.len());
+    for t in body {
+        let line = *fresh.entry(t.line).or_insert_with(|| p.copy(t.line));
+        if !t.quoted && (t.text == "{args[:]}" || t.text == "{args.*}") {
+            for a in args {
+                out.push(Token {
+                    text: a.clone(),
+                    line,
+                    quoted: true,
+                });
+            }
+            continue;
+        }
+        let mut text = t.text.clone();
+        if text.contains("{args") {
+            for (n, a) in args.iter().enumerate() {
+                text = text
+                    .replace(&format!("{{args[{n}]}}"), a)
+                    .replace(&format!("{{args.{n}}}"), a);
+            }
+        }
+        out.push(Token {
+            text,
+            line,
+            quoted: t.quoted,
+        });
+    }
+    out
+}
+
+/// The tokens of the files `pattern` names (relative to the importing file; `*` globs the
+/// file name), in name order.
+fn import_files(
+    p: &Parser<'_>,
+    loc: usize,
+    pattern: &str,
+    args: &[String],
+    env: &Env,
+) -> Result<Vec<Token>, CaddyfileError> {
+    let (from, _) = p.place(loc);
+    let base = from.parent().unwrap_or(Path::new("."));
+    let full = base.join(pattern);
+    let files = if pattern.contains('*') {
+        let dir = full.parent().unwrap_or(base).to_owned();
+        let name = full
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if dir.to_string_lossy().contains('*') {
+            return Err(p.err(
+                loc,
+                format!("import {pattern}: only the file name may hold *"),
+            ));
+        }
+        let mut found: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|f| {
+                    f.file_name()
+                        .is_some_and(|n| glob_name(name.as_bytes(), n.as_encoded_bytes()))
+                })
+                .filter(|f| f.is_file())
+                .collect(),
+            // Caddy takes a glob matching nothing as nothing to import.
+            Err(_) => Vec::new(),
+        };
+        found.sort();
+        found
+    } else {
+        vec![full]
+    };
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| p.err(loc, format!("import {}: {e}", file.display())))?;
+        let tokens = tokenize(p, &text, env).map_err(|e| match e {
+            CaddyfileError::At { line, message, .. } => CaddyfileError::At {
+                path: file.clone(),
+                line,
+                message,
+            },
+            other => other,
+        })?;
+        let mut fresh: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut local = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            let line = *fresh.entry(t.line).or_insert_with(|| {
+                let mut locs = p.locs.borrow_mut();
+                locs.push((file.clone(), t.line));
+                locs.len() - 1
+            });
+            local.push(Token { line, ..t });
+        }
+        out.extend(instantiate(p, &local, args));
+    }
+    Ok(out)
+}
+
+/// A file name glob: `*` matches any run of bytes.
+fn glob_name(pattern: &[u8], name: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => name.is_empty(),
+        Some((b'*', rest)) => (0..=name.len()).any(|i| glob_name(rest, &name[i..])),
+        Some((c, rest)) => name.first() == Some(c) && glob_name(rest, &name[1..]),
     }
 }
 
 /// Parses Caddyfile text that came from `path` (named in errors); `{$VAR}` reads `env`.
 pub(crate) fn parse(path: &Path, text: &str, env: &Env) -> Result<Parsed, CaddyfileError> {
-    let p = Parser { path };
+    let lines_in_file = text.lines().count() + 2;
+    let p = Parser {
+        path,
+        locs: std::cell::RefCell::new((0..lines_in_file).map(|n| (path.to_owned(), n)).collect()),
+    };
     let tokens = tokenize(&p, text, env)?;
+    let tokens = expand(&p, tokens, env, 0, &mut BTreeMap::new())?;
     let mut pos = 0;
     let nodes = tree(&p, &tokens, &mut pos, None)?;
     let mut toml = EdgeToml::default();
@@ -186,7 +415,11 @@ pub(crate) fn parse(path: &Path, text: &str, env: &Env) -> Result<Parsed, Caddyf
             toml.sites.push(site);
         }
     }
-    Ok(Parsed { toml, lines })
+    Ok(Parsed {
+        toml,
+        lines,
+        locs: p.locs.into_inner(),
+    })
 }
 
 fn is_site_like(node: &Node) -> bool {
@@ -350,15 +583,6 @@ fn tree(
                 format!("unexpected {brace}: a block opens at the end of a line and closes on a line of its own"),
             ));
         }
-        if let Some(snippet) = words
-            .first()
-            .filter(|t| !t.quoted && t.text.starts_with('('))
-        {
-            return Err(p.err(line, format!("snippets ({snippet}) are not supported")));
-        }
-        if let Some(import) = words.first().filter(|t| t.is("import")) {
-            return Err(p.err(line, format!("{import} is not supported")));
-        }
         // A bare `{` line is the global options block at the top level and nothing anywhere
         // else: every directive below reads its name from its first word.
         if words.is_empty() && opened_at.is_some() {
@@ -472,22 +696,15 @@ fn globals(
     Ok(())
 }
 
-/// Takes a leading path matcher off a directive's arguments.
-fn matcher<'t>(
-    p: &Parser<'_>,
-    args: &'t [Token],
-    line: usize,
-) -> Result<(Option<String>, &'t [Token]), CaddyfileError> {
-    match args.first() {
-        Some(t) if !t.quoted && t.text.starts_with('@') => Err(p.err(
-            line,
-            format!("named matchers ({t}) are not supported: use a path matcher such as /api/*"),
-        )),
-        Some(t) if !t.quoted && (t.text.starts_with('/') || t.text == "*") => {
-            Ok((Some(t.text.clone()), &args[1..]))
-        }
-        _ => Ok((None, args)),
-    }
+fn lines_of(nodes: Vec<Node>) -> Vec<Line> {
+    nodes
+        .into_iter()
+        .map(|n| Line {
+            words: n.tokens.into_iter().map(|t| t.text).collect(),
+            line: n.line,
+            block: n.block.map(lines_of),
+        })
+        .collect()
 }
 
 fn site(
@@ -507,27 +724,13 @@ fn site(
         }
     }
     let mut seen_tls = false;
+    let mut rest = Vec::new();
+    let mut errors = None;
     for node in body {
         let name = node.tokens[0].text.as_str();
         let args = &node.tokens[1..];
         let line = node.line;
         match name {
-            "reverse_proxy" => {
-                let (path, upstreams) = matcher(p, args, line)?;
-                let mut proxy = ProxyToml {
-                    path,
-                    to: upstreams.iter().map(|t| t.text.clone()).collect(),
-                    ..ProxyToml::default()
-                };
-                for sub in node.block.unwrap_or_default() {
-                    proxy_option(p, &sub, &mut proxy)?;
-                }
-                lines.insert(
-                    format!("{key}.reverse_proxy[{}]", site.reverse_proxy.len()),
-                    line,
-                );
-                site.reverse_proxy.push(proxy);
-            }
             "tls" => {
                 if seen_tls {
                     return Err(p.err(line, "tls given twice in one site"));
@@ -568,110 +771,6 @@ fn site(
                     }
                 }
             }
-            "redir" => {
-                no_block(p, &node)?;
-                let looks_like_code = |t: &Token| {
-                    matches!(t.text.as_str(), "permanent" | "temporary" | "html")
-                        || t.text.parse::<u16>().is_ok()
-                };
-                let (path, rest) = match args {
-                    [_] => (None, args),
-                    [_, code] if looks_like_code(code) => (None, args),
-                    _ => matcher(p, args, line)?,
-                };
-                let (to, code) = match rest {
-                    [to] => (to.text.clone(), None),
-                    [to, code] => (to.text.clone(), Some(redirect_code(p, code, line)?)),
-                    _ => return Err(p.err(line, "redir [matcher] TO [code]")),
-                };
-                lines.insert(format!("{key}.redir[{}]", site.redir.len()), line);
-                site.redir.push(RedirToml { path, to, code });
-            }
-            "header" => {
-                let (path, rest) = matcher(p, args, line)?;
-                let mut ops = HeaderOpsToml::default();
-                if !rest.is_empty() {
-                    header_op(p, rest, line, &mut ops)?;
-                }
-                for sub in node.block.unwrap_or_default() {
-                    if sub.block.is_some() {
-                        return Err(p.err(sub.line, "nested blocks are not supported in header"));
-                    }
-                    header_op(p, &sub.tokens, sub.line, &mut ops)?;
-                }
-                if ops == HeaderOpsToml::default() {
-                    return Err(p.err(line, "header needs a field to change"));
-                }
-                lines.insert(format!("{key}.header[{}]", site.header.len()), line);
-                site.header.push(HeaderToml {
-                    path,
-                    set: ops.set,
-                    add: ops.add,
-                    default: ops.default,
-                    delete: ops.delete,
-                });
-            }
-            "encode" => {
-                let (path, formats) = matcher(p, args, line)?;
-                if path.is_some() {
-                    return Err(p.err(line, "encode with a matcher is not supported"));
-                }
-                lines.insert(format!("{key}.encode"), line);
-                site.encode.extend(formats.iter().map(|t| t.text.clone()));
-                for sub in node.block.unwrap_or_default() {
-                    match sub.tokens.as_slice() {
-                        [f] if f.text == "gzip" || f.text == "zstd" => {
-                            site.encode.push(f.text.clone())
-                        }
-                        [m, n] if m.text == "minimum_length" => {
-                            site.encode_minimum_length = Some(n.text.parse().map_err(|_| {
-                                p.err(sub.line, format!("minimum_length: {n:?} is not a number"))
-                            })?);
-                        }
-                        [first, ..] => {
-                            return Err(p.err(
-                                sub.line,
-                                format!("encode option {:?} is not supported", first.text),
-                            ));
-                        }
-                        [] => {}
-                    }
-                }
-                if site.encode.is_empty() {
-                    site.encode = vec!["zstd".into(), "gzip".into()];
-                }
-            }
-            "basic_auth" | "basicauth" => {
-                let (path, rest) = matcher(p, args, line)?;
-                let realm = match rest {
-                    [] => None,
-                    [alg] if alg.text == "bcrypt" => None,
-                    [alg, realm] if alg.text == "bcrypt" => Some(realm.text.clone()),
-                    [alg, ..] => {
-                        return Err(p.err(
-                            line,
-                            format!(
-                                "basic_auth hash {:?} is not supported (bcrypt only)",
-                                alg.text
-                            ),
-                        ));
-                    }
-                };
-                let mut users = BTreeMap::new();
-                for sub in node.block.unwrap_or_default() {
-                    match sub.tokens.as_slice() {
-                        [user, hash] if sub.block.is_none() => {
-                            users.insert(user.text.clone(), hash.text.clone());
-                        }
-                        _ => return Err(p.err(sub.line, "basic_auth lines are: USER HASH")),
-                    }
-                }
-                if users.is_empty() {
-                    return Err(p.err(line, "basic_auth needs a block of USER HASH lines"));
-                }
-                lines.insert(format!("{key}.basic_auth[{}]", site.basic_auth.len()), line);
-                site.basic_auth.push(BasicAuthToml { path, realm, users });
-            }
             "log" => {
                 if !args.is_empty() || node.block.is_some() {
                     return Err(p.err(
@@ -680,108 +779,53 @@ fn site(
                     ));
                 }
             }
-            other => {
-                return Err(p.err(line, format!("unsupported directive {other:?}")));
+            "handle_errors" => {
+                if errors.is_some() {
+                    return Err(p.err(line, "handle_errors given twice in one site"));
+                }
+                if !args.is_empty() {
+                    return Err(p.err(line, "handle_errors takes a block only"));
+                }
+                errors = Some((line, node.block.unwrap_or_default()));
             }
+            _ => rest.push(node),
         }
     }
+    let mut scope = Scope::default();
+    let at = |e: directives::At| p.err(e.line, e.message);
+    site.route = directives::parse_routes(&lines_of(rest), &mut scope, &format!("{key}.route"))
+        .map_err(at)?;
+    if let Some((line, block)) = errors {
+        lines.insert(format!("{key}.handle_errors"), line);
+        site.handle_errors = directives::parse_routes(
+            &lines_of(block),
+            &mut scope,
+            &format!("{key}.handle_errors"),
+        )
+        .map_err(at)?;
+    }
+    site.matchers = scope.matchers;
+    lines.extend(scope.lines);
     Ok(site)
-}
-
-fn no_block(p: &Parser<'_>, node: &Node) -> Result<(), CaddyfileError> {
-    match node.block {
-        Some(_) => Err(p.err(node.line, format!("{} takes no block", node.tokens[0].text))),
-        None => Ok(()),
-    }
-}
-
-fn redirect_code(p: &Parser<'_>, token: &Token, line: usize) -> Result<u16, CaddyfileError> {
-    match token.text.as_str() {
-        "permanent" => Ok(301),
-        "temporary" => Ok(302),
-        "html" => Err(p.err(line, "redir html is not supported")),
-        n => n
-            .parse()
-            .map_err(|_| p.err(line, format!("{n:?} is not a redirect code"))),
-    }
-}
-
-/// One header operation: `Name value`, `+Name value`, `?Name value`, `>Name value`, `-Name`.
-fn header_op(
-    p: &Parser<'_>,
-    tokens: &[Token],
-    line: usize,
-    ops: &mut HeaderOpsToml,
-) -> Result<(), CaddyfileError> {
-    let field = &tokens[0].text;
-    let value = || match tokens {
-        [_, v] => Ok(v.text.clone()),
-        [_] => Err(p.err(line, format!("header {field} needs a value"))),
-        _ => Err(p.err(
-            line,
-            format!("header {field}: find-and-replace is not supported"),
-        )),
-    };
-    if let Some(name) = field.strip_prefix('-') {
-        if tokens.len() != 1 {
-            return Err(p.err(line, format!("header {field} takes no value")));
-        }
-        ops.delete.push(name.to_owned());
-    } else if let Some(name) = field.strip_prefix('+') {
-        ops.add.insert(name.to_owned(), value()?);
-    } else if let Some(name) = field.strip_prefix('?') {
-        ops.default.insert(name.to_owned(), value()?);
-    } else if let Some(name) = field.strip_prefix('>') {
-        // Deferred: the edge applies response header changes after the handler anyway.
-        ops.set.insert(name.to_owned(), value()?);
-    } else {
-        ops.set.insert(field.clone(), value()?);
-    }
-    Ok(())
-}
-
-fn proxy_option(p: &Parser<'_>, node: &Node, proxy: &mut ProxyToml) -> Result<(), CaddyfileError> {
-    if node.block.is_some() {
-        return Err(p.err(
-            node.line,
-            format!(
-                "reverse_proxy option {:?} with a block is not supported",
-                node.tokens[0].text
-            ),
-        ));
-    }
-    let name = node.tokens[0].text.as_str();
-    let args = &node.tokens[1..];
-    let one = || match args {
-        [v] => Ok(v.text.clone()),
-        _ => Err(p.err(node.line, format!("{name} takes one value"))),
-    };
-    match name {
-        "to" if !args.is_empty() => proxy.to.extend(args.iter().map(|t| t.text.clone())),
-        "lb_policy" => proxy.lb_policy = Some(one()?),
-        "fail_duration" => proxy.fail_duration = Some(one()?),
-        "max_fails" => {
-            let text = one()?;
-            proxy.max_fails =
-                Some(text.parse().map_err(|_| {
-                    p.err(node.line, format!("max_fails: {text:?} is not a number"))
-                })?);
-        }
-        "header_up" if !args.is_empty() => header_op(p, args, node.line, &mut proxy.header_up)?,
-        "header_down" if !args.is_empty() => header_op(p, args, node.line, &mut proxy.header_down)?,
-        other => {
-            return Err(p.err(
-                node.line,
-                format!("reverse_proxy option {other:?} is not supported"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::directives::DirectiveToml;
+
+    /// The upstreams of the site's `n`th reverse_proxy.
+    fn proxy_to(site: &SiteToml, n: usize) -> Vec<String> {
+        site.route
+            .iter()
+            .filter_map(|r| match &r.directive {
+                DirectiveToml::ReverseProxy(p) => Some(p.to.clone()),
+                _ => None,
+            })
+            .nth(n)
+            .unwrap_or_default()
+    }
 
     fn parse_text(text: &str) -> Result<EdgeToml, CaddyfileError> {
         parse(Path::new("/etc/Caddyfile"), text, &Env::default()).map(|p| p.toml)
@@ -816,7 +860,7 @@ mod tests {
         .unwrap();
         assert_eq!(toml.sites.len(), 2);
         assert_eq!(toml.sites[0].addresses, ["lab.example.org"]);
-        assert_eq!(toml.sites[1].reverse_proxy[0].to, ["localhost:3000"]);
+        assert_eq!(proxy_to(&toml.sites[1], 0), ["localhost:3000"]);
     }
 
     #[test]
@@ -862,42 +906,102 @@ mod tests {
         let s = &toml.sites[0];
         assert_eq!(s.addresses, ["a.local", "b.local"]);
         assert_eq!(s.tls.as_deref(), Some("internal"));
-        assert_eq!(s.encode, ["gzip", "zstd"]);
-        assert_eq!(s.header[0].path.as_deref(), Some("/static/*"));
-        assert_eq!(s.header[1].delete, ["Server"]);
-        assert_eq!(s.header[1].add["X-Extra"], "one");
-        assert_eq!(s.header[1].default["X-Frame-Options"], "DENY");
-        assert_eq!(s.redir[0].path.as_deref(), Some("/old"));
+        let names: Vec<(&str, Option<&str>)> = s
+            .route
+            .iter()
+            .map(|r| (r.directive.name(), r.matcher.as_deref()))
+            .collect();
         assert_eq!(
-            (s.redir[0].to.as_str(), s.redir[0].code),
-            ("/new", Some(301))
+            names,
+            [
+                ("encode", None),
+                ("header", Some("/static/*")),
+                ("header", None),
+                ("redir", Some("/old")),
+                ("redir", None),
+                ("basic_auth", Some("/admin/*")),
+                ("reverse_proxy", Some("/api/*")),
+                ("reverse_proxy", None),
+            ]
         );
-        assert_eq!(s.redir[1].path, None);
-        assert_eq!(s.basic_auth[0].realm.as_deref(), Some("Admin"));
-        assert_eq!(s.reverse_proxy[0].to, ["127.0.0.1:1", "127.0.0.1:2"]);
-        assert_eq!(s.reverse_proxy[0].lb_policy.as_deref(), Some("first"));
-        assert_eq!(s.reverse_proxy[0].header_down.delete, ["X-Powered-By"]);
+        let DirectiveToml::Header(h) = &s.route[2].directive else {
+            panic!("{:?}", s.route[2]);
+        };
+        assert_eq!(h.ops.delete, ["Server"]);
+        assert_eq!(h.ops.add["X-Extra"], "one");
+        assert_eq!(h.ops.default["X-Frame-Options"], "DENY");
+        let DirectiveToml::Redir(r) = &s.route[3].directive else {
+            panic!("{:?}", s.route[3]);
+        };
+        assert_eq!((r.to.as_str(), r.code), ("/new", Some(301)));
+        let DirectiveToml::BasicAuth(a) = &s.route[5].directive else {
+            panic!("{:?}", s.route[5]);
+        };
+        assert_eq!(a.realm.as_deref(), Some("Admin"));
+        assert_eq!(proxy_to(s, 0), ["127.0.0.1:1", "127.0.0.1:2"]);
+        let DirectiveToml::ReverseProxy(p) = &s.route[6].directive else {
+            panic!("{:?}", s.route[6]);
+        };
+        assert_eq!(p.lb_policy.as_deref(), Some("first"));
+        assert_eq!(p.header_down.delete, ["X-Powered-By"]);
     }
 
     #[test]
     fn unsupported_directives_name_file_line_and_directive() {
-        let text = err_text("lab.example.org {\n\treverse_proxy :1\n\tfile_server\n}\n");
+        let text = err_text("lab.example.org {\n\treverse_proxy :1\n\tphp_fastcgi :9000\n}\n");
         assert_eq!(
             text,
-            "/etc/Caddyfile:3: unsupported directive \"file_server\""
+            "/etc/Caddyfile:3: unsupported directive \"php_fastcgi\" (see man edge-caddyfile)"
         );
         let text = err_text("{\n\tdebug\n}\n");
         assert!(
             text.starts_with("/etc/Caddyfile:2: global option \"debug\""),
             "{text}"
         );
-        let text = err_text("x.local {\n\treverse_proxy @api :1\n}\n");
-        assert!(text.contains(":2: named matchers"), "{text}");
+        let text = err_text("x.local {\n\t@api expression `{path} == '/'`\n}\n");
+        assert!(text.contains(":2: matcher @api: "), "{text}");
+        assert!(text.contains("expression"), "{text}");
         let text = err_text("x.local {\n\treverse_proxy :1 {\n\t\ttransport http\n\t}\n}\n");
         assert!(
             text.contains(":3: reverse_proxy option \"transport\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn snippets_and_imported_files_expand_with_their_arguments_and_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/a.caddy"),
+            "a.local {\n\treverse_proxy {args[0]}\n}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/b.caddy"),
+            "b.local {\n\timport headers\n\tbogus_directive\n}\n",
+        )
+        .unwrap();
+        let main = dir.path().join("Caddyfile");
+        let text = "(headers) {\n\theader X-Site {args.0}\n}\n(proxy) {\n\treverse_proxy {args[0]} {\n\t\theader_up X-Who {args[1]}\n\t}\n}\nc.local {\n\timport headers one\n\timport headers two\n\timport proxy 127.0.0.1:9 me\n}\n";
+        let parsed = parse(&main, text, &Env::default()).unwrap();
+        let c = &parsed.toml.sites[0];
+        let names: Vec<&str> = c.route.iter().map(|r| r.directive.name()).collect();
+        assert_eq!(names, ["header", "header", "reverse_proxy"]);
+        let DirectiveToml::Header(h) = &c.route[1].directive else {
+            panic!("{:?}", c.route[1]);
+        };
+        assert_eq!(h.ops.set["X-Site"], "two");
+        assert_eq!(proxy_to(c, 0), ["127.0.0.1:9"]);
+        // A file import with a glob, where a refusal names the imported file and its line.
+        let text = "(headers) {\n\theader X 1\n}\nimport conf.d/*.caddy 127.0.0.1:7\n";
+        let err = parse(&main, text, &Env::default()).unwrap_err().to_string();
+        let b = dir.path().join("conf.d/b.caddy");
+        assert!(err.starts_with(&format!("{}:3: ", b.display())), "{err}");
+        assert!(err.contains("bogus_directive"), "{err}");
+        let text = "import conf.d/a.caddy 127.0.0.1:7\n";
+        let parsed = parse(&main, text, &Env::default()).unwrap();
+        assert_eq!(proxy_to(&parsed.toml.sites[0], 0), ["127.0.0.1:7"]);
     }
 
     #[test]
@@ -910,7 +1014,7 @@ mod tests {
     fn a_single_site_may_omit_its_braces() {
         let toml = parse_text("localhost\nreverse_proxy :8000\n").unwrap();
         assert_eq!(toml.sites[0].addresses, ["localhost"]);
-        assert_eq!(toml.sites[0].reverse_proxy[0].to, [":8000"]);
+        assert_eq!(proxy_to(&toml.sites[0], 0), [":8000"]);
     }
 
     #[test]
@@ -923,7 +1027,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            parsed.toml.sites[0].reverse_proxy[0].to,
+            proxy_to(&parsed.toml.sites[0], 0),
             ["127.0.0.1:9", "127.0.0.1:10"]
         );
         let err = parse(

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::ca::Ca;
 use crate::config::Config;
+use crate::directives::Chain;
 use crate::server::{self, Source};
 use crate::site::Site;
 use crate::storage::Storage;
@@ -50,6 +51,10 @@ pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
 }
+
+/// The text of the edge-caddyfile(5) manual page, in the `TITLE:` sections `cargo xtask man`
+/// renders.
+pub const CADDYFILE_MANUAL: &str = include_str!("caddyfile.txt");
 
 /// Which config to read.
 #[derive(Debug, Args, Clone)]
@@ -282,22 +287,14 @@ fn ca(command: CaCommand, env: &Env) -> Result<(), Error> {
 }
 
 #[derive(Serialize)]
-struct SiteLine<'a> {
+struct SiteLine {
     address: String,
     tls: Option<&'static str>,
-    redir: Vec<String>,
-    basic_auth: Vec<String>,
-    reverse_proxy: Vec<ProxyLine<'a>>,
-    encode: Vec<&'static str>,
+    routes: Vec<String>,
 }
 
-#[derive(Serialize)]
-struct ProxyLine<'a> {
-    path: Option<String>,
-    to: Vec<&'a str>,
-}
-
-fn lines(site: &Site) -> Vec<SiteLine<'_>> {
+fn lines(site: &Site, chain: &Chain) -> Vec<SiteLine> {
+    let routes = chain.describe();
     site.addresses
         .iter()
         .map(|address| SiteLine {
@@ -308,39 +305,14 @@ fn lines(site: &Site) -> Vec<SiteLine<'_>> {
                     crate::site::TlsPolicy::Acme => "acme",
                 }
             }),
-            redir: site
-                .redirects
-                .iter()
-                .map(|r| match r.matcher.to_config() {
-                    Some(p) => format!("{p} -> {} ({})", r.to, r.code),
-                    None => format!("{} ({})", r.to, r.code),
-                })
-                .collect(),
-            basic_auth: site
-                .auths
-                .iter()
-                .map(|(m, _)| m.to_config().unwrap_or_else(|| "*".into()))
-                .collect(),
-            reverse_proxy: site
-                .proxies
-                .iter()
-                .map(|p| ProxyLine {
-                    path: p.matcher.to_config(),
-                    to: p.upstreams.iter().map(|u| u.text.as_str()).collect(),
-                })
-                .collect(),
-            encode: site
-                .encode
-                .iter()
-                .flat_map(|e| e.encodings.iter().map(|x| x.token()))
-                .collect(),
+            routes: routes.clone(),
         })
         .collect()
 }
 
 fn print_sites(config: &Config, format: Format) {
-    for site in &config.sites {
-        for line in lines(site) {
+    for (site, chain) in config.sites.iter().zip(&config.chains) {
+        for line in lines(site, chain) {
             match format {
                 Format::Json => {
                     if let Ok(text) = serde_json::to_string(&line) {
@@ -352,22 +324,8 @@ fn print_sites(config: &Config, format: Format) {
                     if let Some(tls) = line.tls {
                         out.push_str(&format!("  tls {tls}"));
                     }
-                    for r in &line.redir {
-                        out.push_str(&format!("  redir {r}"));
-                    }
-                    for a in &line.basic_auth {
-                        out.push_str(&format!("  basic_auth {a}"));
-                    }
-                    if !line.encode.is_empty() {
-                        out.push_str(&format!("  encode {}", line.encode.join(" ")));
-                    }
-                    for p in &line.reverse_proxy {
-                        let path = p
-                            .path
-                            .as_deref()
-                            .map(|p| format!("{p} "))
-                            .unwrap_or_default();
-                        out.push_str(&format!("  reverse_proxy {path}{}", p.to.join(" ")));
+                    for r in &line.routes {
+                        out.push_str(&format!("  {r}"));
                     }
                     println!("{out}");
                 }

@@ -17,11 +17,15 @@ use labcore::Env;
 use labcore::config::{ConfigError, ConfigFile};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::BasicAuth;
-use crate::encode::{Encode, Encoding};
-use crate::site::{
-    Address, HeaderOps, PathMatcher, Proxy, Redirect, Scheme, Site, TlsPolicy, Upstream,
+use std::sync::Arc;
+
+use crate::directives::{
+    BasicAuthToml, Build, BuildError, Chain, DirectiveToml, HeaderToml, ProxyToml, RedirToml,
+    RouteToml, Routes,
 };
+use crate::matchers::MatcherToml;
+pub(crate) use crate::site::parse_duration;
+use crate::site::{Address, Scheme, Site, TlsPolicy};
 
 /// The TOML config file, key for key.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,105 +172,16 @@ pub(crate) struct SiteToml {
     /// Reverse proxies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) reverse_proxy: Vec<ProxyToml>,
-}
-
-/// `[[site.redir]]`.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RedirToml {
-    /// Only requests whose path matches ("/old", "/old/*", "*.php").
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) path: Option<String>,
-    /// Target; may use {uri}, {path}, {query}, {host}.
-    pub(crate) to: String,
-    /// Status code (300-308). Default 302.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) code: Option<u16>,
-}
-
-/// Header operations: set, add, delete, set-if-missing.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct HeaderOpsToml {
-    /// Replace these fields.
+    /// Named matchers, for routes' `match = "@name"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) set: BTreeMap<String, String>,
-    /// Append these fields.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) add: BTreeMap<String, String>,
-    /// Set these fields only when absent.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) default: BTreeMap<String, String>,
-    /// Remove these fields.
+    pub(crate) matchers: BTreeMap<String, MatcherToml>,
+    /// Routes: directives with their matchers, run in Caddy's directive order (after the
+    /// tables above, which are routes too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) delete: Vec<String>,
-}
-
-impl HeaderOpsToml {
-    fn is_empty(&self) -> bool {
-        *self == HeaderOpsToml::default()
-    }
-}
-
-/// `[[site.header]]`: response header operations, optionally for matching paths.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct HeaderToml {
-    /// Only requests whose path matches.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) path: Option<String>,
-    /// Replace these fields.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) set: BTreeMap<String, String>,
-    /// Append these fields.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) add: BTreeMap<String, String>,
-    /// Set these fields only when absent.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) default: BTreeMap<String, String>,
-    /// Remove these fields.
+    pub(crate) route: Vec<RouteToml>,
+    /// Routes for requests that failed (`handle_errors`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) delete: Vec<String>,
-}
-
-/// `[[site.basic_auth]]`.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct BasicAuthToml {
-    /// Only requests whose path matches.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) path: Option<String>,
-    /// Realm shown by browsers. Default "restricted".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) realm: Option<String>,
-    /// User name to bcrypt hash (as `caddy hash-password` prints it, raw or base64).
-    pub(crate) users: BTreeMap<String, String>,
-}
-
-/// `[[site.reverse_proxy]]`.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ProxyToml {
-    /// Only requests whose path matches.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) path: Option<String>,
-    /// Upstreams: "localhost:7001", "http://10.0.0.2:3000", ":8080".
-    pub(crate) to: Vec<String>,
-    /// "round_robin" (default) or "first".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) lb_policy: Option<String>,
-    /// How long a failed upstream is skipped. Default "30s".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) fail_duration: Option<String>,
-    /// Failures within fail_duration before an upstream is skipped. Default 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) max_fails: Option<u32>,
-    /// Changes to request headers sent upstream.
-    #[serde(default, skip_serializing_if = "HeaderOpsToml::is_empty")]
-    pub(crate) header_up: HeaderOpsToml,
-    /// Changes to response headers from upstream.
-    #[serde(default, skip_serializing_if = "HeaderOpsToml::is_empty")]
-    pub(crate) header_down: HeaderOpsToml,
+    pub(crate) handle_errors: Vec<RouteToml>,
 }
 
 /// Limits and timeouts, resolved.
@@ -398,6 +313,8 @@ pub(crate) struct Config {
     pub(crate) limits: Limits,
     /// The sites, in file order.
     pub(crate) sites: Vec<Site>,
+    /// Each site's handler chain, indexed like `sites`.
+    pub(crate) chains: Vec<Arc<Chain>>,
 }
 
 impl Config {
@@ -419,12 +336,6 @@ impl Config {
 pub(crate) fn load_toml(path: &Path, env: &Env) -> Result<Config, ConfigError> {
     let (raw, file): (EdgeToml, ConfigFile) = labcore::config::load(path)?;
     resolve(raw, &file, env)
-}
-
-/// Parses a duration written as "10s", "1m30s", "500ms" or "2h".
-pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
-    let parsed: jiff::SignedDuration = text.trim().parse().ok()?;
-    Duration::try_from(parsed).ok()
 }
 
 /// Turns the file's types into a [`Config`], naming the key at fault on error.
@@ -547,9 +458,11 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
     let acme = resolve_acme(&raw, file, &duration)?;
 
     let mut sites = Vec::new();
+    let mut chains = Vec::new();
     let mut seen: BTreeMap<(String, u16), usize> = BTreeMap::new();
     for (i, site) in raw.sites.into_iter().enumerate() {
-        let site = resolve_site(site, i, file, http_port, https_port)?;
+        let (site, chain) = resolve_site(site, i, file, http_port, https_port, env)?;
+        chains.push(Arc::new(chain));
         for address in &site.addresses {
             let key = (address.host.to_string(), address.port);
             if let Some(other) = seen.insert(key, i) {
@@ -572,6 +485,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         grace_period,
         limits,
         sites,
+        chains,
     })
 }
 
@@ -701,7 +615,8 @@ fn resolve_site(
     file: &ConfigFile,
     http_port: u16,
     https_port: u16,
-) -> Result<Site, ConfigError> {
+    env: &Env,
+) -> Result<(Site, Chain), ConfigError> {
     let key = |k: &str| format!("site[{i}].{k}");
     if raw.addresses.is_empty() {
         return Err(file.invalid(key("addresses"), "a site needs at least one address"));
@@ -719,6 +634,7 @@ fn resolve_site(
     if let Some(email) = &raw.tls_email {
         check_email(email).map_err(|m| file.invalid(key("tls_email"), m))?;
     }
+    let tls_email = raw.tls_email.clone();
     let mut addresses = Vec::new();
     for (j, text) in raw.addresses.iter().enumerate() {
         let address = Address::parse(text, http_port, https_port)
@@ -730,134 +646,107 @@ fn resolve_site(
         addresses.push(address);
     }
 
-    let mut encode = Vec::new();
-    for (j, name) in raw.encode.iter().enumerate() {
-        let encoding = match name.as_str() {
-            "gzip" => Encoding::Gzip,
-            "zstd" => Encoding::Zstd,
-            other => {
-                return Err(file.invalid(
-                    format!("site[{i}].encode[{j}]"),
-                    format!("{other:?} is not a supported encoding (\"zstd\" or \"gzip\")"),
-                ));
-            }
+    let chain = resolve_chain(raw, i, file, env)?;
+    Ok((
+        Site {
+            addresses,
+            tls_internal: explicit_internal,
+            tls_email,
+        },
+        chain,
+    ))
+}
+
+/// The site's routes: the TOML tables (`redir`, `header`, `basic_auth`, `reverse_proxy`,
+/// `encode`) as routes with their path matchers, then `route`, compiled in Caddy's order.
+fn resolve_chain(
+    raw: SiteToml,
+    i: usize,
+    file: &ConfigFile,
+    env: &Env,
+) -> Result<Chain, ConfigError> {
+    let mut routes: Vec<RouteToml> = Vec::new();
+    let mut keys: Vec<String> = Vec::new();
+    let legacy = |table: &str, j: usize| format!("site[{i}].{table}[{j}]");
+    for (j, mut r) in raw.redir.into_iter().enumerate() {
+        keys.push(legacy("redir", j));
+        routes.push(RouteToml {
+            matcher: r.path.take(),
+            directive: DirectiveToml::Redir(r),
+        });
+    }
+    for (j, mut h) in raw.header.into_iter().enumerate() {
+        keys.push(legacy("header", j));
+        routes.push(RouteToml {
+            matcher: h.path.take(),
+            directive: DirectiveToml::Header(h),
+        });
+    }
+    for (j, mut a) in raw.basic_auth.into_iter().enumerate() {
+        keys.push(legacy("basic_auth", j));
+        routes.push(RouteToml {
+            matcher: a.path.take(),
+            directive: DirectiveToml::BasicAuth(a),
+        });
+    }
+    for (j, mut p) in raw.reverse_proxy.into_iter().enumerate() {
+        keys.push(legacy("reverse_proxy", j));
+        routes.push(RouteToml {
+            matcher: p.path.take(),
+            directive: DirectiveToml::ReverseProxy(p),
+        });
+    }
+    if !raw.encode.is_empty() {
+        keys.push(format!("site[{i}].encode"));
+        routes.push(RouteToml {
+            matcher: None,
+            directive: DirectiveToml::Encode(crate::directives::EncodeToml {
+                encodings: raw.encode,
+                minimum_length: raw.encode_minimum_length,
+            }),
+        });
+    }
+    let legacy_count = routes.len();
+    for (j, r) in raw.route.iter().enumerate() {
+        keys.push(format!("site[{i}].route[{j}]"));
+        routes.push(r.clone());
+    }
+    // A path inside a route's table is the TOML tables' form only.
+    for (n, r) in routes.iter().enumerate().skip(legacy_count) {
+        let has_path = match &r.directive {
+            DirectiveToml::Redir(t) => t.path.is_some(),
+            DirectiveToml::Header(t) => t.path.is_some(),
+            DirectiveToml::BasicAuth(t) => t.path.is_some(),
+            DirectiveToml::ReverseProxy(t) => t.path.is_some(),
+            _ => false,
         };
-        if !encode.contains(&encoding) {
-            encode.push(encoding);
+        if has_path {
+            return Err(file.invalid(format!("{}.path", keys[n]), "write `match` in a route"));
         }
     }
-    let encode = (!encode.is_empty()).then(|| Encode {
-        encodings: encode,
-        minimum_length: raw.encode_minimum_length.unwrap_or(512),
-    });
-
-    let matcher = |k: String, path: &Option<String>| -> Result<PathMatcher, ConfigError> {
-        match path {
-            None => Ok(PathMatcher::Any),
-            Some(p) => PathMatcher::parse(p).map_err(|m| file.invalid(k, m)),
-        }
+    let mut b = Build::new(&raw.matchers, env);
+    // Keys of compile errors are "route[N]..." over the list above: map N back.
+    let locate = |e: BuildError| {
+        let rest = e.key.strip_prefix("route[").unwrap_or("");
+        let (n, tail) = rest.split_once(']').unwrap_or(("", ""));
+        let key = match n.parse::<usize>().ok().and_then(|n| keys.get(n)) {
+            Some(k) => format!("{k}{tail}"),
+            None => format!("site[{i}].{}", e.key),
+        };
+        file.invalid(key, e.message)
     };
-
-    let mut redirects = Vec::new();
-    for (j, r) in raw.redir.iter().enumerate() {
-        let code = r.code.unwrap_or(302);
-        if !(300..=308).contains(&code) {
-            return Err(file.invalid(
-                format!("site[{i}].redir[{j}].code"),
-                format!("{code} is not a redirect status (300-308)"),
-            ));
-        }
-        if r.to.is_empty() {
-            return Err(file.invalid(format!("site[{i}].redir[{j}].to"), "is empty"));
-        }
-        redirects.push(Redirect {
-            matcher: matcher(format!("site[{i}].redir[{j}].path"), &r.path)?,
-            to: r.to.clone(),
-            code,
-        });
-    }
-
-    let mut headers = Vec::new();
-    for (j, h) in raw.header.iter().enumerate() {
-        let k = format!("site[{i}].header[{j}]");
-        let ops = HeaderOps::build(&h.set, &h.add, &h.default, &h.delete)
-            .map_err(|m| file.invalid(k.clone(), m))?;
-        headers.push((matcher(format!("{k}.path"), &h.path)?, ops));
-    }
-
-    let mut auths = Vec::new();
-    for (j, a) in raw.basic_auth.iter().enumerate() {
-        let k = format!("site[{i}].basic_auth[{j}]");
-        if a.users.is_empty() {
-            return Err(file.invalid(format!("{k}.users"), "names no user"));
-        }
-        let auth = BasicAuth::build(a.realm.clone(), &a.users)
-            .map_err(|m| file.invalid(format!("{k}.users"), m))?;
-        auths.push((matcher(format!("{k}.path"), &a.path)?, auth));
-    }
-
-    let mut proxies = Vec::new();
-    for (j, p) in raw.reverse_proxy.iter().enumerate() {
-        let k = format!("site[{i}].reverse_proxy[{j}]");
-        if p.to.is_empty() {
-            return Err(file.invalid(format!("{k}.to"), "names no upstream"));
-        }
-        let mut upstreams = Vec::new();
-        for (n, text) in p.to.iter().enumerate() {
-            upstreams
-                .push(Upstream::parse(text).map_err(|m| file.invalid(format!("{k}.to[{n}]"), m))?);
-        }
-        let first = match p.lb_policy.as_deref() {
-            None | Some("round_robin") => false,
-            Some("first") => true,
-            Some(other) => {
-                return Err(file.invalid(
-                    format!("{k}.lb_policy"),
-                    format!("{other:?} is not supported (\"round_robin\" or \"first\")"),
-                ));
-            }
-        };
-        let fail_duration = match &p.fail_duration {
-            None => Duration::from_secs(30),
-            Some(text) => parse_duration(text).ok_or_else(|| {
-                file.invalid(
-                    format!("{k}.fail_duration"),
-                    format!("{text:?} is not a duration"),
-                )
-            })?,
-        };
-        let up = &p.header_up;
-        let down = &p.header_down;
-        proxies.push(Proxy {
-            matcher: matcher(format!("{k}.path"), &p.path)?,
-            upstreams,
-            first,
-            fail_duration,
-            max_fails: p.max_fails.unwrap_or(1).max(1),
-            header_up: HeaderOps::build(&up.set, &up.add, &up.default, &up.delete)
-                .map_err(|m| file.invalid(format!("{k}.header_up"), m))?,
-            header_down: HeaderOps::build(&down.set, &down.add, &down.default, &down.delete)
-                .map_err(|m| file.invalid(format!("{k}.header_down"), m))?,
-        });
-    }
-    if proxies.is_empty() && redirects.is_empty() {
-        return Err(file.invalid(
-            format!("site[{i}]"),
-            "has neither reverse_proxy nor redir: it would answer nothing",
-        ));
-    }
-    // Caddy sorts same-kind handlers by how specific their path matcher is.
-    redirects.sort_by_key(|r| std::cmp::Reverse(r.matcher.specificity()));
-    proxies.sort_by_key(|p| std::cmp::Reverse(p.matcher.specificity()));
-    Ok(Site {
-        addresses,
-        tls_internal: explicit_internal,
-        tls_email: raw.tls_email,
-        encode,
-        redirects,
-        headers,
-        auths,
-        proxies,
+    let compiled = Routes::build(&routes, "route", true, &mut b).map_err(locate)?;
+    let errors = if raw.handle_errors.is_empty() {
+        None
+    } else {
+        Some(
+            Routes::build(&raw.handle_errors, "handle_errors", true, &mut b)
+                .map_err(|e| file.invalid(format!("site[{i}].{}", e.key), e.message))?,
+        )
+    };
+    Ok(Chain {
+        routes: compiled,
+        errors,
     })
 }
 
@@ -937,7 +826,11 @@ mod tests {
             "[[site]]\naddresses = [\"localhost\"]\n[[site.redir]]\nto = \"/x\"\ncode = 200\n",
         )
         .unwrap_err();
-        assert!(err.to_string().contains("site[0].redir[0].code"), "{err}");
+        assert!(err.to_string().contains("site[0].redir[0]"), "{err}");
+        assert!(
+            err.to_string().contains("200 is not a redirect status"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -18,18 +18,19 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use hyper::http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, Logged, Record};
 use crate::body::{Body, status_response};
 use crate::certs::ChallengeResponder;
-use crate::encode;
+use crate::context::Cx;
+use crate::directives::Io;
 use crate::limit::ConnPermit;
-use crate::proxy::{Client, Forwarded, Upgrades};
+use crate::proxy::Client;
 use crate::router::{Router, Served};
-use crate::site::{Scheme, host_of, match_path};
+use crate::site::{Scheme, host_of};
 
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
@@ -211,17 +212,6 @@ fn bracket(host: &str) -> String {
     }
 }
 
-/// Expands `{uri}`, `{path}`, `{query}`, `{host}` and `{scheme}` in a redirect target.
-fn expand(template: &str, req: &Request<Incoming>, host: &str, scheme: Scheme) -> String {
-    let uri = req.uri();
-    template
-        .replace("{uri}", uri.path_and_query().map_or("/", |p| p.as_str()))
-        .replace("{path}", uri.path())
-        .replace("{query}", uri.query().unwrap_or(""))
-        .replace("{host}", host)
-        .replace("{scheme}", scheme.as_str())
-}
-
 async fn serve_site(
     served: &Arc<Served>,
     req: Request<Incoming>,
@@ -230,96 +220,27 @@ async fn serve_site(
     host_value: &HeaderValue,
     record: Option<&mut Record>,
 ) -> Response<Body> {
-    let site = &served.site;
-    let Some(path) = match_path(req.uri().path()) else {
+    let host = host_of(host_value.to_str().unwrap_or(""));
+    let Some(mut cx) = Cx::new(conn.peer, conn.scheme, host, host_value.clone(), req.uri()) else {
         return status_response(
             StatusCode::BAD_REQUEST,
             "bad request: malformed percent-escape in the path\n",
         );
     };
-    let header_ops: Vec<usize> = site
-        .headers
-        .iter()
-        .enumerate()
-        .filter(|(_, (m, _))| m.matches(&path))
-        .map(|(i, _)| i)
-        .collect();
-    drop(path);
-    let encoding = match &site.encode {
-        Some(enc) if req.method() != Method::HEAD => {
-            enc.negotiate(req.headers().get(header::ACCEPT_ENCODING))
-        }
-        _ => None,
+    let client = state.client.load_full();
+    let mut io = Io {
+        client: &client,
+        tasks: &state.upgraded,
+        stop: &state.stop,
+        hold: conn.clone(),
+        forwarded_for: &conn.forwarded_for,
+        user: None,
+        upstream: None,
     };
-    let mut response = respond(served, req, conn, state, host_value, record).await;
-    if let (Some(enc), Some(encoding)) = (&site.encode, encoding)
-        && enc.wants(response.status(), response.headers())
-    {
-        response = encode::compress(response, encoding);
-    }
-    for i in header_ops {
-        site.headers[i].1.apply(response.headers_mut());
+    let response = served.chain.run(req, &mut cx, &mut io).await;
+    if let Some(r) = record {
+        r.user = io.user;
+        r.upstream = io.upstream;
     }
     response
-}
-
-async fn respond(
-    served: &Served,
-    req: Request<Incoming>,
-    conn: &Arc<Conn>,
-    state: &State,
-    host_value: &HeaderValue,
-    record: Option<&mut Record>,
-) -> Response<Body> {
-    let site = &served.site;
-    // serve_site checked the path decodes.
-    let path = match_path(req.uri().path()).unwrap_or_default();
-    if let Some(r) = site.redirects.iter().find(|r| r.matcher.matches(&path)) {
-        let host = host_of(host_value.to_str().unwrap_or(""));
-        let status = StatusCode::from_u16(r.code).unwrap_or(StatusCode::FOUND);
-        return redirect(status, &expand(&r.to, &req, &host, conn.scheme));
-    }
-    let mut record = record;
-    if let Some((_, auth)) = site.auths.iter().find(|(m, _)| m.matches(&path)) {
-        match auth.check(req.headers().get(header::AUTHORIZATION)).await {
-            Some(user) => {
-                if let Some(r) = record.as_deref_mut() {
-                    r.user = Some(user);
-                }
-            }
-            None => {
-                let mut response = status_response(StatusCode::UNAUTHORIZED, "unauthorized\n");
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, auth.challenge());
-                return response;
-            }
-        }
-    }
-    let Some(at) = site.proxies.iter().position(|p| p.matcher.matches(&path)) else {
-        return status_response(StatusCode::NOT_FOUND, "not found\n");
-    };
-    drop(path);
-    let client = state.client.load_full();
-    let outcome = client
-        .forward(
-            &site.proxies[at],
-            &served.balancers[at],
-            req,
-            Forwarded {
-                client_ip: &conn.forwarded_for,
-                proto: conn.scheme.as_str(),
-                host: host_value,
-            },
-            Upgrades {
-                tasks: &state.upgraded,
-                stop: &state.stop,
-                hold: conn.clone(),
-            },
-        )
-        .await;
-    if let Some(r) = record {
-        r.upstream = outcome.upstream;
-    }
-    outcome.response
 }

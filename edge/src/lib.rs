@@ -25,12 +25,19 @@ mod caddyfile;
 mod certs;
 pub mod cli;
 mod config;
+mod context;
+mod directives;
 mod encode;
+mod fastcgi;
+mod files;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
 mod handler;
+mod header_ops;
 mod limit;
+mod matchers;
+mod placeholders;
 mod pool;
 mod proxy;
 mod router;

@@ -24,8 +24,70 @@ use tokio_util::task::TaskTracker;
 
 use crate::activity::Activity;
 use crate::body::{Body, UpBody, status_response};
+use crate::context::{Cx, Req};
+use crate::header_ops::HeaderOps;
 use crate::pool::{self, Failure, LeasedBody, Pool};
-use crate::site::{Proxy, Upstream};
+use crate::site::split_host_port;
+
+/// One upstream server, as configured.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    /// As written in the config.
+    pub(crate) text: String,
+    /// Where to connect.
+    pub(crate) authority: Authority,
+}
+
+impl Upstream {
+    /// Parses "host:port", "http://host:port", ":port" (localhost) or "host" (port 80).
+    pub(crate) fn parse(text: &str) -> Result<Arc<Upstream>, String> {
+        let rest = if let Some(rest) = text.strip_prefix("http://") {
+            rest
+        } else if text.starts_with("https://") {
+            return Err(format!("{text:?}: HTTPS upstreams are not supported yet"));
+        } else if text.contains("://") {
+            return Err(format!("{text:?}: only http:// upstreams are supported"));
+        } else {
+            text
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') {
+            return Err(format!("{text:?}: an upstream cannot hold a path"));
+        }
+        let (host, port) =
+            split_host_port(rest).ok_or_else(|| format!("{text:?} has a bad port"))?;
+        let host = if host.is_empty() { "localhost" } else { host };
+        let port = port.unwrap_or(80);
+        if port == 0 {
+            return Err(format!("{text:?}: port 0 is not a port to connect to"));
+        }
+        let authority: Authority = format!("{host}:{port}")
+            .parse()
+            .map_err(|_| format!("{text:?} is not a host:port"))?;
+        Ok(Arc::new(Upstream {
+            text: text.to_owned(),
+            authority,
+        }))
+    }
+}
+
+/// One `reverse_proxy`: which upstreams, how to choose and what to rewrite.
+/// Its run-time state (round robin, health) is `proxy::Balancer`'s.
+#[derive(Clone, Debug)]
+pub(crate) struct Proxy {
+    /// The upstreams.
+    pub(crate) upstreams: Vec<Arc<Upstream>>,
+    /// Always prefer the first healthy upstream (`lb_policy first`).
+    pub(crate) first: bool,
+    /// How long a failed upstream is skipped.
+    pub(crate) fail_duration: Duration,
+    /// Failures before it is skipped.
+    pub(crate) max_fails: u32,
+    /// Request header changes.
+    pub(crate) header_up: HeaderOps,
+    /// Response header changes.
+    pub(crate) header_down: HeaderOps,
+}
 
 /// A reverse proxy's run-time state: the round-robin position and each upstream's recent
 /// failures ("passive health"), indexed like the proxy's upstreams.
@@ -230,12 +292,16 @@ impl Client {
         proxy: &Proxy,
         balancer: &Balancer,
         mut req: Request<Incoming>,
+        cx: &mut Cx,
         fwd: Forwarded<'_>,
         upgrades: Upgrades<'_, impl Send + 'static>,
     ) -> Outcome {
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
+        // Placeholders read the request as the client sent it, as in Caddy.
+        let snapshot = (proxy.header_up.is_dynamic() || proxy.header_down.is_dynamic())
+            .then(|| parts.headers.clone());
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         if let Some(protocol) = &upgrade {
@@ -252,13 +318,31 @@ impl Client {
         if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, fwd.host.clone());
         }
-        proxy.header_up.apply(&mut headers);
+        let per_upstream = proxy.header_up.uses_upstream();
+        let (req_method, req_uri, version) = (&parts.method, &parts.uri, parts.version);
+        let seen = |headers| Req {
+            method: req_method,
+            uri: req_uri,
+            headers,
+            version,
+        };
+        let down = match &snapshot {
+            Some(h) => proxy.header_down.render(seen(h), cx),
+            None => Vec::new(),
+        };
+        if !per_upstream {
+            let up = match &snapshot {
+                Some(h) => proxy.header_up.render(seen(h), cx),
+                None => Vec::new(),
+            };
+            proxy.header_up.apply(&mut headers, &up);
+        }
         let path: PathAndQuery = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let method = parts.method;
+        let method = parts.method.clone();
 
         let retryable = body.is_end_stream();
         let mut body = Some(if retryable {
@@ -289,6 +373,11 @@ impl Client {
             } else {
                 std::mem::take(&mut headers)
             };
+            if per_upstream && let Some(h) = &snapshot {
+                cx.upstream = Some(upstream.authority.to_string());
+                let rendered = proxy.header_up.render(seen(h), cx);
+                proxy.header_up.apply(up.headers_mut(), &rendered);
+            }
             let exchange = async {
                 if upgrade.is_some() {
                     self.send_upgrade(&upstream.authority, up, upgrades.tasks, upgrades.stop)
@@ -304,7 +393,8 @@ impl Client {
             match tokio::time::timeout(self.response_timeout, exchange).await {
                 Ok(Ok((response, lease))) => {
                     balancer.succeeded(i);
-                    let response = self.respond(proxy, response, lease, client_upgrade, upgrades);
+                    let response =
+                        self.respond(proxy, &down, response, lease, client_upgrade, upgrades);
                     return Outcome {
                         response,
                         upstream: last,
@@ -372,6 +462,7 @@ impl Client {
     fn respond(
         &self,
         proxy: &Proxy,
+        down: &[HeaderValue],
         mut response: Response<Incoming>,
         lease: Option<pool::Lease>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -396,7 +487,7 @@ impl Client {
                 join_upgraded(client, upstream, idle, &stop).await;
             });
             let (mut parts, _) = response.into_parts();
-            proxy.header_down.apply(&mut parts.headers);
+            proxy.header_down.apply(&mut parts.headers, down);
             return Response::from_parts(
                 parts,
                 http_body_util::Empty::new()
@@ -406,7 +497,7 @@ impl Client {
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        proxy.header_down.apply(&mut parts.headers);
+        proxy.header_down.apply(&mut parts.headers, down);
         let body = match lease {
             Some(lease) => LeasedBody::new(body, lease)
                 .map_err(Into::into)
@@ -457,7 +548,7 @@ async fn join_upgraded(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::site::{HeaderOps, PathMatcher};
+    use crate::header_ops::HeaderOps;
 
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
@@ -480,7 +571,6 @@ mod tests {
     #[test]
     fn round_robin_skips_upstreams_that_are_down() {
         let proxy = Proxy {
-            matcher: PathMatcher::Any,
             upstreams: vec![
                 Upstream::parse(":1").unwrap(),
                 Upstream::parse(":2").unwrap(),

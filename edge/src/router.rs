@@ -1,6 +1,6 @@
-//! The [`Router`]: finds the site for a request's port and host, and holds what each site
-//! needs at run time besides its configuration (each reverse proxy's [`Balancer`]: the
-//! round-robin position and the upstreams' recent failures).
+//! The [`Router`]: finds the site for a request's port and host, with the site's compiled
+//! handler chain (which holds what runs: each reverse proxy's round-robin position and its
+//! upstreams' recent failures).
 //!
 //! A router is built from the resolved sites on start and on every reload and swapped in
 //! whole, so requests see one config or the other, never a mix; runtime state starts fresh
@@ -10,16 +10,15 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::proxy::Balancer;
+use crate::directives::Chain;
 use crate::site::{Host, Scheme, Site};
 
-/// A site being served: its configuration and its run-time state.
+/// A site being served: its configuration and its handler chain (which holds its run-time
+/// state: round robin positions, upstream health).
 #[derive(Debug)]
 pub(crate) struct Served {
-    /// The resolved site.
-    pub(crate) site: Site,
-    /// One per `site.proxies`, in the same order.
-    pub(crate) balancers: Vec<Balancer>,
+    /// The handlers.
+    pub(crate) chain: Arc<Chain>,
 }
 
 /// Sites reachable on one port.
@@ -43,7 +42,11 @@ pub(crate) struct Router {
 impl Router {
     /// Builds the tables for `sites`. Port 0 in an address stands for the bound port, which
     /// `bound` maps.
-    pub(crate) fn new(sites: &[Site], bound: &dyn Fn(u16, Scheme) -> u16) -> Router {
+    pub(crate) fn new(
+        sites: &[Site],
+        chains: &[Arc<Chain>],
+        bound: &dyn Fn(u16, Scheme) -> u16,
+    ) -> Router {
         let mut ports: HashMap<u16, PortTable> = HashMap::new();
         let mut https = Vec::new();
         for (i, site) in sites.iter().enumerate() {
@@ -73,10 +76,10 @@ impl Router {
         Router {
             sites: sites
                 .iter()
-                .map(|site| {
+                .zip(chains)
+                .map(|(_, chain)| {
                     Arc::new(Served {
-                        balancers: site.proxies.iter().map(Balancer::new).collect(),
-                        site: site.clone(),
+                        chain: chain.clone(),
                     })
                 })
                 .collect(),

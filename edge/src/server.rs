@@ -231,7 +231,7 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     let hard_stop = CancellationToken::new();
     let shared = Arc::new(Shared {
         state: Arc::new(State {
-            router: ArcSwap::from_pointee(Router::new(&[], &|p, _| p)),
+            router: ArcSwap::from_pointee(Router::new(&[], &[], &|p, _| p)),
             client: ArcSwap::from_pointee(client_for(&config.limits)),
             log,
             upgraded: upgraded.clone(),
@@ -362,7 +362,7 @@ fn status_line(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) ->
 }
 
 fn router_for(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) -> Router {
-    Router::new(&config.sites, &|port, scheme| {
+    Router::new(&config.sites, &config.chains, &|port, scheme| {
         listeners
             .get(&(port, scheme))
             .and_then(|l| l.addrs.first())

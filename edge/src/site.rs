@@ -7,17 +7,9 @@
 //! [`Upstream`] a parsed authority), so the request path never re-validates configuration.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Duration;
-
-use hyper::http::uri::Authority;
-use hyper::http::{HeaderMap, HeaderName, HeaderValue};
-
-use crate::auth::BasicAuth;
-use crate::encode::Encode;
 
 /// Plain HTTP or HTTPS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -175,6 +167,8 @@ impl Address {
             (Some(Scheme::Http), None) => (Scheme::Http, http_port),
             (Some(Scheme::Https), None) => (Scheme::Https, https_port),
             (None, Some(p)) if p == http_port => (Scheme::Http, p),
+            // No host to hold a certificate: Caddy serves `:8080` as plain HTTP.
+            (None, Some(p)) if host == Host::Any => (Scheme::Http, p),
             (None, Some(p)) => (Scheme::Https, p),
             (None, None) => (Scheme::Https, https_port),
         };
@@ -306,25 +300,6 @@ impl PathMatcher {
             }
         }
     }
-
-    /// How specific the matcher is: longer first, no matcher last.
-    pub(crate) fn specificity(&self) -> usize {
-        match self {
-            PathMatcher::Any => 0,
-            PathMatcher::Exact(m) => m.len() + 2,
-            PathMatcher::Prefix(m) | PathMatcher::Suffix(m) => m.len() + 1,
-        }
-    }
-
-    /// As written in a config.
-    pub(crate) fn to_config(&self) -> Option<String> {
-        match self {
-            PathMatcher::Any => None,
-            PathMatcher::Exact(m) => Some(m.clone()),
-            PathMatcher::Prefix(m) => Some(format!("{m}*")),
-            PathMatcher::Suffix(m) => Some(format!("*{m}")),
-        }
-    }
 }
 
 /// The request path as path matchers see it, the way Caddy 2.6 makes it: percent-decoded
@@ -398,137 +373,6 @@ fn clean_path(path: &[u8]) -> Vec<u8> {
     clean
 }
 
-/// Header operations, parsed.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct HeaderOps {
-    set: Vec<(HeaderName, HeaderValue)>,
-    add: Vec<(HeaderName, HeaderValue)>,
-    default: Vec<(HeaderName, HeaderValue)>,
-    delete: Vec<HeaderName>,
-}
-
-impl HeaderOps {
-    /// Parses names and values; an invalid one is an error naming it.
-    pub(crate) fn build(
-        set: &BTreeMap<String, String>,
-        add: &BTreeMap<String, String>,
-        default: &BTreeMap<String, String>,
-        delete: &[String],
-    ) -> Result<HeaderOps, String> {
-        let name = |n: &str| {
-            HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("{n:?} is not a header name"))
-        };
-        let pairs = |map: &BTreeMap<String, String>| {
-            map.iter()
-                .map(|(n, v)| {
-                    Ok((
-                        name(n)?,
-                        HeaderValue::from_str(v)
-                            .map_err(|_| format!("header {n}: {v:?} is not a header value"))?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, String>>()
-        };
-        Ok(HeaderOps {
-            set: pairs(set)?,
-            add: pairs(add)?,
-            default: pairs(default)?,
-            delete: delete.iter().map(|n| name(n)).collect::<Result<_, _>>()?,
-        })
-    }
-
-    /// Applies the operations: delete, set, add, then defaults.
-    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
-        for name in &self.delete {
-            headers.remove(name);
-        }
-        for (name, value) in &self.set {
-            headers.insert(name.clone(), value.clone());
-        }
-        for (name, value) in &self.add {
-            headers.append(name.clone(), value.clone());
-        }
-        for (name, value) in &self.default {
-            if !headers.contains_key(name) {
-                headers.insert(name.clone(), value.clone());
-            }
-        }
-    }
-}
-
-/// A redirect.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Redirect {
-    /// Which paths.
-    pub(crate) matcher: PathMatcher,
-    /// The target, with placeholders.
-    pub(crate) to: String,
-    /// 3xx status.
-    pub(crate) code: u16,
-}
-
-/// One upstream server, as configured.
-#[derive(Debug)]
-pub(crate) struct Upstream {
-    /// As written in the config.
-    pub(crate) text: String,
-    /// Where to connect.
-    pub(crate) authority: Authority,
-}
-
-impl Upstream {
-    /// Parses "host:port", "http://host:port", ":port" (localhost) or "host" (port 80).
-    pub(crate) fn parse(text: &str) -> Result<Arc<Upstream>, String> {
-        let rest = if let Some(rest) = text.strip_prefix("http://") {
-            rest
-        } else if text.starts_with("https://") {
-            return Err(format!("{text:?}: HTTPS upstreams are not supported yet"));
-        } else if text.contains("://") {
-            return Err(format!("{text:?}: only http:// upstreams are supported"));
-        } else {
-            text
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') {
-            return Err(format!("{text:?}: an upstream cannot hold a path"));
-        }
-        let (host, port) =
-            split_host_port(rest).ok_or_else(|| format!("{text:?} has a bad port"))?;
-        let host = if host.is_empty() { "localhost" } else { host };
-        let port = port.unwrap_or(80);
-        if port == 0 {
-            return Err(format!("{text:?}: port 0 is not a port to connect to"));
-        }
-        let authority: Authority = format!("{host}:{port}")
-            .parse()
-            .map_err(|_| format!("{text:?} is not a host:port"))?;
-        Ok(Arc::new(Upstream {
-            text: text.to_owned(),
-            authority,
-        }))
-    }
-}
-
-/// One `reverse_proxy`: which paths, which upstreams, how to choose and what to rewrite.
-/// Its run-time state (round robin, health) is `proxy::Balancer`'s.
-#[derive(Clone, Debug)]
-pub(crate) struct Proxy {
-    /// Which paths.
-    pub(crate) matcher: PathMatcher,
-    /// The upstreams.
-    pub(crate) upstreams: Vec<Arc<Upstream>>,
-    /// Always prefer the first healthy upstream (`lb_policy first`).
-    pub(crate) first: bool,
-    /// How long a failed upstream is skipped.
-    pub(crate) fail_duration: Duration,
-    /// Failures before it is skipped.
-    pub(crate) max_fails: u32,
-    /// Request header changes.
-    pub(crate) header_up: HeaderOps,
-    /// Response header changes.
-    pub(crate) header_down: HeaderOps,
-}
-
 /// A resolved site.
 #[derive(Clone, Debug)]
 pub(crate) struct Site {
@@ -538,16 +382,6 @@ pub(crate) struct Site {
     pub(crate) tls_internal: bool,
     /// The ACME account email for this site's names (`tls EMAIL`), over the global one.
     pub(crate) tls_email: Option<String>,
-    /// Response compression.
-    pub(crate) encode: Option<Encode>,
-    /// Redirects, most specific first.
-    pub(crate) redirects: Vec<Redirect>,
-    /// Response header operations, in file order.
-    pub(crate) headers: Vec<(PathMatcher, HeaderOps)>,
-    /// Basic authentication.
-    pub(crate) auths: Vec<(PathMatcher, BasicAuth)>,
-    /// Reverse proxies, most specific first.
-    pub(crate) proxies: Vec<Proxy>,
 }
 
 impl Site {
@@ -565,6 +399,12 @@ impl Site {
     }
 }
 
+/// Parses a duration written as "10s", "1m30s", "500ms" or "2h".
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
+    let parsed: jiff::SignedDuration = text.trim().parse().ok()?;
+    Duration::try_from(parsed).ok()
+}
+
 /// Lower-cased host without port from a Host header or URI authority.
 pub(crate) fn host_of(authority: &str) -> String {
     let host = match split_host_port(authority) {
@@ -577,6 +417,7 @@ pub(crate) fn host_of(authority: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::Upstream;
 
     #[test]
     fn addresses_parse_like_caddys() {
@@ -591,7 +432,9 @@ mod tests {
         let a = Address::parse("*.Example.org", 80, 443).unwrap();
         assert_eq!(a.host, Host::Wildcard(".example.org".into()));
         assert!(Address::parse("example.org/path", 80, 443).is_err());
-        assert!(Address::parse(":8443", 80, 443).is_err());
+        // A port alone has no name for a certificate: plain HTTP, as Caddy serves it.
+        let a = Address::parse(":8443", 80, 443).unwrap();
+        assert_eq!((a.scheme, a.port, a.host), (Scheme::Http, 8443, Host::Any));
         assert!(Address::parse("ftp://x", 80, 443).is_err());
         assert!(Address::parse("bad host", 80, 443).is_err());
     }

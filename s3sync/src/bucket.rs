@@ -140,7 +140,7 @@ pub(crate) async fn rm(
         let prefix = url.as_prefix();
         let mut urls = Vec::new();
         let mut pages = t
-            .client
+            .client(url)
             .list_objects_v2()
             .bucket(&url.bucket)
             .prefix(&prefix)

@@ -26,7 +26,13 @@
 //! object with one of the same size within the same second as s3sync's own write; AWS, MinIO,
 //! Garage and Ceph all list ETags, which close that gap.
 //!
-//! One cache file per endpoint, bucket, prefix and local folder, under
+//! Between two stores (a sync streamed from one store's prefix to another's) the same records
+//! stand for the two `HeadObject`s that compare the objects' mtime metadata, with the source
+//! object's listed size and `LastModified` in place of the local file's size and mtime: made
+//! after a copy (dated by the `PutObject` answer) or after the two `HeadObject`s found the same
+//! mtime, trusted only while both listings still show those versions.
+//!
+//! One cache file per endpoint, bucket, prefix and local folder (or source prefix), under
 //! `$XDG_CACHE_HOME/labkit/s3sync/` (or `~/.cache/...`), JSON with a format version. It is
 //! replaced whole by a rename, so a reader sees the old or the new file, never half of one; a
 //! file that does not parse, has another version or describes another pair is ignored with a
@@ -140,11 +146,35 @@ impl Cache {
                 Some(parent.join(root.file_name()?))
             })
             .unwrap_or_else(|| root.to_owned());
+        Cache::load_pair(
+            folder,
+            endpoint,
+            bucket,
+            prefix,
+            root.to_string_lossy().into_owned(),
+        )
+    }
+
+    /// Loads the cache of a copy from another store's prefix (`source`, such as
+    /// `ENDPOINT s3://bucket/prefix/`) to `s3://bucket/prefix` on `endpoint`. Its records
+    /// stand for the two `HeadObject`s that compare the objects' mtime metadata: the source
+    /// object's `LastModified` takes the place of a local file's mtime.
+    pub(crate) fn load_for_copy(
+        folder: &Path,
+        endpoint: &str,
+        bucket: &str,
+        prefix: &str,
+        source: &str,
+    ) -> Cache {
+        Cache::load_pair(folder, endpoint, bucket, prefix, format!("s3 {source}"))
+    }
+
+    fn load_pair(folder: &Path, endpoint: &str, bucket: &str, prefix: &str, root: String) -> Cache {
         let pair = Pair {
             endpoint: endpoint.to_owned(),
             bucket: bucket.to_owned(),
             prefix: prefix.to_owned(),
-            root: root.to_string_lossy().into_owned(),
+            root,
         };
         let id = serde_json::to_vec(&pair).expect("a pair of strings serializes");
         let name: String = Md5::digest(&id)

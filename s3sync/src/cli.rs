@@ -11,8 +11,24 @@ use labcore::s3::S3Args;
 const ABOUT_LONG: &str = "\
 Copy, sync and stream between local files and S3 buckets (MinIO, Garage, Ceph RGW, AWS).
 
-Locations are local paths, - for standard input or output, or s3://BUCKET/KEY. Keys are taken
-literally: spaces, +, %, # and unicode need no escaping beyond the shell's.
+Locations are local paths, - for standard input or output, s3://BUCKET/KEY on the default
+store, or s3://STORE/BUCKET/KEY on a store named in the config. Keys are taken literally:
+spaces, +, %, # and unicode need no escaping beyond the shell's.
+
+Named stores are [store.NAME] tables of the config (-c FILE, else
+$XDG_CONFIG_HOME/labkit/s3sync.toml or ~/.config/labkit/s3sync.toml when it exists) with
+endpoint, region, path_style, profile, access_key_id, secret_access_key or
+secret_access_key_file (else the systemd credential store.NAME.secret_access_key, else the
+AWS_* variables and profiles), ca_bundle and storage_class. A first URL segment that names a
+configured store means that store; any other is a bucket of the default store, as before. A
+bucket of the default store named like a store is reached as s3://_/BUCKET/KEY. Between two
+objects of one store, copies are server-side; between two stores they stream through s3sync
+(ranged GETs into a multipart upload, in bounded memory).
+
+An upload of a file larger than one part that is cut short (a store gone, a signal, kill -9)
+keeps its parts; the next upload of the same file to the same key resumes it after checking
+the stored parts against the file (state in $XDG_STATE_HOME/labkit/s3sync/uploads, else
+~/.local/state/...). s3sync cleanup aborts uploads nobody resumed.
 
 Request settings, chosen so every S3 store accepts them:
   - path-style addressing (ENDPOINT/BUCKET/KEY) for every endpoint outside amazonaws.com,
@@ -53,9 +69,14 @@ EXAMPLES:
   Keep uploading a folder as it changes:
     s3sync watch --delete /srv/www s3://site/www
 
+  From MinIO at home to an off-site store, at most 2 MiB/s by day, then compare:
+    s3sync sync --bwlimit '08:00,2M 23:00,off' s3://home/media s3://offsite/media
+    s3sync check --checksum s3://home/media s3://offsite/media
+
 EXIT STATUS:
     0   every transfer succeeded
-    1   some transfers failed (each is reported on stderr); the others were done
+    1   some transfers failed (each is reported on stderr); the others were done; check
+        found differences
     64  bad usage or location
     65  bad data: a download that does not match its object, an unusable key, a sync refused
         by the deletion limit
@@ -89,9 +110,26 @@ pub struct Cli {
 /// Flags every command takes.
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
-    /// A labkit TOML config whose [s3] table gives endpoint, region and credentials
+    /// The s3sync config: its [s3] table is the default store, each [store.NAME] table a store
+    /// that URLs name as s3://NAME/bucket/key [default: $XDG_CONFIG_HOME/labkit/s3sync.toml,
+    /// else ~/.config/labkit/s3sync.toml, when it exists]
     #[arg(long, short = 'c', value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
+
+    /// Bandwidth limit in bytes/s: RATE (512k, 8M, off), UP:DOWN (8M:off), or a timetable
+    /// "08:00,512k 23:00,off" (local time; rclone's syntax without weekdays)
+    #[arg(long, value_name = "RATE", global = true, value_parser = parse_bwlimit)]
+    pub bwlimit: Option<String>,
+
+    /// Requests per second to the stores at most (0: no limit); counts listings, HEAD, GET,
+    /// PUT, the parts of file uploads, copies and deletions, not the parts of streamed uploads
+    #[arg(long, value_name = "N", default_value_t = 0.0, global = true)]
+    pub tpslimit: f64,
+
+    /// Live progress on stderr: auto (a display when stderr is a terminal), json (a line a
+    /// second, for scripts), none
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = ProgressMode::Auto, global = true)]
+    pub progress: ProgressMode,
 
     /// Per-transfer output on stdout: text (nothing but dry-run plans) or json (a line each)
     #[arg(long, value_enum, default_value_t = Format::Text, global = true)]
@@ -118,9 +156,25 @@ pub struct RunArgs {
     #[arg(long, global = true)]
     pub fsync: bool,
 
-    /// Never show a progress bar (it shows only when stderr is a terminal)
+    /// Never show a progress bar (the same as --progress none)
     #[arg(long, global = true)]
     pub no_progress: bool,
+}
+
+/// How a run shows its progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// A live display on stderr when it is a terminal, nothing otherwise.
+    Auto,
+    /// A JSON line a second on stderr.
+    Json,
+    /// Nothing but the final summary.
+    None,
+}
+
+/// Checks a `--bwlimit` value (it is parsed again where the limits are made).
+fn parse_bwlimit(text: &str) -> Result<String, String> {
+    crate::limit::Timetable::parse(text).map(|_| text.to_owned())
 }
 
 /// The commands.
@@ -155,7 +209,9 @@ pub enum Command {
     Unchanged means same size and same mtime (the mtime of an S3 object is its
     x-amz-meta-mtime, which a HeadObject reads), or same MD5 with --checksum.
 
-    The state cache saves those HeadObjects. cp -r and sync keep one per folder and prefix
+    The state cache saves those HeadObjects. cp -r and sync keep one per folder and prefix,
+    and one per pair of prefixes on two stores, where the source object's listed size and
+    LastModified stand for the file's size and mtime
     (in $XDG_CACHE_HOME/labkit/s3sync, else ~/.cache/labkit/s3sync): for each file, the size
     and mtime it had and the size, ETag and LastModified of the object that carried that mtime
     when s3sync uploaded, downloaded or compared it. A file is unchanged without a HeadObject
@@ -250,6 +306,48 @@ EXAMPLES:
     Mb {
         /// s3://bucket
         url: String,
+    },
+    /// Compare two trees (folders, prefixes, stores) and list every difference; exit 1 if any.
+    #[command(after_long_help = "NOTES:
+    Entries are compared by size, and with --checksum also by MD5: a local file's, an
+    object's plain ETag, or its md5chksum metadata (which s3sync writes on multipart objects).
+    An object with none of these cannot be proven equal and counts as a difference
+    (unverifiable). Each difference is a line on stdout:
+    `missing-in-destination REL`, `missing-in-source REL`, `size-differs REL`,
+    `content-differs REL`, `unverifiable REL` (--format json: {\"difference\":..,\"path\":..}).
+
+EXAMPLES:
+  s3sync check ./photos s3://media/photos
+  s3sync check --checksum s3://home/media/photos s3://offsite/media/photos")]
+    Check {
+        /// Source folder or s3://[STORE/]bucket/prefix
+        src: String,
+        /// Destination folder or s3://[STORE/]bucket/prefix
+        dst: String,
+        /// Also compare content (MD5)
+        #[arg(long)]
+        checksum: bool,
+        #[command(flatten)]
+        tree: TreeArgs,
+    },
+    /// Abort multipart uploads left behind (interrupted uploads nobody resumed).
+    #[command(after_long_help = "NOTES:
+    An interrupted upload of a large file keeps its parts so the next run of the same upload
+    resumes it; cleanup aborts those begun more than --older-than ago, and any other tool's
+    left-over uploads under the prefix, freeing the space their parts take.
+
+EXAMPLES:
+  s3sync cleanup s3://media
+  s3sync cleanup --older-than 1h --dry-run s3://offsite/backups/")]
+    Cleanup {
+        /// s3://[STORE/]bucket[/prefix]
+        url: String,
+        /// Only uploads begun longer ago than this, e.g. 30m, 12h, 7d
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+        older_than: Duration,
+        /// List what would be aborted, abort nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Sync a local folder to S3, then keep syncing it as files change (inotify).
     #[command(after_long_help = "NOTES:
@@ -350,7 +448,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(number)),
         "" | "s" => Ok(Duration::from_secs(number)),
         "m" => Ok(Duration::from_secs(number * 60)),
-        _ => Err(format!("{text:?}: unknown unit (use ms, s or m)")),
+        "h" => Ok(Duration::from_secs(number * 3600)),
+        "d" => Ok(Duration::from_secs(number * 86_400)),
+        _ => Err(format!("{text:?}: unknown unit (use ms, s, m, h or d)")),
     }
 }
 
@@ -374,6 +474,7 @@ mod tests {
         assert!(parse_size("M").is_err());
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("2h").is_err());
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("2w").is_err());
     }
 }

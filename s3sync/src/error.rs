@@ -126,6 +126,9 @@ pub enum Error {
         /// What happened to it.
         reason: String,
     },
+    /// `check` found differences (each was listed).
+    #[error("{0} differences found")]
+    Differences(usize),
     /// Some transfers (or entries of a listing) failed; the others were done.
     #[error("{failed} of {total} transfers failed{}", skipped_deletes(*.deletes_skipped))]
     Partial {
@@ -137,7 +140,10 @@ pub enum Error {
         deletes_skipped: usize,
     },
     /// A stop signal arrived.
-    #[error("interrupted by a stop signal; finished transfers are kept, unfinished ones undone")]
+    #[error(
+        "interrupted by a stop signal; finished transfers are kept, unfinished ones undone \
+         (large file uploads keep their stored parts and resume in the next run)"
+    )]
     Interrupted,
     /// The async runtime or the file watcher could not start.
     #[error("{what}")]
@@ -255,7 +261,7 @@ impl ExitStatus for Error {
             Error::BadName { .. } | Error::Verify { .. } => Exit::DataErr,
             Error::TooManyDeletes { .. } => Exit::DataErr,
             Error::SourceGone { .. } => Exit::NoInput,
-            Error::Partial { .. } => Exit::Partial,
+            Error::Partial { .. } | Error::Differences(_) => Exit::Partial,
             Error::Interrupted => Exit::TempFail,
             Error::Runtime { .. } => Exit::Software,
         }

@@ -13,12 +13,16 @@
 
 mod bucket;
 mod cache;
+mod check;
 pub mod cli;
 mod error;
 mod filter;
+mod limit;
 mod location;
 mod meta;
 mod report;
+mod resume;
+mod store;
 mod sync;
 mod transfer;
 mod tree;
@@ -28,11 +32,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use labcore::Env;
-use labcore::config::{self, ConfigFile};
 use labcore::s3::upload::{MAX_PART_SIZE, MIN_PART_SIZE};
-use labcore::s3::{S3Config, S3Settings};
 use labcore::signals::Signals;
-use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 pub use error::Error;
@@ -43,13 +44,6 @@ use location::{Location, S3Url};
 use report::{Action, Report};
 use sync::{Direction, Side, TreeOptions};
 use transfer::Transfers;
-
-/// The labkit config s3sync reads with `--config`: only the `[s3]` table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct S3syncToml {
-    s3: Option<S3Config>,
-}
 
 /// Runs a parsed command line to completion.
 pub fn run(cli: Cli) -> Result<(), Error> {
@@ -71,15 +65,26 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
             "--part-size must be between 5M and 5G (S3's part size limits)".into(),
         ));
     }
-    let loaded: Option<(S3syncToml, ConfigFile)> = match &cli.run.config {
-        Some(path) => Some(config::load(path)?),
-        None => None,
-    };
-    let table = loaded
-        .as_ref()
-        .and_then(|(toml, file)| toml.s3.as_ref().map(|t| (t, file)));
-    let settings = S3Settings::resolve(&cli.s3, table, &env)?;
-    let client = settings.client().await?;
+    let loaded = store::load(cli.run.config.as_deref(), &env)?;
+    let names = store::names(loaded.as_ref());
+    let used: Vec<String> = command_urls(&cli.command)
+        .into_iter()
+        .filter_map(|arg| arg.strip_prefix("s3://"))
+        .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
+        .filter(|first| names.contains(first))
+        .collect();
+    let stores = store::Stores::build(&cli.s3, loaded.as_ref(), &used, &env).await?;
+    let bwlimit = cli
+        .run
+        .bwlimit
+        .as_deref()
+        .map(limit::Timetable::parse)
+        .transpose()
+        .map_err(Error::Usage)?;
+    if !(cli.run.tpslimit >= 0.0 && cli.run.tpslimit.is_finite()) {
+        return Err(Error::Usage("--tpslimit must be 0 or more".into()));
+    }
+    let limits = limit::Limits::new(bwlimit.as_ref(), cli.run.tpslimit);
     let signals = Signals::install().map_err(|source| Error::Runtime {
         what: "installing signal handlers",
         source,
@@ -91,18 +96,33 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
         cli.command,
         Command::Cp { .. } | Command::Sync { .. } | Command::Watch { .. }
     );
-    let mut report = Report::new(cli.run.format, moves_data && !cli.run.no_progress);
+    let progress = if cli.run.no_progress {
+        cli::ProgressMode::None
+    } else {
+        cli.run.progress
+    };
+    let mut report = Report::new(
+        cli.run.format,
+        if moves_data {
+            progress
+        } else {
+            cli::ProgressMode::None
+        },
+    );
     let transfers = Transfers {
-        client,
+        stores,
+        limits,
         part_size,
         part_concurrency,
         large: Arc::new(Semaphore::new(large)),
         progress: report.progress(),
+        files: report.files(),
         cancel: signals.shutdown(),
         fsync: cli.run.fsync,
+        resume_folder: resume::folder(&env),
     };
     let cache_folder = cache::Cache::folder(&env);
-    let endpoint = settings.endpoint_url().unwrap_or("aws").to_owned();
+    let names = &names;
     let tree_options = |tree: &TreeArgs| TreeOptions {
         sync: false,
         delete: false,
@@ -114,7 +134,6 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
         follow_links: tree.follow_links,
         transfers: usize::from(cli.run.transfers),
         cache_folder: cache_folder.clone().filter(|_| !tree.no_cache),
-        endpoint: endpoint.clone(),
     };
     let result = match &cli.command {
         Command::Cp {
@@ -128,7 +147,17 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
                 dry_run: *dry_run,
                 ..tree_options(tree)
             };
-            let result = cp(&transfers, &mut report, src, dst, *recursive, tree, options).await;
+            let args = (src.as_str(), dst.as_str());
+            let result = cp(
+                &transfers,
+                &mut report,
+                names,
+                args,
+                *recursive,
+                tree,
+                options,
+            )
+            .await;
             report.summary();
             result
         }
@@ -151,23 +180,42 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
                 dry_run: *dry_run,
                 ..tree_options(tree)
             };
-            let direction = tree_direction(src, dst)?;
+            let direction = tree_direction(src, dst, names)?;
             let filter = make_filter(tree)?;
             if let Some(url) = direction.destination_url()
                 && !options.dry_run
             {
-                bucket::check_bucket(&transfers.client, &url.bucket).await?;
+                bucket::check_bucket(transfers.client(url), &url.bucket).await?;
             }
             let result = sync::run(&transfers, &mut report, direction, &filter, options).await;
             report.summary();
             result
         }
         Command::Ls { url, recursive } => {
-            let url = url.as_deref().map(s3_url).transpose()?;
-            bucket::ls(&transfers.client, url.as_ref(), *recursive, cli.run.format).await
+            // `s3://STORE` alone lists that store's buckets.
+            let store = url
+                .as_deref()
+                .and_then(|u| u.strip_prefix("s3://"))
+                .map(|rest| rest.trim_end_matches('/'))
+                .filter(|name| names.iter().any(|n| n == name) || *name == location::DEFAULT_STORE);
+            match store {
+                Some(name) => {
+                    let client = transfers
+                        .stores
+                        .client_of(Some(name).filter(|n| *n != location::DEFAULT_STORE));
+                    bucket::ls(client, None, *recursive, cli.run.format).await
+                }
+                None => {
+                    let url = url.as_deref().map(|u| s3_url(u, names)).transpose()?;
+                    let client = transfers
+                        .stores
+                        .client_of(url.as_ref().and_then(|u| u.store.as_deref()));
+                    bucket::ls(client, url.as_ref(), *recursive, cli.run.format).await
+                }
+            }
         }
         Command::Cat { url } => {
-            let url = object_url(url)?;
+            let url = object_url(url, names)?;
             transfers
                 .download_stream(&url, tokio::io::stdout())
                 .await
@@ -178,12 +226,51 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
             recursive,
             dry_run,
         } => {
-            let url = s3_url(url)?;
+            let url = s3_url(url, names)?;
             let result = bucket::rm(&transfers, &mut report, &url, *recursive, *dry_run).await;
             report.summary();
             result
         }
-        Command::Mb { url } => bucket::mb(&transfers.client, &s3_url(url)?).await,
+        Command::Cleanup {
+            url,
+            older_than,
+            dry_run,
+        } => {
+            let url = s3_url(url, names)?;
+            let found = resume::cleanup(
+                transfers.client(&url),
+                &transfers.limits,
+                &url,
+                *older_than,
+                *dry_run,
+                cli.run.format == labcore::Format::Json,
+            )
+            .await?;
+            eprintln!(
+                "s3sync: {found} multipart uploads older than {}s {}",
+                older_than.as_secs(),
+                if *dry_run {
+                    "found (dry run)"
+                } else {
+                    "aborted"
+                }
+            );
+            Ok(())
+        }
+        Command::Check {
+            src,
+            dst,
+            checksum,
+            tree,
+        } => {
+            let direction = tree_direction(src, dst, names)?;
+            let filter = make_filter(tree)?;
+            check::run(&transfers, direction, &filter, *checksum, cli.run.format).await
+        }
+        Command::Mb { url } => {
+            let url = s3_url(url, names)?;
+            bucket::mb(transfers.client(&url), &url).await
+        }
         Command::Watch {
             src,
             dst,
@@ -201,12 +288,12 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
                 force: *force,
                 ..tree_options(tree)
             };
-            let Direction::Upload { root, to: url } = tree_direction(src, dst)? else {
+            let Direction::Upload { root, to: url } = tree_direction(src, dst, names)? else {
                 return Err(Error::Usage(
                     "watch takes a local folder and an s3:// destination".into(),
                 ));
             };
-            bucket::check_bucket(&transfers.client, &url.bucket).await?;
+            bucket::check_bucket(transfers.client(&url), &url.bucket).await?;
             let filter = make_filter(tree)?;
             let settings = watch::WatchSettings {
                 debounce: *debounce,
@@ -229,8 +316,28 @@ async fn run_async(cli: Cli, env: Env) -> Result<(), Error> {
     result
 }
 
-fn s3_url(arg: &str) -> Result<S3Url, Error> {
-    match Location::parse(arg)? {
+/// The location arguments of a command, to see which named stores it uses.
+fn command_urls(command: &Command) -> Vec<&str> {
+    match command {
+        Command::Cp { src, dst, .. }
+        | Command::Sync { src, dst, .. }
+        | Command::Watch { src, dst, .. } => vec![src, dst],
+        Command::Ls { url, .. } => url.iter().map(String::as_str).collect(),
+        Command::Cat { url }
+        | Command::Rm { url, .. }
+        | Command::Mb { url }
+        | Command::Cleanup { url, .. } => vec![url],
+        Command::Check { src, dst, .. } => vec![src, dst],
+    }
+}
+
+/// Parses a location argument, knowing the configured store names.
+fn parse(arg: &str, names: &[String]) -> Result<Location, Error> {
+    Location::parse_with(arg, &|first| names.iter().any(|n| n == first))
+}
+
+fn s3_url(arg: &str, names: &[String]) -> Result<S3Url, Error> {
+    match parse(arg, names)? {
         Location::S3(url) => Ok(url),
         _ => Err(Error::Location {
             arg: arg.to_owned(),
@@ -239,8 +346,8 @@ fn s3_url(arg: &str) -> Result<S3Url, Error> {
     }
 }
 
-fn object_url(arg: &str) -> Result<S3Url, Error> {
-    let url = s3_url(arg)?;
+fn object_url(arg: &str, names: &[String]) -> Result<S3Url, Error> {
+    let url = s3_url(arg, names)?;
     if url.is_folder() {
         return Err(Error::Location {
             arg: arg.to_owned(),
@@ -255,8 +362,8 @@ fn make_filter(tree: &TreeArgs) -> Result<Filter, Error> {
 }
 
 /// Which way a tree command goes between local folders and S3 prefixes (never stdin/stdout).
-fn tree_direction(src: &str, dst: &str) -> Result<Direction, Error> {
-    let side = |arg: &str| match Location::parse(arg)? {
+fn tree_direction(src: &str, dst: &str, names: &[String]) -> Result<Direction, Error> {
+    let side = |arg: &str| match parse(arg, names)? {
         Location::Stdio => Err(Error::Usage(
             "- (a stream) cannot be a folder: use cp for streams".into(),
         )),
@@ -270,20 +377,20 @@ fn tree_direction(src: &str, dst: &str) -> Result<Direction, Error> {
 async fn cp(
     t: &Transfers,
     report: &mut Report,
-    src_arg: &str,
-    dst_arg: &str,
+    names: &[String],
+    (src_arg, dst_arg): (&str, &str),
     recursive: bool,
     tree: &TreeArgs,
     options: TreeOptions,
 ) -> Result<(), Error> {
-    let src = Location::parse(src_arg)?;
-    let dst = Location::parse(dst_arg)?;
+    let src = parse(src_arg, names)?;
+    let dst = parse(dst_arg, names)?;
     if recursive {
-        let direction = tree_direction(src_arg, dst_arg)?;
+        let direction = tree_direction(src_arg, dst_arg, names)?;
         if let Some(url) = direction.destination_url()
             && !options.dry_run
         {
-            bucket::check_bucket(&t.client, &url.bucket).await?;
+            bucket::check_bucket(t.client(url), &url.bucket).await?;
         }
         let filter = make_filter(tree)?;
         return sync::run(t, report, direction, &filter, options).await;
@@ -295,7 +402,7 @@ async fn cp(
                 report.plan(Action::Upload, Some("-"), &url.to_string(), None);
                 return Ok(());
             }
-            bucket::check_bucket(&t.client, &url.bucket).await?;
+            bucket::check_bucket(t.client(&url), &url.bucket).await?;
             let stored = t.upload_stream(tokio::io::stdin(), &url).await?;
             report.done(
                 Action::Upload,
@@ -306,7 +413,7 @@ async fn cp(
             Ok(())
         }
         (Location::S3(url), Location::Stdio) => {
-            let url = object_url(&url.to_string())?;
+            let url = object_url(&url.to_string(), names)?;
             let size = t.download_stream(&url, tokio::io::stdout()).await?;
             report.done(Action::Download, Some(&url.to_string()), "-", Some(size));
             Ok(())
@@ -333,14 +440,14 @@ async fn cp(
                 );
                 return Ok(());
             }
-            bucket::check_bucket(&t.client, &url.bucket).await?;
-            t.progress.inc_length(meta.len());
+            bucket::check_bucket(t.client(&url), &url.bucket).await?;
+            t.queue(meta.len());
             let size = t.upload_file(&path, &url, None).await?.size;
             report.done(Action::Upload, Some(&source), &destination, Some(size));
             Ok(())
         }
         (Location::S3(url), Location::Local(path)) => {
-            let url = object_url(&url.to_string())?;
+            let url = object_url(&url.to_string(), names)?;
             let dest = into_folder(&path, url.file_name());
             let source = url.to_string();
             if options.dry_run {
@@ -362,15 +469,20 @@ async fn cp(
             Ok(())
         }
         (Location::S3(from), Location::S3(to)) => {
-            let from = object_url(&from.to_string())?;
+            let from = object_url(&from.to_string(), names)?;
             let to = named_key(to, from.file_name(), dst_arg)?;
             if options.dry_run {
                 report.plan(Action::Copy, Some(&from.to_string()), &to.to_string(), None);
                 return Ok(());
             }
             let info = t.head(&from).await?;
-            bucket::check_bucket(&t.client, &to.bucket).await?;
-            let size = t.copy_object(&from, &to, info.size).await?;
+            bucket::check_bucket(t.client(&to), &to.bucket).await?;
+            let size = if from.same_store(&to) {
+                t.copy_object(&from, &to, info.size).await?
+            } else {
+                t.queue(info.size);
+                t.relay(&from, &to, info.size).await?.size
+            };
             report.done(
                 Action::Copy,
                 Some(&from.to_string()),

@@ -1,4 +1,11 @@
-//! Where data comes from and goes to: a local path, `-` for stdin/stdout, or `s3://bucket/key`.
+//! Where data comes from and goes to: a local path, `-` for stdin/stdout, or `s3://bucket/key`,
+//! or `s3://STORE/bucket/key` on a named store of the config (see the `store` module).
+//!
+//! A URL's first segment names a store when a store of that name is configured; otherwise it
+//! is a bucket of the default store (flags, `[s3]`, `AWS_*`), so invocations written before
+//! stores existed mean what they meant. A configured store name wins over a bucket of the
+//! same name; that bucket is still reached as `s3://_/bucket/key` (`_` is the default store,
+//! and no bucket can be called `_`).
 //!
 //! Keys are taken literally (no percent-decoding: `s3://b/a%20b` names the key `a%20b`, as the
 //! AWS CLI and rclone read it). Bucket names follow S3's rules for new buckets, so a typo is
@@ -9,6 +16,9 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::Error;
+
+/// The store name that means the default store, for a bucket named like a configured store.
+pub(crate) const DEFAULT_STORE: &str = "_";
 
 /// The longest key S3 accepts, in bytes.
 pub(crate) const MAX_KEY_LEN: usize = 1024;
@@ -27,6 +37,8 @@ pub(crate) enum Location {
 /// `s3://bucket/key`; the key may be empty (the whole bucket) or end in `/` (a folder).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct S3Url {
+    /// The named store, or `None` for the default one.
+    pub(crate) store: Option<String>,
     /// The bucket.
     pub(crate) bucket: String,
     /// The key or prefix, exactly as given after the bucket's `/`.
@@ -35,7 +47,10 @@ pub(crate) struct S3Url {
 
 impl fmt::Display for S3Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "s3://{}/{}", self.bucket, self.key)
+        match &self.store {
+            Some(store) => write!(f, "s3://{store}/{}/{}", self.bucket, self.key),
+            None => write!(f, "s3://{}/{}", self.bucket, self.key),
+        }
     }
 }
 
@@ -43,9 +58,15 @@ impl S3Url {
     /// The URL of `key` in the same bucket.
     pub(crate) fn with_key(&self, key: impl Into<String>) -> S3Url {
         S3Url {
+            store: self.store.clone(),
             bucket: self.bucket.clone(),
             key: key.into(),
         }
+    }
+
+    /// Whether both URLs are on the same store (a server-side copy can join them).
+    pub(crate) fn same_store(&self, other: &S3Url) -> bool {
+        self.store == other.store
     }
 
     /// The key as a folder prefix: empty, or ending in `/`.
@@ -69,8 +90,17 @@ impl S3Url {
 }
 
 impl Location {
-    /// Parses a command-line argument.
+    /// Parses a command-line argument with no named stores configured.
+    #[cfg(test)]
     pub(crate) fn parse(arg: &str) -> Result<Location, Error> {
+        Location::parse_with(arg, &|_| false)
+    }
+
+    /// Parses a command-line argument; `is_store` tells the configured store names.
+    pub(crate) fn parse_with(
+        arg: &str,
+        is_store: &dyn Fn(&str) -> bool,
+    ) -> Result<Location, Error> {
         let bad = |reason: &str| Error::Location {
             arg: arg.to_owned(),
             reason: reason.to_owned(),
@@ -85,10 +115,19 @@ impl Location {
             if !arg.starts_with("s3://") {
                 return Err(bad("write the scheme in lower case: s3://"));
             }
+            let (first, after) = rest.split_once('/').unwrap_or((rest, ""));
+            let (store, rest) = if first == DEFAULT_STORE {
+                (None, after)
+            } else if is_store(first) {
+                (Some(first.to_owned()), after)
+            } else {
+                (None, rest)
+            };
             let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
             check_bucket(bucket).map_err(bad)?;
             check_key(key).map_err(bad)?;
             return Ok(Location::S3(S3Url {
+                store,
                 bucket: bucket.to_owned(),
                 key: key.to_owned(),
             }));
@@ -214,6 +253,7 @@ mod tests {
 
     fn s3(bucket: &str, key: &str) -> Location {
         Location::S3(S3Url {
+            store: None,
             bucket: bucket.into(),
             key: key.into(),
         })
@@ -282,6 +322,7 @@ mod tests {
     #[test]
     fn prefixes_and_file_names() {
         let url = S3Url {
+            store: None,
             bucket: "lab".into(),
             key: "dumps".into(),
         };
@@ -290,6 +331,27 @@ mod tests {
         assert_eq!(url.file_name(), Some("dumps"));
         assert_eq!(url.with_key("a/").file_name(), None);
         assert_eq!(url.to_string(), "s3://lab/dumps");
+    }
+
+    #[test]
+    fn a_configured_store_name_wins_and_underscore_names_the_default_store() {
+        let stores = |name: &str| name == "home";
+        let parse = |arg: &str| Location::parse_with(arg, &stores).unwrap();
+        let Location::S3(url) = parse("s3://home/media/a/b.jpg") else {
+            panic!("not an S3 location")
+        };
+        assert_eq!(url.store.as_deref(), Some("home"));
+        assert_eq!(
+            (url.bucket.as_str(), url.key.as_str()),
+            ("media", "a/b.jpg")
+        );
+        assert_eq!(url.to_string(), "s3://home/media/a/b.jpg");
+        assert_eq!(parse(&url.to_string()), Location::S3(url));
+        // The bucket "home" of the default store.
+        assert_eq!(parse("s3://_/home/k"), s3("home", "k"));
+        // Not a store: a bucket, as before stores existed.
+        assert_eq!(parse("s3://offsite/k"), s3("offsite", "k"));
+        assert!(Location::parse_with("s3://home", &stores).is_err());
     }
 
     proptest! {

@@ -46,7 +46,7 @@ pub(crate) enum Side {
 
 impl Side {
     /// Where entry `rel` lives on this side, for messages.
-    fn display(&self, rel: &str) -> String {
+    pub(crate) fn display(&self, rel: &str) -> String {
         match self {
             Side::Local(root) => local_path(root, rel).display().to_string(),
             Side::S3(url) => object(url, rel).to_string(),
@@ -62,7 +62,7 @@ impl Side {
 }
 
 /// The object of entry `rel` under the prefix `url`.
-fn object(url: &S3Url, rel: &str) -> S3Url {
+pub(crate) fn object(url: &S3Url, rel: &str) -> S3Url {
     url.with_key(format!("{}{rel}", url.key))
 }
 
@@ -84,7 +84,8 @@ pub(crate) enum Direction {
         /// The local folder.
         root: PathBuf,
     },
-    /// One S3 prefix to another, inside the store.
+    /// One S3 prefix to another: a server-side copy inside one store, streamed through this
+    /// process between two.
     Copy {
         /// The source prefix.
         from: S3Url,
@@ -177,15 +178,13 @@ pub(crate) struct TreeOptions {
     pub(crate) transfers: usize,
     /// Where state caches live; `None` turns the cache off ([`crate::cache`]).
     pub(crate) cache_folder: Option<PathBuf>,
-    /// The endpoint the cache files are kept for.
-    pub(crate) endpoint: String,
 }
 
 /// Share of the destination a sync may delete without `--force` or `--max-delete`.
 const DEFAULT_DELETE_SHARE: f64 = 0.5;
 
 /// Lists one side; a missing local destination is an empty one.
-async fn list(
+pub(crate) async fn list(
     t: &Transfers,
     side: &Side,
     filter: &Filter,
@@ -210,7 +209,7 @@ async fn list(
             let (root, filter) = (root.clone(), filter.clone());
             blocking(move || Ok(list_local(&root, follow_links, &filter))).await
         }
-        Side::S3(url) => list_s3(&t.client, url, &url.key, filter).await,
+        Side::S3(url) => list_s3(t.client(url), &t.limits, url, &url.key, filter).await,
     }
 }
 
@@ -321,7 +320,7 @@ pub(crate) async fn run_tracked(
         })
         .collect();
     drop(index);
-    let cache = open_cache(&options, &direction);
+    let cache = open_cache(t, &options, &direction);
     let mut context = Arc::new(Context {
         t: t.clone(),
         direction,
@@ -530,7 +529,7 @@ async fn process(context: &Context, job: &Job) -> Outcome {
     if context.options.dry_run {
         return Outcome::Planned;
     }
-    context.t.progress.inc_length(job.src.size);
+    context.t.queue(job.src.size);
     match copy_one(context, job, copy.1).await {
         Ok(size) => Outcome::Copied(size),
         Err(err) => Outcome::Failed(err),
@@ -631,6 +630,14 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
             if job.src.etag.is_some() && job.src.etag == dst.etag {
                 return Ok((false, None));
             }
+            // Between stores, a record of an earlier copy or comparison proves it from both
+            // listings (the source's LastModified stands for a file's mtime).
+            if let Some(cache) = &context.cache
+                && !context.options.checksum
+                && cache.proves_unchanged(rel, job.src.size, job.src.uploaded, dst)
+            {
+                return Ok((false, None));
+            }
             // ETags differ or were not listed (some stores list none; a multipart copy gets
             // a new one): ask both objects what they hold.
             let (from, to) = (object(from, rel), object(to, rel));
@@ -644,6 +651,9 @@ async fn needs_copy(context: &Context, job: &Job) -> Result<(bool, Option<[u8; 1
                     .zip(b.mtime)
                     .is_some_and(|(x, y)| meta::same_mtime(x, y))
             };
+            if same && !context.options.checksum {
+                remember_copy(context, rel, &job.src, dst, &a, &b);
+            }
             Ok((!same, None))
         }
     }
@@ -694,9 +704,34 @@ async fn copy_one(context: &Context, job: &Job, md5: Option<[u8; 16]>) -> Result
             }
             Ok(got.size)
         }
-        Direction::Copy { from, to } => {
+        Direction::Copy { from, to } if from.same_store(to) => {
             t.copy_object(&object(from, rel), &object(to, rel), job.src.size)
                 .await
+        }
+        Direction::Copy { from, to } => {
+            let relayed = t
+                .relay(&object(from, rel), &object(to, rel), job.src.size)
+                .await?;
+            if let Some(cache) = &context.cache
+                && let Some(mtime) = job.src.uploaded.and_then(cache::nanos)
+                && relayed.date.is_some()
+            {
+                // As after an upload: the first listing pins the copy's LastModified.
+                cache.record(
+                    rel,
+                    Record {
+                        size: relayed.size,
+                        mtime,
+                        etag: relayed
+                            .etag
+                            .as_deref()
+                            .map(|e| cache::bare_etag(e).to_owned()),
+                        listed: None,
+                        written: relayed.date,
+                    },
+                );
+            }
+            Ok(relayed.size)
         }
     }
 }
@@ -732,16 +767,62 @@ fn remember_head(context: &Context, rel: &str, local: &Entry, listed: &Entry, in
     }
 }
 
+/// Records that the copy `dst` of `src` (on another store) carries the same mtime, once both
+/// `HeadObject`s answered the versions the listings showed.
+fn remember_copy(
+    context: &Context,
+    rel: &str,
+    src: &Entry,
+    dst: &Entry,
+    a: &ObjectInfo,
+    b: &ObjectInfo,
+) {
+    let Some(cache) = &context.cache else { return };
+    let second = |t: Option<std::time::SystemTime>| {
+        t.and_then(cache::nanos)
+            .map(|n| n.div_euclid(1_000_000_000))
+    };
+    let (Some(mtime), Some(listed)) = (
+        src.uploaded.and_then(cache::nanos),
+        dst.uploaded.and_then(cache::nanos),
+    ) else {
+        return;
+    };
+    let same_versions = a.size == src.size
+        && b.size == dst.size
+        && second(src.uploaded) == second(a.uploaded)
+        && second(dst.uploaded) == second(b.uploaded);
+    if same_versions {
+        cache.record(
+            rel,
+            Record {
+                size: dst.size,
+                mtime,
+                etag: b.etag.as_deref().map(|e| cache::bare_etag(e).to_owned()),
+                listed: Some(listed),
+                written: None,
+            },
+        );
+    }
+}
+
 /// The state cache of a folder and prefix pair, when the run moves data between them.
-fn open_cache(options: &TreeOptions, direction: &Direction) -> Option<Cache> {
+fn open_cache(t: &Transfers, options: &TreeOptions, direction: &Direction) -> Option<Cache> {
     let folder = options.cache_folder.as_ref()?;
     let (root, url) = match direction {
         Direction::Upload { root, to: url } | Direction::Download { from: url, root } => {
             (root, url)
         }
+        Direction::Copy { from, to } if !from.same_store(to) => {
+            let source = format!("{} {from}", t.stores.endpoint(from));
+            let cache =
+                Cache::load_for_copy(folder, t.stores.endpoint(to), &to.bucket, &to.key, &source);
+            tracing::debug!(path = %cache.path().display(), "state cache");
+            return Some(cache);
+        }
         Direction::Copy { .. } => return None,
     };
-    let cache = Cache::load(folder, &options.endpoint, &url.bucket, &url.key, root);
+    let cache = Cache::load(folder, t.stores.endpoint(url), &url.bucket, &url.key, root);
     tracing::debug!(path = %cache.path().display(), "state cache");
     Some(cache)
 }
@@ -802,8 +883,9 @@ pub(crate) async fn delete_objects(
             .quiet(true)
             .build()
             .map_err(|e| Error::Usage(format!("building a delete request: {e}")))?;
+        t.limits.request().await;
         let out = t
-            .client
+            .client(first)
             .delete_objects()
             .bucket(&first.bucket)
             .delete(delete)

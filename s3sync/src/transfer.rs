@@ -41,8 +41,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::limit::{CHUNK, Limits};
 use crate::location::S3Url;
 use crate::meta;
+use crate::report::Files;
+use crate::resume;
+use crate::store::Stores;
 
 /// Objects up to this size (known from a listing) download with one GET held in memory and
 /// one blocking write; larger ones go through [`RangeWrite`] and take a `large` permit.
@@ -51,14 +55,19 @@ const WHOLE_LIMIT: u64 = 1 << 20;
 /// The largest range one GET of a file download asks for.
 const MAX_RANGE: u64 = 64 << 20;
 
+/// The range size of a copy between two stores: `part_concurrency` of them are buffered.
+const RELAY_RANGE: u64 = 2 << 20;
+
 /// The largest object one `CopyObject` may copy.
 const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
 
 /// How transfers run, shared by every transfer of a command.
 #[derive(Clone)]
 pub(crate) struct Transfers {
-    /// The S3 client.
-    pub(crate) client: Client,
+    /// The clients of the stores the command uses.
+    pub(crate) stores: Stores,
+    /// Bandwidth and request-rate limits shared by every transfer.
+    pub(crate) limits: Limits,
     /// First part size of uploads and range size of downloads.
     pub(crate) part_size: usize,
     /// Parts or ranges in flight per object.
@@ -67,10 +76,14 @@ pub(crate) struct Transfers {
     pub(crate) large: Arc<Semaphore>,
     /// Bytes moved, for the progress bar.
     pub(crate) progress: ProgressBar,
+    /// Files queued and done, for the progress display.
+    pub(crate) files: Arc<Files>,
     /// Cancelled by a stop signal.
     pub(crate) cancel: CancellationToken,
     /// Flush downloaded files to disk before renaming them into place.
     pub(crate) fsync: bool,
+    /// Where the state of resumable uploads is kept (`None`: uploads cannot resume).
+    pub(crate) resume_folder: Option<PathBuf>,
 }
 
 /// What an object holds, from `HeadObject` or `GetObject`.
@@ -153,6 +166,17 @@ impl FileUpload {
     }
 }
 
+/// What a copy between two stores wrote.
+#[derive(Clone, Debug)]
+pub(crate) struct Relayed {
+    /// Bytes stored.
+    pub(crate) size: u64,
+    /// The copy's ETag, as the store answered.
+    pub(crate) etag: Option<String>,
+    /// The second of the server's `Date` answering a single `PutObject`.
+    pub(crate) date: Option<i64>,
+}
+
 /// What a download into a file wrote.
 #[derive(Clone, Debug)]
 pub(crate) struct FileDownload {
@@ -208,10 +232,34 @@ fn etag_is_not_md5(
 
 /// Counts bytes read for the progress bar and fails reads once a stop signal came, so an
 /// upload in progress aborts its multipart upload instead of being dropped half-way.
+///
+/// Under `--bwlimit` it hands out at most [`CHUNK`] bytes per read, and before each read waits
+/// for the slot of the bytes the previous read handed out: the stream then runs at the rate,
+/// at most two chunks ahead.
 struct Metered<R> {
     inner: R,
     progress: ProgressBar,
     cancel: CancellationToken,
+    limits: Limits,
+    /// Bytes handed out whose slot was not waited for yet.
+    owed: usize,
+    /// The wait for them, once started.
+    wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    scratch: Vec<u8>,
+}
+
+impl<R> Metered<R> {
+    fn new(inner: R, t: &Transfers) -> Metered<R> {
+        Metered {
+            inner,
+            progress: t.progress.clone(),
+            cancel: t.cancel.clone(),
+            limits: t.limits.clone(),
+            owed: 0,
+            wait: None,
+            scratch: Vec::new(),
+        }
+    }
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
@@ -223,17 +271,56 @@ impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
         if self.cancel.is_cancelled() {
             return Poll::Ready(Err(io::Error::other("stopped by a signal")));
         }
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
+        if self.owed > 0 && self.wait.is_none() {
+            let (limits, owed) = (self.limits.clone(), self.owed);
+            self.wait = Some(Box::pin(async move { limits.up(owed).await }));
+        }
+        if let Some(wait) = self.wait.as_mut() {
+            std::task::ready!(wait.as_mut().poll(cx));
+            self.wait = None;
+            self.owed = 0;
+        }
+        let limited = self.limits.limits_up();
+        let read = if limited && buf.remaining() > CHUNK {
+            // Read through a chunk-sized scratch buffer (only under a limit).
+            let mut scratch = std::mem::take(&mut self.scratch);
+            scratch.resize(CHUNK, 0);
+            let mut part = ReadBuf::new(&mut scratch);
+            let polled = Pin::new(&mut self.inner).poll_read(cx, &mut part);
+            let read = part.filled().len();
+            buf.put_slice(part.filled());
+            self.scratch = scratch;
+            std::task::ready!(polled)?;
+            read
+        } else {
+            let before = buf.filled().len();
+            std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+            buf.filled().len() - before
+        };
         if read > 0 {
             self.progress.inc(read as u64);
+            if limited {
+                self.owed = read;
+            }
         }
-        polled
+        Poll::Ready(Ok(()))
     }
 }
 
 impl Transfers {
+    /// The client of the store `url` is on.
+    pub(crate) fn client(&self, url: &S3Url) -> &Client {
+        self.stores.client(url)
+    }
+
+    /// Counts one more file of `size` bytes about to move, for the progress display.
+    pub(crate) fn queue(&self, size: u64) {
+        self.progress.inc_length(size);
+        self.files
+            .total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn upload_options(
         &self,
         size_hint: Option<u64>,
@@ -291,20 +378,24 @@ impl Transfers {
                 return Err(Error::Interrupted);
             }
             let read = data.len() as u64;
-            let (etag, date) = self.put_small(dst, data, metadata).await?;
-            self.progress.inc(read);
+            let (etag, date) = self.put_small(dst, Bytes::from(data), metadata).await?;
             return Ok(FileUpload::new(path, size, read, mtime, etag, date));
         };
-        let options = self.upload_options(Some(size), metadata);
         let _permit = self.large.acquire().await.map_err(|_| Error::Interrupted)?;
-        let reader = Metered {
-            inner: tokio::fs::File::from_std(file),
+        let uploader = resume::Uploader {
+            client: self.client(dst).clone(),
+            endpoint: self.stores.endpoint(dst).to_owned(),
+            state_folder: self.resume_folder.clone(),
+            part_size: self.part_size,
+            part_concurrency: self.part_concurrency,
+            limits: self.limits.clone(),
             progress: self.progress.clone(),
             cancel: self.cancel.clone(),
+            resumed_parts: self.files.clone_resumed(),
         };
-        let stored = upload(&self.client, &dst.bucket, &dst.key, reader, &options)
+        let stored = resume::upload_file(&uploader, path, file, dst, size, mtime, metadata)
             .await
-            .map_err(|e| self.interrupted_or(e.into()))?;
+            .map_err(|e| self.interrupted_or(e))?;
         Ok(FileUpload::new(
             path,
             size,
@@ -320,12 +411,21 @@ impl Transfers {
     async fn put_small(
         &self,
         dst: &S3Url,
-        data: Vec<u8>,
+        data: Bytes,
         metadata: Vec<(String, String)>,
     ) -> Result<(Option<String>, Option<i64>), Error> {
+        // Paced chunk by chunk, so the progress display moves while a limit holds it back.
+        let mut left = data.len();
+        while left > 0 {
+            let step = left.min(CHUNK);
+            self.limits.up(step).await;
+            self.progress.inc(step as u64);
+            left -= step;
+        }
+        self.limits.request().await;
         let date = ServerDate::default();
         let mut request = self
-            .client
+            .client(dst)
             .put_object()
             .bucket(&dst.bucket)
             .key(&dst.key)
@@ -349,13 +449,9 @@ impl Transfers {
         reader: R,
         dst: &S3Url,
     ) -> Result<Uploaded, Error> {
-        let reader = Metered {
-            inner: reader,
-            progress: self.progress.clone(),
-            cancel: self.cancel.clone(),
-        };
+        let reader = Metered::new(reader, self);
         let options = self.upload_options(None, Vec::new());
-        upload(&self.client, &dst.bucket, &dst.key, reader, &options)
+        upload(self.client(dst), &dst.bucket, &dst.key, reader, &options)
             .await
             .map_err(|e| self.interrupted_or(e.into()))
     }
@@ -370,8 +466,9 @@ impl Transfers {
 
     /// Reads an object's size and metadata.
     pub(crate) async fn head(&self, url: &S3Url) -> Result<ObjectInfo, Error> {
+        self.limits.request().await;
         let out = self
-            .client
+            .client(url)
             .head_object()
             .bucket(&url.bucket)
             .key(&url.key)
@@ -488,7 +585,8 @@ impl Transfers {
                 let end = (start + chunk).min(info.size);
                 next_fetch = end;
                 let range = RangeWrite {
-                    client: self.client.clone(),
+                    client: self.client(src).clone(),
+                    limits: self.limits.clone(),
                     src: src.clone(),
                     etag: info.etag.clone(),
                     file: file.clone(),
@@ -524,7 +622,7 @@ impl Transfers {
         let out = Arc::new(tokio::sync::Mutex::new(out));
         let sink = out.clone();
         let fetched = self
-            .get_ranges(src, &info, move |chunk: Bytes| {
+            .get_ranges(src, &info, self.part_size as u64, move |chunk: Bytes| {
                 let sink = sink.clone();
                 async move {
                     sink.lock()
@@ -561,8 +659,9 @@ impl Transfers {
 
     /// One `GetObject` of a whole (small) object, verified.
     async fn get_whole(&self, src: &S3Url) -> Result<(ObjectInfo, Bytes), Error> {
+        self.limits.request().await;
         let out = self
-            .client
+            .client(src)
             .get_object()
             .bucket(&src.bucket)
             .key(&src.key)
@@ -584,6 +683,7 @@ impl Transfers {
             .await
             .map_err(|e| body_error(src, &e))?
             .into_bytes();
+        self.limits.down(body.len()).await;
         verify(
             src,
             &info,
@@ -599,13 +699,13 @@ impl Transfers {
         &self,
         src: &S3Url,
         info: &ObjectInfo,
+        chunk: u64,
         mut sink: F,
     ) -> Result<u64, Error>
     where
         F: FnMut(Bytes) -> Fut,
         Fut: Future<Output = Result<(), Error>>,
     {
-        let chunk = self.part_size as u64;
         let window = self.part_concurrency.max(1) as u64;
         let mut in_flight: JoinSet<Result<(u64, Bytes), Error>> = JoinSet::new();
         let mut ready: BTreeMap<u64, Bytes> = BTreeMap::new();
@@ -631,11 +731,12 @@ impl Transfers {
                 let start = next_fetch;
                 let end = (start + chunk).min(info.size);
                 next_fetch = end;
-                let client = self.client.clone();
+                let client = self.client(src).clone();
+                let limits = self.limits.clone();
                 let src = src.clone();
                 let etag = info.etag.clone();
                 in_flight.spawn(async move {
-                    get_range(&client, &src, etag.as_deref(), start, end)
+                    get_range(&client, &limits, &src, etag.as_deref(), start, end)
                         .await
                         .map(|b| (start, b))
                 });
@@ -662,6 +763,113 @@ impl Transfers {
         Ok(next_write)
     }
 
+    /// Copies `src` on one store to `dst` on another through this process, keeping the mtime
+    /// and mode metadata: a small object (up to one part) in one GET and one PUT, a larger one
+    /// as parallel 2 MiB ranged GETs (pinned to the ETag seen first) put back in order into a
+    /// multipart upload, so memory stays at the upload's part buffers and a few ranges
+    /// whatever the size.
+    pub(crate) async fn relay(
+        &self,
+        src: &S3Url,
+        dst: &S3Url,
+        size: u64,
+    ) -> Result<Relayed, Error> {
+        let metadata = |info: &ObjectInfo, multipart: bool| {
+            let mut metadata = Vec::new();
+            if let Some(mtime) = info.mtime {
+                metadata.push((meta::MTIME.to_owned(), meta::format_mtime(mtime)));
+            }
+            if let Some(mode) = info.mode {
+                metadata.push((meta::MODE.to_owned(), meta::format_mode(mode)));
+            }
+            // A multipart ETag is no MD5: keep the content's for --checksum.
+            if let (true, Some(md5)) = (multipart, info.md5) {
+                metadata.push((meta::MD5.to_owned(), meta::encode_md5(&md5)));
+            }
+            metadata
+        };
+        if size <= self.part_size as u64 {
+            if self.cancel.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
+            let (info, body) = self.get_whole(src).await?;
+            if body.len() <= self.part_size {
+                let len = body.len() as u64;
+                let (etag, date) = self.put_small(dst, body, metadata(&info, false)).await?;
+                return Ok(Relayed {
+                    size: len,
+                    etag,
+                    date,
+                });
+            }
+            // It grew since the listing: stream it below.
+        }
+        let info = self.head(src).await?;
+        let _permit = self.large.acquire().await.map_err(|_| Error::Interrupted)?;
+        let (writer, reader) = tokio::io::duplex(4 * CHUNK);
+        let mut reader = Metered::new(reader, self);
+        // The download side counts the bytes for the progress bar.
+        reader.progress = ProgressBar::hidden();
+        // A failed download must fail the upload, not end its stream early and complete it.
+        let failed = self.cancel.child_token();
+        reader.cancel = failed.clone();
+        let options = self.upload_options(Some(info.size), metadata(&info, true));
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        // Small ranges, so the few in flight (and those waiting for their turn) cost little
+        // memory beside the upload's parts, while parallel GETs keep a single stream's pace
+        // from limiting the copy.
+        let download = async {
+            let fetched = self
+                .get_ranges(src, &info, RELAY_RANGE, |chunk: Bytes| {
+                    let writer = writer.clone();
+                    async move {
+                        writer
+                            .lock()
+                            .await
+                            .write_all(&chunk)
+                            .await
+                            .map_err(|e| Error::Verify {
+                                target: src.to_string(),
+                                reason: format!("the upload stopped taking bytes: {e}"),
+                            })
+                    }
+                })
+                .await;
+            if fetched.is_err() {
+                failed.cancel();
+            }
+            // The end of the stream tells the upload the object is complete.
+            let _ = writer.lock().await.shutdown().await;
+            fetched
+        };
+        let upload = async {
+            upload(self.client(dst), &dst.bucket, &dst.key, reader, &options)
+                .await
+                .map_err(|e| self.interrupted_or(e.into()))
+        };
+        let (fetched, stored) = tokio::join!(Box::pin(download), Box::pin(upload));
+        let fetched = match (fetched, stored.is_err()) {
+            // The upload failed first; the download only lost its reader.
+            (Err(Error::Verify { .. }), true) => 0,
+            (fetched, _) => fetched?,
+        };
+        let stored = stored?;
+        if stored.size != fetched || fetched != info.size {
+            return Err(Error::Verify {
+                target: dst.to_string(),
+                reason: format!(
+                    "{src} holds {} bytes, {fetched} were read and {} stored",
+                    info.size, stored.size
+                ),
+            });
+        }
+        Ok(Relayed {
+            size: stored.size,
+            etag: stored.etag,
+            date: None,
+        })
+    }
+
     /// Copies `src` to `dst` inside the store, keeping metadata; multipart above 5 GiB.
     pub(crate) async fn copy_object(
         &self,
@@ -671,7 +879,8 @@ impl Transfers {
     ) -> Result<u64, Error> {
         let source = copy_source(src);
         if size <= MAX_COPY {
-            self.client
+            self.limits.request().await;
+            self.client(dst)
                 .copy_object()
                 .copy_source(&source)
                 .bucket(&dst.bucket)
@@ -685,7 +894,7 @@ impl Transfers {
         }
         let info = self.head(src).await?;
         let mut create = self
-            .client
+            .client(dst)
             .create_multipart_upload()
             .bucket(&dst.bucket)
             .key(&dst.key);
@@ -710,7 +919,7 @@ impl Transfers {
         let result = self.copy_parts(&source, src, dst, &upload_id, size).await;
         if result.is_err()
             && let AbortOutcome::Failed(id) =
-                abort_multipart(&self.client, &dst.bucket, &dst.key, &upload_id).await
+                abort_multipart(self.client(dst), &dst.bucket, &dst.key, &upload_id).await
         {
             tracing::warn!(%dst, upload_id = %id, "aborting the multipart copy failed; it is still open");
         }
@@ -735,7 +944,7 @@ impl Transfers {
             while start < size && tasks.len() < self.part_concurrency.max(1) {
                 let end = (start + part).min(size);
                 let request = self
-                    .client
+                    .client(dst)
                     .upload_part_copy()
                     .copy_source(source)
                     .copy_source_range(format!("bytes={start}-{}", end - 1))
@@ -770,7 +979,7 @@ impl Transfers {
                 })??);
             }
         }
-        complete_multipart(&self.client, &dst.bucket, &dst.key, upload_id, parts).await?;
+        complete_multipart(self.client(dst), &dst.bucket, &dst.key, upload_id, parts).await?;
         Ok(size)
     }
 }
@@ -778,11 +987,13 @@ impl Transfers {
 /// Sends a GET for bytes `start..end` of `src`, pinned to `etag`; returns the body.
 async fn get_range_body(
     client: &Client,
+    limits: &Limits,
     src: &S3Url,
     etag: Option<&str>,
     start: u64,
     end: u64,
 ) -> Result<ByteStream, Error> {
+    limits.request().await;
     let mut request = client
         .get_object()
         .bucket(&src.bucket)
@@ -808,12 +1019,13 @@ fn short_range(src: &S3Url, start: u64, end: u64, got: u64) -> Error {
 /// Bytes `start..end` of `src` in one buffer, filled as the body arrives (no second copy).
 async fn get_range(
     client: &Client,
+    limits: &Limits,
     src: &S3Url,
     etag: Option<&str>,
     start: u64,
     end: u64,
 ) -> Result<Bytes, Error> {
-    let mut body = get_range_body(client, src, etag, start, end).await?;
+    let mut body = get_range_body(client, limits, src, etag, start, end).await?;
     let want = (end - start) as usize;
     let mut buffer = BytesMut::with_capacity(want);
     while let Some(chunk) = body.try_next().await.map_err(|e| body_error(src, &e))? {
@@ -825,6 +1037,7 @@ async fn get_range(
                 (buffer.len() + chunk.len()) as u64,
             ));
         }
+        limits.down(chunk.len()).await;
         buffer.extend_from_slice(&chunk);
     }
     if buffer.len() != want {
@@ -839,6 +1052,7 @@ const WRITE_BUFFER: usize = 1 << 20;
 /// One ranged GET of a file download, written at its offset as the body arrives.
 struct RangeWrite {
     client: Client,
+    limits: Limits,
     src: S3Url,
     etag: Option<String>,
     file: Arc<File>,
@@ -849,8 +1063,15 @@ struct RangeWrite {
 impl RangeWrite {
     /// Fetches bytes `start..end` and writes them at `start`; returns the count written.
     async fn run(self, start: u64, end: u64) -> Result<u64, Error> {
-        let mut body =
-            get_range_body(&self.client, &self.src, self.etag.as_deref(), start, end).await?;
+        let mut body = get_range_body(
+            &self.client,
+            &self.limits,
+            &self.src,
+            self.etag.as_deref(),
+            start,
+            end,
+        )
+        .await?;
         let want = (end - start) as usize;
         // One buffer per range, reused for every write: no allocation per chunk.
         let mut buffer = Vec::with_capacity(want.min(WRITE_BUFFER) + 64 * 1024);
@@ -861,6 +1082,7 @@ impl RangeWrite {
                 .await
                 .map_err(|e| body_error(&self.src, &e))?;
             if let Some(chunk) = &chunk {
+                self.limits.down(chunk.len()).await;
                 buffer.extend_from_slice(chunk);
             }
             let last = chunk.is_none();
@@ -1037,6 +1259,7 @@ mod tests {
     #[test]
     fn copy_sources_are_percent_encoded() {
         let url = S3Url {
+            store: None,
             bucket: "lab".into(),
             key: "a b/+%#/ü.txt".into(),
         };

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::error::Error;
 use crate::filter::Filter;
+use crate::limit::Limits;
 use crate::location::{S3Url, path_to_rel};
 
 /// One file or object.
@@ -154,6 +155,7 @@ const LIST_CONCURRENCY: usize = 16;
 /// walk their whole tree for every flat page (s3s-fs does) answer far less work.
 pub(crate) async fn list_s3(
     client: &Client,
+    limits: &Limits,
     url: &S3Url,
     prefix: &str,
     filter: &Filter,
@@ -168,6 +170,7 @@ pub(crate) async fn list_s3(
         {
             let folder = FolderListing {
                 client: client.clone(),
+                limits: limits.clone(),
                 url: url.clone(),
                 root: prefix.to_owned(),
                 folder,
@@ -195,6 +198,7 @@ type Folder = (Vec<Entry>, Vec<String>);
 /// One folder of an S3 listing.
 struct FolderListing {
     client: Client,
+    limits: Limits,
     url: S3Url,
     root: String,
     folder: String,
@@ -212,7 +216,12 @@ impl FolderListing {
             .delimiter("/")
             .into_paginator()
             .send();
-        while let Some(page) = pages.next().await {
+        loop {
+            // Each page is one request: `--tpslimit` counts it before it goes.
+            self.limits.request().await;
+            let Some(page) = pages.next().await else {
+                break;
+            };
             let page = page.map_err(|e| {
                 Error::s3(
                     "ListObjectsV2",

@@ -28,6 +28,9 @@ EXAMPLES:
   Reload after editing the config (saving the file reloads too):
     systemctl reload tunnel   # sends SIGHUP
 
+  See what a running side is doing (needs metrics_addr in its config):
+    tunnel status -c /etc/labkit/server.toml
+
 A config is rathole 0.5's TOML: [server] with bind_addr and [server.services.NAME] tables
 (bind_addr, token), or [client] with remote_addr and [client.services.NAME] tables
 (local_addr, token). Tokens may also come from token_file = \"PATH\", from default_token,
@@ -43,6 +46,11 @@ without keepalives). A service with type = \"udp\" on both sides carries datagra
 65,507 bytes), with a session per visitor address that closes after 60 s idle; when 4,096
 are open, a new visitor takes the place of the least recently active one. metrics_addr =
 \"127.0.0.1:9090\" in [server] or [client] serves Prometheus metrics at /metrics.
+For high availability, remote_addr = [\"vm1:7000\", \"vm2:7000\"] keeps a control channel
+to each server: all of them carry visitors, or with mode = \"failover\" only the first one
+up. On a server, clients = \"many\" in a TCP service lets several clients serve it at once,
+visitors spread by balance = \"round_robin\" (default) or \"least_connections\"; a visitor
+whose client is found gone before any byte moved is retried on another.
 
 EXIT STATUS:
     0 ok, 64 usage, 66 config missing, 69 a port cannot be bound, 77 permission denied, 78 bad
@@ -93,6 +101,12 @@ pub enum Command {
         after_long_help = "EXAMPLES:\n    tunnel genkey     # the private key goes in the server's config, the public one in the clients'"
     )]
     Genkey,
+    /// Print what a running server or client is doing: per service, who is connected,
+    /// visitors, bytes and the last error (read from its metrics_addr)
+    #[command(
+        after_long_help = "EXAMPLES:\n    tunnel status -c /etc/labkit/tunnel-server.toml   # needs metrics_addr in the config"
+    )]
+    Status,
 }
 
 /// Runs the command line.
@@ -111,6 +125,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     let mode = match cli.command {
         Some(Command::Check) => return check(path, &env),
         Some(Command::Genkey) => return Ok(()),
+        Some(Command::Status) => return status(path, &env),
         Some(Command::Server) => Some(Mode::Server),
         Some(Command::Client) => Some(Mode::Client),
         None => None,
@@ -124,6 +139,27 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
     runtime.block_on(crate::run(path, mode, &env))
+}
+
+fn status(path: &Path, env: &Env) -> Result<(), Error> {
+    let sides = config::load_all(path, env)?;
+    let found = sides.iter().find_map(|side| match side {
+        Settings::Server(s) => s.common.metrics_addr.as_deref().map(|a| (a, "clients")),
+        Settings::Client(c) => c.common.metrics_addr.as_deref().map(|a| (a, "servers")),
+    });
+    let Some((addr, peers)) = found else {
+        return Err(Error::Mode {
+            path: path.to_owned(),
+            message: "has no metrics_addr: tunnel status reads the running side's metrics endpoint"
+                .into(),
+        });
+    };
+    let text = crate::status::fetch(addr)?;
+    print!(
+        "{}",
+        crate::status::render(&crate::status::parse(&text), peers)
+    );
+    Ok(())
 }
 
 fn check(path: &Path, env: &Env) -> Result<(), Error> {
@@ -153,7 +189,7 @@ fn check(path: &Path, env: &Env) -> Result<(), Error> {
                 println!(
                     "{}: client of {}, {} services",
                     path.display(),
-                    c.remote_addr,
+                    c.remote_addr.join(", "),
                     c.services.len()
                 );
                 for service in c.services.values() {

@@ -1,11 +1,17 @@
-//! The client: the home side. For each service it keeps a control channel open to the server,
-//! opens a data channel whenever the server asks, and connects each started data channel to
-//! the service's local address.
+//! The client: the home side. For each service it keeps a control channel open to each server
+//! of `remote_addr`, opens a data channel whenever a server asks, and connects each started
+//! data channel to the service's local address.
+//!
+//! With several servers, every one of them serves visitors (`mode = "active"`, for servers
+//! behind DNS round robin), or only the first in `remote_addr`'s order whose control channel
+//! is open (`mode = "failover"`): the others keep theirs open as hot standbys, and the data
+//! channels they ask for wait (unopened) until their server is the first one up. A server
+//! that goes away is retried on its own; the others go on serving.
 //!
 //! Tasks and who owns them:
-//! - one task per service runs its control channel and reconnects with capped, jittered
-//!   exponential backoff when it fails (the cap is the service's `retry_interval`); a control
-//!   channel with no command for `heartbeat_timeout` is dead;
+//! - one task per service and server runs that control channel and reconnects with capped,
+//!   jittered exponential backoff when it fails (the cap is the service's `retry_interval`); a
+//!   control channel with no command for `heartbeat_timeout` is dead;
 //! - one task per data channel waits for the server's command (for as long as its control
 //!   channel lives) and then forwards bytes ([`crate::forward`]), or for a UDP service
 //!   datagrams, with a session per visitor ([`crate::udp`]). A UDP data channel ends with
@@ -15,19 +21,20 @@
 //! [`Readiness`] set tells the daemon when every control channel it waits for is open.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{
-    self, ClientService, ClientSettings, Mode, ServiceType, Settings, TransportType,
+    self, ClientService, ClientSettings, Mode, ServersMode, ServiceType, Settings, TransportType,
 };
 use crate::daemon::{Node, Readiness};
 use crate::error::Error;
@@ -41,11 +48,57 @@ use crate::udp;
 /// The first pause before reconnecting (when the cap allows).
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 
-/// What every task of one service shares.
+/// Which servers of one service have an open control channel, and in failover mode which
+/// one gets data channels: the first one up in `remote_addr`'s order.
+struct Servers {
+    failover: bool,
+    up: Mutex<Vec<bool>>,
+    active: watch::Sender<Option<usize>>,
+}
+
+impl Servers {
+    fn new(count: usize, mode: ServersMode) -> Servers {
+        Servers {
+            failover: mode == ServersMode::Failover,
+            up: Mutex::new(vec![false; count]),
+            active: watch::Sender::new(None),
+        }
+    }
+
+    /// Records that server `index`'s control channel opened or closed.
+    fn set(&self, index: usize, open: bool) {
+        let mut up = self.up.lock().unwrap_or_else(|e| e.into_inner());
+        up[index] = open;
+        let first = up.iter().position(|u| *u);
+        self.active.send_if_modified(|active| {
+            let changed = *active != first;
+            *active = first;
+            changed
+        });
+    }
+
+    /// Resolves once server `index` may carry visitors: at once in active mode, when it is
+    /// the first server up in failover mode.
+    async fn wait_turn(&self, index: usize) {
+        if !self.failover {
+            return;
+        }
+        let mut active = self.active.subscribe();
+        if active.wait_for(|a| *a == Some(index)).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What every task of one service and one server shares.
 struct ServiceContext<T> {
     service: Arc<ClientService>,
     transport: Arc<T>,
+    /// This server's control port.
     remote_addr: String,
+    /// Its place in `remote_addr`.
+    server: usize,
+    servers: Arc<Servers>,
     heartbeat_timeout: Option<Duration>,
     handshake_timeout: Duration,
     stop: CancellationToken,
@@ -60,7 +113,8 @@ struct ServiceHandle {
     service: Arc<ClientService>,
     stop: CancellationToken,
     abort: CancellationToken,
-    task: JoinHandle<()>,
+    /// One per server.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// A running client.
@@ -110,27 +164,34 @@ impl<T: Transport> Client<T> {
         self.readiness.expect([service.name.clone()]);
         let stop = CancellationToken::new();
         let abort = self.abort.child_token();
-        let context = Arc::new(ServiceContext {
-            service: service.clone(),
-            transport: self.transport.clone(),
-            remote_addr: self.settings.remote_addr.clone(),
-            heartbeat_timeout: self.settings.common.heartbeat_timeout,
-            handshake_timeout: self.settings.common.handshake_timeout,
-            stop: stop.clone(),
-            abort: abort.clone(),
-            tracker: self.tracker.clone(),
-            readiness: self.readiness.clone(),
-            metrics: self.metrics.service(&service.name),
-            all_metrics: self.metrics.clone(),
-        });
-        let task = tokio::spawn(run_service(context));
+        let remotes = &self.settings.remote_addr;
+        let servers = Arc::new(Servers::new(remotes.len(), self.settings.mode));
+        let mut tasks = Vec::with_capacity(remotes.len());
+        for (index, remote_addr) in remotes.iter().enumerate() {
+            let context = Arc::new(ServiceContext {
+                service: service.clone(),
+                transport: self.transport.clone(),
+                remote_addr: remote_addr.clone(),
+                server: index,
+                servers: servers.clone(),
+                heartbeat_timeout: self.settings.common.heartbeat_timeout,
+                handshake_timeout: self.settings.common.handshake_timeout,
+                stop: stop.clone(),
+                abort: abort.clone(),
+                tracker: self.tracker.clone(),
+                readiness: self.readiness.clone(),
+                metrics: self.metrics.service(&service.name),
+                all_metrics: self.metrics.clone(),
+            });
+            tasks.push(tokio::spawn(run_service(context)));
+        }
         self.services.insert(
             service.name.clone(),
             ServiceHandle {
                 service,
                 stop,
                 abort,
-                task,
+                tasks,
             },
         );
     }
@@ -141,7 +202,9 @@ impl<T: Transport> Client<T> {
         };
         handle.stop.cancel();
         handle.abort.cancel();
-        let _ = handle.task.await;
+        for task in handle.tasks {
+            let _ = task.await;
+        }
         self.readiness.forget(name);
         tracing::info!(service = %name, "service stopped");
     }
@@ -194,7 +257,9 @@ impl<T: Transport> Client<T> {
             handle.stop.cancel();
         }
         for (_, handle) in std::mem::take(&mut self.services) {
-            let _ = handle.task.await;
+            for task in handle.tasks {
+                let _ = task.await;
+            }
         }
         if !labcore::signals::drain(&self.tracker, grace).await {
             tracing::warn!(
@@ -235,7 +300,7 @@ impl Backoff {
     }
 }
 
-/// A service's control channel, reopened until the service is stopped.
+/// A service's control channel to one server, reopened until the service is stopped.
 async fn run_service<T: Transport>(context: Arc<ServiceContext<T>>) {
     let service = &context.service;
     let mut backoff = Backoff::new(service.retry_interval);
@@ -252,19 +317,29 @@ async fn run_service<T: Transport>(context: Arc<ServiceContext<T>>) {
                 if std::mem::replace(&mut opened_before, true) {
                     context.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
-                context.metrics.control_open.store(1, Ordering::Relaxed);
+                context.metrics.control_open.fetch_add(1, Ordering::Relaxed);
+                context.servers.set(context.server, true);
+                context.metrics.peer_up(&context.remote_addr);
                 tracing::info!(service = %service.name, server = %context.remote_addr, "control channel open");
                 let ended = serve_control(&context, control, key).await;
-                context.metrics.control_open.store(0, Ordering::Relaxed);
+                context.servers.set(context.server, false);
+                context.metrics.control_open.fetch_sub(1, Ordering::Relaxed);
                 match ended {
-                    None => return,
+                    None => {
+                        context.metrics.peer_left(&context.remote_addr);
+                        return;
+                    }
                     Some(reason) => {
-                        tracing::warn!(service = %service.name, %reason, "control channel lost: reconnecting")
+                        context.metrics.peer_down(&context.remote_addr, &reason);
+                        tracing::warn!(service = %service.name, server = %context.remote_addr, %reason, "control channel lost: reconnecting")
                     }
                 }
             }
             Ok(Err(err)) => {
                 context.all_metrics.handshake_failed(&err);
+                context
+                    .metrics
+                    .failed(&context.remote_addr, &labcore::exit::chain(&err));
                 tracing::error!(
                     service = %service.name,
                     server = %context.remote_addr,
@@ -278,6 +353,9 @@ async fn run_service<T: Transport>(context: Arc<ServiceContext<T>>) {
                     after: context.handshake_timeout,
                 };
                 context.all_metrics.handshake_failed(&err);
+                context
+                    .metrics
+                    .failed(&context.remote_addr, &err.to_string());
                 tracing::error!(
                     service = %service.name,
                     server = %context.remote_addr,
@@ -379,6 +457,11 @@ async fn data_channel<T: Transport>(
     session: CancellationToken,
 ) {
     let service = &context.service;
+    // A hot standby's data channels wait here, unopened, until their server's turn.
+    tokio::select! {
+        _ = session.cancelled() => return,
+        () = context.servers.wait_turn(context.server) => {}
+    }
     let open = async {
         let mut stream = context.transport.connect(&context.remote_addr).await?;
         sockopt::nodelay(stream.tcp(), service.nodelay);

@@ -16,9 +16,17 @@
 //! endpoint), `local_private_key_file` for Noise, and for TLS the server's PEM `cert` and
 //! `key` (instead of rathole's `pkcs12`) and `pkcs12_password_file`.
 //!
-//! `type = "udp"` services are rathole's; `proxy_protocol`, `enable_proxy_protocol = true` and
-//! `max_connections` are refused on them (a PROXY header would have to prefix every datagram,
-//! which local UDP services do not expect; and a UDP service has sessions, not connections).
+//! For high availability (labkit only): the client's `remote_addr` may be a list of servers,
+//! each given a control channel, and `mode = "active"` (the default: every server carries
+//! visitors) or `"failover"` (only the first one up does); a server service's
+//! `clients = "many"` lets several clients serve it at once, spread by `balance =
+//! "round_robin"` (the default) or `"least_connections"`. Neither changes the wire: a rathole
+//! peer sees an ordinary client or server.
+//!
+//! `type = "udp"` services are rathole's; `proxy_protocol`, `enable_proxy_protocol = true`,
+//! `max_connections`, `clients = "many"` and `balance` are refused on them (a PROXY header
+//! would have to prefix every datagram, which local UDP services do not expect; a UDP service
+//! has sessions, not connections; and one data channel carries all its datagrams).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -88,6 +96,8 @@ struct ServerServiceToml {
     enable_proxy_protocol: Option<bool>,
     max_connections: Option<usize>,
     idle_timeout: Option<u64>,
+    clients: Option<ClientsToml>,
+    balance: Option<Balance>,
 }
 
 /// `proxy_protocol = "v1" | "v2"`.
@@ -101,7 +111,8 @@ enum ProxyProtocolToml {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientToml {
-    remote_addr: String,
+    remote_addr: RemoteAddrToml,
+    mode: Option<ServersMode>,
     default_token: Option<Secret>,
     default_token_file: Option<PathBuf>,
     #[serde(default)]
@@ -125,6 +136,48 @@ struct ClientServiceToml {
     token_file: Option<PathBuf>,
     nodelay: Option<bool>,
     retry_interval: Option<u64>,
+}
+
+/// `remote_addr`: one server (rathole's) or a list of them (labkit's).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RemoteAddrToml {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// How a client with several servers uses them: the `[client]` key `mode`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum ServersMode {
+    /// Every server gets data channels: visitors come through all of them.
+    #[default]
+    Active,
+    /// Every server has a control channel, but only the first one (in `remote_addr`'s order)
+    /// whose control channel is open gets data channels; the others are hot standbys.
+    Failover,
+}
+
+/// How a server spreads a service's visitors over its clients (`balance`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Balance {
+    /// Each client in turn.
+    #[default]
+    RoundRobin,
+    /// The client with the fewest open visitor connections.
+    LeastConnections,
+}
+
+/// Whether a server service takes one client (rathole's) or several at once (`clients`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ClientsToml {
+    /// A new control channel replaces the one before, as in rathole.
+    #[default]
+    One,
+    /// Control channels add up; visitors are spread across them.
+    Many,
 }
 
 /// A service's kind: rathole's `type` key.
@@ -327,6 +380,10 @@ pub(crate) struct ServerService {
     pub(crate) max_connections: Option<usize>,
     /// A visitor connection with no byte either way for this long is closed; `None`: never.
     pub(crate) idle_timeout: Option<Duration>,
+    /// Several clients at once (`clients = "many"`) instead of the latest one only.
+    pub(crate) many_clients: bool,
+    /// How visitors are spread when several clients serve the service.
+    pub(crate) balance: Balance,
 }
 
 /// The settings `[server]` and `[client]` have in common.
@@ -409,8 +466,10 @@ pub(crate) struct ClientService {
 /// A resolved `[client]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ClientSettings {
-    /// The server's control port.
-    pub(crate) remote_addr: String,
+    /// The servers' control ports, in order of preference (at least one).
+    pub(crate) remote_addr: Vec<String>,
+    /// How the servers share the visitors.
+    pub(crate) mode: ServersMode,
     /// What both sides have.
     pub(crate) common: Common,
     /// Services by name.
@@ -423,10 +482,11 @@ impl ClientSettings {
     pub(crate) fn needs_restart(&self, new: &ClientSettings) -> bool {
         let ClientSettings {
             remote_addr,
+            mode,
             common,
             services: _,
         } = new;
-        self.remote_addr != *remote_addr || self.common.needs_restart(common)
+        self.remote_addr != *remote_addr || self.mode != *mode || self.common.needs_restart(common)
     }
 }
 
@@ -581,6 +641,8 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
                     max => max,
                 },
                 idle_timeout: nonzero_secs(service.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT)),
+                many_clients: service.clients.unwrap_or_default() == ClientsToml::Many,
+                balance: service.balance.unwrap_or_default(),
             },
         );
     }
@@ -607,7 +669,23 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
 }
 
 fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<ClientSettings, Error> {
-    check_addr(file, "client.remote_addr", &raw.remote_addr)?;
+    let remote_addr = match raw.remote_addr {
+        RemoteAddrToml::One(addr) => vec![addr],
+        RemoteAddrToml::Many(addrs) => addrs,
+    };
+    if remote_addr.is_empty() {
+        return Err(file
+            .invalid("client.remote_addr", "names no server: give at least one")
+            .into());
+    }
+    for (i, addr) in remote_addr.iter().enumerate() {
+        if remote_addr[..i].contains(addr) {
+            return Err(file
+                .invalid("client.remote_addr", format!("names {addr} twice"))
+                .into());
+        }
+        check_addr(file, "client.remote_addr", addr)?;
+    }
     let transport = resolve_transport(raw.transport, file, env, "client")?;
     let default_token = default_token(
         file,
@@ -645,7 +723,8 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
         );
     }
     Ok(ClientSettings {
-        remote_addr: raw.remote_addr,
+        remote_addr,
+        mode: raw.mode.unwrap_or_default(),
         common: Common {
             heartbeat_timeout: nonzero_secs(
                 raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT),
@@ -888,6 +967,16 @@ fn check_udp_service(
             "has no connections to limit (it is for tcp services only)",
         );
     }
+    if service.clients == Some(ClientsToml::Many) || service.balance.is_some() {
+        let name = match service.balance {
+            Some(_) => "balance",
+            None => "clients",
+        };
+        return refuse(
+            name,
+            "is carried by one data channel at a time (clients = \"many\" is for tcp services only)",
+        );
+    }
     if service.idle_timeout.is_some() {
         return refuse(
             "idle_timeout",
@@ -1075,7 +1164,7 @@ mod tests {
         else {
             panic!("client expected")
         };
-        assert_eq!(client.remote_addr, "lab.example.org:7000");
+        assert_eq!(client.remote_addr, ["lab.example.org:7000"]);
         assert_eq!(client.services["gitssh"].local_addr, "127.0.0.1:222");
         assert_eq!(
             client.common.heartbeat_timeout,
@@ -1326,5 +1415,42 @@ token = "own-token"
         let err = parse("[server]\nbind_addr = \"7000\"\n", None).unwrap_err();
         assert!(err.to_string().contains("server.bind_addr"), "{err}");
         assert!(err.to_string().contains("not HOST:PORT"), "{err}");
+    }
+
+    #[test]
+    fn remote_addr_takes_one_server_or_a_list_and_refuses_an_empty_or_repeated_one() {
+        let many = client("[client]\nremote_addr = [\"a:1\", \"b:2\"]\nmode = \"failover\"\n");
+        assert_eq!(many.remote_addr, ["a:1", "b:2"]);
+        assert_eq!(many.mode, ServersMode::Failover);
+        assert_eq!(
+            client("[client]\nremote_addr = \"a:1\"\n").mode,
+            ServersMode::Active
+        );
+        let err = parse("[client]\nremote_addr = []\n", None).unwrap_err();
+        assert!(err.to_string().contains("client.remote_addr"), "{err}");
+        assert!(err.to_string().contains("at least one"), "{err}");
+        let err = parse("[client]\nremote_addr = [\"a:1\", \"a:1\"]\n", None).unwrap_err();
+        assert!(err.to_string().contains("names a:1 twice"), "{err}");
+    }
+
+    #[test]
+    fn many_clients_parse_on_tcp_services_and_are_refused_on_udp_ones() {
+        let s = server(
+            "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.services.web]\nbind_addr = \"0.0.0.0:2\"\n\
+             token = \"t-long-enough\"\nclients = \"many\"\nbalance = \"least_connections\"\n",
+        );
+        let web = &s.services["web"];
+        assert!(web.many_clients);
+        assert_eq!(web.balance, Balance::LeastConnections);
+        let err = parse(
+            "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.services.dns]\ntype = \"udp\"\n\
+             bind_addr = \"0.0.0.0:2\"\ntoken = \"t-long-enough\"\nclients = \"many\"\n",
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("server.services.dns.clients"),
+            "{err}"
+        );
     }
 }

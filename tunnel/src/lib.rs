@@ -6,7 +6,7 @@
 //! connections, [`forward`] carries visitor bytes, [`udp`] visitor datagrams, [`metrics`]
 //! counts them, [`daemon`] runs
 //! either side with reloads and graceful shutdown, [`watch`] sees config saves, [`keys`]
-//! makes Noise key pairs, [`cli`] is the command line.
+//! makes Noise key pairs, [`status`] reads a running side's figures, [`cli`] is the command line.
 
 pub mod cli;
 mod client;
@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod proxy_protocol;
 mod server;
 mod sockopt;
+mod status;
 mod transport;
 mod udp;
 mod watch;

@@ -9,6 +9,10 @@
 //! The text exposition format is written here (a dozen `writeln!`s) rather than through a
 //! metrics crate: there is one registry, fixed metric names and no histograms.
 //!
+//! Besides counters, each service keeps who is connected (the clients' addresses on a server,
+//! the servers' on a client) and the last error of its control channels, for `tunnel status`;
+//! they change only when a control channel opens or ends, behind a lock of their own.
+//!
 //! UDP services count the same families: a visitor address with a live session is an open
 //! connection (the client's sessions; the server's visitors seen within the idle timeout),
 //! bytes are payload bytes, plus datagrams carried and dropped.
@@ -52,12 +56,14 @@ pub(crate) struct ServiceMetrics {
     /// Control channels opened after the first (client: reconnects; server: a client
     /// replacing its channel).
     pub(crate) reconnects: AtomicU64,
-    /// 1 while the service's control channel is open.
+    /// Open control channels of the service: its connected clients (server) or servers (client).
     pub(crate) control_open: AtomicU64,
     /// UDP datagrams from visitors to the service.
     pub(crate) datagrams_to_service: AtomicU64,
     /// UDP datagrams from the service to visitors.
     pub(crate) datagrams_to_visitor: AtomicU64,
+    /// Who is connected and what went wrong last.
+    state: Mutex<PeerState>,
     /// UDP datagrams dropped: no client, or a socket refused them.
     pub(crate) datagrams_dropped: AtomicU64,
 }
@@ -96,6 +102,43 @@ pub(crate) fn failure_reason(err: &Error) -> &'static str {
         Error::Websocket { .. } => "websocket",
         Error::Proxy { .. } => "proxy",
         _ => "io",
+    }
+}
+
+/// The peers of a service's open control channels and its last error.
+#[derive(Debug, Default)]
+struct PeerState {
+    peers: Vec<String>,
+    last_error: Option<String>,
+}
+
+impl ServiceMetrics {
+    fn state(&self) -> std::sync::MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A control channel with `peer` opened.
+    pub(crate) fn peer_up(&self, peer: &str) {
+        self.state().peers.push(peer.to_owned());
+    }
+
+    /// The control channel with `peer` ended, for `reason`.
+    pub(crate) fn peer_down(&self, peer: &str, reason: &str) {
+        self.peer_left(peer);
+        self.state().last_error = Some(format!("{peer}: {reason}"));
+    }
+
+    /// The control channel with `peer` was closed on purpose (a stop, a reload).
+    pub(crate) fn peer_left(&self, peer: &str) {
+        let mut state = self.state();
+        if let Some(at) = state.peers.iter().position(|p| p == peer) {
+            state.peers.remove(at);
+        }
+    }
+
+    /// A control channel could not be opened.
+    pub(crate) fn failed(&self, peer: &str, reason: &str) {
+        self.state().last_error = Some(format!("{peer}: {reason}"));
     }
 }
 
@@ -166,7 +209,7 @@ impl Metrics {
             (
                 "tunnel_control_channel_open",
                 "gauge",
-                "1 while the service's control channel is open.",
+                "Open control channels of the service: connected clients on a server, connected servers on a client.",
                 |m| &m.control_open,
             ),
             (
@@ -221,6 +264,37 @@ impl Metrics {
                     "{name}{{service=\"{}\",direction=\"{direction}\"}} {}",
                     escape(service),
                     value.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let name = "tunnel_peer_connected";
+        let _ = writeln!(
+            out,
+            "# HELP {name} 1 for each peer with an open control channel: clients on a server, \
+             servers on a client.\n# TYPE {name} gauge"
+        );
+        for (service, m) in &services {
+            for peer in &m.state().peers {
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{}\",peer=\"{}\"}} 1",
+                    escape(service),
+                    escape(peer)
+                );
+            }
+        }
+        let name = "tunnel_last_error";
+        let _ = writeln!(
+            out,
+            "# HELP {name} The last control channel error of a service, as a label.\n# TYPE {name} gauge"
+        );
+        for (service, m) in &services {
+            if let Some(error) = &m.state().last_error {
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{}\",error=\"{}\"}} 1",
+                    escape(service),
+                    escape(error)
                 );
             }
         }

@@ -8,11 +8,23 @@
 //!   one source address gets only its share once most are taken (so connections that never
 //!   speak cannot lock clients out); a control channel that authenticates, or a
 //!   data channel that names an open session, is sent to its service's task;
-//! - one task per service owns its listener, its control channel, its pool of idle data
-//!   channels and its queue of visitors waiting for one; it writes `CreateDataChannel` (eight
-//!   up front, then one per visitor, as rathole does) and `HeartBeat` on the control channel;
-//! - one task per visitor connection forwards bytes ([`crate::forward`]);
-//! - a UDP service (`type = "udp"`) binds a UDP socket instead, asks for two data channels up
+//! - one task per service owns its listener, its clients' sessions (each with its pool of
+//!   idle data channels) and its queue of visitors waiting for one; it asks for data channels
+//!   (eight per client up front, then one per visitor, as rathole does);
+//! - one task per control channel writes those `CreateDataChannel`s and the `HeartBeat`s, and
+//!   reports the channel's end to the service's task, so a client slow to read stalls only
+//!   its own channel;
+//! - one task per visitor connection forwards bytes ([`crate::forward`]).
+//!
+//! A service takes one client (rathole's rule: a new control channel replaces the old one)
+//! or, with `clients = "many"`, several, and spreads visitors over those with an idle data
+//! channel by round robin or least connections. A client found dead (its control channel
+//! ends: closed, or a heartbeat unacknowledged past `heartbeat_timeout`) is out at once, and
+//! each of its visitors that has not yet sent or received a byte goes back to the queue for
+//! another client: nothing of the visitor is read before its first byte is there, so a
+//! retry replays nothing (the buffer for retries is zero bytes). Past the first byte, a
+//! visitor stays with its client;
+//! - a UDP service (`type = "udp"`, one client only) binds a UDP socket instead, asks for two data channels up
 //!   front (as rathole does) and none per visitor: one task carries every visitor's
 //!   datagrams over one started channel ([`crate::udp`]), the other waits as a spare, started
 //!   as soon as the first breaks (and a new spare is asked for). With no client, datagrams
@@ -26,20 +38,20 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, Interval, MissedTickBehavior, timeout};
+use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{
-    self, Mode, ServerService, ServerSettings, ServiceType, Settings, TransportType,
+    self, Balance, Mode, ServerService, ServerSettings, ServiceType, Settings, TransportType,
 };
 use crate::daemon::{Node, Readiness};
 use crate::error::Error;
@@ -87,6 +99,10 @@ enum Event<S> {
     },
     /// A data channel naming this service's session.
     Data { stream: S, key: SessionKey },
+    /// A control channel's task ended (the client went or misbehaved).
+    Ended { id: u64, reason: String },
+    /// A visitor whose client went away before any byte moved, for another client.
+    Retry(Waiting),
 }
 
 /// What the control port's handshakes look services and sessions up in.
@@ -98,7 +114,8 @@ struct Registry<S> {
 struct Entry<S> {
     service: Arc<ServerService>,
     events: mpsc::Sender<Event<S>>,
-    session: Mutex<Option<SessionKey>>,
+    /// The open sessions' keys: one, or several if the service takes many clients.
+    sessions: Mutex<Vec<SessionKey>>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -126,14 +143,30 @@ impl<S> Registry<S> {
         read(&self.sessions).get(key).cloned()
     }
 
-    /// Makes `key` the one session of `entry`'s service, forgetting the one before.
+    /// Adds `key` to the sessions of `entry`'s service; unless the service takes many
+    /// clients, it replaces the one before.
     fn open_session(&self, entry: &Entry<S>, key: SessionKey) {
-        let mut current = entry.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = entry.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let mut sessions = write(&self.sessions);
-        if let Some(old) = current.replace(key) {
-            sessions.remove(&old);
+        if !entry.service.many_clients {
+            for old in current.drain(..) {
+                sessions.remove(&old);
+            }
         }
+        current.push(key);
         sessions.insert(key, entry.events.clone());
+    }
+
+    /// Forgets one session of the service known by `digest`.
+    fn close_session(&self, digest: &Digest, key: &SessionKey) {
+        let Some(entry) = self.service(digest) else {
+            return;
+        };
+        let mut current = entry.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = current.iter().position(|k| k == key) {
+            current.remove(at);
+            write(&self.sessions).remove(key);
+        }
     }
 
     fn insert(&self, entry: Arc<Entry<S>>) {
@@ -144,9 +177,10 @@ impl<S> Registry<S> {
         let Some(entry) = write(&self.services).remove(digest) else {
             return;
         };
-        let current = entry.session.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(key) = current.as_ref() {
-            write(&self.sessions).remove(key);
+        let current = entry.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sessions = write(&self.sessions);
+        for key in current.iter() {
+            sessions.remove(key);
         }
     }
 }
@@ -254,8 +288,8 @@ impl<T: Transport> Server<T> {
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         self.registry.insert(Arc::new(Entry {
             service: service.clone(),
-            events: events_tx,
-            session: Mutex::new(None),
+            events: events_tx.clone(),
+            sessions: Mutex::new(Vec::new()),
         }));
         let stop = CancellationToken::new();
         let abort = self.abort.child_token();
@@ -263,6 +297,8 @@ impl<T: Transport> Server<T> {
             service: service.clone(),
             listener,
             events,
+            events_tx,
+            registry: self.registry.clone(),
             heartbeat: self.settings.heartbeat_interval,
             dead_after: self.settings.common.heartbeat_timeout,
             handshake_timeout: self.settings.common.handshake_timeout,
@@ -271,8 +307,9 @@ impl<T: Transport> Server<T> {
             tracker: self.tracker.clone(),
             metrics: self.metrics.service(&service.name),
             reconnected: false,
-            session: None,
-            idle: VecDeque::new(),
+            sessions: Vec::new(),
+            next_id: 0,
+            cursor: 0,
             waiting: VecDeque::new(),
             udp: None,
             slots: Arc::new(Semaphore::new(max_connections(&service))),
@@ -624,12 +661,36 @@ async fn control_handshake<S: TunnelStream>(
         })
 }
 
-/// An open control channel.
+/// An open control channel, as its service's task sees it.
 struct Session<S> {
+    /// Tells this session from the others of the service (session keys are secrets).
+    id: u64,
     key: SessionKey,
-    control: S,
     peer: SocketAddr,
-    heartbeat: Option<Interval>,
+    /// Data channels of this client waiting for a visitor.
+    idle: VecDeque<S>,
+    /// Visitor connections open through this client (for `least_connections`).
+    open: Arc<AtomicUsize>,
+    /// Cancelled when the session ends: visitors of it that have not sent or received a
+    /// byte yet go back to the queue for another client.
+    gone: CancellationToken,
+    /// Data channels to ask for, written by the control channel's task.
+    asks: Arc<Asks>,
+}
+
+/// Requests for `CreateDataChannel`, counted here and written by the control channel's own
+/// task, so a client slow to read its control channel never stalls the service's task.
+#[derive(Default)]
+struct Asks {
+    count: AtomicUsize,
+    ready: Notify,
+}
+
+impl Asks {
+    fn add(&self, n: usize) {
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.ready.notify_one();
+    }
 }
 
 /// A service's port.
@@ -647,11 +708,14 @@ struct UdpForwarding {
     _stop: tokio_util::sync::DropGuard,
 }
 
-/// One service: its port, its client's control channel and data channels, its visitors.
+/// One service: its port, its clients' control channels and data channels, its visitors.
 struct ServiceTask<S> {
     service: Arc<ServerService>,
     listener: Listener,
     events: mpsc::Receiver<Event<S>>,
+    /// For the control channels' and visitors' tasks to report back.
+    events_tx: mpsc::Sender<Event<S>>,
+    registry: Arc<Registry<S>>,
     heartbeat: Option<Duration>,
     dead_after: Option<Duration>,
     handshake_timeout: Duration,
@@ -661,8 +725,11 @@ struct ServiceTask<S> {
     metrics: Arc<ServiceMetrics>,
     /// Whether a control channel was open before (the next one is a reconnect).
     reconnected: bool,
-    session: Option<Session<S>>,
-    idle: VecDeque<S>,
+    /// Open control channels: at most one unless the service takes many clients.
+    sessions: Vec<Session<S>>,
+    next_id: u64,
+    /// Where round robin looks first.
+    cursor: usize,
     waiting: VecDeque<Waiting>,
     /// A UDP service's forwarding, while a data channel carries it.
     udp: Option<UdpForwarding>,
@@ -678,6 +745,9 @@ struct Waiting {
     since: Instant,
     /// Held until the connection ends.
     slot: OwnedSemaphorePermit,
+    /// Whether a data channel was asked for it while it waited (then the one it gets needs
+    /// no replacement): one ask per visitor keeps the pools at their size.
+    asked: bool,
 }
 
 impl<S: TunnelStream> ServiceTask<S> {
@@ -696,7 +766,7 @@ impl<S: TunnelStream> ServiceTask<S> {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                () = unserved(&self.listener), if self.session.is_none() => {
+                () = unserved(&self.listener), if self.sessions.is_empty() => {
                     if let Listener::Udp(socket) = &self.listener {
                         let dropped = udp::discard(socket, &mut [0u8; 1]);
                         self.metrics.datagrams_dropped.fetch_add(dropped, Ordering::Relaxed);
@@ -706,24 +776,21 @@ impl<S: TunnelStream> ServiceTask<S> {
                 reason = forwarding_ended(&mut self.udp) => {
                     self.udp = None;
                     tracing::info!(service = %self.service.name, %reason, "udp data channel ended: starting the spare");
-                    if self.command(ControlCmd::CreateDataChannel, 1).await {
-                        self.start_udp().await;
-                    }
+                    self.ask(0, 1);
+                    self.start_udp().await;
                 },
                 event = self.events.recv() => match event {
                     Some(event) => self.event(event).await,
                     None => break,
                 },
-                event = session_event(&mut self.session) => match event {
-                    SessionEvent::Closed(reason) => self.end_session(&reason),
-                    SessionEvent::HeartbeatDue => {
-                        self.command(ControlCmd::HeartBeat, 1).await;
-                    }
-                },
                 _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
                     self.expire_waiting();
                 }
             }
+        }
+        for session in self.sessions.drain(..) {
+            self.metrics.peer_left(&session.peer.to_string());
+            session.gone.cancel();
         }
         if let Some(forwarding) = self.udp.take() {
             // The socket must be closed when the task ends, so a restart can bind it again.
@@ -736,7 +803,7 @@ impl<S: TunnelStream> ServiceTask<S> {
 
     async fn visitor(&mut self, visitor: TcpStream, peer: SocketAddr) {
         let name = &self.service.name;
-        if self.session.is_none() {
+        if self.sessions.is_empty() {
             self.metrics.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(service = %name, visitor = %peer, "no client serves this service: visitor closed");
             return;
@@ -761,12 +828,60 @@ impl<S: TunnelStream> ServiceTask<S> {
             peer,
             since: Instant::now(),
             slot,
+            asked: false,
         });
-        // Start the visitor on an idle channel first, then ask for its replacement: the
-        // client sees `StartForwardTcp` before `CreateDataChannel`, so it connects the
-        // visitor's local connection before it dials the spare.
+        // Start the visitor on an idle channel first, then ask for its replacement (in
+        // `pair`): the client sees `StartForwardTcp` before `CreateDataChannel`, so it
+        // connects the visitor's local connection before it dials the spare.
         self.pair().await;
-        self.command(ControlCmd::CreateDataChannel, 1).await;
+        self.ask_for_waiting();
+    }
+
+    /// Asks the client next in turn for one data channel per waiting visitor none was asked
+    /// for yet.
+    fn ask_for_waiting(&mut self) {
+        for at in 0..self.waiting.len() {
+            if self.waiting[at].asked {
+                continue;
+            }
+            let Some(index) = self.choose(false) else {
+                return;
+            };
+            self.ask(index, 1);
+            self.waiting[at].asked = true;
+        }
+    }
+
+    /// Asks session `index` for `count` data channels.
+    fn ask(&self, index: usize, count: usize) {
+        if let Some(session) = self.sessions.get(index) {
+            session.asks.add(count);
+        }
+    }
+
+    /// The session the next visitor goes to: by the service's balance, among those with an
+    /// idle data channel if `idle`, else among all.
+    fn choose(&mut self, idle: bool) -> Option<usize> {
+        let usable = |s: &Session<S>| !idle || !s.idle.is_empty();
+        let count = self.sessions.len();
+        match self.service.balance {
+            Balance::RoundRobin => {
+                let found = (0..count)
+                    .map(|step| (self.cursor + step) % count)
+                    .find(|&i| usable(&self.sessions[i]))?;
+                self.cursor = (found + 1) % count;
+                Some(found)
+            }
+            Balance::LeastConnections => self
+                .sessions
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| usable(s))
+                .min_by_key(|(_, s)| {
+                    s.open.load(Ordering::Relaxed) + usize::from(s.idle.is_empty())
+                })
+                .map(|(i, _)| i),
+        }
     }
 
     async fn event(&mut self, event: Event<S>) {
@@ -786,53 +901,93 @@ impl<S: TunnelStream> ServiceTask<S> {
                             after: self.handshake_timeout,
                         }))
                 {
-                    tracing::warn!(service = %self.service.name, client = %peer, reason = %labcore::exit::chain(&err), "control channel failed");
+                    let reason = labcore::exit::chain(&err);
+                    tracing::warn!(service = %self.service.name, client = %peer, %reason, "control channel failed");
+                    self.metrics.failed(&peer.to_string(), &reason);
+                    self.registry.close_session(&self.service.digest, &key);
                     return;
                 }
-                if let Some(old) = self.session.take() {
-                    tracing::info!(service = %self.service.name, old_client = %old.peer, "control channel replaced by a new one");
+                if !self.service.many_clients {
+                    for old in std::mem::take(&mut self.sessions) {
+                        tracing::info!(service = %self.service.name, old_client = %old.peer, "control channel replaced by a new one");
+                        self.metrics
+                            .peer_down(&old.peer.to_string(), "replaced by a new control channel");
+                        old.gone.cancel();
+                    }
+                    // What was asked of the old client will never come.
+                    for waiting in &mut self.waiting {
+                        waiting.asked = false;
+                    }
+                    self.stop_udp().await;
                 }
-                self.idle.clear();
-                self.stop_udp().await;
                 if let (Some(limit), Some(_)) = (self.dead_after, self.heartbeat) {
                     sockopt::user_timeout(stream.tcp(), limit);
                 }
                 if std::mem::replace(&mut self.reconnected, true) {
                     self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
-                self.metrics.control_open.store(1, Ordering::Relaxed);
                 tracing::info!(service = %self.service.name, client = %peer, "control channel open");
-                let heartbeat = self.heartbeat.map(|period| {
-                    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
-                    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                    ticks
-                });
-                self.session = Some(Session {
+                self.metrics.peer_up(&peer.to_string());
+                let id = self.next_id;
+                self.next_id += 1;
+                let gone = self.stop.child_token();
+                let asks = Arc::new(Asks::default());
+                self.tracker.spawn(run_control(
+                    stream,
+                    ControlTask {
+                        id,
+                        heartbeat: self.heartbeat,
+                        write_limit: self.handshake_timeout,
+                        asks: asks.clone(),
+                        gone: gone.clone(),
+                        events: self.events_tx.clone(),
+                    },
+                ));
+                self.sessions.push(Session {
+                    id,
                     key,
-                    control: stream,
                     peer,
-                    heartbeat,
+                    idle: VecDeque::new(),
+                    open: Arc::new(AtomicUsize::new(0)),
+                    gone,
+                    asks,
                 });
+                self.metrics
+                    .control_open
+                    .store(self.sessions.len() as u64, Ordering::Relaxed);
                 let wanted = match self.service.service_type {
-                    ServiceType::Tcp => POOL_SIZE + self.waiting.len(),
+                    ServiceType::Tcp => POOL_SIZE,
                     ServiceType::Udp => UDP_POOL_SIZE,
                 };
-                self.command(ControlCmd::CreateDataChannel, wanted).await;
+                self.ask(self.sessions.len() - 1, wanted);
+                self.ask_for_waiting();
             }
             Event::Data { stream, key } => {
-                if self.session.as_ref().is_none_or(|s| s.key != key) {
+                let Some(session) = self.sessions.iter_mut().find(|s| s.key == key) else {
                     tracing::debug!(service = %self.service.name, "data channel of an old session closed");
                     return;
-                }
+                };
                 sockopt::nodelay(stream.tcp(), self.service.nodelay);
-                if self.idle.len() >= MAX_IDLE {
-                    self.idle.pop_front();
+                if session.idle.len() >= MAX_IDLE {
+                    session.idle.pop_front();
                 }
-                self.idle.push_back(stream);
+                session.idle.push_back(stream);
                 match self.service.service_type {
                     ServiceType::Tcp => self.pair().await,
                     ServiceType::Udp => self.start_udp().await,
                 }
+            }
+            Event::Ended { id, reason } => self.end_session(id, &reason).await,
+            Event::Retry(waiting) => {
+                if self.sessions.is_empty() {
+                    self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(service = %self.service.name, visitor = %waiting.peer, "no client left to retry on: visitor closed");
+                    return;
+                }
+                tracing::info!(service = %self.service.name, visitor = %waiting.peer, "visitor retried on another client");
+                self.waiting.push_front(waiting);
+                self.pair().await;
+                self.ask_for_waiting();
             }
         }
     }
@@ -844,7 +999,8 @@ impl<S: TunnelStream> ServiceTask<S> {
         };
         let socket = socket.clone();
         while self.udp.is_none() {
-            let Some(mut channel) = self.idle.pop_front() else {
+            let Some(mut channel) = self.sessions.first_mut().and_then(|s| s.idle.pop_front())
+            else {
                 return;
             };
             let limit = START_LIMIT.min(self.handshake_timeout);
@@ -852,9 +1008,7 @@ impl<S: TunnelStream> ServiceTask<S> {
                 && start_forwarding(&mut channel, DataCmd::StartForwardUdp, &[], limit).await;
             if !started {
                 tracing::debug!(service = %self.service.name, "stale data channel dropped");
-                if !self.command(ControlCmd::CreateDataChannel, 1).await {
-                    return;
-                }
+                self.ask(0, 1);
                 continue;
             }
             tracing::debug!(service = %self.service.name, "udp data channel started");
@@ -883,15 +1037,26 @@ impl<S: TunnelStream> ServiceTask<S> {
         }
     }
 
-    /// Hands idle data channels to waiting visitors: writes `StartForwardTcp` on the channel,
-    /// followed by the PROXY protocol header if the service wants one (here, as rathole
-    /// does: a few bytes on a channel nothing was written to yet do not wait for the peer),
-    /// and leaves the forwarding to a task of its own.
+    /// Hands idle data channels to waiting visitors, spread over the clients by the
+    /// service's balance: writes `StartForwardTcp` on the channel, followed by the PROXY
+    /// protocol header if the service wants one (here, as rathole does: a few bytes on a
+    /// channel nothing was written to yet do not wait for the peer), asks that client for a
+    /// replacement, and leaves the forwarding to a task of its own.
     async fn pair(&mut self) {
-        while let Some(Waiting { visitor, peer, .. }) = self.waiting.front() {
-            if self.idle.is_empty() {
+        while !self.waiting.is_empty() {
+            let Some(index) = self.choose(true) else {
                 return;
-            }
+            };
+            let Some(Waiting {
+                visitor,
+                peer,
+                asked,
+                ..
+            }) = self.waiting.front()
+            else {
+                return;
+            };
+            let asked = *asked;
             let header = match self.service.proxy_protocol {
                 None => None,
                 Some(version) => match visitor.local_addr() {
@@ -903,9 +1068,13 @@ impl<S: TunnelStream> ServiceTask<S> {
                     }
                 },
             };
-            let Some(mut channel) = self.idle.pop_front() else {
+            let session = &mut self.sessions[index];
+            let Some(mut channel) = session.idle.pop_front() else {
                 return;
             };
+            if !asked {
+                session.asks.add(1);
+            }
             let header = header
                 .as_ref()
                 .map_or(&[][..], proxy_protocol::Header::as_bytes);
@@ -915,89 +1084,73 @@ impl<S: TunnelStream> ServiceTask<S> {
             if !started {
                 // The client dropped it while it sat in the pool: ask for another.
                 tracing::debug!(service = %self.service.name, "stale data channel dropped");
-                if !self.command(ControlCmd::CreateDataChannel, 1).await {
-                    return;
+                if asked {
+                    self.sessions[index].asks.add(1);
                 }
                 continue;
             }
-            let Some(Waiting {
-                visitor,
-                peer,
-                slot,
-                ..
-            }) = self.waiting.pop_front()
-            else {
+            let Some(waiting) = self.waiting.pop_front() else {
                 return;
             };
+            let session = &self.sessions[index];
+            tracing::debug!(service = %self.service.name, visitor = %waiting.peer, client = %session.peer, "visitor paired");
+            let gone = session.gone.clone();
+            let open = session.open.clone();
             let service = self.service.clone();
             let abort = self.abort.clone();
             let metrics = self.metrics.clone();
+            let retry = self.service.many_clients.then(|| self.events_tx.clone());
             self.tracker.spawn(async move {
-                let _slot = slot;
                 let _open = metrics.connection();
+                open.fetch_add(1, Ordering::Relaxed);
+                let _count = scopeguard(open);
                 tokio::select! {
                     _ = abort.cancelled() => {}
-                    () = carry(channel, visitor, peer, &service, &metrics) => {}
+                    () = carry(channel, waiting, &service, &metrics, gone, retry) => {}
                 }
             });
         }
     }
 
-    /// Writes `count` copies of `cmd` on the control channel; false (and the session ended)
-    /// if that failed.
-    async fn command(&mut self, cmd: ControlCmd, count: usize) -> bool {
-        let Some(session) = self.session.as_mut() else {
-            return false;
-        };
-        let bytes = cmd.encode();
-        let mut buf = [0u8; protocol::TAG_LEN * 16];
-        let mut left = count;
-        while left > 0 {
-            let n = left.min(16);
-            for chunk in buf.chunks_exact_mut(protocol::TAG_LEN).take(n) {
-                chunk.copy_from_slice(&bytes);
-            }
-            let written = timeout(self.handshake_timeout, async {
-                session
-                    .control
-                    .write_all(&buf[..n * protocol::TAG_LEN])
-                    .await?;
-                session.control.flush().await
-            })
-            .await;
-            match written {
-                Ok(Ok(())) => left -= n,
-                Ok(Err(err)) => {
-                    let reason = format!("writing to the control channel: {err}");
-                    self.end_session(&reason);
-                    return false;
-                }
-                Err(_) => {
-                    self.end_session("the client stopped reading the control channel");
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    fn end_session(&mut self, reason: &str) {
-        let Some(session) = self.session.take() else {
+    /// Ends session `id`: its data channels go, and its visitors that have not yet sent or
+    /// received a byte are retried on another client (by their own tasks).
+    async fn end_session(&mut self, id: u64, reason: &str) {
+        let Some(index) = self.sessions.iter().position(|s| s.id == id) else {
             return;
         };
+        let session = self.sessions.remove(index);
+        session.gone.cancel();
+        self.registry
+            .close_session(&self.service.digest, &session.key);
         tracing::warn!(service = %self.service.name, client = %session.peer, reason, "control channel closed");
-        self.metrics.control_open.store(0, Ordering::Relaxed);
-        self.idle.clear();
-        // Dropping the guard ends the task; it is awaited when the service task ends.
-        if let Some(UdpForwarding { task, _stop }) = self.udp.take() {
-            drop(_stop);
-            task.abort();
+        self.metrics.peer_down(&session.peer.to_string(), reason);
+        self.metrics
+            .control_open
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+        if index == 0 {
+            // A UDP service's forwarding runs on the first session's channel.
+            if let Some(UdpForwarding { task, _stop }) = self.udp.take() {
+                drop(_stop);
+                task.abort();
+            }
         }
-        if !self.waiting.is_empty() {
-            let closed = self.waiting.len() as u64;
-            self.metrics.refused.fetch_add(closed, Ordering::Relaxed);
-            tracing::info!(service = %self.service.name, visitors = self.waiting.len(), "waiting visitors closed");
-            self.waiting.clear();
+        if self.sessions.is_empty() {
+            if !self.waiting.is_empty() {
+                let closed = self.waiting.len() as u64;
+                self.metrics.refused.fetch_add(closed, Ordering::Relaxed);
+                tracing::info!(service = %self.service.name, visitors = self.waiting.len(), "waiting visitors closed");
+                self.waiting.clear();
+            }
+        } else {
+            self.cursor %= self.sessions.len();
+            // What was asked of the client gone will never come: ask the others.
+            for waiting in &mut self.waiting {
+                waiting.asked = false;
+            }
+            self.ask_for_waiting();
+            if self.service.service_type == ServiceType::Udp {
+                self.start_udp().await;
+            }
         }
     }
 
@@ -1014,36 +1167,100 @@ impl<S: TunnelStream> ServiceTask<S> {
     }
 }
 
-/// What an open control channel needs from its service's task.
-enum SessionEvent {
-    /// The channel closed or misbehaved.
-    Closed(String),
-    /// A heartbeat is due.
-    HeartbeatDue,
+/// Takes one off a session's count of open connections when dropped.
+struct OpenCount(Arc<AtomicUsize>);
+
+fn scopeguard(open: Arc<AtomicUsize>) -> OpenCount {
+    OpenCount(open)
 }
 
-/// Resolves when the control channel closes or a heartbeat is due; never without a session.
-async fn session_event<S: TunnelStream>(session: &mut Option<Session<S>>) -> SessionEvent {
-    let Some(session) = session.as_mut() else {
-        return std::future::pending().await;
-    };
-    let heartbeat = async {
-        match session.heartbeat.as_mut() {
-            Some(ticks) => {
-                ticks.tick().await;
+impl Drop for OpenCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a control channel's task needs.
+struct ControlTask<S> {
+    id: u64,
+    heartbeat: Option<Duration>,
+    write_limit: Duration,
+    asks: Arc<Asks>,
+    gone: CancellationToken,
+    events: mpsc::Sender<Event<S>>,
+}
+
+/// Runs one control channel: writes heartbeats and the data channels asked for, and reads
+/// nothing but its end. Reports the end to the service's task unless the session was ended
+/// there first.
+async fn run_control<S: TunnelStream>(mut control: S, task: ControlTask<S>) {
+    let mut heartbeat = task.heartbeat.map(|period| {
+        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticks
+    });
+    let mut buf = [0u8; 16];
+    let reason = loop {
+        let tick = async {
+            match heartbeat.as_mut() {
+                Some(ticks) => {
+                    ticks.tick().await;
+                }
+                None => std::future::pending().await,
             }
-            None => std::future::pending().await,
+        };
+        let (cmd, count) = tokio::select! {
+            _ = task.gone.cancelled() => return,
+            read = control.read(&mut buf) => break match read {
+                Ok(0) => "closed by the client".to_owned(),
+                Ok(_) => "the client sent bytes on the control channel".to_owned(),
+                Err(err) => format!("reading the control channel: {err}"),
+            },
+            () = tick => (ControlCmd::HeartBeat, 1),
+            () = task.asks.ready.notified() => {
+                (ControlCmd::CreateDataChannel, task.asks.count.swap(0, Ordering::Relaxed))
+            }
+        };
+        if let Err(reason) = command(&mut control, cmd, count, task.write_limit).await {
+            break reason;
         }
     };
-    let mut buf = [0u8; 16];
-    tokio::select! {
-        read = session.control.read(&mut buf) => SessionEvent::Closed(match read {
-            Ok(0) => "closed by the client".to_owned(),
-            Ok(_) => "the client sent bytes on the control channel".to_owned(),
-            Err(err) => format!("reading the control channel: {err}"),
-        }),
-        () = heartbeat => SessionEvent::HeartbeatDue,
+    let _ = task
+        .events
+        .send(Event::Ended {
+            id: task.id,
+            reason,
+        })
+        .await;
+}
+
+/// Writes `count` copies of `cmd` on a control channel, each batch within `limit`.
+async fn command<S: TunnelStream>(
+    control: &mut S,
+    cmd: ControlCmd,
+    count: usize,
+    limit: Duration,
+) -> Result<(), String> {
+    let bytes = cmd.encode();
+    let mut buf = [0u8; protocol::TAG_LEN * 16];
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(16);
+        for chunk in buf.chunks_exact_mut(protocol::TAG_LEN).take(n) {
+            chunk.copy_from_slice(&bytes);
+        }
+        let written = timeout(limit, async {
+            control.write_all(&buf[..n * protocol::TAG_LEN]).await?;
+            control.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => left -= n,
+            Ok(Err(err)) => return Err(format!("writing to the control channel: {err}")),
+            Err(_) => return Err("the client stopped reading the control channel".to_owned()),
+        }
     }
+    Ok(())
 }
 
 /// Binds a service's port.
@@ -1135,14 +1352,66 @@ async fn start_forwarding<S: TunnelStream>(
     matches!(timeout(limit, start).await, Ok(Ok(())))
 }
 
-/// Carries a visitor's bytes over a started data channel.
+/// How a visitor's connection through a data channel began.
+enum Start {
+    /// A byte is ready on either side (or one side closed): forward from now on.
+    Commit,
+    /// The client went away (or closed the channel) before any byte moved: try another.
+    Retry,
+}
+
+/// Waits, for a service with many clients, until the first byte moves either way on a started
+/// data channel, or the client is found gone first. No byte of the visitor is read before
+/// then, so a visitor retried elsewhere loses nothing: the buffer for retries is zero bytes.
+async fn first_byte<S: TunnelStream>(
+    channel: &S,
+    visitor: &TcpStream,
+    gone: &CancellationToken,
+) -> Start {
+    let (mut byte, mut own) = ([0u8; 1], [0u8; 1]);
+    tokio::select! {
+        biased;
+        _ = gone.cancelled() => Start::Retry,
+        // Peeked, not read: the byte stays for the forwarding (readiness alone may be stale).
+        _ = visitor.peek(&mut own) => Start::Commit,
+        // An end of stream or an error before any byte: the client dropped the channel
+        // without connecting the visitor, so nothing reached the service.
+        peeked = channel.tcp().peek(&mut byte) => match peeked {
+            Ok(0) | Err(_) => Start::Retry,
+            Ok(_) => Start::Commit,
+        },
+    }
+}
+
+/// Carries a visitor's bytes over a started data channel; with `retry`, first hands the
+/// visitor back for another client if its client goes away before any byte moved.
 async fn carry<S: TunnelStream>(
     channel: S,
-    visitor: TcpStream,
-    peer: SocketAddr,
+    waiting: Waiting,
     service: &ServerService,
     metrics: &ServiceMetrics,
+    gone: CancellationToken,
+    retry: Option<mpsc::Sender<Event<S>>>,
 ) {
+    if let Some(retry) = retry
+        && let Start::Retry = first_byte(&channel, &waiting.visitor, &gone).await
+    {
+        tracing::debug!(service = %service.name, visitor = %waiting.peer, "client gone before the first byte");
+        drop(channel);
+        let again = Waiting {
+            since: Instant::now(),
+            asked: false,
+            ..waiting
+        };
+        let _ = retry.send(Event::Retry(again)).await;
+        return;
+    }
+    let Waiting {
+        visitor,
+        peer,
+        slot: _slot,
+        ..
+    } = waiting;
     // The visitor is the local socket here.
     let meter = forward::Meter {
         inbound: &metrics.to_visitor,

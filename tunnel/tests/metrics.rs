@@ -214,3 +214,68 @@ fn a_reload_onto_a_taken_port_keeps_the_old_listener_and_counts_the_failure() {
     let (_, body) = scrape(metrics_addr(&server), "/metrics");
     assert_line(&body, "tunnel_reload_failures_total 2");
 }
+
+#[test]
+fn tunnel_status_lists_each_service_with_its_clients_visitors_bytes_and_last_error() {
+    let dir = Scratch::new("status").unwrap();
+    let server_toml = write(
+        &dir,
+        "server.toml",
+        &server_config(
+            "metrics_addr = \"127.0.0.1:0\"",
+            &[("echo", "s-token-1"), ("idle", "s-token-2")],
+        ),
+    );
+    let server = server(&server_toml);
+    let metrics = metrics_addr(&server);
+    // `tunnel status` reads the metrics_addr of the file: here the bound port.
+    let status_toml = write(
+        &dir,
+        "status.toml",
+        &server_config(&format!("metrics_addr = \"{metrics}\""), &[]),
+    );
+    let client_toml = write(
+        &dir,
+        "client.toml",
+        &client_config(
+            control_addr(&server),
+            "",
+            &[("echo", "s-token-1", echo_service())],
+        ),
+    );
+    let _client = client(&client_toml);
+    echo_through(service_addr(&server, "echo"), b"hello");
+    let output = std::process::Command::new(TUNNEL)
+        .args(["status", "-c"])
+        .arg(&status_toml)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text} {:?}", output.stderr);
+    assert!(
+        text.contains("echo\n  clients connected: 1 (127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("visitors: 0 open, 1 carried, 0 refused"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bytes: 5 to the service, 5 to visitors"),
+        "{text}"
+    );
+    assert!(
+        text.contains("idle\n  clients connected: 0 (none)"),
+        "{text}"
+    );
+
+    // A config without metrics_addr: a config error, exit status 78.
+    let bare = write(&dir, "bare.toml", &server_config("", &[]));
+    let output = std::process::Command::new(TUNNEL)
+        .args(["status", "-c"])
+        .arg(&bare)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("has no metrics_addr"));
+}

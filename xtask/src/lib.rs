@@ -239,7 +239,35 @@ pub fn man_pages() -> Vec<(String, String)> {
         pages.push((format!("{name}.1"), page(&command, &name, &tool)));
         sub_pages(&command, &name, &name, &tool, &mut pages);
     }
+    pages.push((
+        "edge-caddyfile.5".to_owned(),
+        text_page("EDGE-CADDYFILE", "5", edge::cli::CADDYFILE_MANUAL),
+    ));
     pages
+}
+
+/// A page from text in `TITLE:` sections (a file format's manual, not a command's).
+fn text_page(title: &str, section: &str, text: &str) -> String {
+    let mut roff = Roff::new();
+    roff.control(
+        "TH",
+        [
+            title,
+            section,
+            "",
+            &format!("labkit {}", env!("CARGO_PKG_VERSION")),
+            "labkit",
+        ],
+    );
+    for (name, body) in sections(text) {
+        roff.control("SH", [name.as_str()]);
+        roff.control("nf", []);
+        for line in &body {
+            roff.text([roman(line.as_str())]);
+        }
+        roff.control("fi", []);
+    }
+    roff.to_roff()
 }
 
 /// A page per subcommand, nested ones included (`edge ca root` is edge-ca-root(1)).

@@ -4,8 +4,12 @@
 mod acme;
 mod bad_input;
 mod basic_auth;
+mod chain;
 mod cli;
+mod corpus;
+mod differential;
 mod limits;
 mod paths;
+mod same_as_caddy;
 mod serving;
 mod support;

@@ -2,16 +2,9 @@
 //! repeated slashes merged, trailing dots and spaces dropped, letters compared without regard
 //! to ASCII case. The same Caddyfile is served by the edge and by Debian's `caddy`, and every
 //! spelling of a protected path must get the same status from both. Requests go over a raw
-//! socket, so no client tidies the path first.
+//! socket (the differential harness), so no client tidies the path first.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
-use testkit::{ProcBuilder, Scratch};
-
-use crate::support::{EDGE, Upstreams, WAIT};
-
-const CADDY: &str = "/usr/bin/caddy";
+use crate::differential::Both;
 
 /// bcrypt of "hunter2" (`caddy hash-password`): requests carry no credentials, so it is never
 /// computed; the test compares 401 with 200.
@@ -66,96 +59,36 @@ const TARGETS: &[&str] = &[
     "http://plain.local/%61dmin/secret",
 ];
 
-/// The status line's code of `GET target` on `port`.
-fn status(port: u16, target: &str) -> u16 {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        stream,
-        "GET {target} HTTP/1.1\r\nHost: plain.local\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = Vec::new();
-    // The server may close hard after answering; what arrived is enough.
-    let _ = stream.read_to_end(&mut response);
-    let text = String::from_utf8_lossy(&response);
-    text.split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line for {target}: {text:?}"))
-}
-
-fn statuses(port: u16) -> Vec<u16> {
-    TARGETS.iter().map(|t| status(port, t)).collect()
-}
-
 #[test]
 fn every_spelling_of_a_protected_path_gets_the_same_status_from_edge_and_caddy() {
-    let upstreams = Upstreams::new();
-    let web = upstreams.http("web");
-    let dir = Scratch::new("edge-paths").unwrap();
-    let http = testkit::ports::free_port().unwrap();
-    let https = testkit::ports::free_port().unwrap();
-    let caddyfile = dir.join("Caddyfile");
-    std::fs::write(
-        &caddyfile,
-        format!(
-            "{{\n\tadmin off\n\thttp_port {http}\n\thttps_port {https}\n\tdefault_bind 127.0.0.1\n\tstorage file_system {}\n}}\n\nhttp://plain.local {{\n\tbasicauth /admin* {{\n\t\talice {HASH}\n\t}}\n\treverse_proxy {web}\n}}\n",
-            dir.join("storage").display()
-        ),
-    )
-    .unwrap();
-
-    let edge = ProcBuilder::new(EDGE)
-        .args([
-            "run".as_ref(),
-            "--caddyfile".as_ref(),
-            caddyfile.as_os_str(),
-        ])
-        .notify()
-        .spawn()
-        .unwrap();
-    edge.wait_ready(WAIT).unwrap();
-    let from_edge = statuses(http);
-    // Matching sees the cleaned path; the upstream gets the request line as sent.
-    let mut stream = TcpStream::connect(("127.0.0.1", http)).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream
-        .write_all(
-            b"GET /x/..%2fpublic//a HTTP/1.1\r\nHost: plain.local\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap();
-    let mut forwarded = String::new();
-    let _ = stream.read_to_string(&mut forwarded);
-    assert!(forwarded.ends_with("web /x/..%2fpublic//a"), "{forwarded}");
-    edge.stop(WAIT).unwrap();
-
-    let caddy = ProcBuilder::new(CADDY)
-        .args([
-            "run".as_ref(),
-            "--config".as_ref(),
-            caddyfile.as_os_str(),
-            "--adapter".as_ref(),
-            "caddyfile".as_ref(),
-        ])
-        .env("HOME", dir.join("home"))
-        .env("XDG_DATA_HOME", dir.join("data"))
-        .env("XDG_CONFIG_HOME", dir.join("config"))
-        .notify()
-        .spawn()
-        .unwrap();
-    caddy.wait_ready(WAIT).unwrap();
-    let from_caddy = statuses(http);
-    caddy.stop(WAIT).unwrap();
+    let both = Both::start(&format!(
+        "http://plain.local {{\n\tbasicauth /admin* {{\n\t\talice {HASH}\n\t}}\n\treverse_proxy @ECHO@\n}}\n"
+    ));
+    let pairs: Vec<_> = TARGETS.iter().map(|t| both.get(t)).collect();
 
     // Caddy itself protects the plain spelling and leaves the rest alone, so a mismatch below
     // is the edge's.
-    assert_eq!((from_caddy[0], from_caddy[4]), (401, 200), "{from_caddy:?}");
-    let differ: Vec<String> = TARGETS
+    pairs[0].caddy_status(401);
+    pairs[4].caddy_status(200);
+    let differ: Vec<String> = pairs
         .iter()
-        .zip(from_edge.iter().zip(&from_caddy))
-        .filter(|(_, (e, c))| e != c)
-        .map(|(t, (e, c))| format!("{t}: edge {e}, caddy {c}"))
+        .filter(|p| p.edge.status != p.caddy.status)
+        .map(|p| {
+            format!(
+                "{}: edge {}, caddy {}",
+                p.request, p.edge.status, p.caddy.status
+            )
+        })
         .collect();
     assert!(differ.is_empty(), "{}", differ.join("\n"));
+
+    // Matching sees the cleaned path; the upstream gets the request line as sent.
+    let forwarded = both.get("/x/..%2fpublic//a");
+    forwarded.assert_same(&[]);
+    assert!(
+        forwarded.edge.text().starts_with("GET /x/..%2fpublic//a\n"),
+        "{}",
+        forwarded.edge
+    );
+    both.stop();
 }

@@ -95,6 +95,40 @@ impl Upstreams {
         })
     }
 
+    /// An HTTP/1.1 server whose every answer is 200 with the text `answer` makes of the request
+    /// head and its whole body.
+    pub fn http_with<F>(&self, answer: F) -> SocketAddr
+    where
+        F: Fn(&hyper::http::request::Parts, &[u8]) -> String + Send + Sync + 'static,
+    {
+        let answer = Arc::new(answer);
+        self.serve(move |stream| {
+            let answer = answer.clone();
+            async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let answer = answer.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = match body.collect().await {
+                            Ok(collected) => collected.to_bytes(),
+                            Err(_) => Bytes::new(),
+                        };
+                        let text = answer(&parts, &body);
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("content-type", "text/plain; charset=utf-8")
+                                .body(Full::new(Bytes::from(text)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        })
+    }
+
     /// A WebSocket echo server.
     pub fn websocket(&self) -> SocketAddr {
         self.serve(|stream| async move {

@@ -1,0 +1,117 @@
+//! `rewrite [matcher] TO`: changes the request's target inside the edge (the upstream and
+//! later matchers see the new one; `{orig_uri}` keeps the old). As in Caddy, TO's part
+//! before `?` replaces the path when not empty, and a `?` replaces the query.
+
+use hyper::body::Incoming;
+use hyper::http::uri::PathAndQuery;
+use hyper::http::{Request, StatusCode, Uri};
+use serde::{Deserialize, Serialize};
+
+use super::{At, Build, BuildFail, Dir, Handler, Scope, Step};
+use crate::context::{Cx, Req};
+use crate::files::OriginalUri;
+use crate::placeholders::Template;
+
+/// `rewrite` as TOML.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Toml {
+    /// The new target ("/index.php?{query}"); placeholders allowed.
+    pub(crate) to: String,
+}
+
+pub(crate) fn parse(d: &Dir<'_>, _s: &mut Scope, _key: &str) -> Result<Toml, At> {
+    d.no_block()?;
+    match d.args {
+        [to] => Ok(Toml { to: to.clone() }),
+        _ => Err(d.err("rewrite [matcher] TO")),
+    }
+}
+
+pub(crate) fn build(
+    t: &Toml,
+    b: &mut Build<'_>,
+    _key: &str,
+) -> Result<Box<dyn Handler>, BuildFail> {
+    Ok(Box::new(Rewrite {
+        to: Template::parse(&t.to, b.env)?,
+        text: t.to.clone(),
+    }))
+}
+
+#[derive(Debug)]
+struct Rewrite {
+    to: Template,
+    text: String,
+}
+
+/// Escapes what a request target cannot hold as is.
+fn escape(text: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &b in text.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b) || keep.contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Sets the request's target to `path` and `query` (escaped as needed), keeping scheme and
+/// authority. False when the result is no target.
+pub(crate) fn set_target(
+    req: &mut Request<Incoming>,
+    cx: &mut Cx,
+    path: &str,
+    query: Option<&str>,
+) -> bool {
+    let mut target = escape(path, b"");
+    if !target.starts_with('/') {
+        target.insert(0, '/');
+    }
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        target.push('?');
+        target.push_str(&escape(q, b"?"));
+    }
+    let Ok(pq) = target.parse::<PathAndQuery>() else {
+        return false;
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(pq);
+    let Ok(new) = Uri::from_parts(parts) else {
+        return false;
+    };
+    let old = std::mem::replace(req.uri_mut(), new);
+    if req.extensions().get::<OriginalUri>().is_none() {
+        req.extensions_mut().insert(OriginalUri(old.clone()));
+    }
+    cx.rewritten(&old, req.uri())
+}
+
+impl Handler for Rewrite {
+    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+        let to = self.to.render(Req::of(req), cx);
+        let (path, query) = match to.split_once('?') {
+            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+            None => (to, req.uri().query().map(str::to_owned)),
+        };
+        let path = if path.is_empty() {
+            req.uri().path().to_owned()
+        } else {
+            path
+        };
+        if set_target(req, cx, &path, query.as_deref()) {
+            Step::Next
+        } else {
+            Step::Error(
+                StatusCode::BAD_REQUEST,
+                "rewrite made no valid target".into(),
+            )
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("rewrite {}", self.text)
+    }
+}

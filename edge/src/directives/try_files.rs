@@ -1,0 +1,110 @@
+//! `try_files FILES...`: rewrites the request to the first of FILES that exists under the
+//! site root (Caddy's `file` matcher with `first_exist`, then a rewrite); `=CODE` answers
+//! with that status. A candidate's `?query` replaces the query.
+
+use std::path::PathBuf;
+
+use hyper::body::Incoming;
+use hyper::http::{Request, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::{At, Build, BuildFail, Dir, Handler, Scope, Step};
+use crate::context::{Cx, Req};
+use crate::files::{TryFiles, try_files};
+use crate::placeholders::Template;
+
+/// `try_files` as TOML.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Toml {
+    /// Candidates, in order ("{path}", "{path}/", "/index.php?{query}", "=404").
+    pub(crate) files: Vec<String>,
+}
+
+pub(crate) fn parse(d: &Dir<'_>, _s: &mut Scope, _key: &str) -> Result<Toml, At> {
+    if d.args.is_empty() {
+        return Err(d.err("try_files FILES..."));
+    }
+    if d.block.is_some_and(|b| !b.is_empty()) {
+        return Err(d.err("options in a block are not supported"));
+    }
+    Ok(Toml {
+        files: d.args.to_vec(),
+    })
+}
+
+pub(crate) fn build(
+    t: &Toml,
+    b: &mut Build<'_>,
+    _key: &str,
+) -> Result<Box<dyn Handler>, BuildFail> {
+    let files = t
+        .files
+        .iter()
+        .map(|f| Template::parse(f, b.env))
+        .collect::<Result<_, String>>()?;
+    Ok(Box::new(Try { files }))
+}
+
+#[derive(Debug)]
+struct Try {
+    files: Vec<Template>,
+}
+
+/// Escapes glob characters coming from the request, as Caddy does.
+fn escape_glob(text: &str) -> String {
+    text.replace('*', "\\*")
+        .replace('?', "\\?")
+        .replace('[', "\\[")
+}
+
+impl Handler for Try {
+    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+        let rendered: Vec<String> = self
+            .files
+            .iter()
+            .map(|f| f.render(Req::of(req), cx))
+            .collect();
+        let mut paths = Vec::new();
+        let mut queries = Vec::new();
+        for r in &rendered {
+            let (path, query) = match r.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (r.as_str(), None),
+            };
+            paths.push(if path.starts_with('=') {
+                path.to_owned()
+            } else {
+                escape_glob(path)
+            });
+            queries.push(query);
+        }
+        let root = PathBuf::from(cx.var("root").unwrap_or("."));
+        // One candidate at a time, to know whose query applies.
+        for (path, query) in paths.iter().zip(&queries) {
+            match try_files(&root, std::slice::from_ref(path), &[]) {
+                TryFiles::Found { relative, .. } => {
+                    let query = match query {
+                        Some(q) => Some((*q).to_owned()),
+                        None => req.uri().query().map(str::to_owned),
+                    };
+                    return if super::rewrite::set_target(req, cx, &relative, query.as_deref()) {
+                        Step::Next
+                    } else {
+                        Step::Error(
+                            StatusCode::BAD_REQUEST,
+                            "try_files made no valid target".into(),
+                        )
+                    };
+                }
+                TryFiles::Status(status) => return Step::Error(status, String::new()),
+                TryFiles::None => {}
+            }
+        }
+        Step::Next
+    }
+
+    fn describe(&self) -> String {
+        "try_files".into()
+    }
+}

@@ -1,0 +1,600 @@
+//! Request matchers, all in one place: their TOML form ([`MatcherToml`], which is also what a
+//! Caddyfile's named matcher `@name` or inline path becomes), their Caddyfile lines, and the
+//! compiled [`MatcherSet`] the chain tests each request with.
+//!
+//! Semantics are Caddy's: within a set every matcher must match (AND); the values given to
+//! one matcher are alternatives (OR); `not` negates a whole set. Paths are compared as
+//! [`crate::site::match_path`] makes them (decoded, cleaned, ASCII case ignored), the
+//! hardening every matcher builds on. Regexps use RE2-like syntax, as Go's do; what they
+//! capture goes to the request's [`Cx`] for `{re.NAME.N}`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use hyper::http::{HeaderName, Method, Version, header};
+use regex_lite::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::context::{Captured, Cx, Req};
+use crate::site::{Host, PathMatcher, Scheme};
+
+/// A regexp with an optional capture name, as TOML.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegexpToml {
+    /// Name for `{re.NAME.N}`; default the matcher's own name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) name: Option<String>,
+    /// The expression.
+    pub(crate) pattern: String,
+}
+
+/// One matcher set: every key given must match.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MatcherToml {
+    /// Paths: "/exact", "/prefix/*", "*.suffix", "*/middle/*", "/a/*/b".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) path: Vec<String>,
+    /// A regexp on the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) path_regexp: Option<RegexpToml>,
+    /// Hosts ("example.org", "*.example.org").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) host: Vec<String>,
+    /// Methods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) method: Vec<String>,
+    /// Header fields and accepted values ("*" any; "*x*", "x*", "*x" wildcards; none: the
+    /// field is present). A name starting with "!" must be absent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) header: BTreeMap<String, Vec<String>>,
+    /// Header fields matched by regexps.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) header_regexp: BTreeMap<String, RegexpToml>,
+    /// Query keys and accepted values ("*" any).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) query: BTreeMap<String, Vec<String>>,
+    /// Client addresses or CIDR ranges ("private_ranges" for RFC 1918 and friends).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) remote_ip: Vec<String>,
+    /// "http", "https", "grpc", "http/1.1", "http/2", "http/2+".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) protocol: Option<String>,
+    /// Sets that must not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) not: Vec<MatcherToml>,
+}
+
+impl MatcherToml {
+    /// A set matching these paths.
+    pub(crate) fn path(path: &str) -> MatcherToml {
+        MatcherToml {
+            path: vec![path.to_owned()],
+            ..MatcherToml::default()
+        }
+    }
+
+    /// Adds one Caddyfile matcher line (`path /a /b`, `header Connection *Upgrade*`,
+    /// `not path /x`); `block` holds the lines of `not { ... }`.
+    pub(crate) fn add_line(
+        &mut self,
+        words: &[String],
+        block: Option<&[Vec<String>]>,
+    ) -> Result<(), String> {
+        let Some((kind, args)) = words.split_first() else {
+            return Err("a matcher line needs a matcher".into());
+        };
+        let need_args = |n: usize| {
+            if args.len() < n {
+                Err(format!("matcher {kind} needs more arguments"))
+            } else {
+                Ok(())
+            }
+        };
+        if block.is_some() && kind != "not" {
+            return Err(format!("matcher {kind} takes no block"));
+        }
+        match kind.as_str() {
+            "path" => {
+                need_args(1)?;
+                self.path.extend(args.iter().cloned());
+            }
+            "path_regexp" => {
+                need_args(1)?;
+                let (name, pattern) = match args {
+                    [pattern] => (None, pattern),
+                    [name, pattern] => (Some(name.clone()), pattern),
+                    _ => return Err("path_regexp [NAME] REGEXP".into()),
+                };
+                if self.path_regexp.is_some() {
+                    return Err("one path_regexp per matcher set".into());
+                }
+                self.path_regexp = Some(RegexpToml {
+                    name,
+                    pattern: pattern.clone(),
+                });
+            }
+            "host" => {
+                need_args(1)?;
+                self.host.extend(args.iter().cloned());
+            }
+            "method" => {
+                need_args(1)?;
+                self.method.extend(args.iter().cloned());
+            }
+            "header" => {
+                need_args(1)?;
+                self.header
+                    .entry(args[0].clone())
+                    .or_default()
+                    .extend(args[1..].iter().cloned());
+            }
+            "header_regexp" => {
+                let (name, field, pattern) = match args {
+                    [field, pattern] => (None, field, pattern),
+                    [name, field, pattern] => (Some(name.clone()), field, pattern),
+                    _ => return Err("header_regexp [NAME] FIELD REGEXP".into()),
+                };
+                self.header_regexp.insert(
+                    field.clone(),
+                    RegexpToml {
+                        name,
+                        pattern: pattern.clone(),
+                    },
+                );
+            }
+            "query" => {
+                need_args(1)?;
+                for pair in args {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, "*"));
+                    self.query
+                        .entry(k.to_owned())
+                        .or_default()
+                        .push(v.to_owned());
+                }
+            }
+            "remote_ip" | "client_ip" => {
+                need_args(1)?;
+                let args = args.iter().filter(|a| *a != "forwarded");
+                self.remote_ip.extend(args.cloned());
+            }
+            "protocol" => match args {
+                [p] => self.protocol = Some(p.clone()),
+                _ => return Err("protocol takes one protocol".into()),
+            },
+            "not" => {
+                let mut inner = MatcherToml::default();
+                match (args, block) {
+                    ([], Some(lines)) => {
+                        for line in lines {
+                            inner.add_line(line, None)?;
+                        }
+                    }
+                    ([_, ..], None) => inner.add_line(args, None)?,
+                    _ => return Err("not takes a matcher on its line or a block".into()),
+                }
+                self.not.push(inner);
+            }
+            other => {
+                return Err(format!(
+                    "matcher {other:?} is not supported (see man edge-caddyfile)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A path pattern.
+#[derive(Debug, Clone)]
+enum PathPattern {
+    Simple(PathMatcher),
+    /// `*x*`: contains.
+    Contains(Vec<u8>),
+    /// Several stars: `*` matches within one segment.
+    Glob(Vec<u8>),
+}
+
+impl PathPattern {
+    fn parse(text: &str) -> Result<PathPattern, String> {
+        let stars = text.matches('*').count();
+        if stars == 2 && text.len() > 2 && text.starts_with('*') && text.ends_with('*') {
+            return Ok(PathPattern::Contains(
+                text[1..text.len() - 1].to_ascii_lowercase().into_bytes(),
+            ));
+        }
+        if stars >= 2 || (stars == 1 && !text.starts_with('*') && !text.ends_with('*')) {
+            if !text.starts_with('/') && !text.starts_with('*') {
+                return Err(format!("path matcher {text:?} must start with /"));
+            }
+            return Ok(PathPattern::Glob(text.to_ascii_lowercase().into_bytes()));
+        }
+        PathMatcher::parse(text).map(PathPattern::Simple)
+    }
+
+    fn matches(&self, path: &[u8]) -> bool {
+        match self {
+            PathPattern::Simple(m) => m.matches(path),
+            PathPattern::Contains(needle) => {
+                let lower = path.to_ascii_lowercase();
+                lower.windows(needle.len()).any(|w| w == needle.as_slice())
+            }
+            PathPattern::Glob(pattern) => glob(pattern, &path.to_ascii_lowercase()),
+        }
+    }
+}
+
+/// Go's `path.Match` for `*` only: a star matches any run of bytes but `/`.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => {
+            let mut i = 0;
+            loop {
+                if glob(rest, &text[i..]) {
+                    return true;
+                }
+                if i == text.len() || text[i] == b'/' {
+                    return false;
+                }
+                i += 1;
+            }
+        }
+        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum HeaderValueMatch {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+}
+
+impl HeaderValueMatch {
+    fn parse(text: &str) -> HeaderValueMatch {
+        if text == "*" {
+            HeaderValueMatch::Any
+        } else if text.len() > 1 && text.starts_with('*') && text.ends_with('*') {
+            HeaderValueMatch::Contains(text[1..text.len() - 1].to_owned())
+        } else if let Some(rest) = text.strip_prefix('*') {
+            HeaderValueMatch::Suffix(rest.to_owned())
+        } else if let Some(rest) = text.strip_suffix('*') {
+            HeaderValueMatch::Prefix(rest.to_owned())
+        } else {
+            HeaderValueMatch::Exact(text.to_owned())
+        }
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            HeaderValueMatch::Any => true,
+            HeaderValueMatch::Exact(e) => value == e,
+            HeaderValueMatch::Prefix(p) => value.starts_with(p.as_str()),
+            HeaderValueMatch::Suffix(s) => value.ends_with(s.as_str()),
+            HeaderValueMatch::Contains(c) => value.contains(c.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct NamedRegex {
+    name: String,
+    re: Regex,
+}
+
+impl NamedRegex {
+    fn build(toml: &RegexpToml, default_name: &str) -> Result<NamedRegex, String> {
+        let re =
+            Regex::new(&toml.pattern).map_err(|e| format!("regexp {:?}: {e}", toml.pattern))?;
+        Ok(NamedRegex {
+            name: toml.name.clone().unwrap_or_else(|| default_name.to_owned()),
+            re,
+        })
+    }
+
+    fn capture(&self, text: &str, cx: &mut Cx) -> bool {
+        let Some(caps) = self.re.captures(text) else {
+            return false;
+        };
+        let groups = caps
+            .iter()
+            .map(|g| g.map(|m| m.as_str().to_owned()))
+            .collect();
+        let named = self
+            .re
+            .capture_names()
+            .flatten()
+            .filter_map(|n| caps.name(n).map(|m| (n.to_owned(), m.as_str().to_owned())))
+            .collect();
+        cx.captures.push(Captured {
+            name: self.name.clone(),
+            groups,
+            named,
+        });
+        true
+    }
+}
+
+/// An IP range.
+#[derive(Debug, Clone, Copy)]
+struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Result<Vec<Cidr>, String> {
+        if text == "private_ranges" {
+            return [
+                "192.168.0.0/16",
+                "172.16.0.0/12",
+                "10.0.0.0/8",
+                "127.0.0.1/8",
+                "fd00::/8",
+                "::1/128",
+            ]
+            .iter()
+            .map(|r| Cidr::parse(r).map(|mut v| v.remove(0)))
+            .collect();
+        }
+        let bad = || format!("{text:?} is not an IP address or CIDR range");
+        let (ip, bits) = match text.split_once('/') {
+            Some((ip, bits)) => (ip, Some(bits.parse::<u8>().map_err(|_| bad())?)),
+            None => (text, None),
+        };
+        let net: IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        if bits > max {
+            return Err(bad());
+        }
+        Ok(vec![Cidr { net, bits }])
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Protocol {
+    Http,
+    Https,
+    Grpc,
+    Http1,
+    Http2,
+    Http2Up,
+    Http3,
+}
+
+#[derive(Debug, Clone)]
+enum Matcher {
+    Path(Vec<PathPattern>),
+    PathRegexp(NamedRegex),
+    Host(Vec<Host>),
+    Method(Vec<Method>),
+    Header(HeaderName, Option<Vec<HeaderValueMatch>>),
+    HeaderAbsent(HeaderName),
+    HeaderRegexp(HeaderName, NamedRegex),
+    Query(String, Vec<String>),
+    RemoteIp(Vec<Cidr>),
+    Protocol(Protocol),
+    Not(MatcherSet),
+}
+
+/// A compiled matcher set.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MatcherSet {
+    matchers: Vec<Matcher>,
+    /// The first path pattern's length, for Caddy's sorting of routes (longer first).
+    first_path: Option<usize>,
+}
+
+impl MatcherSet {
+    /// Compiles `toml`; `name` is the matcher's own name (default capture name).
+    pub(crate) fn build(toml: &MatcherToml, name: &str) -> Result<MatcherSet, String> {
+        let mut matchers = Vec::new();
+        if !toml.path.is_empty() {
+            let patterns = toml
+                .path
+                .iter()
+                .map(|p| PathPattern::parse(p))
+                .collect::<Result<_, _>>()?;
+            matchers.push(Matcher::Path(patterns));
+        }
+        if let Some(re) = &toml.path_regexp {
+            matchers.push(Matcher::PathRegexp(NamedRegex::build(re, name)?));
+        }
+        if !toml.host.is_empty() {
+            let hosts = toml
+                .host
+                .iter()
+                .map(|h| Host::parse(h))
+                .collect::<Result<_, _>>()?;
+            matchers.push(Matcher::Host(hosts));
+        }
+        if !toml.method.is_empty() {
+            let methods = toml
+                .method
+                .iter()
+                .map(|m| {
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| format!("{m:?} is not a method"))
+                })
+                .collect::<Result<_, _>>()?;
+            matchers.push(Matcher::Method(methods));
+        }
+        for (field, values) in &toml.header {
+            let (absent, field) = match field.strip_prefix('!') {
+                Some(f) => (true, f),
+                None => (false, field.as_str()),
+            };
+            let name = HeaderName::from_bytes(field.as_bytes())
+                .map_err(|_| format!("{field:?} is not a header name"))?;
+            if absent {
+                matchers.push(Matcher::HeaderAbsent(name));
+            } else if values.is_empty() {
+                matchers.push(Matcher::Header(name, None));
+            } else {
+                let values = values.iter().map(|v| HeaderValueMatch::parse(v)).collect();
+                matchers.push(Matcher::Header(name, Some(values)));
+            }
+        }
+        for (field, re) in &toml.header_regexp {
+            let header = HeaderName::from_bytes(field.as_bytes())
+                .map_err(|_| format!("{field:?} is not a header name"))?;
+            matchers.push(Matcher::HeaderRegexp(header, NamedRegex::build(re, name)?));
+        }
+        for (key, values) in &toml.query {
+            matchers.push(Matcher::Query(key.clone(), values.clone()));
+        }
+        if !toml.remote_ip.is_empty() {
+            let mut ranges = Vec::new();
+            for r in &toml.remote_ip {
+                ranges.extend(Cidr::parse(r)?);
+            }
+            matchers.push(Matcher::RemoteIp(ranges));
+        }
+        if let Some(p) = &toml.protocol {
+            let protocol = match p.as_str() {
+                "http" => Protocol::Http,
+                "https" => Protocol::Https,
+                "grpc" => Protocol::Grpc,
+                "http/1.0" | "http/1.1" | "http/1" => Protocol::Http1,
+                "http/2" => Protocol::Http2,
+                "http/2+" => Protocol::Http2Up,
+                "http/3" | "http/3+" => Protocol::Http3,
+                other => return Err(format!("protocol {other:?} is not known")),
+            };
+            matchers.push(Matcher::Protocol(protocol));
+        }
+        for inner in &toml.not {
+            matchers.push(Matcher::Not(MatcherSet::build(inner, name)?));
+        }
+        Ok(MatcherSet {
+            first_path: toml.path.first().map(|p| p.len()),
+            matchers,
+        })
+    }
+
+    /// Whether the set is empty (matches everything).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.matchers.is_empty()
+    }
+
+    /// The first path pattern's length, when the set has a path matcher.
+    pub(crate) fn first_path(&self) -> Option<usize> {
+        self.first_path
+    }
+
+    /// Whether the request matches every matcher of the set.
+    pub(crate) fn matches(&self, req: Req<'_>, cx: &mut Cx) -> bool {
+        self.matchers.iter().all(|m| m.matches(req, cx))
+    }
+}
+
+impl Matcher {
+    fn matches(&self, req: Req<'_>, cx: &mut Cx) -> bool {
+        match self {
+            Matcher::Path(patterns) => {
+                let path = cx.match_path();
+                patterns.iter().any(|p| p.matches(path))
+            }
+            Matcher::PathRegexp(re) => {
+                // Caddy matches path regexps against the cleaned path.
+                let path = String::from_utf8_lossy(cx.match_path()).into_owned();
+                re.capture(&path, cx)
+            }
+            Matcher::Host(hosts) => hosts.iter().any(|h| h.matches(&cx.host)),
+            Matcher::Method(methods) => methods.contains(req.method),
+            Matcher::Header(name, values) => {
+                let mut present = req.headers.get_all(name).iter().peekable();
+                match values {
+                    None => present.peek().is_some(),
+                    Some(values) => present
+                        .filter_map(|v| v.to_str().ok())
+                        .any(|v| values.iter().any(|m| m.matches(v))),
+                }
+            }
+            Matcher::HeaderAbsent(name) => !req.headers.contains_key(name),
+            Matcher::HeaderRegexp(name, re) => {
+                let value = match name {
+                    n if n == header::HOST => Some(cx.host_value.to_str().unwrap_or("").to_owned()),
+                    _ => req
+                        .headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned),
+                };
+                value.is_some_and(|v| re.capture(&v, cx))
+            }
+            Matcher::Query(key, values) => req.uri.query().unwrap_or("").split('&').any(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                crate::placeholders::decode(k) == *key
+                    && values
+                        .iter()
+                        .any(|want| want == "*" || *want == crate::placeholders::decode(v))
+            }),
+            Matcher::RemoteIp(ranges) => ranges.iter().any(|r| r.contains(cx.remote.ip())),
+            Matcher::Protocol(p) => match p {
+                Protocol::Http => cx.scheme == Scheme::Http,
+                Protocol::Https => cx.scheme == Scheme::Https,
+                Protocol::Grpc => req
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("application/grpc")),
+                Protocol::Http1 => req.version <= Version::HTTP_11,
+                Protocol::Http2 => req.version == Version::HTTP_2,
+                Protocol::Http2Up => req.version >= Version::HTTP_2,
+                Protocol::Http3 => req.version == Version::HTTP_3,
+            },
+            Matcher::Not(set) => !set.matches(req, cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_within_segments_and_cidrs_contain_their_addresses() {
+        assert!(glob(b"/a/*/c", b"/a/b/c"));
+        assert!(!glob(b"/a/*/c", b"/a/b/x/c"));
+        let private = Cidr::parse("private_ranges").unwrap();
+        assert!(
+            private
+                .iter()
+                .any(|c| c.contains("10.1.2.3".parse().unwrap()))
+        );
+        assert!(
+            !private
+                .iter()
+                .any(|c| c.contains("8.8.8.8".parse().unwrap()))
+        );
+        let one = Cidr::parse("192.168.1.0/24").unwrap();
+        assert!(one[0].contains("::ffff:192.168.1.9".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+    }
+}

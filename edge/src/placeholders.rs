@@ -1,0 +1,396 @@
+//! Caddy's placeholders (`{host}`, `{uri}`, `{http.request.header.X}`, `{re.name.1}`...),
+//! compiled once when the config loads into a [`Template`] of literal text and variables,
+//! and rendered per request from the request and its [`Cx`].
+//!
+//! Invariant: a `{...}` whose inside looks like a placeholder key (letters, digits, `_`, `.`,
+//! `-`) and that the edge does not know is an error at load time, never text sent on: a
+//! client or upstream must not see `{remote_host}` where Caddy would send an address. A brace
+//! pair holding anything else (JSON in a `respond` body) is literal text, as in Caddy, and so
+//! is `\{`. `{env.X}` is read once at load: the process environment does not change.
+
+use std::fmt::Write as _;
+
+use hyper::http::HeaderName;
+use labcore::Env;
+
+use crate::context::{Cx, Req};
+
+/// One variable part.
+#[derive(Clone, Debug, PartialEq)]
+enum Var {
+    Host,
+    HostPort,
+    Uri,
+    Path,
+    Query,
+    Method,
+    Scheme,
+    Proto,
+    Remote,
+    RemoteHost,
+    RemotePort,
+    Dir,
+    File,
+    OrigUri,
+    OrigPath,
+    OrigQuery,
+    Header(HeaderName),
+    Cookie(String),
+    QueryArg(String),
+    PathPart(usize),
+    Label(usize),
+    Named(String),
+    /// `{re.NAME.GROUP}`: NAME may be empty (`{re.1}`).
+    Re(String, String),
+    Upstream,
+    ErrorStatus,
+    ErrorMessage,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Piece {
+    Text(String),
+    Var(Var),
+}
+
+/// Text with placeholders, compiled.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Template {
+    pieces: Vec<Piece>,
+}
+
+/// Whether `key` looks like a placeholder key, so that not knowing it is an error.
+fn looks_like_key(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Caddy's short forms, as their long names.
+fn long_name(key: &str) -> String {
+    let short = [
+        ("host", "http.request.host"),
+        ("hostport", "http.request.hostport"),
+        ("uri", "http.request.uri"),
+        ("path", "http.request.uri.path"),
+        ("query", "http.request.uri.query"),
+        ("method", "http.request.method"),
+        ("scheme", "http.request.scheme"),
+        ("remote", "http.request.remote"),
+        ("remote_host", "http.request.remote.host"),
+        ("remote_port", "http.request.remote.port"),
+        ("client_ip", "http.request.remote.host"),
+        ("dir", "http.request.uri.path.dir"),
+        ("file", "http.request.uri.path.file"),
+        ("orig_uri", "http.request.orig_uri"),
+        ("orig_path", "http.request.orig_uri.path"),
+        ("orig_query", "http.request.orig_uri.query"),
+        ("upstream_hostport", "http.reverse_proxy.upstream.hostport"),
+    ];
+    if let Some((_, long)) = short.iter().find(|(s, _)| *s == key) {
+        return (*long).to_owned();
+    }
+    for (prefix, long) in [
+        ("header.", "http.request.header."),
+        ("cookie.", "http.request.cookie."),
+        ("query.", "http.request.uri.query."),
+        ("path.", "http.request.uri.path."),
+        ("labels.", "http.request.host.labels."),
+        ("re.", "http.regexp."),
+        ("vars.", "http.vars."),
+        ("err.", "http.error."),
+    ] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            return format!("{long}{rest}");
+        }
+    }
+    key.to_owned()
+}
+
+fn variable(key: &str, env: &Env) -> Result<Piece, String> {
+    let long = long_name(key);
+    let var = match long.as_str() {
+        "http.request.host" => Var::Host,
+        "http.request.hostport" => Var::HostPort,
+        "http.request.uri" => Var::Uri,
+        "http.request.uri.path" => Var::Path,
+        "http.request.uri.query" => Var::Query,
+        "http.request.method" => Var::Method,
+        "http.request.scheme" => Var::Scheme,
+        "http.request.proto" => Var::Proto,
+        "http.request.remote" => Var::Remote,
+        "http.request.remote.host" => Var::RemoteHost,
+        "http.request.remote.port" => Var::RemotePort,
+        "http.request.uri.path.dir" => Var::Dir,
+        "http.request.uri.path.file" => Var::File,
+        "http.request.orig_uri" => Var::OrigUri,
+        "http.request.orig_uri.path" => Var::OrigPath,
+        "http.request.orig_uri.query" => Var::OrigQuery,
+        "http.reverse_proxy.upstream.hostport" => Var::Upstream,
+        "http.error.status_code" => Var::ErrorStatus,
+        "http.error.message" => Var::ErrorMessage,
+        _ => {
+            if let Some(name) = long.strip_prefix("env.") {
+                return Ok(Piece::Text(env.get(name).unwrap_or("").to_owned()));
+            }
+            if let Some(name) = long.strip_prefix("http.request.header.") {
+                let name = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| format!("{{{key}}}: {name:?} is not a header name"))?;
+                Var::Header(name)
+            } else if let Some(name) = long.strip_prefix("http.request.cookie.") {
+                Var::Cookie(name.to_owned())
+            } else if let Some(name) = long.strip_prefix("http.request.uri.query.") {
+                Var::QueryArg(name.to_owned())
+            } else if let Some(n) = long.strip_prefix("http.request.uri.path.") {
+                Var::PathPart(
+                    n.parse()
+                        .map_err(|_| format!("unknown placeholder {{{key}}}"))?,
+                )
+            } else if let Some(n) = long.strip_prefix("http.request.host.labels.") {
+                Var::Label(
+                    n.parse()
+                        .map_err(|_| format!("unknown placeholder {{{key}}}"))?,
+                )
+            } else if let Some(name) = long.strip_prefix("http.vars.") {
+                Var::Named(name.to_owned())
+            } else if let Some(rest) = long.strip_prefix("http.regexp.") {
+                match rest.rsplit_once('.') {
+                    Some((name, group)) => Var::Re(name.to_owned(), group.to_owned()),
+                    None => Var::Re(String::new(), rest.to_owned()),
+                }
+            } else {
+                return Err(format!("unknown placeholder {{{key}}}"));
+            }
+        }
+    };
+    Ok(Piece::Var(var))
+}
+
+impl Template {
+    /// Compiles `text`; an unknown placeholder is an error naming it.
+    pub(crate) fn parse(text: &str, env: &Env) -> Result<Template, String> {
+        let mut pieces = Vec::new();
+        let mut literal = String::new();
+        let mut rest = text;
+        while let Some(at) = rest.find(['{', '\\']) {
+            literal.push_str(&rest[..at]);
+            let tail = &rest[at..];
+            if let Some(escaped) = tail.strip_prefix("\\{") {
+                literal.push('{');
+                rest = escaped;
+                continue;
+            }
+            if let Some(after) = tail.strip_prefix('\\') {
+                literal.push('\\');
+                rest = after;
+                continue;
+            }
+            let key = tail[1..].find('}').map(|end| &tail[1..1 + end]);
+            match key {
+                Some(key) if looks_like_key(key) => {
+                    match variable(key, env)? {
+                        Piece::Text(t) => literal.push_str(&t),
+                        var => {
+                            if !literal.is_empty() {
+                                pieces.push(Piece::Text(std::mem::take(&mut literal)));
+                            }
+                            pieces.push(var);
+                        }
+                    }
+                    rest = &tail[key.len() + 2..];
+                }
+                _ => {
+                    literal.push('{');
+                    rest = &tail[1..];
+                }
+            }
+        }
+        literal.push_str(rest);
+        if !literal.is_empty() {
+            pieces.push(Piece::Text(literal));
+        }
+        Ok(Template { pieces })
+    }
+
+    /// The text, when it holds no placeholder.
+    pub(crate) fn literal(&self) -> Option<&str> {
+        match self.pieces.as_slice() {
+            [] => Some(""),
+            [Piece::Text(t)] => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Whether it names the chosen upstream (rendered per upstream tried).
+    pub(crate) fn uses_upstream(&self) -> bool {
+        self.pieces.contains(&Piece::Var(Var::Upstream))
+    }
+
+    /// Renders for `req` in `cx`.
+    pub(crate) fn render(&self, req: Req<'_>, cx: &Cx) -> String {
+        if let Some(text) = self.literal() {
+            return text.to_owned();
+        }
+        let mut out = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var(v) => render_var(&mut out, v, req, cx),
+            }
+        }
+        out
+    }
+}
+
+fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
+    let uri = req.uri;
+    let orig = cx.orig_uri.as_ref().unwrap_or(uri);
+    // Writing to a String cannot fail.
+    let _ = match var {
+        Var::Host => write!(out, "{}", cx.host),
+        Var::HostPort => write!(out, "{}", cx.host_value.to_str().unwrap_or("")),
+        Var::Uri => write!(out, "{}", uri.path_and_query().map_or("/", |p| p.as_str())),
+        Var::Path => write!(out, "{}", uri.path()),
+        Var::Query => write!(out, "{}", uri.query().unwrap_or("")),
+        Var::Method => write!(out, "{}", req.method),
+        Var::Scheme => write!(out, "{}", cx.scheme.as_str()),
+        Var::Proto => write!(out, "{:?}", req.version),
+        Var::Remote => write!(out, "{}", cx.remote),
+        Var::RemoteHost => write!(out, "{}", cx.remote.ip()),
+        Var::RemotePort => write!(out, "{}", cx.remote.port()),
+        Var::Dir => {
+            let path = uri.path();
+            write!(out, "{}", &path[..path.rfind('/').map_or(0, |i| i + 1)])
+        }
+        Var::File => {
+            let path = uri.path();
+            write!(out, "{}", &path[path.rfind('/').map_or(0, |i| i + 1)..])
+        }
+        Var::OrigUri => write!(out, "{}", orig.path_and_query().map_or("/", |p| p.as_str())),
+        Var::OrigPath => write!(out, "{}", orig.path()),
+        Var::OrigQuery => write!(out, "{}", orig.query().unwrap_or("")),
+        Var::Header(name) => {
+            let values: Vec<&str> = req
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            write!(out, "{}", values.join(","))
+        }
+        Var::Cookie(name) => {
+            let found = req
+                .headers
+                .get_all(hyper::http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v);
+            write!(out, "{}", found.unwrap_or(""))
+        }
+        Var::QueryArg(name) => {
+            let found = uri
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (decode(k) == *name).then(|| decode(v))
+                })
+                .next();
+            write!(out, "{}", found.unwrap_or_default())
+        }
+        Var::PathPart(n) => {
+            let part = uri.path().split('/').filter(|s| !s.is_empty()).nth(*n);
+            write!(out, "{}", part.unwrap_or(""))
+        }
+        Var::Label(n) => {
+            // Caddy counts labels from the right: 0 is the top-level domain.
+            let label = cx.host.rsplit('.').nth(*n);
+            write!(out, "{}", label.unwrap_or(""))
+        }
+        Var::Named(name) => write!(out, "{}", cx.var(name).unwrap_or("")),
+        Var::Re(name, group) => {
+            let captured = cx.captures.iter().rev().find(|c| c.name == *name);
+            let value = captured.and_then(|c| match group.parse::<usize>() {
+                Ok(n) => c.groups.get(n).cloned().flatten(),
+                Err(_) => c
+                    .named
+                    .iter()
+                    .find(|(g, _)| g == group)
+                    .map(|(_, v)| v.clone()),
+            });
+            write!(out, "{}", value.unwrap_or_default())
+        }
+        Var::Upstream => write!(out, "{}", cx.upstream.as_deref().unwrap_or("")),
+        Var::ErrorStatus => match &cx.error {
+            Some((status, _)) => write!(out, "{status}"),
+            None => Ok(()),
+        },
+        Var::ErrorMessage => match &cx.error {
+            Some((_, message)) => write!(out, "{message}"),
+            None => Ok(()),
+        },
+    };
+}
+
+/// Percent-decodes a query component (`+` is a space), lossily.
+pub(crate) fn decode(text: &str) -> String {
+    percent_decode(&text.replace('+', " "))
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_placeholders_are_errors_and_json_is_text() {
+        let env = Env::default();
+        let err = Template::parse("x {remote_hots}", &env).unwrap_err();
+        assert_eq!(err, "unknown placeholder {remote_hots}");
+        let json = Template::parse("{\"ok\": true}", &env).unwrap();
+        assert_eq!(json.literal(), Some("{\"ok\": true}"));
+        assert_eq!(
+            Template::parse("\\{host}", &env).unwrap().literal(),
+            Some("{host}")
+        );
+        let env = Env::from_pairs([("SECRET_PATH", "/s")]);
+        assert_eq!(
+            Template::parse("{env.SECRET_PATH}/x", &env)
+                .unwrap()
+                .literal(),
+            Some("/s/x")
+        );
+        assert!(
+            Template::parse("{remote_host}", &env)
+                .unwrap()
+                .literal()
+                .is_none()
+        );
+    }
+}
