@@ -15,7 +15,6 @@
 
 // The chain calls what the `file_server` and `try_files` directives need; the rest serves
 // the `file` matcher, not wired yet.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::cmp::Ordering;
 use std::io;

@@ -80,9 +80,13 @@ impl Handler for Try {
             queries.push(query);
         }
         let root = PathBuf::from(cx.var("root").unwrap_or("."));
+        // The candidates are rendered already; the request path only fills what is left of
+        // `{dir}`/`{file}` (none, unless the request itself spelled them, and then with its
+        // own cleaned path, which stays under root).
+        let request_path = String::from_utf8_lossy(cx.match_path()).into_owned();
         // One candidate at a time, to know whose query applies.
         for (path, query) in paths.iter().zip(&queries) {
-            match try_files(&root, std::slice::from_ref(path), &[]) {
+            match try_files(&root, std::slice::from_ref(path), &request_path, &[]) {
                 TryFiles::Found { relative, .. } => {
                     let query = match query {
                         Some(q) => Some((*q).to_owned()),
