@@ -645,3 +645,83 @@ fn wal_push_uploads_the_segments_postgres_marked_ready_ahead_of_their_calls() {
         &[],
     );
 }
+
+/// Issue 21's off-site point: the base backup and every WAL segment of a cluster reach the
+/// `copy_to` store with the pass that follows, and a point-in-time restore works from the
+/// off-site store alone (the home disk lost: the config points the cluster there).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_archive_reaches_the_offsite_store_and_restores_from_it_alone() {
+    let local = S3Server::start().unwrap();
+    let offsite = S3Server::start().unwrap();
+    let (local_bucket, offsite_bucket) = (
+        local.bucket().await.unwrap(),
+        offsite.bucket().await.unwrap(),
+    );
+    let targets = format!(
+        "[[target]]\nname = \"local\"\nurl = \"s3://{local_bucket}/lab\"\ncopy_to = [\"offsite\"]\n\
+         [[target]]\nname = \"offsite\"\nurl = \"s3://{offsite_bucket}/lab\"\nendpoint = {:?}\n\
+         region = {:?}\npath_style = true\naccess_key_id = {:?}\nsecret_access_key = {:?}\n\
+         [s3]\nendpoint = {:?}\nregion = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\n",
+        offsite.endpoint(),
+        testkit::s3::REGION,
+        testkit::s3::ACCESS_KEY,
+        testkit::s3::SECRET_KEY,
+        local.endpoint(),
+        testkit::s3::REGION,
+        testkit::s3::ACCESS_KEY,
+        testkit::s3::SECRET_KEY,
+    );
+    let world = World::new(&targets, "target = \"local\"");
+    let config = world.config.to_str().unwrap().to_owned();
+    let pg = archiving_cluster(&world);
+    pg.psql("postgres", "CREATE TABLE t (id int PRIMARY KEY)")
+        .unwrap();
+    world.backupd(0, &["basebackup", "-c", &config], &pg.env());
+    for id in 1..=3 {
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({id})"))
+            .unwrap();
+    }
+    let last = switch_and_wait_archived(&pg);
+
+    // The pass copies what the off-site store lacks: the base backup and the WAL.
+    world.backupd(0, &["run", "-c", &config], &pg.env());
+    let at_home = stored_wal(&local, &local_bucket).await;
+    assert!(at_home.contains(&last), "{last} not archived: {at_home:?}");
+    assert_eq!(stored_wal(&offsite, &offsite_bucket).await, at_home);
+
+    // The home store is gone: the cluster restores from the off-site copy alone.
+    drop(local);
+    let away = world.dir.join("offsite.toml");
+    let text = fs::read_to_string(&world.config)
+        .unwrap()
+        .replace("copy_to = [\"offsite\"]\n", "")
+        .replace("target = \"local\"", "target = \"offsite\"");
+    fs::write(&away, text).unwrap();
+    fs::set_permissions(&away, fs::Permissions::from_mode(0o644)).unwrap();
+    let restored_dir = world.restore_dir("offsite");
+    let (stdout, _) = world.backupd_as_nobody(
+        0,
+        &[
+            "restore",
+            "-c",
+            away.to_str().unwrap(),
+            "--cluster",
+            "main",
+            "--latest",
+            "--to-dir",
+            restored_dir.to_str().unwrap(),
+            "--start",
+        ],
+    );
+    assert!(stdout.contains("replayed to"), "{stdout}");
+    let (restored, sockets) = start_restored(&pg, &restored_dir);
+    assert_eq!(
+        query(
+            &pg,
+            sockets.path(),
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM t"
+        ),
+        "1,2,3"
+    );
+    restored.stop(WAIT).unwrap();
+}
