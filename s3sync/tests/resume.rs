@@ -10,9 +10,22 @@ use std::time::{Duration, Instant};
 use common::{CountingProxy, Rng, run, s3sync};
 use testkit::{Proc, S3Server, Scratch};
 
-const PARTS: usize = 13;
+/// The big file's size in MiB: 64 in the suite (13 parts of 5 MiB, seconds in a debug build);
+/// `S3SYNC_TEST_BIG_MIB=600` runs the full 600 MB case (121 parts) on demand.
+fn big_mib() -> usize {
+    std::env::var("S3SYNC_TEST_BIG_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
 
-/// Starts an upload of `file` paced at 16 MiB/s (about 4 s for 64 MiB in 13 parts of 5 MiB) and
+/// Parts of 5 MiB in the big file.
+fn part_count() -> usize {
+    big_mib().div_ceil(5)
+}
+
+/// Starts an upload of `file` paced at a quarter of its size per second (about 4 s; 16 MiB/s
+/// for 64 MiB in 13 parts of 5 MiB) and
 /// kills it with SIGKILL once the store lists at least half of its parts; returns the upload ID
 /// and the parts stored after the kill.
 async fn upload_killed_half_way(
@@ -26,7 +39,7 @@ async fn upload_killed_half_way(
         .env("AWS_ENDPOINT_URL", endpoint)
         .env("XDG_STATE_HOME", state)
         .args(["--part-size", "5M", "--part-concurrency", "2"])
-        .args(["--bwlimit", "16M", "cp"])
+        .args(["--bwlimit", &format!("{}M", (big_mib() / 4).max(16)), "cp"])
         .arg(file)
         .arg(format!("s3://{bucket}/big.bin"))
         .spawn()
@@ -54,7 +67,7 @@ async fn upload_killed_half_way(
                 .send()
                 .await
                 .unwrap();
-            if parts.parts().len() >= PARTS / 2 {
+            if parts.parts().len() >= part_count() / 2 {
                 proc.kill().unwrap();
                 break id.clone();
             }
@@ -93,8 +106,8 @@ async fn an_upload_killed_half_way_resumes_with_only_the_missing_parts() {
     let bucket = server.bucket().await.unwrap();
     let scratch = Scratch::new("resume").unwrap();
     let (file, state) = (scratch.join("big.bin"), scratch.join("state"));
-    // The 600 MB, scaled to 64 MiB (13 parts of 5 MiB) to keep the test to seconds.
-    let body = Rng::new(600).bytes(64 << 20);
+    // The 600 MB, scaled to 64 MiB by default to keep the suite to seconds.
+    let body = Rng::new(600).bytes(big_mib() << 20);
     std::fs::write(&file, &body).unwrap();
 
     // Both runs go through the request log (the state file is kept per endpoint).
@@ -102,7 +115,7 @@ async fn an_upload_killed_half_way_resumes_with_only_the_missing_parts() {
     let (upload_id, stored) =
         upload_killed_half_way(&server, &proxy.endpoint(), &bucket, &file, &state).await;
     assert!(
-        (PARTS / 2..PARTS).contains(&stored),
+        (part_count() / 2..part_count()).contains(&stored),
         "{stored} parts stored"
     );
 
@@ -122,7 +135,7 @@ async fn an_upload_killed_half_way_resumes_with_only_the_missing_parts() {
     );
     let lines = proxy.lines();
     let parts_sent = lines.iter().filter(|l| l.contains("partNumber=")).count();
-    assert_eq!(parts_sent, PARTS - stored, "{lines:#?}");
+    assert_eq!(parts_sent, part_count() - stored, "{lines:#?}");
     // The same upload was completed: no new one was begun.
     assert!(!lines.iter().any(|l| l.contains("?uploads")), "{lines:#?}");
     assert!(
