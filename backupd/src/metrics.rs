@@ -31,7 +31,7 @@ use crate::run::{self, PassReport};
 static LATEST: Mutex<String> = Mutex::new(String::new());
 
 /// How a pass went, for the pass-level lines.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Snapshot {
     /// When the pass ended.
     pub(crate) finished_at: Option<Timestamp>,
@@ -112,7 +112,11 @@ pub(crate) async fn publish(config: &Config, env: &Env, snapshot: &Snapshot) {
             tracing::warn!(error = %labcore::exit::chain(&err), "metrics: the targets cannot be opened")
         }
     }
-    let text = render(&newest, snapshot);
+    let mut snapshot = snapshot.clone();
+    for (cluster, lag) in wal_lags(config, env).await {
+        snapshot.wal_lag.insert(cluster, lag);
+    }
+    let text = render(&newest, &snapshot);
     if let Ok(mut latest) = LATEST.lock() {
         latest.clone_from(&text);
     }
@@ -121,6 +125,45 @@ pub(crate) async fn publish(config: &Config, env: &Env, snapshot: &Snapshot) {
     {
         tracing::warn!(file = %path.display(), error = %err, "metrics: writing the textfile failed");
     }
+}
+
+/// For each `[[cluster]]`, the seconds since its newest stored WAL segment reached its
+/// target (a cluster whose target cannot be read, or holds no segment, has no line: an
+/// absent series alerts as surely as a large one).
+async fn wal_lags(config: &Config, env: &Env) -> Vec<(String, f64)> {
+    let mut lags = Vec::new();
+    if config.clusters.is_empty() {
+        return lags;
+    }
+    let Ok(stores) = run::open_stores(config, env).await else {
+        return lags;
+    };
+    let now = Timestamp::now().as_second();
+    for cluster in &config.clusters {
+        let Some((_, store)) = stores.iter().find(|(name, _)| *name == cluster.target) else {
+            continue;
+        };
+        let newest = match crate::pitr::holdings(store, &cluster.name).await {
+            Ok(held) => held
+                .wal
+                .iter()
+                .filter(|n| n.kind() == crate::wal::WalKind::Segment)
+                .max()
+                .cloned(),
+            Err(err) => {
+                tracing::warn!(cluster = %cluster.name, error = %labcore::exit::chain(&err), "metrics: the WAL archive cannot be listed");
+                None
+            }
+        };
+        let Some(newest) = newest else {
+            continue;
+        };
+        let key = crate::wal::object_key(&cluster.name, &newest);
+        if let Ok(Some(stored_at)) = store.modified(&key).await {
+            lags.push((cluster.name.clone(), (now - stored_at).max(0) as f64));
+        }
+    }
+    lags
 }
 
 fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {

@@ -314,6 +314,42 @@ impl Store {
         }
     }
 
+    /// When the object at `key` was stored (seconds since the epoch), or `None` if it does
+    /// not exist.
+    pub async fn modified(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        match self {
+            Store::S3 { client, bucket, .. } => {
+                let head = client
+                    .head_object()
+                    .bucket(bucket)
+                    .key(self.s3_key(key))
+                    .send()
+                    .await;
+                match head {
+                    Ok(head) => Ok(head.last_modified().map(|t| t.secs())),
+                    Err(e) if labcore::s3::exit_for(&e) == Exit::NoInput => Ok(None),
+                    Err(e) => Err(s3_error("HeadObject", self.location(key), &e)),
+                }
+            }
+            Store::Dir(dir) => {
+                let path = dir.join(key);
+                match tokio::fs::metadata(&path).await {
+                    Ok(meta) => Ok(meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .and_then(|d| i64::try_from(d.as_secs()).ok())),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(StoreError::Io {
+                        what: "inspecting",
+                        path,
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+
     /// Reads a small object, or `None` if it does not exist.
     pub async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut reader = match self.get_stream(key).await {

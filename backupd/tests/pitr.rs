@@ -657,8 +657,11 @@ async fn a_cluster_archive_reaches_the_offsite_store_and_restores_from_it_alone(
         local.bucket().await.unwrap(),
         offsite.bucket().await.unwrap(),
     );
+    let metrics = Scratch::new("pitr-metrics").unwrap();
+    let metrics_file = metrics.join("backupd.prom");
     let targets = format!(
-        "[[target]]\nname = \"local\"\nurl = \"s3://{local_bucket}/lab\"\ncopy_to = [\"offsite\"]\n\
+        "metrics_file = {metrics_file:?}\n\
+         [[target]]\nname = \"local\"\nurl = \"s3://{local_bucket}/lab\"\ncopy_to = [\"offsite\"]\n\
          [[target]]\nname = \"offsite\"\nurl = \"s3://{offsite_bucket}/lab\"\nendpoint = {:?}\n\
          region = {:?}\npath_style = true\naccess_key_id = {:?}\nsecret_access_key = {:?}\n\
          [s3]\nendpoint = {:?}\nregion = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\n",
@@ -688,6 +691,15 @@ async fn a_cluster_archive_reaches_the_offsite_store_and_restores_from_it_alone(
     let at_home = stored_wal(&local, &local_bucket).await;
     assert!(at_home.contains(&last), "{last} not archived: {at_home:?}");
     assert_eq!(stored_wal(&offsite, &offsite_bucket).await, at_home);
+    // The pass's metrics carry the archive's lag: seconds since its newest segment was stored.
+    let text = fs::read_to_string(&metrics_file).unwrap();
+    let lag: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("backupd_wal_lag_seconds{cluster=\"main\"} "))
+        .unwrap_or_else(|| panic!("no WAL lag in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!((0.0..600.0).contains(&lag), "{lag}");
 
     // The home store is gone: the cluster restores from the off-site copy alone.
     drop(local);
