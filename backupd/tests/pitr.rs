@@ -476,7 +476,18 @@ async fn a_store_outage_is_absorbed_by_the_spool_and_no_segment_is_lost() {
     server.kill().unwrap();
     let outage = Instant::now();
     let mut during = Vec::new();
-    for round in 0..6 {
+    // Six segments in the suite; `BACKUPD_TEST_OUTAGE_SECS=60` keeps the store down (and
+    // PostgreSQL writing) for the full minute on demand.
+    let hold = Duration::from_secs(
+        std::env::var("BACKUPD_TEST_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
+    for round in 0.. {
+        if round >= 6 && outage.elapsed() >= hold {
+            break;
+        }
         pg.psql(
             "postgres",
             &format!("INSERT INTO load SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g; -- {round}"),
@@ -493,7 +504,11 @@ async fn a_store_outage_is_absorbed_by_the_spool_and_no_segment_is_lost() {
         .unwrap();
     assert_eq!(failed.trim(), "0", "the archiver never saw a failure");
     server.restart().unwrap();
-    eprintln!("store outage lasted {:?}", outage.elapsed());
+    eprintln!(
+        "store outage lasted {:?}, {} segments archived during it",
+        outage.elapsed(),
+        during.len()
+    );
 
     // The next segment's push drains the spool.
     pg.psql("postgres", "INSERT INTO load VALUES (0, 'after')")
