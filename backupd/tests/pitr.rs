@@ -267,11 +267,30 @@ async fn restore_to_a_moment_shows_exactly_the_rows_committed_before_it() {
     );
     assert!(stdout.starts_with("main@"), "{stdout}");
 
-    for id in 1..=3 {
+    // Commits 1..=3 at least, then a moment, then at least three more. In the suite that is
+    // seconds; `BACKUPD_TEST_SPAN_SECS=300` spreads the commits over the several
+    // minutes (a segment switch every 200 commits), with the moment in the middle.
+    let half = Duration::from_secs(
+        std::env::var("BACKUPD_TEST_SPAN_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    ) / 2;
+    let mut id = 0;
+    let commit = |id: u32| {
         pg.psql("postgres", &format!("INSERT INTO t (id) VALUES ({id})"))
             .unwrap();
+        if id.is_multiple_of(200) {
+            switch_and_wait_archived(&pg);
+        }
+    };
+    let began = Instant::now();
+    while id < 3 || began.elapsed() < half {
+        id += 1;
+        commit(id);
     }
-    // A moment after commit 3 and before commit 4, from the server's own clock.
+    let before = id;
+    // A moment after the last commit above and before the next, from the server's own clock.
     let moment = pg
         .psql(
             "postgres",
@@ -281,11 +300,19 @@ async fn restore_to_a_moment_shows_exactly_the_rows_committed_before_it() {
         .trim()
         .to_owned();
     switch_and_wait_archived(&pg);
-    for id in 4..=6 {
-        pg.psql("postgres", &format!("INSERT INTO t (id) VALUES ({id})"))
-            .unwrap();
+    let began = Instant::now();
+    while id < before + 3 || began.elapsed() < half {
+        id += 1;
+        commit(id);
     }
     switch_and_wait_archived(&pg);
+    eprintln!("{id} commits, the moment after commit {before}");
+    let ids = |last: u32| {
+        (1..=last)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
 
     let (list, _) = world.backupd(0, &["list", "-c", world.config.to_str().unwrap()], &env);
     assert!(list.contains("cluster main: 1 base backups"), "{list}");
@@ -315,7 +342,7 @@ async fn restore_to_a_moment_shows_exactly_the_rows_committed_before_it() {
             sockets.path(),
             "SELECT string_agg(id::text, ',' ORDER BY id) FROM t"
         ),
-        "1,2,3"
+        ids(before)
     );
     restored.stop(WAIT).unwrap();
 
@@ -341,7 +368,7 @@ async fn restore_to_a_moment_shows_exactly_the_rows_committed_before_it() {
             sockets.path(),
             "SELECT string_agg(id::text, ',' ORDER BY id) FROM t"
         ),
-        "1,2,3,4,5,6"
+        ids(id)
     );
     restored.stop(WAIT).unwrap();
 }
