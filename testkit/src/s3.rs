@@ -48,6 +48,8 @@ pub struct S3Server {
     port: u16,
     binary: PathBuf,
     root: Scratch,
+    /// While killed: a socket bound to the server's port, not listening (see [`hold_port`]).
+    held: Option<std::os::fd::OwnedFd>,
 }
 
 impl S3Server {
@@ -79,12 +81,15 @@ impl S3Server {
             port: 0,
             binary,
             root,
+            held: None,
         };
         server.launch()?;
         Ok(server)
     }
 
     fn launch(&mut self) -> Result<(), Error> {
+        // The port was held while the server was down; free it for the server.
+        self.held = None;
         let port = self.port.to_string();
         let (proc, ready) = match self.backend {
             Backend::S3sFs => (
@@ -233,6 +238,7 @@ impl S3Server {
     pub fn kill(&mut self) -> Result<(), Error> {
         if let Some(proc) = self.proc.take() {
             proc.kill()?;
+            self.held = hold_port(self.port);
         }
         Ok(())
     }
@@ -242,4 +248,25 @@ impl S3Server {
         self.kill()?;
         self.launch()
     }
+}
+
+/// Keeps a killed server's port from other tests until the restart: a socket bound to it but
+/// not listening, so clients still meet a refused connection, as with a dead server, while no
+/// test binding port 0 (nor a client's ephemeral port) can take it. `SO_REUSEADDR` lets the bind
+/// pass over the dead server's connections in TIME_WAIT. `None` (nothing held) if it fails.
+fn hold_port(port: u16) -> Option<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).ok()?;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port)).ok()?;
+    Some(fd)
 }
