@@ -120,6 +120,11 @@ impl Both {
         }
     }
 
+    /// The edge's HTTP port, for a test that talks to the edge alone.
+    pub fn edge_port(&self) -> u16 {
+        self.edge_port
+    }
+
     /// SIGTERM to both; both must exit cleanly.
     pub fn stop(self) {
         self.edge.stop(WAIT).unwrap();
@@ -168,6 +173,7 @@ pub struct Req {
     host: Option<String>,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    chunked: bool,
 }
 
 impl Req {
@@ -179,6 +185,7 @@ impl Req {
             host: Some(DEFAULT_HOST.to_owned()),
             headers: Vec::new(),
             body: Vec::new(),
+            chunked: false,
         }
     }
 
@@ -205,6 +212,12 @@ impl Req {
         self
     }
 
+    /// Sends the body chunked (one chunk), so its length is not known in advance.
+    pub fn chunked(mut self) -> Req {
+        self.chunked = true;
+        self
+    }
+
     /// The request's bytes: the head as given, `Connection: close`, and the body.
     fn bytes(&self) -> Vec<u8> {
         let mut head = format!("{} {} HTTP/1.1\r\n", self.method, self.target);
@@ -214,12 +227,20 @@ impl Req {
         for (name, value) in &self.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
-        if !self.body.is_empty() {
+        if self.chunked {
+            head.push_str("Transfer-Encoding: chunked\r\n");
+        } else if !self.body.is_empty() {
             head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
         }
         head.push_str("Connection: close\r\n\r\n");
         let mut bytes = head.into_bytes();
-        bytes.extend_from_slice(&self.body);
+        if self.chunked {
+            bytes.extend_from_slice(format!("{:x}\r\n", self.body.len()).as_bytes());
+            bytes.extend_from_slice(&self.body);
+            bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+        } else {
+            bytes.extend_from_slice(&self.body);
+        }
         bytes
     }
 
