@@ -343,7 +343,11 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
     let orig = cx.orig_uri.as_ref().unwrap_or(uri);
     // Writing to a String cannot fail.
     let _ = match var {
-        Var::Host => write!(out, "{}", cx.host),
+        Var::Host => write!(
+            out,
+            "{}",
+            host_as_sent(cx.host_value.to_str().unwrap_or(""))
+        ),
         Var::HostPort => write!(out, "{}", cx.host_value.to_str().unwrap_or("")),
         Var::Uri => write!(out, "{}", uri.path_and_query().map_or("/", |p| p.as_str())),
         Var::Path => write!(out, "{}", uri.path()),
@@ -387,7 +391,8 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
             write!(out, "{}", found.unwrap_or(""))
         }
         Var::QueryArg(name) => {
-            let found = uri
+            // Every value of a repeated key, joined by commas, as Caddy gives them.
+            let found: Vec<String> = uri
                 .query()
                 .unwrap_or("")
                 .split('&')
@@ -395,8 +400,8 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
                     let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
                     (decode(k) == *name).then(|| decode(v))
                 })
-                .next();
-            write!(out, "{}", found.unwrap_or_default())
+                .collect();
+            write!(out, "{}", found.join(","))
         }
         Var::PathPart(n) => {
             let part = uri.path().split('/').filter(|s| !s.is_empty()).nth(*n);
@@ -404,7 +409,9 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
         }
         Var::Label(n) => {
             // Caddy counts labels from the right: 0 is the top-level domain.
-            let label = cx.host.rsplit('.').nth(*n);
+            let label = host_as_sent(cx.host_value.to_str().unwrap_or(""))
+                .rsplit('.')
+                .nth(*n);
             write!(out, "{}", label.unwrap_or(""))
         }
         Var::Named(name) => write!(out, "{}", cx.var(name).unwrap_or("")),
@@ -460,6 +467,21 @@ pub(crate) fn mapped(name: &str, req: Req<'_>, cx: &Cx) -> Option<String> {
     value.flatten()
 }
 
+/// The host part of a Host header as the client wrote it (case kept), as Go's
+/// `net.SplitHostPort` leaves it for Caddy's `{host}`: the whole value when it has no port.
+fn host_as_sent(value: &str) -> &str {
+    if let Some(rest) = value.strip_prefix('[') {
+        return match rest.split_once("]:") {
+            Some((host, _)) => host,
+            None => value,
+        };
+    }
+    match value.split_once(':') {
+        Some((host, port)) if !port.contains(':') => host,
+        _ => value,
+    }
+}
+
 /// Percent-decodes a query component (`+` is a space), lossily.
 pub(crate) fn decode(text: &str) -> String {
     percent_decode(&text.replace('+', " "))
@@ -502,6 +524,10 @@ mod tests {
             Template::parse("\\{host}", &env).unwrap().literal(),
             Some("{host}")
         );
+        assert_eq!(host_as_sent("Example.ORG:8443"), "Example.ORG");
+        assert_eq!(host_as_sent("[::1]:80"), "::1");
+        assert_eq!(host_as_sent("[::1]"), "[::1]");
+        assert_eq!(host_as_sent("plain.local"), "plain.local");
         let env = Env::from_pairs([("SECRET_PATH", "/s")]);
         assert_eq!(
             Template::parse("{env.SECRET_PATH}/x", &env)

@@ -407,6 +407,14 @@ impl Client {
             match tokio::time::timeout(self.response_timeout, exchange).await {
                 Ok(Ok((response, lease))) => {
                     balancer.succeeded(i);
+                    // `{upstream_hostport}` in header_down names the upstream that answered.
+                    let down = match &snapshot {
+                        Some(h) if proxy.header_down.uses_upstream() => {
+                            cx.upstream = Some(upstream.authority.to_string());
+                            proxy.header_down.render(seen(h), cx)
+                        }
+                        _ => down,
+                    };
                     let response =
                         self.respond(proxy, &down, response, lease, client_upgrade, upgrades);
                     return Outcome {

@@ -345,3 +345,220 @@ fn expression_vars_and_vars_regexp_matchers_match_the_same_requests_as_caddy() {
     }
     both.stop();
 }
+
+const ROUTING_REST: &str = r#"http://plain.local, http://other.local {
+	@other host other.local
+	@http1 protocol http/1.1
+	@h2 protocol http/2+
+	@plain protocol http
+	@tls protocol https
+	@client remote_ip 127.0.0.1/32
+	@far remote_ip 10.0.0.0/8
+	@nokey header !X-Key
+	@session header Cookie *session=*
+	uri /suffix/* strip_suffix .html
+	uri /prefix/* strip_prefix /prefix
+	uri /replace/* replace foo bar 1
+	uri /re/* path_regexp ^/re/(\d+)$ /re/n$1
+	handle /abort {
+		abort
+	}
+	handle /proto {
+		respond @h2 "h2"
+		respond @tls "tls"
+		respond @http1 "http/1.1"
+	}
+	handle /plain {
+		respond @plain "plain"
+	}
+	handle /client {
+		respond @far "far"
+		respond @client "client"
+	}
+	handle /key {
+		respond @nokey "no key"
+		respond "key"
+	}
+	handle /cookie {
+		respond @session "session"
+		respond "no session"
+	}
+	respond @other "other {host}"
+	respond "{path}?{query}"
+}
+"#;
+
+#[test]
+fn uri_abort_and_the_host_protocol_remote_ip_and_header_matchers_answer_as_caddy_does() {
+    let both = Both::start(ROUTING_REST);
+    for req in [
+        Req::get("/suffix/a.html?x=1"),
+        Req::get("/suffix/a.htm"),
+        Req::get("/prefix/x/y"),
+        Req::get("/replace/foofoo"),
+        Req::get("/re/42"),
+        Req::get("/re/x"),
+        Req::get("/proto"),
+        Req::get("/plain"),
+        Req::get("/client"),
+        Req::get("/key"),
+        Req::get("/key").header("X-Key", "k"),
+        Req::get("/cookie").header("Cookie", "a=1; session=xyz"),
+        Req::get("/cookie").header("Cookie", "a=1"),
+        Req::get("/anything").host(Some("other.local")),
+        Req::get("/anything").host(Some("OTHER.local:80")),
+    ] {
+        both.request(&req)
+            .caddy_status(200)
+            .assert_same(&["content-type"]);
+    }
+    let (edge, caddy) = both.raw(&Req::get("/abort"));
+    assert!(caddy.is_empty(), "caddy answered {caddy:?}");
+    assert!(edge.is_empty(), "the edge answered {edge:?}");
+    both.stop();
+}
+
+#[test]
+fn placeholder_families_render_the_same_values_as_caddys() {
+    let both = Both::start(
+        "http://plain.local {\n\trewrite /rw/* /new{path}?moved=1\n\thandle /up/* {\n\t\treverse_proxy @ECHO@ {\n\t\t\theader_down X-Up {upstream_hostport}\n\t\t}\n\t}\n\trespond \"host={host} hostport={hostport} uri={uri} path={path} query={query} method={method} scheme={scheme} rh={remote_host} dir={dir} file={file} ou={http.request.orig_uri} op={http.request.orig_uri.path} oq={http.request.orig_uri.query} h={header.X-A} c={cookie.c} q={query.q} p0={path.0} p1={path.1} l0={labels.0} l1={labels.1} proto={http.request.proto} long={http.request.uri.path}\"\n}\n",
+    );
+    for req in [
+        Req::get("/a/b.txt?q=1&z=2")
+            .header("X-A", "one")
+            .header("Cookie", "c=cv; d=dv"),
+        Req::get("/rw/x?y=2"),
+        Req::new("POST", "/dir/").body("x"),
+        Req::get("/q?q=a%20b&q=second"),
+        Req::get("/x").host(Some("plain.local:80")),
+        Req::get("/x").host(Some("Plain.LOCAL")),
+    ] {
+        // Caddy sends the text of a placeholder without a value (an absent cookie); the
+        // edge sends it empty (a difference in the man page), so the cookie is always there.
+        let req = req.header("Cookie", "c=cv");
+        both.request(&req).caddy_status(200).assert_same(&[]);
+    }
+    both.get("/up/x?y=1")
+        .caddy_status(200)
+        .assert_same(&["x-up"]);
+    both.stop();
+}
+
+#[test]
+fn file_server_answers_ranges_conditionals_sidecars_and_hidden_files_as_caddy_does() {
+    let site = testkit::Scratch::new("edge-file-server").unwrap();
+    let big: String = (0..100).map(|i| format!("line {i:03}\n")).collect();
+    for (name, text) in [
+        ("index.html", "<h1>home</h1>\n".to_owned()),
+        ("style.css", "body { color: red }\n".to_owned()),
+        ("big.txt", big),
+        ("pre.js", "console.log('plain')\n".to_owned()),
+        (".secret", "hidden\n".to_owned()),
+        ("old.bak", "backup\n".to_owned()),
+        ("sub/a.txt", "a\n".to_owned()),
+    ] {
+        let path = site.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+    }
+    // A gzip sidecar, as `precompressed` serves it (its bytes are sent as they are).
+    let gzipped = std::process::Command::new("gzip")
+        .arg("-kn9")
+        .arg(site.join("pre.js"))
+        .status()
+        .unwrap();
+    assert!(gzipped.success());
+    let both = Both::start_with(
+        Upstreams::new(),
+        "http://plain.local {\n\troot * @SITE@\n\tfile_server {\n\t\thide .secret *.bak\n\t\tprecompressed gzip\n\t}\n}\n",
+        &[("@SITE@", site.path().display().to_string())],
+    );
+    let headers = [
+        "content-type",
+        "content-length",
+        "content-range",
+        "content-encoding",
+        "etag",
+        "last-modified",
+        "location",
+        "accept-ranges",
+        "vary",
+    ];
+    let first = both.get("/big.txt");
+    first.caddy_status(200).assert_same(&headers);
+    let etag = first.caddy.header("etag").expect("caddy sends an ETag");
+    for (req, status) in [
+        (Req::get("/"), 200),
+        (Req::get("/index.html"), 200),
+        (Req::get("/style.css"), 200),
+        (Req::new("HEAD", "/style.css"), 200),
+        (Req::get("/big.txt").header("Range", "bytes=0-9"), 206),
+        (Req::get("/big.txt").header("Range", "bytes=-5"), 206),
+        (Req::get("/big.txt").header("Range", "bytes=5000-"), 416),
+        (Req::get("/big.txt").header("If-None-Match", &etag), 304),
+        (
+            Req::get("/big.txt").header("If-None-Match", "\"other\""),
+            200,
+        ),
+        (Req::get("/pre.js").header("Accept-Encoding", "gzip"), 200),
+        (Req::get("/pre.js"), 200),
+        (Req::get("/.secret"), 404),
+        (Req::get("/old.bak"), 404),
+        (Req::get("/sub"), 404),
+        (Req::get("/sub/a.txt"), 200),
+        (Req::get("/missing"), 404),
+    ] {
+        both.request(&req)
+            .caddy_status(status)
+            .assert_same(&headers);
+    }
+    both.stop();
+}
+
+const ENCODED: &str = r#"http://plain.local {
+	encode /gz/* gzip
+	handle /gz/small {
+		respond "too small to compress"
+	}
+	respond "@LONG@"
+}
+"#;
+
+/// `gzip -dc` of `bytes`: the two servers' compressors differ, what they compress must not.
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut child = std::process::Command::new("gzip")
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "gzip -dc failed");
+    out.stdout
+}
+
+#[test]
+fn encode_compresses_the_same_responses_as_caddy() {
+    let long = "compressible text ".repeat(100);
+    let both = Both::start(&ENCODED.replace("@LONG@", &long));
+    let headers = ["content-encoding", "vary", "content-type"];
+    for req in [
+        Req::get("/plain"),
+        Req::get("/gz/x"),
+        Req::get("/gz/x").header("Accept-Encoding", "zstd"),
+        Req::get("/gz/small").header("Accept-Encoding", "gzip"),
+        Req::get("/gz/x").header("Accept-Encoding", "gzip;q=0"),
+    ] {
+        both.request(&req).caddy_status(200).assert_same(&headers);
+    }
+    let pair = both.request(&Req::get("/gz/x").header("Accept-Encoding", "gzip, br"));
+    pair.caddy_status(200).assert_same_head(&headers);
+    assert_eq!(
+        pair.caddy.header("content-encoding").as_deref(),
+        Some("gzip")
+    );
+    assert_eq!(gunzip(&pair.edge.body), gunzip(&pair.caddy.body));
+    assert_eq!(gunzip(&pair.edge.body), long.as_bytes());
+    both.stop();
+}

@@ -120,6 +120,12 @@ impl Both {
         }
     }
 
+    /// `req` sent to both, the raw bytes each answered (for answers that are no HTTP
+    /// response, as `abort`'s closed connection).
+    pub fn raw(&self, req: &Req) -> (Vec<u8>, Vec<u8>) {
+        (req.send_raw(self.edge_port), req.send_raw(self.caddy_port))
+    }
+
     /// The edge's HTTP port, for a test that talks to the edge alone.
     pub fn edge_port(&self) -> u16 {
         self.edge_port
@@ -244,14 +250,21 @@ impl Req {
         bytes
     }
 
-    /// Sends the request to `127.0.0.1:port` on a new connection and reads the response.
-    fn send(&self, port: u16) -> Reply {
+    /// Sends the request to `127.0.0.1:port` on a new connection; what came back.
+    fn send_raw(&self, port: u16) -> Vec<u8> {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
-        stream.write_all(&self.bytes()).unwrap();
+        // A server that closes at once (abort) may refuse the rest of the request.
+        let _ = stream.write_all(&self.bytes());
         let mut raw = Vec::new();
         // A server may close hard right after answering: what arrived is the answer.
         let _ = stream.read_to_end(&mut raw);
+        raw
+    }
+
+    /// Sends the request to `127.0.0.1:port` on a new connection and reads the response.
+    fn send(&self, port: u16) -> Reply {
+        let raw = self.send_raw(port);
         Reply::parse(&raw, self.method == "HEAD")
             .unwrap_or_else(|why| panic!("{self}: port {port}: {why}: {raw:?}"))
     }
