@@ -1574,21 +1574,29 @@ fn sort_items(items: &mut [Item], sort: &str, descending: bool) {
 
 /// The JSON listing, as Caddy's encoder writes it (HTML characters escaped, a final newline).
 fn listing_json(items: &[Item]) -> String {
-    let values: Vec<serde_json::Value> = items
+    // A struct, not `json!`: its fields keep Caddy's order (a map would sort them).
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        name: &'a str,
+        size: u64,
+        url: &'a str,
+        mod_time: String,
+        mode: u32,
+        is_dir: bool,
+        is_symlink: bool,
+    }
+    let values: Vec<Entry<'_>> = items
         .iter()
-        .map(|item| {
-            let modified = jiff::Timestamp::from_nanosecond(item.modified)
+        .map(|item| Entry {
+            name: &item.name,
+            size: item.size,
+            url: &item.url,
+            mod_time: jiff::Timestamp::from_nanosecond(item.modified)
                 .map(|t| t.to_string())
-                .unwrap_or_default();
-            serde_json::json!({
-                "name": item.name,
-                "size": item.size,
-                "url": item.url,
-                "mod_time": modified,
-                "mode": item.mode,
-                "is_dir": item.is_dir,
-                "is_symlink": item.is_symlink,
-            })
+                .unwrap_or_default(),
+            mode: item.mode,
+            is_dir: item.is_dir,
+            is_symlink: item.is_symlink,
         })
         .collect();
     let text = serde_json::to_string(&values).expect("a listing serializes");

@@ -467,6 +467,80 @@ pub(crate) fn mapped(name: &str, req: Req<'_>, cx: &Cx) -> Option<String> {
     value.flatten()
 }
 
+/// The query part of a rewrite target (`rewrite`, `try_files`), compiled as Caddy's
+/// `buildQueryString` reads it: split at `&` and `=` before any placeholder is rendered, each
+/// placeholder's value query-escaped, so a value cannot add parameters (`{path}` holding
+/// `&admin=1` stays one value); `{query}` in a key's place is already a query and is kept.
+#[derive(Clone, Debug)]
+pub(crate) struct QueryTemplate {
+    /// Each component and whether `&` (not `=` or the end) followed it.
+    components: Vec<(Template, bool)>,
+}
+
+impl QueryTemplate {
+    /// Compiles `text` (after the `?`).
+    pub(crate) fn parse(text: &str, env: &Env) -> Result<QueryTemplate, String> {
+        let mut components = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let end = rest.find(['=', '&']).unwrap_or(rest.len());
+            let amp = rest[end..].starts_with('&');
+            components.push((Template::parse(&rest[..end], env)?, amp));
+            rest = rest.get(end + 1..).unwrap_or("");
+        }
+        Ok(QueryTemplate { components })
+    }
+
+    /// Renders for `req` in `cx`.
+    pub(crate) fn render(&self, req: Req<'_>, cx: &Cx) -> String {
+        let mut out = String::new();
+        let mut wrote_value = true;
+        for (template, amp) in &self.components {
+            let mut component = String::new();
+            for piece in &template.pieces {
+                match piece {
+                    Piece::Text(t) => component.push_str(t),
+                    Piece::Var(Var::Query) if wrote_value => {
+                        render_var(&mut component, &Var::Query, req, cx)
+                    }
+                    Piece::Var(v) => {
+                        let mut value = String::new();
+                        render_var(&mut value, v, req, cx);
+                        component.push_str(&query_escape(&value));
+                    }
+                }
+            }
+            if wrote_value {
+                if !out.is_empty() && !component.is_empty() {
+                    out.push('&');
+                }
+            } else {
+                out.push('=');
+            }
+            out.push_str(&component);
+            wrote_value = *amp;
+        }
+        out
+    }
+}
+
+/// Go's `url.QueryEscape`: all but letters, digits and `-_.~` escaped, a space as `+`.
+fn query_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &b in text.as_bytes() {
+        match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char);
+            }
+            b' ' => out.push('+'),
+            _ => {
+                let _ = write!(out, "%{b:02X}");
+            }
+        }
+    }
+    out
+}
+
 /// The host part of a Host header as the client wrote it (case kept), as Go's
 /// `net.SplitHostPort` leaves it for Caddy's `{host}`: the whole value when it has no port.
 fn host_as_sent(value: &str) -> &str {

@@ -639,7 +639,12 @@ pub(crate) fn parse_routes(lines: &[Line], s: &mut Scope, key: &str) -> Result<V
         let name = canonical(first);
         let rest = &line.words[1..];
         let (matcher, args) = match rest.first() {
-            Some(m) if is_matcher(m) && !(name == "redir" && redir::target_only(rest)) => {
+            // Caddy's try_files takes no matcher: a first file `/index.html` is a file.
+            Some(m)
+                if is_matcher(m)
+                    && name != "try_files"
+                    && !(name == "redir" && redir::target_only(rest)) =>
+            {
                 (Some(m.clone()), &rest[1..])
             }
             _ => (None, rest),
