@@ -510,6 +510,8 @@ pub(crate) struct MatcherSet {
 impl MatcherSet {
     /// Compiles `toml`; `name` is the matcher's own name (default capture name).
     pub(crate) fn build(toml: &MatcherToml, name: &str) -> Result<MatcherSet, String> {
+        let resolved = crate::placeholders::with_site_env(|env| static_values(toml, env))?;
+        let toml = &resolved;
         let mut matchers = Vec::new();
         if !toml.path.is_empty() {
             let patterns = toml
@@ -596,6 +598,48 @@ impl MatcherSet {
             matchers,
         })
     }
+}
+
+/// `toml` with the placeholders Caddy renders in path, host, header and query matcher values
+/// resolved when they are static (`{env.X}`, read at load); a placeholder whose value depends
+/// on the request is refused there (the `vars` and `expression` matchers take those), so none
+/// is ever compared as text.
+fn static_values(toml: &MatcherToml, env: &labcore::Env) -> Result<MatcherToml, String> {
+    let fix = |kind: &str, value: &str| -> Result<String, String> {
+        if !value.contains('{') {
+            return Ok(value.to_owned());
+        }
+        let template = Template::parse(value, env)?;
+        match template.literal() {
+            Some(text) => Ok(text.to_owned()),
+            None => Err(format!(
+                "{kind} matcher value {value:?}: only {{env.X}} placeholders are supported \
+                 here (match request values with a vars or expression matcher)"
+            )),
+        }
+    };
+    let mut out = toml.clone();
+    for p in &mut out.path {
+        *p = fix("path", p)?;
+    }
+    for h in &mut out.host {
+        *h = fix("host", h)?;
+    }
+    for values in out.header.values_mut() {
+        for v in values {
+            *v = fix("header", v)?;
+        }
+    }
+    let mut query = BTreeMap::new();
+    for (k, values) in &toml.query {
+        let values = values
+            .iter()
+            .map(|v| fix("query", v))
+            .collect::<Result<Vec<_>, _>>()?;
+        query.insert(fix("query", k)?, values);
+    }
+    out.query = query;
+    Ok(out)
 }
 
 /// The matchers that hold placeholders (`file`, `expression`, `vars`, `vars_regexp`), compiled
@@ -760,5 +804,22 @@ mod tests {
         let one = Cidr::parse("192.168.1.0/24").unwrap();
         assert!(one[0].contains("::ffff:192.168.1.9".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn a_request_placeholder_in_a_header_matcher_value_is_refused_not_compared_as_text() {
+        let mut toml = MatcherToml::default();
+        toml.add_line(&["header".into(), "X-Tenant".into(), "{path}".into()], None)
+            .unwrap();
+        let err = MatcherSet::build(&toml, "t").unwrap_err();
+        assert!(err.contains("only {env.X}"), "{err}");
+        let mut toml = MatcherToml::default();
+        toml.add_line(&["path".into(), "/{vars.x}/*".into()], None)
+            .unwrap();
+        assert!(MatcherSet::build(&toml, "t").is_err());
+        let mut toml = MatcherToml::default();
+        toml.add_line(&["header".into(), "X-A".into(), "{\"json\"}".into()], None)
+            .unwrap();
+        assert!(MatcherSet::build(&toml, "t").is_ok());
     }
 }

@@ -356,6 +356,7 @@ const ROUTING_REST: &str = r#"http://plain.local, http://other.local {
 	@far remote_ip 10.0.0.0/8
 	@nokey header !X-Key
 	@session header Cookie *session=*
+	@token header X-Token "t-{env.PATH}"
 	uri /suffix/* strip_suffix .html
 	uri /prefix/* strip_prefix /prefix
 	uri /replace/* replace foo bar 1
@@ -378,6 +379,10 @@ const ROUTING_REST: &str = r#"http://plain.local, http://other.local {
 	handle /key {
 		respond @nokey "no key"
 		respond "key"
+	}
+	handle /token {
+		respond @token "token"
+		respond "no token"
 	}
 	handle /cookie {
 		respond @session "session"
@@ -405,6 +410,9 @@ fn uri_abort_and_the_host_protocol_remote_ip_and_header_matchers_answer_as_caddy
         Req::get("/key").header("X-Key", "k"),
         Req::get("/cookie").header("Cookie", "a=1; session=xyz"),
         Req::get("/cookie").header("Cookie", "a=1"),
+        // {env.X} in a matcher value is read at load, as Caddy renders it.
+        Req::get("/token").header("X-Token", &format!("t-{}", std::env::var("PATH").unwrap())),
+        Req::get("/token").header("X-Token", "t-{env.PATH}"),
         Req::get("/anything").host(Some("other.local")),
         Req::get("/anything").host(Some("OTHER.local:80")),
     ] {
@@ -421,7 +429,7 @@ fn uri_abort_and_the_host_protocol_remote_ip_and_header_matchers_answer_as_caddy
 #[test]
 fn placeholder_families_render_the_same_values_as_caddys() {
     let both = Both::start(
-        "http://plain.local {\n\trewrite /rw/* /new{path}?moved=1\n\thandle /up/* {\n\t\treverse_proxy @ECHO@ {\n\t\t\theader_down X-Up {upstream_hostport}\n\t\t}\n\t}\n\trespond \"host={host} hostport={hostport} uri={uri} path={path} query={query} method={method} scheme={scheme} rh={remote_host} dir={dir} file={file} ou={http.request.orig_uri} op={http.request.orig_uri.path} oq={http.request.orig_uri.query} h={header.X-A} c={cookie.c} q={query.q} p0={path.0} p1={path.1} l0={labels.0} l1={labels.1} proto={http.request.proto} long={http.request.uri.path}\"\n}\n",
+        "http://plain.local {\n\trewrite /rw/* /new{path}?moved=1\n\thandle /up/* {\n\t\treverse_proxy @ECHO@ {\n\t\t\theader_down X-Up {upstream_hostport}\n\t\t}\n\t}\n\trespond \"host={host} hostport={hostport} uri={uri} path={path} query={query} method={method} scheme={scheme} rh={remote_host} dir={dir} file={file} ou={http.request.orig_uri} op={http.request.orig_uri.path} oq={http.request.orig_uri.query} h={header.X-A} c={cookie.c} q={query.q} p0={path.0} p1={path.1} l0={labels.0} l1={labels.1} proto={http.request.proto} long={http.request.uri.path} env={env.PATH} unset=[{env.EDGE_COVERAGE_UNSET}]\"\n}\n",
     );
     for req in [
         Req::get("/a/b.txt?q=1&z=2")
