@@ -35,27 +35,97 @@ pub(crate) fn status_response(status: StatusCode, text: &'static str) -> Respons
 pub(crate) enum UpBody {
     /// The client's body.
     Client(Incoming),
+    /// The client's body under `request_body max_size`.
+    Capped(Capped),
     /// No body.
     Empty,
 }
 
+/// A client body that fails once more than its limit has come (`request_body max_size`),
+/// checked frame by frame as it streams, so nothing past the limit is ever held; the flag
+/// tells whoever sent it why the exchange failed.
+pub(crate) struct Capped {
+    inner: Incoming,
+    left: u64,
+    over: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Capped {
+    /// `inner`, cut after `limit` bytes; `over` is set when it is.
+    pub(crate) fn new(
+        inner: Incoming,
+        limit: u64,
+        over: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Capped {
+        Capped {
+            inner,
+            left: limit,
+            over,
+        }
+    }
+}
+
+/// Whether a request declares a body longer than `limit` (its Content-Length).
+pub(crate) fn declares_over(headers: &hyper::http::HeaderMap, limit: u64) -> bool {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > limit)
+}
+
+/// The answer to a body over `request_body max_size`: 413, no body, the connection closed
+/// (the rest of the body is never read), as Caddy answers.
+pub(crate) fn too_large() -> Response<Body> {
+    let mut response = Response::new(
+        http_body_util::Empty::<Bytes>::new()
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 impl HttpBody for UpBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
         match self.get_mut() {
-            UpBody::Client(body) => std::pin::Pin::new(body).poll_frame(cx),
-            UpBody::Empty => std::task::Poll::Ready(None),
+            UpBody::Client(body) => std::pin::Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpBody::Capped(capped) => {
+                let frame = match std::pin::Pin::new(&mut capped.inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => frame,
+                    other => return other.map_err(Into::into),
+                };
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > capped.left {
+                        capped.left = 0;
+                        capped
+                            .over
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Poll::Ready(Some(Err("request body too large".into())));
+                    }
+                    capped.left -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            UpBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             UpBody::Client(body) => body.is_end_stream(),
+            UpBody::Capped(capped) => capped.inner.is_end_stream(),
             UpBody::Empty => true,
         }
     }
@@ -63,6 +133,7 @@ impl HttpBody for UpBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpBody::Client(body) => body.size_hint(),
+            UpBody::Capped(capped) => capped.inner.size_hint(),
             UpBody::Empty => SizeHint::with_exact(0),
         }
     }

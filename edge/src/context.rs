@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use hyper::http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
 
@@ -51,6 +52,19 @@ pub(crate) struct Captured {
     pub(crate) named: Vec<(String, String)>,
 }
 
+/// What the last `file` matcher that matched found, for `{file_match.*}`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FileMatched {
+    /// The path under the root, starting with `/`.
+    pub(crate) relative: String,
+    /// The path with the root.
+    pub(crate) absolute: String,
+    /// "file" or "directory".
+    pub(crate) kind: &'static str,
+    /// What followed a `split_path` extension.
+    pub(crate) remainder: String,
+}
+
 /// The per-request state.
 #[derive(Debug)]
 pub(crate) struct Cx {
@@ -72,6 +86,12 @@ pub(crate) struct Cx {
     pub(crate) upstream: Option<String>,
     /// The error being handled by `handle_errors`: status and message.
     pub(crate) error: Option<(u16, String)>,
+    /// The `map` tables the request passed, in order (the first with a destination decides).
+    pub(crate) maps: Vec<Arc<crate::directives::map::Table>>,
+    /// What the last `file` matcher that matched found.
+    pub(crate) file_match: Option<FileMatched>,
+    /// `request_body max_size`: the most body bytes a handler may read.
+    pub(crate) body_limit: Option<u64>,
     /// The path as matchers see it (see [`match_path`]), for the current target.
     path: Vec<u8>,
 }
@@ -99,6 +119,9 @@ impl Cx {
             captures: Vec::new(),
             upstream: None,
             error: None,
+            maps: Vec::new(),
+            file_match: None,
+            body_limit: None,
             path,
         })
     }

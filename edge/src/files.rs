@@ -512,7 +512,7 @@ pub(crate) fn try_files(
 }
 
 /// Escapes glob characters in a request's value before it goes into a pattern, as Caddy does.
-fn glob_escape(value: &str) -> String {
+pub(crate) fn glob_escape(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         if matches!(c, '*' | '?' | '[') {
@@ -526,7 +526,7 @@ fn glob_escape(value: &str) -> String {
 /// Caddy's `firstSplit`: the path up to and including the first split extension that ends a
 /// segment, and the rest. Caddy's search never looks at the path's very end (an off-by-one in
 /// its `indexFold`); that changes nothing, since a split at the end leaves no remainder.
-fn first_split(path: &str, split_path: &[String]) -> (String, String) {
+pub(crate) fn first_split(path: &str, split_path: &[String]) -> (String, String) {
     let lower = path.to_ascii_lowercase();
     for split in split_path {
         let needle = split.to_ascii_lowercase();
@@ -557,7 +557,7 @@ pub(crate) fn join(root: &Path, path: &str) -> PathBuf {
 }
 
 /// Go's `path.Clean`, dropping any trailing slash.
-fn clean(path: &str) -> String {
+pub(crate) fn clean(path: &str) -> String {
     let rooted = path.starts_with('/');
     let mut segments: Vec<&str> = Vec::new();
     for segment in path.split('/') {
@@ -1394,7 +1394,7 @@ fn class_char(p: &[char]) -> Option<(char, usize)> {
 
 /// The paths a pattern names, expanded as Go's `filepath.Glob` does; a pattern without glob
 /// characters names itself (whether or not it exists).
-fn glob(pattern: &Path) -> Vec<PathBuf> {
+pub(crate) fn glob(pattern: &Path) -> Vec<PathBuf> {
     let text = pattern.to_string_lossy();
     if !text.contains(['*', '?', '[']) {
         return vec![pattern.to_owned()];
@@ -1574,21 +1574,29 @@ fn sort_items(items: &mut [Item], sort: &str, descending: bool) {
 
 /// The JSON listing, as Caddy's encoder writes it (HTML characters escaped, a final newline).
 fn listing_json(items: &[Item]) -> String {
-    let values: Vec<serde_json::Value> = items
+    // A struct, not `json!`: its fields keep Caddy's order (a map would sort them).
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        name: &'a str,
+        size: u64,
+        url: &'a str,
+        mod_time: String,
+        mode: u32,
+        is_dir: bool,
+        is_symlink: bool,
+    }
+    let values: Vec<Entry<'_>> = items
         .iter()
-        .map(|item| {
-            let modified = jiff::Timestamp::from_nanosecond(item.modified)
+        .map(|item| Entry {
+            name: &item.name,
+            size: item.size,
+            url: &item.url,
+            mod_time: jiff::Timestamp::from_nanosecond(item.modified)
                 .map(|t| t.to_string())
-                .unwrap_or_default();
-            serde_json::json!({
-                "name": item.name,
-                "size": item.size,
-                "url": item.url,
-                "mod_time": modified,
-                "mode": item.mode,
-                "is_dir": item.is_dir,
-                "is_symlink": item.is_symlink,
-            })
+                .unwrap_or_default(),
+            mode: item.mode,
+            is_dir: item.is_dir,
+            is_symlink: item.is_symlink,
         })
         .collect();
     let text = serde_json::to_string(&values).expect("a listing serializes");

@@ -8,7 +8,6 @@
 //! ACME HTTP-01 challenges (`/.well-known/acme-challenge/`), which go to the
 //! [`ChallengeResponder`] when one is registered.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -83,12 +82,26 @@ fn redirect(status: StatusCode, location: &str) -> Response<Body> {
     }
 }
 
+/// Why a connection closes without an answer: the `abort` directive. Returned to hyper as
+/// the service's error, which drops an HTTP/1 connection unanswered and resets an HTTP/2
+/// stream, as Caddy's abort does.
+#[derive(Debug)]
+pub(crate) struct AbortConnection;
+
+impl std::fmt::Display for AbortConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("aborted by the abort directive")
+    }
+}
+
+impl std::error::Error for AbortConnection {}
+
 /// Serves one request.
 pub(crate) async fn handle(
     req: Request<Incoming>,
     conn: Arc<Conn>,
     state: Arc<State>,
-) -> Result<Response<Logged>, Infallible> {
+) -> Result<Response<Logged>, AbortConnection> {
     let start = Instant::now();
     conn.in_flight.fetch_add(1, Ordering::Relaxed);
     conn.requests.fetch_add(1, Ordering::Relaxed);
@@ -115,6 +128,10 @@ pub(crate) async fn handle(
     if let Some(record) = record.as_mut() {
         record.status = routed.status().as_u16();
     }
+    let aborted = routed
+        .extensions()
+        .get::<crate::directives::Aborted>()
+        .is_some();
     let (parts, body) = routed.into_parts();
     let body = Logged::new(
         body,
@@ -123,6 +140,11 @@ pub(crate) async fn handle(
         state.log.clone(),
         conn.in_flight.clone(),
     );
+    if aborted {
+        // Dropping the body logs the request and counts it done.
+        drop(body);
+        return Err(AbortConnection);
+    }
     Ok(Response::from_parts(parts, body))
 }
 

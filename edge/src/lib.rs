@@ -28,7 +28,9 @@ mod config;
 mod context;
 mod directives;
 mod encode;
+mod expression;
 mod fastcgi;
+mod file_matcher;
 mod files;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

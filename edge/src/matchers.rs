@@ -16,6 +16,7 @@ use regex_lite::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::context::{Captured, Cx, Req};
+use crate::placeholders::Template;
 use crate::site::{Host, PathMatcher, Scheme};
 
 /// A regexp with an optional capture name, as TOML.
@@ -64,6 +65,18 @@ pub(crate) struct MatcherToml {
     /// Sets that must not match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) not: Vec<MatcherToml>,
+    /// Files that must exist (see [`crate::file_matcher`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) file: Option<crate::file_matcher::FileToml>,
+    /// A CEL expression, in the forms [`crate::expression`] understands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) expression: Option<String>,
+    /// Variables (or `{placeholder}`s) and accepted values; any one matching is enough.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) vars: BTreeMap<String, Vec<String>>,
+    /// Variables (or `{placeholder}`s) matched by regexps.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) vars_regexp: BTreeMap<String, RegexpToml>,
 }
 
 impl MatcherToml {
@@ -92,7 +105,7 @@ impl MatcherToml {
                 Ok(())
             }
         };
-        if block.is_some() && kind != "not" {
+        if block.is_some() && kind != "not" && kind != "file" {
             return Err(format!("matcher {kind} takes no block"));
         }
         match kind.as_str() {
@@ -176,6 +189,38 @@ impl MatcherToml {
                 }
                 self.not.push(inner);
             }
+            "file" => self
+                .file
+                .get_or_insert_with(Default::default)
+                .add_line(args, block)?,
+            "expression" => {
+                need_args(1)?;
+                if self.expression.is_some() {
+                    return Err("one expression per matcher set (join them with &&)".into());
+                }
+                self.expression = Some(args.join(" "));
+            }
+            "vars" => {
+                need_args(2)?;
+                self.vars
+                    .entry(args[0].clone())
+                    .or_default()
+                    .extend(args[1..].iter().cloned());
+            }
+            "vars_regexp" => {
+                let (name, key, pattern) = match args {
+                    [key, pattern] => (None, key, pattern),
+                    [name, key, pattern] => (Some(name.clone()), key, pattern),
+                    _ => return Err("vars_regexp [NAME] VARIABLE REGEXP".into()),
+                };
+                self.vars_regexp.insert(
+                    key.clone(),
+                    RegexpToml {
+                        name,
+                        pattern: pattern.clone(),
+                    },
+                );
+            }
             other => {
                 return Err(format!(
                     "matcher {other:?} is not supported (see man edge-caddyfile)"
@@ -194,10 +239,22 @@ enum PathPattern {
     Contains(Vec<u8>),
     /// Several stars: `*` matches within one segment.
     Glob(Vec<u8>),
+    /// A pattern starting with neither `/` nor `*` (`'/.htaccess`, a quote the Caddyfile kept):
+    /// no request path can match it, in Caddy as here.
+    Never,
 }
 
 impl PathPattern {
     fn parse(text: &str) -> Result<PathPattern, String> {
+        // Caddy takes any such word and compares it as it is; a path always starts with `/`
+        // (or is `*`), so it never matches. Glob syntax the edge lacks stays refused.
+        if !text.starts_with(['/', '*', '?', '[', '\\']) && !text.is_empty() {
+            tracing::warn!(
+                pattern = text,
+                "a path matcher starting with neither / nor * never matches (as in Caddy)"
+            );
+            return Ok(PathPattern::Never);
+        }
         let stars = text.matches('*').count();
         if stars == 2 && text.len() > 2 && text.starts_with('*') && text.ends_with('*') {
             return Ok(PathPattern::Contains(
@@ -221,6 +278,7 @@ impl PathPattern {
                 lower.windows(needle.len()).any(|w| w == needle.as_slice())
             }
             PathPattern::Glob(pattern) => glob(pattern, &path.to_ascii_lowercase()),
+            PathPattern::Never => false,
         }
     }
 }
@@ -400,6 +458,45 @@ enum Matcher {
     RemoteIp(Vec<Cidr>),
     Protocol(Protocol),
     Not(MatcherSet),
+    File(Box<crate::file_matcher::FileMatcher>),
+    Expression(Box<crate::expression::Expression>),
+    /// Any of the (variable, accepted values) pairs.
+    Vars(Vec<(VarKey, Vec<Template>)>),
+    VarsRegexp(Vec<(VarKey, NamedRegex)>),
+}
+
+/// What a `vars` matcher reads: a variable, or a `{placeholder}`.
+#[derive(Debug, Clone)]
+enum VarKey {
+    Var(String),
+    Placeholder(Template),
+}
+
+impl VarKey {
+    fn build(key: &str) -> Result<VarKey, String> {
+        if key.starts_with('{') && key.ends_with('}') && key.matches('{').count() == 1 {
+            Ok(VarKey::Placeholder(Template::parse(
+                key,
+                &labcore::Env::default(),
+            )?))
+        } else {
+            Ok(VarKey::Var(key.to_owned()))
+        }
+    }
+
+    /// The value as Caddy compares it: a variable never set is Go's `<nil>`, and so is a
+    /// `map` destination that maps to nothing.
+    fn value(&self, req: Req<'_>, cx: &Cx) -> String {
+        match self {
+            VarKey::Var(name) => cx.var(name).unwrap_or("<nil>").to_owned(),
+            VarKey::Placeholder(t) => match t.mapped_name() {
+                Some(name) => {
+                    crate::placeholders::mapped(name, req, cx).unwrap_or_else(|| "<nil>".to_owned())
+                }
+                None => t.render(req, cx),
+            },
+        }
+    }
 }
 
 /// A compiled matcher set.
@@ -413,6 +510,8 @@ pub(crate) struct MatcherSet {
 impl MatcherSet {
     /// Compiles `toml`; `name` is the matcher's own name (default capture name).
     pub(crate) fn build(toml: &MatcherToml, name: &str) -> Result<MatcherSet, String> {
+        let resolved = crate::placeholders::with_site_env(|env| static_values(toml, env))?;
+        let toml = &resolved;
         let mut matchers = Vec::new();
         if !toml.path.is_empty() {
             let patterns = toml
@@ -491,12 +590,98 @@ impl MatcherSet {
         for inner in &toml.not {
             matchers.push(Matcher::Not(MatcherSet::build(inner, name)?));
         }
+        crate::placeholders::with_site_env(|env| {
+            build_placeholder_matchers(toml, name, env, &mut matchers)
+        })?;
         Ok(MatcherSet {
             first_path: toml.path.first().map(|p| p.len()),
             matchers,
         })
     }
+}
 
+/// `toml` with the placeholders Caddy renders in path, host, header and query matcher values
+/// resolved when they are static (`{env.X}`, read at load); a placeholder whose value depends
+/// on the request is refused there (the `vars` and `expression` matchers take those), so none
+/// is ever compared as text.
+fn static_values(toml: &MatcherToml, env: &labcore::Env) -> Result<MatcherToml, String> {
+    let fix = |kind: &str, value: &str| -> Result<String, String> {
+        if !value.contains('{') {
+            return Ok(value.to_owned());
+        }
+        let template = Template::parse(value, env)?;
+        match template.literal() {
+            Some(text) => Ok(text.to_owned()),
+            None => Err(format!(
+                "{kind} matcher value {value:?}: only {{env.X}} placeholders are supported \
+                 here (match request values with a vars or expression matcher)"
+            )),
+        }
+    };
+    let mut out = toml.clone();
+    for p in &mut out.path {
+        *p = fix("path", p)?;
+    }
+    for h in &mut out.host {
+        *h = fix("host", h)?;
+    }
+    for values in out.header.values_mut() {
+        for v in values {
+            *v = fix("header", v)?;
+        }
+    }
+    let mut query = BTreeMap::new();
+    for (k, values) in &toml.query {
+        let values = values
+            .iter()
+            .map(|v| fix("query", v))
+            .collect::<Result<Vec<_>, _>>()?;
+        query.insert(fix("query", k)?, values);
+    }
+    out.query = query;
+    Ok(out)
+}
+
+/// The matchers that hold placeholders (`file`, `expression`, `vars`, `vars_regexp`), compiled
+/// with the site's environment.
+fn build_placeholder_matchers(
+    toml: &MatcherToml,
+    name: &str,
+    env: &labcore::Env,
+    matchers: &mut Vec<Matcher>,
+) -> Result<(), String> {
+    if let Some(file) = &toml.file {
+        matchers.push(Matcher::File(Box::new(
+            crate::file_matcher::FileMatcher::build(file, env)?,
+        )));
+    }
+    if let Some(text) = &toml.expression {
+        matchers.push(Matcher::Expression(Box::new(
+            crate::expression::Expression::parse(text, env)?,
+        )));
+    }
+    if !toml.vars.is_empty() {
+        let mut pairs = Vec::new();
+        for (key, values) in &toml.vars {
+            let values = values
+                .iter()
+                .map(|v| Template::parse(v, env))
+                .collect::<Result<_, _>>()?;
+            pairs.push((VarKey::build(key)?, values));
+        }
+        matchers.push(Matcher::Vars(pairs));
+    }
+    if !toml.vars_regexp.is_empty() {
+        let mut pairs = Vec::new();
+        for (key, re) in &toml.vars_regexp {
+            pairs.push((VarKey::build(key)?, NamedRegex::build(re, name)?));
+        }
+        matchers.push(Matcher::VarsRegexp(pairs));
+    }
+    Ok(())
+}
+
+impl MatcherSet {
     /// Whether the set is empty (matches everything).
     pub(crate) fn is_empty(&self) -> bool {
         self.matchers.is_empty()
@@ -570,6 +755,29 @@ impl Matcher {
                 Protocol::Http3 => req.version == Version::HTTP_3,
             },
             Matcher::Not(set) => !set.matches(req, cx),
+            Matcher::File(file) => file.matches(req, cx),
+            Matcher::Expression(expression) => expression.matches(req, cx),
+            Matcher::Vars(pairs) => pairs.iter().any(|(key, values)| {
+                let value = key.value(req, cx);
+                values.iter().any(|v| v.render(req, cx) == value)
+            }),
+            Matcher::VarsRegexp(pairs) => pairs.iter().any(|(key, re)| {
+                // Caddy tries the variable, then the key itself as a placeholder.
+                let value = match key {
+                    VarKey::Var(name) => cx.var(name).unwrap_or("<nil>").to_owned(),
+                    VarKey::Placeholder(_) => "<nil>".to_owned(),
+                };
+                if re.capture(&value, cx) {
+                    return true;
+                }
+                match key {
+                    VarKey::Placeholder(t) => {
+                        let rendered = t.render(req, cx);
+                        re.capture(&rendered, cx)
+                    }
+                    VarKey::Var(name) => re.capture(name, cx),
+                }
+            }),
         }
     }
 }
@@ -596,5 +804,22 @@ mod tests {
         let one = Cidr::parse("192.168.1.0/24").unwrap();
         assert!(one[0].contains("::ffff:192.168.1.9".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn a_request_placeholder_in_a_header_matcher_value_is_refused_not_compared_as_text() {
+        let mut toml = MatcherToml::default();
+        toml.add_line(&["header".into(), "X-Tenant".into(), "{path}".into()], None)
+            .unwrap();
+        let err = MatcherSet::build(&toml, "t").unwrap_err();
+        assert!(err.contains("only {env.X}"), "{err}");
+        let mut toml = MatcherToml::default();
+        toml.add_line(&["path".into(), "/{vars.x}/*".into()], None)
+            .unwrap();
+        assert!(MatcherSet::build(&toml, "t").is_err());
+        let mut toml = MatcherToml::default();
+        toml.add_line(&["header".into(), "X-A".into(), "{\"json\"}".into()], None)
+            .unwrap();
+        assert!(MatcherSet::build(&toml, "t").is_ok());
     }
 }

@@ -45,6 +45,63 @@ enum Var {
     Upstream,
     ErrorStatus,
     ErrorMessage,
+    /// A `map` destination, looked up when rendered.
+    Mapped(String),
+    /// `{http.matchers.file.*}`: what the last `file` matcher found.
+    FileMatch(FileField),
+}
+
+/// What the `file` matcher records of the file it found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum FileField {
+    /// The path under the root, starting with `/`.
+    Relative,
+    /// The path with the root.
+    Absolute,
+    /// "file" or "directory".
+    Type,
+    /// What followed a `split_path` extension.
+    Remainder,
+}
+
+thread_local! {
+    /// The `map` destinations of the site being compiled: placeholders known only to it.
+    static MAPPED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// How deep `map` lookups nest in the render under way (a map whose source reads
+    /// another map's destination); bounded so a cycle renders empty instead of looping.
+    static MAP_DEPTH: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+    /// The environment of the site being compiled.
+    static SITE_ENV: std::cell::RefCell<Option<Env>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Starts compiling a new site with `env`: no `map` destination is known yet.
+pub(crate) fn start_site(env: &Env) {
+    MAPPED.with(|m| m.borrow_mut().clear());
+    SITE_ENV.with(|e| *e.borrow_mut() = Some(env.clone()));
+}
+
+/// Runs `f` with the environment of the site being compiled (for `{env.X}` in matchers,
+/// which are built without one at hand); the empty one outside a site's compilation.
+pub(crate) fn with_site_env<T>(f: impl FnOnce(&Env) -> T) -> T {
+    SITE_ENV.with(|e| match &*e.borrow() {
+        Some(env) => f(env),
+        None => f(&Env::default()),
+    })
+}
+
+/// Makes `names` (a `map`'s destinations) known placeholders for the site being compiled.
+pub(crate) fn allow_mapped(names: &[String]) {
+    MAPPED.with(|m| m.borrow_mut().extend(names.iter().cloned()));
+}
+
+/// Whether `key` names a built-in placeholder (one a `map` destination may not shadow).
+pub(crate) fn is_builtin(key: &str) -> bool {
+    MAPPED.with(|m| {
+        let saved = std::mem::take(&mut *m.borrow_mut());
+        let known = variable(key, &Env::default()).is_ok();
+        *m.borrow_mut() = saved;
+        known
+    })
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -100,6 +157,7 @@ fn long_name(key: &str) -> String {
         ("re.", "http.regexp."),
         ("vars.", "http.vars."),
         ("err.", "http.error."),
+        ("file_match.", "http.matchers.file."),
     ] {
         if let Some(rest) = key.strip_prefix(prefix) {
             return format!("{long}{rest}");
@@ -130,7 +188,14 @@ fn variable(key: &str, env: &Env) -> Result<Piece, String> {
         "http.reverse_proxy.upstream.hostport" => Var::Upstream,
         "http.error.status_code" => Var::ErrorStatus,
         "http.error.message" => Var::ErrorMessage,
+        "http.matchers.file.relative" => Var::FileMatch(FileField::Relative),
+        "http.matchers.file.absolute" => Var::FileMatch(FileField::Absolute),
+        "http.matchers.file.type" => Var::FileMatch(FileField::Type),
+        "http.matchers.file.remainder" => Var::FileMatch(FileField::Remainder),
         _ => {
+            if MAPPED.with(|m| m.borrow().iter().any(|n| n == key)) {
+                return Ok(Piece::Var(Var::Mapped(key.to_owned())));
+            }
             if let Some(name) = long.strip_prefix("env.") {
                 return Ok(Piece::Text(env.get(name).unwrap_or("").to_owned()));
             }
@@ -213,6 +278,14 @@ impl Template {
         Ok(Template { pieces })
     }
 
+    /// The destination's name, when the whole text is one `map` destination.
+    pub(crate) fn mapped_name(&self) -> Option<&str> {
+        match self.pieces.as_slice() {
+            [Piece::Var(Var::Mapped(name))] => Some(name),
+            _ => None,
+        }
+    }
+
     /// The text, when it holds no placeholder.
     pub(crate) fn literal(&self) -> Option<&str> {
         match self.pieces.as_slice() {
@@ -225,6 +298,28 @@ impl Template {
     /// Whether it names the chosen upstream (rendered per upstream tried).
     pub(crate) fn uses_upstream(&self) -> bool {
         self.pieces.contains(&Piece::Var(Var::Upstream))
+    }
+
+    /// Renders for `req` in `cx`, each placeholder's value passed through `value` (the `file`
+    /// matcher escapes glob characters in them, as Caddy does).
+    pub(crate) fn render_with(
+        &self,
+        req: Req<'_>,
+        cx: &Cx,
+        value: impl Fn(&str) -> String,
+    ) -> String {
+        let mut out = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var(v) => {
+                    let mut one = String::new();
+                    render_var(&mut one, v, req, cx);
+                    out.push_str(&value(&one));
+                }
+            }
+        }
+        out
     }
 
     /// Renders for `req` in `cx`.
@@ -248,7 +343,11 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
     let orig = cx.orig_uri.as_ref().unwrap_or(uri);
     // Writing to a String cannot fail.
     let _ = match var {
-        Var::Host => write!(out, "{}", cx.host),
+        Var::Host => write!(
+            out,
+            "{}",
+            host_as_sent(cx.host_value.to_str().unwrap_or(""))
+        ),
         Var::HostPort => write!(out, "{}", cx.host_value.to_str().unwrap_or("")),
         Var::Uri => write!(out, "{}", uri.path_and_query().map_or("/", |p| p.as_str())),
         Var::Path => write!(out, "{}", uri.path()),
@@ -292,7 +391,8 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
             write!(out, "{}", found.unwrap_or(""))
         }
         Var::QueryArg(name) => {
-            let found = uri
+            // Every value of a repeated key, joined by commas, as Caddy gives them.
+            let found: Vec<String> = uri
                 .query()
                 .unwrap_or("")
                 .split('&')
@@ -300,8 +400,8 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
                     let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
                     (decode(k) == *name).then(|| decode(v))
                 })
-                .next();
-            write!(out, "{}", found.unwrap_or_default())
+                .collect();
+            write!(out, "{}", found.join(","))
         }
         Var::PathPart(n) => {
             let part = uri.path().split('/').filter(|s| !s.is_empty()).nth(*n);
@@ -309,7 +409,9 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
         }
         Var::Label(n) => {
             // Caddy counts labels from the right: 0 is the top-level domain.
-            let label = cx.host.rsplit('.').nth(*n);
+            let label = host_as_sent(cx.host_value.to_str().unwrap_or(""))
+                .rsplit('.')
+                .nth(*n);
             write!(out, "{}", label.unwrap_or(""))
         }
         Var::Named(name) => write!(out, "{}", cx.var(name).unwrap_or("")),
@@ -334,7 +436,124 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
             Some((_, message)) => write!(out, "{message}"),
             None => Ok(()),
         },
+        Var::Mapped(name) => {
+            out.push_str(&mapped(name, req, cx).unwrap_or_default());
+            Ok(())
+        }
+        Var::FileMatch(field) => {
+            if let Some(found) = &cx.file_match {
+                out.push_str(match field {
+                    FileField::Relative => &found.relative,
+                    FileField::Absolute => &found.absolute,
+                    FileField::Type => found.kind,
+                    FileField::Remainder => &found.remainder,
+                });
+            }
+            Ok(())
+        }
     };
+}
+
+/// The value of `map` destination `name` for this request: the first `map` the request
+/// passed that has it decides, as in Caddy (`None`: it maps to nothing, or no `map` ran).
+pub(crate) fn mapped(name: &str, req: Req<'_>, cx: &Cx) -> Option<String> {
+    let depth = MAP_DEPTH.with(std::cell::Cell::get);
+    if depth >= 8 {
+        return None;
+    }
+    MAP_DEPTH.with(|d| d.set(depth + 1));
+    let value = cx.maps.iter().find_map(|m| m.lookup(name, req, cx));
+    MAP_DEPTH.with(|d| d.set(depth));
+    value.flatten()
+}
+
+/// The query part of a rewrite target (`rewrite`, `try_files`), compiled as Caddy's
+/// `buildQueryString` reads it: split at `&` and `=` before any placeholder is rendered, each
+/// placeholder's value query-escaped, so a value cannot add parameters (`{path}` holding
+/// `&admin=1` stays one value); `{query}` in a key's place is already a query and is kept.
+#[derive(Clone, Debug)]
+pub(crate) struct QueryTemplate {
+    /// Each component and whether `&` (not `=` or the end) followed it.
+    components: Vec<(Template, bool)>,
+}
+
+impl QueryTemplate {
+    /// Compiles `text` (after the `?`).
+    pub(crate) fn parse(text: &str, env: &Env) -> Result<QueryTemplate, String> {
+        let mut components = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let end = rest.find(['=', '&']).unwrap_or(rest.len());
+            let amp = rest[end..].starts_with('&');
+            components.push((Template::parse(&rest[..end], env)?, amp));
+            rest = rest.get(end + 1..).unwrap_or("");
+        }
+        Ok(QueryTemplate { components })
+    }
+
+    /// Renders for `req` in `cx`.
+    pub(crate) fn render(&self, req: Req<'_>, cx: &Cx) -> String {
+        let mut out = String::new();
+        let mut wrote_value = true;
+        for (template, amp) in &self.components {
+            let mut component = String::new();
+            for piece in &template.pieces {
+                match piece {
+                    Piece::Text(t) => component.push_str(t),
+                    Piece::Var(Var::Query) if wrote_value => {
+                        render_var(&mut component, &Var::Query, req, cx)
+                    }
+                    Piece::Var(v) => {
+                        let mut value = String::new();
+                        render_var(&mut value, v, req, cx);
+                        component.push_str(&query_escape(&value));
+                    }
+                }
+            }
+            if wrote_value {
+                if !out.is_empty() && !component.is_empty() {
+                    out.push('&');
+                }
+            } else {
+                out.push('=');
+            }
+            out.push_str(&component);
+            wrote_value = *amp;
+        }
+        out
+    }
+}
+
+/// Go's `url.QueryEscape`: all but letters, digits and `-_.~` escaped, a space as `+`.
+fn query_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &b in text.as_bytes() {
+        match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char);
+            }
+            b' ' => out.push('+'),
+            _ => {
+                let _ = write!(out, "%{b:02X}");
+            }
+        }
+    }
+    out
+}
+
+/// The host part of a Host header as the client wrote it (case kept), as Go's
+/// `net.SplitHostPort` leaves it for Caddy's `{host}`: the whole value when it has no port.
+fn host_as_sent(value: &str) -> &str {
+    if let Some(rest) = value.strip_prefix('[') {
+        return match rest.split_once("]:") {
+            Some((host, _)) => host,
+            None => value,
+        };
+    }
+    match value.split_once(':') {
+        Some((host, port)) if !port.contains(':') => host,
+        _ => value,
+    }
 }
 
 /// Percent-decodes a query component (`+` is a space), lossily.
@@ -379,6 +598,10 @@ mod tests {
             Template::parse("\\{host}", &env).unwrap().literal(),
             Some("{host}")
         );
+        assert_eq!(host_as_sent("Example.ORG:8443"), "Example.ORG");
+        assert_eq!(host_as_sent("[::1]:80"), "::1");
+        assert_eq!(host_as_sent("[::1]"), "[::1]");
+        assert_eq!(host_as_sent("plain.local"), "plain.local");
         let env = Env::from_pairs([("SECRET_PATH", "/s")]);
         assert_eq!(
             Template::parse("{env.SECRET_PATH}/x", &env)

@@ -296,6 +296,15 @@ impl Client {
         fwd: Forwarded<'_>,
         upgrades: Upgrades<'_, impl Send + 'static>,
     ) -> Outcome {
+        // `request_body max_size`: a declared length over it is refused unread.
+        if let Some(limit) = cx.body_limit
+            && crate::body::declares_over(req.headers(), limit)
+        {
+            return Outcome {
+                response: crate::body::too_large(),
+                upstream: None,
+            };
+        }
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -345,10 +354,15 @@ impl Client {
         let method = parts.method.clone();
 
         let retryable = body.is_end_stream();
-        let mut body = Some(if retryable {
-            UpBody::Empty
-        } else {
-            UpBody::Client(body)
+        let over = cx
+            .body_limit
+            .map(|limit| (limit, Arc::new(std::sync::atomic::AtomicBool::new(false))));
+        let mut body = Some(match &over {
+            _ if retryable => UpBody::Empty,
+            Some((limit, flag)) => {
+                UpBody::Capped(crate::body::Capped::new(body, *limit, flag.clone()))
+            }
+            None => UpBody::Client(body),
         });
         let mut last: Option<Arc<Upstream>> = None;
         // Made only when no upstream answered.
@@ -393,6 +407,14 @@ impl Client {
             match tokio::time::timeout(self.response_timeout, exchange).await {
                 Ok(Ok((response, lease))) => {
                     balancer.succeeded(i);
+                    // `{upstream_hostport}` in header_down names the upstream that answered.
+                    let down = match &snapshot {
+                        Some(h) if proxy.header_down.uses_upstream() => {
+                            cx.upstream = Some(upstream.authority.to_string());
+                            proxy.header_down.render(seen(h), cx)
+                        }
+                        _ => down,
+                    };
                     let response =
                         self.respond(proxy, &down, response, lease, client_upgrade, upgrades);
                     return Outcome {
@@ -410,6 +432,16 @@ impl Client {
                         StatusCode::BAD_GATEWAY,
                         "bad gateway: upstream unreachable\n",
                     );
+                }
+                Ok(Err(Failure::Request(_)))
+                    if over
+                        .as_ref()
+                        .is_some_and(|(_, f)| f.load(std::sync::atomic::Ordering::Relaxed)) =>
+                {
+                    return Outcome {
+                        response: crate::body::too_large(),
+                        upstream: last,
+                    };
                 }
                 Ok(Err(Failure::Request(err))) => {
                     tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream request failed");

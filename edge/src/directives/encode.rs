@@ -112,7 +112,11 @@ impl Handler for Compress {
         let Carry::Encoding(encoding) = carry else {
             return;
         };
-        if self.encode.wants(response.status(), response.headers()) {
+        // A body of known size without a Content-Length yet (`respond`'s) is small too.
+        let small = hyper::body::Body::size_hint(response.body())
+            .exact()
+            .is_some_and(|len| len < self.encode.minimum_length);
+        if !small && self.encode.wants(response.status(), response.headers()) {
             let taken = std::mem::take(response);
             *response = codec::compress(taken, encoding);
         }

@@ -24,7 +24,9 @@ mod error;
 mod file_server;
 mod handle;
 mod header;
+pub(crate) mod map;
 mod redir;
+mod request_body;
 mod respond;
 mod reverse_proxy;
 mod rewrite;
@@ -246,6 +248,7 @@ pub(crate) struct Build<'a> {
 impl<'a> Build<'a> {
     /// A builder for one site.
     pub(crate) fn new(matchers: &'a BTreeMap<String, MatcherToml>, env: &'a Env) -> Build<'a> {
+        crate::placeholders::start_site(env);
         Build {
             matchers,
             env,
@@ -298,6 +301,13 @@ impl Routes {
         let mut order: Vec<usize> = (0..routes.len()).collect();
         let mut compiled: Vec<Option<Route>> = Vec::new();
         let mut paths = Vec::new();
+        // `map` runs first (directive order), so what it defines is known to all its siblings
+        // and what they hold, whatever the file order.
+        for route in routes {
+            if let DirectiveToml::Map(t) = &route.directive {
+                crate::placeholders::allow_mapped(&t.destinations);
+            }
+        }
         for (i, route) in routes.iter().enumerate() {
             let k = format!("{key}[{i}]");
             let fail = |message: String| BuildError {
@@ -577,9 +587,11 @@ macro_rules! registry {
 }
 
 registry! {
+    "map" => Map(map),
     "vars" => Vars(vars),
     "root" => Root(root),
     "header" => Header(header),
+    "request_body" => RequestBody(request_body),
     "redir" => Redir(redir),
     "rewrite" => Rewrite(rewrite),
     "uri" => Uri(uri),
@@ -627,7 +639,12 @@ pub(crate) fn parse_routes(lines: &[Line], s: &mut Scope, key: &str) -> Result<V
         let name = canonical(first);
         let rest = &line.words[1..];
         let (matcher, args) = match rest.first() {
-            Some(m) if is_matcher(m) && !(name == "redir" && redir::target_only(rest)) => {
+            // Caddy's try_files takes no matcher: a first file `/index.html` is a file.
+            Some(m)
+                if is_matcher(m)
+                    && name != "try_files"
+                    && !(name == "redir" && redir::target_only(rest)) =>
+            {
                 (Some(m.clone()), &rest[1..])
             }
             _ => (None, rest),
@@ -643,6 +660,14 @@ pub(crate) fn parse_routes(lines: &[Line], s: &mut Scope, key: &str) -> Result<V
         };
         let directive = match parse_named(name, &d, s, &k) {
             Some(parsed) => parsed?,
+            None if name == "templates" => {
+                return Err(at(
+                    line.line,
+                    "templates is not supported: it runs Go's text/template language, with \
+                     Caddy's functions, over responses; serve pages rendered ahead of time \
+                     (see man edge-caddyfile)",
+                ));
+            }
             None => {
                 return Err(at(
                     line.line,
@@ -671,10 +696,8 @@ fn define_matcher(name: &str, line: &Line, s: &mut Scope) -> Result<(), At> {
                     .chain(words.iter().cloned())
                     .collect()
             } else if words.len() == 1 && !is_known_matcher(&words[0]) {
-                return Err(at(
-                    line.line,
-                    format!("matcher @{name}: expression matchers are not supported"),
-                ));
+                // `@name `CEL`` is short for `@name expression CEL`.
+                vec!["expression".to_owned(), words[0].clone()]
             } else {
                 words.to_vec()
             };
@@ -690,6 +713,12 @@ fn define_matcher(name: &str, line: &Line, s: &mut Scope) -> Result<(), At> {
                 toml.add_line(&sub.words, inner.as_deref())
                     .map_err(|m| at(sub.line, format!("matcher @{name}: {m}")))?;
             }
+        }
+        (Some(block), words) if is_known_matcher(&words[0]) => {
+            // `@name file { ... }`, `@name not { ... }`: one matcher with its block.
+            let inner: Vec<Vec<String>> = block.iter().map(|l| l.words.clone()).collect();
+            toml.add_line(words, Some(&inner))
+                .map_err(|m| at(line.line, format!("matcher @{name}: {m}")))?;
         }
         (Some(_), _) => {
             return Err(at(
@@ -721,6 +750,8 @@ fn is_known_matcher(word: &str) -> bool {
             | "not"
             | "expression"
             | "file"
+            | "vars"
+            | "vars_regexp"
     )
 }
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{At, Build, BuildFail, Dir, Handler, Scope, Step};
 use crate::context::{Cx, Req};
 use crate::files::OriginalUri;
-use crate::placeholders::Template;
+use crate::placeholders::{QueryTemplate, Template};
 
 /// `rewrite` as TOML.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,15 +33,24 @@ pub(crate) fn build(
     b: &mut Build<'_>,
     _key: &str,
 ) -> Result<Box<dyn Handler>, BuildFail> {
+    // As Caddy, the target is cut at its `?` before placeholders are rendered: a value
+    // holding `?` stays in the path, and the query's values are escaped.
+    let (path, query) = match t.to.split_once('?') {
+        Some((p, q)) => (p, Some(QueryTemplate::parse(q, b.env)?)),
+        None => (t.to.as_str(), None),
+    };
     Ok(Box::new(Rewrite {
-        to: Template::parse(&t.to, b.env)?,
+        path: Template::parse(path, b.env)?,
+        query,
         text: t.to.clone(),
     }))
 }
 
 #[derive(Debug)]
 struct Rewrite {
-    to: Template,
+    path: Template,
+    /// `None`: the query is kept.
+    query: Option<QueryTemplate>,
     text: String,
 }
 
@@ -91,10 +100,10 @@ pub(crate) fn set_target(
 
 impl Handler for Rewrite {
     fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
-        let to = self.to.render(Req::of(req), cx);
-        let (path, query) = match to.split_once('?') {
-            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-            None => (to, req.uri().query().map(str::to_owned)),
+        let path = self.path.render(Req::of(req), cx);
+        let query = match &self.query {
+            Some(q) => Some(q.render(Req::of(req), cx)),
+            None => req.uri().query().map(str::to_owned),
         };
         let path = if path.is_empty() {
             req.uri().path().to_owned()

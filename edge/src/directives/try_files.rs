@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{At, Build, BuildFail, Dir, Handler, Scope, Step};
 use crate::context::{Cx, Req};
 use crate::files::{TryFiles, try_files};
-use crate::placeholders::Template;
+use crate::placeholders::{QueryTemplate, Template};
 
 /// `try_files` as TOML.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,17 +38,27 @@ pub(crate) fn build(
     b: &mut Build<'_>,
     _key: &str,
 ) -> Result<Box<dyn Handler>, BuildFail> {
+    // Each candidate is cut at its `?` before placeholders are rendered, as Caddy does; the
+    // query part is rendered with its values escaped.
     let files = t
         .files
         .iter()
-        .map(|f| Template::parse(f, b.env))
+        .map(|f| {
+            Ok(match f.split_once('?') {
+                Some((p, q)) => (
+                    Template::parse(p, b.env)?,
+                    Some(QueryTemplate::parse(q, b.env)?),
+                ),
+                None => (Template::parse(f, b.env)?, None),
+            })
+        })
         .collect::<Result<_, String>>()?;
     Ok(Box::new(Try { files }))
 }
 
 #[derive(Debug)]
 struct Try {
-    files: Vec<Template>,
+    files: Vec<(Template, Option<QueryTemplate>)>,
 }
 
 /// Escapes glob characters coming from the request, as Caddy does.
@@ -60,24 +70,16 @@ fn escape_glob(text: &str) -> String {
 
 impl Handler for Try {
     fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
-        let rendered: Vec<String> = self
-            .files
-            .iter()
-            .map(|f| f.render(Req::of(req), cx))
-            .collect();
         let mut paths = Vec::new();
         let mut queries = Vec::new();
-        for r in &rendered {
-            let (path, query) = match r.split_once('?') {
-                Some((p, q)) => (p, Some(q)),
-                None => (r.as_str(), None),
-            };
+        for (path, query) in &self.files {
+            let path = path.render(Req::of(req), cx);
             paths.push(if path.starts_with('=') {
-                path.to_owned()
+                path
             } else {
-                escape_glob(path)
+                escape_glob(&path)
             });
-            queries.push(query);
+            queries.push(query.as_ref().map(|q| q.render(Req::of(req), cx)));
         }
         let root = PathBuf::from(cx.var("root").unwrap_or("."));
         // The candidates are rendered already; the request path only fills what is left of
@@ -89,7 +91,7 @@ impl Handler for Try {
             match try_files(&root, std::slice::from_ref(path), &request_path, &[]) {
                 TryFiles::Found { relative, .. } => {
                     let query = match query {
-                        Some(q) => Some((*q).to_owned()),
+                        Some(q) => Some(q.clone()),
                         None => req.uri().query().map(str::to_owned),
                     };
                     return if super::rewrite::set_target(req, cx, &relative, query.as_deref()) {

@@ -120,6 +120,17 @@ impl Both {
         }
     }
 
+    /// `req` sent to both, the raw bytes each answered (for answers that are no HTTP
+    /// response, as `abort`'s closed connection).
+    pub fn raw(&self, req: &Req) -> (Vec<u8>, Vec<u8>) {
+        (req.send_raw(self.edge_port), req.send_raw(self.caddy_port))
+    }
+
+    /// The edge's HTTP port, for a test that talks to the edge alone.
+    pub fn edge_port(&self) -> u16 {
+        self.edge_port
+    }
+
     /// SIGTERM to both; both must exit cleanly.
     pub fn stop(self) {
         self.edge.stop(WAIT).unwrap();
@@ -168,6 +179,7 @@ pub struct Req {
     host: Option<String>,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    chunked: bool,
 }
 
 impl Req {
@@ -179,6 +191,7 @@ impl Req {
             host: Some(DEFAULT_HOST.to_owned()),
             headers: Vec::new(),
             body: Vec::new(),
+            chunked: false,
         }
     }
 
@@ -205,6 +218,12 @@ impl Req {
         self
     }
 
+    /// Sends the body chunked (one chunk), so its length is not known in advance.
+    pub fn chunked(mut self) -> Req {
+        self.chunked = true;
+        self
+    }
+
     /// The request's bytes: the head as given, `Connection: close`, and the body.
     fn bytes(&self) -> Vec<u8> {
         let mut head = format!("{} {} HTTP/1.1\r\n", self.method, self.target);
@@ -214,23 +233,38 @@ impl Req {
         for (name, value) in &self.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
-        if !self.body.is_empty() {
+        if self.chunked {
+            head.push_str("Transfer-Encoding: chunked\r\n");
+        } else if !self.body.is_empty() {
             head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
         }
         head.push_str("Connection: close\r\n\r\n");
         let mut bytes = head.into_bytes();
-        bytes.extend_from_slice(&self.body);
+        if self.chunked {
+            bytes.extend_from_slice(format!("{:x}\r\n", self.body.len()).as_bytes());
+            bytes.extend_from_slice(&self.body);
+            bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+        } else {
+            bytes.extend_from_slice(&self.body);
+        }
         bytes
+    }
+
+    /// Sends the request to `127.0.0.1:port` on a new connection; what came back.
+    fn send_raw(&self, port: u16) -> Vec<u8> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        // A server that closes at once (abort) may refuse the rest of the request.
+        let _ = stream.write_all(&self.bytes());
+        let mut raw = Vec::new();
+        // A server may close hard right after answering: what arrived is the answer.
+        let _ = stream.read_to_end(&mut raw);
+        raw
     }
 
     /// Sends the request to `127.0.0.1:port` on a new connection and reads the response.
     fn send(&self, port: u16) -> Reply {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        stream.write_all(&self.bytes()).unwrap();
-        let mut raw = Vec::new();
-        // A server may close hard right after answering: what arrived is the answer.
-        let _ = stream.read_to_end(&mut raw);
+        let raw = self.send_raw(port);
         Reply::parse(&raw, self.method == "HEAD")
             .unwrap_or_else(|why| panic!("{self}: port {port}: {why}: {raw:?}"))
     }

@@ -7,6 +7,7 @@ mod basic_auth;
 mod chain;
 mod cli;
 mod corpus;
+mod coverage;
 mod differential;
 mod limits;
 mod paths;
