@@ -184,17 +184,40 @@ fn check(path: &Path, env: &Env) -> Result<(), Error> {
                         udp_mark(service.service_type)
                     );
                 }
+                if let Some(declared) = &s.declared {
+                    let ports: Vec<String> = declared
+                        .policy
+                        .ports
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    let clients: Vec<&str> = declared.clients.keys().map(String::as_str).collect();
+                    println!(
+                        "  declared services: clients {}, ports {}, at most {} each",
+                        clients.join(", "),
+                        ports.join(", "),
+                        declared.policy.max_services
+                    );
+                }
             }
             Settings::Client(c) => {
                 println!(
                     "{}: client of {}, {} services",
                     path.display(),
-                    c.remote_addr.join(", "),
+                    c.servers
+                        .iter()
+                        .map(|s| s.addr.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     c.services.len()
                 );
                 for service in c.services.values() {
+                    let declared = match service.bind_port {
+                        Some(port) => format!(", declared on port {port}"),
+                        None => String::new(),
+                    };
                     println!(
-                        "  {} to {}{}",
+                        "  {} to {}{}{declared}",
                         service.name,
                         service.local_addr,
                         udp_mark(service.service_type)
