@@ -21,7 +21,18 @@
 //! visitors) or `"failover"` (only the first one up does); a server service's
 //! `clients = "many"` lets several clients serve it at once, spread by `balance =
 //! "round_robin"` (the default) or `"least_connections"`. Neither changes the wire: a rathole
-//! peer sees an ordinary client or server.
+//! peer sees an ordinary client or server. Instead of `remote_addr`, `[[client.servers]]`
+//! lists servers each with its own `remote_addr`, `token` (proved by services without their
+//! own, in place of `default_token`) and `transport` table (of the same type as
+//! `[client.transport]`, whose settings it replaces). A server service may name a `group`
+//! (`[server.groups.NAME] token = ...`): its clients prove the group's token, and it takes
+//! many of them.
+//!
+//! Declared services (labkit only, [`crate::declare`]): `[server.declared]` sets the policy
+//! (`ports`, a list of ports and `"FIRST-LAST"` ranges; `types`; `max_services` per client,
+//! 16 by default; `bind_ip`; `name_prefix`) and `[server.declared.clients.NAME]` each
+//! client's token. A client names itself in `[client.declare]` (`name`, `token` or
+//! `token_file`), and a client service with `bind_port` is declared under that identity.
 //!
 //! `type = "udp"` services are rathole's; `proxy_protocol`, `enable_proxy_protocol = true`,
 //! `max_connections`, `clients = "many"` and `balance` are refused on them (a PROXY header
@@ -1659,6 +1670,45 @@ mod tests {
             client.services["web"].retry_interval,
             Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn the_declared_examples_parse_and_agree() {
+        let s = server(include_str!("../../examples/tunnel/declared-server.toml"));
+        let c = client(include_str!("../../examples/tunnel/declared-client.toml"));
+        let declared = s.declared.as_ref().unwrap();
+        let identity = c.declare.as_ref().unwrap();
+        assert_eq!(
+            declared.clients[&identity.name],
+            *identity.token.as_ref().unwrap()
+        );
+        let mut checked = 0;
+        for service in c.services.values() {
+            let Some(port) = service.bind_port else {
+                // Not declared: the server has the service, with the same token.
+                assert_eq!(
+                    s.services[&service.name].token,
+                    c.token(service, 0),
+                    "{}",
+                    service.name
+                );
+                continue;
+            };
+            let declaration = Declaration {
+                name: service.name.clone(),
+                service_type: service.service_type,
+                port,
+            };
+            assert_eq!(
+                declared.policy.check(&declaration),
+                Ok(()),
+                "{}",
+                service.name
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 2);
+        assert!(s.services["web"].many_clients);
     }
 
     #[test]
