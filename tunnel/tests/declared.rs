@@ -11,9 +11,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 
+use common::udp::{udp_echo_service, udp_echo_through, udp_visitor};
 use common::*;
 use testkit::ports::free_port;
 use testkit::{Proc, Scratch};
@@ -422,4 +423,34 @@ fn a_declaring_client_of_a_rathole_server_is_told_the_server_does_not_know_it() 
     );
     // rathole saw an unknown service digest and nothing else.
     rathole.wait_output("No such a service", WAIT).unwrap();
+}
+
+#[test]
+fn a_declared_udp_service_carries_datagrams_and_a_policy_without_udp_refuses_it() {
+    let dir = Scratch::new("declared").unwrap();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (server, _) = declared_server(&dir, &port.to_string(), "", "");
+    let control = control_addr(&server);
+    let text = format!(
+        "[client]\nremote_addr = \"{control}\"\n[client.declare]\nname = \"home\"\n\
+         token = \"{HOME_TOKEN}\"\n[client.services.dns]\ntype = \"udp\"\n\
+         local_addr = \"{}\"\nbind_port = {port}\n",
+        udp_echo_service()
+    );
+    let _client = client(&write(&dir, "client.toml", &text));
+    let visitor = udp_visitor(UdpSocket::bind("127.0.0.1:0").unwrap());
+    udp_echo_through(&visitor, loopback(port), &payload(1200));
+    udp_echo_through(&visitor, loopback(port), b"again");
+
+    let dir = Scratch::new("declared").unwrap();
+    let (tcp_only, _) = declared_server(&dir, &port.to_string(), "types = [\"tcp\"]", "");
+    let (_, answer) = declare_raw(control_addr(&tcp_only), "home", HOME_TOKEN, b"dns", 1, port);
+    assert_eq!(
+        answer,
+        Answer::Verdict(1, "udp services are not allowed here".into())
+    );
 }
