@@ -53,7 +53,8 @@ visitors spread by balance = \"round_robin\" (default) or \"least_connections\";
 whose client is found gone before any byte moved is retried on another. A service may
 instead name group = \"NAME\" with [server.groups.NAME] token = \"...\": every client that
 proves the group's token serves it. On a client, [[client.servers]] tables (remote_addr,
-token, [client.servers.transport]) give each server its own token and transport settings.
+token, [client.servers.transport]) give each server its own token and transport (one
+may be plain TCP, another Noise or TLS).
 
 Declared services (labkit only): with [server.declared] (ports = [2222, \"20000-20099\"],
 optional types, max_services, bind_ip, name_prefix) and [server.declared.clients.NAME]

@@ -8,6 +8,9 @@
 //! channels they ask for wait (unopened) until their server is the first one up. A server
 //! that goes away is retried on its own; the others go on serving.
 //!
+//! Each server has its own transport (`[[client.servers]]` may give one its own table, of any
+//! type): the Rust transport type is picked per server when its tasks start.
+//!
 //! Tasks and who owns them:
 //! - one task per service and server runs that control channel and reconnects with capped,
 //!   jittered exponential backoff when it fails (the cap is the service's `retry_interval`); a
@@ -41,7 +44,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{
-    self, ClientService, ClientSettings, Mode, ServersMode, ServiceType, Settings, TransportType,
+    self, ClientService, ClientSettings, Mode, ServersMode, ServiceType, Settings,
+    TransportSettings, TransportType,
 };
 use crate::daemon::{Node, Readiness};
 use crate::declare::{self, Declaration, Verdict};
@@ -50,7 +54,9 @@ use crate::forward;
 use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
 use crate::protocol::{self, Ack, ControlCmd, DataCmd, Hello, SessionKey};
 use crate::sockopt;
-use crate::transport::{Transport, TunnelStream};
+use crate::transport::{
+    NoiseTransport, TcpTransport, TlsTransport, Transport, TunnelStream, WebsocketTransport,
+};
 use crate::udp;
 
 /// The first pause before reconnecting (when the cap allows).
@@ -129,11 +135,35 @@ struct ServiceHandle {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// A running client.
+/// One server's transport: each server of `[[client.servers]]` may have a type of its own,
+/// so the client picks the Rust type per server here rather than once for the process.
+enum AnyTransport {
+    Tcp(Arc<TcpTransport>),
+    Noise(Arc<NoiseTransport>),
+    Tls(Arc<TlsTransport>),
+    Websocket(Arc<WebsocketTransport>),
+}
+
+impl AnyTransport {
+    fn new(settings: &TransportSettings) -> Result<AnyTransport, Error> {
+        Ok(match settings.kind {
+            TransportType::Tcp => AnyTransport::Tcp(Arc::new(TcpTransport::new(settings)?)),
+            TransportType::Noise => AnyTransport::Noise(Arc::new(NoiseTransport::new(settings)?)),
+            TransportType::Tls => AnyTransport::Tls(Arc::new(TlsTransport::new(settings)?)),
+            TransportType::Websocket => {
+                AnyTransport::Websocket(Arc::new(WebsocketTransport::new(settings)?))
+            }
+        })
+    }
+}
+
+/// A running client. `T`, the type of `[client.transport]`, only chooses the daemon's
+/// restart on a change of it; each server's connections use that server's own transport.
 pub(crate) struct Client<T: Transport> {
     settings: ClientSettings,
-    /// One per server: each may have settings of its own.
-    transports: Vec<Arc<T>>,
+    /// One per server: each may have settings, and a type, of its own.
+    transports: Vec<AnyTransport>,
+    _transport: std::marker::PhantomData<fn() -> T>,
     services: BTreeMap<String, ServiceHandle>,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -148,7 +178,7 @@ impl<T: Transport> Client<T> {
         let transports = settings
             .servers
             .iter()
-            .map(|server| T::new(&server.transport).map(Arc::new))
+            .map(|server| AnyTransport::new(&server.transport))
             .collect::<Result<Vec<_>, _>>()?;
         let metrics = Arc::new(Metrics::default());
         let endpoint = match &settings.common.metrics_addr {
@@ -158,6 +188,7 @@ impl<T: Transport> Client<T> {
         let mut client = Client {
             settings: settings.clone(),
             transports,
+            _transport: std::marker::PhantomData,
             services: BTreeMap::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -189,24 +220,34 @@ impl<T: Transport> Client<T> {
             _ => None,
         };
         for (index, remote) in remotes.iter().enumerate() {
-            let context = Arc::new(ServiceContext {
-                service: service.clone(),
-                transport: self.transports[index].clone(),
-                remote_addr: remote.addr.clone(),
-                token: self.settings.token(&service, index),
-                declare_as: declare_as.clone(),
-                server: index,
-                servers: servers.clone(),
-                heartbeat_timeout: self.settings.common.heartbeat_timeout,
-                handshake_timeout: self.settings.common.handshake_timeout,
-                stop: stop.clone(),
-                abort: abort.clone(),
-                tracker: self.tracker.clone(),
-                readiness: self.readiness.clone(),
-                metrics: self.metrics.service(&service.name),
-                all_metrics: self.metrics.clone(),
+            // The same context for whichever transport type this server has.
+            macro_rules! run_on {
+                ($transport:expr) => {
+                    tokio::spawn(run_service(Arc::new(ServiceContext {
+                        service: service.clone(),
+                        transport: $transport.clone(),
+                        remote_addr: remote.addr.clone(),
+                        token: self.settings.token(&service, index),
+                        declare_as: declare_as.clone(),
+                        server: index,
+                        servers: servers.clone(),
+                        heartbeat_timeout: self.settings.common.heartbeat_timeout,
+                        handshake_timeout: self.settings.common.handshake_timeout,
+                        stop: stop.clone(),
+                        abort: abort.clone(),
+                        tracker: self.tracker.clone(),
+                        readiness: self.readiness.clone(),
+                        metrics: self.metrics.service(&service.name),
+                        all_metrics: self.metrics.clone(),
+                    })))
+                };
+            }
+            tasks.push(match &self.transports[index] {
+                AnyTransport::Tcp(transport) => run_on!(transport),
+                AnyTransport::Noise(transport) => run_on!(transport),
+                AnyTransport::Tls(transport) => run_on!(transport),
+                AnyTransport::Websocket(transport) => run_on!(transport),
             });
-            tasks.push(tokio::spawn(run_service(context)));
         }
         self.services.insert(
             service.name.clone(),

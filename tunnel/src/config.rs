@@ -23,8 +23,8 @@
 //! "round_robin"` (the default) or `"least_connections"`. Neither changes the wire: a rathole
 //! peer sees an ordinary client or server. Instead of `remote_addr`, `[[client.servers]]`
 //! lists servers each with its own `remote_addr`, `token` (proved by services without their
-//! own, in place of `default_token`) and `transport` table (of the same type as
-//! `[client.transport]`, whose settings it replaces). A server service may name a `group`
+//! own, in place of `default_token`) and `transport` table (of any type; it replaces
+//! `[client.transport]` for that server). A server service may name a `group`
 //! (`[server.groups.NAME] token = ...`): its clients prove the group's token, and it takes
 //! many of them.
 //!
@@ -1200,15 +1200,6 @@ fn resolve_servers(
                     Some(raw) => resolve_transport(raw, file, env, &key)?,
                     None => transport.clone(),
                 };
-                if own.kind != transport.kind {
-                    return Err(file
-                        .invalid(
-                            format!("{key}.transport.type"),
-                            "every server of a client runs the transport type of [client.transport] \
-                             (its settings may differ)",
-                        )
-                        .into());
-                }
                 servers.push(ServerEntry {
                     addr: entry.remote_addr,
                     token,
@@ -2174,8 +2165,8 @@ token = "own-token"
                 "client.services.web.token",
             ),
             (
-                format!("{two}[client.servers.transport]\ntype = \"tls\""),
-                "client.servers.1.transport.type",
+                format!("{two}[client.servers.transport]\ntype = \"noise\""),
+                "client.servers.1.transport.noise.remote_public_key",
             ),
             (
                 "[client]\nremote_addr = \"a:1\"\n[[client.servers]]\nremote_addr = \"b:1\""

@@ -1,6 +1,7 @@
 //! The front door's other labkit keys, on loopback: a group of clients serving one service
 //! with the group's token (`[server.groups.NAME]` and a service's `group`), and a client whose
-//! servers each have their own token and transport settings (`[[client.servers]]`).
+//! servers each have their own token and transport, one plain TCP and one Noise
+//! (`[[client.servers]]`).
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 
 use common::*;
-use testkit::Scratch;
+use testkit::{ProcBuilder, Scratch};
 
 /// A service on loopback that answers each read with `NAME:` and the bytes.
 fn tagged(name: &'static str) -> SocketAddr {
@@ -96,9 +97,19 @@ fn clients_with_the_group_token_share_a_service_and_one_with_a_wrong_token_is_re
     assert!(!server.stderr().contains("farm-group-token"));
 }
 
+/// The private and public keys `tunnel genkey` prints.
+fn genkey() -> (String, String) {
+    let genkey = ProcBuilder::new(TUNNEL).arg("genkey").spawn().unwrap();
+    genkey.expect_exit(0, WAIT).unwrap();
+    let out = genkey.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    (lines[1].to_owned(), lines[4].to_owned())
+}
+
 #[test]
-fn a_client_proves_each_servers_own_token_over_each_servers_own_transport_settings() {
+fn a_client_proves_each_servers_own_token_over_each_servers_own_transport() {
     let dir = Scratch::new("servers").unwrap();
+    let (private, public) = genkey();
     let server_a = server(&write(
         &dir,
         "a.toml",
@@ -107,7 +118,13 @@ fn a_client_proves_each_servers_own_token_over_each_servers_own_transport_settin
     let server_b = server(&write(
         &dir,
         "b.toml",
-        &server_config("", &[("echo", "token-of-server-b")]),
+        &server_config(
+            &format!(
+                "[server.transport]\ntype = \"noise\"\n\
+                 [server.transport.noise]\nlocal_private_key = \"{private}\"\n"
+            ),
+            &[("echo", "token-of-server-b")],
+        ),
     ));
     let client_toml = write(
         &dir,
@@ -116,6 +133,8 @@ fn a_client_proves_each_servers_own_token_over_each_servers_own_transport_settin
             "[client]\n\
              [[client.servers]]\nremote_addr = \"{}\"\ntoken = \"token-of-server-a\"\n\
              [[client.servers]]\nremote_addr = \"{}\"\ntoken = \"token-of-server-b\"\n\
+             [client.servers.transport]\ntype = \"noise\"\n\
+             [client.servers.transport.noise]\nremote_public_key = \"{public}\"\n\
              [client.servers.transport.tcp]\nnodelay = false\nkeepalive_secs = 5\n\
              [client.services.echo]\nlocal_addr = \"{}\"\n",
             control_addr(&server_a),
