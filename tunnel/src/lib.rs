@@ -64,7 +64,8 @@ pub(crate) async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<()
         notifier,
         watcher,
     };
-    // The one place a transport type becomes a Rust type.
+    // Where a transport type becomes a Rust type (a client's servers may each pick another
+    // type of their own: `client::AnyTransport`).
     loop {
         let outcome = match settings {
             Settings::Server(s) => match s.common.transport.kind {

@@ -6,7 +6,7 @@
 //! the kernel may move the bytes itself (`splice(2)`). The implementations: [`TcpTransport`]
 //! (which also reaches the server through a client's `proxy`, [`proxy`]), [`NoiseTransport`],
 //! [`TlsTransport`] and [`WebsocketTransport`] (over TCP or TLS), each over TCP, selected by
-//! `transport.type` in one place ([`crate::run`]).
+//! `transport.type` in [`crate::run`] (and, for each server of a client, in the client).
 
 pub(crate) mod noise;
 pub(crate) mod proxy;
