@@ -414,6 +414,10 @@ impl<T: Transport> Server<T> {
             if self.services.contains_key(name) {
                 continue;
             }
+            if let Some(declared) = &self.declared {
+                // The config wins over a client's declaration of the same name.
+                declared.remove(name).await;
+            }
             let started = match bound.remove(name) {
                 Some(listener) => self.start_service_on(service.clone(), listener),
                 None => self.start_service(service.clone()).await,

@@ -454,3 +454,48 @@ fn a_declared_udp_service_carries_datagrams_and_a_policy_without_udp_refuses_it(
         Answer::Verdict(1, "udp services are not allowed here".into())
     );
 }
+
+#[test]
+fn a_service_added_to_the_servers_config_takes_its_name_from_a_declared_one() {
+    let dir = Scratch::new("declared").unwrap();
+    let port = free_port().unwrap();
+    let (server, server_toml) = declared_server(&dir, &port.to_string(), "", "");
+    let control = control_addr(&server);
+    let (mut declared, answer) = declare_raw(control, "home", HOME_TOKEN, b"web", 0, port);
+    assert_eq!(answer, Answer::Verdict(0, String::new()));
+    let text = std::fs::read_to_string(&server_toml).unwrap();
+    replace(
+        &server_toml,
+        &format!(
+            "{text}[server.services.web]\ntoken = \"web-token-xx\"\nbind_addr = \"127.0.0.1:0\"\n"
+        ),
+    );
+    server
+        .wait_stderr(
+            "declared service stopped: the server's config now has a service of that name",
+            WAIT,
+        )
+        .unwrap();
+    server.wait_stderr("config reloaded", WAIT).unwrap();
+    assert!(
+        ends(&mut declared),
+        "the declared service's control channel is closed"
+    );
+    assert!(refused(loopback(port)));
+    // The configured service listens where its config says (its own port 0), not on the
+    // declared one's.
+    wait_count(&server, "service listening service=web ", 2);
+    let stderr = server.stderr();
+    let line = stderr
+        .lines()
+        .filter(|l| l.contains("service listening service=web "))
+        .last()
+        .unwrap();
+    assert!(line.contains("declared=false"), "{line}");
+    assert!(!line.contains(&format!(":{port} ")), "{line}");
+    let (_, answer) = declare_raw(control, "home", HOME_TOKEN, b"web", 0, port);
+    assert_eq!(
+        answer,
+        Answer::Verdict(1, "the server's config has a service named web".into())
+    );
+}

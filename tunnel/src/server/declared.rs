@@ -14,7 +14,8 @@
 //! The service then runs as a service task like any other, registered under a digest no
 //! hello can open ([`Entry::declared`]), and ends when its last control channel ends: the
 //! client went away, or a reload of its config dropped or changed the service. Its port
-//! closes and its name is free again.
+//! closes and its name is free again. A reload of the server's config that adds a service of
+//! the same name stops the declared one: the config wins.
 //!
 //! Which refusals the client retries: those the policy makes are final until the client's
 //! config changes; a port that cannot be bound, a name another connection holds, or a full
@@ -268,6 +269,21 @@ impl<S: TunnelStream> Declared<S> {
             self.spawner.metrics.forget(name);
             tracing::info!(service = %name, client = %gone.client, "declared service removed: its control channel ended");
         }
+    }
+
+    /// Stops the declared service `name`, if one runs: the server's config now has a service
+    /// of that name (its client, asking again, is refused for that reason).
+    pub(super) async fn remove(&self, name: &str) {
+        let _one_at_a_time = self.admitting.lock().await;
+        let Some(running) = self.running().remove(name) else {
+            return;
+        };
+        running.stop.cancel();
+        running.abort.cancel();
+        let _ = running.task.await;
+        self.spawner.registry.remove(&running.digest);
+        self.spawner.metrics.forget(name);
+        tracing::warn!(service = %name, client = %running.client, "declared service stopped: the server's config now has a service of that name");
     }
 
     /// Stops every declared service: at once (`abort`), or leaving open connections to the
