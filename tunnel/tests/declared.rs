@@ -488,8 +488,7 @@ fn a_service_added_to_the_servers_config_takes_its_name_from_a_declared_one() {
     let stderr = server.stderr();
     let line = stderr
         .lines()
-        .filter(|l| l.contains("service listening service=web "))
-        .last()
+        .rfind(|l| l.contains("service listening service=web "))
         .unwrap();
     assert!(line.contains("declared=false"), "{line}");
     assert!(!line.contains(&format!(":{port} ")), "{line}");
