@@ -50,7 +50,19 @@ For high availability, remote_addr = [\"vm1:7000\", \"vm2:7000\"] keeps a contro
 to each server: all of them carry visitors, or with mode = \"failover\" only the first one
 up. On a server, clients = \"many\" in a TCP service lets several clients serve it at once,
 visitors spread by balance = \"round_robin\" (default) or \"least_connections\"; a visitor
-whose client is found gone before any byte moved is retried on another.
+whose client is found gone before any byte moved is retried on another. A service may
+instead name group = \"NAME\" with [server.groups.NAME] token = \"...\": every client that
+proves the group's token serves it. On a client, [[client.servers]] tables (remote_addr,
+token, [client.servers.transport]) give each server its own token and transport (one
+may be plain TCP, another Noise or TLS).
+
+Declared services (labkit only): with [server.declared] (ports = [2222, \"20000-20099\"],
+optional types, max_services, bind_ip, name_prefix) and [server.declared.clients.NAME]
+token = \"...\", a client with [client.declare] name = \"NAME\" and that token declares each
+of its services that has bind_port = PORT: the server exposes it without an entry of its
+own, refuses what the policy forbids (the reason is logged on both sides), and closes the
+port when the client goes away or its file drops the service. Adding a service is one edit
+of the client's file. Rathole peers never see these messages.
 
 EXIT STATUS:
     0 ok, 64 usage, 66 config missing, 69 a port cannot be bound, 77 permission denied, 78 bad
@@ -184,17 +196,40 @@ fn check(path: &Path, env: &Env) -> Result<(), Error> {
                         udp_mark(service.service_type)
                     );
                 }
+                if let Some(declared) = &s.declared {
+                    let ports: Vec<String> = declared
+                        .policy
+                        .ports
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    let clients: Vec<&str> = declared.clients.keys().map(String::as_str).collect();
+                    println!(
+                        "  declared services: clients {}, ports {}, at most {} each",
+                        clients.join(", "),
+                        ports.join(", "),
+                        declared.policy.max_services
+                    );
+                }
             }
             Settings::Client(c) => {
                 println!(
                     "{}: client of {}, {} services",
                     path.display(),
-                    c.remote_addr.join(", "),
+                    c.servers
+                        .iter()
+                        .map(|s| s.addr.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     c.services.len()
                 );
                 for service in c.services.values() {
+                    let declared = match service.bind_port {
+                        Some(port) => format!(", declared on port {port}"),
+                        None => String::new(),
+                    };
                     println!(
-                        "  {} to {}{}",
+                        "  {} to {}{}{declared}",
                         service.name,
                         service.local_addr,
                         udp_mark(service.service_type)

@@ -8,6 +8,9 @@
 //! channels they ask for wait (unopened) until their server is the first one up. A server
 //! that goes away is retried on its own; the others go on serving.
 //!
+//! Each server has its own transport (`[[client.servers]]` may give one its own table, of any
+//! type): the Rust transport type is picked per server when its tasks start.
+//!
 //! Tasks and who owns them:
 //! - one task per service and server runs that control channel and reconnects with capped,
 //!   jittered exponential backoff when it fails (the cap is the service's `retry_interval`); a
@@ -19,12 +22,19 @@
 //!
 //! Each service has its own cancellation tokens, so reloads touch only what changed. The
 //! [`Readiness`] set tells the daemon when every control channel it waits for is open.
+//!
+//! A service with `bind_port` is declared ([`crate::declare`]): its control channel names the
+//! client instead of the service, and after the ack declares the service. A declaration the
+//! server's policy refuses is not retried (nothing would change until the file does): it is
+//! logged with the server's reason and the service no longer holds up readiness; one the
+//! server cannot take now (its port is busy) is retried like a lost control channel.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use labcore::Secret;
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -34,15 +44,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{
-    self, ClientService, ClientSettings, Mode, ServersMode, ServiceType, Settings, TransportType,
+    self, ClientService, ClientSettings, Mode, ServersMode, ServiceType, Settings,
+    TransportSettings, TransportType,
 };
 use crate::daemon::{Node, Readiness};
+use crate::declare::{self, Declaration, Verdict};
 use crate::error::Error;
 use crate::forward;
 use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
 use crate::protocol::{self, Ack, ControlCmd, DataCmd, Hello, SessionKey};
 use crate::sockopt;
-use crate::transport::{Transport, TunnelStream};
+use crate::transport::{
+    NoiseTransport, TcpTransport, TlsTransport, Transport, TunnelStream, WebsocketTransport,
+};
 use crate::udp;
 
 /// The first pause before reconnecting (when the cap allows).
@@ -96,6 +110,10 @@ struct ServiceContext<T> {
     transport: Arc<T>,
     /// This server's control port.
     remote_addr: String,
+    /// The token proved there.
+    token: Secret,
+    /// The client's name, if the service is declared.
+    declare_as: Option<String>,
     /// Its place in `remote_addr`.
     server: usize,
     servers: Arc<Servers>,
@@ -117,10 +135,35 @@ struct ServiceHandle {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// A running client.
+/// One server's transport: each server of `[[client.servers]]` may have a type of its own,
+/// so the client picks the Rust type per server here rather than once for the process.
+enum AnyTransport {
+    Tcp(Arc<TcpTransport>),
+    Noise(Arc<NoiseTransport>),
+    Tls(Arc<TlsTransport>),
+    Websocket(Arc<WebsocketTransport>),
+}
+
+impl AnyTransport {
+    fn new(settings: &TransportSettings) -> Result<AnyTransport, Error> {
+        Ok(match settings.kind {
+            TransportType::Tcp => AnyTransport::Tcp(Arc::new(TcpTransport::new(settings)?)),
+            TransportType::Noise => AnyTransport::Noise(Arc::new(NoiseTransport::new(settings)?)),
+            TransportType::Tls => AnyTransport::Tls(Arc::new(TlsTransport::new(settings)?)),
+            TransportType::Websocket => {
+                AnyTransport::Websocket(Arc::new(WebsocketTransport::new(settings)?))
+            }
+        })
+    }
+}
+
+/// A running client. `T`, the type of `[client.transport]`, only chooses the daemon's
+/// restart on a change of it; each server's connections use that server's own transport.
 pub(crate) struct Client<T: Transport> {
     settings: ClientSettings,
-    transport: Arc<T>,
+    /// One per server: each may have settings, and a type, of its own.
+    transports: Vec<AnyTransport>,
+    _transport: std::marker::PhantomData<fn() -> T>,
     services: BTreeMap<String, ServiceHandle>,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -132,7 +175,11 @@ pub(crate) struct Client<T: Transport> {
 impl<T: Transport> Client<T> {
     /// Starts the metrics endpoint if configured, and a control channel per service.
     pub(crate) async fn start(settings: ClientSettings) -> Result<Client<T>, Error> {
-        let transport = Arc::new(T::new(&settings.common.transport)?);
+        let transports = settings
+            .servers
+            .iter()
+            .map(|server| AnyTransport::new(&server.transport))
+            .collect::<Result<Vec<_>, _>>()?;
         let metrics = Arc::new(Metrics::default());
         let endpoint = match &settings.common.metrics_addr {
             Some(addr) => Some(Endpoint::start(addr, metrics.clone()).await?),
@@ -140,7 +187,8 @@ impl<T: Transport> Client<T> {
         };
         let mut client = Client {
             settings: settings.clone(),
-            transport,
+            transports,
+            _transport: std::marker::PhantomData,
             services: BTreeMap::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -164,26 +212,42 @@ impl<T: Transport> Client<T> {
         self.readiness.expect([service.name.clone()]);
         let stop = CancellationToken::new();
         let abort = self.abort.child_token();
-        let remotes = &self.settings.remote_addr;
+        let remotes = &self.settings.servers;
         let servers = Arc::new(Servers::new(remotes.len(), self.settings.mode));
         let mut tasks = Vec::with_capacity(remotes.len());
-        for (index, remote_addr) in remotes.iter().enumerate() {
-            let context = Arc::new(ServiceContext {
-                service: service.clone(),
-                transport: self.transport.clone(),
-                remote_addr: remote_addr.clone(),
-                server: index,
-                servers: servers.clone(),
-                heartbeat_timeout: self.settings.common.heartbeat_timeout,
-                handshake_timeout: self.settings.common.handshake_timeout,
-                stop: stop.clone(),
-                abort: abort.clone(),
-                tracker: self.tracker.clone(),
-                readiness: self.readiness.clone(),
-                metrics: self.metrics.service(&service.name),
-                all_metrics: self.metrics.clone(),
+        let declare_as = match (&service.bind_port, &self.settings.declare) {
+            (Some(_), Some(identity)) => Some(identity.name.clone()),
+            _ => None,
+        };
+        for (index, remote) in remotes.iter().enumerate() {
+            // The same context for whichever transport type this server has.
+            macro_rules! run_on {
+                ($transport:expr) => {
+                    tokio::spawn(run_service(Arc::new(ServiceContext {
+                        service: service.clone(),
+                        transport: $transport.clone(),
+                        remote_addr: remote.addr.clone(),
+                        token: self.settings.token(&service, index),
+                        declare_as: declare_as.clone(),
+                        server: index,
+                        servers: servers.clone(),
+                        heartbeat_timeout: self.settings.common.heartbeat_timeout,
+                        handshake_timeout: self.settings.common.handshake_timeout,
+                        stop: stop.clone(),
+                        abort: abort.clone(),
+                        tracker: self.tracker.clone(),
+                        readiness: self.readiness.clone(),
+                        metrics: self.metrics.service(&service.name),
+                        all_metrics: self.metrics.clone(),
+                    })))
+                };
+            }
+            tasks.push(match &self.transports[index] {
+                AnyTransport::Tcp(transport) => run_on!(transport),
+                AnyTransport::Noise(transport) => run_on!(transport),
+                AnyTransport::Tls(transport) => run_on!(transport),
+                AnyTransport::Websocket(transport) => run_on!(transport),
             });
-            tasks.push(tokio::spawn(run_service(context)));
         }
         self.services.insert(
             service.name.clone(),
@@ -335,6 +399,31 @@ async fn run_service<T: Transport>(context: Arc<ServiceContext<T>>) {
                     }
                 }
             }
+            Ok(Err(Error::Declined {
+                service: name,
+                reason,
+                retry: false,
+            })) => {
+                let err = Error::Declined {
+                    service: name,
+                    reason,
+                    retry: false,
+                };
+                context.all_metrics.handshake_failed(&err);
+                context
+                    .metrics
+                    .failed(&context.remote_addr, &err.to_string());
+                tracing::error!(
+                    service = %service.name,
+                    server = %context.remote_addr,
+                    reason = %err,
+                    "the server refused to expose the declared service: not retried until the config changes"
+                );
+                // Nothing to wait for: readiness is not held up by a service that cannot open.
+                context.readiness.up(&service.name);
+                context.stop.cancelled().await;
+                return;
+            }
             Ok(Err(err)) => {
                 context.all_metrics.handshake_failed(&err);
                 context
@@ -380,7 +469,11 @@ async fn open_control<T: Transport>(
     let service = &context.service;
     let mut stream = context.transport.connect(&context.remote_addr).await?;
     sockopt::nodelay(stream.tcp(), true);
-    let hello = Hello::Control(protocol::service_digest(&service.name));
+    let digest = match &context.declare_as {
+        Some(client) => declare::client_digest(client),
+        None => protocol::service_digest(&service.name),
+    };
+    let hello = Hello::Control(digest);
     protocol::write_all(&mut stream, &hello.encode(), "hello").await?;
     let mut answer = [0u8; protocol::HELLO_LEN];
     protocol::read_exact(&mut stream, &mut answer, "the server's hello").await?;
@@ -389,7 +482,7 @@ async fn open_control<T: Transport>(
             what: "data channel hello from the server",
         });
     };
-    let key = SessionKey::prove(service.token.as_bytes(), &nonce);
+    let key = SessionKey::prove(context.token.expose().as_bytes(), &nonce);
     // A server that does not know the service answers before reading the proof and may
     // already have closed: its answer explains better than the failed write.
     let sent = protocol::write_all(&mut stream, key.bytes(), "auth").await;
@@ -397,13 +490,50 @@ async fn open_control<T: Transport>(
     let read = protocol::read_exact(&mut stream, &mut ack, "ack").await;
     match (read, sent) {
         (Ok(()), _) => match Ack::decode(&ack)? {
+            Ack::Ok if context.declare_as.is_some() => {
+                declare_service(&mut stream, service).await?;
+                Ok((stream, key))
+            }
             Ack::Ok => Ok((stream, key)),
+            Ack::ServiceNotExist if context.declare_as.is_some() => Err(Error::Refused {
+                service: service.name.clone(),
+                reason: "the server does not know this client (no declared services for it)",
+            }),
             reason => Err(Error::Refused {
                 service: service.name.clone(),
                 reason: reason.meaning(),
             }),
         },
         (Err(_), Err(err)) | (Err(err), Ok(())) => Err(err),
+    }
+}
+
+/// Declares `service` on a control channel the server just acknowledged, and reads its
+/// verdict.
+async fn declare_service<S: TunnelStream>(
+    stream: &mut S,
+    service: &ClientService,
+) -> Result<(), Error> {
+    let declaration = Declaration {
+        name: service.name.clone(),
+        service_type: service.service_type,
+        port: service
+            .bind_port
+            .expect("only declared services are declared"),
+    };
+    protocol::write_all(stream, &declaration.encode(), "declaration").await?;
+    match Verdict::read(stream).await? {
+        Verdict::Ok => Ok(()),
+        Verdict::Refused(reason) => Err(Error::Declined {
+            service: service.name.clone(),
+            reason,
+            retry: false,
+        }),
+        Verdict::NotNow(reason) => Err(Error::Declined {
+            service: service.name.clone(),
+            reason,
+            retry: true,
+        }),
     }
 }
 

@@ -21,7 +21,18 @@
 //! visitors) or `"failover"` (only the first one up does); a server service's
 //! `clients = "many"` lets several clients serve it at once, spread by `balance =
 //! "round_robin"` (the default) or `"least_connections"`. Neither changes the wire: a rathole
-//! peer sees an ordinary client or server.
+//! peer sees an ordinary client or server. Instead of `remote_addr`, `[[client.servers]]`
+//! lists servers each with its own `remote_addr`, `token` (proved by services without their
+//! own, in place of `default_token`) and `transport` table (of any type; it replaces
+//! `[client.transport]` for that server). A server service may name a `group`
+//! (`[server.groups.NAME] token = ...`): its clients prove the group's token, and it takes
+//! many of them.
+//!
+//! Declared services (labkit only, [`crate::declare`]): `[server.declared]` sets the policy
+//! (`ports`, a list of ports and `"FIRST-LAST"` ranges; `types`; `max_services` per client,
+//! 16 by default; `bind_ip`; `name_prefix`) and `[server.declared.clients.NAME]` each
+//! client's token. A client names itself in `[client.declare]` (`name`, `token` or
+//! `token_file`), and a client service with `bind_port` is declared under that identity.
 //!
 //! `type = "udp"` services are rathole's; `proxy_protocol`, `enable_proxy_protocol = true`,
 //! `max_connections`, `clients = "many"` and `balance` are refused on them (a PROXY header
@@ -29,6 +40,7 @@
 //! has sessions, not connections; and one data channel carries all its datagrams).
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,6 +48,7 @@ use labcore::config::{self, ConfigError, ConfigFile};
 use labcore::{Env, Secret};
 use serde::Deserialize;
 
+use crate::declare::{self, Declaration, Policy, PortRange};
 use crate::error::Error;
 use crate::protocol::{self, Digest};
 use crate::proxy_protocol;
@@ -45,6 +58,10 @@ const DEFAULT_HEARTBEAT_TIMEOUT: u64 = 40;
 const DEFAULT_RETRY_INTERVAL: u64 = 1;
 const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 10;
 const DEFAULT_GRACE_PERIOD: u64 = 30;
+/// Services one client may have declared at once, unless `max_services` says otherwise:
+/// enough for a home server's handful, few enough that a leaked client token cannot open
+/// hundreds of ports.
+const DEFAULT_MAX_DECLARED: usize = 16;
 /// A visitor connection with no byte either way for this long is closed (a TCP service's
 /// `idle_timeout`; 0 turns it off). An hour: long enough for an interactive session left
 /// open over lunch, short enough that connections whose peer vanished without a FIN do not
@@ -80,6 +97,78 @@ struct ServerToml {
     handshake_timeout: Option<u64>,
     grace_period: Option<u64>,
     metrics_addr: Option<String>,
+    /// labkit: clients may declare their own services under this policy.
+    declared: Option<DeclaredToml>,
+    /// labkit: groups of clients that serve a service together, each with its own token.
+    #[serde(default)]
+    groups: BTreeMap<String, GroupToml>,
+}
+
+/// `[server.declared]`: the policy for services clients declare.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeclaredToml {
+    ports: Vec<PortRangeToml>,
+    types: Option<Vec<ServiceType>>,
+    max_services: Option<usize>,
+    bind_ip: Option<String>,
+    name_prefix: Option<String>,
+    #[serde(default)]
+    clients: BTreeMap<String, TokenToml>,
+}
+
+/// A table holding only a token: a declaring client, a group.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenToml {
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
+}
+
+type GroupToml = TokenToml;
+
+/// A port (`8022`) or an inclusive range (`"20000-20099"`); port 0 is refused where it is
+/// read, so the error has its line.
+#[derive(Debug)]
+struct PortRangeToml(PortRange);
+
+impl<'de> Deserialize<'de> for PortRangeToml {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PortRangeToml;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a port (8022) or a range of ports (\"20000-20099\")")
+            }
+            fn visit_i64<E: serde::de::Error>(self, port: i64) -> Result<PortRangeToml, E> {
+                let port = port_number::<E>(&port.to_string())?;
+                Ok(PortRangeToml(PortRange {
+                    first: port,
+                    last: port,
+                }))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<PortRangeToml, E> {
+                let (first, last) = text.split_once('-').unwrap_or((text, text));
+                let (first, last) = (port_number::<E>(first)?, port_number::<E>(last)?);
+                if first > last {
+                    return Err(E::custom(format!(
+                        "the range {text:?} ends before it starts"
+                    )));
+                }
+                Ok(PortRangeToml(PortRange { first, last }))
+            }
+        }
+        de.deserialize_any(Visitor)
+    }
+}
+
+/// A port number from 1 to 65535.
+fn port_number<E: serde::de::Error>(text: &str) -> Result<u16, E> {
+    match text.trim().parse::<u16>() {
+        Ok(0) => Err(E::custom("port 0 cannot be declared (it means any port)")),
+        Ok(port) => Ok(port),
+        Err(_) => Err(E::custom(format!("{text:?} is not a port from 1 to 65535"))),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +187,8 @@ struct ServerServiceToml {
     idle_timeout: Option<u64>,
     clients: Option<ClientsToml>,
     balance: Option<Balance>,
+    /// labkit: the group of clients serving this service, whose token they prove.
+    group: Option<String>,
 }
 
 /// `proxy_protocol = "v1" | "v2"`.
@@ -111,8 +202,12 @@ enum ProxyProtocolToml {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientToml {
-    remote_addr: RemoteAddrToml,
+    remote_addr: Option<RemoteAddrToml>,
+    /// labkit: servers with their own transport and token, instead of `remote_addr`.
+    servers: Option<Vec<ServerEntryToml>>,
     mode: Option<ServersMode>,
+    /// labkit: the identity services with a `bind_port` are declared under.
+    declare: Option<DeclareToml>,
     default_token: Option<Secret>,
     default_token_file: Option<PathBuf>,
     #[serde(default)]
@@ -136,6 +231,27 @@ struct ClientServiceToml {
     token_file: Option<PathBuf>,
     nodelay: Option<bool>,
     retry_interval: Option<u64>,
+    /// labkit: declare the service to the server, asking for this port.
+    bind_port: Option<u16>,
+}
+
+/// `[[client.servers]]`: one server with, optionally, its own transport and token.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerEntryToml {
+    remote_addr: String,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
+    transport: Option<TransportToml>,
+}
+
+/// `[client.declare]`: the client's name and token on servers with declared services.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeclareToml {
+    name: String,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
 }
 
 /// `remote_addr`: one server (rathole's) or a list of them (labkit's).
@@ -384,6 +500,49 @@ pub(crate) struct ServerService {
     pub(crate) many_clients: bool,
     /// How visitors are spread when several clients serve the service.
     pub(crate) balance: Balance,
+    /// The group of clients serving it (`token` is the group's), if it names one.
+    pub(crate) group: Option<String>,
+}
+
+/// `[server.declared]`, resolved: who may declare services and what they may declare.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DeclaredSettings {
+    /// What a declaration may ask for.
+    pub(crate) policy: Policy,
+    /// The address declared services listen on.
+    pub(crate) bind_ip: IpAddr,
+    /// The declaring clients' tokens, by client name.
+    pub(crate) clients: BTreeMap<String, Secret>,
+}
+
+impl DeclaredSettings {
+    /// The service `declaration` of `client` becomes, once the policy allowed it: an
+    /// ordinary TCP or UDP service with the defaults of one written in the config.
+    pub(crate) fn service(
+        &self,
+        client: &str,
+        declaration: &Declaration,
+        token: Secret,
+        nodelay: bool,
+    ) -> ServerService {
+        ServerService {
+            name: declaration.name.clone(),
+            digest: declare::service_digest(client, &declaration.name),
+            service_type: declaration.service_type,
+            bind_addr: SocketAddr::new(self.bind_ip, declaration.port).to_string(),
+            token,
+            nodelay,
+            proxy_protocol: None,
+            max_connections: None,
+            idle_timeout: match declaration.service_type {
+                ServiceType::Tcp => nonzero_secs(DEFAULT_IDLE_TIMEOUT),
+                ServiceType::Udp => None,
+            },
+            many_clients: false,
+            balance: Balance::RoundRobin,
+            group: None,
+        }
+    }
 }
 
 /// The settings `[server]` and `[client]` have in common.
@@ -427,6 +586,8 @@ pub(crate) struct ServerSettings {
     pub(crate) common: Common,
     /// Services by name.
     pub(crate) services: BTreeMap<String, ServerService>,
+    /// Whether clients may declare services, and the policy they are held to.
+    pub(crate) declared: Option<DeclaredSettings>,
 }
 
 impl ServerSettings {
@@ -439,10 +600,12 @@ impl ServerSettings {
             heartbeat_interval,
             common,
             services: _,
+            declared,
         } = new;
         self.bind_addr != *bind_addr
             || self.heartbeat_interval != *heartbeat_interval
             || self.common.needs_restart(common)
+            || self.declared != *declared
     }
 }
 
@@ -455,21 +618,47 @@ pub(crate) struct ClientService {
     pub(crate) service_type: ServiceType,
     /// The local address the service listens on.
     pub(crate) local_addr: String,
-    /// The shared token.
-    pub(crate) token: Secret,
+    /// Its own token; without one, the server's or the table's default is proved.
+    pub(crate) token: Option<Secret>,
+    /// Declared to the server (under `[client.declare]`), asking for this port.
+    pub(crate) bind_port: Option<u16>,
     /// TCP_NODELAY on this service's data channels and local connections.
     pub(crate) nodelay: bool,
     /// The longest pause between reconnection attempts.
     pub(crate) retry_interval: Duration,
 }
 
+/// One server of a client: `remote_addr`'s, or a `[[client.servers]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ServerEntry {
+    /// Its control port.
+    pub(crate) addr: String,
+    /// The token proved there by services without their own (in place of `default_token`).
+    pub(crate) token: Option<Secret>,
+    /// How to reach it: its own `transport` table, or the client's.
+    pub(crate) transport: TransportSettings,
+}
+
+/// `[client.declare]`, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ClientIdentity {
+    /// The name the server knows this client by.
+    pub(crate) name: String,
+    /// The client token, if given here (else a server's token or `default_token`).
+    pub(crate) token: Option<Secret>,
+}
+
 /// A resolved `[client]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ClientSettings {
-    /// The servers' control ports, in order of preference (at least one).
-    pub(crate) remote_addr: Vec<String>,
+    /// The servers, in order of preference (at least one).
+    pub(crate) servers: Vec<ServerEntry>,
     /// How the servers share the visitors.
     pub(crate) mode: ServersMode,
+    /// The token of services with none of their own, where the server has none either.
+    pub(crate) default_token: Option<Secret>,
+    /// The identity declared services are declared under.
+    pub(crate) declare: Option<ClientIdentity>,
     /// What both sides have.
     pub(crate) common: Common,
     /// Services by name.
@@ -481,12 +670,32 @@ impl ClientSettings {
     /// restarting everything.
     pub(crate) fn needs_restart(&self, new: &ClientSettings) -> bool {
         let ClientSettings {
-            remote_addr,
+            servers,
             mode,
+            default_token,
+            declare,
             common,
             services: _,
         } = new;
-        self.remote_addr != *remote_addr || self.mode != *mode || self.common.needs_restart(common)
+        self.servers != *servers
+            || self.mode != *mode
+            || self.default_token != *default_token
+            || self.declare != *declare
+            || self.common.needs_restart(common)
+    }
+
+    /// The token `service` proves to server `index`: its own, else that server's, else the
+    /// default (for a declared service: the client token, else the server's, else the
+    /// default). `resolve` made sure one exists.
+    pub(crate) fn token(&self, service: &ClientService, index: usize) -> Secret {
+        let own = match (&service.bind_port, &self.declare) {
+            (Some(_), Some(identity)) => identity.token.as_ref(),
+            _ => service.token.as_ref(),
+        };
+        own.or(self.servers.get(index).and_then(|s| s.token.as_ref()))
+            .or(self.default_token.as_ref())
+            .cloned()
+            .unwrap_or_else(|| Secret::new(String::new()))
     }
 }
 
@@ -601,19 +810,28 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
         raw.default_token,
         raw.default_token_file,
     )?;
+    let mut groups = BTreeMap::new();
+    for (name, group) in raw.groups {
+        let key = format!("server.groups.{name}");
+        let token = token(file, env, &key, group.token, group.token_file, &None)?;
+        groups.insert(name, token);
+    }
     let mut services = BTreeMap::new();
     for (name, service) in raw.services {
         let key = format!("server.services.{name}");
         check_addr(file, &format!("{key}.bind_addr"), &service.bind_addr)?;
         check_udp_service(file, &key, &service)?;
-        let token = token(
-            file,
-            env,
-            &key,
-            service.token,
-            service.token_file,
-            &default_token,
-        )?;
+        let token = match &service.group {
+            None => token(
+                file,
+                env,
+                &key,
+                service.token,
+                service.token_file,
+                &default_token,
+            )?,
+            Some(group) => group_token(file, &key, &service, group, &groups)?,
+        };
         services.insert(
             name.clone(),
             ServerService {
@@ -641,11 +859,17 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
                     max => max,
                 },
                 idle_timeout: nonzero_secs(service.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT)),
-                many_clients: service.clients.unwrap_or_default() == ClientsToml::Many,
+                many_clients: service.group.is_some()
+                    || service.clients.unwrap_or_default() == ClientsToml::Many,
                 balance: service.balance.unwrap_or_default(),
+                group: service.group,
             },
         );
     }
+    let declared = match raw.declared {
+        Some(declared) => Some(resolve_declared(declared, file, env, &default_token)?),
+        None => None,
+    };
     Ok(ServerSettings {
         bind_addr: raw.bind_addr,
         heartbeat_interval: nonzero_secs(
@@ -665,28 +889,130 @@ fn resolve_server(raw: ServerToml, file: &ConfigFile, env: &Env) -> Result<Serve
             metrics_addr: metrics_addr(file, "server.metrics_addr", raw.metrics_addr)?,
         },
         services,
+        declared,
+    })
+}
+
+/// The token of a service that names `group`: the group's. A group stands for several
+/// clients, so the service takes many; its own token or `clients = "one"` contradicts that.
+fn group_token(
+    file: &ConfigFile,
+    key: &str,
+    service: &ServerServiceToml,
+    group: &str,
+    groups: &BTreeMap<String, Secret>,
+) -> Result<Secret, Error> {
+    if service.token.is_some() || service.token_file.is_some() {
+        return Err(file
+            .invalid(
+                format!("{key}.token"),
+                format!("the service names group {group:?}: its clients prove the group's token, so give none here"),
+            )
+            .into());
+    }
+    if service.clients == Some(ClientsToml::One) {
+        return Err(file
+            .invalid(
+                format!("{key}.clients"),
+                "a service with a group takes the group's many clients",
+            )
+            .into());
+    }
+    match groups.get(group) {
+        Some(token) => Ok(token.clone()),
+        None => Err(file
+            .invalid(
+                format!("{key}.group"),
+                format!("no [server.groups.{group}] table gives this group a token"),
+            )
+            .into()),
+    }
+}
+
+/// Resolves `[server.declared]`: at least one port and one client, each client named as a
+/// service may be and with a token of its own (or `default_token`).
+fn resolve_declared(
+    raw: DeclaredToml,
+    file: &ConfigFile,
+    env: &Env,
+    default_token: &Option<Secret>,
+) -> Result<DeclaredSettings, Error> {
+    let key = "server.declared";
+    if raw.ports.is_empty() {
+        return Err(file
+            .invalid(
+                format!("{key}.ports"),
+                "allows no port: give at least one port or range",
+            )
+            .into());
+    }
+    if raw.clients.is_empty() {
+        return Err(file
+            .invalid(
+                format!("{key}.clients"),
+                "names no client: add [server.declared.clients.NAME] with the client's token",
+            )
+            .into());
+    }
+    let max_services = match raw.max_services {
+        Some(0) => {
+            return Err(file
+                .invalid(format!("{key}.max_services"), "must be at least 1")
+                .into());
+        }
+        Some(max) => max,
+        None => DEFAULT_MAX_DECLARED,
+    };
+    let bind_ip = match raw.bind_ip.as_deref() {
+        None => IpAddr::from([0, 0, 0, 0]),
+        Some(ip) => ip.parse().map_err(|_| {
+            file.invalid(
+                format!("{key}.bind_ip"),
+                format!("{ip:?} is not an IP address"),
+            )
+        })?,
+    };
+    let name_prefix = raw.name_prefix.unwrap_or_default();
+    if !name_prefix.is_empty()
+        && let Err(why) = declare::valid_name(&name_prefix)
+    {
+        return Err(file
+            .invalid(format!("{key}.name_prefix"), why.replace("name", "prefix"))
+            .into());
+    }
+    let mut clients = BTreeMap::new();
+    for (name, client) in raw.clients {
+        let client_key = format!("{key}.clients.{name}");
+        if let Err(why) = declare::valid_name(&name) {
+            return Err(file.invalid(client_key, why).into());
+        }
+        let token = token(
+            file,
+            env,
+            &client_key,
+            client.token,
+            client.token_file,
+            default_token,
+        )?;
+        clients.insert(name, token);
+    }
+    Ok(DeclaredSettings {
+        policy: Policy {
+            ports: raw.ports.into_iter().map(|p| p.0).collect(),
+            types: raw
+                .types
+                .unwrap_or_else(|| vec![ServiceType::Tcp, ServiceType::Udp]),
+            max_services,
+            name_prefix,
+        },
+        bind_ip,
+        clients,
     })
 }
 
 fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<ClientSettings, Error> {
-    let remote_addr = match raw.remote_addr {
-        RemoteAddrToml::One(addr) => vec![addr],
-        RemoteAddrToml::Many(addrs) => addrs,
-    };
-    if remote_addr.is_empty() {
-        return Err(file
-            .invalid("client.remote_addr", "names no server: give at least one")
-            .into());
-    }
-    for (i, addr) in remote_addr.iter().enumerate() {
-        if remote_addr[..i].contains(addr) {
-            return Err(file
-                .invalid("client.remote_addr", format!("names {addr} twice"))
-                .into());
-        }
-        check_addr(file, "client.remote_addr", addr)?;
-    }
     let transport = resolve_transport(raw.transport, file, env, "client")?;
+    let servers = resolve_servers(raw.remote_addr, raw.servers, &transport, file, env)?;
     let default_token = default_token(
         file,
         env,
@@ -694,19 +1020,89 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
         raw.default_token,
         raw.default_token_file,
     )?;
+    let declare = match raw.declare {
+        Some(declare) => {
+            if let Err(why) = declare::valid_name(&declare.name) {
+                return Err(file.invalid("client.declare.name", why).into());
+            }
+            let token = file.secret(
+                env,
+                "client.declare.token",
+                declare.token,
+                declare.token_file.as_deref(),
+            )?;
+            if let Some(token) = &token {
+                check_token(file, "client.declare.token".into(), token)?;
+            }
+            Some(ClientIdentity {
+                name: declare.name,
+                token,
+            })
+        }
+        None => None,
+    };
+    // Whether every server has a token for a service without its own.
+    let fallback = default_token.is_some() || servers.iter().all(|s| s.token.is_some());
     let retry_default = raw.retry_interval.unwrap_or(DEFAULT_RETRY_INTERVAL);
     let mut services = BTreeMap::new();
     for (name, service) in raw.services {
         let key = format!("client.services.{name}");
         check_addr(file, &format!("{key}.local_addr"), &service.local_addr)?;
-        let token = token(
-            file,
+        let token_key = format!("{key}.token");
+        let token = file.secret(
             env,
-            &key,
+            &token_key,
             service.token,
-            service.token_file,
-            &default_token,
+            service.token_file.as_deref(),
         )?;
+        if let Some(token) = &token {
+            check_token(file, token_key.clone(), token)?;
+        }
+        if let Some(port) = service.bind_port {
+            let Some(identity) = &declare else {
+                return Err(file
+                    .invalid(
+                        format!("{key}.bind_port"),
+                        "a declared service needs a [client.declare] table naming this client",
+                    )
+                    .into());
+            };
+            if port == 0 {
+                return Err(file
+                    .invalid(format!("{key}.bind_port"), "must be a port from 1 to 65535")
+                    .into());
+            }
+            if let Err(why) = declare::valid_name(&name) {
+                return Err(file
+                    .invalid(key, format!("cannot be declared: {why}"))
+                    .into());
+            }
+            if token.is_some() {
+                return Err(file
+                    .invalid(
+                        token_key,
+                        "a declared service proves the client token of [client.declare]: give none here",
+                    )
+                    .into());
+            }
+            if identity.token.is_none() && !fallback {
+                return Err(file
+                    .invalid(
+                        "client.declare.token",
+                        "no token: give token, token_file, a systemd credential of that name, \
+                         a token for every server, or default_token",
+                    )
+                    .into());
+            }
+        } else if token.is_none() && !fallback {
+            return Err(file
+                .invalid(
+                    token_key,
+                    "no token: give token, token_file, a systemd credential of that name, or \
+                     default_token",
+                )
+                .into());
+        }
         services.insert(
             name.clone(),
             ClientService {
@@ -714,6 +1110,7 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
                 service_type: service.service_type,
                 local_addr: service.local_addr,
                 token,
+                bind_port: service.bind_port,
                 nodelay: service.nodelay.unwrap_or(transport.tcp.nodelay),
                 // A zero interval would retry in a busy loop.
                 retry_interval: Duration::from_secs(
@@ -723,8 +1120,10 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
         );
     }
     Ok(ClientSettings {
-        remote_addr,
+        servers,
         mode: raw.mode.unwrap_or_default(),
+        default_token,
+        declare,
         common: Common {
             heartbeat_timeout: nonzero_secs(
                 raw.heartbeat_timeout.unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT),
@@ -740,6 +1139,90 @@ fn resolve_client(raw: ClientToml, file: &ConfigFile, env: &Env) -> Result<Clien
         },
         services,
     })
+}
+
+/// The client's servers from `remote_addr` (one or a list, with the client's transport and
+/// tokens) or from `[[client.servers]]` (each with its own, if given); one of the two, at
+/// least one server, none twice.
+fn resolve_servers(
+    remote_addr: Option<RemoteAddrToml>,
+    entries: Option<Vec<ServerEntryToml>>,
+    transport: &TransportSettings,
+    file: &ConfigFile,
+    env: &Env,
+) -> Result<Vec<ServerEntry>, Error> {
+    let (key, servers) = match (remote_addr, entries) {
+        (Some(_), Some(_)) => {
+            return Err(file
+                .invalid(
+                    "client.servers",
+                    "give either remote_addr or [[client.servers]], not both",
+                )
+                .into());
+        }
+        (None, None) => {
+            return Err(file
+                .invalid(
+                    "client.remote_addr",
+                    "names no server: give remote_addr or [[client.servers]]",
+                )
+                .into());
+        }
+        (Some(addrs), None) => {
+            let addrs = match addrs {
+                RemoteAddrToml::One(addr) => vec![addr],
+                RemoteAddrToml::Many(addrs) => addrs,
+            };
+            let servers = addrs
+                .into_iter()
+                .map(|addr| ServerEntry {
+                    addr,
+                    token: None,
+                    transport: transport.clone(),
+                })
+                .collect();
+            ("client.remote_addr", servers)
+        }
+        (None, Some(entries)) => {
+            let mut servers = Vec::with_capacity(entries.len());
+            for (i, entry) in entries.into_iter().enumerate() {
+                let key = format!("client.servers.{i}");
+                let token = file.secret(
+                    env,
+                    &format!("{key}.token"),
+                    entry.token,
+                    entry.token_file.as_deref(),
+                )?;
+                if let Some(token) = &token {
+                    check_token(file, format!("{key}.token"), token)?;
+                }
+                let own = match entry.transport {
+                    Some(raw) => resolve_transport(raw, file, env, &key)?,
+                    None => transport.clone(),
+                };
+                servers.push(ServerEntry {
+                    addr: entry.remote_addr,
+                    token,
+                    transport: own,
+                });
+            }
+            ("client.servers", servers)
+        }
+    };
+    if servers.is_empty() {
+        return Err(file
+            .invalid(key, "names no server: give at least one")
+            .into());
+    }
+    for (i, server) in servers.iter().enumerate() {
+        if servers[..i].iter().any(|s| s.addr == server.addr) {
+            return Err(file
+                .invalid(key, format!("names {} twice", server.addr))
+                .into());
+        }
+        check_addr(file, key, &server.addr)?;
+    }
+    Ok(servers)
 }
 
 fn metrics_addr(
@@ -792,8 +1275,8 @@ fn resolve_transport(
         None
     };
     // Only the client connects out; a server's proxy key is ignored, as rathole does.
-    let proxy = match (side, raw.tcp.proxy) {
-        ("client", Some(url)) => Some(resolve_proxy(&url, file, side)?),
+    let proxy = match raw.tcp.proxy {
+        Some(url) if side.starts_with("client") => Some(resolve_proxy(&url, file, side)?),
         _ => None,
     };
     Ok(TransportSettings {
@@ -967,10 +1450,14 @@ fn check_udp_service(
             "has no connections to limit (it is for tcp services only)",
         );
     }
-    if service.clients == Some(ClientsToml::Many) || service.balance.is_some() {
-        let name = match service.balance {
-            Some(_) => "balance",
-            None => "clients",
+    if service.clients == Some(ClientsToml::Many)
+        || service.balance.is_some()
+        || service.group.is_some()
+    {
+        let name = match (&service.balance, &service.group) {
+            (Some(_), _) => "balance",
+            (None, Some(_)) => "group",
+            (None, None) => "clients",
         };
         return refuse(
             name,
@@ -1164,7 +1651,7 @@ mod tests {
         else {
             panic!("client expected")
         };
-        assert_eq!(client.remote_addr, ["lab.example.org:7000"]);
+        assert_eq!(addrs(&client), ["lab.example.org:7000"]);
         assert_eq!(client.services["gitssh"].local_addr, "127.0.0.1:222");
         assert_eq!(
             client.common.heartbeat_timeout,
@@ -1174,6 +1661,45 @@ mod tests {
             client.services["web"].retry_interval,
             Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn the_declared_examples_parse_and_agree() {
+        let s = server(include_str!("../../examples/tunnel/declared-server.toml"));
+        let c = client(include_str!("../../examples/tunnel/declared-client.toml"));
+        let declared = s.declared.as_ref().unwrap();
+        let identity = c.declare.as_ref().unwrap();
+        assert_eq!(
+            declared.clients[&identity.name],
+            *identity.token.as_ref().unwrap()
+        );
+        let mut checked = 0;
+        for service in c.services.values() {
+            let Some(port) = service.bind_port else {
+                // Not declared: the server has the service, with the same token.
+                assert_eq!(
+                    s.services[&service.name].token,
+                    c.token(service, 0),
+                    "{}",
+                    service.name
+                );
+                continue;
+            };
+            let declaration = Declaration {
+                name: service.name.clone(),
+                service_type: service.service_type,
+                port,
+            };
+            assert_eq!(
+                declared.policy.check(&declaration),
+                Ok(()),
+                "{}",
+                service.name
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 2);
+        assert!(s.services["web"].many_clients);
     }
 
     #[test]
@@ -1221,6 +1747,10 @@ token = "own-token"
             s.common.transport.tcp.keepalive_time,
             Duration::from_secs(30)
         );
+    }
+
+    fn addrs(client: &ClientSettings) -> Vec<&str> {
+        client.servers.iter().map(|s| s.addr.as_str()).collect()
     }
 
     fn client(text: &str) -> ClientSettings {
@@ -1420,7 +1950,7 @@ token = "own-token"
     #[test]
     fn remote_addr_takes_one_server_or_a_list_and_refuses_an_empty_or_repeated_one() {
         let many = client("[client]\nremote_addr = [\"a:1\", \"b:2\"]\nmode = \"failover\"\n");
-        assert_eq!(many.remote_addr, ["a:1", "b:2"]);
+        assert_eq!(addrs(&many), ["a:1", "b:2"]);
         assert_eq!(many.mode, ServersMode::Failover);
         assert_eq!(
             client("[client]\nremote_addr = \"a:1\"\n").mode,
@@ -1452,5 +1982,208 @@ token = "own-token"
             err.to_string().contains("server.services.dns.clients"),
             "{err}"
         );
+    }
+
+    fn parse_err(text: &str) -> String {
+        let err = parse(text, None).unwrap_err();
+        assert_eq!(
+            labcore::ExitStatus::exit(&err),
+            labcore::Exit::Config,
+            "{err}"
+        );
+        err.to_string()
+    }
+
+    const DECLARED: &str = "[server]\nbind_addr = \"0.0.0.0:7000\"\n[server.declared]\n";
+
+    #[test]
+    fn the_declared_policy_takes_ports_and_ranges_and_each_clients_token() {
+        let s = server(&format!(
+            "{DECLARED}ports = [8022, \"20000-20099\"]\ntypes = [\"tcp\"]\nmax_services = 3\n\
+             name_prefix = \"home-\"\n[server.declared.clients.home]\ntoken = \"home-token-1\"\n"
+        ));
+        let declared = s.declared.unwrap();
+        assert_eq!(
+            declared.policy.ports,
+            [
+                PortRange {
+                    first: 8022,
+                    last: 8022
+                },
+                PortRange {
+                    first: 20000,
+                    last: 20099
+                }
+            ]
+        );
+        assert_eq!(declared.policy.types, [ServiceType::Tcp]);
+        assert_eq!(declared.policy.max_services, 3);
+        assert_eq!(declared.policy.name_prefix, "home-");
+        assert_eq!(declared.clients["home"].expose(), "home-token-1");
+        assert_eq!(declared.bind_ip, IpAddr::from([0, 0, 0, 0]));
+        assert!(!format!("{declared:?}").contains("home-token-1"));
+        // Without the table, nothing can be declared.
+        assert!(
+            server("[server]\nbind_addr = \"0.0.0.0:7000\"\n")
+                .declared
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn bad_declared_ports_are_config_errors_with_their_line() {
+        for (ports, message) in [
+            ("0", "port 0 cannot be declared"),
+            ("\"9-3\"", "ends before it starts"),
+            ("\"http\"", "is not a port from 1 to 65535"),
+            ("70000", "is not a port from 1 to 65535"),
+        ] {
+            let text = format!(
+                "{DECLARED}ports = [{ports}]\n[server.declared.clients.home]\ntoken = \"home-token-1\"\n"
+            );
+            let err = parse_err(&text);
+            assert!(err.contains("tunnel.toml:4:"), "{ports}: {err}");
+            assert!(err.contains(message), "{ports}: {err}");
+        }
+        for (extra, key) in [
+            (
+                "ports = []\n[server.declared.clients.home]\ntoken = \"home-token-1\"",
+                "server.declared.ports",
+            ),
+            ("ports = [1]", "server.declared.clients"),
+            (
+                "ports = [1]\nmax_services = 0\n[server.declared.clients.home]\ntoken = \"home-token-1\"",
+                "server.declared.max_services",
+            ),
+            (
+                "ports = [1]\n[server.declared.clients.\"a b\"]\ntoken = \"home-token-1\"",
+                "server.declared.clients.a b",
+            ),
+            (
+                "ports = [1]\n[server.declared.clients.home]\ntoken = \"short\"",
+                "server.declared.clients.home.token",
+            ),
+        ] {
+            let err = parse_err(&format!("{DECLARED}{extra}\n"));
+            assert!(err.contains(&format!("key \"{key}")), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_declared_service_needs_the_clients_identity_and_no_token_of_its_own() {
+        let base = "[client]\nremote_addr = \"a:1\"\n";
+        let c = client(&format!(
+            "{base}[client.declare]\nname = \"home\"\ntoken = \"home-token-1\"\n\
+             [client.services.web]\nlocal_addr = \"127.0.0.1:80\"\nbind_port = 8080\n"
+        ));
+        assert_eq!(c.services["web"].bind_port, Some(8080));
+        assert_eq!(c.token(&c.services["web"], 0).expose(), "home-token-1");
+        for (text, key) in [
+            (
+                "[client.services.web]\nlocal_addr = \"127.0.0.1:80\"\nbind_port = 8080\ntoken = \"t-long-enough\"",
+                "client.services.web.bind_port",
+            ),
+            (
+                "[client.declare]\nname = \"home\"\ntoken = \"home-token-1\"\n\
+                 [client.services.web]\nlocal_addr = \"127.0.0.1:80\"\nbind_port = 8080\ntoken = \"t-long-enough\"",
+                "client.services.web.token",
+            ),
+            (
+                "[client.declare]\nname = \"home\"\ntoken = \"home-token-1\"\n\
+                 [client.services.web]\nlocal_addr = \"127.0.0.1:80\"\nbind_port = 0",
+                "client.services.web.bind_port",
+            ),
+            (
+                "[client.declare]\nname = \"home\"\n[client.services.web]\nlocal_addr = \"127.0.0.1:80\"\nbind_port = 80",
+                "client.declare.token",
+            ),
+            (
+                "[client.declare]\nname = \"-home\"\ntoken = \"home-token-1\"",
+                "client.declare.name",
+            ),
+        ] {
+            let err = parse_err(&format!("{base}{text}\n"));
+            assert!(err.contains(&format!("key \"{key}\"")), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_group_gives_its_services_its_token_and_many_clients() {
+        let s = server(
+            "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.groups.farm]\ntoken = \"farm-token-1\"\n\
+             [server.services.web]\nbind_addr = \"0.0.0.0:2\"\ngroup = \"farm\"\n",
+        );
+        let web = &s.services["web"];
+        assert_eq!(web.token.expose(), "farm-token-1");
+        assert!(web.many_clients);
+        assert_eq!(web.group.as_deref(), Some("farm"));
+        for (extra, key) in [
+            (
+                "group = \"farm\"\ntoken = \"own-token-1\"",
+                "server.services.web.token",
+            ),
+            ("group = \"nope\"", "server.services.web.group"),
+            (
+                "group = \"farm\"\nclients = \"one\"",
+                "server.services.web.clients",
+            ),
+            (
+                "group = \"farm\"\ntype = \"udp\"",
+                "server.services.web.group",
+            ),
+        ] {
+            let err = parse_err(&format!(
+                "[server]\nbind_addr = \"0.0.0.0:1\"\n[server.groups.farm]\ntoken = \"farm-token-1\"\n\
+                 [server.services.web]\nbind_addr = \"0.0.0.0:2\"\n{extra}\n"
+            ));
+            assert!(err.contains(&format!("key \"{key}\"")), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn client_servers_carry_their_own_address_token_and_transport_settings() {
+        let two = "[client]\n[[client.servers]]\nremote_addr = \"vm1:7000\"\ntoken = \"vm1-token-1\"\n\
+                   [[client.servers]]\nremote_addr = \"vm2:7000\"\n";
+        let c = client(&format!(
+            "{two}token = \"vm2-token-1\"\n[client.servers.transport.tcp]\nkeepalive_secs = 5\n\
+             [client.services.web]\nlocal_addr = \"127.0.0.1:80\"\n\
+             [client.services.ssh]\nlocal_addr = \"127.0.0.1:22\"\ntoken = \"ssh-token-1\"\n"
+        ));
+        assert_eq!(addrs(&c), ["vm1:7000", "vm2:7000"]);
+        assert_eq!(c.servers[0].transport, c.common.transport);
+        assert_eq!(
+            c.servers[1].transport.tcp.keepalive_time,
+            Duration::from_secs(5)
+        );
+        assert_eq!(c.token(&c.services["web"], 0).expose(), "vm1-token-1");
+        assert_eq!(c.token(&c.services["web"], 1).expose(), "vm2-token-1");
+        assert_eq!(c.token(&c.services["ssh"], 1).expose(), "ssh-token-1");
+        assert!(!format!("{c:?}").contains("vm1-token-1"));
+        for (text, key) in [
+            (
+                format!("{two}[client.services.web]\nlocal_addr = \"127.0.0.1:80\""),
+                "client.services.web.token",
+            ),
+            (
+                format!("{two}[client.servers.transport]\ntype = \"noise\""),
+                "client.servers.1.transport.noise.remote_public_key",
+            ),
+            (
+                "[client]\nremote_addr = \"a:1\"\n[[client.servers]]\nremote_addr = \"b:1\""
+                    .to_owned(),
+                "client.servers",
+            ),
+            (
+                "[client]\nmode = \"failover\"".to_owned(),
+                "client.remote_addr",
+            ),
+            (
+                format!("{two}[[client.servers]]\nremote_addr = \"vm1:7000\""),
+                "client.servers",
+            ),
+        ] {
+            let err = parse_err(&format!("{text}\n"));
+            assert!(err.contains(&format!("key \"{key}\"")), "{text}: {err}");
+        }
     }
 }

@@ -86,6 +86,19 @@ pub enum Error {
         /// The server's answer, in words.
         reason: &'static str,
     },
+    /// A declared service's declaration could not be read.
+    #[error("malformed declaration: {0}")]
+    BadDeclaration(&'static str),
+    /// The server would not expose a declared service.
+    #[error("server refused declared service {service}: {reason}")]
+    Declined {
+        /// The service.
+        service: String,
+        /// The server's reason (escaped), or the policy's.
+        reason: String,
+        /// Whether asking again later may succeed (the port was taken, the name held).
+        retry: bool,
+    },
     /// The peer sent a message that does not belong at this point.
     #[error("unexpected {what}")]
     Unexpected {
@@ -176,10 +189,12 @@ impl ExitStatus for Error {
             | Error::UdpHeader { .. }
             | Error::Version { .. }
             | Error::Unexpected { .. }
-            | Error::UnknownSession => Exit::DataErr,
-            Error::UnknownService { .. } | Error::AuthFailed { .. } | Error::Refused { .. } => {
-                Exit::NoPerm
-            }
+            | Error::UnknownSession
+            | Error::BadDeclaration(_) => Exit::DataErr,
+            Error::UnknownService { .. }
+            | Error::AuthFailed { .. }
+            | Error::Refused { .. }
+            | Error::Declined { .. } => Exit::NoPerm,
             Error::Timeout { .. } | Error::Closed { .. } => Exit::Unavailable,
             Error::Io { source, .. } => Exit::from_io(source),
             Error::Noise { .. } | Error::Tls { .. } => Exit::NoPerm,

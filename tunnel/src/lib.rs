@@ -6,12 +6,13 @@
 //! connections, [`forward`] carries visitor bytes, [`udp`] visitor datagrams, [`metrics`]
 //! counts them, [`daemon`] runs
 //! either side with reloads and graceful shutdown, [`watch`] sees config saves, [`keys`]
-//! makes Noise key pairs, [`status`] reads a running side's figures, [`cli`] is the command line.
+//! makes Noise key pairs, [`declare`] the messages and policy of services clients declare, [`status`] reads a running side's figures, [`cli`] is the command line.
 
 pub mod cli;
 mod client;
 mod config;
 mod daemon;
+mod declare;
 mod error;
 mod forward;
 #[cfg(feature = "fuzzing")]
@@ -63,7 +64,8 @@ pub(crate) async fn run(path: &Path, mode: Option<Mode>, env: &Env) -> Result<()
         notifier,
         watcher,
     };
-    // The one place a transport type becomes a Rust type.
+    // Where a transport type becomes a Rust type (a client's servers may each pick another
+    // type of their own: `client::AnyTransport`).
     loop {
         let outcome = match settings {
             Settings::Server(s) => match s.common.transport.kind {

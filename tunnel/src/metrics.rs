@@ -95,6 +95,8 @@ pub(crate) fn failure_reason(err: &Error) -> &'static str {
         Error::Malformed { .. } | Error::Unexpected { .. } => "malformed",
         Error::UnknownSession => "unknown_session",
         Error::Refused { .. } => "refused_by_server",
+        Error::Declined { .. } => "declaration_refused",
+        Error::BadDeclaration(_) => "malformed",
         Error::Timeout { .. } => "timeout",
         Error::Closed { .. } => "closed",
         Error::Noise { .. } => "noise",

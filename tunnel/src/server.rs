@@ -30,6 +30,10 @@
 //!   as soon as the first breaks (and a new spare is asked for). With no client, datagrams
 //!   are read and dropped (counted), so none wait stale in the kernel for the next client.
 //!
+//! With `[server.declared]`, clients may also declare services of their own
+//! ([`crate::declare`]); each declared service runs as a service task like the others,
+//! started by its control channel's handshake and ended with it ([`declared`]).
+//!
 //! Service listeners are bound at start, so the server is ready when every port is; a visitor
 //! who arrives while no client serves the service is closed at once. Each service has its own
 //! cancellation tokens, so removing or changing one on reload closes its port and its
@@ -62,6 +66,10 @@ use crate::proxy_protocol;
 use crate::sockopt;
 use crate::transport::{Transport, TunnelStream};
 use crate::udp;
+
+mod declared;
+
+use declared::Declared;
 
 /// Data channels a client is asked for as soon as its control channel opens (rathole: 8).
 const POOL_SIZE: usize = 8;
@@ -96,6 +104,8 @@ enum Event<S> {
         stream: S,
         key: SessionKey,
         peer: SocketAddr,
+        /// What tells the client its channel is open.
+        welcome: Welcome,
     },
     /// A data channel naming this service's session.
     Data { stream: S, key: SessionKey },
@@ -103,6 +113,16 @@ enum Event<S> {
     Ended { id: u64, reason: String },
     /// A visitor whose client went away before any byte moved, for another client.
     Retry(Waiting),
+}
+
+/// The message that opens an authenticated control channel, written by the service's task
+/// once it holds the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Welcome {
+    /// rathole's `Ack::Ok`.
+    Ack,
+    /// A declared service's `Verdict::Ok` (the ack came before the declaration).
+    Declared,
 }
 
 /// What the control port's handshakes look services and sessions up in.
@@ -116,6 +136,8 @@ struct Entry<S> {
     events: mpsc::Sender<Event<S>>,
     /// The open sessions' keys: one, or several if the service takes many clients.
     sessions: Mutex<Vec<SessionKey>>,
+    /// Declared by a client: opened by a declaration only, never by a hello naming it.
+    declared: bool,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -199,6 +221,9 @@ struct ServiceHandle {
 pub(crate) struct Server<T: Transport> {
     settings: ServerSettings,
     registry: Arc<Registry<T::Stream>>,
+    spawner: Spawner<T::Stream>,
+    /// The services clients declare, if `[server.declared]` allows them.
+    declared: Option<Arc<Declared<T::Stream>>>,
     services: BTreeMap<String, ServiceHandle>,
     control_stop: CancellationToken,
     control_task: JoinHandle<()>,
@@ -233,11 +258,31 @@ impl<T: Transport> Server<T> {
         };
         let control_addr = T::local_addr(&listener)?;
         tracing::info!(addr = %control_addr, "control port listening");
+        let abort = CancellationToken::new();
+        let spawner = Spawner {
+            registry: registry.clone(),
+            heartbeat: settings.heartbeat_interval,
+            dead_after: settings.common.heartbeat_timeout,
+            handshake_timeout: settings.common.handshake_timeout,
+            abort: abort.clone(),
+            tracker: tracker.clone(),
+            metrics: metrics.clone(),
+        };
+        let declared = settings.declared.clone().map(|declared| {
+            Arc::new(Declared::new(
+                declared,
+                settings.common.transport.tcp.nodelay,
+                spawner.clone(),
+            ))
+        });
         let control_stop = CancellationToken::new();
         let control_task = tokio::spawn(accept_clients(
             transport.clone(),
             listener,
-            registry.clone(),
+            Lookup {
+                registry: registry.clone(),
+                declared: declared.clone(),
+            },
             tracker.clone(),
             control_stop.clone(),
             settings.common.handshake_timeout,
@@ -246,10 +291,12 @@ impl<T: Transport> Server<T> {
         let mut server = Server {
             settings: settings.clone(),
             registry,
+            spawner,
+            declared,
             services: BTreeMap::new(),
             control_stop,
             control_task,
-            abort: CancellationToken::new(),
+            abort,
             tracker,
             metrics,
             endpoint,
@@ -274,53 +321,14 @@ impl<T: Transport> Server<T> {
         service: ServerService,
         listener: Listener,
     ) -> Result<(), Error> {
-        let addr = match &listener {
-            Listener::Tcp(listener) => listener.local_addr(),
-            Listener::Udp(socket) => socket.local_addr(),
-        };
-        let addr = addr.map_err(|e| Error::io("reading a service port's address", e))?;
-        let kind = match service.service_type {
-            ServiceType::Tcp => "tcp",
-            ServiceType::Udp => "udp",
-        };
-        tracing::info!(service = %service.name, %addr, protocol = kind, "service listening");
-        let service = Arc::new(service);
-        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-        self.registry.insert(Arc::new(Entry {
-            service: service.clone(),
-            events: events_tx.clone(),
-            sessions: Mutex::new(Vec::new()),
-        }));
-        let stop = CancellationToken::new();
-        let abort = self.abort.child_token();
-        let task = ServiceTask {
-            service: service.clone(),
-            listener,
-            events,
-            events_tx,
-            registry: self.registry.clone(),
-            heartbeat: self.settings.heartbeat_interval,
-            dead_after: self.settings.common.heartbeat_timeout,
-            handshake_timeout: self.settings.common.handshake_timeout,
-            stop: stop.clone(),
-            abort: abort.clone(),
-            tracker: self.tracker.clone(),
-            metrics: self.metrics.service(&service.name),
-            reconnected: false,
-            sessions: Vec::new(),
-            next_id: 0,
-            cursor: 0,
-            waiting: VecDeque::new(),
-            udp: None,
-            slots: Arc::new(Semaphore::new(max_connections(&service))),
-        };
-        let task = tokio::spawn(task.run());
+        let started = self.spawner.task(service, listener, false)?;
+        let task = tokio::spawn(started.task.run());
         self.services.insert(
-            service.name.clone(),
+            started.service.name.clone(),
             ServiceHandle {
-                service,
-                stop,
-                abort,
+                service: started.service,
+                stop: started.stop,
+                abort: started.abort,
                 task,
             },
         );
@@ -406,6 +414,10 @@ impl<T: Transport> Server<T> {
             if self.services.contains_key(name) {
                 continue;
             }
+            if let Some(declared) = &self.declared {
+                // The config wins over a client's declaration of the same name.
+                declared.remove(name).await;
+            }
             let started = match bound.remove(name) {
                 Some(listener) => self.start_service_on(service.clone(), listener),
                 None => self.start_service(service.clone()).await,
@@ -432,6 +444,9 @@ impl<T: Transport> Server<T> {
         for name in names {
             self.stop_service(&name).await;
         }
+        if let Some(declared) = &self.declared {
+            declared.stop_all(true).await;
+        }
         self.abort.cancel();
         self.tracker.close();
         self.tracker.wait().await;
@@ -449,6 +464,9 @@ impl<T: Transport> Server<T> {
         let _ = (&mut self.control_task).await;
         for (_, handle) in std::mem::take(&mut self.services) {
             let _ = handle.task.await;
+        }
+        if let Some(declared) = &self.declared {
+            declared.stop_all(false).await;
         }
         let open = self.tracker.len();
         if open > 0 {
@@ -474,6 +492,106 @@ impl<T: Transport> Server<T> {
     /// The grace period from the config.
     pub(crate) fn grace_period(&self) -> Duration {
         self.settings.common.grace_period
+    }
+}
+
+/// What starting a service's task takes: shared by the services of the config and those
+/// clients declare.
+struct Spawner<S> {
+    registry: Arc<Registry<S>>,
+    heartbeat: Option<Duration>,
+    dead_after: Option<Duration>,
+    handshake_timeout: Duration,
+    /// Closes every connection of the server.
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Clone for Spawner<S> {
+    fn clone(&self) -> Self {
+        Spawner {
+            registry: self.registry.clone(),
+            heartbeat: self.heartbeat,
+            dead_after: self.dead_after,
+            handshake_timeout: self.handshake_timeout,
+            abort: self.abort.clone(),
+            tracker: self.tracker.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// A service's task, registered but not spawned yet, with what stops it.
+struct Started<S> {
+    task: ServiceTask<S>,
+    service: Arc<ServerService>,
+    entry: Arc<Entry<S>>,
+    /// Closes the listener and the control channels.
+    stop: CancellationToken,
+    /// Closes the service's open connections.
+    abort: CancellationToken,
+}
+
+impl<S: TunnelStream> Spawner<S> {
+    /// Registers `service` (its control channels may open from now on) and makes its task on
+    /// `listener`; `declared` marks a service a client declared.
+    fn task(
+        &self,
+        service: ServerService,
+        listener: Listener,
+        declared: bool,
+    ) -> Result<Started<S>, Error> {
+        let addr = match &listener {
+            Listener::Tcp(listener) => listener.local_addr(),
+            Listener::Udp(socket) => socket.local_addr(),
+        };
+        let addr = addr.map_err(|e| Error::io("reading a service port's address", e))?;
+        let kind = match service.service_type {
+            ServiceType::Tcp => "tcp",
+            ServiceType::Udp => "udp",
+        };
+        tracing::info!(service = %service.name, %addr, protocol = kind, declared, "service listening");
+        let service = Arc::new(service);
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let entry = Arc::new(Entry {
+            service: service.clone(),
+            events: events_tx.clone(),
+            sessions: Mutex::new(Vec::new()),
+            declared,
+        });
+        self.registry.insert(entry.clone());
+        let stop = CancellationToken::new();
+        let abort = self.abort.child_token();
+        let task = ServiceTask {
+            service: service.clone(),
+            listener,
+            events,
+            events_tx,
+            registry: self.registry.clone(),
+            heartbeat: self.heartbeat,
+            dead_after: self.dead_after,
+            handshake_timeout: self.handshake_timeout,
+            stop: stop.clone(),
+            abort: abort.clone(),
+            tracker: self.tracker.clone(),
+            metrics: self.metrics.service(&service.name),
+            reconnected: false,
+            sessions: Vec::new(),
+            next_id: 0,
+            cursor: 0,
+            waiting: VecDeque::new(),
+            udp: None,
+            slots: Arc::new(Semaphore::new(max_connections(&service))),
+            ends_with_client: declared,
+        };
+        Ok(Started {
+            task,
+            service,
+            entry,
+            stop,
+            abort,
+        })
     }
 }
 
@@ -550,11 +668,17 @@ fn source_of(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Where a handshake finds what a hello names: services, sessions, declaring clients.
+struct Lookup<S> {
+    registry: Arc<Registry<S>>,
+    declared: Option<Arc<Declared<S>>>,
+}
+
 /// The control port: accepts clients and runs each connection's handshake.
 async fn accept_clients<T: Transport>(
     transport: Arc<T>,
     listener: TcpListener,
-    registry: Arc<Registry<T::Stream>>,
+    lookup: Lookup<T::Stream>,
     tracker: TaskTracker,
     stop: CancellationToken,
     handshake_timeout: Duration,
@@ -581,11 +705,12 @@ async fn accept_clients<T: Transport>(
             continue;
         };
         let transport = transport.clone();
-        let registry = registry.clone();
+        let registry = lookup.registry.clone();
+        let declared = lookup.declared.clone();
         let metrics = metrics.clone();
         tracker.spawn(async move {
             let _slot = slot;
-            let handshake = handshake(&*transport, tcp, peer, &registry);
+            let handshake = handshake(&*transport, tcp, peer, &registry, declared.as_ref());
             let failed = match timeout(handshake_timeout, handshake).await {
                 Ok(Ok(())) => return,
                 Ok(Err(err)) => err,
@@ -606,12 +731,13 @@ async fn handshake<T: Transport>(
     tcp: TcpStream,
     peer: SocketAddr,
     registry: &Registry<T::Stream>,
+    declared: Option<&Arc<Declared<T::Stream>>>,
 ) -> Result<(), Error> {
     let mut stream = transport.handshake(tcp).await?;
     let mut hello = [0u8; protocol::HELLO_LEN];
     protocol::read_exact(&mut stream, &mut hello, "hello").await?;
     match Hello::decode(&hello)? {
-        Hello::Control(digest) => control_handshake(stream, digest, peer, registry).await,
+        Hello::Control(digest) => control_handshake(stream, digest, peer, registry, declared).await,
         Hello::Data(key) => {
             let events = registry.session(&key).ok_or(Error::UnknownSession)?;
             stream.authenticated();
@@ -629,10 +755,16 @@ async fn control_handshake<S: TunnelStream>(
     digest: Digest,
     peer: SocketAddr,
     registry: &Registry<S>,
+    declared: Option<&Arc<Declared<S>>>,
 ) -> Result<(), Error> {
     let nonce = protocol::nonce()?;
     protocol::write_all(&mut stream, &Hello::Control(nonce).encode(), "hello").await?;
-    let Some(entry) = registry.service(&digest) else {
+    let Some(entry) = registry.service(&digest).filter(|entry| !entry.declared) else {
+        if let Some(declared) = declared
+            && let Some(client) = declared.client(&digest)
+        {
+            return declared.handshake(stream, &nonce, client, peer).await;
+        }
         protocol::write_all(&mut stream, &Ack::ServiceNotExist.encode(), "ack").await?;
         return Err(Error::UnknownService {
             digest_prefix: digest[..4].iter().map(|b| format!("{b:02x}")).collect(),
@@ -644,7 +776,10 @@ async fn control_handshake<S: TunnelStream>(
     if key != SessionKey::from_bytes(auth) {
         protocol::write_all(&mut stream, &Ack::AuthFailed.encode(), "ack").await?;
         return Err(Error::AuthFailed {
-            service: entry.service.name.clone(),
+            service: match &entry.service.group {
+                Some(group) => format!("{} (group {group})", entry.service.name),
+                None => entry.service.name.clone(),
+            },
         });
     }
     stream.authenticated();
@@ -654,7 +789,12 @@ async fn control_handshake<S: TunnelStream>(
     registry.open_session(&entry, key);
     entry
         .events
-        .send(Event::Control { stream, key, peer })
+        .send(Event::Control {
+            stream,
+            key,
+            peer,
+            welcome: Welcome::Ack,
+        })
         .await
         .map_err(|_| Error::UnknownService {
             digest_prefix: "(service removed)".into(),
@@ -736,6 +876,8 @@ struct ServiceTask<S> {
     /// Visitor connections the service may still take (`max_connections`, or by default
     /// what the file limit allows).
     slots: Arc<Semaphore>,
+    /// A declared service: the task ends when its last control channel does.
+    ends_with_client: bool,
 }
 
 /// A visitor waiting for a data channel.
@@ -780,7 +922,12 @@ impl<S: TunnelStream> ServiceTask<S> {
                     self.start_udp().await;
                 },
                 event = self.events.recv() => match event {
-                    Some(event) => self.event(event).await,
+                    Some(event) => {
+                        self.event(event).await;
+                        if self.ends_with_client && self.sessions.is_empty() {
+                            break;
+                        }
+                    }
                     None => break,
                 },
                 _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
@@ -890,8 +1037,12 @@ impl<S: TunnelStream> ServiceTask<S> {
                 mut stream,
                 key,
                 peer,
+                welcome,
             } => {
-                let ok = Ack::Ok.encode();
+                let ok = match welcome {
+                    Welcome::Ack => Ack::Ok.encode().to_vec(),
+                    Welcome::Declared => crate::declare::Verdict::Ok.encode(),
+                };
                 let ack = protocol::write_all(&mut stream, &ok, "ack");
                 if let Err(err) =
                     timeout(self.handshake_timeout, ack)

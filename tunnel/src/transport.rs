@@ -6,7 +6,7 @@
 //! the kernel may move the bytes itself (`splice(2)`). The implementations: [`TcpTransport`]
 //! (which also reaches the server through a client's `proxy`, [`proxy`]), [`NoiseTransport`],
 //! [`TlsTransport`] and [`WebsocketTransport`] (over TCP or TLS), each over TCP, selected by
-//! `transport.type` in one place ([`crate::run`]).
+//! `transport.type` in [`crate::run`] (and, for each server of a client, in the client).
 
 pub(crate) mod noise;
 pub(crate) mod proxy;
@@ -35,14 +35,26 @@ pub(crate) use websocket::WebsocketTransport;
 /// pattern parses and the keys it needs are there, the TLS files load and match. A config
 /// error naming the key at fault now, rather than a failed connection later.
 pub(crate) fn check(settings: &Settings, path: &Path) -> Result<(), Error> {
-    let (side, transport) = match settings {
-        Settings::Server(s) => ("server", &s.common.transport),
-        Settings::Client(c) => ("client", &c.common.transport),
-    };
+    match settings {
+        Settings::Server(s) => check_one("server", &s.common.transport, path),
+        Settings::Client(c) => {
+            check_one("client", &c.common.transport, path)?;
+            for (i, server) in c.servers.iter().enumerate() {
+                if server.transport != c.common.transport {
+                    check_one(&format!("client.servers.{i}"), &server.transport, path)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// [`check`] for one transport table, `side` naming where it is.
+fn check_one(side: &str, transport: &TransportSettings, path: &Path) -> Result<(), Error> {
     let invalid =
         |key: String, message: String| Error::from(ConfigFile::new(path).invalid(key, message));
     if let Some(noise) = &transport.noise {
-        noise::handshake_state(noise, side == "client").map_err(|err| {
+        noise::handshake_state(noise, side.starts_with("client")).map_err(|err| {
             let culprit = match err {
                 noise::KeyError::Pattern => "pattern",
                 noise::KeyError::LocalKey => "local_private_key",

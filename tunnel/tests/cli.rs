@@ -306,3 +306,33 @@ fn every_tunnel_example_checks() {
     }
     assert!(checked >= 2, "the server and client examples are there");
 }
+
+#[test]
+fn check_refuses_a_bad_declared_port_range_with_its_file_line_and_exit_78() {
+    let dir = Scratch::new("cli").unwrap();
+    let bad = write(
+        &dir,
+        "declared.toml",
+        "[server]\nbind_addr = \"0.0.0.0:7000\"\n[server.declared]\nports = [2222, \"30000-20000\"]\n\
+         [server.declared.clients.home]\ntoken = \"change-me-home\"\n",
+    );
+    let err = finished(&["check", "-c", bad.to_str().unwrap()], 78).stderr();
+    assert!(err.contains("declared.toml:4:"), "{err}");
+    assert!(
+        err.contains("\"30000-20000\" ends before it starts"),
+        "{err}"
+    );
+    let unbacked = write(
+        &dir,
+        "client.toml",
+        "[client]\nremote_addr = \"a:1\"\n[client.services.web]\nlocal_addr = \"127.0.0.1:80\"\n\
+         bind_port = 8080\ntoken = \"change-me-web\"\n",
+    );
+    let err = finished(&["check", "-c", unbacked.to_str().unwrap()], 78).stderr();
+    assert!(
+        err.contains("key \"client.services.web.bind_port\""),
+        "{err}"
+    );
+    assert!(err.contains("needs a [client.declare] table"), "{err}");
+    assert!(!err.contains("change-me-web"), "{err}");
+}
