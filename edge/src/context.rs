@@ -87,7 +87,7 @@ pub(crate) struct Cx {
     /// The error being handled by `handle_errors`: status and message.
     pub(crate) error: Option<(u16, String)>,
     /// The `map` tables the request passed, in order (the first with a destination decides).
-    pub(crate) maps: Vec<Arc<crate::directives::map::Table>>,
+    pub(crate) maps: Vec<Arc<dyn MapTable>>,
     /// What the last `file` matcher that matched found.
     pub(crate) file_match: Option<FileMatched>,
     /// `request_body max_size`: the most body bytes a handler may read.
@@ -163,4 +163,12 @@ impl Cx {
             None => self.vars.push((name.to_owned(), value)),
         }
     }
+}
+
+/// A `map` table a request passed (built by the `map` directive). The context holds it behind
+/// this trait so that it need not name the directive, which itself builds on the context.
+pub(crate) trait MapTable: std::fmt::Debug + Send + Sync {
+    /// `None` when `name` is not one of the table's destinations; `Some(None)` when it is and
+    /// maps to nothing for this request.
+    fn lookup(&self, name: &str, req: Req<'_>, cx: &Cx) -> Option<Option<String>>;
 }

@@ -28,9 +28,7 @@ mod config;
 mod context;
 mod directives;
 mod encode;
-mod expression;
 mod fastcgi;
-mod file_matcher;
 mod files;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -8,6 +8,9 @@
 //! hardening every matcher builds on. Regexps use RE2-like syntax, as Go's do; what they
 //! capture goes to the request's [`Cx`] for `{re.NAME.N}`.
 
+pub(crate) mod expression;
+pub(crate) mod file_matcher;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -65,10 +68,10 @@ pub(crate) struct MatcherToml {
     /// Sets that must not match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) not: Vec<MatcherToml>,
-    /// Files that must exist (see [`crate::file_matcher`]).
+    /// Files that must exist (see [`crate::matchers::file_matcher`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) file: Option<crate::file_matcher::FileToml>,
-    /// A CEL expression, in the forms [`crate::expression`] understands.
+    pub(crate) file: Option<crate::matchers::file_matcher::FileToml>,
+    /// A CEL expression, in the forms [`crate::matchers::expression`] understands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) expression: Option<String>,
     /// Variables (or `{placeholder}`s) and accepted values; any one matching is enough.
@@ -458,8 +461,8 @@ enum Matcher {
     RemoteIp(Vec<Cidr>),
     Protocol(Protocol),
     Not(MatcherSet),
-    File(Box<crate::file_matcher::FileMatcher>),
-    Expression(Box<crate::expression::Expression>),
+    File(Box<crate::matchers::file_matcher::FileMatcher>),
+    Expression(Box<crate::matchers::expression::Expression>),
     /// Any of the (variable, accepted values) pairs.
     Vars(Vec<(VarKey, Vec<Template>)>),
     VarsRegexp(Vec<(VarKey, NamedRegex)>),
@@ -652,12 +655,12 @@ fn build_placeholder_matchers(
 ) -> Result<(), String> {
     if let Some(file) = &toml.file {
         matchers.push(Matcher::File(Box::new(
-            crate::file_matcher::FileMatcher::build(file, env)?,
+            crate::matchers::file_matcher::FileMatcher::build(file, env)?,
         )));
     }
     if let Some(text) = &toml.expression {
         matchers.push(Matcher::Expression(Box::new(
-            crate::expression::Expression::parse(text, env)?,
+            crate::matchers::expression::Expression::parse(text, env)?,
         )));
     }
     if !toml.vars.is_empty() {

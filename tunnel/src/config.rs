@@ -50,6 +50,7 @@ use serde::Deserialize;
 
 use crate::declare::{self, Declaration, Policy, PortRange};
 use crate::error::Error;
+pub(crate) use crate::protocol::ServiceType;
 use crate::protocol::{self, Digest};
 use crate::proxy_protocol;
 
@@ -294,17 +295,6 @@ pub(crate) enum ClientsToml {
     One,
     /// Control channels add up; visitors are spread across them.
     Many,
-}
-
-/// A service's kind: rathole's `type` key.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum ServiceType {
-    /// TCP connections.
-    #[default]
-    Tcp,
-    /// UDP datagrams.
-    Udp,
 }
 
 /// The transport a tunnel's connections run on: rathole's `[*.transport] type`.

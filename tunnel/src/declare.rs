@@ -29,8 +29,8 @@ use std::fmt;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::ServiceType;
 use crate::error::Error;
+use crate::protocol::ServiceType;
 use crate::protocol::{self, Digest};
 
 /// The version of the declaration messages.

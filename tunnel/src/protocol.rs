@@ -35,10 +35,22 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::Error;
+
+/// A service's kind: rathole's `type` key.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ServiceType {
+    /// TCP connections.
+    #[default]
+    Tcp,
+    /// UDP datagrams.
+    Udp,
+}
 
 /// The protocol version rathole 0.5 speaks and accepts (and nothing else).
 pub(crate) const VERSION: u8 = 1;

@@ -22,7 +22,7 @@ use regex_lite::Regex;
 use serde::{Deserialize, Serialize};
 
 use super::{At, Build, BuildFail, Dir, Handler, Scope, Step, at};
-use crate::context::{Cx, Req};
+use crate::context::{Cx, MapTable, Req};
 use crate::placeholders::Template;
 
 /// One mapping line as TOML.
@@ -250,10 +250,8 @@ pub(crate) struct Table {
     defaults: Option<Vec<Template>>,
 }
 
-impl Table {
-    /// `None` when `name` is not one of this map's destinations; `Some(None)` when it is and
-    /// maps to nothing for this request.
-    pub(crate) fn lookup(&self, name: &str, req: Req<'_>, cx: &Cx) -> Option<Option<String>> {
+impl MapTable for Table {
+    fn lookup(&self, name: &str, req: Req<'_>, cx: &Cx) -> Option<Option<String>> {
         let i = self.destinations.iter().position(|d| d == name)?;
         let input = self.source.render(req, cx);
         for row in &self.rows {
