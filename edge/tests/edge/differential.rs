@@ -120,6 +120,16 @@ impl Both {
         }
     }
 
+    /// The edge's HTTP port, for a test that talks to it directly.
+    pub fn edge_port(&self) -> u16 {
+        self.edge_port
+    }
+
+    /// Caddy's HTTP port, for a test that talks to it directly.
+    pub fn caddy_port(&self) -> u16 {
+        self.caddy_port
+    }
+
     /// SIGTERM to both; both must exit cleanly.
     pub fn stop(self) {
         self.edge.stop(WAIT).unwrap();
