@@ -22,9 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::directives::{At, Line, at};
 use crate::site::parse_duration;
-use crate::transport::{Address, Protocol, Target, Transport};
+use crate::transport::{Address, At, OptLine, Protocol, Target, Transport, at};
 
 /// The most of a health check's body that is read.
 pub(crate) const MAX_HEALTH_BODY: usize = 1 << 20;
@@ -79,7 +78,7 @@ impl HealthToml {
         &mut self,
         name: &str,
         args: &[String],
-        sub: &Line,
+        sub: &OptLine<'_>,
     ) -> Result<bool, At> {
         let line = sub.line;
         let one = || match args {

@@ -33,8 +33,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::body::UpBody;
-use crate::proxy::Upstream;
-use crate::transport::{Protocol, Stream, Transport};
+use crate::transport::{Protocol, Stream, Transport, Upstream};
 
 type Conn = http1::Connection<TokioIo<Stream>, UpBody>;
 /// Idle HTTP/1.1 connections of one thread to one upstream (by pool key).

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Incoming};
-use hyper::http::uri::{Authority, PathAndQuery};
+use hyper::http::uri::PathAndQuery;
 use hyper::http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
 };
@@ -30,40 +30,8 @@ use crate::health::{Active, Host, InFlight, Passive};
 use crate::lb::{Candidate, Choice, Pick, Policy};
 use crate::matchers::Cidr;
 use crate::pool::{self, Failure, LeasedBody, Pool};
-use crate::transport::{Address, Transport};
-
-/// One upstream server, as configured.
-#[derive(Debug)]
-pub(crate) struct Upstream {
-    /// As written in the config.
-    pub(crate) text: String,
-    /// Where and how to connect.
-    pub(crate) address: Address,
-    /// The Host sent when the request has none, and `{upstream_hostport}`.
-    pub(crate) authority: Authority,
-    /// Its connections' key in the pool: the transport's tag and the dial address.
-    pub(crate) key: Arc<str>,
-}
-
-impl Upstream {
-    /// Parses an address in any of Caddy's forms (see [`Address::parse`]), reached over a
-    /// transport tagged `tag`.
-    pub(crate) fn parse_with(text: &str, tag: &str) -> Result<Arc<Upstream>, String> {
-        let address = Address::parse(text)?;
-        Ok(Arc::new(Upstream {
-            text: text.to_owned(),
-            authority: address.authority(),
-            key: Arc::from(format!("{tag}{}", address.dial)),
-            address,
-        }))
-    }
-
-    /// Parses an address reached over plain HTTP.
-    #[cfg(test)]
-    pub(crate) fn parse(text: &str) -> Result<Arc<Upstream>, String> {
-        Upstream::parse_with(text, "")
-    }
-}
+use crate::transport::Transport;
+pub(crate) use crate::transport::Upstream;
 
 /// One `reverse_proxy`: which upstreams, how to choose, reach and check them, and what to
 /// rewrite. Its run-time state (health) is `proxy::Balancer`'s.

@@ -22,8 +22,27 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::directives::{At, Line, at};
 use crate::site::{parse_duration, split_host_port};
+
+/// A Caddyfile problem at a line: (line, message), made into the directives' error by the
+/// `reverse_proxy` parser (this module sits below `directives`).
+pub(crate) type At = (usize, String);
+
+/// An error at `line`.
+pub(crate) fn at(line: usize, message: impl Into<String>) -> At {
+    (line, message.into())
+}
+
+/// A Caddyfile line of `reverse_proxy`'s block as the option parsers here see it.
+#[derive(Debug)]
+pub(crate) struct OptLine<'a> {
+    /// Its words.
+    pub(crate) words: &'a [String],
+    /// Where it is.
+    pub(crate) line: usize,
+    /// The lines of its block.
+    pub(crate) block: Option<Vec<OptLine<'a>>>,
+}
 
 /// How the proxy speaks to an upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +191,39 @@ fn tcp(text: &str, scheme: &'static str, host: &str, port: u16) -> Result<Addres
     })
 }
 
+/// One upstream server, as configured.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    /// As written in the config.
+    pub(crate) text: String,
+    /// Where and how to connect.
+    pub(crate) address: Address,
+    /// The Host sent when the request has none, and `{upstream_hostport}`.
+    pub(crate) authority: Authority,
+    /// Its connections' key in the pool: the transport's tag and the dial address.
+    pub(crate) key: Arc<str>,
+}
+
+impl Upstream {
+    /// Parses an address in any of Caddy's forms (see [`Address::parse`]), reached over a
+    /// transport tagged `tag`.
+    pub(crate) fn parse_with(text: &str, tag: &str) -> Result<Arc<Upstream>, String> {
+        let address = Address::parse(text)?;
+        Ok(Arc::new(Upstream {
+            text: text.to_owned(),
+            authority: address.authority(),
+            key: Arc::from(format!("{tag}{}", address.dial)),
+            address,
+        }))
+    }
+
+    /// Parses an address reached over plain HTTP.
+    #[cfg(test)]
+    pub(crate) fn parse(text: &str) -> Result<Arc<Upstream>, String> {
+        Upstream::parse_with(text, "")
+    }
+}
+
 /// `transport http { ... }` as TOML: each field is the Caddyfile option of the same name.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -229,7 +281,11 @@ fn is_false(b: &bool) -> bool {
 
 impl TransportToml {
     /// Parses `transport http { ... }`'s block.
-    pub(crate) fn parse(args: &[String], block: Option<&[Line]>, line: usize) -> Result<Self, At> {
+    pub(crate) fn parse(
+        args: &[String],
+        block: Option<&[OptLine<'_>]>,
+        line: usize,
+    ) -> Result<Self, At> {
         match args {
             [p] if p == "http" => {}
             [p] => {

@@ -12,7 +12,7 @@ use hyper::http::Request;
 use serde::{Deserialize, Serialize};
 
 use super::header::HeaderOpsToml;
-use super::{At, Build, BuildFail, Dir, Handler, Io, Scope, Serving, Step, at};
+use super::{At, Build, BuildFail, Dir, Handler, Io, Line, Scope, Serving, Step, at};
 use crate::context::Cx;
 use crate::health::{Active, HealthToml, Passive};
 use crate::lb::Policy;
@@ -20,7 +20,7 @@ use crate::matchers::Cidr;
 use crate::placeholders::Template;
 use crate::proxy::{Balancer, Forwarded, Proxy, Upgrades, Upstream};
 use crate::site::parse_duration;
-use crate::transport::{Transport, TransportToml};
+use crate::transport::{OptLine, Transport, TransportToml};
 
 /// `reverse_proxy` as TOML.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,18 +80,22 @@ pub(crate) fn parse(d: &Dir<'_>, _s: &mut Scope, _key: &str) -> Result<Toml, At>
         let Some((name, args)) = sub.words.split_first() else {
             continue;
         };
-        if proxy.health.parse_option(name, args, sub)? {
+        let opt = opt_line(sub);
+        let located = |(line, message): (usize, String)| at(line, message);
+        if proxy
+            .health
+            .parse_option(name, args, &opt)
+            .map_err(located)?
+        {
             continue;
         }
         if name == "transport" {
             if proxy.transport.is_some() {
                 return Err(at(sub.line, "transport already specified"));
             }
-            proxy.transport = Some(Box::new(TransportToml::parse(
-                args,
-                sub.block.as_deref(),
-                sub.line,
-            )?));
+            proxy.transport = Some(Box::new(
+                TransportToml::parse(args, opt.block.as_deref(), sub.line).map_err(located)?,
+            ));
             continue;
         }
         if sub.block.is_some() {
@@ -184,6 +188,18 @@ pub(crate) fn parse(d: &Dir<'_>, _s: &mut Scope, _key: &str) -> Result<Toml, At>
         }
     }
     Ok(proxy)
+}
+
+/// `line` as the option parsers below `directives` take it.
+fn opt_line(line: &Line) -> OptLine<'_> {
+    OptLine {
+        words: &line.words,
+        line: line.line,
+        block: line
+            .block
+            .as_ref()
+            .map(|b| b.iter().map(opt_line).collect()),
+    }
 }
 
 pub(crate) fn build(
