@@ -986,9 +986,9 @@ mod tests {
         let text = err_text("x.local {\n\t@api tls_version 1.3\n}\n");
         assert!(text.contains(":2: matcher @api: "), "{text}");
         assert!(text.contains("tls_version"), "{text}");
-        let text = err_text("x.local {\n\treverse_proxy :1 {\n\t\ttransport http\n\t}\n}\n");
+        let text = err_text("x.local {\n\treverse_proxy :1 {\n\t\tbuffer_requests\n\t}\n}\n");
         assert!(
-            text.contains(":3: reverse_proxy option \"transport\""),
+            text.contains(":3: reverse_proxy buffer_requests is not supported"),
             "{text}"
         );
     }

@@ -35,6 +35,8 @@ mod files;
 pub mod fuzz;
 mod handler;
 mod header_ops;
+mod health;
+mod lb;
 mod limit;
 mod matchers;
 mod placeholders;
@@ -44,6 +46,7 @@ mod router;
 mod server;
 mod site;
 mod storage;
+mod transport;
 mod trust;
 
 pub use ca::CaError;

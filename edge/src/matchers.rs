@@ -382,13 +382,13 @@ impl NamedRegex {
 
 /// An IP range.
 #[derive(Debug, Clone, Copy)]
-struct Cidr {
+pub(crate) struct Cidr {
     net: IpAddr,
     bits: u8,
 }
 
 impl Cidr {
-    fn parse(text: &str) -> Result<Vec<Cidr>, String> {
+    pub(crate) fn parse(text: &str) -> Result<Vec<Cidr>, String> {
         if text == "private_ranges" {
             return [
                 "192.168.0.0/16",
@@ -416,7 +416,7 @@ impl Cidr {
         Ok(vec![Cidr { net, bits }])
     }
 
-    fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,

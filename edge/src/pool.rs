@@ -27,22 +27,29 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
-use hyper::http::uri::Authority;
+use hyper::client::conn::{http1, http2};
+use hyper::http::{HeaderValue, Uri, header};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::body::UpBody;
+use crate::transport::{Protocol, Stream, Transport, Upstream};
 
-type Conn = http1::Connection<TokioIo<TcpStream>, UpBody>;
+type Conn = http1::Connection<TokioIo<Stream>, UpBody>;
+/// Idle HTTP/1.1 connections of one thread to one upstream (by pool key).
+type IdleList = (ThreadId, Arc<str>, Vec<Idle>);
+/// The HTTP/2 connection of one thread to one upstream (by pool key).
+type H2Conn = (ThreadId, Arc<str>, http2::SendRequest<UpBody>);
 
 /// Idle upstream connections, by thread and upstream.
 pub(crate) struct Pool {
     /// A list, not a map: there are a handful of (thread, upstream) pairs, and finding one by
     /// comparing a thread id and a short authority costs less than hashing the authority.
     /// Each list is oldest first (connections are pushed and popped at the end).
-    idle: Mutex<Vec<(ThreadId, Authority, Vec<Idle>)>>,
+    idle: Mutex<Vec<IdleList>>,
+    /// HTTP/2 connections (h2c, or TLS with `versions 2`), one per thread and upstream:
+    /// requests share it.
+    h2: Mutex<Vec<H2Conn>>,
     idle_timeout: Duration,
     max_idle_per_upstream: usize,
 }
@@ -59,6 +66,10 @@ struct Idle {
     sender: http1::SendRequest<UpBody>,
     conn: Pin<Box<Conn>>,
     since: Instant,
+    /// How long it may stay idle.
+    keep: Duration,
+    /// How many idle ones its upstream keeps.
+    max: usize,
 }
 
 /// A connection in use by one request; it goes back to the pool when its response has ended.
@@ -66,15 +77,16 @@ pub(crate) struct Lease {
     sender: http1::SendRequest<UpBody>,
     /// `None` once the connection has ended.
     conn: Option<Pin<Box<Conn>>>,
-    authority: Authority,
+    key: Arc<str>,
+    /// How long it may stay idle, and how many idle ones its upstream keeps.
+    keep: (Duration, usize),
     pool: Arc<Pool>,
 }
 
 /// Why a request got no response.
-#[derive(Debug)]
 pub(crate) enum Failure {
-    /// No connection could be made.
-    Connect(io::Error),
+    /// No connection could be made; the request, when it can still be sent elsewhere.
+    Connect(io::Error, Option<Box<Request<UpBody>>>),
     /// The connection failed during the exchange.
     Request(hyper::Error),
 }
@@ -84,28 +96,41 @@ impl Pool {
     pub(crate) fn new(idle_timeout: Duration, max_idle_per_upstream: usize) -> Arc<Pool> {
         Arc::new(Pool {
             idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(Vec::new()),
             idle_timeout,
             max_idle_per_upstream,
         })
     }
 
-    /// Sends `req` (origin-form URI, Host set) to `authority` on an idle connection or a new
-    /// one, and returns the response with the lease its body must keep polling.
+    /// Sends `req` (origin-form URI, Host set) to `upstream` over `transport`, on an idle
+    /// connection or a new one, and returns the response with the lease its body must keep
+    /// polling (none over HTTP/2, whose connection drives itself).
     pub(crate) async fn send(
         self: &Arc<Self>,
-        authority: &Authority,
+        transport: &Transport,
+        upstream: &Upstream,
         mut req: Request<UpBody>,
         connect_timeout: Duration,
-    ) -> Result<(Response<Incoming>, Lease), Failure> {
+    ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+        if transport.protocol != Protocol::Http1 {
+            return self
+                .send_h2(transport, upstream, req, connect_timeout)
+                .await;
+        }
+        let keep = (
+            transport.keepalive.unwrap_or(self.idle_timeout),
+            transport.idle_conns.unwrap_or(self.max_idle_per_upstream),
+        );
         loop {
-            let (mut lease, reused) = match self.take(authority) {
+            let (mut lease, reused) = match self.take(&upstream.key) {
                 Some(lease) => (lease, true),
-                None => (
-                    self.connect(authority, connect_timeout)
-                        .await
-                        .map_err(Failure::Connect)?,
-                    false,
-                ),
+                None => match self
+                    .connect(transport, upstream, keep, connect_timeout)
+                    .await
+                {
+                    Ok(lease) => (lease, false),
+                    Err(err) => return Err(Failure::Connect(err, Some(Box::new(req)))),
+                },
             };
             if reused {
                 // The previous response may have left the connection a step from ready.
@@ -115,7 +140,7 @@ impl Pool {
             }
             let sent = lease.sender.try_send_request(req);
             match lease.drive(sent).await {
-                Ok(response) => return Ok((response, lease)),
+                Ok(response) => return Ok((response, Some(lease))),
                 Err(mut err) => match err.take_message() {
                     // An idle connection the upstream had closed: the request never left.
                     Some(back) if reused => req = back,
@@ -125,18 +150,91 @@ impl Pool {
         }
     }
 
-    /// An idle connection to `authority` that is still open, if any.
-    fn take(self: &Arc<Self>, authority: &Authority) -> Option<Lease> {
+    /// Sends `req` over this thread's HTTP/2 connection to `upstream`, made if need be.
+    async fn send_h2(
+        self: &Arc<Self>,
+        transport: &Transport,
+        upstream: &Upstream,
+        mut req: Request<UpBody>,
+        connect_timeout: Duration,
+    ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+        // HTTP/2 names the host in :authority (from the URI), not in a Host header.
+        let host = req
+            .headers_mut()
+            .remove(header::HOST)
+            .unwrap_or_else(|| HeaderValue::from_static("localhost"));
+        let scheme = if transport.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        match format!("{scheme}://{}{path}", host.to_str().unwrap_or("localhost")).parse::<Uri>() {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => {
+                return Err(Failure::Connect(
+                    io::Error::other("the Host is not an authority"),
+                    None,
+                ));
+            }
+        }
+        let thread = std::thread::current().id();
+        let cached = {
+            let mut h2 = self.h2.lock().expect("the pool lock is never poisoned");
+            h2.retain(|(_, _, s)| !s.is_closed());
+            h2.iter()
+                .find(|(t, k, _)| *t == thread && *k == upstream.key)
+                .map(|(_, _, s)| s.clone())
+        };
+        let mut sender = match cached {
+            Some(sender) => sender,
+            None => {
+                let stream = match transport.connect(&upstream.address, connect_timeout).await {
+                    Ok(stream) => stream,
+                    Err(err) => return Err(Failure::Connect(err, Some(Box::new(req)))),
+                };
+                let (sender, conn) =
+                    match http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await {
+                        Ok(both) => both,
+                        Err(err) => {
+                            return Err(Failure::Connect(
+                                io::Error::other(err),
+                                Some(Box::new(req)),
+                            ));
+                        }
+                    };
+                tokio::spawn(async move {
+                    if let Err(err) = conn.await {
+                        tracing::debug!(error = %err, "HTTP/2 upstream connection ended");
+                    }
+                });
+                let mut h2 = self.h2.lock().expect("the pool lock is never poisoned");
+                h2.push((thread, upstream.key.clone(), sender.clone()));
+                sender
+            }
+        };
+        if let Err(err) = poll_fn(|cx| sender.poll_ready(cx)).await {
+            return Err(Failure::Request(err));
+        }
+        sender
+            .send_request(req)
+            .await
+            .map(|r| (r, None))
+            .map_err(Failure::Request)
+    }
+
+    /// An idle connection to `key` that is still open, if any.
+    fn take(self: &Arc<Self>, key: &Arc<str>) -> Option<Lease> {
         let thread = std::thread::current().id();
         loop {
             let mut idle = {
                 let mut pool = self.idle.lock().expect("the pool lock is never poisoned");
                 pool.iter_mut()
-                    .find(|(t, a, _)| *t == thread && a == authority)?
+                    .find(|(t, k, _)| *t == thread && k == key)?
                     .2
                     .pop()?
             };
-            if idle.since.elapsed() > self.idle_timeout || idle.sender.is_closed() {
+            if idle.since.elapsed() > idle.keep || idle.sender.is_closed() {
                 continue;
             }
             // One poll reads a close (or anything else) the upstream sent while it sat idle.
@@ -147,45 +245,46 @@ impl Pool {
             return Some(Lease {
                 sender: idle.sender,
                 conn: Some(idle.conn),
-                authority: authority.clone(),
+                key: key.clone(),
+                keep: (idle.keep, idle.max),
                 pool: self.clone(),
             });
         }
     }
 
-    fn put(&self, authority: Authority, idle: Idle) {
+    fn put(&self, key: Arc<str>, idle: Idle, max: usize) {
         let thread = std::thread::current().id();
         let now = idle.since;
         let mut pool = self.idle.lock().expect("the pool lock is never poisoned");
-        let at = match pool
-            .iter()
-            .position(|(t, a, _)| *t == thread && *a == authority)
-        {
+        let at = match pool.iter().position(|(t, k, _)| *t == thread && *k == key) {
             Some(at) => at,
             None => {
-                pool.push((thread, authority, Vec::new()));
+                pool.push((thread, key, Vec::new()));
                 pool.len() - 1
             }
         };
         let conns = &mut pool[at].2;
         // Stale ones sit at the bottom (oldest first): drop them while here.
-        let stale = conns.partition_point(|c| now.duration_since(c.since) > self.idle_timeout);
+        let stale = conns.partition_point(|c| now.duration_since(c.since) > c.keep);
         conns.drain(..stale);
-        if conns.len() < self.max_idle_per_upstream {
+        if conns.len() < max {
             conns.push(idle);
         }
     }
 
     async fn connect(
         self: &Arc<Self>,
-        authority: &Authority,
+        transport: &Transport,
+        upstream: &Upstream,
+        keep: (Duration, usize),
         timeout: Duration,
     ) -> io::Result<Lease> {
-        let (sender, conn) = handshake(authority, timeout).await?;
+        let (sender, conn) = handshake(transport, upstream, timeout).await?;
         Ok(Lease {
             sender,
             conn: Some(Box::pin(conn)),
-            authority: authority.clone(),
+            key: upstream.key.clone(),
+            keep,
             pool: self.clone(),
         })
     }
@@ -194,13 +293,14 @@ impl Pool {
 /// A new connection for an upgrade (WebSocket): the returned future drives it, on a task of
 /// its own, since the upgraded stream outlives the request.
 pub(crate) async fn connect_upgradeable(
-    authority: &Authority,
+    transport: &Transport,
+    upstream: &Upstream,
     timeout: Duration,
 ) -> io::Result<(
     http1::SendRequest<UpBody>,
     impl Future<Output = ()> + Send + use<>,
 )> {
-    let (sender, conn) = handshake(authority, timeout).await?;
+    let (sender, conn) = handshake(transport, upstream, timeout).await?;
     Ok((sender, async move {
         if let Err(err) = conn.with_upgrades().await {
             tracing::debug!(error = %err, "upgraded upstream connection ended");
@@ -209,35 +309,11 @@ pub(crate) async fn connect_upgradeable(
 }
 
 async fn handshake(
-    authority: &Authority,
+    transport: &Transport,
+    upstream: &Upstream,
     timeout: Duration,
 ) -> io::Result<(http1::SendRequest<UpBody>, Conn)> {
-    let host = authority.host();
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    let port = authority.port_u16().unwrap_or(80);
-    let stream = tokio::time::timeout(timeout, async {
-        let mut last = None;
-        for addr in tokio::net::lookup_host((host, port)).await? {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
-                Err(err) => last = Some(err),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))
-        }))
-    })
-    .await
-    .map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connecting to {authority} timed out"),
-        )
-    })??;
-    stream.set_nodelay(true)?;
+    let stream = transport.connect(&upstream.address, timeout).await?;
     http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -276,16 +352,21 @@ impl Lease {
 
     /// The connection's response has ended: back to the pool if it can carry another.
     fn release(self) {
+        let (keep, max) = self.keep;
         if let Some(conn) = self.conn
             && !self.sender.is_closed()
+            && !keep.is_zero()
         {
             self.pool.put(
-                self.authority,
+                self.key,
                 Idle {
                     sender: self.sender,
                     conn,
                     since: Instant::now(),
+                    keep,
+                    max,
                 },
+                max,
             );
         }
     }

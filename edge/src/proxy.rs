@@ -9,12 +9,12 @@
 //! requests after it ("passive health", as Caddy's `fail_duration`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Incoming};
-use hyper::http::uri::{Authority, PathAndQuery};
+use hyper::http::uri::PathAndQuery;
 use hyper::http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
 };
@@ -26,147 +26,130 @@ use crate::activity::Activity;
 use crate::body::{Body, UpBody, status_response};
 use crate::context::{Cx, Req};
 use crate::header_ops::HeaderOps;
+use crate::health::{Active, Host, InFlight, Passive};
+use crate::lb::{Candidate, Choice, Pick, Policy};
+use crate::matchers::Cidr;
 use crate::pool::{self, Failure, LeasedBody, Pool};
-use crate::site::split_host_port;
+use crate::transport::Transport;
+pub(crate) use crate::transport::Upstream;
 
-/// One upstream server, as configured.
+/// One `reverse_proxy`: which upstreams, how to choose, reach and check them, and what to
+/// rewrite. Its run-time state (health) is `proxy::Balancer`'s.
 #[derive(Debug)]
-pub(crate) struct Upstream {
-    /// As written in the config.
-    pub(crate) text: String,
-    /// Where to connect.
-    pub(crate) authority: Authority,
-}
-
-impl Upstream {
-    /// Parses "host:port", "http://host:port", ":port" (localhost) or "host" (port 80).
-    pub(crate) fn parse(text: &str) -> Result<Arc<Upstream>, String> {
-        let rest = if let Some(rest) = text.strip_prefix("http://") {
-            rest
-        } else if text.starts_with("https://") {
-            return Err(format!("{text:?}: HTTPS upstreams are not supported yet"));
-        } else if text.contains("://") {
-            return Err(format!("{text:?}: only http:// upstreams are supported"));
-        } else {
-            text
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') {
-            return Err(format!("{text:?}: an upstream cannot hold a path"));
-        }
-        let (host, port) =
-            split_host_port(rest).ok_or_else(|| format!("{text:?} has a bad port"))?;
-        let host = if host.is_empty() { "localhost" } else { host };
-        let port = port.unwrap_or(80);
-        if port == 0 {
-            return Err(format!("{text:?}: port 0 is not a port to connect to"));
-        }
-        let authority: Authority = format!("{host}:{port}")
-            .parse()
-            .map_err(|_| format!("{text:?} is not a host:port"))?;
-        Ok(Arc::new(Upstream {
-            text: text.to_owned(),
-            authority,
-        }))
-    }
-}
-
-/// One `reverse_proxy`: which upstreams, how to choose and what to rewrite.
-/// Its run-time state (round robin, health) is `proxy::Balancer`'s.
-#[derive(Clone, Debug)]
 pub(crate) struct Proxy {
     /// The upstreams.
     pub(crate) upstreams: Vec<Arc<Upstream>>,
-    /// Always prefer the first healthy upstream (`lb_policy first`).
-    pub(crate) first: bool,
-    /// How long a failed upstream is skipped.
-    pub(crate) fail_duration: Duration,
-    /// Failures before it is skipped.
-    pub(crate) max_fails: u32,
+    /// How to choose (`lb_policy`).
+    pub(crate) policy: Policy,
+    /// `lb_try_duration`: how long to keep choosing again after failures.
+    pub(crate) try_duration: Option<Duration>,
+    /// `lb_try_interval`: the pause between choices.
+    pub(crate) try_interval: Duration,
+    /// `lb_retries`: how many more choices after the first (0: by try_duration only).
+    pub(crate) retries: u32,
+    /// Passive health.
+    pub(crate) passive: Passive,
+    /// How to connect.
+    pub(crate) transport: Transport,
+    /// Peers whose X-Forwarded-* headers are kept (`trusted_proxies`).
+    pub(crate) trusted: Vec<Cidr>,
     /// Request header changes.
     pub(crate) header_up: HeaderOps,
     /// Response header changes.
     pub(crate) header_down: HeaderOps,
 }
 
-/// A reverse proxy's run-time state: the round-robin position and each upstream's recent
-/// failures ("passive health"), indexed like the proxy's upstreams.
+/// A reverse proxy's run-time state: each upstream's health and load, indexed like the
+/// proxy's upstreams, and the active checker (stopped when this is dropped).
 #[derive(Debug)]
 pub(crate) struct Balancer {
-    next: AtomicUsize,
-    health: Vec<Health>,
+    hosts: Arc<[Host]>,
+    _checks: Option<tokio_util::sync::DropGuard>,
 }
 
-/// One upstream's recent failures.
-#[derive(Debug, Default)]
-struct Health {
-    fails: AtomicU32,
-    /// Milliseconds since [`epoch_ms`]'s start until which the upstream is skipped.
-    down_until: AtomicU64,
+/// An upstream as the policy sees it during one choice.
+struct View<'a> {
+    upstream: &'a Upstream,
+    host: &'a Host,
+    available: bool,
 }
 
-impl Health {
-    fn is_down(&self, now_ms: u64) -> bool {
-        self.down_until.load(Ordering::Relaxed) > now_ms
+impl Candidate for View<'_> {
+    fn dial(&self) -> &str {
+        &self.upstream.address.dial
     }
-}
-
-fn epoch_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    fn available(&self) -> bool {
+        self.available
+    }
+    fn in_flight(&self) -> usize {
+        self.host.in_flight()
+    }
 }
 
 impl Balancer {
-    /// Fresh state for `proxy`: all upstreams healthy, round robin from the first.
-    pub(crate) fn new(proxy: &Proxy) -> Balancer {
+    /// Fresh state for `proxy`: all upstreams healthy; `active` checks start now when given.
+    pub(crate) fn new(proxy: &Proxy, active: Option<Active>) -> Balancer {
+        let hosts: Arc<[Host]> = proxy.upstreams.iter().map(|_| Host::default()).collect();
+        let checks = active.and_then(|a| {
+            a.spawn(
+                proxy.upstreams.iter().map(|u| u.address.clone()).collect(),
+                hosts.clone(),
+                proxy.transport.clone(),
+            )
+        });
         Balancer {
-            next: AtomicUsize::new(0),
-            health: proxy.upstreams.iter().map(|_| Health::default()).collect(),
+            hosts,
+            _checks: checks,
         }
     }
 
-    /// Indexes of `proxy`'s upstreams in the order to try them: healthy ones first, in
-    /// policy order, then the rest (when all are down, trying beats refusing).
-    fn order(&self, proxy: &Proxy) -> impl Iterator<Item = usize> + use<> {
-        let n = proxy.upstreams.len();
-        let start = if proxy.first || n == 1 {
-            0
-        } else {
-            self.next.fetch_add(1, Ordering::Relaxed) % n
+    /// Chooses an upstream by the proxy's policy among the available ones, leaving out those
+    /// in `tried` (a bit each, the first 128). The edge's default passive health only makes a
+    /// failed upstream the last choice; Caddy's (`fail_duration` set) leaves it out.
+    fn choose(&self, proxy: &Proxy, pick: &Pick<'_>, tried: u128) -> Choice {
+        let was_tried = |i: usize| i < 128 && tried & (1 << i) != 0;
+        let view = |lenient: bool| -> Vec<View<'_>> {
+            proxy
+                .upstreams
+                .iter()
+                .zip(self.hosts.iter())
+                .enumerate()
+                .map(|(i, (upstream, host))| View {
+                    upstream,
+                    host,
+                    available: !was_tried(i)
+                        && host.actively_healthy()
+                        && !proxy.passive.full(host)
+                        && (lenient || !proxy.passive.down(host)),
+                })
+                .collect()
         };
-        // Health is read once, so an upstream failing during this request is not tried twice.
-        let now = epoch_ms();
-        let down: u128 = self
-            .health
-            .iter()
-            .take(128)
-            .enumerate()
-            .filter(|(_, h)| h.is_down(now))
-            .fold(0, |mask, (i, _)| mask | 1 << i);
-        let is_down = move |i: usize| i < 128 && down & (1 << i) != 0;
-        let rotated = move || (0..n).map(move |i| (start + i) % n);
-        rotated()
-            .filter(move |&i| !is_down(i))
-            .chain(rotated().filter(move |&i| is_down(i)))
+        if let Some(choice) = proxy.policy.select(&view(false), pick) {
+            return Some(choice);
+        }
+        if proxy.passive.strict {
+            return None;
+        }
+        proxy.policy.select(&view(true), pick)
     }
 
-    /// Counts a failure of upstream `i`; at `max_fails` it is skipped for `fail_duration`.
     fn failed(&self, proxy: &Proxy, i: usize) {
-        let health = &self.health[i];
-        let fails = health.fails.fetch_add(1, Ordering::Relaxed) + 1;
-        if fails >= proxy.max_fails {
-            let until = epoch_ms() + proxy.fail_duration.as_millis() as u64;
-            health.down_until.store(until, Ordering::Relaxed);
-            health.fails.store(0, Ordering::Relaxed);
-            tracing::warn!(upstream = %proxy.upstreams[i].text, skip_for = ?proxy.fail_duration, "upstream marked down");
+        if proxy.passive.failed(&self.hosts[i]) {
+            tracing::warn!(upstream = %proxy.upstreams[i].text, skip_for = ?proxy.passive.fail_duration, "upstream marked down");
         }
     }
 
-    fn succeeded(&self, i: usize) {
-        let health = &self.health[i];
-        if health.fails.load(Ordering::Relaxed) != 0 {
-            health.fails.store(0, Ordering::Relaxed);
-        }
+    #[cfg(test)]
+    fn first_choice(&self, proxy: &Proxy) -> Option<usize> {
+        let headers = HeaderMap::new();
+        let pick = Pick {
+            peer: std::net::Ipv4Addr::LOCALHOST.into(),
+            client: std::net::Ipv4Addr::LOCALHOST.into(),
+            target: "/",
+            host: "example.org",
+            headers: &headers,
+        };
+        self.choose(proxy, &pick, 0).map(|(i, _)| i)
     }
 }
 
@@ -305,6 +288,7 @@ impl Client {
                 upstream: None,
             };
         }
+        let started = Instant::now();
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -317,13 +301,12 @@ impl Client {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol.clone());
         }
-        // The edge is the front door: forwarding headers from clients are not trusted.
-        headers.insert(X_FORWARDED_FOR.clone(), fwd.client_ip.clone());
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(fwd.proto),
+        let peer = cx.remote.ip();
+        forwarding_headers(
+            &mut headers,
+            &fwd,
+            proxy.trusted.iter().any(|c| c.contains(peer)),
         );
-        headers.insert(X_FORWARDED_HOST.clone(), fwd.host.clone());
         if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, fwd.host.clone());
         }
@@ -352,6 +335,20 @@ impl Client {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let method = parts.method.clone();
+        // Only the header and cookie policies read headers: the others cost no copy.
+        let client_headers = if proxy.policy.reads_headers() {
+            headers.clone()
+        } else {
+            HeaderMap::new()
+        };
+        let host_text = fwd.host.to_str().unwrap_or("").to_owned();
+        let pick = Pick {
+            peer,
+            client: peer,
+            target: path.as_str(),
+            host: &host_text,
+            headers: &client_headers,
+        };
 
         let retryable = body.is_end_stream();
         let over = cx
@@ -364,25 +361,39 @@ impl Client {
             }
             None => UpBody::Client(body),
         });
+        // Caddy chooses again only when lb_try_duration or lb_retries ask for it; without
+        // them the edge tries each other upstream once after a failed connection.
+        let caddy_retries = proxy.try_duration.is_some() || proxy.retries > 0;
+        let mut tried: u128 = 0;
+        let mut attempts: u32 = 0;
         let mut last: Option<Arc<Upstream>> = None;
         // Made only when no upstream answered.
         let mut failure = (
-            StatusCode::BAD_GATEWAY,
-            "bad gateway: no upstream answered\n",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service unavailable: no upstream available\n",
         );
-        let mut order = balancer.order(proxy).peekable();
-        while let Some(i) = order.next() {
-            let upstream = &proxy.upstreams[i];
+        loop {
+            let choice = balancer.choose(proxy, &pick, if caddy_retries { 0 } else { tried });
+            let Some((i, set_cookie)) = choice else {
+                if caddy_retries && self.try_again(proxy, started, attempts).await {
+                    attempts += 1;
+                    continue;
+                }
+                break;
+            };
             let Some(this_body) = body.take() else { break };
+            let upstream = &proxy.upstreams[i];
             last = Some(upstream.clone());
-            // Origin form: the connection is to the upstream already.
-            let uri = Uri::from(path.clone());
+            if i < 128 {
+                tried |= 1 << i;
+            }
             let mut up = Request::new(this_body);
             *up.method_mut() = method.clone();
-            *up.uri_mut() = uri;
+            // Origin form: the connection is to the upstream already.
+            *up.uri_mut() = Uri::from(path.clone());
             *up.version_mut() = Version::HTTP_11;
-            // Only a retry needs the headers again.
-            *up.headers_mut() = if retryable && order.peek().is_some() {
+            // A header_up naming the upstream changes them per upstream: keep the original.
+            *up.headers_mut() = if per_upstream {
                 headers.clone()
             } else {
                 std::mem::take(&mut headers)
@@ -392,21 +403,31 @@ impl Client {
                 let rendered = proxy.header_up.render(seen(h), cx);
                 proxy.header_up.apply(up.headers_mut(), &rendered);
             }
+            let in_flight = InFlight::start(&balancer.hosts, i);
+            let sent = Instant::now();
             let exchange = async {
                 if upgrade.is_some() {
-                    self.send_upgrade(&upstream.authority, up, upgrades.tasks, upgrades.stop)
+                    self.send_upgrade(proxy, upstream, up, upgrades.tasks, upgrades.stop)
                         .await
                         .map(|response| (response, None))
                 } else {
                     self.pool
-                        .send(&upstream.authority, up, self.connect_timeout)
+                        .send(&proxy.transport, upstream, up, self.connect_timeout)
                         .await
-                        .map(|(response, lease)| (response, Some(lease)))
                 }
             };
-            match tokio::time::timeout(self.response_timeout, exchange).await {
+            let timeout = proxy
+                .transport
+                .response_header_timeout
+                .unwrap_or(self.response_timeout);
+            match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok((response, lease))) => {
-                    balancer.succeeded(i);
+                    if proxy
+                        .passive
+                        .answered(&balancer.hosts[i], response.status(), sent.elapsed())
+                    {
+                        tracing::warn!(upstream = %upstream.text, "upstream marked down");
+                    }
                     // `{upstream_hostport}` in header_down names the upstream that answered.
                     let down = match &snapshot {
                         Some(h) if proxy.header_down.uses_upstream() => {
@@ -415,23 +436,41 @@ impl Client {
                         }
                         _ => down,
                     };
-                    let response =
-                        self.respond(proxy, &down, response, lease, client_upgrade, upgrades);
+                    let mut response = self.respond(
+                        proxy,
+                        &down,
+                        response,
+                        (lease, in_flight),
+                        client_upgrade,
+                        upgrades,
+                    );
+                    if let Some(cookie) = set_cookie {
+                        response.headers_mut().append(header::SET_COOKIE, cookie);
+                    }
                     return Outcome {
                         response,
                         upstream: last,
                     };
                 }
-                Ok(Err(Failure::Connect(err))) => {
+                Ok(Err(Failure::Connect(err, unsent))) => {
                     tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream connect failed");
                     balancer.failed(proxy, i);
-                    if retryable {
-                        body = Some(UpBody::Empty);
+                    // The request never left: its body (if any) goes to the next choice.
+                    if let Some(unsent) = unsent {
+                        let (unsent_parts, unsent_body) = unsent.into_parts();
+                        if !per_upstream {
+                            headers = unsent_parts.headers;
+                        }
+                        body = Some(unsent_body);
                     }
                     failure = (
                         StatusCode::BAD_GATEWAY,
                         "bad gateway: upstream unreachable\n",
                     );
+                    if caddy_retries && !self.try_again(proxy, started, attempts).await {
+                        break;
+                    }
+                    attempts += 1;
                 }
                 Ok(Err(Failure::Request(_)))
                     if over
@@ -445,11 +484,12 @@ impl Client {
                 }
                 Ok(Err(Failure::Request(err))) => {
                     tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream request failed");
+                    balancer.failed(proxy, i);
                     failure = (StatusCode::BAD_GATEWAY, "bad gateway: upstream failed\n");
                     break;
                 }
                 Err(_) => {
-                    tracing::warn!(upstream = %upstream.text, timeout = ?self.response_timeout, "upstream response timed out");
+                    tracing::warn!(upstream = %upstream.text, ?timeout, "upstream response timed out");
                     balancer.failed(proxy, i);
                     failure = (
                         StatusCode::GATEWAY_TIMEOUT,
@@ -468,17 +508,38 @@ impl Client {
         }
     }
 
+    /// Caddy's tryAgain: whether `lb_try_duration`/`lb_retries` allow another choice, after
+    /// waiting `lb_try_interval`.
+    async fn try_again(&self, proxy: &Proxy, started: Instant, attempts: u32) -> bool {
+        if let Some(limit) = proxy.try_duration
+            && started.elapsed() >= limit
+        {
+            return false;
+        }
+        if proxy.retries > 0 && attempts >= proxy.retries {
+            return false;
+        }
+        if !proxy.try_interval.is_zero() {
+            tokio::time::sleep(proxy.try_interval).await;
+        }
+        true
+    }
+
     /// Sends an upgrade request on a new connection driven by a task in `tasks`.
     async fn send_upgrade(
         &self,
-        authority: &Authority,
+        proxy: &Proxy,
+        upstream: &Upstream,
         up: Request<UpBody>,
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> Result<Response<Incoming>, Failure> {
-        let (mut sender, conn) = pool::connect_upgradeable(authority, self.connect_timeout)
-            .await
-            .map_err(Failure::Connect)?;
+        let (mut sender, conn) =
+            match pool::connect_upgradeable(&proxy.transport, upstream, self.connect_timeout).await
+            {
+                Ok(both) => both,
+                Err(err) => return Err(Failure::Connect(err, Some(Box::new(up)))),
+            };
         let stop = stop.clone();
         tasks.spawn(async move {
             tokio::select! {
@@ -496,7 +557,7 @@ impl Client {
         proxy: &Proxy,
         down: &[HeaderValue],
         mut response: Response<Incoming>,
-        lease: Option<pool::Lease>,
+        (lease, in_flight): (Option<pool::Lease>, InFlight),
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         upgrades: Upgrades<'_, impl Send + 'static>,
     ) -> Response<Body> {
@@ -509,6 +570,7 @@ impl Client {
             let idle = self.upgraded_idle;
             tasks.spawn(async move {
                 let _hold = hold;
+                let _in_flight = in_flight;
                 let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok(both) => both,
                     Err(err) => {
@@ -531,13 +593,93 @@ impl Client {
         strip_hop_by_hop(&mut parts.headers);
         proxy.header_down.apply(&mut parts.headers, down);
         let body = match lease {
-            Some(lease) => LeasedBody::new(body, lease)
-                .map_err(Into::into)
-                .boxed_unsync(),
-            None => body.map_err(Into::into).boxed_unsync(),
+            Some(lease) => Counted {
+                body: LeasedBody::new(body, lease),
+                _in_flight: in_flight,
+            }
+            .map_err(Into::into)
+            .boxed_unsync(),
+            None => Counted {
+                body,
+                _in_flight: in_flight,
+            }
+            .map_err(Into::into)
+            .boxed_unsync(),
         };
         Response::from_parts(parts, body)
     }
+}
+
+/// A response body that counts its request as in flight until it ends or is dropped
+/// (`least_conn` and `unhealthy_request_count` read the count).
+struct Counted<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Sets X-Forwarded-For, -Proto and -Host as Caddy does: a peer in `trusted_proxies` has its
+/// earlier X-Forwarded-For kept (the client's address appended) and its -Proto and -Host
+/// believed; anyone else's are replaced.
+fn forwarding_headers(headers: &mut HeaderMap, fwd: &Forwarded<'_>, trusted: bool) {
+    let prior = |headers: &HeaderMap, name: &HeaderName| -> Option<HeaderValue> {
+        headers
+            .get_all(name)
+            .iter()
+            .next_back()
+            .filter(|v| !v.is_empty())
+            .cloned()
+    };
+    let xff = if trusted {
+        let all: Vec<&[u8]> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if all.is_empty() || all.iter().all(|v| v.is_empty()) {
+            fwd.client_ip.clone()
+        } else {
+            let mut joined = all.join(&b", "[..]);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(fwd.client_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| fwd.client_ip.clone())
+        }
+    } else {
+        fwd.client_ip.clone()
+    };
+    let proto = match trusted
+        .then(|| prior(headers, &X_FORWARDED_PROTO))
+        .flatten()
+    {
+        Some(p) => p,
+        None => HeaderValue::from_static(fwd.proto),
+    };
+    let host = match trusted.then(|| prior(headers, &X_FORWARDED_HOST)).flatten() {
+        Some(h) => h,
+        None => fwd.host.clone(),
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.insert(X_FORWARDED_PROTO.clone(), proto);
+    headers.insert(X_FORWARDED_HOST.clone(), host);
 }
 
 /// Copies both ways until either end closes, the edge stops, or no byte has moved for
@@ -600,33 +742,80 @@ mod tests {
         assert!(h.contains_key("x-kept"));
     }
 
-    #[test]
-    fn round_robin_skips_upstreams_that_are_down() {
-        let proxy = Proxy {
+    fn proxy(policy: &str, fail_duration: Option<&str>) -> Proxy {
+        Proxy {
             upstreams: vec![
                 Upstream::parse(":1").unwrap(),
                 Upstream::parse(":2").unwrap(),
             ],
-            first: false,
-            fail_duration: Duration::from_secs(60),
-            max_fails: 1,
+            policy: Policy::parse(policy).unwrap(),
+            try_duration: None,
+            try_interval: Duration::ZERO,
+            retries: 0,
+            passive: Passive::build(&Default::default(), fail_duration, None).unwrap(),
+            transport: Transport::plain(),
+            trusted: Vec::new(),
             header_up: HeaderOps::default(),
             header_down: HeaderOps::default(),
-        };
-        let balancer = Balancer::new(&proxy);
+        }
+    }
+
+    #[test]
+    fn round_robin_skips_upstreams_that_are_down() {
+        let proxy = proxy("round_robin", None);
+        let balancer = Balancer::new(&proxy, None);
         let first = |balancer: &Balancer| {
-            let i = balancer.order(&proxy).next().unwrap();
+            let i = balancer.first_choice(&proxy).unwrap();
             proxy.upstreams[i].text.clone()
         };
         let firsts: Vec<String> = (0..4).map(|_| first(&balancer)).collect();
-        assert_eq!(firsts, [":1", ":2", ":1", ":2"]);
+        assert_eq!(firsts, [":2", ":1", ":2", ":1"], "Caddy's order");
         balancer.failed(&proxy, 0);
         let firsts: Vec<String> = (0..4).map(|_| first(&balancer)).collect();
         assert_eq!(firsts, [":2", ":2", ":2", ":2"]);
-        assert_eq!(
-            balancer.order(&proxy).count(),
-            2,
-            "a down upstream is still tried last"
+        balancer.failed(&proxy, 1);
+        assert!(
+            balancer.first_choice(&proxy).is_some(),
+            "without fail_duration set, a down upstream is still tried"
         );
+    }
+
+    #[test]
+    fn with_fail_duration_set_a_down_upstream_is_never_chosen() {
+        let proxy = proxy("first", Some("1m"));
+        let balancer = Balancer::new(&proxy, None);
+        assert_eq!(balancer.first_choice(&proxy), Some(0));
+        balancer.failed(&proxy, 0);
+        assert_eq!(balancer.first_choice(&proxy), Some(1));
+        balancer.failed(&proxy, 1);
+        assert_eq!(balancer.first_choice(&proxy), None, "all down: 503");
+    }
+
+    #[test]
+    fn trusted_proxies_keep_forwarded_headers_and_others_lose_them() {
+        let client = HeaderValue::from_static("10.0.0.9");
+        let host = HeaderValue::from_static("app.example");
+        let fwd = Forwarded {
+            client_ip: &client,
+            proto: "http",
+            host: &host,
+        };
+        let sent = || {
+            let mut h = HeaderMap::new();
+            h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+            h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+            h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("front.example"));
+            h
+        };
+        let mut h = sent();
+        forwarding_headers(&mut h, &fwd, true);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "front.example");
+        let mut h = sent();
+        forwarding_headers(&mut h, &fwd, false);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_FORWARDED_HOST], "app.example");
     }
 }

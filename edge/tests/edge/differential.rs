@@ -131,6 +131,11 @@ impl Both {
         self.edge_port
     }
 
+    /// Caddy's HTTP port, for a test that talks to it directly.
+    pub fn caddy_port(&self) -> u16 {
+        self.caddy_port
+    }
+
     /// SIGTERM to both; both must exit cleanly.
     pub fn stop(self) {
         self.edge.stop(WAIT).unwrap();

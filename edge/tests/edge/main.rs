@@ -14,3 +14,4 @@ mod paths;
 mod same_as_caddy;
 mod serving;
 mod support;
+mod upstreams;
