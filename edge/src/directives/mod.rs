@@ -10,7 +10,7 @@
 //! a handler whose matcher matches either changes the request and lets it go on (`rewrite`,
 //! `vars`), registers itself for the way back (`header`, `encode`), descends into a nested
 //! route list (`handle`, `route`), answers (`respond`, `redir`) or serves it (`reverse_proxy`,
-//! which owns the request from then on). `handle` and `handle_path` siblings form a group of
+//! `php_fastcgi`, which own the request from then on). `handle` and `handle_path` siblings form a group of
 //! which only the first matching runs. A request no handler answers gets Caddy's empty 200.
 //! `error` and failures go to the site's `handle_errors` routes.
 //!
@@ -24,6 +24,7 @@ mod error;
 mod file_server;
 mod handle;
 mod header;
+mod php_fastcgi;
 mod redir;
 mod respond;
 mod reverse_proxy;
@@ -593,6 +594,7 @@ registry! {
     "error" => Error(error),
     "respond" => Respond(respond),
     "reverse_proxy" => ReverseProxy(reverse_proxy),
+    "php_fastcgi" => PhpFastcgi(php_fastcgi),
     "file_server" => FileServer(file_server),
 }
 

@@ -10,6 +10,7 @@ mod corpus;
 mod differential;
 mod limits;
 mod paths;
+mod php;
 mod same_as_caddy;
 mod serving;
 mod support;
