@@ -10,7 +10,9 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 
-use hyper::http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use hyper::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
+
+use crate::body::Body;
 
 use crate::site::{Scheme, match_path};
 
@@ -51,6 +53,26 @@ pub(crate) struct Captured {
     pub(crate) named: Vec<(String, String)>,
 }
 
+/// An upstream's response held for `handle_response` routes: the
+/// `{http.reverse_proxy.header.*}` placeholders read it, `copy_response` sends it.
+pub(crate) struct Proxied {
+    /// Its status.
+    pub(crate) status: StatusCode,
+    /// Its headers (hop-by-hop ones already removed).
+    pub(crate) headers: HeaderMap,
+    /// Its body, until `copy_response` takes it.
+    pub(crate) body: Option<Body>,
+}
+
+impl std::fmt::Debug for Proxied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxied")
+            .field("status", &self.status)
+            .field("headers", &self.headers.len())
+            .finish()
+    }
+}
+
 /// The per-request state.
 #[derive(Debug)]
 pub(crate) struct Cx {
@@ -72,6 +94,8 @@ pub(crate) struct Cx {
     pub(crate) upstream: Option<String>,
     /// The error being handled by `handle_errors`: status and message.
     pub(crate) error: Option<(u16, String)>,
+    /// The upstream response `reverse_proxy`'s `handle_response` routes are handling.
+    pub(crate) proxied: Option<Proxied>,
     /// The path as matchers see it (see [`match_path`]), for the current target.
     path: Vec<u8>,
 }
@@ -99,6 +123,7 @@ impl Cx {
             captures: Vec::new(),
             upstream: None,
             error: None,
+            proxied: None,
             path,
         })
     }

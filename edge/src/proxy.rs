@@ -202,6 +202,10 @@ pub(crate) struct Forwarded<'a> {
     pub(crate) proto: &'static str,
     /// The Host the client asked for, as sent.
     pub(crate) host: &'a HeaderValue,
+    /// Sent instead of the request's method and target (`reverse_proxy`'s `method` and
+    /// `rewrite`, `forward_auth`); placeholders in `header_up` still read the request as the
+    /// client sent it, as in Caddy.
+    pub(crate) target: Option<(Method, PathAndQuery)>,
 }
 
 /// The outcome of proxying: the response and the upstream that gave it.
@@ -291,7 +295,7 @@ impl Client {
         &self,
         proxy: &Proxy,
         balancer: &Balancer,
-        mut req: Request<Incoming>,
+        mut req: Request<UpBody>,
         cx: &mut Cx,
         fwd: Forwarded<'_>,
         upgrades: Upgrades<'_, impl Send + 'static>,
@@ -337,19 +341,20 @@ impl Client {
             };
             proxy.header_up.apply(&mut headers, &up);
         }
-        let path: PathAndQuery = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let method = parts.method.clone();
+        let (method, path) = match fwd.target {
+            Some(target) => target,
+            None => (
+                parts.method.clone(),
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            ),
+        };
 
         let retryable = body.is_end_stream();
-        let mut body = Some(if retryable {
-            UpBody::Empty
-        } else {
-            UpBody::Client(body)
-        });
+        let mut body = Some(if retryable { UpBody::Empty } else { body });
         let mut last: Option<Arc<Upstream>> = None;
         // Made only when no upstream answered.
         let mut failure = (

@@ -8,6 +8,7 @@ mod chain;
 mod cli;
 mod corpus;
 mod differential;
+mod forward_auth;
 mod limits;
 mod paths;
 mod php;
