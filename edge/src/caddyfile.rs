@@ -973,10 +973,10 @@ mod tests {
 
     #[test]
     fn unsupported_directives_name_file_line_and_directive() {
-        let text = err_text("lab.example.org {\n\treverse_proxy :1\n\tphp_fastcgi :9000\n}\n");
+        let text = err_text("lab.example.org {\n\treverse_proxy :1\n\tacme_server\n}\n");
         assert_eq!(
             text,
-            "/etc/Caddyfile:3: unsupported directive \"php_fastcgi\" (see man edge-caddyfile)"
+            "/etc/Caddyfile:3: unsupported directive \"acme_server\" (see man edge-caddyfile)"
         );
         let text = err_text("{\n\tdebug\n}\n");
         assert!(

@@ -11,7 +11,9 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper::http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use hyper::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
+
+use crate::body::Body;
 
 use crate::site::{Scheme, match_path};
 
@@ -65,6 +67,26 @@ pub(crate) struct FileMatched {
     pub(crate) remainder: String,
 }
 
+/// An upstream's response held for `handle_response` routes: the
+/// `{http.reverse_proxy.header.*}` placeholders read it, `copy_response` sends it.
+pub(crate) struct Proxied {
+    /// Its status.
+    pub(crate) status: StatusCode,
+    /// Its headers (hop-by-hop ones already removed).
+    pub(crate) headers: HeaderMap,
+    /// Its body, until `copy_response` takes it.
+    pub(crate) body: Option<Body>,
+}
+
+impl std::fmt::Debug for Proxied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxied")
+            .field("status", &self.status)
+            .field("headers", &self.headers.len())
+            .finish()
+    }
+}
+
 /// The per-request state.
 #[derive(Debug)]
 pub(crate) struct Cx {
@@ -92,6 +114,8 @@ pub(crate) struct Cx {
     pub(crate) file_match: Option<FileMatched>,
     /// `request_body max_size`: the most body bytes a handler may read.
     pub(crate) body_limit: Option<u64>,
+    /// The upstream response `reverse_proxy`'s `handle_response` routes are handling.
+    pub(crate) proxied: Option<Proxied>,
     /// The path as matchers see it (see [`match_path`]), for the current target.
     path: Vec<u8>,
 }
@@ -122,6 +146,7 @@ impl Cx {
             maps: Vec::new(),
             file_match: None,
             body_limit: None,
+            proxied: None,
             path,
         })
     }

@@ -21,12 +21,8 @@
 //! reading, returns STDOUT unparsed and unbounded, and needs a futures-io bridge; the record
 //! framing it would save is the smallest part of this module.
 
-// The handler chain (the `php_fastcgi` directive) is what calls this module; until it does,
-// only the tests below reach it.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -168,6 +164,9 @@ pub(crate) struct FastCgiContext {
     /// What followed the split extension when `try_files` matched (Caddy's
     /// `{http.matchers.file.remainder}`): PATH_INFO when the path itself does not split.
     pub(crate) file_remainder: Option<String>,
+    /// The root for this request when the config names none of its own (the site's `root`,
+    /// Caddy's `{http.vars.root}`): made absolute, and resolved with `resolve_root_symlink`.
+    pub(crate) root: Option<PathBuf>,
 }
 
 /// What `php_fastcgi`'s own routes do with a request before it reaches [`FastCgi::serve`].
@@ -241,14 +240,8 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
 impl FastCgi {
     /// The client for `config`.
     pub(crate) fn new(config: FastCgiConfig) -> FastCgi {
-        let mut root = std::path::absolute(&config.root).unwrap_or_else(|_| config.root.clone());
-        if config.resolve_root_symlink
-            && let Ok(real) = std::fs::canonicalize(&root)
-        {
-            root = real;
-        }
         FastCgi {
-            document_root: root.to_string_lossy().into_owned(),
+            document_root: document_root(&config.root, config.resolve_root_symlink),
             software: format!("edge/{}", env!("CARGO_PKG_VERSION")),
             config,
         }
@@ -257,13 +250,20 @@ impl FastCgi {
     /// `php_fastcgi`'s routes for a request path (decoded and cleaned): the redirect of a
     /// directory holding the index script to its slash form, then the rewrite to the first of
     /// `{path} {path}/INDEX INDEX` that exists (split at `.php`).
+    #[cfg(test)]
     pub(crate) fn route(&self, path: &str) -> PhpRoute {
+        self.route_in(&self.config.root, path)
+    }
+
+    /// [`FastCgi::route`] with the files looked up under `root` (the site's root, which the
+    /// `file` matchers of Caddy's expansion use whatever the transport's root is).
+    pub(crate) fn route_in(&self, root: &Path, path: &str) -> PhpRoute {
         let Some(index) = &self.config.index else {
             return PhpRoute::AsIs;
         };
         if !path.ends_with('/')
             && let TryFiles::Found { .. } =
-                try_files(&self.config.root, &[format!("{{path}}/{index}")], path, &[])
+                try_files(root, &[format!("{{path}}/{index}")], path, &[])
         {
             return PhpRoute::Redirect(format!("{path}/"));
         }
@@ -279,7 +279,7 @@ impl FastCgi {
                 &default
             }
         };
-        match try_files(&self.config.root, patterns, path, &self.config.split_path) {
+        match try_files(root, patterns, path, &self.config.split_path) {
             TryFiles::Found {
                 relative,
                 remainder,
@@ -496,7 +496,14 @@ impl FastCgi {
         ctx: &FastCgiContext,
         length: u64,
     ) -> Vec<u8> {
-        let root = &self.document_root;
+        let request_root;
+        let root = match &ctx.root {
+            Some(r) => {
+                request_root = document_root(r, self.config.resolve_root_symlink);
+                &request_root
+            }
+            None => &self.document_root,
+        };
         let split = self.split_pos(path);
         let (doc_uri, mut path_info) = match split {
             Some(pos) => (&path[..pos], path[pos..].to_owned()),
@@ -684,6 +691,15 @@ impl FastCgi {
                 .map(|idx| idx + split.len())
         })
     }
+}
+
+/// DOCUMENT_ROOT for `root`: absolute, and with `resolve` its symlinks resolved.
+fn document_root(root: &Path, resolve: bool) -> String {
+    let mut root = std::path::absolute(root).unwrap_or_else(|_| root.to_owned());
+    if resolve && let Ok(real) = std::fs::canonicalize(&root) {
+        root = real;
+    }
+    root.to_string_lossy().into_owned()
 }
 
 /// The error and its sources on one line.
@@ -1118,6 +1134,7 @@ mod tests {
             ssl_cipher: None,
             remote_user: None,
             file_remainder: None,
+            root: None,
         };
         let script = match fcgi.route(&path) {
             PhpRoute::Redirect(to) => {
@@ -1597,6 +1614,7 @@ mod tests {
             ssl_cipher: None,
             remote_user: None,
             file_remainder: None,
+            root: None,
         };
         let params = fcgi.params(&parts, "/index.php", &ctx, 0);
         let mut names = Vec::new();

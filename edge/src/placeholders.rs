@@ -43,6 +43,10 @@ enum Var {
     /// `{re.NAME.GROUP}`: NAME may be empty (`{re.1}`).
     Re(String, String),
     Upstream,
+    /// `{http.reverse_proxy.header.NAME}`: of the response `handle_response` handles.
+    ProxyHeader(HeaderName),
+    /// `{http.reverse_proxy.status_code}`.
+    ProxyStatus,
     ErrorStatus,
     ErrorMessage,
     /// A `map` destination, looked up when rendered.
@@ -186,6 +190,7 @@ fn variable(key: &str, env: &Env) -> Result<Piece, String> {
         "http.request.orig_uri.path" => Var::OrigPath,
         "http.request.orig_uri.query" => Var::OrigQuery,
         "http.reverse_proxy.upstream.hostport" => Var::Upstream,
+        "http.reverse_proxy.status_code" => Var::ProxyStatus,
         "http.error.status_code" => Var::ErrorStatus,
         "http.error.message" => Var::ErrorMessage,
         "http.matchers.file.relative" => Var::FileMatch(FileField::Relative),
@@ -199,7 +204,11 @@ fn variable(key: &str, env: &Env) -> Result<Piece, String> {
             if let Some(name) = long.strip_prefix("env.") {
                 return Ok(Piece::Text(env.get(name).unwrap_or("").to_owned()));
             }
-            if let Some(name) = long.strip_prefix("http.request.header.") {
+            if let Some(name) = long.strip_prefix("http.reverse_proxy.header.") {
+                let name = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| format!("{{{key}}}: {name:?} is not a header name"))?;
+                Var::ProxyHeader(name)
+            } else if let Some(name) = long.strip_prefix("http.request.header.") {
                 let name = HeaderName::from_bytes(name.as_bytes())
                     .map_err(|_| format!("{{{key}}}: {name:?} is not a header name"))?;
                 Var::Header(name)
@@ -378,6 +387,19 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
                 .collect();
             write!(out, "{}", values.join(","))
         }
+        Var::ProxyHeader(name) => {
+            let values: Vec<&str> = cx
+                .proxied
+                .iter()
+                .flat_map(|p| p.headers.get_all(name))
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            write!(out, "{}", values.join(","))
+        }
+        Var::ProxyStatus => match &cx.proxied {
+            Some(p) => write!(out, "{}", p.status.as_u16()),
+            None => Ok(()),
+        },
         Var::Cookie(name) => {
             let found = req
                 .headers

@@ -185,6 +185,10 @@ pub(crate) struct Forwarded<'a> {
     pub(crate) proto: &'static str,
     /// The Host the client asked for, as sent.
     pub(crate) host: &'a HeaderValue,
+    /// Sent instead of the request's method and target (`reverse_proxy`'s `method` and
+    /// `rewrite`, `forward_auth`); placeholders in `header_up` still read the request as the
+    /// client sent it, as in Caddy.
+    pub(crate) target: Option<(Method, PathAndQuery)>,
 }
 
 /// The outcome of proxying: the response and the upstream that gave it.
@@ -274,7 +278,7 @@ impl Client {
         &self,
         proxy: &Proxy,
         balancer: &Balancer,
-        mut req: Request<Incoming>,
+        mut req: Request<UpBody>,
         cx: &mut Cx,
         fwd: Forwarded<'_>,
         upgrades: Upgrades<'_, impl Send + 'static>,
@@ -329,12 +333,17 @@ impl Client {
             };
             proxy.header_up.apply(&mut headers, &up);
         }
-        let path: PathAndQuery = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let method = parts.method.clone();
+        let (method, path) = match fwd.target {
+            Some(target) => target,
+            None => (
+                parts.method.clone(),
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            ),
+        };
         // Only the header and cookie policies read headers: the others cost no copy.
         let client_headers = if proxy.policy.reads_headers() {
             headers.clone()
@@ -354,13 +363,13 @@ impl Client {
         let over = cx
             .body_limit
             .map(|limit| (limit, Arc::new(std::sync::atomic::AtomicBool::new(false))));
-        let mut body = Some(match &over {
-            _ if retryable => UpBody::Empty,
-            Some((limit, flag)) => {
-                UpBody::Capped(crate::body::Capped::new(body, *limit, flag.clone()))
+        let body = match (body, &over) {
+            (UpBody::Client(inner), Some((limit, flag))) if !retryable => {
+                UpBody::Capped(crate::body::Capped::new(inner, *limit, flag.clone()))
             }
-            None => UpBody::Client(body),
-        });
+            (body, _) => body,
+        };
+        let mut body = Some(if retryable { UpBody::Empty } else { body });
         // Caddy chooses again only when lb_try_duration or lb_retries ask for it; without
         // them the edge tries each other upstream once after a failed connection.
         let caddy_retries = proxy.try_duration.is_some() || proxy.retries > 0;

@@ -9,8 +9,10 @@
 //! with a matcher before those without; file order otherwise). A request walks the routes:
 //! a handler whose matcher matches either changes the request and lets it go on (`rewrite`,
 //! `vars`), registers itself for the way back (`header`, `encode`), descends into a nested
-//! route list (`handle`, `route`), answers (`respond`, `redir`) or serves it (`reverse_proxy`,
-//! which owns the request from then on). `handle` and `handle_path` siblings form a group of
+//! route list (`handle`, `route`), checks it (`basic_auth`; `forward_auth` and
+//! `handle_response` ask an upstream, then let it go on, answer, or descend into routes for
+//! the upstream's answer), answers (`respond`, `redir`) or serves it (`reverse_proxy`,
+//! `php_fastcgi`, which own the request from then on). `handle` and `handle_path` siblings form a group of
 //! which only the first matching runs. A request no handler answers gets Caddy's empty 200.
 //! `error` and failures go to the site's `handle_errors` routes.
 //!
@@ -19,14 +21,19 @@
 
 mod abort;
 mod basic_auth;
+mod copy_response;
+mod copy_response_headers;
 mod encode;
 mod error;
 mod file_server;
+mod forward_auth;
 mod handle;
 mod header;
 pub(crate) mod map;
+mod php_fastcgi;
 mod redir;
 mod request_body;
+mod request_header;
 mod respond;
 mod reverse_proxy;
 mod rewrite;
@@ -150,6 +157,8 @@ pub(crate) enum Carry {
     Encoding(Encoding),
     /// Values rendered on the way in.
     Values(Vec<HeaderValue>),
+    /// Header fields to add to the response.
+    Headers(hyper::http::HeaderMap),
 }
 
 /// What a handler does with a request on the way in.
@@ -166,6 +175,8 @@ pub(crate) enum Step<'s> {
     Serve,
     /// Await [`Handler::gate`]: it answers, or lets the request go on.
     Gate,
+    /// Await [`Handler::check`]: it answers, lets the request go on, or descends.
+    Check,
     /// Fail with this status (to `handle_errors`).
     Error(StatusCode, String),
     /// Close the connection without answering.
@@ -197,6 +208,20 @@ pub(crate) type Serving<'a> = Pin<Box<dyn Future<Output = Response<Body>> + Send
 /// A boxed future of an optional response.
 pub(crate) type Gating<'a> = Pin<Box<dyn Future<Output = Option<Response<Body>>> + Send + 'a>>;
 
+/// What [`Handler::check`] decided.
+pub(crate) enum Checked<'s> {
+    /// Go on to the next route.
+    Pass,
+    /// Answer with this.
+    Respond(Response<Body>),
+    /// Walk these routes, then go on after this one.
+    Descend(&'s Routes),
+}
+
+/// A boxed future of a [`Checked`]; it borrows the request for `'r` only, while what it
+/// descends into lives as long as the chain (`'s`).
+pub(crate) type Checking<'s, 'r> = Pin<Box<dyn Future<Output = Checked<'s>> + Send + 'r>>;
+
 /// A compiled directive.
 pub(crate) trait Handler: fmt::Debug + Send + Sync {
     /// On the way in: change the request or the context, or say how to go on.
@@ -223,6 +248,17 @@ pub(crate) trait Handler: fmt::Debug + Send + Sync {
         _io: &'s mut Io<'_>,
     ) -> Gating<'s> {
         Box::pin(async { None })
+    }
+
+    /// Checks and may change the request (after [`Step::Check`]), e.g. by asking another
+    /// server about it (`forward_auth`).
+    fn check<'s: 'r, 'r>(
+        &'s self,
+        _req: &'r mut Request<Incoming>,
+        _cx: &'r mut Cx,
+        _io: &'r mut Io<'_>,
+    ) -> Checking<'s, 'r> {
+        Box::pin(async { Checked::Pass })
     }
 
     /// One line for `edge check`: the directive and what it does.
@@ -458,6 +494,15 @@ async fn walk<'s>(
                     return Ended::Response(response);
                 }
             }
+            Step::Check => match route.handler.check(req, cx, io).await {
+                Checked::Pass => {}
+                Checked::Respond(response) => return Ended::Response(response),
+                Checked::Descend(routes) => {
+                    stack.push((current, i));
+                    current = routes;
+                    i = 0;
+                }
+            },
             Step::Error(status, message) => return Ended::Error(status, message),
             Step::Abort => return Ended::Abort,
         }
@@ -591,20 +636,25 @@ registry! {
     "vars" => Vars(vars),
     "root" => Root(root),
     "header" => Header(header),
+    "copy_response_headers" => CopyResponseHeaders(copy_response_headers),
     "request_body" => RequestBody(request_body),
     "redir" => Redir(redir),
     "rewrite" => Rewrite(rewrite),
     "uri" => Uri(uri),
     "try_files" => TryFiles(try_files),
     "basic_auth" => BasicAuth(basic_auth),
+    "forward_auth" => ForwardAuth(forward_auth),
+    "request_header" => RequestHeader(request_header),
     "encode" => Encode(encode),
     "handle" => Handle(handle) exclusive true,
     "handle_path" => HandlePath(handle) exclusive true,
     "route" => Route(route),
     "abort" => Abort(abort),
     "error" => Error(error),
+    "copy_response" => CopyResponse(copy_response),
     "respond" => Respond(respond),
     "reverse_proxy" => ReverseProxy(reverse_proxy),
+    "php_fastcgi" => PhpFastcgi(php_fastcgi),
     "file_server" => FileServer(file_server),
 }
 

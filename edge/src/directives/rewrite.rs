@@ -67,6 +67,31 @@ fn escape(text: &str, keep: &[u8]) -> String {
     out
 }
 
+/// The target `to` renders to for `req`, as `rewrite` makes it: the part before `?` replaces
+/// the path when not empty, a `?` replaces the query. For `reverse_proxy`'s `rewrite`, which
+/// changes only what goes upstream.
+pub(crate) fn target_of(to: &Template, req: Req<'_>, cx: &Cx) -> Option<PathAndQuery> {
+    let to = to.render(req, cx);
+    let (path, query) = match to.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (to.as_str(), req.uri.query()),
+    };
+    let path = if path.is_empty() {
+        req.uri.path()
+    } else {
+        path
+    };
+    let mut target = escape(path, b"");
+    if !target.starts_with('/') {
+        target.insert(0, '/');
+    }
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        target.push('?');
+        target.push_str(&escape(q, b"?"));
+    }
+    target.parse().ok()
+}
+
 /// Sets the request's target to `path` and `query` (escaped as needed), keeping scheme and
 /// authority. False when the result is no target.
 pub(crate) fn set_target(

@@ -123,7 +123,7 @@ fn an_unsupported_directive_is_an_error_naming_file_line_and_directive() {
     let file = write(
         &dir,
         "Caddyfile",
-        "app.local {\n\treverse_proxy 127.0.0.1:9000\n\tphp_fastcgi 127.0.0.1:9001\n}\n",
+        "app.local {\n\treverse_proxy 127.0.0.1:9000\n\tacme_server\n}\n",
     );
     for command in ["check", "run"] {
         let ran = edge(&[command, "--caddyfile", &file]);
@@ -134,7 +134,7 @@ fn an_unsupported_directive_is_an_error_naming_file_line_and_directive() {
             ran.stderr
         );
         assert!(
-            ran.stderr.contains("php_fastcgi"),
+            ran.stderr.contains("acme_server"),
             "{command}: {}",
             ran.stderr
         );

@@ -251,11 +251,7 @@ fn reload_keeps_an_open_websocket_while_a_site_is_added() {
 fn a_bad_config_on_reload_keeps_the_old_one_serving() {
     let ups = Upstreams::new();
     let edge = start_lab(&ups);
-    std::fs::write(
-        &edge.config,
-        "lab.example.org {\n\tphp_fastcgi localhost:9000\n}\n",
-    )
-    .unwrap();
+    std::fs::write(&edge.config, "lab.example.org {\n\tacme_server\n}\n").unwrap();
     edge.proc.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
     edge.proc.wait_notification("RELOADING=1", WAIT).unwrap();
     edge.proc.wait_ready(WAIT).unwrap();
