@@ -757,11 +757,11 @@ fn site(
                             ));
                         }
                     },
-                    ([_, _], None) => {
-                        return Err(p.err(
-                            line,
-                            "tls with certificate files is not supported: use `tls internal`",
-                        ));
+                    ([cert, key_file], None) => {
+                        lines.insert(format!("{key}.tls_certificate"), line);
+                        lines.insert(format!("{key}.tls_key"), line);
+                        site.tls_certificate = Some(PathBuf::from(&cert.text));
+                        site.tls_key = Some(PathBuf::from(&key_file.text));
                     }
                     _ => {
                         return Err(p.err(

@@ -303,6 +303,7 @@ fn lines(site: &Site, chain: &Chain) -> Vec<SiteLine> {
                 match site.tls_policy(&address.host) {
                     crate::site::TlsPolicy::Internal => "internal",
                     crate::site::TlsPolicy::Acme => "acme",
+                    crate::site::TlsPolicy::Files => "files",
                 }
             }),
             routes: routes.clone(),

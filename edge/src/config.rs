@@ -25,7 +25,7 @@ use crate::directives::{
 };
 use crate::matchers::MatcherToml;
 pub(crate) use crate::site::parse_duration;
-use crate::site::{Address, Scheme, Site, TlsPolicy};
+use crate::site::{Address, CertFiles, Scheme, Site, TlsPolicy};
 
 /// The TOML config file, key for key.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,6 +154,13 @@ pub(crate) struct SiteToml {
     /// ACME account email for this site (`tls EMAIL` in a Caddyfile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tls_email: Option<String>,
+    /// PEM certificate chain served for every name of the site, with `tls_key` (`tls CERT
+    /// KEY` in a Caddyfile); read on start and on every reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_certificate: Option<PathBuf>,
+    /// PEM private key of `tls_certificate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_key: Option<PathBuf>,
     /// Response compressions offered, in preference order: "zstd", "gzip".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) encode: Vec<String>,
@@ -635,11 +642,28 @@ fn resolve_site(
         check_email(email).map_err(|m| file.invalid(key("tls_email"), m))?;
     }
     let tls_email = raw.tls_email.clone();
+    let cert_files = match (&raw.tls_certificate, &raw.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key_file)) => {
+            if explicit_internal || tls_email.is_some() {
+                return Err(file.invalid(
+                    key("tls_certificate"),
+                    "certificate files and another certificate source in one site",
+                ));
+            }
+            Some(CertFiles {
+                cert: file.resolve_path(cert),
+                key: file.resolve_path(key_file),
+            })
+        }
+        (Some(_), None) => return Err(file.invalid(key("tls_key"), "is missing")),
+        (None, Some(_)) => return Err(file.invalid(key("tls_certificate"), "is missing")),
+    };
     let mut addresses = Vec::new();
     for (j, text) in raw.addresses.iter().enumerate() {
         let address = Address::parse(text, http_port, https_port)
             .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
-        if address.scheme == Scheme::Https {
+        if address.scheme == Scheme::Https && cert_files.is_none() {
             TlsPolicy::for_host(&address.host, explicit_internal)
                 .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
         }
@@ -652,6 +676,7 @@ fn resolve_site(
             addresses,
             tls_internal: explicit_internal,
             tls_email,
+            cert_files,
         },
         chain,
     ))

@@ -48,6 +48,7 @@ mod trust;
 
 pub use ca::CaError;
 pub use caddyfile::CaddyfileError;
+pub use certs::CertFileError;
 
 use std::io;
 use std::net::SocketAddr;
@@ -69,6 +70,9 @@ pub enum Error {
     /// The internal CA or its storage failed.
     #[error("internal CA")]
     Ca(#[from] ca::CaError),
+    /// A site's certificate or key file cannot be served.
+    #[error(transparent)]
+    CertFile(#[from] certs::CertFileError),
     /// TLS setup failed.
     #[error("TLS setup")]
     Tls(#[source] rustls::Error),
@@ -105,6 +109,10 @@ impl ExitStatus for Error {
             Error::Ca(ca::CaError::Io { source, .. }) => Exit::from_io(source),
             Error::Ca(ca::CaError::Corrupt { .. }) => Exit::DataErr,
             Error::Ca(ca::CaError::Sign(_)) => Exit::Software,
+            Error::CertFile(e) => match &e.source {
+                Some(source) => Exit::from_io(source),
+                None => Exit::DataErr,
+            },
             Error::Tls(_) => Exit::Software,
             Error::Bind { source, .. } => match source.kind() {
                 io::ErrorKind::AddrInUse => Exit::Unavailable,

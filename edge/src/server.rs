@@ -53,7 +53,7 @@ use crate::acme::{Acme, Challenges, Plan};
 use crate::activity::Activity;
 use crate::ca::Ca;
 use crate::caddyfile;
-use crate::certs::{Certs, ChallengeResponder, Fixed, Resolver, key_of};
+use crate::certs::{Certs, ChallengeResponder, Entry, Fixed, Resolver, key_of};
 use crate::config::{self, Config, Limits};
 use crate::handler::{self, Conn, State};
 use crate::limit::{ConnLimit, ConnPermit};
@@ -92,6 +92,8 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
         for host in site.tls_hosts() {
             match site.tls_policy(host) {
                 TlsPolicy::Internal => internal.push(host.clone()),
+                // Read by `load_cert_files`; nothing to order or issue.
+                TlsPolicy::Files => {}
                 TlsPolicy::Acme => {
                     let name = key_of(host);
                     if !names.iter().any(|(n, _)| *n == name) {
@@ -109,6 +111,22 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
         names,
     };
     (internal, plan)
+}
+
+/// Reads every site's certificate files (`tls CERT KEY`), keyed by the names they serve.
+/// Blocking.
+fn load_cert_files(config: &Config, certs: &Certs) -> Result<Vec<(String, Arc<Entry>)>, Error> {
+    let mut loaded: Vec<(String, Arc<Entry>)> = Vec::new();
+    for site in &config.sites {
+        let Some(files) = &site.cert_files else {
+            continue;
+        };
+        let entry = Arc::new(certs.load_files(files)?);
+        for host in site.tls_hosts() {
+            loaded.push((key_of(host), entry.clone()));
+        }
+    }
+    Ok(loaded)
 }
 
 fn acme_names(plan: &Plan) -> Vec<String> {
@@ -205,7 +223,8 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     let ca = Arc::new(Ca::open(&storage)?);
     let certs = Arc::new(Certs::new(ca, storage.clone()).map_err(Error::Tls)?);
     let (internal, plan) = cert_plan(&config);
-    certs.ensure(&internal, &acme_names(&plan))?;
+    let loaded = load_cert_files(&config, &certs)?;
+    certs.ensure(&internal, &acme_names(&plan), &loaded)?;
     let acme = Arc::new(Acme::new(storage, certs.clone()));
     acme.serve_stored(&plan);
     let (plan_tx, plan_rx) = tokio::sync::watch::channel(plan);
@@ -383,10 +402,12 @@ async fn reload(
     let (hosts, plan) = cert_plan(&config);
     let names = acme_names(&plan);
     let acme = acme.clone();
+    let files = config.clone();
     let plan = tokio::task::spawn_blocking(move || {
-        certs.ensure(&hosts, &names)?;
+        let loaded = load_cert_files(&files, &certs)?;
+        certs.ensure(&hosts, &names, &loaded)?;
         acme.serve_stored(&plan);
-        Ok::<_, crate::ca::CaError>(plan)
+        Ok::<_, Error>(plan)
     })
     .await
     .map_err(|e| Error::Internal(format!("certificate task: {e}")))??;

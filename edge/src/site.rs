@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Plain HTTP or HTTPS.
@@ -213,6 +214,8 @@ pub(crate) enum TlsPolicy {
     Internal,
     /// The configured ACME CA.
     Acme,
+    /// The site's own PEM files (`tls CERT KEY`), read on start and on every reload.
+    Files,
 }
 
 impl TlsPolicy {
@@ -382,6 +385,17 @@ pub(crate) struct Site {
     pub(crate) tls_internal: bool,
     /// The ACME account email for this site's names (`tls EMAIL`), over the global one.
     pub(crate) tls_email: Option<String>,
+    /// `tls CERT KEY`: the certificate chain and key files served for every name of the site.
+    pub(crate) cert_files: Option<CertFiles>,
+}
+
+/// A certificate chain and its key, as PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CertFiles {
+    /// The chain, leaf first.
+    pub(crate) cert: PathBuf,
+    /// The private key.
+    pub(crate) key: PathBuf,
 }
 
 impl Site {
@@ -395,6 +409,9 @@ impl Site {
 
     /// Where the certificate of `host` (one of [`Site::tls_hosts`]) comes from.
     pub(crate) fn tls_policy(&self, host: &Host) -> TlsPolicy {
+        if self.cert_files.is_some() {
+            return TlsPolicy::Files;
+        }
         TlsPolicy::for_host(host, self.tls_internal).unwrap_or(TlsPolicy::Internal)
     }
 }

@@ -8,6 +8,7 @@ mod chain;
 mod cli;
 mod corpus;
 mod differential;
+mod globals;
 mod limits;
 mod paths;
 mod same_as_caddy;
