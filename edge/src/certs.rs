@@ -208,8 +208,13 @@ impl Certs {
         if let Some(e) = map.get(sni) {
             return Some(e.certified.clone());
         }
-        let (_, parent) = sni.split_once('.')?;
-        map.get(&format!("*.{parent}")).map(|e| e.certified.clone())
+        if let Some((_, parent)) = sni.split_once('.')
+            && let Some(e) = map.get(&format!("*.{parent}"))
+        {
+            return Some(e.certified.clone());
+        }
+        // A site without a host (`:443` with `tls CERT KEY`) serves its files for any name.
+        map.get("").map(|e| e.certified.clone())
     }
 
     /// Whether a name (as SNI) has a certificate.
@@ -223,9 +228,9 @@ impl Certs {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
-        self.map
-            .load()
-            .get(&ip.to_string())
+        let map = self.map.load();
+        map.get(&ip.to_string())
+            .or_else(|| map.get(""))
             .map(|e| e.certified.clone())
     }
 

@@ -40,7 +40,11 @@ EXIT STATUS:
 /// every other name gets a public certificate by ACME (Let's Encrypt unless `acme_ca` says
 /// otherwise), answered on the HTTP port (HTTP-01) or the HTTPS port (TLS-ALPN-01), stored,
 /// and renewed in the background when a third of its lifetime is left.
-/// Access logs are JSON lines on stdout; diagnostics go to stderr.
+/// Access logs are JSON lines on stdout (a Caddyfile site's `log` block writes its own, in
+/// Caddy's shape); diagnostics go to stderr. With `admin localhost:PORT` in the Caddyfile, a
+/// loopback-only admin endpoint shows the running config (GET /config/) and loads a new
+/// Caddyfile (POST /load).
+/// `tls CERT KEY` files are read again on every reload.
 #[derive(Debug, Parser)]
 #[command(name = "edge", version, after_long_help = AFTER_HELP)]
 pub struct Cli {

@@ -92,7 +92,8 @@ pub(crate) async fn handle(
     let start = Instant::now();
     conn.in_flight.fetch_add(1, Ordering::Relaxed);
     conn.requests.fetch_add(1, Ordering::Relaxed);
-    let mut record = state.log.enabled().then(|| Record {
+    let logged = state.log.enabled() || state.router.load().has_site_logs();
+    let mut record = logged.then(|| Record {
         ts: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64()),
@@ -110,19 +111,25 @@ pub(crate) async fn handle(
         duration_ms: 0.0,
         upstream: None,
         user: None,
+        remote_port: conn.peer.port(),
+        headers: None,
+        resp_headers: None,
+        to: None,
     });
     let routed = route(req, &conn, &state, record.as_mut()).await;
     if let Some(record) = record.as_mut() {
         record.status = routed.status().as_u16();
+        if record.to.as_ref().is_some_and(AccessLog::wants_headers) {
+            record.resp_headers = Some(routed.headers().clone());
+        }
     }
+    // A site with a log of its own writes there instead of the edge's log.
+    let log = record
+        .as_mut()
+        .and_then(|r| r.to.take())
+        .unwrap_or_else(|| state.log.clone());
     let (parts, body) = routed.into_parts();
-    let body = Logged::new(
-        body,
-        record,
-        start,
-        state.log.clone(),
-        conn.in_flight.clone(),
-    );
+    let body = Logged::new(body, record, start, log, conn.in_flight.clone());
     Ok(Response::from_parts(parts, body))
 }
 
@@ -220,6 +227,13 @@ async fn serve_site(
     host_value: &HeaderValue,
     record: Option<&mut Record>,
 ) -> Response<Body> {
+    let mut record = record;
+    if let (Some(r), Some(log)) = (record.as_deref_mut(), &served.log) {
+        if log.wants_headers() {
+            r.headers = Some(req.headers().clone());
+        }
+        r.to = Some(log.clone());
+    }
     let host = host_of(host_value.to_str().unwrap_or(""));
     let Some(mut cx) = Cx::new(conn.peer, conn.scheme, host, host_value.clone(), req.uri()) else {
         return status_response(

@@ -18,6 +18,7 @@
 mod access_log;
 pub mod acme;
 mod activity;
+mod admin;
 mod auth;
 mod body;
 mod ca;
@@ -36,6 +37,8 @@ pub mod fuzz;
 mod handler;
 mod header_ops;
 mod limit;
+mod log_format;
+mod log_roll;
 mod matchers;
 mod placeholders;
 mod pool;

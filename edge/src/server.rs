@@ -51,10 +51,11 @@ use crate::Error;
 use crate::access_log::{self, AccessLog};
 use crate::acme::{Acme, Challenges, Plan};
 use crate::activity::Activity;
+use crate::admin;
 use crate::ca::Ca;
 use crate::caddyfile;
 use crate::certs::{Certs, ChallengeResponder, Entry, Fixed, Resolver, key_of};
-use crate::config::{self, Config, Limits};
+use crate::config::{self, Config, Limits, LogOutput, LogSpec};
 use crate::handler::{self, Conn, State};
 use crate::limit::{ConnLimit, ConnPermit};
 use crate::proxy::Client;
@@ -89,6 +90,10 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let mut internal = Vec::new();
     let mut names: Vec<(String, Option<String>)> = Vec::new();
     for site in &config.sites {
+        if !config.auto_certs {
+            // auto_https off or disable_certs: only sites' own files are served.
+            break;
+        }
         for host in site.tls_hosts() {
             match site.tls_policy(host) {
                 TlsPolicy::Internal => internal.push(host.clone()),
@@ -131,6 +136,69 @@ fn load_cert_files(config: &Config, certs: &Certs) -> Result<Vec<(String, Arc<En
 
 fn acme_names(plan: &Plan) -> Vec<String> {
     plan.names.iter().map(|(n, _)| n.clone()).collect()
+}
+
+/// The writers of the sites' own logs, one per distinct [`LogSpec`], kept across reloads
+/// while a site still names them.
+#[derive(Default)]
+struct SiteLogs {
+    open: HashMap<LogSpec, (AccessLog, CancellationToken)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SiteLogs {
+    /// The log of each site of `config`, opening those not open yet.
+    async fn open(&mut self, config: &Config) -> Result<Vec<Option<AccessLog>>, Error> {
+        let mut logs = Vec::with_capacity(config.site_logs.len());
+        for spec in &config.site_logs {
+            let Some(spec) = spec else {
+                logs.push(None);
+                continue;
+            };
+            if let Some((log, _)) = self.open.get(spec) {
+                logs.push(Some(log.clone()));
+                continue;
+            }
+            let stop = CancellationToken::new();
+            let (log, task) =
+                AccessLog::start_spec(spec, stop.clone())
+                    .await
+                    .map_err(|source| Error::Io {
+                        what: match &spec.output {
+                            LogOutput::File { path, .. } => {
+                                format!("opening log {}", path.display())
+                            }
+                            _ => "opening a site's log".into(),
+                        },
+                        source,
+                    })?;
+            self.tasks.extend(task);
+            self.open.insert(spec.clone(), (log.clone(), stop));
+            logs.push(Some(log));
+        }
+        Ok(logs)
+    }
+
+    /// Closes the logs `config` no longer names (after its router is in place).
+    fn retire(&mut self, config: &Config) {
+        self.open.retain(|spec, (_, stop)| {
+            let keep = config.site_logs.iter().flatten().any(|s| s == spec);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Closes every log and waits (a bounded time) for the last lines to be written.
+    async fn close(self) {
+        for (_, stop) in self.open.values() {
+            stop.cancel();
+        }
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
 }
 
 /// A bound listener and its accept loop.
@@ -270,10 +338,34 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
 
     let mut listeners: HashMap<(u16, Scheme), Listener> = HashMap::new();
     bind_missing(&config, &mut listeners, &shared).await?;
-    shared
-        .state
-        .router
-        .store(Arc::new(router_for(&config, &listeners)));
+    let mut site_logs = SiteLogs::default();
+    let mut router = router_for(&config, &listeners);
+    router.set_logs(site_logs.open(&config).await?);
+    shared.state.router.store(Arc::new(router));
+
+    let admin_json = Arc::new(ArcSwap::from_pointee(admin::redacted(&config.toml)));
+    let (load_tx, mut load_rx) = tokio::sync::mpsc::channel::<admin::Load>(4);
+    let admin_stop = CancellationToken::new();
+    let admin_task = match &config.admin {
+        Some(listen) => {
+            let (shown, task) = admin::start(
+                listen,
+                admin_json.clone(),
+                load_tx.clone(),
+                shutdown.clone(),
+                admin_stop.clone(),
+            )
+            .await
+            .map_err(|source| Error::Io {
+                what: format!("starting the admin endpoint on {listen:?}"),
+                source,
+            })?;
+            tracing::info!(admin = %shown, "admin endpoint listening");
+            Some(task)
+        }
+        None => None,
+    };
+    drop(load_tx);
 
     let renew_stop = CancellationToken::new();
     let renewal = tokio::spawn(certs.clone().renew_loop(renew_stop.clone()));
@@ -290,11 +382,13 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
             _ = shutdown.cancelled() => break,
             _ = signals.reload() => {
                 notifier.reloading();
-                match reload(&source, &env, &mut listeners, &shared, &acme, &plan_tx).await {
+                match reload(None, &source, &env, &mut listeners, &shared, &acme, &plan_tx, &mut site_logs).await {
                     Ok(config) => {
                         let status = status_line(&config, &listeners);
                         tracing::info!(sites = config.sites.len(), "reloaded; {status}");
                         notifier.status(&status);
+                        admin_moved(&current, &config);
+                        admin_json.store(Arc::new(admin::redacted(&config.toml)));
                         current = config;
                     }
                     Err(err) => tracing::error!(
@@ -304,10 +398,44 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
                 }
                 notifier.ready();
             }
+            Some(load) = load_rx.recv() => {
+                notifier.reloading();
+                // Imports in the text are relative to the Caddyfile the edge runs from.
+                let path = match &source {
+                    Source::Caddyfile(path) => path.clone(),
+                    Source::Toml(path) => path.with_file_name("Caddyfile"),
+                };
+                let result = match caddyfile::load_text(&path, &load.text, &env) {
+                    Ok(config) => reload(Some(config), &source, &env, &mut listeners, &shared, &acme, &plan_tx, &mut site_logs)
+                        .await
+                        .map_err(|err| labcore::exit::chain(&err)),
+                    Err(err) => Err(err.to_string()),
+                };
+                match result {
+                    Ok(config) => {
+                        let status = status_line(&config, &listeners);
+                        tracing::info!(sites = config.sites.len(), "loaded by the admin endpoint; {status}");
+                        notifier.status(&status);
+                        admin_moved(&current, &config);
+                        admin_json.store(Arc::new(admin::redacted(&config.toml)));
+                        current = config;
+                        let _ = load.reply.send(Ok(()));
+                    }
+                    Err(why) => {
+                        tracing::error!(error = %why, "config from the admin endpoint rejected; still serving the old one");
+                        let _ = load.reply.send(Err(why));
+                    }
+                }
+                notifier.ready();
+            }
         }
     }
 
     notifier.stopping();
+    admin_stop.cancel();
+    if let Some(task) = admin_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     for listener in listeners.values() {
         listener.stop.cancel();
     }
@@ -323,6 +451,7 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     renew_stop.cancel();
     let _ = renewal.await;
     let _ = acme_task.await;
+    site_logs.close().await;
     log_stop.cancel();
     if let Some(task) = log_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -381,23 +510,42 @@ fn status_line(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) ->
 }
 
 fn router_for(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) -> Router {
-    Router::new(&config.sites, &config.chains, &|port, scheme| {
+    let mut router = Router::new(&config.sites, &config.chains, &|port, scheme| {
         listeners
             .get(&(port, scheme))
             .and_then(|l| l.addrs.first())
             .map_or(port, |a| a.port())
-    })
+    });
+    if !config.redirects {
+        router.disable_redirects();
+    }
+    router
 }
 
+/// Says so when a reload changes the admin endpoint, which moves only on restart.
+fn admin_moved(old: &Config, new: &Config) {
+    if old.admin != new.admin {
+        tracing::warn!("the admin endpoint's address changed; it moves when the edge restarts");
+    }
+}
+
+/// Loads the config from `source` (or takes `given`) and swaps it in.
+#[allow(clippy::too_many_arguments)]
 async fn reload(
+    given: Option<Config>,
     source: &Source,
     env: &Env,
     listeners: &mut HashMap<(u16, Scheme), Listener>,
     shared: &Arc<Shared>,
     acme: &Arc<Acme>,
     plan_tx: &tokio::sync::watch::Sender<Plan>,
+    site_logs: &mut SiteLogs,
 ) -> Result<Config, Error> {
-    let config = source.load(env)?;
+    let config = match given {
+        Some(config) => config,
+        None => source.load(env)?,
+    };
+    let logs = site_logs.open(&config).await?;
     let certs = shared.certs.clone();
     let (hosts, plan) = cert_plan(&config);
     let names = acme_names(&plan);
@@ -430,10 +578,10 @@ async fn reload(
         shared.limit.resize(config.limits.max_connections);
         shared.limits.store(Arc::new(config.limits.clone()));
     }
-    shared
-        .state
-        .router
-        .store(Arc::new(router_for(&config, listeners)));
+    let mut router = router_for(&config, listeners);
+    router.set_logs(logs);
+    shared.state.router.store(Arc::new(router));
+    site_logs.retire(&config);
     Ok(config)
 }
 

@@ -168,6 +168,8 @@ impl Address {
             (Some(Scheme::Http), None) => (Scheme::Http, http_port),
             (Some(Scheme::Https), None) => (Scheme::Https, https_port),
             (None, Some(p)) if p == http_port => (Scheme::Http, p),
+            // The HTTPS port is HTTPS even without a host (served with `tls CERT KEY`).
+            (None, Some(p)) if p == https_port && p != 0 => (Scheme::Https, p),
             // No host to hold a certificate: Caddy serves `:8080` as plain HTTP.
             (None, Some(p)) if host == Host::Any => (Scheme::Http, p),
             (None, Some(p)) => (Scheme::Https, p),
@@ -178,11 +180,6 @@ impl Address {
         }
         if scheme == Scheme::Https && port == http_port && port != 0 {
             return Err(format!("{text:?}: HTTPS on the HTTP port"));
-        }
-        if scheme == Scheme::Https && host == Host::Any {
-            return Err(format!(
-                "{text:?}: an HTTPS site needs a host name for its certificate"
-            ));
         }
         Ok(Address { scheme, host, port })
     }
@@ -452,6 +449,8 @@ mod tests {
         // A port alone has no name for a certificate: plain HTTP, as Caddy serves it.
         let a = Address::parse(":8443", 80, 443).unwrap();
         assert_eq!((a.scheme, a.port, a.host), (Scheme::Http, 8443, Host::Any));
+        let a = Address::parse(":443", 80, 443).unwrap();
+        assert_eq!((a.scheme, a.port, a.host), (Scheme::Https, 443, Host::Any));
         assert!(Address::parse("ftp://x", 80, 443).is_err());
         assert!(Address::parse("bad host", 80, 443).is_err());
     }

@@ -123,6 +123,11 @@ impl Both {
         }
     }
 
+    /// The two processes: (edge, caddy).
+    pub fn procs(&self) -> (&Proc, &Proc) {
+        (&self.edge, &self.caddy)
+    }
+
     /// SIGTERM to both; both must exit cleanly.
     pub fn stop(self) {
         self.edge.stop(WAIT).unwrap();
