@@ -676,6 +676,12 @@ fn globals(
                 }
                 toml.admin = Some(one("address")?);
             }
+            "debug" => {
+                if !args.is_empty() || node.block.is_some() {
+                    return Err(p.err(node.line, "debug takes nothing"));
+                }
+                toml.debug = Some(true);
+            }
             "storage" => {
                 let root = match (args, &node.block) {
                     ([kind, root], None) if kind.text == "file_system" => root.text.clone(),
@@ -959,20 +965,47 @@ fn site(
                         lines.insert(format!("{key}.tls_email"), line);
                         site.tls_email = Some(v.text.clone());
                     }
-                    ([], Some(block)) => match block.as_slice() {
-                        [n] if n.tokens.len() == 2
-                            && n.tokens[0].text == "issuer"
-                            && n.tokens[1].text == "internal" =>
-                        {
-                            site.tls = Some("internal".into())
+                    ([], Some(block)) => {
+                        for n in block {
+                            let words: Vec<&str> =
+                                n.tokens.iter().map(|t| t.text.as_str()).collect();
+                            match (words.as_slice(), &n.block) {
+                                (["issuer", "internal"], None) => {
+                                    site.tls = Some("internal".into())
+                                }
+                                (["issuer", "acme"], options) => {
+                                    lines.insert(format!("{key}.tls_challenges"), n.line);
+                                    let mut challenges = vec!["http-01", "tls-alpn-01"];
+                                    for o in options.iter().flatten() {
+                                        let words: Vec<&str> =
+                                            o.tokens.iter().map(|t| t.text.as_str()).collect();
+                                        match words.as_slice() {
+                                            ["disable_http_challenge"] => {
+                                                challenges.retain(|c| *c != "http-01")
+                                            }
+                                            ["disable_tlsalpn_challenge"] => {
+                                                challenges.retain(|c| *c != "tls-alpn-01")
+                                            }
+                                            _ => {
+                                                return Err(p.err(
+                                                    o.line,
+                                                    format!("issuer acme option {:?} is not supported (disable_http_challenge and disable_tlsalpn_challenge are)", words.join(" ")),
+                                                ));
+                                            }
+                                        }
+                                    }
+                                    site.tls_challenges =
+                                        challenges.into_iter().map(str::to_owned).collect();
+                                }
+                                _ => {
+                                    return Err(p.err(
+                                        n.line,
+                                        format!("tls option {:?} is not supported (issuer internal and issuer acme are)", words.join(" ")),
+                                    ));
+                                }
+                            }
                         }
-                        _ => {
-                            return Err(p.err(
-                                line,
-                                "only `tls internal`, `tls EMAIL` and `tls { issuer internal }` are supported",
-                            ));
-                        }
-                    },
+                    }
                     ([cert, key_file], None) => {
                         lines.insert(format!("{key}.tls_certificate"), line);
                         lines.insert(format!("{key}.tls_key"), line);
@@ -1168,9 +1201,9 @@ mod tests {
             text,
             "/etc/Caddyfile:3: unsupported directive \"php_fastcgi\" (see man edge-caddyfile)"
         );
-        let text = err_text("{\n\tdebug\n}\n");
+        let text = err_text("{\n\tlocal_certs\n}\n");
         assert!(
-            text.starts_with("/etc/Caddyfile:2: global option \"debug\""),
+            text.starts_with("/etc/Caddyfile:2: global option \"local_certs\""),
             "{text}"
         );
         let text = err_text("x.local {\n\t@api expression `{path} == '/'`\n}\n");
@@ -1293,6 +1326,12 @@ mod tests {
             toml.sites[0].tls_certificate,
             Some(PathBuf::from("/etc/x.crt"))
         );
+        let debug = parse_text(
+            "{\n debug\n}\na.example.org {\n tls {\n  issuer acme {\n   disable_http_challenge\n  }\n }\n}\n",
+        )
+        .unwrap();
+        assert_eq!(debug.debug, Some(true));
+        assert_eq!(debug.sites[0].tls_challenges, ["tls-alpn-01"]);
         for (text, wanted) in [
             (
                 "{\n servers {\n  protocols h1 h2 h3\n }\n}\n",

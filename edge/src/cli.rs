@@ -162,8 +162,18 @@ pub enum CaCommand {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Error> {
-    labcore::log::init(&cli.log)?;
     let env = Env::from_process();
+    let mut log = cli.log.clone();
+    // The config's `debug` sets the level when neither the flag nor the environment does; a
+    // config that does not load is reported by the command itself below.
+    if let Command::Run { config } = &cli.command
+        && log.log_level.is_none()
+        && env.get("LABKIT_LOG").is_none()
+        && config.source().load(&env).is_ok_and(|c| c.debug)
+    {
+        log.log_level = Some("debug".into());
+    }
+    labcore::log::init(&log)?;
     match cli.command {
         Command::Run { config } => {
             // Signals, reload and the access log; connections get their own threads.

@@ -64,6 +64,10 @@ pub(crate) struct EdgeToml {
     /// Where JSON access log lines go: "stdout" (default), "stderr", "off" or a file path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) access_log: Option<String>,
+    /// Diagnostics at debug level from the start (Caddy's `debug`), unless `--log-level` or
+    /// `LABKIT_LOG` says otherwise. A reload does not change it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) debug: Option<bool>,
     /// The admin endpoint (Caddy's `admin`): "off" (default), "localhost:PORT",
     /// "127.0.0.1:PORT", "[::1]:PORT" or "unix//PATH".
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +178,10 @@ pub(crate) struct SiteToml {
     /// ACME account email for this site (`tls EMAIL` in a Caddyfile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tls_email: Option<String>,
+    /// ACME challenges offered for this site's names, a subset of `acme.challenges` (a
+    /// Caddyfile's `tls { issuer acme { disable_http_challenge } }`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) tls_challenges: Vec<String>,
     /// PEM certificate chain served for every name of the site, with `tls_key` (`tls CERT
     /// KEY` in a Caddyfile); read on start and on every reload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -559,8 +567,12 @@ pub(crate) struct Config {
     pub(crate) storage: PathBuf,
     /// Access log target.
     pub(crate) access_log: AccessLog,
+    /// Each site's ACME challenges when it narrows `acme.challenges` (empty: all), by index.
+    pub(crate) site_challenges: Vec<Vec<Challenge>>,
     /// The admin endpoint, if on.
     pub(crate) admin: Option<AdminListen>,
+    /// `debug`: diagnostics at debug level unless the command line or environment say.
+    pub(crate) debug: bool,
     /// The configuration as the file gave it, for the admin endpoint's `/config/`.
     pub(crate) toml: EdgeToml,
     /// Plain HTTP requests for HTTPS hosts are redirected (auto_https).
@@ -743,6 +755,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         }
     };
     let mut site_logs: Vec<Option<LogSpec>> = Vec::new();
+    let mut site_challenges: Vec<Vec<Challenge>> = Vec::new();
     for (i, mut site) in raw.sites.into_iter().enumerate() {
         let log = match site.log.take() {
             None => None,
@@ -773,6 +786,29 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
             ));
         }
         site_logs.push(log);
+        let mut challenges = Vec::new();
+        for (j, name) in site.tls_challenges.iter().enumerate() {
+            let challenge = match name.as_str() {
+                "http-01" => Challenge::Http01,
+                "tls-alpn-01" => Challenge::TlsAlpn01,
+                other => {
+                    return Err(file.invalid(
+                        format!("site[{i}].tls_challenges[{j}]"),
+                        format!("{other:?} is not supported (\"http-01\" or \"tls-alpn-01\")"),
+                    ));
+                }
+            };
+            if acme.challenges.contains(&challenge) {
+                challenges.push(challenge);
+            }
+        }
+        if !site.tls_challenges.is_empty() && challenges.is_empty() {
+            return Err(file.invalid(
+                format!("site[{i}].tls_challenges"),
+                "leaves no ACME challenge the edge offers (http-01 or tls-alpn-01)",
+            ));
+        }
+        site_challenges.push(challenges);
         let (site, chain) = resolve_site(site, i, file, http_port, https_port, env)?;
         chains.push(Arc::new(chain));
         for address in &site.addresses {
@@ -794,7 +830,9 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         bind,
         storage,
         access_log,
+        site_challenges,
         admin,
+        debug: raw.debug == Some(true),
         toml,
         redirects,
         auto_certs,

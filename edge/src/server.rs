@@ -89,7 +89,8 @@ impl Source {
 pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let mut internal = Vec::new();
     let mut names: Vec<(String, Option<String>)> = Vec::new();
-    for site in &config.sites {
+    let mut challenges = HashMap::new();
+    for (i, site) in config.sites.iter().enumerate() {
         if !config.auto_certs {
             // auto_https off or disable_certs: only sites' own files are served.
             break;
@@ -103,6 +104,10 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
                     let name = key_of(host);
                     if !names.iter().any(|(n, _)| *n == name) {
                         let email = site.tls_email.clone().or_else(|| config.email.clone());
+                        if let Some(only) = config.site_challenges.get(i).filter(|c| !c.is_empty())
+                        {
+                            challenges.insert(name.clone(), only.clone());
+                        }
                         names.push((name, email));
                     }
                 }
@@ -114,6 +119,7 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let plan = Plan {
         acme: config.acme.clone(),
         names,
+        challenges,
     };
     (internal, plan)
 }
@@ -522,10 +528,14 @@ fn router_for(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) -> 
     router
 }
 
-/// Says so when a reload changes the admin endpoint, which moves only on restart.
+/// Says so when a reload changes what applies only on restart: the admin endpoint and
+/// `debug`.
 fn admin_moved(old: &Config, new: &Config) {
     if old.admin != new.admin {
         tracing::warn!("the admin endpoint's address changed; it moves when the edge restarts");
+    }
+    if old.debug != new.debug {
+        tracing::warn!("debug changed; the log level changes when the edge restarts");
     }
 }
 
