@@ -918,6 +918,67 @@ fn log_block(
     Ok(log)
 }
 
+/// The block of `tls [ARGS] { ... }`: issuers and client_auth.
+fn tls_block(
+    p: &Parser<'_>,
+    key: &str,
+    block: &[Node],
+    site: &mut SiteToml,
+    lines: &mut BTreeMap<String, usize>,
+) -> Result<(), CaddyfileError> {
+    for n in block {
+        let words: Vec<&str> = n.tokens.iter().map(|t| t.text.as_str()).collect();
+        match (words.as_slice(), &n.block) {
+            (["issuer", "internal"], None) => site.tls = Some("internal".into()),
+            (["issuer", "acme"], options) => {
+                lines.insert(format!("{key}.tls_challenges"), n.line);
+                let mut challenges = vec!["http-01", "tls-alpn-01"];
+                for o in options.iter().flatten() {
+                    let words: Vec<&str> = o.tokens.iter().map(|t| t.text.as_str()).collect();
+                    match words.as_slice() {
+                        ["disable_http_challenge"] => challenges.retain(|c| *c != "http-01"),
+                        ["disable_tlsalpn_challenge"] => challenges.retain(|c| *c != "tls-alpn-01"),
+                        _ => {
+                            return Err(p.err(
+                                        o.line,
+                                        format!("issuer acme option {:?} is not supported (disable_http_challenge and disable_tlsalpn_challenge are)", words.join(" ")),
+                                    ));
+                        }
+                    }
+                }
+                site.tls_challenges = challenges.into_iter().map(str::to_owned).collect();
+            }
+            (["client_auth"], Some(options)) => {
+                lines.insert(format!("{key}.client_auth"), n.line);
+                let mut auth = config::ClientAuthToml::default();
+                for o in options {
+                    let words: Vec<&str> = o.tokens.iter().map(|t| t.text.as_str()).collect();
+                    match words.as_slice() {
+                        ["mode", mode] => auth.mode = Some((*mode).to_owned()),
+                        ["trusted_ca_cert_file", file] => {
+                            auth.trusted_ca_cert_files.push(PathBuf::from(file))
+                        }
+                        _ => {
+                            return Err(p.err(
+                                        o.line,
+                                        format!("client_auth option {:?} is not supported (mode and trusted_ca_cert_file are)", words.join(" ")),
+                                    ));
+                        }
+                    }
+                }
+                site.client_auth = Some(auth);
+            }
+            _ => {
+                return Err(p.err(
+                            n.line,
+                            format!("tls option {:?} is not supported (issuer internal, issuer acme and client_auth are)", words.join(" ")),
+                        ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn lines_of(nodes: Vec<Node>) -> Vec<Line> {
     nodes
         .into_iter()
@@ -965,52 +1026,15 @@ fn site(
                         lines.insert(format!("{key}.tls_email"), line);
                         site.tls_email = Some(v.text.clone());
                     }
-                    ([], Some(block)) => {
-                        for n in block {
-                            let words: Vec<&str> =
-                                n.tokens.iter().map(|t| t.text.as_str()).collect();
-                            match (words.as_slice(), &n.block) {
-                                (["issuer", "internal"], None) => {
-                                    site.tls = Some("internal".into())
-                                }
-                                (["issuer", "acme"], options) => {
-                                    lines.insert(format!("{key}.tls_challenges"), n.line);
-                                    let mut challenges = vec!["http-01", "tls-alpn-01"];
-                                    for o in options.iter().flatten() {
-                                        let words: Vec<&str> =
-                                            o.tokens.iter().map(|t| t.text.as_str()).collect();
-                                        match words.as_slice() {
-                                            ["disable_http_challenge"] => {
-                                                challenges.retain(|c| *c != "http-01")
-                                            }
-                                            ["disable_tlsalpn_challenge"] => {
-                                                challenges.retain(|c| *c != "tls-alpn-01")
-                                            }
-                                            _ => {
-                                                return Err(p.err(
-                                                    o.line,
-                                                    format!("issuer acme option {:?} is not supported (disable_http_challenge and disable_tlsalpn_challenge are)", words.join(" ")),
-                                                ));
-                                            }
-                                        }
-                                    }
-                                    site.tls_challenges =
-                                        challenges.into_iter().map(str::to_owned).collect();
-                                }
-                                _ => {
-                                    return Err(p.err(
-                                        n.line,
-                                        format!("tls option {:?} is not supported (issuer internal and issuer acme are)", words.join(" ")),
-                                    ));
-                                }
-                            }
-                        }
-                    }
-                    ([cert, key_file], None) => {
+                    ([], Some(block)) => tls_block(p, &key, block, &mut site, lines)?,
+                    ([cert, key_file], block) => {
                         lines.insert(format!("{key}.tls_certificate"), line);
                         lines.insert(format!("{key}.tls_key"), line);
                         site.tls_certificate = Some(PathBuf::from(&cert.text));
                         site.tls_key = Some(PathBuf::from(&key_file.text));
+                        if let Some(block) = block {
+                            tls_block(p, &key, block, &mut site, lines)?;
+                        }
                     }
                     _ => {
                         return Err(p.err(

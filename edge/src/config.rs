@@ -27,7 +27,7 @@ use crate::directives::{
 use crate::log_roll::{Roll, parse_roll_size};
 use crate::matchers::MatcherToml;
 pub(crate) use crate::site::parse_duration;
-use crate::site::{Address, CertFiles, Host, Scheme, Site, TlsPolicy};
+use crate::site::{Address, CertFiles, ClientAuth, Host, Scheme, Site, TlsPolicy};
 
 /// The TOML config file, key for key.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,6 +178,9 @@ pub(crate) struct SiteToml {
     /// ACME account email for this site (`tls EMAIL` in a Caddyfile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tls_email: Option<String>,
+    /// Client certificates (a Caddyfile's `tls { client_auth { ... } }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) client_auth: Option<ClientAuthToml>,
     /// ACME challenges offered for this site's names, a subset of `acme.challenges` (a
     /// Caddyfile's `tls { issuer acme { disable_http_challenge } }`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -221,6 +224,18 @@ pub(crate) struct SiteToml {
     /// Routes for requests that failed (`handle_errors`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) handle_errors: Vec<RouteToml>,
+}
+
+/// `client_auth`: which client certificates a site's TLS handshakes ask for.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientAuthToml {
+    /// "require_and_verify" (default when CAs are given) or "verify_if_given".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) mode: Option<String>,
+    /// PEM files of the CAs client certificates must chain to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) trusted_ca_cert_files: Vec<PathBuf>,
 }
 
 /// `log`: an access log in Caddy's shape; every key optional.
@@ -1007,10 +1022,49 @@ fn resolve_site(
         (Some(_), None) => return Err(file.invalid(key("tls_key"), "is missing")),
         (None, Some(_)) => return Err(file.invalid(key("tls_certificate"), "is missing")),
     };
+    let client_auth = match &raw.client_auth {
+        None => None,
+        Some(auth) => {
+            let require = match auth.mode.as_deref() {
+                None | Some("require_and_verify") => true,
+                Some("verify_if_given") => false,
+                Some(other) => {
+                    return Err(file.invalid(
+                        key("client_auth.mode"),
+                        format!("{other:?}: only require_and_verify and verify_if_given are supported (certificates are always verified)"),
+                    ));
+                }
+            };
+            if auth.trusted_ca_cert_files.is_empty() {
+                return Err(file.invalid(
+                    key("client_auth"),
+                    "needs trusted_ca_cert_file: the CA client certificates must chain to",
+                ));
+            }
+            Some(ClientAuth {
+                require,
+                cas: auth
+                    .trusted_ca_cert_files
+                    .iter()
+                    .map(|p| file.resolve_path(p))
+                    .collect(),
+            })
+        }
+    };
     let mut addresses = Vec::new();
     for (j, text) in raw.addresses.iter().enumerate() {
         let address = Address::parse(text, http_port, https_port)
             .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
+        if client_auth.is_some()
+            && address.scheme == Scheme::Https
+            && matches!(address.host, Host::Any | Host::Ip(_))
+        {
+            // Handshakes pick client_auth by TLS name; a client sending none would skip it.
+            return Err(file.invalid(
+                format!("site[{i}].addresses[{j}]"),
+                format!("{text:?}: client_auth needs host names (clients without a TLS name would bypass it)"),
+            ));
+        }
         if address.scheme == Scheme::Https && address.host == Host::Any && cert_files.is_none() {
             return Err(file.invalid(
                 format!("site[{i}].addresses[{j}]"),
@@ -1031,6 +1085,7 @@ fn resolve_site(
             tls_internal: explicit_internal,
             tls_email,
             cert_files,
+            client_auth,
         },
         chain,
     ))

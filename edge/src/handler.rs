@@ -67,6 +67,8 @@ pub(crate) struct Conn {
     /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
     /// keep-alive pings move bytes on an idle connection).
     pub(crate) requests: AtomicU64,
+    /// The TLS name the client's handshake gave, lower case.
+    pub(crate) sni: std::sync::OnceLock<String>,
     /// Its place under `max_connections`: held by the connection and by its upgraded
     /// (WebSocket) continuation, so the place is free only when both have ended.
     pub(crate) _permit: ConnPermit,
@@ -199,6 +201,10 @@ async fn route(
             )
         }
         Scheme::Https => match router.site(conn.port, &host) {
+            Some(site) if site.strict_sni && conn.sni.get() != Some(&host) => status_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected request: the Host differs from the TLS name\n",
+            ),
             Some(site) => {
                 let site = site.clone();
                 serve_site(&site, req, conn, state, &host_value, record).await

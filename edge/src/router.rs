@@ -22,6 +22,9 @@ pub(crate) struct Served {
     pub(crate) chain: Arc<Chain>,
     /// The site's own access log (`log` in a Caddyfile), written instead of the edge's.
     pub(crate) log: Option<AccessLog>,
+    /// Requests must name the host their TLS handshake named (a `client_auth` site: a client
+    /// must not get past its handshake through another name's).
+    pub(crate) strict_sni: bool,
 }
 
 /// Sites reachable on one port.
@@ -86,6 +89,7 @@ impl Router {
                     Arc::new(Served {
                         chain: chain.clone(),
                         log: None,
+                        strict_sni: false,
                     })
                 })
                 .collect(),
@@ -101,6 +105,15 @@ impl Router {
             if let Some(served) = Arc::get_mut(served) {
                 self.site_logs |= log.is_some();
                 served.log = log;
+            }
+        }
+    }
+
+    /// Marks the sites (by index) whose requests must match their TLS name.
+    pub(crate) fn set_strict_sni(&mut self, strict: Vec<bool>) {
+        for (served, strict) in self.sites.iter_mut().zip(strict) {
+            if let Some(served) = Arc::get_mut(served) {
+                served.strict_sni = strict;
             }
         }
     }

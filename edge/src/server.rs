@@ -140,6 +140,65 @@ fn load_cert_files(config: &Config, certs: &Certs) -> Result<Vec<(String, Arc<En
     Ok(loaded)
 }
 
+/// The TLS configs of `client_auth` sites, by the names they serve; the CA files are read
+/// here (start and every reload) and named when unusable.
+fn client_auth_configs(
+    config: &Config,
+    shared: &Shared,
+) -> Result<HashMap<String, Arc<ServerConfig>>, Error> {
+    let mut by_name = HashMap::new();
+    for site in &config.sites {
+        let Some(auth) = &site.client_auth else {
+            continue;
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for path in &auth.cas {
+            let bad = |reason: String, source: Option<io::Error>| {
+                Error::CertFile(crate::certs::CertFileError {
+                    path: path.clone(),
+                    reason,
+                    source,
+                })
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string(), Some(e)))?;
+            let mut found = 0;
+            for cert in <rustls::pki_types::CertificateDer<'_> as rustls::pki_types::pem::PemObject>::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| bad(format!("not a PEM certificate: {e}"), None))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(format!("not a usable CA certificate: {e}"), None))?;
+                found += 1;
+            }
+            if found == 0 {
+                return Err(bad("holds no PEM certificate".into(), None));
+            }
+        }
+        let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            shared.provider.clone(),
+        );
+        let builder = if auth.require {
+            builder
+        } else {
+            builder.allow_unauthenticated()
+        };
+        let verifier = builder
+            .build()
+            .map_err(|e| Error::Internal(format!("client certificate verifier: {e}")))?;
+        let mut tls = ServerConfig::builder_with_provider(shared.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(Error::Tls)?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver(shared.certs.clone())));
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let tls = Arc::new(tls);
+        for host in site.tls_hosts() {
+            by_name.insert(key_of(host), tls.clone());
+        }
+    }
+    Ok(by_name)
+}
+
 fn acme_names(plan: &Plan) -> Vec<String> {
     plan.names.iter().map(|(n, _)| n.clone()).collect()
 }
@@ -219,6 +278,8 @@ struct Shared {
     certs: Arc<Certs>,
     challenges: Arc<Challenges>,
     tls: Arc<ServerConfig>,
+    /// TLS configs asking for client certificates, by name (`client_auth` sites).
+    by_name: ArcSwap<HashMap<String, Arc<ServerConfig>>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     limits: ArcSwap<Limits>,
     limit: ConnLimit,
@@ -333,6 +394,7 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
         }),
         certs: certs.clone(),
         challenges: acme.challenges(),
+        by_name: ArcSwap::from_pointee(HashMap::new()),
         tls,
         provider,
         limits: ArcSwap::from_pointee(config.limits.clone()),
@@ -342,6 +404,9 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
         workers: workers.handles.clone(),
     });
 
+    shared
+        .by_name
+        .store(Arc::new(client_auth_configs(&config, &shared)?));
     let mut listeners: HashMap<(u16, Scheme), Listener> = HashMap::new();
     bind_missing(&config, &mut listeners, &shared).await?;
     let mut site_logs = SiteLogs::default();
@@ -525,6 +590,13 @@ fn router_for(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) -> 
     if !config.redirects {
         router.disable_redirects();
     }
+    router.set_strict_sni(
+        config
+            .sites
+            .iter()
+            .map(|s| s.client_auth.is_some())
+            .collect(),
+    );
     router
 }
 
@@ -556,6 +628,7 @@ async fn reload(
         None => source.load(env)?,
     };
     let logs = site_logs.open(&config).await?;
+    let by_name = client_auth_configs(&config, shared)?;
     let certs = shared.certs.clone();
     let (hosts, plan) = cert_plan(&config);
     let names = acme_names(&plan);
@@ -590,6 +663,7 @@ async fn reload(
     }
     let mut router = router_for(&config, listeners);
     router.set_logs(logs);
+    shared.by_name.store(Arc::new(by_name));
     shared.state.router.store(Arc::new(router));
     site_logs.retire(&config);
     Ok(config)
@@ -751,6 +825,7 @@ async fn serve_conn(
             .expect("an IP address is a header value"),
         in_flight: Arc::new(AtomicUsize::new(0)),
         requests: AtomicU64::new(0),
+        sni: std::sync::OnceLock::new(),
         _permit: permit,
     });
     match scheme {
@@ -766,6 +841,9 @@ async fn serve_conn(
                         tracing::debug!(%peer, "answered an acme-tls/1 challenge");
                         let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
                         return;
+                    }
+                    if let Some(name) = tls.get_ref().1.server_name() {
+                        let _ = conn.sni.set(name.to_ascii_lowercase());
                     }
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     serve_http(tls, h2, conn, &shared, &limits, activity).await;
@@ -811,7 +889,17 @@ async fn handshake(
             if !shared.certs.serves(name) {
                 tracing::info!(%peer, sni = name, "no site serves this TLS name; refusing the handshake");
             }
-            shared.tls.clone()
+            let by_name = shared.by_name.load();
+            let wildcard = name
+                .split_once('.')
+                .map(|(_, parent)| format!("*.{parent}"));
+            match by_name
+                .get(name)
+                .or_else(|| wildcard.and_then(|w| by_name.get(&w)))
+            {
+                Some(client_auth) => client_auth.clone(),
+                None => shared.tls.clone(),
+            }
         }
         None => match local_ip.and_then(|ip| shared.certs.for_ip(ip)) {
             Some(certified) => server_config(

@@ -384,6 +384,18 @@ pub(crate) struct Site {
     pub(crate) tls_email: Option<String>,
     /// `tls CERT KEY`: the certificate chain and key files served for every name of the site.
     pub(crate) cert_files: Option<CertFiles>,
+    /// `tls { client_auth }`: client certificates asked for in handshakes for its names.
+    pub(crate) client_auth: Option<ClientAuth>,
+}
+
+/// Which client certificates a site asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ClientAuth {
+    /// A handshake without a certificate fails (`require_and_verify`); else one given must
+    /// verify (`verify_if_given`).
+    pub(crate) require: bool,
+    /// PEM files of the CAs a client certificate must chain to.
+    pub(crate) cas: Vec<PathBuf>,
 }
 
 /// A certificate chain and its key, as PEM files.

@@ -388,3 +388,99 @@ fn an_admin_endpoint_beyond_loopback_is_refused_by_check() {
     assert_eq!(ran.code, 78, "{ran:?}");
     assert!(ran.stderr.contains("beyond loopback"), "{ran:?}");
 }
+
+/// A CA and a client certificate it signs, as PEM files `ca.crt`, `client.crt`,
+/// `client.key` in `dir`.
+fn client_ca(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.crt"), ca_cert.pem()).unwrap();
+    let issuer = Issuer::from_ca_cert_der(ca_cert.der(), &ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = client.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("client.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("client.key"), key.serialize_pem()).unwrap();
+}
+
+#[test]
+fn client_auth_refuses_a_client_without_a_certificate_as_caddy_does_and_serves_one_with() {
+    let certs = Scratch::new("edge-client-auth").unwrap();
+    self_signed(certs.path(), "secure", &["secure.example.org"]);
+    client_ca(certs.path());
+    let both = Both::start_with(
+        crate::support::Upstreams::new(),
+        "secure.example.org {\n\ttls @CERTS@/secure.crt @CERTS@/secure.key {\n\t\tclient_auth {\n\t\t\tmode require_and_verify\n\t\t\ttrusted_ca_cert_file @CERTS@/ca.crt\n\t\t}\n\t}\n\trespond \"verified\"\n}\n",
+        &[("@CERTS@", certs.path().display().to_string())],
+    );
+    let (edge, caddy) = both.https_ports;
+    let ca = certs.join("secure.crt");
+    for (who, port) in [("edge", edge), ("caddy", caddy)] {
+        let without = get_trusting(&ca, "secure.example.org", port);
+        assert_ne!(
+            without.code, 0,
+            "{who} served a client without a certificate: {without:?}"
+        );
+        let with = curl(&[
+            "-sS".into(),
+            "--max-time".into(),
+            "20".into(),
+            "--cacert".into(),
+            ca.display().to_string(),
+            "--cert".into(),
+            certs.join("client.crt").display().to_string(),
+            "--key".into(),
+            certs.join("client.key").display().to_string(),
+            "--resolve".into(),
+            format!("secure.example.org:{port}:127.0.0.1"),
+            format!("https://secure.example.org:{port}/"),
+        ]);
+        assert_eq!(
+            (with.code, with.stdout.as_str()),
+            (0, "verified"),
+            "{who}: {with:?}"
+        );
+    }
+    both.stop();
+}
+
+#[test]
+fn a_client_auth_site_is_not_reached_through_another_names_handshake() {
+    let dir = Scratch::new("edge-strict-sni").unwrap();
+    self_signed(dir.path(), "secure", &["secure.example.org"]);
+    client_ca(dir.path());
+    let config = dir.join("Caddyfile");
+    let d = dir.path().display().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "{}secure.example.org {{\n\ttls {d}/secure.crt {d}/secure.key {{\n\t\tclient_auth {{\n\t\t\ttrusted_ca_cert_file {d}/ca.crt\n\t\t}}\n\t}}\n\trespond \"secret\"\n}}\nother.local {{\n\ttls internal\n\trespond \"other\"\n}}\n",
+            globals(&dir, "")
+        ),
+    )
+    .unwrap();
+    let edge = Edge::start(dir, config, "--caddyfile");
+    let https = edge.port("https");
+    // The handshake names other.local (no client certificate asked), the Host the other site.
+    let got = curl(&[
+        "-sk".into(),
+        "-o".into(),
+        "/dev/stderr".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        "--resolve".into(),
+        format!("other.local:{https}:127.0.0.1"),
+        "-H".into(),
+        "Host: secure.example.org".into(),
+        format!("https://other.local:{https}/"),
+    ]);
+    assert_eq!(got.stdout, "421", "{got:?}");
+    assert!(!got.stderr.contains("secret"), "{got:?}");
+    edge.stop();
+}
