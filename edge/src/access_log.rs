@@ -34,7 +34,8 @@ use serde::{Serialize, Serializer};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{Body, BoxError};
-use crate::config::AccessLog as Target;
+use crate::config::{AccessLog as Target, LogFormat, LogOutput, LogSpec};
+use crate::log_roll::RollingFile;
 use crate::proxy::Upstream;
 use crate::site::split_host_port;
 
@@ -123,6 +124,18 @@ pub(crate) struct Record {
     /// Authenticated user, if basic_auth passed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) user: Option<String>,
+    /// The client's port (Caddy's shape only).
+    #[serde(skip)]
+    pub(crate) remote_port: u16,
+    /// The request's headers, kept only for a log whose shape shows them.
+    #[serde(skip)]
+    pub(crate) headers: Option<hyper::http::HeaderMap>,
+    /// The response's headers, likewise.
+    #[serde(skip)]
+    pub(crate) resp_headers: Option<hyper::http::HeaderMap>,
+    /// The site's own log, when it has one: the line goes there, not to the edge's log.
+    #[serde(skip)]
+    pub(crate) to: Option<AccessLog>,
 }
 
 fn method<S: Serializer>(method: &Method, s: S) -> Result<S::Ok, S::Error> {
@@ -183,6 +196,12 @@ struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
     dropped: AtomicU64,
+    /// Shape of the lines.
+    format: LogFormat,
+    /// Only 5xx answers are written.
+    errors_only: bool,
+    /// Logger name in Caddy-shaped lines.
+    logger: String,
 }
 
 /// Lines not yet taken by the writer.
@@ -221,21 +240,56 @@ impl AccessLog {
         self.shared.is_some()
     }
 
+    /// Whether lines hold the request's and response's headers.
+    pub(crate) fn wants_headers(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_some_and(|s| s.format.wants_headers())
+    }
+
     /// Starts the writer thread for `target`. Once `stop` fires it writes what is left and
     /// ends, and the task returned finishes.
     pub(crate) async fn start(
         target: &Target,
         stop: CancellationToken,
     ) -> std::io::Result<(AccessLog, Option<tokio::task::JoinHandle<()>>)> {
+        AccessLog::start_spec(&LogSpec::edge(target), stop).await
+    }
+
+    /// Starts the writer thread for `spec`, as [`AccessLog::start`].
+    pub(crate) async fn start_spec(
+        spec: &LogSpec,
+        stop: CancellationToken,
+    ) -> std::io::Result<(AccessLog, Option<tokio::task::JoinHandle<()>>)> {
         // Standard output and error are written through duplicates of their descriptors, so
         // nothing else in the process shares a buffer or a lock with the writer.
-        let out = match target {
-            Target::Off => return Ok((AccessLog::off(), None)),
-            Target::Stdout => File::from(std::io::stdout().as_fd().try_clone_to_owned()?),
-            Target::Stderr => File::from(std::io::stderr().as_fd().try_clone_to_owned()?),
-            Target::File(path) => open_append(path).await?,
+        let out = match &spec.output {
+            LogOutput::Discard => return Ok((AccessLog::off(), None)),
+            LogOutput::Stdout => {
+                Sink::Plain(File::from(std::io::stdout().as_fd().try_clone_to_owned()?))
+            }
+            LogOutput::Stderr => {
+                Sink::Plain(File::from(std::io::stderr().as_fd().try_clone_to_owned()?))
+            }
+            LogOutput::File { path, roll: None } => Sink::Plain(open_append(path).await?),
+            LogOutput::File {
+                path,
+                roll: Some(roll),
+            } => {
+                let (path, roll) = (path.clone(), roll.clone());
+                Sink::Rolling(
+                    tokio::task::spawn_blocking(move || RollingFile::open(&path, roll))
+                        .await
+                        .map_err(std::io::Error::other)??,
+                )
+            }
         };
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            format: spec.format,
+            errors_only: spec.errors_only,
+            logger: spec.logger.clone(),
+            ..Shared::default()
+        });
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let writer = shared.clone();
         std::thread::Builder::new()
@@ -260,9 +314,12 @@ impl AccessLog {
 
     fn send(&self, record: &Record) {
         let Some(shared) = &self.shared else { return };
+        if shared.errors_only && !crate::log_format::is_error(record.status) {
+            return;
+        }
         if !BATCHING.get() {
             let mut line = Vec::with_capacity(256);
-            if write_line(record, &mut line) {
+            if write_line_as(shared, record, &mut line) {
                 self.hand_over(&line, 1);
             }
             return;
@@ -276,7 +333,7 @@ impl AccessLog {
                 b.flush();
                 b.to = Some(self.clone());
             }
-            if write_line(record, &mut b.lines) {
+            if write_line_as(shared, record, &mut b.lines) {
                 b.count += 1;
             }
             if b.lines.len() >= FLUSH_AT {
@@ -298,6 +355,37 @@ impl AccessLog {
         pending.lines.extend_from_slice(chunk);
         if std::mem::take(&mut pending.sleeping) {
             shared.wake.notify_one();
+        }
+    }
+}
+
+/// Appends `record` as one line in the log's shape to `out`; on failure `out` is left as it
+/// was.
+fn write_line_as(shared: &Shared, record: &Record, out: &mut Vec<u8>) -> bool {
+    if shared.format == LogFormat::Edge {
+        return write_line(record, out);
+    }
+    let start = out.len();
+    let written = crate::log_format::write_caddy_line(record, shared.format, &shared.logger, out);
+    if written.is_err() {
+        out.truncate(start);
+    }
+    written.is_ok()
+}
+
+/// Where the writer thread writes.
+enum Sink {
+    /// A descriptor written as it is.
+    Plain(File),
+    /// A file that rolls by size.
+    Rolling(RollingFile),
+}
+
+impl Sink {
+    fn write_lines(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(file) => file.write_all(lines),
+            Sink::Rolling(file) => file.write_lines(lines),
         }
     }
 }
@@ -328,7 +416,7 @@ async fn open_append(path: &PathBuf) -> std::io::Result<File> {
 
 /// The writer thread: takes everything pending at once and writes it with one `write_all`,
 /// then lingers so the next write carries many lines; ends once closed and emptied.
-fn write_loop(mut out: File, shared: &Shared) {
+fn write_loop(mut out: Sink, shared: &Shared) {
     let mut lines = Vec::new();
     let mut reported = 0;
     let mut warned: Option<Instant> = None;
@@ -350,7 +438,7 @@ fn write_loop(mut out: File, shared: &Shared) {
             return;
         }
         if !lines.is_empty()
-            && let Err(err) = out.write_all(&lines)
+            && let Err(err) = out.write_lines(&lines)
             && warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
         {
             // A log that cannot be written says so every 10 s, not for every batch.
@@ -494,6 +582,10 @@ mod tests {
             duration_ms: 0.25,
             upstream: upstream.map(|u| Upstream::parse(u).unwrap()),
             user: user.map(str::to_owned),
+            remote_port: 50_000,
+            headers: None,
+            resp_headers: None,
+            to: None,
         }
     }
 

@@ -316,6 +316,8 @@ pub(crate) struct Plan {
     pub(crate) acme: AcmeConfig,
     /// Each name with its account email.
     pub(crate) names: Vec<(String, Option<String>)>,
+    /// Names whose site narrows the challenges offered (`issuer acme { disable_... }`).
+    pub(crate) challenges: HashMap<String, Vec<Challenge>>,
 }
 
 /// The ACME client of one edge.
@@ -466,7 +468,10 @@ impl Acme {
                 }
                 running.insert(name.clone());
                 let acme = self.clone();
-                let settings = current.acme.clone();
+                let mut settings = current.acme.clone();
+                if let Some(only) = current.challenges.get(name) {
+                    settings.challenges = only.clone();
+                }
                 let (name, email) = (name.clone(), email.clone());
                 jobs.spawn(async move {
                     let result = match tokio::time::timeout(

@@ -3,12 +3,12 @@
 //!
 //! Supported: the global options block (`email`, `http_port`, `https_port`,
 //! `storage file_system PATH`, `default_bind`, `grace_period`, `admin off`, `acme_ca`,
-//! `acme_ca_root`, `key_type`, `renewal_window_ratio`, and labkit's own `acme_challenges` and
-//! `acme_retry_base`), `{$ENV}` and
-//! `{$ENV:default}` substitution, and site blocks with one or more addresses holding
-//! `reverse_proxy`, `tls internal`, `tls EMAIL`, `redir`, `header`, `encode`, `basic_auth`
-//! and a bare `log`; directives take a path matcher (`/api/*`, `*.php`, `*`). Anything else is
-//! an error naming the file, the line and the directive, never silently ignored.
+//! `acme_ca_root`, `key_type`, `renewal_window_ratio`, `auto_https`, `log`, `servers`, and
+//! labkit's own `acme_challenges` and `acme_retry_base`), `{$ENV}` and `{$ENV:default}`
+//! substitution, snippets and imports, and site blocks with one or more addresses holding
+//! `tls` (internal, EMAIL, CERT KEY), `log` and the directives of [`crate::directives`].
+//! Anything else is an error naming the file, the line and the directive, never silently
+//! ignored.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -50,6 +50,13 @@ impl ExitStatus for CaddyfileError {
             CaddyfileError::At { .. } => Exit::Config,
         }
     }
+}
+
+/// Parses and resolves Caddyfile `text` (an admin `/load`), as if read from `path`.
+pub(crate) fn load_text(path: &Path, text: &str, env: &Env) -> Result<Config, CaddyfileError> {
+    let parsed = parse(path, text, env)?;
+    config::resolve(parsed.toml.clone(), &ConfigFile::new(path), env)
+        .map_err(|err| parsed.locate(path, err))
 }
 
 /// Reads, parses and resolves a Caddyfile.
@@ -120,7 +127,7 @@ impl fmt::Display for Token {
 }
 
 /// A line of tokens and the block it opens, if any.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Node {
     tokens: Vec<Token>,
     line: usize,
@@ -661,12 +668,19 @@ fn globals(
                 toml.bind = args.iter().map(|t| t.text.clone()).collect();
             }
             "admin" => {
-                if !matches!(args, [off] if off.text == "off") || node.block.is_some() {
+                if node.block.is_some() {
                     return Err(p.err(
                         node.line,
-                        "the edge has no admin API: only `admin off` is accepted",
+                        "admin options (origins, enforce_origin, config) are not supported: the admin endpoint allows loopback origins only",
                     ));
                 }
+                toml.admin = Some(one("address")?);
+            }
+            "debug" => {
+                if !args.is_empty() || node.block.is_some() {
+                    return Err(p.err(node.line, "debug takes nothing"));
+                }
+                toml.debug = Some(true);
             }
             "storage" => {
                 let root = match (args, &node.block) {
@@ -685,6 +699,34 @@ fn globals(
                 };
                 toml.storage = Some(PathBuf::from(root));
             }
+            "log" => {
+                if toml.log.is_some() {
+                    return Err(p.err(node.line, "global log given twice"));
+                }
+                let log = log_block(p, node.line, args, node.block.clone())?;
+                if log.name.as_deref().is_some_and(|n| n != "default") {
+                    return Err(p.err(
+                        node.line,
+                        "only the default logger can be configured globally (`log { ... }` or `log default { ... }`)",
+                    ));
+                }
+                toml.log = Some(config::LogToml { name: None, ..log });
+            }
+            "auto_https" => {
+                let mode = one("mode")?;
+                match mode.as_str() {
+                    "off" | "disable_redirects" | "disable_certs" | "ignore_loaded_certs" => {
+                        toml.auto_https = Some(mode)
+                    }
+                    other => {
+                        return Err(p.err(
+                            node.line,
+                            format!("auto_https {other:?}: write off, disable_redirects, disable_certs or ignore_loaded_certs"),
+                        ));
+                    }
+                }
+            }
+            "servers" => servers(p, node.line, args, node.block.clone(), toml)?,
             other => {
                 return Err(p.err(
                     node.line,
@@ -719,6 +761,247 @@ fn words_of(tokens: Vec<Token>) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// The `servers { ... }` global option: the parts the edge has, applied to every listener.
+fn servers(
+    p: &Parser<'_>,
+    line: usize,
+    args: &[Token],
+    block: Option<Vec<Node>>,
+    toml: &mut EdgeToml,
+) -> Result<(), CaddyfileError> {
+    if !args.is_empty() {
+        return Err(p.err(
+            line,
+            "servers with a listener address is not supported: the edge's server options apply to every listener (write `servers { ... }`)",
+        ));
+    }
+    for node in block.unwrap_or_default() {
+        let name = node.tokens[0].text.as_str();
+        let args: Vec<&str> = node.tokens[1..].iter().map(|t| t.text.as_str()).collect();
+        let line = node.line;
+        match name {
+            "protocols" => {
+                let mut wanted: Vec<&str> = args.clone();
+                wanted.sort_unstable();
+                match wanted.as_slice() {
+                    ["h1", "h2"] => {}
+                    w if w.contains(&"h3") => {
+                        return Err(p.err(
+                            line,
+                            "servers protocols h3: the edge has no HTTP/3 yet (issue 22); write `protocols h1 h2`",
+                        ));
+                    }
+                    _ => {
+                        return Err(p.err(
+                            line,
+                            "servers protocols: only `h1 h2` (both, the edge's default) is supported",
+                        ));
+                    }
+                }
+            }
+            "timeouts" => {
+                for t in node.block.iter().flatten() {
+                    let words: Vec<&str> = t.tokens.iter().map(|t| t.text.as_str()).collect();
+                    match words.as_slice() {
+                        ["read_header", d] => {
+                            toml.limits.header_read_timeout = Some((*d).to_owned())
+                        }
+                        ["idle", d] => toml.limits.idle_timeout = Some((*d).to_owned()),
+                        [other, ..] => {
+                            return Err(p.err(
+                                t.line,
+                                format!("servers timeouts {other:?} is not supported (read_header and idle are)"),
+                            ));
+                        }
+                        [] => {}
+                    }
+                }
+            }
+            "max_header_size" => match args.as_slice() {
+                [size] => {
+                    let bytes = parse_bytes(size).ok_or_else(|| {
+                        p.err(line, format!("max_header_size: {size:?} is not a size"))
+                    })?;
+                    toml.limits.max_header_bytes = Some(bytes as usize);
+                }
+                _ => return Err(p.err(line, "max_header_size takes one size")),
+            },
+            "trusted_proxies" | "client_ip_headers" => {
+                return Err(p.err(
+                    line,
+                    format!("servers {name} is not supported yet (issue 22)"),
+                ));
+            }
+            other => {
+                return Err(p.err(line, format!("servers option {other:?} is not supported")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A byte size as Caddy reads one ("16KB" is 16000 bytes, "1MiB" 1048576, "512" bytes).
+fn parse_bytes(text: &str) -> Option<u64> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1000,
+        "kib" | "ki" => 1 << 10,
+        "mb" | "m" => 1_000_000,
+        "mib" | "mi" => 1 << 20,
+        "gb" | "g" => 1_000_000_000,
+        "gib" | "gi" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(scale)
+}
+
+/// A `log [NAME] { output ...; format ...; level ... }` block, site or global.
+fn log_block(
+    p: &Parser<'_>,
+    line: usize,
+    args: &[Token],
+    block: Option<Vec<Node>>,
+) -> Result<config::LogToml, CaddyfileError> {
+    let mut log = config::LogToml::default();
+    match args {
+        [] => {}
+        [name] => log.name = Some(name.text.clone()),
+        _ => return Err(p.err(line, "log takes at most a logger name, then a block")),
+    }
+    for node in block.unwrap_or_default() {
+        let name = node.tokens[0].text.as_str();
+        let args: Vec<&str> = node.tokens[1..].iter().map(|t| t.text.as_str()).collect();
+        let line = node.line;
+        let no_block = |what: &str| {
+            if node.block.is_some() {
+                Err(p.err(line, format!("log {what} takes no block here")))
+            } else {
+                Ok(())
+            }
+        };
+        match (name, args.as_slice()) {
+            ("output", ["stdout" | "stderr" | "discard"]) => {
+                no_block("output")?;
+                log.output = Some(args[0].to_owned());
+            }
+            ("output", ["file", path]) => {
+                log.output = Some((*path).to_owned());
+                for option in node.block.iter().flatten() {
+                    let words: Vec<&str> = option.tokens.iter().map(|t| t.text.as_str()).collect();
+                    let bad = || {
+                        p.err(
+                            option.line,
+                            format!("output file option {:?} is not supported", words.join(" ")),
+                        )
+                    };
+                    match words.as_slice() {
+                        ["roll_size", size] => log.roll_size = Some((*size).to_owned()),
+                        ["roll_keep", n] => {
+                            log.roll_keep = Some(n.parse().map_err(|_| {
+                                p.err(option.line, format!("roll_keep: {n:?} is not a number"))
+                            })?)
+                        }
+                        ["roll_keep_for", d] => log.roll_keep_for = Some((*d).to_owned()),
+                        ["roll_local_time"] => log.roll_local_time = Some(true),
+                        ["roll_disabled"] => log.roll_disabled = Some(true),
+                        // The edge never compresses rolled files.
+                        ["roll_uncompressed"] => {}
+                        _ => return Err(bad()),
+                    }
+                }
+            }
+            ("output", _) => {
+                return Err(p.err(
+                    line,
+                    "log output: only stdout, stderr, discard and `file PATH` are supported",
+                ));
+            }
+            ("format", ["json" | "console"]) => {
+                no_block("format")?;
+                log.format = Some(args[0].to_owned());
+            }
+            ("format", _) => {
+                return Err(p.err(
+                    line,
+                    "log format: only `json` and `console`, without options, are supported",
+                ));
+            }
+            ("level", [level]) => {
+                no_block("level")?;
+                log.level = Some((*level).to_owned());
+            }
+            (other, _) => {
+                return Err(p.err(line, format!("log option {other:?} is not supported")));
+            }
+        }
+    }
+    Ok(log)
+}
+
+/// The block of `tls [ARGS] { ... }`: issuers and client_auth.
+fn tls_block(
+    p: &Parser<'_>,
+    key: &str,
+    block: &[Node],
+    site: &mut SiteToml,
+    lines: &mut BTreeMap<String, usize>,
+) -> Result<(), CaddyfileError> {
+    for n in block {
+        let words: Vec<&str> = n.tokens.iter().map(|t| t.text.as_str()).collect();
+        match (words.as_slice(), &n.block) {
+            (["issuer", "internal"], None) => site.tls = Some("internal".into()),
+            (["issuer", "acme"], options) => {
+                lines.insert(format!("{key}.tls_challenges"), n.line);
+                let mut challenges = vec!["http-01", "tls-alpn-01"];
+                for o in options.iter().flatten() {
+                    let words: Vec<&str> = o.tokens.iter().map(|t| t.text.as_str()).collect();
+                    match words.as_slice() {
+                        ["disable_http_challenge"] => challenges.retain(|c| *c != "http-01"),
+                        ["disable_tlsalpn_challenge"] => challenges.retain(|c| *c != "tls-alpn-01"),
+                        _ => {
+                            return Err(p.err(
+                                        o.line,
+                                        format!("issuer acme option {:?} is not supported (disable_http_challenge and disable_tlsalpn_challenge are)", words.join(" ")),
+                                    ));
+                        }
+                    }
+                }
+                site.tls_challenges = challenges.into_iter().map(str::to_owned).collect();
+            }
+            (["client_auth"], Some(options)) => {
+                lines.insert(format!("{key}.client_auth"), n.line);
+                let mut auth = config::ClientAuthToml::default();
+                for o in options {
+                    let words: Vec<&str> = o.tokens.iter().map(|t| t.text.as_str()).collect();
+                    match words.as_slice() {
+                        ["mode", mode] => auth.mode = Some((*mode).to_owned()),
+                        ["trusted_ca_cert_file", file] => {
+                            auth.trusted_ca_cert_files.push(PathBuf::from(file))
+                        }
+                        _ => {
+                            return Err(p.err(
+                                        o.line,
+                                        format!("client_auth option {:?} is not supported (mode and trusted_ca_cert_file are)", words.join(" ")),
+                                    ));
+                        }
+                    }
+                }
+                site.client_auth = Some(auth);
+            }
+            _ => {
+                return Err(p.err(
+                            n.line,
+                            format!("tls option {:?} is not supported (issuer internal, issuer acme and client_auth are)", words.join(" ")),
+                        ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn lines_of(nodes: Vec<Node>) -> Vec<Line> {
@@ -768,25 +1051,15 @@ fn site(
                         lines.insert(format!("{key}.tls_email"), line);
                         site.tls_email = Some(v.text.clone());
                     }
-                    ([], Some(block)) => match block.as_slice() {
-                        [n] if n.tokens.len() == 2
-                            && n.tokens[0].text == "issuer"
-                            && n.tokens[1].text == "internal" =>
-                        {
-                            site.tls = Some("internal".into())
+                    ([], Some(block)) => tls_block(p, &key, block, &mut site, lines)?,
+                    ([cert, key_file], block) => {
+                        lines.insert(format!("{key}.tls_certificate"), line);
+                        lines.insert(format!("{key}.tls_key"), line);
+                        site.tls_certificate = Some(PathBuf::from(&cert.text));
+                        site.tls_key = Some(PathBuf::from(&key_file.text));
+                        if let Some(block) = block {
+                            tls_block(p, &key, block, &mut site, lines)?;
                         }
-                        _ => {
-                            return Err(p.err(
-                                line,
-                                "only `tls internal`, `tls EMAIL` and `tls { issuer internal }` are supported",
-                            ));
-                        }
-                    },
-                    ([_, _], None) => {
-                        return Err(p.err(
-                            line,
-                            "tls with certificate files is not supported: use `tls internal`",
-                        ));
                     }
                     _ => {
                         return Err(p.err(
@@ -797,12 +1070,11 @@ fn site(
                 }
             }
             "log" => {
-                if !args.is_empty() || node.block.is_some() {
-                    return Err(p.err(
-                        line,
-                        "only a bare `log` is supported (access logs are JSON lines, set by access_log)",
-                    ));
+                if site.log.is_some() {
+                    return Err(p.err(line, "log given twice in one site"));
                 }
+                lines.insert(format!("{key}.log"), line);
+                site.log = Some(log_block(p, line, args, node.block)?);
             }
             "handle_errors" => {
                 if errors.is_some() {
@@ -978,9 +1250,9 @@ mod tests {
             text,
             "/etc/Caddyfile:3: unsupported directive \"acme_server\" (see man edge-caddyfile)"
         );
-        let text = err_text("{\n\tdebug\n}\n");
+        let text = err_text("{\n\tlocal_certs\n}\n");
         assert!(
-            text.starts_with("/etc/Caddyfile:2: global option \"debug\""),
+            text.starts_with("/etc/Caddyfile:2: global option \"local_certs\""),
             "{text}"
         );
         let text = err_text("x.local {\n\t@api tls_version 1.3\n}\n");
@@ -1078,6 +1350,66 @@ mod tests {
         let located = parsed.locate(path, err).to_string();
         assert!(located.starts_with("/etc/Caddyfile:4: "), "{located}");
         assert!(located.contains("DNS-01"), "{located}");
+    }
+
+    #[test]
+    fn servers_auto_https_and_log_options_map_to_toml_keys_and_the_rest_is_refused_by_line() {
+        let toml = parse_text(
+            "{\n auto_https disable_redirects\n servers {\n  protocols h1 h2\n  timeouts {\n   read_header 5s\n   idle 1m\n  }\n  max_header_size 16KB\n }\n log {\n  format console\n }\n}\nx.local {\n log access {\n  output file /var/log/x.log {\n   roll_size 10MB\n   roll_keep 3\n  }\n  level ERROR\n }\n tls /etc/x.crt /etc/x.key\n}\n",
+        )
+        .unwrap();
+        assert_eq!(toml.auto_https.as_deref(), Some("disable_redirects"));
+        assert_eq!(toml.limits.header_read_timeout.as_deref(), Some("5s"));
+        assert_eq!(toml.limits.idle_timeout.as_deref(), Some("1m"));
+        assert_eq!(toml.limits.max_header_bytes, Some(16_000));
+        assert_eq!(
+            toml.log.as_ref().unwrap().format.as_deref(),
+            Some("console")
+        );
+        let log = toml.sites[0].log.as_ref().unwrap();
+        assert_eq!(log.name.as_deref(), Some("access"));
+        assert_eq!(log.output.as_deref(), Some("/var/log/x.log"));
+        assert_eq!(log.roll_size.as_deref(), Some("10MB"));
+        assert_eq!(log.roll_keep, Some(3));
+        assert_eq!(
+            toml.sites[0].tls_certificate,
+            Some(PathBuf::from("/etc/x.crt"))
+        );
+        let debug = parse_text(
+            "{\n debug\n}\na.example.org {\n tls {\n  issuer acme {\n   disable_http_challenge\n  }\n }\n}\n",
+        )
+        .unwrap();
+        assert_eq!(debug.debug, Some(true));
+        assert_eq!(debug.sites[0].tls_challenges, ["tls-alpn-01"]);
+        for (text, wanted) in [
+            (
+                "{\n servers {\n  protocols h1 h2 h3\n }\n}\n",
+                ":3: servers protocols h3",
+            ),
+            (
+                "{\n servers :443 {\n  protocols h1 h2\n }\n}\n",
+                ":2: servers with a listener",
+            ),
+            (
+                "{\n servers {\n  trusted_proxies static private_ranges\n }\n}\n",
+                ":3: servers trusted_proxies",
+            ),
+            (
+                "{\n auto_https sometimes\n}\n",
+                ":2: auto_https \"sometimes\"",
+            ),
+            (
+                "x.local {\n log {\n  output net localhost:9\n }\n}\n",
+                ":3: log output",
+            ),
+            (
+                "x.local {\n log {\n  include http.log.access\n }\n}\n",
+                ":3: log option \"include\"",
+            ),
+        ] {
+            let err = err_text(text);
+            assert!(err.contains(wanted), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::{Ca, CaError, Validity, now};
-use crate::site::Host;
+use crate::site::{CertFiles, Host};
 use crate::storage::{CERT_MODE, KEY_MODE, Storage};
 
 /// Answers ACME challenges; the ACME issuer registers one. Without it, challenge requests get
@@ -37,6 +37,18 @@ pub(crate) trait ChallengeResponder: Send + Sync + fmt::Debug {
     fn tls_alpn01(&self, host: &str) -> Option<Arc<CertifiedKey>>;
 }
 
+/// A site's certificate or key file that cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[error("certificate file {}: {reason}", path.display())]
+pub struct CertFileError {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// What is wrong.
+    pub reason: String,
+    /// The OS's error, when the file could not be read.
+    pub source: Option<std::io::Error>,
+}
+
 /// A certificate being served.
 #[derive(Debug)]
 pub(crate) struct Entry {
@@ -46,6 +58,9 @@ pub(crate) struct Entry {
     pub(crate) validity: Validity,
     /// Ordered from an ACME CA (renewed by the `acme` module), not made by the internal CA.
     pub(crate) acme: bool,
+    /// Read from the site's own files (`tls CERT KEY`): never renewed here, read again on
+    /// reload.
+    pub(crate) loaded: bool,
 }
 
 /// Every certificate the edge serves, by name.
@@ -102,9 +117,16 @@ impl Certs {
     /// `acme` that are served already: keeps what is served and fresh, loads what the storage
     /// holds, issues the rest. ACME names not served yet are the `acme` module's to add.
     /// Blocking (file I/O and signing).
-    pub(crate) fn ensure(&self, hosts: &[Host], acme: &[String]) -> Result<(), CaError> {
+    /// Names in `loaded` get the entries read from their site's files (see
+    /// [`Certs::load_files`]), whatever else was served for them.
+    pub(crate) fn ensure(
+        &self,
+        hosts: &[Host],
+        acme: &[String],
+        loaded: &[(String, Arc<Entry>)],
+    ) -> Result<(), CaError> {
         let current = self.map.load_full();
-        let mut next = HashMap::new();
+        let mut next: HashMap<String, Arc<Entry>> = loaded.iter().cloned().collect();
         for host in hosts {
             let key = key_of(host);
             if next.contains_key(&key) {
@@ -148,7 +170,7 @@ impl Certs {
         let current = self.map.load_full();
         let due: Vec<String> = current
             .iter()
-            .filter(|(_, e)| !e.acme && now() >= e.validity.renew_at())
+            .filter(|(_, e)| !e.acme && !e.loaded && now() >= e.validity.renew_at())
             .map(|(k, _)| k.clone())
             .collect();
         if due.is_empty() {
@@ -173,7 +195,7 @@ impl Certs {
         self.map
             .load()
             .values()
-            .filter(|e| !e.acme)
+            .filter(|e| !e.acme && !e.loaded)
             .map(|e| e.validity.renew_at())
             .chain([self.ca.intermediate_renew_at()])
             .min()
@@ -186,8 +208,13 @@ impl Certs {
         if let Some(e) = map.get(sni) {
             return Some(e.certified.clone());
         }
-        let (_, parent) = sni.split_once('.')?;
-        map.get(&format!("*.{parent}")).map(|e| e.certified.clone())
+        if let Some((_, parent)) = sni.split_once('.')
+            && let Some(e) = map.get(&format!("*.{parent}"))
+        {
+            return Some(e.certified.clone());
+        }
+        // A site without a host (`:443` with `tls CERT KEY`) serves its files for any name.
+        map.get("").map(|e| e.certified.clone())
     }
 
     /// Whether a name (as SNI) has a certificate.
@@ -201,9 +228,9 @@ impl Certs {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
-        self.map
-            .load()
-            .get(&ip.to_string())
+        let map = self.map.load();
+        map.get(&ip.to_string())
+            .or_else(|| map.get(""))
             .map(|e| e.certified.clone())
     }
 
@@ -287,6 +314,56 @@ impl Certs {
             certified: Arc::new(certified),
             validity,
             acme,
+            loaded: false,
+        })
+    }
+
+    /// Reads a site's certificate chain and key files; the error names the file at fault.
+    /// Blocking.
+    pub(crate) fn load_files(&self, files: &CertFiles) -> Result<Entry, CertFileError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| CertFileError {
+                path: path.to_owned(),
+                reason: source.to_string(),
+                source: Some(source),
+            })
+        };
+        let chain_pem = read(&files.cert)?;
+        let key_pem = read(&files.key)?;
+        let bad = |path: &std::path::Path, reason: String| CertFileError {
+            path: path.to_owned(),
+            reason,
+            source: None,
+        };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(&files.cert, format!("not a PEM certificate chain: {e}")))?;
+        if chain.is_empty() {
+            return Err(bad(&files.cert, "holds no PEM certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| bad(&files.key, format!("not a PEM private key: {e}")))?;
+        let signing = self
+            .provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| bad(&files.key, format!("unusable private key: {e}")))?;
+        let validity = Validity::of(&chain[0]).map_err(|e| bad(&files.cert, e))?;
+        let certified = CertifiedKey::new(chain, signing);
+        certified.keys_match().map_err(|_| {
+            bad(
+                &files.key,
+                format!(
+                    "is not the key of the certificate in {}",
+                    files.cert.display()
+                ),
+            )
+        })?;
+        Ok(Entry {
+            certified: Arc::new(certified),
+            validity,
+            acme: false,
+            loaded: true,
         })
     }
 
@@ -390,7 +467,7 @@ mod tests {
             Host::parse("*.lab.internal").unwrap(),
             Host::parse("127.0.0.1").unwrap(),
         ];
-        certs.ensure(&hosts, &[]).unwrap();
+        certs.ensure(&hosts, &[], &[]).unwrap();
         assert!(certs.serves("app.local"));
         assert!(certs.serves("git.lab.internal"));
         assert!(!certs.serves("a.b.lab.internal"));
@@ -404,11 +481,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let host = [Host::parse("app.local").unwrap()];
         let first = certs(dir.path());
-        first.ensure(&host, &[]).unwrap();
+        first.ensure(&host, &[], &[]).unwrap();
         let served = first.lookup("app.local").unwrap().cert[0].clone();
 
         let second = certs(dir.path());
-        second.ensure(&host, &[]).unwrap();
+        second.ensure(&host, &[], &[]).unwrap();
         assert_eq!(second.lookup("app.local").unwrap().cert[0], served);
 
         std::fs::write(
@@ -418,7 +495,7 @@ mod tests {
         )
         .unwrap();
         let third = certs(dir.path());
-        third.ensure(&host, &[]).unwrap();
+        third.ensure(&host, &[], &[]).unwrap();
         assert_ne!(third.lookup("app.local").unwrap().cert[0], served);
     }
 
@@ -433,10 +510,11 @@ mod tests {
                     Host::parse("b.local").unwrap(),
                 ],
                 &[],
+                &[],
             )
             .unwrap();
         certs
-            .ensure(&[Host::parse("a.local").unwrap()], &[])
+            .ensure(&[Host::parse("a.local").unwrap()], &[], &[])
             .unwrap();
         assert!(certs.serves("a.local") && !certs.serves("b.local"));
     }

@@ -40,7 +40,11 @@ EXIT STATUS:
 /// every other name gets a public certificate by ACME (Let's Encrypt unless `acme_ca` says
 /// otherwise), answered on the HTTP port (HTTP-01) or the HTTPS port (TLS-ALPN-01), stored,
 /// and renewed in the background when a third of its lifetime is left.
-/// Access logs are JSON lines on stdout; diagnostics go to stderr.
+/// Access logs are JSON lines on stdout (a Caddyfile site's `log` block writes its own, in
+/// Caddy's shape); diagnostics go to stderr. With `admin localhost:PORT` in the Caddyfile, a
+/// loopback-only admin endpoint shows the running config (GET /config/) and loads a new
+/// Caddyfile (POST /load).
+/// `tls CERT KEY` files are read again on every reload.
 #[derive(Debug, Parser)]
 #[command(name = "edge", version, after_long_help = AFTER_HELP)]
 pub struct Cli {
@@ -158,8 +162,18 @@ pub enum CaCommand {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Error> {
-    labcore::log::init(&cli.log)?;
     let env = Env::from_process();
+    let mut log = cli.log.clone();
+    // The config's `debug` sets the level when neither the flag nor the environment does; a
+    // config that does not load is reported by the command itself below.
+    if let Command::Run { config } = &cli.command
+        && log.log_level.is_none()
+        && env.get("LABKIT_LOG").is_none()
+        && config.source().load(&env).is_ok_and(|c| c.debug)
+    {
+        log.log_level = Some("debug".into());
+    }
+    labcore::log::init(&log)?;
     match cli.command {
         Command::Run { config } => {
             // Signals, reload and the access log; connections get their own threads.
@@ -303,6 +317,7 @@ fn lines(site: &Site, chain: &Chain) -> Vec<SiteLine> {
                 match site.tls_policy(&address.host) {
                     crate::site::TlsPolicy::Internal => "internal",
                     crate::site::TlsPolicy::Acme => "acme",
+                    crate::site::TlsPolicy::Files => "files",
                 }
             }),
             routes: routes.clone(),

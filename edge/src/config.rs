@@ -19,13 +19,15 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
+use crate::admin::AdminListen;
 use crate::directives::{
     BasicAuthToml, Build, BuildError, Chain, DirectiveToml, HeaderToml, ProxyToml, RedirToml,
     RouteToml, Routes,
 };
+use crate::log_roll::{Roll, parse_roll_size};
 use crate::matchers::MatcherToml;
 pub(crate) use crate::site::parse_duration;
-use crate::site::{Address, Scheme, Site, TlsPolicy};
+use crate::site::{Address, CertFiles, ClientAuth, Host, Scheme, Site, TlsPolicy};
 
 /// The TOML config file, key for key.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +64,28 @@ pub(crate) struct EdgeToml {
     /// Where JSON access log lines go: "stdout" (default), "stderr", "off" or a file path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) access_log: Option<String>,
+    /// Diagnostics at debug level from the start (Caddy's `debug`), unless `--log-level` or
+    /// `LABKIT_LOG` says otherwise. A reload does not change it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) debug: Option<bool>,
+    /// The admin endpoint (Caddy's `admin`): "off" (default), "localhost:PORT",
+    /// "127.0.0.1:PORT", "[::1]:PORT" or "unix//PATH".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) admin: Option<String>,
+    /// Let the admin endpoint listen beyond loopback. Whoever reaches it can replace the
+    /// configuration: put it behind a firewall. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) admin_allow_remote: Option<bool>,
+    /// Automatic HTTPS (Caddy's `auto_https`): "on" (default), "off" (neither redirects nor
+    /// certificates), "disable_redirects", "disable_certs" (only `tls_certificate` files are
+    /// served) or "ignore_loaded_certs" (the edge's way anyway: loaded files never stop
+    /// another site's names from being managed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) auto_https: Option<String>,
+    /// The default for sites' `log` tables that name no output or format (a Caddyfile's
+    /// global `log` block).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) log: Option<LogToml>,
     /// How long a stop waits for open requests before closing them ("10s").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) grace_period: Option<String>,
@@ -154,6 +178,24 @@ pub(crate) struct SiteToml {
     /// ACME account email for this site (`tls EMAIL` in a Caddyfile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tls_email: Option<String>,
+    /// Client certificates (a Caddyfile's `tls { client_auth { ... } }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) client_auth: Option<ClientAuthToml>,
+    /// ACME challenges offered for this site's names, a subset of `acme.challenges` (a
+    /// Caddyfile's `tls { issuer acme { disable_http_challenge } }`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) tls_challenges: Vec<String>,
+    /// PEM certificate chain served for every name of the site, with `tls_key` (`tls CERT
+    /// KEY` in a Caddyfile); read on start and on every reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_certificate: Option<PathBuf>,
+    /// PEM private key of `tls_certificate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// The site's own access log, in Caddy's shape (a Caddyfile's `log` block); its requests
+    /// are written there instead of to `access_log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) log: Option<LogToml>,
     /// Response compressions offered, in preference order: "zstd", "gzip".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) encode: Vec<String>,
@@ -182,6 +224,239 @@ pub(crate) struct SiteToml {
     /// Routes for requests that failed (`handle_errors`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) handle_errors: Vec<RouteToml>,
+}
+
+/// `client_auth`: which client certificates a site's TLS handshakes ask for.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientAuthToml {
+    /// "require_and_verify" (default when CAs are given) or "verify_if_given".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) mode: Option<String>,
+    /// PEM files of the CAs client certificates must chain to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) trusted_ca_cert_files: Vec<PathBuf>,
+}
+
+/// `log`: an access log in Caddy's shape; every key optional.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogToml {
+    /// The logger's name, shown in each line as `http.log.access.NAME`. Default "log0".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) name: Option<String>,
+    /// "stderr" (default), "stdout", "discard" or a file path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) output: Option<String>,
+    /// A file rolls before it passes this size ("100MB", the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) roll_size: Option<String>,
+    /// Rolled files kept. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) roll_keep: Option<usize>,
+    /// Rolled files older than this are removed ("2160h", the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) roll_keep_for: Option<String>,
+    /// Name rolled files by local time rather than UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) roll_local_time: Option<bool>,
+    /// Never roll the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) roll_disabled: Option<bool>,
+    /// "json" (default) or "console".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) format: Option<String>,
+    /// "DEBUG" or "INFO" (every request, the default), "WARN" or "ERROR" (5xx answers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) level: Option<String>,
+}
+
+/// Where a log goes and what its lines look like, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct LogSpec {
+    /// Destination.
+    pub(crate) output: LogOutput,
+    /// Shape of each line.
+    pub(crate) format: LogFormat,
+    /// Only 5xx answers (Caddy logs them at ERROR, the rest at INFO).
+    pub(crate) errors_only: bool,
+    /// The logger name in each line ("http.log.access.log0").
+    pub(crate) logger: String,
+}
+
+/// A log's destination.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum LogOutput {
+    /// Nowhere.
+    Discard,
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// Appended to a file, rolled by size unless `roll` is `None`.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// How it rolls.
+        roll: Option<Roll>,
+    },
+}
+
+/// Which shape a log writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) enum LogFormat {
+    /// edge's own JSON line (`ts`, `remote`, `path`, `bytes`, `duration_ms`...).
+    #[default]
+    Edge,
+    /// Caddy's JSON.
+    Json,
+    /// Caddy's console text.
+    Console,
+}
+
+impl LogFormat {
+    /// Whether lines of this shape hold the request's and response's headers.
+    pub(crate) fn wants_headers(self) -> bool {
+        self != LogFormat::Edge
+    }
+}
+
+impl LogSpec {
+    /// The edge's own access log (`access_log`) as a spec.
+    pub(crate) fn edge(target: &AccessLog) -> LogSpec {
+        LogSpec {
+            output: match target {
+                AccessLog::Off => LogOutput::Discard,
+                AccessLog::Stdout => LogOutput::Stdout,
+                AccessLog::Stderr => LogOutput::Stderr,
+                AccessLog::File(path) => LogOutput::File {
+                    path: path.clone(),
+                    roll: None,
+                },
+            },
+            format: LogFormat::Edge,
+            errors_only: false,
+            logger: String::new(),
+        }
+    }
+}
+
+/// Resolves a site's `log` table over the global default `global`; `key` names it in errors.
+fn resolve_log(
+    raw: &LogToml,
+    global: Option<&LogToml>,
+    key: &str,
+    file: &ConfigFile,
+) -> Result<LogSpec, ConfigError> {
+    let pick = |f: fn(&LogToml) -> Option<String>| f(raw).or_else(|| global.and_then(f));
+    let at = |k: &str| format!("{key}.{k}");
+    let format = match pick(|l| l.format.clone()).as_deref() {
+        None | Some("json") => LogFormat::Json,
+        Some("console") => LogFormat::Console,
+        Some(other) => {
+            return Err(file.invalid(
+                at("format"),
+                format!("{other:?} is not a log format (\"json\" or \"console\")"),
+            ));
+        }
+    };
+    let errors_only = match pick(|l| l.level.clone())
+        .map(|l| l.to_ascii_uppercase())
+        .as_deref()
+    {
+        None | Some("DEBUG") | Some("INFO") => false,
+        Some("WARN") | Some("ERROR") => true,
+        Some(other) => {
+            return Err(file.invalid(
+                at("level"),
+                format!("{other:?} is not a log level (DEBUG, INFO, WARN or ERROR)"),
+            ));
+        }
+    };
+    // The roll options go with the output that names the file.
+    let own_output = raw.output.is_some();
+    let source = if own_output {
+        raw
+    } else {
+        global.unwrap_or(raw)
+    };
+    let output = match source.output.as_deref() {
+        None | Some("stderr") => LogOutput::Stderr,
+        Some("stdout") => LogOutput::Stdout,
+        Some("discard") => LogOutput::Discard,
+        Some("") => return Err(file.invalid(at("output"), "is empty")),
+        Some(path) => {
+            let roll = if source.roll_disabled == Some(true) {
+                None
+            } else {
+                let defaults = Roll::default();
+                Some(Roll {
+                    size: match &source.roll_size {
+                        None => defaults.size,
+                        Some(text) => parse_roll_size(text).ok_or_else(|| {
+                            file.invalid(
+                                at("roll_size"),
+                                format!("{text:?} is not a size (write \"10MB\")"),
+                            )
+                        })?,
+                    },
+                    keep: source.roll_keep.unwrap_or(defaults.keep),
+                    keep_for: match &source.roll_keep_for {
+                        None => defaults.keep_for,
+                        Some(text) => parse_duration(text).ok_or_else(|| {
+                            file.invalid(
+                                at("roll_keep_for"),
+                                format!("{text:?} is not a duration (write \"720h\")"),
+                            )
+                        })?,
+                    },
+                    local_time: source.roll_local_time.unwrap_or(false),
+                })
+            };
+            LogOutput::File {
+                path: file.resolve_path(Path::new(path)),
+                roll,
+            }
+        }
+    };
+    let name = raw.name.clone().unwrap_or_else(|| "log0".into());
+    Ok(LogSpec {
+        output,
+        format,
+        errors_only,
+        logger: format!("http.log.access.{name}"),
+    })
+}
+
+/// Where the admin endpoint listens: a loopback address or a unix socket, unless `remote`.
+fn resolve_admin(text: &str, remote: bool) -> Result<AdminListen, String> {
+    if let Some(path) = text.strip_prefix("unix/") {
+        if !path.starts_with('/') {
+            return Err(format!("{text:?}: write unix//ABSOLUTE/PATH"));
+        }
+        return Ok(AdminListen::Unix(PathBuf::from(path)));
+    }
+    let (host, port) = crate::site::split_host_port(text)
+        .and_then(|(h, p)| Some((h, p?)))
+        .ok_or_else(|| format!("{text:?} is not HOST:PORT or unix//PATH"))?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: IpAddr = if bare.eq_ignore_ascii_case("localhost") {
+        IpAddr::from([127, 0, 0, 1])
+    } else if bare.is_empty() {
+        IpAddr::from([0u8; 16])
+    } else {
+        bare.parse().map_err(|_| {
+            format!("{text:?}: the admin endpoint listens on an IP address or localhost")
+        })?
+    };
+    if !ip.is_loopback() && !remote {
+        return Err(format!(
+            "{text:?} listens beyond loopback, where anyone who reaches it can replace the \
+             configuration: use localhost:{port} or unix//PATH (or admin_allow_remote = true \
+             in TOML, behind a firewall)"
+        ));
+    }
+    Ok(AdminListen::Tcp(std::net::SocketAddr::new(ip, port)))
 }
 
 /// Limits and timeouts, resolved.
@@ -307,6 +582,20 @@ pub(crate) struct Config {
     pub(crate) storage: PathBuf,
     /// Access log target.
     pub(crate) access_log: AccessLog,
+    /// Each site's ACME challenges when it narrows `acme.challenges` (empty: all), by index.
+    pub(crate) site_challenges: Vec<Vec<Challenge>>,
+    /// The admin endpoint, if on.
+    pub(crate) admin: Option<AdminListen>,
+    /// `debug`: diagnostics at debug level unless the command line or environment say.
+    pub(crate) debug: bool,
+    /// The configuration as the file gave it, for the admin endpoint's `/config/`.
+    pub(crate) toml: EdgeToml,
+    /// Plain HTTP requests for HTTPS hosts are redirected (auto_https).
+    pub(crate) redirects: bool,
+    /// Certificates are made or ordered for names without files (auto_https).
+    pub(crate) auto_certs: bool,
+    /// Each site's own log (`log` in a Caddyfile), by the site's index.
+    pub(crate) site_logs: Vec<Option<LogSpec>>,
     /// Drain time on stop.
     pub(crate) grace_period: Duration,
     /// Limits and timeouts.
@@ -460,7 +749,81 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
     let mut sites = Vec::new();
     let mut chains = Vec::new();
     let mut seen: BTreeMap<(String, u16), usize> = BTreeMap::new();
-    for (i, site) in raw.sites.into_iter().enumerate() {
+    let toml = raw.clone();
+    let admin = match raw.admin.as_deref() {
+        None | Some("off") => None,
+        Some(text) => Some(
+            resolve_admin(text, raw.admin_allow_remote == Some(true))
+                .map_err(|m| file.invalid("admin", m))?,
+        ),
+    };
+    let (redirects, auto_certs) = match raw.auto_https.as_deref() {
+        None | Some("on") | Some("ignore_loaded_certs") => (true, true),
+        Some("off") => (false, false),
+        Some("disable_redirects") => (false, true),
+        Some("disable_certs") => (true, false),
+        Some(other) => {
+            return Err(file.invalid(
+                "auto_https",
+                format!("{other:?} is not a mode (on, off, disable_redirects, disable_certs, ignore_loaded_certs)"),
+            ));
+        }
+    };
+    let mut site_logs: Vec<Option<LogSpec>> = Vec::new();
+    let mut site_challenges: Vec<Vec<Challenge>> = Vec::new();
+    for (i, mut site) in raw.sites.into_iter().enumerate() {
+        let log = match site.log.take() {
+            None => None,
+            Some(l) => Some(resolve_log(
+                &l,
+                raw.log.as_ref(),
+                &format!("site[{i}].log"),
+                file,
+            )?),
+        };
+        // Two writers on one file would roll it under each other.
+        if let Some(
+            spec @ LogSpec {
+                output: LogOutput::File { path, .. },
+                ..
+            },
+        ) = &log
+            && site_logs.iter().flatten().any(|o| {
+                matches!(&o.output, LogOutput::File { path: p, .. } if p == path) && o != spec
+            })
+        {
+            return Err(file.invalid(
+                format!("site[{i}].log.output"),
+                format!(
+                    "{} is written by another site's log with other options: give both the same",
+                    path.display()
+                ),
+            ));
+        }
+        site_logs.push(log);
+        let mut challenges = Vec::new();
+        for (j, name) in site.tls_challenges.iter().enumerate() {
+            let challenge = match name.as_str() {
+                "http-01" => Challenge::Http01,
+                "tls-alpn-01" => Challenge::TlsAlpn01,
+                other => {
+                    return Err(file.invalid(
+                        format!("site[{i}].tls_challenges[{j}]"),
+                        format!("{other:?} is not supported (\"http-01\" or \"tls-alpn-01\")"),
+                    ));
+                }
+            };
+            if acme.challenges.contains(&challenge) {
+                challenges.push(challenge);
+            }
+        }
+        if !site.tls_challenges.is_empty() && challenges.is_empty() {
+            return Err(file.invalid(
+                format!("site[{i}].tls_challenges"),
+                "leaves no ACME challenge the edge offers (http-01 or tls-alpn-01)",
+            ));
+        }
+        site_challenges.push(challenges);
         let (site, chain) = resolve_site(site, i, file, http_port, https_port, env)?;
         chains.push(Arc::new(chain));
         for address in &site.addresses {
@@ -482,6 +845,13 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         bind,
         storage,
         access_log,
+        site_challenges,
+        admin,
+        debug: raw.debug == Some(true),
+        toml,
+        redirects,
+        auto_certs,
+        site_logs,
         grace_period,
         limits,
         sites,
@@ -635,11 +1005,73 @@ fn resolve_site(
         check_email(email).map_err(|m| file.invalid(key("tls_email"), m))?;
     }
     let tls_email = raw.tls_email.clone();
+    let cert_files = match (&raw.tls_certificate, &raw.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key_file)) => {
+            if explicit_internal || tls_email.is_some() {
+                return Err(file.invalid(
+                    key("tls_certificate"),
+                    "certificate files and another certificate source in one site",
+                ));
+            }
+            Some(CertFiles {
+                cert: file.resolve_path(cert),
+                key: file.resolve_path(key_file),
+            })
+        }
+        (Some(_), None) => return Err(file.invalid(key("tls_key"), "is missing")),
+        (None, Some(_)) => return Err(file.invalid(key("tls_certificate"), "is missing")),
+    };
+    let client_auth = match &raw.client_auth {
+        None => None,
+        Some(auth) => {
+            let require = match auth.mode.as_deref() {
+                None | Some("require_and_verify") => true,
+                Some("verify_if_given") => false,
+                Some(other) => {
+                    return Err(file.invalid(
+                        key("client_auth.mode"),
+                        format!("{other:?}: only require_and_verify and verify_if_given are supported (certificates are always verified)"),
+                    ));
+                }
+            };
+            if auth.trusted_ca_cert_files.is_empty() {
+                return Err(file.invalid(
+                    key("client_auth"),
+                    "needs trusted_ca_cert_file: the CA client certificates must chain to",
+                ));
+            }
+            Some(ClientAuth {
+                require,
+                cas: auth
+                    .trusted_ca_cert_files
+                    .iter()
+                    .map(|p| file.resolve_path(p))
+                    .collect(),
+            })
+        }
+    };
     let mut addresses = Vec::new();
     for (j, text) in raw.addresses.iter().enumerate() {
         let address = Address::parse(text, http_port, https_port)
             .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
-        if address.scheme == Scheme::Https {
+        if client_auth.is_some()
+            && address.scheme == Scheme::Https
+            && matches!(address.host, Host::Any | Host::Ip(_))
+        {
+            // Handshakes pick client_auth by TLS name; a client sending none would skip it.
+            return Err(file.invalid(
+                format!("site[{i}].addresses[{j}]"),
+                format!("{text:?}: client_auth needs host names (clients without a TLS name would bypass it)"),
+            ));
+        }
+        if address.scheme == Scheme::Https && address.host == Host::Any && cert_files.is_none() {
+            return Err(file.invalid(
+                format!("site[{i}].addresses[{j}]"),
+                format!("{text:?}: an HTTPS site without a host name needs `tls CERT KEY` files"),
+            ));
+        }
+        if address.scheme == Scheme::Https && cert_files.is_none() {
             TlsPolicy::for_host(&address.host, explicit_internal)
                 .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
         }
@@ -652,6 +1084,8 @@ fn resolve_site(
             addresses,
             tls_internal: explicit_internal,
             tls_email,
+            cert_files,
+            client_auth,
         },
         chain,
     ))

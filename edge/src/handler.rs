@@ -66,6 +66,8 @@ pub(crate) struct Conn {
     /// Requests started on this connection (the HTTP/2 idle watch's sign of use: its
     /// keep-alive pings move bytes on an idle connection).
     pub(crate) requests: AtomicU64,
+    /// The TLS name the client's handshake gave, lower case.
+    pub(crate) sni: std::sync::OnceLock<String>,
     /// Its place under `max_connections`: held by the connection and by its upgraded
     /// (WebSocket) continuation, so the place is free only when both have ended.
     pub(crate) _permit: ConnPermit,
@@ -105,7 +107,8 @@ pub(crate) async fn handle(
     let start = Instant::now();
     conn.in_flight.fetch_add(1, Ordering::Relaxed);
     conn.requests.fetch_add(1, Ordering::Relaxed);
-    let mut record = state.log.enabled().then(|| Record {
+    let logged = state.log.enabled() || state.router.load().has_site_logs();
+    let mut record = logged.then(|| Record {
         ts: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64()),
@@ -123,23 +126,29 @@ pub(crate) async fn handle(
         duration_ms: 0.0,
         upstream: None,
         user: None,
+        remote_port: conn.peer.port(),
+        headers: None,
+        resp_headers: None,
+        to: None,
     });
     let routed = route(req, &conn, &state, record.as_mut()).await;
     if let Some(record) = record.as_mut() {
         record.status = routed.status().as_u16();
+        if record.to.as_ref().is_some_and(AccessLog::wants_headers) {
+            record.resp_headers = Some(routed.headers().clone());
+        }
     }
     let aborted = routed
         .extensions()
         .get::<crate::directives::Aborted>()
         .is_some();
+    // A site with a log of its own writes there instead of the edge's log.
+    let log = record
+        .as_mut()
+        .and_then(|r| r.to.take())
+        .unwrap_or_else(|| state.log.clone());
     let (parts, body) = routed.into_parts();
-    let body = Logged::new(
-        body,
-        record,
-        start,
-        state.log.clone(),
-        conn.in_flight.clone(),
-    );
+    let body = Logged::new(body, record, start, log, conn.in_flight.clone());
     if aborted {
         // Dropping the body logs the request and counts it done.
         drop(body);
@@ -214,6 +223,10 @@ async fn route(
             )
         }
         Scheme::Https => match router.site(conn.port, &host) {
+            Some(site) if site.strict_sni && conn.sni.get() != Some(&host) => status_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected request: the Host differs from the TLS name\n",
+            ),
             Some(site) => {
                 let site = site.clone();
                 serve_site(&site, req, conn, state, &host_value, record).await
@@ -242,6 +255,13 @@ async fn serve_site(
     host_value: &HeaderValue,
     record: Option<&mut Record>,
 ) -> Response<Body> {
+    let mut record = record;
+    if let (Some(r), Some(log)) = (record.as_deref_mut(), &served.log) {
+        if log.wants_headers() {
+            r.headers = Some(req.headers().clone());
+        }
+        r.to = Some(log.clone());
+    }
     let host = host_of(host_value.to_str().unwrap_or(""));
     let Some(mut cx) = Cx::new(conn.peer, conn.scheme, host, host_value.clone(), req.uri()) else {
         return status_response(

@@ -18,6 +18,7 @@
 mod access_log;
 pub mod acme;
 mod activity;
+mod admin;
 mod auth;
 mod body;
 mod ca;
@@ -38,6 +39,8 @@ mod header_ops;
 mod health;
 mod lb;
 mod limit;
+mod log_format;
+mod log_roll;
 mod matchers;
 mod placeholders;
 mod pool;
@@ -51,6 +54,7 @@ mod trust;
 
 pub use ca::CaError;
 pub use caddyfile::CaddyfileError;
+pub use certs::CertFileError;
 
 use std::io;
 use std::net::SocketAddr;
@@ -72,6 +76,9 @@ pub enum Error {
     /// The internal CA or its storage failed.
     #[error("internal CA")]
     Ca(#[from] ca::CaError),
+    /// A site's certificate or key file cannot be served.
+    #[error(transparent)]
+    CertFile(#[from] certs::CertFileError),
     /// TLS setup failed.
     #[error("TLS setup")]
     Tls(#[source] rustls::Error),
@@ -108,6 +115,10 @@ impl ExitStatus for Error {
             Error::Ca(ca::CaError::Io { source, .. }) => Exit::from_io(source),
             Error::Ca(ca::CaError::Corrupt { .. }) => Exit::DataErr,
             Error::Ca(ca::CaError::Sign(_)) => Exit::Software,
+            Error::CertFile(e) => match &e.source {
+                Some(source) => Exit::from_io(source),
+                None => Exit::DataErr,
+            },
             Error::Tls(_) => Exit::Software,
             Error::Bind { source, .. } => match source.kind() {
                 io::ErrorKind::AddrInUse => Exit::Unavailable,

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::access_log::AccessLog;
 use crate::directives::Chain;
 use crate::site::{Host, Scheme, Site};
 
@@ -19,6 +20,11 @@ use crate::site::{Host, Scheme, Site};
 pub(crate) struct Served {
     /// The handlers.
     pub(crate) chain: Arc<Chain>,
+    /// The site's own access log (`log` in a Caddyfile), written instead of the edge's.
+    pub(crate) log: Option<AccessLog>,
+    /// Requests must name the host their TLS handshake named (a `client_auth` site: a client
+    /// must not get past its handshake through another name's).
+    pub(crate) strict_sni: bool,
 }
 
 /// Sites reachable on one port.
@@ -37,6 +43,8 @@ pub(crate) struct Router {
     ports: HashMap<u16, PortTable>,
     /// HTTPS hosts by name, for the redirect from plain HTTP: (host, port).
     https: Vec<(Host, u16)>,
+    /// Some site has a log of its own.
+    site_logs: bool,
 }
 
 impl Router {
@@ -80,12 +88,44 @@ impl Router {
                 .map(|(_, chain)| {
                     Arc::new(Served {
                         chain: chain.clone(),
+                        log: None,
+                        strict_sni: false,
                     })
                 })
                 .collect(),
             ports,
             https,
+            site_logs: false,
         }
+    }
+
+    /// Gives each site (by index) its own access log.
+    pub(crate) fn set_logs(&mut self, logs: Vec<Option<AccessLog>>) {
+        for (served, log) in self.sites.iter_mut().zip(logs) {
+            if let Some(served) = Arc::get_mut(served) {
+                self.site_logs |= log.is_some();
+                served.log = log;
+            }
+        }
+    }
+
+    /// Marks the sites (by index) whose requests must match their TLS name.
+    pub(crate) fn set_strict_sni(&mut self, strict: Vec<bool>) {
+        for (served, strict) in self.sites.iter_mut().zip(strict) {
+            if let Some(served) = Arc::get_mut(served) {
+                served.strict_sni = strict;
+            }
+        }
+    }
+
+    /// No plain HTTP request is redirected to HTTPS (`auto_https disable_redirects`).
+    pub(crate) fn disable_redirects(&mut self) {
+        self.https.clear();
+    }
+
+    /// Whether some site has a log of its own.
+    pub(crate) fn has_site_logs(&self) -> bool {
+        self.site_logs
     }
 
     /// The site serving `host` (lower case, no port) on `port`.

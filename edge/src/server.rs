@@ -51,10 +51,11 @@ use crate::Error;
 use crate::access_log::{self, AccessLog};
 use crate::acme::{Acme, Challenges, Plan};
 use crate::activity::Activity;
+use crate::admin;
 use crate::ca::Ca;
 use crate::caddyfile;
-use crate::certs::{Certs, ChallengeResponder, Fixed, Resolver, key_of};
-use crate::config::{self, Config, Limits};
+use crate::certs::{Certs, ChallengeResponder, Entry, Fixed, Resolver, key_of};
+use crate::config::{self, Config, Limits, LogOutput, LogSpec};
 use crate::handler::{self, Conn, State};
 use crate::limit::{ConnLimit, ConnPermit};
 use crate::proxy::Client;
@@ -88,14 +89,25 @@ impl Source {
 pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let mut internal = Vec::new();
     let mut names: Vec<(String, Option<String>)> = Vec::new();
-    for site in &config.sites {
+    let mut challenges = HashMap::new();
+    for (i, site) in config.sites.iter().enumerate() {
+        if !config.auto_certs {
+            // auto_https off or disable_certs: only sites' own files are served.
+            break;
+        }
         for host in site.tls_hosts() {
             match site.tls_policy(host) {
                 TlsPolicy::Internal => internal.push(host.clone()),
+                // Read by `load_cert_files`; nothing to order or issue.
+                TlsPolicy::Files => {}
                 TlsPolicy::Acme => {
                     let name = key_of(host);
                     if !names.iter().any(|(n, _)| *n == name) {
                         let email = site.tls_email.clone().or_else(|| config.email.clone());
+                        if let Some(only) = config.site_challenges.get(i).filter(|c| !c.is_empty())
+                        {
+                            challenges.insert(name.clone(), only.clone());
+                        }
                         names.push((name, email));
                     }
                 }
@@ -107,12 +119,151 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let plan = Plan {
         acme: config.acme.clone(),
         names,
+        challenges,
     };
     (internal, plan)
 }
 
+/// Reads every site's certificate files (`tls CERT KEY`), keyed by the names they serve.
+/// Blocking.
+fn load_cert_files(config: &Config, certs: &Certs) -> Result<Vec<(String, Arc<Entry>)>, Error> {
+    let mut loaded: Vec<(String, Arc<Entry>)> = Vec::new();
+    for site in &config.sites {
+        let Some(files) = &site.cert_files else {
+            continue;
+        };
+        let entry = Arc::new(certs.load_files(files)?);
+        for host in site.tls_hosts() {
+            loaded.push((key_of(host), entry.clone()));
+        }
+    }
+    Ok(loaded)
+}
+
+/// The TLS configs of `client_auth` sites, by the names they serve; the CA files are read
+/// here (start and every reload) and named when unusable.
+fn client_auth_configs(
+    config: &Config,
+    shared: &Shared,
+) -> Result<HashMap<String, Arc<ServerConfig>>, Error> {
+    let mut by_name = HashMap::new();
+    for site in &config.sites {
+        let Some(auth) = &site.client_auth else {
+            continue;
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for path in &auth.cas {
+            let bad = |reason: String, source: Option<io::Error>| {
+                Error::CertFile(crate::certs::CertFileError {
+                    path: path.clone(),
+                    reason,
+                    source,
+                })
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string(), Some(e)))?;
+            let mut found = 0;
+            for cert in <rustls::pki_types::CertificateDer<'_> as rustls::pki_types::pem::PemObject>::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| bad(format!("not a PEM certificate: {e}"), None))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(format!("not a usable CA certificate: {e}"), None))?;
+                found += 1;
+            }
+            if found == 0 {
+                return Err(bad("holds no PEM certificate".into(), None));
+            }
+        }
+        let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            shared.provider.clone(),
+        );
+        let builder = if auth.require {
+            builder
+        } else {
+            builder.allow_unauthenticated()
+        };
+        let verifier = builder
+            .build()
+            .map_err(|e| Error::Internal(format!("client certificate verifier: {e}")))?;
+        let mut tls = ServerConfig::builder_with_provider(shared.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(Error::Tls)?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver(shared.certs.clone())));
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let tls = Arc::new(tls);
+        for host in site.tls_hosts() {
+            by_name.insert(key_of(host), tls.clone());
+        }
+    }
+    Ok(by_name)
+}
+
 fn acme_names(plan: &Plan) -> Vec<String> {
     plan.names.iter().map(|(n, _)| n.clone()).collect()
+}
+
+/// The writers of the sites' own logs, one per distinct [`LogSpec`], kept across reloads
+/// while a site still names them.
+#[derive(Default)]
+struct SiteLogs {
+    open: HashMap<LogSpec, (AccessLog, CancellationToken)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SiteLogs {
+    /// The log of each site of `config`, opening those not open yet.
+    async fn open(&mut self, config: &Config) -> Result<Vec<Option<AccessLog>>, Error> {
+        let mut logs = Vec::with_capacity(config.site_logs.len());
+        for spec in &config.site_logs {
+            let Some(spec) = spec else {
+                logs.push(None);
+                continue;
+            };
+            if let Some((log, _)) = self.open.get(spec) {
+                logs.push(Some(log.clone()));
+                continue;
+            }
+            let stop = CancellationToken::new();
+            let (log, task) =
+                AccessLog::start_spec(spec, stop.clone())
+                    .await
+                    .map_err(|source| Error::Io {
+                        what: match &spec.output {
+                            LogOutput::File { path, .. } => {
+                                format!("opening log {}", path.display())
+                            }
+                            _ => "opening a site's log".into(),
+                        },
+                        source,
+                    })?;
+            self.tasks.extend(task);
+            self.open.insert(spec.clone(), (log.clone(), stop));
+            logs.push(Some(log));
+        }
+        Ok(logs)
+    }
+
+    /// Closes the logs `config` no longer names (after its router is in place).
+    fn retire(&mut self, config: &Config) {
+        self.open.retain(|spec, (_, stop)| {
+            let keep = config.site_logs.iter().flatten().any(|s| s == spec);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Closes every log and waits (a bounded time) for the last lines to be written.
+    async fn close(self) {
+        for (_, stop) in self.open.values() {
+            stop.cancel();
+        }
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
 }
 
 /// A bound listener and its accept loop.
@@ -127,6 +278,8 @@ struct Shared {
     certs: Arc<Certs>,
     challenges: Arc<Challenges>,
     tls: Arc<ServerConfig>,
+    /// TLS configs asking for client certificates, by name (`client_auth` sites).
+    by_name: ArcSwap<HashMap<String, Arc<ServerConfig>>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     limits: ArcSwap<Limits>,
     limit: ConnLimit,
@@ -205,7 +358,8 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     let ca = Arc::new(Ca::open(&storage)?);
     let certs = Arc::new(Certs::new(ca, storage.clone()).map_err(Error::Tls)?);
     let (internal, plan) = cert_plan(&config);
-    certs.ensure(&internal, &acme_names(&plan))?;
+    let loaded = load_cert_files(&config, &certs)?;
+    certs.ensure(&internal, &acme_names(&plan), &loaded)?;
     let acme = Arc::new(Acme::new(storage, certs.clone()));
     acme.serve_stored(&plan);
     let (plan_tx, plan_rx) = tokio::sync::watch::channel(plan);
@@ -240,6 +394,7 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
         }),
         certs: certs.clone(),
         challenges: acme.challenges(),
+        by_name: ArcSwap::from_pointee(HashMap::new()),
         tls,
         provider,
         limits: ArcSwap::from_pointee(config.limits.clone()),
@@ -249,12 +404,39 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
         workers: workers.handles.clone(),
     });
 
+    shared
+        .by_name
+        .store(Arc::new(client_auth_configs(&config, &shared)?));
     let mut listeners: HashMap<(u16, Scheme), Listener> = HashMap::new();
     bind_missing(&config, &mut listeners, &shared).await?;
-    shared
-        .state
-        .router
-        .store(Arc::new(router_for(&config, &listeners)));
+    let mut site_logs = SiteLogs::default();
+    let mut router = router_for(&config, &listeners);
+    router.set_logs(site_logs.open(&config).await?);
+    shared.state.router.store(Arc::new(router));
+
+    let admin_json = Arc::new(ArcSwap::from_pointee(admin::redacted(&config.toml)));
+    let (load_tx, mut load_rx) = tokio::sync::mpsc::channel::<admin::Load>(4);
+    let admin_stop = CancellationToken::new();
+    let admin_task = match &config.admin {
+        Some(listen) => {
+            let (shown, task) = admin::start(
+                listen,
+                admin_json.clone(),
+                load_tx.clone(),
+                shutdown.clone(),
+                admin_stop.clone(),
+            )
+            .await
+            .map_err(|source| Error::Io {
+                what: format!("starting the admin endpoint on {listen:?}"),
+                source,
+            })?;
+            tracing::info!(admin = %shown, "admin endpoint listening");
+            Some(task)
+        }
+        None => None,
+    };
+    drop(load_tx);
 
     let renew_stop = CancellationToken::new();
     let renewal = tokio::spawn(certs.clone().renew_loop(renew_stop.clone()));
@@ -271,11 +453,13 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
             _ = shutdown.cancelled() => break,
             _ = signals.reload() => {
                 notifier.reloading();
-                match reload(&source, &env, &mut listeners, &shared, &acme, &plan_tx).await {
+                match reload(None, &source, &env, &mut listeners, &shared, &acme, &plan_tx, &mut site_logs).await {
                     Ok(config) => {
                         let status = status_line(&config, &listeners);
                         tracing::info!(sites = config.sites.len(), "reloaded; {status}");
                         notifier.status(&status);
+                        admin_moved(&current, &config);
+                        admin_json.store(Arc::new(admin::redacted(&config.toml)));
                         current = config;
                     }
                     Err(err) => tracing::error!(
@@ -285,10 +469,44 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
                 }
                 notifier.ready();
             }
+            Some(load) = load_rx.recv() => {
+                notifier.reloading();
+                // Imports in the text are relative to the Caddyfile the edge runs from.
+                let path = match &source {
+                    Source::Caddyfile(path) => path.clone(),
+                    Source::Toml(path) => path.with_file_name("Caddyfile"),
+                };
+                let result = match caddyfile::load_text(&path, &load.text, &env) {
+                    Ok(config) => reload(Some(config), &source, &env, &mut listeners, &shared, &acme, &plan_tx, &mut site_logs)
+                        .await
+                        .map_err(|err| labcore::exit::chain(&err)),
+                    Err(err) => Err(err.to_string()),
+                };
+                match result {
+                    Ok(config) => {
+                        let status = status_line(&config, &listeners);
+                        tracing::info!(sites = config.sites.len(), "loaded by the admin endpoint; {status}");
+                        notifier.status(&status);
+                        admin_moved(&current, &config);
+                        admin_json.store(Arc::new(admin::redacted(&config.toml)));
+                        current = config;
+                        let _ = load.reply.send(Ok(()));
+                    }
+                    Err(why) => {
+                        tracing::error!(error = %why, "config from the admin endpoint rejected; still serving the old one");
+                        let _ = load.reply.send(Err(why));
+                    }
+                }
+                notifier.ready();
+            }
         }
     }
 
     notifier.stopping();
+    admin_stop.cancel();
+    if let Some(task) = admin_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     for listener in listeners.values() {
         listener.stop.cancel();
     }
@@ -304,6 +522,7 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     renew_stop.cancel();
     let _ = renewal.await;
     let _ = acme_task.await;
+    site_logs.close().await;
     log_stop.cancel();
     if let Some(task) = log_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -362,31 +581,64 @@ fn status_line(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) ->
 }
 
 fn router_for(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) -> Router {
-    Router::new(&config.sites, &config.chains, &|port, scheme| {
+    let mut router = Router::new(&config.sites, &config.chains, &|port, scheme| {
         listeners
             .get(&(port, scheme))
             .and_then(|l| l.addrs.first())
             .map_or(port, |a| a.port())
-    })
+    });
+    if !config.redirects {
+        router.disable_redirects();
+    }
+    router.set_strict_sni(
+        config
+            .sites
+            .iter()
+            .map(|s| s.client_auth.is_some())
+            .collect(),
+    );
+    router
 }
 
+/// Says so when a reload changes what applies only on restart: the admin endpoint and
+/// `debug`.
+fn admin_moved(old: &Config, new: &Config) {
+    if old.admin != new.admin {
+        tracing::warn!("the admin endpoint's address changed; it moves when the edge restarts");
+    }
+    if old.debug != new.debug {
+        tracing::warn!("debug changed; the log level changes when the edge restarts");
+    }
+}
+
+/// Loads the config from `source` (or takes `given`) and swaps it in.
+#[allow(clippy::too_many_arguments)]
 async fn reload(
+    given: Option<Config>,
     source: &Source,
     env: &Env,
     listeners: &mut HashMap<(u16, Scheme), Listener>,
     shared: &Arc<Shared>,
     acme: &Arc<Acme>,
     plan_tx: &tokio::sync::watch::Sender<Plan>,
+    site_logs: &mut SiteLogs,
 ) -> Result<Config, Error> {
-    let config = source.load(env)?;
+    let config = match given {
+        Some(config) => config,
+        None => source.load(env)?,
+    };
+    let logs = site_logs.open(&config).await?;
+    let by_name = client_auth_configs(&config, shared)?;
     let certs = shared.certs.clone();
     let (hosts, plan) = cert_plan(&config);
     let names = acme_names(&plan);
     let acme = acme.clone();
+    let files = config.clone();
     let plan = tokio::task::spawn_blocking(move || {
-        certs.ensure(&hosts, &names)?;
+        let loaded = load_cert_files(&files, &certs)?;
+        certs.ensure(&hosts, &names, &loaded)?;
         acme.serve_stored(&plan);
-        Ok::<_, crate::ca::CaError>(plan)
+        Ok::<_, Error>(plan)
     })
     .await
     .map_err(|e| Error::Internal(format!("certificate task: {e}")))??;
@@ -409,10 +661,11 @@ async fn reload(
         shared.limit.resize(config.limits.max_connections);
         shared.limits.store(Arc::new(config.limits.clone()));
     }
-    shared
-        .state
-        .router
-        .store(Arc::new(router_for(&config, listeners)));
+    let mut router = router_for(&config, listeners);
+    router.set_logs(logs);
+    shared.by_name.store(Arc::new(by_name));
+    shared.state.router.store(Arc::new(router));
+    site_logs.retire(&config);
     Ok(config)
 }
 
@@ -572,6 +825,7 @@ async fn serve_conn(
             .expect("an IP address is a header value"),
         in_flight: Arc::new(AtomicUsize::new(0)),
         requests: AtomicU64::new(0),
+        sni: std::sync::OnceLock::new(),
         _permit: permit,
     });
     match scheme {
@@ -587,6 +841,9 @@ async fn serve_conn(
                         tracing::debug!(%peer, "answered an acme-tls/1 challenge");
                         let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
                         return;
+                    }
+                    if let Some(name) = tls.get_ref().1.server_name() {
+                        let _ = conn.sni.set(name.to_ascii_lowercase());
                     }
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     serve_http(tls, h2, conn, &shared, &limits, activity).await;
@@ -632,7 +889,17 @@ async fn handshake(
             if !shared.certs.serves(name) {
                 tracing::info!(%peer, sni = name, "no site serves this TLS name; refusing the handshake");
             }
-            shared.tls.clone()
+            let by_name = shared.by_name.load();
+            let wildcard = name
+                .split_once('.')
+                .map(|(_, parent)| format!("*.{parent}"));
+            match by_name
+                .get(name)
+                .or_else(|| wildcard.and_then(|w| by_name.get(&w)))
+            {
+                Some(client_auth) => client_auth.clone(),
+                None => shared.tls.clone(),
+            }
         }
         None => match local_ip.and_then(|ip| shared.certs.for_ip(ip)) {
             Some(certified) => server_config(

@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Plain HTTP or HTTPS.
@@ -167,6 +168,8 @@ impl Address {
             (Some(Scheme::Http), None) => (Scheme::Http, http_port),
             (Some(Scheme::Https), None) => (Scheme::Https, https_port),
             (None, Some(p)) if p == http_port => (Scheme::Http, p),
+            // The HTTPS port is HTTPS even without a host (served with `tls CERT KEY`).
+            (None, Some(p)) if p == https_port && p != 0 => (Scheme::Https, p),
             // No host to hold a certificate: Caddy serves `:8080` as plain HTTP.
             (None, Some(p)) if host == Host::Any => (Scheme::Http, p),
             (None, Some(p)) => (Scheme::Https, p),
@@ -177,11 +180,6 @@ impl Address {
         }
         if scheme == Scheme::Https && port == http_port && port != 0 {
             return Err(format!("{text:?}: HTTPS on the HTTP port"));
-        }
-        if scheme == Scheme::Https && host == Host::Any {
-            return Err(format!(
-                "{text:?}: an HTTPS site needs a host name for its certificate"
-            ));
         }
         Ok(Address { scheme, host, port })
     }
@@ -213,6 +211,8 @@ pub(crate) enum TlsPolicy {
     Internal,
     /// The configured ACME CA.
     Acme,
+    /// The site's own PEM files (`tls CERT KEY`), read on start and on every reload.
+    Files,
 }
 
 impl TlsPolicy {
@@ -382,6 +382,29 @@ pub(crate) struct Site {
     pub(crate) tls_internal: bool,
     /// The ACME account email for this site's names (`tls EMAIL`), over the global one.
     pub(crate) tls_email: Option<String>,
+    /// `tls CERT KEY`: the certificate chain and key files served for every name of the site.
+    pub(crate) cert_files: Option<CertFiles>,
+    /// `tls { client_auth }`: client certificates asked for in handshakes for its names.
+    pub(crate) client_auth: Option<ClientAuth>,
+}
+
+/// Which client certificates a site asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ClientAuth {
+    /// A handshake without a certificate fails (`require_and_verify`); else one given must
+    /// verify (`verify_if_given`).
+    pub(crate) require: bool,
+    /// PEM files of the CAs a client certificate must chain to.
+    pub(crate) cas: Vec<PathBuf>,
+}
+
+/// A certificate chain and its key, as PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CertFiles {
+    /// The chain, leaf first.
+    pub(crate) cert: PathBuf,
+    /// The private key.
+    pub(crate) key: PathBuf,
 }
 
 impl Site {
@@ -395,6 +418,9 @@ impl Site {
 
     /// Where the certificate of `host` (one of [`Site::tls_hosts`]) comes from.
     pub(crate) fn tls_policy(&self, host: &Host) -> TlsPolicy {
+        if self.cert_files.is_some() {
+            return TlsPolicy::Files;
+        }
         TlsPolicy::for_host(host, self.tls_internal).unwrap_or(TlsPolicy::Internal)
     }
 }
@@ -435,6 +461,8 @@ mod tests {
         // A port alone has no name for a certificate: plain HTTP, as Caddy serves it.
         let a = Address::parse(":8443", 80, 443).unwrap();
         assert_eq!((a.scheme, a.port, a.host), (Scheme::Http, 8443, Host::Any));
+        let a = Address::parse(":443", 80, 443).unwrap();
+        assert_eq!((a.scheme, a.port, a.host), (Scheme::Https, 443, Host::Any));
         assert!(Address::parse("ftp://x", 80, 443).is_err());
         assert!(Address::parse("bad host", 80, 443).is_err());
     }

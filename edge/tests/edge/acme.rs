@@ -215,6 +215,32 @@ fn http01_obtains_both_sites_and_a_restart_serves_them_without_a_new_order() {
 }
 
 #[test]
+fn a_site_whose_acme_issuer_disables_the_http_challenge_obtains_by_tls_alpn01_alone() {
+    // Pebble checks HTTP-01 on a port nobody listens on, and the global challenges allow
+    // both: only the site's own `disable_http_challenge` makes the order pass.
+    let closed = testkit::ports::free_port().unwrap();
+    let lab = Lab::start_with(None, Some(closed));
+    let dir = Scratch::new("edge-acme").unwrap();
+    let config = lab.config(&dir, &[], "", "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[site]]\naddresses = [\"lab.example.org\"]\ntls_challenges = [\"tls-alpn-01\"]\n[[site.reverse_proxy]]\nto = [\"{}\"]\n",
+        lab.web
+    ));
+    std::fs::write(&config, text).unwrap();
+    let edge = lab.edge(dir, config);
+    wait_obtained(&edge, "lab.example.org");
+    lab.assert_serves("lab.example.org", "web");
+    let log = edge.proc.stderr();
+    assert!(
+        log.contains("challenge ready name=lab.example.org challenge=TlsAlpn01"),
+        "{log}"
+    );
+    assert!(!log.contains("challenge=Http01"), "{log}");
+    edge.stop();
+}
+
+#[test]
 fn tls_alpn01_alone_obtains_rsa_certificates_with_the_http_port_closed_to_the_ca() {
     // Pebble checks HTTP-01 on a port nobody listens on: only TLS-ALPN-01 can pass.
     let closed = testkit::ports::free_port().unwrap();

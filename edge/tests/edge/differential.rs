@@ -35,6 +35,8 @@ pub struct Both {
     caddy: Proc,
     edge_port: u16,
     caddy_port: u16,
+    /// The HTTPS ports: (edge, caddy).
+    pub https_ports: (u16, u16),
     /// The upstream servers, which run as long as the two servers do.
     _upstreams: Upstreams,
     /// Holds the two Caddyfiles, storage and Caddy's home (and `@DIR@`); removed when the
@@ -61,7 +63,7 @@ impl Both {
         for (marker, value) in vars {
             text = text.replace(marker, value);
         }
-        let (edge, edge_port) = testkit::ports::retry_on_port_clash(|attempt| {
+        let (edge, (edge_port, edge_https)) = testkit::ports::retry_on_port_clash(|attempt| {
             let file = dir.join(format!("edge-{attempt}.Caddyfile"));
             let port = write_config(&file, &text, &dir.join("edge"), "")?;
             let edge = ProcBuilder::new(EDGE)
@@ -76,7 +78,7 @@ impl Both {
             Ok((edge, port))
         })
         .unwrap_or_else(|e| panic!("the edge did not start on the template:\n{text}\n{e}"));
-        let (caddy, caddy_port) = testkit::ports::retry_on_port_clash(|attempt| {
+        let (caddy, (caddy_port, caddy_https)) = testkit::ports::retry_on_port_clash(|attempt| {
             let file = dir.join(format!("caddy-{attempt}.Caddyfile"));
             let port = write_config(&file, &text, &dir.join("caddy"), "\tskip_install_trust\n")?;
             let caddy = ProcBuilder::new(CADDY)
@@ -101,6 +103,7 @@ impl Both {
             caddy,
             edge_port,
             caddy_port,
+            https_ports: (edge_https, caddy_https),
             _upstreams: upstreams,
             _dir: dir,
         }
@@ -136,6 +139,11 @@ impl Both {
         self.caddy_port
     }
 
+    /// The two processes: (edge, caddy).
+    pub fn procs(&self) -> (&Proc, &Proc) {
+        (&self.edge, &self.caddy)
+    }
+
     /// SIGTERM to both; both must exit cleanly.
     pub fn stop(self) {
         self.edge.stop(WAIT).unwrap();
@@ -144,8 +152,13 @@ impl Both {
 }
 
 /// Writes `template` with the harness's global options (fresh ports, storage under `state`,
-/// `extra` lines) to `file`; returns the HTTP port.
-fn write_config(file: &Path, template: &str, state: &Path, extra: &str) -> std::io::Result<u16> {
+/// `extra` lines) to `file`; returns the HTTP and HTTPS ports.
+fn write_config(
+    file: &Path,
+    template: &str,
+    state: &Path,
+    extra: &str,
+) -> std::io::Result<(u16, u16)> {
     let http = testkit::ports::free_port()?;
     let https = testkit::ports::free_port()?;
     let globals = format!(
@@ -153,7 +166,7 @@ fn write_config(file: &Path, template: &str, state: &Path, extra: &str) -> std::
         state.join("storage").display()
     );
     std::fs::write(file, with_globals(template, &globals))?;
-    Ok(http)
+    Ok((http, https))
 }
 
 /// `template` with `globals` (option lines) in its global options block, which is made if the

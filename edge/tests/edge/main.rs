@@ -10,6 +10,7 @@ mod corpus;
 mod coverage;
 mod differential;
 mod forward_auth;
+mod globals;
 mod limits;
 mod paths;
 mod php;
