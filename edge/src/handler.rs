@@ -51,8 +51,11 @@ pub(crate) struct State {
 }
 
 /// One client connection.
-#[derive(Debug)]
 pub(crate) struct Conn {
+    /// What every request handler shares. Requests reach it through the connection: a
+    /// clone of the process-wide `Arc` per request would move its count's cache line between
+    /// the worker threads on every request.
+    pub(crate) state: Arc<State>,
     /// The client.
     pub(crate) peer: SocketAddr,
     /// The port it connected to (as bound).
@@ -72,6 +75,18 @@ pub(crate) struct Conn {
     pub(crate) _permit: ConnPermit,
 }
 
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("peer", &self.peer)
+            .field("port", &self.port)
+            .field("scheme", &self.scheme)
+            .field("in_flight", &self.in_flight)
+            .field("requests", &self.requests)
+            .finish_non_exhaustive()
+    }
+}
+
 fn redirect(status: StatusCode, location: &str) -> Response<Body> {
     let mut response = status_response(status, "");
     match HeaderValue::from_str(location) {
@@ -87,8 +102,8 @@ fn redirect(status: StatusCode, location: &str) -> Response<Body> {
 pub(crate) async fn handle(
     req: Request<Incoming>,
     conn: Arc<Conn>,
-    state: Arc<State>,
 ) -> Result<Response<Logged>, Infallible> {
+    let state = &*conn.state;
     let start = Instant::now();
     conn.in_flight.fetch_add(1, Ordering::Relaxed);
     conn.requests.fetch_add(1, Ordering::Relaxed);
@@ -111,7 +126,7 @@ pub(crate) async fn handle(
         upstream: None,
         user: None,
     });
-    let routed = route(req, &conn, &state, record.as_mut()).await;
+    let routed = route(req, &conn, state, record.as_mut()).await;
     if let Some(record) = record.as_mut() {
         record.status = routed.status().as_u16();
     }
@@ -171,8 +186,7 @@ async fn route(
                 };
             }
             if let Some(site) = router.site(conn.port, &host) {
-                let site = site.clone();
-                return serve_site(&site, req, conn, state, &host_value, record).await;
+                return serve_site(site, req, conn, state, host, host_value, record).await;
             }
             if let Some(port) = router.https_port_for(&host) {
                 let authority = if port == 443 {
@@ -192,10 +206,7 @@ async fn route(
             )
         }
         Scheme::Https => match router.site(conn.port, &host) {
-            Some(site) => {
-                let site = site.clone();
-                serve_site(&site, req, conn, state, &host_value, record).await
-            }
+            Some(site) => serve_site(site, req, conn, state, host, host_value, record).await,
             None => status_response(
                 StatusCode::MISDIRECTED_REQUEST,
                 "misdirected request: no site serves this host here\n",
@@ -217,11 +228,11 @@ async fn serve_site(
     req: Request<Incoming>,
     conn: &Arc<Conn>,
     state: &State,
-    host_value: &HeaderValue,
+    host: String,
+    host_value: HeaderValue,
     record: Option<&mut Record>,
 ) -> Response<Body> {
-    let host = host_of(host_value.to_str().unwrap_or(""));
-    let Some(mut cx) = Cx::new(conn.peer, conn.scheme, host, host_value.clone(), req.uri()) else {
+    let Some(mut cx) = Cx::new(conn.peer, conn.scheme, host, host_value, req.uri()) else {
         return status_response(
             StatusCode::BAD_REQUEST,
             "bad request: malformed percent-escape in the path\n",
