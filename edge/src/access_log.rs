@@ -311,8 +311,21 @@ fn write_line(record: &Record, out: &mut Vec<u8>) -> bool {
     out.extend_from_slice(b"{\"ts\":");
     json_f64(record.ts, out);
     out.extend_from_slice(b",\"remote\":\"");
-    // An address's text needs no escape.
-    let _ = write!(out, "{}", record.remote);
+    // An address's text needs no escape. IPv4 (nearly every client) is written as Display
+    // writes it, without its fmt machinery.
+    match record.remote {
+        IpAddr::V4(ip) => {
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                json_u64(u64::from(octet), out);
+            }
+        }
+        IpAddr::V6(ip) => {
+            let _ = write!(out, "{ip}");
+        }
+    }
     out.extend_from_slice(b"\",\"proto\":");
     json_str(record.proto, out);
     out.extend_from_slice(b",\"method\":");
@@ -661,6 +674,24 @@ mod tests {
         assert!(PathAndQuery::try_from(&b"/caf\xe9"[..]).is_err());
         assert!(PathAndQuery::try_from(&b"/a?\xff"[..]).is_err());
         assert!(PathAndQuery::try_from(&b"/\x01"[..]).is_err());
+    }
+
+    #[test]
+    fn client_addresses_are_written_as_displayed() {
+        for remote in [
+            "0.0.0.0",
+            "10.1.2.3",
+            "255.255.255.255",
+            "192.168.100.9",
+            "::1",
+            "::ffff:10.1.2.3",
+            "2001:db8::7",
+        ] {
+            let mut r = record(b"x", "/", None, None);
+            r.remote = remote.parse().unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
+            assert_eq!(v["remote"], remote);
+        }
     }
 
     #[test]
