@@ -50,8 +50,11 @@ pub(crate) struct State {
 }
 
 /// One client connection.
-#[derive(Debug)]
 pub(crate) struct Conn {
+    /// What every request handler shares. Requests reach it through the connection: a
+    /// clone of the process-wide `Arc` per request would move its count's cache line between
+    /// the worker threads on every request.
+    pub(crate) state: Arc<State>,
     /// The client.
     pub(crate) peer: SocketAddr,
     /// The port it connected to (as bound).
@@ -71,6 +74,18 @@ pub(crate) struct Conn {
     /// Its place under `max_connections`: held by the connection and by its upgraded
     /// (WebSocket) continuation, so the place is free only when both have ended.
     pub(crate) _permit: ConnPermit,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("peer", &self.peer)
+            .field("port", &self.port)
+            .field("scheme", &self.scheme)
+            .field("in_flight", &self.in_flight)
+            .field("requests", &self.requests)
+            .finish_non_exhaustive()
+    }
 }
 
 fn redirect(status: StatusCode, location: &str) -> Response<Body> {
@@ -102,8 +117,8 @@ impl std::error::Error for AbortConnection {}
 pub(crate) async fn handle(
     req: Request<Incoming>,
     conn: Arc<Conn>,
-    state: Arc<State>,
 ) -> Result<Response<Logged>, AbortConnection> {
+    let state = &*conn.state;
     let start = Instant::now();
     conn.in_flight.fetch_add(1, Ordering::Relaxed);
     conn.requests.fetch_add(1, Ordering::Relaxed);
@@ -131,7 +146,7 @@ pub(crate) async fn handle(
         resp_headers: None,
         to: None,
     });
-    let routed = route(req, &conn, &state, record.as_mut()).await;
+    let routed = route(req, &conn, state, record.as_mut()).await;
     if let Some(record) = record.as_mut() {
         record.status = routed.status().as_u16();
         if record.to.as_ref().is_some_and(AccessLog::wants_headers) {
@@ -202,8 +217,7 @@ async fn route(
                 };
             }
             if let Some(site) = router.site(conn.port, &host) {
-                let site = site.clone();
-                return serve_site(&site, req, conn, state, &host_value, record).await;
+                return serve_site(site, req, conn, state, host, host_value, record).await;
             }
             if let Some(port) = router.https_port_for(&host) {
                 let authority = if port == 443 {
@@ -227,10 +241,7 @@ async fn route(
                 StatusCode::MISDIRECTED_REQUEST,
                 "misdirected request: the Host differs from the TLS name\n",
             ),
-            Some(site) => {
-                let site = site.clone();
-                serve_site(&site, req, conn, state, &host_value, record).await
-            }
+            Some(site) => serve_site(site, req, conn, state, host, host_value, record).await,
             None => status_response(
                 StatusCode::MISDIRECTED_REQUEST,
                 "misdirected request: no site serves this host here\n",
@@ -252,7 +263,8 @@ async fn serve_site(
     req: Request<Incoming>,
     conn: &Arc<Conn>,
     state: &State,
-    host_value: &HeaderValue,
+    host: String,
+    host_value: HeaderValue,
     record: Option<&mut Record>,
 ) -> Response<Body> {
     let mut record = record;
@@ -262,8 +274,7 @@ async fn serve_site(
         }
         r.to = Some(log.clone());
     }
-    let host = host_of(host_value.to_str().unwrap_or(""));
-    let Some(mut cx) = Cx::new(conn.peer, conn.scheme, host, host_value.clone(), req.uri()) else {
+    let Some(mut cx) = Cx::new(conn.peer, conn.scheme, host, host_value, req.uri()) else {
         return status_response(
             StatusCode::BAD_REQUEST,
             "bad request: malformed percent-escape in the path\n",

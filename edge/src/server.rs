@@ -818,6 +818,7 @@ async fn serve_conn(
     let activity = Arc::new(AtomicU64::new(0));
     let io = Activity::new(stream, activity.clone());
     let conn = Arc::new(Conn {
+        state: shared.state.clone(),
         peer,
         port,
         scheme,
@@ -927,15 +928,16 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let state = shared.state.clone();
     let watch = Watch {
         conn: conn.clone(),
         // HTTP/2 keep-alive pings move bytes on an idle connection: there only requests count.
         bytes: (!h2).then_some(activity),
         idle: limits.idle_timeout,
-        drain: shared.drain.clone(),
+        // A token of its own: waiting on the shared one would take the lock of its waiter list,
+        // shared by every connection of every worker, each time the connection is polled.
+        drain: shared.drain.child_token(),
     };
-    let service = service_fn(move |req| handler::handle(req, conn.clone(), state.clone()));
+    let service = service_fn(move |req| handler::handle(req, conn.clone()));
     let io = TokioIo::new(io);
     if h2 {
         let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -1017,6 +1019,8 @@ impl Watch {
         let mut closing = false;
         loop {
             tokio::select! {
+                // The connection first: it is what wakes the task nearly every time.
+                biased;
                 result = conn.as_mut() => {
                     if let Err(err) = result {
                         tracing::info!(%peer, error = %labcore::exit::chain(&err), "connection closed on error");
