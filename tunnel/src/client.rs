@@ -5,8 +5,10 @@
 //! With several servers, every one of them serves visitors (`mode = "active"`, for servers
 //! behind DNS round robin), or only the first in `remote_addr`'s order whose control channel
 //! is open (`mode = "failover"`): the others keep theirs open as hot standbys, and the data
-//! channels they ask for wait (unopened) until their server is the first one up. A server
-//! that goes away is retried on its own; the others go on serving.
+//! channels they ask for wait (unopened) until their server is the first one up. Those a
+//! standby opened while it was the first one up are closed, unused, once a server before it
+//! is up again, so none of them carries a visitor past the handover. A server that goes away
+//! is retried on its own; the others go on serving.
 //!
 //! Tasks and who owns them:
 //! - one task per service and server runs that control channel and reconnects with capped,
@@ -85,6 +87,18 @@ impl Servers {
         }
         let mut active = self.active.subscribe();
         if active.wait_for(|a| *a == Some(index)).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Resolves once server `index` may no longer carry visitors: in failover mode, when a
+    /// server before it in `remote_addr` is up; never in active mode.
+    async fn turn_lost(&self, index: usize) {
+        if !self.failover {
+            return std::future::pending().await;
+        }
+        let mut active = self.active.subscribe();
+        if active.wait_for(|a| *a != Some(index)).await.is_err() {
             std::future::pending::<()>().await;
         }
     }
@@ -482,6 +496,13 @@ async fn data_channel<T: Transport>(
     let mut cmd = [0u8; protocol::TAG_LEN];
     let read = tokio::select! {
         _ = session.cancelled() => return,
+        // A standby that was the first server up opened its data channels then; once a
+        // server before it is up they are closed, so its visitors wait as a standby's do (the
+        // server drops a closed channel from its pool and asks for another, which waits).
+        () = context.servers.turn_lost(context.server) => {
+            tracing::debug!(service = %service.name, server = %context.remote_addr, "idle data channel of a standby closed");
+            return;
+        }
         read = protocol::read_exact(&mut channel, &mut cmd, "a data channel command") => read,
     };
     match (
