@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -430,10 +431,10 @@ async fn serve_control<T: Transport>(
     // Data channels still waiting for a visitor end with their control channel.
     let session = context.stop.child_token();
     let _end_session = session.clone().drop_guard();
+    let mut commands = Commands::default();
     loop {
-        let mut cmd = [0u8; protocol::TAG_LEN];
         let read = async {
-            let read = protocol::read_exact(&mut control, &mut cmd, "a command");
+            let read = commands.next(&mut control);
             match context.heartbeat_timeout {
                 Some(limit) => timeout(limit, read).await.unwrap_or(Err(Error::Timeout {
                     what: "a heartbeat",
@@ -446,7 +447,7 @@ async fn serve_control<T: Transport>(
             _ = context.stop.cancelled() => return None,
             read = read => read,
         };
-        match read.and_then(|()| ControlCmd::decode(&cmd)) {
+        match read.and_then(|cmd| ControlCmd::decode(&cmd)) {
             Ok(ControlCmd::CreateDataChannel) => {
                 let context = context.clone();
                 let session = session.clone();
@@ -460,6 +461,42 @@ async fn serve_control<T: Transport>(
             }
             Err(err) => return Some(labcore::exit::chain(&err)),
         }
+    }
+}
+
+/// Commands read from a control channel, several per read when the server wrote several. A
+/// read that ends short of the buffer tells tokio the socket is drained, so waiting for the
+/// next command makes no system call that finds nothing (as reading them one by one did).
+/// Cancel-safe: bytes are taken into the buffer only by a read that completed.
+#[derive(Default)]
+struct Commands {
+    buf: [u8; protocol::TAG_LEN * 8],
+    start: usize,
+    end: usize,
+}
+
+impl Commands {
+    async fn next<S: TunnelStream>(
+        &mut self,
+        control: &mut S,
+    ) -> Result<[u8; protocol::TAG_LEN], Error> {
+        while self.end - self.start < protocol::TAG_LEN {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            let n = control
+                .read(&mut self.buf[self.end..])
+                .await
+                .map_err(|err| Error::io("reading the a command", err))?;
+            if n == 0 {
+                return Err(Error::Closed { what: "a command" });
+            }
+            self.end += n;
+        }
+        let mut cmd = [0u8; protocol::TAG_LEN];
+        cmd.copy_from_slice(&self.buf[self.start..self.start + protocol::TAG_LEN]);
+        self.start += protocol::TAG_LEN;
+        Ok(cmd)
     }
 }
 
@@ -478,7 +515,10 @@ async fn data_channel<T: Transport>(
     }
     let open = async {
         let mut stream = context.transport.connect(&context.remote_addr).await?;
-        sockopt::nodelay(stream.tcp(), service.nodelay);
+        // The transport set its own TCP_NODELAY: a second call only if the service differs.
+        if service.nodelay != context.transport.tcp().nodelay() {
+            sockopt::nodelay(stream.tcp(), service.nodelay);
+        }
         protocol::write_all(&mut stream, &Hello::Data(key).encode(), "hello").await?;
         Ok::<_, Error>(stream)
     };

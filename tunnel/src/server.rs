@@ -302,6 +302,7 @@ impl<T: Transport> Server<T> {
             heartbeat: self.settings.heartbeat_interval,
             dead_after: self.settings.common.heartbeat_timeout,
             handshake_timeout: self.settings.common.handshake_timeout,
+            tunnel_nodelay: self.settings.common.transport.tcp.nodelay,
             stop: stop.clone(),
             abort: abort.clone(),
             tracker: self.tracker.clone(),
@@ -608,8 +609,7 @@ async fn handshake<T: Transport>(
     registry: &Registry<T::Stream>,
 ) -> Result<(), Error> {
     let mut stream = transport.handshake(tcp).await?;
-    let mut hello = [0u8; protocol::HELLO_LEN];
-    protocol::read_exact(&mut stream, &mut hello, "hello").await?;
+    let hello = read_hello(&mut stream).await?;
     match Hello::decode(&hello)? {
         Hello::Control(digest) => control_handshake(stream, digest, peer, registry).await,
         Hello::Data(key) => {
@@ -621,6 +621,34 @@ async fn handshake<T: Transport>(
                 .map_err(|_| Error::UnknownSession)
         }
     }
+}
+
+/// Reads a new connection's hello. A client says nothing more until it is answered (a data
+/// channel waits for its command, a control channel for the nonce), so a byte past the hello
+/// breaks the protocol. It is read into a buffer one byte longer than the hello: the read
+/// that ends short tells tokio the socket is drained, so the first read of a visitor's bytes
+/// on a data channel waits for them instead of making a system call to find nothing.
+async fn read_hello<S: TunnelStream>(stream: &mut S) -> Result<[u8; protocol::HELLO_LEN], Error> {
+    let mut buf = [0u8; protocol::HELLO_LEN + 1];
+    let mut got = 0;
+    while got < protocol::HELLO_LEN {
+        let n = stream
+            .read(&mut buf[got..])
+            .await
+            .map_err(|err| Error::io("reading the hello", err))?;
+        if n == 0 {
+            return Err(Error::Closed { what: "hello" });
+        }
+        got += n;
+    }
+    if got > protocol::HELLO_LEN {
+        return Err(Error::Unexpected {
+            what: "bytes after the hello",
+        });
+    }
+    let mut hello = [0u8; protocol::HELLO_LEN];
+    hello.copy_from_slice(&buf[..protocol::HELLO_LEN]);
+    Ok(hello)
 }
 
 /// The server's half of a control channel's handshake: nonce, service lookup, token proof.
@@ -719,6 +747,8 @@ struct ServiceTask<S> {
     heartbeat: Option<Duration>,
     dead_after: Option<Duration>,
     handshake_timeout: Duration,
+    /// TCP_NODELAY as the transport sets it on every data channel.
+    tunnel_nodelay: bool,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -821,7 +851,7 @@ impl<S: TunnelStream> ServiceTask<S> {
                 return;
             }
         };
-        sockopt::nodelay(&visitor, self.service.nodelay);
+        // TCP_NODELAY came with the listener's (`bind_service`).
         tracing::debug!(service = %name, visitor = %peer, "visitor connected");
         self.waiting.push_back(Waiting {
             visitor,
@@ -967,7 +997,10 @@ impl<S: TunnelStream> ServiceTask<S> {
                     tracing::debug!(service = %self.service.name, "data channel of an old session closed");
                     return;
                 };
-                sockopt::nodelay(stream.tcp(), self.service.nodelay);
+                // The control port's listener gave it the transport's setting.
+                if self.service.nodelay != self.tunnel_nodelay {
+                    sockopt::nodelay(stream.tcp(), self.service.nodelay);
+                }
                 if session.idle.len() >= MAX_IDLE {
                     session.idle.pop_front();
                 }
@@ -1271,11 +1304,14 @@ async fn bind_service(service: &ServerService) -> Result<Listener, Error> {
         source,
     };
     Ok(match service.service_type {
-        ServiceType::Tcp => Listener::Tcp(
-            sockopt::listen(&service.bind_addr)
+        ServiceType::Tcp => {
+            let listener = sockopt::listen(&service.bind_addr)
                 .await
-                .map_err(bind_error)?,
-        ),
+                .map_err(bind_error)?;
+            // Visitors inherit it from the listener: no system call per visitor.
+            sockopt::nodelay(&listener, service.nodelay);
+            Listener::Tcp(listener)
+        }
         ServiceType::Udp => Listener::Udp(Arc::new(
             udp::bind(&service.bind_addr).await.map_err(bind_error)?,
         )),
