@@ -5,8 +5,10 @@
 //! With several servers, every one of them serves visitors (`mode = "active"`, for servers
 //! behind DNS round robin), or only the first in `remote_addr`'s order whose control channel
 //! is open (`mode = "failover"`): the others keep theirs open as hot standbys, and the data
-//! channels they ask for wait (unopened) until their server is the first one up. A server
-//! that goes away is retried on its own; the others go on serving.
+//! channels they ask for wait (unopened) until their server is the first one up. Those a
+//! standby opened while it was the first one up are closed, unused, once a server before it
+//! is up again, so none of them carries a visitor past the handover. A server that goes away
+//! is retried on its own; the others go on serving.
 //!
 //! Each server has its own transport (`[[client.servers]]` may give one its own table, of any
 //! type): the Rust transport type is picked per server when its tasks start.
@@ -36,6 +38,7 @@ use std::time::Duration;
 
 use labcore::Secret;
 use rand::Rng;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -99,6 +102,18 @@ impl Servers {
         }
         let mut active = self.active.subscribe();
         if active.wait_for(|a| *a == Some(index)).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Resolves once server `index` may no longer carry visitors: in failover mode, when a
+    /// server before it in `remote_addr` is up; never in active mode.
+    async fn turn_lost(&self, index: usize) {
+        if !self.failover {
+            return std::future::pending().await;
+        }
+        let mut active = self.active.subscribe();
+        if active.wait_for(|a| *a != Some(index)).await.is_err() {
             std::future::pending::<()>().await;
         }
     }
@@ -546,10 +561,10 @@ async fn serve_control<T: Transport>(
     // Data channels still waiting for a visitor end with their control channel.
     let session = context.stop.child_token();
     let _end_session = session.clone().drop_guard();
+    let mut commands = Commands::default();
     loop {
-        let mut cmd = [0u8; protocol::TAG_LEN];
         let read = async {
-            let read = protocol::read_exact(&mut control, &mut cmd, "a command");
+            let read = commands.next(&mut control);
             match context.heartbeat_timeout {
                 Some(limit) => timeout(limit, read).await.unwrap_or(Err(Error::Timeout {
                     what: "a heartbeat",
@@ -562,7 +577,7 @@ async fn serve_control<T: Transport>(
             _ = context.stop.cancelled() => return None,
             read = read => read,
         };
-        match read.and_then(|()| ControlCmd::decode(&cmd)) {
+        match read.and_then(|cmd| ControlCmd::decode(&cmd)) {
             Ok(ControlCmd::CreateDataChannel) => {
                 let context = context.clone();
                 let session = session.clone();
@@ -576,6 +591,42 @@ async fn serve_control<T: Transport>(
             }
             Err(err) => return Some(labcore::exit::chain(&err)),
         }
+    }
+}
+
+/// Commands read from a control channel, several per read when the server wrote several. A
+/// read that ends short of the buffer tells tokio the socket is drained, so waiting for the
+/// next command makes no system call that finds nothing (as reading them one by one did).
+/// Cancel-safe: bytes are taken into the buffer only by a read that completed.
+#[derive(Default)]
+struct Commands {
+    buf: [u8; protocol::TAG_LEN * 8],
+    start: usize,
+    end: usize,
+}
+
+impl Commands {
+    async fn next<S: TunnelStream>(
+        &mut self,
+        control: &mut S,
+    ) -> Result<[u8; protocol::TAG_LEN], Error> {
+        while self.end - self.start < protocol::TAG_LEN {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            let n = control
+                .read(&mut self.buf[self.end..])
+                .await
+                .map_err(|err| Error::io("reading the a command", err))?;
+            if n == 0 {
+                return Err(Error::Closed { what: "a command" });
+            }
+            self.end += n;
+        }
+        let mut cmd = [0u8; protocol::TAG_LEN];
+        cmd.copy_from_slice(&self.buf[self.start..self.start + protocol::TAG_LEN]);
+        self.start += protocol::TAG_LEN;
+        Ok(cmd)
     }
 }
 
@@ -594,7 +645,10 @@ async fn data_channel<T: Transport>(
     }
     let open = async {
         let mut stream = context.transport.connect(&context.remote_addr).await?;
-        sockopt::nodelay(stream.tcp(), service.nodelay);
+        // The transport set its own TCP_NODELAY: a second call only if the service differs.
+        if service.nodelay != context.transport.tcp().nodelay() {
+            sockopt::nodelay(stream.tcp(), service.nodelay);
+        }
         protocol::write_all(&mut stream, &Hello::Data(key).encode(), "hello").await?;
         Ok::<_, Error>(stream)
     };
@@ -612,6 +666,13 @@ async fn data_channel<T: Transport>(
     let mut cmd = [0u8; protocol::TAG_LEN];
     let read = tokio::select! {
         _ = session.cancelled() => return,
+        // A standby that was the first server up opened its data channels then; once a
+        // server before it is up they are closed, so its visitors wait as a standby's do (the
+        // server drops a closed channel from its pool and asks for another, which waits).
+        () = context.servers.turn_lost(context.server) => {
+            tracing::debug!(service = %service.name, server = %context.remote_addr, "idle data channel of a standby closed");
+            return;
+        }
         read = protocol::read_exact(&mut channel, &mut cmd, "a data channel command") => read,
     };
     match (

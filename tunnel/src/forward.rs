@@ -2,7 +2,12 @@
 //!
 //! When the tunnel stream is plain TCP, bytes move socket → pipe → socket with `splice(2)` and
 //! never enter user space: no copies, no buffers in the process (the pipe's pages belong to the
-//! kernel), so throughput is higher and memory flat however many connections are open. Other
+//! kernel), so throughput is higher and memory flat however many connections are open. Small
+//! chunks (a request, a reply, a keystroke) are copied instead, through one small buffer per
+//! thread: a `recv` and a `send` cost the kernel less than two splices, and a read shorter than
+//! the buffer proves the socket drained, so no third call is made to find it empty (bytes the
+//! destination does not take at once wait in the pipe). A chunk that fills the buffer switches
+//! the direction to splicing until a splice moves less than the buffer holds. Other
 //! transports copy through two buffers allocated once per connection. Either way nothing is
 //! allocated per chunk and no lock is taken. A direction that reaches end of stream half-closes
 //! the other side, so protocols that shut down writing (HTTP/1.0, `ssh` exit) work.
@@ -13,12 +18,13 @@
 //!
 //! Pipes of connections that ended cleanly (and are empty) are kept, a few per thread, for the
 //! next connections: making, sizing and closing two pipes per connection was about 6% of the
-//! tunnel's CPU per short connection (perf).
+//! tunnel's CPU per short connection (perf). A pipe counts the bytes it holds, so emptiness is
+//! known without a system call.
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -38,9 +44,14 @@ const COPY_BUFFER: usize = 64 * 1024;
 const PIPE_SIZE: i32 = 256 * 1024;
 /// Empty pipes kept per thread for reuse (two descriptors each; an empty pipe holds no pages).
 const POOLED_PIPES: usize = 16;
+/// Chunks up to this size are copied rather than spliced (less than any pipe's capacity, so
+/// what the destination does not take at once always fits in the empty pipe).
+const SMALL_CHUNK: usize = 4096;
 
 thread_local! {
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    /// The buffer small chunks are copied through; nothing stays in it between calls.
+    static SMALL: RefCell<[u8; SMALL_CHUNK]> = const { RefCell::new([0; SMALL_CHUNK]) };
 }
 
 /// Bytes carried each way.
@@ -210,6 +221,8 @@ struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
+    /// Bytes in it now: put in by [`Pipe::fill`] and [`Pipe::put`], taken by [`Pipe::drain`].
+    held: AtomicUsize,
 }
 
 impl Pipe {
@@ -224,6 +237,7 @@ impl Pipe {
             read,
             write,
             capacity,
+            held: AtomicUsize::new(0),
         })
     }
 
@@ -236,15 +250,9 @@ impl Pipe {
     }
 
     /// Keeps this pipe for another connection if it is empty and the pool has room; a byte
-    /// left in it would reach the wrong visitor, so a pipe that is not provably empty (a
-    /// non-blocking read finds nothing) is closed.
+    /// left in it would reach the wrong visitor, so a pipe that holds any is closed.
     fn give_back(self) {
-        let mut probe = [0u8; 1];
-        let empty = matches!(
-            nix::unistd::read(&self.read, &mut probe),
-            Err(nix::errno::Errno::EAGAIN)
-        );
-        if empty {
+        if self.held.load(Ordering::Relaxed) == 0 {
             PIPES.with_borrow_mut(|pool| {
                 if pool.len() < POOLED_PIPES {
                     pool.push(self);
@@ -252,10 +260,81 @@ impl Pipe {
             });
         }
     }
+
+    /// Splices what `from` has (up to the capacity) into the pipe; `WouldBlock` if nothing.
+    fn fill(&self, from: &TcpStream) -> io::Result<usize> {
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        let n = from.try_io(Interest::READABLE, || {
+            Ok(splice(from, None, &self.write, None, self.capacity, flags)?)
+        })?;
+        self.held.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Writes `bytes` into the pipe, whole: it must be empty and `bytes` no longer than
+    /// [`SMALL_CHUNK`], which a pipe always takes at once.
+    fn put(&self, bytes: &[u8]) -> io::Result<()> {
+        let written = nix::unistd::write(&self.write, bytes)?;
+        self.held.fetch_add(written, Ordering::Relaxed);
+        if written < bytes.len() {
+            return Err(io::Error::other("a pipe took less than a small chunk"));
+        }
+        Ok(())
+    }
+
+    /// Splices up to `len` bytes from the pipe to `to`; `WouldBlock` if it takes none.
+    fn drain(&self, to: &TcpStream, len: usize) -> io::Result<usize> {
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        let n = to.try_io(Interest::WRITABLE, || {
+            Ok(splice(&self.read, None, to, None, len, flags)?)
+        })?;
+        self.held.fetch_sub(n, Ordering::Relaxed);
+        Ok(n)
+    }
 }
 
-/// Moves bytes `from` → pipe → `to` until `from` ends, then half-closes `to`; adds each
-/// chunk to `counter` once it is written.
+/// Copies one chunk of at most [`SMALL_CHUNK`] bytes `from` → `to` through this thread's
+/// buffer: returns the bytes read (0 at end of stream) and how many of them `to` did not take
+/// at once, which are put in `pipe` (empty before) for the caller to drain. `WouldBlock` when
+/// `from` has nothing. A read shorter than the buffer drained the socket, so it clears
+/// `from`'s readiness (as tokio's own reads do) and the next read waits for new bytes.
+fn copy_small(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<(usize, usize)> {
+    SMALL.with_borrow_mut(|buf| {
+        let mut short = None;
+        let read = from.try_io(Interest::READABLE, || {
+            let n = nix::sys::socket::recv(
+                from.as_raw_fd(),
+                &mut buf[..],
+                nix::sys::socket::MsgFlags::empty(),
+            )?;
+            if n > 0 && n < SMALL_CHUNK {
+                // Reported as WouldBlock so tokio clears the readiness; the count is kept.
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let n = match (read, short) {
+            (_, Some(n)) => n,
+            (read, None) => read?,
+        };
+        if n == 0 {
+            return Ok((0, 0));
+        }
+        let sent = match to.try_write(&buf[..n]) {
+            Ok(sent) => sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if sent < n {
+            pipe.put(&buf[sent..n])?;
+        }
+        Ok((n, n - sent))
+    })
+}
+
+/// Moves bytes `from` → `to` until `from` ends, then half-closes `to`: small chunks copied,
+/// big ones through the pipe; adds each chunk to `counter` once it is written.
 async fn splice_one(
     from: &TcpStream,
     to: &TcpStream,
@@ -263,15 +342,21 @@ async fn splice_one(
     counter: &AtomicU64,
     activity: &Activity,
 ) -> io::Result<u64> {
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
+    // Whether the last chunk filled the small buffer (or a splice moved at least that much):
+    // then more is likely waiting, and it is spliced.
+    let mut big = false;
     loop {
-        let filled = loop {
+        // The pipe is empty here: every chunk is written out before the next is read.
+        let (filled, mut left) = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || {
-                Ok(splice(from, None, &pipe.write, None, pipe.capacity, flags)?)
-            }) {
-                Ok(n) => break n,
+            let chunk = if big {
+                pipe.fill(from).map(|n| (n, n))
+            } else {
+                copy_small(from, to, pipe)
+            };
+            match chunk {
+                Ok(chunk) => break chunk,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
@@ -280,12 +365,10 @@ async fn splice_one(
             sockopt::shutdown_write(to);
             return Ok(total);
         }
-        let mut left = filled;
+        big = filled >= SMALL_CHUNK;
         while left > 0 {
             to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                Ok(splice(&pipe.read, None, to, None, left, flags)?)
-            }) {
+            match pipe.drain(to, left) {
                 Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -386,7 +469,7 @@ pub(crate) mod tests {
         assert_eq!(PIPES.with_borrow(Vec::len), 1);
         let reused = Pipe::take().unwrap();
         assert_eq!(PIPES.with_borrow(Vec::len), 0);
-        nix::unistd::write(&reused.write, b"x").unwrap();
+        reused.put(b"x").unwrap();
         reused.give_back();
         assert_eq!(PIPES.with_borrow(Vec::len), 0);
     }

@@ -264,6 +264,7 @@ impl<T: Transport> Server<T> {
             heartbeat: settings.heartbeat_interval,
             dead_after: settings.common.heartbeat_timeout,
             handshake_timeout: settings.common.handshake_timeout,
+            tunnel_nodelay: settings.common.transport.tcp.nodelay,
             abort: abort.clone(),
             tracker: tracker.clone(),
             metrics: metrics.clone(),
@@ -502,6 +503,9 @@ struct Spawner<S> {
     heartbeat: Option<Duration>,
     dead_after: Option<Duration>,
     handshake_timeout: Duration,
+    /// Whether the tunnel's own connections have TCP_NODELAY (a visitor's is set again only
+    /// when its service differs).
+    tunnel_nodelay: bool,
     /// Closes every connection of the server.
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -515,6 +519,7 @@ impl<S> Clone for Spawner<S> {
             heartbeat: self.heartbeat,
             dead_after: self.dead_after,
             handshake_timeout: self.handshake_timeout,
+            tunnel_nodelay: self.tunnel_nodelay,
             abort: self.abort.clone(),
             tracker: self.tracker.clone(),
             metrics: self.metrics.clone(),
@@ -572,6 +577,7 @@ impl<S: TunnelStream> Spawner<S> {
             heartbeat: self.heartbeat,
             dead_after: self.dead_after,
             handshake_timeout: self.handshake_timeout,
+            tunnel_nodelay: self.tunnel_nodelay,
             stop: stop.clone(),
             abort: abort.clone(),
             tracker: self.tracker.clone(),
@@ -734,8 +740,7 @@ async fn handshake<T: Transport>(
     declared: Option<&Arc<Declared<T::Stream>>>,
 ) -> Result<(), Error> {
     let mut stream = transport.handshake(tcp).await?;
-    let mut hello = [0u8; protocol::HELLO_LEN];
-    protocol::read_exact(&mut stream, &mut hello, "hello").await?;
+    let hello = read_hello(&mut stream).await?;
     match Hello::decode(&hello)? {
         Hello::Control(digest) => control_handshake(stream, digest, peer, registry, declared).await,
         Hello::Data(key) => {
@@ -747,6 +752,34 @@ async fn handshake<T: Transport>(
                 .map_err(|_| Error::UnknownSession)
         }
     }
+}
+
+/// Reads a new connection's hello. A client says nothing more until it is answered (a data
+/// channel waits for its command, a control channel for the nonce), so a byte past the hello
+/// breaks the protocol. It is read into a buffer one byte longer than the hello: the read
+/// that ends short tells tokio the socket is drained, so the first read of a visitor's bytes
+/// on a data channel waits for them instead of making a system call to find nothing.
+async fn read_hello<S: TunnelStream>(stream: &mut S) -> Result<[u8; protocol::HELLO_LEN], Error> {
+    let mut buf = [0u8; protocol::HELLO_LEN + 1];
+    let mut got = 0;
+    while got < protocol::HELLO_LEN {
+        let n = stream
+            .read(&mut buf[got..])
+            .await
+            .map_err(|err| Error::io("reading the hello", err))?;
+        if n == 0 {
+            return Err(Error::Closed { what: "hello" });
+        }
+        got += n;
+    }
+    if got > protocol::HELLO_LEN {
+        return Err(Error::Unexpected {
+            what: "bytes after the hello",
+        });
+    }
+    let mut hello = [0u8; protocol::HELLO_LEN];
+    hello.copy_from_slice(&buf[..protocol::HELLO_LEN]);
+    Ok(hello)
 }
 
 /// The server's half of a control channel's handshake: nonce, service lookup, token proof.
@@ -859,6 +892,8 @@ struct ServiceTask<S> {
     heartbeat: Option<Duration>,
     dead_after: Option<Duration>,
     handshake_timeout: Duration,
+    /// TCP_NODELAY as the transport sets it on every data channel.
+    tunnel_nodelay: bool,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -968,7 +1003,7 @@ impl<S: TunnelStream> ServiceTask<S> {
                 return;
             }
         };
-        sockopt::nodelay(&visitor, self.service.nodelay);
+        // TCP_NODELAY came with the listener's (`bind_service`).
         tracing::debug!(service = %name, visitor = %peer, "visitor connected");
         self.waiting.push_back(Waiting {
             visitor,
@@ -1118,7 +1153,10 @@ impl<S: TunnelStream> ServiceTask<S> {
                     tracing::debug!(service = %self.service.name, "data channel of an old session closed");
                     return;
                 };
-                sockopt::nodelay(stream.tcp(), self.service.nodelay);
+                // The control port's listener gave it the transport's setting.
+                if self.service.nodelay != self.tunnel_nodelay {
+                    sockopt::nodelay(stream.tcp(), self.service.nodelay);
+                }
                 if session.idle.len() >= MAX_IDLE {
                     session.idle.pop_front();
                 }
@@ -1422,11 +1460,14 @@ async fn bind_service(service: &ServerService) -> Result<Listener, Error> {
         source,
     };
     Ok(match service.service_type {
-        ServiceType::Tcp => Listener::Tcp(
-            sockopt::listen(&service.bind_addr)
+        ServiceType::Tcp => {
+            let listener = sockopt::listen(&service.bind_addr)
                 .await
-                .map_err(bind_error)?,
-        ),
+                .map_err(bind_error)?;
+            // Visitors inherit it from the listener: no system call per visitor.
+            sockopt::nodelay(&listener, service.nodelay);
+            Listener::Tcp(listener)
+        }
         ServiceType::Udp => Listener::Udp(Arc::new(
             udp::bind(&service.bind_addr).await.map_err(bind_error)?,
         )),

@@ -1,7 +1,7 @@
 //! Socket options and probes the tunnel sets on TCP sockets: keepalive, TCP_NODELAY, and a
 //! non-blocking check that an idle connection is still open.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -36,9 +36,10 @@ pub(crate) async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListene
     }))
 }
 
-/// Turns on TCP keepalive with these timings; failures are logged, never fatal (the
-/// heartbeat still finds dead peers).
-pub(crate) fn keepalive(stream: &TcpStream, idle: Duration, interval: Duration) {
+/// Turns on TCP keepalive with these timings, on a connection or on a listener (whose
+/// accepted connections inherit them); failures are logged, never fatal (the heartbeat still
+/// finds dead peers).
+pub(crate) fn keepalive(stream: &impl AsFd, idle: Duration, interval: Duration) {
     let idle = u32::try_from(idle.as_secs()).unwrap_or(u32::MAX);
     let interval = u32::try_from(interval.as_secs()).unwrap_or(u32::MAX);
     let result = setsockopt(stream, sockopt::KeepAlive, &true)
@@ -58,9 +59,10 @@ pub(crate) fn user_timeout(stream: &TcpStream, limit: Duration) {
     }
 }
 
-/// Sets TCP_NODELAY; a failure is logged, never fatal.
-pub(crate) fn nodelay(stream: &TcpStream, on: bool) {
-    if let Err(err) = stream.set_nodelay(on) {
+/// Sets TCP_NODELAY, on a connection or on a listener (whose accepted connections inherit
+/// it); a failure is logged, never fatal.
+pub(crate) fn nodelay(stream: &impl AsFd, on: bool) {
+    if let Err(err) = setsockopt(stream, sockopt::TcpNoDelay, &on) {
         tracing::debug!(error = %err, "could not set TCP_NODELAY");
     }
 }

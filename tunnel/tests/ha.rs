@@ -218,9 +218,6 @@ fn one_client_serves_through_two_vms_and_keeps_serving_while_either_is_killed_or
 }
 
 #[test]
-#[ignore = "flaky (about 1 run in 3): when the standby's control channel opens first at start, \
-            the data channels its server asks for in advance open during that window and later \
-            serve a standby visitor; failover must close them once the preferred server is up"]
 fn in_failover_mode_only_the_first_server_up_gets_visitors() {
     let (nat, other) = (Nat::new().unwrap(), Nat::new().unwrap());
     let dir = Scratch::new("ha").unwrap();
@@ -253,6 +250,43 @@ fn in_failover_mode_only_the_first_server_up_gets_visitors() {
     server1.kill().unwrap();
     wait_count(&client, "control channel lost", 1);
     assert_eq!(ask(&mut visitor(vm2), "b"), "home:b");
+}
+
+#[test]
+fn in_failover_mode_a_standby_that_served_while_the_first_server_was_down_stops_when_it_returns() {
+    let (nat, other) = (Nat::new().unwrap(), Nat::new().unwrap());
+    let dir = Scratch::new("ha").unwrap();
+    let (vm1, vm2) = (nat.public(), other.public());
+    let (vm2_ip, _) = link(nat.router(), vm2);
+    let vm1_ip = IpAddr::V4(vm1.addr());
+    tagged_echo(nat.home(), "home");
+    // Only the standby is up: it serves, with the data channels its server asked for.
+    let server2 = vm_server(vm2, &dir, "vm2.toml", "");
+    let client = home_client(
+        nat.home(),
+        &dir,
+        "client.toml",
+        &[vm1_ip, vm2_ip],
+        "mode = \"failover\"",
+    );
+    server2
+        .wait_stderr("control channel open service=echo", WAIT)
+        .unwrap();
+    assert_eq!(ask(&mut visitor(vm2), "a"), "home:a");
+    // The first server comes up: it gets the visitors, and the standby's idle data channels,
+    // opened while it had the turn, carry none of its visitors any more.
+    let _server1 = vm_server(vm1, &dir, "vm1.toml", "");
+    wait_count(
+        &client,
+        &format!("control channel open service=echo {}", control_port(vm1_ip)),
+        1,
+    );
+    assert_eq!(ask(&mut visitor(vm1), "b"), "home:b");
+    let mut standby = visitor(vm2);
+    assert!(closed_by_peer(&mut standby, WAIT));
+    server2
+        .wait_stderr("no data channel from the client in time", WAIT)
+        .unwrap();
 }
 
 #[test]
