@@ -739,10 +739,16 @@ async fn list(
         }
     }
     for cluster in &config.clusters {
-        if filter.target(&cluster.target) && format == Format::Text {
+        if filter.target(&cluster.target) {
             let store = cluster_store(&config, cluster, env).await?;
-            let line = crate::pitr::window(&store, &cluster.name).await?;
-            out.line(format_args!("{line} (target {})", cluster.target))?;
+            let window = crate::pitr::window(&store, &cluster.name).await?;
+            match format {
+                Format::Text => out.line(format_args!("{window} (target {})", cluster.target))?,
+                Format::Json => out.line(serde_json::json!({
+                    "target": cluster.target,
+                    "cluster": window,
+                }))?,
+            }
         }
     }
     Ok(())

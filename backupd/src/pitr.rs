@@ -633,31 +633,72 @@ pub(crate) async fn verify(
     restore(args, cluster, store, &RecoveryTarget::Latest, &data, true).await
 }
 
-/// One line per cluster: base backups, the recoverable window, and gaps.
-pub(crate) async fn window(store: &Store, cluster: &str) -> Result<String, Error> {
-    let held = holdings(store, cluster).await?;
-    let (Some(oldest), Some(newest)) = (held.bases.first(), held.bases.last()) else {
-        return Ok(format!(
-            "cluster {cluster}: no base backup, {} WAL files",
-            held.wal.len()
-        ));
-    };
-    let end = held
-        .newest_segment(&newest.manifest)
-        .map_or_else(|| newest.manifest.wal_stop.clone(), ToString::to_string);
-    let gaps = held.gaps(&oldest.manifest)?;
-    Ok(format!(
-        "cluster {cluster}: {} base backups, {} WAL files; recoverable from {} to the end of \
-         {end}{}",
-        held.bases.len(),
-        held.wal.len(),
-        oldest.manifest.finished_at,
-        if gaps.is_empty() {
-            String::new()
-        } else {
-            format!("; MISSING {}", describe_gaps(&gaps))
+/// A cluster's recoverable window on a target, as `list` shows it (a line, or JSON).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Window {
+    /// The cluster.
+    pub(crate) cluster: String,
+    /// Complete base backups stored.
+    pub(crate) base_backups: usize,
+    /// WAL files stored.
+    pub(crate) wal_files: usize,
+    /// The earliest moment a restore can reach: the oldest base backup's end.
+    pub(crate) from: Option<Timestamp>,
+    /// The last WAL segment a restore can replay to the end of.
+    pub(crate) to_end_of: Option<String>,
+    /// Missing segments after the oldest base backup (runs as FIRST..LAST).
+    pub(crate) missing: Vec<String>,
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (Some(from), Some(end)) = (&self.from, &self.to_end_of) else {
+            return write!(
+                f,
+                "cluster {}: no base backup, {} WAL files",
+                self.cluster, self.wal_files
+            );
+        };
+        write!(
+            f,
+            "cluster {}: {} base backups, {} WAL files; recoverable from {from} to the end of \
+             {end}",
+            self.cluster, self.base_backups, self.wal_files
+        )?;
+        if !self.missing.is_empty() {
+            write!(f, "; MISSING {}", self.missing.join(", "))?;
         }
-    ))
+        Ok(())
+    }
+}
+
+/// A cluster's base backups, the recoverable window, and gaps.
+pub(crate) async fn window(store: &Store, cluster: &str) -> Result<Window, Error> {
+    let held = holdings(store, cluster).await?;
+    let mut window = Window {
+        cluster: cluster.to_owned(),
+        base_backups: held.bases.len(),
+        wal_files: held.wal.len(),
+        from: None,
+        to_end_of: None,
+        missing: Vec::new(),
+    };
+    let (Some(oldest), Some(newest)) = (held.bases.first(), held.bases.last()) else {
+        return Ok(window);
+    };
+    window.to_end_of = Some(
+        held.newest_segment(&newest.manifest)
+            .map_or_else(|| newest.manifest.wal_stop.clone(), ToString::to_string),
+    );
+    window.from = Some(oldest.manifest.finished_at);
+    let gaps = held.gaps(&oldest.manifest)?;
+    if !gaps.is_empty() {
+        window.missing = describe_gaps(&gaps)
+            .split(", ")
+            .map(str::to_owned)
+            .collect();
+    }
+    Ok(window)
 }
 
 /// What retention deletes of a cluster: base backup folders and WAL files.

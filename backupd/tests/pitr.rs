@@ -661,6 +661,22 @@ async fn retention_drops_wal_older_than_the_kept_base_backup_and_verify_names_a_
     assert!(stdout.contains(&lost), "{stdout}");
     let (list, _) = world.backupd(0, &["list", "-c", &config], &env);
     assert!(list.contains(&format!("MISSING {lost}")), "{list}");
+    // The JSON listing carries the same window.
+    let (list, _) = world.backupd(0, &["list", "-c", &config, "--format", "json"], &env);
+    let window: serde_json::Value = list
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v.get("cluster").is_some())
+        .unwrap_or_else(|| panic!("no cluster window in {list}"));
+    assert_eq!(window["target"], "s3", "{window}");
+    assert_eq!(window["cluster"]["cluster"], "main", "{window}");
+    assert_eq!(window["cluster"]["base_backups"], 1, "{window}");
+    assert!(window["cluster"]["from"].is_string(), "{window}");
+    assert_eq!(
+        window["cluster"]["missing"],
+        serde_json::json!([lost]),
+        "{window}"
+    );
 }
 
 #[test]
