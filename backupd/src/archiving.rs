@@ -1,14 +1,21 @@
 //! `wal-push` (PostgreSQL's `archive_command`) and `wal-fetch` (its `restore_command`).
 //!
-//! `wal-push %p` reports success only when the file is stored on the target or durably queued
-//! in the bounded spool (see [`crate::spool`] for why that is safe and when it stops being
-//! allowed). A retry of a file already stored with the same bytes succeeds; a file whose name
-//! the target holds with other bytes is refused (exit 65) and never overwritten.
+//! `wal-push %p` signs the file's header with the WAL key ([`crate::wal`]) and reports success
+//! only when the file is stored on the target or durably queued in the bounded spool (see
+//! [`crate::spool`] for why that is safe and when it stops being allowed). A retry of a file
+//! already stored with the same bytes and this key's signature succeeds; the same bytes stored
+//! unsigned or signed by another key are stored again with this signature (nothing is lost:
+//! the plain bytes are the same, and the object becomes one a restore trusts); a file whose
+//! name the target holds with other bytes is refused (exit 65) and never overwritten.
 //!
-//! `wal-fetch %f %p` writes the decoded file to a temporary name beside `%p`, checks its size
-//! and SHA-256 against the object's header, and only then renames it to `%p`. A file the target
-//! lacks (PostgreSQL asks for the next segment and for history files that may not exist) is an
-//! ordinary "not found" (exit 66), which ends recovery the way PostgreSQL expects.
+//! `wal-fetch %f %p` checks the object's signature (unsigned refused unless `--allow-unsigned`;
+//! an untrusted key or a signature that does not match always refused, exit 77) before it
+//! decodes anything, writes the decoded file to a temporary name beside `%p`, checks its size
+//! and SHA-256 against the header, and only then renames it to `%p`. A file the target lacks
+//! (PostgreSQL asks for the next segment and for history files that may not exist) is an
+//! ordinary "not found" (exit 66), which ends recovery the way PostgreSQL expects. PostgreSQL
+//! takes a refusal the same way (any exit below 126 ends the archive), so `restore` checks
+//! every signature before it lays a base backup out, and a replay that met a refusal fails.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +26,7 @@ use crate::Error;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::pipeline::{self, Encoding, Hashing};
+use crate::signing::{SigningKey, Trust};
 use crate::spool::{self, Spool, Upload};
 use crate::store::{Store, StoreError};
 use crate::wal::{self, Header, WalName};
@@ -80,17 +88,20 @@ pub(crate) async fn push(
     path: &Path,
 ) -> Result<Pushed, Error> {
     let name = WalName::of_path(path)?;
+    let key = wal_key(config)?;
     let encoding = encoding(config);
     let hashed = path.to_owned();
     let (size, sha256) = tokio::task::spawn_blocking(move || wal::hash_file(&hashed))
         .await
         .map_err(|e| Error::Internal(format!("hashing task: {e}")))??;
-    let header = Header {
-        name: name.clone(),
+    let header = Header::signed(
+        key,
+        &cluster.name,
+        name.clone(),
         size,
         sha256,
-        encrypted: !encoding.recipients.is_empty(),
-    };
+        !encoding.recipients.is_empty(),
+    );
     let spool = Spool::open(&cluster.spool_dir, cluster.spool_max)?;
     if let Some((size, sha256)) = spool.take_done(&name)
         && size == header.size
@@ -110,7 +121,7 @@ pub(crate) async fn push(
         });
     }
     match spool.header(&name) {
-        Some(queued) if queued.sha256 == header.sha256 && queued.size == header.size => {}
+        Some(queued) if queued.same_bytes(&header) => {}
         Some(queued) => {
             return Err(Error::WalConflict {
                 name: name.to_string(),
@@ -122,9 +133,10 @@ pub(crate) async fn push(
         }
         None => {
             // The usual case: straight to the store, no local copy.
-            match upload_direct(store, &cluster.name, &header, path, &encoding).await {
+            let direct = upload_direct(store, &cluster.name, &header, path, &encoding);
+            let cause = match Box::pin(bounded(cluster, &name, direct)).await {
                 Ok(Upload::Stored | Upload::AlreadyStored) => {
-                    let ahead = spool_ahead(&spool, path, &name, cluster.parallel - 1, &encoding);
+                    let ahead = spool_ahead(&spool, path, cluster, key, &encoding);
                     drain_after(&spool, store, cluster, &ahead).await?;
                     return Ok(Pushed::Stored);
                 }
@@ -138,21 +150,28 @@ pub(crate) async fn push(
                         ),
                     });
                 }
-                Ok(Upload::Failed(_)) | Err(_) => {}
-            }
+                Ok(Upload::Failed(cause)) | Err(cause) => cause,
+            };
             let (source, header_copy, encoding_copy) =
                 (path.to_owned(), header.clone(), encoding.clone());
             // The spool is locked by this process; the write is blocking file work.
             let spool_ref = &spool;
             tokio::task::block_in_place(|| spool_ref.write(&header_copy, &source, &encoding_copy))?;
+            // The store just failed: trying it again now would only hold the archiver longer.
+            return spooled_or_full(&spool, &name, &cause);
         }
     }
 
-    // Our own file first and alone: if the store is down, the queue is not worth trying.
-    let own = spool::drain_one(&spool, store, &cluster.name, &name).await?;
+    // Queued by an earlier call: our own file first and alone, as the queue is not worth
+    // trying if the store is down.
+    let draining = spool::drain_one(&spool, store, &cluster.name, &name);
+    let own = match Box::pin(bounded(cluster, &name, draining)).await {
+        Ok(outcome) => outcome,
+        Err(cause) => Upload::Failed(cause),
+    };
     match own {
         Upload::Stored | Upload::AlreadyStored => {
-            let ahead = spool_ahead(&spool, path, &name, cluster.parallel - 1, &encoding);
+            let ahead = spool_ahead(&spool, path, cluster, key, &encoding);
             drain_after(&spool, store, cluster, &ahead).await?;
             Ok(Pushed::Stored)
         }
@@ -168,14 +187,46 @@ pub(crate) async fn push(
     }
 }
 
-/// After a stored push: uploads the queue (and what was spooled ahead) in parallel.
+/// Runs one upload of `name` within the cluster's `upload_timeout`: a store that accepts
+/// connections and never answers would otherwise hold PostgreSQL's archiver for the SDK's
+/// read timeout (300 s). Running out of time is a failure like a refused connection, and the
+/// caller spools the file the same way. A cut-off upload stores nothing: S3 makes an object
+/// only when its put completes, and a folder target renames a finished temporary file.
+async fn bounded(
+    cluster: &Cluster,
+    name: &WalName,
+    upload: impl Future<Output = Result<Upload, Error>>,
+) -> Result<Upload, Error> {
+    match tokio::time::timeout(cluster.upload_timeout, upload).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(Error::Io {
+            what: format!(
+                "uploading WAL file {name}: the target did not answer within {} s \
+                 (upload_timeout_secs)",
+                cluster.upload_timeout.as_secs()
+            ),
+            source: io::ErrorKind::TimedOut.into(),
+        }),
+    }
+}
+
+/// After a stored push: uploads the queue (and what was spooled ahead) in parallel, within
+/// the upload timeout; what is left stays queued for the next push.
 async fn drain_after(
     spool: &Spool,
     store: &Store,
     cluster: &Cluster,
     ahead: &[Header],
 ) -> Result<(), Error> {
-    let others = spool::drain(spool, store, &cluster.name, cluster.parallel, None).await?;
+    let draining = spool::drain(spool, store, &cluster.name, cluster.parallel, None);
+    let Ok(others) = tokio::time::timeout(cluster.upload_timeout, draining).await else {
+        tracing::warn!(
+            timeout_secs = cluster.upload_timeout.as_secs(),
+            "the spooled WAL files were not all stored in time; the next wal-push goes on"
+        );
+        return Ok(());
+    };
+    let others = others?;
     for (done, outcome) in &others {
         if matches!(outcome, Upload::Stored | Upload::AlreadyStored)
             && let Some(header) = ahead.iter().find(|h| &h.name == done)
@@ -216,7 +267,20 @@ fn spooled_or_full(spool: &Spool, name: &WalName, cause: &Error) -> Result<Pushe
     }
 }
 
-/// Spools up to `n` segments PostgreSQL has marked ready after `own` (its
+/// The key `wal-push` signs with.
+fn wal_key(config: &Config) -> Result<&SigningKey, Error> {
+    config.signing.wal_key.as_ref().ok_or_else(|| {
+        Error::Config(config.file.invalid(
+            "signing.wal_key_file",
+            "WAL is signed, and no WAL signing key is configured: make one with \
+             `backupd keygen --wal -o /etc/labkit/backupd-wal.sign` (readable by the PostgreSQL \
+             user only), set wal_key_file in [signing] of this config, and list its public key \
+             in wal_public_keys where restores run",
+        ))
+    })
+}
+
+/// Spools up to `parallel - 1` segments PostgreSQL has marked ready after `path`'s (its
 /// `archive_status/*.ready` beside `path`), so they go up in parallel with the queue, as
 /// pgBackRest's asynchronous push does; PostgreSQL's later call for each then only checks its
 /// bytes against the record left by [`Spool::mark_done`]. Anything unreadable is left to that
@@ -224,13 +288,15 @@ fn spooled_or_full(spool: &Spool, name: &WalName, cause: &Error) -> Result<Pushe
 fn spool_ahead(
     spool: &Spool,
     path: &Path,
-    own: &WalName,
-    n: usize,
+    cluster: &Cluster,
+    key: &SigningKey,
     encoding: &Encoding,
 ) -> Vec<Header> {
-    let Some(dir) = path.parent() else {
+    let (Some(dir), Ok(own)) = (path.parent(), WalName::of_path(path)) else {
         return Vec::new();
     };
+    let own = &own;
+    let n = cluster.parallel - 1;
     let mut ready: Vec<WalName> = std::fs::read_dir(dir.join("archive_status"))
         .into_iter()
         .flatten()
@@ -253,12 +319,14 @@ fn spool_ahead(
         let Ok((size, sha256)) = wal::hash_file(&file) else {
             continue;
         };
-        let header = Header {
+        let header = Header::signed(
+            key,
+            &cluster.name,
             name,
             size,
             sha256,
-            encrypted: !encoding.recipients.is_empty(),
-        };
+            !encoding.recipients.is_empty(),
+        );
         if spool.header(&header.name).is_none()
             && tokio::task::block_in_place(|| spool.write(&header, &file, encoding)).is_err()
         {
@@ -279,12 +347,10 @@ async fn upload_direct(
 ) -> Result<Upload, Error> {
     let key = wal::object_key(cluster, &header.name);
     if let Some(stored) = spool::stored_header(store, &key).await? {
-        if stored.sha256 == header.sha256 && stored.size == header.size {
-            return Ok(Upload::AlreadyStored);
+        // `None`: the same bytes without this signature, stored again below, signed.
+        if let Some(done) = spool::compare(header, &stored, &store.location(&key)) {
+            return Ok(done);
         }
-        return Ok(Upload::Conflict {
-            stored_sha256: stored.sha256,
-        });
     }
     let (writer, reader) = pipeline::channel();
     let (source, header, encoding) = (path.to_owned(), header.clone(), encoding.clone());
@@ -321,11 +387,12 @@ pub(crate) async fn drain(cluster: &Cluster, store: &Store) -> Result<(usize, us
     Ok((stored, queued))
 }
 
-/// `wal-fetch NAME PATH`.
+/// `wal-fetch NAME PATH`: `trust` decides which signatures are accepted.
 pub(crate) async fn fetch(
     config: &Config,
     cluster: &Cluster,
     store: &Store,
+    trust: &Trust,
     name: &WalName,
     dest: &Path,
 ) -> Result<(), Error> {
@@ -354,6 +421,7 @@ pub(crate) async fn fetch(
     let name = name.clone();
     let dest = dest.to_owned();
     let location = store.location(&key);
+    let (trust, cluster_name) = (trust.clone(), cluster.name.clone());
     tokio::task::spawn_blocking(move || {
         let mut input = SyncIoBridge::new(reader);
         let header = Header::read_from(&mut input).map_err(|source| Error::Io {
@@ -366,6 +434,8 @@ pub(crate) async fn fetch(
                 detail: format!("the object {location} holds {}", header.name),
             });
         }
+        // Before a byte is decoded: nothing unsigned or forged reaches pg_wal.
+        header.check(&trust, &location, &cluster_name)?;
         let identities = match &identity {
             Some(text) => Some(pipeline::identities(text.expose())?),
             None => None,

@@ -28,6 +28,7 @@ EXAMPLES:
     backupd restore -c backupd.toml lab.gitea@20261125T031500.123Z --table public.issue --to-table issue_old
     backupd prune -c backupd.toml --dry-run           what retention would delete
     backupd keygen -o /etc/labkit/backupd.sign        make the manifest signing key
+    backupd keygen --wal -o /etc/labkit/backupd-wal.sign   make the WAL signing key (wal-push)
 
 EXIT STATUS:
     0 success; 1 some backups of a pass failed (others were made); 64 usage; 65 a backup failed
@@ -47,6 +48,17 @@ SIGNATURES:
     [signing] public_keys, and only then read its data, which must match the manifest before
     any of it is decoded. Backups made before signing existed have no signature and are
     refused unless --allow-unsigned is given.
+    WAL is signed too, with a key of its own: wal-push runs as the PostgreSQL user, which must
+    not hold the manifest key (a compromised PostgreSQL user can already write the database;
+    with the manifest key it could forge base backups and dumps). `backupd keygen --wal` makes
+    it; name it in [signing] wal_key_file of the archiver's config, and list its public key in
+    [signing] wal_public_keys where restores run (a key in both trusted sets is refused). Each
+    WAL object's header is signed over the cluster, the file name, its size and SHA-256, so a
+    segment cannot be planted, renamed or moved into another cluster. wal-fetch checks it before
+    any byte reaches pg_wal; restore and verify --cluster check every WAL file they would replay
+    first and name each refused one (77). --allow-unsigned accepts unsigned WAL (pushed before
+    WAL was signed), and restore writes it into restore_command only when given it; a wrong or
+    untrusted signature is refused all the same.
 
 SEVERAL STORES:
     Each [[target]] may name its own S3 store with endpoint, region, path_style, profile,
@@ -204,8 +216,9 @@ pub enum Command {
         /// Do not restore object ownership (when the roles do not exist here)
         #[arg(long)]
         no_owner: bool,
-        /// Accept a backup without a signature (made before backups were signed); a wrong or
-        /// untrusted signature is refused all the same
+        /// Accept a backup without a signature (made before backups were signed), and with
+        /// --cluster unsigned WAL (restore_command then carries it too); a wrong or untrusted
+        /// signature is refused all the same
         #[arg(long)]
         allow_unsigned: bool,
     },
@@ -241,7 +254,8 @@ pub enum Command {
         /// Only this target
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
-        /// Accept backups without a signature (made before backups were signed)
+        /// Accept backups (and with --cluster, WAL files) without a signature (made before
+        /// they were signed)
         #[arg(long)]
         allow_unsigned: bool,
     },
@@ -262,7 +276,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
-    /// Make a manifest signing key.
+    /// Make a manifest (or, with --wal, a WAL) signing key.
     ///
     /// With -o, the key file is created with mode 0600 (an existing file is never replaced) and
     /// the public key printed on stdout; without it, the key file's text goes to stdout (its
@@ -270,21 +284,34 @@ pub enum Command {
     /// key_file, or install it as the systemd credential signing.key; list the public key in
     /// [signing] public_keys on every other host that restores or verifies. Keep the public key
     /// off the host too, beside the age identity: a restore elsewhere needs both.
+    ///
+    /// With --wal, the key is for wal-push instead: give it to the PostgreSQL user only (mode
+    /// 0600, owned by postgres) and name it in [signing] wal_key_file of the archiver's config.
+    /// It is a key of its own because the archiver runs as the PostgreSQL user, which must
+    /// not be able to sign base backups or dumps.
     #[command(
-        after_long_help = "EXAMPLES:\n    backupd keygen -o /etc/labkit/backupd.sign\n    backupd keygen -o /etc/labkit/credentials/backupd/signing.key    # for backupd.service"
+        after_long_help = "EXAMPLES:\n    backupd keygen -o /etc/labkit/backupd.sign\n    backupd keygen -o /etc/labkit/credentials/backupd/signing.key    # for backupd.service\n    backupd keygen --wal -o /etc/labkit/backupd-wal.sign && chown postgres /etc/labkit/backupd-wal.sign"
     )]
     Keygen {
         /// Write the key file here instead of to stdout
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Make a WAL signing key for wal-push (the PostgreSQL user), named in [signing]
+        /// wal_key_file; its public key goes in wal_public_keys, never in public_keys
+        #[arg(long)]
+        wal: bool,
     },
     /// Archive one WAL file (PostgreSQL's archive_command), or drain the spool.
     ///
-    /// Exits 0 only once the file is stored on the cluster's target, or (when the target is
-    /// unreachable) durably queued in the bounded spool, from which the next wal-push or
-    /// `wal-push --drain` uploads it. A file already stored with the same bytes succeeds; one
-    /// whose name is stored with other bytes is refused (65) and never overwritten. A full
-    /// spool fails (75), so PostgreSQL keeps the file and retries: WAL is never dropped.
+    /// The file's header is signed with the WAL key ([signing] wal_key_file, made with
+    /// `backupd keygen --wal`; without one wal-push exits 78). Exits 0 only once the file is
+    /// stored on the cluster's target, or (when the target is unreachable or does not answer
+    /// within [[cluster]] upload_timeout_secs) durably queued in the bounded spool, from which
+    /// the next wal-push or `wal-push --drain` uploads it. A file already stored with the same
+    /// bytes succeeds (stored again with this key's signature if it was unsigned or signed by
+    /// another key); one whose name is stored with other bytes is refused (65) and never
+    /// overwritten. A full spool fails (75), so PostgreSQL keeps the file and retries: WAL is
+    /// never dropped.
     #[command(
         after_long_help = "EXAMPLES:\n    archive_command = 'backupd wal-push -c /etc/labkit/backupd-wal.toml %p'\n    backupd wal-push -c /etc/labkit/backupd-wal.toml --drain    # from a timer"
     )]
@@ -303,9 +330,12 @@ pub enum Command {
     },
     /// Fetch one WAL file (PostgreSQL's restore_command).
     ///
-    /// The file is decoded beside PATH, checked against the SHA-256 recorded at push time, and
+    /// The object's signature is checked first: it must be by the WAL key ([signing]
+    /// wal_key_file) or one of wal_public_keys, and cover this cluster and this file name;
+    /// otherwise nothing is written and wal-fetch exits 77, naming the object and why. The file
+    /// is then decoded beside PATH, checked against the SHA-256 recorded at push time, and
     /// renamed to PATH. A file the archive lacks exits 66, which PostgreSQL takes as the end of
-    /// the archive.
+    /// the archive (as it takes any failure: `restore` checks every signature beforehand).
     #[command(
         after_long_help = "EXAMPLES:\n    restore_command = 'backupd wal-fetch -c /etc/labkit/backupd-wal.toml %f %p'"
     )]
@@ -319,6 +349,11 @@ pub enum Command {
         name: String,
         /// Where to write it (%p)
         path: PathBuf,
+        /// Accept a WAL file without a signature (pushed before WAL was signed); a wrong or
+        /// untrusted signature is refused all the same. `restore --allow-unsigned` writes it
+        /// into restore_command, and only then
+        #[arg(long)]
+        allow_unsigned: bool,
     },
     /// Take a physical base backup of a [[cluster]] (pg_basebackup through zstd and age).
     ///
@@ -510,7 +545,7 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             let store = crate::archiving::fail_fast(cluster_store(&config, cluster, env).await?);
             match (path, drain) {
                 (Some(path), false) => {
-                    crate::archiving::push(&config, cluster, &store, &path).await?;
+                    Box::pin(crate::archiving::push(&config, cluster, &store, &path)).await?;
                 }
                 _ => {
                     let (stored, queued) = crate::archiving::drain(cluster, &store).await?;
@@ -524,12 +559,14 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             cluster,
             name,
             path,
+            allow_unsigned,
         } => {
             let config = Config::load(&config.config, env)?;
             let cluster = crate::cluster::pick(&config.clusters, cluster.as_deref())?;
             let name: crate::wal::WalName = name.parse().map_err(Error::Usage)?;
             let store = cluster_store(&config, cluster, env).await?;
-            crate::archiving::fetch(&config, cluster, &store, &name, &path).await
+            let trust = config.signing.wal_trust(allow_unsigned);
+            crate::archiving::fetch(&config, cluster, &store, &trust, &name, &path).await
         }
         Command::Basebackup { config, cluster } => {
             let config = Config::load(&config.config, env)?;
@@ -541,8 +578,13 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
                 manifest.id, manifest.wal_start, manifest.wal_stop
             ))
         }
-        Command::Keygen { output } => {
-            let public = crate::signing::keygen(output.as_deref())?;
+        Command::Keygen { output, wal } => {
+            let role = if wal {
+                crate::signing::KeyRole::Wal
+            } else {
+                crate::signing::KeyRole::Manifest
+            };
+            let public = crate::signing::keygen(output.as_deref(), role)?;
             if output.is_some() {
                 out.line(public)?;
             }
@@ -697,10 +739,16 @@ async fn list(
         }
     }
     for cluster in &config.clusters {
-        if filter.target(&cluster.target) && format == Format::Text {
+        if filter.target(&cluster.target) {
             let store = cluster_store(&config, cluster, env).await?;
-            let line = crate::pitr::window(&store, &cluster.name).await?;
-            out.line(format_args!("{line} (target {})", cluster.target))?;
+            let window = crate::pitr::window(&store, &cluster.name).await?;
+            match format {
+                Format::Text => out.line(format_args!("{window} (target {})", cluster.target))?,
+                Format::Json => out.line(serde_json::json!({
+                    "target": cluster.target,
+                    "cluster": window,
+                }))?,
+            }
         }
     }
     Ok(())
@@ -979,6 +1027,14 @@ fn check(path: &Path, env: &Env, out: &mut Stdout) -> Result<(), Error> {
     for key in &config.signing.public_keys {
         out.line(format_args!("trusted key: {key}"))?;
     }
+    match &config.signing.wal_key {
+        Some(key) => out.line(format_args!("WAL signing key: {}", key.public()))?,
+        None if config.clusters.is_empty() => {}
+        None => out.line("WAL signing key: none (wal-push refuses to archive)")?,
+    }
+    for key in &config.signing.wal_public_keys {
+        out.line(format_args!("trusted WAL key: {key}"))?;
+    }
     Ok(())
 }
 
@@ -1023,10 +1079,12 @@ async fn restore_cluster(
     };
     let identity = identity(identity_flag, &config)?;
     let trust = config.signing.trust(allow_unsigned);
+    let wal_trust = config.signing.wal_trust(allow_unsigned);
     let store = cluster_store(&config, cluster, env).await?;
     let args = crate::pitr::RestoreArgs {
         config: &config,
         trust: &trust,
+        wal_trust: &wal_trust,
         env,
         identity: identity.as_ref(),
     };
@@ -1044,10 +1102,12 @@ async fn verify_cluster(
     let cluster = crate::cluster::pick(&config.clusters, Some(name))?;
     let identity = identity(identity_flag, &config)?;
     let trust = config.signing.trust(allow_unsigned);
+    let wal_trust = config.signing.wal_trust(allow_unsigned);
     let store = cluster_store(&config, cluster, env).await?;
     let args = crate::pitr::RestoreArgs {
         config: &config,
         trust: &trust,
+        wal_trust: &wal_trust,
         env,
         identity: identity.as_ref(),
     };

@@ -9,6 +9,7 @@
 //! spool_max_mb = 1024                   # beyond this wal-push fails and PostgreSQL retries
 //! parallel = 4                          # uploads at once when segments queue up
 //! archive_timeout_secs = 60             # how long basebackup waits for its last segment
+//! upload_timeout_secs = 10              # a store that does not answer: spool the segment
 //! ```
 //!
 //! Base backups are kept by the file's `[retention]` counts, like dumps; WAL older than the
@@ -35,6 +36,7 @@ pub(crate) struct RawCluster {
     spool_max_mb: Option<u64>,
     parallel: Option<usize>,
     archive_timeout_secs: Option<u64>,
+    upload_timeout_secs: Option<u64>,
 }
 
 /// A resolved cluster.
@@ -52,6 +54,8 @@ pub(crate) struct Cluster {
     pub(crate) parallel: usize,
     /// How long a base backup waits for the WAL it needs to be archived.
     pub(crate) archive_timeout: Duration,
+    /// How long wal-push waits on the store before it spools the file instead.
+    pub(crate) upload_timeout: Duration,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -116,6 +120,13 @@ pub(crate) fn resolve(
         if !(1..=32).contains(&parallel) {
             return Err(file.invalid(key("parallel"), format!("{parallel} is outside 1..=32")));
         }
+        let upload_timeout = cluster.upload_timeout_secs.unwrap_or(10);
+        if !(1..=3600).contains(&upload_timeout) {
+            return Err(file.invalid(
+                key("upload_timeout_secs"),
+                format!("{upload_timeout} is outside 1..=3600"),
+            ));
+        }
         clusters.push(Cluster {
             name: cluster.name,
             target,
@@ -123,6 +134,7 @@ pub(crate) fn resolve(
             spool_max: spool_max_mb * 1024 * 1024,
             parallel,
             archive_timeout: Duration::from_secs(cluster.archive_timeout_secs.unwrap_or(60)),
+            upload_timeout: Duration::from_secs(upload_timeout),
         });
     }
     Ok(clusters)

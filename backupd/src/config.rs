@@ -43,6 +43,8 @@
 //! [signing]                            # `backupd keygen -o /etc/labkit/backupd.sign`
 //! key_file = "backupd.sign"            # or the systemd credential signing.key
 //! public_keys = ["backupd-ed25519:..."] # hosts that only restore or verify
+//! wal_key_file = "wal.sign"            # `keygen --wal`, for wal-push (the PostgreSQL user)
+//! wal_public_keys = ["backupd-ed25519:..."] # WAL keys restore and wal-fetch trust
 //!
 //! [retention]
 //! keep_last = 3
@@ -68,7 +70,7 @@ use serde::Deserialize;
 
 use crate::catalog;
 use crate::retention::Policy;
-use crate::signing::{Signing, SigningKey};
+use crate::signing::{PublicKey, Signing, SigningKey};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -189,6 +191,10 @@ struct RawSigning {
     key_file: Option<PathBuf>,
     #[serde(default)]
     public_keys: Vec<String>,
+    wal_key: Option<Secret>,
+    wal_key_file: Option<PathBuf>,
+    #[serde(default)]
+    wal_public_keys: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1030,25 +1036,61 @@ fn check_subjects(sources: &[Source], file: &ConfigFile) -> Result<(), ConfigErr
 }
 
 fn resolve_signing(raw: RawSigning, file: &ConfigFile, env: &Env) -> Result<Signing, ConfigError> {
-    let text = file.secret(env, "signing.key", raw.key, raw.key_file.as_deref())?;
-    let key = text
-        .map(|text| {
-            let key = if raw.key_file.is_some() {
-                "signing.key_file"
+    let read_key = |credential: &str, inline: Option<Secret>, path: Option<&Path>| {
+        let text = file.secret(env, credential, inline, path)?;
+        text.map(|text| {
+            let key = if path.is_some() {
+                format!("{credential}_file")
             } else {
-                "signing.key"
+                credential.to_owned()
             };
             SigningKey::parse(text.expose()).map_err(|why| file.invalid(key, why))
         })
-        .transpose()?;
-    let mut public_keys = Vec::new();
-    for (i, text) in raw.public_keys.iter().enumerate() {
-        public_keys.push(
-            text.parse()
-                .map_err(|why| file.invalid(format!("signing.public_keys[{i}]"), why))?,
-        );
+        .transpose()
+    };
+    let key = read_key("signing.key", raw.key, raw.key_file.as_deref())?;
+    let wal_key = read_key("signing.wal_key", raw.wal_key, raw.wal_key_file.as_deref())?;
+    let parse_keys = |texts: &[String], name: &str| {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                text.parse::<PublicKey>()
+                    .map_err(|why| file.invalid(format!("signing.{name}[{i}]"), why))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let public_keys = parse_keys(&raw.public_keys, "public_keys")?;
+    let wal_public_keys = parse_keys(&raw.wal_public_keys, "wal_public_keys")?;
+    // The archiver (the PostgreSQL user) holds the WAL key: a key trusted for manifests too
+    // would let it forge base backups, which is what keeping the keys apart prevents.
+    let manifest_trusted: Vec<PublicKey> = public_keys
+        .iter()
+        .copied()
+        .chain(key.as_ref().map(SigningKey::public))
+        .collect();
+    let wal_trusted = wal_public_keys
+        .iter()
+        .copied()
+        .chain(wal_key.as_ref().map(SigningKey::public));
+    for wal in wal_trusted {
+        if manifest_trusted.contains(&wal) {
+            return Err(file.invalid(
+                "signing.wal_public_keys",
+                format!(
+                    "{wal} is trusted for manifests too (key_file or public_keys): the WAL key \
+                     must be a key of its own (`backupd keygen --wal`), since the PostgreSQL \
+                     user holds it"
+                ),
+            ));
+        }
     }
-    Ok(Signing { key, public_keys })
+    Ok(Signing {
+        key,
+        public_keys,
+        wal_key,
+        wal_public_keys,
+    })
 }
 
 /// `HH:MM` (24-hour clock).

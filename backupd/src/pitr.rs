@@ -7,6 +7,10 @@
 //!   matches the manifest's SHA-256 (copied first to an unnamed private file).
 //! - A restore or verify refuses a base backup whose WAL chain has a hole between its first
 //!   segment and the newest stored one, and names every missing segment.
+//! - A restore or verify checks the signature of every WAL file it may replay before it lays
+//!   anything out, and names each refused one; `restore_command` carries `--allow-unsigned`
+//!   exactly when the restore was given it. PostgreSQL takes a failed `restore_command` as the
+//!   end of the archive, so a replay that met a refusal (planted after the check) fails too.
 //! - A scratch server never archives (`archive_mode=off` on its command line), listens on no
 //!   TCP port, and trusts only its private socket folder; it is stopped before we return.
 //! - Pruning keeps every WAL file at or after the first segment of the oldest kept base
@@ -190,8 +194,10 @@ fn choose<'a>(held: &'a Holdings, target: &RecoveryTarget) -> Option<&'a Base> {
 pub(crate) struct RestoreArgs<'a> {
     /// The config (its path goes into `restore_command`).
     pub(crate) config: &'a Config,
-    /// Signature trust.
+    /// Signature trust for base backups' manifests.
     pub(crate) trust: &'a Trust,
+    /// Signature trust for WAL (the same `--allow-unsigned`, other keys).
+    pub(crate) wal_trust: &'a Trust,
     /// The environment.
     pub(crate) env: &'a Env,
     /// The age identity, for encrypted backups.
@@ -239,8 +245,9 @@ pub(crate) async fn restore(
             ),
         });
     }
+    check_wal_signatures(store, &cluster.name, &held, &base.manifest, args.wal_trust).await?;
     lay_out(args, store, base, to_dir).await?;
-    write_recovery_settings(args.config, cluster, target, to_dir)?;
+    write_recovery_settings(args, cluster, target, to_dir)?;
     let mut report = format!(
         "restored base backup {} of cluster {} to {}; recovery settings written",
         base.manifest.id,
@@ -257,6 +264,91 @@ pub(crate) async fn restore(
         report.push_str(&format!("; {reached}"));
     }
     Ok(report)
+}
+
+/// WAL signature checks at once: each reads only an object's header.
+const SIGNATURE_CHECKS: usize = 8;
+
+/// Checks the signature of every WAL file a replay of `base` may fetch (history files, and
+/// segments from its first on, on its timeline or later ones); refuses with each bad one named.
+async fn check_wal_signatures(
+    store: &Store,
+    cluster: &str,
+    held: &Holdings,
+    base: &BaseManifest,
+    trust: &Trust,
+) -> Result<(), Error> {
+    let (start, _) = base.wal_range()?;
+    let first = start.segment_number().unwrap_or(0);
+    let wanted: Vec<WalName> = held
+        .wal
+        .iter()
+        .filter(|n| {
+            n.kind() == WalKind::History
+                || (n.timeline() >= base.timeline && n.segment_number().is_some_and(|s| s >= first))
+        })
+        .cloned()
+        .collect();
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(SIGNATURE_CHECKS));
+    let mut tasks = tokio::task::JoinSet::new();
+    for name in wanted {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Internal("the check semaphore closed".into()))?;
+        let (store, trust, cluster) = (store.clone(), trust.clone(), cluster.to_owned());
+        tasks.spawn(async move {
+            let key = wal::object_key(&cluster, &name);
+            let location = store.location(&key);
+            let verdict = match crate::spool::stored_header(&store, &key).await {
+                Ok(Some(header)) if header.name != name => Err(format!("it holds {}", header.name)),
+                Ok(Some(header)) => header
+                    .check(&trust, &location, &cluster)
+                    .map_err(|e| short_reason(&e)),
+                Ok(None) => Ok(()), // Gone since the listing: the gap check's business.
+                Err(err) => Err(labcore::exit::chain(&err)),
+            };
+            drop(permit);
+            (name, verdict)
+        });
+    }
+    let mut refused = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (name, verdict) =
+            joined.map_err(|e| Error::Internal(format!("a signature check failed: {e}")))?;
+        if let Err(why) = verdict {
+            refused.push((name, why));
+        }
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    refused.sort();
+    Err(Error::Signature(signing::SignatureError::WalChain {
+        cluster: cluster.to_owned(),
+        refused: refused
+            .iter()
+            .map(|(name, why)| format!("{name} ({why})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }))
+}
+
+/// Why a WAL object is refused, in a few words for a list of them.
+fn short_reason(err: &signing::SignatureError) -> String {
+    use signing::SignatureError as S;
+    match err {
+        S::WalUnsigned { .. } => "unsigned; --allow-unsigned accepts it".into(),
+        S::WalUntrusted { key, .. } => format!("signed by untrusted key {key}"),
+        S::WalInvalid { .. } => {
+            "the signature does not match its cluster, name, size and SHA-256".into()
+        }
+        S::WalNoTrustedKeys { .. } => {
+            "signed, but no WAL key is trusted: set [signing] wal_public_keys".into()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Copies the base backup's tar to a private file, checks it, and extracts it into `to_dir`.
@@ -347,20 +439,27 @@ fn conf_quote(text: &str) -> String {
 
 /// Writes `recovery.signal` and appends the restore settings to `postgresql.auto.conf`.
 fn write_recovery_settings(
-    config: &Config,
+    args: &RestoreArgs<'_>,
     cluster: &Cluster,
     target: &RecoveryTarget,
     to_dir: &Path,
 ) -> Result<(), Error> {
+    let config = args.config;
     let io = |what: String| move |source| Error::Io { what, source };
     let exe = std::env::current_exe().map_err(io("finding backupd's own path".into()))?;
     let config_path =
         std::fs::canonicalize(config.file.path()).unwrap_or_else(|_| config.file.path().to_owned());
+    // Unsigned WAL is accepted during the replay exactly when this restore accepted it.
     let command = format!(
-        "{} wal-fetch -c {} --cluster {} %f %p",
+        "{} wal-fetch -c {} --cluster {}{} %f %p",
         shell_quote(&exe.to_string_lossy()),
         shell_quote(&config_path.to_string_lossy()),
-        shell_quote(&cluster.name)
+        shell_quote(&cluster.name),
+        if args.wal_trust.allow_unsigned {
+            " --allow-unsigned"
+        } else {
+            ""
+        }
     );
     let mut settings = format!(
         "\n# Written by backupd restore --cluster {}\nrestore_command = {}\n\
@@ -474,6 +573,13 @@ async fn replay(
                 if !in_recovery {
                     let replayed: Option<String> = row.get(1);
                     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    // A refused WAL file ended the archive for PostgreSQL: the replay stopped
+                    // short of what the store holds, so it is no success.
+                    if let Some(line) = log.lines().find(|l| l.contains(signing::WAL_REFUSED)) {
+                        return Err(Error::Signature(signing::SignatureError::WalReplay {
+                            line: line.trim().to_owned(),
+                        }));
+                    }
                     let stop = log
                         .lines()
                         .find(|l| l.contains("recovery stopping"))
@@ -527,31 +633,72 @@ pub(crate) async fn verify(
     restore(args, cluster, store, &RecoveryTarget::Latest, &data, true).await
 }
 
-/// One line per cluster: base backups, the recoverable window, and gaps.
-pub(crate) async fn window(store: &Store, cluster: &str) -> Result<String, Error> {
-    let held = holdings(store, cluster).await?;
-    let (Some(oldest), Some(newest)) = (held.bases.first(), held.bases.last()) else {
-        return Ok(format!(
-            "cluster {cluster}: no base backup, {} WAL files",
-            held.wal.len()
-        ));
-    };
-    let end = held
-        .newest_segment(&newest.manifest)
-        .map_or_else(|| newest.manifest.wal_stop.clone(), ToString::to_string);
-    let gaps = held.gaps(&oldest.manifest)?;
-    Ok(format!(
-        "cluster {cluster}: {} base backups, {} WAL files; recoverable from {} to the end of \
-         {end}{}",
-        held.bases.len(),
-        held.wal.len(),
-        oldest.manifest.finished_at,
-        if gaps.is_empty() {
-            String::new()
-        } else {
-            format!("; MISSING {}", describe_gaps(&gaps))
+/// A cluster's recoverable window on a target, as `list` shows it (a line, or JSON).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Window {
+    /// The cluster.
+    pub(crate) cluster: String,
+    /// Complete base backups stored.
+    pub(crate) base_backups: usize,
+    /// WAL files stored.
+    pub(crate) wal_files: usize,
+    /// The earliest moment a restore can reach: the oldest base backup's end.
+    pub(crate) from: Option<Timestamp>,
+    /// The last WAL segment a restore can replay to the end of.
+    pub(crate) to_end_of: Option<String>,
+    /// Missing segments after the oldest base backup (runs as FIRST..LAST).
+    pub(crate) missing: Vec<String>,
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (Some(from), Some(end)) = (&self.from, &self.to_end_of) else {
+            return write!(
+                f,
+                "cluster {}: no base backup, {} WAL files",
+                self.cluster, self.wal_files
+            );
+        };
+        write!(
+            f,
+            "cluster {}: {} base backups, {} WAL files; recoverable from {from} to the end of \
+             {end}",
+            self.cluster, self.base_backups, self.wal_files
+        )?;
+        if !self.missing.is_empty() {
+            write!(f, "; MISSING {}", self.missing.join(", "))?;
         }
-    ))
+        Ok(())
+    }
+}
+
+/// A cluster's base backups, the recoverable window, and gaps.
+pub(crate) async fn window(store: &Store, cluster: &str) -> Result<Window, Error> {
+    let held = holdings(store, cluster).await?;
+    let mut window = Window {
+        cluster: cluster.to_owned(),
+        base_backups: held.bases.len(),
+        wal_files: held.wal.len(),
+        from: None,
+        to_end_of: None,
+        missing: Vec::new(),
+    };
+    let (Some(oldest), Some(newest)) = (held.bases.first(), held.bases.last()) else {
+        return Ok(window);
+    };
+    window.to_end_of = Some(
+        held.newest_segment(&newest.manifest)
+            .map_or_else(|| newest.manifest.wal_stop.clone(), ToString::to_string),
+    );
+    window.from = Some(oldest.manifest.finished_at);
+    let gaps = held.gaps(&oldest.manifest)?;
+    if !gaps.is_empty() {
+        window.missing = describe_gaps(&gaps)
+            .split(", ")
+            .map(str::to_owned)
+            .collect();
+    }
+    Ok(window)
 }
 
 /// What retention deletes of a cluster: base backup folders and WAL files.

@@ -1,5 +1,5 @@
-//! Manifest signatures: proof that a backup was written by the backup host, not by whoever
-//! can write the bucket.
+//! Manifest and WAL signatures: proof that a backup, or an archived WAL file, was written by
+//! the backup host or the database's archiver, not by whoever can write the bucket.
 //!
 //! age encrypts to a public recipient, so anyone who reads a manifest can make data backupd
 //! decrypts; the SHA-256 in the manifest only says the data matches the manifest. So each
@@ -16,6 +16,19 @@
 //! - A backup without a signature is refused unless the caller allows unsigned backups
 //!   (`--allow-unsigned`, for backups made before signing existed); a signature by a key not
 //!   in the trusted set, or one that does not match, is always refused.
+//!
+//! WAL files are signed too, with a key of their own (`[signing] wal_key_file`, or the systemd
+//! credential `signing.wal_key`): `wal-push` runs as the PostgreSQL user, which must not hold
+//! the backup host's manifest key. A compromised PostgreSQL user can already write the
+//! database, so a WAL key in its hands adds nothing; the manifest key would let it forge base
+//! backups and dumps restored anywhere. So the two trusted sets stay apart: `public_keys`
+//! (and `key_file`) for manifests, `wal_public_keys` (and `wal_key_file`) for WAL, and a key
+//! in both is a configuration error.
+//! - A WAL signature covers [`WAL_CONTEXT`], the cluster's name, the file's name, its size and
+//!   the SHA-256 of its plain bytes ([`wal_message`]): a signed segment copied under another
+//!   name, or into another cluster's folder, does not verify.
+//! - `wal-fetch` checks it before a byte reaches `pg_wal`, with the same rules as manifests:
+//!   unsigned is refused unless allowed, untrusted or mismatched always.
 
 use std::fmt;
 use std::io::Write;
@@ -33,6 +46,10 @@ use serde::{Deserialize, Serialize};
 pub const SIGNATURE: &str = "manifest.sig";
 /// Signed before the manifest bytes, so a signature made for anything else never verifies here.
 pub const CONTEXT: &[u8] = b"backupd manifest signature v1\n";
+/// Signed before a WAL file's fields: a WAL signature never verifies as a manifest's.
+pub const WAL_CONTEXT: &[u8] = b"backupd wal signature v1\n";
+/// Every refusal of a WAL object starts with this, so a replay can find one in the server log.
+pub const WAL_REFUSED: &str = "refused WAL object";
 /// How a public key is written: `backupd-ed25519:` and 32 bytes in base64.
 const PUBLIC_PREFIX: &str = "backupd-ed25519:";
 /// The line of a key file that holds the secret key (PKCS#8, base64).
@@ -51,14 +68,25 @@ impl fmt::Debug for SigningKey {
 impl SigningKey {
     /// A new random key and its key file text.
     pub fn generate() -> Result<(SigningKey, Secret), String> {
+        SigningKey::generate_for(KeyRole::Manifest)
+    }
+
+    /// A new random key for `role` and its key file text (only the comment differs).
+    pub fn generate_for(role: KeyRole) -> Result<(SigningKey, Secret), String> {
         let pair = Ed25519KeyPair::generate().map_err(|_| "generating an ed25519 key")?;
         let pkcs8 = pair
             .to_pkcs8()
             .map_err(|_| "encoding the ed25519 key".to_owned())?;
         let key = SigningKey(Arc::new(pair));
+        let comment = match role {
+            KeyRole::Manifest => "backupd manifest signing key: keep it on the backup host only",
+            KeyRole::Wal => {
+                "backupd WAL signing key: for the archiver (the PostgreSQL user) only; \
+                 list its public key in [signing] wal_public_keys, never in public_keys"
+            }
+        };
         let text = format!(
-            "# backupd manifest signing key: keep it on the backup host only\n\
-             # public key: {}\n{SECRET_PREFIX}{}\n",
+            "# {comment}\n# public key: {}\n{SECRET_PREFIX}{}\n",
             key.public(),
             BASE64.encode(pkcs8.as_ref())
         );
@@ -104,6 +132,32 @@ impl SigningKey {
         };
         serde_json::to_vec_pretty(&signature).expect("a signature serialises")
     }
+
+    /// The signature (base64) of a WAL file of `cluster`: see [`wal_message`].
+    pub fn sign_wal(&self, cluster: &str, name: &str, size: u64, sha256: &str) -> String {
+        let message = wal_message(cluster, name, size, sha256);
+        BASE64.encode(self.0.sign(&message).as_ref())
+    }
+}
+
+/// What a key is for: its key file says so, and the config keeps the two trusted sets apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyRole {
+    /// Manifests of dumps and base backups (the backup host).
+    Manifest,
+    /// WAL files (the archiver, as the PostgreSQL user).
+    Wal,
+}
+
+/// The bytes a WAL signature covers: [`WAL_CONTEXT`], then one line each for the cluster, the
+/// file's name, its size and the SHA-256 of its plain bytes. Cluster and file names never hold
+/// a newline (both are validated), so the lines cannot be shifted into one another.
+pub fn wal_message(cluster: &str, name: &str, size: u64, sha256: &str) -> Vec<u8> {
+    let mut message = WAL_CONTEXT.to_vec();
+    message.extend_from_slice(
+        format!("cluster {cluster}\nname {name}\nsize {size}\nsha256 {sha256}\n").as_bytes(),
+    );
+    message
 }
 
 /// A public key that restore and verify trust.
@@ -157,6 +211,10 @@ pub struct Signing {
     pub key: Option<SigningKey>,
     /// Other keys whose backups restore and verify accept.
     pub public_keys: Vec<PublicKey>,
+    /// The key `wal-push` signs WAL with (only the archiver needs it).
+    pub wal_key: Option<SigningKey>,
+    /// Other keys whose WAL `wal-fetch`, restore and verify accept.
+    pub wal_public_keys: Vec<PublicKey>,
 }
 
 impl Signing {
@@ -169,6 +227,26 @@ impl Signing {
             allow_unsigned,
         }
     }
+
+    /// What wal-fetch, restore and verify accept of WAL: the WAL public keys and this host's
+    /// own WAL key, never the manifest keys' set (see the module comment).
+    pub fn wal_trust(&self, allow_unsigned: bool) -> Trust {
+        let mut keys = self.wal_public_keys.clone();
+        keys.extend(self.wal_key.as_ref().map(SigningKey::public));
+        Trust {
+            keys,
+            allow_unsigned,
+        }
+    }
+}
+
+/// A WAL object's signature, as its header holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalSignature {
+    /// The signer's public key.
+    pub key: PublicKey,
+    /// The signature, base64.
+    pub signature: String,
 }
 
 /// Which manifests restore and verify accept.
@@ -231,6 +309,61 @@ pub enum SignatureError {
         /// The key it names.
         key: String,
     },
+    /// A WAL object without a signature, and unsigned WAL is not allowed.
+    #[error(
+        "{WAL_REFUSED} {object}: it has no signature (pushed before WAL was signed, or written \
+         by someone else); give --allow-unsigned (to restore, verify or wal-fetch) to accept it \
+         anyway if you trust the store"
+    )]
+    WalUnsigned {
+        /// Where the object is.
+        object: String,
+    },
+    /// A WAL object signed by a key not trusted for WAL.
+    #[error(
+        "{WAL_REFUSED} {object}: it is signed by {key}, which is not a trusted WAL key \
+         ([signing] wal_key_file or wal_public_keys)"
+    )]
+    WalUntrusted {
+        /// Where the object is.
+        object: String,
+        /// The key it names.
+        key: String,
+    },
+    /// A WAL object whose signature does not cover its header, cluster and name.
+    #[error(
+        "{WAL_REFUSED} {object}: the signature does not match its cluster, name, size and \
+         SHA-256: it was changed, renamed or copied from elsewhere after it was signed"
+    )]
+    WalInvalid {
+        /// Where the object is.
+        object: String,
+    },
+    /// A WAL object is signed, but this host trusts no WAL key at all.
+    #[error(
+        "{WAL_REFUSED} {object}: it is signed by {key}, but no WAL key is configured to check \
+         it: set [signing] wal_key_file (the database host) or wal_public_keys"
+    )]
+    WalNoTrustedKeys {
+        /// Where the object is.
+        object: String,
+        /// The key it names.
+        key: String,
+    },
+    /// WAL files a restore or verify would replay are refused (each named with its reason).
+    #[error("cluster {cluster}: {WAL_REFUSED}s: {refused}")]
+    WalChain {
+        /// The cluster.
+        cluster: String,
+        /// `NAME (why)`, for each refused file.
+        refused: String,
+    },
+    /// A replay met a WAL file that wal-fetch refused (the server's log line).
+    #[error("the replay stopped at a refused WAL file: {line}")]
+    WalReplay {
+        /// The refusal as the server logged it.
+        line: String,
+    },
     /// Signed correctly, but the manifest names another backup or a data object elsewhere.
     #[error("backup {id}: the signed manifest {detail}; refusing it")]
     Mismatch {
@@ -244,7 +377,9 @@ pub enum SignatureError {
 impl ExitStatus for SignatureError {
     fn exit(&self) -> Exit {
         match self {
-            SignatureError::NoTrustedKeys { .. } => Exit::Config,
+            SignatureError::NoTrustedKeys { .. } | SignatureError::WalNoTrustedKeys { .. } => {
+                Exit::Config
+            }
             _ => Exit::NoPerm,
         }
     }
@@ -302,10 +437,53 @@ impl Trust {
     }
 }
 
+impl Trust {
+    /// Checks the signature of the WAL object at `object` (a location, for messages), which
+    /// claims to hold `name` of `cluster` with `size` bytes and `sha256`.
+    pub fn check_wal(
+        &self,
+        object: &str,
+        cluster: &str,
+        name: &str,
+        size: u64,
+        sha256: &str,
+        signature: Option<&WalSignature>,
+    ) -> Result<(), SignatureError> {
+        let Some(signature) = signature else {
+            if self.allow_unsigned {
+                tracing::warn!(object, "accepting an unsigned WAL file (--allow-unsigned)");
+                return Ok(());
+            }
+            return Err(SignatureError::WalUnsigned {
+                object: object.to_owned(),
+            });
+        };
+        if self.keys.is_empty() {
+            return Err(SignatureError::WalNoTrustedKeys {
+                object: object.to_owned(),
+                key: signature.key.to_string(),
+            });
+        }
+        if !self.keys.contains(&signature.key) {
+            return Err(SignatureError::WalUntrusted {
+                object: object.to_owned(),
+                key: signature.key.to_string(),
+            });
+        }
+        let invalid = || SignatureError::WalInvalid {
+            object: object.to_owned(),
+        };
+        let bytes = BASE64.decode(&signature.signature).map_err(|_| invalid())?;
+        UnparsedPublicKey::new(&ED25519, signature.key.0)
+            .verify(&wal_message(cluster, name, size, sha256), &bytes)
+            .map_err(|_| invalid())
+    }
+}
+
 /// `backupd keygen`: writes a new key file to `output` (created with mode 0600, never
 /// replacing a file) or to stdout, and returns the public key.
-pub fn keygen(output: Option<&Path>) -> Result<PublicKey, crate::Error> {
-    let (key, text) = SigningKey::generate().map_err(crate::Error::Internal)?;
+pub fn keygen(output: Option<&Path>, role: KeyRole) -> Result<PublicKey, crate::Error> {
+    let (key, text) = SigningKey::generate_for(role).map_err(crate::Error::Internal)?;
     match output {
         Some(path) => {
             use std::os::unix::fs::OpenOptionsExt;

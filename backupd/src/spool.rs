@@ -291,16 +291,33 @@ pub(crate) async fn stored_header(store: &Store, key: &str) -> Result<Option<Hea
         )))
 }
 
+/// What to do about `header`'s file when the target already holds `stored` under its name:
+/// nothing (the same bytes, signed the same), refuse (other bytes), or `None`: store it again,
+/// since the target has the same plain bytes unsigned or signed by another key, and this copy
+/// carries the signature a restore trusts. Nothing is lost by that overwrite.
+pub(crate) fn compare(header: &Header, stored: &Header, location: &str) -> Option<Upload> {
+    if header.same_signed(stored) {
+        Some(Upload::AlreadyStored)
+    } else if header.same_bytes(stored) {
+        tracing::info!(
+            object = location,
+            "the target holds these bytes without this key's signature: storing them again, signed"
+        );
+        None
+    } else {
+        Some(Upload::Conflict {
+            stored_sha256: stored.sha256.clone(),
+        })
+    }
+}
+
 async fn upload_one(store: &Store, cluster: &str, path: PathBuf, header: Header) -> Upload {
     let key = wal::object_key(cluster, &header.name);
     let result = async {
-        if let Some(stored) = stored_header(store, &key).await? {
-            if stored.sha256 == header.sha256 && stored.size == header.size {
-                return Ok(Upload::AlreadyStored);
-            }
-            return Ok(Upload::Conflict {
-                stored_sha256: stored.sha256,
-            });
+        if let Some(stored) = stored_header(store, &key).await?
+            && let Some(done) = compare(&header, &stored, &store.location(&key))
+        {
+            return Ok(done);
         }
         let file = tokio::fs::File::open(&path)
             .await

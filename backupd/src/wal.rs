@@ -14,9 +14,14 @@
 //! - `wal-fetch` checks the decoded bytes against the header, and the header's name against the
 //!   name asked for, before the file gets its real name in `pg_wal`.
 //!
-//! The header is not signed (the archiver runs as the PostgreSQL user, which should not hold
-//! the backup host's signing key): someone who can write the bucket can plant WAL, as they
-//! could with pgBackRest or WAL-G. Base backups' manifests are signed.
+//! The header is signed ([`crate::signing`]): version 2 (`backupd-wal 2`) adds the signer's
+//! public key and an ed25519 signature over the cluster, name, size and SHA-256, made by
+//! `wal-push` with the archiver's own WAL key. Someone who can write the bucket has the age
+//! recipient (it is public) and can write an object `wal-fetch` would decrypt; without a
+//! trusted WAL key they cannot sign it, and a signed object copied under another name or into
+//! another cluster's folder no longer verifies. `wal-fetch` checks the signature before it
+//! decodes a byte. Version 1 objects (written before WAL was signed) are still read, and
+//! refused unless unsigned WAL is allowed (`--allow-unsigned`).
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -24,9 +29,12 @@ use std::path::Path;
 use std::str::FromStr;
 
 use crate::Error;
+use crate::signing::{PublicKey, SigningKey, Trust, WalSignature};
 
-/// The first line of every stored WAL object.
-const MAGIC: &str = "backupd-wal 1";
+/// The first line of a stored WAL object without a signature (written before WAL was signed).
+const MAGIC_V1: &str = "backupd-wal 1";
+/// The first line of a signed WAL object.
+const MAGIC_V2: &str = "backupd-wal 2";
 /// Headers are short; a longer one is not ours.
 const HEADER_MAX: usize = 512;
 /// Bytes in a WAL segment at PostgreSQL's default `--wal-segsize`.
@@ -168,19 +176,84 @@ pub(crate) struct Header {
     pub(crate) sha256: String,
     /// Whether the body is age-encrypted (always zstd-compressed).
     pub(crate) encrypted: bool,
+    /// Who signed it, and the signature (none in version 1 objects).
+    pub(crate) signature: Option<WalSignature>,
 }
 
 impl Header {
+    /// A header for `name` of `cluster`, signed with `key`.
+    pub(crate) fn signed(
+        key: &SigningKey,
+        cluster: &str,
+        name: WalName,
+        size: u64,
+        sha256: String,
+        encrypted: bool,
+    ) -> Header {
+        let signature = WalSignature {
+            key: key.public(),
+            signature: key.sign_wal(cluster, name.as_str(), size, &sha256),
+        };
+        Header {
+            name,
+            size,
+            sha256,
+            encrypted,
+            signature: Some(signature),
+        }
+    }
+
+    /// Checks the signature for `cluster` against `trust`; `object` names it in refusals.
+    pub(crate) fn check(
+        &self,
+        trust: &Trust,
+        object: &str,
+        cluster: &str,
+    ) -> Result<(), crate::signing::SignatureError> {
+        trust.check_wal(
+            object,
+            cluster,
+            self.name.as_str(),
+            self.size,
+            &self.sha256,
+            self.signature.as_ref(),
+        )
+    }
+
+    /// Whether `stored` (an object's header) holds the same bytes with this header's
+    /// signature: a retried push has nothing to do. ed25519 signatures are deterministic, so
+    /// the same key over the same fields gives the same signature.
+    pub(crate) fn same_signed(&self, stored: &Header) -> bool {
+        self.same_bytes(stored) && self.signature == stored.signature
+    }
+
+    /// Whether `stored` holds the same plain bytes, whoever signed it.
+    pub(crate) fn same_bytes(&self, stored: &Header) -> bool {
+        self.size == stored.size && self.sha256 == stored.sha256
+    }
+
     /// The header's bytes, ending with the blank line.
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
-        format!(
-            "{MAGIC}\nname {}\nsize {}\nsha256 {}\nencoding {}\n\n",
+        let mut text = format!(
+            "{}\nname {}\nsize {}\nsha256 {}\nencoding {}\n",
+            if self.signature.is_some() {
+                MAGIC_V2
+            } else {
+                MAGIC_V1
+            },
             self.name,
             self.size,
             self.sha256,
             if self.encrypted { "zstd+age" } else { "zstd" }
-        )
-        .into_bytes()
+        );
+        if let Some(signed) = &self.signature {
+            text.push_str(&format!(
+                "key {}\nsignature {}\n",
+                signed.key, signed.signature
+            ));
+        }
+        text.push('\n');
+        text.into_bytes()
     }
 
     /// Reads a header from the start of an object, leaving `reader` at the body.
@@ -200,9 +273,11 @@ impl Header {
         let text =
             std::str::from_utf8(&bytes).map_err(|_| bad("the WAL object's header is not text"))?;
         let mut lines = text.lines();
-        if lines.next() != Some(MAGIC) {
-            return Err(bad("not a backupd WAL object"));
-        }
+        let signed = match lines.next() {
+            Some(MAGIC_V1) => false,
+            Some(MAGIC_V2) => true,
+            _ => return Err(bad("not a backupd WAL object")),
+        };
         let mut field = |key: &str| {
             lines
                 .next()
@@ -226,11 +301,24 @@ impl Header {
             "zstd+age" => true,
             _ => return Err(bad("the WAL object's encoding is unknown")),
         };
+        let signature = if signed {
+            let key = field("key")?
+                .parse::<PublicKey>()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let signature = field("signature")?;
+            if signature.is_empty() || signature.len() > 100 {
+                return Err(bad("the WAL object's signature is malformed"));
+            }
+            Some(WalSignature { key, signature })
+        } else {
+            None
+        };
         Ok(Header {
             name,
             size,
             sha256,
             encrypted,
+            signature,
         })
     }
 }
@@ -322,16 +410,97 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_leave_the_reader_at_the_body() {
-        let header = Header {
+        let (key, _) = SigningKey::generate_for(crate::signing::KeyRole::Wal).unwrap();
+        let unsigned = Header {
             name: "00000002.history".parse().unwrap(),
             size: 42,
             sha256: "ab".repeat(32),
             encrypted: true,
+            signature: None,
         };
-        let mut bytes = header.to_bytes();
-        bytes.extend_from_slice(b"BODY");
-        let mut reader = &bytes[..];
-        assert_eq!(Header::read_from(&mut reader).unwrap(), header);
-        assert_eq!(reader, b"BODY");
+        let signed = Header::signed(
+            &key,
+            "main",
+            "000000010000000A000000FF.partial".parse().unwrap(),
+            16 * 1024 * 1024,
+            "cd".repeat(32),
+            true,
+        );
+        for header in [unsigned, signed] {
+            let mut bytes = header.to_bytes();
+            assert!(bytes.len() < HEADER_MAX, "{}", bytes.len());
+            bytes.extend_from_slice(b"BODY");
+            let mut reader = &bytes[..];
+            assert_eq!(Header::read_from(&mut reader).unwrap(), header);
+            assert_eq!(reader, b"BODY");
+        }
+    }
+
+    #[test]
+    fn a_signed_header_verifies_only_for_its_cluster_name_and_bytes_and_a_trusted_key() {
+        use crate::signing::SignatureError;
+        let (key, _) = SigningKey::generate_for(crate::signing::KeyRole::Wal).unwrap();
+        let name: WalName = "000000010000000000000007".parse().unwrap();
+        let header = Header::signed(&key, "main", name, 100, "ab".repeat(32), true);
+        let trust = Trust {
+            keys: vec![key.public()],
+            allow_unsigned: false,
+        };
+        header.check(&trust, "x", "main").unwrap();
+        assert!(matches!(
+            header.check(&trust, "x", "other"),
+            Err(SignatureError::WalInvalid { .. })
+        ));
+        let renamed = Header {
+            name: "000000010000000000000008".parse().unwrap(),
+            ..header.clone()
+        };
+        assert!(matches!(
+            renamed.check(&trust, "x", "main"),
+            Err(SignatureError::WalInvalid { .. })
+        ));
+        let resized = Header {
+            size: 101,
+            ..header.clone()
+        };
+        assert!(matches!(
+            resized.check(&trust, "x", "main"),
+            Err(SignatureError::WalInvalid { .. })
+        ));
+        let (other, _) = SigningKey::generate().unwrap();
+        let forged = Header::signed(
+            &other,
+            "main",
+            header.name.clone(),
+            100,
+            "ab".repeat(32),
+            true,
+        );
+        for allow_unsigned in [false, true] {
+            let trust = Trust {
+                allow_unsigned,
+                ..trust.clone()
+            };
+            assert!(matches!(
+                forged.check(&trust, "x", "main"),
+                Err(SignatureError::WalUntrusted { .. })
+            ));
+        }
+        let unsigned = Header {
+            signature: None,
+            ..header.clone()
+        };
+        assert!(matches!(
+            unsigned.check(&trust, "x", "main"),
+            Err(SignatureError::WalUnsigned { .. })
+        ));
+        let allowing = Trust {
+            allow_unsigned: true,
+            ..trust.clone()
+        };
+        unsigned.check(&allowing, "x", "main").unwrap();
+        assert!(header.same_signed(&header.clone()));
+        assert!(!header.same_signed(&forged) && header.same_bytes(&forged));
+        assert!(!header.same_signed(&unsigned));
     }
 }

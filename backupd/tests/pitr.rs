@@ -26,6 +26,8 @@ struct World {
     bin: PathBuf,
     config: PathBuf,
     spool: PathBuf,
+    /// The public age recipient: all a bucket writer needs to make objects backupd decrypts.
+    recipient: age::x25519::Recipient,
 }
 
 impl World {
@@ -50,6 +52,17 @@ impl World {
             &[bin.to_str().unwrap(), "keygen", "-o", key.to_str().unwrap()],
             &[],
         );
+        let wal_key = dir.join("wal.sign");
+        run(
+            &[
+                bin.to_str().unwrap(),
+                "keygen",
+                "--wal",
+                "-o",
+                wal_key.to_str().unwrap(),
+            ],
+            &[],
+        );
         let identity = age::x25519::Identity::generate();
         let identity_file = dir.join("age.key");
         {
@@ -57,7 +70,7 @@ impl World {
             fs::write(&identity_file, identity.to_string().expose_secret()).unwrap();
         }
         // Test keys readable by nobody, which archives and restores.
-        for file in [&key, &identity_file] {
+        for file in [&key, &wal_key, &identity_file] {
             fs::set_permissions(file, fs::Permissions::from_mode(0o644)).unwrap();
         }
         let config = dir.join("backupd.toml");
@@ -66,13 +79,14 @@ impl World {
             format!(
                 "lock_file = {lock:?}\n{target}\n\
                  [encryption]\nrecipients = [{recipient:?}]\nidentity_file = {identity:?}\n\
-                 [signing]\nkey_file = {key:?}\n\
+                 [signing]\nkey_file = {key:?}\nwal_key_file = {wal_key:?}\n\
                  [[cluster]]\nname = \"main\"\nspool_dir = {spool:?}\nparallel = 4\n\
                  archive_timeout_secs = 60\n{extra}\n",
                 lock = dir.join("lock").display().to_string(),
                 recipient = identity.to_public().to_string(),
                 identity = identity_file.display().to_string(),
                 key = key.display().to_string(),
+                wal_key = wal_key.display().to_string(),
                 spool = spool.display().to_string(),
             ),
         )
@@ -83,6 +97,7 @@ impl World {
             bin,
             config,
             spool,
+            recipient: identity.to_public(),
         }
     }
 
@@ -129,6 +144,19 @@ impl World {
             proc.stderr()
         );
         (proc.stdout(), proc.stderr())
+    }
+
+    /// `wal-push --cluster main SEGMENT` with `config`; expects `code`; returns stderr.
+    fn push_main(&self, code: i32, config: &str, segment: &Path) -> String {
+        let args = [
+            "wal-push",
+            "-c",
+            config,
+            "--cluster",
+            "main",
+            segment.to_str().unwrap(),
+        ];
+        self.backupd(code, &args, &[]).1
     }
 
     fn restore_dir(&self, name: &str) -> PathBuf {
@@ -394,7 +422,7 @@ fn wal_push_is_idempotent_refuses_other_bytes_and_wal_fetch_checks_them() {
     world.backupd(0, &["wal-push", "-c", config, seg], &[]);
     let object = store.join("cluster/main/wal/000000010000000000000007");
     let stored = fs::read(&object).unwrap();
-    assert!(stored.starts_with(b"backupd-wal 1\n"));
+    assert!(stored.starts_with(b"backupd-wal 2\n"), "a signed header");
     // A retry of the same file succeeds and changes nothing.
     world.backupd(0, &["wal-push", "-c", config, seg], &[]);
     assert_eq!(fs::read(&object).unwrap(), stored);
@@ -478,6 +506,20 @@ async fn stored_wal(server: &S3Server, bucket: &str) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The stored bytes of a WAL object of cluster main.
+async fn wal_object(server: &S3Server, bucket: &str, name: &str) -> Vec<u8> {
+    let got = server
+        .client()
+        .await
+        .get_object()
+        .bucket(bucket)
+        .key(format!("lab/cluster/main/wal/{name}"))
+        .send()
+        .await
+        .unwrap();
+    got.body.collect().await.unwrap().into_bytes().to_vec()
 }
 
 fn spooled(world: &World) -> usize {
@@ -619,6 +661,22 @@ async fn retention_drops_wal_older_than_the_kept_base_backup_and_verify_names_a_
     assert!(stdout.contains(&lost), "{stdout}");
     let (list, _) = world.backupd(0, &["list", "-c", &config], &env);
     assert!(list.contains(&format!("MISSING {lost}")), "{list}");
+    // The JSON listing carries the same window.
+    let (list, _) = world.backupd(0, &["list", "-c", &config, "--format", "json"], &env);
+    let window: serde_json::Value = list
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v.get("cluster").is_some())
+        .unwrap_or_else(|| panic!("no cluster window in {list}"));
+    assert_eq!(window["target"], "s3", "{window}");
+    assert_eq!(window["cluster"]["cluster"], "main", "{window}");
+    assert_eq!(window["cluster"]["base_backups"], 1, "{window}");
+    assert!(window["cluster"]["from"].is_string(), "{window}");
+    assert_eq!(
+        window["cluster"]["missing"],
+        serde_json::json!([lost]),
+        "{window}"
+    );
 }
 
 #[test]
@@ -733,6 +791,13 @@ async fn a_cluster_archive_reaches_the_offsite_store_and_restores_from_it_alone(
     let at_home = stored_wal(&local, &local_bucket).await;
     assert!(at_home.contains(&last), "{last} not archived: {at_home:?}");
     assert_eq!(stored_wal(&offsite, &offsite_bucket).await, at_home);
+    // Copied as it is: the off-site object carries the archiver's signature unchanged.
+    let home_copy = wal_object(&local, &local_bucket, &last).await;
+    assert!(home_copy.starts_with(b"backupd-wal 2\n"));
+    assert_eq!(
+        wal_object(&offsite, &offsite_bucket, &last).await,
+        home_copy
+    );
     // The pass's metrics carry the archive's lag: seconds since its newest segment was stored.
     let text = fs::read_to_string(&metrics_file).unwrap();
     let lag: f64 = text
@@ -778,4 +843,476 @@ async fn a_cluster_archive_reaches_the_offsite_store_and_restores_from_it_alone(
         "1,2,3"
     );
     restored.stop(WAIT).unwrap();
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A WAL object for `name` as anyone who can write the bucket makes one: a header, then
+/// `plain` through zstd and age to the public recipient. `signature` is a (public key,
+/// signature) pair for the header's `key` and `signature` lines; without one the object is of
+/// the unsigned first version.
+fn forged_object(
+    world: &World,
+    name: &str,
+    plain: &[u8],
+    signature: Option<(String, String)>,
+) -> Vec<u8> {
+    let version = if signature.is_some() { 2 } else { 1 };
+    let mut header = format!(
+        "backupd-wal {version}\nname {name}\nsize {}\nsha256 {}\nencoding zstd+age\n",
+        plain.len(),
+        sha256_hex(plain)
+    );
+    if let Some((key, signature)) = signature {
+        header.push_str(&format!("key {key}\nsignature {signature}\n"));
+    }
+    header.push('\n');
+    let mut object = header.into_bytes();
+    let compressed = zstd::encode_all(plain, 3).unwrap();
+    let recipients = [&world.recipient as &dyn age::Recipient];
+    let encryptor = age::Encryptor::with_recipients(recipients.into_iter()).unwrap();
+    let mut writer = encryptor.wrap_output(&mut object).unwrap();
+    std::io::Write::write_all(&mut writer, &compressed).unwrap();
+    writer.finish().unwrap();
+    object
+}
+
+/// An archiving cluster, a base backup, rows 1..=3 archived and a restore of them laid out
+/// (not started); then a row `planted` in a segment that no backupd signed: while the flag
+/// file exists, archive_command copies segments aside instead of pushing them. A forger who
+/// writes that segment into the bucket tries to get the row into the restored cluster.
+struct Planted {
+    server: S3Server,
+    bucket: String,
+    world: World,
+    pg: PgCluster,
+    /// The laid-out restore.
+    restored: PathBuf,
+    /// The segment holding the planted row, and its bytes.
+    segment: String,
+    bytes: Vec<u8>,
+}
+
+impl Planted {
+    async fn new(allow_unsigned: bool) -> Planted {
+        let server = S3Server::start().unwrap();
+        let bucket = server.bucket().await.unwrap();
+        let world = World::new(&s3_target(&server, &bucket), "");
+        let config = world.config.to_str().unwrap().to_owned();
+        let (flag, captured) = (world.dir.join("capture"), world.dir.join("captured"));
+        fs::create_dir(&captured).unwrap();
+        let (uid, gid) = nobody();
+        nix::unistd::chown(&captured, Some(uid.into()), Some(gid.into())).unwrap();
+        let command = format!(
+            "if [ -e {} ]; then cp %p {}/%f; else {}; fi",
+            flag.display(),
+            captured.display(),
+            world.archive_command()
+        );
+        let pg = PgCluster::builder()
+            .setting("archive_mode", "on")
+            .setting("archive_command", &command)
+            .setting("wal_level", "replica")
+            .start()
+            .unwrap();
+        pg.psql("postgres", "CREATE TABLE t (id int PRIMARY KEY, who text)")
+            .unwrap();
+        world.backupd(0, &["basebackup", "-c", &config], &pg.env());
+        pg.psql(
+            "postgres",
+            "INSERT INTO t VALUES (1, 'archiver'), (2, 'archiver'), (3, 'archiver')",
+        )
+        .unwrap();
+        switch_and_wait_archived(&pg);
+
+        let restored = world.restore_dir("laid-out");
+        let mut args = vec![
+            "restore",
+            "-c",
+            &config,
+            "--cluster",
+            "main",
+            "--latest",
+            "--to-dir",
+            restored.to_str().unwrap(),
+        ];
+        if allow_unsigned {
+            args.push("--allow-unsigned");
+        }
+        world.backupd_as_nobody(0, &args);
+        let settings = fs::read_to_string(restored.join("postgresql.auto.conf")).unwrap();
+        let restore_command = settings
+            .lines()
+            .find(|l| l.starts_with("restore_command"))
+            .unwrap();
+        assert_eq!(
+            restore_command.contains("--allow-unsigned"),
+            allow_unsigned,
+            "{restore_command}"
+        );
+
+        fs::write(&flag, b"").unwrap();
+        pg.psql("postgres", "INSERT INTO t VALUES (4, 'planted')")
+            .unwrap();
+        let segment = switch_and_wait_archived(&pg);
+        let bytes = fs::read(captured.join(&segment)).unwrap();
+        Planted {
+            server,
+            bucket,
+            world,
+            pg,
+            restored,
+            segment,
+            bytes,
+        }
+    }
+
+    /// Writes `object` into the bucket under the planted segment's name.
+    async fn plant(&self, object: Vec<u8>) {
+        self.server
+            .client()
+            .await
+            .put_object()
+            .bucket(&self.bucket)
+            .key(format!("lab/cluster/main/wal/{}", self.segment))
+            .body(object.into())
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// Starts the laid-out restore: its replay asks wal-fetch for the planted segment, which
+    /// must be refused for `reason`, so the cluster holds the archived rows and not the planted.
+    fn assert_refused_on_replay(&self, reason: &str) {
+        let (server, sockets) = start_restored(&self.pg, &self.restored);
+        let rows = query(
+            &self.pg,
+            sockets.path(),
+            "SELECT string_agg(id || ' ' || who, ',' ORDER BY id) FROM t",
+        );
+        server.stop(WAIT).unwrap();
+        let log = server.stderr();
+        assert_eq!(rows, "1 archiver,2 archiver,3 archiver", "log:\n{log}");
+        let refusal = log
+            .lines()
+            .find(|l| l.contains("refused WAL object"))
+            .unwrap_or_else(|| panic!("no refusal in the log:\n{log}"));
+        assert!(
+            refusal.contains(&format!("cluster/main/wal/{}", self.segment))
+                && refusal.contains(reason),
+            "{refusal}"
+        );
+    }
+
+    /// `restore --start` (with `extra` flags) and `verify --cluster` refuse before replaying,
+    /// naming the planted segment and `reason`.
+    fn assert_refused_up_front(&self, extra: &[&str], reason: &str) {
+        let config = self.world.config.to_str().unwrap();
+        let dir = self.world.restore_dir("refused");
+        let mut args = vec![
+            "restore",
+            "-c",
+            config,
+            "--cluster",
+            "main",
+            "--latest",
+            "--to-dir",
+            dir.to_str().unwrap(),
+            "--start",
+        ];
+        args.extend(extra);
+        let (_, stderr) = self.world.backupd_as_nobody(77, &args);
+        assert!(
+            stderr.contains(&self.segment) && stderr.contains(reason),
+            "{stderr}"
+        );
+        assert!(!dir.join("PG_VERSION").exists(), "nothing was laid out");
+        let mut args = vec!["verify", "-c", config, "--cluster", "main"];
+        args.extend(extra);
+        let (stdout, _) = self.world.backupd_as_nobody(77, &args);
+        assert!(
+            stdout.contains(&self.segment) && stdout.contains(reason),
+            "{stdout}"
+        );
+    }
+}
+
+/// Issue 21's attack: the age recipient is public, so a bucket writer can make a WAL object
+/// wal-fetch decrypts. Unsigned, under the name the replay needs next, it is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planted_unsigned_wal_segment_is_refused_by_name_and_its_rows_never_reach_the_restore() {
+    let planted = Planted::new(false).await;
+    planted
+        .plant(forged_object(
+            &planted.world,
+            &planted.segment,
+            &planted.bytes,
+            None,
+        ))
+        .await;
+    planted.assert_refused_on_replay("has no signature");
+    planted.assert_refused_up_front(&[], "unsigned");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planted_wal_segment_signed_by_an_untrusted_key_is_refused_even_with_allow_unsigned() {
+    let planted = Planted::new(true).await;
+    let (forger, _) =
+        backupd::signing::SigningKey::generate_for(backupd::signing::KeyRole::Wal).unwrap();
+    let signature = forger.sign_wal(
+        "main",
+        &planted.segment,
+        planted.bytes.len() as u64,
+        &sha256_hex(&planted.bytes),
+    );
+    planted
+        .plant(forged_object(
+            &planted.world,
+            &planted.segment,
+            &planted.bytes,
+            Some((forger.public().to_string(), signature)),
+        ))
+        .await;
+    planted.assert_refused_on_replay("not a trusted WAL key");
+    planted.assert_refused_up_front(&["--allow-unsigned"], "untrusted key");
+}
+
+/// A local-folder target with a second cluster `other`: returns the world and the store.
+fn two_cluster_world() -> (World, Scratch, Scratch) {
+    let store = Scratch::new("pitr-store").unwrap();
+    let other_spool = Scratch::new("pitr-spool").unwrap();
+    let world = World::new(
+        &format!(
+            "[[target]]\nname = \"local\"\nurl = {:?}\n",
+            store.path().display().to_string()
+        ),
+        &format!(
+            "[[cluster]]\nname = \"other\"\nspool_dir = {:?}\n",
+            other_spool.path().display().to_string()
+        ),
+    );
+    (world, store, other_spool)
+}
+
+#[test]
+fn wal_fetch_refuses_a_signed_segment_renamed_or_copied_into_another_cluster() {
+    let (world, store, _spool) = two_cluster_world();
+    let config = world.config.to_str().unwrap();
+    let wal_dir = world.dir.join("pg_wal");
+    fs::create_dir(&wal_dir).unwrap();
+    let segment = wal_dir.join("000000010000000000000007");
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+    fs::write(&segment, &bytes).unwrap();
+    world.push_main(0, config, &segment);
+    let object = fs::read(store.join("cluster/main/wal/000000010000000000000007")).unwrap();
+    let fetched = wal_dir.join("RECOVERYXLOG");
+    let fetch = |code: i32, cluster: &str, name: &str, extra: &[&str]| {
+        let mut args = vec!["wal-fetch", "-c", config, "--cluster", cluster];
+        args.extend(extra);
+        args.extend([name, fetched.to_str().unwrap()]);
+        world.backupd(code, &args, &[]).1
+    };
+    fetch(0, "main", "000000010000000000000007", &[]);
+    assert_eq!(fs::read(&fetched).unwrap(), bytes);
+    fs::remove_file(&fetched).unwrap();
+
+    // The same object under the next segment's name, its header's name rewritten to match:
+    // the signature covers the name.
+    let text = String::from_utf8_lossy(&object[..500]).into_owned();
+    let header_len = text.find("\n\n").unwrap() + 2;
+    let header = text[..header_len].replace(
+        "name 000000010000000000000007",
+        "name 000000010000000000000008",
+    );
+    let mut renamed = header.into_bytes();
+    renamed.extend_from_slice(&object[header_len..]);
+    fs::write(
+        store.join("cluster/main/wal/000000010000000000000008"),
+        &renamed,
+    )
+    .unwrap();
+    for extra in [&[][..], &["--allow-unsigned"][..]] {
+        let stderr = fetch(77, "main", "000000010000000000000008", extra);
+        assert!(
+            stderr.contains("refused WAL object")
+                && stderr.contains("cluster/main/wal/000000010000000000000008")
+                && stderr.contains("does not match"),
+            "{stderr}"
+        );
+        assert!(!fetched.exists(), "nothing reached pg_wal");
+    }
+
+    // The object unchanged in another cluster's folder: the signature covers the cluster.
+    fs::create_dir_all(store.join("cluster/other/wal")).unwrap();
+    fs::write(
+        store.join("cluster/other/wal/000000010000000000000007"),
+        &object,
+    )
+    .unwrap();
+    let stderr = fetch(77, "other", "000000010000000000000007", &[]);
+    assert!(
+        stderr.contains("cluster/other/wal/000000010000000000000007")
+            && stderr.contains("does not match"),
+        "{stderr}"
+    );
+    assert!(!fetched.exists(), "nothing reached pg_wal");
+}
+
+/// The retry rule with signatures: the same bytes stored unsigned, or signed by another key,
+/// are stored again with this key's signature (the plain bytes are the same, so nothing is
+/// lost, and the object becomes one a restore trusts); signed the same, nothing changes.
+#[test]
+fn a_re_push_of_the_same_bytes_signs_an_unsigned_or_otherwise_signed_copy_and_unsigned_needs_allowing()
+ {
+    let (world, store, _spool) = two_cluster_world();
+    let config = world.config.to_str().unwrap();
+    let wal_dir = world.dir.join("pg_wal");
+    fs::create_dir(&wal_dir).unwrap();
+    let name = "000000010000000000000009";
+    let segment = wal_dir.join(name);
+    let bytes: Vec<u8> = (0..50_000u32).map(|i| (i % 239) as u8).collect();
+    fs::write(&segment, &bytes).unwrap();
+    let object = store.join(format!("cluster/main/wal/{name}"));
+    fs::create_dir_all(object.parent().unwrap()).unwrap();
+    // As pushed before WAL was signed.
+    fs::write(&object, forged_object(&world, name, &bytes, None)).unwrap();
+    let fetched = wal_dir.join("RECOVERYXLOG");
+    let fetch = |code: i32, config: &str, extra: &[&str]| {
+        let mut args = vec!["wal-fetch", "-c", config, "--cluster", "main"];
+        args.extend(extra);
+        args.extend([name, fetched.to_str().unwrap()]);
+        let (_, stderr) = world.backupd(code, &args, &[]);
+        let _ = fs::remove_file(&fetched);
+        stderr
+    };
+    let stderr = fetch(77, config, &[]);
+    assert!(
+        stderr.contains("has no signature") && stderr.contains(name),
+        "{stderr}"
+    );
+    fetch(0, config, &["--allow-unsigned"]);
+
+    let push = |config: &str| {
+        world.push_main(0, config, &segment);
+        fs::read(&object).unwrap()
+    };
+    let signed = push(config);
+    assert!(
+        signed.starts_with(b"backupd-wal 2\n"),
+        "signed on the retry"
+    );
+    fetch(0, config, &[]);
+    assert_eq!(push(config), signed, "signed the same: left as it is");
+
+    // Another WAL key (a new archiver config): the same bytes are signed again with it, and a
+    // host that does not trust that key refuses them.
+    let other_key = world.dir.join("other-wal.sign");
+    world.backupd(
+        0,
+        &["keygen", "--wal", "-o", other_key.to_str().unwrap()],
+        &[],
+    );
+    let text = fs::read_to_string(&world.config).unwrap();
+    let wal_line = text
+        .lines()
+        .find(|l| l.starts_with("wal_key_file"))
+        .unwrap();
+    let other_config = world.dir.join("other.toml");
+    fs::write(
+        &other_config,
+        text.replace(wal_line, &format!("wal_key_file = {other_key:?}")),
+    )
+    .unwrap();
+    let other_config = other_config.to_str().unwrap();
+    let resigned = push(other_config);
+    assert_ne!(resigned, signed);
+    fetch(0, other_config, &[]);
+    let stderr = fetch(77, config, &["--allow-unsigned"]);
+    assert!(stderr.contains("not a trusted WAL key"), "{stderr}");
+
+    // Without a WAL key, wal-push archives nothing; a WAL key trusted for manifests is refused.
+    let keyless = world.dir.join("keyless.toml");
+    fs::write(&keyless, text.replace(wal_line, "")).unwrap();
+    let stderr = world.push_main(78, keyless.to_str().unwrap(), &segment);
+    assert!(stderr.contains("wal_key_file"), "{stderr}");
+    let mixed = world.dir.join("mixed.toml");
+    fs::write(
+        &mixed,
+        text.replace(
+            wal_line,
+            &format!(
+                "{wal_line}\npublic_keys = [{:?}]",
+                fs::read_to_string(world.dir.join("wal.sign"))
+                    .unwrap()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("# public key: "))
+                    .unwrap()
+            ),
+        ),
+    )
+    .unwrap();
+    let (_, stderr) = world.backupd(78, &["check", "-c", mixed.to_str().unwrap()], &[]);
+    assert!(stderr.contains("trusted for manifests too"), "{stderr}");
+}
+
+/// Issue 21: a short store outage never stalls the archiver, and a store that accepts
+/// connections and never answers is an outage too. With upload_timeout_secs = 2, wal-push
+/// spools the segment and succeeds within the bound (the SDK alone would wait 300 s), and the
+/// spool drains once a working store is configured.
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_push_to_a_store_that_never_answers_spools_within_the_upload_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        // Accepts and holds every connection, reads nothing, answers nothing.
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let target = |endpoint: &str, bucket: &str| {
+        format!(
+            "[[target]]\nname = \"s3\"\nurl = \"s3://{bucket}/lab\"\n\
+             [s3]\nendpoint = {endpoint:?}\nregion = {:?}\naccess_key_id = {:?}\n\
+             secret_access_key = {:?}\n",
+            testkit::s3::REGION,
+            testkit::s3::ACCESS_KEY,
+            testkit::s3::SECRET_KEY
+        )
+    };
+    let world = World::new(&target(&hung, "hung"), "upload_timeout_secs = 2");
+    let config = world.config.to_str().unwrap().to_owned();
+    let wal_dir = world.dir.join("pg_wal");
+    fs::create_dir(&wal_dir).unwrap();
+    let name = "000000010000000000000005";
+    fs::write(wal_dir.join(name), vec![5u8; 1_000_000]).unwrap();
+
+    let began = Instant::now();
+    world.backupd(
+        0,
+        &[
+            "wal-push",
+            "-c",
+            &config,
+            wal_dir.join(name).to_str().unwrap(),
+        ],
+        &[],
+    );
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(8), "wal-push took {took:?}");
+    assert_eq!(spooled(&world), 1, "the segment waits in the spool");
+
+    let server = S3Server::start().unwrap();
+    let bucket = server.bucket().await.unwrap();
+    let text = fs::read_to_string(&world.config)
+        .unwrap()
+        .replace(&target(&hung, "hung"), &target(&server.endpoint(), &bucket));
+    fs::write(&world.config, text).unwrap();
+    let (stdout, _) = world.backupd(0, &["wal-push", "-c", &config, "--drain"], &[]);
+    assert!(stdout.contains("stored 1, still queued 0"), "{stdout}");
+    assert_eq!(spooled(&world), 0);
+    assert_eq!(stored_wal(&server, &bucket).await, [name]);
 }
