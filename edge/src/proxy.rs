@@ -808,6 +808,7 @@ mod tests {
             client_ip: &client,
             proto: "http",
             host: &host,
+            target: None,
         };
         let sent = || {
             let mut h = HeaderMap::new();
