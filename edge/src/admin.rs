@@ -13,8 +13,6 @@
 //! - A `/load` goes through the same validation and swap as a SIGHUP reload, on the main loop:
 //!   it is applied whole or not at all, and a refusal answers 400 naming the file and line.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -30,19 +28,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::EdgeToml;
+use crate::config::{AdminListen, EdgeToml};
 
 /// Largest Caddyfile `/load` takes.
 const MAX_LOAD: usize = 1 << 20;
-
-/// Where the admin endpoint listens, resolved.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum AdminListen {
-    /// A TCP address (loopback unless allowed otherwise).
-    Tcp(SocketAddr),
-    /// A unix socket path.
-    Unix(PathBuf),
-}
 
 /// A `/load` for the main loop: the Caddyfile text and where to answer.
 #[derive(Debug)]

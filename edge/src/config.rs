@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
-use crate::admin::AdminListen;
 use crate::directives::{
     BasicAuthToml, Build, BuildError, Chain, DirectiveToml, HeaderToml, ProxyToml, RedirToml,
     RouteToml, Routes,
@@ -426,6 +425,15 @@ fn resolve_log(
         errors_only,
         logger: format!("http.log.access.{name}"),
     })
+}
+
+/// Where the admin endpoint listens, resolved (the admin module serves it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum AdminListen {
+    /// A TCP address (loopback unless allowed otherwise).
+    Tcp(std::net::SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
 }
 
 /// Where the admin endpoint listens: a loopback address or a unix socket, unless `remote`.

@@ -39,7 +39,6 @@ mod header_ops;
 mod health;
 mod lb;
 mod limit;
-mod log_format;
 mod log_roll;
 mod matchers;
 mod placeholders;

@@ -13,7 +13,7 @@ use hyper::http::HeaderMap;
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
-use crate::access_log::Record;
+use super::Record;
 use crate::config::LogFormat;
 
 /// Headers shown as Go's `http.Header`: canonical names, each with its values in a list.
