@@ -9,13 +9,15 @@
 //! name the target holds with other bytes is refused (exit 65) and never overwritten.
 //!
 //! `wal-fetch %f %p` checks the object's signature (unsigned refused unless `--allow-unsigned`;
-//! an untrusted key or a signature that does not match always refused, exit 77) before it
+//! an untrusted key or a signature that does not match always refused) before it
 //! decodes anything, writes the decoded file to a temporary name beside `%p`, checks its size
 //! and SHA-256 against the header, and only then renames it to `%p`. A file the target lacks
 //! (PostgreSQL asks for the next segment and for history files that may not exist) is an
-//! ordinary "not found" (exit 66), which ends recovery the way PostgreSQL expects. PostgreSQL
-//! takes a refusal the same way (any exit below 126 ends the archive), so `restore` checks
-//! every signature before it lays a base backup out, and a replay that met a refusal fails.
+//! ordinary "not found" (exit 66), which ends recovery the way PostgreSQL expects. Any other
+//! failure exits 200 (`Exit::AbortRecovery`): PostgreSQL ends the archive at any status below
+//! 126, which would end a replay early at a refused or unreachable segment and silently drop
+//! the WAL after it; above 125 it aborts recovery instead. `restore` also checks every
+//! signature before it lays a base backup out, so a refusal shows before any replay.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};

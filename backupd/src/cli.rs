@@ -36,9 +36,11 @@ EXIT STATUS:
     store unavailable, or pg_dump failed; 73 restore target not empty (use --force) or disk full;
     74 I/O error; 75 another run holds the lock, or every backup was made but a copy_to target
     could not be brought up to date (the next run copies what it missed); 77 permission denied
-    (credentials, identity),
-    or a backup's manifest is unsigned or not signed by a trusted key; 78 bad configuration
-    (also: no signing key to back up with, or no key to check a signed backup with).
+    (credentials, identity), or a backup's manifest or a WAL file is unsigned or not signed by a
+    trusted key; 78 bad configuration (also: no signing key to back up with, or no key to check
+    a signed backup with). wal-fetch alone: 66 the archive lacks the file (PostgreSQL's end of
+    the archive), 200 any other failure, so PostgreSQL aborts the recovery instead of ending it
+    early at that segment.
 
 SIGNATURES:
     Anyone who can write the store can write a backup that age decrypts, so `run` signs each
@@ -332,10 +334,12 @@ pub enum Command {
     ///
     /// The object's signature is checked first: it must be by the WAL key ([signing]
     /// wal_key_file) or one of wal_public_keys, and cover this cluster and this file name;
-    /// otherwise nothing is written and wal-fetch exits 77, naming the object and why. The file
+    /// otherwise nothing is written and wal-fetch fails, naming the object and why. The file
     /// is then decoded beside PATH, checked against the SHA-256 recorded at push time, and
     /// renamed to PATH. A file the archive lacks exits 66, which PostgreSQL takes as the end of
-    /// the archive (as it takes any failure: `restore` checks every signature beforehand).
+    /// the archive. Every other failure (a refused or damaged object, an unreachable store, a
+    /// bad config) exits 200: PostgreSQL takes a status above 125 as fatal and aborts the
+    /// recovery, where a lower one would end it early at that segment and drop the WAL after.
     #[command(
         after_long_help = "EXAMPLES:\n    restore_command = 'backupd wal-fetch -c /etc/labkit/backupd-wal.toml %f %p'"
     )]
@@ -561,12 +565,21 @@ async fn dispatch(command: Command, env: &Env) -> Result<(), Error> {
             path,
             allow_unsigned,
         } => {
-            let config = Config::load(&config.config, env)?;
-            let cluster = crate::cluster::pick(&config.clusters, cluster.as_deref())?;
-            let name: crate::wal::WalName = name.parse().map_err(Error::Usage)?;
-            let store = cluster_store(&config, cluster, env).await?;
-            let trust = config.signing.wal_trust(allow_unsigned);
-            crate::archiving::fetch(&config, cluster, &store, &trust, &name, &path).await
+            // PostgreSQL takes any status below 126 as the end of the archive and ends
+            // recovery there: only a missing file may say so, every other failure aborts.
+            let fetched = async {
+                let config = Config::load(&config.config, env)?;
+                let cluster = crate::cluster::pick(&config.clusters, cluster.as_deref())?;
+                let name: crate::wal::WalName = name.parse().map_err(Error::Usage)?;
+                let store = cluster_store(&config, cluster, env).await?;
+                let trust = config.signing.wal_trust(allow_unsigned);
+                crate::archiving::fetch(&config, cluster, &store, &trust, &name, &path).await
+            };
+            match fetched.await {
+                Err(err @ Error::NotFound { .. }) | Err(err @ Error::FetchFailed(_)) => Err(err),
+                Err(err) => Err(Error::FetchFailed(Box::new(err))),
+                Ok(()) => Ok(()),
+            }
         }
         Command::Basebackup { config, cluster } => {
             let config = Config::load(&config.config, env)?;

@@ -184,6 +184,10 @@ pub enum Error {
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
+    /// `wal-fetch` failed for another reason than a missing file: PostgreSQL must abort its
+    /// recovery rather than take it as the end of the archive.
+    #[error(transparent)]
+    FetchFailed(Box<Error>),
     /// A WAL file's name is taken by other bytes, or its bytes do not match their record.
     #[error("WAL file {name}: {detail}")]
     WalConflict {
@@ -259,6 +263,7 @@ impl ExitStatus for Error {
             Error::Usage(_) => Exit::Usage,
             Error::Io { source, .. } => Exit::from_io(source),
             Error::Internal(_) => Exit::Software,
+            Error::FetchFailed(_) => Exit::AbortRecovery,
             Error::WalConflict { .. } | Error::WalGap { .. } => Exit::DataErr,
             Error::SpoolFull { .. } => Exit::TempFail,
         }

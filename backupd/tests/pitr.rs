@@ -460,9 +460,10 @@ fn wal_push_is_idempotent_refuses_other_bytes_and_wal_fetch_checks_them() {
         ],
         &[],
     );
-    // Names that are not WAL file names never reach the store.
+    // Names that are not WAL file names never reach the store; as every failure but a missing
+    // file, the status aborts PostgreSQL's recovery.
     let (_, stderr) = world.backupd(
-        64,
+        200,
         &[
             "wal-fetch",
             "-c",
@@ -985,17 +986,36 @@ impl Planted {
     }
 
     /// Starts the laid-out restore: its replay asks wal-fetch for the planted segment, which
-    /// must be refused for `reason`, so the cluster holds the archived rows and not the planted.
+    /// must be refused for `reason`, so the replay aborts and nothing planted is applied.
     fn assert_refused_on_replay(&self, reason: &str) {
-        let (server, sockets) = start_restored(&self.pg, &self.restored);
-        let rows = query(
-            &self.pg,
-            sockets.path(),
-            "SELECT string_agg(id || ' ' || who, ',' ORDER BY id) FROM t",
-        );
-        server.stop(WAIT).unwrap();
+        // wal-fetch's refusal exits above 125, so PostgreSQL aborts the recovery instead of
+        // ending the archive there and promoting without the WAL after it: the server never
+        // comes up, and nothing planted was replayed.
+        let sockets = Scratch::new("pitr-sock").unwrap();
+        fs::set_permissions(sockets.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let (uid, gid) = nobody();
+        let server = ProcBuilder::new("setpriv")
+            .args([
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".into(),
+            ])
+            .arg(self.pg.bin("postgres"))
+            .arg("-D")
+            .arg(&self.restored)
+            .arg("-k")
+            .arg(sockets.path())
+            .args(["-c", "listen_addresses=", "-c", "port=5432"])
+            .spawn()
+            .unwrap();
+        let status = server.wait_exit(WAIT).unwrap();
         let log = server.stderr();
-        assert_eq!(rows, "1 archiver,2 archiver,3 archiver", "log:\n{log}");
+        assert!(!status.success(), "log:\n{log}");
+        assert!(
+            !log.contains("ready to accept connections"),
+            "the restore came up:\n{log}"
+        );
+        assert!(log.contains("exit code 200"), "log:\n{log}");
         let refusal = log
             .lines()
             .find(|l| l.contains("refused WAL object"))
@@ -1135,7 +1155,7 @@ fn wal_fetch_refuses_a_signed_segment_renamed_or_copied_into_another_cluster() {
     )
     .unwrap();
     for extra in [&[][..], &["--allow-unsigned"][..]] {
-        let stderr = fetch(77, "main", "000000010000000000000008", extra);
+        let stderr = fetch(200, "main", "000000010000000000000008", extra);
         assert!(
             stderr.contains("refused WAL object")
                 && stderr.contains("cluster/main/wal/000000010000000000000008")
@@ -1152,7 +1172,7 @@ fn wal_fetch_refuses_a_signed_segment_renamed_or_copied_into_another_cluster() {
         &object,
     )
     .unwrap();
-    let stderr = fetch(77, "other", "000000010000000000000007", &[]);
+    let stderr = fetch(200, "other", "000000010000000000000007", &[]);
     assert!(
         stderr.contains("cluster/other/wal/000000010000000000000007")
             && stderr.contains("does not match"),
@@ -1188,7 +1208,7 @@ fn a_re_push_of_the_same_bytes_signs_an_unsigned_or_otherwise_signed_copy_and_un
         let _ = fs::remove_file(&fetched);
         stderr
     };
-    let stderr = fetch(77, config, &[]);
+    let stderr = fetch(200, config, &[]);
     assert!(
         stderr.contains("has no signature") && stderr.contains(name),
         "{stderr}"
@@ -1230,7 +1250,7 @@ fn a_re_push_of_the_same_bytes_signs_an_unsigned_or_otherwise_signed_copy_and_un
     let resigned = push(other_config);
     assert_ne!(resigned, signed);
     fetch(0, other_config, &[]);
-    let stderr = fetch(77, config, &["--allow-unsigned"]);
+    let stderr = fetch(200, config, &["--allow-unsigned"]);
     assert!(stderr.contains("not a trusted WAL key"), "{stderr}");
 
     // Without a WAL key, wal-push archives nothing; a WAL key trusted for manifests is refused.

@@ -37,6 +37,10 @@ pub enum Exit {
     NoPerm = 77,
     /// The configuration is wrong.
     Config = 78,
+    /// PostgreSQL must abort recovery: it takes a `restore_command` status above 125 as fatal
+    /// and any lower one as "the archive ends here" (backupd's `wal-fetch` on every failure but
+    /// a missing file, so a refused, damaged or unreachable segment never ends a replay early).
+    AbortRecovery = 200,
 }
 
 impl Exit {
