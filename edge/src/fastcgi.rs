@@ -1009,47 +1009,10 @@ mod tests {
 
     use http_body_util::Full;
     use hyper_util::rt::TokioIo;
+    use testkit::php::PhpFpm;
     use testkit::{Proc, ProcBuilder, Scratch};
 
     use super::*;
-
-    const PHP_FPM: &str = "/usr/sbin/php-fpm8.2";
-
-    /// php-fpm with a TCP pool and a unix-socket pool over `root`.
-    struct Fpm {
-        _proc: Proc,
-        port: u16,
-        socket: PathBuf,
-    }
-
-    fn start_fpm(dir: &Scratch) -> Fpm {
-        let socket = dir.join("php.sock");
-        testkit::ports::retry_on_port_clash(|_| {
-            let port = testkit::ports::free_port().map_err(testkit::Error::Io)?;
-            let conf = format!(
-                "[global]\nerror_log = /proc/self/fd/2\ndaemonize = no\n\
-                 [tcp]\nuser = root\nlisten = 127.0.0.1:{port}\npm = static\npm.max_children = 4\n\
-                 catch_workers_output = yes\n\
-                 [unix]\nuser = root\nlisten = {}\npm = static\npm.max_children = 1\n",
-                socket.display()
-            );
-            let path = dir.join("php-fpm.conf");
-            std::fs::write(&path, conf).map_err(testkit::Error::Io)?;
-            let fpm = ProcBuilder::new(PHP_FPM)
-                .args(["-F", "-R", "-n", "-y"])
-                .arg(&path)
-                .arg("-p")
-                .arg(dir.path())
-                .spawn()?;
-            fpm.wait_stderr("ready to handle connections", Duration::from_secs(20))?;
-            Ok(Fpm {
-                _proc: fpm,
-                port,
-                socket: socket.clone(),
-            })
-        })
-        .expect("php-fpm starts")
-    }
 
     /// A WordPress-shaped site: a front controller, a subfolder app, and pages that test
     /// bodies, statuses, headers, streaming and misbehaviour.
@@ -1250,7 +1213,7 @@ mod tests {
     async fn php_fpm_runs_a_wordpress_shaped_site_through_fastcgi() {
         let dir = Scratch::new("edge-fastcgi").unwrap();
         let root = site(&dir);
-        let fpm = start_fpm(&dir);
+        let fpm = PhpFpm::start(&dir, 1).expect("php-fpm starts");
         let tcp = FastCgiAddress::parse(&format!("127.0.0.1:{}", fpm.port)).unwrap();
         let edge = start_edge(FastCgi::new(FastCgiConfig {
             env: vec![("APP_ENV".into(), "test".into())],
@@ -1430,7 +1393,7 @@ mod tests {
     async fn php_sees_the_same_server_variables_through_edge_as_through_caddy() {
         let dir = Scratch::new("edge-fastcgi-caddy").unwrap();
         let root = site(&dir);
-        let fpm = start_fpm(&dir);
+        let fpm = PhpFpm::start(&dir, 1).expect("php-fpm starts");
         let caddyfile = format!(
             "{{\n\tadmin off\n}}\nhttp://127.0.0.1:PORT {{\n\troot * {}\n\t\
              php_fastcgi 127.0.0.1:{} {{\n\t\tenv APP_ENV test\n\t}}\n\tfile_server\n}}\n",
@@ -1518,7 +1481,7 @@ mod tests {
     async fn php_fpm_on_a_unix_socket_serves_and_a_slow_script_times_out_with_504() {
         let dir = Scratch::new("edge-fastcgi-unix").unwrap();
         let root = site(&dir);
-        let fpm = start_fpm(&dir);
+        let fpm = PhpFpm::start(&dir, 1).expect("php-fpm starts");
         let unix = FastCgiAddress::parse(&format!("unix/{}", fpm.socket.display())).unwrap();
         let edge = start_edge(FastCgi::new(FastCgiConfig {
             read_timeout: Some(Duration::from_millis(500)),

@@ -16,6 +16,7 @@ pub mod child;
 pub mod http;
 pub mod netns;
 pub mod pg;
+pub mod php;
 pub mod ports;
 pub mod proc;
 pub mod s3;

@@ -4,50 +4,12 @@
 //! TCP pool and a unix-socket pool.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use testkit::{Proc, ProcBuilder, Scratch};
+use testkit::Scratch;
+use testkit::php::PhpFpm;
 
 use crate::differential::{Both, Req};
 use crate::support::Upstreams;
-
-const PHP_FPM: &str = "/usr/sbin/php-fpm8.2";
-
-/// php-fpm with a TCP pool (its port) and a unix-socket pool (`DIR/php.sock`).
-struct Fpm {
-    _proc: Proc,
-    port: u16,
-    socket: PathBuf,
-}
-
-fn start_fpm(dir: &Scratch) -> Fpm {
-    let socket = dir.join("php.sock");
-    testkit::ports::retry_on_port_clash(|_| {
-        let port = testkit::ports::free_port().map_err(testkit::Error::Io)?;
-        let conf = format!(
-            "[global]\nerror_log = /proc/self/fd/2\ndaemonize = no\n\
-             [tcp]\nuser = root\nlisten = 127.0.0.1:{port}\npm = static\npm.max_children = 4\n\
-             catch_workers_output = yes\n\
-             [unix]\nuser = root\nlisten = {}\npm = static\npm.max_children = 2\n",
-            socket.display()
-        );
-        let path = dir.join("php-fpm.conf");
-        std::fs::write(&path, conf).map_err(testkit::Error::Io)?;
-        let fpm = ProcBuilder::new(PHP_FPM)
-            .args(["-F", "-R", "-n", "-y"])
-            .arg(&path)
-            .arg("-p")
-            .arg(dir.path())
-            .spawn()?;
-        fpm.wait_stderr("ready to handle connections", Duration::from_secs(20))?;
-        Ok(Fpm {
-            _proc: fpm,
-            port,
-            socket: socket.clone(),
-        })
-    })
-    .expect("php-fpm starts")
-}
 
 /// The front controller: routes as WordPress's index.php does (home, pretty permalinks,
 /// a 404 for the rest), takes form posts, and shows the CGI parameters a PHP app reads
@@ -113,7 +75,7 @@ fn wordpress(dir: &Path) -> PathBuf {
 fn a_wordpress_shaped_site_answers_through_php_fpm_as_caddy_does() {
     let dir = Scratch::new("edge-php").unwrap();
     let root = wordpress(dir.path());
-    let fpm = start_fpm(&dir);
+    let fpm = PhpFpm::start(&dir, 2).expect("php-fpm starts");
     let both = Both::start_with(
         Upstreams::new(),
         "http://plain.local {\n\troot * @ROOT@\n\tencode gzip\n\tphp_fastcgi 127.0.0.1:@FPM@\n\tfile_server\n}\n\n\
