@@ -32,7 +32,7 @@ use crate::health::{Active, HealthToml, Passive};
 use crate::lb::Policy;
 use crate::matchers::Cidr;
 use crate::placeholders::Template;
-use crate::proxy::{Balancer, Forwarded, Proxy, Upgrades, Upstream};
+use crate::proxy::{Balancer, Forwarded, Outcome, Proxy, Upgrades, Upstream};
 use crate::site::parse_duration;
 use crate::transport::{OptLine, Transport, TransportToml};
 
@@ -523,6 +523,32 @@ struct ReverseProxy {
 
 impl ReverseProxy {
     /// What goes upstream instead of the request's method and target, if anything.
+    /// Sends `up` to this reverse_proxy's upstreams, forwarded for the client of `cx`.
+    async fn forward(
+        &self,
+        up: Request<UpBody>,
+        target: Option<(Method, PathAndQuery)>,
+        cx: &mut Cx,
+        io: &Io<'_>,
+    ) -> Outcome {
+        let host = cx.host_value.clone();
+        let proto = cx.scheme.as_str();
+        let fwd = Forwarded {
+            client_ip: io.forwarded_for,
+            proto,
+            host: &host,
+            target,
+        };
+        let upgrades = Upgrades {
+            tasks: io.tasks,
+            stop: io.stop,
+            hold: io.hold.clone(),
+        };
+        io.client
+            .forward(&self.proxy, &self.balancer, up, cx, fwd, upgrades)
+            .await
+    }
+
     fn target(&self, req: &Request<Incoming>, cx: &Cx) -> Option<(Method, PathAndQuery)> {
         if self.method.is_none() && self.rewrite.is_none() {
             return None;
@@ -561,31 +587,8 @@ impl Handler for ReverseProxy {
             *up.headers_mut() = req.headers().clone();
             // Not an upgrade: the client's upgrade is for the routes after this one.
             up.headers_mut().remove(header::UPGRADE);
-            // No body, so no length of one (Go sends none either).
-            up.headers_mut().remove(header::CONTENT_LENGTH);
-            up.headers_mut().remove(header::TRANSFER_ENCODING);
-            let host = cx.host_value.clone();
-            let proto = cx.scheme.as_str();
-            let outcome = io
-                .client
-                .forward(
-                    &self.proxy,
-                    &self.balancer,
-                    up,
-                    cx,
-                    Forwarded {
-                        client_ip: io.forwarded_for,
-                        proto,
-                        host: &host,
-                        target,
-                    },
-                    Upgrades {
-                        tasks: io.tasks,
-                        stop: io.stop,
-                        hold: io.hold.clone(),
-                    },
-                )
-                .await;
+            drop_body_length(&mut up);
+            let outcome = self.forward(up, target, cx, io).await;
             let response = outcome.response;
             for reaction in &self.reactions {
                 if !reaction.matches(response.status()) {
@@ -633,36 +636,15 @@ impl Handler for ReverseProxy {
         io: &'s mut Io<'_>,
     ) -> Serving<'s> {
         Box::pin(async move {
-            let host = cx.host_value.clone();
-            let proto = cx.scheme.as_str();
             let target = self.target(&req, cx);
-            let outcome = io
-                .client
-                .forward(
-                    &self.proxy,
-                    &self.balancer,
-                    if self.bodiless {
-                        let mut up = req.map(|_| UpBody::Empty);
-                        up.headers_mut().remove(header::CONTENT_LENGTH);
-                        up.headers_mut().remove(header::TRANSFER_ENCODING);
-                        up
-                    } else {
-                        req.map(UpBody::Client)
-                    },
-                    cx,
-                    Forwarded {
-                        client_ip: io.forwarded_for,
-                        proto,
-                        host: &host,
-                        target,
-                    },
-                    Upgrades {
-                        tasks: io.tasks,
-                        stop: io.stop,
-                        hold: io.hold.clone(),
-                    },
-                )
-                .await;
+            let up = if self.bodiless {
+                let mut up = req.map(|_| UpBody::Empty);
+                drop_body_length(&mut up);
+                up
+            } else {
+                req.map(UpBody::Client)
+            };
+            let outcome = self.forward(up, target, cx, io).await;
             io.upstream = outcome.upstream;
             outcome.response
         })
@@ -677,4 +659,10 @@ impl Handler for ReverseProxy {
             .collect();
         format!("reverse_proxy {}", to.join(" "))
     }
+}
+
+/// A request sent without its body carries no length of one either (Go sends none).
+fn drop_body_length(up: &mut Request<UpBody>) {
+    up.headers_mut().remove(header::CONTENT_LENGTH);
+    up.headers_mut().remove(header::TRANSFER_ENCODING);
 }
