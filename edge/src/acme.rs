@@ -591,7 +591,7 @@ impl Acme {
 
     /// Gets a certificate for `name`: from the storage when another edge has just stored a
     /// fresh one, else by an order. Holds the name's lock throughout.
-    async fn obtain(
+    pub(crate) async fn obtain(
         &self,
         acme: &AcmeConfig,
         name: &str,

@@ -727,6 +727,57 @@ fn globals(
                 }
             }
             "servers" => servers(p, node.line, args, node.block.clone(), toml)?,
+            "local_certs" => {
+                if !args.is_empty() || node.block.is_some() {
+                    return Err(p.err(node.line, "local_certs takes nothing"));
+                }
+                toml.local_certs = Some(true);
+            }
+            // The edge never installs its root into a trust store unless `edge ca trust` is
+            // run, so there is nothing to skip.
+            "skip_install_trust" => {
+                if !args.is_empty() || node.block.is_some() {
+                    return Err(p.err(node.line, "skip_install_trust takes nothing"));
+                }
+            }
+            "on_demand_tls" => {
+                if !args.is_empty() {
+                    return Err(p.err(node.line, "on_demand_tls takes a block only"));
+                }
+                let mut od = config::OnDemandToml::default();
+                for o in node.block.iter().flatten() {
+                    let words: Vec<&str> = o.tokens.iter().map(|t| t.text.as_str()).collect();
+                    match words.as_slice() {
+                        ["ask", url] => {
+                            lines.insert("on_demand_tls.ask".into(), o.line);
+                            od.ask = Some((*url).to_owned());
+                        }
+                        ["interval", d] => {
+                            lines.insert("on_demand_tls.interval".into(), o.line);
+                            od.interval = Some((*d).to_owned());
+                        }
+                        ["burst", n] => {
+                            lines.insert("on_demand_tls.burst".into(), o.line);
+                            od.burst = Some(n.parse().map_err(|_| {
+                                p.err(o.line, format!("burst: {n:?} is not a number"))
+                            })?);
+                        }
+                        _ => {
+                            return Err(p.err(
+                                o.line,
+                                format!("on_demand_tls option {:?} is not supported (ask, interval and burst are)", words.join(" ")),
+                            ));
+                        }
+                    }
+                }
+                if od == config::OnDemandToml::default() {
+                    return Err(p.err(
+                        node.line,
+                        "on_demand_tls needs at least one of ask, interval, burst",
+                    ));
+                }
+                toml.on_demand_tls = Some(od);
+            }
             other => {
                 return Err(p.err(
                     node.line,
@@ -955,6 +1006,29 @@ fn tls_block(
         let words: Vec<&str> = n.tokens.iter().map(|t| t.text.as_str()).collect();
         match (words.as_slice(), &n.block) {
             (["issuer", "internal"], None) => site.tls = Some("internal".into()),
+            (["on_demand"], None) => {
+                lines.insert(format!("{key}.tls_on_demand"), n.line);
+                site.tls_on_demand = Some(true);
+            }
+            (
+                [
+                    option @ ("protocols" | "ciphers" | "curves" | "alpn"),
+                    values @ ..,
+                ],
+                None,
+            ) => {
+                if values.is_empty() {
+                    return Err(p.err(n.line, format!("tls {option} takes one or more values")));
+                }
+                lines.insert(format!("{key}.tls_{option}"), n.line);
+                let values: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+                match *option {
+                    "protocols" => site.tls_protocols = values,
+                    "ciphers" => site.tls_ciphers.extend(values),
+                    "curves" => site.tls_curves.extend(values),
+                    _ => site.tls_alpn = values,
+                }
+            }
             (["issuer", "acme"], options) => {
                 lines.insert(format!("{key}.tls_challenges"), n.line);
                 let mut challenges = vec!["http-01", "tls-alpn-01"];
@@ -996,7 +1070,7 @@ fn tls_block(
             _ => {
                 return Err(p.err(
                             n.line,
-                            format!("tls option {:?} is not supported (issuer internal, issuer acme and client_auth are)", words.join(" ")),
+                            format!("tls option {:?} is not supported (protocols, ciphers, curves, alpn, on_demand, issuer internal, issuer acme and client_auth are)", words.join(" ")),
                         ));
             }
         }
@@ -1046,10 +1120,18 @@ fn site(
                 seen_tls = true;
                 lines.insert(format!("{key}.tls"), line);
                 match (args, &node.block) {
-                    ([v], None) if v.text == "internal" => site.tls = Some("internal".into()),
-                    ([v], None) if v.text.contains('@') => {
+                    ([v], block) if v.text == "internal" => {
+                        site.tls = Some("internal".into());
+                        if let Some(block) = block {
+                            tls_block(p, &key, block, &mut site, lines)?;
+                        }
+                    }
+                    ([v], block) if v.text.contains('@') => {
                         lines.insert(format!("{key}.tls_email"), line);
                         site.tls_email = Some(v.text.clone());
+                        if let Some(block) = block {
+                            tls_block(p, &key, block, &mut site, lines)?;
+                        }
                     }
                     ([], Some(block)) => tls_block(p, &key, block, &mut site, lines)?,
                     ([cert, key_file], block) => {
@@ -1250,9 +1332,9 @@ mod tests {
             text,
             "/etc/Caddyfile:3: unsupported directive \"acme_server\" (see man edge-caddyfile)"
         );
-        let text = err_text("{\n\tlocal_certs\n}\n");
+        let text = err_text("{\n\trenew_interval 10m\n}\n");
         assert!(
-            text.starts_with("/etc/Caddyfile:2: global option \"local_certs\""),
+            text.starts_with("/etc/Caddyfile:2: global option \"renew_interval\""),
             "{text}"
         );
         let text = err_text("x.local {\n\t@api tls_version 1.3\n}\n");
@@ -1427,5 +1509,86 @@ mod tests {
         assert_eq!(toml.acme.renewal_window_ratio, Some(0.5));
         assert_eq!(toml.acme.challenges, vec!["tls-alpn-01".to_owned()]);
         assert_eq!(toml.acme.retry_base.as_deref(), Some("2s"));
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, CaddyfileError> {
+        load_text(Path::new("/etc/Caddyfile"), text, &Env::default())
+    }
+
+    #[test]
+    fn on_demand_tls_and_handshake_options_are_read() {
+        let config = load(
+            "{\n\ton_demand_tls {\n\t\task http://127.0.0.1:5555/check\n\t\tinterval 2m\n\t\tburst 5\n\t}\n\tskip_install_trust\n}\nhttps:// {\n\ttls {\n\t\ton_demand\n\t\tprotocols tls1.2 tls1.3\n\t\tciphers TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\n\t\tcurves x25519\n\t\talpn http/1.1\n\t}\n\trespond ok\n}\n",
+        )
+        .unwrap();
+        let od = config.on_demand.as_ref().unwrap();
+        assert_eq!(od.ask.as_ref().unwrap().path_and_query, "/check?");
+        assert_eq!(od.rate, Some((std::time::Duration::from_secs(120), 5)));
+        let site = &config.sites[0];
+        assert!(site.on_demand);
+        let options = site.tls_options.as_ref().unwrap();
+        assert_eq!(options.tls12_suites.len(), 1);
+        assert_eq!(options.alpn(), vec![b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn local_certs_serves_every_site_from_the_internal_ca() {
+        let config = load("{\n\tlocal_certs\n}\nexample.org {\n\trespond ok\n}\n").unwrap();
+        let site = &config.sites[0];
+        assert_eq!(
+            site.tls_policy(&site.addresses[0].host),
+            crate::site::TlsPolicy::Internal
+        );
+        let config =
+            load("example.org {\n\ttls internal {\n\t\tprotocols tls1.3\n\t}\n}\n").unwrap();
+        let site = &config.sites[0];
+        assert!(site.tls_internal && site.tls_options.is_some());
+    }
+
+    #[test]
+    fn tls_names_rustls_cannot_do_are_refused_with_file_and_line() {
+        for (text, line, word) in [
+            (
+                "example.org {\n\ttls {\n\t\tciphers TLS_RSA_WITH_AES_128_CBC_SHA\n\t}\n}\n",
+                3,
+                "TLS_RSA_WITH_AES_128_CBC_SHA",
+            ),
+            (
+                "example.org {\n\ttls {\n\t\tprotocols tls1.1\n\t}\n}\n",
+                3,
+                "tls1.1",
+            ),
+            (
+                "example.org {\n\ttls {\n\t\tcurves secp521r1\n\t}\n}\n",
+                3,
+                "secp521r1",
+            ),
+            (
+                "{\n\ton_demand_tls {\n\t\task ftp://x\n\t}\n}\nexample.org {\n}\n",
+                3,
+                "ftp://x",
+            ),
+            (
+                "{\n\ton_demand_tls {\n\t\tburst 3\n\t}\n}\nexample.org {\n}\n",
+                3,
+                "interval",
+            ),
+            (
+                "{\n\tlocal_certs\n}\nexample.org {\n\ttls {\n\t\ton_demand\n\t}\n}\n",
+                6,
+                "on-demand",
+            ),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("/etc/Caddyfile:{line}:")) && err.contains(word),
+                "{text:?}: {err}"
+            );
+        }
     }
 }

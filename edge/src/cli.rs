@@ -318,6 +318,7 @@ fn lines(site: &Site, chain: &Chain) -> Vec<SiteLine> {
                     crate::site::TlsPolicy::Internal => "internal",
                     crate::site::TlsPolicy::Acme => "acme",
                     crate::site::TlsPolicy::Files => "files",
+                    crate::site::TlsPolicy::OnDemand => "on_demand",
                 }
             }),
             routes: routes.clone(),

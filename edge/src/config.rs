@@ -48,6 +48,13 @@ pub(crate) struct EdgeToml {
     /// ACME tuning.
     #[serde(default, skip_serializing_if = "AcmeToml::is_empty")]
     pub(crate) acme: AcmeToml,
+    /// Every site's certificates from the internal CA, as `tls = "internal"` on each
+    /// (Caddy's `local_certs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) local_certs: Option<bool>,
+    /// What approves on-demand certificates (Caddy's `on_demand_tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) on_demand_tls: Option<OnDemandToml>,
     /// Port for plain HTTP (redirects to HTTPS, ACME HTTP-01). Default 80; 0 picks a free one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) http_port: Option<u16>,
@@ -125,6 +132,21 @@ impl AcmeToml {
     }
 }
 
+/// `[on_demand_tls]`: what approves a certificate for a name first seen in a handshake.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OnDemandToml {
+    /// URL asked `GET URL?domain=NAME` before ordering; a 2xx answer approves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ask: Option<String>,
+    /// With `burst`: at most `burst` orders per `interval` ("1m").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) interval: Option<String>,
+    /// Orders allowed per `interval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) burst: Option<usize>,
+}
+
 /// `[limits]`: every key optional, with sane defaults.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,6 +213,23 @@ pub(crate) struct SiteToml {
     /// PEM private key of `tls_certificate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tls_key: Option<PathBuf>,
+    /// TLS versions, a minimum and an optional maximum: "tls1.2", "tls1.3" (Caddy's
+    /// `tls { protocols }`). Default both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) tls_protocols: Vec<String>,
+    /// TLS 1.2 cipher suites by Go's names, in preference order (`tls { ciphers }`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) tls_ciphers: Vec<String>,
+    /// Key exchange groups: "x25519", "secp256r1", "secp384r1" (`tls { curves }`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) tls_curves: Vec<String>,
+    /// ALPN protocols offered (`tls { alpn }`). Default "h2", "http/1.1".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) tls_alpn: Vec<String>,
+    /// Certificates for this site's names are ordered from the ACME CA at the first TLS
+    /// handshake naming them, once `on_demand_tls.ask` approves (`tls { on_demand }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_on_demand: Option<bool>,
     /// The site's own access log, in Caddy's shape (a Caddyfile's `log` block); its requests
     /// are written there instead of to `access_log`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -573,6 +612,73 @@ pub(crate) enum AccessLog {
     File(PathBuf),
 }
 
+/// `on_demand_tls`, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct OnDemandConfig {
+    /// The ask endpoint, `http://` or `https://`, without its `domain` parameter.
+    pub(crate) ask: Option<AskUrl>,
+    /// At most this many orders per interval.
+    pub(crate) rate: Option<(Duration, usize)>,
+}
+
+/// The ask endpoint's URL, split for building requests.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct AskUrl {
+    /// As written, for logs.
+    pub(crate) text: String,
+    /// Where to connect.
+    pub(crate) address: crate::transport::Address,
+    /// The Host header.
+    pub(crate) host: String,
+    /// The path and the query without `domain`, ready for `domain=NAME` to be appended.
+    pub(crate) path_and_query: String,
+}
+
+impl AskUrl {
+    /// Parses an `http://` or `https://` URL.
+    pub(crate) fn parse(text: &str) -> Result<AskUrl, String> {
+        let rest = text
+            .strip_prefix("http://")
+            .or_else(|| text.strip_prefix("https://"))
+            .ok_or_else(|| format!("{text:?} is not an http:// or https:// URL"))?;
+        let scheme_len = text.len() - rest.len();
+        let split = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(split);
+        if authority.is_empty() || authority.contains('@') || tail.contains('#') {
+            return Err(format!(
+                "{text:?}: the ask URL needs a host, and takes no user or fragment"
+            ));
+        }
+        let address =
+            crate::transport::Address::parse(&format!("{}{authority}", &text[..scheme_len]))
+                .map_err(|e| format!("ask: {e}"))?;
+        let (path, query) = match tail.split_once('?') {
+            Some((p, q)) => (p, q),
+            None => (tail, ""),
+        };
+        let path = if path.is_empty() { "/" } else { path };
+        // Caddy sets `domain`, replacing one the URL already has.
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|p| !p.is_empty() && !p.starts_with("domain=") && *p != "domain")
+            .collect();
+        let mut path_and_query = format!("{path}?");
+        for part in kept {
+            path_and_query.push_str(part);
+            path_and_query.push('&');
+        }
+        path_and_query
+            .parse::<hyper::Uri>()
+            .map_err(|e| format!("{text:?}: {e}"))?;
+        Ok(AskUrl {
+            text: text.to_owned(),
+            address,
+            host: authority.to_owned(),
+            path_and_query,
+        })
+    }
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -612,6 +718,8 @@ pub(crate) struct Config {
     pub(crate) sites: Vec<Site>,
     /// Each site's handler chain, indexed like `sites`.
     pub(crate) chains: Vec<Arc<Chain>>,
+    /// `on_demand_tls`, when given.
+    pub(crate) on_demand: Option<OnDemandConfig>,
 }
 
 impl Config {
@@ -753,6 +861,11 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         check_email(email).map_err(|m| file.invalid("email", m))?;
     }
     let acme = resolve_acme(&raw, file, &duration)?;
+    let on_demand = match &raw.on_demand_tls {
+        None => None,
+        Some(t) => Some(resolve_on_demand(t, file, &duration)?),
+    };
+    let local_certs = raw.local_certs == Some(true);
 
     let mut sites = Vec::new();
     let mut chains = Vec::new();
@@ -832,7 +945,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
             ));
         }
         site_challenges.push(challenges);
-        let (site, chain) = resolve_site(site, i, file, http_port, https_port, env)?;
+        let (site, chain) = resolve_site(site, i, file, (http_port, https_port), local_certs, env)?;
         chains.push(Arc::new(chain));
         for address in &site.addresses {
             let key = (address.host.to_string(), address.port);
@@ -864,7 +977,47 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         limits,
         sites,
         chains,
+        on_demand,
     })
+}
+
+fn resolve_on_demand(
+    t: &OnDemandToml,
+    file: &ConfigFile,
+    duration: DurationKey<'_>,
+) -> Result<OnDemandConfig, ConfigError> {
+    let ask = t
+        .ask
+        .as_deref()
+        .map(AskUrl::parse)
+        .transpose()
+        .map_err(|m| file.invalid("on_demand_tls.ask", m))?;
+    let rate = match (&t.interval, t.burst) {
+        (None, None) => None,
+        (Some(_), Some(0)) => {
+            return Err(file.invalid("on_demand_tls.burst", "must be at least 1"));
+        }
+        (Some(_), Some(burst)) => {
+            let interval = duration("on_demand_tls.interval", &t.interval, Duration::ZERO)?;
+            if interval.is_zero() {
+                return Err(file.invalid("on_demand_tls.interval", "must be longer than zero"));
+            }
+            Some((interval, burst))
+        }
+        (None, Some(_)) => {
+            return Err(file.invalid(
+                "on_demand_tls.burst",
+                "needs interval (a burst of orders per interval)",
+            ));
+        }
+        (Some(_), None) => {
+            return Err(file.invalid(
+                "on_demand_tls.interval",
+                "needs burst (a burst of orders per interval)",
+            ));
+        }
+    };
+    Ok(OnDemandConfig { ask, rate })
 }
 
 /// The storage folder when the config names none: systemd's `StateDirectory`, else the XDG
@@ -991,24 +1144,42 @@ fn resolve_site(
     raw: SiteToml,
     i: usize,
     file: &ConfigFile,
-    http_port: u16,
-    https_port: u16,
+    (http_port, https_port): (u16, u16),
+    local_certs: bool,
     env: &Env,
 ) -> Result<(Site, Chain), ConfigError> {
     let key = |k: &str| format!("site[{i}].{k}");
     if raw.addresses.is_empty() {
         return Err(file.invalid(key("addresses"), "a site needs at least one address"));
     }
-    let explicit_internal = match raw.tls.as_deref() {
-        None | Some("acme") => false,
-        Some("internal") => true,
-        Some(other) => {
-            return Err(file.invalid(
-                key("tls"),
-                format!("{other:?} is not a certificate source (\"internal\" or \"acme\")"),
-            ));
-        }
-    };
+    let has_files = raw.tls_certificate.is_some() || raw.tls_key.is_some();
+    let explicit_internal = (local_certs && !has_files && raw.tls_email.is_none())
+        || match raw.tls.as_deref() {
+            None | Some("acme") => false,
+            Some("internal") => true,
+            Some(other) => {
+                return Err(file.invalid(
+                    key("tls"),
+                    format!("{other:?} is not a certificate source (\"internal\" or \"acme\")"),
+                ));
+            }
+        };
+    let tls_options = crate::tls_options::resolve(
+        &raw.tls_protocols,
+        &raw.tls_ciphers,
+        &raw.tls_curves,
+        &raw.tls_alpn,
+    )
+    .map_err(|(k, m)| file.invalid(key(&format!("tls_{k}")), m))?
+    .map(Arc::new);
+    let on_demand = raw.tls_on_demand == Some(true);
+    if on_demand && (explicit_internal || has_files) {
+        return Err(file.invalid(
+            key("tls_on_demand"),
+            "on-demand certificates come from the ACME CA: not with tls internal, local_certs \
+             or certificate files",
+        ));
+    }
     if let Some(email) = &raw.tls_email {
         check_email(email).map_err(|m| file.invalid(key("tls_email"), m))?;
     }
@@ -1073,13 +1244,17 @@ fn resolve_site(
                 format!("{text:?}: client_auth needs host names (clients without a TLS name would bypass it)"),
             ));
         }
-        if address.scheme == Scheme::Https && address.host == Host::Any && cert_files.is_none() {
+        if address.scheme == Scheme::Https
+            && address.host == Host::Any
+            && cert_files.is_none()
+            && !on_demand
+        {
             return Err(file.invalid(
                 format!("site[{i}].addresses[{j}]"),
                 format!("{text:?}: an HTTPS site without a host name needs `tls CERT KEY` files"),
             ));
         }
-        if address.scheme == Scheme::Https && cert_files.is_none() {
+        if address.scheme == Scheme::Https && cert_files.is_none() && !on_demand {
             TlsPolicy::for_host(&address.host, explicit_internal)
                 .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
         }
@@ -1094,6 +1269,8 @@ fn resolve_site(
             tls_email,
             cert_files,
             client_auth,
+            on_demand,
+            tls_options,
         },
         chain,
     ))
@@ -1195,6 +1372,17 @@ fn resolve_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ask_url_keeps_its_query_and_replaces_domain() {
+        let ask = AskUrl::parse("http://127.0.0.1:5555/check?token=abc&domain=x").unwrap();
+        assert_eq!(ask.path_and_query, "/check?token=abc&");
+        assert_eq!(ask.host, "127.0.0.1:5555");
+        let ask = AskUrl::parse("https://auth.example.org").unwrap();
+        assert_eq!(ask.path_and_query, "/?");
+        assert!(AskUrl::parse("ftp://x").is_err());
+        assert!(AskUrl::parse("http://user@host/").is_err());
+    }
 
     fn resolve_text(text: &str) -> Result<Config, ConfigError> {
         let path = Path::new("/etc/labkit/edge.toml");

@@ -41,6 +41,7 @@ mod lb;
 mod limit;
 mod log_roll;
 mod matchers;
+mod on_demand;
 mod placeholders;
 mod pool;
 mod proxy;
@@ -48,6 +49,7 @@ mod router;
 mod server;
 mod site;
 mod storage;
+mod tls_options;
 mod transport;
 mod trust;
 

@@ -58,6 +58,7 @@ use crate::certs::{Certs, ChallengeResponder, Entry, Fixed, Resolver, key_of};
 use crate::config::{self, Config, Limits, LogOutput, LogSpec};
 use crate::handler::{self, Conn, State};
 use crate::limit::{ConnLimit, ConnPermit};
+use crate::on_demand::{self, OnDemand};
 use crate::proxy::Client;
 use crate::router::Router;
 use crate::site::{Host, Scheme, TlsPolicy};
@@ -100,6 +101,8 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
                 TlsPolicy::Internal => internal.push(host.clone()),
                 // Read by `load_cert_files`; nothing to order or issue.
                 TlsPolicy::Files => {}
+                // Ordered at the first handshake naming it (`on_demand`).
+                TlsPolicy::OnDemand => {}
                 TlsPolicy::Acme => {
                     let name = key_of(host);
                     if !names.iter().any(|(n, _)| *n == name) {
@@ -140,15 +143,35 @@ fn load_cert_files(config: &Config, certs: &Certs) -> Result<Vec<(String, Arc<En
     Ok(loaded)
 }
 
-/// The TLS configs of `client_auth` sites, by the names they serve; the CA files are read
-/// here (start and every reload) and named when unusable.
-fn client_auth_configs(
+/// The TLS configs of sites with `client_auth` or handshake options (`protocols`,
+/// `ciphers`, `curves`, `alpn`), by the names they serve ("" for a site without a host);
+/// the CA files are read here (start and every reload) and named when unusable.
+fn site_tls_configs(
     config: &Config,
     shared: &Shared,
 ) -> Result<HashMap<String, Arc<ServerConfig>>, Error> {
     let mut by_name = HashMap::new();
     for site in &config.sites {
+        let options = site.tls_options.as_deref().cloned().unwrap_or_default();
+        let provider = match &site.tls_options {
+            Some(o) => Arc::new(o.provider()),
+            None => shared.provider.clone(),
+        };
         let Some(auth) = &site.client_auth else {
+            if site.tls_options.is_none() {
+                continue;
+            }
+            let mut tls = ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(&options.versions())
+                .map_err(Error::Tls)?
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(Resolver(shared.certs.clone())));
+            tls.alpn_protocols = options.alpn();
+            tls.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(Error::Tls)?;
+            let tls = Arc::new(tls);
+            for host in site.tls_hosts() {
+                by_name.insert(key_of(host), tls.clone());
+            }
             continue;
         };
         let mut roots = rustls::RootCertStore::empty();
@@ -175,7 +198,7 @@ fn client_auth_configs(
         }
         let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
-            shared.provider.clone(),
+            provider.clone(),
         );
         let builder = if auth.require {
             builder
@@ -185,18 +208,60 @@ fn client_auth_configs(
         let verifier = builder
             .build()
             .map_err(|e| Error::Internal(format!("client certificate verifier: {e}")))?;
-        let mut tls = ServerConfig::builder_with_provider(shared.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        let mut tls = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&options.versions())
             .map_err(Error::Tls)?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(shared.certs.clone())));
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tls.alpn_protocols = options.alpn();
         let tls = Arc::new(tls);
         for host in site.tls_hosts() {
             by_name.insert(key_of(host), tls.clone());
         }
     }
     Ok(by_name)
+}
+
+/// What the on-demand module needs of `config`; `None` without an on-demand site.
+fn on_demand_settings(config: &Config) -> Result<Option<on_demand::Settings>, Error> {
+    let mut hosts = Vec::new();
+    for site in &config.sites {
+        if !site.on_demand || !config.auto_certs {
+            continue;
+        }
+        let email = site.tls_email.clone().or_else(|| config.email.clone());
+        for host in site.tls_hosts() {
+            if site.tls_policy(host) == TlsPolicy::OnDemand {
+                hosts.push((host.clone(), email.clone()));
+            }
+        }
+    }
+    if hosts.is_empty() {
+        return Ok(None);
+    }
+    let od = config.on_demand.clone().unwrap_or(config::OnDemandConfig {
+        ask: None,
+        rate: None,
+    });
+    if od.ask.is_none() && od.rate.is_none() {
+        tracing::warn!(
+            "on-demand TLS is enabled with neither on_demand_tls ask nor a rate limit: anyone \
+             can make this edge order certificates for names of their choosing"
+        );
+    }
+    let transport = match &od.ask {
+        Some(ask) => Some(
+            crate::transport::Transport::build(None, ask.address.scheme, 0)
+                .map_err(|e| Error::Internal(format!("on_demand_tls ask: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(Some(on_demand::Settings {
+        config: od,
+        acme: config.acme.clone(),
+        hosts,
+        transport,
+    }))
 }
 
 fn acme_names(plan: &Plan) -> Vec<String> {
@@ -278,8 +343,11 @@ struct Shared {
     certs: Arc<Certs>,
     challenges: Arc<Challenges>,
     tls: Arc<ServerConfig>,
-    /// TLS configs asking for client certificates, by name (`client_auth` sites).
+    /// TLS configs of sites asking for client certificates or with handshake options, by
+    /// name (`client_auth`, `protocols`...).
     by_name: ArcSwap<HashMap<String, Arc<ServerConfig>>>,
+    /// Certificates ordered at handshakes (`on_demand`).
+    on_demand: Arc<OnDemand>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     limits: ArcSwap<Limits>,
     limit: ConnLimit,
@@ -363,6 +431,21 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     let acme = Arc::new(Acme::new(storage, certs.clone()));
     acme.serve_stored(&plan);
     let (plan_tx, plan_rx) = tokio::sync::watch::channel(plan);
+    let on_demand = {
+        let plan_tx = plan_tx.clone();
+        Arc::new(OnDemand::new(
+            acme.clone(),
+            certs.clone(),
+            Box::new(move |name, email| {
+                plan_tx.send_modify(|plan| {
+                    if !plan.names.iter().any(|(n, _)| n == name) {
+                        plan.names.push((name.to_owned(), email));
+                    }
+                });
+            }),
+        ))
+    };
+    on_demand.configure(on_demand_settings(&config)?);
 
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = server_config(
@@ -395,6 +478,7 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
         certs: certs.clone(),
         challenges: acme.challenges(),
         by_name: ArcSwap::from_pointee(HashMap::new()),
+        on_demand: on_demand.clone(),
         tls,
         provider,
         limits: ArcSwap::from_pointee(config.limits.clone()),
@@ -406,7 +490,7 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
 
     shared
         .by_name
-        .store(Arc::new(client_auth_configs(&config, &shared)?));
+        .store(Arc::new(site_tls_configs(&config, &shared)?));
     let mut listeners: HashMap<(u16, Scheme), Listener> = HashMap::new();
     bind_missing(&config, &mut listeners, &shared).await?;
     let mut site_logs = SiteLogs::default();
@@ -628,9 +712,16 @@ async fn reload(
         None => source.load(env)?,
     };
     let logs = site_logs.open(&config).await?;
-    let by_name = client_auth_configs(&config, shared)?;
+    let by_name = site_tls_configs(&config, shared)?;
     let certs = shared.certs.clone();
-    let (hosts, plan) = cert_plan(&config);
+    let (hosts, mut plan) = cert_plan(&config);
+    let settings = on_demand_settings(&config)?;
+    shared.on_demand.configure(settings);
+    for (name, email) in shared.on_demand.obtained() {
+        if !plan.names.iter().any(|(n, _)| *n == name) {
+            plan.names.push((name, email));
+        }
+    }
     let names = acme_names(&plan);
     let acme = acme.clone();
     let files = config.clone();
@@ -888,18 +979,32 @@ async fn handshake(
     let config = match hello.server_name() {
         Some(name) => {
             if !shared.certs.serves(name) {
-                tracing::info!(%peer, sni = name, "no site serves this TLS name; refusing the handshake");
+                match shared.on_demand.wait(name).await {
+                    on_demand::Outcome::Ready => {}
+                    on_demand::Outcome::NotCovered => {
+                        tracing::info!(%peer, sni = name, "no site serves this TLS name; refusing the handshake");
+                    }
+                    on_demand::Outcome::Refused(why) => {
+                        tracing::info!(%peer, sni = name, %why, "no on-demand certificate for this TLS name; refusing the handshake");
+                        return Err(io::Error::other("no certificate for this name"));
+                    }
+                }
             }
             let by_name = shared.by_name.load();
-            let wildcard = name
-                .split_once('.')
-                .map(|(_, parent)| format!("*.{parent}"));
-            match by_name
-                .get(name)
-                .or_else(|| wildcard.and_then(|w| by_name.get(&w)))
-            {
-                Some(client_auth) => client_auth.clone(),
-                None => shared.tls.clone(),
+            if by_name.is_empty() {
+                shared.tls.clone()
+            } else {
+                let wildcard = name
+                    .split_once('.')
+                    .map(|(_, parent)| format!("*.{parent}"));
+                match by_name
+                    .get(name)
+                    .or_else(|| wildcard.and_then(|w| by_name.get(&w)))
+                    .or_else(|| by_name.get(""))
+                {
+                    Some(site) => site.clone(),
+                    None => shared.tls.clone(),
+                }
             }
         }
         None => match local_ip.and_then(|ip| shared.certs.for_ip(ip)) {

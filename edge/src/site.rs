@@ -213,6 +213,8 @@ pub(crate) enum TlsPolicy {
     Acme,
     /// The site's own PEM files (`tls CERT KEY`), read on start and on every reload.
     Files,
+    /// The ACME CA, ordered at the first handshake naming it (`tls { on_demand }`).
+    OnDemand,
 }
 
 impl TlsPolicy {
@@ -386,6 +388,11 @@ pub(crate) struct Site {
     pub(crate) cert_files: Option<CertFiles>,
     /// `tls { client_auth }`: client certificates asked for in handshakes for its names.
     pub(crate) client_auth: Option<ClientAuth>,
+    /// `tls { on_demand }`: certificates for its public names are ordered at the first
+    /// handshake naming them.
+    pub(crate) on_demand: bool,
+    /// `tls { protocols ciphers curves alpn }`, when any is given.
+    pub(crate) tls_options: Option<std::sync::Arc<crate::tls_options::TlsOptions>>,
 }
 
 /// Which client certificates a site asks for.
@@ -420,6 +427,9 @@ impl Site {
     pub(crate) fn tls_policy(&self, host: &Host) -> TlsPolicy {
         if self.cert_files.is_some() {
             return TlsPolicy::Files;
+        }
+        if self.on_demand && !host.internal_by_default() {
+            return TlsPolicy::OnDemand;
         }
         TlsPolicy::for_host(host, self.tls_internal).unwrap_or(TlsPolicy::Internal)
     }
