@@ -109,6 +109,11 @@ impl Both {
         }
     }
 
+    /// The state folders, each holding its server's `storage`: (edge, caddy).
+    pub fn state_dirs(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+        (self._dir.join("edge"), self._dir.join("caddy"))
+    }
+
     /// `GET target` with the default Host, sent to both.
     pub fn get(&self, target: &str) -> Pair {
         self.request(&Req::get(target))

@@ -18,4 +18,5 @@ mod php;
 mod same_as_caddy;
 mod serving;
 mod support;
+mod tls;
 mod upstreams;
