@@ -3,10 +3,12 @@
 //!
 //! Supported: the global options block (`email`, `http_port`, `https_port`,
 //! `storage file_system PATH`, `default_bind`, `grace_period`, `admin off`, `acme_ca`,
-//! `acme_ca_root`, `key_type`, `renewal_window_ratio`, `auto_https`, `log`, `servers`, and
-//! labkit's own `acme_challenges` and `acme_retry_base`), `{$ENV}` and `{$ENV:default}`
-//! substitution, snippets and imports, and site blocks with one or more addresses holding
-//! `tls` (internal, EMAIL, CERT KEY), `log` and the directives of [`crate::directives`].
+//! `acme_ca_root`, `key_type`, `renewal_window_ratio`, `auto_https`, `log`, `servers`,
+//! `local_certs`, `skip_install_trust`, `on_demand_tls`, and labkit's own `acme_challenges`
+//! and `acme_retry_base`), `{$ENV}` and `{$ENV:default}` substitution, snippets and imports,
+//! and site blocks with one or more addresses holding `tls` (internal, EMAIL, CERT KEY, with
+//! `protocols`, `ciphers`, `curves`, `alpn`, `on_demand`, `client_auth`, `issuer`), `log` and
+//! the directives of [`crate::directives`].
 //! Anything else is an error naming the file, the line and the directive, never silently
 //! ignored.
 

@@ -66,6 +66,12 @@ pub(crate) enum Outcome {
     Refused(String),
 }
 
+/// Where an attempt's outcome arrives: `None` while it runs, then approved or why not.
+type Waiting = watch::Receiver<Option<Result<(), String>>>;
+
+/// Told each name obtained, with its account email.
+pub(crate) type OnObtained = Box<dyn Fn(&str, Option<String>) + Send + Sync>;
+
 /// On-demand certificates of one edge.
 pub(crate) struct OnDemand {
     settings: ArcSwapOption<Settings>,
@@ -74,7 +80,7 @@ pub(crate) struct OnDemand {
     /// The runtime the attempts run on (the main one, not a connection's worker).
     runtime: tokio::runtime::Handle,
     /// Names being attempted, each with the channel its outcome is sent on.
-    pending: Mutex<HashMap<String, watch::Receiver<Option<Result<(), String>>>>>,
+    pending: Mutex<HashMap<String, Waiting>>,
     /// Names refused recently, until when.
     refused: Mutex<HashMap<String, Instant>>,
     /// When the orders in the rate limit's window started.
@@ -82,7 +88,7 @@ pub(crate) struct OnDemand {
     /// Names obtained, with their account emails, for the ACME plan (renewal).
     obtained: Mutex<Vec<(String, Option<String>)>>,
     /// Called with each obtained name (adds it to the running plan).
-    on_obtained: Box<dyn Fn(&str, Option<String>) + Send + Sync>,
+    on_obtained: OnObtained,
 }
 
 impl std::fmt::Debug for OnDemand {
@@ -109,11 +115,7 @@ fn public_name(name: &str) -> Option<String> {
 
 impl OnDemand {
     /// Off until [`OnDemand::configure`]; attempts run on the current runtime.
-    pub(crate) fn new(
-        acme: Arc<Acme>,
-        certs: Arc<Certs>,
-        on_obtained: Box<dyn Fn(&str, Option<String>) + Send + Sync>,
-    ) -> OnDemand {
+    pub(crate) fn new(acme: Arc<Acme>, certs: Arc<Certs>, on_obtained: OnObtained) -> OnDemand {
         OnDemand {
             settings: ArcSwapOption::empty(),
             acme,
