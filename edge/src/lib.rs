@@ -41,6 +41,7 @@ mod lb;
 mod limit;
 mod log_roll;
 mod matchers;
+mod metrics;
 mod placeholders;
 mod pool;
 mod proxy;
