@@ -427,3 +427,33 @@ fn admin_loads_refused_loads_and_foreign_hosts_go_as_in_caddy() {
     );
     both.stop();
 }
+
+#[test]
+fn a_site_with_a_host_counts_as_caddys_subroute_and_a_dead_upstream_as_an_error() {
+    let dead = testkit::ports::free_port().unwrap();
+    let both = Both::start_with(
+        crate::support::Upstreams::new(),
+        "{\n\tservers {\n\t\tmetrics\n\t}\n}\n\nhttp://plain.local {\n\tmetrics /metrics\n\treverse_proxy /down/* @DEAD@\n\trespond /page \"up\"\n}\n",
+        &[("@DEAD@", format!("127.0.0.1:{dead}"))],
+    );
+    let (edge_before, caddy_before) = scrape(&both);
+    both.get("/page").assert_same(&[]);
+    both.get("/page").assert_same(&[]);
+    let pair = both.get("/down/x");
+    assert_eq!((pair.edge.status, pair.caddy.status), (502, 502));
+    let (edge, caddy) = scrape(&both);
+    assert_eq!(
+        families(&edge),
+        families(&caddy),
+        "families and label names"
+    );
+    let edge_moved = deltas(&edge_before, &edge);
+    let caddy_moved = deltas(&caddy_before, &caddy);
+    assert_eq!(edge_moved, caddy_moved, "what the requests added");
+    let errors = "caddy_http_request_errors_total{\"handler\": \"subroute\", \"server\": \"srv0\"}";
+    assert_eq!(caddy_moved.get(errors), Some(&1.0), "{caddy_moved:#?}");
+    let total = "caddy_http_requests_total{\"handler\": \"subroute\", \"server\": \"srv0\"}";
+    // Two answers, one failure, and the first scrape.
+    assert_eq!(caddy_moved.get(total), Some(&4.0), "{caddy_moved:#?}");
+    both.stop();
+}
