@@ -1,5 +1,6 @@
 //! The admin endpoint (Caddy's `admin localhost:2019` or `admin unix//PATH`): `GET /config/`
-//! shows the running configuration as JSON, `POST /load` with a Caddyfile
+//! shows the running configuration as JSON, `GET /metrics` the Prometheus exposition (see
+//! the metrics module), `POST /load` with a Caddyfile
 //! (`Content-Type: text/caddyfile`) replaces it as a reload does, `POST /stop` stops the edge.
 //!
 //! Invariants:
@@ -259,6 +260,14 @@ async fn answer(req: Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> 
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        (Method::GET, "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
             );
             response
         }

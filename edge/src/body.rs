@@ -30,6 +30,18 @@ pub(crate) fn status_response(status: StatusCode, text: &'static str) -> Respons
     response
 }
 
+/// Marks a response the edge made because no upstream answered: Caddy's reverse_proxy
+/// returns an error there, which request metrics count as one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct UpstreamFailed;
+
+/// [`status_response`] marked [`UpstreamFailed`].
+pub(crate) fn upstream_failed(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = status_response(status, text);
+    response.extensions_mut().insert(UpstreamFailed);
+    response
+}
+
 /// A request body sent upstream: the client's, streamed, or none (so a request without a
 /// body can be sent again to the next upstream).
 pub(crate) enum UpBody {

@@ -881,6 +881,7 @@ fn servers(
                 }
                 _ => return Err(p.err(line, "max_header_size takes one size")),
             },
+            "metrics" if args.is_empty() && node.block.is_none() => toml.metrics = Some(true),
             "trusted_proxies" | "client_ip_headers" => {
                 return Err(p.err(
                     line,

@@ -81,6 +81,16 @@ impl fmt::Debug for Certs {
     }
 }
 
+impl crate::metrics::Expiries for Certs {
+    fn expiries(&self) -> Vec<(String, i64)> {
+        self.map
+            .load()
+            .iter()
+            .map(|(name, entry)| (name.clone(), entry.validity.not_after))
+            .collect()
+    }
+}
+
 /// The map key of a host: its name, `*.suffix`, or its IP address without brackets.
 pub(crate) fn key_of(host: &Host) -> String {
     match host {

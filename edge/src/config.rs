@@ -98,6 +98,10 @@ pub(crate) struct EdgeToml {
     /// Limits and timeouts.
     #[serde(default, skip_serializing_if = "LimitsToml::is_empty")]
     pub(crate) limits: LimitsToml,
+    /// Count requests for the Prometheus exposition (`caddy_http_*`, Caddy's
+    /// `servers { metrics }`). Default false: requests pay nothing for metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) metrics: Option<bool>,
     /// The sites.
     #[serde(default, rename = "site", skip_serializing_if = "Vec::is_empty")]
     pub(crate) sites: Vec<SiteToml>,
@@ -946,7 +950,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         }
         site_challenges.push(challenges);
         let (site, chain) = resolve_site(site, i, file, (http_port, https_port), local_certs, env)?;
-        chains.push(Arc::new(chain));
+        chains.push(chain);
         for address in &site.addresses {
             let key = (address.host.to_string(), address.port);
             if let Some(other) = seen.insert(key, i) {
@@ -958,6 +962,10 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         }
         sites.push(site);
     }
+    if raw.metrics == Some(true) {
+        meter_chains(&sites, &mut chains);
+    }
+    let chains = chains.into_iter().map(Arc::new).collect();
     Ok(Config {
         email: raw.email,
         acme,
@@ -1276,6 +1284,42 @@ fn resolve_site(
     ))
 }
 
+/// Turns on request metrics with Caddy's `server` and `handler` labels: its servers are the
+/// listener ports grouped by the sites they serve, named `srv0`, `srv1`, ... in the order of
+/// their first address as text (`:8080`); a site is wrapped in Caddy's subroute unless it is
+/// its server's only site and has no host names.
+fn meter_chains(sites: &[Site], chains: &mut [Chain]) {
+    let mut by_port: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+    for (i, site) in sites.iter().enumerate() {
+        for address in &site.addresses {
+            let served = by_port.entry(address.port).or_default();
+            if !served.contains(&i) {
+                served.push(i);
+            }
+        }
+    }
+    let mut servers: Vec<(String, Vec<usize>)> = Vec::new();
+    for (port, served) in by_port {
+        let key = format!(":{port}");
+        match servers.iter_mut().find(|(_, s)| *s == served) {
+            Some((first, _)) => *first = std::cmp::min(first.clone(), key),
+            None => servers.push((key, served)),
+        }
+    }
+    servers.sort();
+    let mut named = vec![false; chains.len()];
+    for (n, (_, served)) in servers.iter().enumerate() {
+        for &i in served {
+            if std::mem::replace(&mut named[i], true) {
+                continue;
+            }
+            let wrapped =
+                served.len() > 1 || sites[i].addresses.iter().any(|a| a.host != Host::Any);
+            crate::directives::metrics::instrument(&mut chains[i], &format!("srv{n}"), wrapped);
+        }
+    }
+}
+
 /// The site's routes: the TOML tables (`redir`, `header`, `basic_auth`, `reverse_proxy`,
 /// `encode`) as routes with their path matchers, then `route`, compiled in Caddy's order.
 fn resolve_chain(
@@ -1366,6 +1410,7 @@ fn resolve_chain(
     Ok(Chain {
         routes: compiled,
         errors,
+        metrics: None,
     })
 }
 

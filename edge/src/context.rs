@@ -116,6 +116,8 @@ pub(crate) struct Cx {
     pub(crate) body_limit: Option<u64>,
     /// The upstream response `reverse_proxy`'s `handle_response` routes are handling.
     pub(crate) proxied: Option<Proxied>,
+    /// Request metrics: the top-level routes that ran, a bit each.
+    pub(crate) metered: u64,
     /// The path as matchers see it (see [`match_path`]), for the current target.
     path: Vec<u8>,
 }
@@ -147,6 +149,7 @@ impl Cx {
             file_match: None,
             body_limit: None,
             proxied: None,
+            metered: 0,
             path,
         })
     }

@@ -41,6 +41,7 @@ mod lb;
 mod limit;
 mod log_roll;
 mod matchers;
+mod metrics;
 mod on_demand;
 mod placeholders;
 mod pool;

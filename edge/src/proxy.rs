@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::Activity;
-use crate::body::{Body, UpBody, status_response};
+use crate::body::{Body, UpBody};
 use crate::context::{Cx, Req};
 use crate::header_ops::HeaderOps;
 use crate::health::{Active, Host, InFlight, Passive};
@@ -90,6 +90,18 @@ impl Balancer {
     /// Fresh state for `proxy`: all upstreams healthy; `active` checks start now when given.
     pub(crate) fn new(proxy: &Proxy, active: Option<Active>) -> Balancer {
         let hosts: Arc<[Host]> = proxy.upstreams.iter().map(|_| Host::default()).collect();
+        let passive = proxy.passive.clone();
+        crate::metrics::watch_upstreams(
+            proxy
+                .upstreams
+                .iter()
+                .map(|u| u.address.dial.clone())
+                .collect(),
+            &hosts,
+            // As Caddy's Healthy(): the active checks' verdict, and passive failures only
+            // where the config asked for them (the edge's default never takes one out).
+            Arc::new(move |h| h.actively_healthy() && !(passive.strict && passive.down(h))),
+        );
         let checks = active.and_then(|a| {
             a.spawn(
                 proxy.upstreams.iter().map(|u| u.address.clone()).collect(),
@@ -512,7 +524,7 @@ impl Client {
             }
         }
         Outcome {
-            response: status_response(failure.0, failure.1),
+            response: crate::body::upstream_failed(failure.0, failure.1),
             upstream: last,
         }
     }

@@ -425,6 +425,7 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     })?;
     let ca = Arc::new(Ca::open(&storage)?);
     let certs = Arc::new(Certs::new(ca, storage.clone()).map_err(Error::Tls)?);
+    crate::metrics::watch_certs(Arc::downgrade(&certs) as _);
     let (internal, plan) = cert_plan(&config);
     let loaded = load_cert_files(&config, &certs)?;
     certs.ensure(&internal, &acme_names(&plan), &loaded)?;

@@ -30,6 +30,7 @@ mod forward_auth;
 mod handle;
 mod header;
 pub(crate) mod map;
+pub(crate) mod metrics;
 mod php_fastcgi;
 mod redir;
 mod request_body;
@@ -306,6 +307,8 @@ struct Route {
     matcher: Option<MatcherSet>,
     group: Option<u32>,
     handler: Box<dyn Handler>,
+    /// The directive's name (for the `handler` label of request metrics).
+    name: &'static str,
 }
 
 impl fmt::Debug for Route {
@@ -376,6 +379,7 @@ impl Routes {
                 matcher,
                 group: None,
                 handler,
+                name: route.directive.name(),
             }));
         }
         if sort {
@@ -429,6 +433,8 @@ pub(crate) struct Chain {
     pub(crate) routes: Routes,
     /// The error routes.
     pub(crate) errors: Option<Routes>,
+    /// Request metrics (`servers { metrics }`); `None` costs a request one branch.
+    pub(crate) metrics: Option<Arc<metrics::Meter>>,
 }
 
 enum Ended<'s> {
@@ -512,6 +518,19 @@ async fn walk<'s>(
 impl Chain {
     /// Runs `req` through the chain.
     pub(crate) async fn run(
+        &self,
+        req: Request<Incoming>,
+        cx: &mut Cx,
+        io: &mut Io<'_>,
+    ) -> Response<Body> {
+        match &self.metrics {
+            None => self.run_unmetered(req, cx, io).await,
+            Some(meter) => Box::pin(metrics::run(self, meter, req, cx, io)).await,
+        }
+    }
+
+    /// Runs `req` through the chain without counting it.
+    pub(crate) async fn run_unmetered(
         &self,
         mut req: Request<Incoming>,
         cx: &mut Cx,
@@ -653,6 +672,7 @@ registry! {
     "error" => Error(error),
     "copy_response" => CopyResponse(copy_response),
     "respond" => Respond(respond),
+    "metrics" => Metrics(metrics),
     "reverse_proxy" => ReverseProxy(reverse_proxy),
     "php_fastcgi" => PhpFastcgi(php_fastcgi),
     "file_server" => FileServer(file_server),

@@ -5,7 +5,8 @@
 //! The template is an ordinary Caddyfile with `@NAME@` markers for what the test makes at run
 //! time: `@ECHO@` is always the address of an echo upstream (see [`Upstreams::echo`]), `@DIR@`
 //! a scratch folder, empty at start, for templates that need a path (a site root, a log file);
-//! other markers come from [`Both::start_with`]. The harness puts its own global options in front
+//! `@ADMIN@` (in the global block: `admin @ADMIN@`) a fresh loopback admin address for each
+//! server, in place of the harness's `admin off`; other markers come from [`Both::start_with`]. The harness puts its own global options in front
 //! (free ports, loopback, scratch storage, `admin off`), merged into the template's global
 //! block if it has one, so the two files differ only in ports and storage folders.
 //!
@@ -37,6 +38,10 @@ pub struct Both {
     caddy_port: u16,
     /// The HTTPS ports: (edge, caddy).
     pub https_ports: (u16, u16),
+    /// The admin ports when the template asks for `@ADMIN@`: (edge, caddy).
+    pub admin_ports: (u16, u16),
+    /// The Caddyfiles each runs: (edge, caddy).
+    pub files: (std::path::PathBuf, std::path::PathBuf),
     /// The upstream servers, which run as long as the two servers do.
     _upstreams: Upstreams,
     /// Holds the two Caddyfiles, storage and Caddy's home (and `@DIR@`); removed when the
@@ -63,47 +68,52 @@ impl Both {
         for (marker, value) in vars {
             text = text.replace(marker, value);
         }
-        let (edge, (edge_port, edge_https)) = testkit::ports::retry_on_port_clash(|attempt| {
-            let file = dir.join(format!("edge-{attempt}.Caddyfile"));
-            let port = write_config(&file, &text, &dir.join("edge"), "")?;
-            let edge = ProcBuilder::new(EDGE)
-                .args(["run".as_ref(), "--caddyfile".as_ref(), file.as_os_str()])
-                .env(
-                    "LABKIT_LOG",
-                    std::env::var("EDGE_TEST_LOG").unwrap_or("info,edge=debug".into()),
-                )
-                .notify()
-                .spawn()?;
-            edge.wait_ready(WAIT)?;
-            Ok((edge, port))
-        })
-        .unwrap_or_else(|e| panic!("the edge did not start on the template:\n{text}\n{e}"));
-        let (caddy, (caddy_port, caddy_https)) = testkit::ports::retry_on_port_clash(|attempt| {
-            let file = dir.join(format!("caddy-{attempt}.Caddyfile"));
-            let port = write_config(&file, &text, &dir.join("caddy"), "\tskip_install_trust\n")?;
-            let caddy = ProcBuilder::new(CADDY)
-                .args([
-                    "run".as_ref(),
-                    "--config".as_ref(),
-                    file.as_os_str(),
-                    "--adapter".as_ref(),
-                    "caddyfile".as_ref(),
-                ])
-                .env("HOME", dir.join("caddy/home"))
-                .env("XDG_DATA_HOME", dir.join("caddy/data"))
-                .env("XDG_CONFIG_HOME", dir.join("caddy/config"))
-                .notify()
-                .spawn()?;
-            caddy.wait_ready(WAIT)?;
-            Ok((caddy, port))
-        })
-        .unwrap_or_else(|e| panic!("caddy did not start on the template:\n{text}\n{e}"));
+        let (edge, (edge_port, edge_https, edge_admin, edge_file)) =
+            testkit::ports::retry_on_port_clash(|attempt| {
+                let file = dir.join(format!("edge-{attempt}.Caddyfile"));
+                let (http, https, admin) = write_config(&file, &text, &dir.join("edge"), "")?;
+                let edge = ProcBuilder::new(EDGE)
+                    .args(["run".as_ref(), "--caddyfile".as_ref(), file.as_os_str()])
+                    .env(
+                        "LABKIT_LOG",
+                        std::env::var("EDGE_TEST_LOG").unwrap_or("info,edge=debug".into()),
+                    )
+                    .notify()
+                    .spawn()?;
+                edge.wait_ready(WAIT)?;
+                Ok((edge, (http, https, admin, file)))
+            })
+            .unwrap_or_else(|e| panic!("the edge did not start on the template:\n{text}\n{e}"));
+        let (caddy, (caddy_port, caddy_https, caddy_admin, caddy_file)) =
+            testkit::ports::retry_on_port_clash(|attempt| {
+                let file = dir.join(format!("caddy-{attempt}.Caddyfile"));
+                let (http, https, admin) =
+                    write_config(&file, &text, &dir.join("caddy"), "\tskip_install_trust\n")?;
+                let caddy = ProcBuilder::new(CADDY)
+                    .args([
+                        "run".as_ref(),
+                        "--config".as_ref(),
+                        file.as_os_str(),
+                        "--adapter".as_ref(),
+                        "caddyfile".as_ref(),
+                    ])
+                    .env("HOME", dir.join("caddy/home"))
+                    .env("XDG_DATA_HOME", dir.join("caddy/data"))
+                    .env("XDG_CONFIG_HOME", dir.join("caddy/config"))
+                    .notify()
+                    .spawn()?;
+                caddy.wait_ready(WAIT)?;
+                Ok((caddy, (http, https, admin, file)))
+            })
+            .unwrap_or_else(|e| panic!("caddy did not start on the template:\n{text}\n{e}"));
         Both {
             edge,
             caddy,
             edge_port,
             caddy_port,
             https_ports: (edge_https, caddy_https),
+            admin_ports: (edge_admin, caddy_admin),
+            files: (edge_file, caddy_file),
             _upstreams: upstreams,
             _dir: dir,
         }
@@ -157,21 +167,31 @@ impl Both {
 }
 
 /// Writes `template` with the harness's global options (fresh ports, storage under `state`,
-/// `extra` lines) to `file`; returns the HTTP and HTTPS ports.
+/// `extra` lines) to `file`; returns the HTTP, HTTPS and admin ports (0: `admin off`).
 fn write_config(
     file: &Path,
     template: &str,
     state: &Path,
     extra: &str,
-) -> std::io::Result<(u16, u16)> {
+) -> std::io::Result<(u16, u16, u16)> {
     let http = testkit::ports::free_port()?;
     let https = testkit::ports::free_port()?;
+    let (template, admin, admin_line) = if template.contains("@ADMIN@") {
+        let port = testkit::ports::free_port()?;
+        (
+            template.replace("@ADMIN@", &format!("localhost:{port}")),
+            port,
+            "",
+        )
+    } else {
+        (template.to_owned(), 0, "\tadmin off\n")
+    };
     let globals = format!(
-        "\tadmin off\n\thttp_port {http}\n\thttps_port {https}\n\tdefault_bind 127.0.0.1\n\tstorage file_system {}\n{extra}",
+        "{admin_line}\thttp_port {http}\n\thttps_port {https}\n\tdefault_bind 127.0.0.1\n\tstorage file_system {}\n{extra}",
         state.join("storage").display()
     );
-    std::fs::write(file, with_globals(template, &globals))?;
-    Ok((http, https))
+    std::fs::write(file, with_globals(&template, &globals))?;
+    Ok((http, https, admin))
 }
 
 /// `template` with `globals` (option lines) in its global options block, which is made if the

@@ -12,6 +12,7 @@ mod differential;
 mod forward_auth;
 mod globals;
 mod limits;
+mod metrics;
 mod on_demand;
 mod paths;
 mod php;
