@@ -101,8 +101,11 @@ pub(crate) fn flush_this_thread() {
 pub(crate) struct Record {
     /// Unix time the request arrived, in seconds.
     pub(crate) ts: f64,
-    /// Client address.
+    /// The peer's address.
     pub(crate) remote: IpAddr,
+    /// The client's address a trusted proxy named (set only when trusted proxies are).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) client_ip: Option<IpAddr>,
     /// "HTTP/1.1" or "HTTP/2.0".
     pub(crate) proto: &'static str,
     /// Method.
@@ -416,6 +419,9 @@ fn write_line(record: &Record, out: &mut Vec<u8>) -> bool {
             let _ = write!(out, "{ip}");
         }
     }
+    if let Some(ip) = record.client_ip {
+        let _ = write!(out, "\",\"client_ip\":\"{ip}");
+    }
     out.extend_from_slice(b"\",\"proto\":");
     json_str(record.proto, out);
     out.extend_from_slice(b",\"method\":");
@@ -663,6 +669,7 @@ mod tests {
             upstream: upstream.map(|u| Upstream::parse(u).unwrap()),
             user: user.map(str::to_owned),
             remote_port: 50_000,
+            client_ip: None,
             headers: None,
             resp_headers: None,
             to: None,

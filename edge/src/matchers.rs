@@ -62,6 +62,10 @@ pub(crate) struct MatcherToml {
     /// Client addresses or CIDR ranges ("private_ranges" for RFC 1918 and friends).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) remote_ip: Vec<String>,
+    /// Like `remote_ip`, for the client a trusted proxy names (`servers { trusted_proxies }`);
+    /// the peer when none is trusted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) client_ip: Vec<String>,
     /// "http", "https", "grpc", "http/1.1", "http/2", "http/2+".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) protocol: Option<String>,
@@ -170,10 +174,14 @@ impl MatcherToml {
                         .push(v.to_owned());
                 }
             }
-            "remote_ip" | "client_ip" => {
+            "remote_ip" => {
                 need_args(1)?;
                 let args = args.iter().filter(|a| *a != "forwarded");
                 self.remote_ip.extend(args.cloned());
+            }
+            "client_ip" => {
+                need_args(1)?;
+                self.client_ip.extend(args.iter().cloned());
             }
             "protocol" => match args {
                 [p] => self.protocol = Some(p.clone()),
@@ -381,7 +389,7 @@ impl NamedRegex {
 }
 
 /// An IP range.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Cidr {
     net: IpAddr,
     bits: u8,
@@ -459,6 +467,7 @@ enum Matcher {
     HeaderRegexp(HeaderName, NamedRegex),
     Query(String, Vec<String>),
     RemoteIp(Vec<Cidr>),
+    ClientIp(Vec<Cidr>),
     Protocol(Protocol),
     Not(MatcherSet),
     File(Box<crate::matchers::file_matcher::FileMatcher>),
@@ -576,6 +585,13 @@ impl MatcherSet {
                 ranges.extend(Cidr::parse(r)?);
             }
             matchers.push(Matcher::RemoteIp(ranges));
+        }
+        if !toml.client_ip.is_empty() {
+            let mut ranges = Vec::new();
+            for r in &toml.client_ip {
+                ranges.extend(Cidr::parse(r)?);
+            }
+            matchers.push(Matcher::ClientIp(ranges));
         }
         if let Some(p) = &toml.protocol {
             let protocol = match p.as_str() {
@@ -744,6 +760,7 @@ impl Matcher {
                         .any(|want| want == "*" || *want == crate::placeholders::decode(v))
             }),
             Matcher::RemoteIp(ranges) => ranges.iter().any(|r| r.contains(cx.remote.ip())),
+            Matcher::ClientIp(ranges) => ranges.iter().any(|r| r.contains(cx.client)),
             Matcher::Protocol(p) => match p {
                 Protocol::Http => cx.scheme == Scheme::Http,
                 Protocol::Https => cx.scheme == Scheme::Https,

@@ -454,6 +454,7 @@ fn matcher(name: &str, args: &[Node]) -> Result<MatcherSet, String> {
                 .filter(|a| a != "forwarded")
                 .collect();
         }
+        "client_ip" => toml.client_ip = strings(args, name)?,
         "protocol" => match strings(args, name)?.as_slice() {
             [p] => toml.protocol = Some(p.clone()),
             _ => return Err("protocol() takes one string".into()),
