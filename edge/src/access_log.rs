@@ -642,6 +642,8 @@ mod tests {
     struct Strings {
         ts: f64,
         remote: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_ip: Option<String>,
         proto: &'static str,
         method: String,
         host: String,
@@ -680,6 +682,7 @@ mod tests {
         Strings {
             ts: r.ts,
             remote: r.remote.to_string(),
+            client_ip: r.client_ip.map(|ip| ip.to_string()),
             proto: r.proto,
             method: r.method.to_string(),
             host: r
@@ -793,6 +796,18 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
             assert_eq!(v["remote"], remote);
         }
+    }
+
+    #[test]
+    fn a_client_named_by_a_trusted_proxy_is_written_after_the_peer() {
+        for client in ["203.0.113.9", "2001:db8::7"] {
+            let mut r = record(b"x", "/", None, None);
+            r.client_ip = Some(client.parse().unwrap());
+            let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
+            assert_eq!(v["client_ip"], client);
+        }
+        let r = record(b"x", "/", None, None);
+        assert!(!line(&r).contains("client_ip"));
     }
 
     #[test]
