@@ -777,6 +777,8 @@ fn servers(
             "servers with a listener address is not supported: the edge's server options apply to every listener (write `servers { ... }`)",
         ));
     }
+    // The first option that means nothing without trusted_proxies, if any.
+    let mut needs_trust: Option<(usize, String)> = None;
     for node in block.unwrap_or_default() {
         let name = node.tokens[0].text.as_str();
         let args: Vec<&str> = node.tokens[1..].iter().map(|t| t.text.as_str()).collect();
@@ -845,8 +847,12 @@ fn servers(
                 }
                 _ => return Err(p.err(line, "trusted_proxies static takes the ranges on its line")),
             },
-            "trusted_proxies_strict" if args.is_empty() => toml.client_ip.strict = true,
+            "trusted_proxies_strict" if args.is_empty() => {
+                toml.client_ip.strict = true;
+                needs_trust.get_or_insert((line, name.to_owned()));
+            }
             "client_ip_headers" if !args.is_empty() => {
+                needs_trust.get_or_insert((line, name.to_owned()));
                 for header in &args {
                     if hyper::http::HeaderName::from_bytes(header.as_bytes()).is_err() {
                         return Err(p.err(
@@ -872,6 +878,14 @@ fn servers(
                 return Err(p.err(line, format!("servers option {other:?} is not supported")));
             }
         }
+    }
+    if let Some((line, name)) = needs_trust
+        && toml.client_ip.trusted_proxies.is_empty()
+    {
+        return Err(p.err(
+            line,
+            format!("servers {name} needs trusted_proxies: only trusted peers' headers are read"),
+        ));
     }
     Ok(())
 }
@@ -1486,6 +1500,10 @@ mod tests {
             (
                 "{\n servers :443 {\n  protocols h1 h2\n }\n}\n",
                 ":2: servers with a listener",
+            ),
+            (
+                "{\n servers {\n  client_ip_headers X-Real-IP\n }\n}\n",
+                ":3: servers client_ip_headers needs trusted_proxies",
             ),
             (
                 "{\n servers {\n  trusted_proxies cloudflare\n }\n}\n",
