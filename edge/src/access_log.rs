@@ -101,8 +101,11 @@ pub(crate) fn flush_this_thread() {
 pub(crate) struct Record {
     /// Unix time the request arrived, in seconds.
     pub(crate) ts: f64,
-    /// Client address.
+    /// The peer's address.
     pub(crate) remote: IpAddr,
+    /// The client's address a trusted proxy named (set only when trusted proxies are).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) client_ip: Option<IpAddr>,
     /// "HTTP/1.1" or "HTTP/2.0".
     pub(crate) proto: &'static str,
     /// Method.
@@ -416,6 +419,9 @@ fn write_line(record: &Record, out: &mut Vec<u8>) -> bool {
             let _ = write!(out, "{ip}");
         }
     }
+    if let Some(ip) = record.client_ip {
+        let _ = write!(out, "\",\"client_ip\":\"{ip}");
+    }
     out.extend_from_slice(b"\",\"proto\":");
     json_str(record.proto, out);
     out.extend_from_slice(b",\"method\":");
@@ -636,6 +642,8 @@ mod tests {
     struct Strings {
         ts: f64,
         remote: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_ip: Option<String>,
         proto: &'static str,
         method: String,
         host: String,
@@ -663,6 +671,7 @@ mod tests {
             upstream: upstream.map(|u| Upstream::parse(u).unwrap()),
             user: user.map(str::to_owned),
             remote_port: 50_000,
+            client_ip: None,
             headers: None,
             resp_headers: None,
             to: None,
@@ -673,6 +682,7 @@ mod tests {
         Strings {
             ts: r.ts,
             remote: r.remote.to_string(),
+            client_ip: r.client_ip.map(|ip| ip.to_string()),
             proto: r.proto,
             method: r.method.to_string(),
             host: r
@@ -786,6 +796,18 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
             assert_eq!(v["remote"], remote);
         }
+    }
+
+    #[test]
+    fn a_client_named_by_a_trusted_proxy_is_written_after_the_peer() {
+        for client in ["203.0.113.9", "2001:db8::7"] {
+            let mut r = record(b"x", "/", None, None);
+            r.client_ip = Some(client.parse().unwrap());
+            let v: serde_json::Value = serde_json::from_str(&line(&r)).unwrap();
+            assert_eq!(v["client_ip"], client);
+        }
+        let r = record(b"x", "/", None, None);
+        assert!(!line(&r).contains("client_ip"));
     }
 
     #[test]

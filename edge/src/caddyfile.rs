@@ -830,6 +830,8 @@ fn servers(
             "servers with a listener address is not supported: the edge's server options apply to every listener (write `servers { ... }`)",
         ));
     }
+    // The first option that means nothing without trusted_proxies, if any.
+    let mut needs_trust: Option<(usize, String)> = None;
     for node in block.unwrap_or_default() {
         let name = node.tokens[0].text.as_str();
         let args: Vec<&str> = node.tokens[1..].iter().map(|t| t.text.as_str()).collect();
@@ -882,18 +884,127 @@ fn servers(
                 _ => return Err(p.err(line, "max_header_size takes one size")),
             },
             "metrics" if args.is_empty() && node.block.is_none() => toml.metrics = Some(true),
-            "trusted_proxies" | "client_ip_headers" => {
-                return Err(p.err(
-                    line,
-                    format!("servers {name} is not supported yet (issue 22)"),
-                ));
+            "trusted_proxies" => match args.split_first() {
+                Some((&"static", ranges)) if !ranges.is_empty() && node.block.is_none() => {
+                    for range in ranges {
+                        crate::matchers::Cidr::parse(range)
+                            .map_err(|m| p.err(line, format!("trusted_proxies: {m}")))?;
+                    }
+                    toml.client_ip.trusted_proxies =
+                        ranges.iter().map(|r| (*r).to_owned()).collect();
+                }
+                Some((source, _)) if *source != "static" => {
+                    return Err(p.err(
+                        line,
+                        format!("trusted_proxies source {source:?} is not supported (static is)"),
+                    ));
+                }
+                _ => return Err(p.err(line, "trusted_proxies static takes the ranges on its line")),
+            },
+            "trusted_proxies_strict" if args.is_empty() => {
+                toml.client_ip.strict = true;
+                needs_trust.get_or_insert((line, name.to_owned()));
+            }
+            "client_ip_headers" if !args.is_empty() => {
+                needs_trust.get_or_insert((line, name.to_owned()));
+                for header in &args {
+                    if hyper::http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                        return Err(p.err(
+                            line,
+                            format!("client_ip_headers: {header:?} is not a header name"),
+                        ));
+                    }
+                    if !toml
+                        .client_ip
+                        .headers
+                        .iter()
+                        .any(|h| h.eq_ignore_ascii_case(header))
+                    {
+                        toml.client_ip.headers.push((*header).to_owned());
+                    }
+                }
+            }
+            "listener_wrappers" if args.is_empty() => {
+                toml.proxy_protocol =
+                    listener_wrappers(p, node.block.as_deref().unwrap_or_default())?;
             }
             other => {
                 return Err(p.err(line, format!("servers option {other:?} is not supported")));
             }
         }
     }
+    if let Some((line, name)) = needs_trust
+        && toml.client_ip.trusted_proxies.is_empty()
+    {
+        return Err(p.err(
+            line,
+            format!("servers {name} needs trusted_proxies: only trusted peers' headers are read"),
+        ));
+    }
     Ok(())
+}
+
+/// `listener_wrappers { proxy_protocol { timeout D; allow CIDR... } tls }` (Caddy 2.7's
+/// spelling): the PROXY header is read before TLS, so `tls` must follow `proxy_protocol`.
+fn listener_wrappers(
+    p: &Parser<'_>,
+    wrappers: &[Node],
+) -> Result<Option<crate::proxy_protocol::Toml>, CaddyfileError> {
+    let mut proxy_protocol = None;
+    let mut tls_seen = false;
+    for w in wrappers {
+        let name = w.tokens[0].text.as_str();
+        match name {
+            "tls" if w.tokens.len() == 1 && w.block.is_none() => {
+                if tls_seen || proxy_protocol.is_none() {
+                    return Err(p.err(
+                        w.line,
+                        "listener_wrappers: tls goes once, after proxy_protocol (first is Caddy's default)",
+                    ));
+                }
+                tls_seen = true;
+            }
+            "proxy_protocol" if w.tokens.len() == 1 => {
+                if tls_seen || proxy_protocol.is_some() {
+                    return Err(p.err(
+                        w.line,
+                        "listener_wrappers: proxy_protocol goes once, before tls (the edge reads PROXY headers before TLS only)",
+                    ));
+                }
+                let mut pp = crate::proxy_protocol::Toml::default();
+                for o in w.block.as_deref().unwrap_or_default() {
+                    let words: Vec<&str> = o.tokens.iter().map(|t| t.text.as_str()).collect();
+                    match words.as_slice() {
+                        ["timeout", d] => pp.timeout = Some((*d).to_owned()),
+                        ["allow", ranges @ ..] if !ranges.is_empty() => {
+                            pp.allow.extend(ranges.iter().map(|r| (*r).to_owned()));
+                        }
+                        _ => {
+                            return Err(p.err(
+                                o.line,
+                                format!("proxy_protocol option {:?} is not supported (timeout D, allow CIDR...)", words.join(" ")),
+                            ));
+                        }
+                    }
+                }
+                crate::proxy_protocol::Settings::build(&pp).map_err(|m| p.err(w.line, m))?;
+                proxy_protocol = Some(pp);
+            }
+            other => {
+                return Err(p.err(
+                    w.line,
+                    format!("listener wrapper {other:?} is not supported (proxy_protocol {{...}} then tls)"),
+                ));
+            }
+        }
+    }
+    if proxy_protocol.is_some() && !tls_seen {
+        return Err(p.err(
+            wrappers.first().map_or(0, |w| w.line),
+            "listener_wrappers: write tls after proxy_protocol (without it Caddy reads the PROXY header inside TLS, which the edge does not)",
+        ));
+    }
+    Ok(proxy_protocol)
 }
 
 /// A byte size as Caddy reads one ("16KB" is 16000 bytes, "1MiB" 1048576, "512" bytes).
@@ -1476,8 +1587,28 @@ mod tests {
                 ":2: servers with a listener",
             ),
             (
-                "{\n servers {\n  trusted_proxies static private_ranges\n }\n}\n",
-                ":3: servers trusted_proxies",
+                "{\n servers {\n  client_ip_headers X-Real-IP\n }\n}\n",
+                ":3: servers client_ip_headers needs trusted_proxies",
+            ),
+            (
+                "{\n servers {\n  trusted_proxies cloudflare\n }\n}\n",
+                ":3: trusted_proxies source \"cloudflare\"",
+            ),
+            (
+                "{\n servers {\n  listener_wrappers {\n   tls\n   proxy_protocol\n  }\n }\n}\n",
+                ":4: listener_wrappers: tls goes once, after proxy_protocol",
+            ),
+            (
+                "{\n servers {\n  listener_wrappers {\n   proxy_protocol {\n    timeout 0s\n   }\n  }\n }\n}\n",
+                ":4: proxy_protocol timeout",
+            ),
+            (
+                "{\n servers {\n  listener_wrappers {\n   proxy_protocol\n  }\n }\n}\n",
+                ":4: listener_wrappers: write tls after proxy_protocol",
+            ),
+            (
+                "{\n servers {\n  listener_wrappers {\n   http_redirect\n  }\n }\n}\n",
+                ":4: listener wrapper \"http_redirect\"",
             ),
             (
                 "{\n auto_https sometimes\n}\n",
@@ -1512,6 +1643,23 @@ mod tests {
         assert_eq!(toml.acme.renewal_window_ratio, Some(0.5));
         assert_eq!(toml.acme.challenges, vec!["tls-alpn-01".to_owned()]);
         assert_eq!(toml.acme.retry_base.as_deref(), Some("2s"));
+    }
+
+    #[test]
+    fn servers_trusted_proxies_client_ip_headers_and_proxy_protocol_are_read() {
+        let toml = parse_text(
+            "{\n servers {\n  trusted_proxies static 10.0.0.0/8 private_ranges\n  trusted_proxies_strict\n  client_ip_headers X-Real-IP X-Forwarded-For x-real-ip\n  listener_wrappers {\n   proxy_protocol {\n    timeout 2s\n    allow 192.0.2.0/24 10.0.0.1\n   }\n   tls\n  }\n }\n}\n:8080 {\n respond ok\n}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            toml.client_ip.trusted_proxies,
+            ["10.0.0.0/8", "private_ranges"]
+        );
+        assert_eq!(toml.client_ip.headers, ["X-Real-IP", "X-Forwarded-For"]);
+        assert!(toml.client_ip.strict);
+        let pp = toml.proxy_protocol.unwrap();
+        assert_eq!(pp.timeout.as_deref(), Some("2s"));
+        assert_eq!(pp.allow, ["192.0.2.0/24", "10.0.0.1"]);
     }
 }
 

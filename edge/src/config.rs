@@ -102,6 +102,12 @@ pub(crate) struct EdgeToml {
     /// `servers { metrics }`). Default false: requests pay nothing for metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) metrics: Option<bool>,
+    /// Trusted proxies and where they name the client (`servers { trusted_proxies ... }`).
+    #[serde(default, skip_serializing_if = "crate::client_ip::Toml::is_empty")]
+    pub(crate) client_ip: crate::client_ip::Toml,
+    /// A PROXY protocol header opens every connection (`listener_wrappers { proxy_protocol }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) proxy_protocol: Option<crate::proxy_protocol::Toml>,
     /// The sites.
     #[serde(default, rename = "site", skip_serializing_if = "Vec::is_empty")]
     pub(crate) sites: Vec<SiteToml>,
@@ -529,6 +535,8 @@ pub(crate) struct Limits {
     pub(crate) h2_max_concurrent_streams: u32,
     /// See [`LimitsToml::max_connections`].
     pub(crate) max_connections: usize,
+    /// The PROXY protocol header every connection opens with, if one does.
+    pub(crate) proxy_protocol: Option<Arc<crate::proxy_protocol::Settings>>,
 }
 
 impl Default for Limits {
@@ -542,6 +550,7 @@ impl Default for Limits {
             upstream_response_timeout: Duration::from_secs(60),
             h2_max_concurrent_streams: 250,
             max_connections: 10_000,
+            proxy_protocol: None,
         }
     }
 }
@@ -724,6 +733,8 @@ pub(crate) struct Config {
     pub(crate) chains: Vec<Arc<Chain>>,
     /// `on_demand_tls`, when given.
     pub(crate) on_demand: Option<OnDemandConfig>,
+    /// Trusted proxies, when some are (`servers { trusted_proxies ... }`).
+    pub(crate) client_ip: Option<Arc<crate::client_ip::Policy>>,
 }
 
 impl Config {
@@ -808,7 +819,17 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
             Some(n) => n,
             None => defaults.max_connections,
         },
+        proxy_protocol: match &raw.proxy_protocol {
+            None => None,
+            Some(pp) => Some(Arc::new(
+                crate::proxy_protocol::Settings::build(pp)
+                    .map_err(|m| file.invalid("proxy_protocol", m))?,
+            )),
+        },
     };
+    let client_ip = crate::client_ip::Policy::build(&raw.client_ip)
+        .map_err(|m| file.invalid("client_ip", m))?
+        .map(Arc::new);
     for (key, value) in [
         ("limits.header_read_timeout", limits.header_read_timeout),
         ("limits.idle_timeout", limits.idle_timeout),
@@ -986,6 +1007,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         sites,
         chains,
         on_demand,
+        client_ip,
     })
 }
 

@@ -8,7 +8,7 @@
 //! router needed anyway.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hyper::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
@@ -90,8 +90,13 @@ impl std::fmt::Debug for Proxied {
 /// The per-request state.
 #[derive(Debug)]
 pub(crate) struct Cx {
-    /// The client's address.
+    /// The peer's address (the client, unless it is a trusted proxy).
     pub(crate) remote: SocketAddr,
+    /// The client's address: the peer's, or the one a trusted proxy named (`client_ip`).
+    pub(crate) client: IpAddr,
+    /// The peer is a trusted proxy (`servers { trusted_proxies }`): `reverse_proxy` keeps
+    /// its X-Forwarded-* headers.
+    pub(crate) trusted: bool,
     /// Plain or TLS.
     pub(crate) scheme: Scheme,
     /// The Host asked for, lower case, without port.
@@ -137,6 +142,8 @@ impl Cx {
         };
         Some(Cx {
             remote,
+            client: remote.ip().to_canonical(),
+            trusted: false,
             scheme,
             host,
             host_value,

@@ -128,6 +128,7 @@ pub(crate) async fn handle(
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64()),
         remote: conn.peer.ip(),
+        client_ip: None,
         proto: match req.version() {
             Version::HTTP_2 => "HTTP/2.0",
             Version::HTTP_10 => "HTTP/1.0",
@@ -217,7 +218,7 @@ async fn route(
                 };
             }
             if let Some(site) = router.site(conn.port, &host) {
-                return serve_site(site, req, conn, state, host, host_value, record).await;
+                return serve_site(site, &router, req, conn, state, host, host_value, record).await;
             }
             if let Some(port) = router.https_port_for(&host) {
                 let authority = if port == 443 {
@@ -241,7 +242,9 @@ async fn route(
                 StatusCode::MISDIRECTED_REQUEST,
                 "misdirected request: the Host differs from the TLS name\n",
             ),
-            Some(site) => serve_site(site, req, conn, state, host, host_value, record).await,
+            Some(site) => {
+                serve_site(site, &router, req, conn, state, host, host_value, record).await
+            }
             None => status_response(
                 StatusCode::MISDIRECTED_REQUEST,
                 "misdirected request: no site serves this host here\n",
@@ -258,8 +261,10 @@ fn bracket(host: &str) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_site(
     served: &Arc<Served>,
+    router: &Router,
     req: Request<Incoming>,
     conn: &Arc<Conn>,
     state: &State,
@@ -280,6 +285,12 @@ async fn serve_site(
             "bad request: malformed percent-escape in the path\n",
         );
     };
+    if let Some(policy) = router.client_ip() {
+        (cx.trusted, cx.client) = policy.client(conn.peer.ip(), req.headers());
+        if let Some(r) = record.as_deref_mut() {
+            r.client_ip = Some(cx.client);
+        }
+    }
     let client = state.client.load_full();
     let mut io = Io {
         client: &client,

@@ -62,6 +62,10 @@ pub(crate) struct MatcherToml {
     /// Client addresses or CIDR ranges ("private_ranges" for RFC 1918 and friends).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) remote_ip: Vec<String>,
+    /// Like `remote_ip`, for the client a trusted proxy names (`servers { trusted_proxies }`);
+    /// the peer when none is trusted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) client_ip: Vec<String>,
     /// "http", "https", "grpc", "http/1.1", "http/2", "http/2+".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) protocol: Option<String>,
@@ -81,6 +85,12 @@ pub(crate) struct MatcherToml {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) vars_regexp: BTreeMap<String, RegexpToml>,
 }
+
+/// Why `remote_ip forwarded` is refused rather than read: Caddy 2.6 takes the first
+/// X-Forwarded-For entry, which any client can write.
+pub(crate) const FORWARDED: &str = "remote_ip forwarded believes any client's \
+    X-Forwarded-For (Caddy 2.6 reads its first entry); name the proxies in servers { \
+    trusted_proxies static ... } and match client_ip instead";
 
 impl MatcherToml {
     /// A set matching these paths.
@@ -170,10 +180,16 @@ impl MatcherToml {
                         .push(v.to_owned());
                 }
             }
-            "remote_ip" | "client_ip" => {
+            "remote_ip" => {
                 need_args(1)?;
-                let args = args.iter().filter(|a| *a != "forwarded");
-                self.remote_ip.extend(args.cloned());
+                if args.iter().any(|a| a == "forwarded") {
+                    return Err(FORWARDED.into());
+                }
+                self.remote_ip.extend(args.iter().cloned());
+            }
+            "client_ip" => {
+                need_args(1)?;
+                self.client_ip.extend(args.iter().cloned());
             }
             "protocol" => match args {
                 [p] => self.protocol = Some(p.clone()),
@@ -381,7 +397,7 @@ impl NamedRegex {
 }
 
 /// An IP range.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Cidr {
     net: IpAddr,
     bits: u8,
@@ -459,6 +475,7 @@ enum Matcher {
     HeaderRegexp(HeaderName, NamedRegex),
     Query(String, Vec<String>),
     RemoteIp(Vec<Cidr>),
+    ClientIp(Vec<Cidr>),
     Protocol(Protocol),
     Not(MatcherSet),
     File(Box<crate::matchers::file_matcher::FileMatcher>),
@@ -576,6 +593,13 @@ impl MatcherSet {
                 ranges.extend(Cidr::parse(r)?);
             }
             matchers.push(Matcher::RemoteIp(ranges));
+        }
+        if !toml.client_ip.is_empty() {
+            let mut ranges = Vec::new();
+            for r in &toml.client_ip {
+                ranges.extend(Cidr::parse(r)?);
+            }
+            matchers.push(Matcher::ClientIp(ranges));
         }
         if let Some(p) = &toml.protocol {
             let protocol = match p.as_str() {
@@ -744,6 +768,7 @@ impl Matcher {
                         .any(|want| want == "*" || *want == crate::placeholders::decode(v))
             }),
             Matcher::RemoteIp(ranges) => ranges.iter().any(|r| r.contains(cx.remote.ip())),
+            Matcher::ClientIp(ranges) => ranges.iter().any(|r| r.contains(cx.client)),
             Matcher::Protocol(p) => match p {
                 Protocol::Http => cx.scheme == Scheme::Http,
                 Protocol::Https => cx.scheme == Scheme::Https,
@@ -807,6 +832,23 @@ mod tests {
         let one = Cidr::parse("192.168.1.0/24").unwrap();
         assert!(one[0].contains("::ffff:192.168.1.9".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn remote_ip_forwarded_is_refused_not_silently_dropped() {
+        // Dropping the word would turn `remote_ip forwarded 10.0.0.0/8` into a check of the
+        // peer, which answers differently from Caddy without a word; believing the header
+        // would let any client pick its address.
+        let mut toml = MatcherToml::default();
+        let line = ["remote_ip".into(), "forwarded".into(), "10.0.0.0/8".into()];
+        let err = toml.add_line(&line, None).unwrap_err();
+        assert!(err.contains("trusted_proxies"), "{err}");
+        let err = expression::Expression::parse(
+            r#"remote_ip("forwarded", "10.0.0.0/8")"#,
+            &labcore::Env::default(),
+        )
+        .unwrap_err();
+        assert!(err.contains("trusted_proxies"), "{err}");
     }
 
     #[test]

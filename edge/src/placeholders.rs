@@ -28,6 +28,7 @@ enum Var {
     Proto,
     Remote,
     RemoteHost,
+    ClientIp,
     RemotePort,
     Dir,
     File,
@@ -141,7 +142,7 @@ fn long_name(key: &str) -> String {
         ("remote", "http.request.remote"),
         ("remote_host", "http.request.remote.host"),
         ("remote_port", "http.request.remote.port"),
-        ("client_ip", "http.request.remote.host"),
+        ("client_ip", "http.vars.client_ip"),
         ("dir", "http.request.uri.path.dir"),
         ("file", "http.request.uri.path.file"),
         ("orig_uri", "http.request.orig_uri"),
@@ -184,6 +185,7 @@ fn variable(key: &str, env: &Env) -> Result<Piece, String> {
         "http.request.remote" => Var::Remote,
         "http.request.remote.host" => Var::RemoteHost,
         "http.request.remote.port" => Var::RemotePort,
+        "http.vars.client_ip" => Var::ClientIp,
         "http.request.uri.path.dir" => Var::Dir,
         "http.request.uri.path.file" => Var::File,
         "http.request.orig_uri" => Var::OrigUri,
@@ -366,6 +368,7 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
         Var::Proto => write!(out, "{:?}", req.version),
         Var::Remote => write!(out, "{}", cx.remote),
         Var::RemoteHost => write!(out, "{}", cx.remote.ip()),
+        Var::ClientIp => write!(out, "{}", cx.client),
         Var::RemotePort => write!(out, "{}", cx.remote.port()),
         Var::Dir => {
             let path = uri.path();

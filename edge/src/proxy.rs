@@ -318,10 +318,11 @@ impl Client {
             headers.insert(header::UPGRADE, protocol.clone());
         }
         let peer = cx.remote.ip();
+        // Trusted by `servers { trusted_proxies }` or by this proxy's own, as in Caddy.
         forwarding_headers(
             &mut headers,
             &fwd,
-            proxy.trusted.iter().any(|c| c.contains(peer)),
+            cx.trusted || proxy.trusted.iter().any(|c| c.contains(peer)),
         );
         if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, fwd.host.clone());
@@ -365,7 +366,7 @@ impl Client {
         let host_text = fwd.host.to_str().unwrap_or("").to_owned();
         let pick = Pick {
             peer,
-            client: peer,
+            client: cx.client,
             target: path.as_str(),
             host: &host_text,
             headers: &client_headers,

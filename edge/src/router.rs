@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::access_log::AccessLog;
+use crate::client_ip::Policy;
 use crate::directives::Chain;
 use crate::site::{Host, Scheme, Site};
 
@@ -45,6 +46,8 @@ pub(crate) struct Router {
     https: Vec<(Host, u16)>,
     /// Some site has a log of its own.
     site_logs: bool,
+    /// Trusted proxies, when some are.
+    client_ip: Option<Arc<Policy>>,
 }
 
 impl Router {
@@ -96,7 +99,18 @@ impl Router {
             ports,
             https,
             site_logs: false,
+            client_ip: None,
         }
+    }
+
+    /// Trusts the proxies of `policy` to name clients.
+    pub(crate) fn set_client_ip(&mut self, policy: Option<Arc<Policy>>) {
+        self.client_ip = policy;
+    }
+
+    /// The trusted proxies, if any.
+    pub(crate) fn client_ip(&self) -> Option<&Policy> {
+        self.client_ip.as_deref()
     }
 
     /// Gives each site (by index) its own access log.

@@ -675,6 +675,7 @@ fn router_for(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) -> 
     if !config.redirects {
         router.disable_redirects();
     }
+    router.set_client_ip(config.client_ip.clone());
     router.set_strict_sni(
         config
             .sites
@@ -907,6 +908,17 @@ async fn serve_conn(
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().ok();
     let limits = shared.limits.load_full();
+    let mut stream = stream;
+    let peer = match &limits.proxy_protocol {
+        None => peer,
+        Some(pp) => match pp.accept(&mut stream, peer).await {
+            Ok(client) => client,
+            Err(err) => {
+                tracing::info!(%peer, error = %err, "closing a connection without a usable PROXY header");
+                return;
+            }
+        },
+    };
     let activity = Arc::new(AtomicU64::new(0));
     let io = Activity::new(stream, activity.clone());
     let conn = Arc::new(Conn {

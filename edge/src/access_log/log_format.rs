@@ -65,6 +65,10 @@ fn canonical(name: &str) -> String {
 struct Request<'a> {
     remote_ip: String,
     remote_port: String,
+    /// Caddy 2.7's field; written only when trusted proxies are set, so lines keep Caddy
+    /// 2.6's shape otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_ip: Option<String>,
     proto: &'static str,
     method: &'a str,
     host: &'a str,
@@ -103,6 +107,7 @@ fn fields<'a>(record: &'a Record, empty: &'a HeaderMap) -> Fields<'a> {
         request: Request {
             remote_ip: record.remote.to_string(),
             remote_port: record.remote_port.to_string(),
+            client_ip: record.client_ip.map(|ip| ip.to_string()),
             proto: record.proto,
             method: record.method.as_str(),
             host: record

@@ -28,7 +28,8 @@ pub(crate) struct Toml {
     /// Fields copied from a 2xx answer onto the request: "Remote-User", "From>To".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) copy_headers: Vec<String>,
-    /// Accepted: the edge is the front door and always replaces a client's X-Forwarded-*.
+    /// Peers whose X-Forwarded-* headers go on to the auth server, as `reverse_proxy`'s
+    /// `trusted_proxies` (Caddy passes this option to the reverse proxy under forward_auth).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) trusted_proxies: Vec<String>,
     /// The reverse proxy to the auth server: its upstreams and options.
@@ -100,6 +101,9 @@ pub(crate) fn build(t: &Toml, b: &mut Build<'_>, key: &str) -> Result<Box<dyn Ha
         return Err("the uri option is required".to_owned().into());
     }
     let mut proxy = t.proxy.clone();
+    proxy
+        .trusted_proxies
+        .extend(t.trusted_proxies.iter().cloned());
     proxy.method = Some("GET".into());
     proxy.rewrite = Some(t.uri.clone());
     // Caddy's own two fields first, so a header_up of the same field replaces them.

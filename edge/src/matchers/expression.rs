@@ -449,11 +449,12 @@ fn matcher(name: &str, args: &[Node]) -> Result<MatcherSet, String> {
         "host" => toml.host = strings(args, name)?,
         "method" => toml.method = strings(args, name)?,
         "remote_ip" => {
-            toml.remote_ip = strings(args, name)?
-                .into_iter()
-                .filter(|a| a != "forwarded")
-                .collect();
+            toml.remote_ip = strings(args, name)?;
+            if toml.remote_ip.iter().any(|a| a == "forwarded") {
+                return Err(crate::matchers::FORWARDED.into());
+            }
         }
+        "client_ip" => toml.client_ip = strings(args, name)?,
         "protocol" => match strings(args, name)?.as_slice() {
             [p] => toml.protocol = Some(p.clone()),
             _ => return Err("protocol() takes one string".into()),

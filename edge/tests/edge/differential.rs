@@ -223,6 +223,8 @@ pub struct Req {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     chunked: bool,
+    /// The loopback address the connection comes from (default 127.0.0.1).
+    source: Option<std::net::IpAddr>,
 }
 
 impl Req {
@@ -235,7 +237,14 @@ impl Req {
             headers: Vec::new(),
             body: Vec::new(),
             chunked: false,
+            source: None,
         }
+    }
+
+    /// Connects from `source` (another loopback address, such as 127.0.0.2: a second peer).
+    pub fn from(mut self, source: &str) -> Req {
+        self.source = Some(source.parse().unwrap());
+        self
     }
 
     /// `GET target` with the default Host.
@@ -295,7 +304,10 @@ impl Req {
 
     /// Sends the request to `127.0.0.1:port` on a new connection; what came back.
     fn send_raw(&self, port: u16) -> Vec<u8> {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut stream = match self.source {
+            None => TcpStream::connect(("127.0.0.1", port)).unwrap(),
+            Some(source) => connect_from(source, port),
+        };
         stream.set_read_timeout(Some(WAIT)).unwrap();
         // A server that closes at once (abort) may refuse the rest of the request.
         let _ = stream.write_all(&self.bytes());
@@ -306,11 +318,31 @@ impl Req {
     }
 
     /// Sends the request to `127.0.0.1:port` on a new connection and reads the response.
-    fn send(&self, port: u16) -> Reply {
+    pub fn send(&self, port: u16) -> Reply {
         let raw = self.send_raw(port);
         Reply::parse(&raw, self.method == "HEAD")
             .unwrap_or_else(|why| panic!("{self}: port {port}: {why}: {raw:?}"))
     }
+}
+
+/// A connection to `127.0.0.1:port` from `source` (std cannot bind before connecting).
+pub fn connect_from(source: std::net::IpAddr, port: u16) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let stream = rt
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(source, 0))?;
+            socket
+                .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+        })
+        .unwrap();
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
 }
 
 impl std::fmt::Display for Req {
@@ -323,6 +355,9 @@ impl std::fmt::Display for Req {
         }
         for (name, value) in &self.headers {
             write!(f, " ({name}: {value})")?;
+        }
+        if let Some(source) = self.source {
+            write!(f, " from {source}")?;
         }
         Ok(())
     }

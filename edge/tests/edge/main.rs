@@ -6,6 +6,7 @@ mod bad_input;
 mod basic_auth;
 mod chain;
 mod cli;
+mod client_ip;
 mod corpus;
 mod coverage;
 mod differential;
