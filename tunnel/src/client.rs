@@ -51,6 +51,7 @@ use crate::config::{
     TransportSettings, TransportType,
 };
 use crate::daemon::{Node, Readiness};
+use crate::deadline::Deadlines;
 use crate::declare::{self, Declaration, Verdict};
 use crate::error::Error;
 use crate::forward;
@@ -134,6 +135,8 @@ struct ServiceContext<T> {
     servers: Arc<Servers>,
     heartbeat_timeout: Option<Duration>,
     handshake_timeout: Duration,
+    /// Bounds each data channel's opening and local connect by `handshake_timeout`.
+    deadlines: Arc<Deadlines>,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -183,6 +186,7 @@ pub(crate) struct Client<T: Transport> {
     abort: CancellationToken,
     tracker: TaskTracker,
     readiness: Arc<Readiness>,
+    deadlines: Arc<Deadlines>,
     metrics: Arc<Metrics>,
     endpoint: Option<Endpoint>,
 }
@@ -208,6 +212,7 @@ impl<T: Transport> Client<T> {
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
             readiness: Arc::new(Readiness::default()),
+            deadlines: Arc::new(Deadlines::start(settings.common.handshake_timeout)),
             metrics,
             endpoint,
         };
@@ -248,6 +253,7 @@ impl<T: Transport> Client<T> {
                         servers: servers.clone(),
                         heartbeat_timeout: self.settings.common.heartbeat_timeout,
                         handshake_timeout: self.settings.common.handshake_timeout,
+                        deadlines: self.deadlines.clone(),
                         stop: stop.clone(),
                         abort: abort.clone(),
                         tracker: self.tracker.clone(),
@@ -652,13 +658,13 @@ async fn data_channel<T: Transport>(
         protocol::write_all(&mut stream, &Hello::Data(key).encode(), "hello").await?;
         Ok::<_, Error>(stream)
     };
-    let mut channel = match timeout(context.handshake_timeout, open).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => {
+    let mut channel = match context.deadlines.within(open).await {
+        Some(Ok(stream)) => stream,
+        Some(Err(err)) => {
             tracing::warn!(service = %service.name, reason = %labcore::exit::chain(&err), "could not open a data channel");
             return;
         }
-        Err(_) => {
+        None => {
             tracing::warn!(service = %service.name, "opening a data channel timed out");
             return;
         }
@@ -700,19 +706,18 @@ async fn data_channel<T: Transport>(
             return;
         }
     }
-    let local = match timeout(
-        context.handshake_timeout,
-        TcpStream::connect(&service.local_addr),
-    )
-    .await
+    let local = match context
+        .deadlines
+        .within(TcpStream::connect(&service.local_addr))
+        .await
     {
-        Ok(Ok(local)) => local,
-        Ok(Err(err)) => {
+        Some(Ok(local)) => local,
+        Some(Err(err)) => {
             context.metrics.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %service.name, local_addr = %service.local_addr, error = %err, "local service unreachable: visitor closed");
             return;
         }
-        Err(_) => {
+        None => {
             context.metrics.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %service.name, local_addr = %service.local_addr, "connecting to the local service timed out: visitor closed");
             return;

@@ -12,6 +12,7 @@ pub mod cli;
 mod client;
 mod config;
 mod daemon;
+mod deadline;
 mod declare;
 mod error;
 mod forward;

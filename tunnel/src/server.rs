@@ -58,6 +58,7 @@ use crate::config::{
     self, Balance, Mode, ServerService, ServerSettings, ServiceType, Settings, TransportType,
 };
 use crate::daemon::{Node, Readiness};
+use crate::deadline::Deadlines;
 use crate::error::Error;
 use crate::forward;
 use crate::metrics::{Endpoint, Metrics, ServiceMetrics};
@@ -691,6 +692,8 @@ async fn accept_clients<T: Transport>(
     metrics: Arc<Metrics>,
 ) {
     let sources = Arc::new(Sources::default());
+    // Handshake tasks hold it, so it outlives this loop while any is in progress.
+    let deadlines = Arc::new(Deadlines::start(handshake_timeout));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -714,13 +717,14 @@ async fn accept_clients<T: Transport>(
         let registry = lookup.registry.clone();
         let declared = lookup.declared.clone();
         let metrics = metrics.clone();
+        let deadlines = deadlines.clone();
         tracker.spawn(async move {
             let _slot = slot;
             let handshake = handshake(&*transport, tcp, peer, &registry, declared.as_ref());
-            let failed = match timeout(handshake_timeout, handshake).await {
-                Ok(Ok(())) => return,
-                Ok(Err(err)) => err,
-                Err(_) => Error::Timeout {
+            let failed = match deadlines.within(handshake).await {
+                Some(Ok(())) => return,
+                Some(Err(err)) => err,
+                None => Error::Timeout {
                     what: "the handshake",
                     after: handshake_timeout,
                 },

@@ -67,6 +67,34 @@ pub(crate) fn nodelay(stream: &impl AsFd, on: bool) {
     }
 }
 
+/// Has a listener hand over a connection only once the peer's first bytes have arrived
+/// (TCP_DEFER_ACCEPT), or, if none come, after about `secs` seconds (Linux counts it in SYN-ACK
+/// retransmissions, the first after a second): on a port where the peer always speaks first,
+/// the process then wakes once for the connection and its first message instead of twice. A
+/// failure is logged, never fatal (connections are then handed over at once, as before).
+pub(crate) fn defer_accept(listener: &impl AsRawFd, secs: u32) {
+    use nix::libc;
+    let value = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: setsockopt reads `len` bytes from a pointer to a live c_int of that size; an
+    // invalid descriptor makes it fail with EBADF, nothing worse. (nix has no safe wrapper for
+    // this option; the workspace otherwise denies unsafe code.)
+    #[allow(unsafe_code)]
+    let result = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&value).cast(),
+            len,
+        )
+    };
+    if result != 0 {
+        let err = std::io::Error::last_os_error();
+        tracing::debug!(error = %err, "could not set TCP_DEFER_ACCEPT");
+    }
+}
+
 /// Whether an idle connection, on which the peer must not have sent anything yet, was closed
 /// (or broke the protocol by sending early). Never blocks.
 pub(crate) fn is_closed(stream: &TcpStream) -> bool {

@@ -152,23 +152,77 @@ fn control_port(ip: IpAddr) -> String {
     format!("server={ip}:{CONTROL}")
 }
 
+/// Waits until `server` has logged its client's control channel for `echo`.
+fn wait_open(server: &Proc) {
+    server
+        .wait_stderr("control channel open service=echo", WAIT)
+        .unwrap();
+}
+
+/// One home with a tagged echo and two VMs: the first lab's public host, and the second
+/// lab's, linked to the first lab's router.
+struct TwoVms {
+    nat: Nat,
+    other: Nat,
+    dir: Scratch,
+    vm1_ip: IpAddr,
+    vm2_ip: IpAddr,
+    /// The router's side of the link to VM 2 (to cut that link alone).
+    vm2_link: String,
+}
+
+impl TwoVms {
+    fn new() -> TwoVms {
+        let (nat, other) = (Nat::new().unwrap(), Nat::new().unwrap());
+        let dir = Scratch::new("ha").unwrap();
+        let (vm2_ip, vm2_link) = link(nat.router(), other.public());
+        let vm1_ip = IpAddr::V4(nat.public().addr());
+        tagged_echo(nat.home(), "home");
+        TwoVms {
+            nat,
+            other,
+            dir,
+            vm1_ip,
+            vm2_ip,
+            vm2_link,
+        }
+    }
+
+    fn vm1(&self) -> &Host {
+        self.nat.public()
+    }
+
+    fn vm2(&self) -> &Host {
+        self.other.public()
+    }
+
+    /// VM 1's (`index` 1) or VM 2's server.
+    fn server(&self, index: u8) -> Proc {
+        let vm = if index == 1 { self.vm1() } else { self.vm2() };
+        vm_server(vm, &self.dir, &format!("vm{index}.toml"), "")
+    }
+
+    /// The home's client of both servers, VM 1's first; `extra` goes under `[client]`.
+    fn client(&self, extra: &str) -> Proc {
+        home_client(
+            self.nat.home(),
+            &self.dir,
+            "client.toml",
+            &[self.vm1_ip, self.vm2_ip],
+            extra,
+        )
+    }
+}
+
 #[test]
 fn one_client_serves_through_two_vms_and_keeps_serving_while_either_is_killed_or_cut_off() {
-    let (nat, other) = (Nat::new().unwrap(), Nat::new().unwrap());
-    let dir = Scratch::new("ha").unwrap();
-    let (vm1, vm2) = (nat.public(), other.public());
-    let (vm2_ip, vm2_link) = link(nat.router(), vm2);
-    let vm1_ip = IpAddr::V4(vm1.addr());
-    tagged_echo(nat.home(), "home");
-    let server1 = vm_server(vm1, &dir, "vm1.toml", "");
-    let server2 = vm_server(vm2, &dir, "vm2.toml", "");
-    let client = home_client(nat.home(), &dir, "client.toml", &[vm1_ip, vm2_ip], "");
-    server1
-        .wait_stderr("control channel open service=echo", WAIT)
-        .unwrap();
-    server2
-        .wait_stderr("control channel open service=echo", WAIT)
-        .unwrap();
+    let lab = TwoVms::new();
+    let (vm1, vm2, vm1_ip, vm2_ip) = (lab.vm1(), lab.vm2(), lab.vm1_ip, lab.vm2_ip);
+    let server1 = lab.server(1);
+    let server2 = lab.server(2);
+    let client = lab.client("");
+    wait_open(&server1);
+    wait_open(&server2);
     assert_eq!(ask(&mut visitor(vm1), "a"), "home:a");
     assert_eq!(ask(&mut visitor(vm2), "b"), "home:b");
 
@@ -180,10 +234,8 @@ fn one_client_serves_through_two_vms_and_keeps_serving_while_either_is_killed_or
     assert_eq!(ask(&mut open, "after kill"), "home:after kill");
     assert_eq!(ask(&mut visitor(vm2), "c"), "home:c");
     // It comes back on the same port: the client reconnects and serves through it again.
-    let server1 = vm_server(vm1, &dir, "vm1.toml", "");
-    server1
-        .wait_stderr("control channel open service=echo", WAIT)
-        .unwrap();
+    let server1 = lab.server(1);
+    wait_open(&server1);
     wait_count(
         &client,
         &format!("control channel open service=echo {}", control_port(vm1_ip)),
@@ -195,7 +247,7 @@ fn one_client_serves_through_two_vms_and_keeps_serving_while_either_is_killed_or
     let mut open = visitor(vm1);
     assert_eq!(ask(&mut open, "before cut"), "home:before cut");
     let since = Instant::now();
-    cut(nat.router(), Some(&vm2_link));
+    cut(lab.nat.router(), Some(&lab.vm2_link));
     wait_count(&client, "control channel lost", 2);
     eprintln!("client found VM 2 gone after {:?}", since.elapsed());
     assert!(
@@ -208,7 +260,7 @@ fn one_client_serves_through_two_vms_and_keeps_serving_while_either_is_killed_or
         let message = format!("new {i}");
         assert_eq!(ask(&mut visitor(vm1), &message), format!("home:{message}"));
     }
-    mend(nat.router());
+    mend(lab.nat.router());
     wait_count(
         &client,
         &format!("control channel open service=echo {}", control_port(vm2_ip)),
@@ -219,26 +271,13 @@ fn one_client_serves_through_two_vms_and_keeps_serving_while_either_is_killed_or
 
 #[test]
 fn in_failover_mode_only_the_first_server_up_gets_visitors() {
-    let (nat, other) = (Nat::new().unwrap(), Nat::new().unwrap());
-    let dir = Scratch::new("ha").unwrap();
-    let (vm1, vm2) = (nat.public(), other.public());
-    let (vm2_ip, _) = link(nat.router(), vm2);
-    tagged_echo(nat.home(), "home");
-    let server1 = vm_server(vm1, &dir, "vm1.toml", "");
-    let server2 = vm_server(vm2, &dir, "vm2.toml", "");
-    let client = home_client(
-        nat.home(),
-        &dir,
-        "client.toml",
-        &[IpAddr::V4(vm1.addr()), vm2_ip],
-        "mode = \"failover\"",
-    );
-    server1
-        .wait_stderr("control channel open service=echo", WAIT)
-        .unwrap();
-    server2
-        .wait_stderr("control channel open service=echo", WAIT)
-        .unwrap();
+    let lab = TwoVms::new();
+    let (vm1, vm2) = (lab.vm1(), lab.vm2());
+    let server1 = lab.server(1);
+    let server2 = lab.server(2);
+    let client = lab.client("mode = \"failover\"");
+    wait_open(&server1);
+    wait_open(&server2);
     assert_eq!(ask(&mut visitor(vm1), "a"), "home:a");
     // The standby holds its control channel but opens no data channel: its visitor waits,
     // and is closed after the server's handshake timeout.
@@ -254,28 +293,16 @@ fn in_failover_mode_only_the_first_server_up_gets_visitors() {
 
 #[test]
 fn in_failover_mode_a_standby_that_served_while_the_first_server_was_down_stops_when_it_returns() {
-    let (nat, other) = (Nat::new().unwrap(), Nat::new().unwrap());
-    let dir = Scratch::new("ha").unwrap();
-    let (vm1, vm2) = (nat.public(), other.public());
-    let (vm2_ip, _) = link(nat.router(), vm2);
-    let vm1_ip = IpAddr::V4(vm1.addr());
-    tagged_echo(nat.home(), "home");
+    let lab = TwoVms::new();
+    let (vm1, vm2, vm1_ip) = (lab.vm1(), lab.vm2(), lab.vm1_ip);
     // Only the standby is up: it serves, with the data channels its server asked for.
-    let server2 = vm_server(vm2, &dir, "vm2.toml", "");
-    let client = home_client(
-        nat.home(),
-        &dir,
-        "client.toml",
-        &[vm1_ip, vm2_ip],
-        "mode = \"failover\"",
-    );
-    server2
-        .wait_stderr("control channel open service=echo", WAIT)
-        .unwrap();
+    let server2 = lab.server(2);
+    let client = lab.client("mode = \"failover\"");
+    wait_open(&server2);
     assert_eq!(ask(&mut visitor(vm2), "a"), "home:a");
     // The first server comes up: it gets the visitors, and the standby's idle data channels,
     // opened while it had the turn, carry none of its visitors any more.
-    let _server1 = vm_server(vm1, &dir, "vm1.toml", "");
+    let _server1 = lab.server(1);
     wait_count(
         &client,
         &format!("control channel open service=echo {}", control_port(vm1_ip)),

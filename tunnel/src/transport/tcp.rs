@@ -46,6 +46,11 @@ impl TcpTransport {
             source,
         })?;
         self.tune(&listener);
+        // Every client speaks first here (rathole's hello, a TLS ClientHello, Noise's first
+        // message, a WebSocket upgrade request): a data channel's connection and its hello
+        // then wake the server once, not twice. A peer that connects and says nothing is
+        // handed over after about a second, and the handshake timeout runs from then.
+        sockopt::defer_accept(&listener, 1);
         Ok(listener)
     }
 
