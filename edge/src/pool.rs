@@ -112,10 +112,10 @@ impl Pool {
         mut req: Request<UpBody>,
         connect_timeout: Duration,
     ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+        // The rare paths (HTTP/2, a new connection: TCP, TLS and handshake futures of several
+        // KiB) are boxed, so the future of every request, itself boxed and moved, stays small.
         if transport.protocol != Protocol::Http1 {
-            return self
-                .send_h2(transport, upstream, req, connect_timeout)
-                .await;
+            return Box::pin(self.send_h2(transport, upstream, req, connect_timeout)).await;
         }
         let keep = (
             transport.keepalive.unwrap_or(self.idle_timeout),
@@ -124,13 +124,12 @@ impl Pool {
         loop {
             let (mut lease, reused) = match self.take(&upstream.key) {
                 Some(lease) => (lease, true),
-                None => match self
-                    .connect(transport, upstream, keep, connect_timeout)
-                    .await
-                {
-                    Ok(lease) => (lease, false),
-                    Err(err) => return Err(Failure::Connect(err, Some(Box::new(req)))),
-                },
+                None => {
+                    match Box::pin(self.connect(transport, upstream, keep, connect_timeout)).await {
+                        Ok(lease) => (lease, false),
+                        Err(err) => return Err(Failure::Connect(err, Some(Box::new(req)))),
+                    }
+                }
             };
             if reused {
                 // The previous response may have left the connection a step from ready.

@@ -429,7 +429,8 @@ impl Client {
             let sent = Instant::now();
             let exchange = async {
                 if upgrade.is_some() {
-                    self.send_upgrade(proxy, upstream, up, upgrades.tasks, upgrades.stop)
+                    // Boxed: a new connection's future is large, and only upgrades need it.
+                    Box::pin(self.send_upgrade(proxy, upstream, up, upgrades.tasks, upgrades.stop))
                         .await
                         .map(|response| (response, None))
                 } else {
