@@ -23,6 +23,7 @@ use crate::directives::{
     BasicAuthToml, Build, BuildError, Chain, DirectiveToml, HeaderToml, ProxyToml, RedirToml,
     RouteToml, Routes,
 };
+use crate::dns01::{self, DnsConfig, DnsToml};
 use crate::log_roll::{Roll, parse_roll_size};
 use crate::matchers::MatcherToml;
 pub(crate) use crate::site::parse_duration;
@@ -117,6 +118,10 @@ pub(crate) struct AcmeToml {
     /// Time one order may take, from new order to downloaded chain. Default "2m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) order_timeout: Option<String>,
+    /// The DNS provider of every ACME name (a Caddyfile's `acme_dns`): DNS-01 instead of the
+    /// other challenges, and wildcards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) dns: Option<DnsToml>,
 }
 
 impl AcmeToml {
@@ -184,6 +189,10 @@ pub(crate) struct SiteToml {
     /// Caddyfile's `tls { issuer acme { disable_http_challenge } }`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) tls_challenges: Vec<String>,
+    /// The DNS provider publishing this site's ACME challenges (DNS-01, which wildcards
+    /// need), over `acme.dns` (a Caddyfile's `tls { dns ... }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_dns: Option<DnsToml>,
     /// PEM certificate chain served for every name of the site, with `tls_key` (`tls CERT
     /// KEY` in a Caddyfile); read on start and on every reload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -522,6 +531,9 @@ pub(crate) enum Challenge {
     Http01,
     /// TLS-ALPN-01, answered on the HTTPS port.
     TlsAlpn01,
+    /// DNS-01, published by a DNS provider (never listed in `challenges`: a provider
+    /// configured for a name makes it that name's only challenge).
+    Dns01,
 }
 
 /// ACME settings, resolved.
@@ -543,6 +555,8 @@ pub(crate) struct AcmeConfig {
     pub(crate) max_concurrent_orders: usize,
     /// Time limit of one order.
     pub(crate) order_timeout: Duration,
+    /// The DNS provider of an order using DNS-01 (set per name from the site's settings).
+    pub(crate) dns: Option<Arc<DnsConfig>>,
 }
 
 impl Default for AcmeConfig {
@@ -556,6 +570,7 @@ impl Default for AcmeConfig {
             retry_base: Duration::from_secs(60),
             max_concurrent_orders: 4,
             order_timeout: Duration::from_secs(120),
+            dns: None,
         }
     }
 }
@@ -592,6 +607,8 @@ pub(crate) struct Config {
     pub(crate) access_log: AccessLog,
     /// Each site's ACME challenges when it narrows `acme.challenges` (empty: all), by index.
     pub(crate) site_challenges: Vec<Vec<Challenge>>,
+    /// Each site's DNS provider (its own or `acme.dns`), by index: its names use DNS-01.
+    pub(crate) site_dns: Vec<Option<Arc<DnsConfig>>>,
     /// The admin endpoint, if on.
     pub(crate) admin: Option<AdminListen>,
     /// `debug`: diagnostics at debug level unless the command line or environment say.
@@ -753,6 +770,8 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         check_email(email).map_err(|m| file.invalid("email", m))?;
     }
     let acme = resolve_acme(&raw, file, &duration)?;
+    // Checked even when no site uses it, so a typo shows at `edge check`.
+    dns01::resolve(None, raw.acme.dns.as_ref(), "acme.dns", file, env)?;
 
     let mut sites = Vec::new();
     let mut chains = Vec::new();
@@ -779,6 +798,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
     };
     let mut site_logs: Vec<Option<LogSpec>> = Vec::new();
     let mut site_challenges: Vec<Vec<Challenge>> = Vec::new();
+    let mut site_dns: Vec<Option<Arc<DnsConfig>>> = Vec::new();
     for (i, mut site) in raw.sites.into_iter().enumerate() {
         let log = match site.log.take() {
             None => None,
@@ -832,7 +852,17 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
             ));
         }
         site_challenges.push(challenges);
-        let (site, chain) = resolve_site(site, i, file, http_port, https_port, env)?;
+        let dns = dns01::resolve(
+            site.tls_dns.as_ref(),
+            raw.acme.dns.as_ref(),
+            &format!("site[{i}].tls_dns"),
+            file,
+            env,
+        )?
+        .map(Arc::new);
+        let dns01 = dns.is_some();
+        site_dns.push(dns);
+        let (site, chain) = resolve_site(site, i, file, http_port, https_port, dns01, env)?;
         chains.push(Arc::new(chain));
         for address in &site.addresses {
             let key = (address.host.to_string(), address.port);
@@ -854,6 +884,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         storage,
         access_log,
         site_challenges,
+        site_dns,
         admin,
         debug: raw.debug == Some(true),
         toml,
@@ -977,6 +1008,7 @@ fn resolve_acme(
         retry_base,
         max_concurrent_orders,
         order_timeout,
+        dns: None,
     })
 }
 
@@ -993,6 +1025,7 @@ fn resolve_site(
     file: &ConfigFile,
     http_port: u16,
     https_port: u16,
+    dns01: bool,
     env: &Env,
 ) -> Result<(Site, Chain), ConfigError> {
     let key = |k: &str| format!("site[{i}].{k}");
@@ -1080,7 +1113,7 @@ fn resolve_site(
             ));
         }
         if address.scheme == Scheme::Https && cert_files.is_none() {
-            TlsPolicy::for_host(&address.host, explicit_internal)
+            TlsPolicy::for_host(&address.host, explicit_internal, dns01)
                 .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
         }
         addresses.push(address);
@@ -1094,6 +1127,7 @@ fn resolve_site(
             tls_email,
             cert_files,
             client_auth,
+            dns01,
         },
         chain,
     ))

@@ -28,6 +28,7 @@ pub mod cli;
 mod config;
 mod context;
 mod directives;
+mod dns01;
 mod encode;
 mod fastcgi;
 mod files;

@@ -9,6 +9,7 @@ mod cli;
 mod corpus;
 mod coverage;
 mod differential;
+mod dns01;
 mod forward_auth;
 mod globals;
 mod limits;
