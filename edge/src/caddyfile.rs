@@ -1508,6 +1508,60 @@ mod tests {
     }
 
     #[test]
+    fn tls_dns_and_acme_dns_map_to_dns_tables_and_bad_options_are_refused_by_line() {
+        let toml = parse_text(
+            "{\n acme_dns cloudflare {env.CF_API_TOKEN}\n}\n*.example.org {\n tls {\n  dns rfc2136 {\n   key_name edge-key\n   key_alg hmac-sha512\n   key c2VjcmV0\n   server 10.0.0.53:5353\n  }\n  propagation_delay 5s\n  propagation_timeout -1\n  resolvers 1.1.1.1 9.9.9.9:53\n }\n}\nlab.example.org {\n tls {\n  propagation_timeout 1m\n }\n}\n",
+        )
+        .unwrap();
+        let global = toml.acme.dns.as_ref().unwrap();
+        assert_eq!(global.provider.as_deref(), Some("cloudflare"));
+        assert_eq!(format!("{:?}", global.token), "Some({env.CF_API_TOKEN})");
+        let site = toml.sites[0].tls_dns.as_ref().unwrap();
+        assert_eq!(site.provider.as_deref(), Some("rfc2136"));
+        assert_eq!(site.key_name.as_deref(), Some("edge-key"));
+        assert_eq!(site.key_alg.as_deref(), Some("hmac-sha512"));
+        assert_eq!(site.server.as_deref(), Some("10.0.0.53:5353"));
+        assert_eq!(site.propagation_delay.as_deref(), Some("5s"));
+        assert_eq!(site.propagation_timeout.as_deref(), Some("-1"));
+        assert_eq!(site.resolvers, ["1.1.1.1", "9.9.9.9:53"]);
+        // The secret is not printed back by `edge adapt`.
+        let adapted = toml::to_string(&toml).unwrap();
+        assert!(!adapted.contains("c2VjcmV0"), "{adapted}");
+        assert!(adapted.contains("{env.CF_API_TOKEN}"), "{adapted}");
+        // A site with only propagation options takes the global provider.
+        let lab = toml.sites[1].tls_dns.as_ref().unwrap();
+        assert_eq!(lab.provider, None);
+        let config = config::resolve(
+            toml,
+            &ConfigFile::new(Path::new("/etc/Caddyfile")),
+            &Env::from_pairs([("CF_API_TOKEN", "t")]),
+        )
+        .unwrap();
+        assert!(config.site_dns.iter().all(Option::is_some));
+        for (text, want) in [
+            (
+                "a.org {\n tls {\n  dns route53\n }\n}\n",
+                "/etc/Caddyfile:3: DNS provider \"route53\"",
+            ),
+            (
+                "a.org {\n tls {\n  dns rfc2136 {\n   secret x\n  }\n }\n}\n",
+                "/etc/Caddyfile:4: dns rfc2136 option \"secret\"",
+            ),
+            (
+                "a.org {\n tls {\n  dns desec a b\n }\n}\n",
+                "/etc/Caddyfile:3: dns desec takes one token",
+            ),
+            (
+                "{\n acme_dns\n}\n",
+                "/etc/Caddyfile:2: dns takes a provider",
+            ),
+        ] {
+            let err = err_text(text);
+            assert!(err.starts_with(want), "{err}");
+        }
+    }
+
+    #[test]
     fn resolve_errors_point_at_the_caddyfile_line() {
         let path = Path::new("/etc/Caddyfile");
         let parsed = parse(

@@ -1295,6 +1295,65 @@ mod tests {
     }
 
     #[test]
+    fn dns_tables_resolve_and_each_mistake_names_its_key() {
+        let site =
+            "[[site]]\naddresses = [\"*.example.org\"]\n[[site.reverse_proxy]]\nto = [\":1\"]\n";
+        let config = resolve_text(&format!(
+            "[acme.dns]\nprovider = \"rfc2136\"\nserver = \"127.0.0.1\"\nkey_name = \"k\"\nkey = \"c2VjcmV0\"\nresolvers = [\"127.0.0.1:5353\"]\n{site}"
+        ))
+        .unwrap();
+        let dns = config.site_dns[0].as_ref().unwrap();
+        assert_eq!(dns.provider.name(), "rfc2136");
+        assert_eq!(dns.resolvers, ["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(dns.propagation_timeout, Some(Duration::from_secs(120)));
+        let host = &config.sites[0].addresses[0].host;
+        assert_eq!(config.sites[0].tls_policy(host), TlsPolicy::Acme);
+        assert!(!format!("{config:?}").contains("c2VjcmV0"));
+        for (text, key) in [
+            ("[acme.dns]\nprovider = \"route53\"\n", "acme.dns.provider"),
+            ("[acme.dns]\nprovider = \"cloudflare\"\n", "acme.dns.token"),
+            (
+                "[acme.dns]\nprovider = \"cloudflare\"\ntoken = \"t\"\nserver = \"x:53\"\n",
+                "acme.dns.server",
+            ),
+            (
+                "[acme.dns]\nprovider = \"rfc2136\"\nserver = \"x\"\nkey_name = \"k\"\nkey = \"%%\"\n",
+                "acme.dns.key",
+            ),
+            (
+                "[acme.dns]\nprovider = \"rfc2136\"\nserver = \"x\"\nkey_name = \"k\"\nkey = \"c2VjcmV0\"\nkey_alg = \"hmac-md5\"\n",
+                "acme.dns.key_alg",
+            ),
+            (
+                "[acme.dns]\nprovider = \"desec\"\ntoken = \"t\"\napi_url = \"http://desec.io/api\"\n",
+                "acme.dns.api_url",
+            ),
+            ("[acme.dns]\nprovider = \"exec\"\n", "acme.dns.command"),
+            (
+                "[acme.dns]\nprovider = \"exec\"\ncommand = [\"/bin/true\"]\npropagation_timeout = \"soon\"\n",
+                "acme.dns.propagation_timeout",
+            ),
+            (
+                "[acme.dns]\nprovider = \"exec\"\ncommand = [\"/bin/true\"]\nresolvers = [\"dns.google\"]\n",
+                "acme.dns.resolvers[0]",
+            ),
+        ] {
+            let err = resolve_text(text).unwrap_err();
+            assert!(err.to_string().contains(key), "{key}: {err}");
+            assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
+        }
+        // A site's table without a provider, and no global one.
+        let err = resolve_text(&format!(
+            "{site}[site.tls_dns]\npropagation_delay = \"1s\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("site[0].tls_dns.provider"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_durations_and_codes_name_their_key() {
         let err = resolve_text("[limits]\nidle_timeout = \"soon\"\n").unwrap_err();
         assert!(err.to_string().contains("limits.idle_timeout"), "{err}");
