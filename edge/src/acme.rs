@@ -35,10 +35,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::ca::now;
 use crate::certs::{Certs, ChallengeResponder, Entry};
 use crate::config::{AcmeConfig, Challenge, KeyType};
+use crate::dns01::{DnsConfig, DnsError, Presented};
 use crate::storage::{CERT_MODE, KEY_MODE, Storage};
 
 /// Longest delay between retries of a failing name.
@@ -70,6 +72,9 @@ pub(crate) enum AcmeError {
     /// Making a key or request failed.
     #[error("making the key or request: {0}")]
     Key(String),
+    /// The DNS provider could not publish a DNS-01 record, or it did not show.
+    #[error(transparent)]
+    Dns(#[from] DnsError),
 }
 
 impl From<instant_acme::Error> for AcmeError {
@@ -113,8 +118,9 @@ pub fn ca_key(directory: &str) -> String {
         .collect()
 }
 
-/// Where a name's files live for a CA.
+/// Where a name's files live for a CA (a wildcard's `*` written `wildcard_`, as Caddy does).
 pub(crate) fn cert_paths(directory: &str, name: &str) -> (String, String, String) {
+    let name = name.replace('*', "wildcard_");
     let dir = format!("certificates/acme/{}/{name}", ca_key(directory));
     (
         format!("{dir}/{name}.crt"),
@@ -223,6 +229,8 @@ impl Challenges {
                 let cert = self.alpn_cert(host, key_auth)?;
                 lock(&self.tls).insert(host.to_owned(), cert);
             }
+            // Published by the DNS provider: nothing for this edge to answer.
+            Challenge::Dns01 => return Ok(()),
         }
         let shared = SharedChallenge {
             token: token.to_owned(),
@@ -230,6 +238,7 @@ impl Challenges {
             kind: match kind {
                 Challenge::Http01 => "http-01".into(),
                 Challenge::TlsAlpn01 => "tls-alpn-01".into(),
+                Challenge::Dns01 => "dns-01".into(),
             },
         };
         let rel = Challenges::shared_path(host);
@@ -318,6 +327,55 @@ pub(crate) struct Plan {
     pub(crate) names: Vec<(String, Option<String>)>,
     /// Names whose site narrows the challenges offered (`issuer acme { disable_... }`).
     pub(crate) challenges: HashMap<String, Vec<Challenge>>,
+    /// Names whose challenges a DNS provider publishes (DNS-01, their only challenge).
+    pub(crate) dns: HashMap<String, Arc<DnsConfig>>,
+}
+
+/// The DNS-01 records published for one order, removed when the order ends: by
+/// [`Published::remove_all`] on every return, or, when the order is dropped (its time
+/// limit, a stop), by a task of the tracker that [`Acme::run`] waits for.
+struct Published {
+    dns: Option<Arc<DnsConfig>>,
+    records: Vec<Presented>,
+    tracker: TaskTracker,
+}
+
+impl Published {
+    async fn remove_all(&mut self) {
+        let records = std::mem::take(&mut self.records);
+        if let Some(dns) = &self.dns {
+            remove_records(dns, records).await;
+        }
+    }
+}
+
+async fn remove_records(dns: &DnsConfig, records: Vec<Presented>) {
+    for record in records {
+        let removal = tokio::time::timeout(CLEANUP_TIMEOUT, dns.provider.cleanup(&record));
+        match removal.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(name = %record.fqdn, error = %err,
+                "removing a DNS-01 record failed; remove it by hand"),
+            Err(_) => tracing::warn!(name = %record.fqdn, provider = dns.provider.name(),
+                "removing a DNS-01 record timed out; remove it by hand"),
+        }
+    }
+}
+
+/// Time the removal of one DNS-01 record may take.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        let records = std::mem::take(&mut self.records);
+        let (Some(dns), false) = (self.dns.clone(), records.is_empty()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tracker
+                .spawn_on(async move { remove_records(&dns, records).await }, &runtime);
+        }
+    }
 }
 
 /// The ACME client of one edge.
@@ -326,6 +384,8 @@ pub(crate) struct Acme {
     certs: Arc<Certs>,
     challenges: Arc<Challenges>,
     accounts: tokio::sync::Mutex<HashMap<(String, Option<String>), Account>>,
+    /// Removals of DNS-01 records whose order was dropped.
+    cleanups: TaskTracker,
 }
 
 impl fmt::Debug for Acme {
@@ -351,6 +411,7 @@ impl Acme {
             storage,
             certs,
             accounts: tokio::sync::Mutex::default(),
+            cleanups: TaskTracker::new(),
         }
     }
 
@@ -472,6 +533,10 @@ impl Acme {
                 if let Some(only) = current.challenges.get(name) {
                     settings.challenges = only.clone();
                 }
+                if let Some(dns) = current.dns.get(name) {
+                    settings.challenges = vec![Challenge::Dns01];
+                    settings.dns = Some(dns.clone());
+                }
                 let (name, email) = (name.clone(), email.clone());
                 jobs.spawn(async move {
                     let result = match tokio::time::timeout(
@@ -489,11 +554,13 @@ impl Acme {
             tokio::select! {
                 _ = stop.cancelled() => {
                     jobs.shutdown().await;
+                    self.wait_cleanups().await;
                     return;
                 }
                 changed = plan.changed() => {
                     if changed.is_err() {
                         jobs.shutdown().await;
+                        self.wait_cleanups().await;
                         return;
                     }
                 }
@@ -509,6 +576,12 @@ impl Acme {
                 _ = tokio::time::sleep_until(next_wake) => {}
             }
         }
+    }
+
+    /// Waits (boundedly) for the removal of DNS-01 records of orders cut short.
+    async fn wait_cleanups(&self) {
+        self.cleanups.close();
+        let _ = tokio::time::timeout(CLEANUP_TIMEOUT, self.cleanups.wait()).await;
     }
 
     /// When `name` needs work: now if nothing is served, its renewal time if served, and
@@ -597,7 +670,11 @@ impl Acme {
         name: &str,
         email: Option<&str>,
     ) -> Result<Arc<Entry>, AcmeError> {
-        let lock_name = format!("acme-{}-{name}", ca_key(&acme.directory));
+        let lock_name = format!(
+            "acme-{}-{}",
+            ca_key(&acme.directory),
+            name.replace('*', "wildcard_")
+        );
         let storage = self.storage.clone();
         let _lock = tokio::task::spawn_blocking(move || storage.lock(&lock_name))
             .await
@@ -689,11 +766,30 @@ impl Acme {
         Ok(account)
     }
 
+    /// Orders a certificate for `name`; DNS-01 records published for it are removed
+    /// whatever the outcome.
     async fn order(
         &self,
         acme: &AcmeConfig,
         name: &str,
         email: Option<&str>,
+    ) -> Result<Arc<Entry>, AcmeError> {
+        let mut published = Published {
+            dns: acme.dns.clone(),
+            records: Vec::new(),
+            tracker: self.cleanups.clone(),
+        };
+        let result = self.order_steps(acme, name, email, &mut published).await;
+        published.remove_all().await;
+        result
+    }
+
+    async fn order_steps(
+        &self,
+        acme: &AcmeConfig,
+        name: &str,
+        email: Option<&str>,
+        published: &mut Published,
     ) -> Result<Arc<Entry>, AcmeError> {
         let account = self.account(acme, email).await?;
         tracing::info!(name = %name, directory = %acme.directory, "ordering a certificate");
@@ -717,26 +813,28 @@ impl Acme {
             }
             let offered: Vec<ChallengeType> =
                 authz.challenges.iter().map(|c| c.r#type.clone()).collect();
-            let Some(kind) = acme.challenges.iter().copied().find(|k| {
-                offered.contains(&match k {
-                    Challenge::Http01 => ChallengeType::Http01,
-                    Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
-                })
-            }) else {
+            let Some(kind) = acme
+                .challenges
+                .iter()
+                .copied()
+                .find(|k| offered.contains(&challenge_type(*k)))
+            else {
                 return Err(AcmeError::Invalid(format!(
                     "the CA offers {offered:?} for {name}, none of the configured challenges"
                 )));
             };
-            let wanted = match kind {
-                Challenge::Http01 => ChallengeType::Http01,
-                Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
-            };
             let mut challenge = authz
-                .challenge(wanted)
+                .challenge(challenge_type(kind))
                 .ok_or_else(|| AcmeError::Invalid("challenge vanished".into()))?;
             let key_auth = challenge.key_authorization();
-            self.challenges
-                .add(name, kind, &challenge.token, key_auth.as_str())?;
+            if let (Challenge::Dns01, Some(dns)) = (kind, &acme.dns) {
+                let record = dns.present(name, &key_auth.dns_value()).await?;
+                published.records.push(record.clone());
+                dns.wait_visible(&record).await?;
+            } else {
+                self.challenges
+                    .add(name, kind, &challenge.token, key_auth.as_str())?;
+            }
             tracing::debug!(name = %name, challenge = ?kind, "challenge ready");
             challenge.set_ready().await?;
         }
@@ -801,6 +899,15 @@ impl Acme {
         } else {
             format!("validating {name} failed: {}", reasons.join("; "))
         }
+    }
+}
+
+/// The ACME type of a challenge.
+fn challenge_type(kind: Challenge) -> ChallengeType {
+    match kind {
+        Challenge::Http01 => ChallengeType::Http01,
+        Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        Challenge::Dns01 => ChallengeType::Dns01,
     }
 }
 

@@ -3,12 +3,13 @@
 //!
 //! Supported: the global options block (`email`, `http_port`, `https_port`,
 //! `storage file_system PATH`, `default_bind`, `grace_period`, `admin off`, `acme_ca`,
-//! `acme_ca_root`, `key_type`, `renewal_window_ratio`, `auto_https`, `log`, `servers`,
-//! `local_certs`, `skip_install_trust`, `on_demand_tls`, and labkit's own `acme_challenges`
-//! and `acme_retry_base`), `{$ENV}` and `{$ENV:default}` substitution, snippets and imports,
-//! and site blocks with one or more addresses holding `tls` (internal, EMAIL, CERT KEY, with
-//! `protocols`, `ciphers`, `curves`, `alpn`, `on_demand`, `client_auth`, `issuer`), `log` and
-//! the directives of [`crate::directives`].
+//! `acme_ca_root`, `acme_dns`, `key_type`, `renewal_window_ratio`, `auto_https`, `log`,
+//! `servers`, `local_certs`, `skip_install_trust`, `on_demand_tls`, and labkit's own
+//! `acme_challenges` and `acme_retry_base`), `{$ENV}` and `{$ENV:default}` substitution,
+//! snippets and imports, and site blocks with one or more addresses holding `tls` (internal,
+//! EMAIL, CERT KEY, with `protocols`, `ciphers`, `curves`, `alpn`, `on_demand`, `client_auth`,
+//! `issuer`, `dns PROVIDER` with the propagation options), `log` and the directives of
+//! [`crate::directives`].
 //! Anything else is an error naming the file, the line and the directive, never silently
 //! ignored.
 
@@ -21,6 +22,7 @@ use labcore::{Env, Exit, ExitStatus};
 
 use crate::config::{self, Config, EdgeToml, SiteToml};
 use crate::directives::{self, Line, Scope};
+use crate::dns01::{DnsToml, SecretText};
 
 /// A Caddyfile that cannot be used: where and why.
 #[derive(Debug, thiserror::Error)]
@@ -780,6 +782,11 @@ fn globals(
                 }
                 toml.on_demand_tls = Some(od);
             }
+            "acme_dns" => {
+                lines.insert("acme.dns".into(), node.line);
+                let provider = dns_provider(p, node.line, args, node.block.as_deref())?;
+                toml.acme.dns = Some(provider);
+            }
             other => {
                 return Err(p.err(
                     node.line,
@@ -1108,7 +1115,165 @@ fn log_block(
     Ok(log)
 }
 
-/// The block of `tls [ARGS] { ... }`: issuers and client_auth.
+/// `dns PROVIDER [ARGS] [{ ... }]` (in `tls`) or `acme_dns PROVIDER ...` (global): the
+/// provider's options as the `DnsToml` keys.
+fn dns_provider(
+    p: &Parser<'_>,
+    line: usize,
+    args: &[Token],
+    block: Option<&[Node]>,
+) -> Result<DnsToml, CaddyfileError> {
+    let Some((name, rest)) = args.split_first() else {
+        return Err(p.err(
+            line,
+            "dns takes a provider: rfc2136, cloudflare, desec or exec",
+        ));
+    };
+    let mut dns = DnsToml {
+        provider: Some(name.text.clone()),
+        ..DnsToml::default()
+    };
+    let rest: Vec<String> = rest.iter().map(|t| t.text.clone()).collect();
+    let options = block.unwrap_or_default();
+    let option = |n: &Node| -> (String, Vec<String>) {
+        let words: Vec<String> = n.tokens.iter().map(|t| t.text.clone()).collect();
+        (words[0].clone(), words[1..].to_vec())
+    };
+    let refuse = |n: &Node, allowed: &str| {
+        let (opt, _) = option(n);
+        p.err(
+            n.line,
+            format!(
+                "dns {} option {opt:?} is not supported ({allowed})",
+                name.text
+            ),
+        )
+    };
+    match name.text.as_str() {
+        "rfc2136" => {
+            if !rest.is_empty() {
+                return Err(p.err(line, "dns rfc2136 takes its options in a block"));
+            }
+            for n in options {
+                match option(n) {
+                    (o, v) if v.len() == 1 && n.block.is_none() => {
+                        let value = v[0].clone();
+                        match o.as_str() {
+                            "key_name" => dns.key_name = Some(value),
+                            "key_alg" => dns.key_alg = Some(value),
+                            "key" => dns.key = Some(SecretText::new(value)),
+                            "server" => dns.server = Some(value),
+                            _ => return Err(refuse(n, "key_name, key_alg, key and server are")),
+                        }
+                    }
+                    _ => {
+                        return Err(refuse(
+                            n,
+                            "each of key_name, key_alg, key and server takes one value",
+                        ));
+                    }
+                }
+            }
+        }
+        "cloudflare" | "desec" => {
+            let token_key = if name.text == "cloudflare" {
+                "api_token"
+            } else {
+                "token"
+            };
+            match rest.as_slice() {
+                [] => {}
+                [token] => dns.token = Some(SecretText::new(token.clone())),
+                _ => return Err(p.err(line, format!("dns {} takes one token", name.text))),
+            }
+            for n in options {
+                match option(n) {
+                    (o, v) if o == token_key && v.len() == 1 && n.block.is_none() => {
+                        dns.token = Some(SecretText::new(v[0].clone()));
+                    }
+                    _ => return Err(refuse(n, &format!("{token_key} TOKEN is"))),
+                }
+            }
+        }
+        "exec" => {
+            dns.command = rest;
+            for n in options {
+                match option(n) {
+                    (o, v) if o == "env" && v.len() == 2 && n.block.is_none() => {
+                        dns.env.insert(v[0].clone(), SecretText::new(v[1].clone()));
+                    }
+                    _ => return Err(refuse(n, "env NAME VALUE is")),
+                }
+            }
+        }
+        other => {
+            return Err(p.err(
+                line,
+                format!("DNS provider {other:?} is not supported (rfc2136, cloudflare, desec and exec are)"),
+            ));
+        }
+    }
+    Ok(dns)
+}
+
+/// `propagation_delay`, `propagation_timeout`, `resolvers` and `dns` of a `tls` (or
+/// `issuer acme`) block into the site's `tls_dns`; false when `words` is none of them.
+fn tls_dns_option(
+    p: &Parser<'_>,
+    key: &str,
+    n: &Node,
+    site: &mut SiteToml,
+    lines: &mut BTreeMap<String, usize>,
+) -> Result<bool, CaddyfileError> {
+    let words: Vec<&str> = n.tokens.iter().map(|t| t.text.as_str()).collect();
+    let dns = site.tls_dns.get_or_insert_with(DnsToml::default);
+    let one = |what: &str| -> Result<String, CaddyfileError> {
+        match words.as_slice() {
+            [_, value] if n.block.is_none() => Ok((*value).to_owned()),
+            _ => Err(p.err(n.line, format!("{} takes one {what}", words[0]))),
+        }
+    };
+    match words[0] {
+        "dns" => {
+            let provider = dns_provider(p, n.line, &n.tokens[1..], n.block.as_deref())?;
+            if dns.provider.is_some() {
+                return Err(p.err(n.line, "dns given twice in one site"));
+            }
+            let keep = std::mem::take(dns);
+            *dns = DnsToml {
+                propagation_delay: keep.propagation_delay,
+                propagation_timeout: keep.propagation_timeout,
+                resolvers: keep.resolvers,
+                ..provider
+            };
+            lines.insert(format!("{key}.tls_dns"), n.line);
+        }
+        "propagation_delay" => {
+            dns.propagation_delay = Some(one("duration")?);
+            lines.insert(format!("{key}.tls_dns.propagation_delay"), n.line);
+        }
+        "propagation_timeout" => {
+            dns.propagation_timeout = Some(one("duration (or -1)")?);
+            lines.insert(format!("{key}.tls_dns.propagation_timeout"), n.line);
+        }
+        "resolvers" => {
+            if words.len() < 2 || n.block.is_some() {
+                return Err(p.err(n.line, "resolvers takes one or more DNS servers"));
+            }
+            dns.resolvers = words[1..].iter().map(|w| (*w).to_owned()).collect();
+            lines.insert(format!("{key}.tls_dns.resolvers"), n.line);
+        }
+        _ => {
+            if dns.is_empty() {
+                site.tls_dns = None;
+            }
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The block of `tls [ARGS] { ... }`: issuers, DNS-01 and client_auth.
 fn tls_block(
     p: &Parser<'_>,
     key: &str,
@@ -1117,6 +1282,9 @@ fn tls_block(
     lines: &mut BTreeMap<String, usize>,
 ) -> Result<(), CaddyfileError> {
     for n in block {
+        if tls_dns_option(p, key, n, site, lines)? {
+            continue;
+        }
         let words: Vec<&str> = n.tokens.iter().map(|t| t.text.as_str()).collect();
         match (words.as_slice(), &n.block) {
             (["issuer", "internal"], None) => site.tls = Some("internal".into()),
@@ -1147,6 +1315,9 @@ fn tls_block(
                 lines.insert(format!("{key}.tls_challenges"), n.line);
                 let mut challenges = vec!["http-01", "tls-alpn-01"];
                 for o in options.iter().flatten() {
+                    if tls_dns_option(p, key, o, site, lines)? {
+                        continue;
+                    }
                     let words: Vec<&str> = o.tokens.iter().map(|t| t.text.as_str()).collect();
                     match words.as_slice() {
                         ["disable_http_challenge"] => challenges.retain(|c| *c != "http-01"),
@@ -1154,7 +1325,7 @@ fn tls_block(
                         _ => {
                             return Err(p.err(
                                         o.line,
-                                        format!("issuer acme option {:?} is not supported (disable_http_challenge and disable_tlsalpn_challenge are)", words.join(" ")),
+                                        format!("issuer acme option {:?} is not supported (disable_http_challenge, disable_tlsalpn_challenge, dns, propagation_delay, propagation_timeout and resolvers are)", words.join(" ")),
                                     ));
                         }
                     }
@@ -1184,7 +1355,7 @@ fn tls_block(
             _ => {
                 return Err(p.err(
                             n.line,
-                            format!("tls option {:?} is not supported (protocols, ciphers, curves, alpn, on_demand, issuer internal, issuer acme and client_auth are)", words.join(" ")),
+                            format!("tls option {:?} is not supported (protocols, ciphers, curves, alpn, on_demand, issuer internal, issuer acme, dns, propagation_delay, propagation_timeout, resolvers and client_auth are)", words.join(" ")),
                         ));
             }
         }
@@ -1530,6 +1701,60 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("NOPE is not set"), "{err}");
+    }
+
+    #[test]
+    fn tls_dns_and_acme_dns_map_to_dns_tables_and_bad_options_are_refused_by_line() {
+        let toml = parse_text(
+            "{\n acme_dns cloudflare {env.CF_API_TOKEN}\n}\n*.example.org {\n tls {\n  dns rfc2136 {\n   key_name edge-key\n   key_alg hmac-sha512\n   key c2VjcmV0\n   server 10.0.0.53:5353\n  }\n  propagation_delay 5s\n  propagation_timeout -1\n  resolvers 1.1.1.1 9.9.9.9:53\n }\n}\nlab.example.org {\n tls {\n  propagation_timeout 1m\n }\n}\n",
+        )
+        .unwrap();
+        let global = toml.acme.dns.as_ref().unwrap();
+        assert_eq!(global.provider.as_deref(), Some("cloudflare"));
+        assert_eq!(format!("{:?}", global.token), "Some({env.CF_API_TOKEN})");
+        let site = toml.sites[0].tls_dns.as_ref().unwrap();
+        assert_eq!(site.provider.as_deref(), Some("rfc2136"));
+        assert_eq!(site.key_name.as_deref(), Some("edge-key"));
+        assert_eq!(site.key_alg.as_deref(), Some("hmac-sha512"));
+        assert_eq!(site.server.as_deref(), Some("10.0.0.53:5353"));
+        assert_eq!(site.propagation_delay.as_deref(), Some("5s"));
+        assert_eq!(site.propagation_timeout.as_deref(), Some("-1"));
+        assert_eq!(site.resolvers, ["1.1.1.1", "9.9.9.9:53"]);
+        // The secret is not printed back by `edge adapt`.
+        let adapted = toml::to_string(&toml).unwrap();
+        assert!(!adapted.contains("c2VjcmV0"), "{adapted}");
+        assert!(adapted.contains("{env.CF_API_TOKEN}"), "{adapted}");
+        // A site with only propagation options takes the global provider.
+        let lab = toml.sites[1].tls_dns.as_ref().unwrap();
+        assert_eq!(lab.provider, None);
+        let config = config::resolve(
+            toml,
+            &ConfigFile::new(Path::new("/etc/Caddyfile")),
+            &Env::from_pairs([("CF_API_TOKEN", "t")]),
+        )
+        .unwrap();
+        assert!(config.site_dns.iter().all(Option::is_some));
+        for (text, want) in [
+            (
+                "a.org {\n tls {\n  dns route53\n }\n}\n",
+                "/etc/Caddyfile:3: DNS provider \"route53\"",
+            ),
+            (
+                "a.org {\n tls {\n  dns rfc2136 {\n   secret x\n  }\n }\n}\n",
+                "/etc/Caddyfile:4: dns rfc2136 option \"secret\"",
+            ),
+            (
+                "a.org {\n tls {\n  dns desec a b\n }\n}\n",
+                "/etc/Caddyfile:3: dns desec takes one token",
+            ),
+            (
+                "{\n acme_dns\n}\n",
+                "/etc/Caddyfile:2: dns takes a provider",
+            ),
+        ] {
+            let err = err_text(text);
+            assert!(err.starts_with(want), "{err}");
+        }
     }
 
     #[test]

@@ -38,8 +38,9 @@ EXIT STATUS:
 /// HTTPS. Certificates for localhost, IP addresses, *.internal, *.local, *.home.arpa and sites
 /// with `tls internal` come from the edge's own CA, made on first start in the storage folder;
 /// every other name gets a public certificate by ACME (Let's Encrypt unless `acme_ca` says
-/// otherwise), answered on the HTTP port (HTTP-01) or the HTTPS port (TLS-ALPN-01), stored,
-/// and renewed in the background when a third of its lifetime is left.
+/// otherwise), answered on the HTTP port (HTTP-01) or the HTTPS port (TLS-ALPN-01), or
+/// published by a DNS provider (DNS-01: RFC 2136, Cloudflare, deSEC or a program; wildcard
+/// sites need it), stored, and renewed in the background when a third of its lifetime is left.
 /// Access logs are JSON lines on stdout (a Caddyfile site's `log` block writes its own, in
 /// Caddy's shape); diagnostics go to stderr. With `admin localhost:PORT` in the Caddyfile, a
 /// loopback-only admin endpoint shows the running config (GET /config/) and loads a new

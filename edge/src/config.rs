@@ -23,6 +23,7 @@ use crate::directives::{
     BasicAuthToml, Build, BuildError, Chain, DirectiveToml, HeaderToml, ProxyToml, RedirToml,
     RouteToml, Routes,
 };
+use crate::dns01::{self, DnsConfig, DnsToml};
 use crate::log_roll::{Roll, parse_roll_size};
 use crate::matchers::MatcherToml;
 pub(crate) use crate::site::parse_duration;
@@ -134,6 +135,10 @@ pub(crate) struct AcmeToml {
     /// Time one order may take, from new order to downloaded chain. Default "2m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) order_timeout: Option<String>,
+    /// The DNS provider of every ACME name (a Caddyfile's `acme_dns`): DNS-01 instead of the
+    /// other challenges, and wildcards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) dns: Option<DnsToml>,
 }
 
 impl AcmeToml {
@@ -216,6 +221,10 @@ pub(crate) struct SiteToml {
     /// Caddyfile's `tls { issuer acme { disable_http_challenge } }`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) tls_challenges: Vec<String>,
+    /// The DNS provider publishing this site's ACME challenges (DNS-01, which wildcards
+    /// need), over `acme.dns` (a Caddyfile's `tls { dns ... }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_dns: Option<DnsToml>,
     /// PEM certificate chain served for every name of the site, with `tls_key` (`tls CERT
     /// KEY` in a Caddyfile); read on start and on every reload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -574,6 +583,9 @@ pub(crate) enum Challenge {
     Http01,
     /// TLS-ALPN-01, answered on the HTTPS port.
     TlsAlpn01,
+    /// DNS-01, published by a DNS provider (never listed in `challenges`: a provider
+    /// configured for a name makes it that name's only challenge).
+    Dns01,
 }
 
 /// ACME settings, resolved.
@@ -595,6 +607,8 @@ pub(crate) struct AcmeConfig {
     pub(crate) max_concurrent_orders: usize,
     /// Time limit of one order.
     pub(crate) order_timeout: Duration,
+    /// The DNS provider of an order using DNS-01 (set per name from the site's settings).
+    pub(crate) dns: Option<Arc<DnsConfig>>,
 }
 
 impl Default for AcmeConfig {
@@ -608,6 +622,7 @@ impl Default for AcmeConfig {
             retry_base: Duration::from_secs(60),
             max_concurrent_orders: 4,
             order_timeout: Duration::from_secs(120),
+            dns: None,
         }
     }
 }
@@ -711,6 +726,8 @@ pub(crate) struct Config {
     pub(crate) access_log: AccessLog,
     /// Each site's ACME challenges when it narrows `acme.challenges` (empty: all), by index.
     pub(crate) site_challenges: Vec<Vec<Challenge>>,
+    /// Each site's DNS provider (its own or `acme.dns`), by index: its names use DNS-01.
+    pub(crate) site_dns: Vec<Option<Arc<DnsConfig>>>,
     /// The admin endpoint, if on.
     pub(crate) admin: Option<AdminListen>,
     /// `debug`: diagnostics at debug level unless the command line or environment say.
@@ -891,6 +908,8 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         Some(t) => Some(resolve_on_demand(t, file, &duration)?),
     };
     let local_certs = raw.local_certs == Some(true);
+    // Checked even when no site uses it, so a typo shows at `edge check`.
+    dns01::resolve(None, raw.acme.dns.as_ref(), "acme.dns", file, env)?;
 
     let mut sites = Vec::new();
     let mut chains = Vec::new();
@@ -917,6 +936,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
     };
     let mut site_logs: Vec<Option<LogSpec>> = Vec::new();
     let mut site_challenges: Vec<Vec<Challenge>> = Vec::new();
+    let mut site_dns: Vec<Option<Arc<DnsConfig>>> = Vec::new();
     for (i, mut site) in raw.sites.into_iter().enumerate() {
         let log = match site.log.take() {
             None => None,
@@ -970,7 +990,25 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
             ));
         }
         site_challenges.push(challenges);
-        let (site, chain) = resolve_site(site, i, file, (http_port, https_port), local_certs, env)?;
+        let dns = dns01::resolve(
+            site.tls_dns.as_ref(),
+            raw.acme.dns.as_ref(),
+            &format!("site[{i}].tls_dns"),
+            file,
+            env,
+        )?
+        .map(Arc::new);
+        let dns01 = dns.is_some();
+        site_dns.push(dns);
+        let (site, chain) = resolve_site(
+            site,
+            i,
+            file,
+            (http_port, https_port),
+            local_certs,
+            dns01,
+            env,
+        )?;
         chains.push(chain);
         for address in &site.addresses {
             let key = (address.host.to_string(), address.port);
@@ -996,6 +1034,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         storage,
         access_log,
         site_challenges,
+        site_dns,
         admin,
         debug: raw.debug == Some(true),
         toml,
@@ -1160,6 +1199,7 @@ fn resolve_acme(
         retry_base,
         max_concurrent_orders,
         order_timeout,
+        dns: None,
     })
 }
 
@@ -1176,6 +1216,7 @@ fn resolve_site(
     file: &ConfigFile,
     (http_port, https_port): (u16, u16),
     local_certs: bool,
+    dns01: bool,
     env: &Env,
 ) -> Result<(Site, Chain), ConfigError> {
     let key = |k: &str| format!("site[{i}].{k}");
@@ -1285,7 +1326,7 @@ fn resolve_site(
             ));
         }
         if address.scheme == Scheme::Https && cert_files.is_none() && !on_demand {
-            TlsPolicy::for_host(&address.host, explicit_internal)
+            TlsPolicy::for_host(&address.host, explicit_internal, dns01)
                 .map_err(|m| file.invalid(format!("site[{i}].addresses[{j}]"), m))?;
         }
         addresses.push(address);
@@ -1301,6 +1342,7 @@ fn resolve_site(
             client_auth,
             on_demand,
             tls_options,
+            dns01,
         },
         chain,
     ))
@@ -1513,6 +1555,65 @@ mod tests {
             let err = resolve_text(text).unwrap_err();
             assert!(err.to_string().contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn dns_tables_resolve_and_each_mistake_names_its_key() {
+        let site =
+            "[[site]]\naddresses = [\"*.example.org\"]\n[[site.reverse_proxy]]\nto = [\":1\"]\n";
+        let config = resolve_text(&format!(
+            "[acme.dns]\nprovider = \"rfc2136\"\nserver = \"127.0.0.1\"\nkey_name = \"k\"\nkey = \"c2VjcmV0\"\nresolvers = [\"127.0.0.1:5353\"]\n{site}"
+        ))
+        .unwrap();
+        let dns = config.site_dns[0].as_ref().unwrap();
+        assert_eq!(dns.provider.name(), "rfc2136");
+        assert_eq!(dns.resolvers, ["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(dns.propagation_timeout, Some(Duration::from_secs(120)));
+        let host = &config.sites[0].addresses[0].host;
+        assert_eq!(config.sites[0].tls_policy(host), TlsPolicy::Acme);
+        assert!(!format!("{config:?}").contains("c2VjcmV0"));
+        for (text, key) in [
+            ("[acme.dns]\nprovider = \"route53\"\n", "acme.dns.provider"),
+            ("[acme.dns]\nprovider = \"cloudflare\"\n", "acme.dns.token"),
+            (
+                "[acme.dns]\nprovider = \"cloudflare\"\ntoken = \"t\"\nserver = \"x:53\"\n",
+                "acme.dns.server",
+            ),
+            (
+                "[acme.dns]\nprovider = \"rfc2136\"\nserver = \"x\"\nkey_name = \"k\"\nkey = \"%%\"\n",
+                "acme.dns.key",
+            ),
+            (
+                "[acme.dns]\nprovider = \"rfc2136\"\nserver = \"x\"\nkey_name = \"k\"\nkey = \"c2VjcmV0\"\nkey_alg = \"hmac-md5\"\n",
+                "acme.dns.key_alg",
+            ),
+            (
+                "[acme.dns]\nprovider = \"desec\"\ntoken = \"t\"\napi_url = \"http://desec.io/api\"\n",
+                "acme.dns.api_url",
+            ),
+            ("[acme.dns]\nprovider = \"exec\"\n", "acme.dns.command"),
+            (
+                "[acme.dns]\nprovider = \"exec\"\ncommand = [\"/bin/true\"]\npropagation_timeout = \"soon\"\n",
+                "acme.dns.propagation_timeout",
+            ),
+            (
+                "[acme.dns]\nprovider = \"exec\"\ncommand = [\"/bin/true\"]\nresolvers = [\"dns.google\"]\n",
+                "acme.dns.resolvers[0]",
+            ),
+        ] {
+            let err = resolve_text(text).unwrap_err();
+            assert!(err.to_string().contains(key), "{key}: {err}");
+            assert_eq!(labcore::ExitStatus::exit(&err), labcore::Exit::Config);
+        }
+        // A site's table without a provider, and no global one.
+        let err = resolve_text(&format!(
+            "{site}[site.tls_dns]\npropagation_delay = \"1s\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("site[0].tls_dns.provider"),
+            "{err}"
+        );
     }
 
     #[test]

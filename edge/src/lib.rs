@@ -29,6 +29,7 @@ mod client_ip;
 mod config;
 mod context;
 mod directives;
+mod dns01;
 mod encode;
 mod fastcgi;
 mod files;

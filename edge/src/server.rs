@@ -91,6 +91,7 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let mut internal = Vec::new();
     let mut names: Vec<(String, Option<String>)> = Vec::new();
     let mut challenges = HashMap::new();
+    let mut dns = HashMap::new();
     for (i, site) in config.sites.iter().enumerate() {
         if !config.auto_certs {
             // auto_https off or disable_certs: only sites' own files are served.
@@ -111,6 +112,9 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
                         {
                             challenges.insert(name.clone(), only.clone());
                         }
+                        if let Some(Some(provider)) = config.site_dns.get(i) {
+                            dns.insert(name.clone(), provider.clone());
+                        }
                         names.push((name, email));
                     }
                 }
@@ -123,6 +127,7 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
         acme: config.acme.clone(),
         names,
         challenges,
+        dns,
     };
     (internal, plan)
 }

@@ -219,15 +219,20 @@ pub(crate) enum TlsPolicy {
 
 impl TlsPolicy {
     /// The policy for `host`: internal when asked for or by default for local names, ACME for
-    /// the rest. A public wildcard would need DNS-01, which the edge does not do.
-    pub(crate) fn for_host(host: &Host, explicit_internal: bool) -> Result<TlsPolicy, String> {
+    /// the rest. A public wildcard needs DNS-01: `dns01` says a DNS provider is configured.
+    pub(crate) fn for_host(
+        host: &Host,
+        explicit_internal: bool,
+        dns01: bool,
+    ) -> Result<TlsPolicy, String> {
         if explicit_internal || host.internal_by_default() {
             Ok(TlsPolicy::Internal)
-        } else if let Host::Wildcard(_) = host {
+        } else if matches!(host, Host::Wildcard(_)) && !dns01 {
             Err(format!(
-                "{host}: a public wildcard certificate needs the ACME DNS-01 challenge, which \
-                 this edge does not do: list the names, or add `tls internal` to the site \
-                 (tls = \"internal\" in TOML) to serve it from the edge's own CA"
+                "{host}: a public wildcard certificate needs the ACME DNS-01 challenge, and no \
+                 DNS provider is configured: add `tls {{ dns PROVIDER ... }}` to the site or a \
+                 global `acme_dns PROVIDER ...` ([acme.dns] or the site's tls_dns in TOML), \
+                 list the names, or add `tls internal` to serve it from the edge's own CA"
             ))
         } else {
             Ok(TlsPolicy::Acme)
@@ -393,6 +398,9 @@ pub(crate) struct Site {
     pub(crate) on_demand: bool,
     /// `tls { protocols ciphers curves alpn }`, when any is given.
     pub(crate) tls_options: Option<std::sync::Arc<crate::tls_options::TlsOptions>>,
+    /// A DNS provider publishes its ACME challenges (DNS-01), so its wildcards are public
+    /// certificates too.
+    pub(crate) dns01: bool,
 }
 
 /// Which client certificates a site asks for.
@@ -431,7 +439,7 @@ impl Site {
         if self.on_demand && !host.internal_by_default() {
             return TlsPolicy::OnDemand;
         }
-        TlsPolicy::for_host(host, self.tls_internal).unwrap_or(TlsPolicy::Internal)
+        TlsPolicy::for_host(host, self.tls_internal, self.dns01).unwrap_or(TlsPolicy::Internal)
     }
 }
 

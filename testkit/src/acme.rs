@@ -8,6 +8,7 @@
 //! at start and serves on its management port ([`Pebble::issuing_root_pem`]).
 
 use std::fs;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ pub struct PebbleBuilder {
     http_port: u16,
     tls_port: u16,
     cert_validity: Option<Duration>,
+    dns_server: Option<SocketAddr>,
 }
 
 impl Default for PebbleBuilder {
@@ -33,6 +35,7 @@ impl Default for PebbleBuilder {
             http_port: 5002,
             tls_port: 5001,
             cert_validity: None,
+            dns_server: None,
         }
     }
 }
@@ -54,6 +57,13 @@ impl PebbleBuilder {
     /// let a test see renewals.
     pub fn cert_validity(mut self, validity: Duration) -> PebbleBuilder {
         self.cert_validity = Some(validity);
+        self
+    }
+
+    /// Resolves names (and DNS-01 TXT records) with this server instead of the DNS test
+    /// server, e.g. a [`crate::Named`] holding the zone.
+    pub fn dns_server(mut self, server: SocketAddr) -> PebbleBuilder {
+        self.dns_server = Some(server);
         self
     }
 
@@ -97,9 +107,12 @@ impl PebbleBuilder {
             }
             let config_path = scratch.join("pebble.json");
             fs::write(&config_path, config.to_string())?;
+            let dns_server = self
+                .dns_server
+                .map_or_else(|| format!("127.0.0.1:{dns_port}"), |s| s.to_string());
             let pebble = ProcBuilder::new(&pebble_bin)
                 .args(["-config".as_ref(), config_path.as_os_str()])
-                .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+                .args(["-dnsserver", &dns_server])
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 .env("PEBBLE_WFE_NONCEREJECT", "0")
                 .spawn()?;
@@ -116,6 +129,7 @@ impl PebbleBuilder {
                 api_ca_path: scratch.join("api-ca.pem"),
                 pebble_bin: pebble_bin.clone(),
                 dns_port,
+                dns_server,
                 config_path,
                 scratch: None,
             })
@@ -171,6 +185,8 @@ pub struct Pebble {
     api_ca_path: PathBuf,
     pebble_bin: PathBuf,
     dns_port: u16,
+    /// What Pebble resolves with: the DNS test server or the builder's `dns_server`.
+    dns_server: String,
     config_path: PathBuf,
     scratch: Option<Scratch>,
 }
@@ -256,7 +272,7 @@ impl Pebble {
         self.stop()?;
         let pebble = ProcBuilder::new(&self.pebble_bin)
             .args(["-config".as_ref(), self.config_path.as_os_str()])
-            .args(["-dnsserver", &format!("127.0.0.1:{}", self.dns_port)])
+            .args(["-dnsserver", &self.dns_server])
             .env("PEBBLE_VA_NOSLEEP", "1")
             .env("PEBBLE_WFE_NONCEREJECT", "0")
             .spawn()?;

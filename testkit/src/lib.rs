@@ -7,6 +7,7 @@
 //! - [`PgCluster`]: a PostgreSQL cluster (initdb + postgres) run as an unprivileged user.
 //! - [`S3Server`]: an S3 protocol server (`s3s-fs`) with test credentials.
 //! - [`Pebble`]: Let's Encrypt's ACME test CA with its DNS test server.
+//! - [`Named`]: BIND 9's `named`, authoritative for a test zone updated with a TSIG key.
 //! - [`Nat`]: network namespaces joined by veth pairs: a public host, a NAT router and a home
 //!   host that can only dial out.
 //! - [`Proc`]: a child process with captured output, sd_notify readiness and signals.
@@ -14,6 +15,7 @@
 pub mod acme;
 pub mod child;
 pub mod http;
+pub mod named;
 pub mod netns;
 pub mod pg;
 pub mod php;
@@ -26,6 +28,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use acme::Pebble;
+pub use named::Named;
 pub use netns::{Host, Nat};
 pub use pg::PgCluster;
 pub use proc::{Proc, ProcBuilder};

@@ -10,6 +10,7 @@ mod client_ip;
 mod corpus;
 mod coverage;
 mod differential;
+mod dns01;
 mod forward_auth;
 mod globals;
 mod limits;
