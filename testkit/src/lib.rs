@@ -9,10 +9,12 @@
 //! - [`Pebble`]: Let's Encrypt's ACME test CA with its DNS test server.
 //! - [`Nat`]: network namespaces joined by veth pairs: a public host, a NAT router and a home
 //!   host that can only dial out.
+//! - [`Named`]: BIND serving one DNS zone that tests change with dynamic updates.
 //! - [`Proc`]: a child process with captured output, sd_notify readiness and signals.
 
 pub mod acme;
 pub mod child;
+pub mod dns;
 pub mod http;
 pub mod netns;
 pub mod pg;
@@ -26,6 +28,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use acme::Pebble;
+pub use dns::Named;
 pub use netns::{Host, Nat};
 pub use pg::PgCluster;
 pub use proc::{Proc, ProcBuilder};
