@@ -28,6 +28,7 @@ pub mod cli;
 mod config;
 mod context;
 mod directives;
+mod dynamic_upstreams;
 mod encode;
 mod fastcgi;
 mod files;

@@ -281,7 +281,7 @@ impl Req {
     }
 
     /// Sends the request to `127.0.0.1:port` on a new connection and reads the response.
-    fn send(&self, port: u16) -> Reply {
+    pub fn send(&self, port: u16) -> Reply {
         let raw = self.send_raw(port);
         Reply::parse(&raw, self.method == "HEAD")
             .unwrap_or_else(|why| panic!("{self}: port {port}: {why}: {raw:?}"))

@@ -9,6 +9,7 @@ mod cli;
 mod corpus;
 mod coverage;
 mod differential;
+mod dynamic_upstreams;
 mod forward_auth;
 mod globals;
 mod limits;
