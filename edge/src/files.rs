@@ -657,7 +657,8 @@ fn escape_location(path: &str) -> String {
     out
 }
 
-fn html_escape(text: &str) -> String {
+/// Go's `html.EscapeString`.
+pub(crate) fn html_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

@@ -30,6 +30,7 @@ mod config;
 mod context;
 mod directives;
 mod dns01;
+mod dynamic_upstreams;
 mod encode;
 mod fastcgi;
 mod files;

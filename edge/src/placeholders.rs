@@ -333,8 +333,22 @@ impl Template {
         out
     }
 
-    /// Renders for `req` in `cx`.
+    /// Renders for `req` in `cx`. `{path}`, `{dir}`, `{file}`, `{path.N}` and `{orig_path}`
+    /// are percent-decoded, as Caddy gives them; `{uri}`, `{query}` and `{orig_uri}` are as
+    /// sent.
     pub(crate) fn render(&self, req: Req<'_>, cx: &Cx) -> String {
+        self.render_as(req, cx, PathForm::Decoded)
+    }
+
+    /// Renders a request target (`rewrite`'s path): as [`Template::render`], but the path
+    /// placeholders keep the request's escapes. Their decoded values could hold `?`, `#` or
+    /// a `%` that the target would read a second time (`%252e` as `.`), letting the
+    /// rewritten path say what the sent one did not.
+    pub(crate) fn render_target(&self, req: Req<'_>, cx: &Cx) -> String {
+        self.render_as(req, cx, PathForm::Raw)
+    }
+
+    fn render_as(&self, req: Req<'_>, cx: &Cx, path: PathForm) -> String {
         if let Some(text) = self.literal() {
             return text.to_owned();
         }
@@ -342,16 +356,35 @@ impl Template {
         for piece in &self.pieces {
             match piece {
                 Piece::Text(t) => out.push_str(t),
-                Piece::Var(v) => render_var(&mut out, v, req, cx),
+                Piece::Var(v) => render_var_as(&mut out, v, req, cx, path),
             }
         }
         out
     }
 }
 
+/// How the path placeholders render.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PathForm {
+    /// Percent-decoded (lossily to UTF-8), as Go's `URL.Path`.
+    Decoded,
+    /// As the request spelled it.
+    Raw,
+}
+
 fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
+    render_var_as(out, var, req, cx, PathForm::Decoded);
+}
+
+fn render_var_as(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx, mode: PathForm) {
     let uri = req.uri;
     let orig = cx.orig_uri.as_ref().unwrap_or(uri);
+    let path_of = |raw: &str| -> String {
+        match mode {
+            PathForm::Raw => raw.to_owned(),
+            PathForm::Decoded => percent_decode(raw),
+        }
+    };
     // Writing to a String cannot fail.
     let _ = match var {
         Var::Host => write!(
@@ -361,7 +394,7 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
         ),
         Var::HostPort => write!(out, "{}", cx.host_value.to_str().unwrap_or("")),
         Var::Uri => write!(out, "{}", uri.path_and_query().map_or("/", |p| p.as_str())),
-        Var::Path => write!(out, "{}", uri.path()),
+        Var::Path => write!(out, "{}", path_of(uri.path())),
         Var::Query => write!(out, "{}", uri.query().unwrap_or("")),
         Var::Method => write!(out, "{}", req.method),
         Var::Scheme => write!(out, "{}", cx.scheme.as_str()),
@@ -371,15 +404,15 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
         Var::ClientIp => write!(out, "{}", cx.client),
         Var::RemotePort => write!(out, "{}", cx.remote.port()),
         Var::Dir => {
-            let path = uri.path();
+            let path = path_of(uri.path());
             write!(out, "{}", &path[..path.rfind('/').map_or(0, |i| i + 1)])
         }
         Var::File => {
-            let path = uri.path();
+            let path = path_of(uri.path());
             write!(out, "{}", &path[path.rfind('/').map_or(0, |i| i + 1)..])
         }
         Var::OrigUri => write!(out, "{}", orig.path_and_query().map_or("/", |p| p.as_str())),
-        Var::OrigPath => write!(out, "{}", orig.path()),
+        Var::OrigPath => write!(out, "{}", path_of(orig.path())),
         Var::OrigQuery => write!(out, "{}", orig.query().unwrap_or("")),
         Var::Header(name) => {
             let values: Vec<&str> = req
@@ -429,7 +462,10 @@ fn render_var(out: &mut String, var: &Var, req: Req<'_>, cx: &Cx) {
             write!(out, "{}", found.join(","))
         }
         Var::PathPart(n) => {
-            let part = uri.path().split('/').filter(|s| !s.is_empty()).nth(*n);
+            // Caddy's split: only the empty part before the leading slash is dropped, so
+            // `/a//b` has parts "a", "" and "b"; a decoded `%2F` splits too.
+            let path = path_of(uri.path());
+            let part = path.strip_prefix('/').unwrap_or(&path).split('/').nth(*n);
             write!(out, "{}", part.unwrap_or(""))
         }
         Var::Label(n) => {

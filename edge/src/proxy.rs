@@ -59,10 +59,12 @@ pub(crate) struct Proxy {
     pub(crate) header_down: HeaderOps,
 }
 
-/// A reverse proxy's run-time state: each upstream's health and load, indexed like the
-/// proxy's upstreams, and the active checker (stopped when this is dropped).
+/// A reverse proxy's run-time state: the upstreams it chooses from (the proxy's own, or one
+/// DNS answer's for dynamic upstreams), each one's health and load (indexed alike), and the
+/// active checker (stopped when this is dropped).
 #[derive(Debug)]
 pub(crate) struct Balancer {
+    upstreams: Arc<[Arc<Upstream>]>,
     hosts: Arc<[Host]>,
     _checks: Option<tokio_util::sync::DropGuard>,
 }
@@ -110,8 +112,19 @@ impl Balancer {
             )
         });
         Balancer {
+            upstreams: proxy.upstreams.iter().cloned().collect(),
             hosts,
             _checks: checks,
+        }
+    }
+
+    /// Fresh state for upstreams found at run time (dynamic upstreams, from DNS): all
+    /// healthy, never actively checked (as in Caddy).
+    pub(crate) fn of(upstreams: Vec<Arc<Upstream>>) -> Balancer {
+        Balancer {
+            hosts: upstreams.iter().map(|_| Host::default()).collect(),
+            upstreams: upstreams.into(),
+            _checks: None,
         }
     }
 
@@ -121,8 +134,7 @@ impl Balancer {
     fn choose(&self, proxy: &Proxy, pick: &Pick<'_>, tried: u128) -> Choice {
         let was_tried = |i: usize| i < 128 && tried & (1 << i) != 0;
         let view = |lenient: bool| -> Vec<View<'_>> {
-            proxy
-                .upstreams
+            self.upstreams
                 .iter()
                 .zip(self.hosts.iter())
                 .enumerate()
@@ -147,7 +159,7 @@ impl Balancer {
 
     fn failed(&self, proxy: &Proxy, i: usize) {
         if proxy.passive.failed(&self.hosts[i]) {
-            tracing::warn!(upstream = %proxy.upstreams[i].text, skip_for = ?proxy.passive.fail_duration, "upstream marked down");
+            tracing::warn!(upstream = %self.upstreams[i].text, skip_for = ?proxy.passive.fail_duration, "upstream marked down");
         }
     }
 
@@ -404,7 +416,7 @@ impl Client {
                 break;
             };
             let Some(this_body) = body.take() else { break };
-            let upstream = &proxy.upstreams[i];
+            let upstream = &balancer.upstreams[i];
             last = Some(upstream.clone());
             if i < 128 {
                 tried |= 1 << i;
@@ -789,7 +801,7 @@ mod tests {
         let balancer = Balancer::new(&proxy, None);
         let first = |balancer: &Balancer| {
             let i = balancer.first_choice(&proxy).unwrap();
-            proxy.upstreams[i].text.clone()
+            balancer.upstreams[i].text.clone()
         };
         let firsts: Vec<String> = (0..4).map(|_| first(&balancer)).collect();
         assert_eq!(firsts, [":2", ":1", ":2", ":1"], "Caddy's order");

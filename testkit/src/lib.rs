@@ -10,6 +10,7 @@
 //! - [`Named`]: BIND 9's `named`, authoritative for a test zone updated with a TSIG key.
 //! - [`Nat`]: network namespaces joined by veth pairs: a public host, a NAT router and a home
 //!   host that can only dial out.
+//! - [`Named`]: BIND serving one DNS zone that tests change with dynamic updates.
 //! - [`Proc`]: a child process with captured output, sd_notify readiness and signals.
 
 pub mod acme;

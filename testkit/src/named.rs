@@ -7,6 +7,7 @@
 //! readiness is a query answered (by `dig`) on that port, and a clash starts again on
 //! another. The TSIG secret is random per server; [`Named::txt`] and [`Named::update`] give a
 //! test `dig`'s and `nsupdate`'s view of the zone, independent of the code under test.
+//! Records have TTL 0 (negative answers too), so no resolver keeps an answer a test changed.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ pub struct NamedBuilder {
     zone: String,
     key_name: String,
     algorithm: String,
+    records: String,
 }
 
 impl Default for NamedBuilder {
@@ -33,6 +35,7 @@ impl Default for NamedBuilder {
             zone: "test.example".into(),
             key_name: "edge-key".into(),
             algorithm: "hmac-sha256".into(),
+            records: String::new(),
         }
     }
 }
@@ -41,6 +44,13 @@ impl NamedBuilder {
     /// The zone served (default `test.example`).
     pub fn zone(mut self, zone: &str) -> NamedBuilder {
         self.zone = zone.trim_end_matches('.').to_owned();
+        self
+    }
+
+    /// Zone file lines added below the SOA and NS records, relative to the zone's origin
+    /// (`app IN A 127.0.0.2`).
+    pub fn records(mut self, records: &str) -> NamedBuilder {
+        self.records = records.to_owned();
         self
     }
 
@@ -68,9 +78,10 @@ impl NamedBuilder {
         fs::write(
             &zone_file,
             format!(
-                "$TTL 60\n@ IN SOA ns1.{zone}. hostmaster.{zone}. 1 60 60 3600 60\n\
-                 @ IN NS ns1.{zone}.\nns1 IN A 127.0.0.1\n",
-                zone = self.zone
+                "$ORIGIN {zone}.\n$TTL 0\n@ IN SOA ns1.{zone}. hostmaster.{zone}. 1 60 60 3600 0\n\
+                 @ IN NS ns1.{zone}.\nns1 IN A 127.0.0.1\n{records}\n",
+                zone = self.zone,
+                records = self.records,
             ),
         )?;
         let proc = ports::retry_on_port_clash(|_| {
@@ -94,7 +105,8 @@ impl NamedBuilder {
                 ),
             )?;
             let _ = fs::remove_file(scratch.join(format!("{}.zone.jnl", self.zone)));
-            let mut builder = ProcBuilder::new(&named).arg("-g");
+            // One worker thread, IPv4 only: a test zone needs no more.
+            let mut builder = ProcBuilder::new(&named).args(["-g", "-4", "-n", "1"]);
             if nix::unistd::Uid::effective().is_root() {
                 // Else named drops to Debian's `bind` user, who cannot read the scratch folder.
                 builder = builder.args(["-u", "root"]);
@@ -226,8 +238,8 @@ impl Named {
         &self.secret
     }
 
-    /// The TXT values of `name` as `dig` sees them on this server (quotes removed).
-    pub fn txt(&self, name: &str) -> Result<Vec<String>, Error> {
+    /// `dig +short` of `name` ("app.test.example") and `kind` ("A", "SRV") at this server.
+    pub fn dig(&self, name: &str, kind: &str) -> Result<String, Error> {
         let port = self.port.to_string();
         let args = [
             "@127.0.0.1",
@@ -237,11 +249,16 @@ impl Named {
             "+time=2",
             "+tries=2",
             name,
-            "TXT",
+            kind,
         ];
         let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-        let out = run(&self.dig, &args, &[])?;
-        Ok(out
+        run(&self.dig, &args, &[])
+    }
+
+    /// The TXT values of `name` as `dig` sees them on this server (quotes removed).
+    pub fn txt(&self, name: &str) -> Result<Vec<String>, Error> {
+        Ok(self
+            .dig(name, "TXT")?
             .lines()
             .map(|l| l.trim().trim_matches('"').to_owned())
             .filter(|l| !l.is_empty())

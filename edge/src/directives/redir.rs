@@ -107,7 +107,9 @@ impl Handler for Redir {
     fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
         let to = self.to.render(Req::of(req), cx);
         if self.html {
-            return Step::Respond(super::respond::text(StatusCode::OK, html_page(&to), None));
+            // Escaped, placeholder values too: a decoded `{path}` may hold `"` or `<`.
+            let page = html_page(&crate::files::html_escape(&to));
+            return Step::Respond(super::respond::text(StatusCode::OK, page, None));
         }
         let Ok(location) = HeaderValue::from_str(&to) else {
             return Step::Error(StatusCode::BAD_REQUEST, "unusable redirect target".into());

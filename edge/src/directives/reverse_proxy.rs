@@ -28,6 +28,7 @@ use super::{
 };
 use crate::body::UpBody;
 use crate::context::{Cx, Proxied, Req};
+use crate::dynamic_upstreams::{Dynamic, DynamicToml};
 use crate::health::{Active, HealthToml, Passive};
 use crate::lb::Policy;
 use crate::matchers::Cidr;
@@ -44,7 +45,11 @@ pub(crate) struct Toml {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) path: Option<String>,
     /// Upstreams: "localhost:7001", "http://10.0.0.2:3000", ":8080".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) to: Vec<String>,
+    /// Upstreams looked up in DNS (`dynamic a|srv`); `to` is the fallback when a lookup fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) dynamic: Option<Box<DynamicToml>>,
     /// "random" (default), "round_robin", "first", "least_conn", "random_choose 2",
     /// "ip_hash", "client_ip_hash", "uri_hash", "header NAME", "cookie [NAME [SECRET]]".
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,6 +129,15 @@ pub(crate) fn parse(d: &Dir<'_>, s: &mut Scope, key: &str) -> Result<Toml, At> {
             .parse_option(name, args, &opt)
             .map_err(located)?
         {
+            continue;
+        }
+        if name == "dynamic" {
+            if proxy.dynamic.is_some() {
+                return Err(at(sub.line, "dynamic upstreams already specified"));
+            }
+            proxy.dynamic = Some(Box::new(
+                DynamicToml::parse(args, opt.block.as_deref(), sub.line).map_err(located)?,
+            ));
             continue;
         }
         if name == "transport" {
@@ -228,12 +242,6 @@ pub(crate) fn parse(d: &Dir<'_>, s: &mut Scope, key: &str) -> Result<Toml, At> {
             }
             "header_up" if !args.is_empty() => proxy.header_up.add_op(args, sub.line)?,
             "header_down" if !args.is_empty() => proxy.header_down.add_op(args, sub.line)?,
-            "dynamic" => {
-                return Err(at(
-                    sub.line,
-                    "reverse_proxy dynamic upstreams are not supported: list the upstreams (see man edge-caddyfile)",
-                ));
-            }
             "buffer_requests" | "buffer_responses" | "max_buffer_size" | "lb_retry_match" => {
                 return Err(at(
                     sub.line,
@@ -335,7 +343,7 @@ pub(super) fn build_with(
     key: &str,
     copy_headers: Vec<(HeaderName, HeaderName)>,
 ) -> Result<Box<dyn Handler>, BuildFail> {
-    if p.to.is_empty() {
+    if p.to.is_empty() && p.dynamic.is_none() {
         return Err("names no upstream".to_owned().into());
     }
     let mut texts = Vec::new();
@@ -373,6 +381,11 @@ pub(super) fn build_with(
         .iter()
         .map(|t| Upstream::parse_with(t, &transport.tag))
         .collect::<Result<Vec<Arc<Upstream>>, String>>()?;
+    let dynamic = p
+        .dynamic
+        .as_deref()
+        .map(|d| Dynamic::build(d, &transport.tag, b.env))
+        .transpose()?;
     let policy = Policy::parse(p.lb_policy.as_deref().unwrap_or("random"))?;
     let dur = |v: &Option<String>, what: &str| -> Result<Option<Duration>, String> {
         v.as_deref()
@@ -471,6 +484,7 @@ pub(super) fn build_with(
     }
     Ok(Box::new(ReverseProxy {
         balancer: Balancer::new(&proxy, active),
+        dynamic,
         proxy,
         method,
         rewrite,
@@ -511,6 +525,9 @@ impl Reaction {
 struct ReverseProxy {
     proxy: Proxy,
     balancer: Balancer,
+    /// `dynamic`: the upstreams of the latest DNS answer, when there is one, instead of
+    /// `balancer`'s (the static ones).
+    dynamic: Option<Dynamic>,
     /// `method`.
     method: Option<Method>,
     /// `rewrite`.
@@ -544,8 +561,13 @@ impl ReverseProxy {
             stop: io.stop,
             hold: io.hold.clone(),
         };
+        let found = match &self.dynamic {
+            Some(dynamic) => dynamic.balancer().await,
+            None => None,
+        };
+        let balancer = found.as_deref().unwrap_or(&self.balancer);
         io.client
-            .forward(&self.proxy, &self.balancer, up, cx, fwd, upgrades)
+            .forward(&self.proxy, balancer, up, cx, fwd, upgrades)
             .await
     }
 
@@ -651,12 +673,15 @@ impl Handler for ReverseProxy {
     }
 
     fn describe(&self) -> String {
-        let to: Vec<&str> = self
+        let mut to: Vec<&str> = self
             .proxy
             .upstreams
             .iter()
             .map(|u| u.text.as_str())
             .collect();
+        if self.dynamic.is_some() {
+            to.push("(dynamic)");
+        }
         format!("reverse_proxy {}", to.join(" "))
     }
 }

@@ -71,7 +71,7 @@ fn escape(text: &str, keep: &[u8]) -> String {
 /// the path when not empty, a `?` replaces the query. For `reverse_proxy`'s `rewrite`, which
 /// changes only what goes upstream.
 pub(crate) fn target_of(to: &Template, req: Req<'_>, cx: &Cx) -> Option<PathAndQuery> {
-    let to = to.render(req, cx);
+    let to = to.render_target(req, cx);
     let (path, query) = match to.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (to.as_str(), req.uri.query()),
@@ -125,7 +125,7 @@ pub(crate) fn set_target(
 
 impl Handler for Rewrite {
     fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
-        let path = self.path.render(Req::of(req), cx);
+        let path = self.path.render_target(Req::of(req), cx);
         let query = match &self.query {
             Some(q) => Some(q.render(Req::of(req), cx)),
             None => req.uri().query().map(str::to_owned),

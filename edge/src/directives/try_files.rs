@@ -94,6 +94,9 @@ impl Handler for Try {
                         Some(q) => Some(q.clone()),
                         None => req.uri().query().map(str::to_owned),
                     };
+                    // A file's name, not a target: its `%` is a character (a file named
+                    // `%2e%2e` must not read as `..` once the target is decoded).
+                    let relative = relative.replace('%', "%25");
                     return if super::rewrite::set_target(req, cx, &relative, query.as_deref()) {
                         Step::Next
                     } else {

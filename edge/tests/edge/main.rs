@@ -11,6 +11,7 @@ mod corpus;
 mod coverage;
 mod differential;
 mod dns01;
+mod dynamic_upstreams;
 mod forward_auth;
 mod globals;
 mod limits;
