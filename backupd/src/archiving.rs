@@ -22,6 +22,7 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use tokio::io::AsyncReadExt;
 use tokio_util::io::SyncIoBridge;
 
 use crate::Error;
@@ -92,10 +93,21 @@ pub(crate) async fn push(
     let name = WalName::of_path(path)?;
     let key = wal_key(config)?;
     let encoding = encoding(config);
-    let hashed = path.to_owned();
-    let (size, sha256) = tokio::task::spawn_blocking(move || wal::hash_file(&hashed))
-        .await
-        .map_err(|e| Error::Internal(format!("hashing task: {e}")))??;
+    let spool = Spool::open(&cluster.spool_dir, cluster.spool_max)?;
+    let pushed_ahead = spool.take_done(&name);
+    let queued = spool.header(&name);
+    // The usual file is new: read once, hashed while it is encoded. One pushed ahead or queued
+    // by an earlier call needs only its hash, to compare; a large one is hashed, then streamed.
+    let fresh = pushed_ahead.is_none() && queued.is_none();
+    let (source, encoding_copy) = (path.to_owned(), encoding.clone());
+    let (size, sha256, body) = tokio::task::spawn_blocking(move || {
+        if fresh && let Some(encoded) = wal::read_once(&source, &encoding_copy)? {
+            return Ok((encoded.size, encoded.sha256, Some(encoded.body)));
+        }
+        wal::hash_file(&source).map(|(size, sha256)| (size, sha256, None))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("reading task: {e}")))??;
     let header = Header::signed(
         key,
         &cluster.name,
@@ -104,8 +116,7 @@ pub(crate) async fn push(
         sha256,
         !encoding.recipients.is_empty(),
     );
-    let spool = Spool::open(&cluster.spool_dir, cluster.spool_max)?;
-    if let Some((size, sha256)) = spool.take_done(&name)
+    if let Some((size, sha256)) = pushed_ahead
         && size == header.size
         && sha256 == header.sha256
     {
@@ -122,7 +133,7 @@ pub(crate) async fn push(
             ),
         });
     }
-    match spool.header(&name) {
+    match queued {
         Some(queued) if queued.same_bytes(&header) => {}
         Some(queued) => {
             return Err(Error::WalConflict {
@@ -135,7 +146,14 @@ pub(crate) async fn push(
         }
         None => {
             // The usual case: straight to the store, no local copy.
-            let direct = upload_direct(store, &cluster.name, &header, path, &encoding);
+            let direct = upload_direct(
+                store,
+                &cluster.name,
+                &header,
+                path,
+                body.as_deref(),
+                &encoding,
+            );
             let cause = match Box::pin(bounded(cluster, &name, direct)).await {
                 Ok(Upload::Stored | Upload::AlreadyStored) => {
                     let ahead = spool_ahead(&spool, path, cluster, key, &encoding);
@@ -154,11 +172,11 @@ pub(crate) async fn push(
                 }
                 Ok(Upload::Failed(cause)) | Err(cause) => cause,
             };
-            let (source, header_copy, encoding_copy) =
-                (path.to_owned(), header.clone(), encoding.clone());
             // The spool is locked by this process; the write is blocking file work.
-            let spool_ref = &spool;
-            tokio::task::block_in_place(|| spool_ref.write(&header_copy, &source, &encoding_copy))?;
+            tokio::task::block_in_place(|| match &body {
+                Some(body) => spool.write_encoded(&header, body),
+                None => spool.write(&header, path, &encoding),
+            })?;
             // The store just failed: trying it again now would only hold the archiver longer.
             return spooled_or_full(&spool, &name, &cause);
         }
@@ -339,12 +357,14 @@ fn spool_ahead(
     spooled
 }
 
-/// Encodes the file straight into the store (after checking the name is free).
+/// Stores the file, after checking the name is free: its `body` encoded by [`wal::read_once`],
+/// or, without one, the file encoded on the way.
 async fn upload_direct(
     store: &Store,
     cluster: &str,
     header: &Header,
     path: &Path,
+    body: Option<&[u8]>,
     encoding: &Encoding,
 ) -> Result<Upload, Error> {
     let key = wal::object_key(cluster, &header.name);
@@ -353,6 +373,13 @@ async fn upload_direct(
         if let Some(done) = spool::compare(header, &stored, &store.location(&key)) {
             return Ok(done);
         }
+    }
+    if let Some(body) = body {
+        let head = header.to_bytes();
+        return match store.put_stream(&key, head.as_slice().chain(body)).await {
+            Ok(_) => Ok(Upload::Stored),
+            Err(err) => Ok(Upload::Failed(err.into())),
+        };
     }
     let (writer, reader) = pipeline::channel();
     let (source, header, encoding) = (path.to_owned(), header.clone(), encoding.clone());

@@ -20,7 +20,7 @@ use labcore::pg::PgSettings;
 use crate::archive::{self, Excludes};
 use crate::catalog::{self, BackupId, Content, DataInfo, Manifest, SourceInfo, Tools};
 use crate::config::Config;
-use crate::pipeline::{self, Counting, Encoder, Encoding};
+use crate::pipeline::{self, ChannelWriter, Counting, Encoder, Encoding};
 use crate::postgres::{PgTools, Snapshot, server_version};
 use crate::store::{Store, Stored};
 use crate::{Error, VERSION, signing};
@@ -278,6 +278,33 @@ pub(crate) fn first_cause<T>(
 }
 
 /// Kills and reaps a child that is no longer wanted.
+/// Ends a pump into the store: finishes the encoder under `sink` and closes the channel, the
+/// one way the store sees a clean end. Returns the plain bytes counted and their SHA-256 (if
+/// `sink` hashes).
+fn close_sink(sink: Counting<Encoder<ChannelWriter>>) -> Result<(u64, Option<String>), Error> {
+    let (encoder, raw_size, raw_sha256) = sink.finish();
+    encoder
+        .finish()
+        .map_err(Error::pipeline)?
+        .close()
+        .map_err(Error::pipeline)?;
+    Ok((raw_size, raw_sha256))
+}
+
+/// Ends a pump of `program`'s stdout: waits for it and fails if it failed, so the store sees
+/// an aborted stream and never keeps a partial dump; only then closes `sink` ([`close_sink`]).
+pub(crate) fn finish_child_pump(
+    child: &mut Child,
+    program: &str,
+    sink: Counting<Encoder<ChannelWriter>>,
+) -> Result<(u64, Option<String>), Error> {
+    let status = child.wait().map_err(Error::pipeline)?;
+    if !status.success() {
+        return Err(child_failed(program, status, String::new()));
+    }
+    close_sink(sink)
+}
+
 pub(crate) fn stop(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -349,16 +376,7 @@ async fn dump_database(
                 sink.write_all(&buf[..n]).map_err(Error::pipeline)?;
             }
             drop(toc_input);
-            let status = dump.wait().map_err(Error::pipeline)?;
-            if !status.success() {
-                return Err(child_failed("pg_dump", status, String::new()));
-            }
-            let (encoder, raw_size, _) = sink.finish();
-            encoder
-                .finish()
-                .map_err(Error::pipeline)?
-                .close()
-                .map_err(Error::pipeline)?;
+            let (raw_size, _) = finish_child_pump(&mut dump, "pg_dump", sink)?;
             Ok(raw_size)
         })();
         if result.is_err() {
@@ -446,17 +464,7 @@ async fn dump_globals(
                 true,
             );
             std::io::copy(&mut stdout, &mut sink).map_err(Error::pipeline)?;
-            let status = dumpall.wait().map_err(Error::pipeline)?;
-            if !status.success() {
-                return Err(child_failed("pg_dumpall", status, String::new()));
-            }
-            let (encoder, raw_size, raw_sha256) = sink.finish();
-            encoder
-                .finish()
-                .map_err(Error::pipeline)?
-                .close()
-                .map_err(Error::pipeline)?;
-            Ok((raw_size, raw_sha256))
+            finish_child_pump(&mut dumpall, "pg_dumpall", sink)
         })();
         if result.is_err() {
             stop(&mut dumpall);
@@ -505,12 +513,7 @@ async fn archive_folder(
             true,
         );
         let (entries, sink) = archive::write_tar(&root, &excludes, sink)?;
-        let (encoder, raw_size, raw_sha256) = sink.finish();
-        encoder
-            .finish()
-            .map_err(Error::pipeline)?
-            .close()
-            .map_err(Error::pipeline)?;
+        let (raw_size, raw_sha256) = close_sink(sink)?;
         Ok((entries, raw_size, raw_sha256))
     });
     let stored = store.put_stream(data_key, reader).await;

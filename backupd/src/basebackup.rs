@@ -18,7 +18,7 @@ use labcore::Env;
 use labcore::pg::PgSettings;
 use serde::{Deserialize, Serialize};
 
-use crate::backup::{capture, child_failed, first_cause, spawn, stop};
+use crate::backup::{capture, finish_child_pump, first_cause, spawn, stop};
 use crate::catalog::{self, BackupId, DataInfo};
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -330,16 +330,7 @@ pub(crate) async fn take(
                 false,
             );
             let (label, sink) = pump_tar(stdout, sink).map_err(Error::pipeline)?;
-            let status = child.wait().map_err(Error::pipeline)?;
-            if !status.success() {
-                return Err(child_failed("pg_basebackup", status, String::new()));
-            }
-            let (encoder, raw_size, _) = sink.finish();
-            encoder
-                .finish()
-                .map_err(Error::pipeline)?
-                .close()
-                .map_err(Error::pipeline)?;
+            let (raw_size, _) = finish_child_pump(&mut child, "pg_basebackup", sink)?;
             Ok((label, raw_size))
         })();
         if result.is_err() {

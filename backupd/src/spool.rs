@@ -18,9 +18,10 @@
 //! durable local write, so a store outage of minutes costs PostgreSQL nothing (no failed
 //! attempts in `pg_stat_archiver`, no growth of pg_wal), at the price above.
 //!
-//! Draining: `wal-push` encodes its file straight into the store and writes the spool only
-//! when that fails (measured: the spool copy's second write and fsyncs cut the push rate from
-//! 8.6 to 4.2 segments/s, `scripts/bench/backupd --pitr`). Once its own file is stored, it
+//! Draining: `wal-push` encodes its file straight into the store (a segment read once into
+//! memory, see `wal::read_once`) and writes the spool only when that fails (measured: the
+//! spool copy's second write and fsyncs cut the push rate from 8.6 to 4.2 segments/s,
+//! `scripts/bench/backupd --pitr`). Once its own file is stored, it
 //! uploads every queued file and up to `parallel - 1` segments PostgreSQL already marked ready,
 //! `parallel` at once; `wal-push --drain` (a timer) uploads the queue without a new file.
 //! Whatever depends on the archive drains first: `basebackup` waits until the WAL its backup
@@ -149,22 +150,42 @@ impl Spool {
         source: &Path,
         encoding: &Encoding,
     ) -> Result<u64, Error> {
+        let input = File::open(source)
+            .map_err(io_err(format!("opening the WAL file {}", source.display())))?;
+        self.write_with(header, |out| {
+            wal::encode(header, input, out, encoding).map(|_| ())
+        })
+    }
+
+    /// Spools `header` and a `body` encoded already ([`wal::read_once`]), durably.
+    pub(crate) fn write_encoded(&self, header: &Header, body: &[u8]) -> Result<u64, Error> {
+        self.write_with(header, |out| {
+            out.write_all(&header.to_bytes())?;
+            out.write_all(body)
+        })
+    }
+
+    /// Writes a spooled file with `fill` under a temporary name, syncs it, and renames it into
+    /// place (syncing the folder): a crash leaves the old state or the whole file.
+    fn write_with(
+        &self,
+        header: &Header,
+        fill: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>,
+    ) -> Result<u64, Error> {
         let temp = self.dir.join(format!(
             ".{}.tmp-{:08x}",
             header.name,
             rand::random::<u32>()
         ));
         let written = (|| -> Result<u64, Error> {
-            let input = File::open(source)
-                .map_err(io_err(format!("opening the WAL file {}", source.display())))?;
             let out = File::options()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(&temp)
                 .map_err(io_err(format!("creating {}", temp.display())))?;
-            let mut out = wal::encode(header, input, io::BufWriter::new(out), encoding)
-                .map_err(io_err(format!("spooling {}", header.name)))?;
+            let mut out = io::BufWriter::new(out);
+            fill(&mut out).map_err(io_err(format!("spooling {}", header.name)))?;
             out.flush()
                 .map_err(io_err(format!("writing {}", temp.display())))?;
             let file = out

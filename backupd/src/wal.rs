@@ -337,6 +337,111 @@ pub(crate) fn hash_file(path: &Path) -> Result<(u64, String), Error> {
     Ok(hashing.finish())
 }
 
+/// WAL files up to this size are read once, into memory ([`read_once`]); larger ones (a
+/// cluster made with a bigger `--wal-segsize`) are read twice, hashed then streamed, so memory
+/// stays bounded whatever the segment size.
+pub(crate) const ONE_PASS_MAX: u64 = 2 * DEFAULT_SEGMENT_SIZE;
+/// Bytes read at a time by [`read_once`] (pgBackRest reads 1 MiB too).
+const READ_CHUNK: usize = 1024 * 1024;
+/// Chunks between the reading (and hashing) thread and the encoding one.
+const CHUNKS_IN_FLIGHT: usize = 3;
+
+/// A WAL file read once: what its header needs, and its encoded body.
+pub(crate) struct Encoded {
+    /// Bytes read.
+    pub(crate) size: u64,
+    /// Their SHA-256 (hex).
+    pub(crate) sha256: String,
+    /// Their encoding (zstd, then age if there are recipients), without a header.
+    pub(crate) body: Vec<u8>,
+}
+
+/// Reads the file at `path` once: this thread reads and hashes each chunk while another
+/// compresses (and encrypts) it into memory, so the SHA-256 the header signs and the body
+/// come from the same bytes, and the disk, the hash and zstd work at the same time (reading
+/// it twice, hash first, left the cold read of each segment alone on the clock). `None` if
+/// the file is larger than [`ONE_PASS_MAX`]: the caller hashes and streams it instead.
+pub(crate) fn read_once(
+    path: &Path,
+    encoding: &crate::pipeline::Encoding,
+) -> Result<Option<Encoded>, Error> {
+    let reading = |source| Error::Io {
+        what: format!("reading the WAL file {}", path.display()),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+        what: format!("opening the WAL file {}", path.display()),
+        source,
+    })?;
+    let expected = file.metadata().map_err(reading)?.len();
+    if expected > ONE_PASS_MAX {
+        return Ok(None);
+    }
+    // Full chunks go to the encoder, empty ones come back: no allocation per chunk.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(CHUNKS_IN_FLIGHT);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 1);
+    for _ in 0..=CHUNKS_IN_FLIGHT {
+        let _ = empty_tx.send(vec![0; READ_CHUNK]);
+    }
+    std::thread::scope(|scope| {
+        let encoder = scope.spawn(move || -> io::Result<Vec<u8>> {
+            let body = Vec::with_capacity(usize::try_from(expected / 2).unwrap_or(0));
+            let mut encoder = crate::pipeline::Encoder::new(body, encoding)?;
+            for (chunk, len) in full_rx {
+                encoder.write_all(&chunk[..len])?;
+                // The reader may be done already.
+                let _ = empty_tx.send(chunk);
+            }
+            encoder.finish()
+        });
+        let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let mut size = 0u64;
+        let read = (|| -> Result<(), Error> {
+            // A closed channel means the encoder failed: its error is the one to report.
+            while let Ok(mut chunk) = empty_rx.recv() {
+                let mut len = 0;
+                while len < chunk.len() {
+                    match file.read(&mut chunk[len..]) {
+                        Ok(0) => break,
+                        Ok(n) => len += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(reading(e)),
+                    }
+                }
+                if len == 0 {
+                    return Ok(());
+                }
+                size += len as u64;
+                if size > ONE_PASS_MAX {
+                    return Err(reading(io::Error::other(format!(
+                        "it grew past {ONE_PASS_MAX} bytes while being read"
+                    ))));
+                }
+                hasher.update(&chunk[..len]);
+                if full_tx.send((chunk, len)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        })();
+        // Ends the encoder's input.
+        drop(full_tx);
+        let encoded = encoder
+            .join()
+            .map_err(|_| Error::Internal("the WAL encoding thread panicked".into()))?;
+        read?;
+        let body = encoded.map_err(|source| Error::Io {
+            what: format!("encoding the WAL file {}", path.display()),
+            source,
+        })?;
+        Ok(Some(Encoded {
+            size,
+            sha256: crate::pipeline::hex(hasher.finish().as_ref()),
+            body,
+        }))
+    })
+}
+
 /// Writes `header` then the encoded bytes of `input` to `out`.
 pub(crate) fn encode<R: Read, W: Write>(
     header: &Header,
@@ -406,6 +511,53 @@ mod tests {
         fn header_parsing_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = Header::read_from(&mut &bytes[..]);
         }
+    }
+
+    #[test]
+    fn a_file_read_once_is_hashed_and_encoded_from_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("000000010000000000000001");
+        // Not a whole number of read chunks, and not all alike.
+        let data: Vec<u8> = (0..(3 * READ_CHUNK as u32 + 12_345))
+            .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let identity = age::x25519::Identity::generate();
+        for recipients in [vec![], vec![identity.to_public()]] {
+            let encoding = crate::pipeline::Encoding {
+                level: 3,
+                threads: 0,
+                recipients,
+            };
+            let encoded = read_once(&path, &encoding).unwrap().unwrap();
+            assert_eq!(
+                (encoded.size, encoded.sha256.clone()),
+                hash_file(&path).unwrap()
+            );
+            let identities: Vec<Box<dyn age::Identity>> = vec![Box::new(identity.clone())];
+            let encrypted = !encoding.recipients.is_empty();
+            let mut plain = Vec::new();
+            crate::pipeline::decoder(&encoded.body[..], encrypted, Some(&identities))
+                .unwrap()
+                .read_to_end(&mut plain)
+                .unwrap();
+            assert!(plain == data, "the body decodes to the file");
+        }
+    }
+
+    #[test]
+    fn a_file_larger_than_one_pass_allows_is_left_to_two_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("000000010000000000000001");
+        let file = std::fs::File::create(&path).unwrap();
+        // Sparse: nothing is written.
+        file.set_len(ONE_PASS_MAX + 1).unwrap();
+        let encoding = crate::pipeline::Encoding {
+            level: 3,
+            threads: 0,
+            recipients: vec![],
+        };
+        assert!(read_once(&path, &encoding).unwrap().is_none());
     }
 
     #[test]
