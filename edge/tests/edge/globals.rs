@@ -6,7 +6,7 @@ use std::path::Path;
 use testkit::Scratch;
 
 use crate::differential::Both;
-use crate::support::{EDGE, Edge, WAIT, curl, globals, run};
+use crate::support::{EDGE, Edge, WAIT, curl, globals, http_request, run};
 
 /// A self-signed certificate for `names`, written as `NAME.crt`/`NAME.key` in `dir`.
 fn self_signed(dir: &Path, file: &str, names: &[&str]) {
@@ -227,44 +227,6 @@ fn auto_https_disable_redirects_leaves_plain_http_unredirected_as_caddy_does() {
     both.stop();
 }
 
-/// An HTTP/1.1 request to the admin endpoint on `port`; returns (status, body).
-fn admin(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        head.push_str(&format!("Host: localhost:{port}\r\n"));
-    }
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body.as_bytes()).unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let status = reply
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {reply:?}"));
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
-}
-
 #[test]
 fn the_admin_endpoint_shows_the_config_without_secrets_and_refuses_foreign_hosts_and_origins() {
     let dir = Scratch::new("edge-admin").unwrap();
@@ -285,7 +247,7 @@ fn the_admin_endpoint_shows_the_config_without_secrets_and_refuses_foreign_hosts
     )
     .unwrap();
     let edge = Edge::start(dir, config.clone(), "--caddyfile");
-    let (status, body) = admin(port, "GET", "/config/", &[], "");
+    let (status, body) = http_request(port, "GET", "/config/", &[], "");
     assert_eq!(status, 200, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -295,7 +257,7 @@ fn the_admin_endpoint_shows_the_config_without_secrets_and_refuses_foreign_hosts
     assert!(body.contains("alice") && !body.contains("$2a$"), "{body}");
 
     // DNS rebinding (a name resolving to 127.0.0.1) and a cross-site page: refused.
-    let (status, _) = admin(
+    let (status, _) = http_request(
         port,
         "GET",
         "/config/",
@@ -303,7 +265,7 @@ fn the_admin_endpoint_shows_the_config_without_secrets_and_refuses_foreign_hosts
         "",
     );
     assert_eq!(status, 403);
-    let (status, _) = admin(
+    let (status, _) = http_request(
         port,
         "POST",
         "/load",
@@ -332,7 +294,7 @@ fn the_admin_endpoint_shows_the_config_without_secrets_and_refuses_foreign_hosts
         globals(&edge.dir, &format!("\tadmin localhost:{port}\n")),
         site("two")
     );
-    let (status, body) = admin(
+    let (status, body) = http_request(
         port,
         "POST",
         "/load",
@@ -345,7 +307,7 @@ fn the_admin_endpoint_shows_the_config_without_secrets_and_refuses_foreign_hosts
         "\trespond \"two\"\n",
         "\trespond \"three\"\n\tbogus_directive\n",
     );
-    let (status, body) = admin(
+    let (status, body) = http_request(
         port,
         "POST",
         "/load",
@@ -358,7 +320,7 @@ fn the_admin_endpoint_shows_the_config_without_secrets_and_refuses_foreign_hosts
         "{body}"
     );
     assert_eq!(get(), "two");
-    let (status, _) = admin(
+    let (status, _) = http_request(
         port,
         "POST",
         "/load",
@@ -367,7 +329,7 @@ fn the_admin_endpoint_shows_the_config_without_secrets_and_refuses_foreign_hosts
     );
     assert_eq!(status, 400);
 
-    let (status, _) = admin(port, "POST", "/stop", &[], "");
+    let (status, _) = http_request(port, "POST", "/stop", &[], "");
     assert_eq!(status, 200);
     edge.proc.expect_exit(0, WAIT).unwrap();
 }

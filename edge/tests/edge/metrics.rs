@@ -5,13 +5,12 @@
 //! certificate expiry.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use testkit::Scratch;
 
 use crate::differential::{Both, Req};
-use crate::support::{Edge, WAIT, globals};
+use crate::support::{Edge, WAIT, globals, http_request};
 
 /// One sample: the metric name and its labels (sorted), and the value.
 type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
@@ -209,7 +208,7 @@ fn metrics_families_labels_and_counts_move_as_caddys_do() {
 fn scrape_until(port: u16, path: &str, done: impl Fn(&Samples) -> bool) -> Samples {
     let deadline = Instant::now() + WAIT;
     loop {
-        let (status, body) = http(port, "GET", path, &[], "");
+        let (status, body) = http_request(port, "GET", path, &[], "");
         assert_eq!(status, 200, "{body}");
         let samples = parse(&body);
         if done(&samples) {
@@ -269,7 +268,7 @@ fn the_expiry_of_a_served_certificate_is_exported_by_name() {
     )
     .unwrap();
     let edge = Edge::start(dir, config, "--caddyfile");
-    let (status, body) = http(admin, "GET", "/metrics", &[], "");
+    let (status, body) = http_request(admin, "GET", "/metrics", &[], "");
     assert_eq!(status, 200, "{body}");
     let samples = parse(&body);
     let expiry = sample(
@@ -292,45 +291,6 @@ fn the_expiry_of_a_served_certificate_is_exported_by_name() {
     edge.stop();
 }
 
-/// An HTTP/1.1 request to 127.0.0.1:`port` (Host `localhost:PORT` unless given); returns
-/// (status, body).
-fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        head.push_str(&format!("Host: localhost:{port}\r\n"));
-    }
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body.as_bytes()).unwrap();
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).unwrap();
-    let reply = String::from_utf8_lossy(&reply).into_owned();
-    let status = reply
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {reply:?}"));
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
-}
-
 #[test]
 fn admin_loads_refused_loads_and_foreign_hosts_go_as_in_caddy() {
     let both = Both::start("{\n\tadmin @ADMIN@\n}\n\nhttp://plain.local {\n\trespond \"one\"\n}\n");
@@ -344,7 +304,7 @@ fn admin_loads_refused_loads_and_foreign_hosts_go_as_in_caddy() {
     // A new Caddyfile through /load: the next request sees it on both.
     let files = both.files.clone();
     let load = |port: u16, text: &str| {
-        http(
+        http_request(
             port,
             "POST",
             "/load",
@@ -389,7 +349,7 @@ fn admin_loads_refused_loads_and_foreign_hosts_go_as_in_caddy() {
     // A Host that is not loopback (DNS rebinding): 403 from both, for reads and loads.
     for (method, path) in [("GET", "/config/"), ("POST", "/load")] {
         let foreign = |port: u16| {
-            http(
+            http_request(
                 port,
                 method,
                 path,
@@ -410,7 +370,7 @@ fn admin_loads_refused_loads_and_foreign_hosts_go_as_in_caddy() {
     // A foreign Origin: Caddy 2.6 lets it through unless enforce_origin is set; the edge
     // always refuses it (see DIFFERENCES in man edge-caddyfile).
     let origin = |port: u16| {
-        http(
+        http_request(
             port,
             "GET",
             "/config/",
