@@ -97,7 +97,19 @@ pub(crate) fn defer_accept(listener: &impl AsRawFd, secs: u32) {
 
 /// Whether an idle connection, on which the peer must not have sent anything yet, was closed
 /// (or broke the protocol by sending early). Never blocks.
+///
+/// tokio's read readiness answers first, with no system call: the read that took the hello
+/// ended short and so cleared it, and a FIN or an early byte sets it again from the next
+/// `epoll_wait` on. Only a stream that is read-ready (or that some transport's handshake
+/// left so) is probed with `MSG_PEEK`. A FIN that arrived since the runtime's last
+/// `epoll_wait` is missed, as one arriving just after the probe always was: the command
+/// written then finds the channel closed and the visitor's forwarding ends at once.
 pub(crate) fn is_closed(stream: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    // Nothing reads an idle channel, so the waker this leaves in place wakes no one.
+    if stream.poll_read_ready(&mut cx).is_pending() {
+        return false;
+    }
     let mut probe = [0u8; 1];
     match nix::sys::socket::recv(
         stream.as_raw_fd(),
