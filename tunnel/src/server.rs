@@ -10,7 +10,8 @@
 //!   data channel that names an open session, is sent to its service's task;
 //! - one task per service owns its listener, its clients' sessions (each with its pool of
 //!   idle data channels) and its queue of visitors waiting for one; it asks for data channels
-//!   (eight per client up front, then one per visitor, as rathole does);
+//!   (eight per client up front, then one per visitor, as rathole does, but in batches of
+//!   [`REFILL`] replacements, or at once for a visitor who has to wait);
 //! - one task per control channel writes those `CreateDataChannel`s and the `HeartBeat`s, and
 //!   reports the channel's end to the service's task, so a client slow to read stalls only
 //!   its own channel;
@@ -74,6 +75,12 @@ use declared::Declared;
 
 /// Data channels a client is asked for as soon as its control channel opens (rathole: 8).
 const POOL_SIZE: usize = 8;
+/// Replacements for pooled data channels that visitors took are asked for this many at once:
+/// the client then dials them together and the server accepts them together, so the
+/// `CreateDataChannel` write, the client's read of it and the wake-ups of both sides are
+/// shared by several visitors. The pool dips to `POOL_SIZE - REFILL` between refills; a
+/// visitor who finds it empty still gets a channel asked for at once.
+const REFILL: usize = 4;
 /// The same for a UDP service (rathole: 2): one carries the datagrams, one is the spare.
 const UDP_POOL_SIZE: usize = 2;
 /// Idle data channels kept per service; more are closed.
@@ -853,6 +860,9 @@ struct Session<S> {
     gone: CancellationToken,
     /// Data channels to ask for, written by the control channel's task.
     asks: Arc<Asks>,
+    /// Replacements for pooled channels that visitors took, not asked for yet (fewer than
+    /// [`REFILL`]).
+    owed: usize,
 }
 
 /// Requests for `CreateDataChannel`, counted here and written by the control channel's own
@@ -1141,6 +1151,7 @@ impl<S: TunnelStream> ServiceTask<S> {
                     open: Arc::new(AtomicUsize::new(0)),
                     gone,
                     asks,
+                    owed: 0,
                 });
                 self.metrics
                     .control_open
@@ -1266,7 +1277,10 @@ impl<S: TunnelStream> ServiceTask<S> {
                 return;
             };
             if !asked {
-                session.asks.add(1);
+                session.owed += 1;
+                if session.owed >= REFILL {
+                    session.asks.add(std::mem::take(&mut session.owed));
+                }
             }
             let header = header
                 .as_ref()
