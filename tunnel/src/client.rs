@@ -20,7 +20,9 @@
 //! - one task per data channel waits for the server's command (for as long as its control
 //!   channel lives) and then forwards bytes ([`crate::forward`]), or for a UDP service
 //!   datagrams, with a session per visitor ([`crate::udp`]). A UDP data channel ends with
-//!   its service's stop (there is nothing to drain), a TCP one gets the grace period.
+//!   its service's stop (there is nothing to drain), a TCP one gets the grace period. A
+//!   plain TCP data channel is opened without TCP keepalive, which is turned on only if it
+//!   carries a visitor for [`KEEPALIVE_AFTER`] (or datagrams: at once).
 //!
 //! Each service has its own cancellation tokens, so reloads touch only what changed. The
 //! [`Readiness`] set tells the daemon when every control channel it waits for is open.
@@ -65,6 +67,11 @@ use crate::udp;
 
 /// The first pause before reconnecting (when the cap allows).
 const FIRST_RETRY: Duration = Duration::from_millis(200);
+/// How long a plain TCP data channel carries a visitor before TCP keepalive is turned on for
+/// it ([`forward::LateKeepalive`]). Until then the server's side has keepalive (from its
+/// listener) and an idle channel ends with its control channel, whose heartbeat finds a
+/// dead server.
+const KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
 
 /// Which servers of one service have an open control channel, and in failover mode which
 /// one gets data channels: the first one up in `remote_addr`'s order.
@@ -137,6 +144,8 @@ struct ServiceContext<T> {
     handshake_timeout: Duration,
     /// Bounds each data channel's opening and local connect by `handshake_timeout`.
     deadlines: Arc<Deadlines>,
+    /// Turns keepalive on for data channels that last [`KEEPALIVE_AFTER`].
+    keepalive_after: Arc<Deadlines>,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -187,6 +196,7 @@ pub(crate) struct Client<T: Transport> {
     tracker: TaskTracker,
     readiness: Arc<Readiness>,
     deadlines: Arc<Deadlines>,
+    keepalive_after: Arc<Deadlines>,
     metrics: Arc<Metrics>,
     endpoint: Option<Endpoint>,
 }
@@ -213,6 +223,7 @@ impl<T: Transport> Client<T> {
             tracker: TaskTracker::new(),
             readiness: Arc::new(Readiness::default()),
             deadlines: Arc::new(Deadlines::start(settings.common.handshake_timeout)),
+            keepalive_after: Arc::new(Deadlines::start(KEEPALIVE_AFTER)),
             metrics,
             endpoint,
         };
@@ -254,6 +265,7 @@ impl<T: Transport> Client<T> {
                         heartbeat_timeout: self.settings.common.heartbeat_timeout,
                         handshake_timeout: self.settings.common.handshake_timeout,
                         deadlines: self.deadlines.clone(),
+                        keepalive_after: self.keepalive_after.clone(),
                         stop: stop.clone(),
                         abort: abort.clone(),
                         tracker: self.tracker.clone(),
@@ -650,7 +662,7 @@ async fn data_channel<T: Transport>(
         () = context.servers.wait_turn(context.server) => {}
     }
     let open = async {
-        let mut stream = context.transport.connect(&context.remote_addr).await?;
+        let mut stream = context.transport.connect_data(&context.remote_addr).await?;
         // The transport set its own TCP_NODELAY: a second call only if the service differs.
         if service.nodelay != context.transport.tcp().nodelay() {
             sockopt::nodelay(stream.tcp(), service.nodelay);
@@ -730,9 +742,13 @@ async fn data_channel<T: Transport>(
         inbound: &context.metrics.to_service,
         outbound: &context.metrics.to_visitor,
     };
+    let late = forward::LateKeepalive {
+        after: &context.keepalive_after,
+        transport: context.transport.tcp(),
+    };
     tokio::select! {
         _ = context.abort.cancelled() => {}
-        carried = forward::forward(channel, local, meter, None) => match carried {
+        carried = forward::forward(channel, local, meter, None, Some(late)) => match carried {
             Ok(carried) => tracing::debug!(
                 service = %service.name,
                 to_local = carried.inbound,
@@ -761,6 +777,11 @@ async fn udp_channel<T: Transport>(context: &ServiceContext<T>, channel: T::Stre
         return;
     };
     tracing::debug!(service = %service.name, %local, "udp data channel started");
+    // It carries every visitor's datagrams for as long as it lives (`connect_data` left
+    // keepalive off on a plain TCP channel).
+    if channel.plain_tcp().is_some() {
+        context.transport.tcp().keepalive(channel.tcp());
+    }
     tokio::select! {
         _ = context.stop.cancelled() => {}
         ended = udp::serve_local(channel, local, &context.metrics, udp::Limits::DEFAULT) => match ended {

@@ -10,9 +10,13 @@
 //! dead entry, dropped from the front as new steps arrive, so the queue holds about as many
 //! entries as steps are in progress.
 //!
-//! Invariants: a step is never cut before its limit has passed since it first waited; it may
-//! be cut up to [`GRAIN`] later (the sweeping task wakes at most once per grain). A step that
-//! finishes without waiting costs no entry and reads no clock.
+//! The same queue also tells a long step, without cutting it, that it has lasted the limit
+//! ([`Deadlines::meanwhile`]): the client turns TCP keepalive on for a data channel that
+//! outlives a short connection that way, rather than with three system calls per channel.
+//!
+//! Invariants: a step is never cut (or told) before its limit has passed since it first
+//! waited; it may be up to [`GRAIN`] later (the sweeping task wakes at most once per grain).
+//! A step that finishes without waiting costs no entry and reads no clock.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -75,6 +79,40 @@ impl Deadlines {
             // Checked after the waker is stored: an expiry before it would find no waker.
             if entry.expired.load(Ordering::Acquire) {
                 return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Runs `step` to its end; if it is still waiting once the limit (plus at most
+    /// [`GRAIN`]) has passed since it first waited, calls `late` once, between two polls of
+    /// `step` (so `late` may use what `step` borrows), and goes on.
+    pub(crate) async fn meanwhile<F: Future>(&self, step: F, late: impl FnOnce()) -> F::Output {
+        let mut step = std::pin::pin!(step);
+        let mut late = Some(late);
+        let mut entry: Option<Arc<Step>> = None;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = step.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            if late.is_none() {
+                return Poll::Pending;
+            }
+            let waiting = entry.get_or_insert_with(|| self.shared.enter());
+            {
+                let mut waker = waiting.waker.lock().unwrap_or_else(|e| e.into_inner());
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+            }
+            // Checked after the waker is stored: an expiry before it would find no waker.
+            if waiting.expired.load(Ordering::Acquire)
+                && let Some(late) = late.take()
+            {
+                late();
+                // Its queue entry is dead now; the step goes on without one.
+                entry = None;
             }
             Poll::Pending
         })
@@ -185,6 +223,40 @@ mod tests {
         assert!(waited >= limit, "cut after {waited:?}");
         // A grain late at most, plus what a busy machine adds.
         assert!(waited < Duration::from_secs(3), "cut after {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_long_step_is_told_once_when_it_has_lasted_the_limit_and_goes_on() {
+        let limit = Duration::from_millis(200);
+        let deadlines = Deadlines::start(limit);
+        let told = std::cell::Cell::new(None);
+        let start = Instant::now();
+        let out = deadlines
+            .meanwhile(
+                async {
+                    tokio::time::sleep(limit * 3).await;
+                    9
+                },
+                || told.set(Some(start.elapsed())),
+            )
+            .await;
+        assert_eq!(out, 9, "the step ran to its end");
+        let told = told.get().expect("the step was told");
+        assert!(told >= limit && told < limit * 3, "told after {told:?}");
+
+        let quick = std::cell::Cell::new(false);
+        let out = deadlines
+            .meanwhile(
+                async {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    3
+                },
+                || quick.set(true),
+            )
+            .await;
+        assert_eq!(out, 3);
+        tokio::time::sleep(limit * 2).await;
+        assert!(!quick.get(), "a step that ended in time is never told");
     }
 
     #[tokio::test]

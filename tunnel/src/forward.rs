@@ -12,6 +12,9 @@
 //! allocated per chunk and no lock is taken. A direction that reaches end of stream half-closes
 //! the other side, so protocols that shut down writing (HTTP/1.0, `ssh` exit) work.
 //!
+//! A plain TCP tunnel stream opened without TCP keepalive gets it once the connection has lasted
+//! a while ([`LateKeepalive`]): most carry one short exchange and never need it.
+//!
 //! A connection may be given an idle limit: when no byte has moved either way for that long it
 //! is closed. Activity costs one relaxed store of a millisecond count per chunk, and the one timer
 //! wakes only at the earliest moment the limit could be reached.
@@ -35,8 +38,9 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::deadline::Deadlines;
 use crate::sockopt;
-use crate::transport::TunnelStream;
+use crate::transport::{TcpTransport, TunnelStream};
 
 /// Buffer size per direction for transports that cannot splice.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -105,6 +109,17 @@ impl Activity {
     }
 }
 
+/// TCP keepalive for a plain TCP tunnel stream that was opened without it
+/// ([`crate::transport::Transport::connect_data`]): turned on once the connection has lasted
+/// `after`'s limit. A shorter one ends before a keepalive probe would have been sent, so it
+/// loses nothing by never having it; a longer one gets its first probe that much later.
+#[derive(Clone, Copy)]
+pub(crate) struct LateKeepalive<'a> {
+    pub(crate) after: &'a Deadlines,
+    /// Whose keepalive timings apply.
+    pub(crate) transport: &'a TcpTransport,
+}
+
 /// Carries bytes both ways until both sides have finished or one fails, or, with an `idle`
 /// limit, until nothing has moved either way for that long (an error of kind `TimedOut`).
 pub(crate) async fn forward<S: TunnelStream>(
@@ -112,9 +127,10 @@ pub(crate) async fn forward<S: TunnelStream>(
     local: TcpStream,
     meter: Meter<'_>,
     idle: Option<Duration>,
+    late: Option<LateKeepalive<'_>>,
 ) -> io::Result<Carried> {
     let activity = Activity::new();
-    let carry = carry(tunnel, local, meter, &activity);
+    let carry = carry(tunnel, local, meter, &activity, late);
     let Some(limit) = idle else {
         return carry.await;
     };
@@ -132,9 +148,18 @@ async fn carry<S: TunnelStream>(
     local: TcpStream,
     meter: Meter<'_>,
     activity: &Activity,
+    late: Option<LateKeepalive<'_>>,
 ) -> io::Result<Carried> {
     if let Some(tcp) = tunnel.plain_tcp() {
-        return splice_both(tcp, &local, meter, activity).await;
+        let both = splice_both(tcp, &local, meter, activity);
+        return match late {
+            Some(late) => {
+                late.after
+                    .meanwhile(both, || late.transport.keepalive(tcp))
+                    .await
+            }
+            None => both.await,
+        };
     }
     // Copied bytes are counted when the connection ends; encrypted transports that want live
     // counts wrap their stream.
@@ -434,7 +459,7 @@ pub(crate) mod tests {
         let (visitor, tunnel) = pair().await;
         let (local, service) = pair().await;
         let meter = counters();
-        let task = tokio::spawn(forward(tunnel, local, meter, None));
+        let task = tokio::spawn(forward(tunnel, local, meter, None, None));
         round_trip(visitor, service, 3_000_000).await;
         let carried = task.await.unwrap().unwrap();
         assert_eq!(carried.inbound, 3_000_000);
@@ -451,7 +476,7 @@ pub(crate) mod tests {
             let (visitor, tunnel) = pair().await;
             let (local, service) = pair().await;
             // The test runtime is single-threaded: the task runs on this thread's pool.
-            let task = tokio::spawn(forward(tunnel, local, meter, None));
+            let task = tokio::spawn(forward(tunnel, local, meter, None, None));
             round_trip(visitor, service, 1_000_000 + round).await;
             task.await.unwrap().unwrap();
             assert_eq!(

@@ -1627,7 +1627,7 @@ async fn carry<S: TunnelStream>(
         inbound: &metrics.to_visitor,
         outbound: &metrics.to_service,
     };
-    match forward::forward(channel, visitor, meter, service.idle_timeout).await {
+    match forward::forward(channel, visitor, meter, service.idle_timeout, None).await {
         Ok(carried) => tracing::debug!(
             service = %service.name,
             visitor = %peer,

@@ -136,4 +136,11 @@ pub(crate) trait Transport: Send + Sync + Sized + 'static {
 
     /// Connects to the server at `addr` and runs the client side of the handshake.
     fn connect(&self, addr: &str) -> impl Future<Output = Result<Self::Stream, Error>> + Send;
+
+    /// [`Transport::connect`] for a data channel. A stream that [`TunnelStream::plain_tcp`]
+    /// gives may come without TCP keepalive, which forwarding turns on once the channel
+    /// outlives a short connection ([`crate::forward::LateKeepalive`]); other streams have it.
+    fn connect_data(&self, addr: &str) -> impl Future<Output = Result<Self::Stream, Error>> + Send {
+        self.connect(addr)
+    }
 }

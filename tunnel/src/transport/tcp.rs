@@ -1,6 +1,7 @@
 //! Plain TCP, rathole's `type = "tcp"`: no handshake, keepalive and TCP_NODELAY from
 //! `[*.transport.tcp]`, and on the client the optional `proxy` ([`super::proxy`]). The other
-//! transports run over this one.
+//! transports run over this one. A client's data channels get keepalive late, if they last
+//! ([`Transport::connect_data`]).
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -26,11 +27,32 @@ impl TcpTransport {
     /// four system calls per data channel.
     fn tune(&self, socket: &impl AsFd) {
         sockopt::nodelay(socket, self.settings.nodelay);
+        self.keepalive(socket);
+    }
+
+    /// Turns on TCP keepalive on a connection, with the configured timings.
+    pub(crate) fn keepalive(&self, socket: &impl AsFd) {
         sockopt::keepalive(
             socket,
             self.settings.keepalive_time,
             self.settings.keepalive_interval,
         );
+    }
+
+    /// Connects to `addr`, directly or through the proxy, with TCP_NODELAY as configured and,
+    /// if `keepalive`, TCP keepalive.
+    async fn connect_tcp(&self, addr: &str, keepalive: bool) -> Result<TcpStream, Error> {
+        let stream = match &self.proxy {
+            Some(proxy) => super::proxy::connect(proxy, addr).await?,
+            None => TcpStream::connect(addr)
+                .await
+                .map_err(|e| Error::io(format!("connecting to {addr}"), e))?,
+        };
+        sockopt::nodelay(&stream, self.settings.nodelay);
+        if keepalive {
+            self.keepalive(&stream);
+        }
+        Ok(stream)
     }
 
     /// Whether the tunnel's connections have TCP_NODELAY set.
@@ -90,13 +112,13 @@ impl Transport for TcpTransport {
     }
 
     async fn connect(&self, addr: &str) -> Result<TcpStream, Error> {
-        let stream = match &self.proxy {
-            Some(proxy) => super::proxy::connect(proxy, addr).await?,
-            None => TcpStream::connect(addr)
-                .await
-                .map_err(|e| Error::io(format!("connecting to {addr}"), e))?,
-        };
-        self.tune(&stream);
-        Ok(stream)
+        self.connect_tcp(addr, true).await
+    }
+
+    /// Without keepalive: most data channels carry one short connection and are closed long
+    /// before a keepalive probe would be sent, so the three system calls that turn it on are
+    /// made only for one that lasts ([`crate::forward::LateKeepalive`]).
+    async fn connect_data(&self, addr: &str) -> Result<TcpStream, Error> {
+        self.connect_tcp(addr, false).await
     }
 }
