@@ -138,8 +138,8 @@ pub(crate) trait Transport: Send + Sync + Sized + 'static {
     fn connect(&self, addr: &str) -> impl Future<Output = Result<Self::Stream, Error>> + Send;
 
     /// [`Transport::connect`] for a data channel. A stream that [`TunnelStream::plain_tcp`]
-    /// gives may come without TCP keepalive, which forwarding turns on once the channel
-    /// outlives a short connection ([`crate::forward::LateKeepalive`]); other streams have it.
+    /// gives may come without TCP keepalive, which the client's forwarding turns on once the
+    /// channel outlives a short connection; other streams have it.
     fn connect_data(&self, addr: &str) -> impl Future<Output = Result<Self::Stream, Error>> + Send {
         self.connect(addr)
     }

@@ -117,7 +117,7 @@ impl Transport for TcpTransport {
 
     /// Without keepalive: most data channels carry one short connection and are closed long
     /// before a keepalive probe would be sent, so the three system calls that turn it on are
-    /// made only for one that lasts ([`crate::forward::LateKeepalive`]).
+    /// made only for one that lasts (by the client's forwarding).
     async fn connect_data(&self, addr: &str) -> Result<TcpStream, Error> {
         self.connect_tcp(addr, false).await
     }
