@@ -27,14 +27,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty, StreamBody};
-use hyper::body::{Body as HttpBody, Frame, Incoming};
+use hyper::body::{Body as HttpBody, Frame};
 use hyper::http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 
-use crate::body::{Body, BoxError};
+use crate::body::{Body, BoxError, ReqBody};
 use crate::files::{OriginalUri, TryFiles, join, try_files};
 
 /// The most a CGI header block from the upstream may take (nginx's default is 4 or 8 KiB).
@@ -303,7 +303,7 @@ impl FastCgi {
     /// Runs `req` on the upstream and answers with what it printed.
     pub(crate) async fn serve(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         ctx: &FastCgiContext,
     ) -> Response<Body> {
         match self.exchange(req, ctx).await {
@@ -321,7 +321,7 @@ impl FastCgi {
 
     async fn exchange(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         ctx: &FastCgiContext,
     ) -> Result<Response<Body>, Failure> {
         let (parts, body) = req.into_parts();
@@ -750,7 +750,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// A body of unknown length, collected up to [`MAX_UNSIZED_BODY`].
-async fn collect_bounded(mut body: Incoming) -> Result<Bytes, Failure> {
+async fn collect_bounded(mut body: ReqBody) -> Result<Bytes, Failure> {
     let mut out = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Failure::Client(e.into()))?;
