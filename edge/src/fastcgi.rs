@@ -386,7 +386,7 @@ impl FastCgi {
                 write_stdin(&mut conn, &bytes, write_deadline, &address).await?;
             } else if let Some(mut incoming) = body.take() {
                 while let Some(frame) = incoming.frame().await {
-                    let frame = frame.map_err(|e| Failure::Client(e.into()))?;
+                    let frame = frame.map_err(Failure::Client)?;
                     if let Ok(data) = frame.into_data() {
                         write_stdin(&mut conn, &data, write_deadline, &address).await?;
                     }
@@ -753,7 +753,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 async fn collect_bounded(mut body: ReqBody) -> Result<Bytes, Failure> {
     let mut out = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Failure::Client(e.into()))?;
+        let frame = frame.map_err(Failure::Client)?;
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > MAX_UNSIZED_BODY {
                 return Err(Failure::TooLarge);
@@ -1065,7 +1065,7 @@ mod tests {
                 };
                 let fcgi = fcgi.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                         let fcgi = fcgi.clone();
                         async move {
                             Ok::<_, std::convert::Infallible>(
@@ -1084,7 +1084,7 @@ mod tests {
 
     async fn route_and_serve(
         fcgi: &FastCgi,
-        mut req: Request<Incoming>,
+        mut req: Request<hyper::body::Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
         let path = crate::site::match_path(req.uri().path())
@@ -1127,7 +1127,7 @@ mod tests {
             *response.status_mut() = StatusCode::NOT_FOUND;
             return response;
         }
-        fcgi.serve(req, &ctx).await
+        fcgi.serve(req.map(ReqBody::Hyper), &ctx).await
     }
 
     /// A request: method, path, headers, body.
