@@ -1065,14 +1065,15 @@ mod tests {
                 };
                 let fcgi = fcgi.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let fcgi = fcgi.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(
-                                route_and_serve(&fcgi, req, peer).await,
-                            )
-                        }
-                    });
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let fcgi = fcgi.clone();
+                            async move {
+                                Ok::<_, std::convert::Infallible>(
+                                    route_and_serve(&fcgi, req, peer).await,
+                                )
+                            }
+                        });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
