@@ -42,11 +42,75 @@ pub(crate) fn upstream_failed(status: StatusCode, text: &'static str) -> Respons
     response
 }
 
+/// A client's request body: hyper's (HTTP/1.1 and HTTP/2) or any other (HTTP/3's streams,
+/// `crate::h3`). An enum rather than a box so the HTTP/1.1 and HTTP/2 path stays a direct
+/// call to hyper's body; errors are boxed, which costs only when a body fails.
+pub(crate) enum ReqBody {
+    /// From hyper.
+    Hyper(Incoming),
+    /// From elsewhere (HTTP/3). In a mutex only to be `Sync` as hyper's body is (directives
+    /// hold the request across awaits); polling takes `&mut` and never locks.
+    Other(std::sync::Mutex<UnsyncBoxBody<Bytes, BoxError>>),
+}
+
+impl ReqBody {
+    /// `body` as a request body.
+    pub(crate) fn other(body: UnsyncBoxBody<Bytes, BoxError>) -> ReqBody {
+        ReqBody::Other(std::sync::Mutex::new(body))
+    }
+}
+
+impl std::fmt::Debug for ReqBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReqBody::Hyper(body) => body.fmt(f),
+            ReqBody::Other(_) => f.write_str("ReqBody::Other"),
+        }
+    }
+}
+
+impl HttpBody for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Hyper(body) => std::pin::Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ReqBody::Other(body) => match body.get_mut() {
+                Ok(body) => std::pin::Pin::new(body).poll_frame(cx),
+                Err(_) => std::task::Poll::Ready(Some(Err("request body poisoned".into()))),
+            },
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Hyper(body) => body.is_end_stream(),
+            ReqBody::Other(body) => body.lock().map_or(true, |b| b.is_end_stream()),
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Hyper(body) => body.size_hint(),
+            ReqBody::Other(body) => body
+                .lock()
+                .map_or_else(|_| SizeHint::new(), |b| b.size_hint()),
+        }
+    }
+}
+
 /// A request body sent upstream: the client's, streamed, or none (so a request without a
 /// body can be sent again to the next upstream).
 pub(crate) enum UpBody {
     /// The client's body.
-    Client(Incoming),
+    Client(ReqBody),
     /// The client's body under `request_body max_size`.
     Capped(Capped),
     /// No body.
@@ -57,7 +121,7 @@ pub(crate) enum UpBody {
 /// checked frame by frame as it streams, so nothing past the limit is ever held; the flag
 /// tells whoever sent it why the exchange failed.
 pub(crate) struct Capped {
-    inner: Incoming,
+    inner: ReqBody,
     left: u64,
     over: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -65,7 +129,7 @@ pub(crate) struct Capped {
 impl Capped {
     /// `inner`, cut after `limit` bytes; `over` is set when it is.
     pub(crate) fn new(
-        inner: Incoming,
+        inner: ReqBody,
         limit: u64,
         over: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Capped {

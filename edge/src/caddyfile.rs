@@ -848,17 +848,12 @@ fn servers(
                 let mut wanted: Vec<&str> = args.clone();
                 wanted.sort_unstable();
                 match wanted.as_slice() {
-                    ["h1", "h2"] => {}
-                    w if w.contains(&"h3") => {
-                        return Err(p.err(
-                            line,
-                            "servers protocols h3: the edge has no HTTP/3 yet (issue 22); write `protocols h1 h2`",
-                        ));
-                    }
+                    ["h1", "h2"] => toml.limits.http3 = Some(false),
+                    ["h1", "h2", "h3"] => toml.limits.http3 = None,
                     _ => {
                         return Err(p.err(
                             line,
-                            "servers protocols: only `h1 h2` (both, the edge's default) is supported",
+                            "servers protocols: only `h1 h2 h3` (the edge's default) and `h1 h2` (no HTTP/3) are supported",
                         ));
                     }
                 }
@@ -1784,6 +1779,11 @@ mod tests {
         assert_eq!(toml.limits.idle_timeout.as_deref(), Some("1m"));
         assert_eq!(toml.limits.max_header_bytes, Some(16_000));
         assert_eq!(
+            toml.limits.http3,
+            Some(false),
+            "protocols h1 h2 turns HTTP/3 off"
+        );
+        assert_eq!(
             toml.log.as_ref().unwrap().format.as_deref(),
             Some("console")
         );
@@ -1804,8 +1804,8 @@ mod tests {
         assert_eq!(debug.sites[0].tls_challenges, ["tls-alpn-01"]);
         for (text, wanted) in [
             (
-                "{\n servers {\n  protocols h1 h2 h3\n }\n}\n",
-                ":3: servers protocols h3",
+                "{\n servers {\n  protocols h2 h3\n }\n}\n",
+                ":3: servers protocols: only `h1 h2 h3`",
             ),
             (
                 "{\n servers :443 {\n  protocols h1 h2\n }\n}\n",

@@ -192,6 +192,11 @@ pub(crate) struct LimitsToml {
     /// in the kernel's backlog. A reload applies a new value. Default 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) max_connections: Option<usize>,
+    /// HTTP/3 (QUIC) on the UDP twin of every HTTPS port, advertised by `Alt-Svc`; a
+    /// Caddyfile's `servers { protocols h1 h2 }` turns it off. Its connections count under
+    /// `max_connections` and get `h2_max_concurrent_streams` streams. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) http3: Option<bool>,
 }
 
 impl LimitsToml {
@@ -544,6 +549,8 @@ pub(crate) struct Limits {
     pub(crate) h2_max_concurrent_streams: u32,
     /// See [`LimitsToml::max_connections`].
     pub(crate) max_connections: usize,
+    /// See [`LimitsToml::http3`].
+    pub(crate) http3: bool,
     /// The PROXY protocol header every connection opens with, if one does.
     pub(crate) proxy_protocol: Option<Arc<crate::proxy_protocol::Settings>>,
 }
@@ -559,6 +566,7 @@ impl Default for Limits {
             upstream_response_timeout: Duration::from_secs(60),
             h2_max_concurrent_streams: 250,
             max_connections: 10_000,
+            http3: true,
             proxy_protocol: None,
         }
     }
@@ -836,6 +844,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
             Some(n) => n,
             None => defaults.max_connections,
         },
+        http3: l.http3.unwrap_or(defaults.http3),
         proxy_protocol: match &raw.proxy_protocol {
             None => None,
             Some(pp) => Some(Arc::new(

@@ -27,14 +27,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty, StreamBody};
-use hyper::body::{Body as HttpBody, Frame, Incoming};
+use hyper::body::{Body as HttpBody, Frame};
 use hyper::http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 
-use crate::body::{Body, BoxError};
+use crate::body::{Body, BoxError, ReqBody};
 use crate::files::{OriginalUri, TryFiles, join, try_files};
 
 /// The most a CGI header block from the upstream may take (nginx's default is 4 or 8 KiB).
@@ -303,7 +303,7 @@ impl FastCgi {
     /// Runs `req` on the upstream and answers with what it printed.
     pub(crate) async fn serve(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         ctx: &FastCgiContext,
     ) -> Response<Body> {
         match self.exchange(req, ctx).await {
@@ -321,7 +321,7 @@ impl FastCgi {
 
     async fn exchange(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         ctx: &FastCgiContext,
     ) -> Result<Response<Body>, Failure> {
         let (parts, body) = req.into_parts();
@@ -386,7 +386,7 @@ impl FastCgi {
                 write_stdin(&mut conn, &bytes, write_deadline, &address).await?;
             } else if let Some(mut incoming) = body.take() {
                 while let Some(frame) = incoming.frame().await {
-                    let frame = frame.map_err(|e| Failure::Client(e.into()))?;
+                    let frame = frame.map_err(Failure::Client)?;
                     if let Ok(data) = frame.into_data() {
                         write_stdin(&mut conn, &data, write_deadline, &address).await?;
                     }
@@ -750,10 +750,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// A body of unknown length, collected up to [`MAX_UNSIZED_BODY`].
-async fn collect_bounded(mut body: Incoming) -> Result<Bytes, Failure> {
+async fn collect_bounded(mut body: ReqBody) -> Result<Bytes, Failure> {
     let mut out = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Failure::Client(e.into()))?;
+        let frame = frame.map_err(Failure::Client)?;
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > MAX_UNSIZED_BODY {
                 return Err(Failure::TooLarge);
@@ -1065,14 +1065,15 @@ mod tests {
                 };
                 let fcgi = fcgi.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let fcgi = fcgi.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(
-                                route_and_serve(&fcgi, req, peer).await,
-                            )
-                        }
-                    });
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let fcgi = fcgi.clone();
+                            async move {
+                                Ok::<_, std::convert::Infallible>(
+                                    route_and_serve(&fcgi, req, peer).await,
+                                )
+                            }
+                        });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -1084,7 +1085,7 @@ mod tests {
 
     async fn route_and_serve(
         fcgi: &FastCgi,
-        mut req: Request<Incoming>,
+        mut req: Request<hyper::body::Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
         let path = crate::site::match_path(req.uri().path())
@@ -1127,7 +1128,7 @@ mod tests {
             *response.status_mut() = StatusCode::NOT_FOUND;
             return response;
         }
-        fcgi.serve(req, &ctx).await
+        fcgi.serve(req.map(ReqBody::Hyper), &ctx).await
     }
 
     /// A request: method, path, headers, body.

@@ -16,13 +16,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, Logged, Record};
-use crate::body::{Body, status_response};
+use crate::body::{Body, ReqBody, status_response};
 use crate::certs::ChallengeResponder;
 use crate::context::Cx;
 use crate::directives::Io;
@@ -115,7 +114,7 @@ impl std::error::Error for AbortConnection {}
 
 /// Serves one request.
 pub(crate) async fn handle(
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     conn: Arc<Conn>,
 ) -> Result<Response<Logged>, AbortConnection> {
     let state = &*conn.state;
@@ -131,6 +130,7 @@ pub(crate) async fn handle(
         client_ip: None,
         proto: match req.version() {
             Version::HTTP_2 => "HTTP/2.0",
+            Version::HTTP_3 => "HTTP/3.0",
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         },
@@ -174,7 +174,7 @@ pub(crate) async fn handle(
 }
 
 async fn route(
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     conn: &Arc<Conn>,
     state: &State,
     record: Option<&mut Record>,
@@ -243,7 +243,18 @@ async fn route(
                 "misdirected request: the Host differs from the TLS name\n",
             ),
             Some(site) => {
-                serve_site(site, &router, req, conn, state, host, host_value, record).await
+                // HTTP/1.1 and HTTP/2 answers point the client at HTTP/3 (as Caddy's do).
+                let alt_svc = match req.version() {
+                    Version::HTTP_3 => None,
+                    _ if site.alt_svc => router.alt_svc(conn.port).cloned(),
+                    _ => None,
+                };
+                let mut response =
+                    serve_site(site, &router, req, conn, state, host, host_value, record).await;
+                if let Some(value) = alt_svc {
+                    response.headers_mut().insert(header::ALT_SVC, value);
+                }
+                response
             }
             None => status_response(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -265,7 +276,7 @@ fn bracket(host: &str) -> String {
 async fn serve_site(
     served: &Arc<Served>,
     router: &Router,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     conn: &Arc<Conn>,
     state: &State,
     host: String,

@@ -40,6 +40,7 @@ pub mod fuzz;
 mod handler;
 mod header_ops;
 mod health;
+mod http3;
 mod lb;
 mod limit;
 mod log_roll;

@@ -48,6 +48,16 @@ impl ConnLimit {
         })
     }
 
+    /// Takes a free place if there is one (a QUIC connection cannot wait in a backlog: one
+    /// over the limit is refused and its client falls back to TCP).
+    pub(crate) fn try_acquire(&self) -> Option<ConnPermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        Some(ConnPermit {
+            permit: Some(permit),
+            debt: self.debt.clone(),
+        })
+    }
+
     /// Makes the limit `size` (a reload changed `max_connections`).
     pub(crate) fn resize(&self, size: usize) {
         let mut current = self.size.lock().expect("the limit lock is never poisoned");

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use hyper::http::HeaderValue;
+
 use crate::access_log::AccessLog;
 use crate::client_ip::Policy;
 use crate::directives::Chain;
@@ -26,6 +28,10 @@ pub(crate) struct Served {
     /// Requests must name the host their TLS handshake named (a `client_auth` site: a client
     /// must not get past its handshake through another name's).
     pub(crate) strict_sni: bool,
+    /// Its responses over HTTP/1.1 and HTTP/2 advertise HTTP/3 (`Alt-Svc`): not for a site
+    /// whose TLS settings (client certificates, protocols, ciphers) the QUIC handshake does
+    /// not apply, whose names HTTP/3 refuses.
+    pub(crate) alt_svc: bool,
 }
 
 /// Sites reachable on one port.
@@ -48,6 +54,8 @@ pub(crate) struct Router {
     site_logs: bool,
     /// Trusted proxies, when some are.
     client_ip: Option<Arc<Policy>>,
+    /// The `Alt-Svc` value of each HTTPS port with an HTTP/3 listener on its UDP twin.
+    alt_svc: Vec<(u16, HeaderValue)>,
 }
 
 impl Router {
@@ -93,6 +101,7 @@ impl Router {
                         chain: chain.clone(),
                         log: None,
                         strict_sni: false,
+                        alt_svc: true,
                     })
                 })
                 .collect(),
@@ -100,6 +109,38 @@ impl Router {
             https,
             site_logs: false,
             client_ip: None,
+            alt_svc: Vec::new(),
+        }
+    }
+
+    /// Advertises HTTP/3 on each of `ports` (bound HTTPS ports with a QUIC listener), as
+    /// Caddy does: `h3=":PORT"; ma=2592000`.
+    pub(crate) fn set_http3_ports(&mut self, ports: &[u16]) {
+        self.alt_svc = ports
+            .iter()
+            .map(|port| {
+                let value = HeaderValue::from_str(&format!("h3=\":{port}\"; ma=2592000"))
+                    .expect("a port number makes a header value");
+                (*port, value)
+            })
+            .collect();
+    }
+
+    /// The `Alt-Svc` value for responses on `port`, when HTTP/3 is served there.
+    #[inline]
+    pub(crate) fn alt_svc(&self, port: u16) -> Option<&HeaderValue> {
+        self.alt_svc
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, v)| v)
+    }
+
+    /// Marks the sites (by index) that advertise HTTP/3.
+    pub(crate) fn set_alt_svc(&mut self, advertise: Vec<bool>) {
+        for (served, advertise) in self.sites.iter_mut().zip(advertise) {
+            if let Some(served) = Arc::get_mut(served) {
+                served.alt_svc = advertise;
+            }
         }
     }
 

@@ -1,5 +1,5 @@
-//! The running edge: listeners, TLS handshakes, HTTP/1.1 and HTTP/2 connections, reload on
-//! SIGHUP and the drain on SIGTERM.
+//! The running edge: listeners, TLS handshakes, HTTP/1.1 and HTTP/2 connections, the QUIC
+//! endpoints of HTTP/3 (served by [`crate::http3`]), reload on SIGHUP and the drain on SIGTERM.
 //!
 //! Ownership: every accept loop and connection task lives in a `TaskTracker`; upgraded
 //! (WebSocket) connections in another. A reload swaps the router, certificates and upstream
@@ -52,11 +52,13 @@ use crate::access_log::{self, AccessLog};
 use crate::acme::{Acme, Challenges, Plan};
 use crate::activity::Activity;
 use crate::admin;
+use crate::body::ReqBody;
 use crate::ca::Ca;
 use crate::caddyfile;
 use crate::certs::{Certs, ChallengeResponder, Entry, Fixed, Resolver, key_of};
 use crate::config::{self, Config, Limits, LogOutput, LogSpec};
 use crate::handler::{self, Conn, State};
+use crate::http3;
 use crate::limit::{ConnLimit, ConnPermit};
 use crate::on_demand::{self, OnDemand};
 use crate::proxy::Client;
@@ -340,6 +342,25 @@ impl SiteLogs {
 struct Listener {
     addrs: Vec<SocketAddr>,
     stop: CancellationToken,
+    /// HTTP/3 on the UDP twin of an HTTPS listener.
+    quic: Option<Quic>,
+}
+
+/// The QUIC endpoints of one HTTPS listener. They outlive a reload (its connections and
+/// their streams carry on); stopping one ends its accept loops and refuses new connections
+/// while the open ones finish.
+struct Quic {
+    endpoints: Vec<quinn::Endpoint>,
+    stop: CancellationToken,
+}
+
+impl Quic {
+    fn stop(&self) {
+        self.stop.cancel();
+        for endpoint in &self.endpoints {
+            endpoint.set_server_config(None);
+        }
+    }
 }
 
 /// What the accept loops and connections share, besides [`State`].
@@ -598,6 +619,9 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     for listener in listeners.values() {
+        if let Some(quic) = &listener.quic {
+            quic.stop();
+        }
         listener.stop.cancel();
     }
     shared.drain.cancel();
@@ -605,6 +629,12 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     let drained = labcore::signals::drain(&shared.conns, grace).await;
     if !drained {
         tracing::warn!(grace = ?grace, "connections still open after the grace period; closing them");
+    }
+    for quic in listeners.values().filter_map(|l| l.quic.as_ref()) {
+        for endpoint in &quic.endpoints {
+            // H3_NO_ERROR to whatever outlived the grace period.
+            endpoint.close(quinn::VarInt::from_u32(0x100), b"");
+        }
     }
     hard_stop.cancel();
     let _ = labcore::signals::drain(&upgraded, Duration::from_secs(2)).await;
@@ -681,6 +711,19 @@ fn router_for(config: &Config, listeners: &HashMap<(u16, Scheme), Listener>) -> 
         router.disable_redirects();
     }
     router.set_client_ip(config.client_ip.clone());
+    let http3_ports: Vec<u16> = listeners
+        .values()
+        .filter(|l| l.quic.is_some())
+        .filter_map(|l| l.addrs.first().map(|a| a.port()))
+        .collect();
+    router.set_http3_ports(&http3_ports);
+    router.set_alt_svc(
+        config
+            .sites
+            .iter()
+            .map(|s| s.client_auth.is_none() && s.tls_options.is_none())
+            .collect(),
+    );
     router.set_strict_sni(
         config
             .sites
@@ -747,11 +790,43 @@ async fn reload(
         let keep = wanted.contains(key);
         if !keep {
             tracing::info!(addrs = ?listener.addrs, "port no longer used; closing its listener");
+            if let Some(quic) = &listener.quic {
+                quic.stop();
+            }
             listener.stop.cancel();
         }
         keep
     });
-    if **shared.limits.load() != config.limits {
+    let limits_changed = **shared.limits.load() != config.limits;
+    for ((_, scheme), listener) in listeners.iter_mut() {
+        if *scheme != Scheme::Https {
+            continue;
+        }
+        match &listener.quic {
+            None if config.limits.http3 => {
+                listener.quic = Some(bind_quic(
+                    &listener.addrs,
+                    &listener.stop,
+                    shared,
+                    &config.limits,
+                )?);
+            }
+            Some(quic) if !config.limits.http3 => {
+                tracing::info!(addrs = ?listener.addrs, "HTTP/3 turned off; open QUIC connections finish");
+                quic.stop();
+                listener.quic = None;
+            }
+            Some(quic) if limits_changed => {
+                // New connections get the new bounds; open ones keep theirs.
+                let quic_config = quic_config(shared, &config.limits)?;
+                for endpoint in &quic.endpoints {
+                    endpoint.set_server_config(Some(quic_config.clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+    if limits_changed {
         shared
             .state
             .client
@@ -793,9 +868,161 @@ async fn bind_missing(
                 )));
             }
         }
-        listeners.insert((port, scheme), Listener { addrs, stop });
+        let quic = if scheme == Scheme::Https && config.limits.http3 {
+            Some(bind_quic(&addrs, &stop, shared, &config.limits)?)
+        } else {
+            None
+        };
+        listeners.insert((port, scheme), Listener { addrs, stop, quic });
     }
     Ok(())
+}
+
+/// The QUIC server config for HTTP/3: TLS 1.3 with the live certificates, ALPN `h3`.
+fn quic_config(shared: &Shared, limits: &Limits) -> Result<quinn::ServerConfig, Error> {
+    let mut tls = ServerConfig::builder_with_provider(shared.provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(Error::Tls)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Resolver(shared.certs.clone())));
+    tls.alpn_protocols = vec![http3::ALPN.to_vec()];
+    tls.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(Error::Tls)?;
+    // No 0-RTT: rustls' max_early_data_size stays 0.
+    http3::server_config(Arc::new(tls), limits).map_err(Error::Internal)
+}
+
+/// Binds a QUIC endpoint on the UDP twin of each of `addrs` and starts its accept loop (on
+/// the main runtime, which also drives the endpoints; connections go to the workers).
+fn bind_quic(
+    addrs: &[SocketAddr],
+    listener_stop: &CancellationToken,
+    shared: &Arc<Shared>,
+    limits: &Limits,
+) -> Result<Quic, Error> {
+    let config = quic_config(shared, limits)?;
+    let stop = listener_stop.child_token();
+    let mut endpoints = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let socket = std::net::UdpSocket::bind(addr).map_err(|source| Error::Bind {
+            addr: *addr,
+            source,
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(config.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| Error::Bind {
+            addr: *addr,
+            source,
+        })?;
+        tokio::spawn(shared.conns.track_future(quic_accept_loop(
+            endpoint.clone(),
+            addr.port(),
+            shared.clone(),
+            stop.clone(),
+        )));
+        endpoints.push(endpoint);
+    }
+    Ok(Quic { endpoints, stop })
+}
+
+async fn quic_accept_loop(
+    endpoint: quinn::Endpoint,
+    port: u16,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut next = 0usize;
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        // A QUIC client cannot wait in a backlog: over the limit it is refused and falls
+        // back to TCP, where it waits for a place.
+        let Some(permit) = shared.limit.try_acquire() else {
+            incoming.refuse();
+            continue;
+        };
+        let worker = &shared.workers[next % shared.workers.len()];
+        next = next.wrapping_add(1);
+        worker.spawn(
+            shared
+                .conns
+                .track_future(serve_quic(incoming, port, shared.clone(), permit)),
+        );
+    }
+}
+
+/// HTTP/3's "retry over HTTP/1.1" (RFC 9114, 8.1).
+const H3_VERSION_FALLBACK: u32 = 0x110;
+
+async fn serve_quic(incoming: quinn::Incoming, port: u16, shared: Arc<Shared>, permit: ConnPermit) {
+    let peer = incoming.remote_address();
+    let limits = shared.limits.load_full();
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(err) => {
+            tracing::info!(%peer, error = %err, "QUIC connection refused");
+            return;
+        }
+    };
+    let connection = match tokio::time::timeout(limits.tls_handshake_timeout, connecting).await {
+        Err(_) => {
+            tracing::info!(%peer, "QUIC handshake timed out");
+            return;
+        }
+        Ok(Err(err)) => {
+            tracing::info!(%peer, error = %err, "QUIC handshake failed");
+            return;
+        }
+        Ok(Ok(connection)) => connection,
+    };
+    let sni = connection
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.server_name)
+        .map(|n| n.to_ascii_lowercase());
+    if let Some(name) = &sni {
+        // Client certificates and a site's own handshake options apply to TCP handshakes
+        // only: such a site is not served over HTTP/3 (its clients fall back to TCP).
+        let by_name = shared.by_name.load();
+        let wildcard = name
+            .split_once('.')
+            .map(|(_, parent)| format!("*.{parent}"));
+        if by_name.contains_key(name.as_str())
+            || wildcard.is_some_and(|w| by_name.contains_key(&w))
+            || by_name.contains_key("")
+        {
+            tracing::info!(%peer, sni = name, "this name has TLS settings of its own; refusing HTTP/3");
+            connection.close(
+                quinn::VarInt::from_u32(H3_VERSION_FALLBACK),
+                b"served over TCP only",
+            );
+            return;
+        }
+    }
+    let conn = Arc::new(Conn {
+        state: shared.state.clone(),
+        peer,
+        port,
+        scheme: Scheme::Https,
+        forwarded_for: HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+            .expect("an IP address is a header value"),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        requests: AtomicU64::new(0),
+        sni: std::sync::OnceLock::new(),
+        _permit: permit,
+    });
+    if let Some(name) = sni {
+        let _ = conn.sni.set(name);
+    }
+    http3::serve(connection, conn, limits, shared.drain.child_token()).await;
 }
 
 /// Binds `ips` on `port`, `copies` sockets per address (`SO_REUSEPORT`: the kernel spreads
@@ -1060,7 +1287,9 @@ async fn serve_http<I>(
         // shared by every connection of every worker, each time the connection is polled.
         drain: shared.drain.child_token(),
     };
-    let service = service_fn(move |req| handler::handle(req, conn.clone()));
+    let service = service_fn(move |req: hyper::Request<Incoming>| {
+        handler::handle(req.map(ReqBody::Hyper), conn.clone())
+    });
     let io = TokioIo::new(io);
     if h2 {
         let mut builder = http2::Builder::new(TokioExecutor::new());

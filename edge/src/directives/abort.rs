@@ -1,6 +1,6 @@
 //! `abort [matcher]`: closes the connection without answering.
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::Request;
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +32,7 @@ pub(crate) fn build(
 struct Abort;
 
 impl Handler for Abort {
-    fn enter<'s>(&'s self, _req: &mut Request<Incoming>, _cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, _req: &mut Request<ReqBody>, _cx: &mut Cx) -> Step<'s> {
         Step::Abort
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{Request, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
@@ -72,13 +72,13 @@ struct Auth {
 }
 
 impl Handler for Auth {
-    fn enter<'s>(&'s self, _req: &mut Request<Incoming>, _cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, _req: &mut Request<ReqBody>, _cx: &mut Cx) -> Step<'s> {
         Step::Gate
     }
 
     fn gate<'s>(
         &'s self,
-        req: &'s Request<Incoming>,
+        req: &'s Request<ReqBody>,
         _cx: &'s mut Cx,
         io: &'s mut Io<'_>,
     ) -> super::Gating<'s> {

@@ -1,7 +1,7 @@
 //! `copy_response [STATUS]`, only inside `reverse_proxy`'s `handle_response`: answers with
 //! the upstream's response being handled (its status, or STATUS, its headers and body).
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
@@ -46,7 +46,7 @@ struct CopyResponse {
 }
 
 impl Handler for CopyResponse {
-    fn enter<'s>(&'s self, _req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, _req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         let Some(proxied) = cx.proxied.as_mut() else {
             return Step::Error(
                 StatusCode::INTERNAL_SERVER_ERROR,

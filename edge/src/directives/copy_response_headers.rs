@@ -4,7 +4,7 @@
 //! not a value the answer has already: with `copy_response`, which copies every field
 //! itself, Caddy 2.6 sends each field twice (two Content-Length, two Location), the edge once.
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{HeaderMap, HeaderName, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
@@ -78,7 +78,7 @@ struct CopyHeaders {
 }
 
 impl Handler for CopyHeaders {
-    fn enter<'s>(&'s self, _req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, _req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         let Some(proxied) = &cx.proxied else {
             return Step::Error(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,7 +1,7 @@
 //! `encode [matcher] [zstd] [gzip] { minimum_length N }`: compresses responses for clients
 //! that accept it, on the way back.
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{Method, Request, Response, header};
 use serde::{Deserialize, Serialize};
 
@@ -95,7 +95,7 @@ struct Compress {
 }
 
 impl Handler for Compress {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, _cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, _cx: &mut Cx) -> Step<'s> {
         if req.method() == Method::HEAD {
             return Step::Next;
         }

@@ -1,7 +1,7 @@
 //! `error [matcher] [MESSAGE] [STATUS]`: fails the request with a status (default 500),
 //! which the site's `handle_errors` routes may answer; without them, an empty response.
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +61,7 @@ struct Error {
 }
 
 impl Handler for Error {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         Step::Error(self.status, self.message.render(Req::of(req), cx))
     }
 

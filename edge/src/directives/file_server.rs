@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
 
@@ -122,13 +122,13 @@ struct Files {
 }
 
 impl Handler for Files {
-    fn enter<'s>(&'s self, _req: &mut Request<Incoming>, _cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, _req: &mut Request<ReqBody>, _cx: &mut Cx) -> Step<'s> {
         Step::Serve
     }
 
     fn serve<'s>(
         &'s self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         cx: &'s mut Cx,
         _io: &'s mut Io<'_>,
     ) -> Serving<'s> {

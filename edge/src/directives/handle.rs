@@ -3,7 +3,7 @@
 //! blocks exclude each other: only the first matching runs (the chain's groups).
 //! `handle_path` strips its path prefix first.
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::Request;
 use serde::{Deserialize, Serialize};
 
@@ -60,7 +60,7 @@ pub(crate) struct Handle {
 }
 
 impl Handler for Handle {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         if let Some(prefix) = &self.strip
             && let Some(rest) = req.uri().path().strip_prefix(prefix.as_str())
         {

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{Request, Response};
 use serde::{Deserialize, Serialize};
 
@@ -136,7 +136,7 @@ struct Header {
 }
 
 impl Handler for Header {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         Step::Leave(Carry::Values(self.ops.render(Req::of(req), cx)))
     }
 

@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::Request;
 use regex_lite::Regex;
 use serde::{Deserialize, Serialize};
@@ -349,7 +349,7 @@ impl Map {
 }
 
 impl Handler for Map {
-    fn enter<'s>(&'s self, _req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, _req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         cx.maps.push(self.table.clone());
         Step::Next
     }

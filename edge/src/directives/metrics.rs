@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::http::{HeaderValue, Request, Response, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +28,7 @@ use super::{
     At, Build, BuildFail, Carry, Chain, Checking, Dir, Gating, Handler, Io, Routes, Scope, Serving,
     Step, at,
 };
-use crate::body::{Body, BoxError, UpstreamFailed};
+use crate::body::{Body, BoxError, ReqBody, UpstreamFailed};
 use crate::context::Cx;
 use crate::metrics::{self as m, Observed, Series};
 
@@ -81,7 +81,7 @@ pub(crate) fn exposition() -> Response<Body> {
 }
 
 impl Handler for Exposition {
-    fn enter<'s>(&'s self, _req: &mut Request<Incoming>, _cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, _req: &mut Request<ReqBody>, _cx: &mut Cx) -> Step<'s> {
         Step::Respond(exposition())
     }
 
@@ -144,7 +144,7 @@ struct Metered {
 }
 
 impl Handler for Metered {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         self.series.enter();
         cx.metered |= self.bit;
         self.inner.enter(req, cx)
@@ -156,7 +156,7 @@ impl Handler for Metered {
 
     fn serve<'s>(
         &'s self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         cx: &'s mut Cx,
         io: &'s mut Io<'_>,
     ) -> Serving<'s> {
@@ -165,7 +165,7 @@ impl Handler for Metered {
 
     fn gate<'s>(
         &'s self,
-        req: &'s Request<Incoming>,
+        req: &'s Request<ReqBody>,
         cx: &'s mut Cx,
         io: &'s mut Io<'_>,
     ) -> Gating<'s> {
@@ -174,7 +174,7 @@ impl Handler for Metered {
 
     fn check<'s: 'r, 'r>(
         &'s self,
-        req: &'r mut Request<Incoming>,
+        req: &'r mut Request<ReqBody>,
         cx: &'r mut Cx,
         io: &'r mut Io<'_>,
     ) -> Checking<'s, 'r> {
@@ -215,9 +215,10 @@ fn meter_routes(list: &mut Routes, server: &str, series: &mut Vec<Arc<Series>>) 
 
 /// Caddy's approximate request size: URL, method, protocol, header names and values,
 /// Host, and the declared body length.
-fn request_size(req: &Request<Incoming>) -> u64 {
+fn request_size(req: &Request<ReqBody>) -> u64 {
     let proto = match req.version() {
         hyper::Version::HTTP_2 => "HTTP/2.0".len(),
+        hyper::Version::HTTP_3 => "HTTP/3.0".len(),
         hyper::Version::HTTP_10 => "HTTP/1.0".len(),
         _ => "HTTP/1.1".len(),
     };
@@ -242,7 +243,7 @@ fn request_size(req: &Request<Incoming>) -> u64 {
 pub(crate) async fn run(
     chain: &Chain,
     meter: &Arc<Meter>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     cx: &mut Cx,
     io: &mut Io<'_>,
 ) -> Response<Body> {

@@ -50,9 +50,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::body::ReqBody;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use hyper::http::{HeaderValue, Request, Response, StatusCode};
 use labcore::Env;
 use serde::{Deserialize, Serialize};
@@ -226,7 +226,7 @@ pub(crate) type Checking<'s, 'r> = Pin<Box<dyn Future<Output = Checked<'s>> + Se
 /// A compiled directive.
 pub(crate) trait Handler: fmt::Debug + Send + Sync {
     /// On the way in: change the request or the context, or say how to go on.
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s>;
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s>;
 
     /// On the way back (after [`Step::Leave`]).
     fn leave(&self, _carry: Carry, _cx: &Cx, _response: &mut Response<Body>) {}
@@ -234,7 +234,7 @@ pub(crate) trait Handler: fmt::Debug + Send + Sync {
     /// Serves the request (after [`Step::Serve`]).
     fn serve<'s>(
         &'s self,
-        _req: Request<Incoming>,
+        _req: Request<ReqBody>,
         _cx: &'s mut Cx,
         _io: &'s mut Io<'_>,
     ) -> Serving<'s> {
@@ -244,7 +244,7 @@ pub(crate) trait Handler: fmt::Debug + Send + Sync {
     /// Checks the request (after [`Step::Gate`]): `Some` answers it.
     fn gate<'s>(
         &'s self,
-        _req: &'s Request<Incoming>,
+        _req: &'s Request<ReqBody>,
         _cx: &'s mut Cx,
         _io: &'s mut Io<'_>,
     ) -> Gating<'s> {
@@ -255,7 +255,7 @@ pub(crate) trait Handler: fmt::Debug + Send + Sync {
     /// server about it (`forward_auth`).
     fn check<'s: 'r, 'r>(
         &'s self,
-        _req: &'r mut Request<Incoming>,
+        _req: &'r mut Request<ReqBody>,
         _cx: &'r mut Cx,
         _io: &'r mut Io<'_>,
     ) -> Checking<'s, 'r> {
@@ -451,7 +451,7 @@ pub(crate) struct Aborted;
 
 async fn walk<'s>(
     start: &'s Routes,
-    req: &mut Request<Incoming>,
+    req: &mut Request<ReqBody>,
     cx: &mut Cx,
     io: &mut Io<'_>,
     leaves: &mut Vec<(&'s dyn Handler, Carry)>,
@@ -519,7 +519,7 @@ impl Chain {
     /// Runs `req` through the chain.
     pub(crate) async fn run(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         cx: &mut Cx,
         io: &mut Io<'_>,
     ) -> Response<Body> {
@@ -532,7 +532,7 @@ impl Chain {
     /// Runs `req` through the chain without counting it.
     pub(crate) async fn run_unmetered(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         cx: &mut Cx,
         io: &mut Io<'_>,
     ) -> Response<Body> {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{HeaderValue, Request, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
@@ -207,7 +207,7 @@ fn site_root(cx: &Cx) -> &Path {
 }
 
 impl Handler for PhpFastCgi {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         let first = &self.upstreams[0];
         let path = String::from_utf8_lossy(cx.match_path()).into_owned();
         match first.route_in(site_root(cx), &path) {
@@ -247,7 +247,7 @@ impl Handler for PhpFastCgi {
 
     fn serve<'s>(
         &'s self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         cx: &'s mut Cx,
         io: &'s mut Io<'_>,
     ) -> Serving<'s> {

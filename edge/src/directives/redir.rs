@@ -1,7 +1,7 @@
 //! `redir [matcher] TO [CODE]`: answers with a redirect. CODE is `temporary` (302, the
 //! default), `permanent` (301), any 3xx, or `html` (a 200 page that redirects, as Caddy's).
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{HeaderValue, Request, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
@@ -104,7 +104,7 @@ fn html_page(to: &str) -> String {
 }
 
 impl Handler for Redir {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         let to = self.to.render(Req::of(req), cx);
         if self.html {
             // Escaped, placeholder values too: a decoded `{path}` may hold `"` or `<`.

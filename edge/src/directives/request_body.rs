@@ -10,7 +10,7 @@
 //!
 //! Invariant: the limit only ever lowers (two matching `request_body` keep the smaller).
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::Request;
 use serde::{Deserialize, Serialize};
 
@@ -102,7 +102,7 @@ struct RequestBody {
 }
 
 impl Handler for RequestBody {
-    fn enter<'s>(&'s self, _req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, _req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         cx.body_limit = Some(cx.body_limit.map_or(self.max, |l| l.min(self.max)));
         Step::Next
     }

@@ -4,7 +4,7 @@
 //! request: `request_header Remote-User {http.reverse_proxy.header.Remote-User}` inside
 //! `handle_response`.
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::Request;
 use serde::{Deserialize, Serialize};
 
@@ -48,7 +48,7 @@ struct RequestHeader {
 }
 
 impl Handler for RequestHeader {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         let rendered = self.ops.render(Req::of(req), cx);
         self.ops.apply(req.headers_mut(), &rendered);
         Step::Next

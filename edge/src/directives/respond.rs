@@ -1,9 +1,9 @@
 //! `respond [matcher] [BODY|STATUS] [STATUS] { body TEXT; close }`: answers with a fixed
 //! status and body (placeholders rendered), as Caddy's `static_response`.
 
+use crate::body::ReqBody;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::http::{HeaderValue, Request, Response, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
@@ -109,7 +109,7 @@ pub(crate) fn text(status: StatusCode, body: String, close: Option<()>) -> Respo
 }
 
 impl Handler for Respond {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         let body = self
             .body
             .as_ref()

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::uri::PathAndQuery;
 use hyper::http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use serde::{Deserialize, Serialize};
@@ -571,7 +571,7 @@ impl ReverseProxy {
             .await
     }
 
-    fn target(&self, req: &Request<Incoming>, cx: &Cx) -> Option<(Method, PathAndQuery)> {
+    fn target(&self, req: &Request<ReqBody>, cx: &Cx) -> Option<(Method, PathAndQuery)> {
         if self.method.is_none() && self.rewrite.is_none() {
             return None;
         }
@@ -585,7 +585,7 @@ impl ReverseProxy {
 }
 
 impl Handler for ReverseProxy {
-    fn enter<'s>(&'s self, _req: &mut Request<Incoming>, _cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, _req: &mut Request<ReqBody>, _cx: &mut Cx) -> Step<'s> {
         if self.reactions.is_empty() {
             Step::Serve
         } else {
@@ -595,7 +595,7 @@ impl Handler for ReverseProxy {
 
     fn check<'s: 'r, 'r>(
         &'s self,
-        req: &'r mut Request<Incoming>,
+        req: &'r mut Request<ReqBody>,
         cx: &'r mut Cx,
         io: &'r mut Io<'_>,
     ) -> Checking<'s, 'r> {
@@ -653,7 +653,7 @@ impl Handler for ReverseProxy {
 
     fn serve<'s>(
         &'s self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         cx: &'s mut Cx,
         io: &'s mut Io<'_>,
     ) -> Serving<'s> {

@@ -2,7 +2,7 @@
 //! later matchers see the new one; `{orig_uri}` keeps the old). As in Caddy, TO's part
 //! before `?` replaces the path when not empty, and a `?` replaces the query.
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::uri::PathAndQuery;
 use hyper::http::{Request, StatusCode, Uri};
 use serde::{Deserialize, Serialize};
@@ -95,7 +95,7 @@ pub(crate) fn target_of(to: &Template, req: Req<'_>, cx: &Cx) -> Option<PathAndQ
 /// Sets the request's target to `path` and `query` (escaped as needed), keeping scheme and
 /// authority. False when the result is no target.
 pub(crate) fn set_target(
-    req: &mut Request<Incoming>,
+    req: &mut Request<ReqBody>,
     cx: &mut Cx,
     path: &str,
     query: Option<&str>,
@@ -124,7 +124,7 @@ pub(crate) fn set_target(
 }
 
 impl Handler for Rewrite {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         let path = self.path.render_target(Req::of(req), cx);
         let query = match &self.query {
             Some(q) => Some(q.render(Req::of(req), cx)),

@@ -4,7 +4,7 @@
 //! Invariant: a placeholder's value adds no `..` segment to the root, so a request never
 //! moves the root above the folder the Caddyfile names.
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::Request;
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +44,7 @@ struct Root {
 }
 
 impl Handler for Root {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         // A value from the request (`{path.0}` of `/%2e%2e/etc`, decoded to `..`) never
         // climbs out of where the template put it: each is cleaned as if rooted first.
         let path = self.path.render_with(Req::of(req), cx, contained);

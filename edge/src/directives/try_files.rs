@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
 
@@ -69,7 +69,7 @@ fn escape_glob(text: &str) -> String {
 }
 
 impl Handler for Try {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         let mut paths = Vec::new();
         let mut queries = Vec::new();
         for (path, query) in &self.files {

@@ -1,7 +1,7 @@
 //! `uri [matcher] strip_prefix|strip_suffix|replace|path_regexp ...`: edits the request
 //! path (and keeps the query).
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::{Request, StatusCode};
 use regex_lite::Regex;
 use serde::{Deserialize, Serialize};
@@ -82,7 +82,7 @@ struct Uri {
 }
 
 impl Handler for Uri {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         let path = req.uri().path();
         let new = match &self.op {
             Op::StripPrefix(p) => match path.strip_prefix(p.as_str()) {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use hyper::body::Incoming;
+use crate::body::ReqBody;
 use hyper::http::Request;
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +61,7 @@ struct Vars {
 }
 
 impl Handler for Vars {
-    fn enter<'s>(&'s self, req: &mut Request<Incoming>, cx: &mut Cx) -> Step<'s> {
+    fn enter<'s>(&'s self, req: &mut Request<ReqBody>, cx: &mut Cx) -> Step<'s> {
         for (name, value) in &self.vars {
             let value = value.render(Req::of(req), cx);
             cx.set_var(name, value);

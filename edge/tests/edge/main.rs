@@ -14,6 +14,7 @@ mod dns01;
 mod dynamic_upstreams;
 mod forward_auth;
 mod globals;
+mod h3;
 mod limits;
 mod metrics;
 mod on_demand;
