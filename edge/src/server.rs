@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -1154,8 +1155,8 @@ struct Watch {
 impl Watch {
     async fn drive<C: Graceful>(self, conn: C) {
         let mut conn = std::pin::pin!(conn);
-        let mut ticks = tokio::time::interval(self.idle);
-        ticks.tick().await;
+        let mut idle = std::pin::pin!(tokio::time::sleep(self.idle));
+        let mut drain = std::pin::pin!(self.drain.cancelled());
         let peer = self.conn.peer;
         let activity = || {
             let bytes = self.bytes.as_ref().map_or(0, |b| b.load(Ordering::Relaxed));
@@ -1163,21 +1164,37 @@ impl Watch {
         };
         let mut seen = activity();
         let mut closing = false;
-        loop {
-            tokio::select! {
-                // The connection first: it is what wakes the task nearly every time.
-                biased;
-                result = conn.as_mut() => {
-                    if let Err(err) = result {
-                        tracing::info!(%peer, error = %labcore::exit::chain(&err), "connection closed on error");
+        // Whether the drain signal and the idle timer hold this task's waker. They keep the
+        // waker of their last poll, and this future is its task's own (the waker never
+        // changes), so once they hold it a wake-up only looks at them, an atomic load each.
+        // The connection wakes the task several times a request: polling both on every
+        // wake-up cost more than the look.
+        let (mut drain_waits, mut idle_waits) = (false, false);
+        let result = std::future::poll_fn(|cx| {
+            loop {
+                if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(result);
+                }
+                if !closing {
+                    let drained = if drain_waits {
+                        self.drain.is_cancelled()
+                    } else {
+                        drain_waits = true;
+                        drain.as_mut().poll(cx).is_ready()
+                    };
+                    if drained {
+                        closing = true;
+                        conn.as_mut().shut();
+                        continue;
                     }
-                    return;
                 }
-                _ = self.drain.cancelled(), if !closing => {
-                    closing = true;
-                    conn.as_mut().shut();
-                }
-                _ = ticks.tick() => {
+                let elapsed = if idle_waits {
+                    idle.is_elapsed()
+                } else {
+                    idle_waits = true;
+                    idle.as_mut().poll(cx).is_ready()
+                };
+                if elapsed {
                     let now = activity();
                     if !closing && now == seen && self.conn.in_flight.load(Ordering::Relaxed) == 0 {
                         tracing::debug!(%peer, "idle connection closed");
@@ -1185,8 +1202,16 @@ impl Watch {
                         conn.as_mut().shut();
                     }
                     seen = now;
+                    idle.as_mut().reset(tokio::time::Instant::now() + self.idle);
+                    idle_waits = false;
+                    continue;
                 }
+                return Poll::Pending;
             }
+        })
+        .await;
+        if let Err(err) = result {
+            tracing::info!(%peer, error = %labcore::exit::chain(&err), "connection closed on error");
         }
     }
 }
