@@ -70,6 +70,7 @@ pub(crate) struct Balancer {
 }
 
 /// An upstream as the policy sees it during one choice.
+#[derive(Clone, Copy)]
 struct View<'a> {
     upstream: &'a Upstream,
     host: &'a Host,
@@ -87,6 +88,9 @@ impl Candidate for View<'_> {
         self.host.in_flight()
     }
 }
+
+/// Most upstreams whose views [`Balancer::choose`] keeps on the stack.
+const STACK_VIEWS: usize = 8;
 
 impl Balancer {
     /// Fresh state for `proxy`: all upstreams healthy; `active` checks start now when given.
@@ -133,28 +137,40 @@ impl Balancer {
     /// failed upstream the last choice; Caddy's (`fail_duration` set) leaves it out.
     fn choose(&self, proxy: &Proxy, pick: &Pick<'_>, tried: u128) -> Choice {
         let was_tried = |i: usize| i < 128 && tried & (1 << i) != 0;
-        let view = |lenient: bool| -> Vec<View<'_>> {
-            self.upstreams
-                .iter()
-                .zip(self.hosts.iter())
-                .enumerate()
-                .map(|(i, (upstream, host))| View {
-                    upstream,
-                    host,
-                    available: !was_tried(i)
-                        && host.actively_healthy()
-                        && !proxy.passive.full(host)
-                        && (lenient || !proxy.passive.down(host)),
-                })
-                .collect()
+        let view = |i: usize, lenient: bool| -> View<'_> {
+            let host = &self.hosts[i];
+            View {
+                upstream: &self.upstreams[i],
+                host,
+                available: !was_tried(i)
+                    && host.actively_healthy()
+                    && !proxy.passive.full(host)
+                    && (lenient || !proxy.passive.down(host)),
+            }
         };
-        if let Some(choice) = proxy.policy.select(&view(false), pick) {
+        let select = |lenient: bool| -> Choice {
+            let n = self.upstreams.len();
+            if n == 0 {
+                return proxy.policy.select::<View<'_>>(&[], pick);
+            }
+            // A few upstreams' views fit on the stack: a Vec was an allocation per request.
+            if n <= STACK_VIEWS {
+                let mut views = [view(0, lenient); STACK_VIEWS];
+                for (i, v) in views.iter_mut().enumerate().take(n).skip(1) {
+                    *v = view(i, lenient);
+                }
+                return proxy.policy.select(&views[..n], pick);
+            }
+            let views: Vec<View<'_>> = (0..n).map(|i| view(i, lenient)).collect();
+            proxy.policy.select(&views, pick)
+        };
+        if let Some(choice) = select(false) {
             return Some(choice);
         }
         if proxy.passive.strict {
             return None;
         }
-        proxy.policy.select(&view(true), pick)
+        select(true)
     }
 
     fn failed(&self, proxy: &Proxy, i: usize) {
@@ -316,7 +332,9 @@ impl Client {
                 upstream: None,
             };
         }
-        let started = Instant::now();
+        // The clock is read only for the settings that need it (lb_try_duration here,
+        // unhealthy_latency below): each read is a visible part of a request's CPU.
+        let started = proxy.try_duration.map(|_| Instant::now());
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -375,12 +393,12 @@ impl Client {
         } else {
             HeaderMap::new()
         };
-        let host_text = fwd.host.to_str().unwrap_or("").to_owned();
+        let host_value: &HeaderValue = fwd.host;
         let pick = Pick {
             peer,
             client: cx.client,
             target: path.as_str(),
-            host: &host_text,
+            host: host_value.to_str().unwrap_or(""),
             headers: &client_headers,
         };
 
@@ -438,7 +456,7 @@ impl Client {
                 proxy.header_up.apply(up.headers_mut(), &rendered);
             }
             let in_flight = InFlight::start(&balancer.hosts, i);
-            let sent = Instant::now();
+            let sent = proxy.passive.unhealthy_latency.map(|_| Instant::now());
             let exchange = async {
                 if upgrade.is_some() {
                     // Boxed: a new connection's future is large, and only upgrades need it.
@@ -457,10 +475,11 @@ impl Client {
                 .unwrap_or(self.response_timeout);
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok((response, lease))) => {
-                    if proxy
-                        .passive
-                        .answered(&balancer.hosts[i], response.status(), sent.elapsed())
-                    {
+                    if proxy.passive.answered(
+                        &balancer.hosts[i],
+                        response.status(),
+                        sent.map_or(Duration::ZERO, |s| s.elapsed()),
+                    ) {
                         tracing::warn!(upstream = %upstream.text, "upstream marked down");
                     }
                     // `{upstream_hostport}` in header_down names the upstream that answered.
@@ -545,8 +564,8 @@ impl Client {
 
     /// Caddy's tryAgain: whether `lb_try_duration`/`lb_retries` allow another choice, after
     /// waiting `lb_try_interval`.
-    async fn try_again(&self, proxy: &Proxy, started: Instant, attempts: u32) -> bool {
-        if let Some(limit) = proxy.try_duration
+    async fn try_again(&self, proxy: &Proxy, started: Option<Instant>, attempts: u32) -> bool {
+        if let (Some(limit), Some(started)) = (proxy.try_duration, started)
             && started.elapsed() >= limit
         {
             return false;
