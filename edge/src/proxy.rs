@@ -70,6 +70,7 @@ pub(crate) struct Balancer {
 }
 
 /// An upstream as the policy sees it during one choice.
+#[derive(Clone, Copy)]
 struct View<'a> {
     upstream: &'a Upstream,
     host: &'a Host,
@@ -87,6 +88,9 @@ impl Candidate for View<'_> {
         self.host.in_flight()
     }
 }
+
+/// Most upstreams whose views [`Balancer::choose`] keeps on the stack.
+const STACK_VIEWS: usize = 8;
 
 impl Balancer {
     /// Fresh state for `proxy`: all upstreams healthy; `active` checks start now when given.
@@ -133,28 +137,40 @@ impl Balancer {
     /// failed upstream the last choice; Caddy's (`fail_duration` set) leaves it out.
     fn choose(&self, proxy: &Proxy, pick: &Pick<'_>, tried: u128) -> Choice {
         let was_tried = |i: usize| i < 128 && tried & (1 << i) != 0;
-        let view = |lenient: bool| -> Vec<View<'_>> {
-            self.upstreams
-                .iter()
-                .zip(self.hosts.iter())
-                .enumerate()
-                .map(|(i, (upstream, host))| View {
-                    upstream,
-                    host,
-                    available: !was_tried(i)
-                        && host.actively_healthy()
-                        && !proxy.passive.full(host)
-                        && (lenient || !proxy.passive.down(host)),
-                })
-                .collect()
+        let view = |i: usize, lenient: bool| -> View<'_> {
+            let host = &self.hosts[i];
+            View {
+                upstream: &self.upstreams[i],
+                host,
+                available: !was_tried(i)
+                    && host.actively_healthy()
+                    && !proxy.passive.full(host)
+                    && (lenient || !proxy.passive.down(host)),
+            }
         };
-        if let Some(choice) = proxy.policy.select(&view(false), pick) {
+        let select = |lenient: bool| -> Choice {
+            let n = self.upstreams.len();
+            if n == 0 {
+                return proxy.policy.select::<View<'_>>(&[], pick);
+            }
+            // A few upstreams' views fit on the stack: a Vec was an allocation per request.
+            if n <= STACK_VIEWS {
+                let mut views = [view(0, lenient); STACK_VIEWS];
+                for (i, v) in views.iter_mut().enumerate().take(n).skip(1) {
+                    *v = view(i, lenient);
+                }
+                return proxy.policy.select(&views[..n], pick);
+            }
+            let views: Vec<View<'_>> = (0..n).map(|i| view(i, lenient)).collect();
+            proxy.policy.select(&views, pick)
+        };
+        if let Some(choice) = select(false) {
             return Some(choice);
         }
         if proxy.passive.strict {
             return None;
         }
-        proxy.policy.select(&view(true), pick)
+        select(true)
     }
 
     fn failed(&self, proxy: &Proxy, i: usize) {
@@ -223,7 +239,7 @@ pub(crate) struct Outcome {
     pub(crate) upstream: Option<Arc<Upstream>>,
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -240,30 +256,54 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// Removes hop-by-hop headers, including those the Connection header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Usually the options name no header the message has ("keep-alive", "close"): then
-    // nothing is collected (a HeaderName for "keep-alive" would be an allocation).
-    let names_one = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|n| headers.contains_key(n.trim()));
-    if names_one {
-        let named: Vec<HeaderName> = headers
+    // A message has a handful of names and usually one hop-by-hop header (a response's
+    // `Connection: keep-alive`) or none: finding them among the names, compared as known
+    // names, costs less than nine hashed removals of names that are not there.
+    let mut present: [Option<HeaderName>; 9] = [const { None }; 9];
+    let mut found = 0;
+    let mut connection = false;
+    for name in headers.keys() {
+        connection |= *name == header::CONNECTION;
+        if (*name == header::UPGRADE || HOP_BY_HOP.contains(name)) && found < present.len() {
+            present[found] = Some(name.clone());
+            found += 1;
+        }
+    }
+    if found == 0 {
+        return;
+    }
+    if connection {
+        // Usually the options name no header the message has ("keep-alive", "close"): then
+        // nothing is collected (a HeaderName for "keep-alive" would be an allocation).
+        let has = |token: &str| {
+            headers
+                .keys()
+                .any(|k| k.as_str().eq_ignore_ascii_case(token.trim()))
+        };
+        let names_one = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
+            .any(has);
+        if names_one {
+            let named: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in present.iter_mut().take(found) {
+        if let Some(name) = name.take() {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
 }
 
 /// The protocol a request asks to upgrade to (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
@@ -316,7 +356,9 @@ impl Client {
                 upstream: None,
             };
         }
-        let started = Instant::now();
+        // The clock is read only for the settings that need it (lb_try_duration here,
+        // unhealthy_latency below): each read is a visible part of a request's CPU.
+        let started = proxy.try_duration.map(|_| Instant::now());
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -375,12 +417,12 @@ impl Client {
         } else {
             HeaderMap::new()
         };
-        let host_text = fwd.host.to_str().unwrap_or("").to_owned();
+        let host_value: &HeaderValue = fwd.host;
         let pick = Pick {
             peer,
             client: cx.client,
             target: path.as_str(),
-            host: &host_text,
+            host: host_value.to_str().unwrap_or(""),
             headers: &client_headers,
         };
 
@@ -438,7 +480,7 @@ impl Client {
                 proxy.header_up.apply(up.headers_mut(), &rendered);
             }
             let in_flight = InFlight::start(&balancer.hosts, i);
-            let sent = Instant::now();
+            let sent = proxy.passive.unhealthy_latency.map(|_| Instant::now());
             let exchange = async {
                 if upgrade.is_some() {
                     // Boxed: a new connection's future is large, and only upgrades need it.
@@ -457,10 +499,11 @@ impl Client {
                 .unwrap_or(self.response_timeout);
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok((response, lease))) => {
-                    if proxy
-                        .passive
-                        .answered(&balancer.hosts[i], response.status(), sent.elapsed())
-                    {
+                    if proxy.passive.answered(
+                        &balancer.hosts[i],
+                        response.status(),
+                        sent.map_or(Duration::ZERO, |s| s.elapsed()),
+                    ) {
                         tracing::warn!(upstream = %upstream.text, "upstream marked down");
                     }
                     // `{upstream_hostport}` in header_down names the upstream that answered.
@@ -545,8 +588,8 @@ impl Client {
 
     /// Caddy's tryAgain: whether `lb_try_duration`/`lb_retries` allow another choice, after
     /// waiting `lb_try_interval`.
-    async fn try_again(&self, proxy: &Proxy, started: Instant, attempts: u32) -> bool {
-        if let Some(limit) = proxy.try_duration
+    async fn try_again(&self, proxy: &Proxy, started: Option<Instant>, attempts: u32) -> bool {
+        if let (Some(limit), Some(started)) = (proxy.try_duration, started)
             && started.elapsed() >= limit
         {
             return false;
