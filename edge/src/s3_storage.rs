@@ -280,6 +280,7 @@ impl S3Store {
     }
 
     /// Which conditional writes the store honours.
+    #[cfg(test)]
     pub(crate) fn conditional(&self) -> Conditional {
         self.conditional
     }
@@ -386,38 +387,38 @@ impl S3Store {
 
     /// One attempt at the lock: `Some(etag)` when taken.
     fn try_take(&self, key: &str, owner: &str) -> io::Result<Option<Option<String>>> {
-        if self.conditional.create {
-            if let Put::Done(etag) =
+        if self.conditional.create
+            && let Put::Done(etag) =
                 self.put_raw(key.to_owned(), self.body(owner), Condition::Absent)?
-            {
-                return Ok(Some(etag));
-            }
+        {
+            return Ok(Some(etag));
         }
         let current = self.get_raw(key.to_owned())?;
         if let Some((bytes, etag)) = &current {
             // A lock that does not parse is treated as expired: it would otherwise hold the
             // name forever.
             let held = serde_json::from_slice::<LeaseBody>(bytes).ok();
-            if let Some(held) = &held {
-                if held.expires_ms > now_ms() && held.owner != owner {
-                    return Ok(None);
-                }
+            if let Some(held) = &held
+                && held.expires_ms > now_ms()
+                && held.owner != owner
+            {
+                return Ok(None);
             }
             tracing::warn!(lock = %key, previous = ?held.map(|h| h.owner),
                 "the lock's lease expired; taking it over");
-            if self.conditional.replace {
-                if let Some(etag) = etag {
-                    return Ok(
-                        match self.put_raw(
-                            key.to_owned(),
-                            self.body(owner),
-                            Condition::Matches(etag.clone()),
-                        )? {
-                            Put::Done(etag) => Some(etag),
-                            Put::Refused => None,
-                        },
-                    );
-                }
+            if self.conditional.replace
+                && let Some(etag) = etag
+            {
+                return Ok(
+                    match self.put_raw(
+                        key.to_owned(),
+                        self.body(owner),
+                        Condition::Matches(etag.clone()),
+                    )? {
+                        Put::Done(etag) => Some(etag),
+                        Put::Refused => None,
+                    },
+                );
             }
             if self.conditional.create {
                 self.delete_raw(key.to_owned())?;
@@ -504,11 +505,9 @@ impl S3Store {
                 let ours = current
                     .and_then(|(b, _)| serde_json::from_slice::<LeaseBody>(&b).ok())
                     .is_some_and(|b| b.owner == task_owner);
-                if ours {
-                    if let Err(err) = delete(&client, &bucket, &task_key).await {
-                        tracing::warn!(lock = %task_key, error = %err,
-                            "releasing the lock failed; it expires with its lease");
-                    }
+                if ours && let Err(err) = delete(&client, &bucket, &task_key).await {
+                    tracing::warn!(lock = %task_key, error = %err,
+                        "releasing the lock failed; it expires with its lease");
                 }
             }
             let _ = done_tx.send(());
