@@ -181,6 +181,95 @@ pub(crate) struct Challenges {
     http: Mutex<HashMap<(String, String), String>>,
     /// host to challenge certificate.
     tls: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    /// Storage lookups lately made for hosts with no local challenge.
+    lookups: Mutex<Lookups>,
+}
+
+/// How long "no challenge stored for this host" is believed without asking the storage again.
+const NEGATIVE_TTL: Duration = Duration::from_millis(500);
+/// At most this many hosts remembered as having no stored challenge.
+const NEGATIVE_HOSTS: usize = 4096;
+/// At most this many storage lookups of challenges per second, whatever the requests: a flood
+/// of random tokens or hosts costs the bucket this much and no more.
+const LOOKUPS_PER_SECOND: u32 = 50;
+
+/// The bounds on challenge lookups in the storage: a short negative cache per host and a
+/// budget per second.
+#[derive(Debug)]
+struct Lookups {
+    /// host to when the storage last said it holds no challenge for it.
+    absent: HashMap<String, std::time::Instant>,
+    /// Start of the current one-second window.
+    window: std::time::Instant,
+    /// Lookups made in it.
+    made: u32,
+    /// Lookups made in all (for tests and debugging).
+    total: u64,
+}
+
+impl Default for Lookups {
+    fn default() -> Lookups {
+        Lookups {
+            absent: HashMap::new(),
+            window: std::time::Instant::now(),
+            made: 0,
+            total: 0,
+        }
+    }
+}
+
+impl Lookups {
+    /// Whether the storage may be asked about `host` now; counts the lookup when it may.
+    fn admit(&mut self, host: &str) -> bool {
+        let now = std::time::Instant::now();
+        if self
+            .absent
+            .get(host)
+            .is_some_and(|at| now.duration_since(*at) < NEGATIVE_TTL)
+        {
+            return false;
+        }
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.made = 0;
+        }
+        if self.made >= LOOKUPS_PER_SECOND {
+            return false;
+        }
+        self.made += 1;
+        self.total += 1;
+        true
+    }
+
+    /// Remembers that the storage holds no challenge for `host`.
+    fn absent(&mut self, host: &str) {
+        let now = std::time::Instant::now();
+        if self.absent.len() >= NEGATIVE_HOSTS {
+            self.absent
+                .retain(|_, at| now.duration_since(*at) < NEGATIVE_TTL);
+        }
+        if self.absent.len() < NEGATIVE_HOSTS {
+            self.absent.insert(host.to_owned(), now);
+        }
+    }
+}
+
+/// Whether `token` can be an ACME challenge token (base64url, RFC 8555 section 8.1): only
+/// such tokens are looked up in the storage.
+fn well_formed_token(token: &str) -> bool {
+    (16..=256).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Whether `host` can be a name edge orders for (letters, digits, `-`, `.`, `*`).
+fn well_formed_host(host: &str) -> bool {
+    (1..=253).contains(&host.len())
+        && !host.starts_with('.')
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
 }
 
 /// A challenge written to the storage for other edges sharing it.
@@ -199,6 +288,7 @@ impl Challenges {
             provider,
             http: Mutex::default(),
             tls: Mutex::default(),
+            lookups: Mutex::default(),
         }
     }
 
@@ -206,12 +296,29 @@ impl Challenges {
         format!("acme/challenges/{host}.json")
     }
 
+    /// The challenge another edge stored for `host`, within the bounds of [`Lookups`].
     fn shared(&self, host: &str) -> Option<SharedChallenge> {
-        if host.contains('/') || host.starts_with('.') {
+        if !well_formed_host(host) || !lock(&self.lookups).admit(host) {
             return None;
         }
-        let bytes = self.storage.read(&Challenges::shared_path(host)).ok()??;
+        let found = match self.storage.read(&Challenges::shared_path(host)) {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(host = %host, error = %err, "reading a shared challenge failed");
+                return None;
+            }
+        };
+        let Some(bytes) = found else {
+            lock(&self.lookups).absent(host);
+            return None;
+        };
         serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Storage lookups made so far.
+    #[cfg(test)]
+    fn lookups_made(&self) -> u64 {
+        lock(&self.lookups).total
     }
 
     fn add(
@@ -254,7 +361,9 @@ impl Challenges {
     fn remove(&self, host: &str) {
         lock(&self.http).retain(|(h, _), _| h != host);
         lock(&self.tls).remove(host);
-        let _ = std::fs::remove_file(self.storage.path(&Challenges::shared_path(host)));
+        if let Err(err) = self.storage.remove(&Challenges::shared_path(host)) {
+            tracing::warn!(host = %host, error = %err, "removing a shared challenge failed");
+        }
     }
 
     /// The TLS-ALPN-01 certificate (RFC 8737): a self-signed certificate for `host` holding
@@ -289,6 +398,9 @@ impl ChallengeResponder for Challenges {
     fn http01(&self, host: &str, token: &str) -> Option<String> {
         if let Some(answer) = lock(&self.http).get(&(host.to_owned(), token.to_owned())) {
             return Some(answer.clone());
+        }
+        if !well_formed_token(token) {
+            return None;
         }
         let shared = self.shared(host)?;
         (shared.kind == "http-01" && shared.token == token).then_some(shared.key_authorization)
@@ -442,6 +554,21 @@ impl Acme {
         }
     }
 
+    /// Serves the stored certificates of `plan` that outlast the served ones: renewed by
+    /// another edge sharing the bucket. Blocking (storage I/O).
+    fn pick_up_renewed(&self, plan: &Plan) {
+        for (name, _) in &plan.names {
+            let served = self.certs.get(name).filter(|e| e.acme);
+            if let Ok(Some(stored)) = self.load_stored(&plan.acme.directory, name)
+                && served.is_none_or(|s| s.validity.not_after < stored.validity.not_after)
+            {
+                tracing::info!(name = %name, not_after = stored.validity.not_after,
+                    "serving the certificate another edge stored");
+                self.certs.install(name, stored);
+            }
+        }
+    }
+
     /// A stored certificate for `name` that parses, matches its key, names `name` and has
     /// not expired; `Err` says which file is wrong and how.
     fn load_stored(&self, directory: &str, name: &str) -> Result<Option<Arc<Entry>>, String> {
@@ -509,12 +636,18 @@ impl Acme {
         let mut schedules: HashMap<String, Schedule> = HashMap::new();
         let mut running: HashSet<String> = HashSet::new();
         let mut jobs: JoinSet<(String, Result<Arc<Entry>, AcmeError>)> = JoinSet::new();
+        // A shared bucket: other edges renew too, and what they store is picked up this often.
+        let poll = self.storage.poll_interval();
+        let mut next_poll = poll.map(|p| tokio::time::Instant::now() + p);
         loop {
             let current = plan.borrow_and_update().clone();
             let wanted: HashSet<&String> = current.names.iter().map(|(n, _)| n).collect();
             schedules.retain(|name, _| wanted.contains(name));
             let now_t = tokio::time::Instant::now();
             let mut next_wake = now_t + Duration::from_secs(3600);
+            if let Some(at) = next_poll {
+                next_wake = next_wake.min(at);
+            }
             for (name, email) in &current.names {
                 if running.contains(name) {
                     continue;
@@ -573,7 +706,17 @@ impl Acme {
                     running.remove(&name);
                     self.finished(&current.acme, &name, result, &mut schedules);
                 }
-                _ = tokio::time::sleep_until(next_wake) => {}
+                _ = tokio::time::sleep_until(next_wake) => {
+                    if let (Some(at), Some(every)) = (next_poll, poll)
+                        && tokio::time::Instant::now() >= at
+                    {
+                        next_poll = Some(tokio::time::Instant::now() + every);
+                        let acme = self.clone();
+                        let plan = current.clone();
+                        let _ = tokio::task::spawn_blocking(move || acme.pick_up_renewed(&plan))
+                            .await;
+                    }
+                }
             }
         }
     }
@@ -979,7 +1122,7 @@ pub(crate) fn status_of(storage: &Storage, acme: &AcmeConfig, name: &str) -> Sta
             ))),
             None,
         ),
-        None if storage.path(&crt).exists() => (
+        None if storage.exists(&crt) => (
             None,
             None,
             Some(format!("{}: unreadable", storage.path(&crt).display())),
@@ -1066,15 +1209,60 @@ mod tests {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let one = Challenges::new(Storage::open(dir.path()).unwrap(), provider.clone());
         let two = Challenges::new(Storage::open(dir.path()).unwrap(), provider);
-        one.add("a.example.org", Challenge::Http01, "tok", "tok.thumb")
+        let tok = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
+        one.add("a.example.org", Challenge::Http01, tok, "tok.thumb")
             .unwrap();
         assert_eq!(
-            two.http01("a.example.org", "tok").as_deref(),
+            two.http01("a.example.org", tok).as_deref(),
             Some("tok.thumb")
         );
-        assert_eq!(two.http01("a.example.org", "other"), None);
-        assert_eq!(two.http01("../x", "tok"), None);
+        assert_eq!(two.http01("a.example.org", &tok.replace('L', "M")), None);
+        assert_eq!(two.http01("../x", tok), None);
         one.remove("a.example.org");
-        assert_eq!(two.http01("a.example.org", "tok"), None);
+        assert_eq!(two.http01("a.example.org", tok), None);
+    }
+
+    #[test]
+    fn a_flood_of_random_challenge_tokens_makes_few_storage_lookups() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let edge = Challenges::new(Storage::open(dir.path()).unwrap(), provider);
+        let started = std::time::Instant::now();
+        for i in 0..20_000u32 {
+            let token = format!("{:032x}", rand::random::<u128>() ^ u128::from(i));
+            assert_eq!(edge.http01("a.example.org", &token), None);
+            // Malformed tokens and hosts never reach the storage.
+            assert_eq!(edge.http01("a.example.org", "../../etc/passwd"), None);
+            assert_eq!(edge.http01("a.example.org", "short"), None);
+            assert_eq!(edge.http01(&format!("h{i}.example.org/x"), &token), None);
+        }
+        // Random hosts: bounded by the budget per second, not by the number of requests.
+        for i in 0..20_000u32 {
+            assert_eq!(
+                edge.http01(&format!("h{i}.example.org"), "A".repeat(43).as_str()),
+                None
+            );
+        }
+        let seconds = started.elapsed().as_secs() + 1;
+        let made = edge.lookups_made();
+        assert!(
+            made <= seconds * u64::from(LOOKUPS_PER_SECOND),
+            "{made} lookups in {seconds} s"
+        );
+        assert!(made >= 1, "the first lookup goes to the storage");
+        // A challenge stored by another edge is still found once the negative entry is stale.
+        let tok = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
+        let other = Challenges::new(
+            Storage::open(dir.path()).unwrap(),
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        );
+        other
+            .add("b.example.org", Challenge::Http01, tok, "tok.thumb")
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while edge.http01("b.example.org", tok).is_none() {
+            assert!(std::time::Instant::now() < deadline, "never found");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

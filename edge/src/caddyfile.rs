@@ -612,6 +612,69 @@ fn tree(
     }
 }
 
+/// `storage s3 { bucket …; prefix …; endpoint …; … }`. certmagic-s3's names (`host`,
+/// `access_key`, `secret_key`) are read as `endpoint`, `access_key_id`, `secret_access_key`.
+fn storage_s3(p: &Parser<'_>, node: &Node) -> Result<crate::config::StorageS3Toml, CaddyfileError> {
+    let usage = "storage s3 { bucket NAME; prefix P; endpoint URL; region R; access_key_id ID; \
+                 secret_access_key_file FILE; encryption_key_file FILE; lease D; poll_interval D }";
+    let (Some(block), 1) = (&node.block, node.tokens.len()) else {
+        return Err(p.err(node.line, usage));
+    };
+    let mut t = crate::config::StorageS3Toml::default();
+    for n in block {
+        let [key, value] = n.tokens.as_slice() else {
+            return Err(p.err(
+                n.line,
+                format!("storage s3: each line is KEY VALUE ({usage})"),
+            ));
+        };
+        if n.block.is_some() {
+            return Err(p.err(n.line, "storage s3: no blocks inside"));
+        }
+        let v = Some(value.text.clone());
+        match key.text.as_str() {
+            "bucket" => t.bucket = v,
+            "prefix" => t.prefix = v,
+            "endpoint" | "host" => t.endpoint = v,
+            "region" => t.region = v,
+            "access_key_id" | "access_key" | "access_id" => t.access_key_id = v,
+            "secret_access_key" | "secret_key" => {
+                t.secret_access_key = Some(labcore::secret::Secret::new(value.text.clone()));
+            }
+            "secret_access_key_file" => t.secret_access_key_file = v.map(PathBuf::from),
+            "ca_bundle" => t.ca_bundle = v.map(PathBuf::from),
+            "path_style" => {
+                t.path_style = Some(match value.text.as_str() {
+                    "true" | "on" => true,
+                    "false" | "off" => false,
+                    other => {
+                        return Err(p.err(
+                            n.line,
+                            format!("path_style: {other:?} is not true or false"),
+                        ));
+                    }
+                });
+            }
+            "encryption_key_file" => t.encryption_key_file = v.map(PathBuf::from),
+            "encryption_key" => {
+                return Err(p.err(
+                    n.line,
+                    "storage s3: give the key as encryption_key_file FILE (mode 0600), never inline",
+                ));
+            }
+            "lease" => t.lease = v,
+            "poll_interval" => t.poll_interval = v,
+            other => {
+                return Err(p.err(
+                    n.line,
+                    format!("storage s3: unknown option {other:?} ({usage})"),
+                ));
+            }
+        }
+    }
+    Ok(t)
+}
+
 fn globals(
     p: &Parser<'_>,
     nodes: Vec<Node>,
@@ -685,6 +748,9 @@ fn globals(
                     return Err(p.err(node.line, "debug takes nothing"));
                 }
                 toml.debug = Some(true);
+            }
+            "storage" if args.first().is_some_and(|a| a.text == "s3") => {
+                toml.storage_s3 = Some(storage_s3(p, &node)?);
             }
             "storage" => {
                 let root = match (args, &node.block) {

@@ -12,7 +12,6 @@ use crate::config::Config;
 use crate::directives::Chain;
 use crate::server::{self, Source};
 use crate::site::Site;
-use crate::storage::Storage;
 use crate::{Error, acme, caddyfile, trust};
 
 const AFTER_HELP: &str = "\
@@ -214,10 +213,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn print_status(config: &Config, format: Format) -> Result<(), Error> {
-    let storage = Storage::open(&config.storage).map_err(|source| Error::Io {
-        what: format!("opening storage {}", config.storage.display()),
-        source,
-    })?;
+    let storage = server::open_storage(config)?;
     let (internal, plan) = server::cert_plan(config);
     let mut lines = Vec::new();
     for host in &internal {
@@ -271,10 +267,7 @@ fn print_status(config: &Config, format: Format) -> Result<(), Error> {
 
 fn open_ca(config: &ConfigArgs, env: &Env) -> Result<Ca, Error> {
     let resolved = config.source().load(env)?;
-    let storage = Storage::open(&resolved.storage).map_err(|source| Error::Io {
-        what: format!("opening storage {}", resolved.storage.display()),
-        source,
-    })?;
+    let storage = server::open_storage(&resolved)?;
     Ok(Ca::open(&storage)?)
 }
 

@@ -26,6 +26,8 @@ use crate::directives::{
 use crate::dns01::{self, DnsConfig, DnsToml};
 use crate::log_roll::{Roll, parse_roll_size};
 use crate::matchers::MatcherToml;
+use crate::s3_storage::S3StorageConfig;
+use crate::sealed::SealKey;
 pub(crate) use crate::site::parse_duration;
 use crate::site::{Address, CertFiles, ClientAuth, Host, Scheme, Site, TlsPolicy};
 
@@ -68,6 +70,9 @@ pub(crate) struct EdgeToml {
     /// Folder holding the internal CA, certificates and locks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) storage: Option<PathBuf>,
+    /// An S3 bucket holding them instead, shared by several edges (`storage s3 {…}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) storage_s3: Option<StorageS3Toml>,
     /// Where JSON access log lines go: "stdout" (default), "stderr", "off" or a file path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) access_log: Option<String>,
@@ -715,6 +720,129 @@ impl AskUrl {
     }
 }
 
+/// `[storage_s3]`: certificates, keys, the ACME account, challenges and locks in a bucket.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StorageS3Toml {
+    /// The bucket (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) bucket: Option<String>,
+    /// Folder of the bucket the objects go under, such as `edge/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) prefix: Option<String>,
+    /// Endpoint URL. Default: `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`, else AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) endpoint: Option<String>,
+    /// Region. Default: `AWS_REGION`, else us-east-1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) region: Option<String>,
+    /// Address the bucket as ENDPOINT/BUCKET (default for endpoints outside amazonaws.com).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) path_style: Option<bool>,
+    /// Access key ID. Default: `AWS_ACCESS_KEY_ID`, else the AWS profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) access_key_id: Option<String>,
+    /// Secret access key, inline (prefer the file or the systemd credential).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) secret_access_key: Option<labcore::secret::Secret>,
+    /// Secret access key, from a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) secret_access_key_file: Option<PathBuf>,
+    /// Extra PEM roots to trust for the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ca_bundle: Option<PathBuf>,
+    /// File (mode 0600) holding the 32-byte key the edges seal objects with, as 64 hex
+    /// digits or base64 (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) encryption_key_file: Option<PathBuf>,
+    /// How long a lock lasts unless its holder refreshes it ("60s").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) lease: Option<String>,
+    /// How often certificates other edges renewed are looked for ("5m").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) poll_interval: Option<String>,
+}
+
+/// Resolves `[storage_s3]`.
+fn resolve_storage_s3(
+    raw: &StorageS3Toml,
+    file: &ConfigFile,
+    env: &Env,
+) -> Result<S3StorageConfig, ConfigError> {
+    let bucket = match raw.bucket.as_deref() {
+        Some(b) if !b.is_empty() && !b.contains('/') => b.to_owned(),
+        _ => return Err(file.invalid("storage_s3.bucket", "a bucket name is required")),
+    };
+    let mut prefix = raw.prefix.clone().unwrap_or_default();
+    prefix = prefix.trim_matches('/').to_owned();
+    if !prefix.is_empty() {
+        prefix.push('/');
+    }
+    let table = labcore::s3::S3Config {
+        endpoint: raw.endpoint.clone(),
+        region: raw.region.clone(),
+        path_style: raw.path_style,
+        profile: None,
+        access_key_id: raw.access_key_id.clone(),
+        secret_access_key: raw.secret_access_key.clone(),
+        secret_access_key_file: raw.secret_access_key_file.clone(),
+        ca_bundle: raw.ca_bundle.clone(),
+    };
+    let settings = labcore::s3::S3Settings::resolve(
+        &labcore::s3::S3Args::default(),
+        Some((&table, file)),
+        env,
+    )
+    .map_err(|e| file.invalid("storage_s3", labcore::exit::chain(&e)))?;
+    let Some(key_file) = &raw.encryption_key_file else {
+        return Err(file.invalid(
+            "storage_s3.encryption_key_file",
+            "is required: the edges sharing the bucket seal keys with it",
+        ));
+    };
+    let key_path = file.resolve_path(key_file);
+    let key_err = |message: String| file.invalid("storage_s3.encryption_key_file", message);
+    let meta = std::fs::metadata(&key_path)
+        .map_err(|e| key_err(format!("{}: {e}", key_path.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(key_err(format!(
+                "{} is mode {:04o}; it must be readable by its owner only (chmod 600)",
+                key_path.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    let text = labcore::secret::read_file(&key_path)
+        .map_err(|e| key_err(format!("{}: {e}", key_path.display())))?;
+    let key = SealKey::parse(text.expose())
+        .map_err(|e| key_err(format!("{}: {e}", key_path.display())))?;
+    let duration = |key: &str, text: &Option<String>, default: Duration| match text {
+        None => Ok(default),
+        Some(t) => match parse_duration(t) {
+            Some(d) if !d.is_zero() => Ok(d),
+            _ => Err(file.invalid(
+                format!("storage_s3.{key}"),
+                format!("{t:?} is not a duration"),
+            )),
+        },
+    };
+    Ok(S3StorageConfig {
+        settings,
+        bucket,
+        prefix,
+        key: Arc::new(key),
+        lease: duration("lease", &raw.lease, crate::s3_storage::DEFAULT_LEASE)?,
+        poll_interval: duration(
+            "poll_interval",
+            &raw.poll_interval,
+            crate::s3_storage::DEFAULT_POLL,
+        )?,
+    })
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -730,6 +858,8 @@ pub(crate) struct Config {
     pub(crate) bind: Vec<IpAddr>,
     /// Storage folder.
     pub(crate) storage: PathBuf,
+    /// The bucket storage instead of the folder, when configured.
+    pub(crate) storage_s3: Option<S3StorageConfig>,
     /// Access log target.
     pub(crate) access_log: AccessLog,
     /// Each site's ACME challenges when it narrows `acme.challenges` (empty: all), by index.
@@ -900,6 +1030,10 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         Some(path) => file.resolve_path(path),
         None => default_storage(env),
     };
+    let storage_s3 = match &raw.storage_s3 {
+        Some(table) => Some(resolve_storage_s3(table, file, env)?),
+        None => None,
+    };
     let access_log = match raw.access_log.as_deref() {
         None | Some("stdout") => AccessLog::Stdout,
         Some("stderr") => AccessLog::Stderr,
@@ -1041,6 +1175,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         https_port,
         bind,
         storage,
+        storage_s3,
         access_log,
         site_challenges,
         site_dns,

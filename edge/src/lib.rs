@@ -3,7 +3,8 @@
 //!
 //! The front ends (`config` for TOML, `caddyfile`) meet in one resolved `config::Config`
 //! of `site`s. `server` binds the listeners, does TLS with certificates from `certs`
-//! (filled by the internal CA in `ca` and by ACME in `acme`, kept in `storage`), and
+//! (filled by the internal CA in `ca` and by ACME in `acme`, kept in `storage`: a folder,
+//! or a bucket several edges share in `s3_storage`, its objects sealed by `sealed`), and
 //! hands each request to
 //! `handler`, which finds the site (`router`), redirects, authenticates (`auth`),
 //! proxies (`proxy`, over connections from `pool`), compresses (`encode`) and logs
@@ -11,8 +12,8 @@
 //! the idle watches, and `body` holds the body types all of them share. `trust` puts the
 //! internal root into the system trust store. [`cli`] is the command line.
 //!
-//! Modules form layers, never cycles: `body`, `activity`, `limit` and `storage` use no other
-//! module; `site` (configuration data) sits below `config` and the runtime (`router`,
+//! Modules form layers, never cycles: `body`, `activity`, `limit` and `sealed` use no other
+//! module, `storage` only `s3_storage`, which uses only `sealed`; `site` (configuration data) sits below `config` and the runtime (`router`,
 //! `proxy`, `handler`, `server`), and `cli` is on top.
 
 mod access_log;
@@ -52,6 +53,8 @@ mod pool;
 mod proxy;
 mod proxy_protocol;
 mod router;
+mod s3_storage;
+mod sealed;
 mod server;
 mod site;
 mod storage;

@@ -89,6 +89,21 @@ impl Source {
     }
 }
 
+/// Opens the config's storage: its bucket when `storage s3` is set, else its folder. A reload
+/// keeps the storage opened at start.
+pub(crate) fn open_storage(config: &Config) -> Result<Storage, Error> {
+    match &config.storage_s3 {
+        Some(s3) => Storage::open_s3(s3).map_err(|source| Error::Io {
+            what: format!("opening storage {}", s3.url()),
+            source,
+        }),
+        None => Storage::open(&config.storage).map_err(|source| Error::Io {
+            what: format!("opening storage {}", config.storage.display()),
+            source,
+        }),
+    }
+}
+
 /// The hosts needing certificates from the internal CA, and the ACME plan for the others.
 pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let mut internal = Vec::new();
@@ -469,10 +484,7 @@ pub(crate) async fn run(source: Source, env: Env) -> Result<(), Error> {
     })?;
     let shutdown = signals.shutdown();
 
-    let storage = Storage::open(&config.storage).map_err(|source| Error::Io {
-        what: format!("opening storage {}", config.storage.display()),
-        source,
-    })?;
+    let storage = open_storage(&config)?;
     let ca = Arc::new(Ca::open(&storage)?);
     let certs = Arc::new(Certs::new(ca, storage.clone()).map_err(Error::Tls)?);
     crate::metrics::watch_certs(Arc::downgrade(&certs) as _);

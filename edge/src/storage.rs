@@ -1,9 +1,11 @@
-//! The storage folder: where the internal CA, certificates and (with ACME) account keys live.
+//! The storage: where the internal CA, certificates and (with ACME) account keys live, in a
+//! folder or in an S3 bucket several edges share (the `s3_storage` module).
 //!
 //! Invariants: folders are created 0700 and key files 0600; every file is written to a
 //! temporary name in the same folder, synced, then renamed into place, so a reader (or a
 //! crash) never sees half a file; [`Storage::lock`] takes an exclusive `flock` on a lock file
-//! so two edges sharing the folder never create or issue the same thing at once.
+//! (or a lease on a lock object in the bucket) so two edges sharing the storage never create
+//! or issue the same thing at once.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
@@ -11,7 +13,12 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use nix::fcntl::{Flock, FlockArg};
+
+use crate::s3_storage::{Lease, S3StorageConfig, S3Store};
 
 /// File mode for private keys.
 pub(crate) const KEY_MODE: u32 = 0o600;
@@ -20,16 +27,21 @@ pub(crate) const CERT_MODE: u32 = 0o644;
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// A storage folder.
+/// A storage folder or bucket.
 #[derive(Clone, Debug)]
 pub(crate) struct Storage {
     root: PathBuf,
+    /// The bucket, when the storage is one; `root` is then its `s3://` URL, for messages.
+    s3: Option<Arc<S3Store>>,
 }
 
 /// An exclusive lock on a name in the storage; released on drop.
 #[derive(Debug)]
 pub(crate) struct StorageLock {
-    _lock: Flock<File>,
+    /// A `flock` on a file in the folder.
+    _file: Option<Flock<File>>,
+    /// A lease on an object in the bucket.
+    _lease: Option<Lease>,
 }
 
 impl Storage {
@@ -46,7 +58,40 @@ impl Storage {
         }
         Ok(Storage {
             root: root.to_owned(),
+            s3: None,
         })
+    }
+
+    /// Opens the storage in a bucket, probing it once (see the `s3_storage` module).
+    pub(crate) fn open_s3(config: &S3StorageConfig) -> io::Result<Storage> {
+        Ok(Storage {
+            root: PathBuf::from(config.url()),
+            s3: Some(S3Store::open(config)?),
+        })
+    }
+
+    /// How often to look for certificates another edge stored: only a shared bucket has any.
+    pub(crate) fn poll_interval(&self) -> Option<Duration> {
+        self.s3.as_ref().map(|s3| s3.poll_interval())
+    }
+
+    /// Whether `rel` exists.
+    pub(crate) fn exists(&self, rel: &str) -> bool {
+        match &self.s3 {
+            Some(s3) => !matches!(s3.read(rel), Ok(None)),
+            None => self.path(rel).exists(),
+        }
+    }
+
+    /// Removes `rel`; absent is fine.
+    pub(crate) fn remove(&self, rel: &str) -> io::Result<()> {
+        if let Some(s3) = &self.s3 {
+            return s3.remove(rel);
+        }
+        match fs::remove_file(self.path(rel)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// The storage folder.
@@ -54,13 +99,19 @@ impl Storage {
         &self.root
     }
 
-    /// The path of `rel` inside the storage.
+    /// The path of `rel` inside the storage (its `s3://` URL in a bucket).
     pub(crate) fn path(&self, rel: &str) -> PathBuf {
-        self.root.join(rel)
+        match &self.s3 {
+            Some(s3) => PathBuf::from(s3.describe(rel)),
+            None => self.root.join(rel),
+        }
     }
 
     /// Reads `rel`, or `None` when it does not exist.
     pub(crate) fn read(&self, rel: &str) -> io::Result<Option<Vec<u8>>> {
+        if let Some(s3) = &self.s3 {
+            return s3.read(rel);
+        }
         match fs::read(self.path(rel)) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -69,7 +120,11 @@ impl Storage {
     }
 
     /// Writes `rel` atomically with `mode`: temporary file, fsync, rename, fsync the folder.
+    /// In a bucket, every object is sealed whatever its mode.
     pub(crate) fn write(&self, rel: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+        if let Some(s3) = &self.s3 {
+            return s3.write(rel, bytes);
+        }
         let path = self.path(rel);
         let dir = path.parent().unwrap_or(&self.root).to_owned();
         make_dirs(&dir)?;
@@ -101,6 +156,12 @@ impl Storage {
 
     /// Takes the exclusive lock named `name`, waiting for another holder to let go.
     pub(crate) fn lock(&self, name: &str) -> io::Result<StorageLock> {
+        if let Some(s3) = &self.s3 {
+            return s3.lock(name).map(|lease| StorageLock {
+                _file: None,
+                _lease: Some(lease),
+            });
+        }
         let dir = self.path("locks");
         make_dirs(&dir)?;
         let file = OpenOptions::new()
@@ -111,7 +172,10 @@ impl Storage {
             .open(dir.join(format!("{name}.lock")))?;
         let lock =
             Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
-        Ok(StorageLock { _lock: lock })
+        Ok(StorageLock {
+            _file: Some(lock),
+            _lease: None,
+        })
     }
 }
 
