@@ -19,6 +19,7 @@ mod metrics;
 mod on_demand;
 mod paths;
 mod php;
+mod rate_limit;
 mod same_as_caddy;
 mod serving;
 mod support;
