@@ -848,6 +848,20 @@ fn globals(
                 }
                 toml.on_demand_tls = Some(od);
             }
+            "order" => {
+                let words: Vec<&str> = args.iter().map(|t| t.text.as_str()).collect();
+                if node.block.is_some() {
+                    return Err(p.err(node.line, "order takes no block"));
+                }
+                // Checked here too, so the error names this line.
+                let mut order = crate::directives::Order::default();
+                order.place(&words).map_err(|m| p.err(node.line, m))?;
+                if !toml.order.is_empty() {
+                    return Err(p.err(node.line, "order: rate_limit is ordered twice"));
+                }
+                lines.insert(format!("order[{}]", toml.order.len()), node.line);
+                toml.order.push(words.join(" "));
+            }
             "acme_dns" => {
                 lines.insert("acme.dns".into(), node.line);
                 let provider = dns_provider(p, node.line, args, node.block.as_deref())?;

@@ -114,6 +114,11 @@ pub(crate) struct EdgeToml {
     /// A PROXY protocol header opens every connection (`listener_wrappers { proxy_protocol }`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) proxy_protocol: Option<crate::proxy_protocol::Toml>,
+    /// Where directives outside Caddy's standard order sort (Caddy's `order`):
+    /// "rate_limit before|after DIRECTIVE" or "rate_limit first|last". Default: before
+    /// basic_auth.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) order: Vec<String>,
     /// The sites.
     #[serde(default, rename = "site", skip_serializing_if = "Vec::is_empty")]
     pub(crate) sites: Vec<SiteToml>,
@@ -924,6 +929,13 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
             )
         }),
     };
+    let mut order = crate::directives::Order::default();
+    for (j, line) in raw.order.iter().enumerate() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        order
+            .place(&words)
+            .map_err(|m| file.invalid(format!("order[{j}]"), m))?;
+    }
     let defaults = Limits::default();
     let l = &raw.limits;
     let limits = Limits {
@@ -1150,7 +1162,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
             (http_port, https_port),
             local_certs,
             dns01,
-            env,
+            (env, order),
         )?;
         chains.push(chain);
         for address in &site.addresses {
@@ -1361,7 +1373,7 @@ fn resolve_site(
     (http_port, https_port): (u16, u16),
     local_certs: bool,
     dns01: bool,
-    env: &Env,
+    (env, order): (&Env, crate::directives::Order),
 ) -> Result<(Site, Chain), ConfigError> {
     let key = |k: &str| format!("site[{i}].{k}");
     if raw.addresses.is_empty() {
@@ -1476,7 +1488,7 @@ fn resolve_site(
         addresses.push(address);
     }
 
-    let chain = resolve_chain(raw, i, file, env)?;
+    let chain = resolve_chain(raw, i, file, (env, order))?;
     Ok((
         Site {
             addresses,
@@ -1534,7 +1546,7 @@ fn resolve_chain(
     raw: SiteToml,
     i: usize,
     file: &ConfigFile,
-    env: &Env,
+    (env, order): (&Env, crate::directives::Order),
 ) -> Result<Chain, ConfigError> {
     let mut routes: Vec<RouteToml> = Vec::new();
     let mut keys: Vec<String> = Vec::new();
@@ -1595,7 +1607,7 @@ fn resolve_chain(
             return Err(file.invalid(format!("{}.path", keys[n]), "write `match` in a route"));
         }
     }
-    let mut b = Build::new(&raw.matchers, env);
+    let mut b = Build::new(&raw.matchers, env, raw.addresses.join(" "), order);
     // Keys of compile errors are "route[N]..." over the list above: map N back.
     let locate = |e: BuildError| {
         let rest = e.key.strip_prefix("route[").unwrap_or("");

@@ -115,6 +115,17 @@ enum Piece {
     Var(Var),
 }
 
+/// A template that is a single placeholder of the kinds [`Template::lone`] names.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Lone {
+    /// `{remote_host}`.
+    RemoteHost,
+    /// `{client_ip}`.
+    ClientIp,
+    /// `{header.NAME}`.
+    Header(HeaderName),
+}
+
 /// Text with placeholders, compiled.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Template {
@@ -195,6 +206,8 @@ fn variable(key: &str, env: &Env) -> Result<Piece, String> {
         "http.reverse_proxy.status_code" => Var::ProxyStatus,
         "http.error.status_code" => Var::ErrorStatus,
         "http.error.message" => Var::ErrorMessage,
+        // Set by `rate_limit` on the request it refuses, as a variable of that name.
+        "http.rate_limit.exceeded.name" => Var::Named(long.clone()),
         "http.matchers.file.relative" => Var::FileMatch(FileField::Relative),
         "http.matchers.file.absolute" => Var::FileMatch(FileField::Absolute),
         "http.matchers.file.type" => Var::FileMatch(FileField::Type),
@@ -302,6 +315,17 @@ impl Template {
         match self.pieces.as_slice() {
             [] => Some(""),
             [Piece::Text(t)] => Some(t),
+            _ => None,
+        }
+    }
+
+    /// What the template is when it is one client address or one header and nothing else
+    /// (`rate_limit` hashes these without rendering them).
+    pub(crate) fn lone(&self) -> Option<Lone> {
+        match self.pieces.as_slice() {
+            [Piece::Var(Var::RemoteHost)] => Some(Lone::RemoteHost),
+            [Piece::Var(Var::ClientIp)] => Some(Lone::ClientIp),
+            [Piece::Var(Var::Header(name))] => Some(Lone::Header(name.clone())),
             _ => None,
         }
     }

@@ -101,6 +101,7 @@ fn module(directive: &str) -> &'static str {
         "redir" | "respond" | "abort" => "static_response",
         "rewrite" | "uri" | "try_files" => "rewrite",
         "basic_auth" => "authentication",
+        "rate_limit" => "rate_limit",
         "forward_auth" | "reverse_proxy" => "reverse_proxy",
         "encode" => "encode",
         "error" => "error",

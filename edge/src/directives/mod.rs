@@ -32,6 +32,7 @@ mod header;
 pub(crate) mod map;
 pub(crate) mod metrics;
 mod php_fastcgi;
+mod rate_limit;
 mod redir;
 mod request_body;
 mod request_header;
@@ -180,6 +181,9 @@ pub(crate) enum Step<'s> {
     Check,
     /// Fail with this status (to `handle_errors`).
     Error(StatusCode, String),
+    /// Fail with this status, and call [`Handler::leave`] with this on the way back (after
+    /// `handle_errors`), as a handler that sets response fields before failing.
+    Fail(StatusCode, String, Carry),
     /// Close the connection without answering.
     Abort,
 }
@@ -279,18 +283,70 @@ pub(crate) struct Build<'a> {
     pub(crate) matchers: &'a BTreeMap<String, MatcherToml>,
     /// The environment, for `{env.X}`.
     pub(crate) env: &'a Env,
+    /// The site's addresses, naming it across reloads (`rate_limit` keeps its counters).
+    pub(crate) site: String,
+    /// Where `order` puts directives.
+    pub(crate) order: Order,
     next_group: u32,
 }
 
 impl<'a> Build<'a> {
-    /// A builder for one site.
-    pub(crate) fn new(matchers: &'a BTreeMap<String, MatcherToml>, env: &'a Env) -> Build<'a> {
+    /// A builder for the site at `site` (its addresses).
+    pub(crate) fn new(
+        matchers: &'a BTreeMap<String, MatcherToml>,
+        env: &'a Env,
+        site: String,
+        order: Order,
+    ) -> Build<'a> {
         crate::placeholders::start_site(env);
         Build {
             matchers,
             env,
+            site,
+            order,
             next_group: 0,
         }
+    }
+}
+
+/// The global `order` option: where a directive outside Caddy's standard order sorts. Only
+/// `rate_limit` can be placed (Caddy's own directives keep their order); without it,
+/// `rate_limit` sorts before `basic_auth`, the plugin's own default.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Order {
+    /// `rate_limit`'s sort key on [`DirectiveToml::position`]'s scale.
+    rate_limit: Option<usize>,
+}
+
+impl Order {
+    /// Applies one `order NAME before|after OTHER` or `order NAME first|last` (words).
+    pub(crate) fn place(&mut self, words: &[&str]) -> Result<(), String> {
+        let index = |other: &str| {
+            DIRECTIVES
+                .iter()
+                .position(|n| *n == canonical(other))
+                .ok_or_else(|| format!("order: unknown directive {other:?}"))
+        };
+        let at = match words {
+            ["rate_limit", "first"] => 0,
+            ["rate_limit", "last"] => 2 * DIRECTIVES.len() + 2,
+            ["rate_limit", "before", other] => 2 * index(other)?,
+            ["rate_limit", "after", other] => 2 * index(other)? + 2,
+            [name, ..] if *name != "rate_limit" && DIRECTIVES.contains(&canonical(name)) => {
+                return Err(format!(
+                    "order: {name} keeps Caddy 2.6's place; only rate_limit can be ordered"
+                ));
+            }
+            _ => {
+                return Err(
+                    "order: write order rate_limit before|after DIRECTIVE, or first|last".into(),
+                );
+            }
+        };
+        if self.rate_limit.replace(at).is_some() {
+            return Err("order: rate_limit is ordered twice".into());
+        }
+        Ok(())
     }
 }
 
@@ -388,7 +444,7 @@ impl Routes {
                 let path = paths[i].and_then(|(p, _)| p);
                 let has_matcher = paths[i].is_some_and(|(_, m)| m);
                 (
-                    routes[i].directive.position(),
+                    routes[i].directive.position(&b.order),
                     std::cmp::Reverse(path.unwrap_or(0)),
                     !has_matcher,
                 )
@@ -510,6 +566,10 @@ async fn walk<'s>(
                 }
             },
             Step::Error(status, message) => return Ended::Error(status, message),
+            Step::Fail(status, message, carry) => {
+                leaves.push((&*route.handler, carry));
+                return Ended::Error(status, message);
+            }
             Step::Abort => return Ended::Abort,
         }
     }
@@ -614,12 +674,19 @@ macro_rules! registry {
                 match self { $(DirectiveToml::$variant(_) => $name,)* }
             }
 
-            /// Its place in the directive order.
-            fn position(&self) -> usize {
+            /// Its place in the directive order: twice its index plus one, so that `order`
+            /// can put `rate_limit` between two others.
+            fn position(&self, order: &Order) -> usize {
                 let name = self.name();
+                if let ("rate_limit", Some(at)) = (name, order.rate_limit) {
+                    return at;
+                }
                 // handle_path sorts with handle: they form one group.
                 let name = if name == "handle_path" { "handle" } else { name };
-                DIRECTIVES.iter().position(|n| *n == name).unwrap_or(usize::MAX)
+                DIRECTIVES
+                    .iter()
+                    .position(|n| *n == name)
+                    .map_or(usize::MAX, |i| 2 * i + 1)
             }
 
             /// Whether siblings of this kind exclude each other (handle, handle_path).
@@ -661,6 +728,7 @@ registry! {
     "rewrite" => Rewrite(rewrite),
     "uri" => Uri(uri),
     "try_files" => TryFiles(try_files),
+    "rate_limit" => RateLimit(rate_limit),
     "basic_auth" => BasicAuth(basic_auth),
     "forward_auth" => ForwardAuth(forward_auth),
     "request_header" => RequestHeader(request_header),

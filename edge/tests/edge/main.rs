@@ -20,6 +20,7 @@ mod metrics;
 mod on_demand;
 mod paths;
 mod php;
+mod rate_limit;
 mod s3_storage;
 mod same_as_caddy;
 mod serving;
