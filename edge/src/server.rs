@@ -939,7 +939,7 @@ fn bind_quic(
     let stop = listener_stop.child_token();
     let mut endpoints = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        let socket = std::net::UdpSocket::bind(addr).map_err(|source| Error::Bind {
+        let socket = udp_socket(*addr).map_err(|source| Error::Bind {
             addr: *addr,
             source,
         })?;
@@ -1099,6 +1099,20 @@ fn bind(
         bound.push((local, group));
     }
     Ok(bound)
+}
+
+/// A UDP socket for QUIC with `SO_REUSEPORT`, as the TCP listeners have it: two edges (an
+/// upgrade, or two sharing one storage) can hold the same HTTPS port, and the kernel keeps each
+/// client's packets on one socket by their address pair.
+fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// A listening socket with `SO_REUSEPORT`, not yet tied to a runtime.

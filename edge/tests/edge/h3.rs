@@ -171,15 +171,15 @@ fn http3_answers_get_and_post_through_reverse_proxy_and_file_server_as_http2_doe
             }
             assert_eq!(seen["bytes"], body.len() as u64);
         }
-        // GET through file_server, and POST (refused there, the same way).
+        // GET and POST through file_server, the same way on both. No request body: a server
+        // that answers without reading one ends the HTTP/2 stream with RST_STREAM(NO_ERROR),
+        // and curl then sometimes drops the answer's body (RFC 9113 8.1 says keep it).
         for method in ["GET", "POST"] {
-            let (head, text) = fetch(&mut h3.send, method, &url("/files/hello.txt"), b"x").await;
+            let (head, text) = fetch(&mut h3.send, method, &url("/files/hello.txt"), b"").await;
             let out = edge.curl(&[
                 "--http2",
                 "-X",
                 method,
-                "--data-binary",
-                "x",
                 "-w",
                 "\n%{http_code}",
                 &url("/files/hello.txt"),
