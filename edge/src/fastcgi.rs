@@ -723,16 +723,7 @@ fn set(env: &mut Vec<(String, String)>, key: &str, value: String) {
 
 /// Hop-by-hop headers (RFC 9110 7.6.1, and the ones `Connection` names): not for the script.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
+    crate::proxy::remove_connection_named(headers);
     for name in [
         header::CONNECTION,
         HeaderName::from_static("proxy-connection"),

@@ -75,6 +75,30 @@ pub(crate) struct Conn {
     pub(crate) _permit: ConnPermit,
 }
 
+impl Conn {
+    /// A new connection from `peer` on `port`, holding its place under `max_connections`.
+    pub(crate) fn new(
+        state: Arc<State>,
+        peer: SocketAddr,
+        port: u16,
+        scheme: Scheme,
+        permit: ConnPermit,
+    ) -> Conn {
+        Conn {
+            state,
+            peer,
+            port,
+            scheme,
+            forwarded_for: HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+                .expect("an IP address is a header value"),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            requests: AtomicU64::new(0),
+            sni: std::sync::OnceLock::new(),
+            _permit: permit,
+        }
+    }
+}
+
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")

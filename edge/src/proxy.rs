@@ -287,22 +287,27 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .flat_map(|v| v.split(','))
             .any(has);
         if names_one {
-            let named: Vec<HeaderName> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-                .collect();
-            for name in named {
-                headers.remove(name);
-            }
+            remove_connection_named(headers);
         }
     }
     for name in present.iter_mut().take(found) {
         if let Some(name) = name.take() {
             headers.remove(name);
         }
+    }
+}
+
+/// Removes the headers the `Connection` header's options name.
+pub(crate) fn remove_connection_named(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
 }
 

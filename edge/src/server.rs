@@ -26,13 +26,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::body::Incoming;
-use hyper::http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::{HttpService, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -1043,18 +1042,13 @@ async fn serve_quic(incoming: quinn::Incoming, port: u16, shared: Arc<Shared>, p
             return;
         }
     }
-    let conn = Arc::new(Conn {
-        state: shared.state.clone(),
+    let conn = Arc::new(Conn::new(
+        shared.state.clone(),
         peer,
         port,
-        scheme: Scheme::Https,
-        forwarded_for: HeaderValue::from_str(&peer.ip().to_canonical().to_string())
-            .expect("an IP address is a header value"),
-        in_flight: Arc::new(AtomicUsize::new(0)),
-        requests: AtomicU64::new(0),
-        sni: std::sync::OnceLock::new(),
-        _permit: permit,
-    });
+        Scheme::Https,
+        permit,
+    ));
     if let Some(name) = sni {
         let _ = conn.sni.set(name);
     }
@@ -1203,18 +1197,7 @@ async fn serve_conn(
     };
     let activity = Arc::new(AtomicU64::new(0));
     let io = Activity::new(stream, activity.clone());
-    let conn = Arc::new(Conn {
-        state: shared.state.clone(),
-        peer,
-        port,
-        scheme,
-        forwarded_for: HeaderValue::from_str(&peer.ip().to_canonical().to_string())
-            .expect("an IP address is a header value"),
-        in_flight: Arc::new(AtomicUsize::new(0)),
-        requests: AtomicU64::new(0),
-        sni: std::sync::OnceLock::new(),
-        _permit: permit,
-    });
+    let conn = Arc::new(Conn::new(shared.state.clone(), peer, port, scheme, permit));
     match scheme {
         Scheme::Http => serve_http(io, false, conn, &shared, &limits, activity).await,
         Scheme::Https => {

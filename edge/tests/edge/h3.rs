@@ -9,7 +9,7 @@ use bytes::{Buf, Bytes};
 use hyper::http::{Request, Response};
 use nix::sys::signal::Signal;
 
-use crate::support::{Edge, Upstreams, WAIT, client_config, globals};
+use crate::support::{Edge, Upstreams, WAIT, client_config, globals, json};
 
 type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
@@ -131,10 +131,6 @@ fn start_edge(web: &str, extra_globals: &str) -> Edge {
     let config = dir.join("Caddyfile");
     std::fs::write(&config, text).unwrap();
     Edge::start(dir, config, "--caddyfile")
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 #[test]

@@ -9,7 +9,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{Edge, Upstreams, WAIT, client_config, globals, lab_sites};
+use crate::support::{Edge, Upstreams, WAIT, client_config, globals, json, lab_sites};
 
 /// The reference lab's Caddyfile with `tls internal` added to each site and the upstreams
 /// pointed at `web` and `git`, under test global options.
@@ -34,10 +34,6 @@ fn start_lab(ups: &Upstreams) -> Edge {
     let config = dir.join("Caddyfile");
     std::fs::write(&config, text).unwrap();
     Edge::start(dir, config, "--caddyfile")
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 #[test]

@@ -453,3 +453,8 @@ pub fn lab_sites() -> String {
     };
     format!("{}\n", sites.trim())
 }
+
+/// `text` as JSON, or a panic that shows it.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
