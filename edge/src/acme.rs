@@ -555,9 +555,13 @@ impl Acme {
     }
 
     /// Serves the stored certificates of `plan` that outlast the served ones: renewed by
-    /// another edge sharing the bucket. Blocking (storage I/O).
-    fn pick_up_renewed(&self, plan: &Plan) {
+    /// another edge sharing the bucket. Names in `busy` are skipped: their order task takes
+    /// what is stored itself, under the name's lock, and says so once. Blocking (storage I/O).
+    fn pick_up_renewed(&self, plan: &Plan, busy: &HashSet<String>) {
         for (name, _) in &plan.names {
+            if busy.contains(name) {
+                continue;
+            }
             let served = self.certs.get(name).filter(|e| e.acme);
             if let Ok(Some(stored)) = self.load_stored(&plan.acme.directory, name)
                 && served.is_none_or(|s| s.validity.not_after < stored.validity.not_after)
@@ -713,7 +717,8 @@ impl Acme {
                         next_poll = Some(tokio::time::Instant::now() + every);
                         let acme = self.clone();
                         let plan = current.clone();
-                        let _ = tokio::task::spawn_blocking(move || acme.pick_up_renewed(&plan))
+                        let busy = running.clone();
+                        let _ = tokio::task::spawn_blocking(move || acme.pick_up_renewed(&plan, &busy))
                             .await;
                     }
                 }
@@ -819,11 +824,12 @@ impl Acme {
             name.replace('*', "wildcard_")
         );
         let storage = self.storage.clone();
-        let _lock = tokio::task::spawn_blocking(move || storage.lock(&lock_name))
+        let lock_path = self.storage.path(&format!("locks/{lock_name}"));
+        let lock = tokio::task::spawn_blocking(move || storage.lock(&lock_name))
             .await
             .map_err(|e| AcmeError::Key(format!("lock task: {e}")))?
             .map_err(|source| AcmeError::Storage {
-                path: self.storage.path("locks").display().to_string(),
+                path: lock_path.display().to_string(),
                 source,
             })?;
         match self.load_stored(&acme.directory, name) {
@@ -844,6 +850,18 @@ impl Acme {
             Err(reason) => {
                 tracing::warn!(name = %name, %reason, "stored certificate unusable; ordering a new one");
             }
+        }
+        // The account may wait on a lock of its own; a bucket's lease on the name can be
+        // lost meanwhile (refreshes failing for a whole lease), and then another edge may be
+        // ordering: leave it the name, and pick up what it stores on the retry.
+        self.account(acme, email).await?;
+        if !lock.held() {
+            return Err(AcmeError::Storage {
+                path: lock_path.display().to_string(),
+                source: std::io::Error::other(
+                    "another edge took the name's lock over while this one waited; not ordering",
+                ),
+            });
         }
         self.order(acme, name, email).await
     }

@@ -9,8 +9,14 @@
 //!   with `PutObject` + `If-None-Match: *` when the store honours it (probed once at start), and
 //!   refreshed every third of the lease while held. An expired lease is taken over with
 //!   `If-Match: ETAG` when the store honours that, else by delete then create-if-absent. A
-//!   store that honours neither gets a write, a short wait, and a read-back: the lock is ours
-//!   only if our owner string is still there.
+//!   store that honours neither gets a plain write.
+//! - Every take ends with a short wait ([`S3Store::settle`]) and a read-back: the lock is ours
+//!   only if our owner string is still there. Honouring a condition is not the same as
+//!   honouring it atomically: s3s-fs checks `If-None-Match` and then writes, so two edges
+//!   whose renewals fall due in the same instant both "create" the lock; the read-back lets
+//!   only the last writer through. Takes are rare (one per order), so the wait costs little.
+//! - A holder whose lease is taken over while held (its refreshes failed for a whole lease)
+//!   learns it from [`Lease::held`] and must not act on the lock any more.
 //! - Releasing deletes the lock only if it is still ours, after the refresh task has stopped
 //!   (so no late refresh brings it back).
 //! - Calls block the calling thread (as the folder storage's file I/O does); the S3 client
@@ -20,6 +26,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -385,8 +392,34 @@ impl S3Store {
         serde_json::to_vec(&body).unwrap_or_default()
     }
 
-    /// One attempt at the lock: `Some(etag)` when taken.
+    /// How long a take waits before reading the lock back: long enough for a racing write
+    /// that passed the store's condition check with ours to land.
+    fn settle(&self) -> Duration {
+        (self.lease / 20).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// One attempt at the lock: `Some(etag)` when taken and read back as ours.
     fn try_take(&self, key: &str, owner: &str) -> io::Result<Option<Option<String>>> {
+        if self.try_write(key, owner)?.is_none() {
+            return Ok(None);
+        }
+        std::thread::sleep(self.settle());
+        Ok(match self.get_raw(key.to_owned())? {
+            Some((bytes, etag))
+                if serde_json::from_slice::<LeaseBody>(&bytes).is_ok_and(|b| b.owner == owner) =>
+            {
+                Some(etag)
+            }
+            _ => {
+                tracing::info!(lock = %key, "another edge wrote the lock at the same time; waiting");
+                None
+            }
+        })
+    }
+
+    /// Writes the lock as ours unless another edge's unexpired lease holds it: `Some(etag)`
+    /// when written.
+    fn try_write(&self, key: &str, owner: &str) -> io::Result<Option<Option<String>>> {
         if self.conditional.create
             && let Put::Done(etag) =
                 self.put_raw(key.to_owned(), self.body(owner), Condition::Absent)?
@@ -431,27 +464,23 @@ impl S3Store {
             }
         } else if self.conditional.create {
             // Deleted between our put and our read: try again at once.
-            return self.try_take(key, owner);
+            return self.try_write(key, owner);
         }
-        // The store ignores conditions: write, let a racing writer land, read back.
-        let etag = match self.put_raw(key.to_owned(), self.body(owner), Condition::None)? {
-            Put::Done(etag) => etag,
-            Put::Refused => return Ok(None),
-        };
-        std::thread::sleep(
-            (self.lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(2)),
-        );
-        let ours = self
-            .get_raw(key.to_owned())?
-            .and_then(|(b, _)| serde_json::from_slice::<LeaseBody>(&b).ok())
-            .is_some_and(|b| b.owner == owner);
-        Ok(ours.then_some(etag))
+        // The store ignores conditions: a plain write, which the read-back settles.
+        Ok(
+            match self.put_raw(key.to_owned(), self.body(owner), Condition::None)? {
+                Put::Done(etag) => Some(etag),
+                Put::Refused => None,
+            },
+        )
     }
 
     /// Keeps a taken lock fresh until the returned guard drops.
     fn hold(self: &Arc<Self>, key: String, owner: String, etag: Option<String>) -> Lease {
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (done_tx, done_rx) = mpsc::sync_channel(1);
+        let held = Arc::new(AtomicBool::new(true));
+        let task_held = held.clone();
         let store = self.clone();
         let (task_key, task_owner) = (key.clone(), owner.clone());
         self.runtime.spawn(async move {
@@ -496,6 +525,7 @@ impl S3Store {
                 }
             }
             if lost {
+                task_held.store(false, Ordering::Release);
                 tracing::error!(lock = %task_key,
                     "the lock's lease was taken over by another edge while held");
                 // Wait for the release, which must not delete the new holder's lock.
@@ -515,6 +545,7 @@ impl S3Store {
         Lease {
             stop: Some(stop_tx),
             done: done_rx,
+            held,
             key,
         }
     }
@@ -524,7 +555,16 @@ impl S3Store {
 pub(crate) struct Lease {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: mpsc::Receiver<()>,
+    /// Cleared when another edge took the lock over while this one held it.
+    held: Arc<AtomicBool>,
     key: String,
+}
+
+impl Lease {
+    /// Whether the lock is still this edge's: false once another edge took it over.
+    pub(crate) fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
 }
 
 impl fmt::Debug for Lease {
@@ -635,6 +675,68 @@ mod tests {
         assert!(
             lock_owner(&one, "cert-a").is_none(),
             "released locks are deleted"
+        );
+    }
+
+    #[test]
+    fn of_contenders_writing_the_lock_in_one_instant_exactly_one_wins() {
+        // s3s-fs checks If-None-Match and then writes, so simultaneous creates can all
+        // succeed; the read-back after each take must still let exactly one through.
+        let server = testkit::S3Server::start().unwrap();
+        let bucket = bucket(&server);
+        let store = S3Store::open(&config(&server, &bucket, Duration::from_secs(2))).unwrap();
+        for round in 0..5 {
+            let key = store.object(&format!("locks/race-{round}.lock"));
+            let start = Arc::new(std::sync::Barrier::new(8));
+            let contenders: Vec<_> = (0..8)
+                .map(|i| {
+                    let (store, key, start) = (store.clone(), key.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        store.try_take(&key, &format!("contender {i}")).unwrap()
+                    })
+                })
+                .collect();
+            let winners = contenders
+                .into_iter()
+                .filter_map(|c| c.join().unwrap())
+                .count();
+            assert_eq!(
+                winners, 1,
+                "round {round}: {winners} contenders took the lock"
+            );
+        }
+    }
+
+    #[test]
+    fn a_holder_whose_lease_another_edge_took_over_knows_it_no_longer_holds_it() {
+        let server = testkit::S3Server::start().unwrap();
+        let bucket = bucket(&server);
+        let store = S3Store::open(&config(&server, &bucket, Duration::from_millis(600))).unwrap();
+        let lease = store.lock("n").unwrap();
+        assert!(lease.held());
+        // Another edge's write, as after this one's refreshes failed for a whole lease.
+        let other = serde_json::to_vec(&LeaseBody {
+            owner: "another edge".into(),
+            expires_ms: now_ms() + 60_000,
+        })
+        .unwrap();
+        store
+            .put_raw(store.object("locks/n.lock"), other, Condition::None)
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while lease.held() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the loss was never noticed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(lease);
+        assert_eq!(
+            lock_owner(&store, "n").as_deref(),
+            Some("another edge"),
+            "the release left the new holder's lock alone"
         );
     }
 

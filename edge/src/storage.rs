@@ -41,7 +41,7 @@ pub(crate) struct StorageLock {
     /// A `flock` on a file in the folder.
     _file: Option<Flock<File>>,
     /// A lease on an object in the bucket.
-    _lease: Option<Lease>,
+    lease: Option<Lease>,
 }
 
 impl Storage {
@@ -159,7 +159,7 @@ impl Storage {
         if let Some(s3) = &self.s3 {
             return s3.lock(name).map(|lease| StorageLock {
                 _file: None,
-                _lease: Some(lease),
+                lease: Some(lease),
             });
         }
         let dir = self.path("locks");
@@ -174,8 +174,16 @@ impl Storage {
             Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
         Ok(StorageLock {
             _file: Some(lock),
-            _lease: None,
+            lease: None,
         })
+    }
+}
+
+impl StorageLock {
+    /// Whether the lock is still ours: a `flock` always is; a bucket's lease is not once
+    /// another edge took it over (this edge's refreshes failed for a whole lease).
+    pub(crate) fn held(&self) -> bool {
+        self.lease.as_ref().is_none_or(Lease::held)
     }
 }
 

@@ -26,9 +26,47 @@ struct Shared {
     upstream: String,
     key_file: PathBuf,
     secret_file: PathBuf,
+    /// Holds the two files above.
+    _secrets: Scratch,
 }
 
 impl Shared {
+    /// Pebble (validating at `http_port` and `https_port`), a bucket, the edges' keys and
+    /// an upstream.
+    fn start(http_port: u16, https_port: u16) -> Shared {
+        let pebble = Pebble::builder()
+            .http_port(http_port)
+            .tls_port(https_port)
+            .cert_validity(Duration::from_secs(30))
+            .start()
+            .unwrap();
+        let s3 = S3Server::start().unwrap();
+        let ups = Upstreams::new();
+        let bucket = ups.runtime.block_on(s3.bucket()).unwrap();
+        let root_pem = ups.runtime.block_on(pebble.issuing_root_pem()).unwrap();
+        let root = pebble.api_ca_path().with_file_name("issuing-root.pem");
+        std::fs::write(&root, root_pem).unwrap();
+        let upstream = ups.http("web").to_string();
+        let secrets = Scratch::new("s3-secrets").unwrap();
+        let key_file = secrets.join("edge.key");
+        std::fs::write(&key_file, format!("{:064x}\n", rand::random::<u128>())).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let secret_file = secrets.join("s3.secret");
+        std::fs::write(&secret_file, testkit::s3::SECRET_KEY).unwrap();
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Shared {
+            s3,
+            bucket,
+            pebble,
+            root,
+            ups,
+            upstream,
+            key_file,
+            secret_file,
+            _secrets: secrets,
+        }
+    }
+
     fn client(&self) -> aws_sdk_s3::Client {
         self.ups.runtime.block_on(self.s3.client())
     }
@@ -97,8 +135,8 @@ impl Shared {
         }
     }
 
-    /// An edge config on the given ports, sharing the bucket.
-    fn config(&self, dir: &Scratch, http_port: u16, https_port: u16) -> PathBuf {
+    /// An edge config on the given ports, sharing the bucket; `site` is added to the site.
+    fn config(&self, dir: &Scratch, http_port: u16, https_port: u16, site: &str) -> PathBuf {
         let text = format!(
             "http_port = {http_port}\nhttps_port = {https_port}\nbind = [\"127.0.0.1\"]\n\
              storage = \"{storage}\"\nemail = \"ops@example.org\"\nacme_ca = \"{ca}\"\n\
@@ -108,7 +146,7 @@ impl Shared {
              region = \"{region}\"\naccess_key_id = \"{access}\"\n\
              secret_access_key_file = \"{secret}\"\nencryption_key_file = \"{key}\"\n\
              lease = \"2s\"\npoll_interval = \"2s\"\n\n\
-             [[site]]\naddresses = [\"{NAME}\"]\n[[site.reverse_proxy]]\nto = [\"{upstream}\"]\n",
+             [[site]]\naddresses = [\"{NAME}\"]\n{site}[[site.reverse_proxy]]\nto = [\"{upstream}\"]\n",
             storage = dir.join("storage").display(),
             ca = self.pebble.directory_url(),
             ca_root = self.pebble.api_ca_path().display(),
@@ -150,61 +188,27 @@ fn pid_of(owner: &str) -> Option<u32> {
     owner.strip_prefix("pid ")?.split(' ').next()?.parse().ok()
 }
 
-// Ignored in the suite until its flake is found: in a fresh-clone CI run (the whole suite in
-// parallel) edge B saw a certificate stored 2 s after it started, while the test still held the
-// ACME account lock that should have stopped every order, and then never logged "certificate
-// obtained". Passes alone: cargo nextest run --run-ignored all -E 'test(two_edges_share)'.
 #[test]
-#[ignore = "flaky under the parallel suite; see the comment above"]
 fn two_edges_share_one_order_answer_each_others_challenges_and_survive_a_killed_lock_holder() {
     let a_http = testkit::ports::free_port().unwrap();
     let a_https = testkit::ports::free_port().unwrap();
     let b_http = testkit::ports::free_port().unwrap();
     let b_https = testkit::ports::free_port().unwrap();
     // Pebble validates at edge A's ports, while edge B places the order.
-    let pebble = Pebble::builder()
-        .http_port(a_http)
-        .tls_port(a_https)
-        .cert_validity(Duration::from_secs(30))
-        .start()
-        .unwrap();
-    let s3 = S3Server::start().unwrap();
-    let ups = Upstreams::new();
-    let bucket = ups.runtime.block_on(s3.bucket()).unwrap();
-    let root_pem = ups.runtime.block_on(pebble.issuing_root_pem()).unwrap();
-    let root = pebble.api_ca_path().with_file_name("issuing-root.pem");
-    std::fs::write(&root, root_pem).unwrap();
-    let upstream = ups.http("web").to_string();
-    let secrets = Scratch::new("s3-secrets").unwrap();
-    let key_file = secrets.join("edge.key");
-    std::fs::write(&key_file, format!("{:064x}\n", rand::random::<u128>())).unwrap();
-    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let secret_file = secrets.join("s3.secret");
-    std::fs::write(&secret_file, testkit::s3::SECRET_KEY).unwrap();
-    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let shared = Shared {
-        s3,
-        bucket,
-        pebble,
-        root,
-        ups,
-        upstream,
-        key_file,
-        secret_file,
-    };
+    let shared = Shared::start(a_http, a_https);
 
     // The ACME account lock is held by the test, so whoever takes the name's lock stops
     // before ordering until the test lets go.
     shared.hold_lock("account");
     let a_dir = Scratch::new("edge-a").unwrap();
-    let a_config = shared.config(&a_dir, a_http, a_https);
+    let a_config = shared.config(&a_dir, a_http, a_https, "");
     let a = start_edge(a_dir, a_config.clone());
     let a_pid = a.proc.pid();
     shared.wait_for("edge A to take the name's lock", || {
         shared.lock_owner(NAME).and_then(|o| pid_of(&o)) == Some(a_pid)
     });
     let b_dir = Scratch::new("edge-b").unwrap();
-    let b_config = shared.config(&b_dir, b_http, b_https);
+    let b_config = shared.config(&b_dir, b_http, b_https, "");
     let b = start_edge(b_dir, b_config);
     b.proc
         .wait_output("another edge holds the lock; waiting", WAIT)
@@ -261,5 +265,56 @@ fn two_edges_share_one_order_answer_each_others_challenges_and_survive_a_killed_
     });
     assert_eq!(shared.pebble.orders(), 2, "{}", shared.pebble.log());
     a2.stop();
+    b.stop();
+}
+
+#[test]
+fn an_order_placed_by_one_edge_validates_by_tls_alpn01_at_the_other_from_the_bucket() {
+    // HTTP-01 is off for the site, and Pebble connects to edge A's TLS port only: A answers
+    // the challenge edge B's order put in the bucket.
+    let a_http = testkit::ports::free_port().unwrap();
+    let a_https = testkit::ports::free_port().unwrap();
+    let b_http = testkit::ports::free_port().unwrap();
+    let b_https = testkit::ports::free_port().unwrap();
+    let shared = Shared::start(a_http, a_https);
+    let tls_only = "tls_challenges = [\"tls-alpn-01\"]\n";
+    // B takes the name's lock and waits on the account, held by the test, while A starts
+    // and waits behind B.
+    shared.hold_lock("account");
+    let b_dir = Scratch::new("edge-b").unwrap();
+    let b_config = shared.config(&b_dir, b_http, b_https, tls_only);
+    let b = start_edge(b_dir, b_config);
+    let b_pid = b.proc.pid();
+    shared.wait_for("edge B to take the name's lock", || {
+        shared.lock_owner(NAME).and_then(|o| pid_of(&o)) == Some(b_pid)
+    });
+    let a_dir = Scratch::new("edge-a").unwrap();
+    let a_config = shared.config(&a_dir, a_http, a_https, tls_only);
+    let a = start_edge(a_dir, a_config);
+    a.proc
+        .wait_output("another edge holds the lock; waiting", WAIT)
+        .unwrap();
+
+    shared.release_lock("account");
+    b.proc
+        .wait_output(&format!("certificate obtained name={NAME}"), WAIT)
+        .unwrap();
+    a.proc
+        .wait_output(&format!("certificate obtained name={NAME}"), WAIT)
+        .unwrap();
+    let log = shared.pebble.log();
+    assert_eq!(shared.pebble.orders(), 1, "{log}");
+    assert!(
+        b.proc.stderr().contains("challenge=TlsAlpn01")
+            && !b.proc.stderr().contains("challenge=Http01"),
+        "{}",
+        b.proc.stderr()
+    );
+    assert_eq!(
+        shared.served_serial(a_https),
+        shared.served_serial(b_https),
+        "both edges serve one certificate"
+    );
+    a.stop();
     b.stop();
 }
