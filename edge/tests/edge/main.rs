@@ -2,6 +2,7 @@
 //! WebSocket client as the users' clients.
 
 mod acme;
+mod acme_issuers;
 mod bad_input;
 mod basic_auth;
 mod chain;
