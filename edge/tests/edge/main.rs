@@ -27,4 +27,5 @@ mod same_as_caddy;
 mod serving;
 mod support;
 mod tls;
+mod transport_options;
 mod upstreams;
