@@ -274,6 +274,10 @@ pub(crate) struct TransportToml {
     /// Most connections busy at once per upstream; more requests wait for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) max_conns_per_host: Option<usize>,
+    /// TCP keepalive probes on upstream connections: idle time before the first and the
+    /// time between them (Go's Dialer.KeepAlive, as Caddy sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) keepalive_interval: Option<String>,
     /// Accepted, no effect: buffer sizes are the edge's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) read_buffer: Option<String>,
@@ -424,6 +428,7 @@ impl TransportToml {
                 "response_header_timeout" => t.response_header_timeout = Some(duration()?),
                 "read_timeout" => t.read_timeout = Some(duration()?),
                 "max_response_header" => t.max_response_header = Some(size()?),
+                "keepalive_interval" => t.keepalive_interval = Some(duration()?),
                 "max_conns_per_host" => {
                     let n = count()?;
                     // Go's transport reads 0 as no limit.
@@ -441,7 +446,6 @@ impl TransportToml {
                     t.compression = Some("off".to_owned());
                 }
                 "write_timeout"
-                | "keepalive_interval"
                 | "expect_continue_timeout"
                 | "dial_fallback_delay"
                 | "resolvers"
@@ -502,6 +506,8 @@ pub(crate) struct Transport {
     pub(crate) max_response_header: Option<usize>,
     /// Most requests (so connections) busy at once per upstream.
     pub(crate) max_conns_per_host: Option<usize>,
+    /// TCP keepalive probe time and interval on upstream TCP connections.
+    pub(crate) keepalive_interval: Option<Duration>,
     /// How long idle connections are kept; zero keeps none.
     pub(crate) keepalive: Option<Duration>,
     /// Idle connections per upstream.
@@ -532,6 +538,7 @@ impl Transport {
             response_header_timeout: None,
             max_response_header: None,
             max_conns_per_host: None,
+            keepalive_interval: None,
             keepalive: None,
             idle_conns: None,
             tag: Arc::from(""),
@@ -628,6 +635,8 @@ impl Transport {
             response_header_timeout,
             max_response_header,
             max_conns_per_host: t.max_conns_per_host.filter(|n| *n > 0),
+            keepalive_interval: dur(&t.keepalive_interval, "keepalive_interval")?
+                .filter(|d| !d.is_zero()),
             keepalive,
             idle_conns: t.keepalive_idle_conns_per_host.or(t.keepalive_idle_conns),
             tag: Arc::from(tag),
@@ -668,6 +677,12 @@ impl Transport {
                         }
                     };
                     stream.set_nodelay(true)?;
+                    if let Some(every) = self.keepalive_interval {
+                        let probes = socket2::TcpKeepalive::new()
+                            .with_time(every)
+                            .with_interval(every);
+                        socket2::SockRef::from(&stream).set_tcp_keepalive(&probes)?;
+                    }
                     Plain::Tcp(stream)
                 }
                 Target::Unix(path) => Plain::Unix(UnixStream::connect(path).await?),

@@ -155,3 +155,58 @@ fn max_conns_per_host_keeps_the_upstreams_busy_connections_at_the_limit_and_the_
     );
     edge.stop();
 }
+
+/// The keepalive timers (seconds left) of the established TCP connections to `port` that
+/// process `pid` holds, from /proc/net/tcp (timer kind 2 is keepalive, its time in clock
+/// ticks of 1/100 s).
+fn keepalive_timers(pid: u32, port: u16) -> Vec<f64> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = u16::from_str_radix(f.get(2)?.rsplit(':').next()?, 16).ok()?;
+            let (kind, when) = f.get(5)?.split_once(':')?;
+            let inode = *f.get(9)?;
+            let mine = inodes.iter().any(|i| i == inode);
+            (remote_port == port && *f.get(3)? == "01" && mine && kind == "02")
+                .then(|| u64::from_str_radix(when, 16).ok())
+                .flatten()
+                .map(|ticks| ticks as f64 / 100.0)
+        })
+        .collect()
+}
+
+#[test]
+fn keepalive_interval_sets_tcp_keepalive_probes_on_upstream_connections_as_caddy_does() {
+    let upstreams = Upstreams::new();
+    let web = upstreams.http("web");
+    let both = Both::start_with(
+        upstreams,
+        "http://plain.local {\n\treverse_proxy @WEB@ {\n\t\ttransport http {\n\t\t\tkeepalive_interval 7s\n\t\t}\n\t}\n}\n",
+        &[("@WEB@", web.to_string())],
+    );
+    both.get("/").caddy_status(200).assert_same(&["x-upstream"]);
+    // Both keep the upstream connection idle after the answer; its first probe is due
+    // within 7 s.
+    let (edge, caddy) = both.procs();
+    for (who, proc) in [("edge", edge), ("caddy", caddy)] {
+        let timers = keepalive_timers(proc.pid(), web.port());
+        assert!(
+            !timers.is_empty(),
+            "{who}: no upstream connection with keepalive"
+        );
+        assert!(timers.iter().all(|t| *t <= 7.0), "{who}: {timers:?}");
+    }
+    both.stop();
+}
