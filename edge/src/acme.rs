@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::ca::now;
 use crate::certs::{Certs, ChallengeResponder, Entry};
-use crate::config::{AcmeConfig, Challenge, KeyType};
+use crate::config::{AcmeConfig, Challenge};
 use crate::dns01::{DnsConfig, DnsError, Presented};
 use crate::storage::{CERT_MODE, KEY_MODE, Storage};
 
@@ -441,6 +441,27 @@ pub(crate) struct Plan {
     pub(crate) challenges: HashMap<String, Vec<Challenge>>,
     /// Names whose challenges a DNS provider publishes (DNS-01, their only challenge).
     pub(crate) dns: HashMap<String, Arc<DnsConfig>>,
+    /// Names whose site has its own issuer (`tls { ca ca_root eab key_type }`).
+    pub(crate) issuers: HashMap<String, Arc<AcmeConfig>>,
+}
+
+impl Plan {
+    /// The ACME settings `name` is ordered, stored and renewed with: its site's issuer or
+    /// the global one, narrowed to its site's challenges or its DNS provider.
+    pub(crate) fn settings(&self, name: &str) -> AcmeConfig {
+        let mut settings = match self.issuers.get(name) {
+            Some(issuer) => (**issuer).clone(),
+            None => self.acme.clone(),
+        };
+        if let Some(only) = self.challenges.get(name) {
+            settings.challenges = only.clone();
+        }
+        if let Some(dns) = self.dns.get(name) {
+            settings.challenges = vec![Challenge::Dns01];
+            settings.dns = Some(dns.clone());
+        }
+        settings
+    }
 }
 
 /// The DNS-01 records published for one order, removed when the order ends: by
@@ -490,12 +511,15 @@ impl Drop for Published {
     }
 }
 
+/// An account's directory, email and EAB key id.
+type AccountKey = (String, Option<String>, Option<String>);
+
 /// The ACME client of one edge.
 pub(crate) struct Acme {
     storage: Storage,
     certs: Arc<Certs>,
     challenges: Arc<Challenges>,
-    accounts: tokio::sync::Mutex<HashMap<(String, Option<String>), Account>>,
+    accounts: tokio::sync::Mutex<HashMap<AccountKey, Account>>,
     /// Removals of DNS-01 records whose order was dropped.
     cleanups: TaskTracker,
 }
@@ -540,7 +564,7 @@ impl Acme {
             if self.certs.get(name).is_some_and(|e| e.acme) {
                 continue;
             }
-            match self.load_stored(&plan.acme.directory, name) {
+            match self.load_stored(&plan.settings(name).directory, name) {
                 Ok(Some(entry)) => {
                     tracing::info!(name = %name, not_after = entry.validity.not_after,
                         "serving the stored certificate");
@@ -563,7 +587,7 @@ impl Acme {
                 continue;
             }
             let served = self.certs.get(name).filter(|e| e.acme);
-            if let Ok(Some(stored)) = self.load_stored(&plan.acme.directory, name)
+            if let Ok(Some(stored)) = self.load_stored(&plan.settings(name).directory, name)
                 && served.is_none_or(|s| s.validity.not_after < stored.validity.not_after)
             {
                 tracing::info!(name = %name, not_after = stored.validity.not_after,
@@ -656,7 +680,8 @@ impl Acme {
                 if running.contains(name) {
                     continue;
                 }
-                let due = self.due_at(&current.acme, name, schedules.get(name));
+                let settings = current.settings(name);
+                let due = self.due_at(&settings, name, schedules.get(name));
                 if due > tokio::time::Instant::now() {
                     next_wake = next_wake.min(due);
                     continue;
@@ -666,14 +691,6 @@ impl Acme {
                 }
                 running.insert(name.clone());
                 let acme = self.clone();
-                let mut settings = current.acme.clone();
-                if let Some(only) = current.challenges.get(name) {
-                    settings.challenges = only.clone();
-                }
-                if let Some(dns) = current.dns.get(name) {
-                    settings.challenges = vec![Challenge::Dns01];
-                    settings.dns = Some(dns.clone());
-                }
                 let (name, email) = (name.clone(), email.clone());
                 jobs.spawn(async move {
                     let result = match tokio::time::timeout(
@@ -708,7 +725,7 @@ impl Acme {
                         continue;
                     };
                     running.remove(&name);
-                    self.finished(&current.acme, &name, result, &mut schedules);
+                    self.finished(&current.settings(&name), &name, result, &mut schedules);
                 }
                 _ = tokio::time::sleep_until(next_wake) => {
                     if let (Some(at), Some(every)) = (next_poll, poll)
@@ -867,13 +884,23 @@ impl Acme {
     }
 
     async fn account(&self, acme: &AcmeConfig, email: Option<&str>) -> Result<Account, AcmeError> {
-        let key = (acme.directory.clone(), email.map(str::to_owned));
+        // An account bound to an external account is its own: a site without the binding
+        // on the same CA never borrows it (nor the other way round).
+        let eab_id = acme.eab.as_ref().map(|e| e.key_id.clone());
+        let key = (
+            acme.directory.clone(),
+            email.map(str::to_owned),
+            eab_id.clone(),
+        );
         let mut accounts = self.accounts.lock().await;
         if let Some(account) = accounts.get(&key) {
             return Ok(account.clone());
         }
         let ca = ca_key(&acme.directory);
-        let file_name = email.unwrap_or("default").replace('/', "_");
+        let mut file_name = email.unwrap_or("default").replace('/', "_");
+        if let Some(id) = &eab_id {
+            file_name.push_str(&format!("-eab-{}", id.replace('/', "_")));
+        }
         let rel = format!("acme/{ca}/accounts/{file_name}.json");
         let storage = self.storage.clone();
         let lock_name = format!("acme-{ca}-account");
@@ -902,6 +929,7 @@ impl Acme {
                 }
                 let contact = email.map(|e| format!("mailto:{e}"));
                 let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let eab = acme.eab.as_ref().map(|e| e.key());
                 let (account, credentials) = builder()?
                     .create(
                         &NewAccount {
@@ -910,7 +938,7 @@ impl Acme {
                             only_return_existing: false,
                         },
                         acme.directory.clone(),
-                        None,
+                        eab.as_ref(),
                     )
                     .await?;
                 let bytes = serde_json::to_vec(&credentials)
@@ -1007,13 +1035,8 @@ impl Acme {
         if status != OrderStatus::Ready {
             return Err(AcmeError::Invalid(self.why_invalid(&mut order, name).await));
         }
-        let key = match acme.key_type {
-            KeyType::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
-            KeyType::Rsa2048 => {
-                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
-            }
-        }
-        .map_err(|e| AcmeError::Key(e.to_string()))?;
+        let key =
+            crate::issuer::generate(acme.key_type).map_err(|e| AcmeError::Key(e.to_string()))?;
         let mut params = CertificateParams::new(vec![name.to_owned()])
             .map_err(|e| AcmeError::Key(e.to_string()))?;
         params.distinguished_name = DistinguishedName::new();

@@ -704,6 +704,7 @@ fn globals(
             "acme_ca" => toml.acme_ca = Some(one("directory URL")?),
             "acme_ca_root" => toml.acme_ca_root = Some(PathBuf::from(one("PEM file")?)),
             "key_type" => toml.key_type = Some(one("key type")?),
+            "acme_eab" => toml.acme_eab = Some(acme_eab(p, &node)?),
             "renewal_window_ratio" => {
                 let text = one("ratio")?;
                 lines.insert("acme.renewal_window_ratio".into(), node.line);
@@ -1349,6 +1350,27 @@ fn tls_dns_option(
 }
 
 /// The block of `tls [ARGS] { ... }`: issuers, DNS-01 and client_auth.
+/// `acme_eab { key_id ID; mac_key KEY }`.
+fn acme_eab(p: &Parser<'_>, node: &Node) -> Result<crate::issuer::EabToml, CaddyfileError> {
+    let usage = "acme_eab takes a block: { key_id ID; mac_key KEY }";
+    let (true, Some(block)) = (node.tokens.len() == 1, &node.block) else {
+        return Err(p.err(node.line, usage));
+    };
+    let mut eab = crate::issuer::EabToml::default();
+    for n in block {
+        let words: Vec<&str> = n.tokens.iter().map(|t| t.text.as_str()).collect();
+        match (words.as_slice(), &n.block) {
+            (["key_id", id], None) => eab.key_id = (*id).to_owned(),
+            (["mac_key", key], None) => eab.mac_key = Some(SecretText::new((*key).to_owned())),
+            _ => return Err(p.err(n.line, usage)),
+        }
+    }
+    if eab.key_id.is_empty() || eab.mac_key.is_none() {
+        return Err(p.err(node.line, usage));
+    }
+    Ok(eab)
+}
+
 fn tls_block(
     p: &Parser<'_>,
     key: &str,
@@ -1363,6 +1385,30 @@ fn tls_block(
         let words: Vec<&str> = n.tokens.iter().map(|t| t.text.as_str()).collect();
         match (words.as_slice(), &n.block) {
             (["issuer", "internal"], None) => site.tls = Some("internal".into()),
+            (["ca", url], None) => {
+                lines.insert(format!("{key}.tls_ca"), n.line);
+                site.tls_ca = Some((*url).to_owned());
+            }
+            (["ca_root", file], None) => {
+                lines.insert(format!("{key}.tls_ca_root"), n.line);
+                site.tls_ca_root = Some(PathBuf::from(file));
+            }
+            (["key_type", kind], None) => {
+                lines.insert(format!("{key}.tls_key_type"), n.line);
+                site.tls_key_type = Some((*kind).to_owned());
+            }
+            (["eab", key_id, mac_key], None) => {
+                lines.insert(format!("{key}.tls_eab"), n.line);
+                site.tls_eab = Some(crate::issuer::EabToml {
+                    key_id: (*key_id).to_owned(),
+                    mac_key: Some(SecretText::new((*mac_key).to_owned())),
+                    mac_key_file: None,
+                });
+            }
+            // Never echoed back: the words hold the MAC key.
+            (["eab", ..], _) => {
+                return Err(p.err(n.line, "tls eab takes KEY_ID MAC_KEY"));
+            }
             (["on_demand"], None) => {
                 lines.insert(format!("{key}.tls_on_demand"), n.line);
                 site.tls_on_demand = Some(true);
@@ -1430,7 +1476,7 @@ fn tls_block(
             _ => {
                 return Err(p.err(
                             n.line,
-                            format!("tls option {:?} is not supported (protocols, ciphers, curves, alpn, on_demand, issuer internal, issuer acme, dns, propagation_delay, propagation_timeout, resolvers and client_auth are)", words.join(" ")),
+                            format!("tls option {:?} is not supported (protocols, ciphers, curves, alpn, on_demand, ca, ca_root, eab, key_type, issuer internal, issuer acme, dns, propagation_delay, propagation_timeout, resolvers and client_auth are)", words.join(" ")),
                         ));
             }
         }
@@ -1846,6 +1892,59 @@ mod tests {
         let located = parsed.locate(path, err).to_string();
         assert!(located.starts_with("/etc/Caddyfile:4: "), "{located}");
         assert!(located.contains("DNS-01"), "{located}");
+    }
+
+    #[test]
+    fn tls_ca_eab_and_key_type_make_a_site_issuer_over_the_global_one_and_bad_ones_name_their_line()
+    {
+        let path = Path::new("/etc/Caddyfile");
+        let config = load_text(
+            path,
+            "{\n acme_ca https://global.test/dir\n key_type p384\n acme_eab {\n  key_id g1\n  mac_key c2VjcmV0\n }\n}\n\
+             zero.example.org {\n tls {\n  ca https://acme.zerossl.test/v2/DV90\n  ca_root /etc/zero.pem\n  eab kid-1 bWFjLWtleQ\n  key_type rsa2048\n }\n respond ok\n}\n\
+             plain.example.org {\n respond ok\n}\n",
+            &Env::default(),
+        )
+        .unwrap();
+        assert_eq!(config.acme.directory, "https://global.test/dir");
+        assert_eq!(config.acme.key_type, config::KeyType::P384);
+        assert_eq!(config.acme.eab.as_ref().unwrap().key_id, "g1");
+        let own = config.site_issuers[0].as_ref().unwrap();
+        assert_eq!(own.directory, "https://acme.zerossl.test/v2/DV90");
+        assert_eq!(own.root, Some(PathBuf::from("/etc/zero.pem")));
+        assert_eq!(own.key_type, config::KeyType::Rsa2048);
+        assert_eq!(own.eab.as_ref().unwrap().key_id, "kid-1");
+        assert!(!format!("{own:?}").contains("bWFjLWtleQ"));
+        assert!(config.site_issuers[1].is_none());
+
+        for (text, wanted) in [
+            (
+                "x.example.org {\n tls {\n  key_type rsa8192\n }\n}\n",
+                "/etc/Caddyfile:3: ",
+            ),
+            (
+                "x.example.org {\n tls {\n  ca http://plain.test/dir\n }\n}\n",
+                "/etc/Caddyfile:3: ",
+            ),
+            (
+                "x.example.org {\n tls {\n  eab kid-1 %%%\n }\n}\n",
+                "/etc/Caddyfile:3: ",
+            ),
+            (
+                "x.example.org {\n tls internal {\n  ca https://ca.test/dir\n }\n}\n",
+                "not with tls internal",
+            ),
+        ] {
+            let parsed = parse(path, text, &Env::default()).unwrap();
+            let err = config::resolve(parsed.toml.clone(), &ConfigFile::new(path), &Env::default())
+                .unwrap_err();
+            let located = parsed.locate(path, err).to_string();
+            assert!(located.contains(wanted), "{text:?}: {located}");
+            assert!(!located.contains("%%%"), "{located}");
+        }
+        let err = err_text("x.example.org {\n tls {\n  eab kid-1 %%% extra\n }\n}\n");
+        assert!(err.contains(":3: tls eab takes"), "{err}");
+        assert!(!err.contains("%%%"), "{err}");
     }
 
     #[test]

@@ -233,7 +233,7 @@ fn print_status(config: &Config, format: Format) -> Result<(), Error> {
         });
     }
     for (name, _) in &plan.names {
-        lines.push(acme::status_of(&storage, &plan.acme, name));
+        lines.push(acme::status_of(&storage, &plan.settings(name), name));
     }
     for line in &lines {
         match format {

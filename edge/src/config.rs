@@ -45,9 +45,13 @@ pub(crate) struct EdgeToml {
     /// private ACME server (Caddy's `acme_ca_root`). Default: the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) acme_ca_root: Option<PathBuf>,
-    /// Key type of ACME certificates: "p256" (ECDSA P-256, default) or "rsa2048".
+    /// Key type of ACME certificates: "p256" (ECDSA P-256, default), "p384", "ed25519",
+    /// "rsa2048" or "rsa4096".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) key_type: Option<String>,
+    /// External account binding of new ACME accounts (Caddy's `acme_eab`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) acme_eab: Option<crate::issuer::EabToml>,
     /// ACME tuning.
     #[serde(default, skip_serializing_if = "AcmeToml::is_empty")]
     pub(crate) acme: AcmeToml,
@@ -229,6 +233,20 @@ pub(crate) struct SiteToml {
     /// ACME account email for this site (`tls EMAIL` in a Caddyfile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tls_email: Option<String>,
+    /// The ACME directory this site's names are ordered from, over `acme_ca` (a
+    /// Caddyfile's `tls { ca URL }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_ca: Option<String>,
+    /// The root of `tls_ca`'s own HTTPS certificate, over `acme_ca_root` (`tls { ca_root }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_ca_root: Option<PathBuf>,
+    /// External account binding for this site's ACME account, over `acme_eab`
+    /// (`tls { eab KEY_ID MAC_KEY }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_eab: Option<crate::issuer::EabToml>,
+    /// Key type of this site's certificates, over `key_type` (`tls { key_type }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls_key_type: Option<String>,
     /// Client certificates (a Caddyfile's `tls { client_auth { ... } }`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) client_auth: Option<ClientAuthToml>,
@@ -585,14 +603,7 @@ impl Default for Limits {
 /// Let's Encrypt's production directory, the default ACME CA.
 pub(crate) const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
-/// The key of a certificate ordered by ACME.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum KeyType {
-    /// ECDSA P-256.
-    P256,
-    /// RSA 2048.
-    Rsa2048,
-}
+pub(crate) use crate::issuer::KeyType;
 
 /// An ACME challenge type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -627,6 +638,8 @@ pub(crate) struct AcmeConfig {
     pub(crate) order_timeout: Duration,
     /// The DNS provider of an order using DNS-01 (set per name from the site's settings).
     pub(crate) dns: Option<Arc<DnsConfig>>,
+    /// External account binding for new accounts (`acme_eab`, a site's `tls { eab }`).
+    pub(crate) eab: Option<Arc<crate::issuer::Eab>>,
 }
 
 impl Default for AcmeConfig {
@@ -641,6 +654,7 @@ impl Default for AcmeConfig {
             max_concurrent_orders: 4,
             order_timeout: Duration::from_secs(120),
             dns: None,
+            eab: None,
         }
     }
 }
@@ -871,6 +885,9 @@ pub(crate) struct Config {
     pub(crate) site_challenges: Vec<Vec<Challenge>>,
     /// Each site's DNS provider (its own or `acme.dns`), by index: its names use DNS-01.
     pub(crate) site_dns: Vec<Option<Arc<DnsConfig>>>,
+    /// Each site's own ACME issuer (`tls { ca ca_root eab key_type }` over the global
+    /// settings), by index; `None`: `acme`.
+    pub(crate) site_issuers: Vec<Option<Arc<AcmeConfig>>>,
     /// The admin endpoint, if on.
     pub(crate) admin: Option<AdminListen>,
     /// `debug`: diagnostics at debug level unless the command line or environment say.
@@ -1057,7 +1074,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
     if let Some(email) = &raw.email {
         check_email(email).map_err(|m| file.invalid("email", m))?;
     }
-    let acme = resolve_acme(&raw, file, &duration)?;
+    let acme = resolve_acme(&raw, file, env, &duration)?;
     let on_demand = match &raw.on_demand_tls {
         None => None,
         Some(t) => Some(resolve_on_demand(t, file, &duration)?),
@@ -1092,7 +1109,9 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
     let mut site_logs: Vec<Option<LogSpec>> = Vec::new();
     let mut site_challenges: Vec<Vec<Challenge>> = Vec::new();
     let mut site_dns: Vec<Option<Arc<DnsConfig>>> = Vec::new();
+    let mut site_issuers: Vec<Option<Arc<AcmeConfig>>> = Vec::new();
     for (i, mut site) in raw.sites.into_iter().enumerate() {
+        site_issuers.push(site_issuer(&site, &acme, i, file, env)?.map(Arc::new));
         let log = match site.log.take() {
             None => None,
             Some(l) => Some(resolve_log(
@@ -1191,6 +1210,7 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
         access_log,
         site_challenges,
         site_dns,
+        site_issuers,
         admin,
         debug: raw.debug == Some(true),
         toml,
@@ -1275,30 +1295,24 @@ type DurationKey<'a> = &'a dyn Fn(&str, &Option<String>, Duration) -> Result<Dur
 fn resolve_acme(
     raw: &EdgeToml,
     file: &ConfigFile,
+    env: &Env,
     duration: DurationKey<'_>,
 ) -> Result<AcmeConfig, ConfigError> {
     let defaults = AcmeConfig::default();
     let directory = match &raw.acme_ca {
         None => defaults.directory,
-        Some(url) if url.starts_with("https://") && url.len() > "https://".len() => url.clone(),
-        Some(url) => {
-            return Err(file.invalid(
-                "acme_ca",
-                format!("{url:?} is not an https:// ACME directory URL"),
-            ));
-        }
+        Some(url) => crate::issuer::directory(url, "acme_ca", file)?,
     };
     let root = raw.acme_ca_root.as_ref().map(|p| file.resolve_path(p));
     let key_type = match raw.key_type.as_deref() {
-        None | Some("p256") => KeyType::P256,
-        Some("rsa2048") => KeyType::Rsa2048,
-        Some(other) => {
-            return Err(file.invalid(
-                "key_type",
-                format!("{other:?} is not supported (\"p256\" or \"rsa2048\")"),
-            ));
-        }
+        None => KeyType::P256,
+        Some(text) => crate::issuer::key_type(text, "key_type", file)?,
     };
+    let eab = raw
+        .acme_eab
+        .as_ref()
+        .map(|e| crate::issuer::resolve_eab(e, "acme_eab", file, env))
+        .transpose()?;
     let a = &raw.acme;
     let mut challenges = Vec::new();
     for (i, name) in a.challenges.iter().enumerate() {
@@ -1356,7 +1370,51 @@ fn resolve_acme(
         max_concurrent_orders,
         order_timeout,
         dns: None,
+        eab,
     })
+}
+
+/// A site's own issuer: the global ACME settings with its `tls_ca`, `tls_ca_root`,
+/// `tls_eab` and `tls_key_type` over them (Caddy fills a site's issuer in from the global
+/// options the same way); `None` when it sets none.
+fn site_issuer(
+    site: &SiteToml,
+    global: &AcmeConfig,
+    i: usize,
+    file: &ConfigFile,
+    env: &Env,
+) -> Result<Option<AcmeConfig>, ConfigError> {
+    let key = |k: &str| format!("site[{i}].{k}");
+    let set = [
+        ("tls_ca", site.tls_ca.is_some()),
+        ("tls_ca_root", site.tls_ca_root.is_some()),
+        ("tls_eab", site.tls_eab.is_some()),
+        ("tls_key_type", site.tls_key_type.is_some()),
+    ];
+    let Some((first, _)) = set.iter().find(|(_, on)| *on) else {
+        return Ok(None);
+    };
+    // The on-demand orderer and the internal CA take the global settings only.
+    if site.tls.as_deref() == Some("internal") || site.tls_on_demand == Some(true) {
+        return Err(file.invalid(
+            key(first),
+            "applies to ACME certificates ordered ahead: not with tls internal or on_demand",
+        ));
+    }
+    let mut acme = global.clone();
+    if let Some(url) = &site.tls_ca {
+        acme.directory = crate::issuer::directory(url, &key("tls_ca"), file)?;
+    }
+    if let Some(root) = &site.tls_ca_root {
+        acme.root = Some(file.resolve_path(root));
+    }
+    if let Some(eab) = &site.tls_eab {
+        acme.eab = Some(crate::issuer::resolve_eab(eab, &key("tls_eab"), file, env)?);
+    }
+    if let Some(text) = &site.tls_key_type {
+        acme.key_type = crate::issuer::key_type(text, &key("tls_key_type"), file)?;
+    }
+    Ok(Some(acme))
 }
 
 fn check_email(email: &str) -> Result<(), &'static str> {
@@ -1700,7 +1758,7 @@ mod tests {
         assert_eq!(config.acme.retry_base, Duration::from_secs(2));
         for (text, key) in [
             ("acme_ca = \"http://ca.test/dir\"\n", "acme_ca"),
-            ("key_type = \"ed25519\"\n", "key_type"),
+            ("key_type = \"rsa1024\"\n", "key_type"),
             ("[acme]\nchallenges = [\"dns-01\"]\n", "acme.challenges[0]"),
             (
                 "[acme]\nrenewal_window_ratio = 1.5\n",

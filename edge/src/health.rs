@@ -224,9 +224,20 @@ pub(crate) struct Host {
     fail_count: AtomicU32,
     /// When each remembered failure is forgotten.
     fails: Mutex<Vec<Instant>>,
+    /// `max_conns_per_host`: a permit per connection the upstream may have busy.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Host {
+    /// A host whose busy connections are at most `max` (`transport http
+    /// { max_conns_per_host }`); `None`: unlimited.
+    pub(crate) fn limited(max: Option<usize>) -> Host {
+        Host {
+            slots: max.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+            ..Host::default()
+        }
+    }
+
     /// Requests in flight.
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
@@ -261,21 +272,42 @@ impl Host {
     }
 }
 
-/// Counts a request in flight until dropped.
+/// Counts a request in flight until dropped, holding its connection slot when the host
+/// has `max_conns_per_host`.
 #[derive(Debug)]
-pub(crate) struct InFlight(Arc<[Host]>, usize);
+pub(crate) struct InFlight {
+    hosts: Arc<[Host]>,
+    i: usize,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl InFlight {
-    /// Counts one more request on `hosts[i]`.
-    pub(crate) fn start(hosts: &Arc<[Host]>, i: usize) -> InFlight {
+    /// Counts one more request on `hosts[i]`; with `max_conns_per_host`, first waits for a
+    /// free slot (as Go's transport waits for a connection), which the request keeps until
+    /// its response ends, so the upstream never has more busy connections than that.
+    pub(crate) async fn start(hosts: &Arc<[Host]>, i: usize) -> InFlight {
+        let permit = match &hosts[i].slots {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    tracing::debug!(upstream = i, "at max_conns_per_host; waiting for a slot");
+                    slots.clone().acquire_owned().await.ok()
+                }
+            },
+        };
         hosts[i].in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(hosts.clone(), i)
+        InFlight {
+            hosts: hosts.clone(),
+            i,
+            _slot: permit,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0[self.1].in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.hosts[self.i].in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -42,6 +42,7 @@ mod handler;
 mod header_ops;
 mod health;
 mod http3;
+mod issuer;
 mod lb;
 mod limit;
 mod log_roll;

@@ -122,7 +122,11 @@ impl Pool {
             transport.idle_conns.unwrap_or(self.max_idle_per_upstream),
         );
         loop {
-            let (mut lease, reused) = match self.take(&upstream.key) {
+            // With max_conns_per_host the request holds a slot, and the idle connection a
+            // slot freed may sit in another thread's list: take it from any, so the
+            // upstream's connections stay within the limit.
+            let any_thread = transport.max_conns_per_host.is_some();
+            let (mut lease, reused) = match self.take(&upstream.key, any_thread) {
                 Some(lease) => (lease, true),
                 None => {
                     match Box::pin(self.connect(transport, upstream, keep, connect_timeout)).await {
@@ -223,13 +227,20 @@ impl Pool {
     }
 
     /// An idle connection to `key` that is still open, if any.
-    fn take(self: &Arc<Self>, key: &Arc<str>) -> Option<Lease> {
+    fn take(self: &Arc<Self>, key: &Arc<str>, any_thread: bool) -> Option<Lease> {
         let thread = std::thread::current().id();
         loop {
             let mut idle = {
                 let mut pool = self.idle.lock().expect("the pool lock is never poisoned");
                 pool.iter_mut()
-                    .find(|(t, k, _)| *t == thread && k == key)?
+                    .find(|(t, k, c)| {
+                        k == key
+                            && if any_thread {
+                                !c.is_empty()
+                            } else {
+                                *t == thread
+                            }
+                    })?
                     .2
                     .pop()?
             };
@@ -313,7 +324,11 @@ async fn handshake(
     timeout: Duration,
 ) -> io::Result<(http1::SendRequest<UpBody>, Conn)> {
     let stream = transport.connect(&upstream.address, timeout).await?;
-    http1::Builder::new()
+    let mut builder = http1::Builder::new();
+    if let Some(max) = transport.max_response_header {
+        builder.max_buf_size(max);
+    }
+    builder
         .handshake(TokioIo::new(stream))
         .await
         .map_err(io::Error::other)

@@ -95,7 +95,12 @@ const STACK_VIEWS: usize = 8;
 impl Balancer {
     /// Fresh state for `proxy`: all upstreams healthy; `active` checks start now when given.
     pub(crate) fn new(proxy: &Proxy, active: Option<Active>) -> Balancer {
-        let hosts: Arc<[Host]> = proxy.upstreams.iter().map(|_| Host::default()).collect();
+        let max_conns = proxy.transport.max_conns_per_host;
+        let hosts: Arc<[Host]> = proxy
+            .upstreams
+            .iter()
+            .map(|_| Host::limited(max_conns))
+            .collect();
         let passive = proxy.passive.clone();
         crate::metrics::watch_upstreams(
             proxy
@@ -484,7 +489,7 @@ impl Client {
                 let rendered = proxy.header_up.render(seen(h), cx);
                 proxy.header_up.apply(up.headers_mut(), &rendered);
             }
-            let in_flight = InFlight::start(&balancer.hosts, i);
+            let in_flight = InFlight::start(&balancer.hosts, i).await;
             let sent = proxy.passive.unhealthy_latency.map(|_| Instant::now());
             let exchange = async {
                 if upgrade.is_some() {

@@ -109,6 +109,7 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
     let mut names: Vec<(String, Option<String>)> = Vec::new();
     let mut challenges = HashMap::new();
     let mut dns = HashMap::new();
+    let mut issuers = HashMap::new();
     for (i, site) in config.sites.iter().enumerate() {
         if !config.auto_certs {
             // auto_https off or disable_certs: only sites' own files are served.
@@ -132,6 +133,9 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
                         if let Some(Some(provider)) = config.site_dns.get(i) {
                             dns.insert(name.clone(), provider.clone());
                         }
+                        if let Some(Some(issuer)) = config.site_issuers.get(i) {
+                            issuers.insert(name.clone(), issuer.clone());
+                        }
                         names.push((name, email));
                     }
                 }
@@ -145,6 +149,7 @@ pub(crate) fn cert_plan(config: &Config) -> (Vec<Host>, Plan) {
         names,
         challenges,
         dns,
+        issuers,
     };
     (internal, plan)
 }

@@ -264,6 +264,20 @@ pub(crate) struct TransportToml {
     /// Limit on waiting for the response head once the request is sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) response_header_timeout: Option<String>,
+    /// Limit on waiting for the upstream to send (Caddy's per-read deadline); the edge
+    /// applies it to the response head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) read_timeout: Option<String>,
+    /// Largest response head accepted from the upstream (a larger one gets 502).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_response_header: Option<String>,
+    /// Most connections busy at once per upstream; more requests wait for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_conns_per_host: Option<usize>,
+    /// TCP keepalive probes on upstream connections: idle time before the first and the
+    /// time between them (Go's Dialer.KeepAlive, as Caddy sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) keepalive_interval: Option<String>,
     /// Accepted, no effect: buffer sizes are the edge's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) read_buffer: Option<String>,
@@ -412,6 +426,14 @@ impl TransportToml {
                 "keepalive_idle_conns_per_host" => t.keepalive_idle_conns_per_host = Some(count()?),
                 "dial_timeout" => t.dial_timeout = Some(duration()?),
                 "response_header_timeout" => t.response_header_timeout = Some(duration()?),
+                "read_timeout" => t.read_timeout = Some(duration()?),
+                "max_response_header" => t.max_response_header = Some(size()?),
+                "keepalive_interval" => t.keepalive_interval = Some(duration()?),
+                "max_conns_per_host" => {
+                    let n = count()?;
+                    // Go's transport reads 0 as no limit.
+                    t.max_conns_per_host = (n > 0).then_some(n);
+                }
                 "read_buffer" => t.read_buffer = Some(size()?),
                 "write_buffer" => t.write_buffer = Some(size()?),
                 "compression" => {
@@ -423,11 +445,7 @@ impl TransportToml {
                     }
                     t.compression = Some("off".to_owned());
                 }
-                "read_timeout"
-                | "write_timeout"
-                | "keepalive_interval"
-                | "max_conns_per_host"
-                | "max_response_header"
+                "write_timeout"
                 | "expect_continue_timeout"
                 | "dial_fallback_delay"
                 | "resolvers"
@@ -481,8 +499,15 @@ pub(crate) struct Transport {
     pub(crate) protocol: Protocol,
     /// Limit on connecting (and the TLS handshake).
     pub(crate) dial_timeout: Option<Duration>,
-    /// Limit on the response head.
+    /// Limit on the response head: the shorter of `response_header_timeout` and
+    /// `read_timeout`.
     pub(crate) response_header_timeout: Option<Duration>,
+    /// The largest response head read (hyper's read buffer, at least its 8 KiB minimum).
+    pub(crate) max_response_header: Option<usize>,
+    /// Most requests (so connections) busy at once per upstream.
+    pub(crate) max_conns_per_host: Option<usize>,
+    /// TCP keepalive probe time and interval on upstream TCP connections.
+    pub(crate) keepalive_interval: Option<Duration>,
     /// How long idle connections are kept; zero keeps none.
     pub(crate) keepalive: Option<Duration>,
     /// Idle connections per upstream.
@@ -511,6 +536,9 @@ impl Transport {
             protocol: Protocol::Http1,
             dial_timeout: None,
             response_header_timeout: None,
+            max_response_header: None,
+            max_conns_per_host: None,
+            keepalive_interval: None,
             keepalive: None,
             idle_conns: None,
             tag: Arc::from(""),
@@ -574,17 +602,41 @@ impl Transport {
                     .map_err(|_| format!("tls_server_name {n:?} is not a DNS name or IP address"))
             })
             .transpose()?;
-        let tag = match (&tls, protocol) {
+        let mut tag = match (&tls, protocol) {
             (None, Protocol::Http1) => String::new(),
             (None, _) => "h2c ".to_owned(),
             (Some(_), _) => format!("tls#{id} "),
         };
+        let max_response_header = match t.max_response_header.as_deref() {
+            None => None,
+            Some(text) => {
+                let n = parse_size(text)
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("max_response_header: {text:?} is not a size"))?;
+                // hyper refuses a read buffer under 8 KiB.
+                let n = usize::try_from(n).unwrap_or(usize::MAX).max(8192);
+                // Connections made with another limit are never shared with this one.
+                tag.push_str(&format!("mrh{n} "));
+                Some(n)
+            }
+        };
+        let response_header_timeout = [
+            dur(&t.response_header_timeout, "response_header_timeout")?,
+            dur(&t.read_timeout, "read_timeout")?,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         Ok(Transport {
             tls,
             server_name,
             protocol,
             dial_timeout,
-            response_header_timeout: dur(&t.response_header_timeout, "response_header_timeout")?,
+            response_header_timeout,
+            max_response_header,
+            max_conns_per_host: t.max_conns_per_host.filter(|n| *n > 0),
+            keepalive_interval: dur(&t.keepalive_interval, "keepalive_interval")?
+                .filter(|d| !d.is_zero()),
             keepalive,
             idle_conns: t.keepalive_idle_conns_per_host.or(t.keepalive_idle_conns),
             tag: Arc::from(tag),
@@ -625,6 +677,12 @@ impl Transport {
                         }
                     };
                     stream.set_nodelay(true)?;
+                    if let Some(every) = self.keepalive_interval {
+                        let probes = socket2::TcpKeepalive::new()
+                            .with_time(every)
+                            .with_interval(every);
+                        socket2::SockRef::from(&stream).set_tcp_keepalive(&probes)?;
+                    }
                     Plain::Tcp(stream)
                 }
                 Target::Unix(path) => Plain::Unix(UnixStream::connect(path).await?),

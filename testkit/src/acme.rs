@@ -27,6 +27,7 @@ pub struct PebbleBuilder {
     tls_port: u16,
     cert_validity: Option<Duration>,
     dns_server: Option<SocketAddr>,
+    eab_keys: Option<&'static [(&'static str, &'static str)]>,
 }
 
 impl Default for PebbleBuilder {
@@ -36,6 +37,7 @@ impl Default for PebbleBuilder {
             tls_port: 5001,
             cert_validity: None,
             dns_server: None,
+            eab_keys: None,
         }
     }
 }
@@ -64,6 +66,13 @@ impl PebbleBuilder {
     /// server, e.g. a [`crate::Named`] holding the zone.
     pub fn dns_server(mut self, server: SocketAddr) -> PebbleBuilder {
         self.dns_server = Some(server);
+        self
+    }
+
+    /// Requires external account binding: new accounts must be bound to one of these
+    /// (key id, base64url MAC key) pairs, as ZeroSSL requires.
+    pub fn eab_keys(mut self, keys: &'static [(&'static str, &'static str)]) -> PebbleBuilder {
+        self.eab_keys = Some(keys);
         self
     }
 
@@ -102,6 +111,14 @@ impl PebbleBuilder {
                     "externalAccountBindingRequired": false
                 }
             });
+            if let Some(keys) = self.eab_keys {
+                config["pebble"]["externalAccountBindingRequired"] = true.into();
+                let map: serde_json::Map<String, serde_json::Value> = keys
+                    .iter()
+                    .map(|(id, key)| ((*id).to_owned(), (*key).into()))
+                    .collect();
+                config["pebble"]["externalAccountMACKeys"] = map.into();
+            }
             if let Some(validity) = self.cert_validity {
                 config["pebble"]["certificateValidityPeriod"] = validity.as_secs().into();
             }

@@ -66,7 +66,12 @@ impl SecretText {
     }
 
     /// The secret, the environment's variable read for a reference; `key` names it in errors.
-    fn resolve(&self, env: &Env, key: &str, file: &ConfigFile) -> Result<Secret, ConfigError> {
+    pub(crate) fn resolve(
+        &self,
+        env: &Env,
+        key: &str,
+        file: &ConfigFile,
+    ) -> Result<Secret, ConfigError> {
         if self.0.expose() == "[redacted]" {
             return Err(file.invalid(
                 key,

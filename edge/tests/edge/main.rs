@@ -2,6 +2,7 @@
 //! WebSocket client as the users' clients.
 
 mod acme;
+mod acme_issuers;
 mod bad_input;
 mod basic_auth;
 mod chain;
@@ -26,4 +27,5 @@ mod same_as_caddy;
 mod serving;
 mod support;
 mod tls;
+mod transport_options;
 mod upstreams;

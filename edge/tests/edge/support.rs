@@ -56,7 +56,7 @@ impl Upstreams {
     }
 
     /// Listens on a free loopback port and runs `serve` on each accepted connection.
-    fn serve<F, Fut>(&self, serve: F) -> SocketAddr
+    pub fn serve<F, Fut>(&self, serve: F) -> SocketAddr
     where
         F: Fn(TcpStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
