@@ -26,23 +26,12 @@ fn silent(upstreams: &Upstreams) -> SocketAddr {
 fn big_header(upstreams: &Upstreams, size: usize) -> SocketAddr {
     let head: &'static str = Box::leak(
         format!(
-            "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
             "b".repeat(size)
         )
         .into_boxed_str(),
     );
-    upstreams.serve(move |mut stream| async move {
-        let mut buf = vec![0u8; 65536];
-        let mut seen = Vec::new();
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-        let _ = stream.write_all(head.as_bytes()).await;
-        let _ = stream.shutdown().await;
-    })
+    upstreams.raw(head, b"ok")
 }
 
 #[test]
