@@ -50,7 +50,7 @@ const PIPE_SIZE: i32 = 256 * 1024;
 const POOLED_PIPES: usize = 16;
 /// Chunks up to this size are copied rather than spliced (less than any pipe's capacity, so
 /// what the destination does not take at once always fits in the empty pipe).
-const SMALL_CHUNK: usize = 4096;
+pub(crate) const SMALL_CHUNK: usize = 4096;
 
 thread_local! {
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
@@ -325,24 +325,7 @@ impl Pipe {
 /// `from`'s readiness (as tokio's own reads do) and the next read waits for new bytes.
 fn copy_small(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<(usize, usize)> {
     SMALL.with_borrow_mut(|buf| {
-        let mut short = None;
-        let read = from.try_io(Interest::READABLE, || {
-            let n = nix::sys::socket::recv(
-                from.as_raw_fd(),
-                &mut buf[..],
-                nix::sys::socket::MsgFlags::empty(),
-            )?;
-            if n > 0 && n < SMALL_CHUNK {
-                // Reported as WouldBlock so tokio clears the readiness; the count is kept.
-                short = Some(n);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        let n = match (read, short) {
-            (_, Some(n)) => n,
-            (read, None) => read?,
-        };
+        let n = recv_drained(from, &mut buf[..])?;
         if n == 0 {
             return Ok((0, 0));
         }
@@ -356,6 +339,34 @@ fn copy_small(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<(usiz
         }
         Ok((n, n - sent))
     })
+}
+
+/// One `recv` from `from` into `buf`: the bytes read (0 at end of stream), `WouldBlock` when
+/// it has none. A read shorter than `buf` drained the socket, so it clears `from`'s
+/// readiness (as tokio's own reads do) and the next read waits for new bytes.
+fn recv_drained(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut short = None;
+    let read = from.try_io(Interest::READABLE, || {
+        let n = nix::sys::socket::recv(from.as_raw_fd(), buf, nix::sys::socket::MsgFlags::empty())?;
+        if n > 0 && n < buf.len() {
+            // Reported as WouldBlock so tokio clears the readiness; the count is kept.
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (read, short) {
+        (_, Some(n)) => Ok(n),
+        (read, None) => read,
+    }
+}
+
+/// The bytes a visitor just accepted has sent already, read into `buf` without waiting: 0 if
+/// none are there yet (or it closed, or failed: its forwarding finds that out again). The
+/// server sends them in the same write as the command that starts the data channel; the
+/// forwarding carries the rest.
+pub(crate) fn early_bytes(visitor: &TcpStream, buf: &mut [u8]) -> usize {
+    recv_drained(visitor, buf).unwrap_or(0)
 }
 
 /// Moves bytes `from` → `to` until `from` ends, then half-closes `to`: small chunks copied,
