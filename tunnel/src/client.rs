@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use labcore::Secret;
 use rand::Rng;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -72,6 +72,9 @@ const FIRST_RETRY: Duration = Duration::from_millis(200);
 /// listener) and an idle channel ends with its control channel, whose heartbeat finds a
 /// dead server.
 const KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
+/// A visitor's first bytes read with the command that starts a TCP data channel, at most (the
+/// rest is forwarded as usual).
+const FIRST_BYTES: usize = 512;
 
 /// Which servers of one service have an open control channel, and in failover mode which
 /// one gets data channels: the first one up in `remote_addr`'s order.
@@ -648,6 +651,21 @@ impl Commands {
     }
 }
 
+/// Reads a data channel's command into the front of `buf`, and whatever has arrived after it,
+/// up to `buf`'s length: how many bytes were read (at least the command).
+async fn read_command<S: TunnelStream>(stream: &mut S, buf: &mut [u8]) -> Result<usize, Error> {
+    let what = "a data channel command";
+    let mut got = 0;
+    while got < protocol::TAG_LEN {
+        match stream.read(&mut buf[got..]).await {
+            Ok(0) => return Err(Error::Closed { what }),
+            Ok(n) => got += n,
+            Err(err) => return Err(Error::io(format!("reading the {what}"), err)),
+        }
+    }
+    Ok(got)
+}
+
 /// One data channel: open it, wait for the server's command, connect the local service and
 /// forward.
 async fn data_channel<T: Transport>(
@@ -681,7 +699,15 @@ async fn data_channel<T: Transport>(
             return;
         }
     };
-    let mut cmd = [0u8; protocol::TAG_LEN];
+    // A TCP service's command may come with the visitor's first bytes (the server writes
+    // those it has in the same segment): one read takes both, and they are written to the
+    // local service before the forwarding starts. A UDP service's command is read alone, as
+    // the frames after it are the forwarding's.
+    let mut first = [0u8; protocol::TAG_LEN + FIRST_BYTES];
+    let want = match service.service_type {
+        ServiceType::Tcp => first.len(),
+        ServiceType::Udp => protocol::TAG_LEN,
+    };
     let read = tokio::select! {
         _ = session.cancelled() => return,
         // A standby that was the first server up opened its data channels then; once a
@@ -691,21 +717,23 @@ async fn data_channel<T: Transport>(
             tracing::debug!(service = %service.name, server = %context.remote_addr, "idle data channel of a standby closed");
             return;
         }
-        read = protocol::read_exact(&mut channel, &mut cmd, "a data channel command") => read,
+        read = read_command(&mut channel, &mut first[..want]) => read,
     };
-    match (
-        read.and_then(|()| DataCmd::decode(&cmd)),
+    let mut cmd = [0u8; protocol::TAG_LEN];
+    cmd.copy_from_slice(&first[..protocol::TAG_LEN]);
+    let early = match (
+        read.and_then(|got| DataCmd::decode(&cmd).map(|cmd| (cmd, got))),
         service.service_type,
     ) {
-        (Ok(DataCmd::StartForwardTcp), ServiceType::Tcp) => {}
-        (Ok(DataCmd::StartForwardUdp), ServiceType::Udp) => {
+        (Ok((DataCmd::StartForwardTcp, got)), ServiceType::Tcp) => &first[protocol::TAG_LEN..got],
+        (Ok((DataCmd::StartForwardUdp, _)), ServiceType::Udp) => {
             return udp_channel(context, channel).await;
         }
-        (Ok(DataCmd::StartForwardUdp), ServiceType::Tcp) => {
+        (Ok((DataCmd::StartForwardUdp, _)), ServiceType::Tcp) => {
             tracing::warn!(service = %service.name, "the server forwards UDP for this service, but it is a TCP service here");
             return;
         }
-        (Ok(DataCmd::StartForwardTcp), ServiceType::Udp) => {
+        (Ok((DataCmd::StartForwardTcp, _)), ServiceType::Udp) => {
             tracing::warn!(service = %service.name, "the server forwards TCP for this service, but it is a UDP service here");
             return;
         }
@@ -717,8 +745,8 @@ async fn data_channel<T: Transport>(
             tracing::warn!(service = %service.name, reason = %labcore::exit::chain(&err), "data channel failed");
             return;
         }
-    }
-    let local = match context
+    };
+    let mut local = match context
         .deadlines
         .within(TcpStream::connect(&service.local_addr))
         .await
@@ -736,6 +764,17 @@ async fn data_channel<T: Transport>(
         }
     };
     sockopt::nodelay(&local, service.nodelay);
+    if !early.is_empty() {
+        // A fresh socket's buffer takes these few bytes at once.
+        if let Err(err) = local.write_all(early).await {
+            tracing::debug!(service = %service.name, error = %err, "connection ended");
+            return;
+        }
+        context
+            .metrics
+            .to_service
+            .fetch_add(early.len() as u64, Ordering::Relaxed);
+    }
     let _open = context.metrics.connection();
     // The service is the local socket here.
     let meter = forward::Meter {

@@ -10,7 +10,9 @@
 //! the direction to splicing until a splice moves less than the buffer holds. Other
 //! transports copy through two buffers allocated once per connection. Either way nothing is
 //! allocated per chunk and no lock is taken. A direction that reaches end of stream half-closes
-//! the other side, so protocols that shut down writing (HTTP/1.0, `ssh` exit) work.
+//! the other side, so protocols that shut down writing (HTTP/1.0, `ssh` exit) work; the
+//! direction that ends last leaves its half-close to the close of both sockets that follows
+//! at once, which sends the same FIN.
 //!
 //! A plain TCP tunnel stream opened without TCP keepalive gets it once the connection has lasted
 //! a while ([`LateKeepalive`]): most carry one short exchange and never need it.
@@ -27,7 +29,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -50,7 +52,7 @@ const PIPE_SIZE: i32 = 256 * 1024;
 const POOLED_PIPES: usize = 16;
 /// Chunks up to this size are copied rather than spliced (less than any pipe's capacity, so
 /// what the destination does not take at once always fits in the empty pipe).
-const SMALL_CHUNK: usize = 4096;
+pub(crate) const SMALL_CHUNK: usize = 4096;
 
 thread_local! {
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
@@ -230,9 +232,24 @@ async fn splice_both(
 ) -> io::Result<Carried> {
     let inbound_pipe = Pipe::take()?;
     let outbound_pipe = Pipe::take()?;
+    let one_ended = AtomicBool::new(false);
     let (inbound, outbound) = tokio::try_join!(
-        splice_one(tunnel, local, &inbound_pipe, meter.inbound, activity),
-        splice_one(local, tunnel, &outbound_pipe, meter.outbound, activity),
+        splice_one(
+            tunnel,
+            local,
+            &inbound_pipe,
+            meter.inbound,
+            activity,
+            &one_ended
+        ),
+        splice_one(
+            local,
+            tunnel,
+            &outbound_pipe,
+            meter.outbound,
+            activity,
+            &one_ended
+        ),
     )?;
     // Both directions reached end of stream with every byte written: the pipes are empty.
     // (On an error, or if this future is dropped, they are closed instead.)
@@ -325,24 +342,7 @@ impl Pipe {
 /// `from`'s readiness (as tokio's own reads do) and the next read waits for new bytes.
 fn copy_small(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<(usize, usize)> {
     SMALL.with_borrow_mut(|buf| {
-        let mut short = None;
-        let read = from.try_io(Interest::READABLE, || {
-            let n = nix::sys::socket::recv(
-                from.as_raw_fd(),
-                &mut buf[..],
-                nix::sys::socket::MsgFlags::empty(),
-            )?;
-            if n > 0 && n < SMALL_CHUNK {
-                // Reported as WouldBlock so tokio clears the readiness; the count is kept.
-                short = Some(n);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        let n = match (read, short) {
-            (_, Some(n)) => n,
-            (read, None) => read?,
-        };
+        let n = recv_drained(from, &mut buf[..])?;
         if n == 0 {
             return Ok((0, 0));
         }
@@ -358,14 +358,49 @@ fn copy_small(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<(usiz
     })
 }
 
+/// One `recv` from `from` into `buf`: the bytes read (0 at end of stream), `WouldBlock` when
+/// it has none. A read shorter than `buf` drained the socket, so it clears `from`'s
+/// readiness (as tokio's own reads do) and the next read waits for new bytes.
+fn recv_drained(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut short = None;
+    let read = from.try_io(Interest::READABLE, || {
+        let n = nix::sys::socket::recv(from.as_raw_fd(), buf, nix::sys::socket::MsgFlags::empty())?;
+        if n > 0 && n < buf.len() {
+            // Reported as WouldBlock so tokio clears the readiness; the count is kept.
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (read, short) {
+        (_, Some(n)) => Ok(n),
+        (read, None) => read,
+    }
+}
+
+/// The bytes a visitor just accepted has sent already, read into `buf` without waiting: 0 if
+/// none are there yet (or it closed, or failed: its forwarding finds that out again). The
+/// server sends them in the same write as the command that starts the data channel; the
+/// forwarding carries the rest.
+pub(crate) fn early_bytes(visitor: &TcpStream, buf: &mut [u8]) -> usize {
+    recv_drained(visitor, buf).unwrap_or(0)
+}
+
 /// Moves bytes `from` → `to` until `from` ends, then half-closes `to`: small chunks copied,
 /// big ones through the pipe; adds each chunk to `counter` once it is written.
+///
+/// `one_ended` is shared with the other direction: the direction that ends second leaves
+/// `to` as it is. Both sockets are closed as soon as both directions have ended (they are
+/// owned by [`forward`]'s caller, and dropped with it), and closing a socket whose reading
+/// reached its end sends the same FIN a half-close would: one system call fewer per
+/// connection on each side of the tunnel.
 async fn splice_one(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
     counter: &AtomicU64,
     activity: &Activity,
+    one_ended: &AtomicBool,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     // Whether the last chunk filled the small buffer (or a splice moved at least that much):
@@ -387,7 +422,9 @@ async fn splice_one(
             }
         };
         if filled == 0 {
-            sockopt::shutdown_write(to);
+            if !one_ended.swap(true, Ordering::Relaxed) {
+                sockopt::shutdown_write(to);
+            }
             return Ok(total);
         }
         big = filled >= SMALL_CHUNK;

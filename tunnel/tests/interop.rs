@@ -1,6 +1,7 @@
 //! Interop with the real rathole 0.5.0 (installed by scripts/test): a labkit client works
 //! with a rathole server and a rathole client with a labkit server, refusals included, for
-//! TCP and for UDP services.
+//! TCP and for UDP services. One test drives a data channel by hand to check the bytes a
+//! rathole client reads when the visitor spoke first.
 //!
 //! rathole binds the ports in its config itself, so its tests take free ports and retry on
 //! a clash; rathole logs (to stdout) when it listens and when a control channel opens.
@@ -319,4 +320,65 @@ fn a_rathole_client_carries_udp_for_a_labkit_server_over_ipv4_and_ipv6() {
     assert!(v6.is_ipv6());
     udp_echo_some(v6);
     assert!(!server.stderr().contains("udp data channel ended"));
+}
+
+/// What a rathole client reads on a data channel when the visitor spoke first: the 4-byte
+/// `StartForwardTcp` and then the visitor's bytes, whole and in order (labkit's server puts
+/// those that are there already in the same write), and the reply and the end of stream
+/// reach the visitor. Driven by hand, as rathole 0.5's client would: hello, proof, ack, then
+/// a data channel opened only after the visitor wrote.
+#[test]
+fn a_visitors_first_bytes_follow_the_start_command_on_the_data_channel_as_rathole_reads_them() {
+    use std::io::{Read, Write};
+    use tunnel::protocol::{self, Ack, Hello, SessionKey};
+
+    let dir = Scratch::new("interop-first-bytes").unwrap();
+    let token = "first-bytes-token";
+    let config = write(&dir, "server.toml", &server_config("", &[("solo", token)]));
+    let server = server(&config);
+    let control_addr = control_addr(&server);
+    let mut control = visit(control_addr);
+    control
+        .write_all(&Hello::Control(protocol::service_digest("solo")).encode())
+        .unwrap();
+    let mut answer = [0u8; protocol::HELLO_LEN];
+    control.read_exact(&mut answer).unwrap();
+    let Hello::Control(nonce) = Hello::decode(&answer).unwrap() else {
+        panic!("the server answered with a data hello")
+    };
+    let key = SessionKey::prove(token.as_bytes(), &nonce);
+    control.write_all(key.bytes()).unwrap();
+    let mut ack = [0u8; protocol::TAG_LEN];
+    control.read_exact(&mut ack).unwrap();
+    assert_eq!(Ack::decode(&ack).unwrap(), Ack::Ok);
+
+    // The visitor speaks before any data channel exists, so its bytes are there when the
+    // server pairs it with the first one.
+    let mut visitor = visit(service_addr(&server, "solo"));
+    let first = b"GET / HTTP/1.0\r\nHost: first-bytes\r\n\r\n";
+    visitor.write_all(first).unwrap();
+    let mut channel = visit(control_addr);
+    channel.write_all(&Hello::Data(key).encode()).unwrap();
+    let mut start = [0u8; protocol::TAG_LEN];
+    channel.read_exact(&mut start).unwrap();
+    assert_eq!(start, [0, 0, 0, 0], "StartForwardTcp as rathole encodes it");
+    let mut carried = vec![0u8; first.len()];
+    channel.read_exact(&mut carried).unwrap();
+    assert_eq!(
+        carried, first,
+        "the visitor's first bytes, right after the command"
+    );
+
+    channel
+        .write_all(b"HTTP/1.0 204 No Content\r\n\r\n")
+        .unwrap();
+    channel.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    visitor.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"HTTP/1.0 204 No Content\r\n\r\n");
+    visitor.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(
+        closed_by_peer(&mut channel, WAIT),
+        "the visitor's end reaches the channel"
+    );
 }
