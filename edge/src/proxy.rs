@@ -491,7 +491,9 @@ impl Client {
             }
             let in_flight = InFlight::start(&balancer.hosts, i).await;
             let sent = proxy.passive.unhealthy_latency.map(|_| Instant::now());
-            let exchange = async {
+            // Pinned where it is made: `timeout` then holds a pointer, and neither it nor its
+            // await moves the whole exchange (the pool's future and the request) again.
+            let exchange = std::pin::pin!(async {
                 if upgrade.is_some() {
                     // Boxed: a new connection's future is large, and only upgrades need it.
                     Box::pin(self.send_upgrade(proxy, upstream, up, upgrades.tasks, upgrades.stop))
@@ -502,7 +504,7 @@ impl Client {
                         .send(&proxy.transport, upstream, up, self.connect_timeout)
                         .await
                 }
-            };
+            });
             let timeout = proxy
                 .transport
                 .response_header_timeout
