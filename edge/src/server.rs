@@ -459,8 +459,9 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 ///
 /// The tick is there for tokio's timer: registering a timer that is due before the runtime's
 /// next planned wake-up writes the runtime's wake fd (a syscall, and a spurious `epoll_wait`
-/// return after it). Each request registers two (hyper's header read timeout, 10 s, and the
-/// upstream response timeout, 60 s); whenever a worker had no header timer pending, the next
+/// return after it). Each request registered two (hyper's header read timeout, 10 s, now only
+/// for a connection's first head or a split one, see [`HeadTimer`], and the upstream response
+/// timeout, 60 s); whenever a worker had no header timer pending, the next
 /// one was due earliest and paid that write, about 0.28 times per request under load. With a
 /// tick never more than a second away, a timer of a second or more is never the earliest.
 async fn heartbeat(stop: CancellationToken) {
@@ -1316,6 +1317,10 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let head_timer = HeadTimer {
+        reads: activity.clone(),
+        conn: conn.clone(),
+    };
     let watch = Watch {
         conn: conn.clone(),
         // HTTP/2 keep-alive pings move bytes on an idle connection: there only requests count.
@@ -1343,7 +1348,7 @@ async fn serve_http<I>(
     } else {
         let mut builder = http1::Builder::new();
         builder
-            .timer(TokioTimer::new())
+            .timer(head_timer)
             .header_read_timeout(limits.header_read_timeout)
             .max_header_size(limits.max_header_bytes)
             .keep_alive(true);
@@ -1352,6 +1357,80 @@ async fn serve_http<I>(
             .await;
     }
 }
+
+/// The timer of an HTTP/1.1 connection, for hyper's header read timeout, which hyper starts
+/// as soon as it waits for a request head: after a response, that is while the connection
+/// idles, so a keep-alive connection would be closed at the header timeout instead of the
+/// idle one ([`Watch`]). As Go's server (Caddy) does, the header time of a request after the
+/// first starts with the first byte read after hyper began to wait; the first request's
+/// starts when the connection is served. hyper polls the timer only after reading found no
+/// complete head, so the first byte is seen at the poll after it is read.
+///
+/// Cost: the one box per request head hyper made with `TokioTimer`; for a head after the
+/// first, one `Arc` clone and two atomic loads instead of a timer registration, and a second
+/// box and the timer only when the head does not come whole.
+/// A head whose start hyper had already read with the previous request (pipelined, or in
+/// one TLS record) is bounded by the idle timeout only.
+#[derive(Clone)]
+struct HeadTimer {
+    /// The connection's [`Activity`] counter.
+    reads: Arc<AtomicU64>,
+    conn: Arc<Conn>,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        if self.conn.requests.load(Ordering::Relaxed) == 0 {
+            return TokioTimer::new().sleep_until(deadline);
+        }
+        Box::pin(HeadSleep {
+            counter: self.reads.clone(),
+            waiting: Waiting::Idle {
+                reads: crate::activity::reads(self.reads.load(Ordering::Relaxed)),
+                timeout: deadline.saturating_duration_since(std::time::Instant::now()),
+            },
+        })
+    }
+}
+
+/// [`HeadTimer`]'s sleep.
+struct HeadSleep {
+    counter: Arc<AtomicU64>,
+    waiting: Waiting,
+}
+
+enum Waiting {
+    /// No byte of the head yet: reads were `reads`; the timeout starts at the next one.
+    Idle { reads: u32, timeout: Duration },
+    /// The header time runs.
+    Armed(Pin<Box<tokio::time::Sleep>>),
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if let Waiting::Idle { reads, timeout } = this.waiting {
+            // Pending without a waker is right here: hyper polls this only after its read of
+            // the stream returned pending, and that read wakes the task when bytes come.
+            if crate::activity::reads(this.counter.load(Ordering::Relaxed)) == reads {
+                return Poll::Pending;
+            }
+            this.waiting = Waiting::Armed(Box::pin(tokio::time::sleep(timeout)));
+        }
+        match &mut this.waiting {
+            Waiting::Armed(sleep) => sleep.as_mut().poll(cx),
+            Waiting::Idle { .. } => Poll::Pending,
+        }
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
 
 /// Connections that can be asked to finish their requests and close.
 trait Graceful: Future<Output = Result<(), hyper::Error>> {
