@@ -26,7 +26,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -1317,9 +1317,18 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Only HTTP/1.1 has them: one exchange at a time on the connection.
+    let deadlines = (!h2 && (limits.read_body_timeout.is_some() || limits.write_timeout.is_some()))
+        .then(|| Deadlines {
+            exchange: Arc::new(Exchange::default()),
+            read_body: limits.read_body_timeout,
+            write: limits.write_timeout,
+        });
+    let exchange = deadlines.as_ref().map(|d| d.exchange.clone());
     let head_timer = HeadTimer {
         reads: activity.clone(),
         conn: conn.clone(),
+        exchange: exchange.clone(),
     };
     let watch = Watch {
         conn: conn.clone(),
@@ -1329,9 +1338,14 @@ async fn serve_http<I>(
         // A token of its own: waiting on the shared one would take the lock of its waiter list,
         // shared by every connection of every worker, each time the connection is polled.
         drain: shared.drain.child_token(),
+        deadlines,
     };
     let service = service_fn(move |req: hyper::Request<Incoming>| {
-        handler::handle(req.map(ReqBody::Hyper), conn.clone())
+        let req = match &exchange {
+            None => req.map(ReqBody::Hyper),
+            Some(exchange) => exchange.begin(req),
+        };
+        handler::handle(req, conn.clone())
     });
     let io = TokioIo::new(io);
     if h2 {
@@ -1376,6 +1390,8 @@ struct HeadTimer {
     /// The connection's [`Activity`] counter.
     reads: Arc<AtomicU64>,
     conn: Arc<Conn>,
+    /// hyper waiting for a head means the last exchange is over.
+    exchange: Option<Arc<Exchange>>,
 }
 
 impl hyper::rt::Timer for HeadTimer {
@@ -1384,6 +1400,9 @@ impl hyper::rt::Timer for HeadTimer {
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        if let Some(exchange) = &self.exchange {
+            exchange.end();
+        }
         if self.conn.requests.load(Ordering::Relaxed) == 0 {
             return TokioTimer::new().sleep_until(deadline);
         }
@@ -1432,6 +1451,83 @@ impl Future for HeadSleep {
 
 impl hyper::rt::Sleep for HeadSleep {}
 
+/// Where an HTTP/1.1 connection's exchange stands, for `read_body` and `write` ([`Watch`]).
+/// Made only when one of them is set.
+#[derive(Default)]
+struct Exchange {
+    /// A request was read and hyper has not yet gone back to waiting for the next head: its
+    /// body is still arriving or its response still being written.
+    busy: AtomicBool,
+    /// The request's body is still arriving (its handler or hyper's drain reads it).
+    body: AtomicBool,
+}
+
+impl Exchange {
+    /// A request's head was read: its exchange begins; a body to come is watched.
+    fn begin(self: &Arc<Self>, req: hyper::Request<Incoming>) -> hyper::Request<ReqBody> {
+        self.busy.store(true, Ordering::Relaxed);
+        if hyper::body::Body::is_end_stream(req.body()) {
+            return req.map(ReqBody::Hyper);
+        }
+        self.body.store(true, Ordering::Relaxed);
+        let exchange = self.clone();
+        req.map(|inner| {
+            ReqBody::other(http_body_util::BodyExt::boxed_unsync(Arriving {
+                inner,
+                exchange,
+            }))
+        })
+    }
+
+    /// hyper waits for the next head: the body was read (or drained) and the response
+    /// written.
+    fn end(&self) {
+        self.busy.store(false, Ordering::Relaxed);
+        self.body.store(false, Ordering::Relaxed);
+    }
+}
+
+/// A request body that tells its [`Exchange`] when it has all arrived.
+struct Arriving {
+    inner: Incoming,
+    exchange: Arc<Exchange>,
+}
+
+impl hyper::body::Body for Arriving {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.exchange.body.store(false, Ordering::Relaxed);
+        }
+        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `servers { timeouts { read_body write } }` of an HTTP/1.1 connection. As Go's server
+/// (Caddy) sets its connection deadlines, both run from a request's head (here: from when
+/// it was read): a body still arriving at `read_body`, or an exchange not over at `write`
+/// (its response not all written: a client not reading, a slow upstream), closes the
+/// connection unanswered or mid-response. A timer per request, only when one is set.
+struct Deadlines {
+    exchange: Arc<Exchange>,
+    read_body: Option<Duration>,
+    write: Option<Duration>,
+}
+
 /// Connections that can be asked to finish their requests and close.
 trait Graceful: Future<Output = Result<(), hyper::Error>> {
     fn shut(self: Pin<&mut Self>);
@@ -1472,6 +1568,7 @@ struct Watch {
     bytes: Option<Arc<AtomicU64>>,
     idle: Duration,
     drain: CancellationToken,
+    deadlines: Option<Deadlines>,
 }
 
 impl Watch {
@@ -1492,10 +1589,46 @@ impl Watch {
         // The connection wakes the task several times a request: polling both on every
         // wake-up cost more than the look.
         let (mut drain_waits, mut idle_waits) = (false, false);
+        // The request the deadlines run for, and when they fall.
+        let mut deadline = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let mut deadlines_of = self.conn.requests.load(Ordering::Relaxed);
+        let (mut body_at, mut write_at) = (None, None);
         let result = std::future::poll_fn(|cx| {
             loop {
                 if let Poll::Ready(result) = conn.as_mut().poll(cx) {
                     return Poll::Ready(result);
+                }
+                if let Some(d) = &self.deadlines {
+                    let request = self.conn.requests.load(Ordering::Relaxed);
+                    let now = tokio::time::Instant::now();
+                    if request != deadlines_of {
+                        deadlines_of = request;
+                        body_at = d.read_body.map(|t| now + t);
+                        write_at = d.write.map(|t| now + t);
+                    }
+                    let due = |at: &mut Option<tokio::time::Instant>, open: &AtomicBool| {
+                        let passed = at.is_some_and(|at| at <= now);
+                        if passed || !open.load(Ordering::Relaxed) {
+                            *at = None;
+                        }
+                        passed && open.load(Ordering::Relaxed)
+                    };
+                    if due(&mut body_at, &d.exchange.body) {
+                        tracing::info!(%peer, "request body not received within read_body; closing");
+                        return Poll::Ready(Ok(()));
+                    }
+                    if due(&mut write_at, &d.exchange.busy) {
+                        tracing::info!(%peer, "response not written within write; closing");
+                        return Poll::Ready(Ok(()));
+                    }
+                    if let Some(at) = body_at.into_iter().chain(write_at).min() {
+                        if deadline.deadline() != at {
+                            deadline.as_mut().reset(at);
+                        }
+                        if deadline.as_mut().poll(cx).is_ready() {
+                            continue;
+                        }
+                    }
                 }
                 if !closing {
                     let drained = if drain_waits {

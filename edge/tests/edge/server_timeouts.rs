@@ -145,3 +145,108 @@ fn a_request_head_trickled_past_read_header_is_cut_on_a_kept_alive_connection_as
     }
     both.stop();
 }
+
+/// What a client trickling a 1000-byte body, a byte every 100 ms, sees: the status of the
+/// answer (if one came), and how long until the connection closed (None: still open after
+/// 10 s, the body done by then).
+fn trickle_body(port: u16, path: &str) -> (Option<u16>, Option<Duration>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: plain.local\r\nContent-Length: 1000\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let started = Instant::now();
+    let mut said = Vec::new();
+    while started.elapsed() < Duration::from_secs(10) {
+        // The 100 ms wait for an answer paces the trickle.
+        match closed_within_keeping(&mut stream, Duration::from_millis(100), &mut said) {
+            true => {
+                let status = (said.len() >= 12)
+                    .then(|| String::from_utf8_lossy(&said[9..12]).parse().ok())
+                    .flatten();
+                return (status, Some(started.elapsed()));
+            }
+            false => {
+                let _ = stream.write_all(b"x");
+            }
+        }
+    }
+    (None, None)
+}
+
+/// Reads what comes within `wait` into `said`; whether the peer closed.
+fn closed_within_keeping(stream: &mut TcpStream, wait: Duration, said: &mut Vec<u8>) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => said.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn a_request_body_trickled_past_read_body_closes_the_connection_as_in_caddy() {
+    let both = Both::start(
+        "{\n\tservers {\n\t\ttimeouts {\n\t\t\tread_body 1s\n\t\t\tidle 30s\n\t\t}\n\t}\n}\nhttp://plain.local {\n\treverse_proxy @ECHO@\n}\n",
+    );
+    let (edge, caddy) = on_both(&both, |port| trickle_body(port, "/"));
+    // Both give up on the body at read_body and close. Caddy's reverse_proxy first passes on
+    // what arrived and answers as the upstream does; the edge closes unanswered (a
+    // difference the man page lists).
+    assert_eq!(edge.0, None, "the edge answered a body it never had whole");
+    for (who, (_, closed)) in [("edge", edge), ("caddy", caddy)] {
+        let closed = closed.unwrap_or_else(|| panic!("{who} kept reading the body"));
+        assert!(
+            closed >= Duration::from_millis(900) && closed < Duration::from_secs(3),
+            "{who} closed after {closed:?}"
+        );
+    }
+    both.stop();
+}
+
+#[test]
+fn a_client_not_reading_a_large_response_is_cut_at_write_as_in_caddy() {
+    const SIZE: usize = 48 << 20;
+    let upstreams = crate::support::Upstreams::new();
+    let big = upstreams.raw(
+        Box::leak(
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\nConnection: close\r\n\r\n")
+                .into_boxed_str(),
+        ),
+        Box::leak(vec![b'x'; SIZE].into_boxed_slice()),
+    );
+    let both = Both::start_with(
+        upstreams,
+        "{\n\tservers {\n\t\ttimeouts {\n\t\t\twrite 1s\n\t\t}\n\t}\n}\nhttp://plain.local {\n\treverse_proxy @BIG@\n}\n",
+        &[("@BIG@", big.to_string())],
+    );
+    let (edge, caddy) = on_both(&both, |port| {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(GET).unwrap();
+        // The stimulus: a client that reads nothing for twice the write timeout.
+        std::thread::sleep(Duration::from_secs(2));
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got += n,
+            }
+        }
+    });
+    for (who, got) in [("edge", edge), ("caddy", caddy)] {
+        assert!(got > 0 && got < SIZE, "{who} sent {got} of {SIZE} bytes");
+    }
+    both.stop();
+}
