@@ -1590,7 +1590,8 @@ impl Watch {
         // wake-up cost more than the look.
         let (mut drain_waits, mut idle_waits) = (false, false);
         // The request the deadlines run for, and when they fall.
-        let mut deadline = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        // Made at the first deadline, so connections without any pay nothing for it.
+        let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut deadlines_of = self.conn.requests.load(Ordering::Relaxed);
         let (mut body_at, mut write_at) = (None, None);
         let result = std::future::poll_fn(|cx| {
@@ -1622,10 +1623,12 @@ impl Watch {
                         return Poll::Ready(Ok(()));
                     }
                     if let Some(at) = body_at.into_iter().chain(write_at).min() {
-                        if deadline.deadline() != at {
-                            deadline.as_mut().reset(at);
+                        let sleep = deadline
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                        if sleep.deadline() != at {
+                            sleep.as_mut().reset(at);
                         }
-                        if deadline.as_mut().poll(cx).is_ready() {
+                        if sleep.as_mut().poll(cx).is_ready() {
                             continue;
                         }
                     }
