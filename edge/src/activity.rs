@@ -1,6 +1,11 @@
 //! [`Activity`]: a stream wrapper that counts reads and writes, so an idle watch can tell a
 //! connection in use from an idle one without timers per read. A leaf, shared by the client
 //! connections' watch in `server` and the upgraded connections' in `proxy`.
+//!
+//! One counter holds both: a read adds [`READ`], a write [`WRITE`], so any change means the
+//! stream moved and the low half alone counts reads (the HTTP/1.1 header timer in `server`
+//! waits for the first byte of a request head). Equality is all anyone asks of it, so
+//! wrapping is harmless.
 
 use std::io;
 use std::pin::Pin;
@@ -9,6 +14,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What a read that moved bytes adds to the counter.
+const READ: u64 = 1;
+/// What a write that moved bytes adds to the counter.
+const WRITE: u64 = 1 << 32;
+
+/// The reads part of a counter's value.
+pub(crate) fn reads(count: u64) -> u32 {
+    count as u32
+}
 
 /// A stream that counts reads and writes that moved bytes.
 pub(crate) struct Activity<T> {
@@ -31,7 +46,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.count.fetch_add(1, Ordering::Relaxed);
+            self.count.fetch_add(READ, Ordering::Relaxed);
         }
         polled
     }
@@ -45,7 +60,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.count.fetch_add(1, Ordering::Relaxed);
+            self.count.fetch_add(WRITE, Ordering::Relaxed);
         }
         polled
     }
@@ -57,7 +72,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.count.fetch_add(1, Ordering::Relaxed);
+            self.count.fetch_add(WRITE, Ordering::Relaxed);
         }
         polled
     }

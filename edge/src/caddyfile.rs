@@ -947,10 +947,12 @@ fn servers(
                             toml.limits.header_read_timeout = Some((*d).to_owned())
                         }
                         ["idle", d] => toml.limits.idle_timeout = Some((*d).to_owned()),
+                        ["read_body", d] => toml.limits.read_body_timeout = Some((*d).to_owned()),
+                        ["write", d] => toml.limits.write_timeout = Some((*d).to_owned()),
                         [other, ..] => {
                             return Err(p.err(
                                 t.line,
-                                format!("servers timeouts {other:?} is not supported (read_header and idle are)"),
+                                format!("servers timeouts {other:?} is not supported (read_body, read_header, write and idle are)"),
                             ));
                         }
                         [] => {}
@@ -1950,12 +1952,14 @@ mod tests {
     #[test]
     fn servers_auto_https_and_log_options_map_to_toml_keys_and_the_rest_is_refused_by_line() {
         let toml = parse_text(
-            "{\n auto_https disable_redirects\n servers {\n  protocols h1 h2\n  timeouts {\n   read_header 5s\n   idle 1m\n  }\n  max_header_size 16KB\n }\n log {\n  format console\n }\n}\nx.local {\n log access {\n  output file /var/log/x.log {\n   roll_size 10MB\n   roll_keep 3\n  }\n  level ERROR\n }\n tls /etc/x.crt /etc/x.key\n}\n",
+            "{\n auto_https disable_redirects\n servers {\n  protocols h1 h2\n  timeouts {\n   read_header 5s\n   read_body 30s\n   write 1m\n   idle 1m\n  }\n  max_header_size 16KB\n }\n log {\n  format console\n }\n}\nx.local {\n log access {\n  output file /var/log/x.log {\n   roll_size 10MB\n   roll_keep 3\n  }\n  level ERROR\n }\n tls /etc/x.crt /etc/x.key\n}\n",
         )
         .unwrap();
         assert_eq!(toml.auto_https.as_deref(), Some("disable_redirects"));
         assert_eq!(toml.limits.header_read_timeout.as_deref(), Some("5s"));
         assert_eq!(toml.limits.idle_timeout.as_deref(), Some("1m"));
+        assert_eq!(toml.limits.read_body_timeout.as_deref(), Some("30s"));
+        assert_eq!(toml.limits.write_timeout.as_deref(), Some("1m"));
         assert_eq!(toml.limits.max_header_bytes, Some(16_000));
         assert_eq!(
             toml.limits.http3,

@@ -190,6 +190,16 @@ pub(crate) struct LimitsToml {
     /// (WebSocket) one moving no bytes either way too. Default "2m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) idle_timeout: Option<String>,
+    /// Time a client has to send an HTTP/1.1 request's body, from its head (Caddy's
+    /// `servers { timeouts { read_body } }`): a body still arriving then closes the
+    /// connection. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) read_body_timeout: Option<String>,
+    /// Time the edge has to write an HTTP/1.1 response, from the request's head (Caddy's
+    /// `servers { timeouts { write } }`): a response not written by then (a client not
+    /// reading) closes the connection. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) write_timeout: Option<String>,
     /// Time a client has to finish the TLS handshake. Default "10s".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tls_handshake_timeout: Option<String>,
@@ -567,6 +577,10 @@ pub(crate) struct Limits {
     pub(crate) max_header_bytes: usize,
     /// See [`LimitsToml::idle_timeout`].
     pub(crate) idle_timeout: Duration,
+    /// See [`LimitsToml::read_body_timeout`].
+    pub(crate) read_body_timeout: Option<Duration>,
+    /// See [`LimitsToml::write_timeout`].
+    pub(crate) write_timeout: Option<Duration>,
     /// See [`LimitsToml::tls_handshake_timeout`].
     pub(crate) tls_handshake_timeout: Duration,
     /// See [`LimitsToml::upstream_connect_timeout`].
@@ -589,6 +603,8 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             idle_timeout: Duration::from_secs(120),
+            read_body_timeout: None,
+            write_timeout: None,
             tls_handshake_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_response_timeout: Duration::from_secs(60),
@@ -976,6 +992,22 @@ pub(crate) fn resolve(raw: EdgeToml, file: &ConfigFile, env: &Env) -> Result<Con
             &l.idle_timeout,
             defaults.idle_timeout,
         )?,
+        read_body_timeout: l
+            .read_body_timeout
+            .as_ref()
+            .map(|_| {
+                duration(
+                    "limits.read_body_timeout",
+                    &l.read_body_timeout,
+                    Duration::ZERO,
+                )
+            })
+            .transpose()?,
+        write_timeout: l
+            .write_timeout
+            .as_ref()
+            .map(|_| duration("limits.write_timeout", &l.write_timeout, Duration::ZERO))
+            .transpose()?,
         tls_handshake_timeout: duration(
             "limits.tls_handshake_timeout",
             &l.tls_handshake_timeout,

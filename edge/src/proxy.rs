@@ -575,7 +575,16 @@ impl Client {
                 Ok(Err(Failure::Request(err))) => {
                     tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream request failed");
                     balancer.failed(proxy, i);
-                    failure = (StatusCode::BAD_GATEWAY, "bad gateway: upstream failed\n");
+                    // A timeout on the connection (transport http write_timeout) is a 504, as
+                    // Caddy answers any timed-out network error.
+                    failure = if timed_out(&err) {
+                        (
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "gateway timeout: upstream did not take the request in time\n",
+                        )
+                    } else {
+                        (StatusCode::BAD_GATEWAY, "bad gateway: upstream failed\n")
+                    };
                     break;
                 }
                 Err(_) => {
@@ -807,6 +816,20 @@ async fn join_upgraded(
             }
         }
     }
+}
+
+/// Whether an exchange failed on an I/O timeout somewhere in its error's chain.
+fn timed_out(err: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

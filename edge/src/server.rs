@@ -26,7 +26,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -459,8 +459,9 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 ///
 /// The tick is there for tokio's timer: registering a timer that is due before the runtime's
 /// next planned wake-up writes the runtime's wake fd (a syscall, and a spurious `epoll_wait`
-/// return after it). Each request registers two (hyper's header read timeout, 10 s, and the
-/// upstream response timeout, 60 s); whenever a worker had no header timer pending, the next
+/// return after it). Each request registered two (hyper's header read timeout, 10 s, now only
+/// for a connection's first head or a split one, see [`HeadTimer`], and the upstream response
+/// timeout, 60 s); whenever a worker had no header timer pending, the next
 /// one was due earliest and paid that write, about 0.28 times per request under load. With a
 /// tick never more than a second away, a timer of a second or more is never the earliest.
 async fn heartbeat(stop: CancellationToken) {
@@ -1316,6 +1317,19 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Only HTTP/1.1 has them: one exchange at a time on the connection.
+    let deadlines = (!h2 && (limits.read_body_timeout.is_some() || limits.write_timeout.is_some()))
+        .then(|| Deadlines {
+            exchange: Arc::new(Exchange::default()),
+            read_body: limits.read_body_timeout,
+            write: limits.write_timeout,
+        });
+    let exchange = deadlines.as_ref().map(|d| d.exchange.clone());
+    let head_timer = HeadTimer {
+        reads: activity.clone(),
+        conn: conn.clone(),
+        exchange: exchange.clone(),
+    };
     let watch = Watch {
         conn: conn.clone(),
         // HTTP/2 keep-alive pings move bytes on an idle connection: there only requests count.
@@ -1324,9 +1338,14 @@ async fn serve_http<I>(
         // A token of its own: waiting on the shared one would take the lock of its waiter list,
         // shared by every connection of every worker, each time the connection is polled.
         drain: shared.drain.child_token(),
+        deadlines,
     };
     let service = service_fn(move |req: hyper::Request<Incoming>| {
-        handler::handle(req.map(ReqBody::Hyper), conn.clone())
+        let req = match &exchange {
+            None => req.map(ReqBody::Hyper),
+            Some(exchange) => exchange.begin(req),
+        };
+        handler::handle(req, conn.clone())
     });
     let io = TokioIo::new(io);
     if h2 {
@@ -1343,7 +1362,7 @@ async fn serve_http<I>(
     } else {
         let mut builder = http1::Builder::new();
         builder
-            .timer(TokioTimer::new())
+            .timer(head_timer)
             .header_read_timeout(limits.header_read_timeout)
             .max_header_size(limits.max_header_bytes)
             .keep_alive(true);
@@ -1351,6 +1370,162 @@ async fn serve_http<I>(
             .drive(builder.serve_connection(io, service).with_upgrades())
             .await;
     }
+}
+
+/// The timer of an HTTP/1.1 connection, for hyper's header read timeout, which hyper starts
+/// as soon as it waits for a request head: after a response, that is while the connection
+/// idles, so a keep-alive connection would be closed at the header timeout instead of the
+/// idle one ([`Watch`]). As Go's server (Caddy) does, the header time of a request after the
+/// first starts with the first byte read after hyper began to wait; the first request's
+/// starts when the connection is served. hyper polls the timer only after reading found no
+/// complete head, so the first byte is seen at the poll after it is read.
+///
+/// Cost: the one box per request head hyper made with `TokioTimer`; for a head after the
+/// first, one `Arc` clone and two atomic loads instead of a timer registration, and a second
+/// box and the timer only when the head does not come whole.
+/// A head whose start hyper had already read with the previous request (pipelined, or in
+/// one TLS record) is bounded by the idle timeout only.
+#[derive(Clone)]
+struct HeadTimer {
+    /// The connection's [`Activity`] counter.
+    reads: Arc<AtomicU64>,
+    conn: Arc<Conn>,
+    /// hyper waiting for a head means the last exchange is over.
+    exchange: Option<Arc<Exchange>>,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        if let Some(exchange) = &self.exchange {
+            exchange.end();
+        }
+        if self.conn.requests.load(Ordering::Relaxed) == 0 {
+            return TokioTimer::new().sleep_until(deadline);
+        }
+        Box::pin(HeadSleep {
+            counter: self.reads.clone(),
+            waiting: Waiting::Idle {
+                reads: crate::activity::reads(self.reads.load(Ordering::Relaxed)),
+                timeout: deadline.saturating_duration_since(std::time::Instant::now()),
+            },
+        })
+    }
+}
+
+/// [`HeadTimer`]'s sleep.
+struct HeadSleep {
+    counter: Arc<AtomicU64>,
+    waiting: Waiting,
+}
+
+enum Waiting {
+    /// No byte of the head yet: reads were `reads`; the timeout starts at the next one.
+    Idle { reads: u32, timeout: Duration },
+    /// The header time runs.
+    Armed(Pin<Box<tokio::time::Sleep>>),
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if let Waiting::Idle { reads, timeout } = this.waiting {
+            // Pending without a waker is right here: hyper polls this only after its read of
+            // the stream returned pending, and that read wakes the task when bytes come.
+            if crate::activity::reads(this.counter.load(Ordering::Relaxed)) == reads {
+                return Poll::Pending;
+            }
+            this.waiting = Waiting::Armed(Box::pin(tokio::time::sleep(timeout)));
+        }
+        match &mut this.waiting {
+            Waiting::Armed(sleep) => sleep.as_mut().poll(cx),
+            Waiting::Idle { .. } => Poll::Pending,
+        }
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
+
+/// Where an HTTP/1.1 connection's exchange stands, for `read_body` and `write` ([`Watch`]).
+/// Made only when one of them is set.
+#[derive(Default)]
+struct Exchange {
+    /// A request was read and hyper has not yet gone back to waiting for the next head: its
+    /// body is still arriving or its response still being written.
+    busy: AtomicBool,
+    /// The request's body is still arriving (its handler or hyper's drain reads it).
+    body: AtomicBool,
+}
+
+impl Exchange {
+    /// A request's head was read: its exchange begins; a body to come is watched.
+    fn begin(self: &Arc<Self>, req: hyper::Request<Incoming>) -> hyper::Request<ReqBody> {
+        self.busy.store(true, Ordering::Relaxed);
+        if hyper::body::Body::is_end_stream(req.body()) {
+            return req.map(ReqBody::Hyper);
+        }
+        self.body.store(true, Ordering::Relaxed);
+        let exchange = self.clone();
+        req.map(|inner| {
+            ReqBody::other(http_body_util::BodyExt::boxed_unsync(Arriving {
+                inner,
+                exchange,
+            }))
+        })
+    }
+
+    /// hyper waits for the next head: the body was read (or drained) and the response
+    /// written.
+    fn end(&self) {
+        self.busy.store(false, Ordering::Relaxed);
+        self.body.store(false, Ordering::Relaxed);
+    }
+}
+
+/// A request body that tells its [`Exchange`] when it has all arrived.
+struct Arriving {
+    inner: Incoming,
+    exchange: Arc<Exchange>,
+}
+
+impl hyper::body::Body for Arriving {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.exchange.body.store(false, Ordering::Relaxed);
+        }
+        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `servers { timeouts { read_body write } }` of an HTTP/1.1 connection. As Go's server
+/// (Caddy) sets its connection deadlines, both run from a request's head (here: from when
+/// it was read): a body still arriving at `read_body`, or an exchange not over at `write`
+/// (its response not all written: a client not reading, a slow upstream), closes the
+/// connection unanswered or mid-response. A timer per request, only when one is set.
+struct Deadlines {
+    exchange: Arc<Exchange>,
+    read_body: Option<Duration>,
+    write: Option<Duration>,
 }
 
 /// Connections that can be asked to finish their requests and close.
@@ -1393,6 +1568,7 @@ struct Watch {
     bytes: Option<Arc<AtomicU64>>,
     idle: Duration,
     drain: CancellationToken,
+    deadlines: Option<Deadlines>,
 }
 
 impl Watch {
@@ -1413,10 +1589,49 @@ impl Watch {
         // The connection wakes the task several times a request: polling both on every
         // wake-up cost more than the look.
         let (mut drain_waits, mut idle_waits) = (false, false);
+        // The request the deadlines run for, and when they fall.
+        // Made at the first deadline, so connections without any pay nothing for it.
+        let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut deadlines_of = self.conn.requests.load(Ordering::Relaxed);
+        let (mut body_at, mut write_at) = (None, None);
         let result = std::future::poll_fn(|cx| {
             loop {
                 if let Poll::Ready(result) = conn.as_mut().poll(cx) {
                     return Poll::Ready(result);
+                }
+                if let Some(d) = &self.deadlines {
+                    let request = self.conn.requests.load(Ordering::Relaxed);
+                    let now = tokio::time::Instant::now();
+                    if request != deadlines_of {
+                        deadlines_of = request;
+                        body_at = d.read_body.map(|t| now + t);
+                        write_at = d.write.map(|t| now + t);
+                    }
+                    let due = |at: &mut Option<tokio::time::Instant>, open: &AtomicBool| {
+                        let passed = at.is_some_and(|at| at <= now);
+                        if passed || !open.load(Ordering::Relaxed) {
+                            *at = None;
+                        }
+                        passed && open.load(Ordering::Relaxed)
+                    };
+                    if due(&mut body_at, &d.exchange.body) {
+                        tracing::info!(%peer, "request body not received within read_body; closing");
+                        return Poll::Ready(Ok(()));
+                    }
+                    if due(&mut write_at, &d.exchange.busy) {
+                        tracing::info!(%peer, "response not written within write; closing");
+                        return Poll::Ready(Ok(()));
+                    }
+                    if let Some(at) = body_at.into_iter().chain(write_at).min() {
+                        let sleep = deadline
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                        if sleep.deadline() != at {
+                            sleep.as_mut().reset(at);
+                        }
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            continue;
+                        }
+                    }
                 }
                 if !closing {
                     let drained = if drain_waits {

@@ -268,6 +268,10 @@ pub(crate) struct TransportToml {
     /// applies it to the response head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) read_timeout: Option<String>,
+    /// Limit on each write to the upstream (Caddy's per-write deadline on TCP connections):
+    /// an upstream not taking the request's bytes for that long fails the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) write_timeout: Option<String>,
     /// Largest response head accepted from the upstream (a larger one gets 502).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) max_response_header: Option<String>,
@@ -427,6 +431,7 @@ impl TransportToml {
                 "dial_timeout" => t.dial_timeout = Some(duration()?),
                 "response_header_timeout" => t.response_header_timeout = Some(duration()?),
                 "read_timeout" => t.read_timeout = Some(duration()?),
+                "write_timeout" => t.write_timeout = Some(duration()?),
                 "max_response_header" => t.max_response_header = Some(size()?),
                 "keepalive_interval" => t.keepalive_interval = Some(duration()?),
                 "max_conns_per_host" => {
@@ -445,8 +450,7 @@ impl TransportToml {
                     }
                     t.compression = Some("off".to_owned());
                 }
-                "write_timeout"
-                | "expect_continue_timeout"
+                "expect_continue_timeout"
                 | "dial_fallback_delay"
                 | "resolvers"
                 | "tls_except_ports" => {
@@ -508,6 +512,8 @@ pub(crate) struct Transport {
     pub(crate) max_conns_per_host: Option<usize>,
     /// TCP keepalive probe time and interval on upstream TCP connections.
     pub(crate) keepalive_interval: Option<Duration>,
+    /// Limit on each write to an upstream TCP connection.
+    pub(crate) write_timeout: Option<Duration>,
     /// How long idle connections are kept; zero keeps none.
     pub(crate) keepalive: Option<Duration>,
     /// Idle connections per upstream.
@@ -539,6 +545,7 @@ impl Transport {
             max_response_header: None,
             max_conns_per_host: None,
             keepalive_interval: None,
+            write_timeout: None,
             keepalive: None,
             idle_conns: None,
             tag: Arc::from(""),
@@ -627,7 +634,13 @@ impl Transport {
         .into_iter()
         .flatten()
         .min();
+        let write_timeout = dur(&t.write_timeout, "write_timeout")?.filter(|d| !d.is_zero());
+        if let Some(d) = write_timeout {
+            // Connections with another limit are never shared with this one.
+            tag.push_str(&format!("wt{} ", d.as_millis()));
+        }
         Ok(Transport {
+            write_timeout,
             tls,
             server_name,
             protocol,
@@ -683,7 +696,14 @@ impl Transport {
                             .with_interval(every);
                         socket2::SockRef::from(&stream).set_tcp_keepalive(&probes)?;
                     }
-                    Plain::Tcp(stream)
+                    match self.write_timeout {
+                        None => Plain::Tcp(stream),
+                        Some(limit) => Plain::TimedTcp(TimedWrite {
+                            inner: stream,
+                            limit,
+                            stalled: None,
+                        }),
+                    }
                 }
                 Target::Unix(path) => Plain::Unix(UnixStream::connect(path).await?),
             };
@@ -829,6 +849,8 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 pub(crate) enum Plain {
     /// TCP.
     Tcp(TcpStream),
+    /// TCP with `write_timeout`.
+    TimedTcp(TimedWrite),
     /// A Unix socket.
     Unix(UnixStream),
 }
@@ -848,12 +870,89 @@ macro_rules! delegate {
                 let $s = Pin::new($s);
                 $e
             }
+            Plain::TimedTcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
             Plain::Unix($s) => {
                 let $s = Pin::new($s);
                 $e
             }
         }
     };
+}
+
+/// A TCP stream whose writes each must progress within `limit`, as Caddy sets a write
+/// deadline before each write: a write pending that long fails with `TimedOut`. The timer
+/// runs only while a write is pending.
+pub(crate) struct TimedWrite {
+    inner: TcpStream,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TimedWrite {
+    /// Tracks a write's outcome: pending starts (or checks) the timer, anything else stops it.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("writing to the upstream timed out (write_timeout {limit:?})"),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for TimedWrite {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TimedWrite {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 impl AsyncRead for Plain {
@@ -890,6 +989,7 @@ impl AsyncWrite for Plain {
     fn is_write_vectored(&self) -> bool {
         match self {
             Plain::Tcp(s) => s.is_write_vectored(),
+            Plain::TimedTcp(s) => s.is_write_vectored(),
             Plain::Unix(s) => s.is_write_vectored(),
         }
     }

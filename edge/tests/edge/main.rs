@@ -24,6 +24,7 @@ mod php;
 mod rate_limit;
 mod s3_storage;
 mod same_as_caddy;
+mod server_timeouts;
 mod serving;
 mod support;
 mod tls;

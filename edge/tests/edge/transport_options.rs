@@ -199,3 +199,79 @@ fn keepalive_interval_sets_tcp_keepalive_probes_on_upstream_connections_as_caddy
     }
     both.stop();
 }
+
+/// An upstream that reads a request's head and then nothing more, keeping the connection
+/// open: a proxy writing a large body to it stalls once the socket buffers are full.
+fn not_reading(upstreams: &Upstreams) -> SocketAddr {
+    upstreams.serve(|mut stream| async move {
+        let mut buf = vec![0u8; 4096];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        std::future::pending::<()>().await;
+        drop(stream);
+    })
+}
+
+/// POSTs a `size`-byte body to `port` from a thread of its own while reading the answer;
+/// returns the answer's status line (empty if none came within 10 s).
+fn post_large(port: u16, size: usize) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let head =
+            format!("POST / HTTP/1.1\r\nHost: plain.local\r\nContent-Length: {size}\r\n\r\n");
+        if writer.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        let chunk = vec![b'x'; 1 << 16];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if writer.write_all(&chunk[..n]).is_err() {
+                return;
+            }
+            left -= n;
+        }
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = sender.join();
+    let text = String::from_utf8_lossy(&got);
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+#[test]
+fn an_upstream_not_reading_a_body_past_write_timeout_gets_the_same_status_as_from_caddy() {
+    let upstreams = Upstreams::new();
+    let stuck = not_reading(&upstreams);
+    let both = Both::start_with(
+        upstreams,
+        "http://plain.local {\n\treverse_proxy @STUCK@ {\n\t\ttransport http {\n\t\t\twrite_timeout 500ms\n\t\t}\n\t}\n}\n",
+        &[("@STUCK@", stuck.to_string())],
+    );
+    let size = 48 << 20;
+    let (edge, caddy) = std::thread::scope(|s| {
+        let edge = s.spawn(|| post_large(both.edge_port(), size));
+        let caddy = s.spawn(|| post_large(both.caddy_port(), size));
+        (edge.join().unwrap(), caddy.join().unwrap())
+    });
+    assert!(caddy.starts_with("HTTP/1.1 5"), "caddy: {caddy:?}");
+    assert_eq!(edge, caddy);
+    both.stop();
+}
