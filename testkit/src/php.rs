@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
+
 use crate::proc::{Proc, ProcBuilder};
 use crate::scratch::Scratch;
 use crate::{Error, ports};
@@ -11,9 +13,9 @@ use crate::{Error, ports};
 /// Where Debian installs php-fpm.
 pub const PHP_FPM: &str = "/usr/sbin/php-fpm8.2";
 
-/// A running php-fpm; stopped on drop.
+/// A running php-fpm; stopped on drop, its workers with it.
 pub struct PhpFpm {
-    _proc: Proc,
+    proc: Proc,
     /// The TCP pool's port on 127.0.0.1.
     pub port: u16,
     /// The unix-socket pool's path (`DIR/php.sock`).
@@ -36,7 +38,10 @@ impl PhpFpm {
             );
             let path = dir.join("php-fpm.conf");
             std::fs::write(&path, conf).map_err(Error::Io)?;
+            // SIGTERM, not SIGKILL, if the test dies: a killed master leaves its workers
+            // running, orphaned, for good.
             let fpm = ProcBuilder::new(PHP_FPM)
+                .death_signal(Signal::SIGTERM)
                 .args(["-F", "-R", "-n", "-y"])
                 .arg(&path)
                 .arg("-p")
@@ -44,10 +49,18 @@ impl PhpFpm {
                 .spawn()?;
             fpm.wait_stderr("ready to handle connections", Duration::from_secs(20))?;
             Ok(PhpFpm {
-                _proc: fpm,
+                proc: fpm,
                 port,
                 socket: socket.clone(),
             })
         })
+    }
+}
+
+impl Drop for PhpFpm {
+    fn drop(&mut self) {
+        // The master ends its workers on SIGTERM (Proc's own drop would SIGKILL it alone).
+        let _ = self.proc.signal(Signal::SIGTERM);
+        let _ = self.proc.wait_exit(Duration::from_secs(10));
     }
 }
