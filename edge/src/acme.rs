@@ -871,7 +871,7 @@ impl Acme {
         // The account may wait on a lock of its own; a bucket's lease on the name can be
         // lost meanwhile (refreshes failing for a whole lease), and then another edge may be
         // ordering: leave it the name, and pick up what it stores on the retry.
-        self.account(acme, email).await?;
+        let account = self.account(acme, email).await?;
         if !lock.held() {
             return Err(AcmeError::Storage {
                 path: lock_path.display().to_string(),
@@ -880,7 +880,7 @@ impl Acme {
                 ),
             });
         }
-        self.order(acme, name, email).await
+        self.order(acme, name, &account).await
     }
 
     async fn account(&self, acme: &AcmeConfig, email: Option<&str>) -> Result<Account, AcmeError> {
@@ -961,14 +961,14 @@ impl Acme {
         &self,
         acme: &AcmeConfig,
         name: &str,
-        email: Option<&str>,
+        account: &Account,
     ) -> Result<Arc<Entry>, AcmeError> {
         let mut published = Published {
             dns: acme.dns.clone(),
             records: Vec::new(),
             tracker: self.cleanups.clone(),
         };
-        let result = self.order_steps(acme, name, email, &mut published).await;
+        let result = self.order_steps(acme, name, account, &mut published).await;
         published.remove_all().await;
         result
     }
@@ -977,10 +977,9 @@ impl Acme {
         &self,
         acme: &AcmeConfig,
         name: &str,
-        email: Option<&str>,
+        account: &Account,
         published: &mut Published,
     ) -> Result<Arc<Entry>, AcmeError> {
-        let account = self.account(acme, email).await?;
         tracing::info!(name = %name, directory = %acme.directory, "ordering a certificate");
         let identifiers = [Identifier::Dns(name.to_owned())];
         let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;

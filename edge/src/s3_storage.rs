@@ -133,6 +133,11 @@ struct LeaseBody {
     expires_ms: i64,
 }
 
+/// Whether a lock object's content names `owner`; content that does not parse names no one.
+fn names_owner(bytes: &[u8], owner: &str) -> bool {
+    serde_json::from_slice::<LeaseBody>(bytes).is_ok_and(|b| b.owner == owner)
+}
+
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }
@@ -405,11 +410,7 @@ impl S3Store {
         }
         std::thread::sleep(self.settle());
         Ok(match self.get_raw(key.to_owned())? {
-            Some((bytes, etag))
-                if serde_json::from_slice::<LeaseBody>(&bytes).is_ok_and(|b| b.owner == owner) =>
-            {
-                Some(etag)
-            }
+            Some((bytes, etag)) if names_owner(&bytes, owner) => Some(etag),
             _ => {
                 tracing::info!(lock = %key, "another edge wrote the lock at the same time; waiting");
                 None
@@ -496,9 +497,7 @@ impl S3Store {
                     (Some(etag), true) => Condition::Matches(etag.clone()),
                     _ => {
                         let current = get(&client, &bucket, &task_key).await.ok().flatten();
-                        let ours = current
-                            .and_then(|(b, _)| serde_json::from_slice::<LeaseBody>(&b).ok())
-                            .is_some_and(|b| b.owner == task_owner);
+                        let ours = current.is_some_and(|(b, _)| names_owner(&b, &task_owner));
                         if !ours {
                             lost = true;
                             break;
@@ -532,9 +531,7 @@ impl S3Store {
                 let _ = stop_rx.await;
             } else {
                 let current = get(&client, &bucket, &task_key).await.ok().flatten();
-                let ours = current
-                    .and_then(|(b, _)| serde_json::from_slice::<LeaseBody>(&b).ok())
-                    .is_some_and(|b| b.owner == task_owner);
+                let ours = current.is_some_and(|(b, _)| names_owner(&b, &task_owner));
                 if ours && let Err(err) = delete(&client, &bucket, &task_key).await {
                     tracing::warn!(lock = %task_key, error = %err,
                         "releasing the lock failed; it expires with its lease");
