@@ -38,6 +38,7 @@ mod files;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
+mod h1;
 mod handler;
 mod header_ops;
 mod health;

@@ -3,10 +3,11 @@
 //! hyper-util's pooled client spawns a task per upstream connection: every proxied request then
 //! hands its bytes from the client connection's task to the upstream connection's task and back,
 //! and on a multi-threaded runtime those wake-ups cross threads (a profile showed 12-14% of the
-//! time in kernel thread switching). Here a request leases an idle connection, polls it itself
-//! while it waits for the response, and the response body keeps polling it while it streams;
-//! once the body has ended, the connection goes back to the pool. So a proxied request stays on
-//! one task from the client's bytes to the upstream's and back.
+//! time in kernel thread switching). Here a request leases an idle connection and runs its
+//! exchange itself ([`h1`]), and the response body keeps reading it while it streams; once the
+//! body has ended, the connection goes back to the pool. So a proxied request stays on one
+//! task from the client's bytes to the upstream's and back. HTTP/2 upstreams share one hyper
+//! connection per thread and upstream, driven by a task of its own.
 //!
 //! Idle connections are kept per thread: a connection's socket is registered with the runtime
 //! of the thread that opened it, so on the edge's one-runtime-per-core workers a request only
@@ -21,7 +22,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
@@ -32,10 +33,10 @@ use hyper::http::{HeaderValue, Uri, header};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::body::UpBody;
-use crate::transport::{Protocol, Stream, Transport, Upstream};
+use crate::body::{BoxError, UpBody};
+use crate::h1;
+use crate::transport::{Protocol, Transport, Upstream};
 
-type Conn = http1::Connection<TokioIo<Stream>, UpBody>;
 /// Idle HTTP/1.1 connections of one thread to one upstream (by pool key).
 type IdleList = (ThreadId, Arc<str>, Vec<Idle>);
 /// The HTTP/2 connection of one thread to one upstream (by pool key).
@@ -63,20 +64,14 @@ impl std::fmt::Debug for Pool {
 }
 
 struct Idle {
-    sender: http1::SendRequest<UpBody>,
-    conn: Pin<Box<Conn>>,
+    conn: h1::Conn,
     since: Instant,
     /// How long it may stay idle.
     keep: Duration,
-    /// How many idle ones its upstream keeps.
-    max: usize,
 }
 
-/// A connection in use by one request; it goes back to the pool when its response has ended.
-pub(crate) struct Lease {
-    sender: http1::SendRequest<UpBody>,
-    /// `None` once the connection has ended.
-    conn: Option<Pin<Box<Conn>>>,
+/// Where a connection goes back to when its exchange has ended.
+struct Back {
     key: Arc<str>,
     /// How long it may stay idle, and how many idle ones its upstream keeps.
     keep: (Duration, usize),
@@ -88,7 +83,15 @@ pub(crate) enum Failure {
     /// No connection could be made; the request, when it can still be sent elsewhere.
     Connect(io::Error, Option<Box<Request<UpBody>>>),
     /// The connection failed during the exchange.
-    Request(hyper::Error),
+    Request(BoxError),
+}
+
+/// An upstream response's body: read over a pooled HTTP/1.1 connection, or hyper's (HTTP/2,
+/// upgrades). Not boxed: the large variant is the one nearly every request takes.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum UpstreamBody {
+    H1(LeasedBody),
+    Hyper(Incoming),
 }
 
 impl Pool {
@@ -103,15 +106,14 @@ impl Pool {
     }
 
     /// Sends `req` (origin-form URI, Host set) to `upstream` over `transport`, on an idle
-    /// connection or a new one, and returns the response with the lease its body must keep
-    /// polling (none over HTTP/2, whose connection drives itself).
+    /// connection or a new one, and returns the response.
     pub(crate) async fn send(
         self: &Arc<Self>,
         transport: &Transport,
         upstream: &Upstream,
         mut req: Request<UpBody>,
         connect_timeout: Duration,
-    ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+    ) -> Result<Response<UpstreamBody>, Failure> {
         // The rare paths (HTTP/2, a new connection: TCP, TLS and handshake futures of several
         // KiB) are boxed, so the future of every request, itself boxed and moved, stays small.
         if transport.protocol != Protocol::Http1 {
@@ -126,29 +128,27 @@ impl Pool {
             // slot freed may sit in another thread's list: take it from any, so the
             // upstream's connections stay within the limit.
             let any_thread = transport.max_conns_per_host.is_some();
-            let (mut lease, reused) = match self.take(&upstream.key, any_thread) {
-                Some(lease) => (lease, true),
-                None => {
-                    match Box::pin(self.connect(transport, upstream, keep, connect_timeout)).await {
-                        Ok(lease) => (lease, false),
-                        Err(err) => return Err(Failure::Connect(err, Some(Box::new(req)))),
-                    }
-                }
-            };
-            if reused {
-                // The previous response may have left the connection a step from ready.
-                if lease.ready().await.is_err() {
-                    continue;
-                }
-            }
-            let sent = lease.sender.try_send_request(req);
-            match lease.drive(sent).await {
-                Ok(response) => return Ok((response, Some(lease))),
-                Err(mut err) => match err.take_message() {
-                    // An idle connection the upstream had closed: the request never left.
-                    Some(back) if reused => req = back,
-                    _ => return Err(Failure::Request(err.into_error())),
+            let (conn, reused) = match self.take(&upstream.key, any_thread) {
+                Some(conn) => (conn, true),
+                None => match Box::pin(connect(transport, upstream, connect_timeout)).await {
+                    Ok(conn) => (conn, false),
+                    Err(err) => return Err(Failure::Connect(err, Some(Box::new(req)))),
                 },
+            };
+            match h1::send(conn, req, reused).await {
+                Ok(response) => {
+                    let back = Back {
+                        key: upstream.key.clone(),
+                        keep,
+                        pool: self.clone(),
+                    };
+                    return Ok(response.map(|ex| UpstreamBody::H1(LeasedBody::new(ex, back))));
+                }
+                // An idle connection the upstream had closed: the request can go again.
+                Err(h1::Failed {
+                    unsent: Some(back), ..
+                }) => req = back,
+                Err(failed) => return Err(Failure::Request(failed.error)),
             }
         }
     }
@@ -160,7 +160,7 @@ impl Pool {
         upstream: &Upstream,
         mut req: Request<UpBody>,
         connect_timeout: Duration,
-    ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+    ) -> Result<Response<UpstreamBody>, Failure> {
         // HTTP/2 names the host in :authority (from the URI), not in a Host header.
         let host = req
             .headers_mut()
@@ -217,17 +217,17 @@ impl Pool {
             }
         };
         if let Err(err) = poll_fn(|cx| sender.poll_ready(cx)).await {
-            return Err(Failure::Request(err));
+            return Err(Failure::Request(err.into()));
         }
         sender
             .send_request(req)
             .await
-            .map(|r| (r, None))
-            .map_err(Failure::Request)
+            .map(|r| r.map(UpstreamBody::Hyper))
+            .map_err(|err| Failure::Request(err.into()))
     }
 
     /// An idle connection to `key` that is still open, if any.
-    fn take(self: &Arc<Self>, key: &Arc<str>, any_thread: bool) -> Option<Lease> {
+    fn take(&self, key: &Arc<str>, any_thread: bool) -> Option<h1::Conn> {
         let thread = std::thread::current().id();
         loop {
             let mut idle = {
@@ -244,21 +244,10 @@ impl Pool {
                     .2
                     .pop()?
             };
-            if idle.since.elapsed() > idle.keep || idle.sender.is_closed() {
+            if idle.since.elapsed() > idle.keep || !idle.conn.usable() {
                 continue;
             }
-            // One poll reads a close (or anything else) the upstream sent while it sat idle.
-            let mut cx = Context::from_waker(Waker::noop());
-            if idle.conn.as_mut().poll(&mut cx).is_ready() {
-                continue;
-            }
-            return Some(Lease {
-                sender: idle.sender,
-                conn: Some(idle.conn),
-                key: key.clone(),
-                keep: (idle.keep, idle.max),
-                pool: self.clone(),
-            });
+            return Some(idle.conn);
         }
     }
 
@@ -281,27 +270,24 @@ impl Pool {
             conns.push(idle);
         }
     }
-
-    async fn connect(
-        self: &Arc<Self>,
-        transport: &Transport,
-        upstream: &Upstream,
-        keep: (Duration, usize),
-        timeout: Duration,
-    ) -> io::Result<Lease> {
-        let (sender, conn) = handshake(transport, upstream, timeout).await?;
-        Ok(Lease {
-            sender,
-            conn: Some(Box::pin(conn)),
-            key: upstream.key.clone(),
-            keep,
-            pool: self.clone(),
-        })
-    }
 }
 
-/// A new connection for an upgrade (WebSocket): the returned future drives it, on a task of
-/// its own, since the upgraded stream outlives the request.
+/// A new HTTP/1.1 connection to `upstream`.
+async fn connect(
+    transport: &Transport,
+    upstream: &Upstream,
+    timeout: Duration,
+) -> io::Result<h1::Conn> {
+    let stream = transport.connect(&upstream.address, timeout).await?;
+    // As hyper's read buffer, the limit is never below 8 KiB.
+    let max_head = transport
+        .max_response_header
+        .map_or(h1::DEFAULT_MAX_HEAD, |max| max.max(8192));
+    Ok(h1::Conn::new(stream, max_head))
+}
+
+/// A new connection for an upgrade (WebSocket), on hyper: the returned future drives it, on
+/// a task of its own, since the upgraded stream outlives the request.
 pub(crate) async fn connect_upgradeable(
     transport: &Transport,
     upstream: &Upstream,
@@ -310,7 +296,15 @@ pub(crate) async fn connect_upgradeable(
     http1::SendRequest<UpBody>,
     impl Future<Output = ()> + Send + use<>,
 )> {
-    let (sender, conn) = handshake(transport, upstream, timeout).await?;
+    let stream = transport.connect(&upstream.address, timeout).await?;
+    let mut builder = http1::Builder::new();
+    if let Some(max) = transport.max_response_header {
+        builder.max_buf_size(max);
+    }
+    let (sender, conn) = builder
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
     Ok((sender, async move {
         if let Err(err) = conn.with_upgrades().await {
             tracing::debug!(error = %err, "upgraded upstream connection ended");
@@ -318,67 +312,37 @@ pub(crate) async fn connect_upgradeable(
     }))
 }
 
-async fn handshake(
-    transport: &Transport,
-    upstream: &Upstream,
-    timeout: Duration,
-) -> io::Result<(http1::SendRequest<UpBody>, Conn)> {
-    let stream = transport.connect(&upstream.address, timeout).await?;
-    let mut builder = http1::Builder::new();
-    if let Some(max) = transport.max_response_header {
-        builder.max_buf_size(max);
-    }
-    builder
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(io::Error::other)
+/// An upstream response body read over a pooled connection, which goes back to the pool
+/// when the body has ended (and is closed if it is dropped before).
+pub(crate) struct LeasedBody {
+    /// `None` once ended.
+    ex: Option<h1::Exchange>,
+    back: Back,
 }
 
-impl Lease {
-    /// Polls `fut` to completion, driving the connection on this task meanwhile.
-    async fn drive<F: Future>(&mut self, fut: F) -> F::Output {
-        let mut fut = std::pin::pin!(fut);
-        poll_fn(|cx| {
-            self.poll_conn(cx);
-            fut.as_mut().poll(cx)
-        })
-        .await
-    }
-
-    /// Waits until the connection can take a request, driving it meanwhile.
-    async fn ready(&mut self) -> hyper::Result<()> {
-        poll_fn(|cx| {
-            self.poll_conn(cx);
-            self.sender.poll_ready(cx)
-        })
-        .await
-    }
-
-    /// Lets the connection read and write what it can; drops it once it has ended (which
-    /// fails the request in flight, if any).
-    fn poll_conn(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = &mut self.conn
-            && conn.as_mut().poll(cx).is_ready()
-        {
-            self.conn = None;
+impl LeasedBody {
+    fn new(ex: h1::Exchange, back: Back) -> LeasedBody {
+        let mut this = LeasedBody { ex: Some(ex), back };
+        if this.ex.as_ref().is_some_and(h1::Exchange::ended) {
+            this.release();
         }
+        this
     }
 
-    /// The connection's response has ended: back to the pool if it can carry another.
-    fn release(self) {
-        let (keep, max) = self.keep;
-        if let Some(conn) = self.conn
-            && !self.sender.is_closed()
-            && !keep.is_zero()
-        {
-            self.pool.put(
-                self.key,
+    /// The exchange has ended: its connection back to the pool if it can carry another.
+    fn release(&mut self) {
+        let Some(ex) = self.ex.take() else { return };
+        let (keep, max) = self.back.keep;
+        if keep.is_zero() {
+            return;
+        }
+        if let Some(conn) = ex.into_conn() {
+            self.back.pool.put(
+                self.back.key.clone(),
                 Idle {
-                    sender: self.sender,
                     conn,
                     since: Instant::now(),
                     keep,
-                    max,
                 },
                 max,
             );
@@ -386,36 +350,9 @@ impl Lease {
     }
 }
 
-/// An upstream response body that drives its connection while it streams and gives the
-/// connection back when it ends.
-pub(crate) struct LeasedBody {
-    body: Incoming,
-    lease: Option<Lease>,
-}
-
-impl LeasedBody {
-    /// `body`, read over `lease`.
-    pub(crate) fn new(body: Incoming, lease: Lease) -> LeasedBody {
-        let mut this = LeasedBody {
-            body,
-            lease: Some(lease),
-        };
-        if this.body.is_end_stream() {
-            this.release();
-        }
-        this
-    }
-
-    fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release();
-        }
-    }
-}
-
 impl Drop for LeasedBody {
     fn drop(&mut self) {
-        if self.body.is_end_stream() {
+        if self.ex.as_ref().is_some_and(h1::Exchange::ended) {
             self.release();
         }
     }
@@ -423,31 +360,62 @@ impl Drop for LeasedBody {
 
 impl HttpBody for LeasedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(lease) = &mut this.lease {
-            lease.poll_conn(cx);
-        }
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let Some(ex) = &mut this.ex else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *ex).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.lease = None,
+            Poll::Ready(Some(Err(_))) => this.ex = None,
+            Poll::Ready(_) if ex.ended() => this.release(),
             _ => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.ex.as_ref().is_none_or(h1::Exchange::ended)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        self.ex
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), HttpBody::size_hint)
+    }
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(body) => body.is_end_stream(),
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(body) => body.size_hint(),
+            UpstreamBody::Hyper(body) => body.size_hint(),
+        }
     }
 }

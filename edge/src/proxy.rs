@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Incoming};
+use hyper::body::Body as HttpBody;
 use hyper::http::uri::PathAndQuery;
 use hyper::http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
@@ -29,7 +29,7 @@ use crate::header_ops::HeaderOps;
 use crate::health::{Active, Host, InFlight, Passive};
 use crate::lb::{Candidate, Choice, Pick, Policy};
 use crate::matchers::Cidr;
-use crate::pool::{self, Failure, LeasedBody, Pool};
+use crate::pool::{self, Failure, Pool, UpstreamBody};
 use crate::transport::Transport;
 pub(crate) use crate::transport::Upstream;
 
@@ -498,7 +498,6 @@ impl Client {
                     // Boxed: a new connection's future is large, and only upgrades need it.
                     Box::pin(self.send_upgrade(proxy, upstream, up, upgrades.tasks, upgrades.stop))
                         .await
-                        .map(|response| (response, None))
                 } else {
                     self.pool
                         .send(&proxy.transport, upstream, up, self.connect_timeout)
@@ -510,7 +509,7 @@ impl Client {
                 .response_header_timeout
                 .unwrap_or(self.response_timeout);
             match tokio::time::timeout(timeout, exchange).await {
-                Ok(Ok((response, lease))) => {
+                Ok(Ok(response)) => {
                     if proxy.passive.answered(
                         &balancer.hosts[i],
                         response.status(),
@@ -526,14 +525,8 @@ impl Client {
                         }
                         _ => down,
                     };
-                    let mut response = self.respond(
-                        proxy,
-                        &down,
-                        response,
-                        (lease, in_flight),
-                        client_upgrade,
-                        upgrades,
-                    );
+                    let mut response =
+                        self.respond(proxy, &down, response, in_flight, client_upgrade, upgrades);
                     if let Some(cookie) = set_cookie {
                         response.headers_mut().append(header::SET_COOKIE, cookie);
                     }
@@ -573,11 +566,11 @@ impl Client {
                     };
                 }
                 Ok(Err(Failure::Request(err))) => {
-                    tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&err), "upstream request failed");
+                    tracing::warn!(upstream = %upstream.text, error = %labcore::exit::chain(&*err), "upstream request failed");
                     balancer.failed(proxy, i);
                     // A timeout on the connection (transport http write_timeout) is a 504, as
                     // Caddy answers any timed-out network error.
-                    failure = if timed_out(&err) {
+                    failure = if timed_out(&*err) {
                         (
                             StatusCode::GATEWAY_TIMEOUT,
                             "gateway timeout: upstream did not take the request in time\n",
@@ -632,7 +625,7 @@ impl Client {
         up: Request<UpBody>,
         tasks: &TaskTracker,
         stop: &CancellationToken,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<UpstreamBody>, Failure> {
         let (mut sender, conn) =
             match pool::connect_upgradeable(&proxy.transport, upstream, self.connect_timeout).await
             {
@@ -646,7 +639,11 @@ impl Client {
                 _ = conn => {}
             }
         });
-        sender.send_request(up).await.map_err(Failure::Request)
+        sender
+            .send_request(up)
+            .await
+            .map(|r| r.map(UpstreamBody::Hyper))
+            .map_err(|err| Failure::Request(err.into()))
     }
 
     /// The client's response; an upgrade (101) also starts the task joining both ends, which
@@ -655,8 +652,8 @@ impl Client {
         &self,
         proxy: &Proxy,
         down: &[HeaderValue],
-        mut response: Response<Incoming>,
-        (lease, in_flight): (Option<pool::Lease>, InFlight),
+        mut response: Response<UpstreamBody>,
+        in_flight: InFlight,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         upgrades: Upgrades<'_, impl Send + 'static>,
     ) -> Response<Body> {
@@ -691,20 +688,11 @@ impl Client {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         proxy.header_down.apply(&mut parts.headers, down);
-        let body = match lease {
-            Some(lease) => Counted {
-                body: LeasedBody::new(body, lease),
-                _in_flight: in_flight,
-            }
-            .map_err(Into::into)
-            .boxed_unsync(),
-            None => Counted {
-                body,
-                _in_flight: in_flight,
-            }
-            .map_err(Into::into)
-            .boxed_unsync(),
-        };
+        let body = Counted {
+            body,
+            _in_flight: in_flight,
+        }
+        .boxed_unsync();
         Response::from_parts(parts, body)
     }
 }
@@ -819,8 +807,8 @@ async fn join_upgraded(
 }
 
 /// Whether an exchange failed on an I/O timeout somewhere in its error's chain.
-fn timed_out(err: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
     while let Some(e) = source {
         if e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
