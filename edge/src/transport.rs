@@ -506,7 +506,7 @@ pub(crate) struct Transport {
     /// Limit on the response head: the shorter of `response_header_timeout` and
     /// `read_timeout`.
     pub(crate) response_header_timeout: Option<Duration>,
-    /// The largest response head read (hyper's read buffer, at least its 8 KiB minimum).
+    /// The largest response head read (at least 8 KiB, as hyper reads heads on upgrades).
     pub(crate) max_response_header: Option<usize>,
     /// Most requests (so connections) busy at once per upstream.
     pub(crate) max_conns_per_host: Option<usize>,
