@@ -1407,6 +1407,124 @@ mod tests {
         task.await.unwrap();
     }
 
+    /// Runs one GET against an upstream that writes `pieces` one after another, and returns
+    /// the body and trailers.
+    fn exchange_in_pieces(pieces: Vec<Vec<u8>>) -> Result<(Bytes, Option<HeaderMap>), BoxError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (conn, _task) = upstream(move |mut s| async move {
+                read_request(&mut s, 0).await;
+                for piece in pieces {
+                    if s.write_all(&piece).await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            let mut response = send(conn, get("/"), false).await.map_err(|f| f.error)?;
+            body_of(response.body_mut()).await
+        })
+    }
+
+    /// Feeds `pieces` to an exchange's parser one at a time, as reads that each brought one
+    /// would: the head, then the body's frames. Returns the body and trailers, or the error.
+    fn parse_in_pieces(pieces: &[Vec<u8>]) -> io::Result<(Vec<u8>, Option<HeaderMap>)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (conn, _task) = rt.block_on(upstream(|s| async move {
+            let _keep = s;
+            std::future::pending::<()>().await;
+        }));
+        let _guard = rt.enter();
+        let mut ex = Exchange {
+            conn,
+            sending: Sending::Done,
+            body: In::Done,
+            keep_alive: false,
+            asks_close: false,
+            extensions: 0,
+        };
+        let (mut head, mut body, mut trailers) = (false, Vec::new(), None);
+        for piece in pieces {
+            ex.conn.read.extend_from_slice(piece);
+            if !head {
+                match ex.parse_head(&Method::GET).map_err(io::Error::other)? {
+                    Parsed::Final(_) => head = true,
+                    Parsed::Interim | Parsed::Partial => continue,
+                }
+            }
+            while let Some(frame) = ex.take_frame()? {
+                match frame.into_data() {
+                    Ok(data) => body.extend_from_slice(&data),
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                }
+            }
+        }
+        if !head || ex.body != In::Done || !ex.conn.read.is_empty() {
+            return Err(bad("the response did not end where it should"));
+        }
+        Ok((body, trailers))
+    }
+
+    /// `bytes` cut at `cuts` (positions taken modulo its length).
+    fn cut(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        at.push(0);
+        at.push(bytes.len());
+        at.sort_unstable();
+        at.dedup();
+        at.windows(2).map(|w| bytes[w[0]..w[1]].to_vec()).collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// However a chunked response is cut into reads, the body and trailers come out whole
+        /// and the exchange ends exactly at its last byte.
+        #[test]
+        fn a_chunked_response_decodes_the_same_however_it_is_cut(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+            sizes in proptest::collection::vec(1usize..700, 1..12),
+            cuts in proptest::collection::vec(0usize..100_000, 0..40),
+            trailer in proptest::bool::ANY,
+        ) {
+            let mut wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            let mut rest = &body[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = sizes[i % sizes.len()].min(rest.len());
+                wire.extend_from_slice(format!("{n:X};i={i}\r\n").as_bytes());
+                wire.extend_from_slice(&rest[..n]);
+                wire.extend_from_slice(b"\r\n");
+                rest = &rest[n..];
+                i += 1;
+            }
+            wire.extend_from_slice(if trailer { &b"0\r\nX-T: 1\r\n\r\n"[..] } else { b"0\r\n\r\n" });
+            let (got, trailers) = parse_in_pieces(&cut(&wire, &cuts)).unwrap();
+            proptest::prop_assert_eq!(&got[..], &body[..]);
+            proptest::prop_assert_eq!(trailers.is_some(), trailer);
+        }
+
+        /// Whatever bytes an upstream answers with, the exchange ends (in a response or an
+        /// error) without a panic.
+        #[test]
+        fn any_answer_ends_the_exchange(
+            head in "HTTP/1\\.[01] [0-9]{3} [ -~]{0,8}\r\n([A-Za-z-]{1,12}: [ -~]{0,12}\r\n){0,4}\r\n",
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            cuts in proptest::collection::vec(0usize..2000, 0..8),
+        ) {
+            let mut wire = head.into_bytes();
+            wire.extend_from_slice(&tail);
+            let _ = exchange_in_pieces(cut(&wire, &cuts));
+        }
+    }
+
     #[test]
     fn chunk_size_lines_are_read_strictly() {
         assert_eq!(chunk_size(b"1a").unwrap(), (26, 0));
