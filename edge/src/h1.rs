@@ -181,9 +181,9 @@ enum Parsed {
 /// Why an exchange failed.
 pub(crate) struct Failed {
     pub(crate) error: BoxError,
-    /// The request, when nothing of it can have been used by the upstream: the connection
-    /// was found closed before any byte of a response came, on a connection that had carried
-    /// earlier requests, and the request had no body. Another connection may take it.
+    /// The request, when another connection may take it: it had no body, the connection had
+    /// carried earlier requests and closed before any byte of a response came, and either
+    /// nothing of it was written or it may be sent twice ([`replayable`]).
     pub(crate) unsent: Option<Request<UpBody>>,
 }
 
@@ -213,10 +213,9 @@ pub(crate) struct Exchange {
     conn: Conn,
     sending: Sending,
     body: In,
-    /// The connection may carry another request once this exchange has ended.
+    /// The connection may carry another request once this exchange has ended: false from
+    /// the start when the request says `Connection: close` (a header_up can).
     keep_alive: bool,
-    /// The request said `Connection: close` (a header_up can).
-    asks_close: bool,
     /// Bytes of chunk extensions read in this response (bounded, as hyper bounds them).
     extensions: usize,
 }
@@ -284,8 +283,7 @@ pub(crate) async fn send(
             Some(out) => Sending::Body(body, out),
         },
         body: In::Done,
-        keep_alive: false,
-        asks_close,
+        keep_alive: !asks_close,
         extensions: 0,
     };
     let mut got_any = false;
@@ -486,8 +484,8 @@ impl Exchange {
                         }
                         Poll::Ready(Some(Ok(frame))) => frame,
                         Poll::Ready(None) => {
+                            // A body of known length left this state at its last byte.
                             match *out {
-                                Out::Length(0) => {}
                                 Out::Length(_) => {
                                     self.sending = Sending::Failed(io::Error::other(
                                         "request body shorter than its Content-Length",
@@ -533,13 +531,10 @@ impl Exchange {
         }
         // A write that timed out (`write_timeout`) ends the exchange; after any other failed
         // write the response may still be there to read.
-        if let Sending::Failed(err) = &self.sending
-            && err.kind() == io::ErrorKind::TimedOut
+        if matches!(&self.sending, Sending::Failed(err) if err.kind() == io::ErrorKind::TimedOut)
+            && let Sending::Failed(err) = std::mem::replace(&mut self.sending, Sending::Done)
         {
-            let err = std::mem::replace(&mut self.sending, Sending::Done);
-            if let Sending::Failed(err) = err {
-                return Poll::Ready(Err(err.into()));
-            }
+            return Poll::Ready(Err(err.into()));
         }
         loop {
             while !self.conn.read.is_empty() {
@@ -608,8 +603,7 @@ impl Exchange {
             Version::HTTP_10
         };
         let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-        // A CONNECT's connection becomes a tunnel (or is refused): never pooled.
-        let mut close = version != Version::HTTP_11 || *method == Method::CONNECT;
+        let (mut close, mut keep) = (false, false);
         let mut chunked = None;
         for h in parsed.headers.iter() {
             let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -618,15 +612,17 @@ impl Exchange {
                 HeaderValue::from_bytes(h.value).map_err(|_| bad("a bad response header value"))?;
             if name == header::CONNECTION {
                 close |= has_token(h.value, b"close");
-                if version != Version::HTTP_11 && has_token(h.value, b"keep-alive") {
-                    close = false;
-                }
+                keep |= has_token(h.value, b"keep-alive");
             } else if name == header::TRANSFER_ENCODING {
                 chunked = Some(last_token_is(h.value, b"chunked"));
             }
             headers.append(name, value);
         }
         self.conn.read.advance(len);
+        // HTTP/1.1 keeps the connection unless told to close it, HTTP/1.0 only when asked to;
+        // a CONNECT's connection becomes a tunnel (or is refused): never pooled.
+        let mut close =
+            close || (version != Version::HTTP_11 && !keep) || *method == Method::CONNECT;
         let no_body = *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -658,7 +654,7 @@ impl Exchange {
         if self.body == In::Length(0) {
             self.body = In::Done;
         }
-        self.keep_alive = !close;
+        self.keep_alive &= !close;
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -669,7 +665,6 @@ impl Exchange {
     /// The connection, when the exchange has ended cleanly and it can carry another.
     pub(crate) fn into_conn(self) -> Option<Conn> {
         if !(self.keep_alive
-            && !self.asks_close
             && self.body == In::Done
             && matches!(self.sending, Sending::Done)
             && self.conn.read.is_empty())
@@ -688,11 +683,6 @@ impl Exchange {
         Some(conn)
     }
 
-    /// Whether the response body has ended.
-    pub(crate) fn ended(&self) -> bool {
-        self.body == In::Done
-    }
-
     /// Finishes sending the request once the response has ended (an upstream may answer
     /// before it has read all of a body): whether it is all sent, without waiting.
     fn finish_sending(&mut self, cx: &mut Context<'_>) {
@@ -704,28 +694,18 @@ impl Exchange {
     /// The next piece of the response body, reading (and sending) as needed.
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Poll::Ready(Err(err)) = self.poll_send(cx) {
-            self.body = In::Done;
-            self.keep_alive = false;
-            return Poll::Ready(Some(Err(err)));
+            return self.fail(err);
         }
         loop {
             match self.take_frame() {
-                Ok(Some(frame)) => {
+                Ok(None) if self.body != In::Done => {}
+                Ok(frame) => {
                     if self.body == In::Done {
                         self.finish_sending(cx);
                     }
-                    return Poll::Ready(Some(Ok(frame)));
+                    return Poll::Ready(frame.map(Ok));
                 }
-                Ok(None) if self.body == In::Done => {
-                    self.finish_sending(cx);
-                    return Poll::Ready(None);
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    self.body = In::Done;
-                    self.keep_alive = false;
-                    return Poll::Ready(Some(Err(err.into())));
-                }
+                Err(err) => return self.fail(err.into()),
             }
             match ready!(self.conn.poll_fill(cx)) {
                 Ok(0) if self.body == In::Close => {
@@ -733,22 +713,25 @@ impl Exchange {
                     return Poll::Ready(None);
                 }
                 Ok(0) => {
-                    self.body = In::Done;
-                    self.keep_alive = false;
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the upstream closed the connection before the end of the response body",
-                    )
-                    .into())));
+                    return self.fail(
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the upstream closed the connection before the end of the response body",
+                        )
+                        .into(),
+                    );
                 }
                 Ok(_) => {}
-                Err(err) => {
-                    self.body = In::Done;
-                    self.keep_alive = false;
-                    return Poll::Ready(Some(Err(err.into())));
-                }
+                Err(err) => return self.fail(err.into()),
             }
         }
+    }
+
+    /// Ends the body with `err`; the connection carries nothing more.
+    fn fail(&mut self, err: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.body = In::Done;
+        self.keep_alive = false;
+        Poll::Ready(Some(Err(err)))
     }
 
     /// A frame from what is buffered: `Ok(None)` when more must be read first (or the body has
@@ -768,14 +751,13 @@ impl Exchange {
                     if read.is_empty() {
                         return Ok(None);
                     }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(read.len());
-                    let left = left - n as u64;
+                    let (data, left) = split_upto(read, left);
                     self.body = if left == 0 {
                         In::Done
                     } else {
                         In::Length(left)
                     };
-                    return Ok(Some(Frame::data(read.split_to(n).freeze())));
+                    return Ok(Some(Frame::data(data)));
                 }
                 In::Chunked(Chunk::Size) => {
                     let Some(end) = read.iter().position(|&b| b == b'\n') else {
@@ -803,14 +785,13 @@ impl Exchange {
                     if read.is_empty() {
                         return Ok(None);
                     }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(read.len());
-                    let left = left - n as u64;
+                    let (data, left) = split_upto(read, left);
                     self.body = In::Chunked(if left == 0 {
                         Chunk::DataEnd
                     } else {
                         Chunk::Data(left)
                     });
-                    return Ok(Some(Frame::data(read.split_to(n).freeze())));
+                    return Ok(Some(Frame::data(data)));
                 }
                 In::Chunked(Chunk::DataEnd) => {
                     if read.len() < 2 {
@@ -879,6 +860,12 @@ impl HttpBody for Exchange {
             _ => SizeHint::default(),
         }
     }
+}
+
+/// Up to `left` bytes off the front of `read`, and how many are left to come after them.
+fn split_upto(read: &mut BytesMut, left: u64) -> (Bytes, u64) {
+    let n = usize::try_from(left).unwrap_or(usize::MAX).min(read.len());
+    (read.split_to(n).freeze(), left - n as u64)
 }
 
 fn bad_head(err: httparse::Error) -> io::Error {
@@ -1377,6 +1364,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn http_1_0_responses_keep_their_connection_only_when_they_ask_to() {
+        for (answer, method, pooled) in [
+            (
+                &b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"[..],
+                Method::GET,
+                true,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+                Method::GET,
+                false,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n",
+                Method::GET,
+                false,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n",
+                Method::CONNECT,
+                false,
+            ),
+        ] {
+            let (conn, _task) = upstream(move |mut s| async move {
+                read_request(&mut s, 0).await;
+                s.write_all(answer).await.unwrap();
+            })
+            .await;
+            let mut req = get("/");
+            *req.method_mut() = method;
+            let response = send(conn, req, false).await.unwrap();
+            assert_eq!(
+                response.into_body().into_conn().is_some(),
+                pooled,
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_body_of_unknown_length_that_turns_out_empty_goes_without_framing() {
         let (conn, task) = upstream(|mut s| async move {
             for _ in 0..2 {
@@ -1447,7 +1475,6 @@ mod tests {
             sending: Sending::Done,
             body: In::Done,
             keep_alive: false,
-            asks_close: false,
             extensions: 0,
         };
         let (mut head, mut body, mut trailers) = (false, Vec::new(), None);

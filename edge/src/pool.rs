@@ -323,7 +323,7 @@ pub(crate) struct LeasedBody {
 impl LeasedBody {
     fn new(ex: h1::Exchange, back: Back) -> LeasedBody {
         let mut this = LeasedBody { ex: Some(ex), back };
-        if this.ex.as_ref().is_some_and(h1::Exchange::ended) {
+        if this.ex.as_ref().is_some_and(HttpBody::is_end_stream) {
             this.release();
         }
         this
@@ -352,7 +352,7 @@ impl LeasedBody {
 
 impl Drop for LeasedBody {
     fn drop(&mut self) {
-        if self.ex.as_ref().is_some_and(h1::Exchange::ended) {
+        if self.ex.as_ref().is_some_and(HttpBody::is_end_stream) {
             self.release();
         }
     }
@@ -373,14 +373,14 @@ impl HttpBody for LeasedBody {
         let polled = Pin::new(&mut *ex).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Err(_))) => this.ex = None,
-            Poll::Ready(_) if ex.ended() => this.release(),
+            Poll::Ready(_) if ex.is_end_stream() => this.release(),
             _ => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ex.as_ref().is_none_or(h1::Exchange::ended)
+        self.ex.as_ref().is_none_or(HttpBody::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
