@@ -6,7 +6,8 @@
 //! declarations of its own making): they check what the server answers and logs.
 //!
 //! Declared ports cannot be port 0 (the client asks for a given port), so the tests take
-//! ports that were free a moment ago ([`free_port`]).
+//! ports outside the ephemeral range that were free a moment ago ([`free_port`]), so the
+//! server's own port-0 binds cannot take them first.
 
 mod common;
 
