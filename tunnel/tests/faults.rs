@@ -233,11 +233,8 @@ fn a_refused_local_service_closes_the_visitor_and_the_tunnel_stays_up() {
         &server_config("", &[("dead", "token-t1"), ("echo", TOKEN)]),
     );
     let server = server(&server_toml);
-    // A port nothing listens on: bound, then released.
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port nothing listens on, outside the ephemeral range so no later bind(0) takes it.
+    let refused = SocketAddr::from(([127, 0, 0, 1], testkit::ports::free_port().unwrap()));
     let client_toml = write(
         &dir,
         "client.toml",

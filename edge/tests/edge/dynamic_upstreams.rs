@@ -154,17 +154,14 @@ fn dynamic_upstreams_spread_requests_over_every_address_in_dns_and_follow_zone_c
 #[test]
 fn an_unreachable_resolver_answers_as_caddy_does() {
     let ups = Upstreams::new();
-    // Bound then dropped: no DNS server there.
-    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Free, and outside the ephemeral range: no DNS server there, and no later bind(0) takes it.
+    let dead = testkit::ports::free_port().unwrap();
     let both = Both::start_with(
         ups,
         "http://plain.local {\n\treverse_proxy {\n\t\tdynamic a {\n\t\t\tname app.test\n\t\t\tresolvers @DNS@\n\t\t\tdial_timeout 1s\n\t\t}\n\t}\n}\n",
         &[(
             "@DNS@",
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dead.port()).to_string(),
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dead).to_string(),
         )],
     );
     both.get("/").assert_same_head(&[]).caddy_status(503);

@@ -42,11 +42,8 @@ fn named(
 }
 
 fn dead_port() -> SocketAddr {
-    // Bound then dropped: nothing listens there.
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    // Free, and outside the ephemeral range, so no later bind(0) takes it.
+    SocketAddr::from(([127, 0, 0, 1], testkit::ports::free_port().unwrap()))
 }
 
 #[test]
