@@ -584,39 +584,22 @@ pub(crate) mod tests {
             START_PIPE_SIZE,
             "a new pipe is the default size"
         );
-        let (mut moved, mut grew_at) = (0, None);
-        while moved < SENT {
-            from.readable().await.unwrap();
-            let filled = match pipe.fill(&from) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => other.unwrap(),
-            };
-            let mut left = filled;
-            while left > 0 {
-                to.writable().await.unwrap();
-                match pipe.drain(&to, left) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    other => left -= other.unwrap(),
-                }
-            }
-            moved += filled;
-            if pipe.wants_growth(filled) {
-                assert_eq!(grew_at, None, "a pipe asks to grow once");
-                assert_eq!(filled, START_PIPE_SIZE);
-                pipe.grow();
-                grew_at = Some(moved);
-            }
-        }
         assert!(
-            grew_at.is_some(),
-            "no splice filled the pipe in {SENT} bytes"
+            !pipe.wants_growth(START_PIPE_SIZE - 1),
+            "only a full splice"
         );
+        assert!(pipe.wants_growth(START_PIPE_SIZE));
+
+        let (counter, activity, one_ended) =
+            (AtomicU64::new(0), Activity::new(), AtomicBool::new(false));
+        let carried = splice_one(&from, &to, &pipe, &counter, &activity, &one_ended);
+        assert_eq!(carried.await.unwrap(), SENT as u64);
+        write.await.unwrap().unwrap();
+        assert_eq!(read.await.unwrap().unwrap(), SENT, "every byte arrived");
         let grown = pipe.capacity.load(Ordering::Relaxed);
         assert!(grown > START_PIPE_SIZE, "the kernel gave {grown}");
         assert_eq!(kernel_size(&pipe), grown);
-        write.await.unwrap().unwrap();
-        drop(to);
-        assert_eq!(read.await.unwrap().unwrap(), SENT, "every byte arrived");
+        assert!(!pipe.wants_growth(grown), "a pipe asks to grow once");
 
         pipe.give_back();
         let pooled = Pipe::take().unwrap();
