@@ -1044,14 +1044,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_without_length_ends_with_the_connection_which_is_not_reused() {
-        let (conn, _task) = upstream(|mut s| async move {
-            read_request(&mut s, 0).await;
-            s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
-                .await
-                .unwrap();
-        })
-        .await;
-        let mut response = send(conn, get("/"), false).await.unwrap();
+        let mut response = answered(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+            .await
+            .unwrap();
         assert_eq!(
             body_of(response.body_mut()).await.unwrap().0,
             "until the end"
@@ -1111,16 +1106,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_with_both_framings_is_read_as_chunked_and_ends_its_connection() {
-        let (conn, _task) = upstream(|mut s| async move {
-            read_request(&mut s, 0).await;
-            s.write_all(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nsmuggl\r\n0\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        })
-        .await;
-        let mut response = send(conn, get("/"), false).await.unwrap();
+        let mut response = answered(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nsmuggl\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
         assert!(!response.headers().contains_key("content-length"));
         assert_eq!(body_of(response.body_mut()).await.unwrap().0, "smuggl");
         assert!(response.into_body().into_conn().is_none());
